@@ -1,0 +1,1 @@
+"""Code shared by every numprotect service: bootstrap, settings, errors, Redis, phone numbers, telemetry."""

@@ -1,0 +1,151 @@
+"""Domain errors and the one place that maps them to gRPC status codes with google.rpc details."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of every error a servicer raises on purpose; never becomes INTERNAL."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list[any_pb2.Any]:
+        return []
+
+
+class InvalidArgument(DomainError):
+    """Bad input. Carries one violation per offending field (google.rpc.BadRequest)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: Sequence[FieldViolation] | FieldViolation) -> None:
+        self.violations = [violations] if isinstance(violations, FieldViolation) else list(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgument:
+        return cls(FieldViolation(field, description))
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]
+        )
+        return [_pack(bad_request)]
+
+
+class FailedPrecondition(DomainError):
+    """The system is not in a state that allows the call (google.rpc.PreconditionFailure)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, *, type_: str = "STATE", subject: str = "") -> None:
+        super().__init__(message)
+        self.type_ = type_
+        self.subject = subject
+
+    def details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=self.type_, subject=self.subject, description=self.message
+                )
+            ]
+        )
+        return [_pack(failure)]
+
+
+class _ResourceError(DomainError):
+    def __init__(self, message: str, *, resource_type: str = "", resource_name: str = "") -> None:
+        super().__init__(message)
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+
+    def details(self) -> list[any_pb2.Any]:
+        if not self.resource_type:
+            return []
+        info = error_details_pb2.ResourceInfo(
+            resource_type=self.resource_type, resource_name=self.resource_name, description=self.message
+        )
+        return [_pack(info)]
+
+
+class NotFound(_ResourceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(_ResourceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(_ResourceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(DomainError):
+    """A pool or quota ran out (google.rpc.QuotaFailure)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, subject: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
+
+    def details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=self.message)]
+        )
+        return [_pack(failure)]
+
+
+class Aborted(DomainError):
+    """A concurrent change won; the caller may retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(DomainError):
+    """A dependency (Redis, another service) cannot be reached in time; retryable."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unimplemented(DomainError):
+    """An RPC of the contract that this version does not serve yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_rpc_status(error: DomainError) -> status_pb2.Status:
+    """The google.rpc.Status for a domain error (code, message, typed details)."""
+    code_value: int = error.code.value[0]
+    assert code_pb2.Code.Name(code_value)  # keeps grpc and google.rpc codes in step
+    return status_pb2.Status(code=code_value, message=error.message, details=error.details())

@@ -1,0 +1,120 @@
+"""The interceptor that turns domain errors (and Redis outages) into gRPC status codes, in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from numprotect_core.errors import DomainError, Unavailable, Unimplemented, to_rpc_status
+
+log = logging.getLogger(__name__)
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_DEPENDENCY_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+
+
+async def abort_with_error(context: grpc.aio.ServicerContext[Any, Any], error: DomainError) -> None:
+    """Ends the call with the error's code, message and google.rpc details (never returns)."""
+    status = to_rpc_status(error)
+    await context.abort(
+        error.code, error.message, trailing_metadata=((_STATUS_DETAILS_KEY, status.SerializeToString()),)
+    )
+
+
+def as_domain_error(exc: BaseException, method: str) -> DomainError | None:
+    """The domain error an exception stands for, or None when it is a bug."""
+    if isinstance(exc, DomainError):
+        return exc
+    if isinstance(exc, _DEPENDENCY_DOWN):
+        log.warning("dependency unavailable", extra={"method": method, "error": repr(exc)})
+        return Unavailable("storage unavailable, retry later")
+    if isinstance(exc, NotImplementedError):
+        # Generated servicer bases raise this for RPCs a service does not implement.
+        return Unimplemented(f"{method} is not implemented")
+    return None
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
+    error = as_domain_error(exc, method)
+    if error is None:
+        log.exception("unexpected error", extra={"method": method})
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged)")
+        return
+    await abort_with_error(context, error)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler so that DomainError subclasses end the call with their status and details."""
+
+    def __init__(self) -> None:
+        # Wrapped handlers per method, so the wrapping happens once, not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+def _wrap(handler: Any, method: str) -> grpc.RpcMethodHandler:
+    serializers: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        unary_unary = handler.unary_unary
+
+        async def unary_unary_wrapper(request: Any, context: Any) -> Any:
+            try:
+                return await unary_unary(request, context)
+            except Exception as exc:
+                await _fail(context, exc, method)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary_wrapper, **serializers)
+    if handler.unary_stream is not None:
+        unary_stream = handler.unary_stream
+
+        async def unary_stream_wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in unary_stream(request, context):
+                    yield item
+            except Exception as exc:
+                await _fail(context, exc, method)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream_wrapper, **serializers)
+    if handler.stream_unary is not None:
+        stream_unary = handler.stream_unary
+
+        async def stream_unary_wrapper(request_iterator: Any, context: Any) -> Any:
+            try:
+                return await stream_unary(request_iterator, context)
+            except Exception as exc:
+                await _fail(context, exc, method)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary_wrapper, **serializers)
+    stream_stream = handler.stream_stream
+
+    async def stream_stream_wrapper(request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            async for item in stream_stream(request_iterator, context):
+                yield item
+        except Exception as exc:
+            await _fail(context, exc, method)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream_wrapper, **serializers)

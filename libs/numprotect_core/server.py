@@ -1,0 +1,217 @@
+"""The one server bootstrap every service uses.
+
+grpc.aio server with: standard health (overall "" and one status per service, NOT_SERVING while Redis
+is unreachable), server reflection, the error-mapping interceptor, OpenTelemetry interceptors, and a
+SIGTERM/SIGINT drain: health turns NOT_SERVING, in-flight calls get the grace period, then the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from numprotect_core.interceptors import ErrorMappingInterceptor
+from numprotect_core.logs import configure_logging
+from numprotect_core.redis_client import RedisClient, create_redis, redis_is_up
+from numprotect_core.settings import Env, RedisSettings, ServerSettings, SettingsError, service_address
+from numprotect_core.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service to serve: its full name (for health and reflection) and how to add it."""
+
+    full_name: str
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+@dataclass
+class ServiceParts:
+    """What a service's builder returns: its gRPC services and what to close on shutdown."""
+
+    registrations: list[ServiceRegistration]
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+def server_options(reuse_port: bool) -> list[tuple[str, Any]]:
+    return [
+        # grpcio enables SO_REUSEPORT by default: a stale server on the port would silently take traffic.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+
+
+class ServiceApp:
+    """A running grpc.aio server with health, reflection and interceptors around the given services."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        registrations: Sequence[ServiceRegistration],
+        *,
+        redis: RedisClient | None,
+        telemetry: Telemetry,
+    ) -> None:
+        self.settings = settings
+        self.registrations = list(registrations)
+        self.redis = redis
+        self.telemetry = telemetry
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.server = grpc.aio.server(
+            interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor()],
+            options=server_options(settings.reuse_port),
+        )
+        self.port = 0
+        self._probe_task: asyncio.Task[None] | None = None
+
+    @property
+    def health_names(self) -> list[str]:
+        return ["", *(r.full_name for r in self.registrations)]
+
+    async def start(self) -> int:
+        for registration in self.registrations:
+            registration.add_to_server(registration.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*(r.full_name for r in self.registrations), HEALTH_SERVICE_NAME, reflection.SERVICE_NAME],
+            self.server,
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise SettingsError(
+                f"NUMPROTECT_{self.settings.service.upper()}_PORT: cannot listen on {address} (port busy?)"
+            ) from exc
+        await self.server.start()
+        await self._set_all(await self._dependencies_up())
+        self._probe_task = asyncio.create_task(self._probe_dependencies(), name="health-probe")
+        return self.port
+
+    async def _dependencies_up(self) -> bool:
+        return True if self.redis is None else await redis_is_up(self.redis)
+
+    async def _set_all(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.health_names:
+            await self.health.set(name, status)
+
+    async def _probe_dependencies(self) -> None:
+        serving: bool | None = None
+        while True:
+            up = await self._dependencies_up()
+            if up != serving:
+                if serving is not None:
+                    log.warning("redis %s", "reachable again" if up else "unreachable: NOT_SERVING")
+                await self._set_all(up)
+                serving = up
+            await asyncio.sleep(self.settings.health_interval_seconds)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING first (load balancers stop sending), then grace for in-flight calls."""
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_seconds)
+
+
+class Runtime:
+    """The dependencies a service builder receives: settings, Redis, telemetry and channels to peers."""
+
+    def __init__(self, env: Env, server: ServerSettings, redis: RedisClient | None, telemetry: Telemetry) -> None:
+        self.env = env
+        self.server = server
+        self.telemetry = telemetry
+        self._redis = redis
+        self._channels: list[grpc.aio.Channel] = []
+
+    @property
+    def redis(self) -> RedisClient:
+        if self._redis is None:
+            raise RuntimeError("this service was started without Redis")
+        return self._redis
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        """A channel to another numprotect service (NUMPROTECT_<SERVICE>_ADDR), traced when tracing is on."""
+        return self.channel_to(service_address(self.env, service))
+
+    def channel_to(self, address: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(address, interceptors=self.telemetry.client_interceptors())
+        self._channels.append(channel)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close(grace=None)
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+Builder = Callable[[Runtime], Awaitable[ServiceParts]]
+
+
+async def serve(service: str, builder: Builder, environ: Mapping[str, str], *, use_redis: bool = True) -> None:
+    """Builds the service, serves it until SIGTERM or SIGINT, then drains and closes everything."""
+    env = Env(environ)
+    server_settings = ServerSettings.from_env(env, service)
+    redis = create_redis(RedisSettings.from_env(env)) if use_redis else None
+    telemetry = Telemetry.from_env(environ, f"numprotect-{service}")
+    runtime = Runtime(env, server_settings, redis, telemetry)
+    parts = await builder(runtime)
+    app = ServiceApp(server_settings, parts.registrations, redis=redis, telemetry=telemetry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        port = await app.start()
+        log.info("serving", extra={"port": port, "host": server_settings.host, "pid": os.getpid()})
+        await stop.wait()
+        log.info("draining", extra={"grace_seconds": server_settings.grace_seconds})
+        await app.stop()
+    finally:
+        for close in parts.on_shutdown:
+            await close()
+        await runtime.close()
+        telemetry.shutdown()
+    log.info("stopped")
+
+
+def run_service(service: str, builder: Builder, *, use_redis: bool = True) -> None:
+    """Process entry point: settings errors end start-up with one line and exit status 2."""
+    environ = dict(os.environ)
+    try:
+        level = Env(environ).choice("NUMPROTECT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+        configure_logging(service, level)
+        _install_event_loop_policy()
+        asyncio.run(serve(service, builder, environ, use_redis=use_redis))
+    except SettingsError as exc:
+        print(f"numprotect-{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _install_event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional on platforms without wheels
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

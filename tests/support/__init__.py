@@ -1,0 +1,1 @@
+"""Helpers for tests: real redis-server and real service processes on loopback."""

@@ -1,0 +1,84 @@
+"""Real service processes (python -m <service>) on loopback ports chosen by the OS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServiceProcess:
+    """Runs one service as its own process; port 0 lets the OS choose, read back from the 'serving' log line."""
+
+    def __init__(self, service: str, env: Mapping[str, str], *, port: int = 0, timeout: float = 20.0) -> None:
+        self.service = service
+        full_env = {**os.environ, **env, f"NUMPROTECT_{service.upper()}_PORT": str(port)}
+        full_env.setdefault("NUMPROTECT_GRACE_PERIOD", "2s")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", service],
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._serving = threading.Event()
+        self.port = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._serving.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"{service} did not start:\n" + "\n".join(self.lines[-30:]))
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if not self._serving.is_set() and '"msg": "serving"' in line:
+                self.port = int(json.loads(line)["port"])
+                self._serving.set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 10.0, service_name: str = "") -> None:
+        """Waits until the health check answers SERVING."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service_name), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.service} not SERVING after {timeout}s")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=2)
+        return self.process.returncode

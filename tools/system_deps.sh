@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the suite runs against, when missing: redis-server (store), h2load (benchmarks).
+set -euo pipefail
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "numprotect: need root or sudo to apt-get install ${missing[*]}"; exit 1; }
+  sudo=sudo
+fi
+echo "numprotect: installing ${missing[*]} (apt-get)"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
