@@ -12,11 +12,14 @@ from pathlib import Path
 import redis
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(*, below: int = 65536) -> int:
+    """A loopback port free right now (below `below`: cluster nodes need port + 10000 free too)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port < below:
+            return port
 
 
 class RedisServer:
@@ -45,9 +48,14 @@ class RedisServer:
             *extra_args,
         ]
         self._args = args
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = self.dir / "redis.log"
+        self.process = self._spawn()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._wait_ready()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as log:
+            return subprocess.Popen(self._args, stdout=log, stderr=subprocess.STDOUT)
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port)
@@ -56,7 +64,8 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{tail}")
             try:
                 if self.client().ping():
                     return
@@ -71,7 +80,7 @@ class RedisServer:
 
     def restart(self) -> None:
         """Starts it again on the same port and folder (data kept when AOF is on)."""
-        self.process = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = self._spawn()
         self._wait_ready()
 
     def stop(self) -> None:

@@ -1,0 +1,1 @@
+"""`make bench`: benchmarks that report ratios against baselines measured in the same run."""
