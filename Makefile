@@ -38,7 +38,7 @@ test: protos system-deps
 lint: protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs services tests deploy
+	$(VENV)/bin/mypy libs services tests benchmarks deploy
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
 
