@@ -73,7 +73,7 @@ class RedisClusterServers:
     def master_of(self, key: str) -> RedisServer:
         """The node that currently serves the slot of `key`."""
         cluster = self.client()
-        node = cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        node = cluster.get_node_from_key(key)
         return next(n for n in self.nodes if n.port == node.port)
 
     def stop(self) -> None:
