@@ -1,0 +1,22 @@
+"""call_ref round-trips and refuses what the platform did not issue."""
+
+from __future__ import annotations
+
+import pytest
+
+from numprotect_core.call_ref import CallRef
+
+
+def test_call_ref_round_trips_with_and_without_trace_context() -> None:
+    traced = CallRef("b-123", "700100000000001", 1_764_000_000_000, trace_id=0xABC, span_id=0x12)
+    assert CallRef.decode(traced.encode()) == traced
+    plain = CallRef("b-123", "700100000000001", 1_764_000_000_000)
+    assert CallRef.decode(plain.encode()) == plain
+    assert "=" not in plain.encode()
+    assert "13800000001" not in traced.encode()
+
+
+@pytest.mark.parametrize("bad", ["", "!!!", "YWJj", CallRef("b", "x", 1).encode()[:-3]])
+def test_foreign_call_refs_are_rejected(bad: str) -> None:
+    with pytest.raises(ValueError, match="call_ref"):
+        CallRef.decode(bad)
