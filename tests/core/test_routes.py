@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -70,7 +71,7 @@ async def test_axb_put_writes_both_caller_keys_expiring_with_the_binding(redis: 
 async def test_expired_route_keys_disappear(redis: RedisClient, redis_sync: Any) -> None:
     await RouteTable(redis).put(X, _route(ttl_ms=150))
     assert redis_sync.exists(caller_key(X, A)) == 1
-    time.sleep(0.3)
+    await asyncio.sleep(0.3)
     assert redis_sync.exists(caller_key(X, A)) == 0
 
 
@@ -89,7 +90,7 @@ async def test_remove_only_deletes_keys_still_holding_the_binding(redis: RedisCl
     table = RouteTable(redis)
     old = _route("b1", ttl_ms=100)
     await table.put(X, old)
-    time.sleep(0.2)  # b1 expired; b2 now binds the same parties on X
+    await asyncio.sleep(0.2)  # b1 expired; b2 now binds the same parties on X
     await table.put(X, _route("b2"))
     await table.remove(X, old)
     assert Route.decode(redis_sync.get(caller_key(X, A))).binding_id == "b2"
