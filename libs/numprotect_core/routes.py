@@ -160,7 +160,7 @@ class RouteTable:
         axe: bool,
     ) -> None:
         keys = [axe_marker_key(virtual_number), *delete, *put]
-        args = [binding_id, value, expire_ms, len(delete), len(put), 1 if axe else 0]
+        args: list[str | int] = [binding_id, value, expire_ms, len(delete), len(put), 1 if axe else 0]
         reply = await self._apply(self.redis, keys, args)
         if isinstance(reply, list) and reply and reply[0] in (b"CONFLICT", "CONFLICT"):
             key, holder = (x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:3])
