@@ -1,0 +1,24 @@
+-- Changes fields of an existing binding record and appends one event to its history.
+-- KEYS[1]  the record hash
+-- ARGV[1]  new expire_at_ms of the record (binding end + retention), or 0 to keep it
+-- ARGV[2]  event to append ("<kind>|<ms>|k=v,..."), or "" for none
+-- ARGV[3..] field, value, field, value, ...
+-- Returns 1 when written, 0 when the record does not exist (nothing written).
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+if #ARGV >= 4 then
+  local fields = {}
+  for i = 3, #ARGV do
+    fields[#fields + 1] = ARGV[i]
+  end
+  redis.call('HSET', KEYS[1], unpack(fields))
+end
+if ARGV[2] ~= '' then
+  local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+  redis.call('HSET', KEYS[1], 'h' .. n, ARGV[2])
+end
+if tonumber(ARGV[1]) > 0 then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+end
+return 1
