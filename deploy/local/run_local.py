@@ -1,0 +1,243 @@
+"""`make run`: a local Redis (AOF on) and the four services on localhost, in the foreground.
+
+Settings (environment):
+  NUMPROTECT_REDIS_URL            use this Redis and start none (NUMPROTECT_REDIS_MODE=cluster for a cluster)
+  NUMPROTECT_LOCAL_REDIS_PORT     port of the Redis started here (default 6379); data under .run/redis
+  NUMPROTECT_<SERVICE>_PORT       service ports (defaults 50051..50054)
+  NUMPROTECT_<SERVICE>_PROCESSES  processes per service sharing its port via SO_REUSEPORT (default 1)
+  NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
+Ctrl-C or SIGTERM stops the services (they drain), then Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from numprotect_core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, SettingsError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class LaunchError(Exception):
+    """Something the operator must fix; str() is the one line shown."""
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def port_is_busy(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+class LocalSuite:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = dict(environ)
+        env = Env(environ)
+        self.external_redis = env.raw("NUMPROTECT_REDIS_URL")
+        self.redis_port = env.integer("NUMPROTECT_LOCAL_REDIS_PORT", 6379, minimum=1, maximum=65535)
+        self.ports = {
+            name: env.integer(f"NUMPROTECT_{name.upper()}_PORT", DEFAULT_PORTS[name], minimum=1, maximum=65535)
+            for name in SERVICE_NAMES
+        }
+        self.processes = {
+            name: env.integer(f"NUMPROTECT_{name.upper()}_PROCESSES", 1, minimum=1, maximum=64)
+            for name in SERVICE_NAMES
+        }
+        self.run_dir = Path(env.text("NUMPROTECT_RUN_DIR", str(ROOT / ".run"))).resolve()
+        self.children: list[Child] = []
+        self.redis: Child | None = None
+        self.stopping = False
+
+    def redis_url(self) -> str:
+        return self.external_redis or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def check_ports(self) -> None:
+        wanted = dict(self.ports)
+        if not self.external_redis:
+            wanted["redis"] = self.redis_port
+        for name, port in wanted.items():
+            if port_is_busy(port):
+                var = "NUMPROTECT_LOCAL_REDIS_PORT" if name == "redis" else f"NUMPROTECT_{name.upper()}_PORT"
+                raise LaunchError(f"port {port} for {name} is busy (another `make run`?): stop it or set {var}")
+
+    def start_redis(self) -> None:
+        if self.external_redis:
+            print(f"using Redis at {self.external_redis} (NUMPROTECT_REDIS_URL)")
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise LaunchError("redis-server not found: run `make system-deps` (Debian package redis-server)")
+        data = self.run_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        log = self.run_dir / "logs" / "redis.log"
+        args = [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(data)]
+        # AOF with fsync every second: at most one second of acknowledged writes at risk on a power loss.
+        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--loglevel", "notice"]
+        with log.open("ab") as out:
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.redis = Child("redis", process, log)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise LaunchError(f"redis-server exited with {process.returncode}: see {log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        print(f"redis       127.0.0.1:{self.redis_port}  (AOF on, data in {data})")
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise LaunchError(f"redis-server did not answer on port {self.redis_port}: see {log}")
+
+    def start_services(self) -> None:
+        peers = {f"NUMPROTECT_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in self.ports.items()}
+        for name in SERVICE_NAMES:
+            count = self.processes[name]
+            env = {
+                **self.environ,
+                **peers,
+                "NUMPROTECT_REDIS_URL": self.redis_url(),
+                f"NUMPROTECT_{name.upper()}_PORT": str(self.ports[name]),
+            }
+            if count > 1:
+                env[f"NUMPROTECT_{name.upper()}_REUSE_PORT"] = "1"
+            for index in range(count):
+                log = self.run_dir / "logs" / f"{name}-{index}.log"
+                with log.open("ab") as out:
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", name],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                self.children.append(Child(f"{name}-{index}", process, log))
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        for name in SERVICE_NAMES:
+            address = f"127.0.0.1:{self.ports[name]}"
+            with grpc.insecure_channel(address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    self.check_children()
+                    try:
+                        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise LaunchError(
+                            f"{name} not SERVING on {address} after {timeout:.0f}s: see {self.run_dir / 'logs'}"
+                        )
+                    time.sleep(0.1)
+            print(f"{name:<12}{address}  SERVING  ({self.processes[name]} process(es))")
+
+    def check_children(self) -> None:
+        for child in [*self.children, *([self.redis] if self.redis else [])]:
+            code = child.process.poll()
+            if code is not None:
+                tail = child.log.read_text(errors="replace").strip().splitlines()[-5:]
+                raise LaunchError(f"{child.name} exited with {code}; last lines of {child.log}:\n" + "\n".join(tail))
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+        if self.redis is not None and self.redis.process.poll() is None:
+            # SIGTERM makes redis-server fsync the AOF and exit cleanly.
+            self.redis.process.send_signal(signal.SIGTERM)
+            try:
+                self.redis.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.redis.process.kill()
+
+    def print_examples(self) -> None:
+        a, b, t, c = (self.ports[n] for n in SERVICE_NAMES)
+        g = Path(sys.executable).with_name("grpcurl")
+        g = g.relative_to(ROOT) if g.is_relative_to(ROOT) else g
+        print(
+            f"""
+ready. Try:
+  {g} -plaintext 127.0.0.1:{b} list
+  {g} -plaintext -d '{{"block":"70010000001","tenant_id":"demo","city_code":"010"}}' \\
+    127.0.0.1:{a} numprotect.allocation.v1.AllocationService/ImportBlock
+  {g} -plaintext -d '{{"tenant_id":"demo","out_order_id":"order-1","mode":"BINDING_MODE_AXB",
+    "party_a":"13800000001","party_b":"13900000002","ttl":"3600s","city_code":"010","user_consent":true}}' \\
+    127.0.0.1:{b} numprotect.binding.v1.BindingService/CreateBinding
+  {g} -plaintext -d '{{"calling_number":"13800000001","called_number":"<virtual_number from above>",
+    "call_id":"call-1"}}' 127.0.0.1:{t} numprotect.translation.v1.TranslationService/Translate
+  {g} -plaintext -d '{{"service":""}}' 127.0.0.1:{c} grpc.health.v1.Health/Check
+logs: {self.run_dir / "logs"}   stop: Ctrl-C
+""",
+            flush=True,
+        )
+
+
+def main() -> int:
+    suite: LocalSuite | None = None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        suite = LocalSuite(os.environ)
+        (suite.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        suite.check_ports()
+        suite.start_redis()
+        suite.start_services()
+        suite.wait_serving()
+        suite.print_examples()
+        while True:
+            suite.check_children()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping...", flush=True)
+        return 0
+    except (LaunchError, SettingsError) as exc:
+        print(f"make run: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if suite is not None:
+            suite.stop()
+            print("stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""`make run`'s launcher: Redis with AOF + the four services SERVING, then a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from support.grpcurl import run_grpcurl
+from support.processes import ROOT
+from support.redis_server import free_port
+
+SERVICES = ("allocation", "binding", "translation", "cdr")
+LAUNCHER = ROOT / "deploy" / "local" / "run_local.py"
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
+    env.update(
+        NUMPROTECT_RUN_DIR=str(tmp_path),
+        NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
+        **{
+            f"NUMPROTECT_{name.upper()}_PORT": str(free_port())
+            for name in ("allocation", "binding", "translation", "cdr")
+        },
+        **extra,
+    )
+    return env
+
+
+def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
+    env = _env(tmp_path, NUMPROTECT_TRANSLATION_PROCESSES="2")
+    process = subprocess.Popen(
+        [sys.executable, str(LAUNCHER)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("ready."):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(90), "".join(lines)
+        output = "".join(lines)
+        assert "translation 127.0.0.1:" in output and "(2 process(es))" in output
+        for name in ("allocation", "binding", "translation", "cdr"):
+            address = f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}"
+            check = run_grpcurl("-d", '{"service":""}', address, "grpc.health.v1.Health/Check")
+            assert '"status": "SERVING"' in check.stdout, check.stderr
+        assert "-plaintext" in output and "CreateBinding" in output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        reader.join(timeout=5)
+    assert code == 0, "".join(lines)
+    assert "stopped." in "".join(lines)
+    assert (tmp_path / "redis" / "appendonlydir").is_dir()  # AOF on
+    time.sleep(0.2)
+    left = subprocess.run(["pgrep", "-f", f"--port {env['NUMPROTECT_LOCAL_REDIS_PORT']}"], capture_output=True)
+    assert left.stdout == b""
+
+
+@pytest.mark.parametrize("busy", ["NUMPROTECT_BINDING_PORT", "NUMPROTECT_LOCAL_REDIS_PORT"])
+def test_a_busy_port_gets_a_one_line_explanation(tmp_path: Path, busy: str) -> None:
+    import socket
+
+    env = _env(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(env[busy])))
+        holder.listen()
+        result = subprocess.run(
+            [sys.executable, str(LAUNCHER)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert f"is busy (another `make run`?): stop it or set {busy}" in result.stderr
