@@ -1,0 +1,171 @@
+"""The translation decision, independent of the server model (sync or aio) that serves it.
+
+`Translator.prepare` validates a request and produces the keys and arguments of the one script
+(`lua/translate.lua`) that decides the call in Redis; `Translator.finish` turns the script's reply into
+the TranslateResponse. Both are plain functions of their inputs, so the aio servicer, the sync servicer
+and the stream batcher share them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from numprotect.translation.v1 import translation_pb2
+from numprotect_core.call_ref import CallRef
+from numprotect_core.phone import mask
+from numprotect_core.redis_client import LuaScript
+from numprotect_core.settings import Env
+from translation.blocklist import BlocklistView
+from translation.numbers import normalize_caller, validate_called, validate_extension
+
+SCRIPT = LuaScript.beside(__file__, "translate.lua")
+
+CONNECT = translation_pb2.DECISION_CONNECT
+REJECT = translation_pb2.DECISION_REJECT
+COLLECT_EXTENSION = translation_pb2.DECISION_COLLECT_EXTENSION
+CALLER_BLOCKED = translation_pb2.REJECT_REASON_CALLER_BLOCKED
+
+_TEXT = bytes | str
+
+
+@dataclass(frozen=True, slots=True)
+class TranslationSettings:
+    """NUMPROTECT_TRANSLATION_* settings, validated at start-up."""
+
+    # Fixed rate-limit window and the calls allowed in it per (virtual number, caller) and per binding; 0 = off.
+    rate_window_ms: int
+    rate_per_caller: int
+    rate_per_binding: int
+    # How often each process polls the blocklist version (the propagation delay of Block/Unblock).
+    blocklist_refresh_seconds: float
+    # Upper bound of one Redis round trip on the hot path when the call's own deadline is longer or absent.
+    redis_timeout_seconds: float
+    # The server model of this process: "sync" (grpcio thread pool) or "aio" (grpc.aio + uvloop).
+    server_model: str
+    sync_workers: int
+    # TranslateStream: the most requests pipelined to Redis in one batch.
+    stream_batch: int
+
+    @classmethod
+    def from_env(cls, env: Env) -> TranslationSettings:
+        p = "NUMPROTECT_TRANSLATION_"
+        return cls(
+            rate_window_ms=round(env.seconds(f"{p}RATE_WINDOW", 60.0, minimum=0.01, maximum=86_400) * 1000),
+            rate_per_caller=env.integer(f"{p}RATE_PER_CALLER", 10, minimum=0, maximum=1_000_000),
+            rate_per_binding=env.integer(f"{p}RATE_PER_BINDING", 30, minimum=0, maximum=1_000_000),
+            blocklist_refresh_seconds=env.seconds(f"{p}BLOCKLIST_REFRESH", 1.0, minimum=0.05, maximum=60),
+            redis_timeout_seconds=env.seconds(f"{p}REDIS_TIMEOUT", 0.5, minimum=0.005, maximum=10),
+            server_model=env.choice(f"{p}SERVER", "sync", ("sync", "aio")),
+            sync_workers=env.integer(f"{p}WORKERS", 16, minimum=1, maximum=1024),
+            stream_batch=env.integer(f"{p}STREAM_BATCH", 128, minimum=1, maximum=10_000),
+        )
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request and the script invocation that decides it."""
+
+    called: str
+    caller: str
+    call_id: str
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+
+
+def _text(value: _TEXT) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Translator:
+    """Validation, the script call and the response, shared by every server model."""
+
+    def __init__(
+        self,
+        settings: TranslationSettings,
+        blocklist: BlocklistView,
+        *,
+        traced: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.blocklist = blocklist
+        self.traced = traced
+        self._limits = (str(settings.rate_window_ms), str(settings.rate_per_caller), str(settings.rate_per_binding))
+
+    def prepare(self, request: translation_pb2.TranslateRequest) -> Prepared | translation_pb2.TranslateResponse:
+        """The script call for `request`, or the response when no Redis is needed (globally blocked caller).
+
+        Raises InvalidArgument naming the field for malformed numbers.
+        """
+        called = validate_called(request.called_number)
+        caller = normalize_caller(request.calling_number)
+        extension = validate_extension(request.extension)
+        blocked_tenants = ""
+        entry = self.blocklist.lookup(caller)
+        if entry is not None:
+            now_ms = int(time.time() * 1000)
+            if entry.blocked_globally(now_ms):
+                return translation_pb2.TranslateResponse(
+                    decision=REJECT, reject_reason=CALLER_BLOCKED, call_id=request.call_id
+                )
+            blocked_tenants = entry.tenants_arg(now_ms)
+        tag = "{" + called + "}"
+        window, per_caller, per_binding = self._limits
+        keys = (
+            "np:lock:" + tag,
+            "np:rt:" + tag + ":c:" + caller,
+            "np:rt:" + tag + ":n",
+            "np:rt:" + tag + ":axe",
+            "np:rt:" + tag + ":e:" + extension,
+            "np:rl:" + tag + ":c:" + caller,
+        )
+        args = (
+            caller,
+            "1" if extension else "0",
+            window,
+            per_caller,
+            per_binding,
+            blocked_tenants,
+            "np:rl:" + tag + ":b:",
+        )
+        return Prepared(called, caller, request.call_id, keys, args)
+
+    def finish(self, prepared: Prepared, reply: list[int | _TEXT]) -> translation_pb2.TranslateResponse:
+        """The response for the script's reply (see lua/translate.lua for its shape)."""
+        decision = int(reply[0])
+        if decision == CONNECT:
+            binding_id = _text(reply[2])  # type: ignore[arg-type]
+            trace_id = span_id = 0
+            if self.traced:
+                trace_id, span_id = _annotate_span(prepared, binding_id)
+            return translation_pb2.TranslateResponse(
+                decision=CONNECT,
+                target_number=_text(reply[4]),  # type: ignore[arg-type]
+                display_number=prepared.called,
+                binding_id=binding_id,
+                tenant_id=_text(reply[3]),  # type: ignore[arg-type]
+                recording_enabled=reply[5] in (b"1", "1"),
+                call_ref=CallRef(binding_id, prepared.called, int(time.time() * 1000), trace_id, span_id).encode(),
+                call_id=prepared.call_id,
+            )
+        response = translation_pb2.TranslateResponse(decision=decision, call_id=prepared.call_id)  # type: ignore[arg-type]
+        if decision == REJECT:
+            response.reject_reason = int(reply[1])  # type: ignore[assignment]
+            if len(reply) >= 4:
+                response.binding_id = _text(reply[2])  # type: ignore[arg-type]
+                response.tenant_id = _text(reply[3])  # type: ignore[arg-type]
+        return response
+
+
+def _annotate_span(prepared: Prepared, binding_id: str) -> tuple[int, int]:
+    """Masked attributes on the current span (only when tracing is on); its ids for the call_ref."""
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    context = span.get_span_context()
+    if not context.is_valid:
+        return 0, 0
+    span.set_attribute("numprotect.virtual_number", mask(prepared.called))
+    span.set_attribute("numprotect.calling_number", mask(prepared.caller))
+    span.set_attribute("numprotect.binding_id", binding_id)
+    return context.trace_id, context.span_id

@@ -1,0 +1,109 @@
+"""Fixtures of the translation tests: the real service in-process on real Redis, and the shared route writer."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
+from numprotect_core.redis_client import RedisClient, create_redis
+from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
+from numprotect_core.settings import Env, RedisSettings
+from support.inprocess import RunningService, running_service
+from translation.app import build
+
+X = "700100000000001"
+A = "13800000001"
+B = "13900000002"
+STRANGER = "13700000003"
+
+# Small limits and a fast blocklist refresh so tests see every effect quickly.
+TEST_SETTINGS = {
+    "NUMPROTECT_TRANSLATION_RATE_WINDOW": "60s",
+    "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "1000",
+    "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "1000",
+    "NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "100ms",
+}
+
+
+def make_route(
+    binding_id: str = "b1",
+    mode: int = MODE_AXB,
+    *,
+    party_a: str = A,
+    party_b: str = B,
+    tenant_id: str = "t1",
+    restriction: int = RESTRICTION_NONE,
+    recording: bool = True,
+    allow_any_caller: bool = False,
+    ttl_ms: int = 60_000,
+) -> Route:
+    return Route(
+        binding_id=binding_id,
+        tenant_id=tenant_id,
+        mode=mode,
+        party_a=party_a,
+        party_b=party_b,
+        call_restriction=restriction,
+        recording_enabled=recording,
+        allow_any_caller=allow_any_caller,
+        expire_ms=int(time.time() * 1000) + ttl_ms,
+    )
+
+
+@dataclass
+class Translation:
+    service: RunningService
+    stub: translation_pb2_grpc.TranslationServiceStub
+    routes: RouteTable
+    redis: RedisClient
+
+    @staticmethod
+    def route(binding_id: str = "b1", mode: int = MODE_AXB, **kwargs: Any) -> Route:
+        """A route of a binding expiring in ttl_ms (default 60 s): see make_route."""
+        return make_route(binding_id, mode, **kwargs)
+
+    async def put(self, route: Route, virtual_number: str = X, extension: str = "") -> Route:
+        """Writes the route through the binding service's shared writer."""
+        await self.routes.put(virtual_number, route, extension)
+        return route
+
+    async def translate(
+        self, caller: str, called: str = X, extension: str = "", call_id: str = "call-1", deadline: float = 5.0
+    ) -> translation_pb2.TranslateResponse:
+        request = translation_pb2.TranslateRequest(
+            calling_number=caller, called_number=called, extension=extension, call_id=call_id
+        )
+        call: Any = self.stub.Translate(request, timeout=deadline)
+        response: translation_pb2.TranslateResponse = await call
+        return response
+
+
+TranslationFactory = Callable[..., Awaitable[Translation]]
+
+
+@pytest.fixture
+async def translation_factory(redis_env: dict[str, str]) -> AsyncIterator[TranslationFactory]:
+    """Starts the aio service in-process with TEST_SETTINGS overridden by `settings` (env names)."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(settings: Mapping[str, str] | None = None) -> Translation:
+            environ = {**redis_env, **TEST_SETTINGS, **(settings or {})}
+            service = await stack.enter_async_context(running_service("translation", build, environ))
+            redis = create_redis(RedisSettings.from_env(Env(environ)))
+            stack.push_async_callback(redis.aclose)
+            stub = translation_pb2_grpc.TranslationServiceStub(service.channel)
+            return Translation(service, stub, RouteTable(redis), redis)
+
+        yield start
+
+
+@pytest.fixture
+async def tr(translation_factory: Callable[..., Awaitable[Translation]]) -> Translation:
+    """The translation service with the test settings."""
+    return await translation_factory()
