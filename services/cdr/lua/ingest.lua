@@ -1,0 +1,69 @@
+-- Stores a group of CDRs of ONE bucket (tenant or unmatched) exactly once, with indexes and counters.
+-- Dedup and store happen in this one script on one slot: a record is never "seen" without being stored.
+-- KEYS[1] stream, KEYS[2] time index; then 6 keys per record:
+--   dedup key, daily counters, binding index, order index, abuse counters (window, X), flagged pairs (window)
+-- ARGV[1] retention ms, ARGV[2] abuse threshold, ARGV[3] record count; then 7 args per record:
+--   payload, call ms, flags (1 binding index, 2 order index, 4 abuse, 8 answered, 16 short, 32 unanswered),
+--   billable seconds, abuse field (caller), abuse member ("X|caller"), abuse expiry (ms epoch)
+-- Returns one entry per record: the new stream id, or 0 when the call_id was already stored (duplicate).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local retention = tonumber(ARGV[1])
+local abuse_min = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local cutoff = now - retention
+local stream = KEYS[1]
+local time_index = KEYS[2]
+local out = {}
+
+local function has(flags, bit)
+  return math.floor(flags / bit) % 2 == 1
+end
+
+local function index(key, score, id)
+  redis.call('ZADD', key, score, id)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff)
+  redis.call('PEXPIRE', key, retention)
+end
+
+for i = 0, n - 1 do
+  local k = 2 + i * 6
+  local a = 3 + i * 7
+  local dedup = KEYS[k + 1]
+  if redis.call('EXISTS', dedup) == 1 then
+    out[i + 1] = 0
+  else
+    local payload = ARGV[a + 1]
+    local call_ms = tonumber(ARGV[a + 2])
+    local flags = tonumber(ARGV[a + 3])
+    local billable = tonumber(ARGV[a + 4])
+    local id = redis.call('XADD', stream, 'MINID', '~', cutoff, '*', 'p', payload)
+    redis.call('SET', dedup, id, 'PX', retention)
+    index(time_index, call_ms, id)
+    if has(flags, 1) then index(KEYS[k + 3], call_ms, id) end
+    if has(flags, 2) then index(KEYS[k + 4], call_ms, id) end
+    local daily = KEYS[k + 2]
+    redis.call('HINCRBY', daily, 'calls', 1)
+    if has(flags, 8) then redis.call('HINCRBY', daily, 'answered', 1) end
+    if billable > 0 then redis.call('HINCRBY', daily, 'billable', billable) end
+    redis.call('PEXPIRE', daily, retention + 86400000)
+    if has(flags, 4) then
+      local counters = KEYS[k + 5]
+      local caller = ARGV[a + 5]
+      local abuse_at = ARGV[a + 7]
+      redis.call('HINCRBY', counters, caller .. ':t', 1)
+      local bad = 0
+      if has(flags, 16) then bad = redis.call('HINCRBY', counters, caller .. ':s', 1) else
+        bad = tonumber(redis.call('HGET', counters, caller .. ':s') or '0') end
+      if has(flags, 32) then bad = bad + redis.call('HINCRBY', counters, caller .. ':u', 1) else
+        bad = bad + tonumber(redis.call('HGET', counters, caller .. ':u') or '0') end
+      redis.call('PEXPIREAT', counters, abuse_at)
+      if bad >= abuse_min then
+        redis.call('ZADD', KEYS[k + 6], bad, ARGV[a + 6])
+        redis.call('PEXPIREAT', KEYS[k + 6], abuse_at)
+      end
+    end
+    out[i + 1] = id
+  end
+end
+return out
