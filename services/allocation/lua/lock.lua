@@ -1,0 +1,21 @@
+-- Takes a number out of service: never handed out while locked. pool_lib.lua is prepended.
+-- Live reservations stay (they lapse or are cancelled as usual); translation rejects calls via np:lock:{X}.
+-- ARGV[3] number, [4] reason, [5] actor. Returns {'ok', info...} | {'unknown'}.
+local n = ARGV[3]
+local reason = ARGV[4]
+local actor = ARGV[5]
+if not known(n) then return { 'unknown' } end
+prune(n, false)
+if redis.call('HEXISTS', LOCKED, n) == 0 then
+  redis.call('SREM', AVAIL, n)
+  local mode = redis.call('HGET', MODE, n)
+  if mode then redis.call('ZREM', MODE_SETS[mode], n) end
+  local cool = redis.call('ZSCORE', COOLING, n)
+  if cool then
+    redis.call('ZREM', COOLING, n)
+    redis.call('HSET', LOCKCOOL, n, cool)
+  end
+end
+redis.call('HSET', LOCKED, n, reason)
+history(n, 'lock', { 'actor', actor, 'reason', reason })
+return reply_info('ok', n)
