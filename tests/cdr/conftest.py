@@ -138,3 +138,8 @@ def make_binding(redis: RedisClient) -> BindingFactory:
         return record
 
     return make
+
+
+@pytest.fixture(name="now_ms")
+def now_ms_fixture() -> int:
+    return now_ms()

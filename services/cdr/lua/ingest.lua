@@ -37,7 +37,7 @@ for i = 0, n - 1 do
     local call_ms = tonumber(ARGV[a + 2])
     local flags = tonumber(ARGV[a + 3])
     local billable = tonumber(ARGV[a + 4])
-    local id = redis.call('XADD', stream, 'MINID', '~', cutoff, '*', 'p', payload)
+    local id = redis.call('XADD', stream, 'MINID', cutoff, '*', 'p', payload)
     redis.call('SET', dedup, id, 'PX', retention)
     index(time_index, call_ms, id)
     if has(flags, 1) then index(KEYS[k + 3], call_ms, id) end
