@@ -6,9 +6,9 @@ Write order of a create (each step's keys live in their own slot; see docs/bindi
  3. record (status pending) + per-number history + tenant index, concurrently
  4. route keys (PXAT expiry): translation can connect from here on
  5. ConfirmReservation (the reservation now lasts until the binding's expiry)
- 6. record status committed
- 7. order key done (guarded: only while the claim is still ours) -- the commit point
-A failure in 2-7 undoes everything written (routes, reservation, record, history, index, claim) and the error
+ 6. order key done (guarded: only while the claim is still ours) -- the commit point -- and, concurrently,
+    the record's status committed (a read completes it if only the order key was written)
+A failure in 2-6 undoes everything written (routes, reservation, record, history, index, claim) and the error
 is returned; a crash leaves only a pending claim whose deadline passes, after which a repeated create takes
 the order over and cleans up what the crashed one left.
 """
@@ -239,11 +239,22 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
                 raise AbortedError(f"binding id {binding_id} exists already; retry")
             await self._put_routes(record)
             await self.allocation.confirm(reservation_id, binding_id, expire_ms)
-            await self.records.activate(binding_id)
-            if not await self.orders.commit(
-                spec.tenant_id, spec.out_order_id, binding_id, fp, deadline_ms, expire_ms + self.retention_ms
-            ):
+            # Concurrently: the order's commit decides; a record left pending after a commit is completed by the
+            # next read (GetBinding, a repeated create), a record activated without a commit is undone below.
+            activated, committed = await asyncio.gather(
+                self.records.activate(binding_id),
+                self.orders.commit(
+                    spec.tenant_id, spec.out_order_id, binding_id, fp, deadline_ms, expire_ms + self.retention_ms
+                ),
+                return_exceptions=True,
+            )
+            if isinstance(committed, BaseException):
+                raise committed
+            if not committed:
                 raise AbortedError(f"order {spec.out_order_id} took longer than its lease and was taken over; retry")
+            if isinstance(activated, BaseException):
+                # Committed: the binding exists. The record's status is completed by the next read of it.
+                log.warning("binding committed, record status left pending", extra={"binding_id": binding_id})
         except BaseException as exc:
             log.warning(
                 "create failed midway, undoing it",
@@ -281,6 +292,11 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         record: BindingRecord | None,
     ) -> None:
         """Best effort, every step independent: nothing of a failed create may stay reserved or written."""
+        try:
+            if await self.orders.committed_binding(spec.tenant_id, spec.out_order_id) == binding_id:
+                return  # the commit reached Redis though its reply did not reach us: the binding exists
+        except Exception as exc:
+            log.warning("could not read the order key while undoing a create", extra={"error": repr(exc)})
         essential: list[Awaitable[Any]] = []
         if record is not None:
             essential.append(self.routes.remove(record.virtual_number, route_of(record), record.extension))

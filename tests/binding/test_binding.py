@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2
 
-from binding.store import TENANT_SHARDS, tenant_index_key
+from binding.store import TENANT_SHARDS, order_key, tenant_index_key
 from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.common.v1 import common_pb2
@@ -547,3 +547,36 @@ async def test_a_fault_at_the_record_write_is_undone_too(services: Any, redis_sy
         assert keys_matching(redis_sync, "np:ord:*") == []
         assert [k for k in keys_matching(redis_sync, "np:tl:*") if redis_sync.zcard(k)] == []
         assert (await _create(s, "fault-2")).state == common_pb2.BINDING_STATE_ACTIVE
+
+
+async def test_a_repeated_create_takes_over_an_abandoned_one_and_cleans_it_up(services: Any, redis_sync: Any) -> None:
+    """A create that crashed after writing everything but before its commit: once its deadline passed, the
+    next create of the order removes its routes, reservation and record, then creates the binding anew."""
+    async with services() as s:
+        crashed = await _create(s, "crash-1")
+        key = order_key("t1", "crash-1")
+        state, binding_id, fp, _ = redis_sync.get(key).decode().split("|")
+        assert (state, binding_id) == ("d", crashed.binding_id)
+        redis_sync.set(key, f"p|{binding_id}|{fp}|{_now_ms() - 1}", keepttl=True)  # pending, deadline passed
+        redis_sync.hset(binding_key(binding_id), "st", "p")
+
+        fresh = await _create(s, "crash-1")
+        assert fresh.binding_id != crashed.binding_id
+        error = await _rpc_error(s.binding.GetBinding(pb.GetBindingRequest(binding_id=binding_id, tenant_id="t1")))
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert redis_sync.exists(binding_key(binding_id)) == 0
+        for caller in (A, B):
+            route = _route(redis_sync, caller_key(crashed.virtual_number, caller))
+            assert route is None or route.binding_id == fresh.binding_id
+        stats = await s.allocation.GetPoolStats(allocation_pb2.GetPoolStatsRequest(tenant_id="t1"))
+        assert stats.in_use == 1
+        assert (await number_info(s.allocation, fresh.virtual_number)).active_bindings == 1
+
+
+async def test_a_committed_binding_left_pending_is_completed_by_a_read(services: Any, redis_sync: Any) -> None:
+    async with services() as s:
+        created = await _create(s, "repair-1")
+        redis_sync.hset(binding_key(created.binding_id), "st", "p")  # as if the status write had failed
+        got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
+        assert got.binding.binding_id == created.binding_id
+        assert redis_sync.hget(binding_key(created.binding_id), "st") == b"a"
