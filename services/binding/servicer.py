@@ -113,6 +113,23 @@ def to_proto(record: BindingRecord, *, city_fallback: bool = False, now: int | N
     return message
 
 
+_EVENT_FIELDS = {"b": "party_b", "exp": "expire_time", "r": "call_restriction", "rec": "recording_enabled"}
+
+
+def event_to_proto(event: BindingEvent) -> pb.BindingEvent:
+    message = pb.BindingEvent(
+        time=_timestamp(event.at_ms),
+        kind=event.kind,
+        changed_fields=[_EVENT_FIELDS[k] for k in event.changes if k in _EVENT_FIELDS],
+        party_b=event.changes.get("b", ""),
+        call_restriction=int(event.changes.get("r", "0")),  # type: ignore[arg-type]
+        recording_enabled=event.changes.get("rec") == "1",
+    )
+    if "exp" in event.changes:
+        message.expire_time.CopyFrom(_timestamp(int(event.changes["exp"])))
+    return message
+
+
 def route_of(record: BindingRecord) -> Route:
     return Route(
         binding_id=record.binding_id,
@@ -350,7 +367,10 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
     async def GetBinding(self, request: pb.GetBindingRequest, context: Any) -> pb.GetBindingResponse:
         binding_id, tenant_id = ids("", request.binding_id, request.tenant_id)
         stored = await self._load(binding_id, tenant_id)
-        return pb.GetBindingResponse(binding=to_proto(stored.record, city_fallback=stored.city_fallback))
+        reply = pb.GetBindingResponse(binding=to_proto(stored.record, city_fallback=stored.city_fallback))
+        if request.include_history:
+            reply.history.extend(event_to_proto(event) for event in stored.history())
+        return reply
 
     async def ListBindings(self, request: pb.ListBindingsRequest, context: Any) -> pb.ListBindingsResponse:
         v = Violations()

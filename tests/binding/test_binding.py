@@ -345,6 +345,13 @@ async def test_party_b_replacement_and_trace_across_it(services: Any, redis_sync
             )
         )
         assert updated.binding.party_b == B2
+        history = await s.binding.GetBinding(
+            pb.GetBindingRequest(binding_id=created.binding_id, tenant_id="t1", include_history=True)
+        )
+        assert [(e.kind, list(e.changed_fields), e.party_b) for e in history.history] == [
+            ("create", ["party_b", "expire_time"], B),
+            ("update", ["party_b"], B2),
+        ]
         # The old rider can no longer reach A; the new one can; A now reaches the new one.
         assert redis_sync.exists(caller_key(x, B)) == 0
         new_route = _route(redis_sync, caller_key(x, B2))
@@ -366,6 +373,10 @@ async def test_party_b_replacement_and_trace_across_it(services: Any, redis_sync
 
         await s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
         assert (await _rpc_error(trace(_now_ms() + 1))).code() == grpc.StatusCode.NOT_FOUND
+        kinds = await s.binding.GetBinding(
+            pb.GetBindingRequest(binding_id=created.binding_id, tenant_id="t1", include_history=True)
+        )
+        assert [e.kind for e in kinds.history] == ["create", "update", "delete"]
         # Long after: the old moments still answer (traceability).
         still = await trace(during, "+86" + B)
         assert still.bindings[0].binding_id == created.binding_id
