@@ -8,13 +8,16 @@ from allocation.servicer import AllocationServiceServicer
 from allocation.settings import AllocationSettings
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect_core.server import Runtime, ServiceParts, ServiceRegistration
+from numprotect_core.settings import RedisSettings
 
 FULL_NAME = allocation_pb2.DESCRIPTOR.services_by_name["AllocationService"].full_name
 
 
 async def build(runtime: Runtime) -> ServiceParts:
     settings = AllocationSettings.from_env(runtime.env)  # SettingsError before the server starts
-    pools = NumberPools(runtime.redis, settings, Scripts.load())
+    # One connection stays free for the health probe.
+    max_in_flight = max(1, RedisSettings.from_env(runtime.env).max_connections - 1)
+    pools = NumberPools(runtime.redis, settings, Scripts.load(), max_in_flight=max_in_flight)
     servicer = AllocationServiceServicer(pools, settings)
     return ServiceParts(
         registrations=[

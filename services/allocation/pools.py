@@ -7,11 +7,12 @@ Redis layout (allocation.keys) and calls one Lua script per operation on a pool.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from allocation import keys
 from allocation.scripts import Scripts
@@ -22,6 +23,8 @@ from numprotect_core.redis_client import RedisClient
 from numprotect_core.routes import lock_key
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 MODES = ("AXB", "AXN", "AXE")
 # Numbers a GetPoolStats call may tidy up per pool before it counts (the rest on the next call).
@@ -99,16 +102,40 @@ def _info(number: str, tenant: str, city: str, reply: Sequence[Any]) -> NumberIn
     )
 
 
+def _one_connection(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Runs the operation holding one of the pool's in-flight slots."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        pools = args[0]
+        assert isinstance(pools, NumberPools)
+        async with pools._in_flight:
+            return await method(*args, **kwargs)
+
+    return wrapper
+
+
 class NumberPools:
     """All pools of all tenants in one Redis (standalone or cluster)."""
 
-    def __init__(self, redis: RedisClient, settings: AllocationSettings, scripts: Scripts | None = None) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        settings: AllocationSettings,
+        scripts: Scripts | None = None,
+        *,
+        max_in_flight: int = 63,
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.scripts = scripts or Scripts.load()
+        # redis-py fails a command outright ("Too many connections") when its pool is exhausted: requests
+        # beyond the pool size queue here instead. Every operation uses at most one connection at a time.
+        self._in_flight = asyncio.Semaphore(max_in_flight)
 
     # ---- import ---------------------------------------------------------------------------------------
 
+    @_one_connection
     async def import_block(self, block: str, tenant: str, city: str, actor: str) -> int:
         """Numbers added (10000, or 0 when the block already was this tenant's in this city)."""
         claim = await self.scripts.claim_block(
@@ -135,6 +162,7 @@ class NumberPools:
 
     # ---- allocation -----------------------------------------------------------------------------------
 
+    @_one_connection
     async def allocate(
         self, tenant: str, mode: str, parties: Sequence[str], city: str, strict_city: bool, lease_seconds: float
     ) -> Allocation:
@@ -200,6 +228,7 @@ class NumberPools:
 
     # ---- reservations ---------------------------------------------------------------------------------
 
+    @_one_connection
     async def confirm(self, handle: keys.Handle, binding_id: str, expire_ms: int) -> None:
         reply = await self.scripts.confirm(
             self.redis,
@@ -222,6 +251,7 @@ class NumberPools:
                 subject=handle.encode(),
             )
 
+    @_one_connection
     async def cancel(self, handle: keys.Handle, reason: str) -> bool:
         """True when a live reservation was freed; False when there was none (idempotent)."""
         reply = await self.scripts.cancel(
@@ -231,6 +261,7 @@ class NumberPools:
         )
         return _text(reply[0]) == "ok"
 
+    @_one_connection
     async def replace(self, handle: keys.Handle, old_party: str, new_party: str) -> keys.Handle:
         reply = await self.scripts.replace(
             self.redis,
@@ -288,13 +319,16 @@ class NumberPools:
             )
         return _info(number, tenant, city, reply)
 
+    @_one_connection
     async def get(self, number: str) -> NumberInfo:
         return await self._number_script("number_info", number)
 
+    @_one_connection
     async def release(self, number: str, actor: str, reason: str) -> NumberInfo:
         cooldown_ms = round(self.settings.cooldown_seconds * 1000)
         return await self._number_script("release", number, actor, reason, cooldown_ms)
 
+    @_one_connection
     async def lock(self, number: str, reason: str, actor: str) -> NumberInfo:
         await self.owner(number)  # unknown numbers get no flag
         # Flag first: at every moment "locked in the pool" implies "calls rejected by translation".
@@ -303,6 +337,7 @@ class NumberPools:
         await self.redis.set(lock_key(number), reason)
         return await self._number_script("lock", number, reason, actor)
 
+    @_one_connection
     async def unlock(self, number: str, actor: str) -> NumberInfo:
         # Pool first, flag last (the mirror of lock): a failure in between leaves calls rejected, and a
         # retry (idempotent) removes the flag.
@@ -312,10 +347,13 @@ class NumberPools:
 
     # ---- stats ----------------------------------------------------------------------------------------
 
+    @_one_connection
     async def stats(self, tenant: str, city: str | None) -> PoolStats:
         cities = [city] if city else await self._cities(tenant)
-        parts = await asyncio.gather(*(self._city_stats(tenant, c) for c in cities))
-        return sum(parts, PoolStats())
+        total = PoolStats()
+        for c in cities:
+            total += await self._city_stats(tenant, c)
+        return total
 
     async def _cities(self, tenant: str) -> list[str]:
         return sorted(_text(c) for c in await self.redis.smembers(keys.tenant_cities_key(tenant)))
@@ -329,16 +367,15 @@ class NumberPools:
 
     # ---- history --------------------------------------------------------------------------------------
 
+    @_one_connection
     async def history(self, number: str, page_size: int, token: str) -> tuple[list[Event], str]:
         """Events of the number oldest first: its block's (import) merged with its own, paged."""
         tenant, city = await self.owner(number)
         block_after, number_after = _parse_token(token)
         block_key = keys.block_history_key(number[:11])
         number_key = keys.number_history_key(tenant, city, number)
-        block_entries, number_entries = await asyncio.gather(
-            self.redis.xrange(block_key, min=_after(block_after), count=page_size + 1),
-            self.redis.xrange(number_key, min=_after(number_after), count=page_size + 1),
-        )
+        block_entries = await self.redis.xrange(block_key, min=_after(block_after), count=page_size + 1)
+        number_entries = await self.redis.xrange(number_key, min=_after(number_after), count=page_size + 1)
         merged: list[tuple[tuple[int, int], str, Any, Any]] = sorted(
             [(_stream_order(i), "b", i, f) for i, f in block_entries or []]
             + [(_stream_order(i), "n", i, f) for i, f in number_entries or []]

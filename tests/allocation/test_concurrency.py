@@ -1,0 +1,103 @@
+"""64 concurrent allocators x 2,000 AXB allocations on one block with a small set of repeated parties.
+
+The service runs as its own process (python -m allocation, with uvloop) so the test's 64 grpc.aio clients and
+the server do not share one interpreter; afterwards every reservation is read back from Redis and checked:
+no (number, party) pair appears twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from typing import Any
+
+import grpc
+import pytest
+import uvloop
+
+from numprotect.allocation.v1 import allocation_pb2 as pb
+from numprotect.allocation.v1 import allocation_pb2_grpc
+from numprotect.common.v1 import common_pb2
+from support.processes import ServiceProcess
+
+WORKERS = 64
+PER_WORKER = 2_000
+BLOCK = "70055500000"[:11]
+TAG = "{pool:t1:010}"
+# 120 riders and 120 customers, each appearing in ~1,000 bindings: concurrent requests share parties all the time.
+RIDERS = [f"138{i:08d}" for i in range(120)]
+CUSTOMERS = [f"0{10 + i % 90}{i:08d}" for i in range(120)]
+
+
+async def _run_allocators(address: str) -> tuple[list[list[tuple[str, str, str]]], float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = allocation_pb2_grpc.AllocationServiceStub(channel)
+        imported = await stub.ImportBlock(pb.ImportBlockRequest(block=BLOCK, tenant_id="t1", city_code="010"))
+        assert imported.numbers_added == 10_000
+
+        async def allocator(seed: int) -> list[tuple[str, str, str]]:
+            rng = random.Random(seed)
+            done = []
+            for _ in range(PER_WORKER):
+                a, b = rng.choice(RIDERS), rng.choice(CUSTOMERS)
+                reply = await stub.AllocateNumber(
+                    pb.AllocateNumberRequest(
+                        tenant_id="t1", mode=common_pb2.BINDING_MODE_AXB, parties=[a, b], city_code="010"
+                    )
+                )
+                done.append((reply.virtual_number, a, b))
+            return done
+
+        started = time.monotonic()
+        results = await asyncio.gather(*(allocator(seed) for seed in range(WORKERS)))
+        return results, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_64_concurrent_allocators_never_produce_a_conflicting_pair(redis_env: dict[str, str], redis_sync: Any) -> None:
+    process = ServiceProcess(
+        "allocation",
+        {**redis_env, "NUMPROTECT_ALLOCATION_LEASE": "10m", "NUMPROTECT_ALLOCATION_MAX_BINDINGS_PER_NUMBER": "40"},
+    )
+    try:
+        # The clients get their own uvloop loop: the client side costs less CPU, the server gets more.
+        results, elapsed = uvloop.run(_run_allocators(process.address))
+    finally:
+        assert process.stop() == 0
+    allocations = [r for chunk in results for r in chunk]
+    assert len(allocations) == WORKERS * PER_WORKER
+    print(
+        f"\n{len(allocations)} allocations by {WORKERS} clients in {elapsed:.1f}s ({len(allocations) / elapsed:.0f}/s)"
+    )
+
+    # What the clients were told: every (number, party) pair at most once.
+    pairs = collections.Counter((n, p) for n, a, b in allocations for p in (a, b))
+    assert max(pairs.values()) == 1
+
+    # What Redis holds: read every number of the block back.
+    numbers = [f"{BLOCK}{i:04d}" for i in range(10_000)]
+    pipe = redis_sync.pipeline(transaction=False)
+    for n in numbers:
+        pipe.hgetall(f"np:alloc:{TAG}:h:{n}")
+        pipe.zrange(f"np:alloc:{TAG}:r:{n}", 0, -1)
+    replies = pipe.execute()
+    stored_pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+    loads = []
+    for n, fields, members in zip(numbers, replies[0::2], replies[1::2], strict=True):
+        text = {k.decode(): v.decode() for k, v in fields.items()}
+        records = {k[2:]: v.split("|") for k, v in text.items() if k.startswith("r:")}
+        assert set(records) == {m.decode() for m in members}, n  # every live reservation has its record
+        for rid, (mode, a, b, _ext, _binding) in records.items():
+            assert mode == "AXB"
+            stored_pairs.update([(n, a), (n, b)])
+            assert text[f"p:{a}"] == rid and text[f"p:{b}"] == rid  # the party index points at its reservation
+        assert sum(1 for k in text if k.startswith("p:")) == 2 * len(records)
+        loads.append(len(records))
+    assert sum(stored_pairs.values()) == 2 * len(allocations)
+    assert max(stored_pairs.values()) == 1
+    assert stored_pairs == pairs
+    # Each number's live count never exceeded the configured maximum, and the pool was spread (every number used).
+    assert max(loads) <= 40
+    assert min(loads) >= 1
