@@ -11,13 +11,17 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2
 
+from binding.app import build as build_binding
 from binding.store import TENANT_SHARDS, order_key, tenant_index_key
 from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2 as pb
+from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect_core.binding_records import BindingRecordStore, binding_key, decode_stored
 from numprotect_core.redis_client import LuaScript
 from numprotect_core.routes import Route, axe_marker_key, axn_key, caller_key, extension_key
+from support.inprocess import running_service
+from support.redis_server import free_port
 
 A = "13800000001"
 B = "13900000002"
@@ -215,6 +219,10 @@ async def test_axe_lifecycle_with_extension(services: Any, redis_sync: Any) -> N
         other = await _create(s, "axe-2", mode=AXE, party_a=B2, party_b=B3)
         if other.virtual_number == x:
             assert other.extension != ext
+        at = _ts(_now_ms())
+        traced = await s.binding.TraceNumber(pb.TraceNumberRequest(virtual_number=x, at=at, extension=ext))
+        assert [b.binding_id for b in traced.bindings] == [created.binding_id]
+        assert traced.bindings[0].extension == ext
         await s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
         assert redis_sync.exists(extension_key(x, ext)) == 0
         route = _route(redis_sync, extension_key(other.virtual_number, other.extension))
@@ -591,3 +599,22 @@ async def test_a_committed_binding_left_pending_is_completed_by_a_read(services:
         got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
         assert got.binding.binding_id == created.binding_id
         assert redis_sync.hget(binding_key(created.binding_id), "st") == b"a"
+
+
+async def test_allocation_unreachable_is_unavailable_and_leaves_the_order_free(
+    redis_env: dict[str, str], redis_sync: Any
+) -> None:
+    environ = {
+        **redis_env,
+        "NUMPROTECT_ALLOCATION_ADDR": f"127.0.0.1:{free_port()}",
+        "NUMPROTECT_BINDING_ALLOCATION_TIMEOUT": "2s",
+    }
+    async with running_service("binding", build_binding, environ) as svc:
+        stub: Any = binding_pb2_grpc.BindingServiceStub(svc.channel)
+        error = await _rpc_error(stub.CreateBinding(create_request("down-1")))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "AllocateNumber" in (error.details() or "")
+        assert keys_matching(redis_sync, "np:ord:*") == []
+        assert [k for k in keys_matching(redis_sync, "np:tl:*") if redis_sync.zcard(k)] == []
+        again = await _rpc_error(stub.CreateBinding(create_request("down-1")))
+        assert again.code() == grpc.StatusCode.UNAVAILABLE  # not ABORTED: no claim was left behind
