@@ -1,0 +1,222 @@
+"""Each Lua script of the allocation service on its own, against real Redis (standalone or cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from allocation import keys
+from allocation.scripts import Scripts
+from numprotect_core.redis_client import LuaScript, RedisClient, create_redis
+from numprotect_core.settings import Env, RedisSettings
+
+BLOCK = "70012345678"
+TENANT, CITY = "t1", "010"
+POOL = keys.pool_key(TENANT, CITY)
+A, B, C, D = "13800000001", "13800000002", "13800000003", "13800000004"
+
+
+def text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list | tuple):
+        return [text(v) for v in value]
+    if isinstance(value, dict):
+        return {text(k): text(v) for k, v in value.items()}
+    return value
+
+
+async def stream(redis: RedisClient, key: str) -> list[dict[str, str]]:
+    """The entries' fields of a stream, oldest first, as text."""
+    entries: Any = await redis.xrange(key)
+    return [text(fields) for _, fields in entries]
+
+
+@pytest.fixture
+async def redis(redis_env: dict[str, str]) -> AsyncIterator[RedisClient]:
+    client = create_redis(RedisSettings.from_env(Env(redis_env)))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def scripts() -> Scripts:
+    return Scripts.load()
+
+
+async def run(redis: RedisClient, script: LuaScript, *args: str | int) -> Any:
+    return text(await script(redis, [POOL], [TENANT, CITY, *args]))
+
+
+async def imported(redis: RedisClient, scripts: Scripts) -> None:
+    assert await run(redis, scripts.import_block, BLOCK) == 10_000
+
+
+async def allocate(
+    redis: RedisClient,
+    scripts: Scripts,
+    mode: str,
+    a: str,
+    b: str = "",
+    *,
+    rid: str = "00000000000000aa",
+    lease_ms: int = 60_000,
+    max_per_number: int = 50,
+    target: int = 10,
+) -> Any:
+    return await run(redis, scripts.allocate, mode, a, b, lease_ms, max_per_number, target, rid, 1234, 8, 16)
+
+
+async def test_claim_block(redis: RedisClient, scripts: Scripts) -> None:
+    claim_keys = [keys.block_owner_key(BLOCK), keys.block_history_key(BLOCK)]
+    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops"])) == ["new"]
+    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops"])) == ["mine"]
+    assert text(await scripts.claim_block(redis, claim_keys, ["t2", CITY, "ops"])) == ["other_tenant", TENANT]
+    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, "021", "ops"])) == ["other_city", CITY]
+    history = await stream(redis, keys.block_history_key(BLOCK))
+    assert len(history) == 1 and history[0]["kind"] == "import"
+
+
+async def test_import_block(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    assert await run(redis, scripts.import_block, BLOCK) == 0
+    assert await redis.scard(f"{POOL}:avail") == 10_000
+    assert await redis.sismember(f"{POOL}:avail", BLOCK + "9999")
+    assert text(await redis.hget(POOL, "total")) == "10000"
+
+
+async def test_allocate(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    ok, x, ext, expire = await allocate(redis, scripts, "AXB", A, B, rid="00000000000000a1")
+    assert (ok, ext) == ("ok", "")
+    assert text(await redis.hgetall(f"{POOL}:h:{x}")) == {
+        f"p:{A}": "00000000000000a1",
+        f"p:{B}": "00000000000000a1",
+        "r:00000000000000a1": f"AXB|{A}|{B}||",
+    }
+    assert await redis.zscore(f"{POOL}:r:{x}", "00000000000000a1") == expire
+    assert await redis.zscore(f"{POOL}:axb", x) == 1
+    assert await redis.zscore(f"{POOL}:due", x) == expire
+    assert not await redis.sismember(f"{POOL}:avail", x)
+    # Below the target: the in-use number is reused, unless a party already holds a binding on it.
+    assert (await allocate(redis, scripts, "AXB", C, D, rid="00000000000000a2"))[1] == x
+    assert (await allocate(redis, scripts, "AXB", A, "13900000000", rid="00000000000000a3"))[1] != x
+    # AXN never shares; AXE gets a 4-digit extension on a number of its own mode.
+    axn = await allocate(redis, scripts, "AXN", A, rid="00000000000000a4")
+    axe = await allocate(redis, scripts, "AXE", A, B, rid="00000000000000a5")
+    assert axn[1] != x and axe[1] not in (x, axn[1]) and len(axe[2]) == 4
+    history = await stream(redis, f"{POOL}:hist:{x}")
+    assert [e["kind"] for e in history] == ["assign", "assign"]
+    assert A not in history[0]["detail"] and "138****0001" in history[0]["detail"]  # masked
+
+
+async def test_allocate_exhausted(redis: RedisClient, scripts: Scripts) -> None:
+    assert await allocate(redis, scripts, "AXN", A) == ["exhausted"]
+    await redis.sadd(f"{POOL}:blocks", BLOCK)
+    await redis.sadd(f"{POOL}:avail", BLOCK + "0001")
+    assert (await allocate(redis, scripts, "AXB", A, B, max_per_number=1, target=1))[1] == BLOCK + "0001"
+    assert await allocate(redis, scripts, "AXB", C, D, max_per_number=1, target=1) == ["exhausted"]
+
+
+async def test_confirm(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    _, x, _, expire = await allocate(redis, scripts, "AXB", A, B, rid="00000000000000c1", lease_ms=500)
+    later = expire + 3_600_000
+    assert await run(redis, scripts.confirm, x, "00000000000000ff", "b1", later) == ["missing"]
+    assert await run(redis, scripts.confirm, x, "00000000000000c1", "b1", 1_000) == ["past"]
+    assert await run(redis, scripts.confirm, x, "00000000000000c1", "b1", later) == ["ok", 1]
+    assert await redis.zscore(f"{POOL}:r:{x}", "00000000000000c1") == later
+    assert await run(redis, scripts.confirm, x, "00000000000000c1", "b2", later) == ["other_binding", "b1"]
+    assert text(await redis.hget(f"{POOL}:h:{x}", "r:00000000000000c1")) == f"AXB|{A}|{B}||b1"
+
+
+async def test_cancel(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    _, x, _, _ = await allocate(redis, scripts, "AXB", A, B, rid="00000000000000d1")
+    assert await run(redis, scripts.cancel, x, "00000000000000d1", "binding deleted") == ["ok", 0]
+    assert await run(redis, scripts.cancel, x, "00000000000000d1", "again") == ["missing"]
+    assert await redis.sismember(f"{POOL}:avail", x)
+    assert await redis.zscore(f"{POOL}:axb", x) is None
+    assert await redis.hlen(f"{POOL}:h:{x}") == 0
+    last = (await stream(redis, f"{POOL}:hist:{x}"))[-1]
+    assert (last["kind"], last["reason"]) == ("unassign", "binding deleted")
+
+
+async def test_replace(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    _, x, _, _ = await allocate(redis, scripts, "AXB", A, B, rid="00000000000000e1")
+    await allocate(redis, scripts, "AXB", C, D, rid="00000000000000e2")
+    assert await run(redis, scripts.replace, x, "00000000000000e1", B, C) == ["conflict"]
+    assert await run(redis, scripts.replace, x, "00000000000000e1", B, A) == ["conflict"]
+    assert await run(redis, scripts.replace, x, "00000000000000e1", "13999999999", C) == ["not_party"]
+    assert await run(redis, scripts.replace, x, "00000000000000e9", B, C) == ["missing"]
+    assert await run(redis, scripts.replace, x, "00000000000000e1", B, "13900000005") == ["ok"]
+    fields = text(await redis.hgetall(f"{POOL}:h:{x}"))
+    assert fields["p:13900000005"] == "00000000000000e1" and f"p:{B}" not in fields
+    assert fields["r:00000000000000e1"] == f"AXB|{A}|13900000005||"
+
+
+async def test_release(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    _, x, _, _ = await allocate(redis, scripts, "AXN", A, rid="00000000000000f1")
+    assert await run(redis, scripts.release, x, "ops", "why", 60_000) == ["in_use", 1]
+    free = BLOCK + ("0001" if x != BLOCK + "0001" else "0002")
+    reply = await run(redis, scripts.release, free, "ops", "why", 60_000)
+    assert reply[:5] == ["ok", "COOLING", 0, "", ""] and reply[5] > 0
+    assert not await redis.sismember(f"{POOL}:avail", free)
+    assert await run(redis, scripts.release, "700999999990000", "ops", "why", 1) == ["unknown"]
+
+
+async def test_lock(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    _, x, _, _ = await allocate(redis, scripts, "AXB", A, B)
+    assert await run(redis, scripts.lock, x, "abuse", "ops") == ["ok", "LOCKED", 1, "AXB", "abuse", 0]
+    assert await redis.zscore(f"{POOL}:axb", x) is None  # never reused while locked
+    cooling = BLOCK + "0100"
+    await run(redis, scripts.release, cooling, "ops", "", 60_000)
+    await run(redis, scripts.lock, cooling, "check", "ops")
+    assert await redis.zscore(f"{POOL}:cooling", cooling) is None
+    assert await redis.hget(f"{POOL}:lockcool", cooling) is not None
+    assert await run(redis, scripts.release, cooling, "ops", "", 1) == ["locked"]
+
+
+async def test_unlock(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    _, x, _, _ = await allocate(redis, scripts, "AXB", A, B)
+    await run(redis, scripts.lock, x, "abuse", "ops")
+    assert await run(redis, scripts.unlock, x, "ops") == ["ok", "IN_USE", 1, "AXB", "", 0]
+    assert await redis.zscore(f"{POOL}:axb", x) == 1
+    free = BLOCK + "0200"
+    await run(redis, scripts.lock, free, "abuse", "ops")
+    assert await run(redis, scripts.unlock, free, "ops") == ["ok", "AVAILABLE", 0, "", "", 0]
+    assert await run(redis, scripts.unlock, free, "ops") == ["ok", "AVAILABLE", 0, "", "", 0]  # idempotent
+    assert await redis.sismember(f"{POOL}:avail", free)
+    assert len(await stream(redis, f"{POOL}:hist:{free}")) == 2  # lock + unlock, no event for the no-op
+
+
+async def test_number_info_prunes_lapsed_reservations(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    _, x, _, _ = await allocate(redis, scripts, "AXB", A, B, lease_ms=100)
+    assert (await run(redis, scripts.number_info, x))[:3] == ["ok", "IN_USE", 1]
+    await asyncio.sleep(0.2)
+    assert await run(redis, scripts.number_info, x) == ["ok", "AVAILABLE", 0, "", "", 0]
+    assert await redis.sismember(f"{POOL}:avail", x)
+    kinds = [(e["kind"], e.get("reason")) for e in await stream(redis, f"{POOL}:hist:{x}")]
+    assert kinds == [("assign", None), ("unassign", "expired")]
+    assert await run(redis, scripts.number_info, "700999999990000") == ["unknown"]
+
+
+async def test_pool_stats_sweeps_before_counting(redis: RedisClient, scripts: Scripts) -> None:
+    await imported(redis, scripts)
+    for i in range(30):
+        await allocate(redis, scripts, "AXN", f"1380000{i:04d}", rid=f"{i:016x}", lease_ms=100)
+    await allocate(redis, scripts, "AXN", "13900000000", rid="00000000000000ff")
+    await run(redis, scripts.lock, BLOCK + "0001", "x", "ops")
+    await run(redis, scripts.release, BLOCK + "0002", "ops", "", 60_000)
+    await asyncio.sleep(0.2)
+    total, available, in_use, locked, cooling, settled = await run(redis, scripts.pool_stats, 1_000)
+    assert (total, in_use, locked, cooling, settled) == (10_000, 1, 1, 1, 1)
+    assert total == available + in_use + locked + cooling
