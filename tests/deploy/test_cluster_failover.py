@@ -291,6 +291,15 @@ def summarize(timeline: Timeline) -> str:
     health_text = f"{rel(not_serving[0]):.2f}s..{rel(not_serving[-1]):.2f}s" if not_serving else "never"
     promoted = f"{rel(timeline.promoted_at):.2f}s" if timeline.promoted_at is not None else "never"
     recovered = f"{rel(timeline.recovered_at):.2f}s" if timeline.recovered_at is not None else "never"
+    acknowledged = [c.value or 0 for c in timeline.victim_calls if c.outcome == "ok" and c.end < timeline.kill_at]
+    promoted_at = timeline.promoted_at
+    after = sorted(
+        (c for c in timeline.victim_calls if promoted_at is not None and c.start > promoted_at and c.outcome == "ok"),
+        key=lambda c: c.start,
+    )
+    counter = f"last acknowledged before the kill {max(acknowledged, default=0)}, " + (
+        f"first after the promotion {after[0].value}" if after else "no write after the promotion"
+    )
     return "\n".join(
         [
             "redis cluster failover (times after the SIGKILL):",
@@ -298,6 +307,7 @@ def summarize(timeline: Timeline) -> str:
             "  " + describe("killed master's slot", timeline.victim_calls),
             "  " + describe("surviving master's slot", timeline.survivor_calls),
             f"  cdr health not SERVING {health_text}",
+            f"  counter on the killed master's slot: {counter}",
             f"  recovered (10 writes in a row after the promotion, health SERVING) at {recovered}",
         ]
     )
