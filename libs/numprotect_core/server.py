@@ -143,6 +143,9 @@ class Runtime:
         self.telemetry = telemetry
         self._redis = redis
         self._channels: list[grpc.aio.Channel] = []
+        if redis is not None:
+            # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
+            telemetry.instrument_redis(redis)
 
     @property
     def redis(self) -> RedisClient:

@@ -1,85 +1,361 @@
-"""OpenTelemetry wiring: a tracer provider from the standard OTEL_* variables and the gRPC interceptors.
+"""OpenTelemetry wiring: a tracer provider from the standard OTEL_* variables, interceptors, Redis spans, helpers.
 
-With no OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_TRACES_EXPORTER=none) nothing is exported and no
-interceptor is installed, so tracing costs nothing.
+Configuration (docs/tracing.md):
+
+- OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT: where spans go (OTLP over gRPC). Unset,
+  or OTEL_TRACES_EXPORTER=none, or OTEL_SDK_DISABLED=true: tracing is off. No provider, no interceptor, no
+  Redis instrumentation: the only cost left is a `telemetry.enabled` check in the few places that ask.
+- OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG: our default is parentbased_traceidratio at 0.1 (10% of the
+  traces that start here; calls inside a traced request follow their parent's decision).
+- OTEL_SERVICE_NAME (default numprotect-<service>), OTEL_RESOURCE_ATTRIBUTES (merged over our
+  service.version and service.instance.id).
+
+Phone numbers are personal data: span attributes carry them only masked (`masked_number_attribute`), Redis
+spans carry the command name and `?` placeholders, never keys or arguments (our keys contain numbers).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import grpc
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.util.types import AttributeValue
 
-from numprotect_core.settings import Env
+from numprotect_core.call_ref import CallRef
+from numprotect_core.phone import mask
+from numprotect_core.settings import Env, SettingsError
+
+if TYPE_CHECKING:
+    from numprotect_core.redis_client import RedisClient
 
 SERVICE_VERSION = "0.1.0"
+ATTRIBUTE_PREFIX = "numprotect."
+TRACER_NAME = "numprotect"
+
+# Our documented default when the operator sets no OTEL_TRACES_SAMPLER: keep 1 trace in 10 that starts in
+# this service, and follow the caller's decision for calls that arrive inside a trace.
+DEFAULT_SAMPLER = "parentbased_traceidratio"
+DEFAULT_SAMPLER_RATIO = 0.1
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+# gRPC services whose calls are never traced: polled constantly, no business meaning.
+UNTRACED_GRPC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+
+# Values that are phone numbers: mobile, fixed line, 700 virtual numbers and blocks, with or without +86.
+_NUMBER_VALUE = re.compile(r"(?:\+?86|0086)?(?:1[3-9]\d{9}|0\d{9,11}|700\d{8}|700\d{12})")
+
+
+def sampler_from_env(env: Env) -> Sampler:
+    """The sampler named by OTEL_TRACES_SAMPLER (default parentbased_traceidratio) and its ratio argument.
+
+    OTEL_TRACES_SAMPLER_ARG is the ratio of the ratio samplers, 0 to 1, default 0.1 (ours, also when the
+    operator names a ratio sampler without an argument). Unknown names and bad ratios are SettingsErrors.
+    """
+    name = env.choice("OTEL_TRACES_SAMPLER", DEFAULT_SAMPLER, SAMPLERS)
+    if name.endswith("traceidratio"):
+        ratio = env.number("OTEL_TRACES_SAMPLER_ARG", DEFAULT_SAMPLER_RATIO, minimum=0.0, maximum=1.0)
+        ratio_sampler = TraceIdRatioBased(ratio)
+        return ParentBased(ratio_sampler) if name.startswith("parentbased_") else ratio_sampler
+    root = ALWAYS_ON if name.endswith("always_on") else ALWAYS_OFF
+    return ParentBased(root) if name.startswith("parentbased_") else root
+
+
+def resource_attributes(env: Env, default_service_name: str) -> dict[str, str]:
+    """Ours (service.version, service.instance.id), then OTEL_RESOURCE_ATTRIBUTES, then OTEL_SERVICE_NAME."""
+    attributes = {
+        "service.name": default_service_name,
+        "service.version": SERVICE_VERSION,
+        "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
+    }
+    raw = env.raw("OTEL_RESOURCE_ATTRIBUTES")
+    if raw is not None:
+        for pair in raw.split(","):
+            if not pair.strip():
+                continue
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise SettingsError(f"OTEL_RESOURCE_ATTRIBUTES={raw!r}: must be key=value pairs separated by commas")
+            attributes[key.strip()] = unquote(value.strip())
+    service_name = env.raw("OTEL_SERVICE_NAME")
+    if service_name is not None:
+        attributes["service.name"] = service_name
+    return attributes
+
+
+def otlp_endpoint(env: Env) -> str | None:
+    return env.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.raw("OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def _insecure(env: Env, endpoint: str) -> bool:
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"):
+        if env.raw(name) is not None:
+            return env.flag(name, False)
+    return not endpoint.startswith("https://")
+
+
+def _traced_method(handler_call_details: Any) -> bool:
+    # Servers see the method as str, aio clients as bytes.
+    method = handler_call_details.method or ""
+    if isinstance(method, bytes):
+        method = method.decode("ascii", "replace")
+    return not str(method).lstrip("/").startswith(UNTRACED_GRPC_SERVICES)
 
 
 class Telemetry:
-    """Holds the tracer provider of one process (or none) and hands out interceptors bound to it."""
+    """The tracer provider of one process (or none) and everything bound to it: interceptors, Redis, spans."""
 
     def __init__(self, provider: TracerProvider | None) -> None:
         self.provider = provider
+        self.tracer: trace.Tracer = (
+            provider.get_tracer(TRACER_NAME, SERVICE_VERSION) if provider is not None else trace.NoOpTracer()
+        )
+        # Redis spans only as children of a recording span (never root traces from probes or background loops).
+        self._redis_provider = _ChildSpansOnly(provider) if provider is not None else None
 
     @classmethod
     def disabled(cls) -> Telemetry:
         return cls(None)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], default_service_name: str) -> Telemetry:
-        env = Env(environ)
-        endpoint = env.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.raw("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if endpoint is None or env.text("OTEL_TRACES_EXPORTER", "otlp") == "none":
-            return cls.disabled()
-        # Imported only when exporting, so an untraced process does not pay for the exporter.
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    def from_env(
+        cls, environ: Mapping[str, str], default_service_name: str, *, exporter: SpanExporter | None = None
+    ) -> Telemetry:
+        """The process's telemetry from OTEL_* variables; disabled without an endpoint.
 
-        resource = Resource.create(
-            {
-                "service.name": env.text("OTEL_SERVICE_NAME", default_service_name),
-                "service.version": SERVICE_VERSION,
-                "service.instance.id": f"{socket.gethostname()}-{os.getpid()}",
-            }
+        `exporter` replaces the OTLP exporter (tests); the settings are read and validated all the same.
+        """
+        env = Env(environ)
+        endpoint = otlp_endpoint(env)
+        off = (
+            env.flag("OTEL_SDK_DISABLED", False)
+            or env.text("OTEL_TRACES_EXPORTER", "otlp").lower() == "none"
+            or (endpoint is None and exporter is None)
         )
-        # The sampler comes from OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (SDK default: parentbased_always_on).
-        provider = TracerProvider(resource=resource)
-        insecure = endpoint.startswith("http://") or "://" not in endpoint
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
+        if off:
+            return cls.disabled()
+        sampler = sampler_from_env(env)
+        resource = Resource.create(resource_attributes(env, default_service_name))
+        if exporter is None:
+            assert endpoint is not None
+            # Imported only when exporting, so an untraced process does not load the exporter.
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=endpoint, insecure=_insecure(env, endpoint))
+        provider = TracerProvider(resource=resource, sampler=sampler)
+        # Batching settings come from OTEL_BSP_* (schedule delay, queue and batch sizes).
+        provider.add_span_processor(BatchSpanProcessor(exporter))
         return cls(provider)
 
     @property
     def enabled(self) -> bool:
         return self.provider is not None
 
+    # --- gRPC -----------------------------------------------------------------------------------------------
+
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """grpc.aio server interceptors: one SERVER span per call (health and reflection excepted)."""
         if self.provider is None:
             return []
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-        # Health checks are polled constantly and carry no business meaning: never traced.
-        return [
-            aio_server_interceptor(  # type: ignore[no-untyped-call]
-                tracer_provider=self.provider, filter_=filters.negate(filters.health_check())
-            )
-        ]
+        return [aio_server_interceptor(tracer_provider=self.provider, filter_=_traced_method)]  # type: ignore[no-untyped-call]
+
+    def sync_server_interceptors(self) -> list[grpc.ServerInterceptor]:
+        """The same for a synchronous grpc.server (thread pool)."""
+        if self.provider is None:
+            return []
+        from opentelemetry.instrumentation.grpc import server_interceptor
+
+        return [server_interceptor(tracer_provider=self.provider, filter_=_traced_method)]  # type: ignore[no-untyped-call]
 
     def client_interceptors(self) -> list[Any]:
+        """grpc.aio channel interceptors: one CLIENT span per call, W3C trace context sent in the metadata."""
         if self.provider is None:
             return []
-        from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-        return list(
-            aio_client_interceptors(  # type: ignore[no-untyped-call]
-                tracer_provider=self.provider, filter_=filters.negate(filters.health_check())
-            )
-        )
+        return list(aio_client_interceptors(tracer_provider=self.provider, filter_=_traced_method))  # type: ignore[no-untyped-call]
+
+    # --- Redis ----------------------------------------------------------------------------------------------
+
+    def instrument_redis(self, client: RedisClient) -> None:
+        """CLIENT spans for this client's commands and pipelines (only inside a recording span).
+
+        Per client, not per class: clients created elsewhere stay untouched. The statement attribute is the
+        command with `?` for every argument (the instrumentation's sanitised form), so keys and values, which
+        contain phone numbers, never reach a span.
+        """
+        if self._redis_provider is None:
+            return
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+        RedisInstrumentor.instrument_client(client, tracer_provider=self._redis_provider)
+
+    # --- our own spans --------------------------------------------------------------------------------------
+
+    def span(
+        self,
+        name: str,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        links: Sequence[Link] = (),
+        attributes: Mapping[str, AttributeValue] | None = None,
+    ) -> Any:
+        """A context manager: a current span named `name` (with links) when tracing is on, else nothing.
+
+        `with telemetry.span("cdr.ingest", links=links) as span:` yields the span (INVALID_SPAN when off).
+        """
+        if self.provider is None:
+            return nullcontext(trace.INVALID_SPAN)
+        return self.tracer.start_as_current_span(name, kind=kind, links=list(links), attributes=attributes)
+
+    def current_ids(self) -> tuple[int, int]:
+        """(trace_id, span_id) of the current span when it is sampled, else (0, 0): what a CallRef carries.
+
+        Costs one attribute check when tracing is off.
+        """
+        if self.provider is None:
+            return (0, 0)
+        return current_trace_ids()
 
     def shutdown(self) -> None:
+        """Flushes pending spans and stops the exporter."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+# --- helpers for servicers (work whether tracing is on or off) -----------------------------------------------
+
+
+def current_trace_ids() -> tuple[int, int]:
+    """(trace_id, span_id) of the current span when it is sampled, else (0, 0)."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid and context.trace_flags.sampled:
+        return (context.trace_id, context.span_id)
+    return (0, 0)
+
+
+def _safe_value(value: AttributeValue) -> AttributeValue:
+    # A safety net: a value that is a phone number is masked even when the caller forgot to.
+    if isinstance(value, str) and _NUMBER_VALUE.fullmatch(value):
+        return mask(value)
+    return value
+
+
+def set_span_attributes(span: Span | None = None, /, **attributes: AttributeValue | None) -> None:
+    """Sets `numprotect.<name>` attributes on `span` (default: the current span); None values are skipped.
+
+    `set_span_attributes(tenant="t1", mode="AXB", decision="CONNECT", binding_id=bid)`. Does nothing when
+    the span is not recording (tracing off or not sampled). A value that is a phone number is masked.
+    """
+    target = span if span is not None else trace.get_current_span()
+    if not target.is_recording():
+        return
+    for name, value in attributes.items():
+        if value is not None:
+            target.set_attribute(ATTRIBUTE_PREFIX + name, _safe_value(value))
+
+
+def masked_number_attribute(name: str, number: str, span: Span | None = None) -> None:
+    """Sets `numprotect.<name>` to the masked number (138****5678) on `span` (default: the current span)."""
+    target = span if span is not None else trace.get_current_span()
+    if target.is_recording() and number:
+        target.set_attribute(ATTRIBUTE_PREFIX + name, mask(number))
+
+
+def link_from_call_ref(call_ref: CallRef | str) -> Link | None:
+    """A span link to the translation span a call_ref names, or None (untraced call, or not our call_ref)."""
+    if isinstance(call_ref, str):
+        if not call_ref:
+            return None
+        try:
+            call_ref = CallRef.decode(call_ref)
+        except ValueError:
+            return None
+    if not call_ref.trace_id or not call_ref.span_id:
+        return None
+    context = SpanContext(
+        trace_id=call_ref.trace_id, span_id=call_ref.span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+    )
+    if not context.is_valid:
+        return None
+    return Link(context, {ATTRIBUTE_PREFIX + "link": "call_setup"})
+
+
+def links_from_call_refs(call_refs: Sequence[CallRef | str]) -> list[Link]:
+    """The links of several call_refs (a CDR batch), skipping those without trace ids."""
+    links = []
+    for call_ref in call_refs:
+        link = link_from_call_ref(call_ref)
+        if link is not None:
+            links.append(link)
+    return links
+
+
+def add_call_ref_link(call_ref: CallRef | str, span: Span | None = None) -> bool:
+    """Links `span` (default: the current span) to the call setup `call_ref` names; True when linked."""
+    target = span if span is not None else trace.get_current_span()
+    if not target.is_recording():
+        return False
+    link = link_from_call_ref(call_ref)
+    if link is None:
+        return False
+    target.add_link(link.context, link.attributes)
+    return True
+
+
+# --- Redis spans only inside a recording span ------------------------------------------------------------------
+
+
+class _ChildSpansOnly(trace.TracerProvider):
+    """A tracer provider whose tracers start a span only when the current span records, else a no-op span."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._provider = provider
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _ChildOnlyTracer(self._provider.get_tracer(*args, **kwargs))
+
+
+class _ChildOnlyTracer(trace.Tracer):
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    def start_span(self, name: str, context: Any = None, *args: Any, **kwargs: Any) -> Span:
+        if not trace.get_current_span(context).is_recording():
+            return trace.INVALID_SPAN
+        return self._tracer.start_span(name, context, *args, **kwargs)
+
+    @contextmanager
+    def start_as_current_span(  # type: ignore[override]
+        self, name: str, context: Any = None, *args: Any, **kwargs: Any
+    ) -> Iterator[Span]:
+        if not trace.get_current_span(context).is_recording():
+            yield trace.INVALID_SPAN
+            return
+        with self._tracer.start_as_current_span(name, context, *args, **kwargs) as span:
+            yield span

@@ -1,0 +1,373 @@
+"""Telemetry from OTEL_* variables: sampler defaults, disabled without endpoint, masking, Redis spans, log ids."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from cdr.app import build as build_cdr
+from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect_core import telemetry as tel
+from numprotect_core.call_ref import CallRef
+from numprotect_core.logs import JsonFormatter
+from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
+from numprotect_core.settings import SettingsError
+from numprotect_core.telemetry import Telemetry
+from support.inprocess import running_service
+
+PARTY_A = "13812345678"
+PARTY_B = "13987654321"
+VIRTUAL = "700100000012345"
+NUMBERS = (PARTY_A, PARTY_B, VIRTUAL)
+
+
+@pytest.fixture(autouse=True)
+def _no_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDK's own env detectors read os.environ: keep the developer's shell out of these tests.
+    for name in ("OTEL_RESOURCE_ATTRIBUTES", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def traced(environ: Mapping[str, str] | None = None) -> tuple[Telemetry, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry.from_env(
+        {"OTEL_TRACES_SAMPLER": "always_on", **(environ or {})}, "numprotect-test", exporter=exporter
+    )
+    assert telemetry.enabled
+    return telemetry, exporter
+
+
+def finished(telemetry: Telemetry, exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    assert telemetry.provider is not None
+    telemetry.provider.force_flush()
+    return list(exporter.get_finished_spans())
+
+
+def all_attribute_text(spans: list[ReadableSpan]) -> str:
+    """Every attribute, event attribute, link attribute and status text of the spans, as one string."""
+    parts: list[str] = []
+    for span in spans:
+        parts.append(span.name)
+        parts.extend(f"{k}={v!r}" for k, v in (span.attributes or {}).items())
+        for event in span.events:
+            parts.extend(f"{k}={v!r}" for k, v in (event.attributes or {}).items())
+        for link in span.links:
+            parts.extend(f"{k}={v!r}" for k, v in (link.attributes or {}).items())
+        parts.append(span.status.description or "")
+    return "\n".join(parts)
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+
+
+def test_no_endpoint_means_disabled_and_no_interceptors() -> None:
+    telemetry = Telemetry.from_env({"OTEL_TRACES_SAMPLER": "always_on"}, "numprotect-test")
+    assert not telemetry.enabled
+    assert telemetry.server_interceptors() == []
+    assert telemetry.sync_server_interceptors() == []
+    assert telemetry.client_interceptors() == []
+    assert telemetry.current_ids() == (0, 0)
+    with telemetry.span("x") as span:
+        assert not span.is_recording()
+    telemetry.shutdown()
+
+
+def test_disabled_telemetry_leaves_redis_clients_untouched() -> None:
+    client = redis.asyncio.Redis()
+    Telemetry.disabled().instrument_redis(client)
+    assert not getattr(client, "_is_instrumented_by_opentelemetry", False)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_TRACES_EXPORTER": "none"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_SDK_DISABLED": "true"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": ""},
+    ],
+)
+def test_exporter_none_or_sdk_disabled_turns_tracing_off(environ: dict[str, str]) -> None:
+    assert not Telemetry.from_env(environ, "numprotect-test").enabled
+
+
+@pytest.mark.parametrize("name", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
+def test_an_endpoint_turns_tracing_on_with_interceptors(name: str) -> None:
+    telemetry = Telemetry.from_env({name: "http://127.0.0.1:4317"}, "numprotect-test")
+    try:
+        assert telemetry.enabled
+        assert len(telemetry.server_interceptors()) == 1
+        assert len(telemetry.sync_server_interceptors()) == 1
+        assert len(telemetry.client_interceptors()) == 4  # unary/stream x unary/stream
+    finally:
+        telemetry.shutdown()
+
+
+def test_default_sampler_is_parent_based_ten_percent() -> None:
+    telemetry, _ = traced({"OTEL_TRACES_SAMPLER": ""})
+    assert telemetry.provider is not None
+    description = telemetry.provider.sampler.get_description()
+    assert description.startswith("ParentBased{root:TraceIdRatioBased{0.1}")
+    assert tel.DEFAULT_SAMPLER == "parentbased_traceidratio"
+    assert tel.DEFAULT_SAMPLER_RATIO == 0.1
+
+
+@pytest.mark.parametrize(
+    ("environ", "description"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "always_on"}, "AlwaysOnSampler"),
+        ({"OTEL_TRACES_SAMPLER": "always_off"}, "AlwaysOffSampler"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}, "TraceIdRatioBased{0.5}"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio"}, "TraceIdRatioBased{0.1}"),
+        (
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"},
+            "ParentBased{root:TraceIdRatioBased{1.0}",
+        ),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}, "ParentBased{root:AlwaysOnSampler"),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, "ParentBased{root:AlwaysOffSampler"),
+    ],
+)
+def test_sampler_env_overrides(environ: dict[str, str], description: str) -> None:
+    telemetry, _ = traced(environ)
+    assert telemetry.provider is not None
+    assert telemetry.provider.sampler.get_description().startswith(description)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER_ARG": "half"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "novalue"}, "OTEL_RESOURCE_ATTRIBUTES"),
+    ],
+)
+def test_bad_settings_name_the_variable(environ: dict[str, str], variable: str) -> None:
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_TRACES_SAMPLER": "", **environ}
+    with pytest.raises(SettingsError, match=variable):
+        Telemetry.from_env(environ, "numprotect-test")
+
+
+def test_ratio_sampler_keeps_about_its_share_of_root_traces() -> None:
+    telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": ""})
+    for _ in range(2000):
+        with telemetry.span("root"), telemetry.span("child"):
+            pass
+    spans = finished(telemetry, exporter)
+    roots = [s for s in spans if s.name == "root"]
+    children = [s for s in spans if s.name == "child"]
+    assert 100 <= len(roots) <= 320  # 10% of 2000, with a wide margin
+    assert len(children) == len(roots)  # children follow their parent's decision
+
+
+def test_resource_defaults_and_overrides() -> None:
+    telemetry, _ = traced()
+    assert telemetry.provider is not None
+    attributes = telemetry.provider.resource.attributes
+    assert attributes["service.name"] == "numprotect-test"
+    assert attributes["service.version"] == tel.SERVICE_VERSION
+    assert str(attributes["service.instance.id"]).endswith(f"-{__import__('os').getpid()}")
+
+    telemetry, _ = traced(
+        {
+            "OTEL_SERVICE_NAME": "np-binding-east",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,service.instance.id=pod%2D7, k8s.ns = np ",
+        }
+    )
+    assert telemetry.provider is not None
+    attributes = telemetry.provider.resource.attributes
+    assert attributes["service.name"] == "np-binding-east"
+    assert attributes["deployment.environment"] == "prod"
+    assert attributes["service.instance.id"] == "pod-7"
+    assert attributes["k8s.ns"] == "np"
+    assert attributes["service.version"] == tel.SERVICE_VERSION
+
+
+# --- attributes and masking ----------------------------------------------------------------------------------
+
+
+def test_attributes_are_namespaced_and_numbers_masked() -> None:
+    telemetry, exporter = traced()
+    with telemetry.span("translate"):
+        tel.set_span_attributes(tenant="t-1", mode="AXB", decision="REJECT", reject_reason=None, binding_id="b-9")
+        tel.masked_number_attribute("calling_number", PARTY_A)
+        # The safety net: a number passed by mistake as a plain attribute is masked too.
+        tel.set_span_attributes(called_number=VIRTUAL, peer="+86" + PARTY_B)
+    (span,) = finished(telemetry, exporter)
+    assert span.attributes == {
+        "numprotect.tenant": "t-1",
+        "numprotect.mode": "AXB",
+        "numprotect.decision": "REJECT",
+        "numprotect.binding_id": "b-9",
+        "numprotect.calling_number": "138****5678",
+        "numprotect.called_number": "700********2345",
+        "numprotect.peer": "+86*******4321",
+    }
+    assert not any(number in all_attribute_text([span]) for number in NUMBERS)
+
+
+def test_attribute_helpers_do_nothing_outside_a_recording_span() -> None:
+    telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "always_off"})
+    with telemetry.span("unsampled") as span:
+        assert not span.is_recording()
+        tel.set_span_attributes(tenant="t-1")
+        tel.masked_number_attribute("calling_number", PARTY_A)
+        assert telemetry.current_ids() == (0, 0)
+    tel.set_span_attributes(tenant="t-1")  # no current span at all
+    assert finished(telemetry, exporter) == []
+
+
+# --- Redis spans -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_redis_spans_are_children_and_carry_no_phone_number(redis_client: redis.asyncio.Redis) -> None:
+    telemetry, exporter = traced()
+    telemetry.instrument_redis(redis_client)
+    route = Route("b-1", "t-1", MODE_AXB, PARTY_A, PARTY_B, RESTRICTION_NONE, False, False, 2_000_000_000_000)
+    with telemetry.span("rpc") as parent:
+        await RouteTable(redis_client).put(VIRTUAL, route)  # EVALSHA (and SCRIPT LOAD) with numbers in keys/args
+        await redis_client.set(f"np:test:{{{VIRTUAL}}}:{PARTY_A}", PARTY_B)
+        async with redis_client.pipeline(transaction=True) as pipe:
+            pipe.get(f"np:rt:{{{VIRTUAL}}}:c:{PARTY_A}")
+            pipe.sadd(f"np:test:{PARTY_B}", PARTY_A)
+            await pipe.execute()
+    assert await redis_client.get(f"np:test:{{{VIRTUAL}}}:{PARTY_A}") == PARTY_B.encode()  # outside a span
+    spans = finished(telemetry, exporter)
+    redis_spans = [s for s in spans if s.name != "rpc"]
+    names = [s.name for s in redis_spans]
+    assert "EVALSHA" in names and "SET" in names and any("GET" in n and "SADD" in n for n in names)
+    assert "GET" not in names  # the command outside any span made no (root) span
+    for span in redis_spans:
+        assert span.kind == SpanKind.CLIENT
+        assert span.parent is not None and span.parent.span_id == parent.get_span_context().span_id
+    statements = [str(dict(s.attributes or {}).get("db.statement", "")) for s in redis_spans]
+    assert "SET ? ?" in statements
+    assert any(statement.startswith("EVALSHA ? ?") for statement in statements)
+    text = all_attribute_text(spans)
+    for number in NUMBERS:
+        assert number not in text
+        assert number[-8:] not in text  # not even a fragment of a key
+
+
+async def test_redis_commands_outside_traced_calls_make_no_spans(redis_client: redis.asyncio.Redis) -> None:
+    telemetry, exporter = traced()
+    telemetry.instrument_redis(redis_client)
+    assert await redis_client.ping()  # the health probe's PING
+    with telemetry.span("unsampled", attributes={"x": 1}):
+        pass
+    assert [s.name for s in finished(telemetry, exporter)] == ["unsampled"]
+
+
+# --- span links from call_ref ------------------------------------------------------------------------------------
+
+
+def test_cdr_ingestion_span_links_to_the_translation_span() -> None:
+    telemetry, exporter = traced()
+    with telemetry.span("Translate", kind=SpanKind.SERVER) as translate:
+        trace_id, span_id = telemetry.current_ids()
+        assert (trace_id, span_id) == (translate.get_span_context().trace_id, translate.get_span_context().span_id)
+        call_ref = CallRef("b-1", VIRTUAL, 1_764_000_000_000, trace_id=trace_id, span_id=span_id).encode()
+
+    untraced = CallRef("b-2", VIRTUAL, 1_764_000_000_000).encode()
+    assert tel.link_from_call_ref(untraced) is None
+    assert tel.link_from_call_ref("not a call_ref") is None
+    assert tel.link_from_call_ref("") is None
+    links = tel.links_from_call_refs([call_ref, untraced, "garbage"])
+    assert len(links) == 1
+
+    with telemetry.span("cdr.ingest", links=links):
+        pass
+    with telemetry.span("IngestCdrs", kind=SpanKind.SERVER):  # a link added to an already started span
+        assert tel.add_call_ref_link(CallRef.decode(call_ref))
+        assert not tel.add_call_ref_link(untraced)
+
+    spans = {s.name: s for s in finished(telemetry, exporter)}
+    for name in ("cdr.ingest", "IngestCdrs"):
+        (link,) = spans[name].links
+        assert link.context.trace_id == trace_id
+        assert link.context.span_id == span_id
+        assert dict(link.attributes or {}) == {"numprotect.link": "call_setup"}
+        assert spans[name].context.trace_id != trace_id  # a link, not a parent
+
+
+def test_current_trace_ids_are_zero_when_tracing_is_off() -> None:
+    assert tel.current_trace_ids() == (0, 0)
+    assert Telemetry.disabled().current_ids() == (0, 0)
+
+
+# --- logs ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def json_log() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    logger = logging.getLogger("numprotect.test.tracing")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    yield logger, stream
+    logger.removeHandler(handler)
+
+
+def test_json_logs_carry_trace_and_span_ids_inside_a_span(json_log: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = json_log
+    telemetry, _ = traced()
+    logger.info("outside")
+    with telemetry.span("rpc") as span:
+        logger.info("inside", extra={"calling_number": "138****5678"})
+    outside, inside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert "trace_id" not in outside and "span_id" not in outside
+    context = span.get_span_context()
+    assert inside["trace_id"] == format(context.trace_id, "032x")
+    assert inside["span_id"] == format(context.span_id, "016x")
+    assert inside["msg"] == "inside"
+
+
+# --- the bootstrap's wiring: server spans, client spans, health never traced ---------------------------------------
+
+
+async def test_bootstrap_traces_calls_but_not_health_checks(redis_url: str) -> None:
+    telemetry, exporter = traced()
+    async with running_service("cdr", build_cdr, {"NUMPROTECT_REDIS_URL": redis_url}, telemetry=telemetry) as svc:
+        # A channel made by the service's own Runtime: client spans plus trace context in the metadata.
+        channel = svc.runtime.channel_to(svc.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = cdr_pb2_grpc.CdrServiceStub(channel)
+        # Whether the RPC answers or fails (UNIMPLEMENTED), its spans exist.
+        with telemetry.span("caller"), contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t-1"))
+    spans = finished(telemetry, exporter)
+    assert not any("Health" in s.name for s in spans)
+    by_kind: dict[Any, list[ReadableSpan]] = {}
+    for span in spans:
+        by_kind.setdefault(span.kind, []).append(span)
+    (client,) = [s for s in by_kind[SpanKind.CLIENT] if "GetCdrStats" in s.name]
+    (server,) = [s for s in by_kind[SpanKind.SERVER] if "GetCdrStats" in s.name]
+    (caller,) = [s for s in spans if s.name == "caller"]
+    assert client.parent is not None and client.parent.span_id == caller.context.span_id
+    assert server.parent is not None and server.parent.span_id == client.context.span_id
+    assert server.context.trace_id == caller.context.trace_id
+    assert trace.get_current_span() is trace.INVALID_SPAN
