@@ -282,7 +282,6 @@ def main() -> int:
         "NUMPROTECT_ALLOCATION_PORT": str(allocation_port),
         "NUMPROTECT_BINDING_PORT": str(binding_port),
         "NUMPROTECT_ALLOCATION_ADDR": f"127.0.0.1:{allocation_port}",
-        "NUMPROTECT_REDIS_MAX_CONNECTIONS": "256",
     }
     redis_args = [
         redis_binary,

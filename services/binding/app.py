@@ -7,6 +7,7 @@ from binding.servicer import BindingServiceServicer
 from binding.settings import BindingSettings
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect_core.server import Runtime, ServiceParts, ServiceRegistration
+from numprotect_core.settings import RedisSettings
 
 FULL_NAME = binding_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name
 
@@ -14,7 +15,10 @@ FULL_NAME = binding_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name
 async def build(runtime: Runtime) -> ServiceParts:
     settings = BindingSettings.from_env(runtime.env)
     allocation = AllocationClient(runtime.channel("allocation"), settings.allocation_timeout_seconds)
-    servicer = BindingServiceServicer(runtime.redis, allocation, settings)
+    # A call uses at most 3 Redis connections at once (a create's concurrent writes); the pool does not queue
+    # (an exhausted pool fails the command), so calls beyond what it can serve wait here. One stays for health.
+    max_calls = max(1, (RedisSettings.from_env(runtime.env).max_connections - 1) // 3)
+    servicer = BindingServiceServicer(runtime.redis, allocation, settings, max_calls=max_calls)
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, binding_pb2_grpc.add_BindingServiceServicer_to_server),

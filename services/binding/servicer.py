@@ -154,8 +154,11 @@ async def _all(steps: Iterable[Awaitable[Any]]) -> list[Any]:
 
 
 class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
-    def __init__(self, redis: RedisClient, allocation: AllocationClient, settings: BindingSettings) -> None:
+    def __init__(
+        self, redis: RedisClient, allocation: AllocationClient, settings: BindingSettings, *, max_calls: int = 21
+    ) -> None:
         self.redis = redis
+        self._calls = asyncio.Semaphore(max_calls)
         self.allocation = allocation
         self.settings = settings
         self.retention_ms = int(settings.history_retention_seconds * 1000)
@@ -167,9 +170,35 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         self.tenants = TenantIndex(redis, self.retention_ms, self.max_ttl_ms)
         self.locks = MutationLocks(redis, self.lease_ms)
 
-    # ----- create -----
+    # ----- the RPCs: each waits for a share of the Redis connection pool -----
 
     async def CreateBinding(self, request: pb.CreateBindingRequest, context: Any) -> pb.CreateBindingResponse:
+        async with self._calls:
+            return await self._CreateBinding(request, context)
+
+    async def GetBinding(self, request: pb.GetBindingRequest, context: Any) -> pb.GetBindingResponse:
+        async with self._calls:
+            return await self._GetBinding(request, context)
+
+    async def UpdateBinding(self, request: pb.UpdateBindingRequest, context: Any) -> pb.UpdateBindingResponse:
+        async with self._calls:
+            return await self._UpdateBinding(request, context)
+
+    async def DeleteBinding(self, request: pb.DeleteBindingRequest, context: Any) -> pb.DeleteBindingResponse:
+        async with self._calls:
+            return await self._DeleteBinding(request, context)
+
+    async def ListBindings(self, request: pb.ListBindingsRequest, context: Any) -> pb.ListBindingsResponse:
+        async with self._calls:
+            return await self._ListBindings(request, context)
+
+    async def TraceNumber(self, request: pb.TraceNumberRequest, context: Any) -> pb.TraceNumberResponse:
+        async with self._calls:
+            return await self._TraceNumber(request, context)
+
+    # ----- create -----
+
+    async def _CreateBinding(self, request: pb.CreateBindingRequest, context: Any) -> pb.CreateBindingResponse:
         spec = create_spec(
             request,
             min_ttl_ms=int(self.settings.min_ttl_seconds * 1000),
@@ -364,7 +393,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             stored = replace(stored, status="a")
         return stored
 
-    async def GetBinding(self, request: pb.GetBindingRequest, context: Any) -> pb.GetBindingResponse:
+    async def _GetBinding(self, request: pb.GetBindingRequest, context: Any) -> pb.GetBindingResponse:
         binding_id, tenant_id = ids("", request.binding_id, request.tenant_id)
         stored = await self._load(binding_id, tenant_id)
         reply = pb.GetBindingResponse(binding=to_proto(stored.record, city_fallback=stored.city_fallback))
@@ -372,7 +401,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             reply.history.extend(event_to_proto(event) for event in stored.history())
         return reply
 
-    async def ListBindings(self, request: pb.ListBindingsRequest, context: Any) -> pb.ListBindingsResponse:
+    async def _ListBindings(self, request: pb.ListBindingsRequest, context: Any) -> pb.ListBindingsResponse:
         v = Violations()
         tenant_id = check_tenant("tenant_id", request.tenant_id, v)
         if not 0 <= request.page_size <= _MAX_PAGE:
@@ -407,7 +436,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         token = encode_page_token(page_ids[-1]) if more and page_ids else ""
         return pb.ListBindingsResponse(bindings=bindings, next_page_token=token)
 
-    async def TraceNumber(self, request: pb.TraceNumberRequest, context: Any) -> pb.TraceNumberResponse:
+    async def _TraceNumber(self, request: pb.TraceNumberRequest, context: Any) -> pb.TraceNumberResponse:
         virtual_number = virtual_field("virtual_number", request.virtual_number)
         at_ms = request.at.ToMilliseconds() if request.HasField("at") else now_ms()
         party = party_field("party_number", request.party_number) if request.party_number else ""
@@ -420,7 +449,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
 
     # ----- update / delete -----
 
-    async def UpdateBinding(self, request: pb.UpdateBindingRequest, context: Any) -> pb.UpdateBindingResponse:
+    async def _UpdateBinding(self, request: pb.UpdateBindingRequest, context: Any) -> pb.UpdateBindingResponse:
         spec = update_spec(request)
         await self._load(spec.binding_id, spec.tenant_id)  # NOT_FOUND for another tenant before any lock
         async with self.locks.hold(spec.binding_id):
@@ -510,7 +539,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         except DomainError as exc:
             log.error("could not undo ReplaceParty", extra={"error": exc.message})
 
-    async def DeleteBinding(self, request: pb.DeleteBindingRequest, context: Any) -> pb.DeleteBindingResponse:
+    async def _DeleteBinding(self, request: pb.DeleteBindingRequest, context: Any) -> pb.DeleteBindingResponse:
         binding_id, tenant_id = ids("", request.binding_id, request.tenant_id)
         await self._load(binding_id, tenant_id)  # NOT_FOUND for another tenant before any lock
         async with self.locks.hold(binding_id):

@@ -1,4 +1,4 @@
-"""The binding service's own Lua scripts, one test each: order claim, order commit, compare-and-delete."""
+"""The binding service's own Redis keys: its Lua scripts (one test each) and the tenant index."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 
-from binding.store import MutationLocks, OrderClaims, lock_key, order_key
+from binding.store import (
+    MutationLocks,
+    OrderClaims,
+    TenantIndex,
+    lock_key,
+    new_binding_id,
+    order_key,
+    tenant_index_key,
+    tenant_shard,
+)
 from numprotect_core.errors import Aborted
 from numprotect_core.redis_client import RedisClient, create_redis
 from numprotect_core.settings import Env, RedisSettings
@@ -88,3 +97,21 @@ async def test_compare_and_delete_script_releases_only_its_own_claim_and_lock(
         assert redis_sync.exists(lock_key("b1")) == 1  # the loser did not release the holder's lock
     assert redis_sync.exists(lock_key("b1")) == 0
     await asyncio.sleep(0)
+
+
+async def test_tenant_index_trims_ids_past_life_and_retention(redis: RedisClient, redis_sync: Any) -> None:
+    index = TenantIndex(redis, retention_ms=DAY, max_life_ms=DAY)
+    now = _now()
+    old = new_binding_id(now - 3 * DAY)
+    key = tenant_index_key("t1", tenant_shard(old))
+    redis_sync.zadd(key, {old: 0})
+    fresh = new_binding_id(now)
+    while tenant_shard(fresh) != tenant_shard(old):  # the same shard, whose adds trim it
+        fresh = new_binding_id(now)
+    for _ in range(1000):  # trimming is probabilistic (1 in 64 adds of a shard)
+        await index.add("t1", fresh, now)
+        if redis_sync.zscore(key, old) is None:
+            break
+    assert redis_sync.zscore(key, old) is None, "the old id was never trimmed"
+    page, more = await index.page("t1", "", 10)
+    assert page == [fresh] and not more
