@@ -20,8 +20,8 @@ from numprotect_core.settings import RedisSettings
 FULL_NAME = cdr_pb2.DESCRIPTOR.services_by_name["CdrService"].full_name
 
 
-def binding_lookup(runtime: Runtime) -> BindingLookup:
-    return RedisBindingLookup(runtime.redis)
+def binding_lookup(runtime: Runtime, settings: CdrSettings) -> BindingLookup:
+    return RedisBindingLookup(runtime.redis, cache_size=settings.binding_cache)
 
 
 async def build(runtime: Runtime) -> ServiceParts:
@@ -41,7 +41,7 @@ async def build(runtime: Runtime) -> ServiceParts:
         if runtime.telemetry.provider is not None
         else trace.NoOpTracer()
     )
-    ingestor = Ingestor(store, Enricher(binding_lookup(runtime)), settings, tracer)
+    ingestor = Ingestor(store, Enricher(binding_lookup(runtime, settings)), settings, tracer)
     servicer = CdrServiceServicer(settings, store, ingestor, watch_redis)
     return ServiceParts(
         registrations=[

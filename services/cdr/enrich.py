@@ -17,8 +17,9 @@ from typing import Protocol
 from cdr.validation import ValidCdr
 from numprotect.cdr.v1 import cdr_pb2
 
-# History lookups run concurrently, but never more than this many at once per batch (Redis pool).
-_TRACE_CONCURRENCY = 16
+# History lookups run concurrently, but never more than this many at once per process: each holds a pooled
+# Redis connection, and the pool (NUMPROTECT_REDIS_MAX_CONNECTIONS) refuses to grow past its limit.
+TRACE_CONCURRENCY = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +50,9 @@ class NoBindings:
 
 
 class Enricher:
-    def __init__(self, lookup: BindingLookup) -> None:
+    def __init__(self, lookup: BindingLookup, *, trace_concurrency: int = TRACE_CONCURRENCY) -> None:
         self.lookup = lookup
+        self._trace_slots = asyncio.Semaphore(trace_concurrency)
 
     async def enrich(self, records: Sequence[ValidCdr]) -> None:
         """Sets tenant_id, out_order_id, binding_id and binding_match on every record (in place)."""
@@ -71,10 +73,9 @@ class Enricher:
             rest.append(valid)
         if not rest:
             return
-        limit = asyncio.Semaphore(_TRACE_CONCURRENCY)
 
         async def from_history(valid: ValidCdr) -> None:
-            async with limit:
+            async with self._trace_slots:
                 binding = await self._trace(valid)
             if binding is None:
                 valid.record.binding_match = cdr_pb2.BINDING_MATCH_NONE

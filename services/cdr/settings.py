@@ -25,6 +25,8 @@ class CdrSettings:
     # WatchCdrs: longest blocking XREAD (ms) and most concurrent watchers per process.
     watch_block_ms: int
     max_watchers: int
+    # Enrichment: committed bindings kept in memory per process (LRU entries; 0 = no cache).
+    binding_cache: int
 
     @classmethod
     def from_env(cls, env: Env) -> CdrSettings:
@@ -41,6 +43,7 @@ class CdrSettings:
             abuse_min_calls=env.integer("NUMPROTECT_CDR_ABUSE_MIN_CALLS", 10, minimum=1, maximum=1_000_000),
             watch_block_ms=int(env.seconds("NUMPROTECT_CDR_WATCH_BLOCK", 1, minimum=0.01, maximum=60) * 1000),
             max_watchers=env.integer("NUMPROTECT_CDR_MAX_WATCHERS", 256, minimum=1, maximum=100_000),
+            binding_cache=env.integer("NUMPROTECT_CDR_BINDING_CACHE", 100_000, minimum=0, maximum=10_000_000),
         )
         if settings.abuse_window_ms > settings.retention_ms:
             raise SettingsError("NUMPROTECT_CDR_ABUSE_WINDOW: must not be longer than NUMPROTECT_CDR_RETENTION")

@@ -113,3 +113,21 @@ async def test_unknown_bindings_are_kept_flagged_and_listed_for_the_operator(
     async with cdr_service() as stub:
         again = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
     assert (again.accepted, again.duplicates) == (0, 5)
+
+
+async def test_the_binding_cache_keeps_found_bindings_only_and_stays_bounded(
+    redis: Any, redis_sync: Any, make_binding: Any
+) -> None:
+    from cdr.bindings import RedisBindingLookup
+    from numprotect_core.binding_records import binding_key
+
+    lookup = RedisBindingLookup(redis, cache_size=2)
+    for name in ("b1", "b2", "b3"):
+        await make_binding(name, tenant_id="t-cache")
+    assert set(await lookup.get(["b1", "b2", "nope"])) == {"b1", "b2"}
+    await make_binding("nope", tenant_id="t-late")  # committed a moment later: found, not a cached miss
+    assert (await lookup.get(["nope"]))["nope"].tenant_id == "t-late"
+    # LRU of 2: "b2" and "nope" now; b1 was evicted and is read from Redis again.
+    redis_sync.delete(binding_key("b1"), binding_key("nope"))
+    found = await lookup.get(["b1", "nope"])
+    assert set(found) == {"nope"}  # "nope" served from the cache, b1 gone from Redis and from the cache

@@ -1,0 +1,384 @@
+"""CDR benchmark: records per second ingested, against the health-check ceiling of the same server.
+
+Starts a redis-server (AOF on, appendfsync everysec, as `make run`) and the cdr service as a process, writes
+binding records for the call_refs, then, against the same cdr server:
+  1. Health/Check for HEALTH_SECONDS with HEALTH_CONCURRENCY calls in flight: calls/s, the ceiling of this
+     server, client and machine with no work behind a call;
+  2. IngestCdrs, 100 records per batch, every record with a call_ref (enrichment: one pipelined lookup of
+     the bindings not in the service's binding cache); the same on a second process with the cache off;
+  3. IngestCdrs, 1000 records per batch, same;
+  4. StreamCdrs, STREAM_RECORDS records per client stream;
+  5. IngestCdrs, 100 per batch, without call_ref: enrichment through the binding history (trace_number);
+  6. the same batches of 2. sent again: all duplicates.
+Each phase sends fresh call_ids (pre-serialised, so the client spends little CPU) for at most PHASE_SECONDS.
+Run: python -m benchmarks.bench_cdr  (or make bench BENCH_ARGS=cdr).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from numprotect.cdr.v1 import cdr_pb2
+from numprotect_core.binding_records import BindingRecord, BindingRecordStore
+from numprotect_core.call_ref import CallRef
+from numprotect_core.redis_client import create_redis
+from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE
+from numprotect_core.settings import Env, RedisSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+HEALTH_SECONDS = 5.0
+HEALTH_CONCURRENCY = 16
+PHASE_SECONDS = 10.0
+BATCH_CONCURRENCY = 4
+STREAM_CONCURRENCY = 2
+STREAM_RECORDS = 5_000
+BINDINGS = 1000
+TENANT = "bench"
+INGEST = "/numprotect.cdr.v1.CdrService/IngestCdrs"
+STREAM = "/numprotect.cdr.v1.CdrService/StreamCdrs"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        child = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def wait_serving(address: str, child: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                raise RuntimeError(f"{address} exited:\n{log.read_text()[-2000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise RuntimeError(f"{address} not SERVING after {timeout}s")
+
+
+def wait_redis(port: int) -> redis.Redis:
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(500):
+        try:
+            if client.ping():
+                return client
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    raise RuntimeError("redis-server did not start")
+
+
+class Records:
+    """Fresh, valid records: AXB calls from party B to party A through X, within the last hour."""
+
+    def __init__(self, bindings: list[BindingRecord]) -> None:
+        self.bindings = bindings
+        self.next = 0
+        self.now_ms = time.time_ns() // 1_000_000
+
+    def make(self, prefix: str, *, with_ref: bool) -> cdr_pb2.CallDetailRecord:
+        i = self.next
+        self.next += 1
+        binding = self.bindings[i % len(self.bindings)]
+        start = self.now_ms - 600_000 + i % 500_000
+        record = cdr_pb2.CallDetailRecord(
+            call_id=f"{prefix}-{i}",
+            calling_number=binding.party_b,
+            called_number=binding.virtual_number,
+            target_number=binding.party_a,
+            display_number=binding.virtual_number,
+            call_type=cdr_pb2.CALL_TYPE_PEER_TO_A,
+            release_direction=cdr_pb2.RELEASE_DIRECTION_CALLER,
+            release_cause=16,
+            unconnected_cause=cdr_pb2.UNCONNECTED_CAUSE_NONE,
+            carrier_id="bench",
+        )
+        if with_ref:
+            record.call_ref = CallRef(binding.binding_id, binding.virtual_number, start).encode()
+        record.call_time.FromMilliseconds(start)
+        record.ring_time.FromMilliseconds(start + 2000)
+        if i % 4:
+            record.answer_time.FromMilliseconds(start + 5000)
+            record.release_time.FromMilliseconds(start + 5000 + (i % 300) * 1000)
+        else:
+            record.release_time.FromMilliseconds(start + 20_000)
+        return record
+
+    def batches(self, prefix: str, size: int, count: int, *, with_ref: bool = True) -> list[bytes]:
+        return [
+            cdr_pb2.IngestCdrsRequest(
+                records=[self.make(prefix, with_ref=with_ref) for _ in range(size)]
+            ).SerializeToString()
+            for _ in range(count)
+        ]
+
+
+async def write_bindings(redis_url: str) -> list[BindingRecord]:
+    client = create_redis(RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": redis_url})))
+    store = BindingRecordStore(client)
+    now = time.time_ns() // 1_000_000
+    bindings = []
+    for i in range(BINDINGS):
+        record = BindingRecord(
+            binding_id=f"bench-b{i}",
+            tenant_id=TENANT,
+            out_order_id=f"bench-o{i}",
+            mode=MODE_AXB,
+            party_a=f"138{i:08d}",
+            party_b=f"139{i:08d}",
+            virtual_number=f"7002000{i:08d}",
+            extension="",
+            city_code="010",
+            call_restriction=RESTRICTION_NONE,
+            recording_enabled=False,
+            allow_any_caller=False,
+            user_consent=True,
+            create_ms=now - 3_600_000,
+            expire_ms=now + 3_600_000,
+            update_ms=now - 3_600_000,
+            delete_ms=0,
+        )
+        await store.create(record, reservation_id=f"r{i}", city_fallback=False)
+        await store.activate(record.binding_id)
+        await store.add_to_history(record.virtual_number, record.binding_id, record.end_ms())
+        bindings.append(record)
+    await client.aclose()
+    return bindings
+
+
+async def drive(
+    concurrency: int, items: list[Any], call: Callable[[Any], Awaitable[tuple[int, int]]], seconds: float
+) -> tuple[int, int, float]:
+    """Sends `items` from `concurrency` workers until done or `seconds` pass: (accepted, duplicates, elapsed)."""
+    accepted = duplicates = 0
+    queue = list(reversed(items))
+    started = time.perf_counter()
+    stop_at = started + seconds
+
+    async def worker() -> None:
+        nonlocal accepted, duplicates
+        while queue and time.perf_counter() < stop_at:
+            item = queue.pop()
+            ok, dup = await call(item)
+            accepted += ok
+            duplicates += dup
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return accepted, duplicates, time.perf_counter() - started
+
+
+async def bench(address: str, uncached_address: str, bindings: list[BindingRecord]) -> None:
+    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    uncached_channel = grpc.aio.insecure_channel(uncached_address)
+    uncached = uncached_channel.unary_unary(
+        INGEST, request_serializer=bytes, response_deserializer=cdr_pb2.IngestCdrsResponse.FromString
+    )
+    health = [health_pb2_grpc.HealthStub(c) for c in channels]
+    raw = bytes
+    ingest = [
+        c.unary_unary(INGEST, request_serializer=raw, response_deserializer=cdr_pb2.IngestCdrsResponse.FromString)
+        for c in channels
+    ]
+    stream = [
+        c.stream_unary(STREAM, request_serializer=raw, response_deserializer=cdr_pb2.StreamCdrsResponse.FromString)
+        for c in channels
+    ]
+    records = Records(bindings)
+    check = health_pb2.HealthCheckRequest()
+    calls = 0
+    started = time.perf_counter()
+    stop_at = started + HEALTH_SECONDS
+
+    async def health_worker(n: int) -> None:
+        nonlocal calls
+        while time.perf_counter() < stop_at:
+            await health[n % len(health)].Check(check, timeout=10)
+            calls += 1
+
+    await asyncio.gather(*(health_worker(n) for n in range(HEALTH_CONCURRENCY)))
+    ceiling = calls / (time.perf_counter() - started)
+    print(
+        f"health ceiling: {ceiling:,.0f} calls/s (Health/Check, {HEALTH_CONCURRENCY} in flight, {HEALTH_SECONDS:.0f}s)"
+    )
+    print(f"{'phase':<52} {'records':>8} {'dups':>7} {'seconds':>7} {'records/s':>10} {'vs health':>9}")
+
+    def report(name: str, accepted: int, duplicates: int, elapsed: float) -> None:
+        rate = (accepted + duplicates) / elapsed
+        print(
+            f"{name:<52} {accepted:>8,} {duplicates:>7,} {elapsed:>7.2f} {rate:>10,.0f} {rate / ceiling:>8.2f}x",
+            flush=True,
+        )
+
+    counter = 0
+    retries: dict[str, int] = {}
+
+    async def send(batch: bytes, *, cache: bool = True) -> tuple[int, int]:
+        nonlocal counter
+        counter += 1
+        for _attempt in range(5):
+            try:
+                target = ingest[counter % len(ingest)] if cache else uncached
+                reply = await target(batch, timeout=60)
+                break
+            except grpc.aio.AioRpcError as exc:
+                # A carrier retries an UNAVAILABLE batch as it is: exactly once makes that safe.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                retries[exc.code().name] = retries.get(exc.code().name, 0) + 1
+        else:
+            raise RuntimeError("batch failed 5 times")
+        assert not reply.rejected, reply.rejected[0]
+        return reply.accepted, reply.duplicates
+
+    batches100 = records.batches("b100", 100, 400)
+    first = await drive(BATCH_CONCURRENCY, batches100, send, PHASE_SECONDS)
+    report(f"IngestCdrs 100/batch, call_ref ({BATCH_CONCURRENCY} in flight)", *first)
+    sent100 = batches100[: (first[0] + first[1]) // 100]
+
+    async def send_uncached(batch: bytes) -> tuple[int, int]:
+        return await send(batch, cache=False)
+
+    report(
+        f"IngestCdrs 100/batch, call_ref, binding cache off ({BATCH_CONCURRENCY})",
+        *await drive(BATCH_CONCURRENCY, records.batches("nocache", 100, 200), send_uncached, PHASE_SECONDS),
+    )
+    batches1000 = records.batches("b1000", 1000, 40)
+    report(
+        f"IngestCdrs 1000/batch, call_ref ({BATCH_CONCURRENCY} in flight)",
+        *await drive(BATCH_CONCURRENCY, batches1000, send, PHASE_SECONDS),
+    )
+
+    streams = [
+        [
+            cdr_pb2.StreamCdrsRequest(record=records.make(f"s{n}", with_ref=True)).SerializeToString()
+            for _ in range(STREAM_RECORDS)
+        ]
+        for n in range(STREAM_CONCURRENCY)
+    ]
+
+    async def send_stream(messages: list[bytes]) -> tuple[int, int]:
+        async def produce() -> AsyncIterator[bytes]:
+            for message in messages:
+                yield message
+
+        for _attempt in range(5):
+            try:
+                reply = await stream[0](produce(), timeout=120)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                retries[exc.code().name] = retries.get(exc.code().name, 0) + 1
+        else:
+            raise RuntimeError("stream failed 5 times")
+        assert not reply.rejected
+        return reply.accepted, reply.duplicates
+
+    report(
+        f"StreamCdrs {STREAM_RECORDS}/stream, call_ref ({STREAM_CONCURRENCY} streams)",
+        *await drive(STREAM_CONCURRENCY, streams, send_stream, 120),
+    )
+    history = records.batches("hist", 100, 200, with_ref=False)
+    report(
+        f"IngestCdrs 100/batch, history match ({BATCH_CONCURRENCY} in flight)",
+        *await drive(BATCH_CONCURRENCY, history, send, PHASE_SECONDS),
+    )
+    report(
+        f"IngestCdrs 100/batch, all duplicates ({BATCH_CONCURRENCY} in flight)",
+        *await drive(BATCH_CONCURRENCY, sent100, send, PHASE_SECONDS),
+    )
+    if retries:
+        print(f"retried calls (UNAVAILABLE: a Redis command over NUMPROTECT_REDIS_TIMEOUT): {retries}")
+    for channel in [*channels, uncached_channel]:
+        await channel.close(grace=None)
+
+
+def main() -> int:
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        print("redis-server not found: run `make system-deps`", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="numprotect-bench-cdr-"))
+    redis_port, cdr_port = free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    env = {
+        **os.environ,
+        "NUMPROTECT_REDIS_URL": redis_url,
+        "NUMPROTECT_CDR_PORT": str(cdr_port),
+        "NUMPROTECT_LOG_LEVEL": "WARNING",
+    }
+    try:
+        redis_args = [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+        redis_args += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--loglevel", "warning"]
+        with process(redis_args, env, workdir / "redis.log"):
+            client = wait_redis(redis_port)
+            bindings = asyncio.run(write_bindings(redis_url))
+            cdr_log = workdir / "cdr.log"
+            uncached_port = free_port()
+            uncached_env = {**env, "NUMPROTECT_CDR_PORT": str(uncached_port), "NUMPROTECT_CDR_BINDING_CACHE": "0"}
+            with (
+                process([sys.executable, "-m", "cdr"], env, cdr_log) as cdr,
+                process([sys.executable, "-m", "cdr"], uncached_env, workdir / "cdr-uncached.log") as cdr_uncached,
+            ):
+                address = f"127.0.0.1:{cdr_port}"
+                uncached_address = f"127.0.0.1:{uncached_port}"
+                wait_serving(address, cdr, cdr_log)
+                wait_serving(uncached_address, cdr_uncached, workdir / "cdr-uncached.log")
+                print(
+                    f"cdr benchmark: redis-server AOF everysec, one cdr process (a second one with the binding cache "
+                    f"off for one phase), {os.cpu_count()} cores"
+                )
+                try:
+                    asyncio.run(bench(address, uncached_address, bindings))
+                except Exception:
+                    print("cdr log (tail):\n" + cdr_log.read_text()[-3000:], file=sys.stderr)
+                    print("redis log (tail):\n" + (workdir / "redis.log").read_text()[-3000:], file=sys.stderr)
+                    raise
+            slow_fsync = (workdir / "redis.log").read_text(errors="replace").count("fsync is taking too long")
+            if slow_fsync:
+                print(f"redis-server logged {slow_fsync} slow AOF fsync(s) (disk busy): writes were delayed")
+            memory = client.info("memory")["used_memory"]
+            stored = client.xlen(f"np:cdr:{{t:{TENANT}}}:s")
+            print(f"stored in the tenant's stream: {stored:,} records; Redis used_memory {memory / 2**20:,.1f} MiB")
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
