@@ -48,6 +48,7 @@ from binding.validation import (
     ids,
     update_spec,
 )
+from binding.validation import order_id as check_order
 from binding.validation import tenant_id as check_tenant
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
@@ -404,6 +405,8 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
     async def _ListBindings(self, request: pb.ListBindingsRequest, context: Any) -> pb.ListBindingsResponse:
         v = Violations()
         tenant_id = check_tenant("tenant_id", request.tenant_id, v)
+        if request.out_order_id:
+            check_order("out_order_id", request.out_order_id, v)
         if not 0 <= request.page_size <= _MAX_PAGE:
             v.add("page_size", f"must be between 1 and {_MAX_PAGE} (0: {_DEFAULT_PAGE})")
         after = ""

@@ -73,6 +73,12 @@ def tenant_id(field: str, raw: str, violations: Violations) -> str:
     return raw
 
 
+def order_id(field: str, raw: str, violations: Violations) -> str:
+    if not _ORDER.fullmatch(raw):
+        violations.add(field, "must be 1-128 letters, digits, '_', '.', ':' or '-', starting alphanumeric")
+    return raw
+
+
 def binding_id(field: str, raw: str, violations: Violations) -> str:
     if not raw:
         violations.add(field, "is required")
@@ -106,8 +112,8 @@ def create_spec(
     tenant = tenant_id("tenant_id", request.tenant_id, v)
     if not request.out_order_id:
         v.add("out_order_id", "is required (it is the idempotency key with tenant_id)")
-    elif not _ORDER.fullmatch(request.out_order_id):
-        v.add("out_order_id", "must be 1-128 letters, digits, '_', '.', ':' or '-', starting alphanumeric")
+    else:
+        order_id("out_order_id", request.out_order_id, v)
     mode = int(request.mode)
     if mode not in MODES:
         v.add("mode", "must be BINDING_MODE_AXB, BINDING_MODE_AXN or BINDING_MODE_AXE")

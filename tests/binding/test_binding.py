@@ -517,6 +517,7 @@ async def test_list_bindings_pages_and_filters(services: Any) -> None:
             (pb.ListBindingsRequest(tenant_id="t1", page_token="garbage"), "page_token"),
             (pb.ListBindingsRequest(tenant_id="t1", page_size=1001), "page_size"),
             (pb.ListBindingsRequest(tenant_id=""), "tenant_id"),
+            (pb.ListBindingsRequest(tenant_id="t1", out_order_id="{x}"), "out_order_id"),
         ):
             error = await _rpc_error(s.binding.ListBindings(request))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
