@@ -40,6 +40,7 @@ from binding.store import (
     new_binding_id,
 )
 from binding.validation import (
+    MODES,
     CreateSpec,
     UpdateSpec,
     Violations,
@@ -67,6 +68,7 @@ from numprotect_core.errors import AlreadyExists, DomainError, FailedPreconditio
 from numprotect_core.phone import mask, party_field, virtual_field
 from numprotect_core.redis_client import RedisClient
 from numprotect_core.routes import MODE_AXB, MODE_AXN, Route, RouteConflictError, RouteTable, caller_key
+from numprotect_core.telemetry import set_span_attributes
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             default_ttl_ms=int(self.settings.default_ttl_seconds * 1000),
         )
         fp = fingerprint(spec.mode, spec.party_a, spec.party_b)
+        set_span_attributes(tenant=spec.tenant_id, mode=MODES[spec.mode], out_order_id=spec.out_order_id)
         give_up = time.monotonic() + self.settings.create_lease_seconds + 1.0
         binding_id = new_binding_id(now_ms())
         while True:
@@ -219,6 +222,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             if claim.outcome in ("claimed", "taken"):
                 break
             if claim.outcome == "done":
+                set_span_attributes(binding_id=claim.binding_id, idempotency="repeat")
                 return pb.CreateBindingResponse(binding=await self._existing(spec, claim))
             if claim.outcome == "conflict":
                 raise AlreadyExists(
@@ -230,6 +234,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             if time.monotonic() > give_up:
                 raise AbortedError(f"order {spec.out_order_id} is being created by another call; retry")
             await asyncio.sleep(0.005 + random.random() * 0.02)
+        set_span_attributes(binding_id=claim.binding_id, idempotency=claim.outcome)
         if claim.outcome == "taken":
             log.warning("taking over an abandoned create", extra={"binding_id": claim.binding_id})
             await self._clean_abandoned(claim.binding_id)
@@ -383,6 +388,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
 
     async def _load(self, binding_id: str, tenant_id: str) -> StoredBinding:
         """The tenant's committed binding, or NOT_FOUND (also for another tenant's binding)."""
+        set_span_attributes(tenant=tenant_id, binding_id=binding_id)
         stored = (await get_stored_bindings(self.redis, [binding_id])).get(binding_id)
         if stored is None or stored.record.tenant_id != tenant_id:
             raise NotFound(f"binding {binding_id} not found", resource_type="binding", resource_name=binding_id)
