@@ -17,11 +17,13 @@ from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from numprotect_core.binding_records import BindingRecordStore, binding_key, decode_stored
 from numprotect_core.redis_client import LuaScript
 from numprotect_core.routes import Route, axe_marker_key, axn_key, caller_key, extension_key
 from support.inprocess import running_service
 from support.redis_server import free_port
+from translation.app import build as build_translation
 
 A = "13800000001"
 B = "13900000002"
@@ -619,3 +621,32 @@ async def test_allocation_unreachable_is_unavailable_and_leaves_the_order_free(
         assert [k for k in keys_matching(redis_sync, "np:tl:*") if redis_sync.zcard(k)] == []
         again = await _rpc_error(stub.CreateBinding(create_request("down-1")))
         assert again.code() == grpc.StatusCode.UNAVAILABLE  # not ABORTED: no claim was left behind
+
+
+async def test_translation_follows_the_binding_through_replacement_and_delete(
+    services: Any, redis_env: dict[str, str]
+) -> None:
+    """The route keys written here are what the real translation service decides calls from."""
+    async with services() as s, running_service("translation", build_translation, redis_env) as tr:
+        translation: Any = translation_pb2_grpc.TranslationServiceStub(tr.channel)
+        created = await _create(s, "call-1")
+        x = created.virtual_number
+
+        async def call(caller: str) -> Any:
+            request = translation_pb2.TranslateRequest(calling_number=caller, called_number=x, call_id="c1")
+            return await translation.Translate(request)
+
+        connected = await call(B)
+        assert connected.decision == translation_pb2.DECISION_CONNECT and connected.target_number == A
+        assert connected.binding_id == created.binding_id and connected.display_number == x
+        await s.binding.UpdateBinding(
+            pb.UpdateBindingRequest(
+                binding=pb.Binding(binding_id=created.binding_id, tenant_id="t1", party_b=B2),
+                update_mask=_mask("party_b"),
+            )
+        )
+        assert (await call(B)).decision == translation_pb2.DECISION_REJECT  # the old rider cannot reach A
+        assert (await call(B2)).target_number == A
+        assert (await call(A)).target_number == B2
+        await s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
+        assert (await call(A)).decision == translation_pb2.DECISION_REJECT
