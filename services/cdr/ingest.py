@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -84,8 +85,12 @@ class Ingestor:
             for item in valid:
                 unmatched = item.record.binding_match == cdr_pb2.BINDING_MATCH_NONE
                 buckets.setdefault("" if unmatched else item.record.tenant_id, []).append(item)
-            for tenant_id, group in buckets.items():
-                ids = await self.store.ingest(tenant_id, group, now_ms)
+            # One script call per bucket (slot), concurrently. If one fails the call fails (UNAVAILABLE) and the
+            # carrier resends the batch: what was stored counts as duplicates then.
+            results = await asyncio.gather(
+                *(self.store.ingest(tenant_id, group, now_ms) for tenant_id, group in buckets.items())
+            )
+            for ids in results:
                 stored = sum(1 for entry_id in ids if entry_id is not None)
                 summary.accepted += stored
                 summary.duplicates += len(ids) - stored

@@ -108,6 +108,9 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
 
     async def ListCdrs(self, request: cdr_pb2.ListCdrsRequest, context: Context) -> cdr_pb2.ListCdrsResponse:  # noqa: N802
         bucket = _bucket(request.tenant_id, request.unmatched)
+        if request.unmatched and (request.binding_id or request.out_order_id):
+            field = "binding_id" if request.binding_id else "out_order_id"
+            raise InvalidArgument.field(field, "unmatched records are indexed by call time only")
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be from 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
         page_size = request.page_size or DEFAULT_PAGE_SIZE

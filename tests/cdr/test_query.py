@@ -72,6 +72,7 @@ async def test_list_pages_through_indexes_by_binding_order_and_time(
         ({"tenant_id": "t1", "page_size": 1001}, "page_size"),
         ({"tenant_id": "t1", "page_size": -1}, "page_size"),
         ({"tenant_id": "t1", "page_token": "garbage!"}, "page_token"),
+        ({"unmatched": True, "binding_id": "b1"}, "binding_id"),
     ],
 )
 async def test_list_rejects_bad_requests(cdr_service: Any, request_fields: dict[str, Any], field: str) -> None:
