@@ -288,6 +288,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
                 )
             )
             if not created:
+                record = None  # not ours: the undo must not touch it
                 raise AbortedError(f"binding id {binding_id} exists already; retry")
             await self._put_routes(record)
             await self.allocation.confirm(reservation_id, binding_id, expire_ms)
@@ -354,13 +355,14 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             essential.append(self.routes.remove(record.virtual_number, route_of(record), record.extension))
         if reservation_id:
             essential.append(self.allocation.cancel(reservation_id, "binding create failed"))
-        tidy: list[Awaitable[Any]] = [self.tenants.remove(spec.tenant_id, [binding_id])]
-        if record is not None:
+        tidy: list[Awaitable[Any]] = []
+        if record is not None:  # (None: nothing of this binding was written, or the id was another's)
+            tidy.append(self.tenants.remove(spec.tenant_id, [binding_id]))
             tidy.append(self.records.remove_from_history(record.virtual_number, binding_id))
         results = await asyncio.gather(*essential, return_exceptions=True)
         # The record goes only once routes and reservation are gone: it names the reservation, the way back to
         # it if undoing failed now. Index and history entries without a record are ignored by every reader.
-        if not any(isinstance(r, BaseException) for r in results):
+        if record is not None and not any(isinstance(r, BaseException) for r in results):
             tidy.append(self.records.discard(binding_id))
         tidy.append(self.orders.release(spec.tenant_id, spec.out_order_id, binding_id, fp, deadline_ms))
         results += await asyncio.gather(*tidy, return_exceptions=True)
