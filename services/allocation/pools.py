@@ -133,6 +133,10 @@ class NumberPools:
         # beyond the pool size queue here instead. Every operation uses at most one connection at a time.
         self._in_flight = asyncio.Semaphore(max_in_flight)
 
+    def _head(self, tenant: str, city: str) -> list[str | int]:
+        """The arguments every pool script starts with (pool_lib.lua): tenant, city, history retention."""
+        return [tenant, city, round(self.settings.history_retention_seconds * 1000)]
+
     # ---- import ---------------------------------------------------------------------------------------
 
     @_one_connection
@@ -156,7 +160,9 @@ class NumberPools:
         # Cities first, then the numbers: a crash in between leaves an empty city (harmless), never
         # numbers no fallback can find. A retry completes the import (the pool script is idempotent).
         await self.redis.sadd(keys.tenant_cities_key(tenant), city)
-        added = await self.scripts.import_block(self.redis, [keys.pool_key(tenant, city)], [tenant, city, block])
+        added = await self.scripts.import_block(
+            self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), block]
+        )
         log.info("block imported", extra={"block": block, "tenant": tenant, "city": city, "added": int(added)})
         return int(added)
 
@@ -210,8 +216,7 @@ class NumberPools:
             self.redis,
             [keys.pool_key(tenant, city)],
             [
-                tenant,
-                city,
+                *self._head(tenant, city),
                 mode,
                 party_a,
                 party_b,
@@ -233,7 +238,7 @@ class NumberPools:
         reply = await self.scripts.confirm(
             self.redis,
             [keys.pool_key(handle.tenant, handle.city)],
-            [handle.tenant, handle.city, handle.number, handle.rid, binding_id, expire_ms],
+            [*self._head(handle.tenant, handle.city), handle.number, handle.rid, binding_id, expire_ms],
         )
         outcome = _text(reply[0])
         if outcome == "missing":
@@ -257,7 +262,7 @@ class NumberPools:
         reply = await self.scripts.cancel(
             self.redis,
             [keys.pool_key(handle.tenant, handle.city)],
-            [handle.tenant, handle.city, handle.number, handle.rid, reason],
+            [*self._head(handle.tenant, handle.city), handle.number, handle.rid, reason],
         )
         return _text(reply[0]) == "ok"
 
@@ -266,7 +271,7 @@ class NumberPools:
         reply = await self.scripts.replace(
             self.redis,
             [keys.pool_key(handle.tenant, handle.city)],
-            [handle.tenant, handle.city, handle.number, handle.rid, old_party, new_party],
+            [*self._head(handle.tenant, handle.city), handle.number, handle.rid, old_party, new_party],
         )
         outcome = _text(reply[0])
         if outcome == "missing":
@@ -301,7 +306,7 @@ class NumberPools:
     async def _number_script(self, script_name: str, number: str, *args: str | int) -> NumberInfo:
         tenant, city = await self.owner(number)
         script = getattr(self.scripts, script_name)
-        reply = await script(self.redis, [keys.pool_key(tenant, city)], [tenant, city, number, *args])
+        reply = await script(self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), number, *args])
         outcome = _text(reply[0])
         if outcome == "unknown":
             raise NotFound(
@@ -360,7 +365,7 @@ class NumberPools:
 
     async def _city_stats(self, tenant: str, city: str) -> PoolStats:
         reply = await self.scripts.pool_stats(
-            self.redis, [keys.pool_key(tenant, city)], [tenant, city, _STATS_SWEEP_BUDGET]
+            self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), _STATS_SWEEP_BUDGET]
         )
         total, available, in_use, locked, cooling, _settled = (int(v) for v in reply)
         return PoolStats(total, available, in_use, locked, cooling)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from numprotect_core.settings import Env, SettingsError
 
+_YEAR = 365 * 86400.0
+
 
 @dataclass(frozen=True)
 class AllocationSettings:
@@ -23,6 +25,8 @@ class AllocationSettings:
     candidates: int
     # How many lapsed numbers / ended cool-downs one allocation tidies up on the way.
     sweep_batch: int
+    # How long a number's history entries are kept (trimmed as new entries arrive).
+    history_retention_seconds: float
 
     @classmethod
     def from_env(cls, env: Env) -> AllocationSettings:
@@ -48,4 +52,10 @@ class AllocationSettings:
             target_bindings_per_number=target,
             candidates=env.integer("NUMPROTECT_ALLOCATION_CANDIDATES", 8, minimum=1, maximum=256),
             sweep_batch=env.integer("NUMPROTECT_ALLOCATION_SWEEP_BATCH", 16, minimum=1, maximum=1024),
+            history_retention_seconds=env.seconds(
+                "NUMPROTECT_ALLOCATION_HISTORY_RETENTION",
+                3 * 365 * 86400.0,
+                minimum=86400.0,
+                maximum=20 * 365 * 86400.0,
+            ),
         )

@@ -16,6 +16,7 @@ from numprotect_core.settings import Env, RedisSettings
 BLOCK = "70012345678"
 TENANT, CITY = "t1", "010"
 POOL = keys.pool_key(TENANT, CITY)
+RETENTION_MS = 86_400_000
 A, B, C, D = "13800000001", "13800000002", "13800000003", "13800000004"
 
 
@@ -48,7 +49,7 @@ def scripts() -> Scripts:
 
 
 async def run(redis: RedisClient, script: LuaScript, *args: str | int) -> Any:
-    return text(await script(redis, [POOL], [TENANT, CITY, *args]))
+    return text(await script(redis, [POOL], [TENANT, CITY, RETENTION_MS, *args]))
 
 
 async def imported(redis: RedisClient, scripts: Scripts) -> None:

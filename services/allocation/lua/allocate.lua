@@ -1,18 +1,18 @@
 -- Picks a number of the pool and reserves it atomically (pool_lib.lua is prepended).
--- ARGV[3] mode AXB|AXN|AXE, [4] party a, [5] party b ('' for AXN without N), [6] lease ms,
--- [7] max live reservations per number, [8] target load (AXB/AXE reuse below it before opening a fresh number),
--- [9] reservation id, [10] random seed (AXE extension probing), [11] candidates, [12] sweep batch.
+-- ARGV[4] mode AXB|AXN|AXE, [5] party a, [6] party b ('' for AXN without N), [7] lease ms,
+-- [8] max live reservations per number, [9] target load (AXB/AXE reuse below it before opening a fresh number),
+-- [10] reservation id, [11] random seed (AXE extension probing), [12] candidates, [13] sweep batch.
 -- Returns {'ok', number, extension, expire_ms} or {'exhausted'}.
-local mode = ARGV[3]
-local a = ARGV[4]
-local b = ARGV[5]
-local lease = tonumber(ARGV[6])
-local max = tonumber(ARGV[7])
-local target = tonumber(ARGV[8])
-local rid = ARGV[9]
-local seed = tonumber(ARGV[10])
-local candidates = tonumber(ARGV[11])
-sweep(tonumber(ARGV[12]))
+local mode = ARGV[4]
+local a = ARGV[5]
+local b = ARGV[6]
+local lease = tonumber(ARGV[7])
+local max = tonumber(ARGV[8])
+local target = tonumber(ARGV[9])
+local rid = ARGV[10]
+local seed = tonumber(ARGV[11])
+local candidates = tonumber(ARGV[12])
+sweep(tonumber(ARGV[13]))
 
 local expire = NOW + lease
 local zset = MODE_SETS[mode]

@@ -1,8 +1,8 @@
 -- Frees a reservation at once; idempotent. pool_lib.lua is prepended.
--- ARGV[3] number, [4] reservation id, [5] reason. Returns {'ok', live} or {'missing'}.
-local n = ARGV[3]
-local rid = ARGV[4]
-local reason = ARGV[5]
+-- ARGV[4] number, [5] reservation id, [6] reason. Returns {'ok', live} or {'missing'}.
+local n = ARGV[4]
+local rid = ARGV[5]
+local reason = ARGV[6]
 prune(n, false)
 local record = redis.call('HGET', hkey(n), 'r:' .. rid)
 if not record then return { 'missing' } end

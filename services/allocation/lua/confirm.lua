@@ -1,10 +1,10 @@
 -- Makes a reservation last until the binding's expiry (also extends or shortens it). pool_lib.lua is prepended.
--- ARGV[3] number, [4] reservation id, [5] binding id, [6] expire ms.
+-- ARGV[4] number, [5] reservation id, [6] binding id, [7] expire ms.
 -- Returns {'ok', live} | {'missing'} | {'past'} | {'other_binding', binding_id}.
-local n = ARGV[3]
-local rid = ARGV[4]
-local binding = ARGV[5]
-local expire = tonumber(ARGV[6])
+local n = ARGV[4]
+local rid = ARGV[5]
+local binding = ARGV[6]
+local expire = tonumber(ARGV[7])
 prune(n, false)
 local h = hkey(n)
 local record = redis.call('HGET', h, 'r:' .. rid)

@@ -1,6 +1,6 @@
 -- Adds the 10,000 numbers of one block to the pool; idempotent. pool_lib.lua is prepended.
--- ARGV[3] 11-digit block. Returns the count added (10000, or 0 when the block was already in the pool).
-local block = ARGV[3]
+-- ARGV[4] 11-digit block. Returns the count added (10000, or 0 when the block was already in the pool).
+local block = ARGV[4]
 if redis.call('SISMEMBER', BLOCKS, block) == 1 then return 0 end
 redis.call('HSET', P, 'tenant', TENANT, 'city', CITY)
 local chunk = {}

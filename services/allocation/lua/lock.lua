@@ -1,9 +1,9 @@
 -- Takes a number out of service: never handed out while locked. pool_lib.lua is prepended.
 -- Live reservations stay (they lapse or are cancelled as usual); translation rejects calls via np:lock:{X}.
--- ARGV[3] number, [4] reason, [5] actor. Returns {'ok', info...} | {'unknown'}.
-local n = ARGV[3]
-local reason = ARGV[4]
-local actor = ARGV[5]
+-- ARGV[4] number, [5] reason, [6] actor. Returns {'ok', info...} | {'unknown'}.
+local n = ARGV[4]
+local reason = ARGV[5]
+local actor = ARGV[6]
 if not known(n) then return { 'unknown' } end
 prune(n, false)
 if redis.call('HEXISTS', LOCKED, n) == 0 then

@@ -2,7 +2,7 @@
 --
 -- KEYS[1] is the pool's base key np:alloc:{pool:<tenant>:<city>} (a hash: tenant, city, total); every other
 -- key below is derived from it and shares its hash tag, so each script touches exactly one cluster slot.
--- ARGV[1] = tenant, ARGV[2] = city; script-specific arguments follow.
+-- ARGV[1] = tenant, ARGV[2] = city, ARGV[3] = history retention (ms); script-specific arguments follow.
 --
 --   <P>:avail        set   numbers that are free (no live reservation, not locked, not cooling)
 --   <P>:axb|axe|axn  zset  numbers serving that mode -> live reservation count (locked numbers excluded)
@@ -14,11 +14,13 @@
 --   <P>:blocks       set   imported 11-digit blocks
 --   <P>:r:<n>        zset  reservation id -> expiry (ms); live count = ZCARD after pruning
 --   <P>:h:<n>        hash  p:<party> -> rid (AXB/AXN), x:<ext> -> rid (AXE), r:<rid> -> mode|a|b|ext|binding
---   <P>:hist:<n>     stream the number's history (assign, confirm, unassign, replace, lock, unlock, release)
+--   <P>:hist:<n>     stream the number's history (assign, confirm, unassign, replace, lock, unlock, release),
+--                    trimmed past the retention
 
 local P = KEYS[1]
 local TENANT = ARGV[1]
 local CITY = ARGV[2]
+local RETENTION = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local AVAIL = P .. ':avail'
@@ -57,8 +59,10 @@ local function describe(f)
   return text
 end
 
+-- Entries older than the retention are trimmed as new ones arrive (MINID ~: whole macro nodes, cheap).
 local function history(n, kind, fields)
-  redis.call('XADD', histkey(n), '*', 'kind', kind, 'tenant', TENANT, unpack(fields))
+  redis.call('XADD', histkey(n), 'MINID', '~', string.format('%d', math.max(0, NOW - RETENTION)), '*', 'kind', kind, 'tenant', TENANT,
+    unpack(fields))
 end
 
 local function known(n)

@@ -1,6 +1,6 @@
 -- Counts per state, after sweeping lapsed reservations and ended cool-downs. pool_lib.lua is prepended.
--- ARGV[3] sweep budget (numbers). Returns {total, available, in_use, locked, cooling, settled (1|0)}.
-local budget = tonumber(ARGV[3])
+-- ARGV[4] sweep budget (numbers). Returns {total, available, in_use, locked, cooling, settled (1|0)}.
+local budget = tonumber(ARGV[4])
 local settled = 0
 while budget > 0 do
   local done = sweep(math.min(budget, 512))

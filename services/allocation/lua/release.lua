@@ -1,10 +1,10 @@
 -- Returns a number from its tenant's use: it cools down before it can serve again. pool_lib.lua is prepended.
--- ARGV[3] number, [4] actor, [5] reason, [6] cool-down ms.
+-- ARGV[4] number, [5] actor, [6] reason, [7] cool-down ms.
 -- Returns {'ok', info...} | {'unknown'} | {'locked'} | {'in_use', live}.
-local n = ARGV[3]
-local actor = ARGV[4]
-local reason = ARGV[5]
-local cooldown = tonumber(ARGV[6])
+local n = ARGV[4]
+local actor = ARGV[5]
+local reason = ARGV[6]
+local cooldown = tonumber(ARGV[7])
 if not known(n) then return { 'unknown' } end
 local live = prune(n, false)
 if redis.call('HEXISTS', LOCKED, n) == 1 then return { 'locked' } end

@@ -1,10 +1,10 @@
 -- Swaps one party of a reservation atomically (rider reassigned). pool_lib.lua is prepended.
--- ARGV[3] number, [4] reservation id, [5] old party, [6] new party.
+-- ARGV[4] number, [5] reservation id, [6] old party, [7] new party.
 -- Returns {'ok'} | {'missing'} | {'not_party'} | {'conflict'}.
-local n = ARGV[3]
-local rid = ARGV[4]
-local old = ARGV[5]
-local new = ARGV[6]
+local n = ARGV[4]
+local rid = ARGV[5]
+local old = ARGV[6]
+local new = ARGV[7]
 prune(n, false)
 local h = hkey(n)
 local record = redis.call('HGET', h, 'r:' .. rid)

@@ -1,7 +1,7 @@
 -- Puts a locked number back where it belongs (cooling, in use or free). pool_lib.lua is prepended.
--- ARGV[3] number, [4] actor. Returns {'ok', info...} | {'unknown'}. Idempotent: unlocking a free number is a no-op.
-local n = ARGV[3]
-local actor = ARGV[4]
+-- ARGV[4] number, [5] actor. Returns {'ok', info...} | {'unknown'}. Idempotent: unlocking a free number is a no-op.
+local n = ARGV[4]
+local actor = ARGV[5]
 if not known(n) then return { 'unknown' } end
 local live = prune(n, false)
 if redis.call('HEXISTS', LOCKED, n) == 1 then
