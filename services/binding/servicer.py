@@ -9,8 +9,8 @@ Write order of a create (each step's keys live in their own slot; see docs/bindi
  6. order key done (guarded: only while the claim is still ours) -- the commit point -- and, concurrently,
     the record's status committed (a read completes it if only the order key was written)
 A failure in 2-6 undoes everything written (routes, reservation, record, history, index, claim) and the error
-is returned; a crash leaves only a pending claim whose deadline passes, after which a repeated create takes
-the order over and cleans up what the crashed one left.
+is returned; a crash leaves a pending claim whose deadline passes, after which a repeated create cleans up what
+the crashed one left and then takes the order over.
 """
 
 # ruff: noqa: N802  (RPC method names come from the proto)
@@ -212,15 +212,29 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         set_span_attributes(tenant=spec.tenant_id, mode=MODES[spec.mode], out_order_id=spec.out_order_id)
         give_up = time.monotonic() + self.settings.create_lease_seconds + 1.0
         binding_id = new_binding_id(now_ms())
+        cleaned = ""
         while True:
             create_ms = now_ms()
             deadline_ms = create_ms + self.lease_ms
             expire_ms = create_ms + spec.ttl_ms
             claim = await self.orders.claim(
-                spec.tenant_id, spec.out_order_id, binding_id, fp, deadline_ms, expire_ms + self.retention_ms
+                spec.tenant_id,
+                spec.out_order_id,
+                binding_id,
+                fp,
+                deadline_ms,
+                expire_ms + self.retention_ms,
+                cleaned=cleaned,
             )
             if claim.outcome in ("claimed", "taken"):
                 break
+            if claim.outcome == "stale":
+                # A create of this order crashed or got stuck past its deadline: remove what it left (a failure
+                # here leaves its claim as it was, so the next retry cleans again), then take the order over.
+                log.warning("cleaning up an abandoned create", extra={"binding_id": claim.binding_id})
+                await self._clean_abandoned(claim.binding_id)
+                cleaned = claim.binding_id
+                continue
             if claim.outcome == "done":
                 set_span_attributes(binding_id=claim.binding_id, idempotency="repeat")
                 return pb.CreateBindingResponse(binding=await self._existing(spec, claim))
@@ -234,10 +248,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             if time.monotonic() > give_up:
                 raise AbortedError(f"order {spec.out_order_id} is being created by another call; retry")
             await asyncio.sleep(0.005 + random.random() * 0.02)
-        set_span_attributes(binding_id=claim.binding_id, idempotency=claim.outcome)
-        if claim.outcome == "taken":
-            log.warning("taking over an abandoned create", extra={"binding_id": claim.binding_id})
-            await self._clean_abandoned(claim.binding_id)
+        set_span_attributes(binding_id=binding_id, idempotency=claim.outcome)
         binding = await self._create(spec, binding_id, fp, create_ms, deadline_ms, expire_ms)
         return pb.CreateBindingResponse(binding=binding)
 

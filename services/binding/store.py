@@ -84,10 +84,19 @@ class OrderClaims:
         return f"p|{binding_id}|{fp}|{deadline_ms}"
 
     async def claim(
-        self, tenant_id: str, out_order_id: str, binding_id: str, fp: str, deadline_ms: int, expire_at_ms: int
+        self,
+        tenant_id: str,
+        out_order_id: str,
+        binding_id: str,
+        fp: str,
+        deadline_ms: int,
+        expire_at_ms: int,
+        *,
+        cleaned: str = "",
     ) -> Claim:
+        """Claims the order; `cleaned` names a stale holder whose leftovers were removed (take it over)."""
         reply = await self._claim(
-            self.redis, [order_key(tenant_id, out_order_id)], [binding_id, fp, deadline_ms, expire_at_ms]
+            self.redis, [order_key(tenant_id, out_order_id)], [binding_id, fp, deadline_ms, expire_at_ms, cleaned]
         )
         return Claim(_text(reply[0]), _text(reply[1]))
 

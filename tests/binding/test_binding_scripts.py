@@ -38,7 +38,8 @@ def _now() -> int:
 
 
 async def test_order_claim_script_outcomes(redis: RedisClient, redis_sync: Any) -> None:
-    """order_claim.lua: claimed, busy (same parties), conflict (other parties), taken (deadline passed), done."""
+    """order_claim.lua: claimed, busy (same parties), conflict (other parties), stale then taken (deadline passed,
+    after cleaning up), done."""
     orders = OrderClaims(redis)
     now = _now()
     expire_at = now + DAY
@@ -51,7 +52,12 @@ async def test_order_claim_script_outcomes(redis: RedisClient, redis_sync: Any) 
     assert (conflict.outcome, conflict.binding_id) == ("conflict", "b-one")
 
     await orders.claim("t1", "o2", "b-old", "fp1", now - 1, expire_at)  # its deadline has passed
-    taken = await orders.claim("t1", "o2", "b-new", "fp1", now + 60_000, expire_at)
+    stale = await orders.claim("t1", "o2", "b-new", "fp1", now + 60_000, expire_at)
+    assert (stale.outcome, stale.binding_id) == ("stale", "b-old")
+    assert redis_sync.get(order_key("t1", "o2")).decode().startswith("p|b-old|")  # untouched until cleaned
+    wrong = await orders.claim("t1", "o2", "b-new", "fp1", now + 60_000, expire_at, cleaned="b-other")
+    assert wrong.outcome == "stale"
+    taken = await orders.claim("t1", "o2", "b-new", "fp1", now + 60_000, expire_at, cleaned="b-old")
     assert (taken.outcome, taken.binding_id) == ("taken", "b-old")
     assert redis_sync.get(order_key("t1", "o2")).decode().startswith("p|b-new|")
 
@@ -68,7 +74,7 @@ async def test_order_commit_script_only_for_the_claim_holder(redis: RedisClient,
     orders = OrderClaims(redis)
     now = _now()
     await orders.claim("t1", "o1", "b-old", "fp", now - 1, now + DAY)
-    await orders.claim("t1", "o1", "b-new", "fp", now + 60_000, now + DAY)
+    await orders.claim("t1", "o1", "b-new", "fp", now + 60_000, now + DAY, cleaned="b-old")
     assert not await orders.commit("t1", "o1", "b-old", "fp", now - 1, now + 2 * DAY)
     assert await orders.committed_binding("t1", "o1") is None
     assert await orders.commit("t1", "o1", "b-new", "fp", now + 60_000, now + 2 * DAY)

@@ -4,8 +4,10 @@
 -- ARGV[2]  fingerprint of the order's parties
 -- ARGV[3]  deadline_ms: until when this create may finish
 -- ARGV[4]  expire_at_ms of the key (binding end + retention)
+-- ARGV[5]  the holder of a stale claim this create has cleaned up after, or ""
 -- Returns {"claimed", binding_id} | {"done", holder} | {"busy", holder} | {"conflict", holder}
---       | {"taken", previous}: a pending claim whose deadline passed now belongs to this create.
+--       | {"stale", holder}: a pending claim whose deadline passed; clean up after it, then claim again naming it
+--       | {"taken", previous}: the stale claim named in ARGV[5] now belongs to this create.
 local current = redis.call('GET', KEYS[1])
 local value = 'p|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3]
 if not current then
@@ -30,7 +32,10 @@ if tonumber(deadline) > now_ms then
   end
   return {'busy', holder}
 end
--- The pending create missed its deadline (crashed or stuck): this create takes the order over and
--- cleans up what the previous one left; the previous one can no longer commit (order_commit.lua).
+-- The pending create missed its deadline (crashed or stuck). The caller first cleans up what it left, then
+-- takes the order over; the previous create can no longer commit (order_commit.lua).
+if ARGV[5] ~= holder then
+  return {'stale', holder}
+end
 redis.call('SET', KEYS[1], value, 'PXAT', ARGV[4])
 return {'taken', holder}
