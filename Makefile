@@ -41,6 +41,7 @@ lint: protos
 	$(VENV)/bin/mypy libs services tests benchmarks deploy
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
+	tools/validate_manifests.sh $(VENV)/bin
 
 bench: protos system-deps
 	$(PY) -m benchmarks $(BENCH_ARGS)
