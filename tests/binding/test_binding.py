@@ -650,3 +650,35 @@ async def test_translation_follows_the_binding_through_replacement_and_delete(
         assert (await call(A)).target_number == B2
         await s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
         assert (await call(A)).decision == translation_pb2.DECISION_REJECT
+
+
+async def test_concurrent_changes_of_one_binding_run_one_at_a_time(services: Any, redis_sync: Any) -> None:
+    async with services() as s:
+        created = await _create(s, "race-1")
+        replies = await asyncio.gather(
+            *(
+                s.binding.UpdateBinding(
+                    pb.UpdateBindingRequest(
+                        binding=pb.Binding(
+                            binding_id=created.binding_id, tenant_id="t1", party_b=party, recording_enabled=True
+                        ),
+                        update_mask=_mask("party_b"),
+                    )
+                )
+                for party in (B2, B3, "13300000005", "13200000006")
+            ),
+            return_exceptions=True,
+        )
+        succeeded = [r.binding.party_b for r in replies if not isinstance(r, BaseException)]
+        failed = [r for r in replies if isinstance(r, grpc.aio.AioRpcError)]
+        assert succeeded and len(succeeded) + len(failed) == 4
+        assert all(e.code() == grpc.StatusCode.ABORTED for e in failed)
+        # Whatever order they ran in, record, routes and allocation agree on the last B.
+        got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
+        final_b = got.binding.party_b
+        x = created.virtual_number
+        routed = [k for k in keys_matching(redis_sync, f"np:rt:{{{x}}}:c:*")]
+        assert sorted(routed) == sorted([caller_key(x, A), caller_key(x, final_b)])
+        route = _route(redis_sync, caller_key(x, A))
+        assert route is not None and route.party_b == final_b
+        assert (await number_info(s.allocation, x)).active_bindings == 1
