@@ -120,6 +120,10 @@ async def test_allocate_exhausted(redis: RedisClient, scripts: Scripts) -> None:
     await redis.sadd(f"{POOL}:avail", BLOCK + "0001")
     assert (await allocate(redis, scripts, "AXB", A, B, max_per_number=1, target=1))[1] == BLOCK + "0001"
     assert await allocate(redis, scripts, "AXB", C, D, max_per_number=1, target=1) == ["exhausted"]
+    # A number wrongly left in the free set while it has a live reservation is never handed out twice.
+    await redis.sadd(f"{POOL}:avail", BLOCK + "0001")
+    assert await allocate(redis, scripts, "AXN", C) == ["exhausted"]
+    assert not await redis.sismember(f"{POOL}:avail", BLOCK + "0001")
 
 
 async def test_confirm(redis: RedisClient, scripts: Scripts) -> None:

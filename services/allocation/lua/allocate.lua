@@ -55,14 +55,15 @@ local function reserve(n, live)
 end
 
 local function fresh()
-  local n = redis.call('SRANDMEMBER', AVAIL)
-  if not n then return nil end
-  -- Invariant: a free number has no live reservation. Checked anyway: a broken invariant never double-books.
-  if prune(n, false) > 0 then
+  for _ = 1, 3 do
+    local n = redis.call('SRANDMEMBER', AVAIL)
+    if not n then return nil end
+    -- Invariant: a free number has no live reservation. Checked anyway: a broken invariant never double-books
+    -- (the number leaves the free set and the next random one is tried).
+    if prune(n, false) == 0 then return reserve(n, 0) end
     redis.call('SREM', AVAIL, n)
-    return nil
   end
-  return reserve(n, 0)
+  return nil
 end
 
 if mode == 'AXN' then
