@@ -27,8 +27,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 MODES = ("AXB", "AXN", "AXE")
-# Numbers a GetPoolStats call may tidy up per pool before it counts (the rest on the next call).
-_STATS_SWEEP_BUDGET = 100_000
+# Lapsed numbers one pool_stats script may tidy up before counting, and how many such calls one
+# GetPoolStats makes per pool at most.
+_STATS_SWEEP_BUDGET = 2_048
+_STATS_SWEEP_CALLS = 50
 
 
 def _text(value: Any) -> str:
@@ -364,10 +366,15 @@ class NumberPools:
         return sorted(_text(c) for c in await self.redis.smembers(keys.tenant_cities_key(tenant)))
 
     async def _city_stats(self, tenant: str, city: str) -> PoolStats:
-        reply = await self.scripts.pool_stats(
-            self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), _STATS_SWEEP_BUDGET]
-        )
-        total, available, in_use, locked, cooling, _settled = (int(v) for v in reply)
+        # Each call sweeps a bounded batch before counting (Redis is never blocked long); repeated until
+        # nothing lapsed is left, so the counts are exact unless the backlog exceeds the cap.
+        for _ in range(_STATS_SWEEP_CALLS):
+            reply = await self.scripts.pool_stats(
+                self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), _STATS_SWEEP_BUDGET]
+            )
+            total, available, in_use, locked, cooling, settled = (int(v) for v in reply)
+            if settled:
+                break
         return PoolStats(total, available, in_use, locked, cooling)
 
     # ---- history --------------------------------------------------------------------------------------
