@@ -180,7 +180,8 @@ class BlocklistRefresher:
     async def start(self) -> None:
         """Loads once (best effort: an unreachable Redis is retried by the loop), then polls."""
         with contextlib.suppress(Exception):
-            await self.store.refresh(self.view)
+            async with asyncio.timeout(2.0):
+                await self.store.refresh(self.view)
         self._task = asyncio.create_task(self._run(), name="blocklist-refresh")
 
     async def _run(self) -> None:
@@ -188,7 +189,9 @@ class BlocklistRefresher:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                if await self.store.refresh(self.view):
+                async with asyncio.timeout(max(2.0, self.interval)):
+                    reloaded = await self.store.refresh(self.view)
+                if reloaded:
                     log.info("blocklist reloaded", extra={"version": self.view.version, "callers": len(self.view)})
                 failing = False
             except Exception as exc:
@@ -199,5 +202,5 @@ class BlocklistRefresher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: redis-py can leave a cancelled command pending on a paused server.
+            await asyncio.wait([self._task], timeout=1.0)

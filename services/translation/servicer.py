@@ -27,8 +27,8 @@ def redis_budget(remaining: float | None, cap: float) -> float:
     """Seconds the hot path may wait for Redis: the cap, or less so UNAVAILABLE arrives before the deadline."""
     if remaining is None:
         return cap
-    # Keep a margin for the answer to travel back: 20 ms, or a quarter of a very short deadline.
-    return max(0.0, min(cap, remaining - min(0.02, remaining / 4)))
+    # Keep a margin for the cancellation and the answer to travel back: 50 ms, or a quarter of a short deadline.
+    return max(0.0, min(cap, remaining - min(0.05, remaining / 4)))
 
 
 def stream_error(error: DomainError) -> str:
@@ -131,7 +131,8 @@ class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
             for prepared in batch:
-                pipe.evalsha(SCRIPT.sha, len(prepared.keys), *prepared.keys, *prepared.args)
+                # execute_command: the cluster pipeline refuses .evalsha(), not EVALSHA itself (keys share a slot)
+                pipe.execute_command("EVALSHA", SCRIPT.sha, len(prepared.keys), *prepared.keys, *prepared.args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 await SCRIPT.load(self.redis)

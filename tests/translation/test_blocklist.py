@@ -1,0 +1,125 @@
+"""Blocklists: Block/Unblock/List RPCs in Redis, enforced on the hot path from each process's in-process copy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from numprotect.translation.v1 import translation_pb2 as pb
+from numprotect_core.routes import MODE_AXN
+
+X = "700100000000001"
+X2 = "700100000000002"
+A = "13800000001"
+B = "13900000002"
+SPAMMER = "13700000003"
+# The test settings poll every 100 ms; the documented delay is one refresh interval plus one reload.
+PROPAGATION = 0.1
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], within: float) -> float:
+    """Seconds until check() is true; fails after `within`."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < within, f"not within {within}s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+def _block(tenant_id: str, number: str, ttl_ms: int = 0, reason: str = "marketing") -> pb.BlockCallerRequest:
+    request = pb.BlockCallerRequest(tenant_id=tenant_id, calling_number=number, reason=reason)
+    if ttl_ms:
+        request.ttl.FromMilliseconds(ttl_ms)
+    return request
+
+
+async def _is(tr: Any, caller: str, called: str, reason: int) -> bool:
+    return bool((await tr.translate(caller, called=called)).reject_reason == reason)
+
+
+async def test_global_block_rejects_within_the_refresh_delay_and_unblock_restores(tr: Any) -> None:
+    await tr.put(tr.route("n1", MODE_AXN))
+    assert (await tr.translate(SPAMMER)).decision == pb.DECISION_CONNECT
+    reply = await tr.stub.BlockCaller(_block("", "+86" + SPAMMER))
+    assert (reply.entry.calling_number, reply.entry.tenant_id, reply.entry.reason) == (SPAMMER, "", "marketing")
+    assert reply.entry.create_time.seconds > 0 and not reply.entry.HasField("expire_time")
+    waited = await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_CALLER_BLOCKED), 3 * PROPAGATION + 0.5)
+    assert waited <= 3 * PROPAGATION + 0.5
+    blocked = await tr.translate(SPAMMER)
+    assert (blocked.decision, blocked.target_number) == (pb.DECISION_REJECT, "")
+    assert (await tr.translate(B)).decision == pb.DECISION_CONNECT  # others unaffected
+
+    await tr.stub.UnblockCaller(pb.UnblockCallerRequest(tenant_id="", calling_number=SPAMMER))
+    await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_UNSPECIFIED), 3 * PROPAGATION + 0.5)
+    assert (await tr.translate(SPAMMER)).target_number == A
+
+
+async def test_tenant_block_applies_to_that_tenants_bindings_only(tr: Any) -> None:
+    await tr.put(tr.route("n1", MODE_AXN, tenant_id="t1"), X)
+    await tr.put(tr.route("n2", MODE_AXN, tenant_id="t2"), X2)
+    await tr.stub.BlockCaller(_block("t1", SPAMMER))
+    await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_CALLER_BLOCKED), 3 * PROPAGATION + 0.5)
+    blocked = await tr.translate(SPAMMER, called=X)
+    assert (blocked.binding_id, blocked.tenant_id) == ("n1", "t1")
+    other = await tr.translate(SPAMMER, called=X2)
+    assert (other.decision, other.tenant_id) == (pb.DECISION_CONNECT, "t2")
+
+
+async def test_entries_with_a_ttl_lapse(tr: Any) -> None:
+    await tr.put(tr.route("n1", MODE_AXN))
+    await tr.stub.BlockCaller(_block("", SPAMMER, ttl_ms=600))
+    await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_CALLER_BLOCKED), 3 * PROPAGATION + 0.5)
+    await asyncio.sleep(0.6)
+    assert (await tr.translate(SPAMMER)).decision == pb.DECISION_CONNECT
+    listed = await tr.stub.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id=""))
+    assert list(listed.entries) == []
+
+
+async def test_a_new_process_loads_the_lists_at_start(translation_factory: Any) -> None:
+    first = await translation_factory()
+    await first.stub.BlockCaller(_block("", SPAMMER))
+    second = await translation_factory({"NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "60s"})
+    await second.put(second.route("n1", MODE_AXN))
+    assert (await second.translate(SPAMMER)).reject_reason == pb.REJECT_REASON_CALLER_BLOCKED
+
+
+async def test_list_pages_through_one_tenants_entries(tr: Any) -> None:
+    numbers = [f"1370000{i:04d}" for i in range(7)]
+    for number in reversed(numbers):
+        await tr.stub.BlockCaller(_block("t1", number))
+    await tr.stub.BlockCaller(_block("t2", "13600000000"))
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await tr.stub.ListBlockedCallers(
+            pb.ListBlockedCallersRequest(tenant_id="t1", page_size=3, page_token=token)
+        )
+        seen.extend(e.calling_number for e in page.entries)
+        assert all(e.tenant_id == "t1" for e in page.entries)
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert (seen, pages) == (numbers, 3)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.BlockCallerRequest(tenant_id="t1", calling_number="not a number"), "calling_number"),
+        (pb.BlockCallerRequest(tenant_id="bad tenant{}", calling_number=SPAMMER), "tenant_id"),
+        (pb.BlockCallerRequest(tenant_id="t1", calling_number=SPAMMER, ttl=duration_pb2.Duration(seconds=-1)), "ttl"),
+    ],
+)
+async def test_bad_block_requests_are_invalid_argument(tr: Any, request_: pb.BlockCallerRequest, field: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await tr.stub.BlockCaller(request_)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (info.value.details() or "")

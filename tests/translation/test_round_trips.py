@@ -1,0 +1,113 @@
+"""Exactly one Redis round trip per Translate: counted on the wire with MONITOR and INFO commandstats."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+
+from numprotect.translation.v1 import translation_pb2 as pb
+from numprotect_core.routes import MODE_AXE, MODE_AXN, lock_key
+
+X_AXB = "700100000000001"
+X_AXN = "700100000000002"
+X_AXE = "700100000000003"
+X_LOCKED = "700100000000004"
+A = "13800000001"
+B = "13900000002"
+
+
+class Monitor:
+    """MONITOR on one node over a raw socket: every command the node runs, one line each, on a thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port))
+        self.sock.sendall(b"MONITOR\r\n")
+        self.lines: list[str] = []
+        self._buffer = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not chunk:
+                return
+            self._buffer += chunk
+            *complete, self._buffer = self._buffer.split(b"\r\n")
+            self.lines.extend(line.decode(errors="replace") for line in complete if line.startswith(b"+"))
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        return [line for line in self.lines if line != "+OK"]
+
+
+def _primaries(redis_sync: Any) -> list[tuple[str, int]]:
+    if isinstance(redis_sync, RedisCluster):
+        return [(node.host, node.port) for node in redis_sync.get_primaries()]
+    pool = redis_sync.connection_pool.connection_kwargs
+    return [(pool["host"], pool["port"])]
+
+
+async def test_a_thousand_translations_are_a_thousand_evalsha_and_nothing_else(
+    translation_factory: Any, redis_env: dict[str, str], redis_sync: Any
+) -> None:
+    # No background commands in the window: health probe and blocklist poll far apart.
+    tr = await translation_factory(
+        {"NUMPROTECT_HEALTH_INTERVAL": "60s", "NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "60s"}
+    )
+    await tr.put(tr.route("b1"), X_AXB)
+    await tr.put(tr.route("n1", MODE_AXN), X_AXN)
+    await tr.put(tr.route("e1", MODE_AXE), X_AXE, extension="1234")
+    redis_sync.set(lock_key(X_LOCKED), "locked")
+    calls = [
+        (A, X_AXB, ""),  # CONNECT
+        (B, X_AXB, ""),  # CONNECT
+        ("13700000003", X_AXB, ""),  # NO_BINDING
+        ("13700000003", X_AXN, ""),  # CONNECT
+        (B, X_AXE, "1234"),  # CONNECT
+        (B, X_AXE, ""),  # COLLECT_EXTENSION
+        (A, X_LOCKED, ""),  # NUMBER_LOCKED
+        (A, "700100000000999", ""),  # NO_BINDING
+    ]
+    await tr.translate(A, X_AXB)  # warm: connections open, script cached
+    primaries = _primaries(redis_sync)
+    for host, port in primaries:
+        with redis.Redis(host=host, port=port) as node:
+            node.config_resetstat()
+    monitors = [Monitor(host, port) for host, port in primaries]
+    await asyncio.sleep(0.2)
+
+    decisions: dict[int, int] = {}
+    for i in range(1000):
+        caller, called, extension = calls[i % len(calls)]
+        reply = await tr.translate(caller, called, extension, call_id=f"c{i}")
+        decisions[reply.decision] = decisions.get(reply.decision, 0) + 1
+    await asyncio.sleep(0.3)
+    lines = [line for monitor in monitors for line in monitor.stop()]
+
+    assert set(decisions) == {pb.DECISION_CONNECT, pb.DECISION_REJECT, pb.DECISION_COLLECT_EXTENSION}
+    from_network = [line for line in lines if " lua]" not in line]
+    inside_scripts = [line for line in lines if " lua]" in line]
+    commands = {line.split('"')[1].lower() for line in from_network}
+    assert len(from_network) == 1000, from_network[:5]
+    assert commands == {"evalsha"}
+    assert len(inside_scripts) > 1000  # the lookups and counters ran inside the scripts
+
+    # INFO commandstats agrees: 1000 EVALSHA (it also counts the calls made inside them).
+    evalsha_calls = 0
+    for host, port in primaries:
+        with redis.Redis(host=host, port=port) as node:
+            evalsha_calls += node.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    assert evalsha_calls == 1000
