@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect_core.errors import (
+    Aborted,
     AlreadyExists,
     DomainError,
     FailedPrecondition,
@@ -87,6 +88,9 @@ class AllocationClient:
         try:
             await self.stub.ConfirmReservation(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                # The reservation lapsed (the create outran its lease) or was cancelled: a retry starts afresh.
+                raise Aborted(f"allocation ConfirmReservation: {exc.details()}; retry") from None
             raise _as_domain_error(exc, "ConfirmReservation") from None
 
     async def cancel(self, reservation_id: str, reason: str) -> None:
@@ -101,5 +105,8 @@ class AllocationClient:
         try:
             reply = await self.stub.ReplaceParty(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                # Not the binding that is missing but its reservation (lapsed at expiry): the binding cannot change.
+                raise FailedPrecondition(f"allocation ReplaceParty: {exc.details()}", subject="allocation") from None
             raise _as_domain_error(exc, "ReplaceParty") from None
         return reply.reservation_id

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2
 
+from binding.allocation_client import AllocationClient
 from binding.app import build as build_binding
 from binding.store import TENANT_SHARDS, order_key, tenant_index_key
 from numprotect.allocation.v1 import allocation_pb2
@@ -19,6 +21,7 @@ from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from numprotect_core.binding_records import BindingRecordStore, binding_key, decode_stored
+from numprotect_core.errors import Aborted, FailedPrecondition
 from numprotect_core.redis_client import LuaScript
 from numprotect_core.routes import Route, axe_marker_key, axn_key, caller_key, extension_key
 from support.inprocess import running_service
@@ -682,3 +685,16 @@ async def test_concurrent_changes_of_one_binding_run_one_at_a_time(services: Any
         route = _route(redis_sync, caller_key(x, A))
         assert route is not None and route.party_b == final_b
         assert (await number_info(s.allocation, x)).active_bindings == 1
+
+
+async def test_a_lapsed_reservation_makes_confirm_aborted(services: Any) -> None:
+    """A create that outran its lease gets ABORTED (retry), not NOT_FOUND (which would mean the binding)."""
+    async with services() as s, grpc.aio.insecure_channel(s.allocation_address) as channel:
+        client = AllocationClient(channel, timeout_seconds=5)
+        allocation = await client.allocate("t1", AXB, [A, B], "010", False, lease_ms=100)
+        await asyncio.sleep(0.3)
+        with pytest.raises(Aborted, match="retry"):
+            await client.confirm(allocation.reservation_id, "b0000000000000000000000", _now_ms() + 60_000)
+        with pytest.raises(FailedPrecondition):
+            await client.replace_party(allocation.reservation_id, B, B2)
+        await client.cancel(allocation.reservation_id, "test")  # idempotent: nothing left to cancel is fine
