@@ -233,6 +233,22 @@ class Telemetry:
             return nullcontext(trace.INVALID_SPAN)
         return self.tracer.start_as_current_span(name, kind=kind, links=list(links), attributes=attributes)
 
+    def child_span(
+        self,
+        name: str,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, AttributeValue] | None = None,
+    ) -> Any:
+        """Like `span`, but only under a recording span: a hot path pays one check when its call is not sampled.
+
+        E.g. a hand-written Redis client: `with telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT,
+        attributes={"db.system": "redis", "db.statement": "EVALSHA ?"}):` (never keys or arguments).
+        """
+        if self.provider is None or not trace.get_current_span().is_recording():
+            return nullcontext(trace.INVALID_SPAN)
+        return self.tracer.start_as_current_span(name, kind=kind, attributes=attributes)
+
     def current_ids(self) -> tuple[int, int]:
         """(trace_id, span_id) of the current span when it is sampled, else (0, 0): what a CallRef carries.
 

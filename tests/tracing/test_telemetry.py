@@ -277,6 +277,22 @@ async def test_redis_commands_outside_traced_calls_make_no_spans(redis_client: r
     assert [s.name for s in finished(telemetry, exporter)] == ["unsampled"]
 
 
+def test_child_spans_only_under_a_recording_span() -> None:
+    telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})
+    with telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT) as span:
+        assert not span.is_recording()  # no parent at all
+    telemetry, exporter = traced()
+    with telemetry.child_span("orphan"):
+        pass
+    with telemetry.span("rpc") as parent, telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT) as child:
+        assert child.is_recording()
+    names = {s.name: s for s in finished(telemetry, exporter)}
+    assert set(names) == {"rpc", "EVALSHA"}
+    assert names["EVALSHA"].parent is not None
+    assert names["EVALSHA"].parent.span_id == parent.get_span_context().span_id
+    assert not Telemetry.disabled().child_span("x").__enter__().is_recording()
+
+
 # --- span links from call_ref ------------------------------------------------------------------------------------
 
 
