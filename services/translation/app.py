@@ -6,9 +6,12 @@ import contextlib
 
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from numprotect_core.server import Runtime, ServiceParts, ServiceRegistration
+from numprotect_core.server_sync import SyncRuntime, SyncServiceParts, SyncServiceRegistration
 from translation.blocklist import BlocklistRefresher, BlocklistStore, BlocklistView
 from translation.core import SCRIPT, TranslationSettings, Translator
+from translation.fastredis import ScriptClient
 from translation.servicer import TranslationServiceServicer
+from translation.sync_servicer import SyncTranslationServiceServicer
 
 FULL_NAME = translation_pb2.DESCRIPTOR.services_by_name["TranslationService"].full_name
 
@@ -33,4 +36,18 @@ async def build(runtime: Runtime) -> ServiceParts:
             ServiceRegistration(FULL_NAME, servicer, translation_pb2_grpc.add_TranslationServiceServicer_to_server),
         ],
         on_shutdown=[refresher.stop],
+    )
+
+
+def build_sync(sync: SyncRuntime) -> SyncServiceParts:
+    """The sync-model service: hot path on ScriptClient, cold RPCs and the blocklist refresher on the loop."""
+    cold, refresher = sync.loop.run(build_servicer(sync.runtime))
+    client = ScriptClient(sync.redis_settings, SCRIPT)
+    servicer = SyncTranslationServiceServicer(client, cold.translator, cold, sync.loop)
+    return SyncServiceParts(
+        registrations=[
+            SyncServiceRegistration(FULL_NAME, servicer, translation_pb2_grpc.add_TranslationServiceServicer_to_server),
+        ],
+        on_shutdown=[lambda: sync.loop.run(refresher.stop(), 5)],
+        max_workers=cold.translator.settings.sync_workers,
     )

@@ -9,10 +9,14 @@ and the stream batcher share them.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from numprotect.translation.v1 import translation_pb2
 from numprotect_core.call_ref import CallRef
+from numprotect_core.errors import DomainError, Unavailable
+from numprotect_core.interceptors import as_domain_error
 from numprotect_core.phone import mask
 from numprotect_core.redis_client import LuaScript
 from numprotect_core.settings import Env
@@ -169,3 +173,48 @@ def _annotate_span(prepared: Prepared, binding_id: str) -> tuple[int, int]:
     span.set_attribute("numprotect.calling_number", mask(prepared.caller))
     span.set_attribute("numprotect.binding_id", binding_id)
     return context.trace_id, context.span_id
+
+
+def stream_error(error: DomainError) -> str:
+    """The `error` text of a TranslateStreamResponse: "<STATUS_NAME>: <message>"."""
+    return f"{error.code.name}: {error.message}"
+
+
+class StreamBatch:
+    """One batch of TranslateStream requests: answers for malformed or blocked ones at once, scripts for the rest."""
+
+    def __init__(self, translator: Translator, requests: Sequence[translation_pb2.TranslateRequest]) -> None:
+        self.translator = translator
+        self.responses: list[translation_pb2.TranslateStreamResponse] = []
+        self.pending: list[tuple[int, Prepared]] = []
+        for request in requests:
+            message = translation_pb2.TranslateStreamResponse(call_id=request.call_id)
+            try:
+                prepared = translator.prepare(request)
+            except DomainError as exc:
+                message.error = stream_error(exc)
+            else:
+                if isinstance(prepared, Prepared):
+                    self.pending.append((len(self.responses), prepared))
+                else:
+                    message.response.CopyFrom(prepared)
+            self.responses.append(message)
+
+    @property
+    def calls(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        return [(p.keys, p.args) for _, p in self.pending]
+
+    def fail(self, error: DomainError) -> list[translation_pb2.TranslateStreamResponse]:
+        for index, _ in self.pending:
+            self.responses[index].error = stream_error(error)
+        return self.responses
+
+    def complete(self, replies: Sequence[Any]) -> list[translation_pb2.TranslateStreamResponse]:
+        """Fills in the scripts' replies (an exception instance answers its own message with an error)."""
+        for (index, prepared), reply in zip(self.pending, replies, strict=True):
+            if isinstance(reply, BaseException):
+                error = as_domain_error(reply, "TranslateStream") or Unavailable("translation storage failed")
+                self.responses[index].error = stream_error(error)
+            else:
+                self.responses[index].response.CopyFrom(self.translator.finish(prepared, reply))
+        return self.responses

@@ -12,11 +12,11 @@ from google.protobuf import timestamp_pb2
 from redis.exceptions import NoScriptError
 
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from numprotect_core.errors import DomainError, InvalidArgument, Unavailable
+from numprotect_core.errors import InvalidArgument, Unavailable
 from numprotect_core.interceptors import as_domain_error
 from numprotect_core.redis_client import RedisClient
 from translation.blocklist import BlocklistStore, StoredEntry, scope_of
-from translation.core import SCRIPT, Prepared, Translator
+from translation.core import SCRIPT, Prepared, StreamBatch, Translator
 from translation.numbers import normalize_caller
 
 _PAGE_DEFAULT = 100
@@ -29,11 +29,6 @@ def redis_budget(remaining: float | None, cap: float) -> float:
         return cap
     # Keep a margin for the cancellation and the answer to travel back: 50 ms, or a quarter of a short deadline.
     return max(0.0, min(cap, remaining - min(0.05, remaining / 4)))
-
-
-def stream_error(error: DomainError) -> str:
-    """The `error` text of a TranslateStreamResponse: "<STATUS_NAME>: <message>"."""
-    return f"{error.code.name}: {error.message}"
 
 
 class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer):
@@ -95,37 +90,17 @@ class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer
     async def translate_batch(
         self, requests: Sequence[translation_pb2.TranslateRequest]
     ) -> list[translation_pb2.TranslateStreamResponse]:
-        out: list[translation_pb2.TranslateStreamResponse] = []
-        pending: list[tuple[int, Prepared]] = []
-        for request in requests:
-            try:
-                prepared = self.translator.prepare(request)
-            except DomainError as exc:
-                out.append(translation_pb2.TranslateStreamResponse(call_id=request.call_id, error=stream_error(exc)))
-                continue
-            if isinstance(prepared, Prepared):
-                pending.append((len(out), prepared))
-                out.append(translation_pb2.TranslateStreamResponse(call_id=request.call_id))
-            else:
-                out.append(translation_pb2.TranslateStreamResponse(call_id=request.call_id, response=prepared))
-        if not pending:
-            return out
+        batch = StreamBatch(self.translator, requests)
+        if not batch.pending:
+            return batch.responses
         try:
             async with asyncio.timeout(self.cap):
-                replies = await self._pipeline([p for _, p in pending])
+                replies = await self._pipeline([p for _, p in batch.pending])
+        except TimeoutError:
+            return batch.fail(Unavailable(f"translation storage did not answer within {self.cap * 1000:.0f} ms"))
         except Exception as exc:
-            error = as_domain_error(exc, "TranslateStream") or Unavailable("translation storage failed")
-            if isinstance(exc, TimeoutError):
-                error = Unavailable(f"translation storage did not answer within {self.cap * 1000:.0f} ms")
-            for index, _ in pending:
-                out[index].error = stream_error(error)
-            return out
-        for (index, prepared), reply in zip(pending, replies, strict=True):
-            if isinstance(reply, Exception):
-                out[index].error = stream_error(as_domain_error(reply, "TranslateStream") or Unavailable(str(reply)))
-            else:
-                out[index].response.CopyFrom(self.translator.finish(prepared, reply))
-        return out
+            return batch.fail(as_domain_error(exc, "TranslateStream") or Unavailable("translation storage failed"))
+        return batch.complete(replies)
 
     async def _pipeline(self, batch: list[Prepared]) -> list[Any]:
         for attempt in range(2):

@@ -107,3 +107,9 @@ async def translation_factory(redis_env: dict[str, str]) -> AsyncIterator[Transl
 async def tr(translation_factory: Callable[..., Awaitable[Translation]]) -> Translation:
     """The translation service with the test settings."""
     return await translation_factory()
+
+
+@pytest.fixture
+def route_factory() -> Callable[..., Route]:
+    """make_route, for tests that seed without the in-process service."""
+    return make_route

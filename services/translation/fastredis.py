@@ -1,0 +1,238 @@
+"""A minimal blocking Redis client for the sync hot path: EVALSHA of one script, per-call timeout, cluster slots.
+
+redis-py's sync client costs several times more Python per command than the call needs and has no per-call
+timeout. This one keeps one socket per node per thread, writes the pre-encoded command in one send, parses
+with hiredis, and bounds every call by the caller's remaining deadline. Redis Cluster: slots from
+CLUSTER SLOTS, refreshed on MOVED; NOSCRIPT loads the script on that node and retries.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import hiredis
+from redis.crc import key_slot
+
+from numprotect_core.errors import Unavailable
+from numprotect_core.redis_client import LuaScript
+from numprotect_core.settings import RedisSettings
+
+Node = tuple[str, int]
+
+
+def _encode(*parts: str | bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Conn:
+    __slots__ = ("reader", "sock", "timeout")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = hiredis.Reader()
+        self.timeout = -1.0
+
+    def send(self, data: bytes, timeout: float) -> None:
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
+        self.sock.sendall(data)
+
+    def read(self) -> Any:
+        reply = self.reader.gets()
+        while reply is False:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("Redis closed the connection")
+            self.reader.feed(chunk)
+            reply = self.reader.gets()
+        return reply
+
+
+class ScriptClient:
+    """Runs one Lua script by EVALSHA on a standalone Redis or a Redis Cluster, from any thread."""
+
+    def __init__(self, settings: RedisSettings, script: LuaScript) -> None:
+        url = urlparse(settings.url)
+        self.script = script
+        self.cluster = settings.mode == "cluster"
+        self.unix_path = url.path if url.scheme == "unix" else ""
+        self.seed: Node = (url.hostname or "127.0.0.1", url.port or 6379)
+        self.username = unquote(url.username) if url.username else None
+        self.password = unquote(url.password) if url.password else None
+        self.db = int(url.path.strip("/") or 0) if url.scheme != "unix" and not self.cluster else 0
+        self.connect_timeout = settings.timeout_seconds
+        self._prefix = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n"
+        self._local = threading.local()
+        self._slots: list[Node] = []
+        self._slots_lock = threading.Lock()
+
+    # --- connections -------------------------------------------------------------------------------------
+
+    def _conns(self) -> dict[Node, _Conn]:
+        conns: dict[Node, _Conn] | None = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        return conns
+
+    def _conn(self, node: Node) -> _Conn:
+        conns = self._conns()
+        conn = conns.get(node)
+        if conn is None:
+            conn = conns[node] = self._connect(node)
+        return conn
+
+    def _connect(self, node: Node) -> _Conn:
+        try:
+            if self.unix_path:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.connect_timeout)
+                sock.connect(self.unix_path)
+            else:
+                sock = socket.create_connection(node, timeout=self.connect_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            raise Unavailable(f"translation storage unreachable: {exc}") from None
+        conn = _Conn(sock)
+        setup: list[bytes] = []
+        if self.password is not None:
+            auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+            setup.append(_encode(*auth))
+        if self.db:
+            setup.append(_encode("SELECT", str(self.db)))
+        for command in setup:
+            reply = self._round_trip(node, conn, command, self.connect_timeout)
+            if isinstance(reply, hiredis.ReplyError):
+                raise Unavailable(f"translation storage refused the connection: {reply}")
+        return conn
+
+    def _drop(self, node: Node) -> None:
+        conn = self._conns().pop(node, None)
+        if conn is not None:
+            conn.sock.close()
+
+    def _round_trip(self, node: Node, conn: _Conn, data: bytes, timeout: float) -> Any:
+        try:
+            conn.send(data, timeout)
+            return conn.read()
+        except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
+            # The reply may still arrive later: this socket is out of step, never reuse it.
+            self._drop(node)
+            if isinstance(exc, TimeoutError):
+                raise Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms") from None
+            raise Unavailable(f"translation storage unreachable: {exc}") from None
+
+    # --- cluster slots -----------------------------------------------------------------------------------
+
+    def _node_for(self, key: str) -> Node:
+        if not self.cluster:
+            return self.seed
+        if not self._slots:
+            self._load_slots()
+        return self._slots[key_slot(key.encode())]
+
+    def _load_slots(self) -> None:
+        with self._slots_lock:
+            candidates = [self.seed, *dict.fromkeys(self._slots)]
+            for node in candidates:
+                try:
+                    reply = self._round_trip(node, self._conn(node), _encode("CLUSTER", "SLOTS"), self.connect_timeout)
+                except Unavailable:
+                    continue
+                slots: list[Node] = [self.seed] * 16384
+                for start, end, primary, *_ in reply:
+                    host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+                    owner = (host or node[0], int(primary[1]))
+                    slots[int(start) : int(end) + 1] = [owner] * (int(end) - int(start) + 1)
+                self._slots = slots
+                return
+            raise Unavailable("translation storage: no cluster node answered CLUSTER SLOTS")
+
+    # --- EVALSHA -----------------------------------------------------------------------------------------
+
+    def _command(self, keys: Sequence[str], args: Sequence[str]) -> bytes:
+        parts = [self._prefix % (3 + len(keys) + len(args), self.script.sha.encode())]
+        count = str(len(keys)).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(count), count))
+        for item in (*keys, *args):
+            data = item.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
+
+    def evalsha(self, keys: Sequence[str], args: Sequence[str], timeout: float) -> Any:
+        """The script's reply; Unavailable when Redis does not answer within `timeout` seconds."""
+        if timeout <= 0:
+            raise Unavailable("no time left for the translation storage")
+        command = self._command(keys, args)
+        for _ in range(3):
+            node = self._node_for(keys[0])
+            reply = self._round_trip(node, self._conn(node), command, timeout)
+            if not isinstance(reply, hiredis.ReplyError):
+                return reply
+            if not self._recover(node, str(reply), timeout):
+                raise reply
+        raise Unavailable("translation storage kept redirecting the call")
+
+    def evalsha_many(self, calls: Sequence[tuple[Sequence[str], Sequence[str]]], timeout: float) -> list[Any]:
+        """Pipelined: every call's command written per node in one send, then the replies read in order.
+
+        A reply is the script's result or an exception instance (the others still count).
+        """
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        commands = [self._command(keys, args) for keys, args in calls]
+        for _ in range(3):
+            by_node: dict[Node, list[int]] = {}
+            for index in todo:
+                by_node.setdefault(self._node_for(calls[index][0][0]), []).append(index)
+            retry: list[int] = []
+            for node, indexes in by_node.items():
+                conn = self._conn(node)
+                try:
+                    conn.send(b"".join(commands[i] for i in indexes), timeout)
+                    replies = [conn.read() for _ in indexes]
+                except (OSError, ConnectionError) as exc:
+                    self._drop(node)
+                    error = Unavailable(f"translation storage failed: {exc.__class__.__name__}")
+                    for index in indexes:
+                        results[index] = error
+                    continue
+                recovered: set[str] = set()
+                for index, reply in zip(indexes, replies, strict=True):
+                    if isinstance(reply, hiredis.ReplyError):
+                        text = str(reply)
+                        kind = text.split(" ", 1)[0]
+                        if kind in recovered or self._recover(node, text, timeout):
+                            recovered.add(kind)
+                            retry.append(index)
+                            continue
+                    results[index] = reply
+            if not retry:
+                return results
+            todo = retry
+        for index in todo:
+            results[index] = Unavailable("translation storage kept redirecting the call")
+        return results
+
+    def _recover(self, node: Node, error: str, timeout: float) -> bool:
+        """Handles NOSCRIPT (load on that node) and MOVED (reload slots); False for other errors."""
+        if error.startswith("NOSCRIPT"):
+            self._round_trip(node, self._conn(node), _encode("SCRIPT", "LOAD", self.script.source), timeout)
+            return True
+        if error.startswith("MOVED") and self.cluster:
+            self._load_slots()
+            return True
+        return False
+
+    def close(self) -> None:
+        """Closes this thread's sockets (other threads' close with their thread)."""
+        for node in list(self._conns()):
+            self._drop(node)

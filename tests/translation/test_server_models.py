@@ -1,0 +1,128 @@
+"""Both server models as real processes (python -m translation): same answers, errors, stream, deadline, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from google.rpc import error_details_pb2, status_pb2
+from redis.cluster import RedisCluster
+
+from numprotect.translation.v1 import translation_pb2 as pb
+from numprotect.translation.v1 import translation_pb2_grpc
+from numprotect_core.redis_client import create_redis
+from numprotect_core.routes import MODE_AXN, Route, RouteTable
+from numprotect_core.settings import Env, RedisSettings
+from support.processes import ServiceProcess
+
+X = "700100000000001"
+X_AXN = "700100000000002"
+A = "13800000001"
+B = "13900000002"
+SPAMMER = "13700000003"
+
+
+@pytest.fixture(params=["sync", "aio"])
+def process(request: Any, redis_env: dict[str, str], route_factory: Callable[..., Route]) -> Iterator[ServiceProcess]:
+    async def seed() -> None:
+        client = create_redis(RedisSettings.from_env(Env(redis_env)))
+        table = RouteTable(client)
+        await table.put(X, route_factory("b1"))
+        await table.put(X_AXN, route_factory("n1", MODE_AXN))
+        await client.aclose()
+
+    asyncio.run(seed())
+    settings = {
+        **redis_env,
+        "NUMPROTECT_TRANSLATION_SERVER": request.param,
+        "NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "100ms",
+        "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "0",
+        "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "0",
+    }
+    service = ServiceProcess("translation", settings)
+    try:
+        service.wait_serving(service_name="numprotect.translation.v1.TranslationService")
+        yield service
+    finally:
+        assert service.stop() == 0, "\n".join(service.lines[-20:])
+
+
+@pytest.fixture
+def stub(process: ServiceProcess) -> Iterator[Any]:
+    with grpc.insecure_channel(process.address) as channel:
+        yield translation_pb2_grpc.TranslationServiceStub(channel)
+
+
+def _translate(stub: Any, caller: str, called: str = X, timeout: float = 5.0) -> pb.TranslateResponse:
+    request = pb.TranslateRequest(calling_number=caller, called_number=called, call_id="c1")
+    reply: pb.TranslateResponse = stub.Translate(request, timeout=timeout)
+    return reply
+
+
+def test_decisions_and_invalid_argument_details(stub: Any) -> None:
+    to_b = _translate(stub, "+86" + A)
+    assert (to_b.decision, to_b.target_number, to_b.display_number, to_b.call_id) == (pb.DECISION_CONNECT, B, X, "c1")
+    assert _translate(stub, B).target_number == A
+    assert _translate(stub, SPAMMER).reject_reason == pb.REJECT_REASON_NO_BINDING
+    with pytest.raises(grpc.RpcError) as info:
+        _translate(stub, A, called="123")
+    error: Any = info.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    raw = dict(error.trailing_metadata())["grpc-status-details-bin"]
+    bad = error_details_pb2.BadRequest()
+    assert status_pb2.Status.FromString(raw).details[0].Unpack(bad)
+    assert bad.field_violations[0].field == "called_number"
+
+
+def test_blocklist_rpcs_apply_to_the_hot_path(stub: Any) -> None:
+    assert _translate(stub, SPAMMER, X_AXN).decision == pb.DECISION_CONNECT
+    stub.BlockCaller(pb.BlockCallerRequest(tenant_id="t1", calling_number=SPAMMER, reason="spam"), timeout=5)
+    deadline = time.monotonic() + 2
+    while _translate(stub, SPAMMER, X_AXN).reject_reason != pb.REJECT_REASON_CALLER_BLOCKED:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    listed = stub.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id="t1"), timeout=5)
+    assert [e.calling_number for e in listed.entries] == [SPAMMER]
+
+
+def test_stream_matches_by_call_id(stub: Any) -> None:
+    requests = [
+        pb.TranslateStreamRequest(
+            request=pb.TranslateRequest(call_id=f"s{i}", calling_number=A if i % 3 else B, called_number=X)
+        )
+        for i in range(300)
+    ]
+    requests.append(pb.TranslateStreamRequest(request=pb.TranslateRequest(call_id="bad", calling_number=A)))
+    answers = {m.call_id: m for m in stub.TranslateStream(iter(requests), timeout=20)}
+    assert len(answers) == 301
+    assert answers["bad"].error.startswith("INVALID_ARGUMENT: called_number")
+    for i in range(300):
+        assert answers[f"s{i}"].response.target_number == (B if i % 3 else A)
+
+
+def test_paused_redis_is_unavailable_within_the_deadline(stub: Any, redis_sync: Any) -> None:
+    assert _translate(stub, A).decision == pb.DECISION_CONNECT
+    if isinstance(redis_sync, RedisCluster):
+        nodes = [redis.Redis(host=n.host, port=n.port) for n in redis_sync.get_primaries()]
+    else:
+        kwargs = redis_sync.connection_pool.connection_kwargs
+        nodes = [redis.Redis(host=kwargs["host"], port=kwargs["port"])]
+    for node in nodes:
+        node.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            _translate(stub, A, timeout=0.2)
+        error: Any = info.value
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert time.monotonic() - started < 0.2
+    finally:
+        for node in nodes:
+            node.execute_command("CLIENT", "UNPAUSE")
+            node.close()
+    assert _translate(stub, A).decision == pb.DECISION_CONNECT  # recovered
