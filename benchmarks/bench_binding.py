@@ -175,10 +175,42 @@ def memory_by_family(client: redis.Redis) -> dict[str, tuple[int, int]]:
     return {name: (v[0], v[1]) for name, v in totals.items()}
 
 
-async def bench(binding_address: str, allocation_address: str, redis_client: redis.Redis) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by the binding server, the allocation server and Redis over the measured phases."""
+
+    binding_pid: int
+    allocation_pid: int
+    redis_client: redis.Redis
+    used: dict[str, list[float]] = field(default_factory=dict)
+
+    def sample(self) -> tuple[float, float, float]:
+        return cpu_seconds(self.binding_pid), cpu_seconds(self.allocation_pid), redis_cpu_seconds(self.redis_client)
+
+    def add(self, phase: str, before: tuple[float, float, float]) -> None:
+        after = self.sample()
+        totals = self.used.setdefault(phase, [0.0, 0.0, 0.0])
+        for i in range(3):
+            totals[i] += after[i] - before[i]
+
+
+async def bench(
+    binding_address: str, allocation_address: str, redis_client: redis.Redis, binding_pid: int, allocation_pid: int
+) -> None:
     concurrency = int(os.environ.get("NUMPROTECT_BENCH_CONCURRENCY", "64"))
     memory_target = int(os.environ.get("NUMPROTECT_BENCH_MEMORY_TARGET", "100000"))
-    memory_budget = float(os.environ.get("NUMPROTECT_BENCH_MEMORY_BUDGET", "100"))
+    memory_budget = float(os.environ.get("NUMPROTECT_BENCH_MEMORY_BUDGET", "80"))
     channels = [grpc.aio.insecure_channel(binding_address) for _ in range(CHANNELS)]
     async with grpc.aio.insecure_channel(allocation_address) as alloc_channel:
         allocation: Any = allocation_pb2_grpc.AllocationServiceStub(alloc_channel)
@@ -217,9 +249,14 @@ async def bench(binding_address: str, allocation_address: str, redis_client: red
     health_elapsed = create_elapsed = 0.0
     offset = 0
     rounds = []
+    meter = CpuMeter(binding_pid, allocation_pid, redis_client)
     for _ in range(ROUNDS):
+        before = meter.sample()
         h, h_elapsed = await run_for(HEALTH_SECONDS / ROUNDS, concurrency, health_call)
+        meter.add("health", before)
+        before = meter.sample()
         c, c_elapsed = await run_for(CREATE_SECONDS / ROUNDS, concurrency, functools.partial(create_call_at, offset))
+        meter.add("create", before)
         offset += c.ok + sum(c.errors.values())
         rounds.append((h.ok / h_elapsed, c.ok / c_elapsed))
         for total, part in ((health_counter, h), (create_counter, c)):
@@ -248,6 +285,19 @@ async def bench(binding_address: str, allocation_address: str, redis_client: red
         f"p99 {percentile(create_counter.latencies, 0.99) * 1000:.2f} ms  errors {create_counter.errors or 0}"
     )
     print(f"ratio creations / health-check ceiling: {create_rate / health_rate:.3f}")
+    # CPU per call does not depend on how busy the shared machine is: the capacity ratio it implies is the
+    # load-independent figure (a create needs the binding server's CPU plus allocation's and Redis's).
+    b_health = meter.used["health"][0] / max(1, health_counter.ok)
+    b_create, a_create, r_create = (x / max(1, create_counter.ok) for x in meter.used["create"])
+    print(
+        f"CPU per health check (binding server): {b_health * 1e6:,.0f} us; per create: binding server "
+        f"{b_create * 1e6:,.0f} us, allocation server {a_create * 1e6:,.0f} us, Redis {r_create * 1e6:,.0f} us"
+    )
+    print(
+        f"CPU-bound ratio on the binding server (health CPU / create CPU): {b_health / b_create:.3f}; "
+        f"whole create path (binding + allocation + Redis, one core each): "
+        f"{b_health / max(b_create, a_create, r_create):.3f}"
+    )
     per_round = "; ".join(f"{h:,.0f}, {c:,.0f}, {c / h:.3f}" for h, c in rounds)
     print(f"  per round (health/s, creations/s, ratio): {per_round}")
 
@@ -328,7 +378,15 @@ def main() -> int:
                         uvloop.install()
                     except ImportError:  # pragma: no cover
                         pass
-                    asyncio.run(bench(f"127.0.0.1:{binding_port}", f"127.0.0.1:{allocation_port}", redis_client))
+                    asyncio.run(
+                        bench(
+                            f"127.0.0.1:{binding_port}",
+                            f"127.0.0.1:{allocation_port}",
+                            redis_client,
+                            binding.pid,
+                            allocation.pid,
+                        )
+                    )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
