@@ -11,7 +11,8 @@ binding records for the call_refs, then, against the same cdr server:
   5. IngestCdrs, 100 per batch, without call_ref: enrichment through the binding history (trace_number);
   6. the same batches of 2. sent again: all duplicates.
 Each phase sends fresh call_ids (pre-serialised, so the client spends little CPU) for at most PHASE_SECONDS.
-Run: python -m benchmarks.bench_cdr  (or make bench BENCH_ARGS=cdr).
+Run: python -m benchmarks.bench_cdr  (or make bench BENCH_ARGS=cdr); NUMPROTECT_BENCH_FSYNC=always measures
+Redis with appendfsync always instead.
 """
 
 from __future__ import annotations
@@ -344,7 +345,8 @@ def main() -> int:
     }
     try:
         redis_args = [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(workdir)]
-        redis_args += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--loglevel", "warning"]
+        fsync = os.environ.get("NUMPROTECT_BENCH_FSYNC", "everysec")
+        redis_args += ["--save", "", "--appendonly", "yes", "--appendfsync", fsync, "--loglevel", "warning"]
         with process(redis_args, env, workdir / "redis.log"):
             client = wait_redis(redis_port)
             bindings = asyncio.run(write_bindings(redis_url))
@@ -360,7 +362,7 @@ def main() -> int:
                 wait_serving(address, cdr, cdr_log)
                 wait_serving(uncached_address, cdr_uncached, workdir / "cdr-uncached.log")
                 print(
-                    f"cdr benchmark: redis-server AOF everysec, one cdr process (a second one with the binding cache "
+                    f"cdr benchmark: redis-server AOF {fsync}, one cdr process (a second one with the binding cache "
                     f"off for one phase), {os.cpu_count()} cores"
                 )
                 try:
