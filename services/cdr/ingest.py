@@ -21,6 +21,8 @@ from numprotect_core.phone import mask
 log = logging.getLogger(__name__)
 # Span links per ingestion span (OpenTelemetry's default span limit is 128).
 MAX_LINKS = 128
+# Script calls in flight per process (a batch spanning many tenants): each holds a pooled Redis connection.
+STORE_CONCURRENCY = 16
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class Ingestor:
         self.enricher = enricher
         self.settings = settings
         self.tracer = tracer
+        self._store_slots = asyncio.Semaphore(STORE_CONCURRENCY)
 
     async def ingest(self, records: Sequence[cdr_pb2.CallDetailRecord], *, first_index: int = 0) -> Summary:
         """Every input record ends up exactly once in accepted, duplicates or rejected."""
@@ -88,7 +91,7 @@ class Ingestor:
             # One script call per bucket (slot), concurrently. If one fails the call fails (UNAVAILABLE) and the
             # carrier resends the batch: what was stored counts as duplicates then.
             results = await asyncio.gather(
-                *(self.store.ingest(tenant_id, group, now_ms) for tenant_id, group in buckets.items())
+                *(self._store(tenant_id, group, now_ms) for tenant_id, group in buckets.items())
             )
             for ids in results:
                 stored = sum(1 for entry_id in ids if entry_id is not None)
@@ -106,3 +109,7 @@ class Ingestor:
         if unmatched_count:
             log.info("cdr records matched no binding", extra={"count": unmatched_count})
         return summary
+
+    async def _store(self, tenant_id: str, group: list[ValidCdr], now_ms: int) -> list[str | None]:
+        async with self._store_slots:
+            return await self.store.ingest(tenant_id, group, now_ms)

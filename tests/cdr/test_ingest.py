@@ -140,3 +140,17 @@ def _today(record: cdr_pb2.CallDetailRecord) -> str:
     from cdr.store import beijing_date
 
     return beijing_date(record.call_time.ToMilliseconds())
+
+
+async def test_a_batch_spanning_many_tenants_goes_to_each_tenants_bucket(
+    cdr_service: Any, make_record: Any, make_binding: Any, redis_sync: Any
+) -> None:
+    tenants = [f"t{i}" for i in range(100)]
+    for i, tenant in enumerate(tenants):
+        await make_binding(f"b{i}", tenant_id=tenant)
+    records = [make_record(f"m{i}-{j}", binding_id=f"b{i}") for i in range(100) for j in range(3)]
+    async with cdr_service() as stub:
+        reply = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    assert (reply.accepted, reply.duplicates, len(reply.rejected)) == (300, 0, 0)
+    for tenant in tenants:
+        assert redis_sync.xlen(Bucket(tenant).stream) == 3
