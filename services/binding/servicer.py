@@ -236,8 +236,13 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
                 cleaned = claim.binding_id
                 continue
             if claim.outcome == "done":
+                existing = await self._existing(claim)
+                if existing is None:
+                    # The order's binding is past its retention: the order id is free to serve again.
+                    await self.orders.forget(spec.tenant_id, spec.out_order_id, claim.binding_id, fp)
+                    continue
                 set_span_attributes(binding_id=claim.binding_id, idempotency="repeat")
-                return pb.CreateBindingResponse(binding=await self._existing(spec, claim))
+                return pb.CreateBindingResponse(binding=existing)
             if claim.outcome == "conflict":
                 raise AlreadyExists(
                     f"order {spec.out_order_id} of tenant {spec.tenant_id} is bound to other parties",
@@ -252,10 +257,11 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         binding = await self._create(spec, binding_id, fp, create_ms, deadline_ms, expire_ms)
         return pb.CreateBindingResponse(binding=binding)
 
-    async def _existing(self, spec: CreateSpec, claim: Claim) -> pb.Binding:
+    async def _existing(self, claim: Claim) -> pb.Binding | None:
+        """The binding a done order names, or None when its record is past retention."""
         stored = (await get_stored_bindings(self.redis, [claim.binding_id])).get(claim.binding_id)
         if stored is None:
-            raise NotFound(f"binding {claim.binding_id} of order {spec.out_order_id} is past its retention")
+            return None
         if stored.pending:
             # The order committed but marking the record failed: the commit point decides, so finish it.
             await self.records.activate(claim.binding_id)
@@ -536,7 +542,13 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         extended = new.expire_ms > old.expire_ms
         if extended:
             await self.allocation.confirm(reservation_id, old.binding_id, new.expire_ms)
-            await self.records.add_to_history(old.virtual_number, old.binding_id, new.expire_ms)
+            await _all(
+                (
+                    self.records.add_to_history(old.virtual_number, old.binding_id, new.expire_ms),
+                    # The order key lives as long as the record, so the order stays idempotent that long.
+                    self.orders.extend(old.tenant_id, old.out_order_id, new.expire_ms + self.retention_ms),
+                )
+            )
         try:
             event = BindingEvent("update", now, changes) if changes else None
             end_ms = new.expire_ms if "exp" in changes else None

@@ -112,6 +112,14 @@ class OrderClaims:
         pending = self.pending_value(binding_id, fp, deadline_ms)
         await self._release(self.redis, [order_key(tenant_id, out_order_id)], [pending])
 
+    async def forget(self, tenant_id: str, out_order_id: str, binding_id: str, fp: str) -> None:
+        """Frees a done order whose binding record is past its retention (the order id may serve again)."""
+        await self._release(self.redis, [order_key(tenant_id, out_order_id)], [f"d|{binding_id}|{fp}|0"])
+
+    async def extend(self, tenant_id: str, out_order_id: str, expire_at_ms: int) -> None:
+        """Keeps the order key at least until `expire_at_ms` (the binding's record was kept longer)."""
+        await self.redis.pexpireat(order_key(tenant_id, out_order_id), expire_at_ms, gt=True)
+
     async def committed_binding(self, tenant_id: str, out_order_id: str) -> str | None:
         """The binding id a done order points to, or None."""
         raw = await self.redis.get(order_key(tenant_id, out_order_id))

@@ -313,6 +313,9 @@ async def test_shortening_and_extending_expire_time(services: Any, redis_sync: A
         )
         assert extended.binding.expire_time.ToMilliseconds() == later
         assert abs(redis_sync.pexpiretime(caller_key(x, A)) - later) <= 1
+        retention = 180 * 86_400_000  # the record and the order key stay that long after the new end
+        assert abs(redis_sync.pexpiretime(binding_key(created.binding_id)) - (later + retention)) <= 1
+        assert abs(redis_sync.pexpiretime(order_key("t1", "shorten-1")) - (later + retention)) <= 1
         soon = _now_ms() + 2000  # far enough for a loaded machine to apply the update first
         await s.binding.UpdateBinding(
             pb.UpdateBindingRequest(
@@ -698,3 +701,14 @@ async def test_a_lapsed_reservation_makes_confirm_aborted(services: Any) -> None
         with pytest.raises(FailedPrecondition):
             await client.replace_party(allocation.reservation_id, B, B2)
         await client.cancel(allocation.reservation_id, "test")  # idempotent: nothing left to cancel is fine
+
+
+async def test_an_order_past_its_retention_serves_again(services: Any, redis_sync: Any) -> None:
+    async with services() as s:
+        first = await _create(s, "again-1")
+        await s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=first.binding_id, tenant_id="t1"))
+        assert (await _create(s, "again-1")).binding_id == first.binding_id  # within retention: the same
+        redis_sync.delete(binding_key(first.binding_id))  # as Redis does once the retention has passed
+        second = await _create(s, "again-1")
+        assert second.binding_id != first.binding_id
+        assert second.state == common_pb2.BINDING_STATE_ACTIVE
