@@ -230,6 +230,17 @@ async def get_binding_records(redis: RedisClient, binding_ids: Sequence[str]) ->
     return {bid: s.record for bid, s in stored.items() if not s.pending}
 
 
+async def get_binding_records_at(
+    redis: RedisClient, binding_ids: Sequence[str], at_ms: int
+) -> dict[str, BindingRecord]:
+    """Like get_binding_records, with party B as it was at `at_ms` (e.g. a call's time: B may be replaced later).
+
+    The records are returned whether or not they were live then (check `live_at`); missing ids are absent.
+    """
+    stored = await get_stored_bindings(redis, binding_ids)
+    return {bid: s.as_of(at_ms) for bid, s in stored.items() if not s.pending}
+
+
 async def trace_number(
     redis: RedisClient, virtual_number: str, at_ms: int, *, party: str = "", extension: str = ""
 ) -> list[BindingRecord]:

@@ -15,6 +15,7 @@ from numprotect_core.binding_records import (
     binding_key,
     get_binding_history,
     get_binding_records,
+    get_binding_records_at,
     get_stored_bindings,
     now_ms,
     number_history_key,
@@ -149,6 +150,10 @@ async def test_trace_before_during_after_and_across_a_party_change(redis: RedisC
     during = await trace_number(redis, X, t0 + 10)
     assert [(r.binding_id, r.party_b) for r in during] == [("b1", B)]
     assert [r.party_b for r in await trace_number(redis, X, changed)] == [B2]
+    at_call = await get_binding_records_at(redis, ["b1", "missing"], t0 + 10)
+    assert list(at_call) == ["b1"] and at_call["b1"].party_b == B
+    assert (await get_binding_records_at(redis, ["b1"], changed))["b1"].party_b == B2
+    assert (await get_binding_records(redis, ["b1"]))["b1"].party_b == B2  # current values
     assert await trace_number(redis, X, t0 + 10, party=B) != []
     assert await trace_number(redis, X, t0 + HOUR + 10, party=B) == []  # the old B no longer a party
     assert await trace_number(redis, X, t0 + HOUR + 10, party=A) != []
