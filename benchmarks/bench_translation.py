@@ -1,0 +1,361 @@
+"""Translation benchmark: `python -m benchmarks.bench_translation` (part of `make bench`).
+
+Seeds 100,000 AXB bindings in a fresh redis-server, then for each server model (sync, aio) starts one
+`python -m translation` pinned to CPU 0 (taskset) and drives, with h2load on the other CPU:
+  - grpc.health.v1.Health/Check  (the framework's ceiling on the same server),
+  - TranslationService/Translate (the real hot path: one EVALSHA per call),
+and a Python client pushing one long TranslateStream. An empty sync handler (no interceptors, no Redis) gives
+the best ceiling grpcio reaches here. A sample of real responses is verified (h2load only sees HTTP status).
+Reports RPS, p50/p99 (from h2load's per-request log), the ratios the issue targets, and what limits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
+
+from numprotect.translation.v1 import translation_pb2 as pb
+from numprotect.translation.v1 import translation_pb2_grpc
+from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable, axe_marker_key, caller_key
+
+ROOT = Path(__file__).resolve().parents[1]
+BINDINGS = int(os.environ.get("BENCH_BINDINGS", "100000"))
+DURATION = os.environ.get("BENCH_DURATION", "6s")
+CLIENTS = int(os.environ.get("BENCH_CLIENTS", "4"))
+STREAMS_PER_CLIENT = int(os.environ.get("BENCH_STREAMS", "16"))
+STREAM_MESSAGES = int(os.environ.get("BENCH_STREAM_MESSAGES", "60000"))
+SERVER_CPU = "0"
+LOAD_CPU = "1"
+TRANSLATE = "/numprotect.translation.v1.TranslationService/Translate"
+HEALTH = "/grpc.health.v1.Health/Check"
+EMPTY = "/bench.Empty/Call"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def virtual(i: int) -> str:
+    return f"7001{i:011d}"
+
+
+def party(i: int, side: int) -> str:
+    return f"1{3 + side}{i:09d}"
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: 0x00 (uncompressed) + 4-byte big-endian length + bytes."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+async def seed(url: str) -> float:
+    """Writes BINDINGS AXB routes through the shared routes_apply.lua, pipelined 2,000 at a time."""
+    started = time.monotonic()
+    redis = Redis.from_url(url)
+    await RouteTable._apply.load(redis)
+    expire_ms = int(time.time() * 1000) + 3_600_000
+    for start in range(0, BINDINGS, 2000):
+        pipe = redis.pipeline(transaction=False)
+        for i in range(start, min(start + 2000, BINDINGS)):
+            x, a, b = virtual(i), party(i, 0), party(i, 1)
+            route = Route(f"bench-{i}", "bench", MODE_AXB, a, b, RESTRICTION_NONE, i % 2 == 0, False, expire_ms)
+            keys = [axe_marker_key(x), caller_key(x, a), caller_key(x, b)]
+            pipe.execute_command(
+                "EVALSHA", RouteTable._apply.sha, 3, *keys, route.binding_id, route.encode(), expire_ms, 0, 2, 0
+            )
+        await pipe.execute()
+    await redis.aclose()
+    return time.monotonic() - started
+
+
+@dataclass
+class LoadResult:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    ok: int
+    failed: int
+
+    def line(self) -> str:
+        return (
+            f"  {self.name:<34} {self.rps:>9.0f} RPS   p50 {self.p50_ms:6.2f} ms   p99 {self.p99_ms:6.2f} ms"
+            f"   ({self.ok} ok, {self.failed} failed)"
+        )
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def h2load(name: str, port: int, path: str, body: bytes, workdir: Path) -> LoadResult:
+    progress(f"h2load {name}")
+    body_file = workdir / f"{name.replace(' ', '_').replace('/', '_')}.bin"
+    body_file.write_bytes(grpc_frame(body))
+    log_file = body_file.with_suffix(".log")
+    command = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "h2load",
+        "-D",
+        DURATION,
+        "--warm-up-time=1s",
+        "-c",
+        str(CLIENTS),
+        "-m",
+        str(STREAMS_PER_CLIENT),
+        "-t",
+        "1",
+        "-d",
+        str(body_file),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        f"--log-file={log_file}",
+        f"http://127.0.0.1:{port}{path}",
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    rps = 0.0
+    ok = failed = 0
+    for line in output.splitlines():
+        if line.startswith("finished in"):
+            rps = float(line.split(",")[1].split()[0])
+        if line.startswith("requests:"):
+            parts = line.replace(",", "").split()
+            ok, failed = int(parts[parts.index("succeeded") - 1]), int(parts[parts.index("failed") - 1])
+    durations = sorted(int(row.split("\t")[2]) for row in log_file.read_text().splitlines() if row.count("\t") >= 2)
+    if not durations or not rps:
+        raise RuntimeError(f"h2load {name} failed:\n{output}")
+    p50 = durations[len(durations) // 2] / 1000
+    p99 = durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000
+    return LoadResult(name, rps, p50, p99, ok, failed)
+
+
+class Server:
+    """One server process pinned to SERVER_CPU."""
+
+    def __init__(self, args: list[str], env: dict[str, str], port: int) -> None:
+        self.port = port
+        self.process = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, sys.executable, *args],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"server {args} did not start")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def translation_server(model: str, redis_url: str) -> Server:
+    port = free_port()
+    env = {
+        "NUMPROTECT_REDIS_URL": redis_url,
+        "NUMPROTECT_TRANSLATION_PORT": str(port),
+        "NUMPROTECT_TRANSLATION_SERVER": model,
+        # h2load repeats one request: limits high enough never to trigger, so the counters still run.
+        "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "1000000",
+        "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "1000000",
+        "NUMPROTECT_LOG_LEVEL": "WARNING",
+        # This host is shared and noisy: a generous Redis bound keeps a scheduling stall from failing the run.
+        "NUMPROTECT_TRANSLATION_REDIS_TIMEOUT": "3s",
+        "NUMPROTECT_GRACE_PERIOD": "1s",
+    }
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    return Server(["-m", "translation"], env, port)
+
+
+def verify_sample(port: int, count: int = 300) -> int:
+    """Real answers for random seeded bindings, both directions; returns the number checked."""
+    rng = random.Random(7)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = translation_pb2_grpc.TranslationServiceStub(channel)
+        for _ in range(count):
+            i = rng.randrange(BINDINGS)
+            side = rng.randrange(2)
+            reply = stub.Translate(
+                pb.TranslateRequest(calling_number=party(i, side), called_number=virtual(i)), timeout=5
+            )
+            expected = (pb.DECISION_CONNECT, party(i, 1 - side), virtual(i), f"bench-{i}")
+            actual = (reply.decision, reply.target_number, reply.display_number, reply.binding_id)
+            if actual != expected:
+                raise AssertionError(f"binding {i}: {actual} != {expected}")
+    return count
+
+
+def stream_rate(port: int) -> tuple[float, int]:
+    """Messages/s of one long TranslateStream from a Python client (random seeded bindings)."""
+    rng = random.Random(11)
+    requests = []
+    for n in range(STREAM_MESSAGES):
+        i = rng.randrange(BINDINGS)
+        requests.append(
+            pb.TranslateStreamRequest(
+                request=pb.TranslateRequest(calling_number=party(i, n % 2), called_number=virtual(i), call_id=str(n))
+            )
+        )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = translation_pb2_grpc.TranslationServiceStub(channel)
+        started = time.monotonic()
+        connected = 0
+        for message in stub.TranslateStream(iter(requests), timeout=300):
+            connected += message.response.decision == pb.DECISION_CONNECT
+        elapsed = time.monotonic() - started
+    return STREAM_MESSAGES / elapsed, connected
+
+
+def empty_server(port: int) -> None:
+    """The best case: a sync grpcio server whose one method returns empty bytes (no interceptors, no Redis)."""
+
+    def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b""
+
+    handler = grpc.method_handlers_generic_handler("bench.Empty", {"Call": grpc.unary_unary_rpc_method_handler(call)})
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16), handlers=[handler], options=[("grpc.so_reuseport", 0)]
+    )
+    health = __import__("grpc_health.v1.health", fromlist=["HealthServicer"]).HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def main() -> int:
+    if not shutil.which("h2load"):
+        print("h2load not found: install Debian package nghttp2-client (make system-deps)")
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="bench-translation-"))
+    redis_port = free_port()
+    redis_proc = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            "redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    time.sleep(0.5)
+    lines: list[str] = []
+    try:
+        progress("seeding")
+        seconds = asyncio.run(seed(redis_url))
+        lines.append(f"seeded {BINDINGS} AXB bindings ({2 * BINDINGS} route keys) in {seconds:.1f}s")
+        lines.append(
+            f"server on CPU {SERVER_CPU} (taskset), h2load + redis on CPU {LOAD_CPU}; h2load -D {DURATION} "
+            f"-c {CLIENTS} -m {STREAMS_PER_CLIENT}; load average {os.getloadavg()[0]:.1f}"
+        )
+        request = pb.TranslateRequest(calling_number=party(42, 0), called_number=virtual(42), call_id="bench")
+        health_body = health_pb2.HealthCheckRequest().SerializeToString()
+
+        empty_port = free_port()
+        empty = Server(["-m", "benchmarks.bench_translation", "--empty-server", str(empty_port)], {}, empty_port)
+        try:
+            ceiling = h2load("empty handler (sync, 1 proc)", empty_port, EMPTY, b"", workdir)
+        finally:
+            empty.stop()
+        results: dict[str, dict[str, LoadResult]] = {}
+        streams: dict[str, tuple[float, int]] = {}
+        for model in ("sync", "aio"):
+            server = translation_server(model, redis_url)
+            try:
+                verified = verify_sample(server.port)
+                results[model] = {
+                    "health": h2load(f"{model}: Health/Check", server.port, HEALTH, health_body, workdir),
+                    "translate": h2load(
+                        f"{model}: Translate", server.port, TRANSLATE, request.SerializeToString(), workdir
+                    ),
+                }
+                progress(f"{model}: TranslateStream")
+                streams[model] = stream_rate(server.port)
+            finally:
+                server.stop()
+            lines.append(f"{model}: verified {verified} sampled Translate answers (both directions): all correct")
+
+        lines.append("")
+        lines.append(ceiling.line())
+        for model in ("sync", "aio"):
+            lines.extend(r.line() for r in results[model].values())
+            rate, connected = streams[model]
+            lines.append(
+                f"  {model + ': TranslateStream (1 stream)':<34} {rate:>9.0f} msg/s "
+                f"({connected}/{STREAM_MESSAGES} CONNECT)"
+            )
+        best = max(("sync", "aio"), key=lambda m: results[m]["translate"].rps)
+        lines.append("")
+        for model in ("sync", "aio"):
+            t = results[model]["translate"].rps
+            lines.append(
+                f"{model}: translate/health = {t / results[model]['health'].rps:.2f} (target >= 0.8); "
+                f"translate/empty-ceiling = {t / ceiling.rps:.2f} (target >= 0.8); "
+                f"stream/unary = {streams[model][0] / t:.2f} (target >= 3)"
+            )
+        lines.append(
+            f"faster unary Translate: {best} "
+            f"({results[best]['translate'].rps:.0f} vs "
+            f"{results['aio' if best == 'sync' else 'sync']['translate'].rps:.0f} RPS)"
+        )
+        failed = sum(r.failed for m in results.values() for r in m.values())
+        lines.append(f"h2load failed requests: {failed}")
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--empty-server":
+        empty_server(int(sys.argv[2]))
+    else:
+        raise SystemExit(main())
