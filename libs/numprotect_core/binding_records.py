@@ -292,13 +292,20 @@ class BindingRecordStore:
         self.redis = redis
         self.retention_ms = retention_ms
 
-    async def create(self, record: BindingRecord, *, reservation_id: str, city_fallback: bool) -> bool:
-        """Writes a new pending record with its create event; False (nothing written) if the id exists."""
+    async def create(
+        self, record: BindingRecord, *, reservation_id: str, city_fallback: bool, keep_until_ms: int | None = None
+    ) -> bool:
+        """Writes a new pending record with its create event; False (nothing written) if the id exists.
+
+        A pending record expires at `keep_until_ms` when given (an abandoned create leaves no long-lived
+        garbage); activate() then keeps it for the binding's end + retention.
+        """
         fields = encode_record_fields(
             record, reservation_id=reservation_id, city_fallback=city_fallback, status=STATUS_PENDING
         )
         event = BindingEvent("create", record.create_ms, {"b": record.party_b, "exp": str(record.expire_ms)})
-        flat: list[str | int] = [record.end_ms() + self.retention_ms, event.encode()]
+        expire_at = keep_until_ms if keep_until_ms is not None else record.end_ms() + self.retention_ms
+        flat: list[str | int] = [expire_at, event.encode()]
         for name, value in fields.items():
             flat.extend((name, value))
         reply = await self._create(self.redis, [binding_key(record.binding_id)], flat)
@@ -323,8 +330,9 @@ class BindingRecordStore:
         reply = await self._update(self.redis, [binding_key(binding_id)], flat)
         return int(reply) == 1
 
-    async def activate(self, binding_id: str) -> bool:
-        return await self.update(binding_id, {"st": STATUS_ACTIVE}, None)
+    async def activate(self, binding_id: str, end_ms: int | None = None) -> bool:
+        """Marks the record committed; with `end_ms`, keeps it until end + retention."""
+        return await self.update(binding_id, {"st": STATUS_ACTIVE}, None, end_ms=end_ms)
 
     async def discard(self, binding_id: str) -> None:
         """Removes a record whose create failed (compensation)."""

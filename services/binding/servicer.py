@@ -6,9 +6,9 @@ Write order of a create (each step's keys live in their own slot; see docs/bindi
  3. record (status pending) + per-number history + tenant index, concurrently
  4. route keys (PXAT expiry): translation can connect from here on
  5. ConfirmReservation (the reservation now lasts until the binding's expiry)
- 6. order key done (guarded: only while the claim is still ours) -- the commit point -- and, concurrently,
-    the record's status committed (a read completes it if only the order key was written)
-A failure in 2-6 undoes everything written (routes, reservation, record, history, index, claim) and the error
+ 6. record status committed (kept from now on for end + retention; a pending one lives a day at most)
+ 7. order key done (guarded: only while the claim is still ours) -- the commit point
+A failure in 2-7 undoes everything written (routes, reservation, record, history, index, claim) and the error
 is returned; a crash leaves a pending claim whose deadline passes, after which a repeated create cleans up what
 the crashed one left and then takes the order over.
 """
@@ -73,6 +73,9 @@ from numprotect_core.telemetry import set_span_attributes
 log = logging.getLogger(__name__)
 
 _DEFAULT_PAGE = 100
+# How long the record of an uncommitted create is kept: long enough for a retry to find and clean up what a
+# crashed create left (routes, reservation), short enough that abandoned creates leave no lasting garbage.
+_PENDING_KEEP_MS = 86_400_000
 _MAX_PAGE = 1000
 
 
@@ -263,8 +266,8 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         if stored is None:
             return None
         if stored.pending:
-            # The order committed but marking the record failed: the commit point decides, so finish it.
-            await self.records.activate(claim.binding_id)
+            # Committed records are activated before the commit; this completes one written by an older version.
+            await self.records.activate(claim.binding_id, stored.record.end_ms())
         return to_proto(stored.record, city_fallback=stored.city_fallback)
 
     async def _create(
@@ -299,7 +302,12 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             )
             created, *_ = await _all(
                 (
-                    self.records.create(record, reservation_id=reservation_id, city_fallback=allocation.city_fallback),
+                    self.records.create(
+                        record,
+                        reservation_id=reservation_id,
+                        city_fallback=allocation.city_fallback,
+                        keep_until_ms=deadline_ms + _PENDING_KEEP_MS,
+                    ),
                     self.records.add_to_history(record.virtual_number, binding_id, expire_ms),
                     self.tenants.add(spec.tenant_id, binding_id, create_ms),
                 )
@@ -309,22 +317,13 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
                 raise AbortedError(f"binding id {binding_id} exists already; retry")
             await self._put_routes(record)
             await self.allocation.confirm(reservation_id, binding_id, expire_ms)
-            # Concurrently: the order's commit decides; a record left pending after a commit is completed by the
-            # next read (GetBinding, a repeated create), a record activated without a commit is undone below.
-            activated, committed = await asyncio.gather(
-                self.records.activate(binding_id),
-                self.orders.commit(
-                    spec.tenant_id, spec.out_order_id, binding_id, fp, deadline_ms, expire_ms + self.retention_ms
-                ),
-                return_exceptions=True,
-            )
-            if isinstance(committed, BaseException):
-                raise committed
-            if not committed:
+            # The record first (committed, kept for end + retention), then the order: the commit point. A record
+            # activated without a commit is undone below, or by the create that takes a stale claim over.
+            await self.records.activate(binding_id, expire_ms)
+            if not await self.orders.commit(
+                spec.tenant_id, spec.out_order_id, binding_id, fp, deadline_ms, expire_ms + self.retention_ms
+            ):
                 raise AbortedError(f"order {spec.out_order_id} took longer than its lease and was taken over; retry")
-            if isinstance(activated, BaseException):
-                # Committed: the binding exists. The record's status is completed by the next read of it.
-                log.warning("binding committed, record status left pending", extra={"binding_id": binding_id})
         except BaseException as exc:
             log.warning(
                 "create failed midway, undoing it",
@@ -415,7 +414,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             committed = await self.orders.committed_binding(tenant_id, stored.record.out_order_id)
             if committed != binding_id:
                 raise NotFound(f"binding {binding_id} not found", resource_type="binding", resource_name=binding_id)
-            await self.records.activate(binding_id)
+            await self.records.activate(binding_id, stored.record.end_ms())
             stored = replace(stored, status="a")
         return stored
 

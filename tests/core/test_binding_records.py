@@ -97,6 +97,12 @@ async def test_create_script_writes_once_with_retention_and_pending_is_hidden(
     # Pending (uncommitted) records are not bindings for readers.
     assert await get_binding_records(redis, ["b1"]) == {}
     assert await store.activate("b1")
+    # A pending record may be given a short life; activation then keeps it for end + retention.
+    short = _record("b2", create_ms=now_ms())
+    assert await store.create(short, reservation_id="r", city_fallback=False, keep_until_ms=short.create_ms + 5000)
+    assert abs(redis_sync.pexpiretime(binding_key("b2")) - (short.create_ms + 5000)) <= 1
+    assert await store.activate("b2", short.end_ms())
+    assert abs(redis_sync.pexpiretime(binding_key("b2")) - (short.expire_ms + 10 * HOUR)) <= 1
     assert await get_binding_records(redis, ["b1", "missing"]) == {"b1": record}
 
 
