@@ -178,15 +178,8 @@ def _wrap(handler: Any, method: str) -> grpc.RpcMethodHandler:
 
 
 def _tracing_interceptors(telemetry: Telemetry) -> list[grpc.ServerInterceptor]:
-    if telemetry.provider is None:
-        return []
-    from opentelemetry.instrumentation.grpc import filters, server_interceptor
-
-    return [
-        server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=telemetry.provider, filter_=filters.negate(filters.health_check())
-        )
-    ]
+    # The same interceptor and filter (no health, no reflection) as the aio bootstrap; [] when tracing is off.
+    return telemetry.sync_server_interceptors()
 
 
 class SyncServiceApp:
