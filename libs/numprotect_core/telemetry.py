@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -36,7 +37,8 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from numprotect_core.call_ref import CallRef
@@ -180,17 +182,13 @@ class Telemetry:
         """grpc.aio server interceptors: one SERVER span per call (health and reflection excepted)."""
         if self.provider is None:
             return []
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-        return [aio_server_interceptor(tracer_provider=self.provider, filter_=_traced_method)]  # type: ignore[no-untyped-call]
+        return [_AioServerSpans(self.tracer)]
 
     def sync_server_interceptors(self) -> list[grpc.ServerInterceptor]:
         """The same for a synchronous grpc.server (thread pool)."""
         if self.provider is None:
             return []
-        from opentelemetry.instrumentation.grpc import server_interceptor
-
-        return [server_interceptor(tracer_provider=self.provider, filter_=_traced_method)]  # type: ignore[no-untyped-call]
+        return [_SyncServerSpans(self.tracer)]
 
     def client_interceptors(self) -> list[Any]:
         """grpc.aio channel interceptors: one CLIENT span per call, W3C trace context sent in the metadata."""
@@ -375,3 +373,154 @@ class _ChildOnlyTracer(trace.Tracer):
             return
         with self._tracer.start_as_current_span(name, context, *args, **kwargs) as span:
             yield span
+
+
+# --- server spans ------------------------------------------------------------------------------------------------
+#
+# Lean server interceptors. opentelemetry-instrumentation-grpc's server interceptor re-wraps the handler, builds
+# attribute dicts, parses the peer and proxies the servicer context on every call, sampled or not, which costs
+# a hot path more than the span itself. These wrap each method once, read `traceparent` from the metadata only
+# when it is there, and touch attributes and status only when the span records. The CLIENT side keeps the
+# instrumentation's interceptors (they inject the same W3C `traceparent` this extracts).
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_ERROR_STATUS_CODES = frozenset(code for code in grpc.StatusCode if code != grpc.StatusCode.OK)
+
+
+def _parent_context(metadata: Any) -> Context | None:
+    carrier: dict[str, str] | None = None
+    for key, value in metadata or ():
+        if key in ("traceparent", "tracestate"):
+            if carrier is None:
+                carrier = {}
+            carrier[key] = value
+    return _PROPAGATOR.extract(carrier) if carrier is not None else None
+
+
+def _method_attributes(method: str) -> dict[str, AttributeValue]:
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+def _end_status(span: Span, context: Any) -> None:
+    """rpc.grpc.status_code (and ERROR with the details) on a recording span, from the servicer context."""
+    if not span.is_recording():
+        return
+    code = context.code()
+    if code is None:
+        code = grpc.StatusCode.OK
+    elif isinstance(code, int):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in _ERROR_STATUS_CODES:
+        details = context.details()
+        if isinstance(details, bytes):
+            details = details.decode("utf-8", "replace")
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or ''}"))
+
+
+class _ServerSpans:
+    """What both flavours share: the tracer and the handlers already wrapped, per method."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    def _cached(self, handler: Any, handler_call_details: Any) -> Any:
+        if handler is None or not _traced_method(handler_call_details):
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method, _method_attributes(method))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _span(self, method: str, attributes: dict[str, AttributeValue], context: Any) -> Any:
+        return self._tracer.start_as_current_span(
+            method,
+            context=_parent_context(context.invocation_metadata()),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=False,  # messages may carry data; the status says what failed
+            set_status_on_exception=False,
+        )
+
+    def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
+        raise NotImplementedError
+
+
+class _SyncServerSpans(_ServerSpans, grpc.ServerInterceptor):
+    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        return self._cached(continuation(handler_call_details), handler_call_details)
+
+    def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        start = self._span
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            streaming_request = handler.unary_unary is None
+            behavior = handler.stream_unary if streaming_request else handler.unary_unary
+
+            def unary(request: Any, context: Any) -> Any:
+                with start(method, attributes, context) as span:
+                    try:
+                        return behavior(request, context)
+                    finally:
+                        _end_status(span, context)
+
+            factory = grpc.stream_unary_rpc_method_handler if streaming_request else grpc.unary_unary_rpc_method_handler
+            return factory(unary, **serializers)
+        streaming_request = handler.unary_stream is None
+        stream_behavior = handler.stream_stream if streaming_request else handler.unary_stream
+
+        def stream(request: Any, context: Any) -> Iterator[Any]:
+            with start(method, attributes, context) as span:
+                try:
+                    yield from stream_behavior(request, context)
+                finally:
+                    _end_status(span, context)
+
+        factory = grpc.stream_stream_rpc_method_handler if streaming_request else grpc.unary_stream_rpc_method_handler
+        return factory(stream, **serializers)
+
+
+class _AioServerSpans(_ServerSpans, grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        return self._cached(await continuation(handler_call_details), handler_call_details)
+
+    def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        start = self._span
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            streaming_request = handler.unary_unary is None
+            behavior = handler.stream_unary if streaming_request else handler.unary_unary
+
+            async def unary(request: Any, context: Any) -> Any:
+                with start(method, attributes, context) as span:
+                    try:
+                        return await behavior(request, context)
+                    finally:
+                        _end_status(span, context)
+
+            factory = grpc.stream_unary_rpc_method_handler if streaming_request else grpc.unary_unary_rpc_method_handler
+            return factory(unary, **serializers)
+        streaming_request = handler.unary_stream is None
+        stream_behavior = handler.stream_stream if streaming_request else handler.unary_stream
+
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            with start(method, attributes, context) as span:
+                try:
+                    async for response in stream_behavior(request, context):
+                        yield response
+                finally:
+                    _end_status(span, context)
+
+        factory = grpc.stream_stream_rpc_method_handler if streaming_request else grpc.unary_stream_rpc_method_handler
+        return factory(stream, **serializers)

@@ -387,3 +387,90 @@ async def test_bootstrap_traces_calls_but_not_health_checks(redis_url: str) -> N
     assert server.parent is not None and server.parent.span_id == client.context.span_id
     assert server.context.trace_id == caller.context.trace_id
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+# --- the lean server interceptors: parent from traceparent, status codes, streaming, health untraced -------------
+
+
+def test_sync_server_spans_continue_the_callers_trace_and_record_status() -> None:
+    from concurrent import futures
+
+    from grpc_health.v1 import health
+
+    telemetry, exporter = traced()
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request == b"bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "party_a: must be a mobile number")
+        return request
+
+    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield request
+        yield request
+
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=telemetry.sync_server_interceptors())
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    trace_id, span_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    traceparent = (("traceparent", f"00-{trace_id:032x}-{span_id:016x}-01"),)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as opened:
+            channel: Any = opened  # raw bytes methods: no serializers
+            assert channel.unary_unary("/test.Echo/Unary")(b"ok", metadata=traceparent, timeout=5) == b"ok"
+            with pytest.raises(grpc.RpcError) as failed:
+                channel.unary_unary("/test.Echo/Unary")(b"bad", timeout=5)
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert list(channel.unary_stream("/test.Echo/Stream")(b"s", timeout=5)) == [b"s", b"s"]
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        server.stop(None)
+    ok, bad, streamed = finished(telemetry, exporter)
+    assert (ok.name, ok.kind) == ("/test.Echo/Unary", SpanKind.SERVER)
+    assert ok.context.trace_id == trace_id
+    assert ok.parent is not None and ok.parent.span_id == span_id and ok.parent.is_remote
+    assert dict(ok.attributes or {}) == {
+        "rpc.system": "grpc",
+        "rpc.service": "test.Echo",
+        "rpc.method": "Unary",
+        "rpc.grpc.status_code": 0,
+    }
+    assert bad.parent is None  # no traceparent: a new trace
+    assert dict(bad.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert bad.status.status_code == trace.StatusCode.ERROR
+    assert bad.status.description == "INVALID_ARGUMENT: party_a: must be a mobile number"
+    assert not bad.events  # exceptions are not recorded (messages may carry data)
+    assert streamed.name == "/test.Echo/Stream"
+    assert dict(streamed.attributes or {})["rpc.grpc.status_code"] == 0
+
+
+async def test_aio_server_spans_record_status_of_failed_and_streaming_calls(redis_url: str) -> None:
+    from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
+    from translation.app import build as build_translation
+
+    telemetry, exporter = traced()
+    environ = {"NUMPROTECT_REDIS_URL": redis_url}
+    async with running_service("translation", build_translation, environ, telemetry=telemetry) as svc:
+        stub = translation_pb2_grpc.TranslationServiceStub(svc.channel)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Translate(translation_pb2.TranslateRequest(calling_number="1", called_number=VIRTUAL))
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        async def requests() -> AsyncIterator[translation_pb2.TranslateStreamRequest]:
+            request = translation_pb2.TranslateRequest(calling_number=PARTY_A, called_number=VIRTUAL, call_id="s1")
+            yield translation_pb2.TranslateStreamRequest(request=request)
+
+        answers = [answer async for answer in stub.TranslateStream(requests())]
+        assert [a.call_id for a in answers] == ["s1"]
+    spans = {s.name: s for s in finished(telemetry, exporter) if s.kind == SpanKind.SERVER}
+    translate = spans["/numprotect.translation.v1.TranslationService/Translate"]
+    assert dict(translate.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert translate.status.status_code == trace.StatusCode.ERROR
+    stream = spans["/numprotect.translation.v1.TranslationService/TranslateStream"]
+    assert dict(stream.attributes or {})["rpc.grpc.status_code"] == 0
+    assert stream.status.status_code == trace.StatusCode.UNSET
