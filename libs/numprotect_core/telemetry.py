@@ -16,6 +16,7 @@ spans carry the command name and `?` placeholders, never keys or arguments (our 
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import socket
@@ -212,6 +213,7 @@ class Telemetry:
         from opentelemetry.instrumentation.redis import RedisInstrumentor
 
         RedisInstrumentor.instrument_client(client, tracer_provider=self._redis_provider)
+        _skip_instrumentation_when_not_recording(client)
 
     # --- our own spans --------------------------------------------------------------------------------------
 
@@ -343,6 +345,22 @@ def add_call_ref_link(call_ref: CallRef | str, span: Span | None = None) -> bool
 
 
 # --- Redis spans only inside a recording span ------------------------------------------------------------------
+
+
+def _skip_instrumentation_when_not_recording(client: Any) -> None:
+    """Commands outside a recording span (unsampled calls, probes) go straight to redis-py, not via the wrapper."""
+    traced = client.execute_command
+    plain = getattr(traced, "__wrapped__", None)
+    if plain is None or not inspect.iscoroutinefunction(plain):
+        return
+    get_current_span = trace.get_current_span
+
+    async def execute_command(*args: Any, **options: Any) -> Any:
+        if get_current_span().is_recording():
+            return await traced(*args, **options)
+        return await plain(*args, **options)
+
+    client.execute_command = execute_command
 
 
 class _ChildSpansOnly(trace.TracerProvider):
