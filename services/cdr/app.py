@@ -47,5 +47,5 @@ async def build(runtime: Runtime) -> ServiceParts:
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, cdr_pb2_grpc.add_CdrServiceServicer_to_server),
         ],
-        on_shutdown=[watch_redis.aclose],
+        on_shutdown=[servicer.close, watch_redis.aclose],
     )

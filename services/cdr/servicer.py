@@ -67,6 +67,11 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         # Blocking XREADs hold a connection each: watchers get their own pool, bounded by max_watchers.
         self.watch_redis = watch_redis
         self._watch_slots = asyncio.Semaphore(settings.max_watchers)
+        self._closing = asyncio.Event()
+
+    async def close(self) -> None:
+        """Ends the watch loops at their next read (shutdown, before the watch connections close)."""
+        self._closing.set()
 
     # --- ingestion ---------------------------------------------------------------------------------
 
@@ -156,7 +161,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
                 cursor = await self.store.last_id(bucket)
             elif cursor == "0":
                 cursor = "0-0"
-            while True:
+            while not self._closing.is_set() and not context.done():
                 entries = await self.store.read_after(
                     self.watch_redis, bucket, cursor, count=WATCH_COUNT, block_ms=self.settings.watch_block_ms
                 )
