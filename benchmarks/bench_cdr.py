@@ -346,7 +346,7 @@ def main() -> int:
     try:
         redis_args = [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(workdir)]
         fsync = os.environ.get("NUMPROTECT_BENCH_FSYNC", "everysec")
-        redis_args += ["--save", "", "--appendonly", "yes", "--appendfsync", fsync, "--loglevel", "warning"]
+        redis_args += ["--save", "", "--appendonly", "yes", "--appendfsync", fsync, "--loglevel", "notice"]
         with process(redis_args, env, workdir / "redis.log"):
             client = wait_redis(redis_port)
             bindings = asyncio.run(write_bindings(redis_url))
