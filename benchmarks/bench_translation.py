@@ -38,7 +38,7 @@ BINDINGS = int(os.environ.get("BENCH_BINDINGS", "100000"))
 DURATION = os.environ.get("BENCH_DURATION", "6s")
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "4"))
 STREAMS_PER_CLIENT = int(os.environ.get("BENCH_STREAMS", "16"))
-STREAM_MESSAGES = int(os.environ.get("BENCH_STREAM_MESSAGES", "60000"))
+STREAM_MESSAGES = int(os.environ.get("BENCH_STREAM_MESSAGES", "20000"))
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 TRANSLATE = "/numprotect.translation.v1.TranslationService/Translate"
@@ -235,7 +235,7 @@ def stream_rate(port: int) -> tuple[float, int]:
         stub = translation_pb2_grpc.TranslationServiceStub(channel)
         started = time.monotonic()
         connected = 0
-        for message in stub.TranslateStream(iter(requests), timeout=300):
+        for message in stub.TranslateStream(iter(requests), timeout=90):
             connected += message.response.decision == pb.DECISION_CONNECT
         elapsed = time.monotonic() - started
     return STREAM_MESSAGES / elapsed, connected
@@ -316,7 +316,11 @@ def main() -> int:
                     ),
                 }
                 progress(f"{model}: TranslateStream")
-                streams[model] = stream_rate(server.port)
+                try:
+                    streams[model] = stream_rate(server.port)
+                except grpc.RpcError as exc:
+                    lines.append(f"{model}: TranslateStream FAILED: {exc}")
+                    streams[model] = (0.0, 0)
             finally:
                 server.stop()
             lines.append(f"{model}: verified {verified} sampled Translate answers (both directions): all correct")

@@ -48,6 +48,8 @@ class TranslationSettings:
     # The server model of this process: "sync" (grpcio thread pool) or "aio" (grpc.aio + uvloop).
     server_model: str
     sync_workers: int
+    # Sync model: concurrent Translate calls share one pipelined write to Redis (flat combining).
+    sync_combine: bool
     # TranslateStream: the most requests pipelined to Redis in one batch.
     stream_batch: int
 
@@ -62,6 +64,7 @@ class TranslationSettings:
             redis_timeout_seconds=env.seconds(f"{p}REDIS_TIMEOUT", 0.5, minimum=0.005, maximum=10),
             server_model=env.choice(f"{p}SERVER", "sync", ("sync", "aio")),
             sync_workers=env.integer(f"{p}WORKERS", 16, minimum=1, maximum=1024),
+            sync_combine=env.flag(f"{p}SYNC_COMBINE", True),
             stream_batch=env.integer(f"{p}STREAM_BATCH", 128, minimum=1, maximum=10_000),
         )
 

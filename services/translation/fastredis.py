@@ -57,6 +57,19 @@ class _Conn:
         return reply
 
 
+class _Slot:
+    """One thread's call waiting to go out in the next combined pipeline."""
+
+    __slots__ = ("command", "done", "lead", "node", "result")
+
+    def __init__(self, node: Node, command: bytes) -> None:
+        self.node = node
+        self.command = command
+        self.result: Any = None
+        self.done = threading.Event()
+        self.lead = False
+
+
 class ScriptClient:
     """Runs one Lua script by EVALSHA on a standalone Redis or a Redis Cluster, from any thread."""
 
@@ -74,6 +87,10 @@ class ScriptClient:
         self._local = threading.local()
         self._slots: list[Node] = []
         self._slots_lock = threading.Lock()
+        # Combining: concurrent calls from handler threads share one pipelined write per node.
+        self._queue: list[_Slot] = []
+        self._queue_lock = threading.Lock()
+        self._leading = False
 
     # --- connections -------------------------------------------------------------------------------------
 
@@ -180,6 +197,87 @@ class ScriptClient:
             if not self._recover(node, str(reply), timeout):
                 raise reply
         raise Unavailable("translation storage kept redirecting the call")
+
+    def evalsha_combined(self, keys: Sequence[str], args: Sequence[str], timeout: float) -> Any:
+        """Like evalsha, but calls that arrive while another thread talks to Redis go out together.
+
+        Flat combining: the first caller becomes the leader and sends everything queued as one pipeline per
+        node (evalsha_many), then hands the lead to the next queued caller. Every caller still waits at most
+        `timeout`. With a thread-pool server this turns N concurrent round trips into one.
+        """
+        if timeout <= 0:
+            raise Unavailable("no time left for the translation storage")
+        slot = _Slot(self._node_for(keys[0]), self._command(keys, args))
+        with self._queue_lock:
+            self._queue.append(slot)
+            lead = not self._leading
+            self._leading = True
+        if not lead and not slot.done.wait(timeout):
+            with self._queue_lock:
+                if slot.lead:  # handed the lead just now: lead anyway so the others are not stranded
+                    lead = True
+                elif slot in self._queue:
+                    self._queue.remove(slot)
+            if not lead:
+                raise Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms")
+        if slot.lead or lead:
+            self._lead(timeout)
+        if isinstance(slot.result, BaseException):
+            raise slot.result
+        return slot.result
+
+    def _lead(self, timeout: float) -> None:
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+        try:
+            replies = self._pipeline([(s.node, s.command) for s in batch], timeout)
+        except Exception as exc:
+            replies = [exc] * len(batch)
+        for slot, reply in zip(batch, replies, strict=True):
+            slot.result = reply
+            slot.done.set()
+        with self._queue_lock:
+            if self._queue:
+                following = self._queue[0]
+                following.lead = True
+            else:
+                following = None
+                self._leading = False
+        if following is not None:
+            following.done.set()
+
+    def _pipeline(self, calls: Sequence[tuple[Node, bytes]], timeout: float) -> list[Any]:
+        """Sends prepared EVALSHAs, one write per node; replies (or exceptions) in order; NOSCRIPT/MOVED retried."""
+        results: list[Any] = [None] * len(calls)
+        by_node: dict[Node, list[int]] = {}
+        for index, (node, _) in enumerate(calls):
+            by_node.setdefault(node, []).append(index)
+        for node, indexes in by_node.items():
+            conn = self._conn(node)
+            try:
+                conn.send(b"".join(calls[i][1] for i in indexes), timeout)
+                replies = [conn.read() for _ in indexes]
+            except (OSError, ConnectionError) as exc:
+                self._drop(node)
+                failure = Unavailable(
+                    f"translation storage did not answer within {timeout * 1000:.0f} ms"
+                    if isinstance(exc, TimeoutError)
+                    else f"translation storage unreachable: {exc}"
+                )
+                for index in indexes:
+                    results[index] = failure
+                continue
+            for index, reply in zip(indexes, replies, strict=True):
+                text = str(reply) if isinstance(reply, hiredis.ReplyError) else ""
+                if text and self._recover(node, text, timeout):
+                    target = node
+                    if text.startswith("MOVED"):
+                        host, _, port = text.split()[2].rpartition(":")
+                        target = (host or node[0], int(port))
+                    results[index] = self._round_trip(target, self._conn(target), calls[index][1], timeout)
+                else:
+                    results[index] = reply
+        return results
 
     def evalsha_many(self, calls: Sequence[tuple[Sequence[str], Sequence[str]]], timeout: float) -> list[Any]:
         """Pipelined: every call's command written per node in one send, then the replies read in order.

@@ -32,6 +32,7 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
         self.loop = loop
         self.cap = translator.settings.redis_timeout_seconds
         self.batch = translator.settings.stream_batch
+        self.combine = translator.settings.sync_combine
 
     def Translate(  # noqa: N802
         self, request: translation_pb2.TranslateRequest, context: Any
@@ -39,7 +40,11 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
         prepared = self.translator.prepare(request)
         if not isinstance(prepared, Prepared):
             return prepared
-        reply = self.client.evalsha(prepared.keys, prepared.args, redis_budget(context.time_remaining(), self.cap))
+        budget = redis_budget(context.time_remaining(), self.cap)
+        if self.combine:
+            reply = self.client.evalsha_combined(prepared.keys, prepared.args, budget)
+        else:
+            reply = self.client.evalsha(prepared.keys, prepared.args, budget)
         return self.translator.finish(prepared, reply)
 
     def TranslateStream(  # noqa: N802

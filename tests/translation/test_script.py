@@ -24,6 +24,7 @@ SETTINGS = TranslationSettings(
     redis_timeout_seconds=1.0,
     server_model="aio",
     sync_workers=4,
+    sync_combine=True,
     stream_batch=16,
 )
 

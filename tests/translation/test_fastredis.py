@@ -1,0 +1,75 @@
+"""translation.fastredis.ScriptClient: the sync hot path's EVALSHA client on standalone Redis and Redis Cluster."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from typing import Any
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from numprotect_core.errors import Unavailable
+from numprotect_core.redis_client import LuaScript
+from numprotect_core.settings import Env, RedisSettings
+from translation.fastredis import ScriptClient
+
+
+@pytest.fixture
+def echo(tmp_path: Any) -> LuaScript:
+    path = tmp_path / "lua" / "echo.lua"
+    path.parent.mkdir()
+    path.write_text("return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}\n")
+    return LuaScript(path)
+
+
+def _flush_scripts(redis_sync: Any) -> None:
+    if isinstance(redis_sync, RedisCluster):
+        for node in redis_sync.get_primaries():
+            with redis.Redis(host=node.host, port=node.port) as client:
+                client.script_flush()
+    else:
+        redis_sync.script_flush()
+
+
+def test_evalsha_loads_the_script_on_noscript_and_routes_by_slot(
+    redis_env: dict[str, str], redis_sync: Any, echo: LuaScript
+) -> None:
+    _flush_scripts(redis_sync)
+    client = ScriptClient(RedisSettings.from_env(Env(redis_env)), echo)
+    for i in range(50):  # 50 tags spread over every cluster node
+        key = f"np:test:{{{i}}}"
+        assert client.evalsha([key], [f"v{i}"], 2.0) == [key.encode(), f"v{i}".encode(), 1]
+    assert redis_sync.get("np:test:{7}") == b"1"
+    client.close()
+
+
+def test_concurrent_combined_calls_each_get_their_own_reply(
+    redis_env: dict[str, str], redis_sync: Any, echo: LuaScript
+) -> None:
+    client = ScriptClient(RedisSettings.from_env(Env(redis_env)), echo)
+    barrier = threading.Barrier(16)
+
+    def work(worker: int) -> list[bool]:
+        barrier.wait()
+        checks = []
+        for n in range(100):
+            key = f"np:test:{{{worker}-{n % 7}}}"
+            reply = client.evalsha_combined([key], [f"{worker}:{n}"], 5.0)
+            checks.append(reply[0] == key.encode() and reply[1] == f"{worker}:{n}".encode())
+        return checks
+
+    with futures.ThreadPoolExecutor(16) as pool:
+        results = [check for checks in pool.map(work, range(16)) for check in checks]
+    assert len(results) == 1600 and all(results)
+    assert sum(int(redis_sync.get(f"np:test:{{{w}-{k}}}")) for w in range(16) for k in range(7)) == 1600
+
+
+def test_an_unreachable_redis_is_unavailable(echo: LuaScript) -> None:
+    settings = RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": "redis://127.0.0.1:1/0"}))
+    client = ScriptClient(settings, echo)
+    with pytest.raises(Unavailable):
+        client.evalsha(["np:test:{x}"], ["a"], 0.5)
+    with pytest.raises(Unavailable):
+        client.evalsha_combined(["np:test:{x}"], ["a"], 0.5)
