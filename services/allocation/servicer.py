@@ -16,6 +16,7 @@ from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect_core.errors import FieldViolation, InvalidArgument
 from numprotect_core.phone import InvalidNumber, party_field, validate_block, virtual_field
+from numprotect_core.telemetry import set_span_attributes
 
 _MODE_NAMES = {
     common_pb2.BINDING_MODE_AXB: "AXB",
@@ -120,7 +121,9 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
                 raise InvalidArgument.field(
                     "lease", f"must be between 0.1s and {self.settings.max_lease_seconds:g}s (or unset for the default)"
                 )
+        set_span_attributes(tenant=tenant, mode=mode, city_code=city, strict_city=request.strict_city)
         allocation = await self.pools.allocate(tenant, mode, parties, city, request.strict_city, lease)
+        set_span_attributes(virtual_number=allocation.number, city_fallback=allocation.city_fallback)
         return pb.AllocateNumberResponse(
             virtual_number=allocation.number,
             extension=allocation.extension,
