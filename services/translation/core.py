@@ -184,40 +184,51 @@ def stream_error(error: DomainError) -> str:
 
 
 class StreamBatch:
-    """One batch of TranslateStream requests: answers for malformed or blocked ones at once, scripts for the rest."""
+    """One batch of TranslateStream messages: answers for malformed or blocked calls at once, scripts for the rest.
 
-    def __init__(self, translator: Translator, requests: Sequence[translation_pb2.TranslateRequest]) -> None:
+    A message carries one call (`request`) or several (`requests`, answered by one message with `responses`).
+    """
+
+    def __init__(self, translator: Translator, messages: Sequence[translation_pb2.TranslateStreamRequest]) -> None:
         self.translator = translator
         self.responses: list[translation_pb2.TranslateStreamResponse] = []
-        self.pending: list[tuple[int, Prepared]] = []
-        for request in requests:
-            message = translation_pb2.TranslateStreamResponse(call_id=request.call_id)
-            try:
-                prepared = translator.prepare(request)
-            except DomainError as exc:
-                message.error = stream_error(exc)
+        self.pending: list[tuple[translation_pb2.TranslateStreamResponse, Prepared]] = []
+        for message in messages:
+            out = translation_pb2.TranslateStreamResponse()
+            if message.requests:
+                for request in message.requests:
+                    self._add(out.responses.add(), request)
             else:
-                if isinstance(prepared, Prepared):
-                    self.pending.append((len(self.responses), prepared))
-                else:
-                    message.response.CopyFrom(prepared)
-            self.responses.append(message)
+                self._add(out, message.request)
+            self.responses.append(out)
+
+    def _add(self, out: translation_pb2.TranslateStreamResponse, request: translation_pb2.TranslateRequest) -> None:
+        out.call_id = request.call_id
+        try:
+            prepared = self.translator.prepare(request)
+        except DomainError as exc:
+            out.error = stream_error(exc)
+            return
+        if isinstance(prepared, Prepared):
+            self.pending.append((out, prepared))
+        else:
+            out.response.CopyFrom(prepared)
 
     @property
     def calls(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
         return [(p.keys, p.args) for _, p in self.pending]
 
     def fail(self, error: DomainError) -> list[translation_pb2.TranslateStreamResponse]:
-        for index, _ in self.pending:
-            self.responses[index].error = stream_error(error)
+        for out, _ in self.pending:
+            out.error = stream_error(error)
         return self.responses
 
     def complete(self, replies: Sequence[Any]) -> list[translation_pb2.TranslateStreamResponse]:
-        """Fills in the scripts' replies (an exception instance answers its own message with an error)."""
-        for (index, prepared), reply in zip(self.pending, replies, strict=True):
+        """Fills in the scripts' replies (an exception instance answers its own call with an error)."""
+        for (out, prepared), reply in zip(self.pending, replies, strict=True):
             if isinstance(reply, BaseException):
                 error = as_domain_error(reply, "TranslateStream") or Unavailable("translation storage failed")
-                self.responses[index].error = stream_error(error)
+                out.error = stream_error(error)
             else:
-                self.responses[index].response.CopyFrom(self.translator.finish(prepared, reply))
+                out.response.CopyFrom(self.translator.finish(prepared, reply))
         return self.responses

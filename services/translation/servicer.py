@@ -81,7 +81,7 @@ class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer
                         done = True
                         break
                     batch.append(message)
-                for response in await self.translate_batch([m.request for m in batch]):
+                for response in await self.translate_batch(batch):
                     yield response
         finally:
             reader.cancel()
@@ -89,9 +89,9 @@ class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer
                 await reader
 
     async def translate_batch(
-        self, requests: Sequence[translation_pb2.TranslateRequest]
+        self, messages: Sequence[translation_pb2.TranslateStreamRequest]
     ) -> list[translation_pb2.TranslateStreamResponse]:
-        batch = StreamBatch(self.translator, requests)
+        batch = StreamBatch(self.translator, messages)
         if not batch.pending:
             return batch.responses
         try:

@@ -78,7 +78,7 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
                     done = True
                     break
                 messages.append(message)
-            batch = StreamBatch(self.translator, [m.request for m in messages])
+            batch = StreamBatch(self.translator, messages)
             if batch.pending:
                 try:
                     batch.complete(self.client.evalsha_many(batch.calls, self.cap))

@@ -126,3 +126,12 @@ def test_paused_redis_is_unavailable_within_the_deadline(stub: Any, redis_sync: 
             node.execute_command("CLIENT", "UNPAUSE")
             node.close()
     assert _translate(stub, A).decision == pb.DECISION_CONNECT  # recovered
+
+
+def test_batched_stream_messages(stub: Any) -> None:
+    batch = [pb.TranslateRequest(call_id=f"b{i}", calling_number=A, called_number=X) for i in range(50)]
+    answers = list(stub.TranslateStream(iter([pb.TranslateStreamRequest(requests=batch)] * 3), timeout=20))
+    assert len(answers) == 3
+    for answer in answers:
+        assert [r.call_id for r in answer.responses] == [f"b{i}" for i in range(50)]
+        assert all(r.response.target_number == B for r in answer.responses)

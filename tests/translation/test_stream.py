@@ -82,3 +82,28 @@ async def test_stream_requests_are_answered_while_the_stream_stays_open(tr: Any)
         assert answer.response.target_number == (B if i % 2 else A)
     await outgoing.put(None)
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_batched_message_is_answered_by_one_message_in_order(tr: Any) -> None:
+    await tr.put(tr.route("b1"), X_AXB)
+    await tr.put(tr.route("n1", MODE_AXN), X_AXN)
+    batch = [
+        pb.TranslateRequest(call_id="m1", calling_number=A, called_number=X_AXB),
+        pb.TranslateRequest(call_id="m2", calling_number="13700000009", called_number=X_AXN),
+        pb.TranslateRequest(call_id="m3", calling_number=A, called_number="bad"),
+        pb.TranslateRequest(call_id="m4", calling_number="13700000009", called_number=X_AXB),
+    ]
+
+    async def send() -> AsyncIterator[pb.TranslateStreamRequest]:
+        yield pb.TranslateStreamRequest(requests=batch)
+        yield _request("single", B, X_AXB)
+
+    answers = [message async for message in tr.stub.TranslateStream(send())]
+    batched = next(m for m in answers if m.responses)
+    assert [r.call_id for r in batched.responses] == ["m1", "m2", "m3", "m4"]
+    assert batched.responses[0].response.target_number == B
+    assert batched.responses[1].response.target_number == A
+    assert batched.responses[2].error.startswith("INVALID_ARGUMENT: called_number")
+    assert batched.responses[3].response.reject_reason == pb.REJECT_REASON_NO_BINDING
+    single = next(m for m in answers if m.call_id == "single")
+    assert single.response.target_number == A and not single.responses
