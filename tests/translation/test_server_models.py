@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -135,3 +136,25 @@ def test_batched_stream_messages(stub: Any) -> None:
     for answer in answers:
         assert [r.call_id for r in answer.responses] == [f"b{i}" for i in range(50)]
         assert all(r.response.target_number == B for r in answer.responses)
+
+
+def test_processes_share_one_port_with_reuse_port(
+    redis_env: dict[str, str], route_factory: Callable[..., Route]
+) -> None:
+    """One process per core behind one port: NUMPROTECT_TRANSLATION_REUSE_PORT=1 on each."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = {**redis_env, "NUMPROTECT_TRANSLATION_REUSE_PORT": "1"}
+    first = ServiceProcess("translation", settings, port=port)
+    second = ServiceProcess("translation", settings, port=port)
+    try:
+        assert first.port == second.port == port
+        for process in (first, second):
+            process.wait_serving()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub: Any = translation_pb2_grpc.TranslationServiceStub(channel)
+            assert _translate(stub, A).reject_reason == pb.REJECT_REASON_NO_BINDING
+    finally:
+        assert first.stop() == 0
+        assert second.stop() == 0
