@@ -156,6 +156,8 @@ class Translator:
                 call_id=prepared.call_id,
             )
         response = translation_pb2.TranslateResponse(decision=decision, call_id=prepared.call_id)  # type: ignore[arg-type]
+        if self.traced:
+            _annotate_span(prepared, _text(reply[2]) if len(reply) >= 4 else "", int(reply[1]))  # type: ignore[arg-type]
         if decision == REJECT:
             response.reject_reason = int(reply[1])  # type: ignore[assignment]
             if len(reply) >= 4:
@@ -164,7 +166,7 @@ class Translator:
         return response
 
 
-def _annotate_span(prepared: Prepared, binding_id: str) -> tuple[int, int]:
+def _annotate_span(prepared: Prepared, binding_id: str, reject_reason: int = 0) -> tuple[int, int]:
     """Masked attributes on the current span (only when tracing is on); its ids for the call_ref."""
     from opentelemetry import trace
 
@@ -174,7 +176,10 @@ def _annotate_span(prepared: Prepared, binding_id: str) -> tuple[int, int]:
         return 0, 0
     span.set_attribute("numprotect.virtual_number", mask(prepared.called))
     span.set_attribute("numprotect.calling_number", mask(prepared.caller))
-    span.set_attribute("numprotect.binding_id", binding_id)
+    if binding_id:
+        span.set_attribute("numprotect.binding_id", binding_id)
+    if reject_reason:
+        span.set_attribute("numprotect.reject_reason", translation_pb2.RejectReason.Name(reject_reason))  # type: ignore[arg-type]
     return context.trace_id, context.span_id
 
 
