@@ -32,8 +32,13 @@ system-deps:
 run: protos system-deps
 	$(PY) deploy/local/run_local.py
 
+# The services' integration tests run a second time against a real 3-master Redis Cluster with replicas.
+CLUSTER_TESTS := tests/allocation tests/binding tests/translation tests/cdr tests/core/test_routes.py \
+	tests/core/test_binding_records.py
+
 test: protos system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+	NUMPROTECT_TEST_REDIS_MODE=cluster $(PY) -m pytest -m "not slow" $(CLUSTER_TESTS) $(PYTEST_ARGS)
 
 lint: protos
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,7 @@
 Settings (environment):
   NUMPROTECT_REDIS_URL            use this Redis and start none (NUMPROTECT_REDIS_MODE=cluster for a cluster)
   NUMPROTECT_LOCAL_REDIS_PORT     port of the Redis started here (default 6379); data under .run/redis
+  NUMPROTECT_LOCAL_REDIS_FSYNC    appendfsync of that Redis: everysec (default) or always (docs/cdr.md)
   NUMPROTECT_<SERVICE>_PORT       service ports (defaults 50051..50054)
   NUMPROTECT_<SERVICE>_PROCESSES  processes per service sharing its port via SO_REUSEPORT (default 1)
   NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
@@ -58,6 +59,7 @@ class LocalSuite:
         env = Env(environ)
         self.external_redis = env.raw("NUMPROTECT_REDIS_URL")
         self.redis_port = env.integer("NUMPROTECT_LOCAL_REDIS_PORT", 6379, minimum=1, maximum=65535)
+        self.redis_fsync = env.choice("NUMPROTECT_LOCAL_REDIS_FSYNC", "everysec", ("everysec", "always"))
         self.ports = {
             name: env.integer(f"NUMPROTECT_{name.upper()}_PORT", DEFAULT_PORTS[name], minimum=1, maximum=65535)
             for name in SERVICE_NAMES
@@ -94,8 +96,8 @@ class LocalSuite:
         data.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / "logs" / "redis.log"
         args = [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(data)]
-        # AOF with fsync every second: at most one second of acknowledged writes at risk on a power loss.
-        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--loglevel", "notice"]
+        # AOF; everysec puts about a second of acknowledged writes at risk on a crash, always none (docs/cdr.md).
+        args += ["--appendonly", "yes", "--appendfsync", self.redis_fsync, "--save", "", "--loglevel", "notice"]
         with log.open("ab") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.redis = Child("redis", process, log)
@@ -107,7 +109,8 @@ class LocalSuite:
                 with socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.2) as conn:
                     conn.sendall(b"PING\r\n")
                     if conn.recv(16).startswith(b"+PONG"):
-                        print(f"redis       127.0.0.1:{self.redis_port}  (AOF on, data in {data})")
+                        aof = f"AOF on, appendfsync {self.redis_fsync}"
+                        print(f"redis       127.0.0.1:{self.redis_port}  ({aof}, data in {data})")
                         return
             except OSError:
                 pass

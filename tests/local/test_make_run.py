@@ -35,7 +35,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
-    env = _env(tmp_path, NUMPROTECT_TRANSLATION_PROCESSES="2")
+    env = _env(tmp_path, NUMPROTECT_TRANSLATION_PROCESSES="2", NUMPROTECT_LOCAL_REDIS_FSYNC="always")
     process = subprocess.Popen(
         [sys.executable, str(LAUNCHER)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -55,6 +55,7 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         assert ready.wait(90), "".join(lines)
         output = "".join(lines)
         assert "translation 127.0.0.1:" in output and "(2 process(es))" in output
+        assert "appendfsync always" in output
         for name in ("allocation", "binding", "translation", "cdr"):
             address = f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}"
             check = run_grpcurl("-d", '{"service":""}', address, "grpc.health.v1.Health/Check")
