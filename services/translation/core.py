@@ -20,6 +20,7 @@ from numprotect_core.interceptors import as_domain_error
 from numprotect_core.phone import mask
 from numprotect_core.redis_client import LuaScript
 from numprotect_core.settings import Env
+from numprotect_core.telemetry import set_span_attributes
 from translation.blocklist import BlocklistView
 from translation.numbers import normalize_caller, validate_called, validate_extension
 
@@ -142,22 +143,30 @@ class Translator:
         decision = int(reply[0])
         if decision == CONNECT:
             binding_id = _text(reply[2])  # type: ignore[arg-type]
+            tenant_id = _text(reply[3])  # type: ignore[arg-type]
             trace_id = span_id = 0
             if self.traced:
-                trace_id, span_id = _annotate_span(prepared, binding_id)
+                trace_id, span_id = _annotate_span(prepared, CONNECT, binding_id, tenant_id)
             return translation_pb2.TranslateResponse(
                 decision=CONNECT,
                 target_number=_text(reply[4]),  # type: ignore[arg-type]
                 display_number=prepared.called,
                 binding_id=binding_id,
-                tenant_id=_text(reply[3]),  # type: ignore[arg-type]
+                tenant_id=tenant_id,
                 recording_enabled=reply[5] in (b"1", "1"),
                 call_ref=CallRef(binding_id, prepared.called, int(time.time() * 1000), trace_id, span_id).encode(),
                 call_id=prepared.call_id,
             )
         response = translation_pb2.TranslateResponse(decision=decision, call_id=prepared.call_id)  # type: ignore[arg-type]
         if self.traced:
-            _annotate_span(prepared, _text(reply[2]) if len(reply) >= 4 else "", int(reply[1]))  # type: ignore[arg-type]
+            known = len(reply) >= 4
+            _annotate_span(
+                prepared,
+                decision,
+                _text(reply[2]) if known else "",  # type: ignore[arg-type]
+                _text(reply[3]) if known else "",  # type: ignore[arg-type]
+                int(reply[1]) if decision == REJECT else 0,  # type: ignore[arg-type]
+            )
         if decision == REJECT:
             response.reject_reason = int(reply[1])  # type: ignore[assignment]
             if len(reply) >= 4:
@@ -166,20 +175,28 @@ class Translator:
         return response
 
 
-def _annotate_span(prepared: Prepared, binding_id: str, reject_reason: int = 0) -> tuple[int, int]:
-    """Masked attributes on the current span (only when tracing is on); its ids for the call_ref."""
+def _annotate_span(
+    prepared: Prepared, decision: int, binding_id: str, tenant_id: str, reject_reason: int = 0
+) -> tuple[int, int]:
+    """numprotect.* attributes (numbers masked) on the current span if it is sampled; its ids for the call_ref.
+
+    An unsampled span yields (0, 0): a CDR must not link to a span that was never exported.
+    """
     from opentelemetry import trace
 
     span = trace.get_current_span()
-    context = span.get_span_context()
-    if not context.is_valid:
+    if not span.is_recording():
         return 0, 0
-    span.set_attribute("numprotect.virtual_number", mask(prepared.called))
-    span.set_attribute("numprotect.calling_number", mask(prepared.caller))
-    if binding_id:
-        span.set_attribute("numprotect.binding_id", binding_id)
-    if reject_reason:
-        span.set_attribute("numprotect.reject_reason", translation_pb2.RejectReason.Name(reject_reason))  # type: ignore[arg-type]
+    set_span_attributes(
+        span,
+        decision=translation_pb2.Decision.Name(decision),  # type: ignore[arg-type]
+        reject_reason=translation_pb2.RejectReason.Name(reject_reason) if reject_reason else None,  # type: ignore[arg-type]
+        tenant=tenant_id or None,
+        binding_id=binding_id or None,
+        virtual_number=mask(prepared.called),
+        calling_number=mask(prepared.caller),
+    )
+    context = span.get_span_context()
     return context.trace_id, context.span_id
 
 
