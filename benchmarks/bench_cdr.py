@@ -20,20 +20,17 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.harness import free_port, process, wait_redis, wait_serving
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect_core.binding_records import BindingRecord, BindingRecordStore
 from numprotect_core.call_ref import CallRef
@@ -41,7 +38,6 @@ from numprotect_core.redis_client import create_redis
 from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE
 from numprotect_core.settings import Env, RedisSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 HEALTH_SECONDS = 5.0
 HEALTH_CONCURRENCY = 16
 PHASE_SECONDS = 10.0
@@ -52,56 +48,6 @@ BINDINGS = 1000
 TENANT = "bench"
 INGEST = "/numprotect.cdr.v1.CdrService/IngestCdrs"
 STREAM = "/numprotect.cdr.v1.CdrService/StreamCdrs"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        child = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield child
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-
-
-def wait_serving(address: str, child: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if child.poll() is not None:
-                raise RuntimeError(f"{address} exited:\n{log.read_text()[-2000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise RuntimeError(f"{address} not SERVING after {timeout}s")
-
-
-def wait_redis(port: int) -> redis.Redis:
-    client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(500):
-        try:
-            if client.ping():
-                return client
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    raise RuntimeError("redis-server did not start")
 
 
 class Records:

@@ -21,7 +21,6 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -29,34 +28,25 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent import futures
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import grpc
 import redis
 import redis.asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from benchmarks.harness import free_port, process, wait_redis, wait_serving
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED_ROUTES = 3000
 TRANSLATE_PATH = "/numprotect.translation.v1.TranslationService/Translate"
 CONFIGS = ("off", "default", "full")
 _RATE = re.compile(r"finished in [\d.]+\w*, ([\d.]+) req/s")
 _REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def virtual_number(i: int) -> str:
@@ -93,49 +83,6 @@ class SpanCounter(trace_service_pb2_grpc.TraceServiceServicer):
     def count(self, name: str) -> int:
         with self._lock:
             return self.counts.get(name, 0)
-
-
-@contextmanager
-def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        child = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield child
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-
-
-def wait_serving(address: str, child: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if child.poll() is not None:
-                raise RuntimeError(f"{address} exited:\n{log.read_text()[-2000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise RuntimeError(f"{address} not SERVING after {timeout}s")
-
-
-def wait_redis(port: int) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(500):
-        try:
-            if client.ping():
-                return
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    raise RuntimeError("redis-server did not start")
 
 
 async def seed(url: str) -> None:

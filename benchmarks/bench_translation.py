@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
+from benchmarks.harness import free_port
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
 from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable, axe_marker_key, caller_key
@@ -45,13 +46,6 @@ LOAD_CPU = "1"
 TRANSLATE = "/numprotect.translation.v1.TranslationService/Translate"
 HEALTH = "/grpc.health.v1.Health/Check"
 EMPTY = "/bench.Empty/Call"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def virtual(i: int) -> str:
