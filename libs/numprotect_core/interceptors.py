@@ -48,27 +48,39 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, met
     await abort_with_error(context, error)
 
 
+class WrappedHandlers:
+    """Wrapped method handlers per method: interceptors wrap a handler once, not on every call."""
+
+    def __init__(self, wrap: Callable[[Any, str], Any]) -> None:
+        self._wrap = wrap
+        self._by_method: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, handler: Any, method: str) -> Any:
+        """`wrap(handler, method)`, made on first use (and again if the method's handler changed)."""
+        if handler is None:
+            return None
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler so that DomainError subclasses end the call with their status and details."""
 
     def __init__(self) -> None:
-        # Wrapped handlers per method, so the wrapping happens once, not on every call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = WrappedHandlers(_wrap)
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
+        wrapped: grpc.RpcMethodHandler = self._wrapped.get(
+            await continuation(handler_call_details), handler_call_details.method
+        )
         return wrapped
 
 

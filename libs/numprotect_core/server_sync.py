@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from numprotect_core.errors import DomainError, to_rpc_status
-from numprotect_core.interceptors import as_domain_error
+from numprotect_core.interceptors import WrappedHandlers, as_domain_error
 from numprotect_core.logs import configure_logging
 from numprotect_core.redis_client import create_redis, redis_is_up
 from numprotect_core.server import HEALTH_SERVICE_NAME, Runtime, server_options
@@ -112,22 +112,16 @@ class SyncErrorMappingInterceptor(grpc.ServerInterceptor):
     """The sync twin of interceptors.ErrorMappingInterceptor: DomainError -> status with details."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = WrappedHandlers(_wrap)
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
+        wrapped: grpc.RpcMethodHandler | None = self._wrapped.get(
+            continuation(handler_call_details), handler_call_details.method
+        )
         return wrapped
 
 

@@ -43,6 +43,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from numprotect_core.call_ref import CallRef
+from numprotect_core.interceptors import WrappedHandlers
 from numprotect_core.phone import mask
 from numprotect_core.settings import Env, SettingsError
 
@@ -442,18 +443,12 @@ class _ServerSpans:
 
     def __init__(self, tracer: trace.Tracer) -> None:
         self._tracer = tracer
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._wrapped = WrappedHandlers(lambda handler, method: self._wrap(handler, method, _method_attributes(method)))
 
     def _cached(self, handler: Any, handler_call_details: Any) -> Any:
         if handler is None or not _traced_method(handler_call_details):
             return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method, _method_attributes(method))
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(handler, handler_call_details.method)
 
     def _span(self, method: str, attributes: dict[str, AttributeValue], context: Any) -> Any:
         return self._tracer.start_as_current_span(
