@@ -28,7 +28,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.harness import free_port, process, wait_redis, wait_serving
+from benchmarks.harness import free_port, process, redis_server_args, wait_redis, wait_serving
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
@@ -298,19 +298,7 @@ def main() -> int:
         "NUMPROTECT_BINDING_PORT": str(binding_port),
         "NUMPROTECT_ALLOCATION_ADDR": f"127.0.0.1:{allocation_port}",
     }
-    redis_args = [
-        redis_binary,
-        "--port",
-        str(redis_port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-    ]
+    redis_args = redis_server_args(redis_binary, redis_port, workdir, "--appendonly", "no")
     try:
         with process(redis_args, common, workdir / "redis.log"):
             redis_client = wait_redis(redis_port)

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.harness import free_port, process, wait_redis, wait_serving
+from benchmarks.harness import free_port, process, redis_server_args, wait_redis, wait_serving
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect_core.binding_records import BindingRecord, BindingRecordStore
 from numprotect_core.call_ref import CallRef
@@ -290,9 +290,10 @@ def main() -> int:
         "NUMPROTECT_LOG_LEVEL": "WARNING",
     }
     try:
-        redis_args = [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(workdir)]
         fsync = os.environ.get("NUMPROTECT_BENCH_FSYNC", "everysec")
-        redis_args += ["--save", "", "--appendonly", "yes", "--appendfsync", fsync, "--loglevel", "notice"]
+        redis_args = redis_server_args(
+            redis_server, redis_port, workdir, "--appendonly", "yes", "--appendfsync", fsync, "--loglevel", "notice"
+        )
         with process(redis_args, env, workdir / "redis.log"):
             client = wait_redis(redis_port)
             bindings = asyncio.run(write_bindings(redis_url))

@@ -38,7 +38,7 @@ import redis
 import redis.asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from benchmarks.harness import free_port, process, wait_redis, wait_serving
+from benchmarks.harness import free_port, process, redis_server_args, wait_redis, wait_serving
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 
@@ -172,8 +172,8 @@ def main() -> int:
     try:
         with ExitStack() as stack:
             redis_port = free_port()
-            redis_args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-            stack.enter_context(process([*redis_args, "--dir", str(work)], dict(os.environ), work / "redis.log"))
+            redis_args = redis_server_args("redis-server", redis_port, work)
+            stack.enter_context(process(redis_args, dict(os.environ), work / "redis.log"))
             wait_redis(redis_port)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
             asyncio.run(seed(redis_url))

@@ -15,7 +15,6 @@ import asyncio
 import os
 import random
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from benchmarks.harness import free_port
+from benchmarks.harness import free_port, redis_server_args, wait_redis
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
 from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable, axe_marker_key, caller_key
@@ -267,37 +266,10 @@ def main() -> int:
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="bench-translation-"))
     redis_port = free_port()
-    redis_proc = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            LOAD_CPU,
-            "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    redis_args = redis_server_args("redis-server", redis_port, workdir, "--appendonly", "no")
+    redis_proc = subprocess.Popen(["taskset", "-c", LOAD_CPU, *redis_args], stdout=subprocess.DEVNULL)
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    deadline = time.monotonic() + 20
-    while True:  # a loaded host can take a while to start redis-server
-        try:
-            with socket.create_connection(("127.0.0.1", redis_port), timeout=1) as probe:
-                probe.sendall(b"PING\r\n")
-                if probe.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.1)
+    wait_redis(redis_port, timeout=20)  # a loaded host can take a while to start redis-server
     lines: list[str] = []
     try:
         progress("seeding")

@@ -23,6 +23,11 @@ def free_port() -> int:
         return port
 
 
+def redis_server_args(binary: str, port: int, workdir: Path, *settings: str) -> list[str]:
+    """redis-server on loopback `port` with its files in `workdir`, no RDB snapshots; `settings` add or override."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "", *settings]
+
+
 @contextmanager
 def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Runs `args` from the repository root with output to `log`; terminates it (then kills) on exit."""
