@@ -1,13 +1,15 @@
 """Tracing benchmark: the throughput cost of tracing on Translate, as ratios against tracing off in the same run.
 
 Starts a redis-server, seeds SEED_ROUTES AXB routes with RouteTable, starts an OTLP/gRPC trace receiver in
-this process and three translation processes that differ only in tracing:
+this process and four translation processes that differ only in tracing:
   off      no OTEL_EXPORTER_OTLP_ENDPOINT (no provider, no interceptor, no Redis instrumentation);
+  none_sampled  endpoint set, OTEL_TRACES_SAMPLER=parentbased_always_off: what every call pays for the
+           sampling decision and the interceptor alone, with nothing recorded or exported;
   default  endpoint set, no sampler variable: our default parentbased_traceidratio at 0.1;
   full     endpoint set, OTEL_TRACES_SAMPLER=always_on (100%).
 Then h2load drives Translate (body = 0x00 + 4-byte big-endian length + serialized TranslateRequest, headers
 content-type: application/grpc and te: trailers) against each, in interleaved rounds so that a change of
-machine load hits all three alike; the report gives the median req/s per configuration and its ratio to off.
+machine load hits all of them alike; the report gives the median req/s per configuration and its ratio to off.
 Every request is a CONNECT (rate limits raised so one repeated request is never limited; checked after).
 
 Run: python -m benchmarks.bench_tracing (or make bench BENCH_ARGS=tracing). Environment overrides:
@@ -44,7 +46,7 @@ from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 
 SEED_ROUTES = 3000
 TRANSLATE_PATH = "/numprotect.translation.v1.TranslationService/Translate"
-CONFIGS = ("off", "default", "full")
+CONFIGS = ("off", "none_sampled", "default", "full")
 _RATE = re.compile(r"finished in [\d.]+\w*, ([\d.]+) req/s")
 _REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed")
 
@@ -198,6 +200,11 @@ def main() -> int:
             )
             tracing = {
                 "off": {},
+                "none_sampled": {
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+                    "OTEL_SERVICE_NAME": "bench-none_sampled",
+                    "OTEL_TRACES_SAMPLER": "parentbased_always_off",
+                },
                 "default": {
                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
                     "OTEL_SERVICE_NAME": "bench-default",
@@ -241,7 +248,8 @@ def main() -> int:
             cpu_rounds: dict[str, list[float]] = {config: [] for config in CONFIGS}
             for round_number in range(rounds):
                 # Rotate the order each round, so no configuration always runs first after a pause.
-                order = CONFIGS[round_number % 3 :] + CONFIGS[: round_number % 3]
+                shift = round_number % len(CONFIGS)
+                order = CONFIGS[shift:] + CONFIGS[:shift]
                 for config in order:
                     cpu_before = cpu_seconds(pids[config])
                     rate, completed, errors = h2load(addresses[config], body, seconds, clients, streams)
@@ -263,11 +271,12 @@ def main() -> int:
     cpu_per_call = {config: cpu[config] / max(1, done[config]) * 1e6 for config in CONFIGS}
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"Translate throughput with tracing off, at the default sampler (parentbased_traceidratio 0.1) and at 100%: "
+        f"Translate throughput with tracing off, on with nothing sampled, at the default sampler "
+        f"(parentbased_traceidratio 0.1) and at 100%: "
         f"one translation process each (server model {model or 'default'}), h2load -c {clients} -m {streams}, {rounds} "
         f"interleaved rounds of {seconds:g}s, "
-        f"{SEED_ROUTES} routes seeded; {os.cpu_count()} CPUs shared by Redis, the three services, h2load and the "
-        f"OTLP receiver; load average {load}"
+        f"{SEED_ROUTES} routes seeded; {os.cpu_count()} CPUs shared by Redis, the four translation processes, "
+        f"h2load and the OTLP receiver; load average {load}"
     )
     for config in CONFIGS:
         median = statistics.median(rates[config])
@@ -279,7 +288,7 @@ def main() -> int:
         ratio = "" if config == "off" else f"  ratio to off {cpu_per_call[config] / cpu_per_call['off']:.3f}"
         per_round = ", ".join(f"{c:,.0f}" for c in cpu_rounds[config])
         print(f"  {config:8s} {cpu_per_call[config]:,.0f} us/call{ratio}   rounds: {per_round}")
-    for config in ("default", "full"):
+    for config in ("none_sampled", "default", "full"):
         received = spans[config]
         share = received / max(1, done[config])
         print(

@@ -20,17 +20,21 @@ import inspect
 import os
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import grpc
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -38,7 +42,16 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -73,19 +86,58 @@ UNTRACED_GRPC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
 _NUMBER_VALUE = re.compile(r"(?:\+?86|0086)?(?:1[3-9]\d{9}|0\d{9,11}|700\d{8}|700\d{12})")
 
 
-def sampler_from_env(env: Env) -> Sampler:
-    """The sampler named by OTEL_TRACES_SAMPLER (default parentbased_traceidratio) and its ratio argument.
+@dataclass(frozen=True, slots=True)
+class SamplingRule:
+    """The sampler OTEL_TRACES_SAMPLER names, kept as a rule the server interceptor can apply without the SDK.
 
-    OTEL_TRACES_SAMPLER_ARG is the ratio of the ratio samplers, 0 to 1, default 0.1 (ours, also when the
-    operator names a ratio sampler without an argument). Unknown names and bad ratios are SettingsErrors.
+    `samples` gives the same decision as `sampler()` (the SDK sampler the provider uses) for a server span: the
+    parent's sampled flag for the parent-based samplers when the call carries a traceparent, else the trace id
+    compared with the ratio's bound, exactly as TraceIdRatioBased does (always_on is ratio 1, always_off 0).
     """
-    name = env.choice("OTEL_TRACES_SAMPLER", DEFAULT_SAMPLER, SAMPLERS)
-    if name.endswith("traceidratio"):
-        ratio = env.number("OTEL_TRACES_SAMPLER_ARG", DEFAULT_SAMPLER_RATIO, minimum=0.0, maximum=1.0)
-        ratio_sampler = TraceIdRatioBased(ratio)
-        return ParentBased(ratio_sampler) if name.startswith("parentbased_") else ratio_sampler
-    root = ALWAYS_ON if name.endswith("always_on") else ALWAYS_OFF
-    return ParentBased(root) if name.startswith("parentbased_") else root
+
+    name: str
+    ratio: float
+    _bound: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_bound", TraceIdRatioBased.get_bound_for_rate(self.ratio))
+
+    @classmethod
+    def from_env(cls, env: Env) -> SamplingRule:
+        """OTEL_TRACES_SAMPLER (default parentbased_traceidratio) and OTEL_TRACES_SAMPLER_ARG.
+
+        OTEL_TRACES_SAMPLER_ARG is the ratio of the ratio samplers, 0 to 1, default 0.1 (ours, also when the
+        operator names a ratio sampler without an argument). Unknown names and bad ratios are SettingsErrors.
+        """
+        name = env.choice("OTEL_TRACES_SAMPLER", DEFAULT_SAMPLER, SAMPLERS)
+        if name.endswith("traceidratio"):
+            ratio = env.number("OTEL_TRACES_SAMPLER_ARG", DEFAULT_SAMPLER_RATIO, minimum=0.0, maximum=1.0)
+        else:
+            ratio = 1.0 if name.endswith("always_on") else 0.0
+        return cls(name, ratio)
+
+    @property
+    def parent_based(self) -> bool:
+        return self.name.startswith("parentbased_")
+
+    def sampler(self) -> Sampler:
+        """The SDK sampler of this rule, for the tracer provider (every span that is not a server span)."""
+        if self.name.endswith("traceidratio"):
+            root: Sampler = TraceIdRatioBased(self.ratio)
+        else:
+            root = ALWAYS_ON if self.name.endswith("always_on") else ALWAYS_OFF
+        return ParentBased(root) if self.parent_based else root
+
+    def samples(self, trace_id: int, parent: SpanContext | None) -> bool:
+        """The decision for a span of `trace_id` whose (valid) parent is `parent`, or None for a root."""
+        if parent is not None and self.parent_based:
+            return parent.trace_flags.sampled
+        return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
+
+
+def sampler_from_env(env: Env) -> Sampler:
+    """The SDK sampler named by OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (see SamplingRule.from_env)."""
+    return SamplingRule.from_env(env).sampler()
 
 
 def resource_attributes(env: Env, default_service_name: str) -> dict[str, str]:
@@ -132,8 +184,12 @@ def _traced_method(handler_call_details: Any) -> bool:
 class Telemetry:
     """The tracer provider of one process (or none) and everything bound to it: interceptors, Redis, spans."""
 
-    def __init__(self, provider: TracerProvider | None) -> None:
+    def __init__(self, provider: TracerProvider | None, sampling: SamplingRule | None = None) -> None:
+        """`sampling` is the rule the provider's sampler follows (from_env passes it, with a provider whose
+        id generator is `_PresetTraceIds`): server spans then decide without the SDK. Without it (a provider
+        built elsewhere, e.g. by tests) every server span goes through the SDK."""
         self.provider = provider
+        self.sampling = sampling
         self.tracer: trace.Tracer = (
             provider.get_tracer(TRACER_NAME, SERVICE_VERSION) if provider is not None else trace.NoOpTracer()
         )
@@ -161,7 +217,7 @@ class Telemetry:
         )
         if off:
             return cls.disabled()
-        sampler = sampler_from_env(env)
+        sampling = SamplingRule.from_env(env)
         resource = Resource.create(resource_attributes(env, default_service_name))
         if exporter is None:
             assert endpoint is not None
@@ -169,10 +225,10 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             exporter = OTLPSpanExporter(endpoint=endpoint, insecure=_insecure(env, endpoint))
-        provider = TracerProvider(resource=resource, sampler=sampler)
+        provider = TracerProvider(resource=resource, sampler=sampling.sampler(), id_generator=_PresetTraceIds())
         # Batching settings come from OTEL_BSP_* (schedule delay, queue and batch sizes).
         provider.add_span_processor(BatchSpanProcessor(exporter))
-        return cls(provider)
+        return cls(provider, sampling)
 
     @property
     def enabled(self) -> bool:
@@ -184,13 +240,19 @@ class Telemetry:
         """grpc.aio server interceptors: one SERVER span per call (health and reflection excepted)."""
         if self.provider is None:
             return []
-        return [_AioServerSpans(self.tracer)]
+        return [_AioServerSpans(self.tracer, self._server_sampling())]
 
     def sync_server_interceptors(self) -> list[grpc.ServerInterceptor]:
         """The same for a synchronous grpc.server (thread pool)."""
         if self.provider is None:
             return []
-        return [_SyncServerSpans(self.tracer)]
+        return [_SyncServerSpans(self.tracer, self._server_sampling())]
+
+    def _server_sampling(self) -> tuple[SamplingRule, _PresetTraceIds] | None:
+        ids = self.provider.id_generator if self.provider is not None else None
+        if self.sampling is None or not isinstance(ids, _PresetTraceIds):
+            return None
+        return self.sampling, ids
 
     def client_interceptors(self) -> list[Any]:
         """grpc.aio channel interceptors: one CLIENT span per call, W3C trace context sent in the metadata."""
@@ -401,9 +463,39 @@ class _ChildOnlyTracer(trace.Tracer):
 # a hot path more than the span itself. These wrap each method once, read `traceparent` from the metadata only
 # when it is there, and touch attributes and status only when the span records. The CLIENT side keeps the
 # instrumentation's interceptors (they inject the same W3C `traceparent` this extracts).
+#
+# Most calls are not sampled (default 10 % of roots), so the unsampled call is the one to make cheap. The SDK's
+# start_as_current_span costs about five times what the decision needs (the sampler's result objects, two
+# context-manager layers, tracer metrics): `_ServerSpans.enter` applies the SamplingRule itself and, on a drop,
+# puts a NonRecordingSpan with the SDK's ids and flags in the context (so downstream calls still carry the "not
+# sampled" traceparent); only a sampled call goes through the SDK, with the very trace id the rule judged
+# (`_PresetTraceIds`), so a trace-id-ratio decision stays consistent across services.
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _ERROR_STATUS_CODES = frozenset(code for code in grpc.StatusCode if code != grpc.StatusCode.OK)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_NOT_SAMPLED_RANDOM = TraceFlags(TraceFlags.DEFAULT | TraceFlags.RANDOM_TRACE_ID)
+
+
+class _PresetTraceIds(RandomIdGenerator):
+    """Random ids, except that the next trace id of this thread can be set beforehand (see `_ServerSpans.enter`).
+
+    A thread-local is enough: the preset is consumed by the tracer call that immediately follows it on the same
+    thread, with no await in between.
+    """
+
+    def __init__(self) -> None:
+        self._next = threading.local()
+
+    def preset(self, trace_id: int) -> None:
+        self._next.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        trace_id: int | None = getattr(self._next, "trace_id", None)
+        if trace_id is None:
+            return super().generate_trace_id()
+        self._next.trace_id = None
+        return trace_id
 
 
 def _parent_context(metadata: Any) -> Context | None:
@@ -423,8 +515,6 @@ def _method_attributes(method: str) -> dict[str, AttributeValue]:
 
 def _end_status(span: Span, context: Any) -> None:
     """rpc.grpc.status_code (and ERROR with the details) on a recording span, from the servicer context."""
-    if not span.is_recording():
-        return
     code = context.code()
     if code is None:
         code = grpc.StatusCode.OK
@@ -439,10 +529,11 @@ def _end_status(span: Span, context: Any) -> None:
 
 
 class _ServerSpans:
-    """What both flavours share: the tracer and the handlers already wrapped, per method."""
+    """What both flavours share: the span of a call (`enter`/`leave`) and the handlers already wrapped, per method."""
 
-    def __init__(self, tracer: trace.Tracer) -> None:
+    def __init__(self, tracer: trace.Tracer, sampling: tuple[SamplingRule, _PresetTraceIds] | None) -> None:
         self._tracer = tracer
+        self._sampling = sampling
         self._wrapped = WrappedHandlers(lambda handler, method: self._wrap(handler, method, _method_attributes(method)))
 
     def _cached(self, handler: Any, handler_call_details: Any) -> Any:
@@ -450,15 +541,56 @@ class _ServerSpans:
             return handler
         return self._wrapped.get(handler, handler_call_details.method)
 
-    def _span(self, method: str, attributes: dict[str, AttributeValue], context: Any) -> Any:
-        return self._tracer.start_as_current_span(
+    def enter(self, method: str, attributes: dict[str, AttributeValue], context: Any) -> tuple[Span, object]:
+        """The call's SERVER span made current: (span, token for `leave`). The SDK's decision, minus its overhead."""
+        parent = _parent_context(context.invocation_metadata())
+        if self._sampling is None:
+            span = self._sdk_span(method, attributes, parent)
+            return span, context_api.attach(trace.set_span_in_context(span, parent))
+        rule, ids = self._sampling
+        parent_span_context: SpanContext | None = None
+        if parent is not None:
+            parent_span_context = trace.get_current_span(parent).get_span_context()
+            if not parent_span_context.is_valid:
+                parent_span_context = None
+        if parent_span_context is None:
+            trace_id = ids.generate_trace_id()
+            if rule.samples(trace_id, None):
+                ids.preset(trace_id)  # the SDK's sampler judges this very trace id, and agrees
+                span = self._sdk_span(method, attributes, parent)
+            else:
+                span = NonRecordingSpan(SpanContext(trace_id, ids.generate_span_id(), False, _NOT_SAMPLED_RANDOM))
+        elif rule.samples(parent_span_context.trace_id, parent_span_context):
+            span = self._sdk_span(method, attributes, parent)
+        else:
+            flags = _NOT_SAMPLED_RANDOM if parent_span_context.trace_flags.random_trace_id else _NOT_SAMPLED
+            span = NonRecordingSpan(
+                SpanContext(
+                    parent_span_context.trace_id,
+                    ids.generate_span_id(),
+                    False,
+                    flags,
+                    parent_span_context.trace_state,
+                )
+            )
+        return span, context_api.attach(trace.set_span_in_context(span, parent))
+
+    def _sdk_span(self, method: str, attributes: dict[str, AttributeValue], parent: Context | None) -> Span:
+        return self._tracer.start_span(
             method,
-            context=_parent_context(context.invocation_metadata()),
-            kind=SpanKind.SERVER,
-            attributes=attributes,
+            parent,
+            SpanKind.SERVER,
+            attributes,
             record_exception=False,  # messages may carry data; the status says what failed
             set_status_on_exception=False,
         )
+
+    @staticmethod
+    def leave(span: Span, token: object, context: Any) -> None:
+        context_api.detach(token)  # type: ignore[arg-type]
+        if span.is_recording():
+            _end_status(span, context)
+            span.end()
 
     def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
         raise NotImplementedError
@@ -473,17 +605,17 @@ class _SyncServerSpans(_ServerSpans, grpc.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        start = self._span
+        enter, leave = self.enter, self.leave
         if handler.unary_unary is not None or handler.stream_unary is not None:
             streaming_request = handler.unary_unary is None
             behavior = handler.stream_unary if streaming_request else handler.unary_unary
 
             def unary(request: Any, context: Any) -> Any:
-                with start(method, attributes, context) as span:
-                    try:
-                        return behavior(request, context)
-                    finally:
-                        _end_status(span, context)
+                span, token = enter(method, attributes, context)
+                try:
+                    return behavior(request, context)
+                finally:
+                    leave(span, token, context)
 
             factory = grpc.stream_unary_rpc_method_handler if streaming_request else grpc.unary_unary_rpc_method_handler
             return factory(unary, **serializers)
@@ -491,11 +623,24 @@ class _SyncServerSpans(_ServerSpans, grpc.ServerInterceptor):
         stream_behavior = handler.stream_stream if streaming_request else handler.unary_stream
 
         def stream(request: Any, context: Any) -> Iterator[Any]:
-            with start(method, attributes, context) as span:
-                try:
-                    yield from stream_behavior(request, context)
-                finally:
+            # A generator resumes on whichever thread pulls it: the span is made current around each step only.
+            span, token = enter(method, attributes, context)
+            context_api.detach(token)  # type: ignore[arg-type]
+            responses = iter(stream_behavior(request, context))
+            try:
+                while True:
+                    token = context_api.attach(trace.set_span_in_context(span))
+                    try:
+                        response = next(responses)
+                    except StopIteration:
+                        return
+                    finally:
+                        context_api.detach(token)  # type: ignore[arg-type]
+                    yield response
+            finally:
+                if span.is_recording():
                     _end_status(span, context)
+                    span.end()
 
         factory = grpc.stream_stream_rpc_method_handler if streaming_request else grpc.unary_stream_rpc_method_handler
         return factory(stream, **serializers)
@@ -510,17 +655,17 @@ class _AioServerSpans(_ServerSpans, grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        start = self._span
+        enter, leave = self.enter, self.leave
         if handler.unary_unary is not None or handler.stream_unary is not None:
             streaming_request = handler.unary_unary is None
             behavior = handler.stream_unary if streaming_request else handler.unary_unary
 
             async def unary(request: Any, context: Any) -> Any:
-                with start(method, attributes, context) as span:
-                    try:
-                        return await behavior(request, context)
-                    finally:
-                        _end_status(span, context)
+                span, token = enter(method, attributes, context)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    leave(span, token, context)
 
             factory = grpc.stream_unary_rpc_method_handler if streaming_request else grpc.unary_unary_rpc_method_handler
             return factory(unary, **serializers)
@@ -528,12 +673,13 @@ class _AioServerSpans(_ServerSpans, grpc.aio.ServerInterceptor):
         stream_behavior = handler.stream_stream if streaming_request else handler.unary_stream
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            with start(method, attributes, context) as span:
-                try:
-                    async for response in stream_behavior(request, context):
-                        yield response
-                finally:
-                    _end_status(span, context)
+            # Each aio call runs in its own task (its own context): the span stays current for the whole stream.
+            span, token = enter(method, attributes, context)
+            try:
+                async for response in stream_behavior(request, context):
+                    yield response
+            finally:
+                leave(span, token, context)
 
         factory = grpc.stream_stream_rpc_method_handler if streaming_request else grpc.unary_stream_rpc_method_handler
         return factory(stream, **serializers)

@@ -24,7 +24,7 @@ from numprotect_core import telemetry as tel
 from numprotect_core.call_ref import CallRef
 from numprotect_core.logs import JsonFormatter
 from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
-from numprotect_core.settings import SettingsError
+from numprotect_core.settings import Env, SettingsError
 from numprotect_core.telemetry import Telemetry
 from support.inprocess import running_service
 
@@ -474,3 +474,147 @@ async def test_aio_server_spans_record_status_of_failed_and_streaming_calls(redi
     stream = spans["/numprotect.translation.v1.TranslationService/TranslateStream"]
     assert dict(stream.attributes or {})["rpc.grpc.status_code"] == 0
     assert stream.status.status_code == trace.StatusCode.UNSET
+
+
+# --- the unsampled fast path: the sampler's decision without the SDK span -----------------------------------------
+
+
+class _ContextRecorder:
+    """A sync gRPC server (one worker thread) whose handlers record the span context current inside them."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        from concurrent import futures
+
+        self.seen: list[tuple[trace.SpanContext, bool]] = []
+
+        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+            span = trace.get_current_span()
+            self.seen.append((span.get_span_context(), span.is_recording()))
+            return request
+
+        def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            for _ in range(3):
+                span = trace.get_current_span()
+                self.seen.append((span.get_span_context(), span.is_recording()))
+                yield request
+
+        handlers = {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        }
+        self.server = grpc.server(futures.ThreadPoolExecutor(1), interceptors=telemetry.sync_server_interceptors())
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def __enter__(self) -> Any:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        return self.channel
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+        self.server.stop(None)
+
+
+def _traceparent(trace_id: int, span_id: int, sampled: bool) -> tuple[tuple[str, str], ...]:
+    return (("traceparent", f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"),)
+
+
+def test_unsampled_calls_carry_a_not_sampled_context_and_export_nothing() -> None:
+    telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})
+    recorder = _ContextRecorder(telemetry)
+    parent_trace, parent_span = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    with recorder as channel:
+        unary = channel.unary_unary("/test.Echo/Unary")
+        for _ in range(20):  # roots, one worker thread: a context left attached would show as a shared trace id
+            assert unary(b"root", timeout=5) == b"root"
+        unary(b"child", metadata=_traceparent(parent_trace, parent_span, sampled=False), timeout=5)
+        unary(b"sampled", metadata=_traceparent(parent_trace, parent_span, sampled=True), timeout=5)
+    roots, (not_sampled_child, _), (sampled_child, sampled_recording) = (
+        recorder.seen[:20],
+        recorder.seen[20],
+        recorder.seen[21],
+    )
+    assert len({c.trace_id for c, _ in roots}) == 20
+    for root, recording in roots:
+        assert root.is_valid and not recording
+        assert not root.trace_flags.sampled  # downstream calls get "-00": they do not start their own traces
+        assert root.trace_flags.random_trace_id
+    assert not_sampled_child.trace_id == parent_trace and not_sampled_child.span_id != parent_span
+    assert not not_sampled_child.trace_flags.sampled
+    # Parent-based: a sampled caller is followed even though the root sampler is always_off.
+    assert sampled_child.trace_id == parent_trace and sampled_child.trace_flags.sampled and sampled_recording
+    (exported,) = finished(telemetry, exporter)
+    assert exported.context.span_id == sampled_child.span_id
+    assert exported.parent is not None and exported.parent.span_id == parent_span
+
+
+def test_sampled_server_spans_keep_the_trace_id_the_ratio_sampler_judged() -> None:
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    recorder = _ContextRecorder(telemetry)
+    with recorder as channel:
+        unary = channel.unary_unary("/test.Echo/Unary")
+        for _ in range(400):
+            unary(b"x", timeout=5)
+    judge = TraceIdRatioBased(0.25)
+
+    def judged_in(trace_id: int) -> bool:
+        return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < judge.bound
+
+    sampled = {c.trace_id for c, recording in recorder.seen if recording}
+    assert all(c.trace_flags.sampled == recording for c, recording in recorder.seen)
+    assert 50 <= len(sampled) <= 160  # a quarter of 400, with a wide margin
+    # Every decision agrees with the ratio rule on the call's own trace id, so another service judging the
+    # same trace id with traceidratio decides alike.
+    assert all(judged_in(c.trace_id) == recording for c, recording in recorder.seen)
+    assert {s.context.trace_id for s in finished(telemetry, exporter)} == sampled
+
+
+def test_sync_streaming_span_is_current_in_every_step_and_ended_once() -> None:
+    telemetry, exporter = traced()
+    recorder = _ContextRecorder(telemetry)
+    with recorder as channel:
+        assert list(channel.unary_stream("/test.Echo/Stream")(b"s", timeout=5)) == [b"s"] * 3
+        assert channel.unary_unary("/test.Echo/Unary")(b"u", timeout=5) == b"u"
+    steps, (after, _) = recorder.seen[:3], recorder.seen[3]
+    assert len({c.span_id for c, _ in steps}) == 1 and all(recording for _, recording in steps)
+    assert after.trace_id != steps[0][0].trace_id  # the stream's span did not stay attached to the thread
+    stream, unary = finished(telemetry, exporter)
+    assert stream.context.span_id == steps[0][0].span_id and stream.name == "/test.Echo/Stream"
+    assert dict(stream.attributes or {})["rpc.grpc.status_code"] == 0
+    assert unary.parent is None
+
+
+@pytest.mark.parametrize("name", tel.SAMPLERS)
+def test_sampling_rule_decides_like_the_sdk_sampler_it_builds(name: str) -> None:
+    import random
+
+    from opentelemetry.sdk.trace.sampling import Decision
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    rule = tel.SamplingRule.from_env(Env({"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": "0.3"}))
+    sampler = rule.sampler()
+    generator = random.Random(7)
+    decisions = set()
+    for i in range(3000):
+        trace_id = generator.getrandbits(128) or 1
+        parent = None
+        if i % 3:
+            flags = TraceFlags(TraceFlags.SAMPLED if i % 3 == 1 else TraceFlags.DEFAULT)
+            parent = SpanContext(trace_id, generator.getrandbits(64) or 1, True, flags)
+        context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+        result = sampler.should_sample(context, trace_id, "m", SpanKind.SERVER)
+        expected = result.decision == Decision.RECORD_AND_SAMPLE
+        assert rule.samples(trace_id, parent) == expected, (name, i)
+        decisions.add(expected)
+    assert decisions == {"always_on": {True}, "always_off": {False}}.get(name, {True, False})
+
+
+def test_preset_trace_ids_are_used_once_per_thread() -> None:
+    ids = tel._PresetTraceIds()
+    ids.preset(42)
+    assert ids.generate_trace_id() == 42
+    following = ids.generate_trace_id()
+    assert following != 42 and following > 0
