@@ -354,9 +354,10 @@ def set_span_attributes(span: Span | None = None, /, **attributes: AttributeValu
     target = span if span is not None else trace.get_current_span()
     if not target.is_recording():
         return
-    for name, value in attributes.items():
-        if value is not None:
-            target.set_attribute(ATTRIBUTE_PREFIX + name, _safe_value(value))
+    # One set_attributes call: the SDK span takes its lock once, not once per attribute.
+    target.set_attributes(
+        {ATTRIBUTE_PREFIX + name: _safe_value(value) for name, value in attributes.items() if value is not None}
+    )
 
 
 def masked_number_attribute(name: str, number: str, span: Span | None = None) -> None:
