@@ -28,7 +28,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.harness import free_port, process, redis_server_args, wait_redis, wait_serving
+from benchmarks.harness import cpu_seconds, free_port, process, redis_server_args, wait_redis, wait_serving
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
@@ -120,12 +120,6 @@ def memory_by_family(client: redis.Redis) -> dict[str, tuple[int, int]]:
     if batch:
         flush()
     return {name: (v[0], v[1]) for name, v in totals.items()}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def redis_cpu_seconds(client: redis.Redis) -> float:

@@ -40,7 +40,7 @@ import redis
 import redis.asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from benchmarks.harness import free_port, process, redis_server_args, wait_redis, wait_serving
+from benchmarks.harness import cpu_seconds, free_port, process, redis_server_args, wait_redis, wait_serving
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 
@@ -102,12 +102,6 @@ async def seed(url: str) -> None:
 
     await asyncio.gather(*(put(i) for i in range(SEED_ROUTES)))
     await client.aclose()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc): the cost per call, independent of machine load."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def grpc_frame(message: Any) -> bytes:

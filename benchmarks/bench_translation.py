@@ -1,12 +1,17 @@
 """Translation benchmark: `python -m benchmarks.bench_translation` (part of `make bench`).
 
-Seeds 100,000 AXB bindings in a fresh redis-server, then for each server model (sync, aio) starts one
-`python -m translation` pinned to CPU 0 (taskset) and drives, with h2load on the other CPU:
-  - grpc.health.v1.Health/Check  (the framework's ceiling on the same server),
-  - TranslationService/Translate (the real hot path: one EVALSHA per call),
-and a Python client pushing one long TranslateStream. An empty sync handler (no interceptors, no Redis) gives
-the best ceiling grpcio reaches here. A sample of real responses is verified (h2load only sees HTTP status).
-Reports RPS, p50/p99 (from h2load's per-request log), the ratios the issue targets, and what limits them.
+Seeds 100,000 AXB bindings in a fresh redis-server, then starts, each pinned to CPU 0 (taskset), one
+`python -m translation` per server model (sync, aio) and an empty sync handler (no interceptors, no Redis:
+the best ceiling grpcio reaches here). h2load on the other CPU drives, in BENCH_ROUNDS interleaved rounds
+(rotated order, so a change of the machine's load hits every target alike):
+  - the empty handler,
+  - grpc.health.v1.Health/Check of each translation server (the framework's ceiling on the same server),
+  - TranslationService/Translate of each (the real hot path: one EVALSHA per call),
+then a Python client on the load CPU pushes one long TranslateStream per model. A sample of real responses is
+verified (h2load only sees HTTP status). Reports median RPS, p50/p99 (h2load's per-request log), the ratios
+the issue targets (of the medians, and per round), and the stream rates.
+Environment: BENCH_ROUNDS (3), BENCH_DURATION (6s), BENCH_CLIENTS (4), BENCH_STREAMS (16), BENCH_MODELS
+(sync,aio), BENCH_STREAM_MESSAGES, BENCH_STREAM_BATCH, BENCH_BINDINGS.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from benchmarks.harness import free_port, redis_server_args, wait_redis
+from benchmarks.harness import cpu_seconds, free_port, redis_server_args, wait_redis
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
 from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable, axe_marker_key, caller_key
@@ -40,6 +45,8 @@ CLIENTS = int(os.environ.get("BENCH_CLIENTS", "4"))
 STREAMS_PER_CLIENT = int(os.environ.get("BENCH_STREAMS", "16"))
 STREAM_MESSAGES = int(os.environ.get("BENCH_STREAM_MESSAGES", "20000"))
 STREAM_BATCH = int(os.environ.get("BENCH_STREAM_BATCH", "32"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+MODELS = tuple(os.environ.get("BENCH_MODELS", "sync,aio").split(","))
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 TRANSLATE = "/numprotect.translation.v1.TranslationService/Translate"
@@ -88,11 +95,13 @@ class LoadResult:
     p99_ms: float
     ok: int
     failed: int
+    cpu_us_per_call: float  # the server process's user + system CPU time per answered call
+    busy: float  # the server's CPU time over the run's wall time: near 1.0 means CPU-bound on its core
 
     def line(self) -> str:
         return (
-            f"  {self.name:<34} {self.rps:>9.0f} RPS   p50 {self.p50_ms:6.2f} ms   p99 {self.p99_ms:6.2f} ms"
-            f"   ({self.ok} ok, {self.failed} failed)"
+            f"  {self.name:<28} {self.rps:>6.0f} RPS  p50 {self.p50_ms:6.2f} ms  p99 {self.p99_ms:6.2f} ms"
+            f"  CPU {self.cpu_us_per_call:4.0f} us/call, busy {self.busy:4.2f}  ({self.ok} ok, {self.failed} failed)"
         )
 
 
@@ -100,7 +109,7 @@ def progress(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def h2load(name: str, port: int, path: str, body: bytes, workdir: Path) -> LoadResult:
+def h2load(name: str, port: int, path: str, body: bytes, workdir: Path, pid: int) -> LoadResult:
     progress(f"h2load {name}")
     body_file = workdir / f"{name.replace(' ', '_').replace('/', '_')}.bin"
     body_file.write_bytes(grpc_frame(body))
@@ -128,7 +137,9 @@ def h2load(name: str, port: int, path: str, body: bytes, workdir: Path) -> LoadR
         f"--log-file={log_file}",
         f"http://127.0.0.1:{port}{path}",
     ]
+    cpu_before, started = cpu_seconds(pid), time.monotonic()
     output = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    cpu, wall = cpu_seconds(pid) - cpu_before, time.monotonic() - started
     rps = 0.0
     ok = failed = 0
     for line in output.splitlines():
@@ -142,7 +153,9 @@ def h2load(name: str, port: int, path: str, body: bytes, workdir: Path) -> LoadR
         raise RuntimeError(f"h2load {name} failed:\n{output}")
     p50 = durations[len(durations) // 2] / 1000
     p99 = durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000
-    return LoadResult(name, rps, p50, p99, ok, failed)
+    # The CPU time spans h2load's warm-up second too: its calls are counted at the measured rate.
+    answered = len(durations) + int(rps)
+    return LoadResult(name, rps, p50, p99, ok, failed, cpu / max(1, answered) * 1e6, cpu / wall)
 
 
 class Server:
@@ -264,6 +277,8 @@ def main() -> int:
     if not shutil.which("h2load"):
         print("h2load not found: install Debian package nghttp2-client (make system-deps)")
         return 1
+    # This process (the TranslateStream client) runs beside h2load and Redis, off the server's core.
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
     workdir = Path(tempfile.mkdtemp(prefix="bench-translation-"))
     redis_port = free_port()
     redis_args = redis_server_args("redis-server", redis_port, workdir, "--appendonly", "no")
@@ -271,53 +286,61 @@ def main() -> int:
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     wait_redis(redis_port, timeout=20)  # a loaded host can take a while to start redis-server
     lines: list[str] = []
+    servers: list[Server] = []
     try:
         progress("seeding")
         seconds = asyncio.run(seed(redis_url))
         lines.append(f"seeded {BINDINGS} AXB bindings ({2 * BINDINGS} route keys) in {seconds:.1f}s")
-        lines.append(
-            f"server on CPU {SERVER_CPU} (taskset), h2load + redis on CPU {LOAD_CPU}; h2load -D {DURATION} "
-            f"-c {CLIENTS} -m {STREAMS_PER_CLIENT}; load average {os.getloadavg()[0]:.1f}"
-        )
         request = pb.TranslateRequest(calling_number=party(42, 0), called_number=virtual(42), call_id="bench")
         health_body = health_pb2.HealthCheckRequest().SerializeToString()
 
         empty_port = free_port()
-        empty = Server(["-m", "benchmarks.bench_translation", "--empty-server", str(empty_port)], {}, empty_port)
-        try:
-            ceiling = h2load("empty handler (sync, 1 proc)", empty_port, EMPTY, b"", workdir)
-        finally:
-            empty.stop()
-        results: dict[str, dict[str, LoadResult]] = {}
+        empty_args = ["-m", "benchmarks.bench_translation", "--empty-server", str(empty_port)]
+        empty_server_process = Server(empty_args, {}, empty_port)
+        servers.append(empty_server_process)
+        translation_servers = {model: translation_server(model, redis_url) for model in MODELS}
+        servers.extend(translation_servers.values())
+        targets = {"empty": (empty_port, EMPTY, b"", empty_server_process.process.pid)}
+        for model, server in translation_servers.items():
+            lines.append(f"{model}: verified {verify_sample(server.port)} sampled Translate answers: all correct")
+            targets[f"{model} health"] = (server.port, HEALTH, health_body, server.process.pid)
+            targets[f"{model} translate"] = (server.port, TRANSLATE, request.SerializeToString(), server.process.pid)
+        # Interleaved rounds, each in a rotated order: a change in the machine's load hits every target alike,
+        # and each ratio is also computed within one round.
+        names = list(targets)
+        runs: dict[str, list[LoadResult]] = {name: [] for name in names}
+        for round_number in range(ROUNDS):
+            shift = round_number % len(names)
+            for name in names[shift:] + names[:shift]:
+                port, path, body, pid = targets[name]
+                runs[name].append(h2load(f"{name} #{round_number + 1}", port, path, body, workdir, pid))
         streams: dict[str, tuple[float, int]] = {}
         batched: dict[str, tuple[float, int]] = {}
-        for model in ("sync", "aio"):
-            server = translation_server(model, redis_url)
+        for model, server in translation_servers.items():
+            progress(f"{model}: TranslateStream")
             try:
-                verified = verify_sample(server.port)
-                results[model] = {
-                    "health": h2load(f"{model}: Health/Check", server.port, HEALTH, health_body, workdir),
-                    "translate": h2load(
-                        f"{model}: Translate", server.port, TRANSLATE, request.SerializeToString(), workdir
-                    ),
-                }
-                progress(f"{model}: TranslateStream")
-                try:
-                    streams[model] = stream_rate(server.port)
-                    progress(f"{model}: TranslateStream, {STREAM_BATCH} calls per message")
-                    batched[model] = stream_rate(server.port, STREAM_BATCH)
-                except grpc.RpcError as exc:
-                    lines.append(f"{model}: TranslateStream FAILED: {exc}")
-                    streams.setdefault(model, (0.0, 0))
-                    batched.setdefault(model, (0.0, 0))
-            finally:
-                server.stop()
-            lines.append(f"{model}: verified {verified} sampled Translate answers (both directions): all correct")
+                streams[model] = stream_rate(server.port)
+                progress(f"{model}: TranslateStream, {STREAM_BATCH} calls per message")
+                batched[model] = stream_rate(server.port, STREAM_BATCH)
+            except grpc.RpcError as exc:
+                lines.append(f"{model}: TranslateStream FAILED: {exc}")
+                streams.setdefault(model, (0.0, 0))
+                batched.setdefault(model, (0.0, 0))
 
+        lines.append(
+            f"server on CPU {SERVER_CPU} (taskset), h2load + redis + stream client on CPU {LOAD_CPU}; h2load -D "
+            f"{DURATION} -c {CLIENTS} -m {STREAMS_PER_CLIENT}; {ROUNDS} interleaved rounds; load average now "
+            f"{os.getloadavg()[0]:.1f}"
+        )
         lines.append("")
-        lines.append(ceiling.line())
-        for model in ("sync", "aio"):
-            lines.extend(r.line() for r in results[model].values())
+        lines.append("median of the rounds (RPS per round):")
+        median: dict[str, LoadResult] = {}
+        for name in names:
+            ordered = sorted(runs[name], key=lambda r: r.rps)
+            median[name] = ordered[len(ordered) // 2]
+            per_round = ", ".join(f"{r.rps:.0f}" for r in runs[name])
+            lines.append(f"{median[name].line()}   rounds: {per_round}")
+        for model in MODELS:
             rate, connected = streams[model]
             lines.append(
                 f"  {model + ': TranslateStream (1 stream)':<34} {rate:>9.0f} msg/s "
@@ -328,24 +351,31 @@ def main() -> int:
                 f"  {model + f': TranslateStream ({STREAM_BATCH}/message)':<34} {rate:>9.0f} calls/s "
                 f"({connected}/{STREAM_MESSAGES} CONNECT)"
             )
-        best = max(("sync", "aio"), key=lambda m: results[m]["translate"].rps)
         lines.append("")
-        for model in ("sync", "aio"):
-            t = results[model]["translate"].rps
+        for model in MODELS:
+            translate = [r.rps for r in runs[f"{model} translate"]]
+            health = [r.rps for r in runs[f"{model} health"]]
+            empty = [r.rps for r in runs["empty"]]
+            per_round_health = ", ".join(f"{t / h:.2f}" for t, h in zip(translate, health, strict=True))
+            per_round_empty = ", ".join(f"{t / e:.2f}" for t, e in zip(translate, empty, strict=True))
+            t = median[f"{model} translate"].rps
             lines.append(
-                f"{model}: translate/health = {t / results[model]['health'].rps:.2f} (target >= 0.8); "
-                f"translate/empty-ceiling = {t / ceiling.rps:.2f} (target >= 0.8); "
-                f"stream/unary = {streams[model][0] / t:.2f}, batched stream/unary = {batched[model][0] / t:.2f} "
-                f"(target >= 3)"
+                f"{model}: translate/health = {t / median[f'{model} health'].rps:.2f} (target >= 0.8; per round "
+                f"{per_round_health}); translate/empty-ceiling = {t / median['empty'].rps:.2f} (target >= 0.8; "
+                f"per round {per_round_empty}); stream/unary = {streams[model][0] / t:.2f}, batched stream/unary = "
+                f"{batched[model][0] / t:.2f} (target >= 3)"
             )
+        best = max(MODELS, key=lambda m: median[f"{m} translate"].rps)
         lines.append(
-            f"faster unary Translate: {best} "
-            f"({results[best]['translate'].rps:.0f} vs "
-            f"{results['aio' if best == 'sync' else 'sync']['translate'].rps:.0f} RPS)"
+            f"faster unary Translate: {best} ("
+            + " vs ".join(f"{m} {median[f'{m} translate'].rps:.0f}" for m in sorted(MODELS, key=lambda m: m != best))
+            + " RPS)"
         )
-        failed = sum(r.failed for m in results.values() for r in m.values())
+        failed = sum(r.failed for results in runs.values() for r in results)
         lines.append(f"h2load failed requests: {failed}")
     finally:
+        for server in servers:
+            server.stop()
         redis_proc.terminate()
         redis_proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)

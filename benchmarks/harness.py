@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -73,3 +74,9 @@ def wait_redis(port: int, timeout: float = 10.0) -> redis.Redis:
         except redis.ConnectionError:
             time.sleep(0.02)
     raise RuntimeError("redis-server did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc): cost per call, independent of machine load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

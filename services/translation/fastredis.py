@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from _thread import allocate_lock as _allocate_lock
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -58,7 +59,12 @@ class _Conn:
 
 
 class _Slot:
-    """One thread's call waiting to go out in the next combined pipeline."""
+    """One thread's call waiting to go out in the next combined pipeline.
+
+    `done` is a raw lock created held: the waiting thread blocks acquiring it, the leader releases it. A
+    threading.Event would do the same through a Condition implemented in Python, several times the cost on
+    the hot path.
+    """
 
     __slots__ = ("command", "done", "lead", "node", "result")
 
@@ -66,8 +72,17 @@ class _Slot:
         self.node = node
         self.command = command
         self.result: Any = None
-        self.done = threading.Event()
+        self.done = _allocate_lock()
+        self.done.acquire()
         self.lead = False
+
+
+def _wake(slot: _Slot) -> None:
+    # try/except, not contextlib.suppress: a context manager per call costs more on the hot path
+    try:  # noqa: SIM105
+        slot.done.release()
+    except RuntimeError:  # already released: handed the lead earlier, or woken by its own timeout path
+        pass
 
 
 class ScriptClient:
@@ -84,6 +99,7 @@ class ScriptClient:
         self.db = int(url.path.strip("/") or 0) if url.scheme != "unix" and not self.cluster else 0
         self.connect_timeout = settings.timeout_seconds
         self._prefix = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n"
+        self._heads: dict[tuple[int, int], bytes] = {}  # command head per (keys, args) count
         self._local = threading.local()
         self._slots: list[Node] = []
         self._slots_lock = threading.Lock()
@@ -176,9 +192,18 @@ class ScriptClient:
     # --- EVALSHA -----------------------------------------------------------------------------------------
 
     def _command(self, keys: Sequence[str], args: Sequence[str]) -> bytes:
-        parts = [self._prefix % (3 + len(keys) + len(args), self.script.sha.encode())]
-        count = str(len(keys)).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(count), count))
+        shape = (len(keys), len(args))
+        head = self._heads.get(shape)
+        if head is None:
+            count = str(len(keys)).encode()
+            head = self._prefix % (3 + len(keys) + len(args), self.script.sha.encode())
+            head = self._heads[shape] = head + b"$%d\r\n%s\r\n" % (len(count), count)
+        # One str built and encoded once: character counts are byte counts when everything is ASCII (numbers,
+        # keys, our tenant ids); anything else takes the exact per-item path.
+        text = "".join([f"${len(item)}\r\n{item}\r\n" for item in (*keys, *args)])
+        if text.isascii():
+            return head + text.encode()
+        parts = [head]
         for item in (*keys, *args):
             data = item.encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
@@ -212,7 +237,7 @@ class ScriptClient:
             self._queue.append(slot)
             lead = not self._leading
             self._leading = True
-        if not lead and not slot.done.wait(timeout):
+        if not lead and not slot.done.acquire(timeout=timeout):
             with self._queue_lock:
                 if slot.lead:  # handed the lead just now: lead anyway so the others are not stranded
                     lead = True
@@ -235,7 +260,7 @@ class ScriptClient:
             replies = [exc] * len(batch)
         for slot, reply in zip(batch, replies, strict=True):
             slot.result = reply
-            slot.done.set()
+            _wake(slot)
         with self._queue_lock:
             if self._queue:
                 following = self._queue[0]
@@ -244,7 +269,7 @@ class ScriptClient:
                 following = None
                 self._leading = False
         if following is not None:
-            following.done.set()
+            _wake(following)
 
     def _pipeline(self, calls: Sequence[tuple[Node, bytes]], timeout: float) -> list[Any]:
         """Sends prepared EVALSHAs, one write per node; replies (or exceptions) in order; NOSCRIPT/MOVED retried."""

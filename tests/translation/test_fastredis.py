@@ -73,3 +73,19 @@ def test_an_unreachable_redis_is_unavailable(echo: LuaScript) -> None:
         client.evalsha(["np:test:{x}"], ["a"], 0.5)
     with pytest.raises(Unavailable):
         client.evalsha_combined(["np:test:{x}"], ["a"], 0.5)
+
+
+def test_commands_are_exact_resp_for_ascii_and_other_text(echo: LuaScript) -> None:
+    import hiredis
+
+    client = ScriptClient(RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": "redis://127.0.0.1:1/0"})), echo)
+    for keys, args in (
+        (("np:rt:{700100000000001}:c:13800000001", "np:lock:{700100000000001}"), ("13800000001", "", "60000")),
+        (("np:x:{租户}",), ("租户-1,tenant-2", "ü")),  # multi-byte: byte lengths, not character counts
+    ):
+        command = client._command(keys, args)
+        # Parse the command as a RESP array: exactly the parts, nothing left over.
+        reader = hiredis.Reader(encoding="utf-8")
+        reader.feed(command)
+        assert reader.gets() == ["EVALSHA", echo.sha, str(len(keys)), *keys, *args]
+        assert reader.gets() is False
