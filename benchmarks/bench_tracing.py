@@ -1,19 +1,21 @@
 """Tracing benchmark: the throughput cost of tracing on Translate, as ratios against tracing off in the same run.
 
 Starts a redis-server, seeds SEED_ROUTES AXB routes with RouteTable, starts an OTLP/gRPC trace receiver in
-this process and four translation processes that differ only in tracing:
+this process and translation processes in four configurations that differ only in tracing:
   off      no OTEL_EXPORTER_OTLP_ENDPOINT (no provider, no interceptor, no Redis instrumentation);
   none_sampled  endpoint set, OTEL_TRACES_SAMPLER=parentbased_always_off: what every call pays for the
            sampling decision and the interceptor alone, with nothing recorded or exported;
   default  endpoint set, no sampler variable: our default parentbased_traceidratio at 0.1;
   full     endpoint set, OTEL_TRACES_SAMPLER=always_on (100%).
-Then h2load drives Translate (body = 0x00 + 4-byte big-endian length + serialized TranslateRequest, headers
-content-type: application/grpc and te: trailers) against each, in interleaved rounds so that a change of
-machine load hits all of them alike; the report gives the median req/s per configuration and its ratio to off.
+Each configuration runs in NUMPROTECT_BENCH_TRACING_PROCESSES processes (default 3: identical processes differ
+by a few percent here, as much as the cost measured). Then h2load drives Translate (body = 0x00 + 4-byte
+big-endian length + serialized TranslateRequest, headers content-type: application/grpc and te: trailers)
+against each process, in interleaved rounds so that a change of machine load hits all of them alike; the report
+gives the median req/s and the median server CPU time per call of each configuration, as ratios to off.
 Every request is a CONNECT (rate limits raised so one repeated request is never limited; checked after).
 
 Run: python -m benchmarks.bench_tracing (or make bench BENCH_ARGS=tracing). Environment overrides:
-NUMPROTECT_BENCH_TRACING_SECONDS (per round and configuration, default 6), NUMPROTECT_BENCH_TRACING_ROUNDS (3),
+NUMPROTECT_BENCH_TRACING_SECONDS (per round and process, default 5), NUMPROTECT_BENCH_TRACING_ROUNDS (3),
 NUMPROTECT_BENCH_CLIENTS (h2load -c, 4), NUMPROTECT_BENCH_STREAMS (h2load -m, 16).
 """
 
@@ -159,8 +161,9 @@ def main() -> int:
     if shutil.which("redis-server") is None or shutil.which("h2load") is None:
         print("redis-server and h2load are needed: run `make system-deps`", file=sys.stderr)
         return 2
-    seconds = float(os.environ.get("NUMPROTECT_BENCH_TRACING_SECONDS", "6"))
+    seconds = float(os.environ.get("NUMPROTECT_BENCH_TRACING_SECONDS", "5"))
     rounds = int(os.environ.get("NUMPROTECT_BENCH_TRACING_ROUNDS", "3"))
+    processes = int(os.environ.get("NUMPROTECT_BENCH_TRACING_PROCESSES", "3"))
     clients = int(os.environ.get("NUMPROTECT_BENCH_CLIENTS", "4"))
     streams = int(os.environ.get("NUMPROTECT_BENCH_STREAMS", "16"))
     work = Path(tempfile.mkdtemp(prefix="numprotect-bench-tracing-"))
@@ -209,16 +212,20 @@ def main() -> int:
                     "OTEL_TRACES_SAMPLER": "always_on",
                 },
             }
-            addresses: dict[str, str] = {}
-            pids: dict[str, int] = {}
-            for config in CONFIGS:
+            # Several processes per configuration: identical processes differ by a few percent here (hash seeds,
+            # memory layout, scheduling), as much as the cost being measured; a median over processes evens it out.
+            units = [(config, n) for n in range(processes) for config in CONFIGS]
+            addresses: dict[tuple[str, int], str] = {}
+            pids: dict[tuple[str, int], int] = {}
+            for unit in units:
+                config, n = unit
                 port = free_port()
                 env = {**base, **tracing[config], "NUMPROTECT_TRANSLATION_PORT": str(port)}
-                log = work / f"translation-{config}.log"
+                log = work / f"translation-{config}-{n}.log"
                 child = stack.enter_context(process([sys.executable, "-m", "translation"], env, log))
-                addresses[config] = f"127.0.0.1:{port}"
-                pids[config] = child.pid
-                wait_serving(addresses[config], child, log)
+                addresses[unit] = f"127.0.0.1:{port}"
+                pids[unit] = child.pid
+                wait_serving(addresses[unit], child, log)
 
             index = 7
             body = work / "translate.bin"
@@ -229,9 +236,9 @@ def main() -> int:
                     )
                 )
             )
-            for config in CONFIGS:
-                check_connects(addresses[config], index)
-                h2load(addresses[config], body, 1, clients, streams)  # warm-up: connections, script cache, pools
+            for unit in units:
+                check_connects(addresses[unit], index)
+                h2load(addresses[unit], body, 1, clients, streams)  # warm-up: connections, script cache, pools
 
             rates: dict[str, list[float]] = {config: [] for config in CONFIGS}
             done: dict[str, int] = dict.fromkeys(CONFIGS, 0)
@@ -239,22 +246,22 @@ def main() -> int:
             time.sleep(6)  # the warm-up's spans leave (the batch span processor exports every 5 s by default)
             spans_before = {config: receiver.count(f"bench-{config}") for config in CONFIGS}
             cpu: dict[str, float] = dict.fromkeys(CONFIGS, 0.0)
-            cpu_rounds: dict[str, list[float]] = {config: [] for config in CONFIGS}
+            cpu_runs: dict[str, list[float]] = {config: [] for config in CONFIGS}
             for round_number in range(rounds):
                 # Rotate the order each round, so no configuration always runs first after a pause.
-                shift = round_number % len(CONFIGS)
-                order = CONFIGS[shift:] + CONFIGS[:shift]
-                for config in order:
-                    cpu_before = cpu_seconds(pids[config])
-                    rate, completed, errors = h2load(addresses[config], body, seconds, clients, streams)
-                    used = cpu_seconds(pids[config]) - cpu_before
+                shift = round_number % len(units)
+                for unit in units[shift:] + units[:shift]:
+                    config = unit[0]
+                    cpu_before = cpu_seconds(pids[unit])
+                    rate, completed, errors = h2load(addresses[unit], body, seconds, clients, streams)
+                    used = cpu_seconds(pids[unit]) - cpu_before
                     cpu[config] += used
-                    cpu_rounds[config].append(used / max(1, completed) * 1e6)
+                    cpu_runs[config].append(used / max(1, completed) * 1e6)
                     rates[config].append(rate)
                     done[config] += completed
                     failed[config] += errors
-            for config in CONFIGS:
-                check_connects(addresses[config], index)
+            for unit in units:
+                check_connects(addresses[unit], index)
             time.sleep(6)  # the batch span processor exports every 5 s by default
             spans = {config: receiver.count(f"bench-{config}") - spans_before[config] for config in CONFIGS}
     finally:
@@ -262,26 +269,26 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     off = statistics.median(rates["off"])
-    cpu_per_call = {config: cpu[config] / max(1, done[config]) * 1e6 for config in CONFIGS}
+    cpu_per_call = {config: statistics.median(cpu_runs[config]) for config in CONFIGS}
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"Translate throughput with tracing off, on with nothing sampled, at the default sampler "
-        f"(parentbased_traceidratio 0.1) and at 100%: "
-        f"one translation process each (server model {model or 'default'}), h2load -c {clients} -m {streams}, {rounds} "
-        f"interleaved rounds of {seconds:g}s, "
-        f"{SEED_ROUTES} routes seeded; {os.cpu_count()} CPUs shared by Redis, the four translation processes, "
-        f"h2load and the OTLP receiver; load average {load}"
+        f"(parentbased_traceidratio 0.1) and at 100%: {processes} translation processes per configuration "
+        f"(server model {model or 'default'}), h2load -c {clients} -m {streams}, {rounds} interleaved rounds of "
+        f"{seconds:g}s on each process, {SEED_ROUTES} routes seeded; {os.cpu_count()} CPUs shared by Redis, the "
+        f"{len(units)} translation processes, h2load and the OTLP receiver; load average {load}"
     )
+    print("throughput: median req/s of all runs of a configuration (every process, every round)")
     for config in CONFIGS:
         median = statistics.median(rates[config])
-        per_round = ", ".join(f"{r:,.0f}" for r in rates[config])
+        per_run = ", ".join(f"{r:,.0f}" for r in rates[config])
         cost = "" if config == "off" else f"  ratio to off {median / off:.3f} (cost {100 * (1 - median / off):+.1f}%)"
-        print(f"  {config:8s} median {median:,.0f} req/s{cost}   rounds: {per_round}")
-    print("server CPU time per call (user+system of the translation process; robust to the machine's load):")
+        print(f"  {config:12s} median {median:,.0f} req/s{cost}   runs: {per_run}")
+    print("server CPU time per call, median of the runs (user+system of the translation process):")
     for config in CONFIGS:
         ratio = "" if config == "off" else f"  ratio to off {cpu_per_call[config] / cpu_per_call['off']:.3f}"
-        per_round = ", ".join(f"{c:,.0f}" for c in cpu_rounds[config])
-        print(f"  {config:8s} {cpu_per_call[config]:,.0f} us/call{ratio}   rounds: {per_round}")
+        per_run = ", ".join(f"{c:,.0f}" for c in cpu_runs[config])
+        print(f"  {config:12s} {cpu_per_call[config]:,.0f} us/call{ratio}   runs: {per_run}")
     for config in ("none_sampled", "default", "full"):
         received = spans[config]
         share = received / max(1, done[config])
