@@ -43,7 +43,7 @@ def build_sync(sync: SyncRuntime) -> SyncServiceParts:
     """The sync-model service: hot path on ScriptClient, cold RPCs and the blocklist refresher on the loop."""
     cold, refresher = sync.loop.run(build_servicer(sync.runtime))
     client = ScriptClient(sync.redis_settings, SCRIPT)
-    servicer = SyncTranslationServiceServicer(client, cold.translator, cold, sync.loop)
+    servicer = SyncTranslationServiceServicer(client, cold.translator, cold, sync.loop, sync.runtime.telemetry)
     return SyncServiceParts(
         registrations=[
             SyncServiceRegistration(FULL_NAME, servicer, translation_pb2_grpc.add_TranslationServiceServicer_to_server),

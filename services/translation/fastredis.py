@@ -108,6 +108,15 @@ class ScriptClient:
         self._queue_lock = threading.Lock()
         self._leading = False
 
+    def span_attributes(self) -> dict[str, str | int]:
+        """What a Redis CLIENT span of this client says: the system, the sanitised statement, the server."""
+        attributes: dict[str, str | int] = {"db.system": "redis", "db.statement": "EVALSHA ?"}
+        if self.unix_path:
+            attributes["server.address"] = self.unix_path
+        else:
+            attributes["server.address"], attributes["server.port"] = self.seed
+        return attributes
+
     # --- connections -------------------------------------------------------------------------------------
 
     def _conns(self) -> dict[Node, _Conn]:

@@ -12,9 +12,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from opentelemetry.trace import SpanKind
+
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from numprotect_core.errors import DomainError, Unavailable
 from numprotect_core.server_sync import LoopThread
+from numprotect_core.telemetry import Telemetry
 from translation.core import Prepared, StreamBatch, Translator
 from translation.fastredis import ScriptClient
 from translation.servicer import TranslationServiceServicer, redis_budget
@@ -24,9 +27,18 @@ _COLD_TIMEOUT = 30.0
 
 class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer):
     def __init__(
-        self, client: ScriptClient, translator: Translator, cold: TranslationServiceServicer, loop: LoopThread
+        self,
+        client: ScriptClient,
+        translator: Translator,
+        cold: TranslationServiceServicer,
+        loop: LoopThread,
+        telemetry: Telemetry,
     ) -> None:
         self.client = client
+        # A CLIENT span per Redis call, only inside a sampled call (redis.asyncio clients get theirs from the
+        # Redis instrumentation; this client is ours). Never keys or arguments: they contain phone numbers.
+        self.telemetry = telemetry if telemetry.enabled else None
+        self.redis_attributes = client.span_attributes()
         self.translator = translator
         self.cold = cold
         self.loop = loop
@@ -41,11 +53,17 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
         if not isinstance(prepared, Prepared):
             return prepared
         budget = redis_budget(context.time_remaining(), self.cap)
-        if self.combine:
-            reply = self.client.evalsha_combined(prepared.keys, prepared.args, budget)
+        if self.telemetry is not None:
+            with self.telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT, attributes=self.redis_attributes):
+                reply = self._evalsha(prepared, budget)
         else:
-            reply = self.client.evalsha(prepared.keys, prepared.args, budget)
+            reply = self._evalsha(prepared, budget)
         return self.translator.finish(prepared, reply)
+
+    def _evalsha(self, prepared: Prepared, budget: float) -> Any:
+        if self.combine:
+            return self.client.evalsha_combined(prepared.keys, prepared.args, budget)
+        return self.client.evalsha(prepared.keys, prepared.args, budget)
 
     def TranslateStream(  # noqa: N802
         self, request_iterator: Iterator[translation_pb2.TranslateStreamRequest], context: Any
@@ -81,12 +99,19 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
             batch = StreamBatch(self.translator, messages)
             if batch.pending:
                 try:
-                    batch.complete(self.client.evalsha_many(batch.calls, self.cap))
+                    batch.complete(self._evalsha_many(batch))
                 except DomainError as exc:
                     batch.fail(exc)
                 except Exception as exc:
                     batch.fail(Unavailable(f"translation storage failed: {exc.__class__.__name__}"))
             yield from batch.responses
+
+    def _evalsha_many(self, batch: StreamBatch) -> list[Any]:
+        if self.telemetry is None:
+            return self.client.evalsha_many(batch.calls, self.cap)
+        attributes = {**self.redis_attributes, "db.redis.pipeline_length": len(batch.pending)}
+        with self.telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT, attributes=attributes):
+            return self.client.evalsha_many(batch.calls, self.cap)
 
     def BlockCaller(  # noqa: N802
         self, request: translation_pb2.BlockCallerRequest, context: Any

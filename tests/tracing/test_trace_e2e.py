@@ -220,6 +220,21 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
     assert translated.target_number == PARTY_B
     call_ref = CallRef.decode(translated.call_ref)
     assert call_ref.trace_id and call_ref.span_id, "Translate's call_ref carries no trace ids"
+    streamed = list(
+        translation.TranslateStream(
+            iter(
+                [
+                    translation_pb2.TranslateStreamRequest(
+                        request=translation_pb2.TranslateRequest(
+                            calling_number=PARTY_B, called_number=virtual, call_id="call-trace-2"
+                        )
+                    )
+                ]
+            ),
+            timeout=10,
+        )
+    )
+    assert [m.response.decision for m in streamed] == [translation_pb2.DECISION_CONNECT]
 
     record = cdr_pb2.CallDetailRecord(
         call_id="call-trace-1",
@@ -261,6 +276,10 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
     receiver.wait_for("complete CreateBinding trace", create_trace_complete)
     receiver.wait_for("Translate span", lambda spans: server_span(spans, "translation", translate_method) is not None)
     receiver.wait_for(
+        "TranslateStream span",
+        lambda spans: server_span(spans, "translation", translate_method + "Stream") is not None,
+    )
+    receiver.wait_for(
         "linked cdr span",
         lambda spans: any(
             s.service == "numprotect-cdr" and any(link[1] == format(call_ref.span_id, "016x") for link in s.links)
@@ -297,6 +316,23 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
     assert translate is not None
     carried = (format(call_ref.trace_id, "032x"), format(call_ref.span_id, "016x"))
     assert (translate.trace_id, translate.span_id) == carried  # the call_ref names the translation span
+    # The hot path's own Redis client (the sync server model) makes a CLIENT span under the Translate span.
+    (translate_redis,) = [s for s in spans if s.parent_span_id == translate.span_id]
+    assert (translate_redis.service, translate_redis.kind, translate_redis.name) == (
+        "numprotect-translation",
+        CLIENT,
+        "EVALSHA",
+    )
+    assert translate_redis.attributes["db.system"] == "redis"
+    assert translate_redis.attributes["db.statement"] == "EVALSHA ?"
+    stream = server_span(spans, "translation", "/numprotect.translation.v1.TranslationService/TranslateStream")
+    assert stream is not None
+    (stream_redis,) = [s for s in spans if s.parent_span_id == stream.span_id]
+    assert (stream_redis.kind, stream_redis.name, stream_redis.attributes["db.redis.pipeline_length"]) == (
+        CLIENT,
+        "EVALSHA",
+        1,
+    )
     linked = [
         s
         for s in spans
