@@ -1,11 +1,12 @@
 """Tracing benchmark: the throughput cost of tracing on Translate, as ratios against tracing off in the same run.
 
 Starts a redis-server, seeds SEED_ROUTES AXB routes with RouteTable, starts an OTLP/gRPC trace receiver in
-this process and translation processes in four configurations that differ only in tracing:
+this process and translation processes in five configurations that differ only in tracing:
   off      no OTEL_EXPORTER_OTLP_ENDPOINT (no provider, no interceptor, no Redis instrumentation);
   none_sampled  endpoint set, OTEL_TRACES_SAMPLER=parentbased_always_off: what every call pays for the
            sampling decision and the interceptor alone, with nothing recorded or exported;
-  default  endpoint set, no sampler variable: our default parentbased_traceidratio at 0.1;
+  default  endpoint set, no sampler variable: our default parentbased_traceidratio at 0.01;
+  ten_percent  the same sampler at 0.1 (OTEL_TRACES_SAMPLER_ARG), the default before 2026-11-28;
   full     endpoint set, OTEL_TRACES_SAMPLER=always_on (100%).
 Each configuration runs in NUMPROTECT_BENCH_TRACING_PROCESSES processes (default 3: identical processes differ
 by a few percent here, as much as the cost measured). Then h2load drives Translate (body = 0x00 + 4-byte
@@ -48,7 +49,7 @@ from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 
 SEED_ROUTES = 3000
 TRANSLATE_PATH = "/numprotect.translation.v1.TranslationService/Translate"
-CONFIGS = ("off", "none_sampled", "default", "full")
+CONFIGS = ("off", "none_sampled", "default", "ten_percent", "full")
 _RATE = re.compile(r"finished in [\d.]+\w*, ([\d.]+) req/s")
 _REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed")
 
@@ -206,6 +207,11 @@ def main() -> int:
                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
                     "OTEL_SERVICE_NAME": "bench-default",
                 },
+                "ten_percent": {
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+                    "OTEL_SERVICE_NAME": "bench-ten_percent",
+                    "OTEL_TRACES_SAMPLER_ARG": "0.1",
+                },
                 "full": {
                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
                     "OTEL_SERVICE_NAME": "bench-full",
@@ -273,7 +279,7 @@ def main() -> int:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"Translate throughput with tracing off, on with nothing sampled, at the default sampler "
-        f"(parentbased_traceidratio 0.1) and at 100%: {processes} translation processes per configuration "
+        f"(parentbased_traceidratio 0.01), at 10% and at 100%: {processes} translation processes per configuration "
         f"(server model {model or 'default'}), h2load -c {clients} -m {streams}, {rounds} interleaved rounds of "
         f"{seconds:g}s on each process, {SEED_ROUTES} routes seeded; {os.cpu_count()} CPUs shared by Redis, the "
         f"{len(units)} translation processes, h2load and the OTLP receiver; load average {load}"
@@ -289,7 +295,7 @@ def main() -> int:
         ratio = "" if config == "off" else f"  ratio to off {cpu_per_call[config] / cpu_per_call['off']:.3f}"
         per_run = ", ".join(f"{c:,.0f}" for c in cpu_runs[config])
         print(f"  {config:12s} {cpu_per_call[config]:,.0f} us/call{ratio}   runs: {per_run}")
-    for config in ("none_sampled", "default", "full"):
+    for config in CONFIGS[1:]:
         received = spans[config]
         share = received / max(1, done[config])
         print(

@@ -115,13 +115,13 @@ def test_an_endpoint_turns_tracing_on_with_interceptors(name: str) -> None:
         telemetry.shutdown()
 
 
-def test_default_sampler_is_parent_based_ten_percent() -> None:
+def test_default_sampler_is_parent_based_one_percent() -> None:
     telemetry, _ = traced({"OTEL_TRACES_SAMPLER": ""})
     assert telemetry.provider is not None
     description = telemetry.provider.sampler.get_description()
-    assert description.startswith("ParentBased{root:TraceIdRatioBased{0.1}")
+    assert description.startswith("ParentBased{root:TraceIdRatioBased{0.01}")
     assert tel.DEFAULT_SAMPLER == "parentbased_traceidratio"
-    assert tel.DEFAULT_SAMPLER_RATIO == 0.1
+    assert tel.DEFAULT_SAMPLER_RATIO == 0.01
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_default_sampler_is_parent_based_ten_percent() -> None:
         ({"OTEL_TRACES_SAMPLER": "always_on"}, "AlwaysOnSampler"),
         ({"OTEL_TRACES_SAMPLER": "always_off"}, "AlwaysOffSampler"),
         ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}, "TraceIdRatioBased{0.5}"),
-        ({"OTEL_TRACES_SAMPLER": "traceidratio"}, "TraceIdRatioBased{0.1}"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio"}, "TraceIdRatioBased{0.01}"),
         (
             {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"},
             "ParentBased{root:TraceIdRatioBased{1.0}",
@@ -162,13 +162,13 @@ def test_bad_settings_name_the_variable(environ: dict[str, str], variable: str) 
 
 def test_ratio_sampler_keeps_about_its_share_of_root_traces() -> None:
     telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": ""})
-    for _ in range(2000):
+    for _ in range(10_000):
         with telemetry.span("root"), telemetry.span("child"):
             pass
     spans = finished(telemetry, exporter)
     roots = [s for s in spans if s.name == "root"]
     children = [s for s in spans if s.name == "child"]
-    assert 100 <= len(roots) <= 320  # 10% of 2000, with a wide margin
+    assert 50 <= len(roots) <= 170  # 1% of 10,000, with a wide margin
     assert len(children) == len(roots)  # children follow their parent's decision
 
 
