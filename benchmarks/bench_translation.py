@@ -256,6 +256,17 @@ def stream_rate(port: int, per_message: int = 1) -> tuple[float, int]:
     return STREAM_MESSAGES / elapsed, connected
 
 
+def measured_stream(server: Server, per_message: int) -> tuple[float, int, float, float]:
+    """stream_rate plus the server's CPU time per call and its busy share during the stream.
+
+    The client is Python too and may be the slower side: the server's CPU per call is what a server core costs.
+    """
+    cpu_before, started = cpu_seconds(server.process.pid), time.monotonic()
+    rate, connected = stream_rate(server.port, per_message)
+    cpu, wall = cpu_seconds(server.process.pid) - cpu_before, time.monotonic() - started
+    return rate, connected, cpu / STREAM_MESSAGES * 1e6, cpu / wall
+
+
 def empty_server(port: int) -> None:
     """The best case: a sync grpcio server whose one method returns empty bytes (no interceptors, no Redis)."""
 
@@ -314,18 +325,18 @@ def main() -> int:
             for name in names[shift:] + names[:shift]:
                 port, path, body, pid = targets[name]
                 runs[name].append(h2load(f"{name} #{round_number + 1}", port, path, body, workdir, pid))
-        streams: dict[str, tuple[float, int]] = {}
-        batched: dict[str, tuple[float, int]] = {}
+        streams: dict[str, tuple[float, int, float, float]] = {}
+        batched: dict[str, tuple[float, int, float, float]] = {}
         for model, server in translation_servers.items():
             progress(f"{model}: TranslateStream")
             try:
-                streams[model] = stream_rate(server.port)
+                streams[model] = measured_stream(server, 1)
                 progress(f"{model}: TranslateStream, {STREAM_BATCH} calls per message")
-                batched[model] = stream_rate(server.port, STREAM_BATCH)
+                batched[model] = measured_stream(server, STREAM_BATCH)
             except grpc.RpcError as exc:
                 lines.append(f"{model}: TranslateStream FAILED: {exc}")
-                streams.setdefault(model, (0.0, 0))
-                batched.setdefault(model, (0.0, 0))
+                streams.setdefault(model, (0.0, 0, 0.0, 0.0))
+                batched.setdefault(model, (0.0, 0, 0.0, 0.0))
 
         lines.append(
             f"server on CPU {SERVER_CPU} (taskset), h2load + redis + stream client on CPU {LOAD_CPU}; h2load -D "
@@ -341,15 +352,15 @@ def main() -> int:
             per_round = ", ".join(f"{r.rps:.0f}" for r in runs[name])
             lines.append(f"{median[name].line()}   rounds: {per_round}")
         for model in MODELS:
-            rate, connected = streams[model]
+            rate, connected, cpu, busy = streams[model]
             lines.append(
-                f"  {model + ': TranslateStream (1 stream)':<34} {rate:>9.0f} msg/s "
-                f"({connected}/{STREAM_MESSAGES} CONNECT)"
+                f"  {model + ': TranslateStream (1 stream)':<34} {rate:>9.0f} msg/s  CPU {cpu:4.0f} us/call, busy "
+                f"{busy:4.2f}  ({connected}/{STREAM_MESSAGES} CONNECT)"
             )
-            rate, connected = batched[model]
+            rate, connected, cpu, busy = batched[model]
             lines.append(
-                f"  {model + f': TranslateStream ({STREAM_BATCH}/message)':<34} {rate:>9.0f} calls/s "
-                f"({connected}/{STREAM_MESSAGES} CONNECT)"
+                f"  {model + f': TranslateStream ({STREAM_BATCH}/message)':<34} {rate:>9.0f} calls/s  CPU {cpu:4.0f} "
+                f"us/call, busy {busy:4.2f}  ({connected}/{STREAM_MESSAGES} CONNECT)"
             )
         lines.append("")
         for model in MODELS:
@@ -364,6 +375,13 @@ def main() -> int:
                 f"{per_round_health}); translate/empty-ceiling = {t / median['empty'].rps:.2f} (target >= 0.8; "
                 f"per round {per_round_empty}); stream/unary = {streams[model][0] / t:.2f}, batched stream/unary = "
                 f"{batched[model][0] / t:.2f} (target >= 3)"
+            )
+            # Per server core: calls a core can answer = 1 / CPU per call, so the ratio of CPU per call.
+            unary_cpu = median[f"{model} translate"].cpu_us_per_call
+            lines.append(
+                f"{model}: per server core (unary CPU per call / stream CPU per call): stream/unary = "
+                f"{unary_cpu / max(1e-9, streams[model][2]):.2f}, batched stream/unary = "
+                f"{unary_cpu / max(1e-9, batched[model][2]):.2f} (target >= 3)"
             )
         best = max(MODELS, key=lambda m: median[f"{m} translate"].rps)
         lines.append(
