@@ -69,7 +69,7 @@ TRACER_NAME = "numprotect"
 
 # Our documented default when the operator sets no OTEL_TRACES_SAMPLER: keep 1 trace in 100 that starts in
 # this service, and follow the caller's decision for calls that arrive inside a trace. 1 %, not 10 %: at 10 %
-# the recorded calls alone cost the translation hot path about 5 % of its throughput (docs/tracing.md, "Cost").
+# the recorded calls alone cost the translation hot path about 10 % of its throughput (docs/tracing.md, "Cost").
 DEFAULT_SAMPLER = "parentbased_traceidratio"
 DEFAULT_SAMPLER_RATIO = 0.01
 SAMPLERS = (
