@@ -550,11 +550,10 @@ class _ServerSpans:
             span = self._sdk_span(method, attributes, parent)
             return span, context_api.attach(trace.set_span_in_context(span, parent))
         rule, ids = self._sampling
-        parent_span_context: SpanContext | None = None
-        if parent is not None:
-            parent_span_context = trace.get_current_span(parent).get_span_context()
-            if not parent_span_context.is_valid:
-                parent_span_context = None
+        # Without a traceparent the parent is whatever span is current, as for the SDK (normally none): a root
+        # here is a root there, so the preset trace id below is always the one the SDK takes.
+        current = trace.get_current_span(parent).get_span_context()
+        parent_span_context = current if current.is_valid else None
         if parent_span_context is None:
             trace_id = ids.generate_trace_id()
             if rule.samples(trace_id, None):

@@ -612,6 +612,38 @@ def test_sampling_rule_decides_like_the_sdk_sampler_it_builds(name: str) -> None
     assert decisions == {"always_on": {True}, "always_off": {False}}.get(name, {True, False})
 
 
+def test_a_call_handled_inside_a_current_span_follows_it_like_the_sdk() -> None:
+    """Without a traceparent the current span is the parent (as for the SDK): decided as its child, not a root."""
+    from opentelemetry import context as context_api
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})
+    interceptor: Any = telemetry.sync_server_interceptors()[0]
+
+    class Context:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def code(self) -> None:
+            return None
+
+    sampled = SpanContext(0x1234, 0x5678, True, TraceFlags(TraceFlags.SAMPLED))
+    token = context_api.attach(trace.set_span_in_context(NonRecordingSpan(sampled)))
+    try:
+        span, call_token = interceptor.enter("/test.Echo/Unary", {}, Context())
+        interceptor.leave(span, call_token, Context())
+    finally:
+        context_api.detach(token)
+    # Parent-based: the sampled current span is followed although roots are never sampled.
+    (call,) = finished(telemetry, exporter)
+    assert call.context.trace_id == 0x1234
+    assert call.parent is not None and call.parent.span_id == 0x5678
+    # Outside it, a call is a root again: not sampled, a trace of its own.
+    span, call_token = interceptor.enter("/test.Echo/Unary", {}, Context())
+    interceptor.leave(span, call_token, Context())
+    assert not span.is_recording() and span.get_span_context().trace_id != 0x1234
+
+
 def test_preset_trace_ids_are_used_once_per_thread() -> None:
     ids = tel._PresetTraceIds()
     ids.preset(42)
