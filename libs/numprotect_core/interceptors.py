@@ -48,6 +48,30 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, met
     await abort_with_error(context, error)
 
 
+Behavior = Callable[[Any, Any], Any]
+
+
+def rewrap(
+    handler: Any, wrap_unary: Callable[[Behavior], Behavior], wrap_stream: Callable[[Behavior], Behavior]
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and serializers whose behaviour is wrapped.
+
+    `wrap_unary` wraps a behaviour that returns one response (unary-unary, stream-unary), `wrap_stream` one that
+    yields responses (unary-stream, stream-stream); the request side, one message or an iterator, is passed on.
+    """
+    serializers: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **serializers)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **serializers)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **serializers)
+    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **serializers)
+
+
 class WrappedHandlers:
     """Wrapped method handlers per method: interceptors wrap a handler once, not on every call."""
 
@@ -85,48 +109,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap(handler: Any, method: str) -> grpc.RpcMethodHandler:
-    serializers: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        unary_unary = handler.unary_unary
-
-        async def unary_unary_wrapper(request: Any, context: Any) -> Any:
+    def wrap_unary(behavior: Behavior) -> Behavior:
+        async def unary(request: Any, context: Any) -> Any:
             try:
-                return await unary_unary(request, context)
+                return await behavior(request, context)
             except Exception as exc:
                 await _fail(context, exc, method)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary_wrapper, **serializers)
-    if handler.unary_stream is not None:
-        unary_stream = handler.unary_stream
+        return unary
 
-        async def unary_stream_wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+    def wrap_stream(behavior: Behavior) -> Behavior:
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                async for item in unary_stream(request, context):
+                async for item in behavior(request, context):
                     yield item
             except Exception as exc:
                 await _fail(context, exc, method)
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream_wrapper, **serializers)
-    if handler.stream_unary is not None:
-        stream_unary = handler.stream_unary
+        return stream
 
-        async def stream_unary_wrapper(request_iterator: Any, context: Any) -> Any:
-            try:
-                return await stream_unary(request_iterator, context)
-            except Exception as exc:
-                await _fail(context, exc, method)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary_wrapper, **serializers)
-    stream_stream = handler.stream_stream
-
-    async def stream_stream_wrapper(request_iterator: Any, context: Any) -> AsyncIterator[Any]:
-        try:
-            async for item in stream_stream(request_iterator, context):
-                yield item
-        except Exception as exc:
-            await _fail(context, exc, method)
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream_wrapper, **serializers)
+    return rewrap(handler, wrap_unary, wrap_stream)

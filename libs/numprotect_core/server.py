@@ -32,6 +32,27 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 
 
+def register_and_listen(server: Any, settings: ServerSettings, registrations: Sequence[Any], health: Any) -> int:
+    """Adds the services, health and reflection to a (sync or aio) server and binds its port; returns the port.
+
+    A port that cannot be bound is a SettingsError naming the variable, like every other bad setting.
+    """
+    for registration in registrations:
+        registration.add_to_server(registration.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*(r.full_name for r in registrations), HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port: int = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise SettingsError(
+            f"NUMPROTECT_{settings.service.upper()}_PORT: cannot listen on {address} (port busy?)"
+        ) from exc
+    return port
+
+
 @dataclass(frozen=True)
 class ServiceRegistration:
     """One gRPC service to serve: its full name (for health and reflection) and how to add it."""
@@ -86,20 +107,7 @@ class ServiceApp:
         return ["", *(r.full_name for r in self.registrations)]
 
     async def start(self) -> int:
-        for registration in self.registrations:
-            registration.add_to_server(registration.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*(r.full_name for r in self.registrations), HEALTH_SERVICE_NAME, reflection.SERVICE_NAME],
-            self.server,
-        )
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise SettingsError(
-                f"NUMPROTECT_{self.settings.service.upper()}_PORT: cannot listen on {address} (port busy?)"
-            ) from exc
+        self.port = register_and_listen(self.server, self.settings, self.registrations, self.health)
         await self.server.start()
         await self._set_all(await self._dependencies_up())
         self._probe_task = asyncio.create_task(self._probe_dependencies(), name="health-probe")

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from numprotect_core.errors import DomainError, to_rpc_status
-from numprotect_core.interceptors import WrappedHandlers, as_domain_error
+from numprotect_core.interceptors import Behavior, WrappedHandlers, as_domain_error, rewrap
 from numprotect_core.logs import configure_logging
 from numprotect_core.redis_client import create_redis, redis_is_up
-from numprotect_core.server import HEALTH_SERVICE_NAME, Runtime, server_options
+from numprotect_core.server import Runtime, register_and_listen, server_options
 from numprotect_core.settings import Env, RedisSettings, ServerSettings, SettingsError
 from numprotect_core.telemetry import Telemetry
 
@@ -126,49 +125,25 @@ class SyncErrorMappingInterceptor(grpc.ServerInterceptor):
 
 
 def _wrap(handler: Any, method: str) -> grpc.RpcMethodHandler:
-    serializers: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        unary_unary = handler.unary_unary
-
-        def unary_unary_wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+    def wrap_unary(behavior: Behavior) -> Behavior:
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                return unary_unary(request, context)
+                return behavior(request, context)
             except Exception as exc:
                 _abort(context, exc, method)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary_wrapper, **serializers)
-    if handler.unary_stream is not None:
-        unary_stream = handler.unary_stream
+        return unary
 
-        def unary_stream_wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def wrap_stream(behavior: Behavior) -> Behavior:
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                yield from unary_stream(request, context)
+                yield from behavior(request, context)
             except Exception as exc:
                 _abort(context, exc, method)
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream_wrapper, **serializers)
-    if handler.stream_unary is not None:
-        stream_unary = handler.stream_unary
+        return stream
 
-        def stream_unary_wrapper(request_iterator: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                return stream_unary(request_iterator, context)
-            except Exception as exc:
-                _abort(context, exc, method)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary_wrapper, **serializers)
-    stream_stream = handler.stream_stream
-
-    def stream_stream_wrapper(request_iterator: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from stream_stream(request_iterator, context)
-        except Exception as exc:
-            _abort(context, exc, method)
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream_wrapper, **serializers)
+    return rewrap(handler, wrap_unary, wrap_stream)
 
 
 def _tracing_interceptors(telemetry: Telemetry) -> list[grpc.ServerInterceptor]:
@@ -206,19 +181,7 @@ class SyncServiceApp:
         return ["", *(r.full_name for r in self.registrations)]
 
     def start(self) -> int:
-        for registration in self.registrations:
-            registration.add_to_server(registration.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*(r.full_name for r in self.registrations), HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise SettingsError(
-                f"NUMPROTECT_{self.settings.service.upper()}_PORT: cannot listen on {address} (port busy?)"
-            ) from exc
+        self.port = register_and_listen(self.server, self.settings, self.registrations, self.health)
         self.server.start()
         self._set_all(self._up())
         self._probe_thread = threading.Thread(target=self._probe_loop, name="health-probe", daemon=True)

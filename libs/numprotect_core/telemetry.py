@@ -56,7 +56,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from numprotect_core.call_ref import CallRef
-from numprotect_core.interceptors import WrappedHandlers
+from numprotect_core.interceptors import Behavior, WrappedHandlers, rewrap
 from numprotect_core.phone import mask
 from numprotect_core.settings import Env, SettingsError
 
@@ -530,6 +530,13 @@ def _end_status(span: Span, context: Any) -> None:
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or ''}"))
 
 
+def _end(span: Span, context: Any) -> None:
+    """Ends a recording span with the call's status (a non-recording one needs nothing)."""
+    if span.is_recording():
+        _end_status(span, context)
+        span.end()
+
+
 class _ServerSpans:
     """What both flavours share: the span of a call (`enter`/`leave`) and the handlers already wrapped, per method."""
 
@@ -589,9 +596,7 @@ class _ServerSpans:
     @staticmethod
     def leave(span: Span, token: object, context: Any) -> None:
         context_api.detach(token)  # type: ignore[arg-type]
-        if span.is_recording():
-            _end_status(span, context)
-            span.end()
+        _end(span, context)
 
     def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
         raise NotImplementedError
@@ -602,15 +607,9 @@ class _SyncServerSpans(_ServerSpans, grpc.ServerInterceptor):
         return self._cached(continuation(handler_call_details), handler_call_details)
 
     def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
         enter, leave = self.enter, self.leave
-        if handler.unary_unary is not None or handler.stream_unary is not None:
-            streaming_request = handler.unary_unary is None
-            behavior = handler.stream_unary if streaming_request else handler.unary_unary
 
+        def wrap_unary(behavior: Behavior) -> Behavior:
             def unary(request: Any, context: Any) -> Any:
                 span, token = enter(method, attributes, context)
                 try:
@@ -618,33 +617,30 @@ class _SyncServerSpans(_ServerSpans, grpc.ServerInterceptor):
                 finally:
                     leave(span, token, context)
 
-            factory = grpc.stream_unary_rpc_method_handler if streaming_request else grpc.unary_unary_rpc_method_handler
-            return factory(unary, **serializers)
-        streaming_request = handler.unary_stream is None
-        stream_behavior = handler.stream_stream if streaming_request else handler.unary_stream
+            return unary
 
-        def stream(request: Any, context: Any) -> Iterator[Any]:
-            # A generator resumes on whichever thread pulls it: the span is made current around each step only.
-            span, token = enter(method, attributes, context)
-            context_api.detach(token)  # type: ignore[arg-type]
-            responses = iter(stream_behavior(request, context))
-            try:
-                while True:
-                    token = context_api.attach(trace.set_span_in_context(span))
-                    try:
-                        response = next(responses)
-                    except StopIteration:
-                        return
-                    finally:
-                        context_api.detach(token)  # type: ignore[arg-type]
-                    yield response
-            finally:
-                if span.is_recording():
-                    _end_status(span, context)
-                    span.end()
+        def wrap_stream(behavior: Behavior) -> Behavior:
+            def stream(request: Any, context: Any) -> Iterator[Any]:
+                # A generator resumes on whichever thread pulls it: the span is made current around each step only.
+                span, token = enter(method, attributes, context)
+                context_api.detach(token)  # type: ignore[arg-type]
+                responses = iter(behavior(request, context))
+                try:
+                    while True:
+                        token = context_api.attach(trace.set_span_in_context(span))
+                        try:
+                            response = next(responses)
+                        except StopIteration:
+                            return
+                        finally:
+                            context_api.detach(token)  # type: ignore[arg-type]
+                        yield response
+                finally:
+                    _end(span, context)
 
-        factory = grpc.stream_stream_rpc_method_handler if streaming_request else grpc.unary_stream_rpc_method_handler
-        return factory(stream, **serializers)
+            return stream
+
+        return rewrap(handler, wrap_unary, wrap_stream)
 
 
 class _AioServerSpans(_ServerSpans, grpc.aio.ServerInterceptor):
@@ -652,15 +648,9 @@ class _AioServerSpans(_ServerSpans, grpc.aio.ServerInterceptor):
         return self._cached(await continuation(handler_call_details), handler_call_details)
 
     def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
         enter, leave = self.enter, self.leave
-        if handler.unary_unary is not None or handler.stream_unary is not None:
-            streaming_request = handler.unary_unary is None
-            behavior = handler.stream_unary if streaming_request else handler.unary_unary
 
+        def wrap_unary(behavior: Behavior) -> Behavior:
             async def unary(request: Any, context: Any) -> Any:
                 span, token = enter(method, attributes, context)
                 try:
@@ -668,19 +658,18 @@ class _AioServerSpans(_ServerSpans, grpc.aio.ServerInterceptor):
                 finally:
                     leave(span, token, context)
 
-            factory = grpc.stream_unary_rpc_method_handler if streaming_request else grpc.unary_unary_rpc_method_handler
-            return factory(unary, **serializers)
-        streaming_request = handler.unary_stream is None
-        stream_behavior = handler.stream_stream if streaming_request else handler.unary_stream
+            return unary
 
-        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            # Each aio call runs in its own task (its own context): the span stays current for the whole stream.
-            span, token = enter(method, attributes, context)
-            try:
-                async for response in stream_behavior(request, context):
-                    yield response
-            finally:
-                leave(span, token, context)
+        def wrap_stream(behavior: Behavior) -> Behavior:
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                # Each aio call runs in its own task (its own context): the span stays current for the whole stream.
+                span, token = enter(method, attributes, context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    leave(span, token, context)
 
-        factory = grpc.stream_stream_rpc_method_handler if streaming_request else grpc.unary_stream_rpc_method_handler
-        return factory(stream, **serializers)
+            return stream
+
+        return rewrap(handler, wrap_unary, wrap_stream)
