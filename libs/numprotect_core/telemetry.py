@@ -136,11 +136,6 @@ class SamplingRule:
         return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
 
 
-def sampler_from_env(env: Env) -> Sampler:
-    """The SDK sampler named by OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (see SamplingRule.from_env)."""
-    return SamplingRule.from_env(env).sampler()
-
-
 def resource_attributes(env: Env, default_service_name: str) -> dict[str, str]:
     """Ours (service.version, service.instance.id), then OTEL_RESOURCE_ATTRIBUTES, then OTEL_SERVICE_NAME."""
     attributes = {
