@@ -27,7 +27,7 @@ from numprotect_core.errors import DomainError, to_rpc_status
 from numprotect_core.interceptors import Behavior, WrappedHandlers, as_domain_error, rewrap
 from numprotect_core.logs import configure_logging
 from numprotect_core.redis_client import create_redis, redis_is_up
-from numprotect_core.server import Runtime, register_and_listen, server_options
+from numprotect_core.server import Runtime, apply_scheduling, register_and_listen, server_options
 from numprotect_core.settings import Env, RedisSettings, ServerSettings, SettingsError
 from numprotect_core.telemetry import Telemetry
 
@@ -225,6 +225,7 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
     env = Env(environ)
     server_settings = ServerSettings.from_env(env, service)
     redis_settings = RedisSettings.from_env(env)
+    apply_scheduling(server_settings)
     telemetry = Telemetry.from_env(environ, f"numprotect-{service}")
     loop = LoopThread()
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlparse
 
+from numprotect_core.scheduling import POLICIES
+
 DEFAULT_PORTS: Mapping[str, int] = {"allocation": 50051, "binding": 50052, "translation": 50053, "cdr": 50054}
 SERVICE_NAMES = tuple(DEFAULT_PORTS)
 
@@ -140,6 +142,8 @@ class ServerSettings:
     # Several processes share the port on purpose (one per core); off by default so a stale server fails loudly.
     reuse_port: bool
     log_level: str
+    # Linux scheduling policy of every thread: "batch" (SCHED_BATCH, fewer GIL hand-off switches) or "normal".
+    cpu_scheduling: str
 
     @classmethod
     def from_env(cls, env: Env, service: str) -> ServerSettings:
@@ -152,6 +156,7 @@ class ServerSettings:
             health_interval_seconds=env.seconds("NUMPROTECT_HEALTH_INTERVAL", 1.0, minimum=0.05, maximum=60),
             reuse_port=env.flag(f"{prefix}_REUSE_PORT", False),
             log_level=env.choice("NUMPROTECT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            cpu_scheduling=env.choice("NUMPROTECT_CPU_SCHEDULING", "batch", POLICIES),
         )
 
 

@@ -17,6 +17,7 @@ def test_defaults() -> None:
     server = ServerSettings.from_env(env, "translation")
     assert server.port == 50053
     assert server.reuse_port is False
+    assert server.cpu_scheduling == "batch"
     redis = RedisSettings.from_env(env)
     assert redis.url == "redis://127.0.0.1:6379/0"
     assert redis.mode == "standalone"
@@ -52,6 +53,7 @@ def test_durations() -> None:
             "Redis Cluster has only database 0",
         ),
         ({"NUMPROTECT_GRACE_PERIOD": "soon"}, "NUMPROTECT_GRACE_PERIOD='soon': must be a duration"),
+        ({"NUMPROTECT_CPU_SCHEDULING": "fifo"}, "NUMPROTECT_CPU_SCHEDULING='fifo': must be one of batch, normal"),
         ({"NUMPROTECT_ALLOCATION_ADDR": "nohost"}, "NUMPROTECT_ALLOCATION_ADDR='nohost': must be host:port"),
     ],
 )
