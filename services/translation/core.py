@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from numprotect.translation.v1 import translation_pb2
-from numprotect_core.call_ref import CallRef
+from numprotect_core.call_ref import encode_call_ref
 from numprotect_core.errors import DomainError, Unavailable
 from numprotect_core.interceptors import as_domain_error
 from numprotect_core.phone import mask
@@ -154,7 +154,7 @@ class Translator:
                 binding_id=binding_id,
                 tenant_id=tenant_id,
                 recording_enabled=reply[5] in (b"1", "1"),
-                call_ref=CallRef(binding_id, prepared.called, int(time.time() * 1000), trace_id, span_id).encode(),
+                call_ref=encode_call_ref(binding_id, prepared.called, int(time.time() * 1000), trace_id, span_id),
                 call_id=prepared.call_id,
             )
         response = translation_pb2.TranslateResponse(decision=decision, call_id=prepared.call_id)  # type: ignore[arg-type]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
-from numprotect_core.call_ref import CallRef
+from numprotect_core.call_ref import CallRef, encode_call_ref
 
 
 def test_call_ref_round_trips_with_and_without_trace_context() -> None:
@@ -20,3 +22,12 @@ def test_call_ref_round_trips_with_and_without_trace_context() -> None:
 def test_foreign_call_refs_are_rejected(bad: str) -> None:
     with pytest.raises(ValueError, match="call_ref"):
         CallRef.decode(bad)
+
+
+@pytest.mark.parametrize("binding_id", ["b-1", "b?>~", "绑定-7", "x" * 61])
+def test_encoding_is_url_safe_base64_of_the_fields_without_padding(binding_id: str) -> None:
+    expected_raw = f"c1|{binding_id}|700100000000001|1764000000000|abc|12".encode()
+    expected = base64.urlsafe_b64encode(expected_raw).decode().rstrip("=")
+    encoded = encode_call_ref(binding_id, "700100000000001", 1_764_000_000_000, 0xABC, 0x12)
+    assert encoded == expected
+    assert encoded == CallRef(binding_id, "700100000000001", 1_764_000_000_000, 0xABC, 0x12).encode()
