@@ -222,9 +222,11 @@ class ScriptClient:
         """The script's reply; Unavailable when Redis does not answer within `timeout` seconds."""
         if timeout <= 0:
             raise Unavailable("no time left for the translation storage")
-        command = self._command(keys, args)
+        return self._evalsha_command(keys[0], self._command(keys, args), timeout)
+
+    def _evalsha_command(self, key: str, command: bytes, timeout: float) -> Any:
         for _ in range(3):
-            node = self._node_for(keys[0])
+            node = self._node_for(key)  # again after a MOVED: the retry goes where the key lives now
             reply = self._round_trip(node, self._conn(node), command, timeout)
             if not isinstance(reply, hiredis.ReplyError):
                 return reply
@@ -235,18 +237,28 @@ class ScriptClient:
     def evalsha_combined(self, keys: Sequence[str], args: Sequence[str], timeout: float) -> Any:
         """Like evalsha, but calls that arrive while another thread talks to Redis go out together.
 
-        Flat combining: the first caller becomes the leader and sends everything queued as one pipeline per
-        node (evalsha_many), then hands the lead to the next queued caller. Every caller still waits at most
-        `timeout`. With a thread-pool server this turns N concurrent round trips into one.
+        Flat combining: a caller that finds nobody talking to Redis becomes the leader and makes its own round
+        trip (the plain path: no queue entry, no lock to wait on). Callers arriving meanwhile queue; when the
+        leader is done it hands the lead to the first of them, who sends everything queued as one pipeline per
+        node and passes the lead on. Every caller still waits at most `timeout`. With a thread-pool server
+        this turns N concurrent round trips into one.
         """
         if timeout <= 0:
             raise Unavailable("no time left for the translation storage")
-        slot = _Slot(self._node_for(keys[0]), self._command(keys, args))
+        command = self._command(keys, args)
         with self._queue_lock:
-            self._queue.append(slot)
             lead = not self._leading
-            self._leading = True
-        if not lead and not slot.done.acquire(timeout=timeout):
+            if lead:
+                self._leading = True
+            else:
+                slot = _Slot(self._node_for(keys[0]), command)
+                self._queue.append(slot)
+        if lead:
+            try:
+                return self._evalsha_command(keys[0], command, timeout)
+            finally:
+                self._pass_lead()
+        if not slot.done.acquire(timeout=timeout):
             with self._queue_lock:
                 if slot.lead:  # handed the lead just now: lead anyway so the others are not stranded
                     lead = True
@@ -254,13 +266,14 @@ class ScriptClient:
                     self._queue.remove(slot)
             if not lead:
                 raise Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms")
-        if slot.lead or lead:
+        if slot.lead:
             self._lead(timeout)
         if isinstance(slot.result, BaseException):
             raise slot.result
         return slot.result
 
     def _lead(self, timeout: float) -> None:
+        """Sends everything queued (the new leader's own call included) as one pipeline, then passes the lead."""
         with self._queue_lock:
             batch, self._queue = self._queue, []
         try:
@@ -270,6 +283,9 @@ class ScriptClient:
         for slot, reply in zip(batch, replies, strict=True):
             slot.result = reply
             _wake(slot)
+        self._pass_lead()
+
+    def _pass_lead(self) -> None:
         with self._queue_lock:
             if self._queue:
                 following = self._queue[0]
