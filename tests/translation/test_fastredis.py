@@ -13,6 +13,7 @@ from redis.cluster import RedisCluster
 from numprotect_core.errors import Unavailable
 from numprotect_core.redis_client import LuaScript
 from numprotect_core.settings import Env, RedisSettings
+from support.redis_server import RedisServer
 from translation.fastredis import ScriptClient
 
 
@@ -89,3 +90,42 @@ def test_commands_are_exact_resp_for_ascii_and_other_text(echo: LuaScript) -> No
         reader.feed(command)
         assert reader.gets() == ["EVALSHA", echo.sha, str(len(keys)), *keys, *args]
         assert reader.gets() is False
+
+
+def test_concurrent_combined_calls_share_pipelined_writes(tmp_path: Any) -> None:
+    """While a leader waits for Redis, the others queue and go out together: fewer socket reads than calls.
+
+    The script spins for 2 ms so the other threads surely arrive meanwhile; Redis's own INFO counters
+    (total_reads_processed: reads from client sockets) show how many writes reached it.
+    """
+    path = tmp_path / "lua" / "slow.lua"
+    path.parent.mkdir()
+    path.write_text(
+        "local t = redis.call('TIME') local until_us = t[1] * 1000000 + t[2] + 2000\n"
+        "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= until_us\n"
+        "return redis.call('INCR', KEYS[1])\n"
+    )
+    server = RedisServer()
+    try:
+        client = ScriptClient(RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": server.url})), LuaScript(path))
+        client.evalsha(["np:test:{warm}"], [], 5.0)  # connects and loads the script outside the count
+        admin = server.client()
+        before = {**admin.info("stats"), **admin.info("commandstats")}
+        barrier = threading.Barrier(8)
+
+        def work(worker: int) -> list[int]:
+            barrier.wait()
+            return [client.evalsha_combined([f"np:test:{{{worker}}}"], [], 5.0) for _ in range(10)]
+
+        with futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(work, range(8)))
+        after = {**admin.info("stats"), **admin.info("commandstats")}
+        assert replies == [list(range(1, 11))] * 8  # each caller got its own counter's replies, in order
+        calls = after["cmdstat_evalsha"]["calls"] - before["cmdstat_evalsha"]["calls"]
+        reads = after["total_reads_processed"] - before["total_reads_processed"] - 2  # minus the INFO commands
+        assert calls == 80
+        # Every call alone would be 80 reads; with 8 threads and a 2 ms script nearly all calls are batched.
+        assert reads <= 40, f"{reads} socket reads for {calls} calls: the calls were not combined"
+        admin.close()
+    finally:
+        server.stop()
