@@ -245,13 +245,14 @@ class ScriptClient:
         """
         if timeout <= 0:
             raise Unavailable("no time left for the translation storage")
+        node = self._node_for(keys[0])  # outside the lock: the first call in cluster mode loads the slots
         command = self._command(keys, args)
         with self._queue_lock:
             lead = not self._leading
             if lead:
                 self._leading = True
             else:
-                slot = _Slot(self._node_for(keys[0]), command)
+                slot = _Slot(node, command)
                 self._queue.append(slot)
         if lead:
             try:
