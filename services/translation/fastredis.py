@@ -66,10 +66,10 @@ class _Slot:
     the hot path.
     """
 
-    __slots__ = ("command", "done", "lead", "node", "result")
+    __slots__ = ("command", "done", "key", "lead", "result")
 
-    def __init__(self, node: Node, command: bytes) -> None:
-        self.node = node
+    def __init__(self, key: str, command: bytes) -> None:
+        self.key = key  # the routing key (cluster slot) of the command
         self.command = command
         self.result: Any = None
         self.done = _allocate_lock()
@@ -166,11 +166,15 @@ class ScriptClient:
             conn.send(data, timeout)
             return conn.read()
         except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
-            # The reply may still arrive later: this socket is out of step, never reuse it.
-            self._drop(node)
-            if isinstance(exc, TimeoutError):
-                raise Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms") from None
-            raise Unavailable(f"translation storage unreachable: {exc}") from None
+            raise self._failed(node, exc, timeout) from None
+
+    def _failed(self, node: Node, exc: Exception, timeout: float) -> Unavailable:
+        """The error for a socket that failed mid-call; the socket is dropped."""
+        # The reply may still arrive later: this socket is out of step, never reuse it.
+        self._drop(node)
+        if isinstance(exc, TimeoutError):
+            return Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms")
+        return Unavailable(f"translation storage unreachable: {exc}")
 
     # --- cluster slots -----------------------------------------------------------------------------------
 
@@ -245,14 +249,13 @@ class ScriptClient:
         """
         if timeout <= 0:
             raise Unavailable("no time left for the translation storage")
-        node = self._node_for(keys[0])  # outside the lock: the first call in cluster mode loads the slots
         command = self._command(keys, args)
         with self._queue_lock:
             lead = not self._leading
             if lead:
                 self._leading = True
             else:
-                slot = _Slot(node, command)
+                slot = _Slot(keys[0], command)
                 self._queue.append(slot)
         if lead:
             try:
@@ -278,7 +281,7 @@ class ScriptClient:
         with self._queue_lock:
             batch, self._queue = self._queue, []
         try:
-            replies = self._pipeline([(s.node, s.command) for s in batch], timeout)
+            replies = self._pipeline([(s.key, s.command) for s in batch], timeout)
         except Exception as exc:
             replies = [exc] * len(batch)
         for slot, reply in zip(batch, replies, strict=True):
@@ -297,60 +300,32 @@ class ScriptClient:
         if following is not None:
             _wake(following)
 
-    def _pipeline(self, calls: Sequence[tuple[Node, bytes]], timeout: float) -> list[Any]:
-        """Sends prepared EVALSHAs, one write per node; replies (or exceptions) in order; NOSCRIPT/MOVED retried."""
-        results: list[Any] = [None] * len(calls)
-        by_node: dict[Node, list[int]] = {}
-        for index, (node, _) in enumerate(calls):
-            by_node.setdefault(node, []).append(index)
-        for node, indexes in by_node.items():
-            conn = self._conn(node)
-            try:
-                conn.send(b"".join(calls[i][1] for i in indexes), timeout)
-                replies = [conn.read() for _ in indexes]
-            except (OSError, ConnectionError) as exc:
-                self._drop(node)
-                failure = Unavailable(
-                    f"translation storage did not answer within {timeout * 1000:.0f} ms"
-                    if isinstance(exc, TimeoutError)
-                    else f"translation storage unreachable: {exc}"
-                )
-                for index in indexes:
-                    results[index] = failure
-                continue
-            for index, reply in zip(indexes, replies, strict=True):
-                text = str(reply) if isinstance(reply, hiredis.ReplyError) else ""
-                if text and self._recover(node, text, timeout):
-                    target = node
-                    if text.startswith("MOVED"):
-                        host, _, port = text.split()[2].rpartition(":")
-                        target = (host or node[0], int(port))
-                    results[index] = self._round_trip(target, self._conn(target), calls[index][1], timeout)
-                else:
-                    results[index] = reply
-        return results
-
     def evalsha_many(self, calls: Sequence[tuple[Sequence[str], Sequence[str]]], timeout: float) -> list[Any]:
         """Pipelined: every call's command written per node in one send, then the replies read in order.
 
         A reply is the script's result or an exception instance (the others still count).
         """
+        return self._pipeline([(keys[0], self._command(keys, args)) for keys, args in calls], timeout)
+
+    def _pipeline(self, calls: Sequence[tuple[str, bytes]], timeout: float) -> list[Any]:
+        """Sends prepared EVALSHAs (routing key, command), one write per node; replies or exceptions in order.
+
+        NOSCRIPT (script loaded on that node) and MOVED (slots reloaded) are retried, up to three rounds.
+        """
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
-        commands = [self._command(keys, args) for keys, args in calls]
         for _ in range(3):
             by_node: dict[Node, list[int]] = {}
             for index in todo:
-                by_node.setdefault(self._node_for(calls[index][0][0]), []).append(index)
+                by_node.setdefault(self._node_for(calls[index][0]), []).append(index)
             retry: list[int] = []
             for node, indexes in by_node.items():
                 conn = self._conn(node)
                 try:
-                    conn.send(b"".join(commands[i] for i in indexes), timeout)
+                    conn.send(b"".join(calls[i][1] for i in indexes), timeout)
                     replies = [conn.read() for _ in indexes]
                 except (OSError, ConnectionError) as exc:
-                    self._drop(node)
-                    error = Unavailable(f"translation storage failed: {exc.__class__.__name__}")
+                    error = self._failed(node, exc, timeout)
                     for index in indexes:
                         results[index] = error
                     continue
