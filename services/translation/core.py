@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import Span, get_current_span
+
 from numprotect.translation.v1 import translation_pb2
 from numprotect_core.call_ref import encode_call_ref
 from numprotect_core.errors import DomainError, Unavailable
@@ -138,15 +140,29 @@ class Translator:
         )
         return Prepared(called, caller, request.call_id, keys, args)
 
-    def finish(self, prepared: Prepared, reply: list[int | _TEXT]) -> translation_pb2.TranslateResponse:
-        """The response for the script's reply (see lua/translate.lua for its shape)."""
+    def recording_span(self) -> Span | None:
+        """The current span when tracing is on and this call is sampled, else None (one check per call)."""
+        if not self.traced:
+            return None
+        span = get_current_span()
+        return span if span.is_recording() else None
+
+    def finish(
+        self, prepared: Prepared, reply: list[int | _TEXT], span: Span | None = None
+    ) -> translation_pb2.TranslateResponse:
+        """The response for the script's reply (see lua/translate.lua for its shape).
+
+        `span`, the call's sampled span (`recording_span()`), gets the decision's attributes and its ids go into
+        the call_ref. An unsampled call passes None: no attributes, and a call_ref without trace ids (a CDR must
+        not link to a span that was never exported).
+        """
         decision = int(reply[0])
         if decision == CONNECT:
             binding_id = _text(reply[2])  # type: ignore[arg-type]
             tenant_id = _text(reply[3])  # type: ignore[arg-type]
             trace_id = span_id = 0
-            if self.traced:
-                trace_id, span_id = _annotate_span(prepared, CONNECT, binding_id, tenant_id)
+            if span is not None:
+                trace_id, span_id = _annotate_span(span, prepared, CONNECT, binding_id, tenant_id)
             return translation_pb2.TranslateResponse(
                 decision=CONNECT,
                 target_number=_text(reply[4]),  # type: ignore[arg-type]
@@ -158,9 +174,10 @@ class Translator:
                 call_id=prepared.call_id,
             )
         response = translation_pb2.TranslateResponse(decision=decision, call_id=prepared.call_id)  # type: ignore[arg-type]
-        if self.traced:
+        if span is not None:
             known = len(reply) >= 4
             _annotate_span(
+                span,
                 prepared,
                 decision,
                 _text(reply[2]) if known else "",  # type: ignore[arg-type]
@@ -176,17 +193,9 @@ class Translator:
 
 
 def _annotate_span(
-    prepared: Prepared, decision: int, binding_id: str, tenant_id: str, reject_reason: int = 0
+    span: Span, prepared: Prepared, decision: int, binding_id: str, tenant_id: str, reject_reason: int = 0
 ) -> tuple[int, int]:
-    """numprotect.* attributes (numbers masked) on the current span if it is sampled; its ids for the call_ref.
-
-    An unsampled span yields (0, 0): a CDR must not link to a span that was never exported.
-    """
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
-    if not span.is_recording():
-        return 0, 0
+    """numprotect.* attributes (numbers masked) on the call's sampled span; its ids for the call_ref."""
     set_span_attributes(
         span,
         decision=translation_pb2.Decision.Name(decision),  # type: ignore[arg-type]
@@ -247,10 +256,11 @@ class StreamBatch:
 
     def complete(self, replies: Sequence[Any]) -> list[translation_pb2.TranslateStreamResponse]:
         """Fills in the scripts' replies (an exception instance answers its own call with an error)."""
+        span = self.translator.recording_span()  # the stream's span, when it is sampled
         for (out, prepared), reply in zip(self.pending, replies, strict=True):
             if isinstance(reply, BaseException):
                 error = as_domain_error(reply, "TranslateStream") or Unavailable("translation storage failed")
                 out.error = stream_error(error)
             else:
-                out.response.CopyFrom(self.translator.finish(prepared, reply))
+                out.response.CopyFrom(self.translator.finish(prepared, reply, span))
         return self.responses

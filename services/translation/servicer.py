@@ -52,7 +52,7 @@ class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer
                 reply = await SCRIPT(self.redis, prepared.keys, prepared.args)
         except TimeoutError:
             raise Unavailable(f"translation storage did not answer within {budget * 1000:.0f} ms") from None
-        return self.translator.finish(prepared, reply)
+        return self.translator.finish(prepared, reply, self.translator.recording_span())
 
     async def TranslateStream(  # noqa: N802
         self, request_iterator: AsyncIterator[translation_pb2.TranslateStreamRequest], context: Any

@@ -37,7 +37,7 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
         self.client = client
         # A CLIENT span per Redis call, only inside a sampled call (redis.asyncio clients get theirs from the
         # Redis instrumentation; this client is ours). Never keys or arguments: they contain phone numbers.
-        self.telemetry = telemetry if telemetry.enabled else None
+        self.telemetry = telemetry
         self.redis_attributes = client.span_attributes()
         self.translator = translator
         self.cold = cold
@@ -53,12 +53,12 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
         if not isinstance(prepared, Prepared):
             return prepared
         budget = redis_budget(context.time_remaining(), self.cap)
-        if self.telemetry is not None:
-            with self.telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT, attributes=self.redis_attributes):
-                reply = self._evalsha(prepared, budget)
-        else:
+        span = self.translator.recording_span()
+        if span is None:
+            return self.translator.finish(prepared, self._evalsha(prepared, budget))
+        with self.telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT, attributes=self.redis_attributes):
             reply = self._evalsha(prepared, budget)
-        return self.translator.finish(prepared, reply)
+        return self.translator.finish(prepared, reply, span)
 
     def _evalsha(self, prepared: Prepared, budget: float) -> Any:
         if self.combine:
@@ -107,7 +107,7 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
             yield from batch.responses
 
     def _evalsha_many(self, batch: StreamBatch) -> list[Any]:
-        if self.telemetry is None:
+        if self.translator.recording_span() is None:
             return self.client.evalsha_many(batch.calls, self.cap)
         attributes = {**self.redis_attributes, "db.redis.pipeline_length": len(batch.pending)}
         with self.telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT, attributes=attributes):
