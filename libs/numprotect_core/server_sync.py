@@ -27,7 +27,7 @@ from numprotect_core.errors import DomainError, to_rpc_status
 from numprotect_core.interceptors import Behavior, WrappedHandlers, as_domain_error, rewrap
 from numprotect_core.logs import configure_logging
 from numprotect_core.redis_client import create_redis, redis_is_up
-from numprotect_core.server import Runtime, apply_scheduling, register_and_listen, server_options
+from numprotect_core.server import Runtime, apply_scheduling, freeze_startup, register_and_listen, server_options
 from numprotect_core.settings import Env, RedisSettings, ServerSettings, SettingsError
 from numprotect_core.telemetry import Telemetry
 
@@ -247,7 +247,11 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
             max_workers=parts.max_workers,
         )
         port = app.start()
-        log.info("serving", extra={"port": port, "host": server_settings.host, "pid": os.getpid(), "model": "sync"})
+        collector = freeze_startup(server_settings)
+        log.info(
+            "serving",
+            extra={"port": port, "host": server_settings.host, "pid": os.getpid(), "model": "sync", **collector},
+        )
         while not stop.wait(1.0):
             pass
         log.info("draining", extra={"grace_seconds": server_settings.grace_seconds})

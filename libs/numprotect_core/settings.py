@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlparse
 
+from numprotect_core.gc_tuning import DEFAULT_GEN0_THRESHOLD
 from numprotect_core.scheduling import POLICIES
 
 DEFAULT_PORTS: Mapping[str, int] = {"allocation": 50051, "binding": 50052, "translation": 50053, "cdr": 50054}
@@ -144,6 +145,8 @@ class ServerSettings:
     log_level: str
     # Linux scheduling policy of every thread: "batch" (SCHED_BATCH, fewer GIL hand-off switches) or "normal".
     cpu_scheduling: str
+    # Tracked allocations between young collections once start-up is over (Python's default is 700).
+    gc_gen0_threshold: int
 
     @classmethod
     def from_env(cls, env: Env, service: str) -> ServerSettings:
@@ -157,6 +160,9 @@ class ServerSettings:
             reuse_port=env.flag(f"{prefix}_REUSE_PORT", False),
             log_level=env.choice("NUMPROTECT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             cpu_scheduling=env.choice("NUMPROTECT_CPU_SCHEDULING", "batch", POLICIES),
+            gc_gen0_threshold=env.integer(
+                "NUMPROTECT_GC_GEN0_THRESHOLD", DEFAULT_GEN0_THRESHOLD, minimum=100, maximum=10_000_000
+            ),
         )
 
 

@@ -18,6 +18,7 @@ def test_defaults() -> None:
     assert server.port == 50053
     assert server.reuse_port is False
     assert server.cpu_scheduling == "batch"
+    assert server.gc_gen0_threshold == 10_000
     redis = RedisSettings.from_env(env)
     assert redis.url == "redis://127.0.0.1:6379/0"
     assert redis.mode == "standalone"
@@ -54,6 +55,10 @@ def test_durations() -> None:
         ),
         ({"NUMPROTECT_GRACE_PERIOD": "soon"}, "NUMPROTECT_GRACE_PERIOD='soon': must be a duration"),
         ({"NUMPROTECT_CPU_SCHEDULING": "fifo"}, "NUMPROTECT_CPU_SCHEDULING='fifo': must be one of batch, normal"),
+        (
+            {"NUMPROTECT_GC_GEN0_THRESHOLD": "50"},
+            "NUMPROTECT_GC_GEN0_THRESHOLD='50': must be between 100 and 10000000",
+        ),
         ({"NUMPROTECT_ALLOCATION_ADDR": "nohost"}, "NUMPROTECT_ALLOCATION_ADDR='nohost': must be host:port"),
     ],
 )
