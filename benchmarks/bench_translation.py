@@ -169,7 +169,8 @@ class Server:
         self.process = subprocess.Popen(
             ["taskset", "-c", SERVER_CPU, sys.executable, *args],
             cwd=ROOT,
-            env={**os.environ, **env},
+            # Untraced whatever the caller's shell says: tracing has its own benchmark (bench_tracing).
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -211,7 +212,6 @@ def translation_server(model: str, redis_url: str) -> Server:
         "NUMPROTECT_TRANSLATION_REDIS_TIMEOUT": "3s",
         "NUMPROTECT_GRACE_PERIOD": "1s",
     }
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     return Server(["-m", "translation"], env, port)
 
 
