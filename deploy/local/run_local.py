@@ -214,11 +214,19 @@ logs: {self.run_dir / "logs"}   stop: Ctrl-C
 
 def main() -> int:
     suite: LocalSuite | None = None
+    stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Only the first signal stops: a second one must not cut the shutdown short and leave Redis or services
+        # running (make forwards SIGTERM to its children, so `kill -TERM -<pgid>` delivers two; Ctrl-C twice).
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         suite = LocalSuite(os.environ)
         (suite.run_dir / "logs").mkdir(parents=True, exist_ok=True)
