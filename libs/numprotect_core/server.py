@@ -160,7 +160,8 @@ class ServiceApp:
         if self._probe_task is not None:
             self._probe_task.cancel()
             # Bounded, and the flag above ends the loop at its next turn: the cancellation can get lost inside the
-            # Redis client's PING (seen: a SIGTERM right after start-up left the service waiting here for ever).
+            # probe, most likely in the Redis client's PING (seen: a SIGTERM right after start-up left the service
+            # waiting here for ever; the exact place is not pinned down).
             _, pending = await asyncio.wait({self._probe_task}, timeout=_PROBE_STOP_SECONDS)
             if pending:
                 log.warning("health probe still running at shutdown; not waiting for it")

@@ -11,8 +11,8 @@ from numprotect_core.telemetry import Telemetry
 
 
 class _PingSwallowingCancellation:
-    """Stands in for a Redis client whose PING loses the task's cancellation (seen with redis.asyncio: a
-    SIGTERM right after start-up left the aio services waiting for the probe for ever)."""
+    """Stands in for a Redis client whose PING loses the task's cancellation (seen in the aio services' probe,
+    most likely in redis.asyncio's PING: a SIGTERM right after start-up left them waiting for it for ever)."""
 
     def __init__(self) -> None:
         self.pings = 0
