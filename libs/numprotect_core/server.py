@@ -160,8 +160,9 @@ class ServiceApp:
         if self._probe_task is not None:
             self._probe_task.cancel()
             # Bounded, and the flag above ends the loop at its next turn: the cancellation can get lost inside the
-            # probe, most likely in the Redis client's PING (seen: a SIGTERM right after start-up left the service
-            # waiting here for ever; the exact place is not pinned down).
+            # probe's PING. redis.asyncio bounds its socket writes with asyncio.wait_for, which on Python 3.11
+            # swallows a cancellation that lands as the write completes (CPython gh-86296, fixed in 3.12). Seen as
+            # a SIGTERM right after start-up leaving the service waiting here for ever.
             _, pending = await asyncio.wait({self._probe_task}, timeout=_PROBE_STOP_SECONDS)
             if pending:
                 log.warning("health probe still running at shutdown; not waiting for it")

@@ -11,8 +11,9 @@ from numprotect_core.telemetry import Telemetry
 
 
 class _PingSwallowingCancellation:
-    """Stands in for a Redis client whose PING loses the task's cancellation (seen in the aio services' probe,
-    most likely in redis.asyncio's PING: a SIGTERM right after start-up left them waiting for it for ever)."""
+    """Stands in for redis.asyncio's PING losing the task's cancellation: its asyncio.wait_for around the socket
+    write swallows a cancellation that lands as the write completes on Python 3.11 (CPython gh-86296); a SIGTERM
+    right after start-up left the aio services waiting for their probe for ever."""
 
     def __init__(self) -> None:
         self.pings = 0
