@@ -13,8 +13,8 @@ from support.processes import ROOT, ServiceProcess
 
 POLICY_NUMBERS = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
 
-# Runs in a child process so the test process keeps its own policy: starts a thread, applies the policy,
-# starts another thread, and prints the policy of every thread.
+# Runs in a child process so the test process keeps its own policy: starts a thread, applies the policy, prints
+# the policy of every thread, then starts another thread and prints the policy it inherited.
 _CHILD = """
 import os, sys, threading
 from numprotect_core.scheduling import apply_cpu_scheduling, thread_ids
@@ -23,9 +23,12 @@ def wait() -> None:
     before.set(); release.wait()
 early = threading.Thread(target=wait); early.start(); before.wait()
 changed = apply_cpu_scheduling(sys.argv[1])
+# Counted before the late thread: once joined, a thread can still be listed in /proc/self/task for a moment.
+threads = thread_ids()
+policies = sorted({os.sched_getscheduler(t) for t in threads})
 late_policy = []
 late = threading.Thread(target=lambda: late_policy.append(os.sched_getscheduler(0))); late.start(); late.join()
-print(changed, len(thread_ids()), sorted({os.sched_getscheduler(t) for t in thread_ids()}), late_policy[0])
+print(changed, len(threads), policies, late_policy[0])
 release.set(); early.join()
 """
 
