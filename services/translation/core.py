@@ -222,6 +222,7 @@ class StreamBatch:
 
     def __init__(self, translator: Translator, messages: Sequence[translation_pb2.TranslateStreamRequest]) -> None:
         self.translator = translator
+        self.span = translator.recording_span()  # the stream's span, when it is sampled
         self.responses: list[translation_pb2.TranslateStreamResponse] = []
         self.pending: list[tuple[translation_pb2.TranslateStreamResponse, Prepared]] = []
         for message in messages:
@@ -256,11 +257,10 @@ class StreamBatch:
 
     def complete(self, replies: Sequence[Any]) -> list[translation_pb2.TranslateStreamResponse]:
         """Fills in the scripts' replies (an exception instance answers its own call with an error)."""
-        span = self.translator.recording_span()  # the stream's span, when it is sampled
         for (out, prepared), reply in zip(self.pending, replies, strict=True):
             if isinstance(reply, BaseException):
                 error = as_domain_error(reply, "TranslateStream") or Unavailable("translation storage failed")
                 out.error = stream_error(error)
             else:
-                out.response.CopyFrom(self.translator.finish(prepared, reply, span))
+                out.response.CopyFrom(self.translator.finish(prepared, reply, self.span))
         return self.responses

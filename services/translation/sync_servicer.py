@@ -107,7 +107,7 @@ class SyncTranslationServiceServicer(translation_pb2_grpc.TranslationServiceServ
             yield from batch.responses
 
     def _evalsha_many(self, batch: StreamBatch) -> list[Any]:
-        if self.translator.recording_span() is None:
+        if batch.span is None:
             return self.client.evalsha_many(batch.calls, self.cap)
         attributes = {**self.redis_attributes, "db.redis.pipeline_length": len(batch.pending)}
         with self.telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT, attributes=attributes):
