@@ -4,7 +4,7 @@ Why: with the default threshold (700 tracked objects) a gRPC server under load s
 few calls, only because the objects of the calls in flight (64 calls, a dozen objects each) pass the threshold.
 Each such collection promotes those in-flight objects to the older generations, and the promotions soon force a
 full collection, which walks the whole heap (50,000+ objects of imported modules, descriptors and clients) with
-the GIL held: measured at 66-79 ms on a loaded translation process, every call in flight waiting. So after
+the GIL held: 44-55 ms on a loaded translation process, every call in flight waiting. So after
 start-up the bootstrap collects once, moves every surviving object to the permanent generation (gc.freeze: never
 walked again), and raises the young threshold (NUMPROTECT_GC_GEN0_THRESHOLD, default 10,000) above what calls in
 flight allocate. Garbage cycles are still collected, later. Figures in docs/deploy.md ("Garbage collection").
