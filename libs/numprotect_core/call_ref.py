@@ -16,7 +16,7 @@ _URL_SAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def encode_call_ref(binding_id: str, virtual_number: str, setup_ms: int, trace_id: int = 0, span_id: int = 0) -> str:
-    """CallRef(...).encode() without building the object: Translate issues one per CONNECT (1.4 vs 2.0 µs)."""
+    """CallRef(...).encode() without building the frozen object first: Translate issues one per CONNECT."""
     trace = format(trace_id, "x") if trace_id else ""
     span = format(span_id, "x") if span_id else ""
     raw = f"{_VERSION}|{binding_id}|{virtual_number}|{setup_ms}|{trace}|{span}".encode()
