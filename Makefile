@@ -7,18 +7,27 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN_STAMP := gen/.stamp
 
-.PHONY: run test lint bench protos venv system-deps clean
+.PHONY: run test lint bench protos venv system-deps clean lock
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# Every dependency, direct or not, at the version and hashes of requirements.lock; then this project itself as an
+# editable install (the build backend comes from the lock too, so nothing unpinned is fetched).
+$(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "numprotect: $(PYTHON) not found: install Python 3.11"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
-	@# libs/, services/ and gen/ on the venv's import path (the code is not a distribution).
-	@printf '%s\n' "$(CURDIR)/libs" "$(CURDIR)/services" "$(CURDIR)/gen" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/numprotect-dev.pth
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
+
+# Regenerates the locks from the requirements files (needs PyPI): requirements.lock (everything, for the venv) and
+# requirements-runtime.lock (the services' dependencies only, for the container image).
+UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-unknown-linux-gnu
+lock: $(STAMP)
+	$(UV_COMPILE) requirements-dev.txt -o requirements.lock
+	$(UV_COMPILE) requirements.txt -o requirements-runtime.lock
 
 protos: $(GEN_STAMP)
 
@@ -41,11 +50,13 @@ test: protos system-deps
 	NUMPROTECT_TEST_REDIS_MODE=cluster $(PY) -m pytest -m "not slow" $(CLUSTER_TESTS) $(PYTEST_ARGS)
 
 lint: protos
+	$(PY) tools/check_lock.py
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs services tests benchmarks deploy
+	$(VENV)/bin/mypy libs services tests benchmarks deploy tools
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/buf format --diff --exit-code
+	tools/buf_breaking.sh $(VENV)/bin/buf
 	tools/validate_manifests.sh $(VENV)/bin
 
 bench: protos system-deps

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from redis.asyncio import Redis
 
-from allocation.pools import NumberPools
-from allocation.scripts import Scripts
-from allocation.settings import AllocationSettings
-from numprotect_core.errors import ResourceExhausted
-from numprotect_core.redis_client import RedisClient
-from numprotect_core.settings import Env
+from numprotect.core.errors import ResourceExhausted
+from numprotect.core.redis_client import RedisClient
+from numprotect.core.settings import Env
+from numprotect.services.allocation.pools import NumberPools
+from numprotect.services.allocation.scripts import Scripts
+from numprotect.services.allocation.settings import AllocationSettings
 from support.redis_server import RedisServer
 
 ROUNDS = 5

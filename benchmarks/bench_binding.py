@@ -297,9 +297,11 @@ def main() -> int:
         with process(redis_args, common, workdir / "redis.log"):
             redis_client = wait_redis(redis_port)
             allocation_log, binding_log = workdir / "allocation.log", workdir / "binding.log"
-            with process([sys.executable, "-m", "allocation"], common, allocation_log) as allocation:
+            with process(
+                [sys.executable, "-m", "numprotect.services.allocation"], common, allocation_log
+            ) as allocation:
                 wait_serving(f"127.0.0.1:{allocation_port}", allocation, allocation_log)
-                with process([sys.executable, "-m", "binding"], common, binding_log) as binding:
+                with process([sys.executable, "-m", "numprotect.services.binding"], common, binding_log) as binding:
                     wait_serving(f"127.0.0.1:{binding_port}", binding, binding_log)
                     try:
                         import uvloop

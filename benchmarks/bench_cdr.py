@@ -32,11 +32,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.harness import free_port, process, redis_server_args, wait_redis, wait_serving
 from numprotect.cdr.v1 import cdr_pb2
-from numprotect_core.binding_records import BindingRecord, BindingRecordStore
-from numprotect_core.call_ref import CallRef
-from numprotect_core.redis_client import create_redis
-from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE
-from numprotect_core.settings import Env, RedisSettings
+from numprotect.core.binding_records import BindingRecord, BindingRecordStore
+from numprotect.core.call_ref import CallRef
+from numprotect.core.redis_client import create_redis
+from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE
+from numprotect.core.settings import Env, RedisSettings
 
 HEALTH_SECONDS = 5.0
 HEALTH_CONCURRENCY = 16
@@ -301,8 +301,10 @@ def main() -> int:
             uncached_port = free_port()
             uncached_env = {**env, "NUMPROTECT_CDR_PORT": str(uncached_port), "NUMPROTECT_CDR_BINDING_CACHE": "0"}
             with (
-                process([sys.executable, "-m", "cdr"], env, cdr_log) as cdr,
-                process([sys.executable, "-m", "cdr"], uncached_env, workdir / "cdr-uncached.log") as cdr_uncached,
+                process([sys.executable, "-m", "numprotect.services.cdr"], env, cdr_log) as cdr,
+                process(
+                    [sys.executable, "-m", "numprotect.services.cdr"], uncached_env, workdir / "cdr-uncached.log"
+                ) as cdr_uncached,
             ):
                 address = f"127.0.0.1:{cdr_port}"
                 uncached_address = f"127.0.0.1:{uncached_port}"

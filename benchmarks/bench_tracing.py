@@ -44,8 +44,8 @@ import redis.asyncio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from benchmarks.harness import cpu_seconds, free_port, process, redis_server_args, wait_redis, wait_serving
+from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 
 SEED_ROUTES = 3000
 TRANSLATE_PATH = "/numprotect.translation.v1.TranslationService/Translate"
@@ -228,7 +228,9 @@ def main() -> int:
                 port = free_port()
                 env = {**base, **tracing[config], "NUMPROTECT_TRANSLATION_PORT": str(port)}
                 log = work / f"translation-{config}-{n}.log"
-                child = stack.enter_context(process([sys.executable, "-m", "translation"], env, log))
+                child = stack.enter_context(
+                    process([sys.executable, "-m", "numprotect.services.translation"], env, log)
+                )
                 addresses[unit] = f"127.0.0.1:{port}"
                 pids[unit] = child.pid
                 wait_serving(addresses[unit], child, log)

@@ -1,8 +1,8 @@
 """Translation benchmark: `python -m benchmarks.bench_translation` (part of `make bench`).
 
 Seeds 100,000 AXB bindings in a fresh redis-server, then starts, each pinned to CPU 0 (taskset), one
-`python -m translation` per server model (sync, aio) and an empty sync handler (no interceptors, no Redis)
-under each CPU scheduling policy (batch, normal: the faster is the best ceiling grpcio reaches here). h2load
+`python -m numprotect.services.translation` per server model (sync, aio) and an empty sync handler (no interceptors,
+no Redis) under each CPU scheduling policy (batch, normal: the faster is the best ceiling grpcio reaches here). h2load
 on the other CPU drives, in BENCH_ROUNDS interleaved rounds (rotated order, so a change of the machine's load
 hits every target alike):
   - the empty handlers,
@@ -36,10 +36,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
 from benchmarks.harness import cpu_seconds, free_port, redis_server_args, wait_redis
+from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable, axe_marker_key, caller_key
+from numprotect.core.scheduling import POLICIES, apply_cpu_scheduling
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
-from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable, axe_marker_key, caller_key
-from numprotect_core.scheduling import POLICIES, apply_cpu_scheduling
 
 ROOT = Path(__file__).resolve().parents[1]
 BINDINGS = int(os.environ.get("BENCH_BINDINGS", "100000"))
@@ -212,7 +212,7 @@ def translation_server(model: str, redis_url: str) -> Server:
         "NUMPROTECT_TRANSLATION_REDIS_TIMEOUT": "3s",
         "NUMPROTECT_GRACE_PERIOD": "1s",
     }
-    return Server(["-m", "translation"], env, port)
+    return Server(["-m", "numprotect.services.translation"], env, port)
 
 
 def verify_sample(port: int, count: int = 300) -> int:
@@ -276,7 +276,7 @@ def measured_stream(server: Server, per_message: int) -> tuple[float, int, float
 def empty_server(port: int, policy: str) -> None:
     """The best case: a sync grpcio server whose one method returns empty bytes (no interceptors, no Redis).
 
-    `policy`: the CPU scheduling of its threads (see numprotect_core.scheduling); the best ceiling is the faster.
+    `policy`: the CPU scheduling of its threads (see numprotect.core.scheduling); the best ceiling is the faster.
     """
     apply_cpu_scheduling(policy)
 

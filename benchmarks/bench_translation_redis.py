@@ -13,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from numprotect.core.redis_client import create_redis
+from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
+from numprotect.core.settings import Env, RedisSettings
+from numprotect.services.translation.app import build
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from numprotect_core.redis_client import create_redis
-from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
-from numprotect_core.settings import Env, RedisSettings
 from support.inprocess import running_service
 from support.redis_server import RedisServer
-from translation.app import build
 
 NUMBERS = 1000
 ROUNDS = 20

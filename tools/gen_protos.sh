@@ -12,7 +12,7 @@ mapfile -t files < <(cd protos && find . -name '*.proto' | sed 's|^\./||' | sort
   --plugin=protoc-gen-mypy="$bin/protoc-gen-mypy" --mypy_out=gen \
   --plugin=protoc-gen-mypy_grpc="$bin/protoc-gen-mypy_grpc" --mypy_grpc_out=gen \
   "${files[@]}"
-# Each generated folder becomes a regular package so mypy and importlib agree on module names.
-find gen -type d -exec touch {}/__init__.py \;
-rm -f gen/__init__.py
-touch gen/py.typed
+# Each generated folder below numprotect/ becomes a regular package so mypy and importlib agree on module names;
+# numprotect/ itself stays a namespace package shared with libs/ (numprotect.core) and services/.
+find gen/numprotect -mindepth 1 -type d -exec touch {}/__init__.py \;
+touch gen/numprotect/py.typed

@@ -27,7 +27,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from numprotect_core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, SettingsError
+from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ class LocalSuite:
                 log = self.run_dir / "logs" / f"{name}-{index}.log"
                 with log.open("ab") as out:
                     process = subprocess.Popen(
-                        [sys.executable, "-m", name],
+                        [sys.executable, "-m", f"numprotect.services.{name}"],
                         cwd=ROOT,
                         env=env,
                         stdout=out,

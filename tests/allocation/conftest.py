@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from allocation.app import build
 from numprotect.allocation.v1 import allocation_pb2_grpc
+from numprotect.services.allocation.app import build
 from support.inprocess import running_service
 
 if TYPE_CHECKING:

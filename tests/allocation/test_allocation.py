@@ -15,10 +15,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from allocation.app import build
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.common.v1 import common_pb2
-from numprotect_core.settings import SettingsError
+from numprotect.core.settings import SettingsError
+from numprotect.services.allocation.app import build
 from support.inprocess import running_service
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """64 concurrent allocators x 2,000 AXB allocations on one block with a small set of repeated parties.
 
-The service runs as three processes (python -m allocation, with uvloop) sharing one Redis, as it would be
-deployed; the 64 grpc.aio clients (their own uvloop loop in the test process) are spread over them. Races
+The service runs as three processes (python -m numprotect.services.allocation, with uvloop) sharing one Redis, as
+it would be deployed; the 64 grpc.aio clients (their own uvloop loop in the test process) are spread over them. Races
 happen between processes as well as within one. Afterwards every reservation is read back from Redis and
 checked: no (number, party) pair appears twice. Python gRPC costs ~0.5 ms of server CPU per call, so this
 runs at roughly 1,000-1,400 allocations/s on a 2-core machine.

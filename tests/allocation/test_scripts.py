@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from allocation import keys
-from allocation.scripts import Scripts
-from numprotect_core.redis_client import LuaScript, RedisClient, create_redis
-from numprotect_core.settings import Env, RedisSettings
+from numprotect.core.redis_client import LuaScript, RedisClient, create_redis
+from numprotect.core.settings import Env, RedisSettings
+from numprotect.services.allocation import keys
+from numprotect.services.allocation.scripts import Scripts
 
 BLOCK = "70012345678"
 TENANT, CITY = "t1", "010"

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from allocation.app import build as build_allocation
-from binding.app import build as build_binding
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2_grpc
+from numprotect.services.allocation.app import build as build_allocation
+from numprotect.services.binding.app import build as build_binding
 from support.inprocess import running_service
 
 if TYPE_CHECKING:

@@ -12,21 +12,21 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2
 
-from binding.allocation_client import AllocationClient
-from binding.app import build as build_binding
-from binding.store import TENANT_SHARDS, order_key, tenant_index_key
 from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from numprotect.core.binding_records import BindingRecordStore, binding_key, decode_stored
+from numprotect.core.errors import Aborted, FailedPrecondition
+from numprotect.core.redis_client import LuaScript
+from numprotect.core.routes import Route, axe_marker_key, axn_key, caller_key, extension_key
+from numprotect.services.binding.allocation_client import AllocationClient
+from numprotect.services.binding.app import build as build_binding
+from numprotect.services.binding.store import TENANT_SHARDS, order_key, tenant_index_key
+from numprotect.services.translation.app import build as build_translation
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from numprotect_core.binding_records import BindingRecordStore, binding_key, decode_stored
-from numprotect_core.errors import Aborted, FailedPrecondition
-from numprotect_core.redis_client import LuaScript
-from numprotect_core.routes import Route, axe_marker_key, axn_key, caller_key, extension_key
 from support.inprocess import running_service
 from support.redis_server import free_port
-from translation.app import build as build_translation
 
 A = "13800000001"
 B = "13900000002"

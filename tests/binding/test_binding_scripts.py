@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
-from binding.store import (
+from numprotect.core.errors import Aborted
+from numprotect.core.redis_client import RedisClient, create_redis
+from numprotect.core.settings import Env, RedisSettings
+from numprotect.services.binding.store import (
     MutationLocks,
     OrderClaims,
     TenantIndex,
@@ -19,9 +22,6 @@ from binding.store import (
     tenant_index_key,
     tenant_shard,
 )
-from numprotect_core.errors import Aborted
-from numprotect_core.redis_client import RedisClient, create_redis
-from numprotect_core.settings import Env, RedisSettings
 
 DAY = 86_400_000
 

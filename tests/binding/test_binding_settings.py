@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from binding.settings import BindingSettings
-from numprotect_core.settings import Env, SettingsError
+from numprotect.core.settings import Env, SettingsError
+from numprotect.services.binding.settings import BindingSettings
 from support.processes import ROOT
 
 
@@ -37,7 +37,7 @@ def test_bad_values_name_the_variable(environ: dict[str, str], named: str) -> No
 
 def test_the_process_exits_2_on_a_bad_setting(redis_url: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "binding"],
+        [sys.executable, "-m", "numprotect.services.binding"],
         cwd=ROOT,
         env={
             "PATH": "/usr/bin:/bin",

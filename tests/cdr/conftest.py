@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from cdr.app import build
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
-from numprotect_core.binding_records import BindingRecord, BindingRecordStore
-from numprotect_core.redis_client import RedisClient, create_redis
-from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE
-from numprotect_core.settings import Env, RedisSettings
+from numprotect.core.binding_records import BindingRecord, BindingRecordStore
+from numprotect.core.redis_client import RedisClient, create_redis
+from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE
+from numprotect.core.settings import Env, RedisSettings
+from numprotect.services.cdr.app import build
 from support.inprocess import running_service
 
 X = "700100000000001"

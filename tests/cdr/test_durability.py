@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 import pytest
 
-from cdr.app import build
-from cdr.keys import Bucket
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.services.cdr.app import build
+from numprotect.services.cdr.keys import Bucket
 from support.inprocess import running_service
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer

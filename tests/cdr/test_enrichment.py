@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cdr.keys import Bucket
 from numprotect.cdr.v1 import cdr_pb2
-from numprotect_core.call_ref import CallRef
+from numprotect.core.call_ref import CallRef
+from numprotect.services.cdr.keys import Bucket
 
 X = "700100000000001"
 X2 = "700100000000002"
@@ -118,8 +118,8 @@ async def test_unknown_bindings_are_kept_flagged_and_listed_for_the_operator(
 async def test_the_binding_cache_keeps_found_bindings_only_and_stays_bounded(
     redis: Any, redis_sync: Any, make_binding: Any
 ) -> None:
-    from cdr.bindings import RedisBindingLookup
-    from numprotect_core.binding_records import binding_key
+    from numprotect.core.binding_records import binding_key
+    from numprotect.services.cdr.bindings import RedisBindingLookup
 
     lookup = RedisBindingLookup(redis, cache_size=2)
     for name in ("b1", "b2", "b3"):

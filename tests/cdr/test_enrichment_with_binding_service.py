@@ -10,14 +10,14 @@ from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
-from allocation.app import build as build_allocation
-from binding.app import build as build_binding
-from cdr.app import build as build_cdr
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.common.v1 import common_pb2
-from numprotect_core.call_ref import CallRef
+from numprotect.core.call_ref import CallRef
+from numprotect.services.allocation.app import build as build_allocation
+from numprotect.services.binding.app import build as build_binding
+from numprotect.services.cdr.app import build as build_cdr
 from support.inprocess import running_service
 
 BLOCK = "70010000000"

@@ -9,8 +9,8 @@ from typing import Any
 import grpc
 import pytest
 
-from cdr.keys import Bucket
 from numprotect.cdr.v1 import cdr_pb2
+from numprotect.services.cdr.keys import Bucket
 
 UNMATCHED = Bucket("")
 
@@ -137,7 +137,7 @@ async def test_a_storm_of_16_concurrent_senders_stores_each_call_exactly_once(
 
 
 def _today(record: cdr_pb2.CallDetailRecord) -> str:
-    from cdr.store import beijing_date
+    from numprotect.services.cdr.store import beijing_date
 
     return beijing_date(record.call_time.ToMilliseconds())
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cdr.keys import Bucket
-from cdr.store import CdrStore
-from numprotect_core.redis_client import RedisClient
+from numprotect.core.redis_client import RedisClient
+from numprotect.services.cdr.keys import Bucket
+from numprotect.services.cdr.store import CdrStore
 
 DAY = 86_400_000
 X = "700100000000001"

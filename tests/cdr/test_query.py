@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 import pytest
 
-from cdr.store import BEIJING
 from numprotect.cdr.v1 import cdr_pb2
+from numprotect.services.cdr.store import BEIJING
 
 X = "700100000000001"
 X2 = "700100000000002"

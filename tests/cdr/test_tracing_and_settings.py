@@ -9,12 +9,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cdr.app import build
-from cdr.settings import CdrSettings
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
-from numprotect_core.call_ref import CallRef
-from numprotect_core.settings import Env, SettingsError
-from numprotect_core.telemetry import Telemetry
+from numprotect.core.call_ref import CallRef
+from numprotect.core.settings import Env, SettingsError
+from numprotect.core.telemetry import Telemetry
+from numprotect.services.cdr.app import build
+from numprotect.services.cdr.settings import CdrSettings
 from support.inprocess import running_service
 
 X = "700100000000001"
@@ -74,7 +74,7 @@ def test_the_process_exits_2_with_one_line_on_a_bad_setting(redis_env: dict[str,
 
     env = {**os.environ, **redis_env, "NUMPROTECT_CDR_PORT": "0", "NUMPROTECT_CDR_MAX_BATCH": "-3"}
     result = subprocess.run(
-        [sys.executable, "-m", "cdr"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "numprotect.services.cdr"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

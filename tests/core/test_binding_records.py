@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from numprotect_core.binding_records import (
+from numprotect.core.binding_records import (
     BindingEvent,
     BindingRecord,
     BindingRecordStore,
@@ -21,9 +21,9 @@ from numprotect_core.binding_records import (
     number_history_key,
     trace_number,
 )
-from numprotect_core.redis_client import RedisClient, create_redis
-from numprotect_core.routes import MODE_AXB, MODE_AXE, RESTRICTION_NONE
-from numprotect_core.settings import Env, RedisSettings
+from numprotect.core.redis_client import RedisClient, create_redis
+from numprotect.core.routes import MODE_AXB, MODE_AXE, RESTRICTION_NONE
+from numprotect.core.settings import Env, RedisSettings
 
 X = "700100000000001"
 A = "13800000001"

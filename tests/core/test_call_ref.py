@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from numprotect_core.call_ref import CallRef, encode_call_ref
+from numprotect.core.call_ref import CallRef, encode_call_ref
 
 
 def test_call_ref_round_trips_with_and_without_trace_context() -> None:

@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from numprotect_core.errors import (
+from numprotect.core.errors import (
     AlreadyExists,
     DomainError,
     FailedPrecondition,
@@ -20,7 +20,7 @@ from numprotect_core.errors import (
     NotFound,
     ResourceExhausted,
 )
-from numprotect_core.interceptors import ErrorMappingInterceptor
+from numprotect.core.interceptors import ErrorMappingInterceptor
 
 SERVICE = "test.Errors"
 

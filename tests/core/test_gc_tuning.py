@@ -16,7 +16,7 @@ from support.processes import ROOT, ServiceProcess
 # 16 tracked objects until the whole wave is answered, about 1,000 objects alive at once, all freed afterwards.
 _CHILD = """
 import gc, json, sys
-from numprotect_core.gc_tuning import freeze_startup_heap
+from numprotect.core.gc_tuning import freeze_startup_heap
 keep = [[i] for i in range(20_000)]  # "start-up" objects that live on
 before = {"frozen": gc.get_freeze_count(), "threshold": gc.get_threshold()[0]}
 state = freeze_startup_heap(int(sys.argv[1]))

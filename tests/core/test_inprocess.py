@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cdr.app import build
+from numprotect.services.cdr.app import build
 from support.inprocess import running_service
 
 

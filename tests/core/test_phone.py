@@ -1,11 +1,11 @@
-"""Phone-number validation and normalisation (DOMAIN.md rules)."""
+"""Phone-number validation and normalisation (docs/domain.md rules)."""
 
 from __future__ import annotations
 
 import pytest
 
-from numprotect_core.errors import InvalidArgument
-from numprotect_core.phone import (
+from numprotect.core.errors import InvalidArgument
+from numprotect.core.phone import (
     InvalidNumber,
     mask,
     normalize_party,

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from numprotect_core.redis_client import RedisClient, create_redis
-from numprotect_core.routes import (
+from numprotect.core.redis_client import RedisClient, create_redis
+from numprotect.core.routes import (
     MODE_AXB,
     MODE_AXE,
     MODE_AXN,
@@ -24,7 +24,7 @@ from numprotect_core.routes import (
     caller_key,
     extension_key,
 )
-from numprotect_core.settings import Env, RedisSettings
+from numprotect.core.settings import Env, RedisSettings
 
 X = "700100000000001"
 A = "13800000001"

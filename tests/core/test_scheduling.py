@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from numprotect_core.scheduling import apply_cpu_scheduling, thread_ids
+from numprotect.core.scheduling import apply_cpu_scheduling, thread_ids
 from support.processes import ROOT, ServiceProcess
 
 POLICY_NUMBERS = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
@@ -17,7 +17,7 @@ POLICY_NUMBERS = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
 # the policy of every thread, then starts another thread and prints the policy it inherited.
 _CHILD = """
 import os, sys, threading
-from numprotect_core.scheduling import apply_cpu_scheduling, thread_ids
+from numprotect.core.scheduling import apply_cpu_scheduling, thread_ids
 before = threading.Event(); release = threading.Event()
 def wait() -> None:
     before.set(); release.wait()
@@ -37,7 +37,7 @@ release.set(); early.join()
 def test_apply_sets_every_thread_and_later_threads_inherit(policy: str) -> None:
     # Start from the other policy so the change is visible.
     other = "normal" if policy == "batch" else "batch"
-    script = f"from numprotect_core.scheduling import apply_cpu_scheduling; apply_cpu_scheduling({other!r})\n" + _CHILD
+    script = f"from numprotect.core.scheduling import apply_cpu_scheduling; apply_cpu_scheduling({other!r})\n" + _CHILD
     done = subprocess.run(
         [sys.executable, "-c", script, policy], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
     )

@@ -105,7 +105,7 @@ def test_a_busy_port_is_explained_in_one_line(redis_url: str) -> None:
     try:
         env = {"NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_ALLOCATION_PORT": str(first.port)}
         result = subprocess.run(
-            [sys.executable, "-m", "allocation"],
+            [sys.executable, "-m", "numprotect.services.allocation"],
             env={**__import__("os").environ, **env},
             capture_output=True,
             text=True,

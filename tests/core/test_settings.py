@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from numprotect_core.settings import Env, RedisSettings, ServerSettings, SettingsError, service_address
+from numprotect.core.settings import Env, RedisSettings, ServerSettings, SettingsError, service_address
 from support.processes import ROOT
 
 
@@ -73,7 +73,12 @@ def test_bad_values_name_the_variable_and_the_rule(environ: dict[str, str], mess
 def test_a_service_with_a_bad_setting_exits_2_with_one_line() -> None:
     env = {**os.environ, "NUMPROTECT_REDIS_MODE": "sentinel"}
     result = subprocess.run(
-        [sys.executable, "-m", "binding"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "numprotect.services.binding"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from numprotect_core.server import ServiceApp
-from numprotect_core.settings import Env, ServerSettings
-from numprotect_core.telemetry import Telemetry
+from numprotect.core.server import ServiceApp
+from numprotect.core.settings import Env, ServerSettings
+from numprotect.core.telemetry import Telemetry
 
 
 class _PingSwallowingCancellation:

@@ -25,10 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio.cluster import ClusterNode
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
-from numprotect_core.errors import Unavailable
-from numprotect_core.interceptors import as_domain_error
-from numprotect_core.redis_client import LuaScript, RedisClient, create_redis, redis_is_up
-from numprotect_core.settings import Env, RedisSettings
+from numprotect.core.errors import Unavailable
+from numprotect.core.interceptors import as_domain_error
+from numprotect.core.redis_client import LuaScript, RedisClient, create_redis, redis_is_up
+from numprotect.core.settings import Env, RedisSettings
 from support.processes import ServiceProcess
 from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from numprotect_core.settings import DEFAULT_PORTS, Env, RedisSettings, ServerSettings
+from numprotect.core.settings import DEFAULT_PORTS, Env, RedisSettings, ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -101,7 +101,7 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
     port = DEFAULT_PORTS[service]
     deployment = rendered.get("Deployment", service)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["args"] == [service]  # the image runs `python -m <args>`
+    assert container["args"] == [f"numprotect.services.{service}"]  # the image runs `python -m <args>`
     assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("grpc", port)]
 
     svc = rendered.get("Service", service)
@@ -246,8 +246,9 @@ def test_dockerfile_builds_protos_and_runs_any_service_as_non_root() -> None:
     entrypoint = [line for line in final if line.upper().startswith("ENTRYPOINT ")]
     assert entrypoint == ['ENTRYPOINT ["python", "-m"]']
     env = " ".join(line for line in final if line.upper().startswith("ENV "))
-    for path in ("libs", "services", "gen"):
-        assert f"/app/{path}" in env
+    # The project is installed as a wheel (libs, services and gen in one `numprotect` namespace), not put on a path.
+    assert "PYTHONPATH" not in env
+    assert any("pip install --no-deps /wheels/numprotect-" in line for line in lines[: stages[-1]])
     assert "PYTHONDONTWRITEBYTECODE=1" in env  # the root filesystem is read-only in the pods
 
 

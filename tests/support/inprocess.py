@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from numprotect_core.redis_client import create_redis
-from numprotect_core.server import Builder, Runtime, ServiceApp
-from numprotect_core.settings import Env, RedisSettings, ServerSettings
-from numprotect_core.telemetry import Telemetry
+from numprotect.core.redis_client import create_redis
+from numprotect.core.server import Builder, Runtime, ServiceApp
+from numprotect.core.settings import Env, RedisSettings, ServerSettings
+from numprotect.core.telemetry import Telemetry
 
 
 @dataclass

@@ -26,7 +26,7 @@ class ServiceProcess:
         full_env = {**os.environ, **env, f"NUMPROTECT_{service.upper()}_PORT": str(port)}
         full_env.setdefault("NUMPROTECT_GRACE_PERIOD", "2s")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", service],
+            [sys.executable, "-m", f"numprotect.services.{service}"],
             cwd=ROOT,
             env=full_env,
             stdout=subprocess.PIPE,

@@ -18,14 +18,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from cdr.app import build as build_cdr
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
-from numprotect_core import telemetry as tel
-from numprotect_core.call_ref import CallRef
-from numprotect_core.logs import JsonFormatter
-from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
-from numprotect_core.settings import Env, SettingsError
-from numprotect_core.telemetry import Telemetry
+from numprotect.core import telemetry as tel
+from numprotect.core.call_ref import CallRef
+from numprotect.core.logs import JsonFormatter
+from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
+from numprotect.core.settings import Env, SettingsError
+from numprotect.core.telemetry import Telemetry
+from numprotect.services.cdr.app import build as build_cdr
 from support.inprocess import running_service
 
 PARTY_A = "13812345678"
@@ -450,8 +450,8 @@ def test_sync_server_spans_continue_the_callers_trace_and_record_status() -> Non
 
 
 async def test_aio_server_spans_record_status_of_failed_and_streaming_calls(redis_url: str) -> None:
+    from numprotect.services.translation.app import build as build_translation
     from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-    from translation.app import build as build_translation
 
     telemetry, exporter = traced()
     environ = {"NUMPROTECT_REDIS_URL": redis_url}

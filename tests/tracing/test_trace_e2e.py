@@ -26,8 +26,8 @@ from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.common.v1 import common_pb2 as np_common_pb2
+from numprotect.core.call_ref import CallRef
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from numprotect_core.call_ref import CallRef
 from support.processes import ServiceProcess
 
 PARTY_A = "13812345678"

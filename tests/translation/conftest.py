@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from numprotect.core.redis_client import RedisClient, create_redis
+from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
+from numprotect.core.settings import Env, RedisSettings
+from numprotect.services.translation.app import build
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from numprotect_core.redis_client import RedisClient, create_redis
-from numprotect_core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
-from numprotect_core.settings import Env, RedisSettings
 from support.inprocess import RunningService, running_service
-from translation.app import build
 
 X = "700100000000001"
 A = "13800000001"

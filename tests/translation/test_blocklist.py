@@ -11,8 +11,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from numprotect.core.routes import MODE_AXN
 from numprotect.translation.v1 import translation_pb2 as pb
-from numprotect_core.routes import MODE_AXN
 
 X = "700100000000001"
 X2 = "700100000000002"

@@ -10,11 +10,11 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from numprotect_core.errors import Unavailable
-from numprotect_core.redis_client import LuaScript
-from numprotect_core.settings import Env, RedisSettings
+from numprotect.core.errors import Unavailable
+from numprotect.core.redis_client import LuaScript
+from numprotect.core.settings import Env, RedisSettings
+from numprotect.services.translation.fastredis import ScriptClient
 from support.redis_server import RedisServer
-from translation.fastredis import ScriptClient
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def test_config_names_a_method_and_its_data_parses(path: Path) -> None:
     assert request.ByteSize() > 0
     if method_name == "Translate":
         # Realistic: a 15-digit 700 number and a caller translation accepts.
-        from translation.numbers import normalize_caller, validate_called
+        from numprotect.services.translation.numbers import normalize_caller, validate_called
 
         validate_called(data["called_number"])
         normalize_caller(data["calling_number"])

@@ -10,8 +10,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
+from numprotect.core.routes import MODE_AXE, MODE_AXN, lock_key
 from numprotect.translation.v1 import translation_pb2 as pb
-from numprotect_core.routes import MODE_AXE, MODE_AXN, lock_key
 
 X_AXB = "700100000000001"
 X_AXN = "700100000000002"

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
+from numprotect.core.routes import caller_key
+from numprotect.services.translation.blocklist import BlocklistView
+from numprotect.services.translation.core import SCRIPT, Prepared, TranslationSettings, Translator
 from numprotect.translation.v1 import translation_pb2 as pb
-from numprotect_core.routes import caller_key
-from translation.blocklist import BlocklistView
-from translation.core import SCRIPT, Prepared, TranslationSettings, Translator
 
 X = "700100000000001"
 A = "13800000001"

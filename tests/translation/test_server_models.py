@@ -1,4 +1,7 @@
-"""Both server models as real processes (python -m translation): same answers, errors, stream, deadline, drain."""
+"""Both server models as real processes (python -m numprotect.services.translation).
+
+Same answers, errors, stream, deadline, drain.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ import redis
 from google.rpc import error_details_pb2, status_pb2
 from redis.cluster import RedisCluster
 
+from numprotect.core.redis_client import create_redis
+from numprotect.core.routes import MODE_AXN, Route, RouteTable
+from numprotect.core.settings import Env, RedisSettings
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
-from numprotect_core.redis_client import create_redis
-from numprotect_core.routes import MODE_AXN, Route, RouteTable
-from numprotect_core.settings import Env, RedisSettings
 from support.processes import ServiceProcess
 
 X = "700100000000001"

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
+from numprotect.core.routes import MODE_AXN
 from numprotect.translation.v1 import translation_pb2 as pb
-from numprotect_core.routes import MODE_AXN
 
 X_AXB = "700100000000001"
 X_AXN = "700100000000002"

@@ -8,15 +8,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from numprotect.core.call_ref import CallRef
+from numprotect.core.redis_client import create_redis
+from numprotect.core.routes import RouteTable
+from numprotect.core.settings import Env, RedisSettings
+from numprotect.core.telemetry import Telemetry
+from numprotect.services.translation.app import build
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
-from numprotect_core.call_ref import CallRef
-from numprotect_core.redis_client import create_redis
-from numprotect_core.routes import RouteTable
-from numprotect_core.settings import Env, RedisSettings
-from numprotect_core.telemetry import Telemetry
 from support.inprocess import running_service
-from translation.app import build
 
 X = "700100000000001"
 A = "13800000001"

@@ -9,15 +9,15 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from numprotect.translation.v1 import translation_pb2 as pb
-from numprotect_core.call_ref import CallRef
-from numprotect_core.routes import (
+from numprotect.core.call_ref import CallRef
+from numprotect.core.routes import (
     MODE_AXE,
     MODE_AXN,
     RESTRICTION_A_TO_B_ONLY,
     RESTRICTION_B_TO_A_ONLY,
     lock_key,
 )
+from numprotect.translation.v1 import translation_pb2 as pb
 
 X = "700100000000001"
 A = "13800000001"

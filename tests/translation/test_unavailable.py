@@ -12,8 +12,8 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from numprotect.core.routes import MODE_AXN
 from numprotect.translation.v1 import translation_pb2 as pb
-from numprotect_core.routes import MODE_AXN
 
 X = "700100000000001"
 CALLER = "13700000003"

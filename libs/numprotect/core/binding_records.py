@@ -1,0 +1,350 @@
+"""Binding records and the per-number binding history: written by binding, read by binding and cdr.
+
+One Redis schema shared by two services, so it lives here once (the cdr service must not import binding's code).
+
+    np:b:{<binding_id>}    HASH   the binding record: current values, status, and its append-only events
+                                  (fields h1..hN); PEXPIREAT end + retention (end = expiry or deletion)
+    np:nh:{<X>}            ZSET   per virtual number: member binding_id, score = the binding's latest end
+                                  (expire_ms; only ever raised); trimmed past retention; PEXPIREAT newest end
+                                  + retention
+
+Record fields (short names keep the hash in the compact listpack encoding):
+    t tenant_id, o out_order_id, m mode, a party_a, b party_b (current), x virtual_number, e extension,
+    c city_code, cf city_fallback, r call_restriction, rec recording_enabled, any allow_any_caller,
+    uc user_consent, cms create_ms, ems expire_ms, ums update_ms, dms delete_ms (0 = not deleted),
+    rid allocation reservation id, st status ("p" pending: a create not committed yet, "a" committed),
+    n number of events, h1..hN events "<kind>|<at_ms>|k=v,k=v" (kind create/update/delete;
+    keys b party_b, exp expire_ms, r call_restriction, rec recording).
+
+Expiry is not written as an event: it happens at `expire_ms` by definition (Redis expires the routes at that
+instant); readers derive the "expire" event from the record, so no sweeper is needed and none can lag.
+
+Trace ("which binding did X serve at T"): the number's ZSET gives every binding whose end is after T (score
+> T), the records filter create_ms <= T < end_ms, and the events give party B as it was at T.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from numprotect.core.redis_client import LuaScript, RedisClient
+
+STATUS_PENDING = "p"
+STATUS_ACTIVE = "a"
+DEFAULT_RETENTION_MS = 180 * 86_400_000
+# How many history members trace_number reads per round trip.
+_TRACE_BATCH = 500
+_NO_END = 2**62
+
+
+def binding_key(binding_id: str) -> str:
+    return f"np:b:{{{binding_id}}}"
+
+
+def number_history_key(virtual_number: str) -> str:
+    return f"np:nh:{{{virtual_number}}}"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class BindingRecord:
+    """One binding as stored (or, from trace_number, as it was at the asked moment)."""
+
+    binding_id: str
+    tenant_id: str
+    out_order_id: str
+    mode: int
+    party_a: str
+    party_b: str
+    virtual_number: str
+    extension: str
+    city_code: str
+    call_restriction: int
+    recording_enabled: bool
+    allow_any_caller: bool
+    user_consent: bool
+    create_ms: int
+    expire_ms: int
+    update_ms: int
+    delete_ms: int  # 0 = not deleted
+
+    def end_ms(self) -> int:
+        """When the binding stopped (or will stop) serving: its expiry, or its deletion if earlier."""
+        return min(self.expire_ms, self.delete_ms or _NO_END)
+
+    def live_at(self, at_ms: int) -> bool:
+        return self.create_ms <= at_ms < self.end_ms()
+
+
+@dataclass(frozen=True, slots=True)
+class BindingEvent:
+    """One entry of a binding's history. `changes` holds the values set (b, exp, r, rec)."""
+
+    kind: str  # create, update, delete, expire (derived)
+    at_ms: int
+    changes: Mapping[str, str]
+
+    def encode(self) -> str:
+        return f"{self.kind}|{self.at_ms}|" + ",".join(f"{k}={v}" for k, v in self.changes.items())
+
+    @classmethod
+    def decode(cls, raw: str) -> BindingEvent:
+        kind, at, rest = raw.split("|", 2)
+        changes = dict(item.split("=", 1) for item in rest.split(",") if item)
+        return cls(kind, int(at), changes)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBinding:
+    """Everything the record holds: the public record plus what only the binding service needs."""
+
+    record: BindingRecord
+    reservation_id: str
+    city_fallback: bool
+    status: str
+    events: tuple[BindingEvent, ...]
+
+    @property
+    def pending(self) -> bool:
+        return self.status != STATUS_ACTIVE
+
+    def history(self, at_ms: int | None = None) -> list[BindingEvent]:
+        """The recorded events plus the derived expiry (once expire_ms has passed, unless deleted before)."""
+        now = now_ms() if at_ms is None else at_ms
+        events = list(self.events)
+        rec = self.record
+        if rec.expire_ms <= now and (rec.delete_ms == 0 or rec.delete_ms > rec.expire_ms):
+            events.append(BindingEvent("expire", rec.expire_ms, {}))
+        return events
+
+    def party_b_at(self, at_ms: int) -> str:
+        """Party B as it was at `at_ms`: the value set by the last event at or before then (events are in
+        order; the create event always names B), the creation's value for an earlier moment."""
+        values = [(e.at_ms, e.changes["b"]) for e in self.events if "b" in e.changes]
+        if not values:
+            return self.record.party_b
+        party_b = values[0][1]
+        for at, value in values:
+            if at <= at_ms:
+                party_b = value
+        return party_b
+
+    def as_of(self, at_ms: int) -> BindingRecord:
+        return replace(self.record, party_b=self.party_b_at(at_ms))
+
+
+def encode_record_fields(
+    record: BindingRecord, *, reservation_id: str, city_fallback: bool, status: str
+) -> dict[str, str]:
+    """The hash fields of a new record (events are added by the scripts)."""
+    return {
+        "t": record.tenant_id,
+        "o": record.out_order_id,
+        "m": str(record.mode),
+        "a": record.party_a,
+        "b": record.party_b,
+        "x": record.virtual_number,
+        "e": record.extension,
+        "c": record.city_code,
+        "cf": "1" if city_fallback else "0",
+        "r": str(record.call_restriction),
+        "rec": "1" if record.recording_enabled else "0",
+        "any": "1" if record.allow_any_caller else "0",
+        "uc": "1" if record.user_consent else "0",
+        "cms": str(record.create_ms),
+        "ems": str(record.expire_ms),
+        "ums": str(record.update_ms),
+        "dms": str(record.delete_ms),
+        "rid": reservation_id,
+        "st": status,
+    }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def decode_stored(binding_id: str, raw: Mapping[Any, Any]) -> StoredBinding | None:
+    """The stored binding from an HGETALL reply, or None when the hash is missing or not a record."""
+    if not raw:
+        return None
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    if "cms" not in fields or "t" not in fields:
+        return None
+    count = int(fields.get("n", "0"))
+    events = tuple(BindingEvent.decode(fields[f"h{i}"]) for i in range(1, count + 1) if f"h{i}" in fields)
+    record = BindingRecord(
+        binding_id=binding_id,
+        tenant_id=fields["t"],
+        out_order_id=fields.get("o", ""),
+        mode=int(fields.get("m", "0")),
+        party_a=fields.get("a", ""),
+        party_b=fields.get("b", ""),
+        virtual_number=fields.get("x", ""),
+        extension=fields.get("e", ""),
+        city_code=fields.get("c", ""),
+        call_restriction=int(fields.get("r", "0")),
+        recording_enabled=fields.get("rec") == "1",
+        allow_any_caller=fields.get("any") == "1",
+        user_consent=fields.get("uc") == "1",
+        create_ms=int(fields["cms"]),
+        expire_ms=int(fields.get("ems", "0")),
+        update_ms=int(fields.get("ums", "0")),
+        delete_ms=int(fields.get("dms", "0")),
+    )
+    return StoredBinding(
+        record=record,
+        reservation_id=fields.get("rid", ""),
+        city_fallback=fields.get("cf") == "1",
+        status=fields.get("st", STATUS_PENDING),
+        events=events,
+    )
+
+
+async def get_stored_bindings(redis: RedisClient, binding_ids: Sequence[str]) -> dict[str, StoredBinding]:
+    """Stored bindings (pending ones included) by id, read in one pipeline; missing ids are absent."""
+    if not binding_ids:
+        return {}
+    ids = list(dict.fromkeys(binding_ids))
+    async with redis.pipeline(transaction=False) as pipe:
+        for binding_id in ids:
+            pipe.hgetall(binding_key(binding_id))
+        replies = await pipe.execute()
+    found: dict[str, StoredBinding] = {}
+    for binding_id, raw in zip(ids, replies, strict=True):
+        stored = decode_stored(binding_id, raw)
+        if stored is not None:
+            found[binding_id] = stored
+    return found
+
+
+async def get_binding_records(redis: RedisClient, binding_ids: Sequence[str]) -> dict[str, BindingRecord]:
+    """Committed binding records by id (one pipelined round trip); unknown, pending or purged ids are absent."""
+    stored = await get_stored_bindings(redis, binding_ids)
+    return {bid: s.record for bid, s in stored.items() if not s.pending}
+
+
+async def get_binding_records_at(
+    redis: RedisClient, binding_ids: Sequence[str], at_ms: int
+) -> dict[str, BindingRecord]:
+    """Like get_binding_records, with party B as it was at `at_ms` (e.g. a call's time: B may be replaced later).
+
+    The records are returned whether or not they were live then (check `live_at`); missing ids are absent.
+    """
+    stored = await get_stored_bindings(redis, binding_ids)
+    return {bid: s.as_of(at_ms) for bid, s in stored.items() if not s.pending}
+
+
+async def trace_number(
+    redis: RedisClient, virtual_number: str, at_ms: int, *, party: str = "", extension: str = ""
+) -> list[BindingRecord]:
+    """The bindings live on `virtual_number` at `at_ms`, with their parties as they were then, oldest first.
+
+    `party` keeps only bindings where it was party A or B (N for AXN) at that moment; `extension` only the AXE
+    binding on that extension. Reads the number's history in batches of bindings ending after `at_ms`.
+    """
+    key = number_history_key(virtual_number)
+    found: list[BindingRecord] = []
+    offset = 0
+    while True:
+        ids = await redis.zrangebyscore(key, f"({at_ms}", "+inf", start=offset, num=_TRACE_BATCH)
+        if not ids:
+            break
+        stored = await get_stored_bindings(redis, [_text(i) for i in ids])
+        for binding in stored.values():
+            if binding.pending or binding.record.virtual_number != virtual_number:
+                continue
+            if not binding.record.live_at(at_ms):
+                continue
+            then = binding.as_of(at_ms)
+            if extension and then.extension != extension:
+                continue
+            if party and party not in (then.party_a, then.party_b):
+                continue
+            found.append(then)
+        if len(ids) < _TRACE_BATCH:
+            break
+        offset += _TRACE_BATCH
+    found.sort(key=lambda r: (r.create_ms, r.binding_id))
+    return found
+
+
+async def get_binding_history(redis: RedisClient, binding_id: str) -> list[BindingEvent]:
+    """Every recorded event of a committed binding plus its derived expiry; [] when unknown."""
+    stored = (await get_stored_bindings(redis, [binding_id])).get(binding_id)
+    return [] if stored is None or stored.pending else stored.history()
+
+
+class BindingRecordStore:
+    """The writes of the binding record and the number history (used by the binding service only)."""
+
+    _create = LuaScript.beside(__file__, "binding_record_create.lua")
+    _update = LuaScript.beside(__file__, "binding_record_update.lua")
+    _history_add = LuaScript.beside(__file__, "number_history_add.lua")
+
+    def __init__(self, redis: RedisClient, retention_ms: int = DEFAULT_RETENTION_MS) -> None:
+        self.redis = redis
+        self.retention_ms = retention_ms
+
+    async def create(
+        self, record: BindingRecord, *, reservation_id: str, city_fallback: bool, keep_until_ms: int | None = None
+    ) -> bool:
+        """Writes a new pending record with its create event; False (nothing written) if the id exists.
+
+        A pending record expires at `keep_until_ms` when given (an abandoned create leaves no long-lived
+        garbage); activate() then keeps it for the binding's end + retention.
+        """
+        fields = encode_record_fields(
+            record, reservation_id=reservation_id, city_fallback=city_fallback, status=STATUS_PENDING
+        )
+        event = BindingEvent("create", record.create_ms, {"b": record.party_b, "exp": str(record.expire_ms)})
+        expire_at = keep_until_ms if keep_until_ms is not None else record.end_ms() + self.retention_ms
+        flat: list[str | int] = [expire_at, event.encode()]
+        for name, value in fields.items():
+            flat.extend((name, value))
+        reply = await self._create(self.redis, [binding_key(record.binding_id)], flat)
+        return int(reply) == 1
+
+    async def update(
+        self,
+        binding_id: str,
+        fields: Mapping[str, str],
+        event: BindingEvent | None,
+        *,
+        end_ms: int | None = None,
+    ) -> bool:
+        """Sets `fields` and appends `event` on an existing record; new retention when `end_ms` is given.
+
+        False (nothing written) when the record does not exist.
+        """
+        expire_at = 0 if end_ms is None else end_ms + self.retention_ms
+        flat: list[str | int] = [expire_at, event.encode() if event else ""]
+        for name, value in fields.items():
+            flat.extend((name, value))
+        reply = await self._update(self.redis, [binding_key(binding_id)], flat)
+        return int(reply) == 1
+
+    async def activate(self, binding_id: str, end_ms: int | None = None) -> bool:
+        """Marks the record committed; with `end_ms`, keeps it until end + retention."""
+        return await self.update(binding_id, {"st": STATUS_ACTIVE}, None, end_ms=end_ms)
+
+    async def discard(self, binding_id: str) -> None:
+        """Removes a record whose create failed (compensation)."""
+        await self.redis.delete(binding_key(binding_id))
+
+    async def add_to_history(self, virtual_number: str, binding_id: str, end_ms: int) -> None:
+        """Indexes the binding on its number (score only ever raised) and trims what left retention."""
+        await self._history_add(
+            self.redis,
+            [number_history_key(virtual_number)],
+            [binding_id, end_ms, self.retention_ms],
+        )
+
+    async def remove_from_history(self, virtual_number: str, binding_id: str) -> None:
+        await self.redis.zrem(number_history_key(virtual_number), binding_id)

@@ -1,0 +1,108 @@
+"""Redis client factory (redis.asyncio + hiredis; single node or cluster) and Lua scripts evaluated by SHA."""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.typing import EncodableT, KeyT
+
+from numprotect.core.settings import RedisSettings
+
+RedisClient = Redis | RedisCluster
+KeyOrArg = str | bytes | int | float
+
+
+class _FailoverSafeCluster(RedisCluster):
+    """RedisCluster that reports a connection closed under a command, before it was sent, as a ConnectionError.
+
+    When redis-py (8.1.0) refreshes the slot map during a failover it closes node connections that other
+    tasks may be using at that moment; their next write then fails with RuntimeError (uvloop: "unable to perform
+    operation on <TCPTransport closed=True ...>; the handler is closed") or AttributeError ("'NoneType' object
+    has no attribute 'writelines'"). Nothing was sent, so as ConnectionError the cluster client retries safely on
+    a fresh connection and, if the retries run out, callers get UNAVAILABLE instead of INTERNAL
+    (docs/operations.md, "Redis Cluster failover").
+    """
+
+    async def _execute_command(self, target_node: ClusterNode, *args: KeyT | EncodableT, **kwargs: Any) -> Any:
+        try:
+            return await super()._execute_command(target_node, *args, **kwargs)
+        except (RuntimeError, AttributeError) as exc:
+            if not _closed_before_sending(exc):
+                raise
+            raise RedisConnectionError(f"connection to {target_node.name} closed under the command: {exc}") from exc
+
+
+def _closed_before_sending(exc: BaseException) -> bool:
+    """True for the two errors above when raised by the write of a command (so the command never left)."""
+    text = str(exc)
+    if isinstance(exc, AttributeError) and text != "'NoneType' object has no attribute 'writelines'":
+        return False
+    if isinstance(exc, RuntimeError) and not ("unable to perform operation on" in text and "closed" in text):
+        return False
+    return any(
+        frame.name == "_send_packed_command" and "writelines" in (frame.line or "")
+        for frame in traceback.extract_tb(exc.__traceback__)
+    )
+
+
+def create_redis(settings: RedisSettings) -> RedisClient:
+    """A client for the configured Redis; in cluster mode the URL names one node and the topology is discovered."""
+    common: dict[str, Any] = {
+        "socket_timeout": settings.timeout_seconds,
+        "socket_connect_timeout": settings.timeout_seconds,
+        "max_connections": settings.max_connections,
+    }
+    if settings.mode == "cluster":
+        return _FailoverSafeCluster.from_url(settings.url, **common)
+    return Redis.from_url(settings.url, health_check_interval=30, **common)
+
+
+async def redis_is_up(client: RedisClient) -> bool:
+    """True when Redis answers PING (every node in cluster mode)."""
+    try:
+        if isinstance(client, RedisCluster):
+            replies = await client.ping(target_nodes=RedisCluster.PRIMARIES)
+            return bool(replies)
+        return bool(await client.ping())
+    except Exception:
+        return False
+
+
+class LuaScript:
+    """A Lua script kept in a .lua file beside the code that calls it, evaluated by SHA.
+
+    The first call on a Redis that has not seen the script loads it (NOSCRIPT), then EVALSHA is used
+    again, so the steady state is one round trip per call.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.source = path.read_text(encoding="utf-8")
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self.name = path.stem
+
+    @classmethod
+    def beside(cls, module_file: str, name: str) -> LuaScript:
+        """The script `name` in the `lua/` folder next to `module_file`."""
+        return cls(Path(module_file).with_name("lua") / name)
+
+    async def __call__(self, client: RedisClient, keys: Sequence[KeyOrArg], args: Sequence[KeyOrArg] = ()) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+        except NoScriptError:
+            await self.load(client)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+
+    async def load(self, client: RedisClient) -> None:
+        if isinstance(client, RedisCluster):
+            await client.script_load(self.source)  # the cluster client loads it on every primary
+        else:
+            await client.script_load(self.source)

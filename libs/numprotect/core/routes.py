@@ -1,0 +1,167 @@
+"""The route table: what translation reads on every call, written by the binding service.
+
+One Redis schema shared by two services, so it lives here once. Every key of one virtual number X
+carries the hash tag {X}, so translation's single script and binding's writes each touch one slot.
+
+    np:rt:{X}:c:<caller>   AXB: the route for a call from <caller> (party A or B) to X
+    np:rt:{X}:n            AXN: the route of the binding that owns X
+    np:rt:{X}:e:<ext>      AXE: the route selected by extension <ext> on X
+    np:rt:{X}:axe          AXE marker: X serves AXE bindings (a call without extension must collect one)
+    np:lock:{X}            written by allocation when an operator locks X: calls to X are rejected
+
+Each route key holds one encoded `Route` and expires (PXAT) at the binding's expiry, so a binding stops
+translating the instant it expires, by Redis alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from numprotect.core.redis_client import LuaScript, RedisClient
+
+MODE_AXB = 1
+MODE_AXN = 2
+MODE_AXE = 3
+RESTRICTION_NONE = 1
+RESTRICTION_A_TO_B_ONLY = 2
+RESTRICTION_B_TO_A_ONLY = 3
+_FORMAT = "r1"
+
+
+def caller_key(virtual_number: str, caller: str) -> str:
+    return f"np:rt:{{{virtual_number}}}:c:{caller}"
+
+
+def axn_key(virtual_number: str) -> str:
+    return f"np:rt:{{{virtual_number}}}:n"
+
+
+def extension_key(virtual_number: str, extension: str) -> str:
+    return f"np:rt:{{{virtual_number}}}:e:{extension}"
+
+
+def axe_marker_key(virtual_number: str) -> str:
+    return f"np:rt:{{{virtual_number}}}:axe"
+
+
+def lock_key(virtual_number: str) -> str:
+    return f"np:lock:{{{virtual_number}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Everything translation needs to decide a call, in one compact string value."""
+
+    binding_id: str
+    tenant_id: str
+    mode: int
+    party_a: str
+    # AXB/AXE: party B; AXN: the default party N ("" when none).
+    party_b: str
+    call_restriction: int
+    recording_enabled: bool
+    # AXE: any caller keying the extension reaches A.
+    allow_any_caller: bool
+    expire_ms: int
+
+    def encode(self) -> str:
+        # binding_id comes first: the scripts compare the prefix "<binding_id>|" to guard their writes.
+        return "|".join(
+            (
+                self.binding_id,
+                _FORMAT,
+                self.tenant_id,
+                str(self.mode),
+                self.party_a,
+                self.party_b,
+                str(self.call_restriction),
+                "1" if self.recording_enabled else "0",
+                "1" if self.allow_any_caller else "0",
+                str(self.expire_ms),
+            )
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Route:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        fields = text.split("|")
+        if len(fields) != 10 or fields[1] != _FORMAT:
+            raise ValueError(f"not a {_FORMAT} route value: {text[:40]!r}")
+        return cls(
+            binding_id=fields[0],
+            tenant_id=fields[2],
+            mode=int(fields[3]),
+            party_a=fields[4],
+            party_b=fields[5],
+            call_restriction=int(fields[6]),
+            recording_enabled=fields[7] == "1",
+            allow_any_caller=fields[8] == "1",
+            expire_ms=int(fields[9]),
+        )
+
+    def keys(self, virtual_number: str, extension: str = "") -> list[str]:
+        """The route keys this binding occupies on `virtual_number`."""
+        if self.mode == MODE_AXB:
+            return [caller_key(virtual_number, self.party_a), caller_key(virtual_number, self.party_b)]
+        if self.mode == MODE_AXN:
+            return [axn_key(virtual_number)]
+        if self.mode == MODE_AXE:
+            if not extension:
+                raise ValueError("an AXE route needs its extension")
+            return [extension_key(virtual_number, extension)]
+        raise ValueError(f"unknown mode {self.mode}")
+
+
+class RouteConflictError(Exception):
+    """A route key is held by another live binding (allocation and route table disagree)."""
+
+    def __init__(self, key: str, holder: str) -> None:
+        super().__init__(f"{key} is held by binding {holder}")
+        self.key = key
+        self.holder = holder
+
+
+class RouteTable:
+    """Writes of the route table, each one atomic script on the keys of one virtual number."""
+
+    _apply = LuaScript.beside(__file__, "routes_apply.lua")
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+
+    async def put(
+        self, virtual_number: str, route: Route, extension: str = "", *, replaces: Sequence[str] = ()
+    ) -> None:
+        """Writes the binding's route keys (expiring at route.expire_ms) and removes `replaces` keys it held.
+
+        Used for create, for updates (same keys, new value or expiry) and for a party change (the old party's
+        key goes in `replaces`). Raises RouteConflictError, writing nothing, if another binding holds a key.
+        """
+        keys = route.keys(virtual_number, extension)
+        stale = [key for key in replaces if key not in keys]
+        await self._run(
+            virtual_number, route.binding_id, route.encode(), route.expire_ms, stale, keys, axe=route.mode == MODE_AXE
+        )
+
+    async def remove(self, virtual_number: str, route: Route, extension: str = "") -> None:
+        """Deletes the binding's route keys (only those still holding this binding)."""
+        await self._run(virtual_number, route.binding_id, "", 0, route.keys(virtual_number, extension), [], axe=False)
+
+    async def _run(
+        self,
+        virtual_number: str,
+        binding_id: str,
+        value: str,
+        expire_ms: int,
+        delete: Sequence[str],
+        put: Sequence[str],
+        *,
+        axe: bool,
+    ) -> None:
+        keys = [axe_marker_key(virtual_number), *delete, *put]
+        args: list[str | int] = [binding_id, value, expire_ms, len(delete), len(put), 1 if axe else 0]
+        reply = await self._apply(self.redis, keys, args)
+        if isinstance(reply, list) and reply and reply[0] in (b"CONFLICT", "CONFLICT"):
+            key, holder = (x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:3])
+            raise RouteConflictError(key, holder)

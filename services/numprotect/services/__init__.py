@@ -1,0 +1,1 @@
+"""The numprotect services: one package each, started as `python -m numprotect.services.<name>`."""

@@ -1,0 +1,204 @@
+"""The AllocationService servicer: validates requests, calls NumberPools, converts to protobuf."""
+
+# ruff: noqa: N802  (RPC method names come from the proto)
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from numprotect.allocation.v1 import allocation_pb2 as pb
+from numprotect.allocation.v1 import allocation_pb2_grpc
+from numprotect.common.v1 import common_pb2
+from numprotect.core.errors import FieldViolation, InvalidArgument
+from numprotect.core.phone import InvalidNumber, party_field, validate_block, virtual_field
+from numprotect.core.telemetry import set_span_attributes
+from numprotect.services.allocation import keys
+from numprotect.services.allocation.pools import MODES, Event, NumberInfo, NumberPools
+from numprotect.services.allocation.settings import AllocationSettings
+
+_MODE_NAMES = {
+    common_pb2.BINDING_MODE_AXB: "AXB",
+    common_pb2.BINDING_MODE_AXN: "AXN",
+    common_pb2.BINDING_MODE_AXE: "AXE",
+}
+_MODE_ENUMS = {name: value for value, name in _MODE_NAMES.items()}
+_STATES = {
+    "AVAILABLE": pb.NUMBER_STATE_AVAILABLE,
+    "IN_USE": pb.NUMBER_STATE_IN_USE,
+    "LOCKED": pb.NUMBER_STATE_LOCKED,
+    "COOLING": pb.NUMBER_STATE_COOLING,
+}
+_TEXT_LIMIT = 256
+_MAX_PAGE = 1000
+_DEFAULT_PAGE = 100
+
+
+def _timestamp(ms: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def _short_text(field: str, value: str, *, required: bool = False) -> str:
+    if required and not value.strip():
+        raise InvalidArgument.field(field, "is required")
+    if len(value) > _TEXT_LIMIT:
+        raise InvalidArgument.field(field, f"must be at most {_TEXT_LIMIT} characters")
+    if "|" in value:
+        raise InvalidArgument.field(field, "must not contain '|'")
+    return value
+
+
+def _number_info(info: NumberInfo) -> pb.NumberInfo:
+    message = pb.NumberInfo(
+        virtual_number=info.number,
+        tenant_id=info.tenant,
+        city_code=info.city,
+        state=_STATES[info.state],
+        active_bindings=info.live,
+        lock_reason=info.lock_reason,
+        mode=_MODE_ENUMS.get(info.mode, common_pb2.BINDING_MODE_UNSPECIFIED),
+    )
+    if info.cooling_until_ms:
+        message.cooling_until.CopyFrom(_timestamp(info.cooling_until_ms))
+    return message
+
+
+def _event(event: Event) -> pb.NumberEvent:
+    return pb.NumberEvent(
+        time=_timestamp(event.time_ms),
+        kind=event.kind,
+        actor=event.actor,
+        reason=event.reason,
+        tenant_id=event.tenant,
+        binding_id=event.binding_id,
+        detail=event.detail,
+    )
+
+
+class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
+    def __init__(self, pools: NumberPools, settings: AllocationSettings) -> None:
+        self.pools = pools
+        self.settings = settings
+
+    async def ImportBlock(self, request: pb.ImportBlockRequest, context: Any) -> pb.ImportBlockResponse:
+        violations: list[FieldViolation] = []
+        try:
+            validate_block(request.block)
+        except InvalidNumber as exc:
+            violations.append(FieldViolation("block", str(exc)))
+        for field, check in (("tenant_id", keys.tenant_field), ("city_code", keys.city_field)):
+            try:
+                check(field, getattr(request, field))
+            except InvalidArgument as exc:
+                violations.extend(exc.violations)
+        if violations:
+            raise InvalidArgument(violations)
+        actor = _short_text("actor", request.actor)
+        added = await self.pools.import_block(request.block, request.tenant_id, request.city_code, actor)
+        return pb.ImportBlockResponse(block=request.block, numbers_added=added, already_imported=added == 0)
+
+    async def AllocateNumber(self, request: pb.AllocateNumberRequest, context: Any) -> pb.AllocateNumberResponse:
+        tenant = keys.tenant_field("tenant_id", request.tenant_id)
+        mode = _MODE_NAMES.get(request.mode)
+        if mode is None:
+            raise InvalidArgument.field("mode", f"must be one of {', '.join('BINDING_MODE_' + m for m in MODES)}")
+        parties = [party_field(f"parties[{i}]", raw) for i, raw in enumerate(request.parties)]
+        if mode == "AXN":
+            if not 1 <= len(parties) <= 2:
+                raise InvalidArgument.field("parties", "AXN takes [A] or [A, N]")
+        elif len(parties) != 2:
+            raise InvalidArgument.field("parties", f"{mode} takes exactly two parties [A, B]")
+        if len(parties) == 2 and parties[0] == parties[1]:
+            raise InvalidArgument.field("parties[1]", "must differ from parties[0]")
+        city = keys.city_field("city_code", request.city_code)
+        lease = self.settings.default_lease_seconds
+        if request.HasField("lease"):
+            lease = request.lease.ToMilliseconds() / 1000
+            if not 0.1 <= lease <= self.settings.max_lease_seconds:
+                raise InvalidArgument.field(
+                    "lease", f"must be between 0.1s and {self.settings.max_lease_seconds:g}s (or unset for the default)"
+                )
+        set_span_attributes(tenant=tenant, mode=mode, city_code=city, strict_city=request.strict_city)
+        allocation = await self.pools.allocate(tenant, mode, parties, city, request.strict_city, lease)
+        set_span_attributes(virtual_number=allocation.number, city_fallback=allocation.city_fallback)
+        return pb.AllocateNumberResponse(
+            virtual_number=allocation.number,
+            extension=allocation.extension,
+            city_code=allocation.city,
+            city_fallback=allocation.city_fallback,
+            reservation_id=allocation.reservation_id,
+            lease_expire_time=_timestamp(allocation.expire_ms),
+        )
+
+    async def ConfirmReservation(
+        self, request: pb.ConfirmReservationRequest, context: Any
+    ) -> pb.ConfirmReservationResponse:
+        handle = keys.Handle.decode("reservation_id", request.reservation_id)
+        binding_id = _short_text("binding_id", request.binding_id, required=True)
+        if not request.HasField("expire_time"):
+            raise InvalidArgument.field("expire_time", "is required")
+        await self.pools.confirm(handle, binding_id, request.expire_time.ToMilliseconds())
+        return pb.ConfirmReservationResponse()
+
+    async def CancelReservation(
+        self, request: pb.CancelReservationRequest, context: Any
+    ) -> pb.CancelReservationResponse:
+        handle = keys.Handle.decode("reservation_id", request.reservation_id)
+        reason = _short_text("reason", request.reason) or "cancelled"
+        await self.pools.cancel(handle, reason)
+        return pb.CancelReservationResponse()
+
+    async def ReplaceParty(self, request: pb.ReplacePartyRequest, context: Any) -> pb.ReplacePartyResponse:
+        handle = keys.Handle.decode("reservation_id", request.reservation_id)
+        old_party = party_field("old_party", request.old_party)
+        new_party = party_field("new_party", request.new_party)
+        if old_party == new_party:
+            raise InvalidArgument.field("new_party", "must differ from old_party")
+        new_handle = await self.pools.replace(handle, old_party, new_party)
+        return pb.ReplacePartyResponse(reservation_id=new_handle.encode())
+
+    async def ReleaseNumber(self, request: pb.ReleaseNumberRequest, context: Any) -> pb.ReleaseNumberResponse:
+        number = virtual_field("virtual_number", request.virtual_number)
+        actor = _short_text("actor", request.actor)
+        reason = _short_text("reason", request.reason)
+        return pb.ReleaseNumberResponse(number=_number_info(await self.pools.release(number, actor, reason)))
+
+    async def LockNumber(self, request: pb.LockNumberRequest, context: Any) -> pb.LockNumberResponse:
+        number = virtual_field("virtual_number", request.virtual_number)
+        reason = _short_text("reason", request.reason, required=True)
+        actor = _short_text("actor", request.actor)
+        return pb.LockNumberResponse(number=_number_info(await self.pools.lock(number, reason, actor)))
+
+    async def UnlockNumber(self, request: pb.UnlockNumberRequest, context: Any) -> pb.UnlockNumberResponse:
+        number = virtual_field("virtual_number", request.virtual_number)
+        actor = _short_text("actor", request.actor)
+        return pb.UnlockNumberResponse(number=_number_info(await self.pools.unlock(number, actor)))
+
+    async def GetNumber(self, request: pb.GetNumberRequest, context: Any) -> pb.GetNumberResponse:
+        number = virtual_field("virtual_number", request.virtual_number)
+        return pb.GetNumberResponse(number=_number_info(await self.pools.get(number)))
+
+    async def GetPoolStats(self, request: pb.GetPoolStatsRequest, context: Any) -> pb.GetPoolStatsResponse:
+        tenant = keys.tenant_field("tenant_id", request.tenant_id)
+        city = keys.city_field("city_code", request.city_code) if request.city_code else None
+        stats = await self.pools.stats(tenant, city)
+        return pb.GetPoolStatsResponse(
+            total=stats.total,
+            available=stats.available,
+            in_use=stats.in_use,
+            locked=stats.locked,
+            cooling=stats.cooling,
+        )
+
+    async def ListNumberHistory(
+        self, request: pb.ListNumberHistoryRequest, context: Any
+    ) -> pb.ListNumberHistoryResponse:
+        number = virtual_field("virtual_number", request.virtual_number)
+        if request.page_size < 0 or request.page_size > _MAX_PAGE:
+            raise InvalidArgument.field("page_size", f"must be between 0 and {_MAX_PAGE} (0: {_DEFAULT_PAGE})")
+        page_size = request.page_size or _DEFAULT_PAGE
+        events, token = await self.pools.history(number, page_size, request.page_token)
+        return pb.ListNumberHistoryResponse(events=[_event(e) for e in events], next_page_token=token)

@@ -1,0 +1,51 @@
+"""Binding settings from the environment, validated before the server starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from numprotect.core.settings import Env, SettingsError
+
+_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class BindingSettings:
+    # Shortest and longest ttl a create accepts; the longest also caps a binding's whole life (create + max).
+    min_ttl_seconds: float
+    max_ttl_seconds: float
+    # ttl of a create that names none.
+    default_ttl_seconds: float
+    # How long records and per-number history stay readable after a binding ended (traceability).
+    history_retention_seconds: float
+    # How long one create may take before a duplicate may take its order over; also the reservation lease.
+    create_lease_seconds: float
+    # Deadline of each call to the allocation service.
+    allocation_timeout_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Env) -> BindingSettings:
+        min_ttl = env.seconds("NUMPROTECT_BINDING_MIN_TTL", 60.0, minimum=0.1, maximum=90 * _DAY)
+        max_ttl = env.seconds("NUMPROTECT_BINDING_MAX_TTL", 90 * _DAY, minimum=1.0, maximum=3650 * _DAY)
+        if min_ttl > max_ttl:
+            raise SettingsError(
+                f"NUMPROTECT_BINDING_MIN_TTL={min_ttl:g}s: must not exceed NUMPROTECT_BINDING_MAX_TTL ({max_ttl:g}s)"
+            )
+        default_ttl = env.seconds("NUMPROTECT_BINDING_DEFAULT_TTL", 7200.0, minimum=0.1, maximum=3650 * _DAY)
+        if not min_ttl <= default_ttl <= max_ttl:
+            raise SettingsError(
+                f"NUMPROTECT_BINDING_DEFAULT_TTL={default_ttl:g}s: must be between NUMPROTECT_BINDING_MIN_TTL "
+                f"({min_ttl:g}s) and NUMPROTECT_BINDING_MAX_TTL ({max_ttl:g}s)"
+            )
+        return cls(
+            min_ttl_seconds=min_ttl,
+            max_ttl_seconds=max_ttl,
+            default_ttl_seconds=default_ttl,
+            history_retention_seconds=env.seconds(
+                "NUMPROTECT_BINDING_HISTORY_RETENTION", 180 * _DAY, minimum=1.0, maximum=3650 * _DAY
+            ),
+            create_lease_seconds=env.seconds("NUMPROTECT_BINDING_CREATE_LEASE", 10.0, minimum=0.5, maximum=600.0),
+            allocation_timeout_seconds=env.seconds(
+                "NUMPROTECT_BINDING_ALLOCATION_TIMEOUT", 5.0, minimum=0.05, maximum=120.0
+            ),
+        )

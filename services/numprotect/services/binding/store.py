@@ -1,0 +1,200 @@
+"""Binding's own Redis keys: order claims (idempotency), the per-tenant index, per-binding mutation locks.
+
+    np:ord:{<tenant>:<order>}   STRING  "<p|d>|<binding_id>|<fingerprint>|<deadline_ms>"  PXAT end + retention
+    np:tl:{<tenant>:<shard>}    ZSET    members binding ids (time-ordered), all scores 0, read BYLEX; 16 shards
+    np:b:{<binding_id>}:lk      STRING  a random token while an update or delete runs                PX lease
+
+The binding record and the per-number history are the shared schema in numprotect.core.binding_records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import secrets
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from numprotect.core.errors import Aborted
+from numprotect.core.redis_client import LuaScript, RedisClient
+
+TENANT_SHARDS = 16
+_TOKEN_PREFIX = "tl1:"
+
+
+def new_binding_id(now_ms: int) -> str:
+    """ "b" + 12 hex digits of the creation ms + 10 random hex digits: ids sort by creation time."""
+    return f"b{now_ms:012x}{secrets.token_hex(5)}"
+
+
+def id_floor(at_ms: int) -> str:
+    """The smallest binding id created at or after `at_ms` (for BYLEX ranges)."""
+    return f"b{max(at_ms, 0):012x}"
+
+
+def order_key(tenant_id: str, out_order_id: str) -> str:
+    return f"np:ord:{{{tenant_id}:{out_order_id}}}"
+
+
+def tenant_index_key(tenant_id: str, shard: int) -> str:
+    return f"np:tl:{{{tenant_id}:{shard}}}"
+
+
+def lock_key(binding_id: str) -> str:
+    return f"np:b:{{{binding_id}}}:lk"
+
+
+def tenant_shard(binding_id: str) -> int:
+    return zlib.crc32(binding_id.encode()) % TENANT_SHARDS
+
+
+def fingerprint(mode: int, party_a: str, party_b: str) -> str:
+    """What makes a repeated create the same order: its mode and parties (16 hex digits of a hash)."""
+    return hashlib.blake2b(f"{mode}:{party_a}:{party_b}".encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer of a claim: outcome claimed/done/busy/conflict/taken and the binding id it concerns."""
+
+    outcome: str
+    binding_id: str
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class OrderClaims:
+    """The idempotency key of (tenant_id, out_order_id): claimed by one create, marked done at its commit."""
+
+    _claim = LuaScript.beside(__file__, "order_claim.lua")
+    _commit = LuaScript.beside(__file__, "order_commit.lua")
+    _release = LuaScript.beside(__file__, "compare_and_delete.lua")
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def pending_value(binding_id: str, fp: str, deadline_ms: int) -> str:
+        return f"p|{binding_id}|{fp}|{deadline_ms}"
+
+    async def claim(
+        self,
+        tenant_id: str,
+        out_order_id: str,
+        binding_id: str,
+        fp: str,
+        deadline_ms: int,
+        expire_at_ms: int,
+        *,
+        cleaned: str = "",
+    ) -> Claim:
+        """Claims the order; `cleaned` names a stale holder whose leftovers were removed (take it over)."""
+        reply = await self._claim(
+            self.redis, [order_key(tenant_id, out_order_id)], [binding_id, fp, deadline_ms, expire_at_ms, cleaned]
+        )
+        return Claim(_text(reply[0]), _text(reply[1]))
+
+    async def commit(
+        self, tenant_id: str, out_order_id: str, binding_id: str, fp: str, deadline_ms: int, expire_at_ms: int
+    ) -> bool:
+        pending = self.pending_value(binding_id, fp, deadline_ms)
+        done = f"d|{binding_id}|{fp}|0"
+        reply = await self._commit(self.redis, [order_key(tenant_id, out_order_id)], [pending, done, expire_at_ms])
+        return int(reply) == 1
+
+    async def release(self, tenant_id: str, out_order_id: str, binding_id: str, fp: str, deadline_ms: int) -> None:
+        pending = self.pending_value(binding_id, fp, deadline_ms)
+        await self._release(self.redis, [order_key(tenant_id, out_order_id)], [pending])
+
+    async def forget(self, tenant_id: str, out_order_id: str, binding_id: str, fp: str) -> None:
+        """Frees a done order whose binding record is past its retention (the order id may serve again)."""
+        await self._release(self.redis, [order_key(tenant_id, out_order_id)], [f"d|{binding_id}|{fp}|0"])
+
+    async def extend(self, tenant_id: str, out_order_id: str, expire_at_ms: int) -> None:
+        """Keeps the order key at least until `expire_at_ms` (the binding's record was kept longer)."""
+        await self.redis.pexpireat(order_key(tenant_id, out_order_id), expire_at_ms, gt=True)
+
+    async def committed_binding(self, tenant_id: str, out_order_id: str) -> str | None:
+        """The binding id a done order points to, or None."""
+        raw = await self.redis.get(order_key(tenant_id, out_order_id))
+        if raw is None:
+            return None
+        state, binding_id, *_ = _text(raw).split("|")
+        return binding_id if state == "d" else None
+
+
+class TenantIndex:
+    """Every binding of a tenant, in creation order, spread over TENANT_SHARDS keys (no single hot key)."""
+
+    def __init__(self, redis: RedisClient, retention_ms: int, max_life_ms: int) -> None:
+        self.redis = redis
+        # An id older than this cannot belong to a record any more (its life and retention are over).
+        self.horizon_ms = retention_ms + max_life_ms
+
+    async def add(self, tenant_id: str, binding_id: str, now_ms: int) -> None:
+        key = tenant_index_key(tenant_id, tenant_shard(binding_id))
+        await self.redis.zadd(key, {binding_id: 0})
+        # Ids past life + retention are trimmed now and then (each add of a shard has a 1 in 64 chance), which
+        # bounds the index without a sweeper and without a second command on most creates.
+        if secrets.randbelow(64) == 0:
+            await self.redis.zremrangebylex(key, "-", "(" + id_floor(now_ms - self.horizon_ms))
+
+    async def remove(self, tenant_id: str, binding_ids: Sequence[str]) -> None:
+        for binding_id in binding_ids:
+            await self.redis.zrem(tenant_index_key(tenant_id, tenant_shard(binding_id)), binding_id)
+
+    async def page(self, tenant_id: str, after: str, size: int) -> tuple[list[str], bool]:
+        """Up to `size` ids after `after` in creation order, and whether more may follow."""
+        low = "(" + after if after else "-"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(TENANT_SHARDS):
+                pipe.zrange(tenant_index_key(tenant_id, shard), low, "+", bylex=True, offset=0, num=size)
+            replies = await pipe.execute()
+        merged = sorted(_text(member) for reply in replies for member in reply)
+        more = len(merged) > size or any(len(reply) == size for reply in replies)
+        return merged[:size], more
+
+
+def encode_page_token(after: str) -> str:
+    return base64.urlsafe_b64encode((_TOKEN_PREFIX + after).encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> str | None:
+    """The id a page token continues after, or None when the token was not issued by ListBindings."""
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    if not text.startswith(_TOKEN_PREFIX):
+        return None
+    after = text[len(_TOKEN_PREFIX) :]
+    if len(after) != 23 or not after.startswith("b") or any(c not in "0123456789abcdef" for c in after[1:]):
+        return None
+    return after
+
+
+class MutationLocks:
+    """One update or delete at a time per binding (a second one gets ABORTED and may retry)."""
+
+    _release = LuaScript.beside(__file__, "compare_and_delete.lua")
+
+    def __init__(self, redis: RedisClient, lease_ms: int) -> None:
+        self.redis = redis
+        self.lease_ms = lease_ms
+
+    @asynccontextmanager
+    async def hold(self, binding_id: str) -> AsyncIterator[None]:
+        token = secrets.token_hex(8)
+        key = lock_key(binding_id)
+        if not await self.redis.set(key, token, nx=True, px=self.lease_ms):
+            raise Aborted(f"binding {binding_id} is being changed by another call; retry")
+        try:
+            yield
+        finally:
+            await asyncio.shield(self._release(self.redis, [key], [token]))

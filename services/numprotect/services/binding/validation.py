@@ -1,0 +1,202 @@
+"""Request validation: every violation of a request is reported at once, each naming its field."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from numprotect.binding.v1 import binding_pb2 as pb
+from numprotect.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from numprotect.core.phone import InvalidNumber, normalize_party, validate_city_code, validate_extension
+from numprotect.core.routes import MODE_AXB, MODE_AXE, MODE_AXN, RESTRICTION_NONE
+
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ORDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_BINDING_ID = re.compile(r"b[0-9a-f]{22}")
+MODES = {MODE_AXB: "AXB", MODE_AXN: "AXN", MODE_AXE: "AXE"}
+RESTRICTIONS = (1, 2, 3)
+UPDATABLE = ("expire_time", "party_b", "call_restriction", "recording_enabled")
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    tenant_id: str
+    out_order_id: str
+    mode: int
+    party_a: str
+    party_b: str
+    ttl_ms: int
+    city_code: str
+    strict_city: bool
+    call_restriction: int
+    recording_enabled: bool
+    allow_any_caller: bool
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    binding_id: str
+    tenant_id: str
+    paths: frozenset[str]
+    expire_ms: int
+    party_b: str
+    call_restriction: int
+    recording_enabled: bool
+
+
+class Violations:
+    """Collects field violations; raise_if_any raises one InvalidArgument naming all of them."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def party(self, field: str, raw: str) -> str:
+        try:
+            return normalize_party(raw)
+        except InvalidNumber as exc:
+            self.add(field, str(exc))
+            return ""
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+
+def tenant_id(field: str, raw: str, violations: Violations) -> str:
+    if not raw:
+        violations.add(field, "is required")
+    elif not _TENANT.fullmatch(raw):
+        violations.add(field, "must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric")
+    return raw
+
+
+def order_id(field: str, raw: str, violations: Violations) -> str:
+    if not _ORDER.fullmatch(raw):
+        violations.add(field, "must be 1-128 letters, digits, '_', '.', ':' or '-', starting alphanumeric")
+    return raw
+
+
+def binding_id(field: str, raw: str, violations: Violations) -> str:
+    if not raw:
+        violations.add(field, "is required")
+    elif not _BINDING_ID.fullmatch(raw):
+        violations.add(field, "is not a binding id issued by CreateBinding")
+    return raw
+
+
+def ids(field_prefix: str, binding: str, tenant: str) -> tuple[str, str]:
+    violations = Violations()
+    result = (
+        binding_id(f"{field_prefix}binding_id", binding, violations),
+        tenant_id(f"{field_prefix}tenant_id", tenant, violations),
+    )
+    violations.raise_if_any()
+    return result
+
+
+def _restriction(field: str, value: int, violations: Violations) -> int:
+    if value == 0:
+        return RESTRICTION_NONE
+    if value not in RESTRICTIONS:
+        violations.add(field, "must be CALL_RESTRICTION_NONE, _A_TO_B_ONLY or _B_TO_A_ONLY")
+    return value
+
+
+def create_spec(
+    request: pb.CreateBindingRequest, *, min_ttl_ms: int, max_ttl_ms: int, default_ttl_ms: int
+) -> CreateSpec:
+    v = Violations()
+    tenant = tenant_id("tenant_id", request.tenant_id, v)
+    if not request.out_order_id:
+        v.add("out_order_id", "is required (it is the idempotency key with tenant_id)")
+    else:
+        order_id("out_order_id", request.out_order_id, v)
+    mode = int(request.mode)
+    if mode not in MODES:
+        v.add("mode", "must be BINDING_MODE_AXB, BINDING_MODE_AXN or BINDING_MODE_AXE")
+    party_a = v.party("party_a", request.party_a)
+    # AXN: the default party N is optional.
+    party_b = "" if mode == MODE_AXN and not request.party_b else v.party("party_b", request.party_b)
+    if party_a and party_b and party_a == party_b:
+        v.add("party_b", "must differ from party_a")
+    if request.allow_any_caller and mode != MODE_AXE:
+        v.add("allow_any_caller", "applies to BINDING_MODE_AXE only")
+    ttl_ms = default_ttl_ms
+    if request.HasField("ttl"):
+        ttl_ms = request.ttl.ToMilliseconds()
+        if not min_ttl_ms <= ttl_ms <= max_ttl_ms:
+            v.add("ttl", f"must be between {min_ttl_ms / 1000:g}s and {max_ttl_ms / 1000:g}s (unset: the default)")
+    if not request.city_code:
+        v.add("city_code", "is required (the area code the number should come from, e.g. 010)")
+    else:
+        try:
+            validate_city_code(request.city_code)
+        except InvalidNumber as exc:
+            v.add("city_code", str(exc))
+    restriction = _restriction("call_restriction", int(request.call_restriction), v)
+    v.raise_if_any()
+    if not request.user_consent:
+        raise FailedPrecondition(
+            "user_consent: the protected user must agree to number protection", type_="CONSENT", subject="user_consent"
+        )
+    return CreateSpec(
+        tenant_id=tenant,
+        out_order_id=request.out_order_id,
+        mode=mode,
+        party_a=party_a,
+        party_b=party_b,
+        ttl_ms=ttl_ms,
+        city_code=request.city_code,
+        strict_city=request.strict_city,
+        call_restriction=restriction,
+        recording_enabled=request.recording_enabled,
+        allow_any_caller=request.allow_any_caller,
+    )
+
+
+def update_spec(request: pb.UpdateBindingRequest) -> UpdateSpec:
+    """Checks ids, the mask and the shape of the new values (rules needing the record come later)."""
+    v = Violations()
+    binding = request.binding
+    bid = binding_id("binding.binding_id", binding.binding_id, v)
+    tenant = tenant_id("binding.tenant_id", binding.tenant_id, v)
+    paths = [p.removeprefix("binding.") for p in request.update_mask.paths]
+    unknown = sorted({p for p in paths if p not in UPDATABLE})
+    if not paths:
+        v.add("update_mask", f"name at least one of: {', '.join(UPDATABLE)}")
+    elif unknown:
+        v.add("update_mask", f"cannot update {', '.join(unknown)}; updatable: {', '.join(UPDATABLE)}")
+    expire_ms = 0
+    if "expire_time" in paths:
+        if not binding.HasField("expire_time"):
+            v.add("binding.expire_time", "is required when update_mask names it")
+        else:
+            expire_ms = binding.expire_time.ToMilliseconds()
+    party_b = ""
+    if "party_b" in paths and binding.party_b:
+        party_b = v.party("binding.party_b", binding.party_b)
+    restriction = RESTRICTION_NONE
+    if "call_restriction" in paths:
+        restriction = _restriction("binding.call_restriction", int(binding.call_restriction), v)
+    v.raise_if_any()
+    return UpdateSpec(
+        binding_id=bid,
+        tenant_id=tenant,
+        paths=frozenset(paths),
+        expire_ms=expire_ms,
+        party_b=party_b,
+        call_restriction=restriction,
+        recording_enabled=binding.recording_enabled,
+    )
+
+
+def extension_filter(raw: str) -> str:
+    if not raw:
+        return ""
+    try:
+        return validate_extension(raw)
+    except InvalidNumber as exc:
+        raise InvalidArgument.field("extension", str(exc)) from None

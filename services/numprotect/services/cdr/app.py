@@ -1,0 +1,51 @@
+"""Wires the cdr service's dependencies and registers it with the shared bootstrap."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from opentelemetry import trace
+
+from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.core.redis_client import create_redis
+from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
+from numprotect.core.settings import RedisSettings
+from numprotect.services.cdr.bindings import RedisBindingLookup
+from numprotect.services.cdr.enrich import BindingLookup, Enricher
+from numprotect.services.cdr.ingest import Ingestor
+from numprotect.services.cdr.servicer import CdrServiceServicer
+from numprotect.services.cdr.settings import CdrSettings
+from numprotect.services.cdr.store import CdrStore
+
+FULL_NAME = cdr_pb2.DESCRIPTOR.services_by_name["CdrService"].full_name
+
+
+def binding_lookup(runtime: Runtime, settings: CdrSettings) -> BindingLookup:
+    return RedisBindingLookup(runtime.redis, cache_size=settings.binding_cache)
+
+
+async def build(runtime: Runtime) -> ServiceParts:
+    settings = CdrSettings.from_env(runtime.env)
+    redis_settings = RedisSettings.from_env(runtime.env)
+    # Watchers block in XREAD for up to watch_block: their own pool, with a timeout above the block time.
+    watch_redis = create_redis(
+        dataclasses.replace(
+            redis_settings,
+            max_connections=settings.max_watchers,
+            timeout_seconds=redis_settings.timeout_seconds + settings.watch_block_ms / 1000,
+        )
+    )
+    store = CdrStore(runtime.redis, settings)
+    tracer: trace.Tracer = (
+        runtime.telemetry.provider.get_tracer("numprotect.cdr")
+        if runtime.telemetry.provider is not None
+        else trace.NoOpTracer()
+    )
+    ingestor = Ingestor(store, Enricher(binding_lookup(runtime, settings)), settings, tracer)
+    servicer = CdrServiceServicer(settings, store, ingestor, watch_redis)
+    return ServiceParts(
+        registrations=[
+            ServiceRegistration(FULL_NAME, servicer, cdr_pb2_grpc.add_CdrServiceServicer_to_server),
+        ],
+        on_shutdown=[servicer.close, watch_redis.aclose],
+    )

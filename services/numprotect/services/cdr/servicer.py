@@ -1,0 +1,252 @@
+"""The CdrService servicer: ingestion (batch and client stream), listing, live watch, counters, abuse signals."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.core.errors import InvalidArgument, ResourceExhausted
+from numprotect.core.phone import InvalidNumber, mask, validate_virtual
+from numprotect.core.redis_client import RedisClient
+from numprotect.services.cdr.ingest import Ingestor, Summary
+from numprotect.services.cdr.keys import Bucket
+from numprotect.services.cdr.settings import CdrSettings
+from numprotect.services.cdr.store import BEIJING, CdrStore
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_TENANT_ID = 128
+# StreamCdrs stores what it received every this many records (and at the end of the stream).
+STREAM_CHUNK = 500
+# WatchCdrs reads at most this many records per XREAD.
+WATCH_COUNT = 200
+_CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_TOKEN_VERSION = 1
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _bucket(tenant_id: str, unmatched: bool) -> Bucket:
+    if unmatched:
+        if tenant_id:
+            raise InvalidArgument.field("tenant_id", "must be empty when unmatched is set")
+        return Bucket("")
+    if not tenant_id:
+        raise InvalidArgument.field("tenant_id", "is required (or set unmatched for records no binding matched)")
+    if len(tenant_id) > MAX_TENANT_ID:
+        raise InvalidArgument.field("tenant_id", f"must be at most {MAX_TENANT_ID} characters")
+    return Bucket(tenant_id)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
+    def __init__(
+        self,
+        settings: CdrSettings,
+        store: CdrStore,
+        ingestor: Ingestor,
+        watch_redis: RedisClient,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.ingestor = ingestor
+        # Blocking XREADs hold a connection each: watchers get their own pool, bounded by max_watchers.
+        self.watch_redis = watch_redis
+        self._watch_slots = asyncio.Semaphore(settings.max_watchers)
+        self._closing = asyncio.Event()
+
+    async def close(self) -> None:
+        """Ends the watch loops at their next read (shutdown, before the watch connections close)."""
+        self._closing.set()
+
+    # --- ingestion ---------------------------------------------------------------------------------
+
+    async def IngestCdrs(self, request: cdr_pb2.IngestCdrsRequest, context: Context) -> cdr_pb2.IngestCdrsResponse:  # noqa: N802
+        if len(request.records) > self.settings.max_batch:
+            raise InvalidArgument.field(
+                "records",
+                f"at most {self.settings.max_batch} records per call ({len(request.records)} sent); "
+                "split the batch or use StreamCdrs",
+            )
+        summary = await self.ingestor.ingest(request.records)
+        return cdr_pb2.IngestCdrsResponse(
+            accepted=summary.accepted,
+            duplicates=summary.duplicates,
+            rejected=[r.to_proto() for r in summary.rejected],
+        )
+
+    async def StreamCdrs(  # noqa: N802
+        self, request_iterator: AsyncIterator[cdr_pb2.StreamCdrsRequest], context: Context
+    ) -> cdr_pb2.StreamCdrsResponse:
+        summary = Summary()
+        pending: list[cdr_pb2.CallDetailRecord] = []
+        received = 0
+        async for message in request_iterator:
+            pending.append(message.record)
+            if len(pending) >= STREAM_CHUNK:
+                summary.add(await self.ingestor.ingest(pending, first_index=received))
+                received += len(pending)
+                pending = []
+        if pending:
+            summary.add(await self.ingestor.ingest(pending, first_index=received))
+        return cdr_pb2.StreamCdrsResponse(
+            accepted=summary.accepted,
+            duplicates=summary.duplicates,
+            rejected=[r.to_proto() for r in summary.rejected],
+        )
+
+    # --- listing -----------------------------------------------------------------------------------
+
+    async def ListCdrs(self, request: cdr_pb2.ListCdrsRequest, context: Context) -> cdr_pb2.ListCdrsResponse:  # noqa: N802
+        bucket = _bucket(request.tenant_id, request.unmatched)
+        if request.unmatched and (request.binding_id or request.out_order_id):
+            field = "binding_id" if request.binding_id else "out_order_id"
+            raise InvalidArgument.field(field, "unmatched records are indexed by call time only")
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument.field("page_size", f"must be from 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        start_ms = request.start_time.ToMilliseconds() if request.HasField("start_time") else None
+        end_ms = request.end_time.ToMilliseconds() if request.HasField("end_time") else None
+        if start_ms is not None and end_ms is not None and end_ms <= start_ms:
+            raise InvalidArgument.field("end_time", "must be after start_time")
+        if request.binding_id:
+            index = bucket.binding_index(request.binding_id)
+        elif request.out_order_id:
+            index = bucket.order_index(request.out_order_id)
+        else:
+            index = bucket.time_index
+        fingerprint = _fingerprint(request)
+        after = _decode_token(request.page_token, fingerprint) if request.page_token else None
+        page = await self.store.page(
+            index,
+            bucket,
+            min_score=str(start_ms) if start_ms is not None else "-inf",
+            max_score=f"({end_ms}" if end_ms is not None else "+inf",
+            after=after,
+            limit=page_size,
+        )
+        records = [record for _id, record in page.records]
+        if request.binding_id and request.out_order_id:
+            records = [r for r in records if r.out_order_id == request.out_order_id]
+        token = _encode_token(fingerprint, page.last_score, page.last_member) if page.more else ""
+        return cdr_pb2.ListCdrsResponse(records=records, next_page_token=token)
+
+    # --- watch -------------------------------------------------------------------------------------
+
+    async def WatchCdrs(  # noqa: N802
+        self, request: cdr_pb2.WatchCdrsRequest, context: Context
+    ) -> AsyncIterator[cdr_pb2.WatchCdrsResponse]:
+        bucket = _bucket(request.tenant_id, request.unmatched)
+        cursor = request.cursor
+        if cursor not in ("", "0") and not _CURSOR.fullmatch(cursor):
+            raise InvalidArgument.field("cursor", 'must be "", "0" or a cursor a previous WatchCdrs response carried')
+        if self._watch_slots.locked():
+            raise ResourceExhausted("too many concurrent WatchCdrs calls on this server", subject="watchers")
+        async with self._watch_slots:
+            if cursor == "":
+                cursor = await self.store.last_id(bucket)
+            elif cursor == "0":
+                cursor = "0-0"
+            while not self._closing.is_set() and not context.done():
+                entries = await self.store.read_after(
+                    self.watch_redis, bucket, cursor, count=WATCH_COUNT, block_ms=self.settings.watch_block_ms
+                )
+                for entry_id, record in entries:
+                    yield cdr_pb2.WatchCdrsResponse(record=record, cursor=entry_id)
+                    cursor = entry_id
+
+    # --- counters and signals ----------------------------------------------------------------------
+
+    async def GetCdrStats(self, request: cdr_pb2.GetCdrStatsRequest, context: Context) -> cdr_pb2.GetCdrStatsResponse:  # noqa: N802
+        bucket = _bucket(request.tenant_id, False)
+        if request.date:
+            if not _DATE.fullmatch(request.date):
+                raise InvalidArgument.field("date", "must be YYYY-MM-DD (Beijing time)")
+            try:
+                day = dt.date.fromisoformat(request.date)
+            except ValueError:
+                raise InvalidArgument.field("date", "is not a calendar date") from None
+        else:
+            day = dt.datetime.now(BEIJING).date()
+        stats = await self.store.daily(bucket, day.strftime("%Y%m%d"))
+        return cdr_pb2.GetCdrStatsResponse(
+            tenant_id=request.tenant_id,
+            date=day.isoformat(),
+            calls=stats.calls,
+            answered=stats.answered,
+            billable_seconds=stats.billable_seconds,
+        )
+
+    async def GetAbuseSignals(  # noqa: N802
+        self, request: cdr_pb2.GetAbuseSignalsRequest, context: Context
+    ) -> cdr_pb2.GetAbuseSignalsResponse:
+        bucket = _bucket(request.tenant_id, request.unmatched)
+        if request.virtual_number:
+            try:
+                validate_virtual(request.virtual_number)
+            except InvalidNumber as exc:
+                raise InvalidArgument.field("virtual_number", str(exc)) from None
+        counters = await self.store.abuse(bucket, _now_ms(), request.virtual_number)
+        counters.sort(key=lambda c: (not c.flagged, -c.window_start_ms, -(c.short + c.unanswered), c.virtual_number))
+        signals = []
+        for c in counters:
+            signal = cdr_pb2.AbuseSignal(
+                virtual_number=c.virtual_number,
+                calling_number=mask(c.calling_number),
+                total_calls=c.total,
+                short_calls=c.short,
+                unanswered_calls=c.unanswered,
+                flagged=c.flagged,
+            )
+            signal.window_start.FromMilliseconds(c.window_start_ms)
+            signals.append(signal)
+        return cdr_pb2.GetAbuseSignalsResponse(signals=signals)
+
+
+def _fingerprint(request: cdr_pb2.ListCdrsRequest) -> str:
+    parts = [
+        request.tenant_id,
+        "1" if request.unmatched else "0",
+        request.binding_id,
+        request.out_order_id,
+        str(request.start_time.ToMilliseconds()) if request.HasField("start_time") else "",
+        str(request.end_time.ToMilliseconds()) if request.HasField("end_time") else "",
+    ]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def _encode_token(fingerprint: str, score: str, member: str) -> str:
+    raw = json.dumps({"v": _TOKEN_VERSION, "q": fingerprint, "s": score, "m": member}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str, fingerprint: str) -> tuple[str, str]:
+    bad = InvalidArgument.field("page_token", "is not a page token of this listing (filters must stay the same)")
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        raise bad from None
+    if not isinstance(data, dict) or data.get("v") != _TOKEN_VERSION or data.get("q") != fingerprint:
+        raise bad
+    score, member = data.get("s"), data.get("m")
+    if not isinstance(score, str) or not isinstance(member, str) or not _CURSOR.fullmatch(member):
+        raise bad
+    try:
+        float(score)
+    except ValueError:
+        raise bad from None
+    return score, member

@@ -1,0 +1,206 @@
+"""Blocklists of calling numbers (global and per tenant): stored in Redis, checked from an in-process copy.
+
+The blocklists cannot live in the called number's hash slot, so the hot path never reads them from Redis.
+Each process keeps a snapshot (`BlocklistView`) and polls one version counter every
+NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH (default 1 s); when the counter moved it reloads every list. A
+Block or Unblock therefore takes effect in every process within one refresh interval plus one reload.
+Entries with a TTL lapse exactly at their expiry, in-process, without waiting for a refresh.
+
+    np:bl:version            string  counter, INCR after every change
+    np:bl:scopes             set     scopes that have (or had) entries: "g" (global), "t:<tenant_id>"
+    np:bl:{<scope>}          hash    calling number -> "<create_ms>|<expire_ms or 0>|<reason>"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from numprotect.core.errors import InvalidArgument
+from numprotect.core.redis_client import RedisClient
+
+log = logging.getLogger(__name__)
+
+VERSION_KEY = "np:bl:version"
+SCOPES_KEY = "np:bl:scopes"
+GLOBAL_SCOPE = "g"
+_TENANT = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def scope_of(tenant_id: str) -> str:
+    if not tenant_id:
+        return GLOBAL_SCOPE
+    if not _TENANT.fullmatch(tenant_id):
+        raise InvalidArgument.field("tenant_id", "must be 1 to 64 of A-Z a-z 0-9 . _ : - (empty: the global list)")
+    return "t:" + tenant_id
+
+
+def list_key(scope: str) -> str:
+    return "np:bl:{" + scope + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    tenant_id: str
+    calling_number: str
+    reason: str
+    create_ms: int
+    # 0: never lapses.
+    expire_ms: int
+
+    def live(self, now_ms: int) -> bool:
+        return self.expire_ms == 0 or self.expire_ms > now_ms
+
+    def encode(self) -> str:
+        return f"{self.create_ms}|{self.expire_ms}|{self.reason}"
+
+    @classmethod
+    def decode(cls, tenant_id: str, number: str, raw: str) -> StoredEntry:
+        create, expire, reason = raw.split("|", 2)
+        return cls(tenant_id, number, reason, int(create), int(expire))
+
+
+@dataclass(slots=True)
+class CallerBlocks:
+    """Everything that blocks one calling number: global entry expiry (None: none) and tenants' expiries."""
+
+    global_expire_ms: int | None = None
+    tenants: dict[str, int] = field(default_factory=dict)
+
+    def blocked_globally(self, now_ms: int) -> bool:
+        expire = self.global_expire_ms
+        return expire is not None and (expire == 0 or expire > now_ms)
+
+    def tenants_arg(self, now_ms: int) -> str:
+        """The script argument naming the tenants that block this caller now: '|t1|t2|' or ''."""
+        live = [t for t, expire in self.tenants.items() if expire == 0 or expire > now_ms]
+        return "|" + "|".join(live) + "|" if live else ""
+
+
+class BlocklistView:
+    """The in-process copy the hot path reads: one dict lookup per call, replaced whole on reload."""
+
+    def __init__(self) -> None:
+        self._by_caller: Mapping[str, CallerBlocks] = {}
+        self.version: int | None = None
+        self.loaded_at = 0.0
+
+    def lookup(self, caller: str) -> CallerBlocks | None:
+        return self._by_caller.get(caller)
+
+    def replace(self, entries: list[StoredEntry], version: int) -> None:
+        by_caller: dict[str, CallerBlocks] = {}
+        for entry in entries:
+            blocks = by_caller.setdefault(entry.calling_number, CallerBlocks())
+            if entry.tenant_id:
+                blocks.tenants[entry.tenant_id] = entry.expire_ms
+            else:
+                blocks.global_expire_ms = entry.expire_ms
+        self._by_caller = by_caller  # one reference swap: readers see the old or the new copy
+        self.version = version
+        self.loaded_at = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._by_caller)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class BlocklistStore:
+    """The blocklists in Redis: writes (Block/Unblock RPCs), listing, and loading into a BlocklistView."""
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+
+    async def block(self, entry: StoredEntry) -> None:
+        scope = scope_of(entry.tenant_id)
+        key = list_key(scope)
+        now_ms = int(time.time() * 1000)
+        lapsed = [e.calling_number for e in await self._entries(scope, entry.tenant_id) if not e.live(now_ms)]
+        if lapsed:
+            await self.redis.hdel(key, *lapsed)  # type: ignore[misc]
+        await self.redis.hset(key, entry.calling_number, entry.encode())  # type: ignore[misc]
+        await self.redis.sadd(SCOPES_KEY, scope)  # type: ignore[misc]
+        await self.redis.incr(VERSION_KEY)  # after the entry: a reader that sees the new version sees the entry
+
+    async def unblock(self, tenant_id: str, calling_number: str) -> bool:
+        removed = await self.redis.hdel(list_key(scope_of(tenant_id)), calling_number)  # type: ignore[misc]
+        await self.redis.incr(VERSION_KEY)
+        return bool(removed)
+
+    async def entries(self, tenant_id: str) -> list[StoredEntry]:
+        """The live entries of one list, sorted by calling number."""
+        now_ms = int(time.time() * 1000)
+        found = [e for e in await self._entries(scope_of(tenant_id), tenant_id) if e.live(now_ms)]
+        return sorted(found, key=lambda e: e.calling_number)
+
+    async def _entries(self, scope: str, tenant_id: str) -> list[StoredEntry]:
+        raw = await self.redis.hgetall(list_key(scope))  # type: ignore[misc]
+        return [StoredEntry.decode(tenant_id, _text(k), _text(v)) for k, v in raw.items()]
+
+    async def version(self) -> int:
+        raw = await self.redis.get(VERSION_KEY)
+        return int(raw) if raw is not None else 0
+
+    async def load_into(self, view: BlocklistView, version: int) -> None:
+        """Reads every list (the version was read before, so a later change is caught by the next poll)."""
+        now_ms = int(time.time() * 1000)
+        entries: list[StoredEntry] = []
+        for raw_scope in await self.redis.smembers(SCOPES_KEY):  # type: ignore[misc]
+            scope = _text(raw_scope)
+            tenant_id = "" if scope == GLOBAL_SCOPE else scope.removeprefix("t:")
+            entries.extend(e for e in await self._entries(scope, tenant_id) if e.live(now_ms))
+        view.replace(entries, version)
+
+    async def refresh(self, view: BlocklistView) -> bool:
+        """Reloads `view` when the version moved; True when it reloaded."""
+        version = await self.version()
+        if version == view.version:
+            return False
+        await self.load_into(view, version)
+        return True
+
+
+class BlocklistRefresher:
+    """Background task: polls the version every `interval` seconds and reloads the view on change."""
+
+    def __init__(self, store: BlocklistStore, view: BlocklistView, interval: float) -> None:
+        self.store = store
+        self.view = view
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Loads once (best effort: an unreachable Redis is retried by the loop), then polls."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.store.refresh(self.view)
+        self._task = asyncio.create_task(self._run(), name="blocklist-refresh")
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                async with asyncio.timeout(max(2.0, self.interval)):
+                    reloaded = await self.store.refresh(self.view)
+                if reloaded:
+                    log.info("blocklist reloaded", extra={"version": self.view.version, "callers": len(self.view)})
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.warning("blocklist refresh failed, keeping the last copy", extra={"error": repr(exc)})
+                failing = True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            # Bounded: redis-py can leave a cancelled command pending on a paused server.
+            await asyncio.wait([self._task], timeout=1.0)

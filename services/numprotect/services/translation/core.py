@@ -1,0 +1,266 @@
+"""The translation decision, independent of the server model (sync or aio) that serves it.
+
+`Translator.prepare` validates a request and produces the keys and arguments of the one script
+(`lua/translate.lua`) that decides the call in Redis; `Translator.finish` turns the script's reply into
+the TranslateResponse. Both are plain functions of their inputs, so the aio servicer, the sync servicer
+and the stream batcher share them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.trace import Span, get_current_span
+
+from numprotect.core.call_ref import encode_call_ref
+from numprotect.core.errors import DomainError, Unavailable
+from numprotect.core.interceptors import as_domain_error
+from numprotect.core.phone import mask
+from numprotect.core.redis_client import LuaScript
+from numprotect.core.settings import Env
+from numprotect.core.telemetry import set_span_attributes
+from numprotect.services.translation.blocklist import BlocklistView
+from numprotect.services.translation.numbers import normalize_caller, validate_called, validate_extension
+from numprotect.translation.v1 import translation_pb2
+
+SCRIPT = LuaScript.beside(__file__, "translate.lua")
+
+CONNECT = translation_pb2.DECISION_CONNECT
+REJECT = translation_pb2.DECISION_REJECT
+COLLECT_EXTENSION = translation_pb2.DECISION_COLLECT_EXTENSION
+CALLER_BLOCKED = translation_pb2.REJECT_REASON_CALLER_BLOCKED
+
+_TEXT = bytes | str
+
+
+@dataclass(frozen=True, slots=True)
+class TranslationSettings:
+    """NUMPROTECT_TRANSLATION_* settings, validated at start-up."""
+
+    # Fixed rate-limit window and the calls allowed in it per (virtual number, caller) and per binding; 0 = off.
+    rate_window_ms: int
+    rate_per_caller: int
+    rate_per_binding: int
+    # How often each process polls the blocklist version (the propagation delay of Block/Unblock).
+    blocklist_refresh_seconds: float
+    # Upper bound of one Redis round trip on the hot path when the call's own deadline is longer or absent.
+    redis_timeout_seconds: float
+    # The server model of this process: "sync" (grpcio thread pool) or "aio" (grpc.aio + uvloop).
+    server_model: str
+    sync_workers: int
+    # Sync model: concurrent Translate calls share one pipelined write to Redis (flat combining).
+    sync_combine: bool
+    # TranslateStream: the most requests pipelined to Redis in one batch.
+    stream_batch: int
+
+    @classmethod
+    def from_env(cls, env: Env) -> TranslationSettings:
+        p = "NUMPROTECT_TRANSLATION_"
+        return cls(
+            rate_window_ms=round(env.seconds(f"{p}RATE_WINDOW", 60.0, minimum=0.01, maximum=86_400) * 1000),
+            rate_per_caller=env.integer(f"{p}RATE_PER_CALLER", 10, minimum=0, maximum=1_000_000),
+            rate_per_binding=env.integer(f"{p}RATE_PER_BINDING", 30, minimum=0, maximum=1_000_000),
+            blocklist_refresh_seconds=env.seconds(f"{p}BLOCKLIST_REFRESH", 1.0, minimum=0.05, maximum=60),
+            redis_timeout_seconds=env.seconds(f"{p}REDIS_TIMEOUT", 0.5, minimum=0.005, maximum=10),
+            server_model=env.choice(f"{p}SERVER", "sync", ("sync", "aio")),
+            sync_workers=env.integer(f"{p}WORKERS", 16, minimum=1, maximum=1024),
+            sync_combine=env.flag(f"{p}SYNC_COMBINE", True),
+            stream_batch=env.integer(f"{p}STREAM_BATCH", 128, minimum=1, maximum=10_000),
+        )
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request and the script invocation that decides it."""
+
+    called: str
+    caller: str
+    call_id: str
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+
+
+def _text(value: _TEXT) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Translator:
+    """Validation, the script call and the response, shared by every server model."""
+
+    def __init__(
+        self,
+        settings: TranslationSettings,
+        blocklist: BlocklistView,
+        *,
+        traced: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.blocklist = blocklist
+        self.traced = traced
+        self._limits = (str(settings.rate_window_ms), str(settings.rate_per_caller), str(settings.rate_per_binding))
+
+    def prepare(self, request: translation_pb2.TranslateRequest) -> Prepared | translation_pb2.TranslateResponse:
+        """The script call for `request`, or the response when no Redis is needed (globally blocked caller).
+
+        Raises InvalidArgument naming the field for malformed numbers.
+        """
+        called = validate_called(request.called_number)
+        caller = normalize_caller(request.calling_number)
+        extension = validate_extension(request.extension)
+        blocked_tenants = ""
+        entry = self.blocklist.lookup(caller)
+        if entry is not None:
+            now_ms = int(time.time() * 1000)
+            if entry.blocked_globally(now_ms):
+                return translation_pb2.TranslateResponse(
+                    decision=REJECT, reject_reason=CALLER_BLOCKED, call_id=request.call_id
+                )
+            blocked_tenants = entry.tenants_arg(now_ms)
+        tag = "{" + called + "}"
+        window, per_caller, per_binding = self._limits
+        keys = (
+            "np:lock:" + tag,
+            "np:rt:" + tag + ":c:" + caller,
+            "np:rt:" + tag + ":n",
+            "np:rt:" + tag + ":axe",
+            "np:rt:" + tag + ":e:" + extension,
+            "np:rl:" + tag + ":c:" + caller,
+        )
+        args = (
+            caller,
+            "1" if extension else "0",
+            window,
+            per_caller,
+            per_binding,
+            blocked_tenants,
+            "np:rl:" + tag + ":b:",
+        )
+        return Prepared(called, caller, request.call_id, keys, args)
+
+    def recording_span(self) -> Span | None:
+        """The current span when tracing is on and this call is sampled, else None (one check per call)."""
+        if not self.traced:
+            return None
+        span = get_current_span()
+        return span if span.is_recording() else None
+
+    def finish(
+        self, prepared: Prepared, reply: list[int | _TEXT], span: Span | None = None
+    ) -> translation_pb2.TranslateResponse:
+        """The response for the script's reply (see lua/translate.lua for its shape).
+
+        `span`, the call's sampled span (`recording_span()`), gets the decision's attributes and its ids go into
+        the call_ref. An unsampled call passes None: no attributes, and a call_ref without trace ids (a CDR must
+        not link to a span that was never exported).
+        """
+        decision = int(reply[0])
+        if decision == CONNECT:
+            binding_id = _text(reply[2])  # type: ignore[arg-type]
+            tenant_id = _text(reply[3])  # type: ignore[arg-type]
+            trace_id = span_id = 0
+            if span is not None:
+                trace_id, span_id = _annotate_span(span, prepared, CONNECT, binding_id, tenant_id)
+            return translation_pb2.TranslateResponse(
+                decision=CONNECT,
+                target_number=_text(reply[4]),  # type: ignore[arg-type]
+                display_number=prepared.called,
+                binding_id=binding_id,
+                tenant_id=tenant_id,
+                recording_enabled=reply[5] in (b"1", "1"),
+                call_ref=encode_call_ref(binding_id, prepared.called, int(time.time() * 1000), trace_id, span_id),
+                call_id=prepared.call_id,
+            )
+        response = translation_pb2.TranslateResponse(decision=decision, call_id=prepared.call_id)  # type: ignore[arg-type]
+        if span is not None:
+            known = len(reply) >= 4
+            _annotate_span(
+                span,
+                prepared,
+                decision,
+                _text(reply[2]) if known else "",  # type: ignore[arg-type]
+                _text(reply[3]) if known else "",  # type: ignore[arg-type]
+                int(reply[1]) if decision == REJECT else 0,  # type: ignore[arg-type]
+            )
+        if decision == REJECT:
+            response.reject_reason = int(reply[1])  # type: ignore[assignment]
+            if len(reply) >= 4:
+                response.binding_id = _text(reply[2])  # type: ignore[arg-type]
+                response.tenant_id = _text(reply[3])  # type: ignore[arg-type]
+        return response
+
+
+def _annotate_span(
+    span: Span, prepared: Prepared, decision: int, binding_id: str, tenant_id: str, reject_reason: int = 0
+) -> tuple[int, int]:
+    """numprotect.* attributes (numbers masked) on the call's sampled span; its ids for the call_ref."""
+    set_span_attributes(
+        span,
+        decision=translation_pb2.Decision.Name(decision),  # type: ignore[arg-type]
+        reject_reason=translation_pb2.RejectReason.Name(reject_reason) if reject_reason else None,  # type: ignore[arg-type]
+        tenant=tenant_id or None,
+        binding_id=binding_id or None,
+        virtual_number=mask(prepared.called),
+        calling_number=mask(prepared.caller),
+    )
+    context = span.get_span_context()
+    return context.trace_id, context.span_id
+
+
+def stream_error(error: DomainError) -> str:
+    """The `error` text of a TranslateStreamResponse: "<STATUS_NAME>: <message>"."""
+    return f"{error.code.name}: {error.message}"
+
+
+class StreamBatch:
+    """One batch of TranslateStream messages: answers for malformed or blocked calls at once, scripts for the rest.
+
+    A message carries one call (`request`) or several (`requests`, answered by one message with `responses`).
+    """
+
+    def __init__(self, translator: Translator, messages: Sequence[translation_pb2.TranslateStreamRequest]) -> None:
+        self.translator = translator
+        self.span = translator.recording_span()  # the stream's span, when it is sampled
+        self.responses: list[translation_pb2.TranslateStreamResponse] = []
+        self.pending: list[tuple[translation_pb2.TranslateStreamResponse, Prepared]] = []
+        for message in messages:
+            out = translation_pb2.TranslateStreamResponse()
+            if message.requests:
+                for request in message.requests:
+                    self._add(out.responses.add(), request)
+            else:
+                self._add(out, message.request)
+            self.responses.append(out)
+
+    def _add(self, out: translation_pb2.TranslateStreamResponse, request: translation_pb2.TranslateRequest) -> None:
+        out.call_id = request.call_id
+        try:
+            prepared = self.translator.prepare(request)
+        except DomainError as exc:
+            out.error = stream_error(exc)
+            return
+        if isinstance(prepared, Prepared):
+            self.pending.append((out, prepared))
+        else:
+            out.response.CopyFrom(prepared)
+
+    @property
+    def calls(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        return [(p.keys, p.args) for _, p in self.pending]
+
+    def fail(self, error: DomainError) -> list[translation_pb2.TranslateStreamResponse]:
+        for out, _ in self.pending:
+            out.error = stream_error(error)
+        return self.responses
+
+    def complete(self, replies: Sequence[Any]) -> list[translation_pb2.TranslateStreamResponse]:
+        """Fills in the scripts' replies (an exception instance answers its own call with an error)."""
+        for (out, prepared), reply in zip(self.pending, replies, strict=True):
+            if isinstance(reply, BaseException):
+                error = as_domain_error(reply, "TranslateStream") or Unavailable("translation storage failed")
+                out.error = stream_error(error)
+            else:
+                out.response.CopyFrom(self.translator.finish(prepared, reply, self.span))
+        return self.responses
