@@ -282,7 +282,12 @@ def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(
     """Beyond the values and translation's patch, nothing may tell one service's objects from another's."""
     shapes: dict[str, list[Any]] = {}
     for service in OUR_SERVICES:
-        values = {service: TEMPLATE_NAME, full_service_name(service): TEMPLATE_NAME, DEFAULT_PORTS[service]: 0}
+        values = {
+            service: TEMPLATE_NAME,
+            f"numprotect.services.{service}": f"numprotect.services.{TEMPLATE_NAME}",
+            full_service_name(service): TEMPLATE_NAME,
+            DEFAULT_PORTS[service]: 0,
+        }
         deployment = with_placeholders(rendered.get("Deployment", service), values)
         requests = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
         cpu = requests.pop("cpu")
