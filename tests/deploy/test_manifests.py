@@ -252,6 +252,24 @@ def test_dockerfile_builds_protos_and_runs_any_service_as_non_root() -> None:
     assert "PYTHONDONTWRITEBYTECODE=1" in env  # the root filesystem is read-only in the pods
 
 
+def test_the_build_context_holds_every_file_the_dockerfile_copies() -> None:
+    """deploy/Dockerfile.dockerignore admits only named paths: a COPY of anything else fails the build."""
+    ignore = [
+        line.strip()
+        for line in (ROOT / "deploy/Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert ignore[0] == "*"
+    admitted = [line.removeprefix("!").rstrip("/") for line in ignore if line.startswith("!")]
+    text = (ROOT / "deploy/Dockerfile").read_text().replace("\\\n", " ")
+    copies = [line.split()[1:] for line in text.splitlines() if line.upper().startswith("COPY ")]
+    sources = [path for words in copies if not words[0].startswith("--from=") for path in words[:-1]]
+    assert "protos" in sources
+    for source in sources:
+        assert any(source == path or source.startswith(f"{path}/") for path in admitted), source
+        assert (ROOT / source).exists(), source
+
+
 # --- One template for the four services -----------------------------------------------------------------------
 
 
