@@ -25,6 +25,7 @@ from numprotect.core.logs import JsonFormatter
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, SettingsError
 from numprotect.core.telemetry import Telemetry
+from numprotect.core.telemetry.server_spans import _PresetTraceIds
 from numprotect.services.cdr.app import build as build_cdr
 from support.inprocess import running_service
 
@@ -645,7 +646,7 @@ def test_a_call_handled_inside_a_current_span_follows_it_like_the_sdk() -> None:
 
 
 def test_preset_trace_ids_are_used_once_per_thread() -> None:
-    ids = tel._PresetTraceIds()
+    ids = _PresetTraceIds()
     ids.preset(42)
     assert ids.generate_trace_id() == 42
     following = ids.generate_trace_id()

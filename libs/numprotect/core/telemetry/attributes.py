@@ -1,0 +1,107 @@
+"""Span attributes and links for servicers (they work whether tracing is on or off), phone numbers masked."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanContext, TraceFlags
+from opentelemetry.util.types import AttributeValue
+
+from numprotect.core.call_ref import CallRef
+from numprotect.core.phone import mask
+
+ATTRIBUTE_PREFIX = "numprotect."
+
+# Values that are phone numbers: mobile, fixed line, 700 virtual numbers and blocks, with or without +86.
+_NUMBER_VALUE = re.compile(r"(?:\+?86|0086)?(?:1[3-9]\d{9}|0\d{9,11}|700\d{8}|700\d{12})")
+
+
+def current_trace_ids() -> tuple[int, int]:
+    """(trace_id, span_id) of the current span when it is sampled, else (0, 0)."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid and context.trace_flags.sampled:
+        return (context.trace_id, context.span_id)
+    return (0, 0)
+
+
+def _safe_value(value: AttributeValue) -> AttributeValue:
+    # A safety net: a value that is a phone number is masked even when the caller forgot to.
+    if isinstance(value, str) and _NUMBER_VALUE.fullmatch(value):
+        return mask(value)
+    return value
+
+
+def safe_attributes(attributes: Mapping[str, AttributeValue]) -> dict[str, AttributeValue]:
+    """`attributes` with every phone-number value masked: what an `attributes=` handed to the SDK goes through."""
+    return {name: _safe_value(value) for name, value in attributes.items()}
+
+
+def set_attributes(span: Span, attributes: Mapping[str, AttributeValue]) -> None:
+    """Sets `attributes` (names as given: rpc.*, db.*) on `span` when it records, phone numbers masked."""
+    if span.is_recording():
+        span.set_attributes(safe_attributes(attributes))
+
+
+def set_span_attributes(span: Span | None = None, /, **attributes: AttributeValue | None) -> None:
+    """Sets `numprotect.<name>` attributes on `span` (default: the current span); None values are skipped.
+
+    `set_span_attributes(tenant="t1", mode="AXB", decision="CONNECT", binding_id=bid)`. Does nothing when
+    the span is not recording (tracing off or not sampled). A value that is a phone number is masked.
+    """
+    target = span if span is not None else trace.get_current_span()
+    if not target.is_recording():
+        return
+    # One set_attributes call: the SDK span takes its lock once, not once per attribute.
+    target.set_attributes(
+        {ATTRIBUTE_PREFIX + name: _safe_value(value) for name, value in attributes.items() if value is not None}
+    )
+
+
+def masked_number_attribute(name: str, number: str, span: Span | None = None) -> None:
+    """Sets `numprotect.<name>` to the masked number (138****5678) on `span` (default: the current span)."""
+    target = span if span is not None else trace.get_current_span()
+    if target.is_recording() and number:
+        target.set_attribute(ATTRIBUTE_PREFIX + name, mask(number))
+
+
+def link_from_call_ref(call_ref: CallRef | str) -> Link | None:
+    """A span link to the translation span a call_ref names, or None (untraced call, or not our call_ref)."""
+    if isinstance(call_ref, str):
+        if not call_ref:
+            return None
+        try:
+            call_ref = CallRef.decode(call_ref)
+        except ValueError:
+            return None
+    if not call_ref.trace_id or not call_ref.span_id:
+        return None
+    context = SpanContext(
+        trace_id=call_ref.trace_id, span_id=call_ref.span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+    )
+    if not context.is_valid:
+        return None
+    return Link(context, {ATTRIBUTE_PREFIX + "link": "call_setup"})
+
+
+def links_from_call_refs(call_refs: Sequence[CallRef | str]) -> list[Link]:
+    """The links of several call_refs (a CDR batch), skipping those without trace ids."""
+    links = []
+    for call_ref in call_refs:
+        link = link_from_call_ref(call_ref)
+        if link is not None:
+            links.append(link)
+    return links
+
+
+def add_call_ref_link(call_ref: CallRef | str, span: Span | None = None) -> bool:
+    """Links `span` (default: the current span) to the call setup `call_ref` names; True when linked."""
+    target = span if span is not None else trace.get_current_span()
+    if not target.is_recording():
+        return False
+    link = link_from_call_ref(call_ref)
+    if link is None:
+        return False
+    target.add_link(link.context, link.attributes)
+    return True

@@ -1,0 +1,69 @@
+"""Redis CLIENT spans (opentelemetry-instrumentation-redis), only as children of a recording span."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span
+
+if TYPE_CHECKING:
+    from numprotect.core.redis_client import RedisClient
+
+
+def instrument_client(client: RedisClient, provider: trace.TracerProvider) -> None:
+    """CLIENT spans for this client's commands and pipelines from `provider`'s tracers (see Telemetry)."""
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    RedisInstrumentor.instrument_client(client, tracer_provider=provider)
+    _skip_instrumentation_when_not_recording(client)
+
+
+def _skip_instrumentation_when_not_recording(client: Any) -> None:
+    """Commands outside a recording span (unsampled calls, probes) go straight to redis-py, not via the wrapper."""
+    traced = client.execute_command
+    plain = getattr(traced, "__wrapped__", None)
+    if plain is None or not inspect.iscoroutinefunction(plain):
+        return
+    get_current_span = trace.get_current_span
+
+    async def execute_command(*args: Any, **options: Any) -> Any:
+        if get_current_span().is_recording():
+            return await traced(*args, **options)
+        return await plain(*args, **options)
+
+    client.execute_command = execute_command
+
+
+class ChildSpansOnly(trace.TracerProvider):
+    """A tracer provider whose tracers start a span only when the current span records, else a no-op span."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._provider = provider
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _ChildOnlyTracer(self._provider.get_tracer(*args, **kwargs))
+
+
+class _ChildOnlyTracer(trace.Tracer):
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    def start_span(self, name: str, context: Any = None, *args: Any, **kwargs: Any) -> Span:
+        if not trace.get_current_span(context).is_recording():
+            return trace.INVALID_SPAN
+        return self._tracer.start_span(name, context, *args, **kwargs)
+
+    @contextmanager
+    def start_as_current_span(  # type: ignore[override]
+        self, name: str, context: Any = None, *args: Any, **kwargs: Any
+    ) -> Iterator[Span]:
+        if not trace.get_current_span(context).is_recording():
+            yield trace.INVALID_SPAN
+            return
+        with self._tracer.start_as_current_span(name, context, *args, **kwargs) as span:
+            yield span
