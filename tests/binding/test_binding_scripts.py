@@ -16,7 +16,7 @@ from numprotect.services.binding.store import (
     MutationLocks,
     OrderClaims,
     TenantIndex,
-    lock_key,
+    mutation_lock_key,
     new_binding_id,
     order_key,
     tenant_index_key,
@@ -96,12 +96,12 @@ async def test_compare_and_delete_script_releases_only_its_own_claim_and_lock(
 
     locks = MutationLocks(redis, lease_ms=5000)
     async with locks.hold("b1"):
-        assert redis_sync.exists(lock_key("b1")) == 1
+        assert redis_sync.exists(mutation_lock_key("b1")) == 1
         with pytest.raises(Aborted):
             async with locks.hold("b1"):
                 pass
-        assert redis_sync.exists(lock_key("b1")) == 1  # the loser did not release the holder's lock
-    assert redis_sync.exists(lock_key("b1")) == 0
+        assert redis_sync.exists(mutation_lock_key("b1")) == 1  # the loser did not release the holder's lock
+    assert redis_sync.exists(mutation_lock_key("b1")) == 0
     await asyncio.sleep(0)
 
 

@@ -44,7 +44,7 @@ def tenant_index_key(tenant_id: str, shard: int) -> str:
     return f"np:tl:{{{tenant_id}:{shard}}}"
 
 
-def lock_key(binding_id: str) -> str:
+def mutation_lock_key(binding_id: str) -> str:
     return f"np:b:{{{binding_id}}}:lk"
 
 
@@ -191,7 +191,7 @@ class MutationLocks:
     @asynccontextmanager
     async def hold(self, binding_id: str) -> AsyncIterator[None]:
         token = secrets.token_hex(8)
-        key = lock_key(binding_id)
+        key = mutation_lock_key(binding_id)
         if not await self.redis.set(key, token, nx=True, px=self.lease_ms):
             raise Aborted(f"binding {binding_id} is being changed by another call; retry")
         try:
