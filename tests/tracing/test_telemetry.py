@@ -57,6 +57,11 @@ def finished(telemetry: Telemetry, exporter: InMemorySpanExporter) -> list[Reada
     return list(exporter.get_finished_spans())
 
 
+def current_span(telemetry: Telemetry, name: str, **options: Any) -> Any:
+    """A current span named `name` from the telemetry's tracer (a no-op span when tracing is off)."""
+    return telemetry.tracer.start_as_current_span(name, **options)
+
+
 def all_attribute_text(spans: list[ReadableSpan]) -> str:
     """Every attribute, event attribute, link attribute and status text of the spans, as one string."""
     parts: list[str] = []
@@ -80,9 +85,6 @@ def test_no_endpoint_means_disabled_and_no_interceptors() -> None:
     assert telemetry.server_interceptors() == []
     assert telemetry.sync_server_interceptors() == []
     assert telemetry.client_interceptors() == []
-    assert telemetry.current_ids() == (0, 0)
-    with telemetry.span("x") as span:
-        assert not span.is_recording()
     telemetry.shutdown()
 
 
@@ -164,7 +166,7 @@ def test_bad_settings_name_the_variable(environ: dict[str, str], variable: str) 
 def test_ratio_sampler_keeps_about_its_share_of_root_traces() -> None:
     telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": ""})
     for _ in range(10_000):
-        with telemetry.span("root"), telemetry.span("child"):
+        with current_span(telemetry, "root"), current_span(telemetry, "child"):
             pass
     spans = finished(telemetry, exporter)
     roots = [s for s in spans if s.name == "root"]
@@ -201,7 +203,7 @@ def test_resource_defaults_and_overrides() -> None:
 
 def test_attributes_are_namespaced_and_numbers_masked() -> None:
     telemetry, exporter = traced()
-    with telemetry.span("translate"):
+    with current_span(telemetry, "translate"):
         tel.set_span_attributes(tenant="t-1", mode="AXB", decision="REJECT", reject_reason=None, binding_id="b-9")
         tel.masked_number_attribute("calling_number", PARTY_A)
         # The safety net: a number passed by mistake as a plain attribute is masked too.
@@ -221,11 +223,10 @@ def test_attributes_are_namespaced_and_numbers_masked() -> None:
 
 def test_attribute_helpers_do_nothing_outside_a_recording_span() -> None:
     telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "always_off"})
-    with telemetry.span("unsampled") as span:
+    with current_span(telemetry, "unsampled") as span:
         assert not span.is_recording()
         tel.set_span_attributes(tenant="t-1")
         tel.masked_number_attribute("calling_number", PARTY_A)
-        assert telemetry.current_ids() == (0, 0)
     tel.set_span_attributes(tenant="t-1")  # no current span at all
     assert finished(telemetry, exporter) == []
 
@@ -244,7 +245,7 @@ async def test_redis_spans_are_children_and_carry_no_phone_number(redis_client: 
     telemetry, exporter = traced()
     telemetry.instrument_redis(redis_client)
     route = Route("b-1", "t-1", MODE_AXB, PARTY_A, PARTY_B, RESTRICTION_NONE, False, False, 2_000_000_000_000)
-    with telemetry.span("rpc") as parent:
+    with current_span(telemetry, "rpc") as parent:
         await RouteTable(redis_client).put(VIRTUAL, route)  # EVALSHA (and SCRIPT LOAD) with numbers in keys/args
         await redis_client.set(f"np:test:{{{VIRTUAL}}}:{PARTY_A}", PARTY_B)
         async with redis_client.pipeline(transaction=True) as pipe:
@@ -273,7 +274,7 @@ async def test_redis_commands_outside_traced_calls_make_no_spans(redis_client: r
     telemetry, exporter = traced()
     telemetry.instrument_redis(redis_client)
     assert await redis_client.ping()  # the health probe's PING
-    with telemetry.span("unsampled", attributes={"x": 1}):
+    with current_span(telemetry, "unsampled", attributes={"x": 1}):
         pass
     assert [s.name for s in finished(telemetry, exporter)] == ["unsampled"]
 
@@ -285,7 +286,7 @@ def test_child_spans_only_under_a_recording_span() -> None:
     telemetry, exporter = traced()
     with telemetry.child_span("orphan"):
         pass
-    with telemetry.span("rpc") as parent, telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT) as child:
+    with current_span(telemetry, "rpc") as parent, telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT) as child:
         assert child.is_recording()
     names = {s.name: s for s in finished(telemetry, exporter)}
     assert set(names) == {"rpc", "EVALSHA"}
@@ -299,36 +300,26 @@ def test_child_spans_only_under_a_recording_span() -> None:
 
 def test_cdr_ingestion_span_links_to_the_translation_span() -> None:
     telemetry, exporter = traced()
-    with telemetry.span("Translate", kind=SpanKind.SERVER) as translate:
-        trace_id, span_id = telemetry.current_ids()
-        assert (trace_id, span_id) == (translate.get_span_context().trace_id, translate.get_span_context().span_id)
-        call_ref = CallRef("b-1", VIRTUAL, 1_764_000_000_000, trace_id=trace_id, span_id=span_id).encode()
+    with current_span(telemetry, "Translate", kind=SpanKind.SERVER) as translate:
+        context = translate.get_span_context()  # what translation puts in the call_ref
+        call_ref = CallRef("b-1", VIRTUAL, 1_764_000_000_000, trace_id=context.trace_id, span_id=context.span_id)
 
     untraced = CallRef("b-2", VIRTUAL, 1_764_000_000_000).encode()
     assert tel.link_from_call_ref(untraced) is None
     assert tel.link_from_call_ref("not a call_ref") is None
     assert tel.link_from_call_ref("") is None
-    links = tel.links_from_call_refs([call_ref, untraced, "garbage"])
-    assert len(links) == 1
+    links = [tel.link_from_call_ref(call_ref), tel.link_from_call_ref(call_ref.encode(), {"cdr.call_id": "c-1"})]
 
-    with telemetry.span("cdr.ingest", links=links):
+    with current_span(telemetry, "cdr.ingest", links=links):
         pass
-    with telemetry.span("IngestCdrs", kind=SpanKind.SERVER):  # a link added to an already started span
-        assert tel.add_call_ref_link(CallRef.decode(call_ref))
-        assert not tel.add_call_ref_link(untraced)
 
     spans = {s.name: s for s in finished(telemetry, exporter)}
-    for name in ("cdr.ingest", "IngestCdrs"):
-        (link,) = spans[name].links
-        assert link.context.trace_id == trace_id
-        assert link.context.span_id == span_id
-        assert dict(link.attributes or {}) == {"numprotect.link": "call_setup"}
-        assert spans[name].context.trace_id != trace_id  # a link, not a parent
-
-
-def test_current_trace_ids_are_zero_when_tracing_is_off() -> None:
-    assert tel.current_trace_ids() == (0, 0)
-    assert Telemetry.disabled().current_ids() == (0, 0)
+    first, second = spans["cdr.ingest"].links
+    for link in (first, second):
+        assert (link.context.trace_id, link.context.span_id) == (context.trace_id, context.span_id)
+    assert dict(first.attributes or {}) == {"numprotect.link": "call_setup"}
+    assert dict(second.attributes or {}) == {"numprotect.link": "call_setup", "cdr.call_id": "c-1"}
+    assert spans["cdr.ingest"].context.trace_id != context.trace_id  # a link, not a parent
 
 
 # --- logs ----------------------------------------------------------------------------------------------------------
@@ -351,7 +342,7 @@ def test_json_logs_carry_trace_and_span_ids_inside_a_span(json_log: tuple[loggin
     logger, stream = json_log
     telemetry, _ = traced()
     logger.info("outside")
-    with telemetry.span("rpc") as span:
+    with current_span(telemetry, "rpc") as span:
         logger.info("inside", extra={"calling_number": "138****5678"})
     outside, inside = (json.loads(line) for line in stream.getvalue().splitlines())
     assert "trace_id" not in outside and "span_id" not in outside
@@ -374,7 +365,7 @@ async def test_bootstrap_traces_calls_but_not_health_checks(redis_url: str) -> N
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = cdr_pb2_grpc.CdrServiceStub(channel)
         # Whether the RPC answers or fails (UNIMPLEMENTED), its spans exist.
-        with telemetry.span("caller"), contextlib.suppress(grpc.aio.AioRpcError):
+        with current_span(telemetry, "caller"), contextlib.suppress(grpc.aio.AioRpcError):
             await stub.GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t-1"))
     spans = finished(telemetry, exporter)
     assert not any("Health" in s.name for s in spans)

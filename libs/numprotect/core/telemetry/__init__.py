@@ -20,17 +20,15 @@ path for span attributes, call_ref links), `redis` (Redis spans), `server_spans`
 
 from numprotect.core.telemetry.attributes import (
     ATTRIBUTE_PREFIX,
-    add_call_ref_link,
-    current_trace_ids,
     link_from_call_ref,
-    links_from_call_refs,
     masked_number_attribute,
+    safe_attributes,
+    set_attributes,
     set_span_attributes,
 )
 from numprotect.core.telemetry.config import SERVICE_VERSION, TRACER_NAME, otlp_endpoint, resource_attributes
 from numprotect.core.telemetry.process import Telemetry
 from numprotect.core.telemetry.sampling import DEFAULT_SAMPLER, DEFAULT_SAMPLER_RATIO, SAMPLERS, SamplingRule
-from numprotect.core.telemetry.server_spans import UNTRACED_GRPC_SERVICES
 
 __all__ = [
     "ATTRIBUTE_PREFIX",
@@ -39,15 +37,13 @@ __all__ = [
     "SAMPLERS",
     "SERVICE_VERSION",
     "TRACER_NAME",
-    "UNTRACED_GRPC_SERVICES",
     "SamplingRule",
     "Telemetry",
-    "add_call_ref_link",
-    "current_trace_ids",
     "link_from_call_ref",
-    "links_from_call_refs",
     "masked_number_attribute",
     "otlp_endpoint",
     "resource_attributes",
+    "safe_attributes",
+    "set_attributes",
     "set_span_attributes",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, TraceFlags
@@ -16,14 +16,6 @@ ATTRIBUTE_PREFIX = "numprotect."
 
 # Values that are phone numbers: mobile, fixed line, 700 virtual numbers and blocks, with or without +86.
 _NUMBER_VALUE = re.compile(r"(?:\+?86|0086)?(?:1[3-9]\d{9}|0\d{9,11}|700\d{8}|700\d{12})")
-
-
-def current_trace_ids() -> tuple[int, int]:
-    """(trace_id, span_id) of the current span when it is sampled, else (0, 0)."""
-    context = trace.get_current_span().get_span_context()
-    if context.is_valid and context.trace_flags.sampled:
-        return (context.trace_id, context.span_id)
-    return (0, 0)
 
 
 def _safe_value(value: AttributeValue) -> AttributeValue:
@@ -66,8 +58,11 @@ def masked_number_attribute(name: str, number: str, span: Span | None = None) ->
         target.set_attribute(ATTRIBUTE_PREFIX + name, mask(number))
 
 
-def link_from_call_ref(call_ref: CallRef | str) -> Link | None:
-    """A span link to the translation span a call_ref names, or None (untraced call, or not our call_ref)."""
+def link_from_call_ref(call_ref: CallRef | str, attributes: Mapping[str, AttributeValue] | None = None) -> Link | None:
+    """A span link to the translation span a call_ref names, or None (untraced call, or not our call_ref).
+
+    The link carries `numprotect.link=call_setup` and `attributes` (phone numbers masked).
+    """
     if isinstance(call_ref, str):
         if not call_ref:
             return None
@@ -82,26 +77,4 @@ def link_from_call_ref(call_ref: CallRef | str) -> Link | None:
     )
     if not context.is_valid:
         return None
-    return Link(context, {ATTRIBUTE_PREFIX + "link": "call_setup"})
-
-
-def links_from_call_refs(call_refs: Sequence[CallRef | str]) -> list[Link]:
-    """The links of several call_refs (a CDR batch), skipping those without trace ids."""
-    links = []
-    for call_ref in call_refs:
-        link = link_from_call_ref(call_ref)
-        if link is not None:
-            links.append(link)
-    return links
-
-
-def add_call_ref_link(call_ref: CallRef | str, span: Span | None = None) -> bool:
-    """Links `span` (default: the current span) to the call setup `call_ref` names; True when linked."""
-    target = span if span is not None else trace.get_current_span()
-    if not target.is_recording():
-        return False
-    link = link_from_call_ref(call_ref)
-    if link is None:
-        return False
-    target.add_link(link.context, link.attributes)
-    return True
+    return Link(context, safe_attributes({ATTRIBUTE_PREFIX + "link": "call_setup", **(attributes or {})}))

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
-from numprotect.core.telemetry.attributes import current_trace_ids
+from numprotect.core.calls import UNWRAPPED_SERVICES, CallConcern
+from numprotect.core.telemetry.attributes import safe_attributes
 from numprotect.core.telemetry.config import SERVICE_VERSION, TRACER_NAME, tracer_provider
 from numprotect.core.telemetry.redis import ChildSpansOnly, instrument_client
 from numprotect.core.telemetry.sampling import SamplingRule
-from numprotect.core.telemetry.server_spans import (
-    _AioServerSpans,
-    _PresetTraceIds,
-    _SyncServerSpans,
-    _traced_method,
-)
+from numprotect.core.telemetry.server_spans import ServerSpans, _PresetTraceIds
 
 if TYPE_CHECKING:
     from numprotect.core.redis_client import RedisClient
@@ -64,17 +59,11 @@ class Telemetry:
 
     # --- gRPC -----------------------------------------------------------------------------------------------
 
-    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """grpc.aio server interceptors: one SERVER span per call (health and reflection excepted)."""
+    def call_concerns(self) -> list[CallConcern]:
+        """What tracing adds to the one call layer: a SERVER span per call (none when tracing is off)."""
         if self.provider is None:
             return []
-        return [_AioServerSpans(self.tracer, self._server_sampling())]
-
-    def sync_server_interceptors(self) -> list[grpc.ServerInterceptor]:
-        """The same for a synchronous grpc.server (thread pool)."""
-        if self.provider is None:
-            return []
-        return [_SyncServerSpans(self.tracer, self._server_sampling())]
+        return [ServerSpans(self.tracer, self._server_sampling())]
 
     def _server_sampling(self) -> tuple[SamplingRule, _PresetTraceIds] | None:
         ids = self.provider.id_generator if self.provider is not None else None
@@ -88,7 +77,7 @@ class Telemetry:
             return []
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-        return list(aio_client_interceptors(tracer_provider=self.provider, filter_=_traced_method))  # type: ignore[no-untyped-call]
+        return list(aio_client_interceptors(tracer_provider=self.provider, filter_=_traced_call))  # type: ignore[no-untyped-call]
 
     # --- Redis ----------------------------------------------------------------------------------------------
 
@@ -105,22 +94,6 @@ class Telemetry:
 
     # --- our own spans --------------------------------------------------------------------------------------
 
-    def span(
-        self,
-        name: str,
-        *,
-        kind: SpanKind = SpanKind.INTERNAL,
-        links: Sequence[Link] = (),
-        attributes: Mapping[str, AttributeValue] | None = None,
-    ) -> Any:
-        """A context manager: a current span named `name` (with links) when tracing is on, else nothing.
-
-        `with telemetry.span("cdr.ingest", links=links) as span:` yields the span (INVALID_SPAN when off).
-        """
-        if self.provider is None:
-            return nullcontext(trace.INVALID_SPAN)
-        return self.tracer.start_as_current_span(name, kind=kind, links=list(links), attributes=attributes)
-
     def child_span(
         self,
         name: str,
@@ -128,25 +101,28 @@ class Telemetry:
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Mapping[str, AttributeValue] | None = None,
     ) -> Any:
-        """Like `span`, but only under a recording span: a hot path pays one check when its call is not sampled.
+        """A context manager: a current span named `name` under a recording span, else nothing (INVALID_SPAN).
+
+        A hot path pays one check when its call is not sampled; `attributes` go through the masking path.
 
         E.g. a hand-written Redis client: `with telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT,
         attributes={"db.system": "redis", "db.statement": "EVALSHA ?"}):` (never keys or arguments).
         """
         if self.provider is None or not trace.get_current_span().is_recording():
             return nullcontext(trace.INVALID_SPAN)
-        return self.tracer.start_as_current_span(name, kind=kind, attributes=attributes)
-
-    def current_ids(self) -> tuple[int, int]:
-        """(trace_id, span_id) of the current span when it is sampled, else (0, 0): what a CallRef carries.
-
-        Costs one attribute check when tracing is off.
-        """
-        if self.provider is None:
-            return (0, 0)
-        return current_trace_ids()
+        return self.tracer.start_as_current_span(
+            name, kind=kind, attributes=safe_attributes(attributes) if attributes else None
+        )
 
     def shutdown(self) -> None:
         """Flushes pending spans and stops the exporter."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+def _traced_call(client_call_details: Any) -> bool:
+    """Client calls get a span unless they go to health or reflection (aio clients see the method as bytes)."""
+    method = client_call_details.method or ""
+    if isinstance(method, bytes):
+        method = method.decode("ascii", "replace")
+    return not str(method).lstrip("/").startswith(UNWRAPPED_SERVICES)
