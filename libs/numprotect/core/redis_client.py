@@ -102,7 +102,4 @@ class LuaScript:
             return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
 
     async def load(self, client: RedisClient) -> None:
-        if isinstance(client, RedisCluster):
-            await client.script_load(self.source)  # the cluster client loads it on every primary
-        else:
-            await client.script_load(self.source)
+        await client.script_load(self.source)  # a cluster client loads it on every primary
