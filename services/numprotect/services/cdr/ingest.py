@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, TraceFlags
+from opentelemetry.trace import Link
+from opentelemetry.util.types import AttributeValue
 
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.phone import mask
+from numprotect.core.telemetry import link_from_call_ref, set_attributes
 from numprotect.services.cdr.enrich import Enricher
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.store import CdrStore
@@ -41,11 +43,12 @@ def span_links(records: Sequence[ValidCdr]) -> list[Link]:
     """Links from the ingestion span to the translations (call setups) of the records, when they were traced."""
     links: list[Link] = []
     for valid in records:
-        ref = valid.call_ref
-        if ref is None or not ref.trace_id or not ref.span_id:
+        if valid.call_ref is None:
             continue
-        context = SpanContext(ref.trace_id, ref.span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
-        links.append(Link(context, {"cdr.call_id": valid.record.call_id}))
+        link = link_from_call_ref(valid.call_ref, {"cdr.call_id": valid.record.call_id})
+        if link is None:
+            continue
+        links.append(link)
         if len(links) >= MAX_LINKS:
             break
     return links
@@ -98,14 +101,17 @@ class Ingestor:
                 summary.accepted += stored
                 summary.duplicates += len(ids) - stored
             unmatched_count = len(buckets.get("", []))
-            span.set_attribute("cdr.records", len(records))
-            span.set_attribute("cdr.accepted", summary.accepted)
-            span.set_attribute("cdr.duplicates", summary.duplicates)
-            span.set_attribute("cdr.rejected", len(summary.rejected))
-            span.set_attribute("cdr.unmatched", unmatched_count)
+            attributes: dict[str, AttributeValue] = {
+                "cdr.records": len(records),
+                "cdr.accepted": summary.accepted,
+                "cdr.duplicates": summary.duplicates,
+                "cdr.rejected": len(summary.rejected),
+                "cdr.unmatched": unmatched_count,
+            }
             if len(valid) == 1:
-                span.set_attribute("cdr.called_number", mask(valid[0].record.called_number))
-                span.set_attribute("cdr.calling_number", mask(valid[0].record.calling_number))
+                attributes["cdr.called_number"] = mask(valid[0].record.called_number)
+                attributes["cdr.calling_number"] = mask(valid[0].record.calling_number)
+            set_attributes(span, attributes)
         if unmatched_count:
             log.info("cdr records matched no binding", extra={"count": unmatched_count})
         return summary
