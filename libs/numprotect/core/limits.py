@@ -1,0 +1,87 @@
+"""The one bound on concurrent Redis work per process.
+
+Why a limiter class and not redis-py's `BlockingConnectionPool`:
+
+- `BlockingConnectionPool` bounds a client by its connections: a command that finds every connection busy
+  waits up to a timeout for one, then fails with ConnectionError("No connection available."), which the call
+  layer answers as UNAVAILABLE. That is the right tool for the blocking redis-py clients (thread-pool server,
+  health probe): `redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, max_connections=n,
+  timeout=t, ...))`, and for `redis.RedisCluster` a `connection_pool_class` that builds one per node.
+- It does not serve the asyncio services. `redis.asyncio.RedisCluster` has no blocking pool: each node keeps
+  its own list of connections and raises MaxConnectionsError at once when it is full (redis-py 8.1), so a burst
+  would fail in cluster mode where it waits in standalone mode. The asyncio services therefore share one
+  `ConcurrencyLimit` per process, above the client, which behaves the same on both: an operation holds one
+  place while it talks to Redis, waits up to NUMPROTECT_REDIS_TIMEOUT for a place, then gets UNAVAILABLE
+  (retryable), never INTERNAL and never an unbounded queue. `ConcurrencyLimit.for_redis` sizes it to the
+  client's NUMPROTECT_REDIS_MAX_CONNECTIONS: one place per connection.
+
+Rule for holders: one place covers one connection (per node) at a time, so an operation that sends commands
+concurrently (asyncio.gather) takes one place per concurrent branch, never one place for all of them.
+
+The same class bounds other scarce things with no waiting at all (`wait_seconds=0`), answering
+RESOURCE_EXHAUSTED: cdr's concurrent WatchCdrs streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+
+from numprotect.core.errors import DomainError, ResourceExhausted, Unavailable
+from numprotect.core.settings import RedisSettings
+
+
+class ConcurrencyLimit:
+    """At most `limit` holders at once (`async with limit:`); a caller waits up to `wait_seconds` for a place.
+
+    A caller still waiting when the time is up gets `overloaded()`: UNAVAILABLE by default (waiting longer
+    would not help now, a retry soon may), or RESOURCE_EXHAUSTED with `exhausted=True` (a hard cap the caller
+    should not retry against at once).
+    """
+
+    def __init__(self, limit: int, *, wait_seconds: float, name: str, exhausted: bool = False) -> None:
+        if limit < 1:
+            raise ValueError("a concurrency limit needs at least one place")
+        self.limit = limit
+        self.wait_seconds = wait_seconds
+        self.name = name
+        self.exhausted = exhausted
+        self._places = asyncio.Semaphore(limit)
+        self._held = 0
+
+    @classmethod
+    def for_redis(cls, settings: RedisSettings) -> ConcurrencyLimit:
+        """The process's bound on Redis operations: one place per pooled connection, waiting up to the timeout."""
+        return cls(settings.max_connections, wait_seconds=settings.timeout_seconds, name="redis operations")
+
+    @property
+    def held(self) -> int:
+        """Places in use now."""
+        return self._held
+
+    def overloaded(self) -> DomainError:
+        message = f"too many concurrent {self.name} on this server (limit {self.limit}); retry shortly"
+        if self.exhausted:
+            return ResourceExhausted(message, subject=self.name)
+        return Unavailable(message)
+
+    async def __aenter__(self) -> None:
+        if not self._places.locked():
+            await self._places.acquire()  # a free place: no timer
+        elif self.wait_seconds <= 0:
+            raise self.overloaded()
+        else:
+            try:
+                # asyncio.timeout, not wait_for (gh-86296); Semaphore.acquire gives a place back if cancelled
+                # after it was granted, so a timeout never leaks one.
+                async with asyncio.timeout(self.wait_seconds):
+                    await self._places.acquire()
+            except TimeoutError:
+                raise self.overloaded() from None
+        self._held += 1
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._held -= 1
+        self._places.release()
