@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from opentelemetry.trace import SpanKind
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core import telemetry as tel
 from numprotect.core.call_ref import CallRef
+from numprotect.core.calls import SyncCallLayer
 from numprotect.core.logs import JsonFormatter
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, SettingsError
@@ -82,8 +84,7 @@ def all_attribute_text(spans: list[ReadableSpan]) -> str:
 def test_no_endpoint_means_disabled_and_no_interceptors() -> None:
     telemetry = Telemetry.from_env({"OTEL_TRACES_SAMPLER": "always_on"}, "numprotect-test")
     assert not telemetry.enabled
-    assert telemetry.server_interceptors() == []
-    assert telemetry.sync_server_interceptors() == []
+    assert telemetry.call_concerns() == []
     assert telemetry.client_interceptors() == []
     telemetry.shutdown()
 
@@ -111,8 +112,7 @@ def test_an_endpoint_turns_tracing_on_with_interceptors(name: str) -> None:
     telemetry = Telemetry.from_env({name: "http://127.0.0.1:4317"}, "numprotect-test")
     try:
         assert telemetry.enabled
-        assert len(telemetry.server_interceptors()) == 1
-        assert len(telemetry.sync_server_interceptors()) == 1
+        assert len(telemetry.call_concerns()) == 1
         assert len(telemetry.client_interceptors()) == 4  # unary/stream x unary/stream
     finally:
         telemetry.shutdown()
@@ -229,6 +229,86 @@ def test_attribute_helpers_do_nothing_outside_a_recording_span() -> None:
         tel.masked_number_attribute("calling_number", PARTY_A)
     tel.set_span_attributes(tenant="t-1")  # no current span at all
     assert finished(telemetry, exporter) == []
+
+
+# Phone numbers as callers pass them by mistake: alone in every written form, inside a text, inside a list.
+LEAKS = {
+    "mobile": PARTY_A,
+    "plus86": "+86" + PARTY_B,
+    "prefix0086": "0086" + PARTY_B,
+    "prefix86": "86" + PARTY_A,
+    "fixed_line": "01087654321",
+    "virtual": VIRTUAL,
+    "block": "70010000001",
+    "in_text": f"call from {PARTY_A} to {VIRTUAL}",
+    "in_list": ("ok", PARTY_B),
+}
+RAW_NUMBERS = (PARTY_A, PARTY_B, VIRTUAL, "01087654321", "70010000001")
+
+
+def assert_only_masked(spans: list[ReadableSpan]) -> None:
+    text = all_attribute_text(spans)
+    for number in RAW_NUMBERS:
+        assert number not in text
+    assert "138****5678" in text and "700********2345" in text  # masked, not dropped
+    assert "call from 138****5678 to 700********2345" in text  # the rest of a text survives
+
+
+def test_every_attribute_entry_point_masks_phone_numbers() -> None:
+    telemetry, exporter = traced()
+    call_ref = CallRef("b-1", VIRTUAL, 1_764_000_000_000, trace_id=0x1234, span_id=0x5678)
+    link = tel.link_from_call_ref(call_ref, {f"link.{name}": value for name, value in LEAKS.items()})
+    with current_span(
+        telemetry, "start", attributes=tel.safe_attributes({f"start.{k}": v for k, v in LEAKS.items()}), links=[link]
+    ) as started:
+        tel.set_span_attributes(**LEAKS)  # the current span
+        tel.set_span_attributes(started, **{f"explicit_{name}": value for name, value in LEAKS.items()})
+        tel.set_attributes(started, {f"plain.{name}": value for name, value in LEAKS.items()})
+        tel.masked_number_attribute("masked", PARTY_A)
+        with telemetry.child_span("EVALSHA", attributes={f"child.{k}": v for k, v in LEAKS.items()}):
+            pass
+    spans = finished(telemetry, exporter)
+    assert {s.name for s in spans} == {"start", "EVALSHA"}
+    assert_only_masked(spans)
+    attributes = {name: value for s in spans for name, value in (s.attributes or {}).items()}
+    for prefix in ("numprotect.", "numprotect.explicit_", "plain.", "start.", "child."):
+        assert attributes[prefix + "mobile"] == "138****5678"
+        assert attributes[prefix + "plus86"] == "+86*******4321"
+        assert attributes[prefix + "fixed_line"] == "010****4321"
+        assert tuple(attributes[prefix + "in_list"]) == ("ok", "139****4321")  # type: ignore[arg-type]
+    assert attributes["numprotect.masked"] == "138****5678"
+    (exported_link,) = next(s for s in spans if s.name == "start").links
+    assert dict(exported_link.attributes or {})["link.block"] == "700****0001"
+
+
+async def test_cdr_ingestion_span_carries_numbers_only_masked(redis_url: str) -> None:
+    telemetry, exporter = traced()
+    call_ref = CallRef("b-1", VIRTUAL, 1_764_000_000_000, trace_id=0x1234, span_id=0x5678).encode()
+    record = cdr_pb2.CallDetailRecord(
+        call_id=f"{PARTY_A}-1",  # carriers build call ids from numbers too
+        calling_number=PARTY_A,
+        called_number=VIRTUAL,
+        target_number=PARTY_B,
+        call_type=cdr_pb2.CALL_TYPE_PEER_TO_A,
+        release_direction=cdr_pb2.RELEASE_DIRECTION_CALLER,
+        release_cause=16,
+        call_ref=call_ref,
+    )
+    start = time.time_ns() // 1_000_000 - 120_000
+    record.call_time.FromMilliseconds(start)
+    record.ring_time.FromMilliseconds(start + 2_000)
+    record.answer_time.FromMilliseconds(start + 5_000)
+    record.release_time.FromMilliseconds(start + 35_000)
+    async with running_service("cdr", build_cdr, {"NUMPROTECT_REDIS_URL": redis_url}, telemetry=telemetry) as svc:
+        reply = await cdr_pb2_grpc.CdrServiceStub(svc.channel).IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]))
+        assert reply.accepted == 1, reply
+    spans = finished(telemetry, exporter)
+    (ingest,) = [s for s in spans if s.name == "cdr.ingest"]
+    (link,) = ingest.links
+    assert dict(link.attributes or {}) == {"numprotect.link": "call_setup", "cdr.call_id": "138****5678-1"}
+    assert dict(ingest.attributes or {})["cdr.calling_number"] == "138****5678"
+    text = all_attribute_text(spans)
+    assert not any(number in text for number in (PARTY_A, PARTY_B, VIRTUAL))
 
 
 # --- Redis spans -------------------------------------------------------------------------------------------------
@@ -404,7 +484,7 @@ def test_sync_server_spans_continue_the_callers_trace_and_record_status() -> Non
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=telemetry.sync_server_interceptors())
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[SyncCallLayer(telemetry.call_concerns())])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -494,7 +574,7 @@ class _ContextRecorder:
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
         }
-        self.server = grpc.server(futures.ThreadPoolExecutor(1), interceptors=telemetry.sync_server_interceptors())
+        self.server = grpc.server(futures.ThreadPoolExecutor(1), interceptors=[SyncCallLayer(telemetry.call_concerns())])
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -610,7 +690,7 @@ def test_a_call_handled_inside_a_current_span_follows_it_like_the_sdk() -> None:
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
     telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})
-    interceptor: Any = telemetry.sync_server_interceptors()[0]
+    interceptor: Any = telemetry.call_concerns()[0]
 
     class Context:
         def invocation_metadata(self) -> tuple[()]:

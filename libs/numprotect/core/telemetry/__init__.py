@@ -21,6 +21,7 @@ path for span attributes, call_ref links), `redis` (Redis spans), `server_spans`
 from numprotect.core.telemetry.attributes import (
     ATTRIBUTE_PREFIX,
     link_from_call_ref,
+    mask_numbers,
     masked_number_attribute,
     safe_attributes,
     set_attributes,
@@ -42,6 +43,7 @@ __all__ = [
     "SamplingRule",
     "Telemetry",
     "link_from_call_ref",
+    "mask_numbers",
     "masked_number_attribute",
     "otlp_endpoint",
     "resource_attributes",

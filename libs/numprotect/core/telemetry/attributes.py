@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, TraceFlags
@@ -14,19 +14,31 @@ from numprotect.core.phone import mask
 
 ATTRIBUTE_PREFIX = "numprotect."
 
-# Values that are phone numbers: mobile, fixed line, 700 virtual numbers and blocks, with or without +86.
-_NUMBER_VALUE = re.compile(r"(?:\+?86|0086)?(?:1[3-9]\d{9}|0\d{9,11}|700\d{8}|700\d{12})")
+# Phone numbers: mobile, fixed line, 700 virtual numbers and blocks, with or without +86, standing alone or inside a
+# text, but not digits of a longer run (a timestamp, an id).
+_NUMBER = re.compile(r"(?<![\d+])(?:\+?86|0086)?(?:1[3-9]\d{9}|0\d{9,11}|700\d{8}|700\d{12})(?!\d)")
+
+
+def mask_numbers(text: str) -> str:
+    """`text` with every phone number in it masked (138****5678)."""
+    return _NUMBER.sub(_mask_match, text)
+
+
+def _mask_match(match: re.Match[str]) -> str:
+    return mask(match.group())
 
 
 def _safe_value(value: AttributeValue) -> AttributeValue:
-    # A safety net: a value that is a phone number is masked even when the caller forgot to.
-    if isinstance(value, str) and _NUMBER_VALUE.fullmatch(value):
-        return mask(value)
+    # A safety net: a phone number in a value is masked even when the caller forgot to.
+    if isinstance(value, str):
+        return mask_numbers(value)
+    if isinstance(value, Sequence) and value and isinstance(value[0], str):  # attribute sequences are homogeneous
+        return tuple(mask_numbers(str(item)) for item in value)
     return value
 
 
 def safe_attributes(attributes: Mapping[str, AttributeValue]) -> dict[str, AttributeValue]:
-    """`attributes` with every phone-number value masked: what an `attributes=` handed to the SDK goes through."""
+    """`attributes` with every phone number in a value masked: what an `attributes=` for the SDK goes through."""
     return {name: _safe_value(value) for name, value in attributes.items()}
 
 
@@ -40,7 +52,7 @@ def set_span_attributes(span: Span | None = None, /, **attributes: AttributeValu
     """Sets `numprotect.<name>` attributes on `span` (default: the current span); None values are skipped.
 
     `set_span_attributes(tenant="t1", mode="AXB", decision="CONNECT", binding_id=bid)`. Does nothing when
-    the span is not recording (tracing off or not sampled). A value that is a phone number is masked.
+    the span is not recording (tracing off or not sampled). A phone number in a value is masked.
     """
     target = span if span is not None else trace.get_current_span()
     if not target.is_recording():
