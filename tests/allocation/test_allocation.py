@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -504,4 +505,48 @@ async def test_settings_are_validated_at_build(redis_env: dict[str, str]) -> Non
             pass
     with pytest.raises(SettingsError, match="NUMPROTECT_ALLOCATION_LEASE"):
         async with running_service("allocation", build, {**redis_env, "NUMPROTECT_ALLOCATION_LEASE": "soon"}):
+            pass
+
+
+async def test_history_tokens_are_signed_bound_to_the_number_and_shared_by_replicas_with_one_key(
+    allocation_service: Service,
+) -> None:
+    key = {"NUMPROTECT_PAGE_TOKEN_KEY": base64.b64encode(b"allocation-test-key-of-32-bytes!").decode()}
+    async with allocation_service(**key) as stub, allocation_service(**key) as replica:
+        await import_block(stub)
+        x = (await allocate(stub, party(1), party(2))).virtual_number
+        y = BLOCK + ("0001" if x != BLOCK + "0001" else "0002")
+        first = await stub.ListNumberHistory(pb.ListNumberHistoryRequest(virtual_number=x, page_size=1))
+        assert [e.kind for e in first.events] == ["import"] and first.next_page_token
+        rest = await replica.ListNumberHistory(
+            pb.ListNumberHistoryRequest(virtual_number=x, page_token=first.next_page_token)
+        )
+        assert [e.kind for e in rest.events] == ["assign"] and not rest.next_page_token
+        other_number = pb.ListNumberHistoryRequest(virtual_number=y, page_token=first.next_page_token)
+        error = await fails(grpc.StatusCode.INVALID_ARGUMENT, stub.ListNumberHistory(other_number))
+        assert violated_fields(error) == ["page_token"]
+        assert "allocation.ListNumberHistory" in (error.details() or "")
+    async with allocation_service(NUMPROTECT_PAGE_TOKEN_KEY=base64.b64encode(b"o" * 32).decode()) as other_key:
+        foreign = pb.ListNumberHistoryRequest(virtual_number=x, page_token=first.next_page_token)
+        error = await fails(grpc.StatusCode.INVALID_ARGUMENT, other_key.ListNumberHistory(foreign))
+        assert violated_fields(error) == ["page_token"]
+
+
+async def test_out_of_range_times_are_invalid_argument_not_internal(allocation_service: Service) -> None:
+    async with allocation_service() as stub:
+        await import_block(stub)
+        reply = await allocate(stub, party(1), party(2))
+        confirm = pb.ConfirmReservationRequest(reservation_id=reply.reservation_id, binding_id="b1")
+        confirm.expire_time.seconds = 10**12  # past 9999-12-31
+        error = await fails(grpc.StatusCode.INVALID_ARGUMENT, stub.ConfirmReservation(confirm))
+        assert violated_fields(error) == ["expire_time"]
+        request = pb.AllocateNumberRequest(tenant_id="t1", mode=AXB, parties=[party(3), party(4)], city_code="010")
+        request.lease.seconds, request.lease.nanos = 5, -1  # signs differ: not a Duration
+        error = await fails(grpc.StatusCode.INVALID_ARGUMENT, stub.AllocateNumber(request))
+        assert violated_fields(error) == ["lease"]
+
+
+async def test_a_bad_page_token_key_stops_start_up(redis_env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="NUMPROTECT_PAGE_TOKEN_KEY"):
+        async with running_service("allocation", build, {**redis_env, "NUMPROTECT_PAGE_TOKEN_KEY": "c2hvcnQ="}):
             pass

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
+from numprotect.core.limits import ConcurrencyLimit
+from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
-from numprotect.core.settings import RedisSettings
 from numprotect.services.allocation.pools import NumberPools
 from numprotect.services.allocation.scripts import Scripts
 from numprotect.services.allocation.servicer import AllocationServiceServicer
@@ -15,10 +16,12 @@ FULL_NAME = allocation_pb2.DESCRIPTOR.services_by_name["AllocationService"].full
 
 async def build(runtime: Runtime) -> ServiceParts:
     settings = AllocationSettings.from_env(runtime.env)  # SettingsError before the server starts
-    # One connection stays free for the health probe.
-    max_in_flight = max(1, RedisSettings.from_env(runtime.env).max_connections - 1)
-    pools = NumberPools(runtime.redis, settings, Scripts.load(), max_in_flight=max_in_flight)
-    servicer = AllocationServiceServicer(pools, settings)
+    page_token_key = PageTokenKey.from_env(runtime.env)
+    if runtime.redis_settings is None:
+        raise RuntimeError("the allocation service needs Redis: the bootstrap passes its RedisSettings")
+    redis_limit = ConcurrencyLimit.for_redis(runtime.redis_settings)
+    pools = NumberPools(runtime.redis, settings, Scripts.load(), redis_limit=redis_limit)
+    servicer = AllocationServiceServicer(pools, settings, page_token_key)
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, allocation_pb2_grpc.add_AllocationServiceServicer_to_server),

@@ -13,20 +13,11 @@ import secrets
 from dataclasses import dataclass
 
 from numprotect.core.errors import InvalidArgument
+from numprotect.core.identifiers import TENANT_ID
 from numprotect.core.phone import InvalidNumber, validate_city_code, validate_virtual
 
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _RID = re.compile(r"[0-9a-f]{16}")
 _HANDLE_VERSION = "rv1"
-
-
-def tenant_field(field: str, raw: str) -> str:
-    """A tenant id usable inside a hash tag: 1-64 of letters, digits, '_', '.', '-' (no braces, no colons)."""
-    if not raw:
-        raise InvalidArgument.field(field, "is required")
-    if not _TENANT.fullmatch(raw):
-        raise InvalidArgument.field(field, "must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric")
-    return raw
 
 
 def city_field(field: str, raw: str) -> str:
@@ -94,7 +85,7 @@ class Handle:
                 raise ValueError
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
             tenant, city, number, rid = raw.split(":")
-            if not (_TENANT.fullmatch(tenant) and _RID.fullmatch(rid)):
+            if not (TENANT_ID.matches(tenant) and _RID.fullmatch(rid)):
                 raise ValueError
             validate_city_code(city)
             validate_virtual(number)

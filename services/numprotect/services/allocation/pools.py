@@ -6,15 +6,15 @@ Redis layout (allocation.keys) and calls one Lua script per operation on a pool.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.phone import mask
 from numprotect.core.redis_client import RedisClient
 from numprotect.core.routes import lock_key
@@ -105,13 +105,13 @@ def _info(number: str, tenant: str, city: str, reply: Sequence[Any]) -> NumberIn
 
 
 def _one_connection(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Runs the operation holding one of the pool's in-flight slots."""
+    """Runs the operation holding one place of the process's Redis limit (it uses one connection at a time)."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         pools = args[0]
         assert isinstance(pools, NumberPools)
-        async with pools._in_flight:
+        async with pools.redis_limit:
             return await method(*args, **kwargs)
 
     return wrapper
@@ -121,19 +121,13 @@ class NumberPools:
     """All pools of all tenants in one Redis (standalone or cluster)."""
 
     def __init__(
-        self,
-        redis: RedisClient,
-        settings: AllocationSettings,
-        scripts: Scripts | None = None,
-        *,
-        max_in_flight: int = 63,
+        self, redis: RedisClient, settings: AllocationSettings, scripts: Scripts, *, redis_limit: ConcurrencyLimit
     ) -> None:
         self.redis = redis
         self.settings = settings
-        self.scripts = scripts or Scripts.load()
-        # redis-py fails a command outright ("Too many connections") when its pool is exhausted: requests
-        # beyond the pool size queue here instead. Every operation uses at most one connection at a time.
-        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self.scripts = scripts
+        # The process's bound on Redis operations (numprotect.core.limits); every operation here holds one place.
+        self.redis_limit = redis_limit
 
     def _head(self, tenant: str, city: str) -> list[str | int]:
         """The arguments every pool script starts with (pool_lib.lua): tenant, city, history retention."""
@@ -380,10 +374,13 @@ class NumberPools:
     # ---- history --------------------------------------------------------------------------------------
 
     @_one_connection
-    async def history(self, number: str, page_size: int, token: str) -> tuple[list[Event], str]:
-        """Events of the number oldest first: its block's (import) merged with its own, paged."""
+    async def history(
+        self, number: str, page_size: int, after: HistoryCursor | None
+    ) -> tuple[list[Event], HistoryCursor | None]:
+        """Events of the number oldest first: its block's (import) merged with its own, paged. Returns the
+        page and where the next one starts (None at the end)."""
         tenant, city = await self.owner(number)
-        block_after, number_after = _parse_token(token)
+        block_after, number_after = after or HistoryCursor("", "")
         block_key = keys.block_history_key(number[:11])
         number_key = keys.number_history_key(tenant, city, number)
         block_entries = await self.redis.xrange(block_key, min=_after(block_after), count=page_size + 1)
@@ -399,22 +396,15 @@ class NumberPools:
             else:
                 number_after = _text(entry_id)
         events = [_event(entry_id, fields, tenant) for _, _, entry_id, fields in page]
-        next_token = f"{block_after},{number_after}" if len(merged) > page_size else ""
-        return events, next_token
+        more = len(merged) > page_size
+        return events, HistoryCursor(block_after, number_after) if more else None
 
 
-def _parse_token(token: str) -> tuple[str, str]:
-    if not token:
-        return "", ""
-    first, sep, second = token.partition(",")
-    if not sep or not all(_valid_stream_id(t) for t in (first, second) if t):
-        raise InvalidArgument.field("page_token", "is not a token from a previous ListNumberHistory answer")
-    return first, second
+class HistoryCursor(NamedTuple):
+    """Where a history page ends: the last stream id read from the block's and from the number's history."""
 
-
-def _valid_stream_id(value: str) -> bool:
-    ms, sep, seq = value.partition("-")
-    return bool(sep) and ms.isdigit() and seq.isdigit()
+    block_after: str
+    number_after: str
 
 
 def _after(entry_id: str) -> str:

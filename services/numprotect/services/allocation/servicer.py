@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from numprotect.core.conversions import duration_seconds, timestamp_from_ms, timestamp_ms
 from numprotect.core.errors import FieldViolation, InvalidArgument
+from numprotect.core.identifiers import TENANT_ID
+from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import InvalidNumber, party_field, validate_block, virtual_field
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.allocation import keys
-from numprotect.services.allocation.pools import MODES, Event, NumberInfo, NumberPools
+from numprotect.services.allocation.pools import MODES, Event, HistoryCursor, NumberInfo, NumberPools
 from numprotect.services.allocation.settings import AllocationSettings
 
 _MODE_NAMES = {
@@ -33,12 +34,6 @@ _STATES = {
 _TEXT_LIMIT = 256
 _MAX_PAGE = 1000
 _DEFAULT_PAGE = 100
-
-
-def _timestamp(ms: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp
 
 
 def _short_text(field: str, value: str, *, required: bool = False) -> str:
@@ -62,13 +57,13 @@ def _number_info(info: NumberInfo) -> pb.NumberInfo:
         mode=_MODE_ENUMS.get(info.mode, common_pb2.BINDING_MODE_UNSPECIFIED),
     )
     if info.cooling_until_ms:
-        message.cooling_until.CopyFrom(_timestamp(info.cooling_until_ms))
+        message.cooling_until.CopyFrom(timestamp_from_ms(info.cooling_until_ms))
     return message
 
 
 def _event(event: Event) -> pb.NumberEvent:
     return pb.NumberEvent(
-        time=_timestamp(event.time_ms),
+        time=timestamp_from_ms(event.time_ms),
         kind=event.kind,
         actor=event.actor,
         reason=event.reason,
@@ -79,9 +74,10 @@ def _event(event: Event) -> pb.NumberEvent:
 
 
 class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
-    def __init__(self, pools: NumberPools, settings: AllocationSettings) -> None:
+    def __init__(self, pools: NumberPools, settings: AllocationSettings, page_token_key: PageTokenKey) -> None:
         self.pools = pools
         self.settings = settings
+        self.history_tokens = PageTokens(page_token_key, "allocation.ListNumberHistory")
 
     async def ImportBlock(self, request: pb.ImportBlockRequest, context: Any) -> pb.ImportBlockResponse:
         violations: list[FieldViolation] = []
@@ -89,11 +85,13 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
             validate_block(request.block)
         except InvalidNumber as exc:
             violations.append(FieldViolation("block", str(exc)))
-        for field, check in (("tenant_id", keys.tenant_field), ("city_code", keys.city_field)):
-            try:
-                check(field, getattr(request, field))
-            except InvalidArgument as exc:
-                violations.extend(exc.violations)
+        tenant_problem = TENANT_ID.violation("tenant_id", request.tenant_id)
+        if tenant_problem is not None:
+            violations.append(tenant_problem)
+        try:
+            keys.city_field("city_code", request.city_code)
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
         if violations:
             raise InvalidArgument(violations)
         actor = _short_text("actor", request.actor)
@@ -101,7 +99,7 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         return pb.ImportBlockResponse(block=request.block, numbers_added=added, already_imported=added == 0)
 
     async def AllocateNumber(self, request: pb.AllocateNumberRequest, context: Any) -> pb.AllocateNumberResponse:
-        tenant = keys.tenant_field("tenant_id", request.tenant_id)
+        tenant = TENANT_ID.check("tenant_id", request.tenant_id)
         mode = _MODE_NAMES.get(request.mode)
         if mode is None:
             raise InvalidArgument.field("mode", f"must be one of {', '.join('BINDING_MODE_' + m for m in MODES)}")
@@ -116,7 +114,7 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         city = keys.city_field("city_code", request.city_code)
         lease = self.settings.default_lease_seconds
         if request.HasField("lease"):
-            lease = request.lease.ToMilliseconds() / 1000
+            lease = duration_seconds("lease", request.lease)
             if not 0.1 <= lease <= self.settings.max_lease_seconds:
                 raise InvalidArgument.field(
                     "lease", f"must be between 0.1s and {self.settings.max_lease_seconds:g}s (or unset for the default)"
@@ -130,7 +128,7 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
             city_code=allocation.city,
             city_fallback=allocation.city_fallback,
             reservation_id=allocation.reservation_id,
-            lease_expire_time=_timestamp(allocation.expire_ms),
+            lease_expire_time=timestamp_from_ms(allocation.expire_ms),
         )
 
     async def ConfirmReservation(
@@ -140,7 +138,7 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         binding_id = _short_text("binding_id", request.binding_id, required=True)
         if not request.HasField("expire_time"):
             raise InvalidArgument.field("expire_time", "is required")
-        await self.pools.confirm(handle, binding_id, request.expire_time.ToMilliseconds())
+        await self.pools.confirm(handle, binding_id, timestamp_ms("expire_time", request.expire_time))
         return pb.ConfirmReservationResponse()
 
     async def CancelReservation(
@@ -182,7 +180,7 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         return pb.GetNumberResponse(number=_number_info(await self.pools.get(number)))
 
     async def GetPoolStats(self, request: pb.GetPoolStatsRequest, context: Any) -> pb.GetPoolStatsResponse:
-        tenant = keys.tenant_field("tenant_id", request.tenant_id)
+        tenant = TENANT_ID.check("tenant_id", request.tenant_id)
         city = keys.city_field("city_code", request.city_code) if request.city_code else None
         stats = await self.pools.stats(tenant, city)
         return pb.GetPoolStatsResponse(
@@ -200,5 +198,9 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         if request.page_size < 0 or request.page_size > _MAX_PAGE:
             raise InvalidArgument.field("page_size", f"must be between 0 and {_MAX_PAGE} (0: {_DEFAULT_PAGE})")
         page_size = request.page_size or _DEFAULT_PAGE
-        events, token = await self.pools.history(number, page_size, request.page_token)
+        after = None
+        if request.page_token:
+            after = HistoryCursor(*self.history_tokens.decode(request.page_token, query=[number], fields=2))
+        events, following = await self.pools.history(number, page_size, after)
+        token = self.history_tokens.encode(following, query=[number]) if following is not None else ""
         return pb.ListNumberHistoryResponse(events=[_event(e) for e in events], next_page_token=token)
