@@ -1,49 +1,131 @@
-"""Draining ends even when the Redis client swallows the health probe's cancellation."""
+"""The health state machine both server models share, and draining that never waits for ever on a hung probe."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-from numprotect.core.server import ServiceApp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from numprotect.core.health import HealthProbe
+from numprotect.core.server import AioServiceApp, SyncServiceApp
 from numprotect.core.settings import Env, ServerSettings
 from numprotect.core.telemetry import Telemetry
 
 
-class _PingSwallowingCancellation:
-    """Stands in for redis.asyncio's PING losing the task's cancellation: its asyncio.wait_for around the socket
-    write swallows a cancellation that lands as the write completes on Python 3.11 (CPython gh-86296); a SIGTERM
-    right after start-up left the aio services waiting for their probe for ever."""
+def _settings() -> ServerSettings:
+    return ServerSettings.from_env(
+        Env({"NUMPROTECT_BINDING_PORT": "0", "NUMPROTECT_HEALTH_INTERVAL": "50ms", "NUMPROTECT_GRACE_PERIOD": "0s"}),
+        "binding",
+    )
+
+
+def test_the_probe_publishes_the_first_status_and_then_only_changes() -> None:
+    answers = iter([True, True, False, False, True])
+    published: list[bool] = []
+    done = threading.Event()
+
+    def check() -> bool:
+        answer = next(answers, None)
+        if answer is None:
+            done.set()
+            return True
+        return answer
+
+    probe = HealthProbe(check, published.append, 0.01)
+    assert probe.start() is True
+    assert done.wait(5)
+    probe.stop()
+    assert published == [True, False, True]
+
+
+def test_a_probe_that_raises_counts_as_down() -> None:
+    def check() -> bool:
+        raise OSError("connection refused")
+
+    published: list[bool] = []
+    probe = HealthProbe(check, published.append, 1.0)
+    assert probe.start() is False
+    probe.stop()
+    assert published == [False]
+
+
+class _HangingCheck:
+    """Answers the first check, then hangs like a PING to a Redis that accepted the connection and went silent."""
 
     def __init__(self) -> None:
-        self.pings = 0
-        self.swallowed = 0
-        self.probing = asyncio.Event()
+        self.checks = 0
+        self.hanging = threading.Event()
+        self.release = threading.Event()
 
-    async def ping(self) -> bool:
-        self.pings += 1
-        if self.pings == 1:  # start()'s own check answers at once
-            return True
-        self.probing.set()
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            self.swallowed += 1
+    def __call__(self) -> bool:
+        self.checks += 1
+        if self.checks > 1:
+            self.hanging.set()
+            self.release.wait(30)
         return True
 
 
-async def test_stop_returns_although_the_probe_lost_its_cancellation() -> None:
-    settings = ServerSettings.from_env(
-        Env({"NUMPROTECT_BINDING_PORT": "0", "NUMPROTECT_HEALTH_INTERVAL": "100ms", "NUMPROTECT_GRACE_PERIOD": "0s"}),
-        "binding",
-    )
-    redis = _PingSwallowingCancellation()
-    app = ServiceApp(settings, [], redis=redis, telemetry=Telemetry.disabled())  # type: ignore[arg-type]
+def _watch_statuses(port: int, into: list[int], ready: threading.Event) -> Callable[[], None]:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stream: Any = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+    def read() -> None:
+        try:
+            for reply in stream:
+                into.append(reply.status)
+                ready.set()
+        except grpc.RpcError:
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+
+    def close() -> None:
+        stream.cancel()
+        channel.close()
+
+    return close
+
+
+def test_thread_pool_model_drains_although_the_probe_hangs() -> None:
+    check = _HangingCheck()
+    app = SyncServiceApp(_settings(), [], probe=check, telemetry=Telemetry.disabled())
+    app._probe._stop_wait = 0.2  # the default (5 s) bounds a PING; this test's check hangs for 30 s
+    port = app.start()
+    statuses: list[int] = []
+    ready = threading.Event()
+    close = _watch_statuses(port, statuses, ready)
+    try:
+        assert ready.wait(5)
+        assert check.hanging.wait(5)
+        began = time.monotonic()
+        app.stop()
+        assert time.monotonic() - began < 3.0
+        deadline = time.monotonic() + 5
+        while health_pb2.HealthCheckResponse.NOT_SERVING not in statuses and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses  # the drain told the watchers first
+    finally:
+        check.release.set()
+        close()
+
+
+@pytest.mark.asyncio
+async def test_aio_model_drains_although_the_probe_hangs() -> None:
+    check = _HangingCheck()
+    app = AioServiceApp(_settings(), [], probe=check, telemetry=Telemetry.disabled())
+    app._probe._stop_wait = 0.2
     await app.start()
-    await asyncio.wait_for(redis.probing.wait(), timeout=5)  # the probe loop's first PING, which loses the cancel
-    began = time.monotonic()
-    stopping = asyncio.create_task(app.stop())
-    done, _ = await asyncio.wait({stopping}, timeout=10)
-    assert done, "stop() is still waiting for the health probe"
-    assert redis.swallowed == 1
-    assert time.monotonic() - began < 2.0  # the loop saw the stop flag after its 100 ms sleep
+    try:
+        assert await asyncio.to_thread(check.hanging.wait, 5)
+        began = time.monotonic()
+        await app.stop()
+        assert time.monotonic() - began < 3.0
+    finally:
+        check.release.set()

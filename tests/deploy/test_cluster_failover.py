@@ -26,7 +26,7 @@ from redis.asyncio.cluster import ClusterNode
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core.errors import Unavailable
-from numprotect.core.interceptors import as_domain_error
+from numprotect.core.calls import domain_error
 from numprotect.core.redis_client import LuaScript, RedisClient, create_redis, redis_is_up
 from numprotect.core.settings import Env, RedisSettings
 from support.processes import ServiceProcess
@@ -235,7 +235,7 @@ def is_retryable_unavailable(error: BaseException | None) -> bool:
     """A Redis connection or timeout error, which the services' interceptor answers with UNAVAILABLE."""
     if not isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return False
-    mapped = as_domain_error(error, "/numprotect.cdr.v1.CdrService/IngestCdrs")
+    mapped = domain_error(error, "/numprotect.cdr.v1.CdrService/IngestCdrs")
     return isinstance(mapped, Unavailable) and mapped.code == grpc.StatusCode.UNAVAILABLE
 
 

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
 
-from numprotect.core.redis_client import create_redis
-from numprotect.core.server import Builder, Runtime, ServiceApp
+from numprotect.core.redis_client import create_redis, create_sync_redis, sync_redis_is_up
+from numprotect.core.server import AioServiceApp, Builder, Runtime
 from numprotect.core.settings import Env, RedisSettings, ServerSettings
 from numprotect.core.telemetry import Telemetry
 
 
 @dataclass
 class RunningService:
-    app: ServiceApp
+    app: AioServiceApp
     runtime: Runtime
     port: int
     channel: grpc.aio.Channel
@@ -33,11 +34,15 @@ async def running_service(
     """Builds `service` with `builder` from `environ` (port forced to 0) and yields it with a client channel."""
     env = Env({**environ, f"NUMPROTECT_{service.upper()}_PORT": "0", "NUMPROTECT_GRACE_PERIOD": "0"})
     server_settings = ServerSettings.from_env(env, service)
-    redis = create_redis(RedisSettings.from_env(env))
+    redis_settings = RedisSettings.from_env(env)
+    redis = create_redis(redis_settings)
+    probe_client = create_sync_redis(redis_settings, max_connections=2)
     tel = telemetry or Telemetry.disabled()
-    runtime = Runtime(env, server_settings, redis, tel)
+    runtime = Runtime(env, server_settings, redis, tel, redis_settings)
     parts = await builder(runtime)
-    app = ServiceApp(server_settings, parts.registrations, redis=redis, telemetry=tel)
+    app = AioServiceApp(
+        server_settings, parts.registrations, probe=lambda: sync_redis_is_up(probe_client), telemetry=tel
+    )
     port = await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -46,5 +51,8 @@ async def running_service(
         await channel.close(grace=None)
         await app.stop()
         for close in parts.on_shutdown:
-            await close()
+            outcome = close()
+            if inspect.isawaitable(outcome):
+                await outcome
         await runtime.close()
+        probe_client.close()

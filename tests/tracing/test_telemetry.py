@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core import telemetry as tel
 from numprotect.core.call_ref import CallRef
+from numprotect.core.calls import Method, SyncCallLayer
 from numprotect.core.logs import JsonFormatter
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, SettingsError
@@ -83,8 +84,7 @@ def all_attribute_text(spans: list[ReadableSpan]) -> str:
 def test_no_endpoint_means_disabled_and_no_interceptors() -> None:
     telemetry = Telemetry.from_env({"OTEL_TRACES_SAMPLER": "always_on"}, "numprotect-test")
     assert not telemetry.enabled
-    assert telemetry.server_interceptors() == []
-    assert telemetry.sync_server_interceptors() == []
+    assert telemetry.call_concerns() == []
     assert telemetry.client_interceptors() == []
     telemetry.shutdown()
 
@@ -112,8 +112,7 @@ def test_an_endpoint_turns_tracing_on_with_interceptors(name: str) -> None:
     telemetry = Telemetry.from_env({name: "http://127.0.0.1:4317"}, "numprotect-test")
     try:
         assert telemetry.enabled
-        assert len(telemetry.server_interceptors()) == 1
-        assert len(telemetry.sync_server_interceptors()) == 1
+        assert len(telemetry.call_concerns()) == 1
         assert len(telemetry.client_interceptors()) == 4  # unary/stream x unary/stream
     finally:
         telemetry.shutdown()
@@ -485,7 +484,7 @@ def test_sync_server_spans_continue_the_callers_trace_and_record_status() -> Non
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=telemetry.sync_server_interceptors())
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[SyncCallLayer(telemetry.call_concerns())])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -575,7 +574,9 @@ class _ContextRecorder:
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
         }
-        self.server = grpc.server(futures.ThreadPoolExecutor(1), interceptors=telemetry.sync_server_interceptors())
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(1), interceptors=[SyncCallLayer(telemetry.call_concerns())]
+        )
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -691,7 +692,7 @@ def test_a_call_handled_inside_a_current_span_follows_it_like_the_sdk() -> None:
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
     telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})
-    interceptor: Any = telemetry.sync_server_interceptors()[0]
+    spans: Any = telemetry.call_concerns()[0].for_method(Method.from_path("/test.Echo/Unary"))
 
     class Context:
         def invocation_metadata(self) -> tuple[()]:
@@ -703,8 +704,8 @@ def test_a_call_handled_inside_a_current_span_follows_it_like_the_sdk() -> None:
     sampled = SpanContext(0x1234, 0x5678, True, TraceFlags(TraceFlags.SAMPLED))
     token = context_api.attach(trace.set_span_in_context(NonRecordingSpan(sampled)))
     try:
-        span, call_token = interceptor.enter("/test.Echo/Unary", {}, Context())
-        interceptor.leave(span, call_token, Context())
+        state = spans.enter(Context())
+        spans.leave(state, Context())
     finally:
         context_api.detach(token)
     # Parent-based: the sampled current span is followed although roots are never sampled.
@@ -712,8 +713,9 @@ def test_a_call_handled_inside_a_current_span_follows_it_like_the_sdk() -> None:
     assert call.context.trace_id == 0x1234
     assert call.parent is not None and call.parent.span_id == 0x5678
     # Outside it, a call is a root again: not sampled, a trace of its own.
-    span, call_token = interceptor.enter("/test.Echo/Unary", {}, Context())
-    interceptor.leave(span, call_token, Context())
+    state = spans.enter(Context())
+    spans.leave(state, Context())
+    span = state[0]
     assert not span.is_recording() and span.get_span_context().trace_id != 0x1234
 
 

@@ -96,10 +96,6 @@ class AlreadyExists(_ResourceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
-class PermissionDenied(_ResourceError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-
-
 class ResourceExhausted(DomainError):
     """A pool or quota ran out (google.rpc.QuotaFailure)."""
 
@@ -126,10 +122,6 @@ class Unavailable(DomainError):
     """A dependency (Redis, another service) cannot be reached in time; retryable."""
 
     code = grpc.StatusCode.UNAVAILABLE
-
-
-class DeadlineExceeded(DomainError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Unimplemented(DomainError):

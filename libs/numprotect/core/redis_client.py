@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -63,6 +64,31 @@ def create_redis(settings: RedisSettings) -> RedisClient:
     if settings.mode == "cluster":
         return _FailoverSafeCluster.from_url(settings.url, **common)
     return Redis.from_url(settings.url, health_check_interval=30, **common)
+
+
+SyncRedisClient = redis.Redis | redis.RedisCluster
+
+
+def create_sync_redis(settings: RedisSettings, *, max_connections: int | None = None) -> SyncRedisClient:
+    """A blocking client for the configured Redis (thread-safe; the thread-pool server's and the health probe's)."""
+    common: dict[str, Any] = {
+        "socket_timeout": settings.timeout_seconds,
+        "socket_connect_timeout": settings.timeout_seconds,
+        "max_connections": max_connections or settings.max_connections,
+    }
+    if settings.mode == "cluster":
+        return redis.RedisCluster.from_url(settings.url, **common)
+    return redis.Redis.from_url(settings.url, health_check_interval=30, **common)
+
+
+def sync_redis_is_up(client: SyncRedisClient) -> bool:
+    """True when Redis answers PING (every primary in cluster mode)."""
+    try:
+        if isinstance(client, redis.RedisCluster):
+            return bool(client.ping(target_nodes=redis.RedisCluster.PRIMARIES))
+        return bool(client.ping())
+    except Exception:
+        return False
 
 
 async def redis_is_up(client: RedisClient) -> bool:

@@ -1,18 +1,29 @@
-"""The one server bootstrap every service uses.
+"""The one server bootstrap: every service starts here, on grpc.aio or on grpcio's thread-pool server.
 
-grpc.aio server with: standard health (overall "" and one status per service, NOT_SERVING while Redis
-is unreachable), server reflection, the error-mapping interceptor, OpenTelemetry interceptors, and a
-SIGTERM/SIGINT drain: health turns NOT_SERVING, in-flight calls get the grace period, then the rest.
+What every service gets, whichever model: settings from the environment validated at start-up (one line and
+exit status 2 on a bad one), JSON logs, CPU scheduling and the frozen start-up heap, standard `grpc.health.v1`
+health ("" and one name per service, NOT_SERVING while Redis is unreachable: `health.HealthProbe`), server
+reflection, the one per-method layer (`calls`: errors to status codes, spans, and next the caller's identity),
+and a SIGTERM/SIGINT drain: health turns NOT_SERVING, in-flight calls get the grace period, then the service's
+own shutdown hooks, channels, Redis and the trace exporter close.
+
+The two models differ only where they must: `AioServiceApp` (every service but translation) and
+`SyncServiceApp` (translation's hot path: faster per call here, docs/architecture.md) own their grpc server,
+their health servicer and the way a health change reaches it. A builder gets a `Runtime` (redis.asyncio client,
+traced channels to peers) or a `SyncRuntime` (blocking redis-py client) and returns `ServiceParts`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +31,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from numprotect.core.calls import AioCallLayer, SyncCallLayer
 from numprotect.core.gc_tuning import freeze_startup_heap
-from numprotect.core.interceptors import ErrorMappingInterceptor
+from numprotect.core.health import HealthProbe
 from numprotect.core.logs import configure_logging
-from numprotect.core.redis_client import RedisClient, create_redis, redis_is_up
+from numprotect.core.redis_client import (
+    RedisClient,
+    SyncRedisClient,
+    create_redis,
+    create_sync_redis,
+    sync_redis_is_up,
+)
 from numprotect.core.scheduling import apply_cpu_scheduling
 from numprotect.core.settings import Env, RedisSettings, ServerSettings, SettingsError, service_address
 from numprotect.core.telemetry import Telemetry
@@ -31,10 +49,43 @@ from numprotect.core.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def register_and_listen(server: Any, settings: ServerSettings, registrations: Sequence[Any], health: Any) -> int:
-    """Adds the services, health and reflection to a (sync or aio) server and binds its port; returns the port.
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service to serve: its full name (for health and reflection) and how to add it to a server."""
+
+    full_name: str
+    servicer: Any
+    add_to_server: Callable[[Any, Any], None]
+
+
+ShutdownHook = Callable[[], Awaitable[None] | None]
+
+
+@dataclass
+class ServiceParts:
+    """What a builder returns: its gRPC services and what to close on shutdown (awaited when it returns an
+    awaitable). `max_workers` sizes the thread-pool server (concurrent calls in Python; unused on grpc.aio)."""
+
+    registrations: list[ServiceRegistration]
+    on_shutdown: list[ShutdownHook] = field(default_factory=list)
+    max_workers: int = 16
+
+
+def server_options(reuse_port: bool) -> list[tuple[str, Any]]:
+    return [
+        # grpcio enables SO_REUSEPORT by default: a stale server on the port would silently take traffic.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+
+
+def _listen(server: Any, settings: ServerSettings, registrations: Sequence[ServiceRegistration], health: Any) -> int:
+    """Adds the services, health and reflection to a server of either model and binds its port; returns the port.
 
     A port that cannot be bound is a SettingsError naming the variable, like every other bad setting.
     """
@@ -54,129 +105,120 @@ def register_and_listen(server: Any, settings: ServerSettings, registrations: Se
     return port
 
 
-@dataclass(frozen=True)
-class ServiceRegistration:
-    """One gRPC service to serve: its full name (for health and reflection) and how to add it."""
+class _ServiceApp:
+    """What both server models hold: settings, services, the bound port and the health probe."""
 
-    full_name: str
-    servicer: Any
-    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    def __init__(
+        self, settings: ServerSettings, registrations: Sequence[ServiceRegistration], probe: Callable[[], bool] | None
+    ) -> None:
+        self.settings = settings
+        self.registrations = list(registrations)
+        self.port = 0
+        self._probe = HealthProbe(probe or (lambda: True), self._publish, settings.health_interval_seconds)
 
+    @property
+    def health_names(self) -> list[str]:
+        """ "" (the whole server) and each service: the names health answers for."""
+        return ["", *(r.full_name for r in self.registrations)]
 
-@dataclass
-class ServiceParts:
-    """What a service's builder returns: its gRPC services and what to close on shutdown."""
-
-    registrations: list[ServiceRegistration]
-    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-
-def apply_scheduling(settings: ServerSettings) -> None:
-    """NUMPROTECT_CPU_SCHEDULING on every thread, before the server starts more; a refusal only costs speed."""
-    try:
-        threads = apply_cpu_scheduling(settings.cpu_scheduling)
-    except OSError as exc:
-        log.warning("cpu scheduling not applied", extra={"policy": settings.cpu_scheduling, "error": str(exc)})
-        return
-    log.debug("cpu scheduling applied", extra={"policy": settings.cpu_scheduling, "threads": threads})
+    def _publish(self, serving: bool) -> None:
+        raise NotImplementedError
 
 
-def freeze_startup(settings: ServerSettings) -> dict[str, int]:
-    """The start-up heap frozen and the young-collection threshold raised (gc_tuning); fields for the log line."""
-    state = freeze_startup_heap(settings.gc_gen0_threshold)
-    return {"gc_frozen_objects": state.frozen_objects, "gc_gen0_threshold": state.thresholds[0]}
-
-
-def server_options(reuse_port: bool) -> list[tuple[str, Any]]:
-    return [
-        # grpcio enables SO_REUSEPORT by default: a stale server on the port would silently take traffic.
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-    ]
-
-
-# How long a draining server waits for its health probe to end (one PING, bounded by NUMPROTECT_REDIS_TIMEOUT).
-_PROBE_STOP_SECONDS = 5.0
-
-
-class ServiceApp:
-    """A running grpc.aio server with health, reflection and interceptors around the given services."""
+class AioServiceApp(_ServiceApp):
+    """A grpc.aio server with health, reflection and the call layer around the given services."""
 
     def __init__(
         self,
         settings: ServerSettings,
         registrations: Sequence[ServiceRegistration],
         *,
-        redis: RedisClient | None,
+        probe: Callable[[], bool] | None,
         telemetry: Telemetry,
     ) -> None:
-        self.settings = settings
-        self.registrations = list(registrations)
-        self.redis = redis
-        self.telemetry = telemetry
+        super().__init__(settings, registrations, probe)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = grpc.aio.server(
-            interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor()],
-            options=server_options(settings.reuse_port),
+            interceptors=[AioCallLayer(telemetry.call_concerns())], options=server_options(settings.reuse_port)
         )
-        self.port = 0
-        self._probe_task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def health_names(self) -> list[str]:
-        return ["", *(r.full_name for r in self.registrations)]
-
-    async def start(self) -> int:
-        self.port = register_and_listen(self.server, self.settings, self.registrations, self.health)
-        await self.server.start()
-        await self._set_all(await self._dependencies_up())
-        self._probe_task = asyncio.create_task(self._probe_dependencies(), name="health-probe")
-        return self.port
-
-    async def _dependencies_up(self) -> bool:
-        return True if self.redis is None else await redis_is_up(self.redis)
+    def _publish(self, serving: bool) -> None:
+        """From the probe thread: the new status set on the loop that owns the health servicer."""
+        assert self._loop is not None
+        done = asyncio.run_coroutine_threadsafe(self._set_all(serving), self._loop)
+        done.result(timeout=10)
 
     async def _set_all(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.health_names:
-            await self.health.set(name, status)
+            await self.health.set(name, _SERVING if serving else _NOT_SERVING)
 
-    async def _probe_dependencies(self) -> None:
-        serving: bool | None = None
-        while not self._stopping:
-            up = await self._dependencies_up()
-            if up != serving:
-                if serving is not None:
-                    log.warning("redis %s", "reachable again" if up else "unreachable: NOT_SERVING")
-                await self._set_all(up)
-                serving = up
-            await asyncio.sleep(self.settings.health_interval_seconds)
+    async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self.port = _listen(self.server, self.settings, self.registrations, self.health)
+        await self.server.start()
+        await asyncio.to_thread(self._probe.start)  # the first check blocks: off the loop, which publishes it
+        return self.port
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING first (load balancers stop sending), then grace for in-flight calls."""
-        self._stopping = True
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            # Bounded, and the flag above ends the loop at its next turn: the cancellation can get lost inside the
-            # probe's PING. redis.asyncio bounds its socket writes with asyncio.wait_for, which on Python 3.11
-            # swallows a cancellation that lands as the write completes (CPython gh-86296, fixed in 3.12). Seen as
-            # a SIGTERM right after start-up leaving the service waiting here for ever.
-            _, pending = await asyncio.wait({self._probe_task}, timeout=_PROBE_STOP_SECONDS)
-            if pending:
-                log.warning("health probe still running at shutdown; not waiting for it")
+        await asyncio.to_thread(self._probe.stop)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds)
 
 
-class Runtime:
-    """The dependencies a service builder receives: settings, Redis, telemetry and channels to peers."""
+class SyncServiceApp(_ServiceApp):
+    """A grpcio thread-pool server with health, reflection and the call layer around the given services."""
 
-    def __init__(self, env: Env, server: ServerSettings, redis: RedisClient | None, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        registrations: Sequence[ServiceRegistration],
+        *,
+        probe: Callable[[], bool] | None,
+        telemetry: Telemetry,
+        max_workers: int = 16,
+    ) -> None:
+        super().__init__(settings, registrations, probe)
+        self.health = health.HealthServicer()  # Watch is non-blocking: open watches hold no worker thread
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker"),
+            interceptors=[SyncCallLayer(telemetry.call_concerns())],
+            options=server_options(settings.reuse_port),
+        )
+
+    def _publish(self, serving: bool) -> None:
+        for name in self.health_names:
+            self.health.set(name, _SERVING if serving else _NOT_SERVING)
+
+    def start(self) -> int:
+        self.port = _listen(self.server, self.settings, self.registrations, self.health)
+        self.server.start()
+        self._probe.start()
+        return self.port
+
+    def stop(self) -> None:
+        """Drain: NOT_SERVING first, then grace for in-flight calls."""
+        self._probe.stop()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.settings.grace_seconds).wait()
+
+
+class Runtime:
+    """What an aio builder receives: settings, a redis.asyncio client, telemetry and traced channels to peers."""
+
+    def __init__(
+        self,
+        env: Env,
+        server: ServerSettings,
+        redis: RedisClient | None,
+        telemetry: Telemetry,
+        redis_settings: RedisSettings | None = None,
+    ) -> None:
         self.env = env
         self.server = server
         self.telemetry = telemetry
+        self.redis_settings = redis_settings
         self._redis = redis
         self._channels: list[grpc.aio.Channel] = []
         if redis is not None:
@@ -205,54 +247,160 @@ class Runtime:
             await self._redis.aclose()
 
 
+@dataclass
+class SyncRuntime:
+    """What a thread-pool builder receives: settings, a blocking redis-py client and telemetry."""
+
+    env: Env
+    server: ServerSettings
+    redis_settings: RedisSettings
+    redis: SyncRedisClient
+    telemetry: Telemetry
+
+    def close(self) -> None:
+        self.redis.close()
+
+
 Builder = Callable[[Runtime], Awaitable[ServiceParts]]
+SyncBuilder = Callable[[SyncRuntime], ServiceParts]
+
+
+@dataclass(frozen=True)
+class _Startup:
+    """What both models read and set up before building the service."""
+
+    env: Env
+    server: ServerSettings
+    redis: RedisSettings
+    telemetry: Telemetry
+
+    @classmethod
+    def from_env(cls, service: str, environ: Mapping[str, str]) -> _Startup:
+        env = Env(environ)
+        server = ServerSettings.from_env(env, service)
+        redis = RedisSettings.from_env(env)
+        try:
+            policy_threads = apply_cpu_scheduling(server.cpu_scheduling)
+            log.debug("cpu scheduling applied", extra={"policy": server.cpu_scheduling, "threads": policy_threads})
+        except OSError as exc:  # a refusal only costs speed
+            log.warning("cpu scheduling not applied", extra={"policy": server.cpu_scheduling, "error": str(exc)})
+        return cls(env, server, redis, Telemetry.from_env(environ, f"numprotect-{service}"))
+
+    def serving(self, port: int, model: str) -> None:
+        """Freezes the start-up heap (gc_tuning) and logs the line tests and operators wait for."""
+        collector = freeze_startup_heap(self.server.gc_gen0_threshold)
+        log.info(
+            "serving",
+            extra={
+                "port": port,
+                "host": self.server.host,
+                "pid": os.getpid(),
+                "model": model,
+                "gc_frozen_objects": collector.frozen_objects,
+                "gc_gen0_threshold": collector.thresholds[0],
+            },
+        )
+
+
+def _probe_client(startup: _Startup) -> SyncRedisClient:
+    return create_sync_redis(startup.redis, max_connections=2)
 
 
 async def serve(service: str, builder: Builder, environ: Mapping[str, str], *, use_redis: bool = True) -> None:
-    """Builds the service, serves it until SIGTERM or SIGINT, then drains and closes everything."""
-    env = Env(environ)
-    server_settings = ServerSettings.from_env(env, service)
-    apply_scheduling(server_settings)
-    redis = create_redis(RedisSettings.from_env(env)) if use_redis else None
-    telemetry = Telemetry.from_env(environ, f"numprotect-{service}")
-    runtime = Runtime(env, server_settings, redis, telemetry)
-    parts = await builder(runtime)
-    app = ServiceApp(server_settings, parts.registrations, redis=redis, telemetry=telemetry)
+    """grpc.aio: builds the service, serves it until SIGTERM or SIGINT, then drains and closes everything."""
+    startup = _Startup.from_env(service, environ)
+    redis = create_redis(startup.redis) if use_redis else None
+    probe_client = _probe_client(startup) if use_redis else None
+    runtime = Runtime(startup.env, startup.server, redis, startup.telemetry, startup.redis)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    parts: ServiceParts | None = None
     try:
-        port = await app.start()
-        collector = freeze_startup(server_settings)
-        log.info("serving", extra={"port": port, "host": server_settings.host, "pid": os.getpid(), **collector})
+        parts = await builder(runtime)
+        app = AioServiceApp(
+            startup.server,
+            parts.registrations,
+            probe=(lambda: sync_redis_is_up(probe_client)) if probe_client is not None else None,
+            telemetry=startup.telemetry,
+        )
+        startup.serving(await app.start(), "aio")
         await stop.wait()
-        log.info("draining", extra={"grace_seconds": server_settings.grace_seconds})
+        log.info("draining", extra={"grace_seconds": startup.server.grace_seconds})
         await app.stop()
     finally:
-        for close in parts.on_shutdown:
-            await close()
+        for hook in parts.on_shutdown if parts is not None else []:
+            outcome = hook()
+            if inspect.isawaitable(outcome):
+                await outcome
         await runtime.close()
-        telemetry.shutdown()
+        if probe_client is not None:
+            probe_client.close()
+        startup.telemetry.shutdown()
+    log.info("stopped")
+
+
+def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -> None:
+    """grpcio's thread-pool server: builds the service, serves it until SIGTERM or SIGINT, then drains and closes."""
+    startup = _Startup.from_env(service, environ)
+    runtime = SyncRuntime(
+        startup.env, startup.server, startup.redis, create_sync_redis(startup.redis), startup.telemetry
+    )
+    probe_client = _probe_client(startup)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    parts: ServiceParts | None = None
+    try:
+        parts = builder(runtime)
+        app = SyncServiceApp(
+            startup.server,
+            parts.registrations,
+            probe=lambda: sync_redis_is_up(probe_client),
+            telemetry=startup.telemetry,
+            max_workers=parts.max_workers,
+        )
+        startup.serving(app.start(), "sync")
+        while not stop.wait(1.0):
+            pass
+        log.info("draining", extra={"grace_seconds": startup.server.grace_seconds})
+        app.stop()
+    finally:
+        for hook in parts.on_shutdown if parts is not None else []:
+            hook()
+        runtime.close()
+        probe_client.close()
+        startup.telemetry.shutdown()
     log.info("stopped")
 
 
 def run_service(service: str, builder: Builder, *, use_redis: bool = True) -> None:
-    """Process entry point: settings errors end start-up with one line and exit status 2."""
+    """Process entry point of a grpc.aio service (uvloop when installed)."""
+    _run(service, lambda environ: _run_aio(service, builder, environ, use_redis))
+
+
+def run_sync_service(service: str, builder: SyncBuilder) -> None:
+    """Process entry point of a thread-pool service."""
+    _run(service, lambda environ: serve_sync(service, builder, environ))
+
+
+def _run(service: str, serve_with: Callable[[Mapping[str, str]], None]) -> None:
+    """Logging first, then the model's serve; a settings error ends start-up with one line and exit status 2."""
     environ = dict(os.environ)
     try:
         level = Env(environ).choice("NUMPROTECT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
         configure_logging(service, level)
-        _install_event_loop_policy()
-        asyncio.run(serve(service, builder, environ, use_redis=use_redis))
+        serve_with(environ)
     except SettingsError as exc:
         print(f"numprotect-{service}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _install_event_loop_policy() -> None:
+def _run_aio(service: str, builder: Builder, environ: Mapping[str, str], use_redis: bool) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is optional on platforms without wheels
+        asyncio.run(serve(service, builder, environ, use_redis=use_redis))
         return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    uvloop.run(serve(service, builder, environ, use_redis=use_redis))

@@ -142,7 +142,6 @@ class ServerSettings:
     health_interval_seconds: float
     # Several processes share the port on purpose (one per core); off by default so a stale server fails loudly.
     reuse_port: bool
-    log_level: str
     # Linux scheduling policy of every thread: "batch" (SCHED_BATCH, fewer GIL hand-off switches) or "normal".
     cpu_scheduling: str
     # Tracked allocations between young collections once start-up is over (Python's default is 700).
@@ -158,7 +157,6 @@ class ServerSettings:
             grace_seconds=env.seconds("NUMPROTECT_GRACE_PERIOD", 10.0, minimum=0, maximum=600),
             health_interval_seconds=env.seconds("NUMPROTECT_HEALTH_INTERVAL", 1.0, minimum=0.05, maximum=60),
             reuse_port=env.flag(f"{prefix}_REUSE_PORT", False),
-            log_level=env.choice("NUMPROTECT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             cpu_scheduling=env.choice("NUMPROTECT_CPU_SCHEDULING", "batch", POLICIES),
             gc_gen0_threshold=env.integer(
                 "NUMPROTECT_GC_GEN0_THRESHOLD", DEFAULT_GEN0_THRESHOLD, minimum=100, maximum=10_000_000

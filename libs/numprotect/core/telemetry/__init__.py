@@ -30,7 +30,6 @@ from numprotect.core.telemetry.attributes import (
 from numprotect.core.telemetry.config import SERVICE_VERSION, TRACER_NAME, otlp_endpoint, resource_attributes
 from numprotect.core.telemetry.process import Telemetry
 from numprotect.core.telemetry.sampling import DEFAULT_SAMPLER, DEFAULT_SAMPLER_RATIO, SAMPLERS, SamplingRule
-from numprotect.core.telemetry.server_spans import UNTRACED_GRPC_SERVICES
 
 __all__ = [
     "ATTRIBUTE_PREFIX",
@@ -39,7 +38,6 @@ __all__ = [
     "SAMPLERS",
     "SERVICE_VERSION",
     "TRACER_NAME",
-    "UNTRACED_GRPC_SERVICES",
     "SamplingRule",
     "Telemetry",
     "link_from_call_ref",

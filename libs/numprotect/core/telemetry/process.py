@@ -6,23 +6,18 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
+from numprotect.core.calls import UNWRAPPED_SERVICES, CallConcern
 from numprotect.core.telemetry.attributes import safe_attributes
 from numprotect.core.telemetry.config import SERVICE_VERSION, TRACER_NAME, tracer_provider
 from numprotect.core.telemetry.redis import ChildSpansOnly, instrument_client
 from numprotect.core.telemetry.sampling import SamplingRule
-from numprotect.core.telemetry.server_spans import (
-    _AioServerSpans,
-    _PresetTraceIds,
-    _SyncServerSpans,
-    _traced_method,
-)
+from numprotect.core.telemetry.server_spans import ServerSpans, _PresetTraceIds
 
 if TYPE_CHECKING:
     from numprotect.core.redis_client import RedisClient
@@ -64,17 +59,11 @@ class Telemetry:
 
     # --- gRPC -----------------------------------------------------------------------------------------------
 
-    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """grpc.aio server interceptors: one SERVER span per call (health and reflection excepted)."""
+    def call_concerns(self) -> list[CallConcern]:
+        """What tracing adds to the one call layer: a SERVER span per call (none when tracing is off)."""
         if self.provider is None:
             return []
-        return [_AioServerSpans(self.tracer, self._server_sampling())]
-
-    def sync_server_interceptors(self) -> list[grpc.ServerInterceptor]:
-        """The same for a synchronous grpc.server (thread pool)."""
-        if self.provider is None:
-            return []
-        return [_SyncServerSpans(self.tracer, self._server_sampling())]
+        return [ServerSpans(self.tracer, self._server_sampling())]
 
     def _server_sampling(self) -> tuple[SamplingRule, _PresetTraceIds] | None:
         ids = self.provider.id_generator if self.provider is not None else None
@@ -88,7 +77,7 @@ class Telemetry:
             return []
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-        return list(aio_client_interceptors(tracer_provider=self.provider, filter_=_traced_method))  # type: ignore[no-untyped-call]
+        return list(aio_client_interceptors(tracer_provider=self.provider, filter_=_traced_call))  # type: ignore[no-untyped-call]
 
     # --- Redis ----------------------------------------------------------------------------------------------
 
@@ -129,3 +118,11 @@ class Telemetry:
         """Flushes pending spans and stops the exporter."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+def _traced_call(client_call_details: Any) -> bool:
+    """Client calls get a span unless they go to health or reflection (aio clients see the method as bytes)."""
+    method = client_call_details.method or ""
+    if isinstance(method, bytes):
+        method = method.decode("ascii", "replace")
+    return not str(method).lstrip("/").startswith(UNWRAPPED_SERVICES)

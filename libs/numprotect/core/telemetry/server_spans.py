@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterator
+from contextvars import Token
 from typing import Any
 
 import grpc
@@ -23,21 +23,9 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from numprotect.core.interceptors import Behavior, WrappedHandlers, rewrap
+from numprotect.core.calls import Method
 from numprotect.core.telemetry.attributes import safe_attributes, set_attributes
 from numprotect.core.telemetry.sampling import SamplingRule
-
-# gRPC services whose calls are never traced: polled constantly, no business meaning.
-UNTRACED_GRPC_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
-
-
-def _traced_method(handler_call_details: Any) -> bool:
-    # Servers see the method as str, aio clients as bytes.
-    method = handler_call_details.method or ""
-    if isinstance(method, bytes):
-        method = method.decode("ascii", "replace")
-    return not str(method).lstrip("/").startswith(UNTRACED_GRPC_SERVICES)
-
 
 # --- server spans ------------------------------------------------------------------------------------------------
 #
@@ -118,18 +106,19 @@ def _end(span: Span, context: Any) -> None:
         span.end()
 
 
-class _ServerSpans:
-    """What both flavours share: the span of a call (`enter`/`leave`) and the handlers already wrapped, per method."""
+class ServerSpans:
+    """The SERVER span of every call, as a concern of the one call layer (`numprotect.core.calls`).
+
+    The call layer never wraps health and reflection, so they get no span; `for_method` computes the span's
+    attributes once per method.
+    """
 
     def __init__(self, tracer: trace.Tracer, sampling: tuple[SamplingRule, _PresetTraceIds] | None) -> None:
         self._tracer = tracer
         self._sampling = sampling
-        self._wrapped = WrappedHandlers(lambda handler, method: self._wrap(handler, method, _method_attributes(method)))
 
-    def _cached(self, handler: Any, handler_call_details: Any) -> Any:
-        if handler is None or not _traced_method(handler_call_details):
-            return handler
-        return self._wrapped.get(handler, handler_call_details.method)
+    def for_method(self, method: Method) -> _MethodSpans:
+        return _MethodSpans(self, method.path, _method_attributes(method.path))
 
     def enter(self, method: str, attributes: dict[str, AttributeValue], context: Any) -> tuple[Span, object]:
         """The call's SERVER span made current: (span, token for `leave`). The SDK's decision, minus its overhead."""
@@ -174,83 +163,23 @@ class _ServerSpans:
             set_status_on_exception=False,
         )
 
-    @staticmethod
-    def leave(span: Span, token: object, context: Any) -> None:
-        context_api.detach(token)  # type: ignore[arg-type]
+
+class _MethodSpans:
+    """ServerSpans bound to one method."""
+
+    __slots__ = ("_attributes", "_path", "_spans")
+
+    def __init__(self, spans: ServerSpans, path: str, attributes: dict[str, AttributeValue]) -> None:
+        self._spans = spans
+        self._path = path
+        self._attributes = attributes
+
+    def enter(self, context: Any) -> tuple[Span, object]:
+        return self._spans.enter(self._path, self._attributes, context)
+
+    def leave(self, state: object, context: Any) -> None:
+        span: Span
+        token: Token[Context]
+        span, token = state  # type: ignore[misc]
+        context_api.detach(token)
         _end(span, context)
-
-    def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
-        raise NotImplementedError
-
-
-class _SyncServerSpans(_ServerSpans, grpc.ServerInterceptor):
-    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        return self._cached(continuation(handler_call_details), handler_call_details)
-
-    def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
-        enter, leave = self.enter, self.leave
-
-        def wrap_unary(behavior: Behavior) -> Behavior:
-            def unary(request: Any, context: Any) -> Any:
-                span, token = enter(method, attributes, context)
-                try:
-                    return behavior(request, context)
-                finally:
-                    leave(span, token, context)
-
-            return unary
-
-        def wrap_stream(behavior: Behavior) -> Behavior:
-            def stream(request: Any, context: Any) -> Iterator[Any]:
-                # A generator resumes on whichever thread pulls it: the span is made current around each step only.
-                span, token = enter(method, attributes, context)
-                context_api.detach(token)  # type: ignore[arg-type]
-                responses = iter(behavior(request, context))
-                try:
-                    while True:
-                        token = context_api.attach(trace.set_span_in_context(span))
-                        try:
-                            response = next(responses)
-                        except StopIteration:
-                            return
-                        finally:
-                            context_api.detach(token)  # type: ignore[arg-type]
-                        yield response
-                finally:
-                    _end(span, context)
-
-            return stream
-
-        return rewrap(handler, wrap_unary, wrap_stream)
-
-
-class _AioServerSpans(_ServerSpans, grpc.aio.ServerInterceptor):
-    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        return self._cached(await continuation(handler_call_details), handler_call_details)
-
-    def _wrap(self, handler: Any, method: str, attributes: dict[str, AttributeValue]) -> Any:
-        enter, leave = self.enter, self.leave
-
-        def wrap_unary(behavior: Behavior) -> Behavior:
-            async def unary(request: Any, context: Any) -> Any:
-                span, token = enter(method, attributes, context)
-                try:
-                    return await behavior(request, context)
-                finally:
-                    leave(span, token, context)
-
-            return unary
-
-        def wrap_stream(behavior: Behavior) -> Behavior:
-            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                # Each aio call runs in its own task (its own context): the span stays current for the whole stream.
-                span, token = enter(method, attributes, context)
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    leave(span, token, context)
-
-            return stream
-
-        return rewrap(handler, wrap_unary, wrap_stream)

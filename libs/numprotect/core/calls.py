@@ -1,0 +1,274 @@
+"""The one per-method layer: what happens around every RPC but health and reflection, for both server models.
+
+Every call of every service method passes through `CallLayer`: the cross-cutting concerns (spans today, the
+caller's identity next) enter in order before the servicer runs and leave in reverse order after it, and any
+exception the servicer or a concern raises becomes a precise status here (`status_for`), with google.rpc details
+built by grpcio-status. A new per-method concern is one `CallConcern` added to the list the bootstrap passes in.
+
+Health and reflection are never wrapped: their handlers are handed back untouched, so grpcio still sees the
+`experimental_non_blocking` flag of `Health/Watch` and serves open watches without holding a worker thread of
+the thread-pool server (wrapping it pinned one thread per watch stream).
+
+`SyncCallLayer` and `AioCallLayer` are the two thin adapters (grpcio's thread-pool server, grpc.aio): they
+differ only in calling, iterating and aborting synchronously or with await.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from google.rpc import code_pb2, status_pb2
+from grpc_status import rpc_status
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from numprotect.core.errors import DomainError, Unavailable, Unimplemented, to_rpc_status
+
+log = logging.getLogger(__name__)
+
+# Services whose handlers pass through untouched: polled constantly, no business meaning, no caller identity.
+UNWRAPPED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+
+_DEPENDENCY_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+# A bug's status says no more than this: the traceback goes to the log, never to the caller.
+_INTERNAL = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error (logged)")
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One RPC method: its path as gRPC names it, and the two parts of the path."""
+
+    path: str  # "/numprotect.translation.v1.TranslationService/Translate"
+    service: str  # "numprotect.translation.v1.TranslationService"
+    name: str  # "Translate"
+
+    @classmethod
+    def from_path(cls, path: str) -> Method:
+        service, _, name = path.lstrip("/").partition("/")
+        return cls(path, service, name)
+
+
+class MethodConcern(Protocol):
+    """A concern bound to one method: `enter` before the servicer (raise DomainError to refuse the call), `leave`
+    after it with what `enter` returned (the context then carries the call's final status)."""
+
+    def enter(self, context: Any) -> object: ...
+
+    def leave(self, state: object, context: Any) -> None: ...
+
+
+class CallConcern(Protocol):
+    """A cross-cutting concern of every RPC; `for_method` runs once per method (resolve per-method data there)."""
+
+    def for_method(self, method: Method) -> MethodConcern | None:
+        """The concern for `method`, or None when it has nothing to do for it."""
+        ...
+
+
+def status_for(exc: BaseException, method: str) -> grpc.Status:
+    """The status a servicer's exception ends its call with: the domain error's own, UNAVAILABLE for a storage
+    outage, UNIMPLEMENTED for an RPC the servicer lacks, INTERNAL (logged with the traceback) for a bug."""
+    error = domain_error(exc, method)
+    if error is None:
+        log.exception("unexpected error", extra={"method": method})
+        internal: grpc.Status = rpc_status.to_status(_INTERNAL)
+        return internal
+    status: grpc.Status = rpc_status.to_status(to_rpc_status(error))
+    return status
+
+
+def domain_error(exc: BaseException, method: str) -> DomainError | None:
+    """The domain error an exception stands for, or None when it is a bug."""
+    if isinstance(exc, DomainError):
+        return exc
+    if isinstance(exc, _DEPENDENCY_DOWN):
+        log.warning("dependency unavailable", extra={"method": method, "error": repr(exc)})
+        return Unavailable("storage unavailable, retry later")
+    if isinstance(exc, NotImplementedError):
+        # Generated servicer bases raise this for RPCs a service does not implement.
+        return Unimplemented(f"{method} is not implemented")
+    return None
+
+
+Behavior = Callable[..., Any]
+
+
+class _CallLayer:
+    """What both adapters share: the skip list, binding the concerns per method, and the wrapped-handler cache."""
+
+    def __init__(self, concerns: Sequence[CallConcern]) -> None:
+        self._concerns = list(concerns)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    def _handler(self, handler: Any, path: str) -> Any:
+        if handler is None or path.startswith(UNWRAPPED_SERVICES, 1):
+            return handler
+        cached = self._wrapped.get(path)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        method = Method.from_path(path)
+        bound = [c for c in (concern.for_method(method) for concern in self._concerns) if c is not None]
+        wrapped = self._rewrap(handler, method, tuple(bound))
+        self._wrapped[path] = (handler, wrapped)
+        return wrapped
+
+    def _rewrap(self, handler: Any, method: Method, concerns: tuple[MethodConcern, ...]) -> grpc.RpcMethodHandler:
+        serializers: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+        if getattr(behavior, "experimental_non_blocking", False):
+            # It answers through a callback grpcio passes in: a wrapper would break it and skip the concerns.
+            raise TypeError(f"{method.path}: a non-blocking handler cannot pass through the call layer")
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method, concerns), **serializers
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, method, concerns), **serializers
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method, concerns), **serializers
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._stream(handler.stream_stream, method, concerns), **serializers
+        )
+
+    def _unary(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+        raise NotImplementedError
+
+    def _stream(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+        raise NotImplementedError
+
+
+def _leave(concerns: tuple[MethodConcern, ...], states: list[object], context: Any) -> None:
+    for index in range(len(states) - 1, -1, -1):
+        concerns[index].leave(states[index], context)
+
+
+class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
+    """The call layer on grpcio's thread-pool server."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler: grpc.RpcMethodHandler | None = self._handler(
+            continuation(handler_call_details), handler_call_details.method
+        )
+        return handler
+
+    def _unary(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+        path = method.path
+        if not concerns:
+
+            def bare(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return behavior(request, context)
+                except Exception as exc:
+                    _sync_abort(context, exc, path)
+
+            return bare
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            states: list[object] = []
+            try:
+                for concern in concerns:
+                    states.append(concern.enter(context))
+                return behavior(request, context)
+            except Exception as exc:
+                _sync_abort(context, exc, path)
+            finally:
+                _leave(concerns, states, context)
+
+        return unary
+
+    def _stream(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+        path = method.path
+
+        # grpcio iterates a call's responses on the one worker thread that runs the call, so what a concern makes
+        # current in `enter` stays current, on that thread, until `leave`.
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            states: list[object] = []
+            try:
+                for concern in concerns:
+                    states.append(concern.enter(context))
+                yield from behavior(request, context)
+            except Exception as exc:
+                _sync_abort(context, exc, path)
+            finally:
+                _leave(concerns, states, context)
+
+        return stream
+
+
+class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
+    """The call layer on grpc.aio (each call runs in its own task, so context made current stays with it)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler: grpc.RpcMethodHandler = self._handler(
+            await continuation(handler_call_details), handler_call_details.method
+        )
+        return handler
+
+    def _unary(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+        path = method.path
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            states: list[object] = []
+            try:
+                for concern in concerns:
+                    states.append(concern.enter(context))
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise  # the servicer ended the call itself, with its own status
+            except Exception as exc:
+                await _abort(context, status_for(exc, path))
+            finally:
+                _leave(concerns, states, context)
+
+        return unary
+
+    def _stream(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+        path = method.path
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            states: list[object] = []
+            try:
+                for concern in concerns:
+                    states.append(concern.enter(context))
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, status_for(exc, path))
+            finally:
+                _leave(concerns, states, context)
+
+        return stream
+
+
+def _sync_abort(context: grpc.ServicerContext, exc: Exception, path: str) -> None:
+    """Ends a thread-pool call with the exception's status (raises), unless the servicer already aborted it:
+    grpcio's `abort` raises a bare Exception after setting the code, which must stand."""
+    code = context.code()  # type: ignore[attr-defined]
+    if code is not None and code != grpc.StatusCode.OK and type(exc) is Exception:
+        raise exc
+    context.abort_with_status(status_for(exc, path))
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
