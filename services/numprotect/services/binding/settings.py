@@ -23,6 +23,27 @@ class BindingSettings:
     # Deadline of each call to the allocation service.
     allocation_timeout_seconds: float
 
+    # The same durations in milliseconds, the unit every stored time and Redis expiry uses.
+    @property
+    def min_ttl_ms(self) -> int:
+        return int(self.min_ttl_seconds * 1000)
+
+    @property
+    def max_ttl_ms(self) -> int:
+        return int(self.max_ttl_seconds * 1000)
+
+    @property
+    def default_ttl_ms(self) -> int:
+        return int(self.default_ttl_seconds * 1000)
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.history_retention_seconds * 1000)
+
+    @property
+    def create_lease_ms(self) -> int:
+        return int(self.create_lease_seconds * 1000)
+
     @classmethod
     def from_env(cls, env: Env) -> BindingSettings:
         min_ttl = env.seconds("NUMPROTECT_BINDING_MIN_TTL", 60.0, minimum=0.1, maximum=90 * _DAY)

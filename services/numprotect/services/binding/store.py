@@ -1,4 +1,5 @@
-"""Binding's own Redis keys: order claims (idempotency), the per-tenant index, per-binding mutation locks.
+"""Binding's Redis state: its own keys (order claims, the per-tenant index, per-binding mutation locks) and
+`BindingStore`, which holds them beside the shared records, history and route table over one client.
 
     np:ord:{<tenant>:<order>}   STRING  "<p|d>|<binding_id>|<fingerprint>|<deadline_ms>"  PXAT end + retention
     np:tl:{<tenant>:<shard>}    ZSET    members binding ids (time-ordered), all scores 0, read BYLEX; 16 shards
@@ -19,8 +20,11 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from numprotect.core.binding_records import BindingRecord, BindingRecordStore, StoredBinding, get_stored_bindings
 from numprotect.core.errors import Aborted
 from numprotect.core.redis_client import LuaScript, RedisClient
+from numprotect.core.routes import Route, RouteConflictError, RouteTable
+from numprotect.services.binding.settings import BindingSettings
 
 TENANT_SHARDS = 16
 _TOKEN_PREFIX = "tl1:"
@@ -198,3 +202,60 @@ class MutationLocks:
             yield
         finally:
             await asyncio.shield(self._release(self.redis, [key], [token]))
+
+
+def route_of(record: BindingRecord) -> Route:
+    """The route translation reads for a binding (the record's fields a call decision needs)."""
+    return Route(
+        binding_id=record.binding_id,
+        tenant_id=record.tenant_id,
+        mode=record.mode,
+        party_a=record.party_a,
+        party_b=record.party_b,
+        call_restriction=record.call_restriction,
+        recording_enabled=record.recording_enabled,
+        allow_any_caller=record.allow_any_caller,
+        expire_ms=record.expire_ms,
+    )
+
+
+@dataclass(frozen=True)
+class BindingStore:
+    """Everything the binding service keeps in Redis, over one client: the records and per-number history
+    (shared schema), the route table (shared schema), order claims, the tenant index and the mutation locks."""
+
+    redis: RedisClient
+    records: BindingRecordStore
+    routes: RouteTable
+    orders: OrderClaims
+    tenants: TenantIndex
+    locks: MutationLocks
+
+    @classmethod
+    def over(cls, redis: RedisClient, settings: BindingSettings) -> BindingStore:
+        return cls(
+            redis=redis,
+            records=BindingRecordStore(redis, settings.retention_ms),
+            routes=RouteTable(redis),
+            orders=OrderClaims(redis),
+            tenants=TenantIndex(redis, settings.retention_ms, settings.max_ttl_ms),
+            locks=MutationLocks(redis, settings.create_lease_ms),
+        )
+
+    async def get(self, binding_id: str) -> StoredBinding | None:
+        """The stored binding (pending or committed), or None when there is no record."""
+        return (await get_stored_bindings(self.redis, [binding_id])).get(binding_id)
+
+    async def get_many(self, binding_ids: Sequence[str]) -> dict[str, StoredBinding]:
+        return await get_stored_bindings(self.redis, binding_ids)
+
+    async def put_routes(self, record: BindingRecord, replaces: Sequence[str] = ()) -> None:
+        """Routes calls for the binding; ABORTED (retry) while another binding still holds one of its keys."""
+        try:
+            await self.routes.put(record.virtual_number, route_of(record), record.extension, replaces=replaces)
+        except RouteConflictError as exc:
+            raise Aborted(f"number {record.virtual_number} is still routed for binding {exc.holder}; retry") from None
+
+    async def remove_routes(self, record: BindingRecord) -> None:
+        """Stops calls for the binding (only keys still holding it are removed)."""
+        await self.routes.remove(record.virtual_number, route_of(record), record.extension)
