@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
+from numprotect.core.conversions import duration_from_ms, timestamp_from_ms
 from numprotect.core.errors import (
     Aborted,
     AlreadyExists,
@@ -59,15 +58,13 @@ class AllocationClient:
     async def allocate(
         self, tenant_id: str, mode: int, parties: Sequence[str], city_code: str, strict_city: bool, lease_ms: int
     ) -> Allocation:
-        lease = Duration()
-        lease.FromMilliseconds(lease_ms)
         request = pb.AllocateNumberRequest(
             tenant_id=tenant_id,
             mode=mode,  # type: ignore[arg-type]
             parties=list(parties),
             city_code=city_code,
             strict_city=strict_city,
-            lease=lease,
+            lease=duration_from_ms(lease_ms),
         )
         try:
             reply = await self.stub.AllocateNumber(request, timeout=self.timeout)
@@ -82,9 +79,9 @@ class AllocationClient:
         )
 
     async def confirm(self, reservation_id: str, binding_id: str, expire_ms: int) -> None:
-        expire = Timestamp()
-        expire.FromMilliseconds(expire_ms)
-        request = pb.ConfirmReservationRequest(reservation_id=reservation_id, binding_id=binding_id, expire_time=expire)
+        request = pb.ConfirmReservationRequest(
+            reservation_id=reservation_id, binding_id=binding_id, expire_time=timestamp_from_ms(expire_ms)
+        )
         try:
             await self.stub.ConfirmReservation(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
