@@ -3,22 +3,54 @@
 from __future__ import annotations
 
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
+from numprotect.core.clock import Clock, SystemClock
+from numprotect.core.limits import ConcurrencyLimit
+from numprotect.core.redis_client import RedisClient
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.core.settings import RedisSettings
 from numprotect.services.binding.allocation_client import AllocationClient
+from numprotect.services.binding.create import BindingCreator
+from numprotect.services.binding.reads import BindingReads
 from numprotect.services.binding.servicer import BindingServiceServicer
 from numprotect.services.binding.settings import BindingSettings
+from numprotect.services.binding.store import BindingStore
+from numprotect.services.binding.update import BindingUpdater
 
 FULL_NAME = binding_pb2.DESCRIPTOR.services_by_name["BindingService"].full_name
+
+
+def build_servicer(
+    redis: RedisClient,
+    allocation: AllocationClient,
+    settings: BindingSettings,
+    calls: ConcurrencyLimit,
+    clock: Clock,
+) -> BindingServiceServicer:
+    """The servicer over its domain objects, all on one store."""
+    store = BindingStore.over(redis, settings)
+    reads = BindingReads(store)
+    return BindingServiceServicer(
+        BindingCreator(store, allocation, settings, clock),
+        BindingUpdater(store, reads, allocation, settings, clock),
+        reads,
+        settings,
+        clock,
+        calls,
+    )
 
 
 async def build(runtime: Runtime) -> ServiceParts:
     settings = BindingSettings.from_env(runtime.env)
     allocation = AllocationClient(runtime.channel("allocation"), settings.allocation_timeout_seconds)
-    # A call uses at most 3 Redis connections at once (a create's concurrent writes); the pool does not queue
-    # (an exhausted pool fails the command), so calls beyond what it can serve wait here. One stays for health.
-    max_calls = max(1, (RedisSettings.from_env(runtime.env).max_connections - 1) // 3)
-    servicer = BindingServiceServicer(runtime.redis, allocation, settings, max_calls=max_calls)
+    # Every RPC first waits for a place here. A call uses at most 3 Redis connections at once (a create's concurrent
+    # writes) and the client's pool fails rather than queues when exhausted, so there are as many places as the pool
+    # serves calls (one connection stays for health). A call waits at most one create lease, then gets UNAVAILABLE.
+    calls = ConcurrencyLimit(
+        max(1, (RedisSettings.from_env(runtime.env).max_connections - 1) // 3),
+        wait_seconds=settings.create_lease_seconds,
+        name="binding calls",
+    )
+    servicer = build_servicer(runtime.redis, allocation, settings, calls, SystemClock())
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, binding_pb2_grpc.add_BindingServiceServicer_to_server),
