@@ -119,9 +119,10 @@ async def test_the_binding_cache_keeps_found_bindings_only_and_stays_bounded(
     redis: Any, redis_sync: Any, make_binding: Any
 ) -> None:
     from numprotect.core.binding_records import binding_key
+    from numprotect.core.limits import ConcurrencyLimit
     from numprotect.services.cdr.bindings import RedisBindingLookup
 
-    lookup = RedisBindingLookup(redis, cache_size=2)
+    lookup = RedisBindingLookup(redis, ConcurrencyLimit(4, wait_seconds=2, name="redis operations"), cache_size=2)
     for name in ("b1", "b2", "b3"):
         await make_binding(name, tenant_id="t-cache")
     assert set(await lookup.get(["b1", "b2", "nope"])) == {"b1", "b2"}

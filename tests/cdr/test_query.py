@@ -73,6 +73,9 @@ async def test_list_pages_through_indexes_by_binding_order_and_time(
         ({"tenant_id": "t1", "page_size": -1}, "page_size"),
         ({"tenant_id": "t1", "page_token": "garbage!"}, "page_token"),
         ({"unmatched": True, "binding_id": "b1"}, "binding_id"),
+        ({"tenant_id": "a{b}"}, "tenant_id"),  # the platform's one tenant-id rule (no hash-tag braces)
+        ({"tenant_id": "t" * 65}, "tenant_id"),
+        ({"tenant_id": "t1", "end_time": {"seconds": 10**12}}, "end_time"),  # past 9999: not INTERNAL
     ],
 )
 async def test_list_rejects_bad_requests(cdr_service: Any, request_fields: dict[str, Any], field: str) -> None:
@@ -216,3 +219,30 @@ async def test_abuse_signal_flags_a_caller_with_many_short_or_unanswered_calls(
     assert signal.window_start.ToMilliseconds() <= now
     assert [(s.calling_number, s.total_calls, s.flagged) for s in per_number] == [("138****0001", 6, False)]
     assert list(tenant_flagged) == []
+
+
+async def test_page_tokens_carry_over_between_replicas_with_one_key_and_no_further(
+    cdr_service: Any, make_record: Any, make_binding: Any
+) -> None:
+    import base64
+
+    key = {"NUMPROTECT_PAGE_TOKEN_KEY": base64.b64encode(b"cdr-test-key-of-thirty-two-bytes").decode()}
+    await make_binding("b1", tenant_id="t1")
+    async with cdr_service(**key) as stub, cdr_service(**key) as replica:
+        await stub.IngestCdrs(
+            cdr_pb2.IngestCdrsRequest(records=[make_record(f"c{i}", binding_id="b1") for i in range(3)])
+        )
+        first = await stub.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t1", page_size=2))
+        rest = await replica.ListCdrs(
+            cdr_pb2.ListCdrsRequest(tenant_id="t1", page_size=2, page_token=first.next_page_token)
+        )
+        listed = [r.call_id for r in [*first.records, *rest.records]]
+        assert sorted(listed) == ["c0", "c1", "c2"] and not rest.next_page_token
+        with pytest.raises(grpc.aio.AioRpcError) as raised:  # another tenant's query
+            await replica.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t2", page_token=first.next_page_token))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in (raised.value.details() or "")
+    async with cdr_service() as own_random_key:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await own_random_key.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t1", page_token=first.next_page_token))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -7,11 +7,13 @@ import dataclasses
 from opentelemetry import trace
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.core.clock import SystemClock
+from numprotect.core.limits import ConcurrencyLimit
+from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import create_redis
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
-from numprotect.core.settings import RedisSettings
 from numprotect.services.cdr.bindings import RedisBindingLookup
-from numprotect.services.cdr.enrich import BindingLookup, Enricher
+from numprotect.services.cdr.enrich import Enricher
 from numprotect.services.cdr.ingest import Ingestor
 from numprotect.services.cdr.servicer import CdrServiceServicer
 from numprotect.services.cdr.settings import CdrSettings
@@ -20,13 +22,12 @@ from numprotect.services.cdr.store import CdrStore
 FULL_NAME = cdr_pb2.DESCRIPTOR.services_by_name["CdrService"].full_name
 
 
-def binding_lookup(runtime: Runtime, settings: CdrSettings) -> BindingLookup:
-    return RedisBindingLookup(runtime.redis, cache_size=settings.binding_cache)
-
-
 async def build(runtime: Runtime) -> ServiceParts:
     settings = CdrSettings.from_env(runtime.env)
-    redis_settings = RedisSettings.from_env(runtime.env)
+    page_token_key = PageTokenKey.from_env(runtime.env)
+    redis_settings = runtime.redis_settings
+    if redis_settings is None:
+        raise RuntimeError("the cdr service needs Redis: the bootstrap passes its RedisSettings")
     # Watchers block in XREAD for up to watch_block: their own pool, with a timeout above the block time.
     watch_redis = create_redis(
         dataclasses.replace(
@@ -35,14 +36,18 @@ async def build(runtime: Runtime) -> ServiceParts:
             timeout_seconds=redis_settings.timeout_seconds + settings.watch_block_ms / 1000,
         )
     )
-    store = CdrStore(runtime.redis, settings)
+    # Everything else shares the main client and its one bound (ingest scripts, listing, enrichment lookups).
+    redis_limit = ConcurrencyLimit.for_redis(redis_settings)
+    clock = SystemClock()
+    store = CdrStore(runtime.redis, settings, redis_limit)
+    lookup = RedisBindingLookup(runtime.redis, redis_limit, cache_size=settings.binding_cache)
     tracer: trace.Tracer = (
         runtime.telemetry.provider.get_tracer("numprotect.cdr")
         if runtime.telemetry.provider is not None
         else trace.NoOpTracer()
     )
-    ingestor = Ingestor(store, Enricher(binding_lookup(runtime, settings)), settings, tracer)
-    servicer = CdrServiceServicer(settings, store, ingestor, watch_redis)
+    ingestor = Ingestor(store, Enricher(lookup), settings, tracer, clock=clock)
+    servicer = CdrServiceServicer(settings, store, ingestor, watch_redis, page_token_key=page_token_key, clock=clock)
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, cdr_pb2_grpc.add_CdrServiceServicer_to_server),

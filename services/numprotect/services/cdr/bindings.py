@@ -6,6 +6,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 from numprotect.core.binding_records import BindingRecord, get_binding_records, trace_number
+from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.redis_client import RedisClient
 from numprotect.services.cdr.enrich import MatchedBinding
 
@@ -25,11 +26,13 @@ class RedisBindingLookup:
 
     What enrichment takes from a binding (tenant, order, virtual number, creation) never changes once the
     binding is committed, so found bindings are kept in a bounded LRU cache (cache_size entries, 0 = off);
-    unknown ids are never cached (a binding may be committed a moment later).
+    unknown ids are never cached (a binding may be committed a moment later). Each lookup holds one place of
+    the process's Redis limit: enrichment runs many concurrently.
     """
 
-    def __init__(self, redis: RedisClient, *, cache_size: int = 0) -> None:
+    def __init__(self, redis: RedisClient, redis_limit: ConcurrencyLimit, *, cache_size: int = 0) -> None:
         self.redis = redis
+        self.redis_limit = redis_limit
         self.cache_size = cache_size
         self._cache: OrderedDict[str, MatchedBinding] = OrderedDict()
 
@@ -44,7 +47,8 @@ class RedisBindingLookup:
                 self._cache.move_to_end(binding_id)
                 found[binding_id] = cached
         if missing:
-            records = await get_binding_records(self.redis, missing)
+            async with self.redis_limit:
+                records = await get_binding_records(self.redis, missing)
             for binding_id, record in records.items():
                 found[binding_id] = self._remember(_matched(record))
         return found
@@ -57,5 +61,6 @@ class RedisBindingLookup:
         return binding
 
     async def trace(self, virtual_number: str, at_ms: int, party: str, extension: str) -> Sequence[MatchedBinding]:
-        records = await trace_number(self.redis, virtual_number, at_ms, party=party, extension=extension)
+        async with self.redis_limit:
+            records = await trace_number(self.redis, virtual_number, at_ms, party=party, extension=extension)
         return [_matched(record) for record in records]

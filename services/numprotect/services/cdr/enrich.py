@@ -17,10 +17,6 @@ from typing import Protocol
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.services.cdr.validation import ValidCdr
 
-# History lookups run concurrently, but never more than this many at once per process: each holds a pooled
-# Redis connection, and the pool (NUMPROTECT_REDIS_MAX_CONNECTIONS) refuses to grow past its limit.
-TRACE_CONCURRENCY = 16
-
 
 @dataclass(frozen=True, slots=True)
 class MatchedBinding:
@@ -50,9 +46,9 @@ class NoBindings:
 
 
 class Enricher:
-    def __init__(self, lookup: BindingLookup, *, trace_concurrency: int = TRACE_CONCURRENCY) -> None:
+    def __init__(self, lookup: BindingLookup) -> None:
+        # The lookup bounds its own Redis work (RedisBindingLookup holds the process's Redis limit per lookup).
         self.lookup = lookup
-        self._trace_slots = asyncio.Semaphore(trace_concurrency)
 
     async def enrich(self, records: Sequence[ValidCdr]) -> None:
         """Sets tenant_id, out_order_id, binding_id and binding_match on every record (in place)."""
@@ -75,8 +71,7 @@ class Enricher:
             return
 
         async def from_history(valid: ValidCdr) -> None:
-            async with self._trace_slots:
-                binding = await self._trace(valid)
+            binding = await self._trace(valid)
             if binding is None:
                 valid.record.binding_match = cdr_pb2.BINDING_MATCH_NONE
             else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ from opentelemetry.trace import Link
 from opentelemetry.util.types import AttributeValue
 
 from numprotect.cdr.v1 import cdr_pb2
+from numprotect.core.clock import Clock
 from numprotect.core.phone import mask
 from numprotect.core.telemetry import link_from_call_ref, set_attributes
 from numprotect.services.cdr.enrich import Enricher
@@ -23,8 +23,6 @@ from numprotect.services.cdr.validation import Rejection, ValidCdr, validate
 log = logging.getLogger(__name__)
 # Span links per ingestion span (OpenTelemetry's default span limit is 128).
 MAX_LINKS = 128
-# Script calls in flight per process (a batch spanning many tenants): each holds a pooled Redis connection.
-STORE_CONCURRENCY = 16
 
 
 @dataclass(slots=True)
@@ -55,16 +53,18 @@ def span_links(records: Sequence[ValidCdr]) -> list[Link]:
 
 
 class Ingestor:
-    def __init__(self, store: CdrStore, enricher: Enricher, settings: CdrSettings, tracer: trace.Tracer) -> None:
+    def __init__(
+        self, store: CdrStore, enricher: Enricher, settings: CdrSettings, tracer: trace.Tracer, *, clock: Clock
+    ) -> None:
         self.store = store
         self.enricher = enricher
         self.settings = settings
         self.tracer = tracer
-        self._store_slots = asyncio.Semaphore(STORE_CONCURRENCY)
+        self.clock = clock
 
     async def ingest(self, records: Sequence[cdr_pb2.CallDetailRecord], *, first_index: int = 0) -> Summary:
         """Every input record ends up exactly once in accepted, duplicates or rejected."""
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = self.clock.now_ms()
         summary = Summary()
         valid: list[ValidCdr] = []
         seen: set[str] = set()
@@ -91,10 +91,11 @@ class Ingestor:
             for item in valid:
                 unmatched = item.record.binding_match == cdr_pb2.BINDING_MATCH_NONE
                 buckets.setdefault("" if unmatched else item.record.tenant_id, []).append(item)
-            # One script call per bucket (slot), concurrently. If one fails the call fails (UNAVAILABLE) and the
-            # carrier resends the batch: what was stored counts as duplicates then.
+            # One script call per bucket (slot), concurrently, each holding a place of the process's Redis limit. If
+            # one fails the call fails (UNAVAILABLE) and the carrier resends the batch: what was stored counts as
+            # duplicates then.
             results = await asyncio.gather(
-                *(self._store(tenant_id, group, now_ms) for tenant_id, group in buckets.items())
+                *(self.store.ingest(tenant_id, group, now_ms) for tenant_id, group in buckets.items())
             )
             for ids in results:
                 stored = sum(1 for entry_id in ids if entry_id is not None)
@@ -115,7 +116,3 @@ class Ingestor:
         if unmatched_count:
             log.info("cdr records matched no binding", extra={"count": unmatched_count})
         return summary
-
-    async def _store(self, tenant_id: str, group: list[ValidCdr], now_ms: int) -> list[str | None]:
-        async with self._store_slots:
-            return await self.store.ingest(tenant_id, group, now_ms)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
-import hashlib
-import json
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
-from numprotect.core.errors import InvalidArgument, ResourceExhausted
+from numprotect.core.clock import Clock
+from numprotect.core.conversions import optional_timestamp_ms, timestamp_from_ms
+from numprotect.core.errors import InvalidArgument
+from numprotect.core.identifiers import TENANT_ID
+from numprotect.core.limits import ConcurrencyLimit
+from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import InvalidNumber, mask, validate_virtual
 from numprotect.core.redis_client import RedisClient
 from numprotect.services.cdr.ingest import Ingestor, Summary
@@ -25,14 +26,12 @@ from numprotect.services.cdr.store import BEIJING, CdrStore
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-MAX_TENANT_ID = 128
 # StreamCdrs stores what it received every this many records (and at the end of the stream).
 STREAM_CHUNK = 500
 # WatchCdrs reads at most this many records per XREAD.
 WATCH_COUNT = 200
 _CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_TOKEN_VERSION = 1
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -44,13 +43,7 @@ def _bucket(tenant_id: str, unmatched: bool) -> Bucket:
         return Bucket("")
     if not tenant_id:
         raise InvalidArgument.field("tenant_id", "is required (or set unmatched for records no binding matched)")
-    if len(tenant_id) > MAX_TENANT_ID:
-        raise InvalidArgument.field("tenant_id", f"must be at most {MAX_TENANT_ID} characters")
-    return Bucket(tenant_id)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return Bucket(TENANT_ID.check("tenant_id", tenant_id))
 
 
 class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
@@ -60,13 +53,19 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         store: CdrStore,
         ingestor: Ingestor,
         watch_redis: RedisClient,
+        *,
+        page_token_key: PageTokenKey,
+        clock: Clock,
     ) -> None:
         self.settings = settings
         self.store = store
         self.ingestor = ingestor
-        # Blocking XREADs hold a connection each: watchers get their own pool, bounded by max_watchers.
+        self.clock = clock
+        self.list_tokens = PageTokens(page_token_key, "cdr.ListCdrs")
+        # Blocking XREADs hold a connection each: watchers get their own pool, bounded by max_watchers; one more
+        # watcher is refused at once (RESOURCE_EXHAUSTED), it does not wait for a place.
         self.watch_redis = watch_redis
-        self._watch_slots = asyncio.Semaphore(settings.max_watchers)
+        self._watchers = ConcurrencyLimit(settings.max_watchers, wait_seconds=0, name="watchers", exhausted=True)
         self._closing = asyncio.Event()
 
     async def close(self) -> None:
@@ -119,8 +118,8 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be from 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
         page_size = request.page_size or DEFAULT_PAGE_SIZE
-        start_ms = request.start_time.ToMilliseconds() if request.HasField("start_time") else None
-        end_ms = request.end_time.ToMilliseconds() if request.HasField("end_time") else None
+        start_ms = optional_timestamp_ms(request, "start_time")
+        end_ms = optional_timestamp_ms(request, "end_time")
         if start_ms is not None and end_ms is not None and end_ms <= start_ms:
             raise InvalidArgument.field("end_time", "must be after start_time")
         if request.binding_id:
@@ -129,8 +128,19 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
             index = bucket.order_index(request.out_order_id)
         else:
             index = bucket.time_index
-        fingerprint = _fingerprint(request)
-        after = _decode_token(request.page_token, fingerprint) if request.page_token else None
+        # Everything that shapes the listing (not page_size): a token continues only the query that issued it.
+        query = [
+            request.tenant_id,
+            "1" if request.unmatched else "0",
+            request.binding_id,
+            request.out_order_id,
+            "" if start_ms is None else str(start_ms),
+            "" if end_ms is None else str(end_ms),
+        ]
+        after = None
+        if request.page_token:
+            score, member = self.list_tokens.decode(request.page_token, query=query, fields=2)
+            after = (score, member)
         page = await self.store.page(
             index,
             bucket,
@@ -142,7 +152,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         records = [record for _id, record in page.records]
         if request.binding_id and request.out_order_id:
             records = [r for r in records if r.out_order_id == request.out_order_id]
-        token = _encode_token(fingerprint, page.last_score, page.last_member) if page.more else ""
+        token = self.list_tokens.encode([page.last_score, page.last_member], query=query) if page.more else ""
         return cdr_pb2.ListCdrsResponse(records=records, next_page_token=token)
 
     # --- watch -------------------------------------------------------------------------------------
@@ -154,9 +164,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         cursor = request.cursor
         if cursor not in ("", "0") and not _CURSOR.fullmatch(cursor):
             raise InvalidArgument.field("cursor", 'must be "", "0" or a cursor a previous WatchCdrs response carried')
-        if self._watch_slots.locked():
-            raise ResourceExhausted("too many concurrent WatchCdrs calls on this server", subject="watchers")
-        async with self._watch_slots:
+        async with self._watchers:
             if cursor == "":
                 cursor = await self.store.last_id(bucket)
             elif cursor == "0":
@@ -181,7 +189,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
             except ValueError:
                 raise InvalidArgument.field("date", "is not a calendar date") from None
         else:
-            day = dt.datetime.now(BEIJING).date()
+            day = dt.datetime.fromtimestamp(self.clock.now_ms() / 1000, BEIJING).date()
         stats = await self.store.daily(bucket, day.strftime("%Y%m%d"))
         return cdr_pb2.GetCdrStatsResponse(
             tenant_id=request.tenant_id,
@@ -200,7 +208,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
                 validate_virtual(request.virtual_number)
             except InvalidNumber as exc:
                 raise InvalidArgument.field("virtual_number", str(exc)) from None
-        counters = await self.store.abuse(bucket, _now_ms(), request.virtual_number)
+        counters = await self.store.abuse(bucket, self.clock.now_ms(), request.virtual_number)
         counters.sort(key=lambda c: (not c.flagged, -c.window_start_ms, -(c.short + c.unanswered), c.virtual_number))
         signals = []
         for c in counters:
@@ -211,42 +219,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
                 short_calls=c.short,
                 unanswered_calls=c.unanswered,
                 flagged=c.flagged,
+                window_start=timestamp_from_ms(c.window_start_ms),
             )
-            signal.window_start.FromMilliseconds(c.window_start_ms)
             signals.append(signal)
         return cdr_pb2.GetAbuseSignalsResponse(signals=signals)
-
-
-def _fingerprint(request: cdr_pb2.ListCdrsRequest) -> str:
-    parts = [
-        request.tenant_id,
-        "1" if request.unmatched else "0",
-        request.binding_id,
-        request.out_order_id,
-        str(request.start_time.ToMilliseconds()) if request.HasField("start_time") else "",
-        str(request.end_time.ToMilliseconds()) if request.HasField("end_time") else "",
-    ]
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
-
-
-def _encode_token(fingerprint: str, score: str, member: str) -> str:
-    raw = json.dumps({"v": _TOKEN_VERSION, "q": fingerprint, "s": score, "m": member}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str, fingerprint: str) -> tuple[str, str]:
-    bad = InvalidArgument.field("page_token", "is not a page token of this listing (filters must stay the same)")
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, UnicodeDecodeError):
-        raise bad from None
-    if not isinstance(data, dict) or data.get("v") != _TOKEN_VERSION or data.get("q") != fingerprint:
-        raise bad
-    score, member = data.get("s"), data.get("m")
-    if not isinstance(score, str) or not isinstance(member, str) or not _CURSOR.fullmatch(member):
-        raise bad
-    try:
-        float(score)
-    except ValueError:
-        raise bad from None
-    return score, member

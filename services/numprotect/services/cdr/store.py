@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from numprotect.cdr.v1 import cdr_pb2
+from numprotect.core.conversions import timestamp_from_ms
+from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.redis_client import LuaScript, RedisClient
 from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.settings import CdrSettings
@@ -34,8 +36,7 @@ def decode_entry(entry_id: bytes | str, payload: bytes) -> cdr_pb2.CallDetailRec
     """A stored record, with ingest_time taken from its stream id (the moment Redis appended it)."""
     record = cdr_pb2.CallDetailRecord()
     record.ParseFromString(payload)
-    ms = int(_text(entry_id).split("-", 1)[0])
-    record.ingest_time.FromMilliseconds(ms)
+    record.ingest_time.CopyFrom(timestamp_from_ms(int(_text(entry_id).split("-", 1)[0])))
     return record
 
 
@@ -66,12 +67,16 @@ class AbuseCounters:
 
 
 class CdrStore:
+    """Every operation holds one place of the process's Redis limit (it sends one command at a time); the
+    watch reads run on the watchers' own client and are bounded by WatchCdrs instead."""
+
     _ingest = LuaScript.beside(__file__, "ingest.lua")
     _list_page = LuaScript.beside(__file__, "list_page.lua")
 
-    def __init__(self, redis: RedisClient, settings: CdrSettings) -> None:
+    def __init__(self, redis: RedisClient, settings: CdrSettings, redis_limit: ConcurrencyLimit) -> None:
         self.redis = redis
         self.settings = settings
+        self.redis_limit = redis_limit
 
     def window_start(self, ms: int) -> int:
         return ms - ms % self.settings.abuse_window_ms
@@ -79,8 +84,10 @@ class CdrStore:
     async def ingest(self, tenant_id: str, records: Sequence[ValidCdr], now_ms: int) -> list[str | None]:
         """Stores records of one bucket; per record the new stream id, or None for a duplicate call_id."""
         results: list[str | None] = []
-        for start in range(0, len(records), SCRIPT_CHUNK):
-            results.extend(await self._ingest_chunk(Bucket(tenant_id), records[start : start + SCRIPT_CHUNK], now_ms))
+        async with self.redis_limit:
+            for start in range(0, len(records), SCRIPT_CHUNK):
+                chunk = records[start : start + SCRIPT_CHUNK]
+                results.extend(await self._ingest_chunk(Bucket(tenant_id), chunk, now_ms))
         return results
 
     async def _ingest_chunk(self, bucket: Bucket, records: Sequence[ValidCdr], now_ms: int) -> list[str | None]:
@@ -137,11 +144,12 @@ class CdrStore:
         limit: int,
     ) -> Page:
         after_score, after_member = after if after is not None else ("", "")
-        reply: list[Any] = await self._list_page(
-            self.redis,
-            [index_key, bucket.stream],
-            [min_score, max_score, after_score, after_member, limit, max(limit * 10, 100)],
-        )
+        async with self.redis_limit:
+            reply: list[Any] = await self._list_page(
+                self.redis,
+                [index_key, bucket.stream],
+                [min_score, max_score, after_score, after_member, limit, max(limit * 10, 100)],
+            )
         more, last_score, last_member = int(reply[0]), _text(reply[1]), _text(reply[2])
         items = reply[3:]
         records = [(_text(items[i]), decode_entry(items[i], items[i + 1])) for i in range(0, len(items), 2)]
@@ -149,7 +157,8 @@ class CdrStore:
 
     async def last_id(self, bucket: Bucket) -> str:
         """The id of the newest record in the bucket's stream, or "0-0" when it is empty."""
-        newest: Any = await self.redis.xrevrange(bucket.stream, "+", "-", count=1)
+        async with self.redis_limit:
+            newest: Any = await self.redis.xrevrange(bucket.stream, "+", "-", count=1)
         return _text(newest[0][0]) if newest else "0-0"
 
     async def read_after(
@@ -169,11 +178,18 @@ class CdrStore:
         return out
 
     async def daily(self, bucket: Bucket, yyyymmdd: str) -> DailyStats:
-        calls, answered, billable = await self.redis.hmget(bucket.daily(yyyymmdd), ["calls", "answered", "billable"])
+        async with self.redis_limit:
+            calls, answered, billable = await self.redis.hmget(
+                bucket.daily(yyyymmdd), ["calls", "answered", "billable"]
+            )
         return DailyStats(int(calls or 0), int(answered or 0), int(billable or 0))
 
     async def abuse(self, bucket: Bucket, now_ms: int, virtual_number: str) -> list[AbuseCounters]:
         """Counters of the current and the previous window: every caller of one number, or flagged pairs."""
+        async with self.redis_limit:
+            return await self._abuse(bucket, now_ms, virtual_number)
+
+    async def _abuse(self, bucket: Bucket, now_ms: int, virtual_number: str) -> list[AbuseCounters]:
         current = self.window_start(now_ms)
         windows = [current, current - self.settings.abuse_window_ms]
         out: list[AbuseCounters] = []

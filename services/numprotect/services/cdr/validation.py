@@ -18,20 +18,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.call_ref import CallRef
+from numprotect.core.conversions import optional_timestamp_ms
+from numprotect.core.errors import InvalidArgument
+from numprotect.core.identifiers import CALL_ID, CALL_ID_MAX
 from numprotect.core.phone import InvalidNumber, normalize_party, validate_extension, validate_virtual
 
-MAX_CALL_ID = 128
 MAX_ID_FIELD = 128
 MAX_URL = 2048
-_CALL_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _INTERNATIONAL = re.compile(r"\+[1-9]\d{5,14}")
-# 0001-01-01 .. 9999-12-31, what google.protobuf.Timestamp allows.
-_MIN_SECONDS = -62_135_596_800
-_MAX_SECONDS = 253_402_300_799
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,21 +61,15 @@ class ValidCdr:
     call_ref: CallRef | None
 
 
-def _ms(ts: Timestamp) -> int:
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
-
-
 def _timestamp(record: cdr_pb2.CallDetailRecord, field: str, *, required: bool) -> int | None:
-    if not record.HasField(field):  # type: ignore[arg-type]
+    ms = optional_timestamp_ms(record, field)  # InvalidArgument for a value no Timestamp may hold
+    if ms is None:
         if required:
             raise _Reject(field, "is required")
         return None
-    ts: Timestamp = getattr(record, field)
-    if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
-        raise _Reject(field, "is not a valid timestamp")
-    if ts.seconds <= 0:
+    if ms < 1000:
         raise _Reject(field, "must be after 1970-01-01T00:00:00Z")
-    return _ms(ts)
+    return ms
 
 
 def _enum(record: cdr_pb2.CallDetailRecord, field: str, enum: object) -> None:
@@ -117,7 +107,10 @@ def validate(
     try:
         return _validate(index, incoming, now_ms=now_ms, retention_ms=retention_ms, max_clock_skew_ms=max_clock_skew_ms)
     except _Reject as exc:
-        return Rejection(index, incoming.call_id[:MAX_CALL_ID], exc.field, exc.reason)
+        return Rejection(index, incoming.call_id[:CALL_ID_MAX], exc.field, exc.reason)
+    except InvalidArgument as exc:  # a shared rule (numprotect.core.identifiers, conversions) refused a field
+        first = exc.violations[0]
+        return Rejection(index, incoming.call_id[:CALL_ID_MAX], first.field, first.description)
 
 
 def _validate(
@@ -125,12 +118,7 @@ def _validate(
 ) -> ValidCdr:
     record = cdr_pb2.CallDetailRecord()
     record.CopyFrom(incoming)
-    if not record.call_id:
-        raise _Reject("call_id", "is required")
-    if len(record.call_id) > MAX_CALL_ID:
-        raise _Reject("call_id", f"must be at most {MAX_CALL_ID} characters")
-    if not _CALL_ID.fullmatch(record.call_id):
-        raise _Reject("call_id", "must be visible ASCII characters only (no spaces or control characters)")
+    CALL_ID.check("call_id", record.call_id)
 
     try:
         validate_virtual(record.called_number)
