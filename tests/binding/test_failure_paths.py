@@ -1,0 +1,314 @@
+"""The binding service's domain modules at failure paths an end-to-end call cannot reach: the create saga
+(create.py) with a lost commit reply, an undo that cannot cancel, a clean-up that fails, a slow create overtaken
+by its retry; UpdateBinding and DeleteBinding (update.py) failing midway.
+
+Real Redis and the real allocation service; a fault is injected at one step by wrapping the real client or store
+(a lost reply: the step reaches the real thing first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from numprotect.allocation.v1 import allocation_pb2
+from numprotect.binding.v1 import binding_pb2 as pb
+from numprotect.common.v1 import common_pb2
+from numprotect.core.binding_records import BindingEvent, BindingRecordStore, binding_key
+from numprotect.core.clock import FixedClock, SystemClock
+from numprotect.core.errors import Aborted, Unavailable
+from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, caller_key
+from numprotect.services.binding.allocation_client import AllocationClient
+from numprotect.services.binding.create import BindingCreator
+from numprotect.services.binding.reads import BindingReads
+from numprotect.services.binding.store import OrderClaims, mutation_lock_key, order_key
+from numprotect.services.binding.update import BindingUpdater
+from numprotect.services.binding.validation import CreateSpec, UpdateSpec
+
+A = "13800000001"
+B = "13900000002"
+B2 = "13700000003"
+
+
+def spec(order: str) -> CreateSpec:
+    return CreateSpec(
+        tenant_id="t1",
+        out_order_id=order,
+        mode=MODE_AXB,
+        party_a=A,
+        party_b=B,
+        ttl_ms=3_600_000,
+        city_code="010",
+        strict_city=False,
+        call_restriction=RESTRICTION_NONE,
+        recording_enabled=False,
+        allow_any_caller=False,
+    )
+
+
+def create_request(order: str) -> pb.CreateBindingRequest:
+    """The request of `spec(order)`, for the binding service under test."""
+    return pb.CreateBindingRequest(
+        tenant_id="t1",
+        out_order_id=order,
+        mode=common_pb2.BINDING_MODE_AXB,
+        party_a=A,
+        party_b=B,
+        city_code="010",
+        user_consent=True,
+    )
+
+
+class FaultyAllocation(AllocationClient):
+    """The real client of the real allocation service, failing or held at chosen steps."""
+
+    def __init__(
+        self,
+        real: AllocationClient,
+        *,
+        confirm_fails: bool = False,
+        cancel_failures: int = 0,
+        confirm_gate: asyncio.Event | None = None,
+    ) -> None:
+        self.stub, self.timeout = real.stub, real.timeout
+        self.confirm_fails = confirm_fails
+        self.cancel_failures = cancel_failures
+        self.confirm_gate = confirm_gate
+        self.confirm_entered = asyncio.Event()
+
+    async def confirm(self, reservation_id: str, binding_id: str, expire_ms: int) -> None:
+        self.confirm_entered.set()
+        if self.confirm_gate is not None:
+            await self.confirm_gate.wait()
+        if self.confirm_fails:
+            raise Unavailable("allocation ConfirmReservation: injected fault")
+        await super().confirm(reservation_id, binding_id, expire_ms)
+
+    async def cancel(self, reservation_id: str, reason: str) -> None:
+        if self.cancel_failures > 0:
+            self.cancel_failures -= 1
+            raise Unavailable("allocation CancelReservation: injected fault")
+        await super().cancel(reservation_id, reason)
+
+
+class CommitReplyLost(OrderClaims):
+    """The commit reaches Redis, its reply does not reach the create."""
+
+    async def commit(
+        self, tenant_id: str, out_order_id: str, binding_id: str, fp: str, deadline_ms: int, expire_at_ms: int
+    ) -> bool:
+        await super().commit(tenant_id, out_order_id, binding_id, fp, deadline_ms, expire_at_ms)
+        raise RedisConnectionError("connection lost before the reply")
+
+
+class RecordUpdateFails(BindingRecordStore):
+    """Every write to an existing record fails (as with Redis gone between two steps)."""
+
+    async def update(
+        self, binding_id: str, fields: Any, event: BindingEvent | None, *, end_ms: int | None = None
+    ) -> bool:
+        raise RedisConnectionError("connection lost")
+
+
+def keys_matching(redis_sync: Any, pattern: str) -> list[str]:
+    return sorted(k.decode() for k in redis_sync.scan_iter(match=pattern, count=1000))
+
+
+def non_empty(redis_sync: Any, pattern: str) -> list[str]:
+    """Keys matching `pattern` that hold members (zsets emptied by an undo may linger until trimmed)."""
+    return [k for k in keys_matching(redis_sync, pattern) if redis_sync.zcard(k)]
+
+
+def order_state(redis_sync: Any, order: str) -> tuple[str, str]:
+    """(state p/d, binding id) of the order key."""
+    state, binding_id, *_ = redis_sync.get(order_key("t1", order)).decode().split("|")
+    return state, binding_id
+
+
+def routed_binding(redis_sync: Any, virtual_number: str, caller: str) -> str | None:
+    raw = redis_sync.get(caller_key(virtual_number, caller))
+    return None if raw is None else Route.decode(raw).binding_id
+
+
+async def in_use(s: Any) -> int:
+    stats = await s.allocation.GetPoolStats(allocation_pb2.GetPoolStatsRequest(tenant_id="t1"))
+    return int(stats.in_use)
+
+
+def record_ids(redis_sync: Any) -> Sequence[str]:
+    return [k.removeprefix("np:b:{").removesuffix("}") for k in keys_matching(redis_sync, "np:b:{*}")]
+
+
+async def test_a_commit_whose_reply_is_lost_keeps_the_binding(
+    services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    """The undo finds the order done with this create's id: nothing is undone, and the binding is served."""
+    async with services() as s, domain_parts(s) as d:
+        store = replace(d.store, orders=CommitReplyLost(d.redis))
+        creator = BindingCreator(store, d.allocation(), d.settings, SystemClock())
+        with pytest.raises(RedisConnectionError):
+            await creator.create(spec("lost-1"))
+        state, binding_id = order_state(redis_sync, "lost-1")
+        assert state == "d"
+        assert redis_sync.hget(binding_key(binding_id), "st") == b"a"
+        got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=binding_id, tenant_id="t1"))
+        x = got.binding.virtual_number
+        assert got.binding.state == common_pb2.BINDING_STATE_ACTIVE
+        assert routed_binding(redis_sync, x, A) == routed_binding(redis_sync, x, B) == binding_id
+        assert await in_use(s) == 1
+        # The client's retry gets the binding the lost reply was about.
+        again = await s.binding.CreateBinding(create_request("lost-1"))
+        assert again.binding.binding_id == binding_id
+
+
+async def test_an_undo_that_cannot_cancel_keeps_the_record_that_names_the_reservation(
+    services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    """Confirm fails, then so does the undo's cancel: routes, index, history entries and claim go, the pending
+    record stays (it is the way back to the reservation), and the order can be created again."""
+    async with services() as s, domain_parts(s) as d:
+        faulty = FaultyAllocation(d.allocation(), confirm_fails=True, cancel_failures=1)
+        creator = BindingCreator(d.store, faulty, d.settings, SystemClock())
+        with pytest.raises(Unavailable, match="ConfirmReservation"):
+            await creator.create(spec("undo-1"))
+        assert keys_matching(redis_sync, "np:rt:*") == []
+        assert keys_matching(redis_sync, "np:ord:*") == []
+        assert non_empty(redis_sync, "np:tl:*") == []
+        assert non_empty(redis_sync, "np:nh:*") == []
+        [binding_id] = record_ids(redis_sync)
+        assert redis_sync.hget(binding_key(binding_id), "st") == b"p"
+        reservation_id = redis_sync.hget(binding_key(binding_id), "rid").decode()
+        assert await in_use(s) == 1  # the reservation the failed cancel left (it lapses after the lease)
+        await d.allocation().cancel(reservation_id, "test: the way back the record keeps")
+        assert await in_use(s) == 0
+        # Invisible to readers, and no obstacle to the order.
+        listed = await s.binding.ListBindings(pb.ListBindingsRequest(tenant_id="t1"))
+        assert list(listed.bindings) == []
+        created = await BindingCreator(d.store, d.allocation(), d.settings, SystemClock()).create(spec("undo-1"))
+        assert created.record.binding_id != binding_id
+        assert order_state(redis_sync, "undo-1") == ("d", created.record.binding_id)
+
+
+async def _abandon(s: Any, redis_sync: Any, order: str) -> str:
+    """A create of `order` as a crash after its last write but before its commit leaves it: the order pending
+    past its deadline, the record pending. Returns its binding id."""
+    await s.binding.CreateBinding(create_request(order))
+    key = order_key("t1", order)
+    value: str = redis_sync.get(key).decode()
+    _, binding_id, fp, _ = value.split("|")
+    redis_sync.set(key, f"p|{binding_id}|{fp}|1", keepttl=True)  # deadline long past
+    redis_sync.hset(binding_key(binding_id), "st", "p")
+    return binding_id
+
+
+async def test_a_failed_clean_up_leaves_the_stale_claim_for_the_next_retry(
+    services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    async with services() as s, domain_parts(s) as d:
+        abandoned = await _abandon(s, redis_sync, "stale-1")
+        claim_before = redis_sync.get(order_key("t1", "stale-1"))
+        creator = BindingCreator(
+            d.store, FaultyAllocation(d.allocation(), cancel_failures=1), d.settings, SystemClock()
+        )
+        with pytest.raises(Unavailable, match="CancelReservation"):
+            await creator.create(spec("stale-1"))
+        # The claim is as it was (still the abandoned create's), and so is its record: the next retry cleans again.
+        assert redis_sync.get(order_key("t1", "stale-1")) == claim_before
+        assert redis_sync.exists(binding_key(abandoned)) == 1
+        assert await in_use(s) == 1
+
+        created = await creator.create(spec("stale-1"))
+        assert created.record.binding_id != abandoned
+        assert order_state(redis_sync, "stale-1") == ("d", created.record.binding_id)
+        assert redis_sync.exists(binding_key(abandoned)) == 0
+        assert await in_use(s) == 1  # the abandoned reservation cancelled, the new one confirmed
+        x = created.record.virtual_number
+        assert routed_binding(redis_sync, x, A) == routed_binding(redis_sync, x, B) == created.record.binding_id
+
+
+async def test_a_slow_create_overtaken_by_its_retry_undoes_itself(
+    services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    """A create stuck past its deadline (its clock says its lease is over) before ConfirmReservation: the retry
+    cleans up what it wrote and takes the order over; once it wakes, its confirm fails and it undoes itself
+    without touching the retry's binding."""
+    async with services() as s, domain_parts(s) as d:
+        gate = asyncio.Event()
+        stuck = FaultyAllocation(d.allocation(), confirm_gate=gate)
+        behind = FixedClock(SystemClock().now_ms() - d.settings.create_lease_ms - 1000)
+        slow = asyncio.create_task(BindingCreator(d.store, stuck, d.settings, behind).create(spec("slow-1")))
+        async with asyncio.timeout(10):
+            await stuck.confirm_entered.wait()
+        state, slow_id = order_state(redis_sync, "slow-1")
+        assert state == "p"
+        assert redis_sync.exists(binding_key(slow_id)) == 1 and keys_matching(redis_sync, "np:rt:*") != []
+
+        retry = await BindingCreator(d.store, d.allocation(), d.settings, SystemClock()).create(spec("slow-1"))
+        retry_id = retry.record.binding_id
+        assert retry_id != slow_id
+        assert redis_sync.exists(binding_key(slow_id)) == 0
+
+        gate.set()
+        with pytest.raises(Aborted, match="retry"):
+            await slow
+        assert order_state(redis_sync, "slow-1") == ("d", retry_id)
+        assert record_ids(redis_sync) == [retry_id]
+        x = retry.record.virtual_number
+        assert routed_binding(redis_sync, x, A) == routed_binding(redis_sync, x, B) == retry_id
+        assert await in_use(s) == 1
+        got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=retry_id, tenant_id="t1"))
+        assert got.binding.state == common_pb2.BINDING_STATE_ACTIVE
+
+
+def updater(d: Any, *, store: Any = None, allocation: AllocationClient | None = None) -> BindingUpdater:
+    return BindingUpdater(
+        store or d.store, BindingReads(d.store), allocation or d.allocation(), d.settings, SystemClock()
+    )
+
+
+async def test_a_failed_record_write_gives_the_new_party_back_at_allocation(
+    services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    """ReplaceParty ran before the record write failed: it is reversed, so record, routes and allocation still
+    agree on the old party B, and the same change succeeds later."""
+    async with services() as s, domain_parts(s) as d:
+        created = (await s.binding.CreateBinding(create_request("upd-1"))).binding
+        x, binding_id = created.virtual_number, created.binding_id
+        failing = updater(d, store=replace(d.store, records=RecordUpdateFails(d.redis, d.settings.retention_ms)))
+        change = UpdateSpec(binding_id, "t1", frozenset({"party_b"}), 0, B2, RESTRICTION_NONE, False)
+        with pytest.raises(RedisConnectionError):
+            await failing.update(change)
+        got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=binding_id, tenant_id="t1"))
+        assert got.binding.party_b == B
+        assert routed_binding(redis_sync, x, B) == binding_id and routed_binding(redis_sync, x, B2) is None
+        assert redis_sync.exists(mutation_lock_key(binding_id)) == 0
+        # Allocation holds B on the reservation again: ReplaceParty(B -> B2) would be refused otherwise.
+        stored = await updater(d).update(change)
+        assert stored.record.party_b == B2
+        assert routed_binding(redis_sync, x, B2) == binding_id and routed_binding(redis_sync, x, B) is None
+
+
+async def test_a_delete_whose_cancel_fails_is_finished_by_a_repeated_delete(
+    services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    """Routes go and the record says deleted before CancelReservation fails; a repeated delete gives the number
+    back and returns the binding as the first delete left it."""
+    async with services() as s, domain_parts(s) as d:
+        created = (await s.binding.CreateBinding(create_request("del-1"))).binding
+        x, binding_id = created.virtual_number, created.binding_id
+        deleting = updater(d, allocation=FaultyAllocation(d.allocation(), cancel_failures=1))
+        with pytest.raises(Unavailable, match="CancelReservation"):
+            await deleting.delete(binding_id, "t1")
+        assert routed_binding(redis_sync, x, A) is None and routed_binding(redis_sync, x, B) is None
+        got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=binding_id, tenant_id="t1"))
+        assert got.binding.state == common_pb2.BINDING_STATE_DELETED
+        assert await in_use(s) == 1
+
+        again = await deleting.delete(binding_id, "t1")
+        assert again.record.delete_ms == got.binding.delete_time.ToMilliseconds()
+        assert await in_use(s) == 0
