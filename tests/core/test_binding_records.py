@@ -17,10 +17,10 @@ from numprotect.core.binding_records import (
     get_binding_records,
     get_binding_records_at,
     get_stored_bindings,
-    now_ms,
     number_history_key,
     trace_number,
 )
+from numprotect.core.clock import SystemClock
 from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.routes import MODE_AXB, MODE_AXE, RESTRICTION_NONE
 from numprotect.core.settings import Env, RedisSettings
@@ -30,6 +30,10 @@ A = "13800000001"
 B = "13900000002"
 B2 = "13700000003"
 HOUR = 3_600_000
+
+
+def _now_ms() -> int:
+    return SystemClock().now_ms()
 
 
 def _record(binding_id: str = "b1", *, create_ms: int, ttl_ms: int = HOUR, **overrides: Any) -> BindingRecord:
@@ -86,7 +90,7 @@ async def test_create_script_writes_once_with_retention_and_pending_is_hidden(
 ) -> None:
     """binding_record_create.lua: writes the hash and its first event once; a second create writes nothing."""
     store = BindingRecordStore(redis, retention_ms=10 * HOUR)
-    record = _record(create_ms=now_ms())
+    record = _record(create_ms=_now_ms())
     assert await store.create(record, reservation_id="r1", city_fallback=True)
     assert not await store.create(replace(record, party_b=B2), reservation_id="r2", city_fallback=False)
     assert abs(redis_sync.pexpiretime(binding_key("b1")) - (record.expire_ms + 10 * HOUR)) <= 1
@@ -98,7 +102,7 @@ async def test_create_script_writes_once_with_retention_and_pending_is_hidden(
     assert await get_binding_records(redis, ["b1"]) == {}
     assert await store.activate("b1")
     # A pending record may be given a short life; activation then keeps it for end + retention.
-    short = _record("b2", create_ms=now_ms())
+    short = _record("b2", create_ms=_now_ms())
     assert await store.create(short, reservation_id="r", city_fallback=False, keep_until_ms=short.create_ms + 5000)
     assert abs(redis_sync.pexpiretime(binding_key("b2")) - (short.create_ms + 5000)) <= 1
     assert await store.activate("b2", short.end_ms())
@@ -109,7 +113,7 @@ async def test_create_script_writes_once_with_retention_and_pending_is_hidden(
 async def test_update_script_appends_events_and_moves_retention(redis: RedisClient, redis_sync: Any) -> None:
     """binding_record_update.lua: sets fields, appends an event, re-sets retention; unknown id writes nothing."""
     store = BindingRecordStore(redis, retention_ms=HOUR)
-    record = _record(create_ms=now_ms())
+    record = _record(create_ms=_now_ms())
     await _commit(store, record)
     later = record.create_ms + 1000
     new_expiry = record.expire_ms + HOUR
@@ -126,7 +130,7 @@ async def test_update_script_appends_events_and_moves_retention(redis: RedisClie
 async def test_history_script_raises_scores_trims_and_expires(redis: RedisClient, redis_sync: Any) -> None:
     """number_history_add.lua: score only raised, entries past retention trimmed, key expiry pushed later."""
     store = BindingRecordStore(redis, retention_ms=HOUR)
-    now = now_ms()
+    now = _now_ms()
     key = number_history_key(X)
     await store.add_to_history(X, "b1", now + 5000)
     await store.add_to_history(X, "b1", now + 1000)  # a shortening never lowers the score
@@ -143,7 +147,7 @@ async def test_history_script_raises_scores_trims_and_expires(redis: RedisClient
 
 async def test_trace_before_during_after_and_across_a_party_change(redis: RedisClient) -> None:
     store = BindingRecordStore(redis)
-    t0 = now_ms() - 10 * HOUR
+    t0 = _now_ms() - 10 * HOUR
     first = _record("b1", create_ms=t0, ttl_ms=2 * HOUR)
     await _commit(store, first)
     # B replaced by B2 one hour in.
@@ -165,13 +169,13 @@ async def test_trace_before_during_after_and_across_a_party_change(redis: RedisC
     assert await trace_number(redis, X, t0 + HOUR + 10, party=A) != []
     assert await trace_number(redis, X, t0 + 2 * HOUR) == []  # b1 expired exactly then
     assert [r.binding_id for r in await trace_number(redis, X, t0 + 3 * HOUR + 5)] == ["b2"]
-    assert await trace_number(redis, X, now_ms()) == []
+    assert await trace_number(redis, X, _now_ms()) == []
     assert await trace_number(redis, "700100000000009", t0 + 10) == []
 
 
 async def test_trace_honours_deletion_extension_and_pending(redis: RedisClient) -> None:
     store = BindingRecordStore(redis)
-    t0 = now_ms() - HOUR
+    t0 = _now_ms() - HOUR
     e1 = _record("e1", create_ms=t0, mode=MODE_AXE, extension="0001")
     e2 = _record("e2", create_ms=t0, mode=MODE_AXE, extension="0002", party_a="13600000004")
     await _commit(store, e1)
@@ -191,7 +195,7 @@ async def test_trace_honours_deletion_extension_and_pending(redis: RedisClient) 
 
 async def test_expiry_is_derived_in_the_history(redis: RedisClient) -> None:
     store = BindingRecordStore(redis)
-    record = _record(create_ms=now_ms() - 2 * HOUR)
+    record = _record(create_ms=_now_ms() - 2 * HOUR)
     await _commit(store, record)
     history = await get_binding_history(redis, "b1")
     assert [(e.kind, e.at_ms) for e in history] == [("create", record.create_ms), ("expire", record.expire_ms)]

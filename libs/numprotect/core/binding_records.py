@@ -25,11 +25,11 @@ Trace ("which binding did X serve at T"): the number's ZSET gives every binding 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from numprotect.core.clock import SystemClock
 from numprotect.core.redis_client import LuaScript, RedisClient
 
 STATUS_PENDING = "p"
@@ -46,10 +46,6 @@ def binding_key(binding_id: str) -> str:
 
 def number_history_key(virtual_number: str) -> str:
     return f"np:nh:{{{virtual_number}}}"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +112,7 @@ class StoredBinding:
 
     def history(self, at_ms: int | None = None) -> list[BindingEvent]:
         """The recorded events plus the derived expiry (once expire_ms has passed, unless deleted before)."""
-        now = now_ms() if at_ms is None else at_ms
+        now = SystemClock().now_ms() if at_ms is None else at_ms
         events = list(self.events)
         rec = self.record
         if rec.expire_ms <= now and (rec.delete_ms == 0 or rec.delete_ms > rec.expire_ms):
