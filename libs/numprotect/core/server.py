@@ -208,28 +208,16 @@ class Runtime:
     """What an aio builder receives: settings, a redis.asyncio client, telemetry and traced channels to peers."""
 
     def __init__(
-        self,
-        env: Env,
-        server: ServerSettings,
-        redis: RedisClient | None,
-        telemetry: Telemetry,
-        redis_settings: RedisSettings | None = None,
+        self, env: Env, server: ServerSettings, redis: RedisClient, telemetry: Telemetry, redis_settings: RedisSettings
     ) -> None:
         self.env = env
         self.server = server
         self.telemetry = telemetry
         self.redis_settings = redis_settings
-        self._redis = redis
+        self.redis = redis
         self._channels: list[grpc.aio.Channel] = []
-        if redis is not None:
-            # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
-            telemetry.instrument_redis(redis)
-
-    @property
-    def redis(self) -> RedisClient:
-        if self._redis is None:
-            raise RuntimeError("this service was started without Redis")
-        return self._redis
+        # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
+        telemetry.instrument_redis(redis)
 
     def channel(self, service: str) -> grpc.aio.Channel:
         """A channel to another numprotect service (NUMPROTECT_<SERVICE>_ADDR), traced when tracing is on."""
@@ -243,8 +231,7 @@ class Runtime:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close(grace=None)
-        if self._redis is not None:
-            await self._redis.aclose()
+        await self.redis.aclose()
 
 
 @dataclass
@@ -303,15 +290,15 @@ class _Startup:
 
 
 def _probe_client(startup: _Startup) -> SyncRedisClient:
+    """The health probe's own blocking client: a PING never waits behind the service's calls for a connection."""
     return create_sync_redis(startup.redis, max_connections=2)
 
 
-async def serve(service: str, builder: Builder, environ: Mapping[str, str], *, use_redis: bool = True) -> None:
+async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> None:
     """grpc.aio: builds the service, serves it until SIGTERM or SIGINT, then drains and closes everything."""
     startup = _Startup.from_env(service, environ)
-    redis = create_redis(startup.redis) if use_redis else None
-    probe_client = _probe_client(startup) if use_redis else None
-    runtime = Runtime(startup.env, startup.server, redis, startup.telemetry, startup.redis)
+    probe_client = _probe_client(startup)
+    runtime = Runtime(startup.env, startup.server, create_redis(startup.redis), startup.telemetry, startup.redis)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -322,7 +309,7 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str], *, u
         app = AioServiceApp(
             startup.server,
             parts.registrations,
-            probe=(lambda: sync_redis_is_up(probe_client)) if probe_client is not None else None,
+            probe=lambda: sync_redis_is_up(probe_client),
             telemetry=startup.telemetry,
         )
         startup.serving(await app.start(), "aio")
@@ -335,8 +322,7 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str], *, u
             if inspect.isawaitable(outcome):
                 await outcome
         await runtime.close()
-        if probe_client is not None:
-            probe_client.close()
+        probe_client.close()
         startup.telemetry.shutdown()
     log.info("stopped")
 
@@ -375,9 +361,9 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
     log.info("stopped")
 
 
-def run_service(service: str, builder: Builder, *, use_redis: bool = True) -> None:
+def run_service(service: str, builder: Builder) -> None:
     """Process entry point of a grpc.aio service (uvloop when installed)."""
-    _run(service, lambda environ: _run_aio(service, builder, environ, use_redis))
+    _run(service, lambda environ: _run_aio(service, builder, environ))
 
 
 def run_sync_service(service: str, builder: SyncBuilder) -> None:
@@ -397,10 +383,10 @@ def _run(service: str, serve_with: Callable[[Mapping[str, str]], None]) -> None:
         raise SystemExit(2) from None
 
 
-def _run_aio(service: str, builder: Builder, environ: Mapping[str, str], use_redis: bool) -> None:
+def _run_aio(service: str, builder: Builder, environ: Mapping[str, str]) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is optional on platforms without wheels
-        asyncio.run(serve(service, builder, environ, use_redis=use_redis))
+        asyncio.run(serve(service, builder, environ))
         return
-    uvloop.run(serve(service, builder, environ, use_redis=use_redis))
+    uvloop.run(serve(service, builder, environ))

@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from numprotect.core.calls import Method
-from numprotect.core.telemetry.attributes import safe_attributes, set_attributes
+from numprotect.core.telemetry.attributes import mask_numbers, safe_attributes, set_attributes
 from numprotect.core.telemetry.sampling import SamplingRule
 
 # --- server spans ------------------------------------------------------------------------------------------------
@@ -96,7 +96,8 @@ def _end_status(span: Span, context: Any) -> None:
         details = context.details()
         if isinstance(details, bytes):
             details = details.decode("utf-8", "replace")
-        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or ''}"))
+        # A status message may quote a number (e.g. "binding of 70010000000123 not found"): masked like attributes.
+        span.set_status(Status(StatusCode.ERROR, mask_numbers(f"{code.name}: {details or ''}")))
 
 
 def _end(span: Span, context: Any) -> None:
