@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from numprotect.core.calls import AioCallLayer, SyncCallLayer
+from numprotect.core.calls import AioCallLayer, CallConcern, SyncCallLayer
 from numprotect.core.gc_tuning import freeze_startup_heap
 from numprotect.core.health import HealthProbe
 from numprotect.core.logs import configure_logging
@@ -82,6 +82,12 @@ def server_options(reuse_port: bool) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
+
+
+def call_concerns(telemetry: Telemetry) -> list[CallConcern]:
+    """The cross-cutting concerns of every call, in the order they enter, for both server models: the one place a
+    new per-method concern is added. Spans come first so that a call another concern refuses is traced too."""
+    return [*telemetry.call_concerns()]
 
 
 def _listen(server: Any, settings: ServerSettings, registrations: Sequence[ServiceRegistration], health: Any) -> int:
@@ -139,7 +145,7 @@ class AioServiceApp(_ServiceApp):
         super().__init__(settings, registrations, probe)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = grpc.aio.server(
-            interceptors=[AioCallLayer(telemetry.call_concerns())], options=server_options(settings.reuse_port)
+            interceptors=[AioCallLayer(call_concerns(telemetry))], options=server_options(settings.reuse_port)
         )
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -183,7 +189,7 @@ class SyncServiceApp(_ServiceApp):
         self.health = health.HealthServicer()  # Watch is non-blocking: open watches hold no worker thread
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker"),
-            interceptors=[SyncCallLayer(telemetry.call_concerns())],
+            interceptors=[SyncCallLayer(call_concerns(telemetry))],
             options=server_options(settings.reuse_port),
         )
 
