@@ -1,23 +1,33 @@
-"""The servicer's own share: every RPC behind the one concurrency limit, and request fields it parses itself."""
+"""The servicer's own share: every RPC behind the one concurrency limit, request fields read through the shared
+conversions, page tokens."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from numprotect.binding.v1 import binding_pb2 as pb
+from numprotect.binding.v1 import binding_pb2_grpc
+from numprotect.common.v1 import common_pb2
 from numprotect.core.clock import SystemClock
+from numprotect.core.conversions import DURATION_RULE, TIMESTAMP_RULE
 from numprotect.core.errors import InvalidArgument, Unavailable
 from numprotect.core.limits import ConcurrencyLimit
+from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import create_redis
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.binding.allocation_client import AllocationClient
+from numprotect.services.binding.app import build as build_binding
 from numprotect.services.binding.app import build_servicer
 from numprotect.services.binding.servicer import SERVICE
 from numprotect.services.binding.settings import BindingSettings
+from support.inprocess import running_service
 from support.redis_server import free_port
 
 
@@ -30,7 +40,7 @@ async def test_every_rpc_waits_for_a_place_in_the_one_limit(redis_env: dict[str,
     try:
         allocation = AllocationClient(channel, timeout_seconds=1)
         calls = ConcurrencyLimit(1, wait_seconds=0.05, name="binding calls")
-        servicer = build_servicer(redis, allocation, settings, calls, SystemClock())
+        servicer = build_servicer(redis, allocation, settings, calls, SystemClock(), PageTokenKey.random())
         assert sorted(SERVICE.methods_by_name) == sorted(
             ["CreateBinding", "GetBinding", "UpdateBinding", "DeleteBinding", "ListBindings", "TraceNumber"]
         )
@@ -47,11 +57,62 @@ async def test_every_rpc_waits_for_a_place_in_the_one_limit(redis_env: dict[str,
         await redis.aclose()
 
 
-async def test_trace_number_refuses_a_moment_outside_the_timestamp_range(services: Any) -> None:
+def create_request(order: str, *, party_a: str = "13800000001", **fields: Any) -> pb.CreateBindingRequest:
+    return pb.CreateBindingRequest(
+        tenant_id="t1",
+        out_order_id=order,
+        mode=common_pb2.BINDING_MODE_AXB,
+        party_a=party_a,
+        party_b="13900000002",
+        city_code="010",
+        user_consent=True,
+        **fields,
+    )
+
+
+async def _refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return raised.value
+
+
+async def test_times_outside_what_protobuf_allows_are_invalid_argument_naming_the_field(services: Any) -> None:
+    """Read through numprotect.core.conversions: not protobuf's ValueError (INTERNAL)."""
     async with services() as s:
+        create = create_request("o-1", ttl=Duration(seconds=5, nanos=-1))  # signs differ: not a Duration
+        assert (await _refused(s.binding.CreateBinding(create))).details() == f"ttl: {DURATION_RULE}"
+        update = pb.UpdateBindingRequest(
+            binding=pb.Binding(binding_id="b" + "0" * 22, tenant_id="t1", expire_time=Timestamp(seconds=10**12)),
+            update_mask=FieldMask(paths=["expire_time"]),
+        )
+        assert (await _refused(s.binding.UpdateBinding(update))).details() == f"binding.expire_time: {TIMESTAMP_RULE}"
         for at in (Timestamp(seconds=10**12), Timestamp(seconds=0, nanos=-1)):
-            request = pb.TraceNumberRequest(virtual_number="700100000000001", at=at)
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await s.binding.TraceNumber(request)
-            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert (raised.value.details() or "").startswith("at: must be a timestamp")
+            trace = pb.TraceNumberRequest(virtual_number="700100000000001", at=at)
+            assert (await _refused(s.binding.TraceNumber(trace))).details() == f"at: {TIMESTAMP_RULE}"
+
+
+async def test_list_tokens_are_signed_bound_to_the_tenant_and_shared_by_replicas_with_one_key(
+    services: Any, redis_env: dict[str, str]
+) -> None:
+    key = {"NUMPROTECT_PAGE_TOKEN_KEY": base64.b64encode(b"binding-test-key-of-thirty-two-b").decode()}
+    other_key = {"NUMPROTECT_PAGE_TOKEN_KEY": base64.b64encode(b"o" * 32).decode()}
+    async with services(**key) as s:
+        created = [
+            (await s.binding.CreateBinding(create_request(f"page-{i}", party_a=f"1380000010{i}"))).binding.binding_id
+            for i in range(3)
+        ]
+        first = await s.binding.ListBindings(pb.ListBindingsRequest(tenant_id="t1", page_size=1))
+        assert [b.binding_id for b in first.bindings] == created[:1] and first.next_page_token
+        environ = {**redis_env, "NUMPROTECT_ALLOCATION_ADDR": s.allocation_address}
+        async with running_service("binding", build_binding, {**environ, **key}) as replica:
+            stub: Any = binding_pb2_grpc.BindingServiceStub(replica.channel)
+            rest = await stub.ListBindings(pb.ListBindingsRequest(tenant_id="t1", page_token=first.next_page_token))
+            assert [b.binding_id for b in rest.bindings] == created[1:] and not rest.next_page_token
+        other_tenant = pb.ListBindingsRequest(tenant_id="t2", page_token=first.next_page_token)
+        error = await _refused(s.binding.ListBindings(other_tenant))
+        assert (error.details() or "").startswith("page_token: is not a next_page_token of binding.ListBindings")
+        async with running_service("binding", build_binding, {**environ, **other_key}) as foreign:
+            stub = binding_pb2_grpc.BindingServiceStub(foreign.channel)
+            request = pb.ListBindingsRequest(tenant_id="t1", page_token=first.next_page_token)
+            assert (await _refused(stub.ListBindings(request))).details() == error.details()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.core.clock import Clock, SystemClock
 from numprotect.core.limits import ConcurrencyLimit
+from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import RedisClient
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.core.settings import RedisSettings
@@ -25,6 +26,7 @@ def build_servicer(
     settings: BindingSettings,
     calls: ConcurrencyLimit,
     clock: Clock,
+    page_token_key: PageTokenKey,
 ) -> BindingServiceServicer:
     """The servicer over its domain objects, all on one store."""
     store = BindingStore.over(redis, settings)
@@ -36,11 +38,13 @@ def build_servicer(
         settings,
         clock,
         calls,
+        page_token_key,
     )
 
 
 async def build(runtime: Runtime) -> ServiceParts:
-    settings = BindingSettings.from_env(runtime.env)
+    settings = BindingSettings.from_env(runtime.env)  # SettingsError before the server starts
+    page_token_key = PageTokenKey.from_env(runtime.env)
     allocation = AllocationClient(runtime.channel("allocation"), settings.allocation_timeout_seconds)
     # Every RPC first waits for a place here. A call uses at most 3 Redis connections at once (a create's concurrent
     # writes) and the client's pool fails rather than queues when exhausted, so there are as many places as the pool
@@ -50,7 +54,7 @@ async def build(runtime: Runtime) -> ServiceParts:
         wait_seconds=settings.create_lease_seconds,
         name="binding calls",
     )
-    servicer = build_servicer(runtime.redis, allocation, settings, calls, SystemClock())
+    servicer = build_servicer(runtime.redis, allocation, settings, calls, SystemClock(), page_token_key)
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, binding_pb2_grpc.add_BindingServiceServicer_to_server),

@@ -14,24 +14,18 @@ from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import optional_timestamp_ms
+from numprotect.core.errors import InvalidArgument
+from numprotect.core.identifiers import OUT_ORDER_ID, TENANT_ID
 from numprotect.core.limits import ConcurrencyLimit
+from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import party_field, virtual_field
 from numprotect.services.binding.concurrency import limit_methods
 from numprotect.services.binding.conversions import binding_to_proto, event_to_proto
 from numprotect.services.binding.create import BindingCreator
 from numprotect.services.binding.reads import BindingReads
 from numprotect.services.binding.settings import BindingSettings
-from numprotect.services.binding.store import decode_page_token, encode_page_token
 from numprotect.services.binding.update import BindingUpdater
-from numprotect.services.binding.validation import (
-    Violations,
-    create_spec,
-    extension_filter,
-    ids,
-    update_spec,
-)
-from numprotect.services.binding.validation import order_id as check_order
-from numprotect.services.binding.validation import tenant_id as check_tenant
+from numprotect.services.binding.validation import Violations, create_spec, extension_filter, ids, update_spec
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BindingService"]
 _DEFAULT_PAGE = 100
@@ -47,12 +41,15 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         settings: BindingSettings,
         clock: Clock,
         calls: ConcurrencyLimit,
+        page_token_key: PageTokenKey,
     ) -> None:
         self.creator = creator
         self.updater = updater
         self.reads = reads
         self.settings = settings
         self.clock = clock
+        # A token continues the listing of one tenant (signed, bound to the tenant id).
+        self.list_tokens = PageTokens(page_token_key, "binding.ListBindings")
         limit_methods(self, SERVICE.methods_by_name, calls)
 
     async def CreateBinding(self, request: pb.CreateBindingRequest, context: Any) -> pb.CreateBindingResponse:
@@ -90,18 +87,17 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
 
     async def ListBindings(self, request: pb.ListBindingsRequest, context: Any) -> pb.ListBindingsResponse:
         v = Violations()
-        tenant_id = check_tenant("tenant_id", request.tenant_id, v)
+        tenant_id = v.identifier(TENANT_ID, "tenant_id", request.tenant_id)
         if request.out_order_id:
-            check_order("out_order_id", request.out_order_id, v)
+            v.identifier(OUT_ORDER_ID, "out_order_id", request.out_order_id)
         if not 0 <= request.page_size <= _MAX_PAGE:
             v.add("page_size", f"must be between 1 and {_MAX_PAGE} (0: {_DEFAULT_PAGE})")
         after = ""
         if request.page_token:
-            decoded = decode_page_token(request.page_token)
-            if decoded is None:
-                v.add("page_token", "is not a token returned by ListBindings")
-            else:
-                after = decoded
+            try:
+                [after] = self.list_tokens.decode(request.page_token, query=[tenant_id], fields=1)
+            except InvalidArgument as exc:
+                v.items.extend(exc.violations)
         v.raise_if_any()
         if request.out_order_id:
             found = await self.reads.by_order(tenant_id, request.out_order_id)
@@ -111,7 +107,7 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         now = self.clock.now_ms()
         return pb.ListBindingsResponse(
             bindings=[binding_to_proto(s.record, city_fallback=s.city_fallback, now_ms=now) for s in page],
-            next_page_token=encode_page_token(next_after) if next_after else "",
+            next_page_token=self.list_tokens.encode([next_after], query=[tenant_id]) if next_after else "",
         )
 
     async def TraceNumber(self, request: pb.TraceNumberRequest, context: Any) -> pb.TraceNumberResponse:

@@ -11,8 +11,6 @@ The binding record and the per-number history are the shared schema in numprotec
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import secrets
 import zlib
@@ -27,7 +25,6 @@ from numprotect.core.routes import Route, RouteConflictError, RouteTable
 from numprotect.services.binding.settings import BindingSettings
 
 TENANT_SHARDS = 16
-_TOKEN_PREFIX = "tl1:"
 
 
 def new_binding_id(now_ms: int) -> str:
@@ -163,24 +160,6 @@ class TenantIndex:
         merged = sorted(_text(member) for reply in replies for member in reply)
         more = len(merged) > size or any(len(reply) == size for reply in replies)
         return merged[:size], more
-
-
-def encode_page_token(after: str) -> str:
-    return base64.urlsafe_b64encode((_TOKEN_PREFIX + after).encode()).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> str | None:
-    """The id a page token continues after, or None when the token was not issued by ListBindings."""
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    if not text.startswith(_TOKEN_PREFIX):
-        return None
-    after = text[len(_TOKEN_PREFIX) :]
-    if len(after) != 23 or not after.startswith("b") or any(c not in "0123456789abcdef" for c in after[1:]):
-        return None
-    return after
 
 
 class MutationLocks:

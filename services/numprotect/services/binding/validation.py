@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from numprotect.binding.v1 import binding_pb2 as pb
+from numprotect.core.conversions import duration_ms, timestamp_ms
 from numprotect.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from numprotect.core.identifiers import BINDING_ID, OUT_ORDER_ID, TENANT_ID, IdentifierRule
 from numprotect.core.phone import InvalidNumber, normalize_party, validate_city_code, validate_extension
 from numprotect.core.routes import MODE_AXB, MODE_AXE, MODE_AXN, RESTRICTION_NONE
 
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_ORDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-_BINDING_ID = re.compile(r"b[0-9a-f]{22}")
 MODES = {MODE_AXB: "AXB", MODE_AXN: "AXN", MODE_AXE: "AXE"}
 RESTRICTIONS = (1, 2, 3)
 UPDATABLE = ("expire_time", "party_b", "call_restriction", "recording_enabled")
+_Message = TypeVar("_Message")
 
 
 @dataclass(frozen=True)
@@ -60,38 +61,31 @@ class Violations:
             self.add(field, str(exc))
             return ""
 
+    def identifier(self, rule: IdentifierRule, field: str, raw: str) -> str:
+        """`raw`, noting a violation when it is empty or breaks the rule (numprotect.core.identifiers)."""
+        problem = rule.violation(field, raw)
+        if problem is not None:
+            self.items.append(problem)
+        return raw
+
+    def milliseconds(self, read: Callable[[str, _Message], int], field: str, value: _Message) -> int | None:
+        """`read(field, value)` (a numprotect.core.conversions reader), or None noting its violation."""
+        try:
+            return read(field, value)
+        except InvalidArgument as exc:
+            self.items.extend(exc.violations)
+            return None
+
     def raise_if_any(self) -> None:
         if self.items:
             raise InvalidArgument(self.items)
 
 
-def tenant_id(field: str, raw: str, violations: Violations) -> str:
-    if not raw:
-        violations.add(field, "is required")
-    elif not _TENANT.fullmatch(raw):
-        violations.add(field, "must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric")
-    return raw
-
-
-def order_id(field: str, raw: str, violations: Violations) -> str:
-    if not _ORDER.fullmatch(raw):
-        violations.add(field, "must be 1-128 letters, digits, '_', '.', ':' or '-', starting alphanumeric")
-    return raw
-
-
-def binding_id(field: str, raw: str, violations: Violations) -> str:
-    if not raw:
-        violations.add(field, "is required")
-    elif not _BINDING_ID.fullmatch(raw):
-        violations.add(field, "is not a binding id issued by CreateBinding")
-    return raw
-
-
 def ids(field_prefix: str, binding: str, tenant: str) -> tuple[str, str]:
     violations = Violations()
     result = (
-        binding_id(f"{field_prefix}binding_id", binding, violations),
-        tenant_id(f"{field_prefix}tenant_id", tenant, violations),
+        violations.identifier(BINDING_ID, f"{field_prefix}binding_id", binding),
+        violations.identifier(TENANT_ID, f"{field_prefix}tenant_id", tenant),
     )
     violations.raise_if_any()
     return result
@@ -109,11 +103,11 @@ def create_spec(
     request: pb.CreateBindingRequest, *, min_ttl_ms: int, max_ttl_ms: int, default_ttl_ms: int
 ) -> CreateSpec:
     v = Violations()
-    tenant = tenant_id("tenant_id", request.tenant_id, v)
+    tenant = v.identifier(TENANT_ID, "tenant_id", request.tenant_id)
     if not request.out_order_id:
         v.add("out_order_id", "is required (it is the idempotency key with tenant_id)")
     else:
-        order_id("out_order_id", request.out_order_id, v)
+        v.identifier(OUT_ORDER_ID, "out_order_id", request.out_order_id)
     mode = int(request.mode)
     if mode not in MODES:
         v.add("mode", "must be BINDING_MODE_AXB, BINDING_MODE_AXN or BINDING_MODE_AXE")
@@ -126,9 +120,11 @@ def create_spec(
         v.add("allow_any_caller", "applies to BINDING_MODE_AXE only")
     ttl_ms = default_ttl_ms
     if request.HasField("ttl"):
-        ttl_ms = request.ttl.ToMilliseconds()
-        if not min_ttl_ms <= ttl_ms <= max_ttl_ms:
-            v.add("ttl", f"must be between {min_ttl_ms / 1000:g}s and {max_ttl_ms / 1000:g}s (unset: the default)")
+        given = v.milliseconds(duration_ms, "ttl", request.ttl)
+        if given is not None:
+            ttl_ms = given
+            if not min_ttl_ms <= ttl_ms <= max_ttl_ms:
+                v.add("ttl", f"must be between {min_ttl_ms / 1000:g}s and {max_ttl_ms / 1000:g}s (unset: the default)")
     if not request.city_code:
         v.add("city_code", "is required (the area code the number should come from, e.g. 010)")
     else:
@@ -161,8 +157,8 @@ def update_spec(request: pb.UpdateBindingRequest) -> UpdateSpec:
     """Checks ids, the mask and the shape of the new values (rules needing the record come later)."""
     v = Violations()
     binding = request.binding
-    bid = binding_id("binding.binding_id", binding.binding_id, v)
-    tenant = tenant_id("binding.tenant_id", binding.tenant_id, v)
+    bid = v.identifier(BINDING_ID, "binding.binding_id", binding.binding_id)
+    tenant = v.identifier(TENANT_ID, "binding.tenant_id", binding.tenant_id)
     paths = [p.removeprefix("binding.") for p in request.update_mask.paths]
     unknown = sorted({p for p in paths if p not in UPDATABLE})
     if not paths:
@@ -174,7 +170,7 @@ def update_spec(request: pb.UpdateBindingRequest) -> UpdateSpec:
         if not binding.HasField("expire_time"):
             v.add("binding.expire_time", "is required when update_mask names it")
         else:
-            expire_ms = binding.expire_time.ToMilliseconds()
+            expire_ms = v.milliseconds(timestamp_ms, "binding.expire_time", binding.expire_time) or 0
     party_b = ""
     if "party_b" in paths and binding.party_b:
         party_b = v.party("binding.party_b", binding.party_b)
