@@ -8,7 +8,6 @@ from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import RedisClient
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
-from numprotect.core.settings import RedisSettings
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.create import BindingCreator
 from numprotect.services.binding.reads import BindingReads
@@ -50,7 +49,7 @@ async def build(runtime: Runtime) -> ServiceParts:
     # writes) and the client's pool fails rather than queues when exhausted, so there are as many places as the pool
     # serves calls (one connection stays for health). A call waits at most one create lease, then gets UNAVAILABLE.
     calls = ConcurrencyLimit(
-        max(1, (RedisSettings.from_env(runtime.env).max_connections - 1) // 3),
+        max(1, (runtime.redis_settings.max_connections - 1) // 3),
         wait_seconds=settings.create_lease_seconds,
         name="binding calls",
     )
