@@ -17,8 +17,6 @@ FULL_NAME = allocation_pb2.DESCRIPTOR.services_by_name["AllocationService"].full
 async def build(runtime: Runtime) -> ServiceParts:
     settings = AllocationSettings.from_env(runtime.env)  # SettingsError before the server starts
     page_token_key = PageTokenKey.from_env(runtime.env)
-    if runtime.redis_settings is None:
-        raise RuntimeError("the allocation service needs Redis: the bootstrap passes its RedisSettings")
     redis_limit = ConcurrencyLimit.for_redis(runtime.redis_settings)
     pools = NumberPools(runtime.redis, settings, Scripts.load(), redis_limit=redis_limit)
     servicer = AllocationServiceServicer(pools, settings, page_token_key)

@@ -25,9 +25,7 @@ FULL_NAME = cdr_pb2.DESCRIPTOR.services_by_name["CdrService"].full_name
 async def build(runtime: Runtime) -> ServiceParts:
     settings = CdrSettings.from_env(runtime.env)
     page_token_key = PageTokenKey.from_env(runtime.env)
-    redis_settings = runtime.redis_settings
-    if redis_settings is None:
-        raise RuntimeError("the cdr service needs Redis: the bootstrap passes its RedisSettings")
+    redis_settings = runtime.redis_settings  # parsed once by the bootstrap
     # Watchers block in XREAD for up to watch_block: their own pool, with a timeout above the block time.
     watch_redis = create_redis(
         dataclasses.replace(
