@@ -1,7 +1,8 @@
 """Changes to an existing binding, one at a time per binding (a per-binding lock): UpdateBinding and DeleteBinding.
 
-Steps that widen what a binding holds (a new party at allocation, a later expiry) run before the record is written,
-steps that narrow it (an earlier expiry) after the routes: a failure midway leaves the binding usable.
+An update widens first (a new party at allocation, a later expiry: harmless if a later step fails), then writes the
+record, then the routes, and narrows last (an earlier expiry); repeating it re-puts the routes from the record.
+A delete stops calls first (routes), then marks the record, then gives the number back.
 """
 
 from __future__ import annotations
