@@ -4,9 +4,11 @@ Why a limiter class and not redis-py's `BlockingConnectionPool`:
 
 - `BlockingConnectionPool` bounds a client by its connections: a command that finds every connection busy
   waits up to a timeout for one, then fails with ConnectionError("No connection available."), which the call
-  layer answers as UNAVAILABLE. That is the right tool for the blocking redis-py clients (thread-pool server,
-  health probe): `redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, max_connections=n,
-  timeout=t, ...))`, and for `redis.RedisCluster` a `connection_pool_class` that builds one per node.
+  layer answers as UNAVAILABLE. That serves a blocking standalone client
+  (`redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, max_connections=n, timeout=t))`).
+  The blocking cluster client takes one per node (`connection_pool_class`) but treats its timeout like a failed
+  node (retries, reloads the slot map; seen with redis-py 8.1), so a blocking client is best sized never to
+  wait: a connection per thread that uses it (the thread-pool server's workers, the health probe's one thread).
 - It does not serve the asyncio services. `redis.asyncio.RedisCluster` has no blocking pool: each node keeps
   its own list of connections and raises MaxConnectionsError at once when it is full (redis-py 8.1), so a burst
   would fail in cluster mode where it waits in standalone mode. The asyncio services therefore share one
