@@ -12,7 +12,9 @@ Ctrl-C or SIGTERM stops the services (they drain), then Redis.
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -117,13 +119,28 @@ class LocalSuite:
             time.sleep(0.05)
         raise LaunchError(f"redis-server did not answer on port {self.redis_port}: see {log}")
 
+    def page_token_key(self) -> dict[str, str]:
+        """One page-token key for every process (NUMPROTECT_PAGE_TOKEN_KEY), kept in the run directory, so a
+        listing's next page works on whichever process of the service answers it and across restarts."""
+        if "NUMPROTECT_PAGE_TOKEN_KEY" in self.environ:
+            return {}
+        path = self.run_dir / "page-token.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as out:
+                out.write(base64.b64encode(secrets.token_bytes(32)).decode())
+        return {"NUMPROTECT_PAGE_TOKEN_KEY": path.read_text().strip()}
+
     def start_services(self) -> None:
         peers = {f"NUMPROTECT_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in self.ports.items()}
+        key = self.page_token_key()
         for name in SERVICE_NAMES:
             count = self.processes[name]
             env = {
                 **self.environ,
                 **peers,
+                **key,
                 "NUMPROTECT_REDIS_URL": self.redis_url(),
                 f"NUMPROTECT_{name.upper()}_PORT": str(self.ports[name]),
             }

@@ -75,6 +75,11 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
     assert "stopped." in "".join(lines)
     assert "Traceback" not in "".join(lines)
     assert (tmp_path / "redis" / "appendonlydir").is_dir()  # AOF on
+    # One page-token key for every process, kept private in the run directory; no process drew its own.
+    key = tmp_path / "page-token.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_text().strip()) >= 44
+    for log in (tmp_path / "logs").glob("*-*.log"):
+        assert "NUMPROTECT_PAGE_TOKEN_KEY is not set" not in log.read_text(), log.name
     time.sleep(0.2)
     left = subprocess.run(["pgrep", "-f", f"--port {env['NUMPROTECT_LOCAL_REDIS_PORT']}"], capture_output=True)
     assert left.stdout == b""
