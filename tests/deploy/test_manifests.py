@@ -1,23 +1,29 @@
 """The Kubernetes manifests: rendered by real kustomize (kubectl from PyPI), validated against the Kubernetes
 schemas (kubernetes-validate), and checked for what the schema cannot say: gRPC health probes on the right
 port and service, a locked-down securityContext, resources, drain time, autoscaling and disruption budgets,
-the one template the four services are made from, and who the NetworkPolicies let talk to whom.
+the one template the four services are made from, the page-token key coming from a Secret, and who the
+NetworkPolicies let talk to whom.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib
+import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from numprotect.core.page_tokens import KEY_VARIABLE, MIN_KEY_BYTES, PageTokenKey
 from numprotect.core.settings import DEFAULT_PORTS, Env, RedisSettings, ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +34,9 @@ TEMPLATE = "deploy/k8s/components/numprotect-service"
 TEMPLATE_NAME = "numprotect-service"  # the placeholder name in the template
 # Where the rendered base is applied when it names no namespace (the local overlay names this one too).
 HOME = "numprotect"
+PAGE_TOKEN_SECRET = "numprotect-page-token-key"
+# Git-ignored; the local overlay's secretGenerator makes the page-token Secret from it (docs/deploy.md).
+LOCAL_KEY_FILE = "deploy/k8s/overlays/local/page-token.key"
 
 
 def tool(name: str) -> str:
@@ -37,9 +46,16 @@ def tool(name: str) -> str:
 
 
 def render(directory: str) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [tool("kubectl"), "kustomize", str(ROOT / directory)], capture_output=True, text=True, timeout=60
-    )
+    """What kustomize renders for `directory`, from a copy of deploy/ holding a throwaway page-token key (made as
+    docs/deploy.md says) in place of the developer's git-ignored one, which is never read."""
+    with TemporaryDirectory() as tmp:
+        copy = Path(tmp)
+        for part in ("deploy/k8s", "deploy/otel"):
+            shutil.copytree(ROOT / part, copy / part, ignore=shutil.ignore_patterns(Path(LOCAL_KEY_FILE).name))
+        (copy / LOCAL_KEY_FILE).write_text(base64.b64encode(secrets.token_bytes(MIN_KEY_BYTES)).decode() + "\n")
+        result = subprocess.run(
+            [tool("kubectl"), "kustomize", str(copy / directory)], capture_output=True, text=True, timeout=60
+        )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -268,6 +284,64 @@ def test_the_build_context_holds_every_file_the_dockerfile_copies() -> None:
     for source in sources:
         assert any(source == path or source.startswith(f"{path}/") for path in admitted), source
         assert (ROOT / source).exists(), source
+
+
+# --- The page-token key: one Secret for every replica of every service ---------------------------------------
+
+
+def page_token_key_sources(rendered: Rendered) -> dict[str, Any]:
+    """Where each service's container takes NUMPROTECT_PAGE_TOKEN_KEY from (its env entry's valueFrom)."""
+    sources = {}
+    for service in OUR_SERVICES:
+        (container,) = rendered.get("Deployment", service)["spec"]["template"]["spec"]["containers"]
+        entries = [entry for entry in container.get("env", []) if entry["name"] == KEY_VARIABLE]
+        assert len(entries) == 1, service
+        assert set(entries[0]) == {"name", "valueFrom"}, service  # never a literal value
+        sources[service] = entries[0]["valueFrom"]
+    return sources
+
+
+def secret_key_ref(name: str) -> dict[str, Any]:
+    # Not optional: without the Secret or its key the pod does not start (rather than sign with a random key).
+    return {"secretKeyRef": {"name": name, "key": KEY_VARIABLE, "optional": False}}
+
+
+def test_the_base_has_every_service_read_the_page_token_key_from_a_secret_it_does_not_carry() -> None:
+    rendered = Rendered(render("deploy/k8s/base"))
+    assert page_token_key_sources(rendered) == dict.fromkeys(OUR_SERVICES, secret_key_ref(PAGE_TOKEN_SECRET))
+    assert list(rendered.of_kind("Secret")) == []  # the key comes from each deployment's overlay or operator
+
+
+def test_the_local_overlay_generates_the_one_secret_every_service_reads_its_key_from() -> None:
+    rendered = Rendered(render("deploy/k8s/overlays/local"))
+    (secret,) = rendered.of_kind("Secret")
+    name = secret["metadata"]["name"]
+    # secretGenerator's hash suffix: a new key is a new name, so applying it rolls every Deployment.
+    assert name.startswith(f"{PAGE_TOKEN_SECRET}-") and len(name) > len(PAGE_TOKEN_SECRET) + 1
+    assert page_token_key_sources(rendered) == dict.fromkeys(OUR_SERVICES, secret_key_ref(name))
+    assert list(secret["data"]) == [KEY_VARIABLE]
+    value = base64.b64decode(secret["data"][KEY_VARIABLE]).decode()
+    assert PageTokenKey.from_env(Env({KEY_VARIABLE: value})).ephemeral is False  # the services accept it
+    # The key is in the Secret and nowhere else.
+    assert [doc["kind"] for doc in rendered.docs if value.strip() in yaml.safe_dump(doc)] == []
+
+
+def test_no_config_map_of_any_render_holds_the_page_token_key() -> None:
+    directories = [*KUSTOMIZATIONS, "deploy/otel", *(f"deploy/k8s/base/{service}" for service in OUR_SERVICES)]
+    checked = set()
+    for directory in directories:
+        for config_map in Rendered(render(directory)).of_kind("ConfigMap"):
+            checked.add(config_map["metadata"]["name"])
+            assert KEY_VARIABLE not in yaml.safe_dump(config_map), (directory, config_map["metadata"]["name"])
+    assert "numprotect-config" in checked  # the check saw the services' settings
+
+
+def test_the_local_overlays_key_file_is_git_ignored() -> None:
+    """`git check-ignore` also fails for a file that is tracked: the key can neither be committed nor stay so."""
+    result = subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "--quiet", LOCAL_KEY_FILE], capture_output=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # --- One template for the four services -----------------------------------------------------------------------
