@@ -47,9 +47,9 @@ async def build(runtime: Runtime) -> ServiceParts:
     allocation = AllocationClient(runtime.channel("allocation"), settings.allocation_timeout_seconds)
     # Every RPC first waits for a place here. A call uses at most 3 Redis connections at once (a create's concurrent
     # writes) and the client's pool fails rather than queues when exhausted, so there are as many places as the pool
-    # serves calls (one connection stays for health). A call waits at most one create lease, then gets UNAVAILABLE.
+    # serves calls (health has a client of its own). A call waits at most one create lease, then gets UNAVAILABLE.
     calls = ConcurrencyLimit(
-        max(1, (runtime.redis_settings.max_connections - 1) // 3),
+        max(1, runtime.redis_settings.max_connections // 3),
         wait_seconds=settings.create_lease_seconds,
         name="binding calls",
     )
