@@ -129,3 +129,31 @@ async def test_aio_model_drains_although_the_probe_hangs() -> None:
         assert time.monotonic() - began < 3.0
     finally:
         check.release.set()
+
+
+def test_no_call_is_answered_before_the_first_check_has_set_the_status() -> None:
+    checking, answer = threading.Event(), threading.Event()
+
+    def probe() -> bool:
+        checking.set()
+        answer.wait(5)
+        return False
+
+    app = SyncServiceApp(_settings(), [], probe=probe, telemetry=Telemetry.disabled())
+    starting = threading.Thread(target=app.start)
+    starting.start()
+    try:
+        assert checking.wait(5)
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            # During the first check nothing answers (grpcio's default for "" would be SERVING, Redis unknown).
+            with pytest.raises(grpc.RpcError):
+                stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+            answer.set()
+            starting.join(5)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        answer.set()
+        starting.join(5)
+        app.stop()

@@ -162,8 +162,9 @@ class AioServiceApp(_ServiceApp):
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
         self.port = _listen(self.server, self.settings, self.registrations, self.health)
+        # The first check blocks (off the loop, which publishes it) and its status is set before the port takes calls.
+        await asyncio.to_thread(self._probe.start)
         await self.server.start()
-        await asyncio.to_thread(self._probe.start)  # the first check blocks: off the loop, which publishes it
         return self.port
 
     async def stop(self) -> None:
@@ -199,8 +200,8 @@ class SyncServiceApp(_ServiceApp):
 
     def start(self) -> int:
         self.port = _listen(self.server, self.settings, self.registrations, self.health)
+        self._probe.start()  # the first status is set before the port takes calls
         self.server.start()
-        self._probe.start()
         return self.port
 
     def stop(self) -> None:

@@ -37,7 +37,7 @@ from numprotect.core.telemetry.sampling import SamplingRule
 #
 # Most calls are not sampled (default 1 % of roots), so the unsampled call is the one to make cheap. The SDK's
 # start_as_current_span costs about five times what the decision needs (the sampler's result objects, two
-# context-manager layers, tracer metrics): `_ServerSpans.enter` applies the SamplingRule itself and, on a drop,
+# context-manager layers, tracer metrics): `ServerSpans.enter` applies the SamplingRule itself and, on a drop,
 # puts a NonRecordingSpan with the SDK's ids and flags in the context (so downstream calls still carry the "not
 # sampled" traceparent); only a sampled call goes through the SDK, with the very trace id the rule judged
 # (`_PresetTraceIds`), so a trace-id-ratio decision stays consistent across services.
@@ -49,7 +49,7 @@ _NOT_SAMPLED_RANDOM = TraceFlags(TraceFlags.DEFAULT | TraceFlags.RANDOM_TRACE_ID
 
 
 class _PresetTraceIds(RandomIdGenerator):
-    """Random ids, except that the next trace id of this thread can be set beforehand (see `_ServerSpans.enter`).
+    """Random ids, except that the next trace id of this thread can be set beforehand (see `ServerSpans.enter`).
 
     A thread-local is enough: the preset is consumed by the tracer call that immediately follows it on the same
     thread, with no await in between.
