@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from _thread import allocate_lock as _allocate_lock
 from collections.abc import Sequence
 from typing import Any
@@ -125,21 +126,22 @@ class ScriptClient:
             conns = self._local.conns = {}
         return conns
 
-    def _conn(self, node: Node) -> _Conn:
+    def _conn(self, node: Node, timeout: float) -> _Conn:
+        """This thread's socket to `node`, connected now if needed within `timeout` (the call's budget)."""
         conns = self._conns()
         conn = conns.get(node)
         if conn is None:
-            conn = conns[node] = self._connect(node)
+            conn = conns[node] = self._connect(node, min(self.connect_timeout, timeout))
         return conn
 
-    def _connect(self, node: Node) -> _Conn:
+    def _connect(self, node: Node, timeout: float) -> _Conn:
         try:
             if self.unix_path:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.connect_timeout)
+                sock.settimeout(timeout)
                 sock.connect(self.unix_path)
             else:
-                sock = socket.create_connection(node, timeout=self.connect_timeout)
+                sock = socket.create_connection(node, timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             raise Unavailable(f"translation storage unreachable: {exc}") from None
@@ -151,7 +153,7 @@ class ScriptClient:
         if self.db:
             setup.append(_encode("SELECT", str(self.db)))
         for command in setup:
-            reply = self._round_trip(node, conn, command, self.connect_timeout)
+            reply = self._round_trip(node, conn, command, timeout)
             if isinstance(reply, hiredis.ReplyError):
                 raise Unavailable(f"translation storage refused the connection: {reply}")
         return conn
@@ -178,19 +180,25 @@ class ScriptClient:
 
     # --- cluster slots -----------------------------------------------------------------------------------
 
-    def _node_for(self, key: str) -> Node:
+    def _node_for(self, key: str, timeout: float) -> Node:
         if not self.cluster:
             return self.seed
         if not self._slots:
-            self._load_slots()
+            self._load_slots(timeout)
         return self._slots[key_slot(key.encode())]
 
-    def _load_slots(self) -> None:
+    def _load_slots(self, timeout: float) -> None:
+        """The slot map from CLUSTER SLOTS, asking one node after another within the call's budget (`timeout`)."""
+        budget = min(self.connect_timeout, timeout)
+        deadline = time.monotonic() + budget
         with self._slots_lock:
             candidates = [self.seed, *dict.fromkeys(self._slots)]
             for node in candidates:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
                 try:
-                    reply = self._round_trip(node, self._conn(node), _encode("CLUSTER", "SLOTS"), self.connect_timeout)
+                    reply = self._round_trip(node, self._conn(node, left), _encode("CLUSTER", "SLOTS"), left)
                 except Unavailable:
                     continue
                 slots: list[Node] = [self.seed] * 16384
@@ -200,7 +208,7 @@ class ScriptClient:
                     slots[int(start) : int(end) + 1] = [owner] * (int(end) - int(start) + 1)
                 self._slots = slots
                 return
-            raise Unavailable("translation storage: no cluster node answered CLUSTER SLOTS")
+            raise Unavailable(f"translation storage: no cluster node answered CLUSTER SLOTS in {budget * 1000:.0f} ms")
 
     # --- EVALSHA -----------------------------------------------------------------------------------------
 
@@ -230,8 +238,8 @@ class ScriptClient:
 
     def _evalsha_command(self, key: str, command: bytes, timeout: float) -> Any:
         for _ in range(3):
-            node = self._node_for(key)  # again after a MOVED: the retry goes where the key lives now
-            reply = self._round_trip(node, self._conn(node), command, timeout)
+            node = self._node_for(key, timeout)  # again after a MOVED: the retry goes where the key lives now
+            reply = self._round_trip(node, self._conn(node, timeout), command, timeout)
             if not isinstance(reply, hiredis.ReplyError):
                 return reply
             if not self._recover(node, str(reply), timeout):
@@ -317,10 +325,10 @@ class ScriptClient:
         for _ in range(3):
             by_node: dict[Node, list[int]] = {}
             for index in todo:
-                by_node.setdefault(self._node_for(calls[index][0]), []).append(index)
+                by_node.setdefault(self._node_for(calls[index][0], timeout), []).append(index)
             retry: list[int] = []
             for node, indexes in by_node.items():
-                conn = self._conn(node)
+                conn = self._conn(node, timeout)
                 try:
                     conn.send(b"".join(calls[i][1] for i in indexes), timeout)
                     replies = [conn.read() for _ in indexes]
@@ -349,10 +357,10 @@ class ScriptClient:
     def _recover(self, node: Node, error: str, timeout: float) -> bool:
         """Handles NOSCRIPT (load on that node) and MOVED (reload slots); False for other errors."""
         if error.startswith("NOSCRIPT"):
-            self._round_trip(node, self._conn(node), _encode("SCRIPT", "LOAD", self.script.source), timeout)
+            self._round_trip(node, self._conn(node, timeout), _encode("SCRIPT", "LOAD", self.script.source), timeout)
             return True
         if error.startswith("MOVED") and self.cluster:
-            self._load_slots()
+            self._load_slots(timeout)
             return True
         return False
 
