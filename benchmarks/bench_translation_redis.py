@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from numprotect.core.redis_client import create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, RedisSettings
-from numprotect.services.translation.app import build
+from numprotect.services.translation.app import build_sync
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from support.inprocess import running_service
+from support.inprocess_sync import running_sync_service
 from support.redis_server import RedisServer
 
 NUMBERS = 1000
@@ -29,7 +29,6 @@ async def main() -> None:
     server = RedisServer()
     env = {
         "NUMPROTECT_REDIS_URL": server.url,
-        "NUMPROTECT_TRANSLATION_SERVER": "aio",
         "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "100000",
         "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "100000",
     }
@@ -43,7 +42,7 @@ async def main() -> None:
             )
             await table.put(f"7001000{i:08d}", route)
         admin = server.client()
-        async with running_service("translation", build, env) as svc:
+        async with running_sync_service("translation", build_sync, env) as svc:
             stub = translation_pb2_grpc.TranslationServiceStub(svc.channel)
             admin.config_resetstat()
             for round_ in range(ROUNDS):

@@ -23,9 +23,10 @@ from numprotect.core.routes import Route, axe_marker_key, axn_key, caller_key, e
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.app import build as build_binding
 from numprotect.services.binding.store import TENANT_SHARDS, order_key, tenant_index_key
-from numprotect.services.translation.app import build as build_translation
+from numprotect.services.translation.app import build_sync as build_translation
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.inprocess import running_service
+from support.inprocess_sync import running_sync_service
 from support.redis_server import free_port
 
 A = "13800000001"
@@ -633,7 +634,7 @@ async def test_translation_follows_the_binding_through_replacement_and_delete(
     services: Any, redis_env: dict[str, str]
 ) -> None:
     """The route keys written here are what the real translation service decides calls from."""
-    async with services() as s, running_service("translation", build_translation, redis_env) as tr:
+    async with services() as s, running_sync_service("translation", build_translation, redis_env) as tr:
         translation: Any = translation_pb2_grpc.TranslationServiceStub(tr.channel)
         created = await _create(s, "call-1")
         x = created.virtual_number

@@ -13,9 +13,9 @@ import pytest
 from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, RedisSettings
-from numprotect.services.translation.app import build
+from numprotect.services.translation.app import build_sync
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from support.inprocess import RunningService, running_service
+from support.inprocess_sync import RunningSyncService, running_sync_service
 
 X = "700100000000001"
 A = "13800000001"
@@ -58,7 +58,7 @@ def make_route(
 
 @dataclass
 class Translation:
-    service: RunningService
+    service: RunningSyncService
     stub: translation_pb2_grpc.TranslationServiceStub
     routes: RouteTable
     redis: RedisClient
@@ -89,12 +89,12 @@ TranslationFactory = Callable[..., Awaitable[Translation]]
 
 @pytest.fixture
 async def translation_factory(redis_env: dict[str, str]) -> AsyncIterator[TranslationFactory]:
-    """Starts the aio service in-process with TEST_SETTINGS overridden by `settings` (env names)."""
+    """Starts the service in-process with TEST_SETTINGS overridden by `settings` (env names)."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(settings: Mapping[str, str] | None = None) -> Translation:
             environ = {**redis_env, **TEST_SETTINGS, **(settings or {})}
-            service = await stack.enter_async_context(running_service("translation", build, environ))
+            service = await stack.enter_async_context(running_sync_service("translation", build_sync, environ))
             redis = create_redis(RedisSettings.from_env(Env(environ)))
             stack.push_async_callback(redis.aclose)
             stub = translation_pb2_grpc.TranslationServiceStub(service.channel)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
+from numprotect.core.clock import SystemClock
 from numprotect.core.routes import caller_key
 from numprotect.services.translation.blocklist import BlocklistView
 from numprotect.services.translation.core import SCRIPT, Prepared, TranslationSettings, Translator
@@ -22,9 +23,8 @@ SETTINGS = TranslationSettings(
     rate_per_binding=0,
     blocklist_refresh_seconds=1.0,
     redis_timeout_seconds=1.0,
-    server_model="aio",
-    sync_workers=4,
-    sync_combine=True,
+    workers=4,
+    combine=True,
     stream_batch=16,
 )
 
@@ -36,7 +36,7 @@ def _prepared(translator: Translator, caller: str, called: str = X) -> Prepared:
 
 
 async def test_reply_shapes_and_counters(tr: Any, redis_sync: Any) -> None:
-    translator = Translator(SETTINGS, BlocklistView())
+    translator = Translator(SETTINGS, BlocklistView(), SystemClock())
     await tr.put(tr.route("b1", tenant_id="t9", recording=False))
     prepared = _prepared(translator, A)
     assert all("{" + X + "}" in key for key in prepared.keys)  # one hash slot
@@ -56,7 +56,7 @@ async def test_reply_shapes_and_counters(tr: Any, redis_sync: Any) -> None:
 async def test_an_unknown_route_format_is_an_error_not_a_decision(tr: Any, redis_sync: Any) -> None:
     redis_sync.set(caller_key(X, A), "b1|r9|t1|1|a|b|1|0|0|0")
     with pytest.raises(ResponseError, match="unknown route format"):
-        await SCRIPT(tr.redis, *_args(_prepared(Translator(SETTINGS, BlocklistView()), A)))
+        await SCRIPT(tr.redis, *_args(_prepared(Translator(SETTINGS, BlocklistView(), SystemClock()), A)))
 
 
 def _args(prepared: Prepared) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -13,10 +13,10 @@ from numprotect.core.redis_client import create_redis
 from numprotect.core.routes import RouteTable
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.core.telemetry import Telemetry
-from numprotect.services.translation.app import build
+from numprotect.services.translation.app import build_sync
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
-from support.inprocess import running_service
+from support.inprocess_sync import running_sync_service
 
 X = "700100000000001"
 A = "13800000001"
@@ -32,7 +32,7 @@ async def test_span_attributes_are_masked_and_call_ref_links_the_span(
     redis = create_redis(RedisSettings.from_env(Env(redis_env)))
     await RouteTable(redis).put(X, route_factory("b1"))
     await redis.aclose()
-    async with running_service("translation", build, redis_env, telemetry=Telemetry(provider)) as service:
+    async with running_sync_service("translation", build_sync, redis_env, telemetry=Telemetry(provider)) as service:
         stub: Any = translation_pb2_grpc.TranslationServiceStub(service.channel)
         reply = await stub.Translate(pb.TranslateRequest(calling_number=A, called_number=X, call_id="t"))
         rejected = await stub.Translate(pb.TranslateRequest(calling_number="13700000003", called_number=X))

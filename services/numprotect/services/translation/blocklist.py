@@ -13,31 +13,30 @@ Entries with a TTL lapse exactly at their expiry, in-process, without waiting fo
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import re
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from numprotect.core.errors import InvalidArgument
-from numprotect.core.redis_client import RedisClient
+from numprotect.core.clock import Clock
+from numprotect.core.identifiers import TENANT_ID
+from numprotect.core.redis_client import SyncRedisClient
 
 log = logging.getLogger(__name__)
 
 VERSION_KEY = "np:bl:version"
 SCOPES_KEY = "np:bl:scopes"
 GLOBAL_SCOPE = "g"
-_TENANT = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# How long `BlocklistRefresher.stop` waits for a reload in progress (each command is bounded by the Redis timeout).
+STOP_WAIT_SECONDS = 2.0
 
 
 def scope_of(tenant_id: str) -> str:
+    """The list a tenant id names: the global list for "", else the tenant's (INVALID_ARGUMENT on a bad id)."""
     if not tenant_id:
         return GLOBAL_SCOPE
-    if not _TENANT.fullmatch(tenant_id):
-        raise InvalidArgument.field("tenant_id", "must be 1 to 64 of A-Z a-z 0-9 . _ : - (empty: the global list)")
-    return "t:" + tenant_id
+    return "t:" + TENANT_ID.check("tenant_id", tenant_id)
 
 
 def list_key(scope: str) -> str:
@@ -116,82 +115,88 @@ def _text(value: bytes | str) -> str:
 class BlocklistStore:
     """The blocklists in Redis: writes (Block/Unblock RPCs), listing, and loading into a BlocklistView."""
 
-    def __init__(self, redis: RedisClient) -> None:
+    def __init__(self, redis: SyncRedisClient, clock: Clock) -> None:
         self.redis = redis
+        self.clock = clock
 
-    async def block(self, entry: StoredEntry) -> None:
+    def block(self, entry: StoredEntry) -> None:
         scope = scope_of(entry.tenant_id)
         key = list_key(scope)
-        now_ms = int(time.time() * 1000)
-        lapsed = [e.calling_number for e in await self._entries(scope, entry.tenant_id) if not e.live(now_ms)]
+        now_ms = self.clock.now_ms()
+        lapsed = [e.calling_number for e in self._entries(scope, entry.tenant_id) if not e.live(now_ms)]
         if lapsed:
-            await self.redis.hdel(key, *lapsed)  # type: ignore[misc]
-        await self.redis.hset(key, entry.calling_number, entry.encode())  # type: ignore[misc]
-        await self.redis.sadd(SCOPES_KEY, scope)  # type: ignore[misc]
-        await self.redis.incr(VERSION_KEY)  # after the entry: a reader that sees the new version sees the entry
+            self.redis.hdel(key, *lapsed)
+        self.redis.hset(key, entry.calling_number, entry.encode())
+        self.redis.sadd(SCOPES_KEY, scope)
+        self.redis.incr(VERSION_KEY)  # after the entry: a reader that sees the new version sees the entry
 
-    async def unblock(self, tenant_id: str, calling_number: str) -> bool:
-        removed = await self.redis.hdel(list_key(scope_of(tenant_id)), calling_number)  # type: ignore[misc]
-        await self.redis.incr(VERSION_KEY)
+    def unblock(self, tenant_id: str, calling_number: str) -> bool:
+        removed = self.redis.hdel(list_key(scope_of(tenant_id)), calling_number)
+        self.redis.incr(VERSION_KEY)
         return bool(removed)
 
-    async def entries(self, tenant_id: str) -> list[StoredEntry]:
+    def entries(self, tenant_id: str) -> list[StoredEntry]:
         """The live entries of one list, sorted by calling number."""
-        now_ms = int(time.time() * 1000)
-        found = [e for e in await self._entries(scope_of(tenant_id), tenant_id) if e.live(now_ms)]
+        now_ms = self.clock.now_ms()
+        found = [e for e in self._entries(scope_of(tenant_id), tenant_id) if e.live(now_ms)]
         return sorted(found, key=lambda e: e.calling_number)
 
-    async def _entries(self, scope: str, tenant_id: str) -> list[StoredEntry]:
-        raw = await self.redis.hgetall(list_key(scope))  # type: ignore[misc]
+    def _entries(self, scope: str, tenant_id: str) -> list[StoredEntry]:
+        raw: dict[bytes, bytes] = self.redis.hgetall(list_key(scope))  # type: ignore[assignment]
         return [StoredEntry.decode(tenant_id, _text(k), _text(v)) for k, v in raw.items()]
 
-    async def version(self) -> int:
-        raw = await self.redis.get(VERSION_KEY)
-        return int(raw) if raw is not None else 0
+    def version(self) -> int:
+        raw = self.redis.get(VERSION_KEY)
+        return int(raw) if raw is not None else 0  # type: ignore[arg-type]
 
-    async def load_into(self, view: BlocklistView, version: int) -> None:
+    def load_into(self, view: BlocklistView, version: int) -> None:
         """Reads every list (the version was read before, so a later change is caught by the next poll)."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock.now_ms()
         entries: list[StoredEntry] = []
-        for raw_scope in await self.redis.smembers(SCOPES_KEY):  # type: ignore[misc]
+        scopes: set[bytes] = self.redis.smembers(SCOPES_KEY)  # type: ignore[assignment]
+        for raw_scope in scopes:
             scope = _text(raw_scope)
             tenant_id = "" if scope == GLOBAL_SCOPE else scope.removeprefix("t:")
-            entries.extend(e for e in await self._entries(scope, tenant_id) if e.live(now_ms))
+            entries.extend(e for e in self._entries(scope, tenant_id) if e.live(now_ms))
         view.replace(entries, version)
 
-    async def refresh(self, view: BlocklistView) -> bool:
+    def refresh(self, view: BlocklistView) -> bool:
         """Reloads `view` when the version moved; True when it reloaded."""
-        version = await self.version()
+        version = self.version()
         if version == view.version:
             return False
-        await self.load_into(view, version)
+        self.load_into(view, version)
         return True
 
 
 class BlocklistRefresher:
-    """Background task: polls the version every `interval` seconds and reloads the view on change."""
+    """A daemon thread that polls the version every `interval` seconds and reloads the view on change.
+
+    Every Redis command it sends is bounded by the client's socket timeout (NUMPROTECT_REDIS_TIMEOUT), so a
+    stalled Redis delays a reload, never the stop beyond STOP_WAIT_SECONDS.
+    """
 
     def __init__(self, store: BlocklistStore, view: BlocklistView, interval: float) -> None:
         self.store = store
         self.view = view
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    async def start(self) -> None:
-        """Loads once (best effort: an unreachable Redis is retried by the loop), then polls."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2.0):
-                await self.store.refresh(self.view)
-        self._task = asyncio.create_task(self._run(), name="blocklist-refresh")
+    def start(self) -> None:
+        """Loads once (best effort: an unreachable Redis is retried by the thread), then polls."""
+        try:
+            self.store.refresh(self.view)
+        except Exception as exc:
+            log.warning("blocklist not loaded at start, retrying in the background", extra={"error": repr(exc)})
+        self._thread = threading.Thread(target=self._run, name="blocklist-refresh", daemon=True)
+        self._thread.start()
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
         failing = False
-        while True:
-            await asyncio.sleep(self.interval)
+        while not self._stop.wait(self.interval):
             try:
-                async with asyncio.timeout(max(2.0, self.interval)):
-                    reloaded = await self.store.refresh(self.view)
-                if reloaded:
+                if self.store.refresh(self.view):
                     log.info("blocklist reloaded", extra={"version": self.view.version, "callers": len(self.view)})
                 failing = False
             except Exception as exc:
@@ -199,8 +204,9 @@ class BlocklistRefresher:
                     log.warning("blocklist refresh failed, keeping the last copy", extra={"error": repr(exc)})
                 failing = True
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            # Bounded: redis-py can leave a cancelled command pending on a paused server.
-            await asyncio.wait([self._task], timeout=1.0)
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(STOP_WAIT_SECONDS)
+            if self._thread.is_alive():
+                log.warning("blocklist refresh still reading at shutdown; not waiting for it")

@@ -1,14 +1,13 @@
-"""The translation decision, independent of the server model (sync or aio) that serves it.
+"""The translation decision, independent of the transport that serves it.
 
 `Translator.prepare` validates a request and produces the keys and arguments of the one script
 (`lua/translate.lua`) that decides the call in Redis; `Translator.finish` turns the script's reply into
-the TranslateResponse. Both are plain functions of their inputs, so the aio servicer, the sync servicer
-and the stream batcher share them.
+the TranslateResponse. Both are plain functions of their inputs, so unary Translate and the stream batcher
+share them.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +15,12 @@ from typing import Any
 from opentelemetry.trace import Span, get_current_span
 
 from numprotect.core.call_ref import encode_call_ref
+from numprotect.core.calls import domain_error
+from numprotect.core.clock import Clock
 from numprotect.core.errors import DomainError, Unavailable
-from numprotect.core.interceptors import as_domain_error
 from numprotect.core.phone import mask
 from numprotect.core.redis_client import LuaScript
+from numprotect.core.routes import axe_marker_key, axn_key, caller_key, extension_key, lock_key
 from numprotect.core.settings import Env
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.translation.blocklist import BlocklistView
@@ -48,11 +49,11 @@ class TranslationSettings:
     blocklist_refresh_seconds: float
     # Upper bound of one Redis round trip on the hot path when the call's own deadline is longer or absent.
     redis_timeout_seconds: float
-    # The server model of this process: "sync" (grpcio thread pool) or "aio" (grpc.aio + uvloop).
-    server_model: str
-    sync_workers: int
-    # Sync model: concurrent Translate calls share one pipelined write to Redis (flat combining).
-    sync_combine: bool
+    # Handler threads of the thread-pool server: the most calls served at once, open TranslateStreams included
+    # (each holds one for as long as it is open); further calls queue until a thread is free or their deadline.
+    workers: int
+    # Concurrent Translate calls share one pipelined write to Redis (flat combining).
+    combine: bool
     # TranslateStream: the most requests pipelined to Redis in one batch.
     stream_batch: int
 
@@ -65,9 +66,8 @@ class TranslationSettings:
             rate_per_binding=env.integer(f"{p}RATE_PER_BINDING", 30, minimum=0, maximum=1_000_000),
             blocklist_refresh_seconds=env.seconds(f"{p}BLOCKLIST_REFRESH", 1.0, minimum=0.05, maximum=60),
             redis_timeout_seconds=env.seconds(f"{p}REDIS_TIMEOUT", 0.5, minimum=0.005, maximum=10),
-            server_model=env.choice(f"{p}SERVER", "sync", ("sync", "aio")),
-            sync_workers=env.integer(f"{p}WORKERS", 16, minimum=1, maximum=1024),
-            sync_combine=env.flag(f"{p}SYNC_COMBINE", True),
+            workers=env.integer(f"{p}WORKERS", 16, minimum=1, maximum=1024),
+            combine=env.flag(f"{p}SYNC_COMBINE", True),
             stream_batch=env.integer(f"{p}STREAM_BATCH", 128, minimum=1, maximum=10_000),
         )
 
@@ -88,17 +88,19 @@ def _text(value: _TEXT) -> str:
 
 
 class Translator:
-    """Validation, the script call and the response, shared by every server model."""
+    """Validation, the script call and the response, shared by Translate and TranslateStream."""
 
     def __init__(
         self,
         settings: TranslationSettings,
         blocklist: BlocklistView,
+        clock: Clock,
         *,
         traced: bool = False,
     ) -> None:
         self.settings = settings
         self.blocklist = blocklist
+        self.clock = clock
         self.traced = traced
         self._limits = (str(settings.rate_window_ms), str(settings.rate_per_caller), str(settings.rate_per_binding))
 
@@ -113,20 +115,21 @@ class Translator:
         blocked_tenants = ""
         entry = self.blocklist.lookup(caller)
         if entry is not None:
-            now_ms = int(time.time() * 1000)
+            now_ms = self.clock.now_ms()
             if entry.blocked_globally(now_ms):
                 return translation_pb2.TranslateResponse(
                     decision=REJECT, reject_reason=CALLER_BLOCKED, call_id=request.call_id
                 )
             blocked_tenants = entry.tenants_arg(now_ms)
+        # The route table's keys from its one schema (numprotect.core.routes); the rate counters are ours.
         tag = "{" + called + "}"
         window, per_caller, per_binding = self._limits
         keys = (
-            "np:lock:" + tag,
-            "np:rt:" + tag + ":c:" + caller,
-            "np:rt:" + tag + ":n",
-            "np:rt:" + tag + ":axe",
-            "np:rt:" + tag + ":e:" + extension,
+            lock_key(called),
+            caller_key(called, caller),
+            axn_key(called),
+            axe_marker_key(called),
+            extension_key(called, extension),
             "np:rl:" + tag + ":c:" + caller,
         )
         args = (
@@ -170,7 +173,7 @@ class Translator:
                 binding_id=binding_id,
                 tenant_id=tenant_id,
                 recording_enabled=reply[5] in (b"1", "1"),
-                call_ref=encode_call_ref(binding_id, prepared.called, int(time.time() * 1000), trace_id, span_id),
+                call_ref=encode_call_ref(binding_id, prepared.called, self.clock.now_ms(), trace_id, span_id),
                 call_id=prepared.call_id,
             )
         response = translation_pb2.TranslateResponse(decision=decision, call_id=prepared.call_id)  # type: ignore[arg-type]
@@ -259,7 +262,7 @@ class StreamBatch:
         """Fills in the scripts' replies (an exception instance answers its own call with an error)."""
         for (out, prepared), reply in zip(self.pending, replies, strict=True):
             if isinstance(reply, BaseException):
-                error = as_domain_error(reply, "TranslateStream") or Unavailable("translation storage failed")
+                error = domain_error(reply, "TranslateStream") or Unavailable("translation storage failed")
                 out.error = stream_error(error)
             else:
                 out.response.CopyFrom(self.translator.finish(prepared, reply, self.span))

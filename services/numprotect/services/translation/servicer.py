@@ -1,26 +1,34 @@
-"""The TranslationService servicer on grpc.aio: Translate, TranslateStream and the blocklist RPCs."""
+"""The TranslationService servicer on grpcio's thread-pool server: Translate, TranslateStream, the blocklist RPCs.
+
+Translate and TranslateStream validate and answer through `translation.core` and call Redis through
+`ScriptClient` (one EVALSHA on blocking sockets, bounded by the call's deadline). The blocklist RPCs are cold:
+plain redis-py through `BlocklistStore`.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Sequence
+import queue
+import threading
+from collections.abc import Iterator
 from typing import Any
 
-from google.protobuf import timestamp_pb2
-from redis.exceptions import NoScriptError
+from opentelemetry.trace import SpanKind
 
-from numprotect.core.errors import InvalidArgument, Unavailable
-from numprotect.core.interceptors import as_domain_error
-from numprotect.core.redis_client import RedisClient
+from numprotect.core.clock import Clock
+from numprotect.core.conversions import duration_ms, timestamp_from_ms
+from numprotect.core.errors import DomainError, InvalidArgument, Unavailable
+from numprotect.core.page_tokens import PageTokens
+from numprotect.core.telemetry import Telemetry
 from numprotect.services.translation.blocklist import BlocklistStore, StoredEntry, scope_of
-from numprotect.services.translation.core import SCRIPT, Prepared, StreamBatch, Translator
+from numprotect.services.translation.core import Prepared, StreamBatch, Translator
+from numprotect.services.translation.fastredis import ScriptClient
 from numprotect.services.translation.numbers import normalize_caller
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 
 _PAGE_DEFAULT = 100
 _PAGE_MAX = 1000
+_REASON_MAX = 200
+LIST_BLOCKED_CALLERS = "translation.ListBlockedCallers"
 
 
 def redis_budget(remaining: float | None, cap: float) -> float:
@@ -33,128 +41,141 @@ def redis_budget(remaining: float | None, cap: float) -> float:
 
 
 class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer):
-    def __init__(self, redis: RedisClient, translator: Translator, blocklist: BlocklistStore) -> None:
-        self.redis = redis
+    def __init__(
+        self,
+        client: ScriptClient,
+        translator: Translator,
+        blocklist: BlocklistStore,
+        page_tokens: PageTokens,
+        clock: Clock,
+        telemetry: Telemetry,
+    ) -> None:
+        self.client = client
+        # A CLIENT span per Redis call, only inside a sampled call (the hot path's client is ours, not redis-py's).
+        # Never keys or arguments: they contain phone numbers.
+        self.telemetry = telemetry
+        self.redis_attributes = client.span_attributes()
         self.translator = translator
         self.blocklist = blocklist
+        self.page_tokens = page_tokens
+        self.clock = clock
         self.cap = translator.settings.redis_timeout_seconds
         self.batch = translator.settings.stream_batch
+        self.combine = translator.settings.combine
 
-    async def Translate(  # noqa: N802
+    def Translate(  # noqa: N802
         self, request: translation_pb2.TranslateRequest, context: Any
     ) -> translation_pb2.TranslateResponse:
         prepared = self.translator.prepare(request)
         if not isinstance(prepared, Prepared):
             return prepared
         budget = redis_budget(context.time_remaining(), self.cap)
-        try:
-            async with asyncio.timeout(budget):
-                reply = await SCRIPT(self.redis, prepared.keys, prepared.args)
-        except TimeoutError:
-            raise Unavailable(f"translation storage did not answer within {budget * 1000:.0f} ms") from None
-        return self.translator.finish(prepared, reply, self.translator.recording_span())
+        span = self.translator.recording_span()
+        if span is None:
+            return self.translator.finish(prepared, self._evalsha(prepared, budget))
+        with self.telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT, attributes=self.redis_attributes):
+            reply = self._evalsha(prepared, budget)
+        return self.translator.finish(prepared, reply, span)
 
-    async def TranslateStream(  # noqa: N802
-        self, request_iterator: AsyncIterator[translation_pb2.TranslateStreamRequest], context: Any
-    ) -> AsyncIterator[translation_pb2.TranslateStreamResponse]:
-        """Requests queue while a batch is in Redis; each batch is one pipeline of EVALSHAs."""
-        queue: asyncio.Queue[translation_pb2.TranslateStreamRequest | None] = asyncio.Queue()
+    def _evalsha(self, prepared: Prepared, budget: float) -> Any:
+        if self.combine:
+            return self.client.evalsha_combined(prepared.keys, prepared.args, budget)
+        return self.client.evalsha(prepared.keys, prepared.args, budget)
 
-        async def read() -> None:
+    def TranslateStream(  # noqa: N802
+        self, request_iterator: Iterator[translation_pb2.TranslateStreamRequest], context: Any
+    ) -> Iterator[translation_pb2.TranslateStreamResponse]:
+        """A reader thread queues requests; this thread answers whatever queued meanwhile in one pipeline.
+
+        The stream holds this handler thread (one of NUMPROTECT_TRANSLATION_WORKERS) for as long as it is open.
+        """
+        inbox: queue.SimpleQueue[translation_pb2.TranslateStreamRequest | None] = queue.SimpleQueue()
+
+        def read() -> None:
             try:
-                async for message in request_iterator:
-                    queue.put_nowait(message)
+                for message in request_iterator:
+                    inbox.put(message)
+            except Exception:  # the client went away: the stream ends below
+                pass
             finally:
-                queue.put_nowait(None)
+                inbox.put(None)
 
-        reader = asyncio.create_task(read(), name="translate-stream-reader")
-        try:
-            done = False
-            while not done:
-                first = await queue.get()
-                if first is None:
+        threading.Thread(target=read, name="translate-stream-reader", daemon=True).start()
+        done = False
+        while not done:
+            first = inbox.get()
+            if first is None:
+                return
+            messages = [first]
+            while len(messages) < self.batch:
+                try:
+                    message = inbox.get_nowait()
+                except queue.Empty:
                     break
-                batch = [first]
-                while len(batch) < self.batch and not queue.empty():
-                    message = queue.get_nowait()
-                    if message is None:
-                        done = True
-                        break
-                    batch.append(message)
-                for response in await self.translate_batch(batch):
-                    yield response
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+                if message is None:
+                    done = True
+                    break
+                messages.append(message)
+            batch = StreamBatch(self.translator, messages)
+            if batch.pending:
+                try:
+                    batch.complete(self._evalsha_many(batch))
+                except DomainError as exc:
+                    batch.fail(exc)
+                except Exception as exc:
+                    batch.fail(Unavailable(f"translation storage failed: {exc.__class__.__name__}"))
+            yield from batch.responses
 
-    async def translate_batch(
-        self, messages: Sequence[translation_pb2.TranslateStreamRequest]
-    ) -> list[translation_pb2.TranslateStreamResponse]:
-        batch = StreamBatch(self.translator, messages)
-        if not batch.pending:
-            return batch.responses
-        try:
-            async with asyncio.timeout(self.cap):
-                replies = await self._pipeline([p for _, p in batch.pending])
-        except TimeoutError:
-            return batch.fail(Unavailable(f"translation storage did not answer within {self.cap * 1000:.0f} ms"))
-        except Exception as exc:
-            return batch.fail(as_domain_error(exc, "TranslateStream") or Unavailable("translation storage failed"))
-        return batch.complete(replies)
-
-    async def _pipeline(self, batch: list[Prepared]) -> list[Any]:
-        for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            for prepared in batch:
-                # execute_command: the cluster pipeline refuses .evalsha(), not EVALSHA itself (keys share a slot)
-                pipe.execute_command("EVALSHA", SCRIPT.sha, len(prepared.keys), *prepared.keys, *prepared.args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                await SCRIPT.load(self.redis)
-                continue
-            return replies
-        raise AssertionError("unreachable")
+    def _evalsha_many(self, batch: StreamBatch) -> list[Any]:
+        if batch.span is None:
+            return self.client.evalsha_many(batch.calls, self.cap)
+        attributes = {**self.redis_attributes, "db.redis.pipeline_length": len(batch.pending)}
+        with self.telemetry.child_span("EVALSHA", kind=SpanKind.CLIENT, attributes=attributes):
+            return self.client.evalsha_many(batch.calls, self.cap)
 
     # --- blocklist -------------------------------------------------------------------------------------
 
-    async def BlockCaller(  # noqa: N802
+    def BlockCaller(  # noqa: N802
         self, request: translation_pb2.BlockCallerRequest, context: Any
     ) -> translation_pb2.BlockCallerResponse:
         scope_of(request.tenant_id)
         number = normalize_caller(request.calling_number)
-        if len(request.reason) > 200:
-            raise InvalidArgument.field("reason", "must be at most 200 characters")
-        now_ms = int(time.time() * 1000)
+        if len(request.reason) > _REASON_MAX:
+            raise InvalidArgument.field("reason", f"must be at most {_REASON_MAX} characters")
+        now_ms = self.clock.now_ms()
         expire_ms = 0
         if request.HasField("ttl"):
-            ttl_ms = request.ttl.ToMilliseconds()
+            ttl_ms = duration_ms("ttl", request.ttl)
             if ttl_ms <= 0:
                 raise InvalidArgument.field("ttl", "must be positive when set")
             expire_ms = now_ms + ttl_ms
         entry = StoredEntry(request.tenant_id, number, request.reason.replace("\n", " "), now_ms, expire_ms)
-        await self.blocklist.block(entry)
+        self.blocklist.block(entry)
         return translation_pb2.BlockCallerResponse(entry=_entry_message(entry))
 
-    async def UnblockCaller(  # noqa: N802
+    def UnblockCaller(  # noqa: N802
         self, request: translation_pb2.UnblockCallerRequest, context: Any
     ) -> translation_pb2.UnblockCallerResponse:
         scope_of(request.tenant_id)
-        await self.blocklist.unblock(request.tenant_id, normalize_caller(request.calling_number))
+        self.blocklist.unblock(request.tenant_id, normalize_caller(request.calling_number))
         return translation_pb2.UnblockCallerResponse()
 
-    async def ListBlockedCallers(  # noqa: N802
+    def ListBlockedCallers(  # noqa: N802
         self, request: translation_pb2.ListBlockedCallersRequest, context: Any
     ) -> translation_pb2.ListBlockedCallersResponse:
         scope_of(request.tenant_id)
         if request.page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
         size = min(request.page_size or _PAGE_DEFAULT, _PAGE_MAX)
-        entries = [e for e in await self.blocklist.entries(request.tenant_id) if e.calling_number > request.page_token]
+        query = (request.tenant_id,)
+        after = ""
+        if request.page_token:
+            (after,) = self.page_tokens.decode(request.page_token, query=query, fields=1)
+        entries = [e for e in self.blocklist.entries(request.tenant_id) if e.calling_number > after]
         page = entries[:size]
         response = translation_pb2.ListBlockedCallersResponse(entries=[_entry_message(e) for e in page])
         if len(entries) > size:
-            response.next_page_token = page[-1].calling_number
+            response.next_page_token = self.page_tokens.encode((page[-1].calling_number,), query=query)
         return response
 
 
@@ -162,13 +183,7 @@ def _entry_message(entry: StoredEntry) -> translation_pb2.BlockedCaller:
     message = translation_pb2.BlockedCaller(
         tenant_id=entry.tenant_id, calling_number=entry.calling_number, reason=entry.reason
     )
-    message.create_time.CopyFrom(_timestamp(entry.create_ms))
+    message.create_time.CopyFrom(timestamp_from_ms(entry.create_ms))
     if entry.expire_ms:
-        message.expire_time.CopyFrom(_timestamp(entry.expire_ms))
+        message.expire_time.CopyFrom(timestamp_from_ms(entry.expire_ms))
     return message
-
-
-def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMilliseconds(ms)
-    return stamp

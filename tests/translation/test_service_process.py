@@ -1,6 +1,6 @@
-"""Both server models as real processes (python -m numprotect.services.translation).
+"""The service as a real process (python -m numprotect.services.translation, grpcio's thread-pool server).
 
-Same answers, errors, stream, deadline, drain.
+Answers, errors, blocklist, stream, deadline, shared port.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ X_AXN = "700100000000002"
 A = "13800000001"
 B = "13900000002"
 SPAMMER = "13700000003"
+SERVICE = "numprotect.translation.v1.TranslationService"
 
 
-@pytest.fixture(params=["sync", "aio"])
-def process(request: Any, redis_env: dict[str, str], route_factory: Callable[..., Route]) -> Iterator[ServiceProcess]:
+def _seed(redis_env: dict[str, str], route_factory: Callable[..., Route]) -> None:
     async def seed() -> None:
         client = create_redis(RedisSettings.from_env(Env(redis_env)))
         table = RouteTable(client)
@@ -41,16 +41,23 @@ def process(request: Any, redis_env: dict[str, str], route_factory: Callable[...
         await client.aclose()
 
     asyncio.run(seed())
-    settings = {
+
+
+def _settings(redis_env: dict[str, str]) -> dict[str, str]:
+    return {
         **redis_env,
-        "NUMPROTECT_TRANSLATION_SERVER": request.param,
         "NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "100ms",
         "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "0",
         "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "0",
     }
-    service = ServiceProcess("translation", settings)
+
+
+@pytest.fixture
+def process(redis_env: dict[str, str], route_factory: Callable[..., Route]) -> Iterator[ServiceProcess]:
+    _seed(redis_env, route_factory)
+    service = ServiceProcess("translation", _settings(redis_env))
     try:
-        service.wait_serving(service_name="numprotect.translation.v1.TranslationService")
+        service.wait_serving(service_name=SERVICE)
         yield service
     finally:
         assert service.stop() == 0, "\n".join(service.lines[-20:])
