@@ -1,11 +1,12 @@
 """The service as a real process (python -m numprotect.services.translation, grpcio's thread-pool server).
 
-Answers, errors, blocklist, stream, deadline, shared port.
+Answers, errors, blocklist, stream, deadline, shared port, and open Health/Watch streams beyond the worker pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import grpc
 import pytest
 import redis
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.cluster import RedisCluster
 
 from numprotect.core.redis_client import create_redis
@@ -168,3 +170,36 @@ def test_processes_share_one_port_with_reuse_port(
     finally:
         assert first.stop() == 0
         assert second.stop() == 0
+
+
+def test_open_health_watches_beyond_the_worker_pool_leave_translate_answered(
+    redis_env: dict[str, str], route_factory: Callable[..., Route]
+) -> None:
+    """Envoy and client-side health checking keep a Health/Watch open per connection: an open watch must hold no
+    worker thread, so more watches than workers still leave Translate answered; the drain tells every watch."""
+    _seed(redis_env, route_factory)
+    workers = 2
+    service = ServiceProcess("translation", {**_settings(redis_env), "NUMPROTECT_TRANSLATION_WORKERS": str(workers)})
+    try:
+        service.wait_serving(service_name=SERVICE)
+        with grpc.insecure_channel(service.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            names = ["", SERVICE] * 4
+            watches = [health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=20) for name in names]
+            assert len(watches) > workers
+            # Each watch's first answer: its handler ran on the server and the watch stays open there.
+            assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * len(names)
+
+            stub: Any = translation_pb2_grpc.TranslationServiceStub(channel)
+            started = time.monotonic()
+            reply = _translate(stub, A, timeout=3.0)
+            assert (reply.decision, reply.target_number) == (pb.DECISION_CONNECT, B)
+            assert time.monotonic() - started < 3.0
+
+            service.signal(signal.SIGTERM)  # the drain: NOT_SERVING to every watch before the server stops
+            statuses = [next(w).status for w in watches]
+            assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING] * len(names)
+            for watch in watches:
+                watch.cancel()
+    finally:
+        assert service.stop() == 0, "\n".join(service.lines[-20:])
