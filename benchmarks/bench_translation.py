@@ -1,19 +1,18 @@
 """Translation benchmark: `python -m benchmarks.bench_translation` (part of `make bench`).
 
 Seeds 100,000 AXB bindings in a fresh redis-server, then starts, each pinned to CPU 0 (taskset), one
-`python -m numprotect.services.translation` per server model (sync, aio) and an empty sync handler (no interceptors,
-no Redis) under each CPU scheduling policy (batch, normal: the faster is the best ceiling grpcio reaches here). h2load
-on the other CPU drives, in BENCH_ROUNDS interleaved rounds (rotated order, so a change of the machine's load
-hits every target alike):
+`python -m numprotect.services.translation` per CPU scheduling policy in BENCH_POLICIES and an empty thread-pool
+handler (no interceptors, no Redis) under each policy (batch, normal: the faster is the best ceiling grpcio reaches
+here). h2load on the other CPU drives, in BENCH_ROUNDS interleaved rounds (rotated order, so a change of the
+machine's load hits every target alike):
   - the empty handlers,
   - grpc.health.v1.Health/Check of each translation server (the framework's ceiling on the same server),
   - TranslationService/Translate of each (the real hot path: one EVALSHA per call),
-then a Python client on the load CPU pushes one long TranslateStream per model. A sample of real responses is
+then a Python client on the load CPU pushes one long TranslateStream per server. A sample of real responses is
 verified (h2load only sees HTTP status). Reports median RPS, p50/p99 (h2load's per-request log), the ratios
 the issue targets (of the medians, and per round), and the stream rates.
-Environment: BENCH_ROUNDS (3), BENCH_DURATION (6s), BENCH_CLIENTS (4), BENCH_STREAMS (16), BENCH_MODELS
-(sync,aio; a model may name a scheduling policy, e.g. sync/normal; default batch), BENCH_STREAM_MESSAGES,
-BENCH_STREAM_BATCH, BENCH_BINDINGS.
+Environment: BENCH_ROUNDS (3), BENCH_DURATION (6s), BENCH_CLIENTS (4), BENCH_STREAMS (16), BENCH_POLICIES
+(batch; e.g. batch,normal), BENCH_STREAM_MESSAGES, BENCH_STREAM_BATCH, BENCH_BINDINGS.
 """
 
 from __future__ import annotations
@@ -49,7 +48,8 @@ STREAMS_PER_CLIENT = int(os.environ.get("BENCH_STREAMS", "16"))
 STREAM_MESSAGES = int(os.environ.get("BENCH_STREAM_MESSAGES", "20000"))
 STREAM_BATCH = int(os.environ.get("BENCH_STREAM_BATCH", "32"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-MODELS = tuple(os.environ.get("BENCH_MODELS", "sync,aio").split(","))
+# One translation server per CPU scheduling policy, named "translation/<policy>".
+SERVERS = tuple(f"translation/{policy}" for policy in os.environ.get("BENCH_POLICIES", "batch").split(","))
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 TRANSLATE = "/numprotect.translation.v1.TranslationService/Translate"
@@ -103,7 +103,7 @@ class LoadResult:
 
     def line(self) -> str:
         return (
-            f"  {self.name:<28} {self.rps:>6.0f} RPS  p50 {self.p50_ms:6.2f} ms  p99 {self.p99_ms:6.2f} ms"
+            f"  {self.name:<32} {self.rps:>6.0f} RPS  p50 {self.p50_ms:6.2f} ms  p99 {self.p99_ms:6.2f} ms"
             f"  CPU {self.cpu_us_per_call:4.0f} us/call, busy {self.busy:4.2f}  ({self.ok} ok, {self.failed} failed)"
         )
 
@@ -196,14 +196,13 @@ class Server:
 
 
 def translation_server(model: str, redis_url: str) -> Server:
-    """`model`: a server model ("sync", "aio"), optionally with a CPU scheduling policy ("sync/normal")."""
+    """`model`: "translation/<CPU scheduling policy>" (see SERVERS)."""
     port = free_port()
-    server_model, _, policy = model.partition("/")
+    policy = model.partition("/")[2]
     env = {
         "NUMPROTECT_REDIS_URL": redis_url,
         "NUMPROTECT_TRANSLATION_PORT": str(port),
-        "NUMPROTECT_TRANSLATION_SERVER": server_model,
-        "NUMPROTECT_CPU_SCHEDULING": policy or "batch",
+        "NUMPROTECT_CPU_SCHEDULING": policy,
         # h2load repeats one request: limits high enough never to trigger, so the counters still run.
         "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "1000000",
         "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "1000000",
@@ -322,7 +321,7 @@ def main() -> int:
             empty_server_process = Server(empty_args, {}, empty_port)
             servers.append(empty_server_process)
             targets[f"empty/{policy}"] = (empty_port, EMPTY, b"", empty_server_process.process.pid)
-        translation_servers = {model: translation_server(model, redis_url) for model in MODELS}
+        translation_servers = {model: translation_server(model, redis_url) for model in SERVERS}
         servers.extend(translation_servers.values())
         for model, server in translation_servers.items():
             lines.append(f"{model}: verified {verify_sample(server.port)} sampled Translate answers: all correct")
@@ -363,15 +362,15 @@ def main() -> int:
             median[name] = ordered[len(ordered) // 2]
             per_round = ", ".join(f"{r.rps:.0f}" for r in runs[name])
             lines.append(f"{median[name].line()}   rounds: {per_round}")
-        for model in MODELS:
+        for model in SERVERS:
             rate, connected, cpu, busy = streams[model]
             lines.append(
-                f"  {model + ': TranslateStream (1 stream)':<34} {rate:>9.0f} msg/s  CPU {cpu:4.0f} us/call, busy "
+                f"  {model + ': TranslateStream (1 stream)':<48} {rate:>9.0f} msg/s  CPU {cpu:4.0f} us/call, busy "
                 f"{busy:4.2f}  ({connected}/{STREAM_MESSAGES} CONNECT)"
             )
             rate, connected, cpu, busy = batched[model]
             lines.append(
-                f"  {model + f': TranslateStream ({STREAM_BATCH}/message)':<34} {rate:>9.0f} calls/s  CPU {cpu:4.0f} "
+                f"  {model + f': TranslateStream ({STREAM_BATCH}/message)':<48} {rate:>9.0f} calls/s  CPU {cpu:4.0f} "
                 f"us/call, busy {busy:4.2f}  ({connected}/{STREAM_MESSAGES} CONNECT)"
             )
         lines.append("")
@@ -379,7 +378,7 @@ def main() -> int:
         best_empty = max((f"empty/{policy}" for policy in POLICIES), key=lambda name: median[name].rps)
         empty = [max(rounds) for rounds in zip(*([r.rps for r in runs[f"empty/{p}"]] for p in POLICIES), strict=True)]
         lines.append(f"best empty-handler ceiling: {best_empty} ({median[best_empty].rps:.0f} RPS)")
-        for model in MODELS:
+        for model in SERVERS:
             translate = [r.rps for r in runs[f"{model} translate"]]
             health = [r.rps for r in runs[f"{model} health"]]
             per_round_health = ", ".join(f"{t / h:.2f}" for t, h in zip(translate, health, strict=True))
@@ -398,12 +397,14 @@ def main() -> int:
                 f"{unary_cpu / max(1e-9, streams[model][2]):.2f}, batched stream/unary = "
                 f"{unary_cpu / max(1e-9, batched[model][2]):.2f} (target >= 3)"
             )
-        best = max(MODELS, key=lambda m: median[f"{m} translate"].rps)
-        lines.append(
-            f"faster unary Translate: {best} ("
-            + " vs ".join(f"{m} {median[f'{m} translate'].rps:.0f}" for m in sorted(MODELS, key=lambda m: m != best))
-            + " RPS)"
-        )
+        if len(SERVERS) > 1:
+            best = max(SERVERS, key=lambda m: median[f"{m} translate"].rps)
+            others = sorted(SERVERS, key=lambda m: m != best)
+            lines.append(
+                f"faster unary Translate: {best} ("
+                + " vs ".join(f"{m} {median[f'{m} translate'].rps:.0f}" for m in others)
+                + " RPS)"
+            )
         failed = sum(r.failed for results in runs.values() for r in results)
         lines.append(f"h2load failed requests: {failed}")
     finally:
