@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio.cluster import ClusterNode
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
-from numprotect.core.errors import Unavailable
 from numprotect.core.calls import domain_error
+from numprotect.core.errors import Unavailable
 from numprotect.core.redis_client import LuaScript, RedisClient, create_redis, redis_is_up
 from numprotect.core.settings import Env, RedisSettings
 from support.processes import ServiceProcess
