@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from redis.asyncio import Redis
 
 from numprotect.core.errors import ResourceExhausted
+from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.redis_client import RedisClient
-from numprotect.core.settings import Env
+from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.allocation.pools import NumberPools
 from numprotect.services.allocation.scripts import Scripts
 from numprotect.services.allocation.settings import AllocationSettings
@@ -101,7 +102,10 @@ async def _server_counters(client: Redis) -> tuple[int, int, int]:
 async def prepare(redis_url: str, tenant: str, prefix: str, blocks: int) -> Pool:
     raw = Redis.from_url(redis_url, max_connections=64)
     counting = CountingRedis(raw)
-    pools = NumberPools(cast(RedisClient, counting), AllocationSettings.from_env(Env({})), Scripts.load())
+    limit = ConcurrencyLimit.for_redis(RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": redis_url})))
+    pools = NumberPools(
+        cast(RedisClient, counting), AllocationSettings.from_env(Env({})), Scripts.load(), redis_limit=limit
+    )
     pool = Pool(tenant, blocks, raw, counting, pools, random.Random(7))
     started = time.perf_counter()
     for b in range(blocks):

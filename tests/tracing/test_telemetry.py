@@ -523,28 +523,24 @@ def test_sync_server_spans_continue_the_callers_trace_and_record_status() -> Non
 
 
 async def test_aio_server_spans_record_status_of_failed_and_streaming_calls(redis_url: str) -> None:
-    from numprotect.services.translation.app import build as build_translation
-    from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-
     telemetry, exporter = traced()
     environ = {"NUMPROTECT_REDIS_URL": redis_url}
-    async with running_service("translation", build_translation, environ, telemetry=telemetry) as svc:
-        stub = translation_pb2_grpc.TranslationServiceStub(svc.channel)
+    async with running_service("cdr", build_cdr, environ, telemetry=telemetry) as svc:
+        stub = cdr_pb2_grpc.CdrServiceStub(svc.channel)
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await stub.Translate(translation_pb2.TranslateRequest(calling_number="1", called_number=VIRTUAL))
+            await stub.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="not a tenant id"))
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-        async def requests() -> AsyncIterator[translation_pb2.TranslateStreamRequest]:
-            request = translation_pb2.TranslateRequest(calling_number=PARTY_A, called_number=VIRTUAL, call_id="s1")
-            yield translation_pb2.TranslateStreamRequest(request=request)
+        async def requests() -> AsyncIterator[cdr_pb2.StreamCdrsRequest]:
+            yield cdr_pb2.StreamCdrsRequest(record=cdr_pb2.CallDetailRecord(call_id="s1"))  # rejected, stream OK
 
-        answers = [answer async for answer in stub.TranslateStream(requests())]
-        assert [a.call_id for a in answers] == ["s1"]
+        reply = await stub.StreamCdrs(requests())
+        assert len(reply.rejected) == 1
     spans = {s.name: s for s in finished(telemetry, exporter) if s.kind == SpanKind.SERVER}
-    translate = spans["/numprotect.translation.v1.TranslationService/Translate"]
-    assert dict(translate.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert translate.status.status_code == trace.StatusCode.ERROR
-    stream = spans["/numprotect.translation.v1.TranslationService/TranslateStream"]
+    listed = spans["/numprotect.cdr.v1.CdrService/ListCdrs"]
+    assert dict(listed.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert listed.status.status_code == trace.StatusCode.ERROR
+    stream = spans["/numprotect.cdr.v1.CdrService/StreamCdrs"]
     assert dict(stream.attributes or {})["rpc.grpc.status_code"] == 0
     assert stream.status.status_code == trace.StatusCode.UNSET
 
