@@ -183,10 +183,6 @@ def main() -> int:
                 for key, value in os.environ.items()
                 if not key.startswith("OTEL_") and not key.startswith("NUMPROTECT_")
             }
-            # The server model to measure (default: the service's own default).
-            model = os.environ.get("NUMPROTECT_TRANSLATION_SERVER")
-            if model:
-                base["NUMPROTECT_TRANSLATION_SERVER"] = model
             base.update(
                 {
                     "NUMPROTECT_REDIS_URL": redis_url,
@@ -282,7 +278,7 @@ def main() -> int:
     print(
         f"Translate throughput with tracing off, on with nothing sampled, at the default sampler "
         f"(parentbased_traceidratio 0.01), at 10% and at 100%: {processes} translation processes per configuration "
-        f"(server model {model or 'default'}), h2load -c {clients} -m {streams}, {rounds} interleaved rounds of "
+        f"(thread-pool server), h2load -c {clients} -m {streams}, {rounds} interleaved rounds of "
         f"{seconds:g}s on each process, {SEED_ROUTES} routes seeded; {os.cpu_count()} CPUs shared by Redis, the "
         f"{len(units)} translation processes, h2load and the OTLP receiver; load average {load}"
     )

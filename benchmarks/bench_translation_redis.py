@@ -18,7 +18,7 @@ from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.translation.app import build_sync
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from support.inprocess_sync import running_sync_service
+from support.inprocess import running_sync_service
 from support.redis_server import RedisServer
 
 NUMBERS = 1000

@@ -25,8 +25,7 @@ from numprotect.services.binding.app import build as build_binding
 from numprotect.services.binding.store import TENANT_SHARDS, order_key, tenant_index_key
 from numprotect.services.translation.app import build_sync as build_translation
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from support.inprocess import running_service
-from support.inprocess_sync import running_sync_service
+from support.inprocess import running_service, running_sync_service
 from support.redis_server import free_port
 
 A = "13800000001"

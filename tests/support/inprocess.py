@@ -1,24 +1,33 @@
-"""Runs a service in the test's own event loop: the real bootstrap and servicer on a loopback port chosen by the OS."""
+"""Runs a service in the test's own process: the real bootstrap and servicer on a loopback port chosen by the OS.
+
+`running_service` serves a grpc.aio service on the test's event loop; `running_sync_service` a thread-pool service
+(translation), whose building, starting and stopping block and so run off the loop. Both yield a grpc.aio channel.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 
-from numprotect.core.redis_client import create_redis, create_sync_redis, sync_redis_is_up
-from numprotect.core.server import AioServiceApp, Builder, Runtime
+from numprotect.core.redis_client import SyncRedisClient, create_redis, create_sync_redis, sync_redis_is_up
+from numprotect.core.server import AioServiceApp, Builder, Runtime, SyncBuilder, SyncRuntime, SyncServiceApp
 from numprotect.core.settings import Env, RedisSettings, ServerSettings
 from numprotect.core.telemetry import Telemetry
 
+AppT = TypeVar("AppT", AioServiceApp, SyncServiceApp)
+RuntimeT = TypeVar("RuntimeT", Runtime, SyncRuntime)
+
 
 @dataclass
-class RunningService:
-    app: AioServiceApp
-    runtime: Runtime
+class RunningService(Generic[AppT, RuntimeT]):
+    app: AppT
+    runtime: RuntimeT
     port: int
     channel: grpc.aio.Channel
 
@@ -27,22 +36,39 @@ class RunningService:
         return f"127.0.0.1:{self.port}"
 
 
+@dataclass(frozen=True)
+class _Setup:
+    env: Env
+    server: ServerSettings
+    redis: RedisSettings
+    telemetry: Telemetry
+    probe_client: SyncRedisClient
+
+    @classmethod
+    def of(cls, service: str, environ: Mapping[str, str], telemetry: Telemetry | None) -> _Setup:
+        env = Env({**environ, f"NUMPROTECT_{service.upper()}_PORT": "0", "NUMPROTECT_GRACE_PERIOD": "0"})
+        redis = RedisSettings.from_env(env)
+        return cls(
+            env,
+            ServerSettings.from_env(env, service),
+            redis,
+            telemetry or Telemetry.disabled(),
+            create_sync_redis(redis, max_connections=2),
+        )
+
+    def probe(self) -> bool:
+        return sync_redis_is_up(self.probe_client)
+
+
 @asynccontextmanager
 async def running_service(
     service: str, builder: Builder, environ: Mapping[str, str], *, telemetry: Telemetry | None = None
-) -> AsyncIterator[RunningService]:
+) -> AsyncIterator[RunningService[AioServiceApp, Runtime]]:
     """Builds `service` with `builder` from `environ` (port forced to 0) and yields it with a client channel."""
-    env = Env({**environ, f"NUMPROTECT_{service.upper()}_PORT": "0", "NUMPROTECT_GRACE_PERIOD": "0"})
-    server_settings = ServerSettings.from_env(env, service)
-    redis_settings = RedisSettings.from_env(env)
-    redis = create_redis(redis_settings)
-    probe_client = create_sync_redis(redis_settings, max_connections=2)
-    tel = telemetry or Telemetry.disabled()
-    runtime = Runtime(env, server_settings, redis, tel, redis_settings)
+    setup = _Setup.of(service, environ, telemetry)
+    runtime = Runtime(setup.env, setup.server, create_redis(setup.redis), setup.telemetry, setup.redis)
     parts = await builder(runtime)
-    app = AioServiceApp(
-        server_settings, parts.registrations, probe=lambda: sync_redis_is_up(probe_client), telemetry=tel
-    )
+    app = AioServiceApp(setup.server, parts.registrations, probe=setup.probe, telemetry=setup.telemetry)
     port = await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -55,4 +81,36 @@ async def running_service(
             if inspect.isawaitable(outcome):
                 await outcome
         await runtime.close()
-        probe_client.close()
+        setup.probe_client.close()
+
+
+@asynccontextmanager
+async def running_sync_service(
+    service: str, builder: SyncBuilder, environ: Mapping[str, str], *, telemetry: Telemetry | None = None
+) -> AsyncIterator[RunningService[SyncServiceApp, SyncRuntime]]:
+    """The same for a thread-pool service."""
+    setup = _Setup.of(service, environ, telemetry)
+    runtime = SyncRuntime(setup.env, setup.server, setup.redis, create_sync_redis(setup.redis), setup.telemetry)
+    try:
+        parts = await asyncio.to_thread(builder, runtime)
+        try:
+            app = SyncServiceApp(
+                setup.server,
+                parts.registrations,
+                probe=setup.probe,
+                telemetry=setup.telemetry,
+                max_workers=parts.max_workers,
+            )
+            port = await asyncio.to_thread(app.start)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                yield RunningService(app, runtime, port, channel)
+            finally:
+                await channel.close(grace=None)
+                await asyncio.to_thread(app.stop)
+        finally:
+            for hook in parts.on_shutdown:
+                await asyncio.to_thread(hook)
+    finally:
+        runtime.close()
+        setup.probe_client.close()

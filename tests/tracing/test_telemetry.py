@@ -350,6 +350,24 @@ async def test_redis_spans_are_children_and_carry_no_phone_number(redis_client: 
         assert number[-8:] not in text  # not even a fragment of a key
 
 
+def test_blocking_redis_clients_get_the_same_child_only_spans(redis_url: str) -> None:
+    """The thread-pool server's redis-py client (SyncRuntime.redis) is instrumented like the asyncio one."""
+    telemetry, exporter = traced()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        telemetry.instrument_redis(client)
+        with current_span(telemetry, "rpc") as parent:
+            client.set(f"np:test:{{{VIRTUAL}}}:{PARTY_A}", PARTY_B)
+        assert client.get(f"np:test:{{{VIRTUAL}}}:{PARTY_A}") == PARTY_B.encode()  # outside a span: no span
+    finally:
+        client.close()
+    spans = [s for s in finished(telemetry, exporter) if s.name != "rpc"]
+    assert [s.name for s in spans] == ["SET"]
+    assert spans[0].kind == SpanKind.CLIENT and spans[0].parent is not None
+    assert spans[0].parent.span_id == parent.get_span_context().span_id
+    assert dict(spans[0].attributes or {}).get("db.statement") == "SET ? ?"
+
+
 async def test_redis_commands_outside_traced_calls_make_no_spans(redis_client: redis.asyncio.Redis) -> None:
     telemetry, exporter = traced()
     telemetry.instrument_redis(redis_client)

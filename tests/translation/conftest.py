@@ -12,10 +12,11 @@ import pytest
 
 from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
+from numprotect.core.server import SyncRuntime, SyncServiceApp
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.translation.app import build_sync
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
-from support.inprocess_sync import RunningSyncService, running_sync_service
+from support.inprocess import RunningService, running_sync_service
 
 X = "700100000000001"
 A = "13800000001"
@@ -58,7 +59,7 @@ def make_route(
 
 @dataclass
 class Translation:
-    service: RunningSyncService
+    service: RunningService[SyncServiceApp, SyncRuntime]
     stub: translation_pb2_grpc.TranslationServiceStub
     routes: RouteTable
     redis: RedisClient

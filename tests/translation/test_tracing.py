@@ -16,7 +16,7 @@ from numprotect.core.telemetry import Telemetry
 from numprotect.services.translation.app import build_sync
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
-from support.inprocess_sync import running_sync_service
+from support.inprocess import running_sync_service
 
 X = "700100000000001"
 A = "13800000001"

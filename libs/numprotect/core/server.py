@@ -251,6 +251,10 @@ class SyncRuntime:
     redis: SyncRedisClient
     telemetry: Telemetry
 
+    def __post_init__(self) -> None:
+        # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
+        self.telemetry.instrument_redis(self.redis)
+
     def close(self) -> None:
         self.redis.close()
 

@@ -20,7 +20,7 @@ from numprotect.core.telemetry.sampling import SamplingRule
 from numprotect.core.telemetry.server_spans import ServerSpans, _PresetTraceIds
 
 if TYPE_CHECKING:
-    from numprotect.core.redis_client import RedisClient
+    from numprotect.core.redis_client import RedisClient, SyncRedisClient
 
 
 class Telemetry:
@@ -81,7 +81,7 @@ class Telemetry:
 
     # --- Redis ----------------------------------------------------------------------------------------------
 
-    def instrument_redis(self, client: RedisClient) -> None:
+    def instrument_redis(self, client: RedisClient | SyncRedisClient) -> None:
         """CLIENT spans for this client's commands and pipelines (only inside a recording span).
 
         Per client, not per class: clients created elsewhere stay untouched. The statement attribute is the

@@ -12,10 +12,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span
 
 if TYPE_CHECKING:
-    from numprotect.core.redis_client import RedisClient
+    from numprotect.core.redis_client import RedisClient, SyncRedisClient
 
 
-def instrument_client(client: RedisClient, provider: trace.TracerProvider) -> None:
+def instrument_client(client: RedisClient | SyncRedisClient, provider: trace.TracerProvider) -> None:
     """CLIENT spans for this client's commands and pipelines from `provider`'s tracers (see Telemetry)."""
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
