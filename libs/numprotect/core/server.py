@@ -112,27 +112,7 @@ def _listen(server: Any, settings: ServerSettings, registrations: Sequence[Servi
 
 
 class _ServiceApp:
-    """What both server models hold: settings, services, the bound port and the health probe."""
-
-    def __init__(
-        self, settings: ServerSettings, registrations: Sequence[ServiceRegistration], probe: Callable[[], bool] | None
-    ) -> None:
-        self.settings = settings
-        self.registrations = list(registrations)
-        self.port = 0
-        self._probe = HealthProbe(probe or (lambda: True), self._publish, settings.health_interval_seconds)
-
-    @property
-    def health_names(self) -> list[str]:
-        """ "" (the whole server) and each service: the names health answers for."""
-        return ["", *(r.full_name for r in self.registrations)]
-
-    def _publish(self, serving: bool) -> None:
-        raise NotImplementedError
-
-
-class AioServiceApp(_ServiceApp):
-    """A grpc.aio server with health, reflection and the call layer around the given services."""
+    """What both server models hold: settings, services, the bound port, the health probe; and how they are built."""
 
     def __init__(
         self,
@@ -141,12 +121,34 @@ class AioServiceApp(_ServiceApp):
         *,
         probe: Callable[[], bool] | None,
         telemetry: Telemetry,
+        max_workers: int = 16,
     ) -> None:
-        super().__init__(settings, registrations, probe)
+        """`max_workers` sizes the thread-pool server's pool (concurrent calls in Python); grpc.aio has none."""
+        self.settings = settings
+        self.registrations = list(registrations)
+        self.port = 0
+        self._probe = HealthProbe(probe or (lambda: True), self._publish, settings.health_interval_seconds)
+        self._build(call_concerns(telemetry), server_options(settings.reuse_port), max_workers)
+
+    @property
+    def health_names(self) -> list[str]:
+        """ "" (the whole server) and each service: the names health answers for."""
+        return ["", *(r.full_name for r in self.registrations)]
+
+    def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
+        """Makes the model's health servicer and server with the call layer."""
+        raise NotImplementedError
+
+    def _publish(self, serving: bool) -> None:
+        raise NotImplementedError
+
+
+class AioServiceApp(_ServiceApp):
+    """A grpc.aio server with health, reflection and the call layer around the given services."""
+
+    def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.server = grpc.aio.server(
-            interceptors=[AioCallLayer(call_concerns(telemetry))], options=server_options(settings.reuse_port)
-        )
+        self.server = grpc.aio.server(interceptors=[AioCallLayer(concerns)], options=options)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _publish(self, serving: bool) -> None:
@@ -177,21 +179,12 @@ class AioServiceApp(_ServiceApp):
 class SyncServiceApp(_ServiceApp):
     """A grpcio thread-pool server with health, reflection and the call layer around the given services."""
 
-    def __init__(
-        self,
-        settings: ServerSettings,
-        registrations: Sequence[ServiceRegistration],
-        *,
-        probe: Callable[[], bool] | None,
-        telemetry: Telemetry,
-        max_workers: int = 16,
-    ) -> None:
-        super().__init__(settings, registrations, probe)
+    def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
         self.health = health.HealthServicer()  # Watch is non-blocking: open watches hold no worker thread
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker"),
-            interceptors=[SyncCallLayer(call_concerns(telemetry))],
-            options=server_options(settings.reuse_port),
+            interceptors=[SyncCallLayer(concerns)],
+            options=options,
         )
 
     def _publish(self, serving: bool) -> None:
