@@ -10,14 +10,14 @@ import re
 
 from numprotect.core.errors import InvalidArgument
 
-_MOBILE = re.compile(r"1[3-9]\d{9}")
+MOBILE = re.compile(r"1[3-9]\d{9}")
 _FIXED = re.compile(r"0\d{9,11}")
 _VIRTUAL = re.compile(r"700\d{12}")
 _BLOCK = re.compile(r"700\d{8}")
 _CITY = re.compile(r"0\d{2,3}")
 _EXTENSION = re.compile(r"\d{1,4}")
 # Separators people and systems put inside numbers.
-_SEPARATORS = str.maketrans("", "", " -()\u00a0\t")
+SEPARATORS = str.maketrans("", "", " -()\u00a0\t")
 
 
 class InvalidNumber(ValueError):
@@ -50,7 +50,7 @@ def normalize_party(raw: str) -> str:
     """The canonical national form of a real party number, or InvalidNumber saying which rule it breaks."""
     if not raw:
         raise InvalidNumber("is required")
-    digits = raw.strip().translate(_SEPARATORS)
+    digits = raw.strip().translate(SEPARATORS)
     national = _strip_country_code(digits)
     if national is None:
         national = digits
@@ -58,7 +58,7 @@ def normalize_party(raw: str) -> str:
         raise InvalidNumber("must contain only digits, optionally prefixed by +86, 0086 or 86")
     if national.startswith("700"):
         raise InvalidNumber("must be a real number, not a 700 virtual number")
-    if _MOBILE.fullmatch(national) or _FIXED.fullmatch(national):
+    if MOBILE.fullmatch(national) or _FIXED.fullmatch(national):
         return national
     if national.startswith("1"):
         raise InvalidNumber("mobile numbers are 11 digits starting 13-19 (^1[3-9]\\d{9}$)")
@@ -69,7 +69,7 @@ def normalize_party(raw: str) -> str:
 
 def is_party_number(value: str) -> bool:
     """True when value is already a normalised real party number (no prefix, no separators)."""
-    return bool(_MOBILE.fullmatch(value) or _FIXED.fullmatch(value))
+    return bool(MOBILE.fullmatch(value) or _FIXED.fullmatch(value))
 
 
 def validate_virtual(raw: str) -> str:

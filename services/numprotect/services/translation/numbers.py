@@ -5,16 +5,14 @@ from __future__ import annotations
 import re
 
 from numprotect.core.errors import InvalidArgument
-from numprotect.core.phone import InvalidNumber, normalize_party
+from numprotect.core.phone import MOBILE, SEPARATORS, InvalidNumber, normalize_party, virtual_field
 
-_VIRTUAL = re.compile(r"700\d{12}")
+# Switches send up to 8 digits after the virtual number (allocation hands out 4; longer ones simply match nothing).
 _EXTENSION = re.compile(r"\d{1,8}")
-_MOBILE = re.compile(r"1[3-9]\d{9}")
 # A mobile number with a trunk 0 in front (some switches send it): no area code starts 01[3-9].
 _MOBILE_WITH_TRUNK = re.compile(r"01[3-9]\d{9}")
 # Callers we cannot normalise (foreign, service numbers, other 700 numbers): kept as their digits.
 _OPAQUE = re.compile(r"\+?\d{3,20}")
-_SEPARATORS = str.maketrans("", "", " -()\u00a0\t")
 
 
 def normalize_caller(raw: str) -> str:
@@ -26,9 +24,9 @@ def normalize_caller(raw: str) -> str:
     digits (3 to 20, optional leading +): they can match no AXB party, but still reach AXN owners and
     allow-any-caller AXE bindings, and can be blocklisted. Empty or non-numeric input is INVALID_ARGUMENT.
     """
-    if _MOBILE.fullmatch(raw):  # the common case, no allocation
+    if MOBILE.fullmatch(raw):  # the common case, no allocation
         return raw
-    digits = raw.strip().translate(_SEPARATORS)
+    digits = raw.strip().translate(SEPARATORS)
     if not digits:
         raise InvalidArgument.field("calling_number", "is required")
     if _MOBILE_WITH_TRUNK.fullmatch(digits):
@@ -44,11 +42,7 @@ def normalize_caller(raw: str) -> str:
 
 
 def validate_called(raw: str) -> str:
-    if _VIRTUAL.fullmatch(raw):
-        return raw
-    if not raw:
-        raise InvalidArgument.field("called_number", "is required")
-    raise InvalidArgument.field("called_number", "must be a 15-digit 700 number (^700\\d{12}$)")
+    return virtual_field("called_number", raw)
 
 
 def validate_extension(raw: str) -> str:
