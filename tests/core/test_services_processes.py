@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -85,6 +86,22 @@ def test_sigterm_drains_and_exits_cleanly(redis_url: str) -> None:
     messages = "\n".join(process.lines)
     assert '"msg": "draining"' in messages
     assert '"msg": "stopped"' in messages
+
+
+@pytest.mark.parametrize("service", ["translation", "cdr"])
+def test_repeated_sigterms_still_end_in_a_clean_exit(service: str, redis_url: str) -> None:
+    """An orchestrator may repeat SIGTERM; every repeat, up to the process's last moment, keeps the exit clean (the
+    interpreter's exit restores the default handler, under which a late SIGTERM killed it with -15)."""
+    process = ServiceProcess(service, {"NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_GRACE_PERIOD": "0s"})
+    sent = 0
+    while process.process.poll() is None and sent < 2000:
+        with contextlib.suppress(ProcessLookupError):
+            process.signal(signal.SIGTERM)
+        sent += 1
+        time.sleep(0.002)
+    assert process.process.wait(timeout=15) == 0, "\n".join(process.lines[-10:])
+    assert sent > 1
+    assert '"msg": "stopped"' in "\n".join(process.lines)
 
 
 @pytest.mark.parametrize("service", ["allocation", "binding", "cdr"])

@@ -382,6 +382,10 @@ def _run(service: str, serve_with: Callable[[Mapping[str, str]], None]) -> None:
         level = Env(environ).choice("NUMPROTECT_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
         configure_logging(service, level)
         serve_with(environ)
+        # Stopped: what is left is the interpreter's exit, which restores the default handlers. A repeated SIGTERM
+        # (an orchestrator's, or a test's stop after its own) must not turn that clean exit into death by signal.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
     except SettingsError as exc:
         print(f"numprotect-{service}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
