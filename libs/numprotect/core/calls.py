@@ -1,9 +1,9 @@
 """The one per-method layer: what happens around every RPC but health and reflection, for both server models.
 
-Every call of every service method passes through `CallLayer`: the cross-cutting concerns (spans today, the
+Every call of every service method passes through the call layer: the cross-cutting concerns (spans today, the
 caller's identity next) enter in order before the servicer runs and leave in reverse order after it, and any
 exception the servicer or a concern raises becomes a precise status here (`status_for`), with google.rpc details
-built by grpcio-status. A new per-method concern is one `CallConcern` added to the list the bootstrap passes in.
+built by grpcio-status. A new per-method concern is one `CallConcern` added to `server.call_concerns`.
 
 Health and reflection are never wrapped: their handlers are handed back untouched, so grpcio still sees the
 `experimental_non_blocking` flag of `Health/Watch` and serves open watches without holding a worker thread of
