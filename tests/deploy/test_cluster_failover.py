@@ -262,7 +262,7 @@ async def test_killing_a_master_fails_its_slots_briefly_and_recovers_without_res
     try:
         service.wait_serving(service_name=CDR_SERVICE)
         pid = service.process.pid
-        # As the bootstrap does before it reports SERVING: the first PING loads the slot map. (A fresh cluster
+        # As the bootstrap does before it builds the service: the first PING loads the slot map. (A fresh cluster
         # client hit by concurrent commands can fail a few with AttributeError inside redis-py 8.1.0.)
         assert await redis_is_up(client)
         # Several concurrent writers per slot, as a service under load.

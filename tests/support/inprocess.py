@@ -15,7 +15,13 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from numprotect.core.redis_client import SyncRedisClient, create_redis, create_sync_redis, sync_redis_is_up
+from numprotect.core.redis_client import (
+    SyncRedisClient,
+    create_redis,
+    create_sync_redis,
+    redis_is_up,
+    sync_redis_is_up,
+)
 from numprotect.core.server import AioServiceApp, Builder, Runtime, SyncBuilder, SyncRuntime, SyncServiceApp
 from numprotect.core.settings import Env, RedisSettings, ServerSettings
 from numprotect.core.telemetry import Telemetry
@@ -67,6 +73,7 @@ async def running_service(
     """Builds `service` with `builder` from `environ` (port forced to 0) and yields it with a client channel."""
     setup = _Setup.of(service, environ, telemetry)
     runtime = Runtime(setup.env, setup.server, create_redis(setup.redis), setup.telemetry, setup.redis)
+    await redis_is_up(runtime.redis)  # as `serve` does: a cluster client's slot map before concurrent commands
     parts = await builder(runtime)
     app = AioServiceApp(setup.server, parts.registrations, probe=setup.probe, telemetry=setup.telemetry)
     port = await app.start()

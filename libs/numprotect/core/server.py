@@ -40,6 +40,7 @@ from numprotect.core.redis_client import (
     SyncRedisClient,
     create_redis,
     create_sync_redis,
+    redis_is_up,
     sync_redis_is_up,
 )
 from numprotect.core.scheduling import apply_cpu_scheduling
@@ -309,6 +310,10 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
         loop.add_signal_handler(signum, stop.set)
     parts: ServiceParts | None = None
     try:
+        # The first command loads a cluster client's slot map, before the builder's and the calls' commands run
+        # concurrently (a fresh redis.asyncio cluster client can fail some of those, redis-py 8.1.0). Whether
+        # Redis is up is the probe's to say, so the answer is not used here.
+        await redis_is_up(runtime.redis)
         parts = await builder(runtime)
         app = AioServiceApp(
             startup.server,
