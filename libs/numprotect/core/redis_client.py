@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,13 +55,36 @@ def _closed_before_sending(exc: BaseException) -> bool:
     )
 
 
-def create_redis(settings: RedisSettings) -> RedisClient:
-    """A client for the configured Redis; in cluster mode the URL names one node and the topology is discovered."""
-    common: dict[str, Any] = {
+def connection_options(settings: RedisSettings) -> dict[str, Any]:
+    """What every redis-py client (asyncio or blocking, standalone or cluster) gets besides the URL: timeouts,
+    the ACL user and password, and for rediss:// verified TLS (CERT_REQUIRED, hostname checked, TLS 1.2+).
+
+    redis-py builds its own SSLContext from these: it trusts the CA file in addition to the system store (the
+    translation hot path's ScriptClient trusts the CA file alone; docs/security.md).
+    """
+    options: dict[str, Any] = {
         "socket_timeout": settings.timeout_seconds,
         "socket_connect_timeout": settings.timeout_seconds,
         "max_connections": settings.max_connections,
     }
+    if settings.password is not None:
+        options["username"] = settings.username
+        options["password"] = settings.password
+    if settings.tls is not None:
+        options.update(
+            ssl_cert_reqs="required",
+            ssl_check_hostname=True,
+            ssl_ca_certs=settings.tls.ca_file,
+            ssl_certfile=settings.tls.cert_file,
+            ssl_keyfile=settings.tls.key_file,
+            ssl_min_version=ssl.TLSVersion.TLSv1_2,
+        )
+    return options
+
+
+def create_redis(settings: RedisSettings) -> RedisClient:
+    """A client for the configured Redis; in cluster mode the URL names one node and the topology is discovered."""
+    common = connection_options(settings)
     if settings.mode == "cluster":
         return _FailoverSafeCluster.from_url(settings.url, **common)
     return Redis.from_url(settings.url, health_check_interval=30, **common)
@@ -71,11 +95,8 @@ SyncRedisClient = redis.Redis | redis.RedisCluster
 
 def create_sync_redis(settings: RedisSettings, *, max_connections: int | None = None) -> SyncRedisClient:
     """A blocking client for the configured Redis (thread-safe; the thread-pool server's and the health probe's)."""
-    common: dict[str, Any] = {
-        "socket_timeout": settings.timeout_seconds,
-        "socket_connect_timeout": settings.timeout_seconds,
-        "max_connections": max_connections or settings.max_connections,
-    }
+    common = connection_options(settings)
+    common["max_connections"] = max_connections or settings.max_connections
     if settings.mode == "cluster":
         return redis.RedisCluster.from_url(settings.url, **common)
     return redis.Redis.from_url(settings.url, health_check_interval=30, **common)

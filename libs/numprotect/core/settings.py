@@ -7,10 +7,12 @@ bootstrap prints it and exits with status 2.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
 
 from numprotect.core.gc_tuning import DEFAULT_GEN0_THRESHOLD
 from numprotect.core.scheduling import POLICIES
@@ -104,31 +106,152 @@ class Env:
         return raw
 
 
+_REDIS_TLS_FILES = ("NUMPROTECT_REDIS_CA_FILE", "NUMPROTECT_REDIS_CLIENT_CERT_FILE", "NUMPROTECT_REDIS_CLIENT_KEY_FILE")
+# Connection options redis-py would take from the URL's query string over ours: credentials and TLS come from
+# their own settings only, so that no URL can turn certificate checks off or carry a password past the rules.
+_REDIS_URL_QUERY_REFUSED = re.compile(r"^(ssl.*|username|password|protocol)$")
+
+
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS to Redis (rediss://): the server's certificate is verified and its hostname checked, always.
+
+    `ca_file` is the CA that signs Redis's certificate; None means the system trust store (an explicit choice:
+    NUMPROTECT_REDIS_CA_FILE=system). `cert_file` and `key_file` are a client certificate for a Redis with
+    `tls-auth-clients yes`.
+    """
+
+    ca_file: str | None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: TLS 1.2 or later, CERT_REQUIRED, hostname checked; only `ca_file` when one is set."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    @classmethod
+    def from_env(cls, env: Env, scheme: str) -> RedisTls | None:
+        """None for redis:// and unix:// (no TLS setting may be set then); a checked context for rediss://."""
+        if scheme != "rediss":
+            for name in _REDIS_TLS_FILES:
+                if env.raw(name) is not None:
+                    raise SettingsError(
+                        f"{name} asks for TLS but NUMPROTECT_REDIS_URL is {scheme}://: use a rediss:// URL"
+                    )
+            return None
+        ca = env.raw("NUMPROTECT_REDIS_CA_FILE")
+        if ca is None:
+            raise SettingsError(
+                "NUMPROTECT_REDIS_CA_FILE: required with a rediss:// URL: the CA file that signs Redis's "
+                "certificate, or 'system' for the system trust store"
+            )
+        cert = env.raw("NUMPROTECT_REDIS_CLIENT_CERT_FILE")
+        key = env.raw("NUMPROTECT_REDIS_CLIENT_KEY_FILE")
+        if key is not None and cert is None:
+            raise SettingsError("NUMPROTECT_REDIS_CLIENT_KEY_FILE needs NUMPROTECT_REDIS_CLIENT_CERT_FILE")
+        tls = cls(None if ca == "system" else ca, cert, key)
+        for name, path in zip(_REDIS_TLS_FILES, (tls.ca_file, cert, key), strict=True):
+            if path is not None and not Path(path).is_file():
+                raise SettingsError(f"{name}={path!r}: no such file")
+        try:
+            tls.context()  # a CA or key pair that cannot be loaded refuses start-up here, not on the first call
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"Redis TLS cannot be set up from {', '.join(_REDIS_TLS_FILES)}: {exc}") from None
+        return tls
+
+
 @dataclass(frozen=True)
 class RedisSettings:
+    # Without its password: credentials live in `username` and `password` (never in a repr, log or error).
     url: str
     mode: Literal["standalone", "cluster"]
     # Per-command socket timeout: a slow Redis becomes UNAVAILABLE instead of a hung call.
     timeout_seconds: float
     max_connections: int
+    # The ACL user (None: Redis's `default` user) and its password, from NUMPROTECT_REDIS_PASSWORD_FILE or the URL.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: RedisTls | None = None
 
     @classmethod
     def from_env(cls, env: Env) -> RedisSettings:
         url = env.text("NUMPROTECT_REDIS_URL", "redis://127.0.0.1:6379/0")
         parsed = urlparse(url)
+        shown = _without_password(url)  # what an error may show
         if parsed.scheme not in ("redis", "rediss", "unix") or (parsed.scheme != "unix" and not parsed.hostname):
             raise SettingsError(
-                f"NUMPROTECT_REDIS_URL={url!r}: must be redis://host:port/db, rediss://... or unix:///path"
+                f"NUMPROTECT_REDIS_URL={shown!r}: must be redis://host:port/db, rediss://... or unix:///path"
             )
+        for name, _ in parse_qsl(parsed.query, keep_blank_values=True):
+            if _REDIS_URL_QUERY_REFUSED.match(name):
+                raise SettingsError(
+                    f"NUMPROTECT_REDIS_URL={_without_query(shown)!r}: option {name!r} is not taken from the URL "
+                    "(TLS and credentials have their own NUMPROTECT_REDIS_* settings)"
+                )
         mode = env.choice("NUMPROTECT_REDIS_MODE", "standalone", ("standalone", "cluster"))
         if mode == "cluster" and parsed.path not in ("", "/", "/0"):
-            raise SettingsError(f"NUMPROTECT_REDIS_URL={url!r}: Redis Cluster has only database 0")
+            raise SettingsError(f"NUMPROTECT_REDIS_URL={shown!r}: Redis Cluster has only database 0")
+        username, password = _redis_credentials(env, parsed.username, parsed.password)
         return cls(
-            url=url,
+            url=shown,
             mode="cluster" if mode == "cluster" else "standalone",
             timeout_seconds=env.seconds("NUMPROTECT_REDIS_TIMEOUT", 2.0, minimum=0.01, maximum=60),
             max_connections=env.integer("NUMPROTECT_REDIS_MAX_CONNECTIONS", 64, minimum=1, maximum=10_000),
+            username=username,
+            password=password,
+            tls=RedisTls.from_env(env, parsed.scheme),
         )
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of its user part removed (the user name stays)."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    user = f"{parsed.username}@" if parsed.username else ""
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=user + host).geturl()
+
+
+def _without_query(url: str) -> str:
+    return urlparse(url)._replace(query="").geturl()
+
+
+def _redis_credentials(env: Env, url_user: str | None, url_password: str | None) -> tuple[str | None, str | None]:
+    """The ACL user and password: NUMPROTECT_REDIS_USERNAME and NUMPROTECT_REDIS_PASSWORD_FILE, or the URL's.
+
+    A password is read from a file only (a Kubernetes Secret volume, `make run`'s .run/dev/), never from a
+    variable: environments leak into process listings, crash reports and `kubectl describe`.
+    """
+    if env.raw("NUMPROTECT_REDIS_PASSWORD") is not None:
+        raise SettingsError(
+            "NUMPROTECT_REDIS_PASSWORD is not read: put the password in a file named by NUMPROTECT_REDIS_PASSWORD_FILE"
+        )
+    username = env.raw("NUMPROTECT_REDIS_USERNAME")
+    user_in_url = unquote(url_user) if url_user else None
+    if username is not None and user_in_url is not None and username != user_in_url:
+        raise SettingsError("NUMPROTECT_REDIS_USERNAME differs from the user in NUMPROTECT_REDIS_URL: set one")
+    username = username or user_in_url
+    path = env.raw("NUMPROTECT_REDIS_PASSWORD_FILE")
+    if path is not None and url_password is not None:
+        raise SettingsError("NUMPROTECT_REDIS_PASSWORD_FILE and a password in NUMPROTECT_REDIS_URL: set one")
+    if path is None:
+        password = unquote(url_password) if url_password is not None else None
+    else:
+        try:
+            password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise SettingsError(f"NUMPROTECT_REDIS_PASSWORD_FILE={path!r}: cannot be read ({reason})") from None
+        if not password:
+            raise SettingsError(f"NUMPROTECT_REDIS_PASSWORD_FILE={path!r}: the file is empty")
+    if username is not None and password is None:
+        raise SettingsError("NUMPROTECT_REDIS_USERNAME needs NUMPROTECT_REDIS_PASSWORD_FILE (the user's password)")
+    return username, password
 
 
 @dataclass(frozen=True)
@@ -146,6 +269,8 @@ class ServerSettings:
     cpu_scheduling: str
     # Tracked allocations between young collections once start-up is over (Python's default is 700).
     gc_gen0_threshold: int
+    # A second, plaintext port serving only grpc.health.v1 (Kubernetes' gRPC probe speaks no TLS); 0 = none.
+    health_port: int = 0
 
     @classmethod
     def from_env(cls, env: Env, service: str) -> ServerSettings:
@@ -161,6 +286,7 @@ class ServerSettings:
             gc_gen0_threshold=env.integer(
                 "NUMPROTECT_GC_GEN0_THRESHOLD", DEFAULT_GEN0_THRESHOLD, minimum=100, maximum=10_000_000
             ),
+            health_port=env.integer("NUMPROTECT_HEALTH_PORT", 0, minimum=0, maximum=65535),
         )
 
 

@@ -4,24 +4,28 @@ redis-py's sync client costs several times more Python per command than the call
 timeout. This one keeps one socket per node per thread, writes the pre-encoded command in one send, parses
 with hiredis, and bounds every call by the caller's remaining deadline. Redis Cluster: slots from
 CLUSTER SLOTS, refreshed on MOVED; NOSCRIPT loads the script on that node and retries.
+
+rediss:// speaks TLS with the settings' verified context (the CA file alone, hostname checked, optional client
+certificate); the ACL user authenticates with AUTH <user> <password> once per connection, inside that TLS.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from _thread import allocate_lock as _allocate_lock
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import hiredis
 from redis.crc import key_slot
 
 from numprotect.core.errors import Unavailable
 from numprotect.core.redis_client import LuaScript
-from numprotect.core.settings import RedisSettings
+from numprotect.core.settings import RedisSettings, SettingsError
 
 Node = tuple[str, int]
 
@@ -91,12 +95,16 @@ class ScriptClient:
 
     def __init__(self, settings: RedisSettings, script: LuaScript) -> None:
         url = urlparse(settings.url)
+        if (url.scheme == "rediss") != (settings.tls is not None):
+            # Never plaintext for a rediss:// URL, never a TLS setting quietly unused.
+            raise SettingsError(f"NUMPROTECT_REDIS_URL={settings.url!r}: TLS settings do not match the URL's scheme")
         self.script = script
         self.cluster = settings.mode == "cluster"
         self.unix_path = url.path if url.scheme == "unix" else ""
         self.seed: Node = (url.hostname or "127.0.0.1", url.port or 6379)
-        self.username = unquote(url.username) if url.username else None
-        self.password = unquote(url.password) if url.password else None
+        self.username = settings.username
+        self._password = settings.password  # never in an error: AUTH replies name the user only
+        self._tls: ssl.SSLContext | None = settings.tls.context() if settings.tls is not None else None
         self.db = int(url.path.strip("/") or 0) if url.scheme != "unix" and not self.cluster else 0
         self.connect_timeout = settings.timeout_seconds
         self._prefix = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n"
@@ -143,12 +151,20 @@ class ScriptClient:
             else:
                 sock = socket.create_connection(node, timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._tls is not None:  # the handshake runs here, within the same budget
+                    try:
+                        sock = self._tls.wrap_socket(sock, server_hostname=node[0])
+                    except OSError:
+                        sock.close()
+                        raise
+        except ssl.SSLError as exc:  # a certificate that fails verification included
+            raise Unavailable(f"translation storage TLS handshake failed: {exc}") from None
         except OSError as exc:
             raise Unavailable(f"translation storage unreachable: {exc}") from None
         conn = _Conn(sock)
         setup: list[bytes] = []
-        if self.password is not None:
-            auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+        if self._password is not None:
+            auth = ("AUTH", self.username, self._password) if self.username else ("AUTH", self._password)
             setup.append(_encode(*auth))
         if self.db:
             setup.append(_encode("SELECT", str(self.db)))
