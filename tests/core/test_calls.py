@@ -51,7 +51,7 @@ class Recorder:
         recorder: Recorder
         method: Method
 
-        def enter(self, context: Any) -> object:
+        def enter(self, context: Any, request: Any = None) -> object:
             self.recorder.events.append(f"{self.recorder.tag}:enter {self.method.name}")
             if self.recorder.refuse is not None:
                 raise self.recorder.refuse

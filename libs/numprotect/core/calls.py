@@ -1,13 +1,17 @@
 """The one per-method layer: what happens around every RPC but health and reflection, for both server models.
 
-Every call of every service method passes through the call layer: the cross-cutting concerns (spans today, the
-caller's identity next) enter in order before the servicer runs and leave in reverse order after it, and any
+Every call of every service method passes through the call layer: the cross-cutting concerns (spans, then the
+caller's identity) enter in order before the servicer runs and leave in reverse order after it, and any
 exception the servicer or a concern raises becomes a precise status here (`status_for`), with google.rpc details
 built by grpcio-status. A new per-method concern is one `CallConcern` added to `server.call_concerns`.
 
-Health and reflection are never wrapped: their handlers are handed back untouched, so grpcio still sees the
+Health is never wrapped: its handlers are handed back untouched, so grpcio still sees the
 `experimental_non_blocking` flag of `Health/Watch` and serves open watches without holding a worker thread of
-the thread-pool server (wrapping it pinned one thread per watch stream).
+the thread-pool server (wrapping it pinned one thread per watch stream). Kubernetes probes it without credentials.
+
+On streams, a concern with a `check(state)` (identity: is the key still valid?) is asked again before every
+message in either direction and, on grpc.aio, every `STREAM_CHECK_SECONDS` while the stream is idle; a check that
+raises ends the call with its status.
 
 `SyncCallLayer` and `AioCallLayer` are the two thin adapters (grpcio's thread-pool server, grpc.aio): they
 differ only in calling, iterating and aborting synchronously or with await.
@@ -15,6 +19,8 @@ differ only in calling, iterating and aborting synchronously or with await.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +37,8 @@ from numprotect.core.errors import DomainError, Unavailable, Unimplemented, to_r
 log = logging.getLogger(__name__)
 
 # Services whose handlers pass through untouched: polled constantly, no business meaning, no caller identity.
-UNWRAPPED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+UNWRAPPED_SERVICES = ("grpc.health.v1.Health",)
+STREAM_CHECK_SECONDS = 1.0
 
 _DEPENDENCY_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 # A bug's status says no more than this: the traceback goes to the log, never to the caller.
@@ -53,10 +60,11 @@ class Method:
 
 
 class MethodConcern(Protocol):
-    """A concern bound to one method: `enter` before the servicer (raise DomainError to refuse the call), `leave`
-    after it with what `enter` returned (the context then carries the call's final status)."""
+    """A concern bound to one method: `enter` before the servicer (raise DomainError to refuse the call; `request`
+    is the request message, None when the client streams them), `leave` after it with what `enter` returned (the
+    context then carries the call's final status). It may also define `check(state)`, asked again on streams."""
 
-    def enter(self, context: Any) -> object: ...
+    def enter(self, context: Any, request: Any = None) -> object: ...
 
     def leave(self, state: object, context: Any) -> None: ...
 
@@ -95,6 +103,22 @@ def domain_error(exc: BaseException, method: str) -> DomainError | None:
 
 
 Behavior = Callable[..., Any]
+Check = Callable[[object], None]
+
+
+def _checks(concerns: tuple[MethodConcern, ...], states: list[object]) -> list[Callable[[], None]]:
+    """The stream checks of the concerns that entered, bound to their states."""
+    bound: list[Callable[[], None]] = []
+    for concern, state in zip(concerns, states, strict=False):
+        check: Check | None = getattr(concern, "check", None)
+        if check is not None:
+            bound.append(functools.partial(check, state))
+    return bound
+
+
+def _run_checks(checks: list[Callable[[], None]]) -> None:
+    for check in checks:
+        check()
 
 
 class _CallLayer:
@@ -127,24 +151,29 @@ class _CallLayer:
             raise TypeError(f"{method.path}: a non-blocking handler cannot pass through the call layer")
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, concerns), **serializers
+                self._unary(handler.unary_unary, method, concerns, False), **serializers
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method, concerns), **serializers
+                self._unary(handler.stream_unary, method, concerns, True), **serializers
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method, concerns), **serializers
+                self._stream(handler.unary_stream, method, concerns, False), **serializers
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._stream(handler.stream_stream, method, concerns), **serializers
+            self._stream(handler.stream_stream, method, concerns, True), **serializers
         )
 
-    def _unary(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+    def _unary(
+        self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
+    ) -> Behavior:
+        """`streamed`: the client streams its requests (the concerns see None and check each one)."""
         raise NotImplementedError
 
-    def _stream(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+    def _stream(
+        self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
+    ) -> Behavior:
         raise NotImplementedError
 
 
@@ -166,7 +195,9 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
         )
         return handler
 
-    def _unary(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+    def _unary(
+        self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
+    ) -> Behavior:
         path = method.path
         if not concerns:
 
@@ -182,7 +213,9 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
             states: list[object] = []
             try:
                 for concern in concerns:
-                    states.append(concern.enter(context))
+                    states.append(concern.enter(context, None if streamed else request))
+                if streamed:
+                    request = _checked_requests(request, _checks(concerns, states))
                 return behavior(request, context)
             except Exception as exc:
                 _sync_abort(context, exc, path)
@@ -191,7 +224,9 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
 
         return unary
 
-    def _stream(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+    def _stream(
+        self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
+    ) -> Behavior:
         path = method.path
 
         # grpcio iterates a call's responses on the one worker thread that runs the call, so what a concern makes
@@ -200,8 +235,16 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
             states: list[object] = []
             try:
                 for concern in concerns:
-                    states.append(concern.enter(context))
-                yield from behavior(request, context)
+                    states.append(concern.enter(context, None if streamed else request))
+                checks = _checks(concerns, states)
+                if not checks:
+                    yield from behavior(request, context)
+                    return
+                if streamed:
+                    request = _checked_requests(request, checks)
+                for response in behavior(request, context):
+                    _run_checks(checks)
+                    yield response
             except Exception as exc:
                 _sync_abort(context, exc, path)
             finally:
@@ -223,14 +266,18 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
         )
         return handler
 
-    def _unary(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+    def _unary(
+        self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
+    ) -> Behavior:
         path = method.path
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             states: list[object] = []
             try:
                 for concern in concerns:
-                    states.append(concern.enter(context))
+                    states.append(concern.enter(context, None if streamed else request))
+                if streamed:
+                    request = _checked_async_requests(request, _checks(concerns, states))
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise  # the servicer ended the call itself, with its own status
@@ -241,15 +288,24 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _stream(self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...]) -> Behavior:
+    def _stream(
+        self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
+    ) -> Behavior:
         path = method.path
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             states: list[object] = []
             try:
                 for concern in concerns:
-                    states.append(concern.enter(context))
-                async for response in behavior(request, context):
+                    states.append(concern.enter(context, None if streamed else request))
+                checks = _checks(concerns, states)
+                if not checks:
+                    async for response in behavior(request, context):
+                        yield response
+                    return
+                if streamed:
+                    request = _checked_async_requests(request, checks)
+                async for response in _paced(behavior(request, context), checks):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -259,6 +315,40 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
                 _leave(concerns, states, context)
 
         return stream
+
+
+def _checked_requests(requests: Iterator[Any], checks: list[Callable[[], None]]) -> Iterator[Any]:
+    for request in requests:
+        _run_checks(checks)
+        yield request
+
+
+async def _checked_async_requests(requests: AsyncIterator[Any], checks: list[Callable[[], None]]) -> AsyncIterator[Any]:
+    async for request in requests:
+        _run_checks(checks)
+        yield request
+
+
+async def _paced(responses: AsyncIterator[Any], checks: list[Callable[[], None]]) -> AsyncIterator[Any]:
+    """The responses, with the checks run before each and every STREAM_CHECK_SECONDS while none comes."""
+    pending: asyncio.Future[Any] = asyncio.ensure_future(anext(responses))
+    try:
+        while True:
+            done, _ = await asyncio.wait((pending,), timeout=STREAM_CHECK_SECONDS)
+            _run_checks(checks)
+            if not done:
+                continue
+            try:
+                response = pending.result()
+            except StopAsyncIteration:
+                return
+            yield response
+            pending = asyncio.ensure_future(anext(responses))
+    finally:
+        if not pending.done():
+            pending.cancel()
+            # Bounded: a generator that ignores its cancellation must not hold the call (gh-86296).
+            await asyncio.wait((pending,), timeout=1.0)
 
 
 def _sync_abort(context: grpc.ServicerContext, exc: Exception, path: str) -> None:

@@ -124,6 +124,25 @@ class Unavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(DomainError):
+    """No valid credentials. One message for every cause: the caller learns nothing about which keys exist."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(DomainError):
+    """An authenticated caller whose role or scope does not allow the call (google.rpc.ErrorInfo names why)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, message: str, *, reason: str = "PERMISSION_DENIED") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def details(self) -> list[any_pb2.Any]:
+        return [_pack(error_details_pb2.ErrorInfo(reason=self.reason, domain="numprotect"))]
+
+
 class Unimplemented(DomainError):
     """An RPC of the contract that this version does not serve yet."""
 

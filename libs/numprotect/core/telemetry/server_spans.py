@@ -175,7 +175,7 @@ class _MethodSpans:
         self._path = path
         self._attributes = attributes
 
-    def enter(self, context: Any) -> tuple[Span, object]:
+    def enter(self, context: Any, request: Any = None) -> tuple[Span, object]:
         return self._spans.enter(self._path, self._attributes, context)
 
     def leave(self, state: object, context: Any) -> None:

@@ -1,0 +1,225 @@
+"""Identity in the one call layer: every call but health is authenticated and authorized here, once.
+
+`IdentityConcern` is a `CallConcern` (numprotect.core.calls): for each method it binds the policy entry
+(none: denied to all, fail closed); per call it finds the principal (a bearer API key, else the client
+certificate's SPIFFE id in mTLS mode), checks the role and what the layer can check of the scope alone, makes the
+principal current for the servicer (`Callers`), and writes the audit event. On streams it re-checks the
+principal on every message and, on grpc.aio, at least every second while idle: a revoked key ends the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from numprotect.core.calls import Method
+from numprotect.core.errors import DomainError, InvalidArgument, PermissionDenied, Unauthenticated
+from numprotect.core.identity.audit import AuditEvent, AuditLog
+from numprotect.core.identity.directory import Directory
+from numprotect.core.identity.policy import POLICY, MethodPolicy, Scope
+from numprotect.core.identity.principal import Principal, Role, principal_from_spiffe_id
+
+log = logging.getLogger(__name__)
+
+# One message for a missing, malformed, unknown, wrong, expired or revoked credential: no oracle.
+UNAUTHENTICATED_MESSAGE = "a valid API key (authorization: Bearer <token>) or client certificate is required"
+# The principal when NUMPROTECT_AUTH=off (benchmark baselines only): every scope check passes.
+UNCHECKED = Principal(Role.OPERATOR, "auth-off")
+
+PeerIdentity = Callable[[Any], "str | None"]
+
+
+class Callers:
+    """What servicers ask about the current call's caller (made current by `IdentityConcern`)."""
+
+    def __init__(self, directory: Directory | None) -> None:
+        self._current: ContextVar[Principal | None] = ContextVar("numprotect_principal", default=None)
+        self._directory = directory
+        self.enabled = directory is not None
+
+    def principal(self) -> Principal:
+        principal = self._current.get()
+        if principal is None:
+            if not self.enabled:
+                return UNCHECKED
+            raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
+        return principal
+
+    def tenant(self, requested: str, field: str = "tenant_id") -> str:
+        """The tenant a call acts for: a tenant principal's own (an empty field means it; another is denied),
+        else the one the request names (required)."""
+        principal = self.principal()
+        if principal.role is Role.TENANT:
+            if requested and requested != principal.id:
+                raise PermissionDenied(f"{field}: a tenant key acts only for its own tenant", reason="OTHER_TENANT")
+            return principal.id
+        if not requested:
+            raise InvalidArgument.field(field, "is required")
+        return requested
+
+    def may_see_tenant(self, tenant_id: str) -> bool:
+        """Whether a record of `tenant_id` found by id is visible (a hidden one answers NOT_FOUND: no oracle)."""
+        principal = self.principal()
+        return principal.role is not Role.TENANT or principal.id == tenant_id
+
+    def carrier_routes(self, virtual_number: str) -> bool:
+        """Whether the caller may act on a number as its carrier (non-carrier principals pass)."""
+        principal = self.principal()
+        if principal.role is not Role.CARRIER or self._directory is None:
+            return True
+        return self._directory.carrier_of(virtual_number) == principal.id
+
+    def require_carrier_routes(self, virtual_number: str, field: str = "virtual_number") -> None:
+        if not self.carrier_routes(virtual_number):
+            raise PermissionDenied(f"{field}: the number is not in a block this carrier routes", reason="OTHER_CARRIER")
+
+    def bind(self, principal: Principal) -> Token[Principal | None]:
+        return self._current.set(principal)
+
+    def unbind(self, token: Token[Principal | None]) -> None:
+        self._current.reset(token)
+
+
+class IdentityConcern:
+    """The identity `CallConcern` of the call layer."""
+
+    def __init__(
+        self,
+        callers: Callers,
+        directory: Directory,
+        audit: AuditLog,
+        *,
+        peer_identity: PeerIdentity | None = None,
+        policy: Any = POLICY,
+        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.callers = callers
+        self.directory = directory
+        self.audit = audit
+        self.peer_identity = peer_identity  # the client certificate's SPIFFE id (mTLS mode), else None
+        self.policy = policy
+        self.now_ms = now_ms
+
+    def for_method(self, method: Method) -> _MethodIdentity:
+        entry = self.policy.get(method.path)
+        if entry is None:
+            log.warning("method has no policy entry: denied to every caller", extra={"method": method.path})
+        return _MethodIdentity(self, method, entry)
+
+    def authenticate(self, context: Any) -> Principal | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                scheme, _, token = value.partition(" ")
+                return self.directory.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if self.peer_identity is not None:
+            spiffe_id = self.peer_identity(context)
+            if spiffe_id:
+                return principal_from_spiffe_id(spiffe_id)
+        return None
+
+    def record(
+        self,
+        principal: Principal | None,
+        method: Method,
+        entry: MethodPolicy | None,
+        request: Any,
+        outcome: str,
+        context: Any,
+    ) -> None:
+        target = ""
+        reason = ""
+        if request is not None:
+            fields = entry.target_fields if entry is not None else ()
+            target = ",".join(f"{f}={_field(request, f)}" for f in fields if _field(request, f))
+            reason = _field(request, "reason")
+        span_context = trace.get_current_span().get_span_context()
+        self.audit.record(
+            AuditEvent(
+                time_ms=self.now_ms(),
+                principal=principal.subject if principal is not None else "anonymous",
+                role=principal.role.value if principal is not None else "",
+                method=method.path,
+                target=target[:512],
+                reason=reason[:256],
+                outcome=outcome,
+                trace_id=format(span_context.trace_id, "032x") if span_context.is_valid else "",
+                peer=str(context.peer() or "")[:128],
+            )
+        )
+
+
+def _field(request: Any, name: str) -> str:
+    value = getattr(request, name, "")
+    return str(value) if value not in ("", 0, None) else ""
+
+
+class _MethodIdentity:
+    """The identity concern bound to one method."""
+
+    __slots__ = ("_concern", "_entry", "_method")
+
+    def __init__(self, concern: IdentityConcern, method: Method, entry: MethodPolicy | None) -> None:
+        self._concern = concern
+        self._method = method
+        self._entry = entry
+
+    def enter(self, context: Any, request: Any = None) -> tuple[Token[Principal | None], Principal, Any]:
+        concern = self._concern
+        principal = concern.authenticate(context)
+        try:
+            if principal is None:
+                raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
+            entry = self._entry
+            if entry is None:
+                raise PermissionDenied(f"{self._method.name} has no access policy: denied", reason="NO_POLICY")
+            if not entry.allows(principal.role, principal.id):
+                raise PermissionDenied(
+                    f"the {principal.role.value} role may not call {self._method.name}", reason="ROLE_NOT_ALLOWED"
+                )
+            if request is not None:
+                if principal.role in entry.reason_required and not getattr(request, "reason", ""):
+                    raise InvalidArgument.field(
+                        "reason", f"is required of a {principal.role.value}: a case reference for the audit trail"
+                    )
+                if entry.scope is Scope.TENANT_FIELD and principal.role is Role.TENANT:
+                    requested = getattr(request, "tenant_id", "")
+                    if requested and requested != principal.id:
+                        raise PermissionDenied(
+                            "tenant_id: a tenant key acts only for its own tenant", reason="OTHER_TENANT"
+                        )
+        except DomainError as denied:
+            concern.record(principal, self._method, self._entry, request, denied.code.name, context)
+            raise
+        return concern.callers.bind(principal), principal, request
+
+    def leave(self, state: object, context: Any) -> None:
+        token: Token[Principal | None]
+        principal: Principal
+        request: Any
+        token, principal, request = state  # type: ignore[misc]
+        concern = self._concern
+        concern.callers.unbind(token)
+        entry = self._entry
+        if entry is not None and entry.audited_for(principal.role):
+            concern.record(principal, self._method, entry, request, _code_name(context), context)
+
+    def check(self, state: object) -> None:
+        """On a stream: ends it when the principal's key was revoked or expired since the call began."""
+        principal: Principal = state[1]  # type: ignore[index]
+        if not self._concern.directory.still_valid(principal):
+            raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
+
+
+def _code_name(context: Any) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, int):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return str(code.name)

@@ -1,0 +1,53 @@
+"""Identity for tests: one auth key per test session, and API keys minted straight into Redis.
+
+`with_auth(environ)` points a service at the session's key file (unless the environ sets NUMPROTECT_AUTH=off);
+`mint(redis, role, id)` stores a key as `make run` and the AdminService do, and returns its token. A service
+loads keys minted before it starts; for a key minted later, in-process tests call `RunningService.token`,
+which reloads the service's copy at once (processes reload every NUMPROTECT_AUTH_REFRESH_SECONDS, 0.1 s here).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from numprotect.core.identity import api_keys
+from numprotect.core.identity.api_keys import HashKey
+from numprotect.core.identity.principal import Role
+
+__all__ = ["Role", "auth_env", "mint", "test_hash_key", "with_auth"]
+
+
+@cache
+def _key_file() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="numprotect-test-auth-"))
+    path = folder / "auth.key"
+    path.write_text(HashKey.random().encode())
+    path.chmod(0o600)
+    return path
+
+
+def test_hash_key() -> HashKey:
+    return HashKey.from_file("test", str(_key_file()))
+
+
+def auth_env() -> dict[str, str]:
+    return {"NUMPROTECT_AUTH_KEY_FILE": str(_key_file()), "NUMPROTECT_AUTH_REFRESH_SECONDS": "0.1"}
+
+
+def with_auth(environ: Mapping[str, str]) -> dict[str, str]:
+    if environ.get("NUMPROTECT_AUTH") == "off":
+        return dict(environ)
+    return {**auth_env(), **environ}
+
+
+def mint(redis: Any, role: Role, principal_id: str = "", *, description: str = "test") -> str:
+    """A new token for `role` (`principal_id`: the tenant, carrier or service), stored via a blocking client."""
+    _, token = api_keys.mint_sync(
+        redis, test_hash_key(), role, principal_id, description=description, now_ms=time.time_ns() // 1_000_000
+    )
+    return token
