@@ -16,8 +16,16 @@ from redis.cluster import RedisCluster
 
 from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer
+from support.tls import remove_test_pki
 
 TEST_REDIS_MODE = os.environ.get("NUMPROTECT_TEST_REDIS_MODE", "standalone")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_pki_removed_at_the_end() -> Iterator[None]:
+    """The test PKI (support/tls.py) is made on first use; its folder goes when the session ends."""
+    yield
+    remove_test_pki()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import grpc
 import pytest
 import uvloop
 
@@ -25,6 +24,7 @@ from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from support.processes import ServiceProcess
+from support.tls import secure_channel
 
 WORKERS = 64
 SERVERS = 3
@@ -37,7 +37,7 @@ CUSTOMERS = [f"0{10 + i % 90}{i:08d}" for i in range(120)]
 
 
 async def _run_allocators(addresses: list[str]) -> tuple[list[list[tuple[str, str, str]]], float]:
-    channels = [grpc.aio.insecure_channel(address) for address in addresses]
+    channels = [secure_channel(address) for address in addresses]
     try:
         stubs = [allocation_pb2_grpc.AllocationServiceStub(channel) for channel in channels]
         imported = await stubs[0].ImportBlock(pb.ImportBlockRequest(block=BLOCK, tenant_id="t1", city_code="010"))

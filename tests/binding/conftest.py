@@ -21,6 +21,7 @@ from numprotect.services.binding.app import build as build_binding
 from numprotect.services.binding.settings import BindingSettings
 from numprotect.services.binding.store import BindingStore
 from support.inprocess import running_service
+from support.tls import secure_channel
 
 if TYPE_CHECKING:
     from numprotect.allocation.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
@@ -90,7 +91,7 @@ def domain_parts(redis_env: dict[str, str]) -> DomainPartsFactory:
     async def start(s: Services) -> AsyncIterator[DomainParts]:
         settings = BindingSettings.from_env(Env(redis_env))
         redis = create_redis(RedisSettings.from_env(Env(redis_env)))
-        channel = grpc.aio.insecure_channel(s.allocation_address)
+        channel = secure_channel(s.allocation_address)
         try:
             yield DomainParts(redis, BindingStore.over(redis, settings), settings, channel)
         finally:

@@ -27,6 +27,7 @@ from numprotect.services.translation.app import build_sync as build_translation
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.inprocess import running_service, running_sync_service
 from support.redis_server import free_port
+from support.tls import secure_channel
 
 A = "13800000001"
 B = "13900000002"
@@ -692,7 +693,7 @@ async def test_concurrent_changes_of_one_binding_run_one_at_a_time(services: Any
 
 async def test_a_lapsed_reservation_makes_confirm_aborted(services: Any) -> None:
     """A create that outran its lease gets ABORTED (retry), not NOT_FOUND (which would mean the binding)."""
-    async with services() as s, grpc.aio.insecure_channel(s.allocation_address) as channel:
+    async with services() as s, secure_channel(s.allocation_address) as channel:
         client = AllocationClient(channel, timeout_seconds=5)
         allocation = await client.allocate("t1", AXB, [A, B], "010", False, lease_ms=100)
         await asyncio.sleep(0.3)

@@ -17,12 +17,13 @@ from numprotect.services.cdr.keys import Bucket
 from support.inprocess import running_service
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer
+from support.tls import sync_secure_channel
 
 UNMATCHED = Bucket("")
 
 
 def _ingest(address: str, records: list[cdr_pb2.CallDetailRecord], timeout: float = 60) -> Any:
-    with grpc.insecure_channel(address) as channel:
+    with sync_secure_channel(address) as channel:
         stub = cdr_pb2_grpc.CdrServiceStub(channel)
         return stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records), timeout=timeout)
 
@@ -54,7 +55,7 @@ def test_service_killed_in_the_middle_of_a_batch_then_the_batch_is_resent(
     records = [make_record(f"k{i}") for i in range(1000)]
     first = ServiceProcess("cdr", redis_env, timeout=60)
     try:
-        with grpc.insecure_channel(first.address) as channel:
+        with first.channel() as channel:
             stub = cdr_pb2_grpc.CdrServiceStub(channel)
             future = stub.IngestCdrs.future(cdr_pb2.IngestCdrsRequest(records=records), timeout=30)
             deadline = time.monotonic() + 20

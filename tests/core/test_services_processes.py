@@ -8,13 +8,13 @@ import subprocess
 import sys
 import time
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from support.grpcurl import run_grpcurl
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer
+from support.tls import tls_env
 
 SERVICES = {
     "allocation": "numprotect.allocation.v1.AllocationService",
@@ -59,7 +59,7 @@ def test_health_is_not_serving_while_redis_is_down_and_recovers() -> None:
     try:
         process.wait_serving()
         redis.kill()
-        with grpc.insecure_channel(process.address) as channel:
+        with process.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 10
             status = None
@@ -123,7 +123,7 @@ def test_a_busy_port_is_explained_in_one_line(redis_url: str) -> None:
         env = {"NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_ALLOCATION_PORT": str(first.port)}
         result = subprocess.run(
             [sys.executable, "-m", "numprotect.services.allocation"],
-            env={**__import__("os").environ, **env},
+            env={**__import__("os").environ, **tls_env(), **env},
             capture_output=True,
             text=True,
             timeout=30,

@@ -16,6 +16,7 @@ from numprotect.core.health import HealthProbe
 from numprotect.core.server import AioServiceApp, SyncServiceApp
 from numprotect.core.settings import Env, ServerSettings
 from numprotect.core.telemetry import Telemetry
+from support.tls import server_tls, sync_secure_channel
 
 
 def _settings() -> ServerSettings:
@@ -72,7 +73,7 @@ class _HangingCheck:
 
 
 def _watch_statuses(port: int, into: list[int], ready: threading.Event) -> Callable[[], None]:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = sync_secure_channel(f"127.0.0.1:{port}")
     stream: Any = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
 
     def read() -> None:
@@ -94,7 +95,7 @@ def _watch_statuses(port: int, into: list[int], ready: threading.Event) -> Calla
 
 def test_thread_pool_model_drains_although_the_probe_hangs() -> None:
     check = _HangingCheck()
-    app = SyncServiceApp(_settings(), [], probe=check, telemetry=Telemetry.disabled())
+    app = SyncServiceApp(_settings(), [], probe=check, telemetry=Telemetry.disabled(), tls=server_tls())
     app._probe._stop_wait = 0.2  # the default (5 s) bounds a PING; this test's check hangs for 30 s
     port = app.start()
     statuses: list[int] = []
@@ -119,7 +120,7 @@ def test_thread_pool_model_drains_although_the_probe_hangs() -> None:
 @pytest.mark.asyncio
 async def test_aio_model_drains_although_the_probe_hangs() -> None:
     check = _HangingCheck()
-    app = AioServiceApp(_settings(), [], probe=check, telemetry=Telemetry.disabled())
+    app = AioServiceApp(_settings(), [], probe=check, telemetry=Telemetry.disabled(), tls=server_tls())
     app._probe._stop_wait = 0.2
     await app.start()
     try:
@@ -139,12 +140,12 @@ def test_no_call_is_answered_before_the_first_check_has_set_the_status() -> None
         answer.wait(5)
         return False
 
-    app = SyncServiceApp(_settings(), [], probe=probe, telemetry=Telemetry.disabled())
+    app = SyncServiceApp(_settings(), [], probe=probe, telemetry=Telemetry.disabled(), tls=server_tls())
     starting = threading.Thread(target=app.start)
     starting.start()
     try:
         assert checking.wait(5)
-        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        with sync_secure_channel(f"127.0.0.1:{app.port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             # During the first check nothing answers (grpcio's default for "" would be SERVING, Redis unknown).
             with pytest.raises(grpc.RpcError):

@@ -32,6 +32,7 @@ from numprotect.core.settings import Env, RedisSettings
 from support.processes import ServiceProcess
 from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer
+from support.tls import secure_channel
 
 PROBE = LuaScript.beside(__file__, "failover_probe.lua")
 CDR_SERVICE = "numprotect.cdr.v1.CdrService"
@@ -157,7 +158,7 @@ async def drive(client: RedisClient, tag: str, calls: list[Call], timeline: Time
 async def drive_rpc(address: str, tenant: str, calls: list[Call], timeline: Timeline) -> None:
     """The service's own business RPC (CdrService.GetCdrStats reads the tenant's daily counters in its slot)."""
     request = cdr_pb2.GetCdrStatsRequest(tenant_id=tenant, date="2026-01-01")
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with secure_channel(address) as channel:
         stub = cdr_pb2_grpc.CdrServiceStub(channel)
         while not timeline.stop.is_set():
             start = time.monotonic()
@@ -170,7 +171,7 @@ async def drive_rpc(address: str, tenant: str, calls: list[Call], timeline: Time
 
 
 async def watch_health(address: str, timeline: Timeline) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with secure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while not timeline.stop.is_set():
             try:

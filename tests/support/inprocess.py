@@ -1,7 +1,8 @@
 """Runs a service in the test's own process: the real bootstrap and servicer on a loopback port chosen by the OS.
 
 `running_service` serves a grpc.aio service on the test's event loop; `running_sync_service` a thread-pool service
-(translation), whose building, starting and stopping block and so run off the loop. Both yield a grpc.aio channel.
+(translation), whose building, starting and stopping block and so run off the loop. Both serve TLS with the test
+PKI (support/tls.py) unless `environ` sets NUMPROTECT_TLS=off, and yield a grpc.aio channel that trusts it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from numprotect.core.redis_client import (
 from numprotect.core.server import AioServiceApp, Builder, Runtime, SyncBuilder, SyncRuntime, SyncServiceApp
 from numprotect.core.settings import Env, RedisSettings, ServerSettings
 from numprotect.core.telemetry import Telemetry
+from numprotect.core.tls import TlsSettings
+from support.tls import channel_for, with_tls
 
 AppT = TypeVar("AppT", AioServiceApp, SyncServiceApp)
 RuntimeT = TypeVar("RuntimeT", Runtime, SyncRuntime)
@@ -49,10 +52,13 @@ class _Setup:
     redis: RedisSettings
     telemetry: Telemetry
     probe_client: SyncRedisClient
+    tls: TlsSettings
+    environ: Mapping[str, str]
 
     @classmethod
     def of(cls, service: str, environ: Mapping[str, str], telemetry: Telemetry | None) -> _Setup:
-        env = Env({**environ, f"NUMPROTECT_{service.upper()}_PORT": "0", "NUMPROTECT_GRACE_PERIOD": "0"})
+        full = {**with_tls(environ), f"NUMPROTECT_{service.upper()}_PORT": "0", "NUMPROTECT_GRACE_PERIOD": "0"}
+        env = Env(full)
         redis = RedisSettings.from_env(env)
         return cls(
             env,
@@ -60,7 +66,12 @@ class _Setup:
             redis,
             telemetry or Telemetry.disabled(),
             create_sync_redis(redis, max_connections=2),
+            TlsSettings.from_env(env),
+            full,
         )
+
+    def channel(self, port: int) -> grpc.aio.Channel:
+        return channel_for(f"127.0.0.1:{port}", self.environ)
 
     def probe(self) -> bool:
         return sync_redis_is_up(self.probe_client)
@@ -72,12 +83,12 @@ async def running_service(
 ) -> AsyncIterator[RunningService[AioServiceApp, Runtime]]:
     """Builds `service` with `builder` from `environ` (port forced to 0) and yields it with a client channel."""
     setup = _Setup.of(service, environ, telemetry)
-    runtime = Runtime(setup.env, setup.server, create_redis(setup.redis), setup.telemetry, setup.redis)
+    runtime = Runtime(setup.env, setup.server, create_redis(setup.redis), setup.telemetry, setup.redis, tls=setup.tls)
     await redis_is_up(runtime.redis)  # as `serve` does: a cluster client's slot map before concurrent commands
     parts = await builder(runtime)
-    app = AioServiceApp(setup.server, parts.registrations, probe=setup.probe, telemetry=setup.telemetry)
+    app = AioServiceApp(setup.server, parts.registrations, probe=setup.probe, telemetry=setup.telemetry, tls=setup.tls)
     port = await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = setup.channel(port)
     try:
         yield RunningService(app, runtime, port, channel)
     finally:
@@ -106,10 +117,11 @@ async def running_sync_service(
                 parts.registrations,
                 probe=setup.probe,
                 telemetry=setup.telemetry,
+                tls=setup.tls,
                 max_workers=parts.max_workers,
             )
             port = await asyncio.to_thread(app.start)
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            channel = setup.channel(port)
             try:
                 yield RunningService(app, runtime, port, channel)
             finally:

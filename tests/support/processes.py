@@ -1,4 +1,5 @@
-"""Real service processes (python -m <service>) on loopback ports chosen by the OS."""
+"""Real service processes (python -m <service>) on loopback ports chosen by the OS, serving TLS with the test PKI
+(support/tls.py) unless their env sets NUMPROTECT_TLS=off."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from support.tls import sync_channel_for, with_tls
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,7 +26,8 @@ class ServiceProcess:
 
     def __init__(self, service: str, env: Mapping[str, str], *, port: int = 0, timeout: float = 20.0) -> None:
         self.service = service
-        full_env = {**os.environ, **env, f"NUMPROTECT_{service.upper()}_PORT": str(port)}
+        full_env = {**with_tls({**os.environ, **env}), f"NUMPROTECT_{service.upper()}_PORT": str(port)}
+        self.env = full_env
         full_env.setdefault("NUMPROTECT_GRACE_PERIOD", "2s")
         self.process = subprocess.Popen(
             [sys.executable, "-m", f"numprotect.services.{service}"],
@@ -54,10 +58,14 @@ class ServiceProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def channel(self, token: str | None = None) -> grpc.Channel:
+        """A blocking channel to the process: TLS trusting the test CA, unless it runs with NUMPROTECT_TLS=off."""
+        return sync_channel_for(self.address, self.env, token)
+
     def wait_serving(self, timeout: float = 10.0, service_name: str = "") -> None:
         """Waits until the health check answers SERVING."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 try:

@@ -168,7 +168,7 @@ def suite(receiver: TraceReceiver, redis_env: dict[str, str]) -> Iterator[Suite]
             processes[service] = ServiceProcess(service, {**environ, **peers})
         for service, process in processes.items():
             process.wait_serving()
-            channels[service] = grpc.insecure_channel(process.address)
+            channels[service] = process.channel()
         yield Suite(processes, channels)
     finally:
         for channel in channels.values():

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
@@ -43,9 +42,9 @@ def deployed(redis_env: dict[str, str]) -> Iterator[dict[str, ServiceProcess]]:
 
 def test_create_binding_then_translate_both_ways(deployed: dict[str, ServiceProcess]) -> None:
     with (
-        grpc.insecure_channel(deployed["allocation"].address) as allocation_channel,
-        grpc.insecure_channel(deployed["binding"].address) as binding_channel,
-        grpc.insecure_channel(deployed["translation"].address) as translation_channel,
+        deployed["allocation"].channel() as allocation_channel,
+        deployed["binding"].channel() as binding_channel,
+        deployed["translation"].channel() as translation_channel,
     ):
         allocation: Any = allocation_pb2_grpc.AllocationServiceStub(allocation_channel)
         binding: Any = binding_pb2_grpc.BindingServiceStub(binding_channel)

@@ -25,6 +25,7 @@ from numprotect.core.settings import Env, RedisSettings
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
 from support.processes import ServiceProcess
+from support.tls import sync_secure_channel
 
 X = "700100000000001"
 X_AXN = "700100000000002"
@@ -67,7 +68,7 @@ def process(redis_env: dict[str, str], route_factory: Callable[..., Route]) -> I
 
 @pytest.fixture
 def stub(process: ServiceProcess) -> Iterator[Any]:
-    with grpc.insecure_channel(process.address) as channel:
+    with process.channel() as channel:
         yield translation_pb2_grpc.TranslationServiceStub(channel)
 
 
@@ -164,7 +165,7 @@ def test_processes_share_one_port_with_reuse_port(
         assert first.port == second.port == port
         for process in (first, second):
             process.wait_serving()
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with sync_secure_channel(f"127.0.0.1:{port}") as channel:
             stub: Any = translation_pb2_grpc.TranslationServiceStub(channel)
             assert _translate(stub, A).reject_reason == pb.REJECT_REASON_NO_BINDING
     finally:
@@ -182,7 +183,7 @@ def test_open_health_watches_beyond_the_worker_pool_leave_translate_answered(
     service = ServiceProcess("translation", {**_settings(redis_env), "NUMPROTECT_TRANSLATION_WORKERS": str(workers)})
     try:
         service.wait_serving(service_name=SERVICE)
-        with grpc.insecure_channel(service.address) as channel:
+        with service.channel() as channel:
             health = health_pb2_grpc.HealthStub(channel)
             names = ["", SERVICE] * 4
             watches = [health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=20) for name in names]

@@ -46,6 +46,7 @@ from numprotect.core.redis_client import (
 from numprotect.core.scheduling import apply_cpu_scheduling
 from numprotect.core.settings import Env, RedisSettings, ServerSettings, SettingsError, service_address
 from numprotect.core.telemetry import Telemetry
+from numprotect.core.tls import TlsSettings, channel_credentials, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,11 @@ def call_concerns(telemetry: Telemetry) -> list[CallConcern]:
     return [*telemetry.call_concerns()]
 
 
-def _listen(server: Any, settings: ServerSettings, registrations: Sequence[ServiceRegistration], health: Any) -> int:
-    """Adds the services, health and reflection to a server of either model and binds its port; returns the port.
+def _listen(
+    server: Any, settings: ServerSettings, tls: TlsSettings, registrations: Sequence[ServiceRegistration], health: Any
+) -> int:
+    """Adds the services, health and reflection to a server of either model and binds its port, with TLS unless
+    NUMPROTECT_TLS=off; returns the port.
 
     A port that cannot be bound is a SettingsError naming the variable, like every other bad setting.
     """
@@ -104,11 +108,28 @@ def _listen(server: Any, settings: ServerSettings, registrations: Sequence[Servi
     )
     address = f"{settings.host}:{settings.port}"
     try:
-        port: int = server.add_insecure_port(address)
+        port: int = (
+            server.add_secure_port(address, server_credentials(tls))
+            if tls.enabled
+            else server.add_insecure_port(address)
+        )
     except RuntimeError as exc:
         raise SettingsError(
             f"NUMPROTECT_{settings.service.upper()}_PORT: cannot listen on {address} (port busy?)"
         ) from exc
+    if not tls.enabled:  # an explicit opt-out: anyone on the network reads and sends calls on this port
+        log.warning("TLS is off (NUMPROTECT_TLS=off): the port serves plaintext", extra={"port": port})
+    return port
+
+
+def _listen_health(server: Any, settings: ServerSettings, health: Any) -> int:
+    """The plaintext port of Kubernetes' gRPC probe (NUMPROTECT_HEALTH_PORT): grpc.health.v1 only, nothing else."""
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        port: int = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise SettingsError(f"NUMPROTECT_HEALTH_PORT: cannot listen on {address} (port busy?)") from exc
     return port
 
 
@@ -122,12 +143,16 @@ class _ServiceApp:
         *,
         probe: Callable[[], bool] | None,
         telemetry: Telemetry,
+        tls: TlsSettings,
         max_workers: int = 16,
     ) -> None:
         """`max_workers` sizes the thread-pool server's pool (concurrent calls in Python); grpc.aio has none."""
         self.settings = settings
+        self.tls = tls
         self.registrations = list(registrations)
         self.port = 0
+        # The plaintext health-only port, when NUMPROTECT_HEALTH_PORT asks for one (its server: `health_server`).
+        self.health_port = 0
         self._probe = HealthProbe(probe or (lambda: True), self._publish, settings.health_interval_seconds)
         self._build(call_concerns(telemetry), server_options(settings.reuse_port), max_workers)
 
@@ -150,6 +175,7 @@ class AioServiceApp(_ServiceApp):
     def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = grpc.aio.server(interceptors=[AioCallLayer(concerns)], options=options)
+        self.health_server = grpc.aio.server(options=options) if self.settings.health_port else None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _publish(self, serving: bool) -> None:
@@ -164,10 +190,14 @@ class AioServiceApp(_ServiceApp):
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
-        self.port = _listen(self.server, self.settings, self.registrations, self.health)
+        self.port = _listen(self.server, self.settings, self.tls, self.registrations, self.health)
+        if self.health_server is not None:
+            self.health_port = _listen_health(self.health_server, self.settings, self.health)
         # The first check blocks (off the loop, which publishes it) and its status is set before the port takes calls.
         await asyncio.to_thread(self._probe.start)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         return self.port
 
     async def stop(self) -> None:
@@ -175,6 +205,8 @@ class AioServiceApp(_ServiceApp):
         await asyncio.to_thread(self._probe.stop)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds)
+        if self.health_server is not None:  # last: the probe reads NOT_SERVING during the drain
+            await self.health_server.stop(None)
 
 
 class SyncServiceApp(_ServiceApp):
@@ -187,15 +219,24 @@ class SyncServiceApp(_ServiceApp):
             interceptors=[SyncCallLayer(concerns)],
             options=options,
         )
+        self.health_server = (
+            grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"), options=options)
+            if self.settings.health_port
+            else None
+        )
 
     def _publish(self, serving: bool) -> None:
         for name in self.health_names:
             self.health.set(name, _SERVING if serving else _NOT_SERVING)
 
     def start(self) -> int:
-        self.port = _listen(self.server, self.settings, self.registrations, self.health)
+        self.port = _listen(self.server, self.settings, self.tls, self.registrations, self.health)
+        if self.health_server is not None:
+            self.health_port = _listen_health(self.health_server, self.settings, self.health)
         self._probe.start()  # the first status is set before the port takes calls
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         return self.port
 
     def stop(self) -> None:
@@ -203,16 +244,26 @@ class SyncServiceApp(_ServiceApp):
         self._probe.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_seconds).wait()
+        if self.health_server is not None:  # last: the probe reads NOT_SERVING during the drain
+            self.health_server.stop(None).wait()
 
 
 class Runtime:
     """What an aio builder receives: settings, a redis.asyncio client, telemetry and traced channels to peers."""
 
     def __init__(
-        self, env: Env, server: ServerSettings, redis: RedisClient, telemetry: Telemetry, redis_settings: RedisSettings
+        self,
+        env: Env,
+        server: ServerSettings,
+        redis: RedisClient,
+        telemetry: Telemetry,
+        redis_settings: RedisSettings,
+        *,
+        tls: TlsSettings,
     ) -> None:
         self.env = env
         self.server = server
+        self.tls = tls
         self.telemetry = telemetry
         self.redis_settings = redis_settings
         self.redis = redis
@@ -225,7 +276,13 @@ class Runtime:
         return self.channel_to(service_address(self.env, service))
 
     def channel_to(self, address: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(address, interceptors=self.telemetry.client_interceptors())
+        """TLS unless NUMPROTECT_TLS=off (in mTLS mode presenting the workload certificate); the certificate files are
+        read here, so a channel made after a renewal uses the new ones."""
+        interceptors = self.telemetry.client_interceptors()
+        if self.tls.enabled:
+            channel = grpc.aio.secure_channel(address, channel_credentials(self.tls), interceptors=interceptors)
+        else:
+            channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
         self._channels.append(channel)
         return channel
 
@@ -265,18 +322,20 @@ class _Startup:
     server: ServerSettings
     redis: RedisSettings
     telemetry: Telemetry
+    tls: TlsSettings
 
     @classmethod
     def from_env(cls, service: str, environ: Mapping[str, str]) -> _Startup:
         env = Env(environ)
         server = ServerSettings.from_env(env, service)
         redis = RedisSettings.from_env(env)
+        tls = TlsSettings.from_env(env)
         try:
             policy_threads = apply_cpu_scheduling(server.cpu_scheduling)
             log.debug("cpu scheduling applied", extra={"policy": server.cpu_scheduling, "threads": policy_threads})
         except OSError as exc:  # a refusal only costs speed
             log.warning("cpu scheduling not applied", extra={"policy": server.cpu_scheduling, "error": str(exc)})
-        return cls(env, server, redis, Telemetry.from_env(environ, f"numprotect-{service}"))
+        return cls(env, server, redis, Telemetry.from_env(environ, f"numprotect-{service}"), tls)
 
     def serving(self, port: int, model: str) -> None:
         """Freezes the start-up heap (gc_tuning) and logs the line tests and operators wait for."""
@@ -288,6 +347,8 @@ class _Startup:
                 "host": self.server.host,
                 "pid": os.getpid(),
                 "model": model,
+                "tls": self.tls.client_auth if self.tls.enabled else "off",  # none (TLS), require (mTLS) or off
+                "health_port": self.server.health_port,
                 "gc_frozen_objects": collector.frozen_objects,
                 "gc_gen0_threshold": collector.thresholds[0],
             },
@@ -303,7 +364,9 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
     """grpc.aio: builds the service, serves it until SIGTERM or SIGINT, then drains and closes everything."""
     startup = _Startup.from_env(service, environ)
     probe_client = _probe_client(startup)
-    runtime = Runtime(startup.env, startup.server, create_redis(startup.redis), startup.telemetry, startup.redis)
+    runtime = Runtime(
+        startup.env, startup.server, create_redis(startup.redis), startup.telemetry, startup.redis, tls=startup.tls
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -320,6 +383,7 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
             parts.registrations,
             probe=lambda: sync_redis_is_up(probe_client),
             telemetry=startup.telemetry,
+            tls=startup.tls,
         )
         startup.serving(await app.start(), "aio")
         await stop.wait()
@@ -354,6 +418,7 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
             parts.registrations,
             probe=lambda: sync_redis_is_up(probe_client),
             telemetry=startup.telemetry,
+            tls=startup.tls,
             max_workers=parts.max_workers,
         )
         startup.serving(app.start(), "sync")
