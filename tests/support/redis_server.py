@@ -7,7 +7,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -22,10 +24,34 @@ def free_port(*, below: int = 65536) -> int:
             return port
 
 
-class RedisServer:
-    """Starts redis-server with the given extra arguments; stop() shuts it down and removes its folder."""
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS of a test redis-server: its certificate and key, and the CA it checks client certificates against."""
 
-    def __init__(self, *extra_args: str, port: int | None = None, appendonly: bool = False) -> None:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    # redis-server's tls-auth-clients: "no", "optional" or "yes" (a client certificate required)
+    auth_clients: str = "no"
+    # What the test's own client presents when Redis asks (cert, key)
+    client: tuple[Path, Path] | None = None
+
+
+class RedisServer:
+    """Starts redis-server with the given extra arguments; stop() shuts it down and removes its folder.
+
+    `auth` is the (user, password) of the server's own client (a server started with an ACL file whose default
+    user is off); `tls` serves TLS only (the port is the TLS port, `url` is rediss://).
+    """
+
+    def __init__(
+        self,
+        *extra_args: str,
+        port: int | None = None,
+        appendonly: bool = False,
+        auth: tuple[str, str] | None = None,
+        tls: ServerTls | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run `make system-deps` (Debian package redis-server)")
@@ -47,10 +73,16 @@ class RedisServer:
             "warning",
             *extra_args,
         ]
+        self.auth = auth
+        self.tls = tls
+        if tls is not None:
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-cert-file", str(tls.cert_file), "--tls-key-file", str(tls.key_file)]
+            args += ["--tls-ca-cert-file", str(tls.ca_file), "--tls-auth-clients", tls.auth_clients]
         self._args = args
         self.log = self.dir / "redis.log"
         self.process = self._spawn()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
         self._wait_ready()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -58,7 +90,14 @@ class RedisServer:
             return subprocess.Popen(self._args, stdout=log, stderr=subprocess.STDOUT)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port)
+        options: dict[str, Any] = {}
+        if self.auth is not None:
+            options.update(username=self.auth[0], password=self.auth[1])
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca_file))
+            if self.tls.client is not None:
+                options.update(ssl_certfile=str(self.tls.client[0]), ssl_keyfile=str(self.tls.client[1]))
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
 
     def _wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
