@@ -17,9 +17,15 @@ from typing import Any
 
 from numprotect.core.identity import api_keys
 from numprotect.core.identity.api_keys import HashKey
+from numprotect.core.identity.directory import (
+    CARRIER_BLOCKS_KEY,
+    CARRIER_VERSION_KEY,
+    RECORD_BLOCK_CARRIER,
+    block_of,
+)
 from numprotect.core.identity.principal import Role
 
-__all__ = ["Role", "auth_env", "mint", "test_hash_key", "with_auth"]
+__all__ = ["Role", "auth_env", "mint", "record_blocks", "test_hash_key", "with_auth"]
 
 
 @cache
@@ -51,3 +57,11 @@ def mint(redis: Any, role: Role, principal_id: str = "", *, description: str = "
         redis, test_hash_key(), role, principal_id, description=description, now_ms=time.time_ns() // 1_000_000
     )
     return token
+
+
+def record_blocks(redis: Any, carrier_id: str, *numbers: str) -> None:
+    """Records `carrier_id` as the carrier of each number's 11-digit block, as ImportBlock does (a block another
+    carrier already routes stays that carrier's)."""
+    script = redis.register_script(RECORD_BLOCK_CARRIER)
+    for block in {block_of(number) for number in numbers}:
+        script(keys=[CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY], args=[block, carrier_id])

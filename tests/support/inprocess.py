@@ -16,6 +16,9 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from numprotect.core.identity.api_keys import AuthSettings
+from numprotect.core.identity.principal import Role
+from numprotect.core.identity.runtime import Identity
 from numprotect.core.redis_client import (
     SyncRedisClient,
     create_redis,
@@ -27,6 +30,7 @@ from numprotect.core.server import AioServiceApp, Builder, Runtime, SyncBuilder,
 from numprotect.core.settings import Env, RedisSettings, ServerSettings
 from numprotect.core.telemetry import Telemetry
 from numprotect.core.tls import TlsSettings
+from support.identity import mint, record_blocks, with_auth
 from support.tls import channel_for, with_tls
 
 AppT = TypeVar("AppT", AioServiceApp, SyncServiceApp)
@@ -35,14 +39,49 @@ RuntimeT = TypeVar("RuntimeT", Runtime, SyncRuntime)
 
 @dataclass
 class RunningService(Generic[AppT, RuntimeT]):
+    """`channel` carries no credentials (TLS only); `channel_as` and `token` give a principal's."""
+
     app: AppT
     runtime: RuntimeT
     port: int
     channel: grpc.aio.Channel
+    environ: Mapping[str, str]
+    redis: SyncRedisClient
+    _channels: list[grpc.aio.Channel]
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def token(self, role: Role, principal_id: str = "") -> str:
+        """A new API key's token for `role`, already loaded by the service."""
+        token = mint(self.redis, role, principal_id)
+        directory = self.runtime.identity.directory
+        if directory is not None:
+            directory.reload()
+        return token
+
+    def channel_as(self, role: Role, principal_id: str = "") -> grpc.aio.Channel:
+        """A channel whose calls carry a new token of `role` (closed with the service)."""
+        channel = channel_for(self.address, self.environ, self.token(role, principal_id))
+        self._channels.append(channel)
+        return channel
+
+    def route(self, carrier_id: str, *numbers: str) -> None:
+        """Records `carrier_id` as the carrier routing the numbers' blocks, loaded by the service at once."""
+        record_blocks(self.redis, carrier_id, *numbers)
+        directory = self.runtime.identity.directory
+        if directory is not None:
+            directory.reload()
+
+    def channel_with(self, token: str | None) -> grpc.aio.Channel:
+        channel = channel_for(self.address, self.environ, token)
+        self._channels.append(channel)
+        return channel
+
+    async def close_channels(self) -> None:
+        for channel in [self.channel, *self._channels]:
+            await channel.close(grace=None)
 
 
 @dataclass(frozen=True)
@@ -54,10 +93,15 @@ class _Setup:
     probe_client: SyncRedisClient
     tls: TlsSettings
     environ: Mapping[str, str]
+    identity: Identity
 
     @classmethod
     def of(cls, service: str, environ: Mapping[str, str], telemetry: Telemetry | None) -> _Setup:
-        full = {**with_tls(environ), f"NUMPROTECT_{service.upper()}_PORT": "0", "NUMPROTECT_GRACE_PERIOD": "0"}
+        full = {
+            **with_auth(with_tls(environ)),
+            f"NUMPROTECT_{service.upper()}_PORT": "0",
+            "NUMPROTECT_GRACE_PERIOD": "0",
+        }
         env = Env(full)
         redis = RedisSettings.from_env(env)
         return cls(
@@ -68,6 +112,7 @@ class _Setup:
             create_sync_redis(redis, max_connections=2),
             TlsSettings.from_env(env),
             full,
+            Identity(AuthSettings.from_env(env), redis),
         )
 
     def channel(self, port: int) -> grpc.aio.Channel:
@@ -83,22 +128,41 @@ async def running_service(
 ) -> AsyncIterator[RunningService[AioServiceApp, Runtime]]:
     """Builds `service` with `builder` from `environ` (port forced to 0) and yields it with a client channel."""
     setup = _Setup.of(service, environ, telemetry)
-    runtime = Runtime(setup.env, setup.server, create_redis(setup.redis), setup.telemetry, setup.redis, tls=setup.tls)
-    await redis_is_up(runtime.redis)  # as `serve` does: a cluster client's slot map before concurrent commands
-    parts = await builder(runtime)
-    app = AioServiceApp(setup.server, parts.registrations, probe=setup.probe, telemetry=setup.telemetry, tls=setup.tls)
-    port = await app.start()
-    channel = setup.channel(port)
+    runtime = Runtime(
+        setup.env,
+        setup.server,
+        create_redis(setup.redis),
+        setup.telemetry,
+        setup.redis,
+        tls=setup.tls,
+        identity=setup.identity,
+    )
     try:
-        yield RunningService(app, runtime, port, channel)
+        await redis_is_up(runtime.redis)  # as `serve` does: a cluster client's slot map before concurrent commands
+        await asyncio.to_thread(setup.identity.start)
+        parts = await builder(runtime)
+        app = AioServiceApp(
+            setup.server,
+            parts.registrations,
+            probe=setup.probe,
+            telemetry=setup.telemetry,
+            identity=setup.identity,
+            tls=setup.tls,
+        )
+        port = await app.start()
+        running = RunningService(app, runtime, port, setup.channel(port), setup.environ, setup.probe_client, [])
+        try:
+            yield running
+        finally:
+            await running.close_channels()
+            await app.stop()
+            for close in parts.on_shutdown:
+                outcome = close()
+                if inspect.isawaitable(outcome):
+                    await outcome
     finally:
-        await channel.close(grace=None)
-        await app.stop()
-        for close in parts.on_shutdown:
-            outcome = close()
-            if inspect.isawaitable(outcome):
-                await outcome
         await runtime.close()
+        await asyncio.to_thread(setup.identity.stop)
         setup.probe_client.close()
 
 
@@ -108,8 +172,11 @@ async def running_sync_service(
 ) -> AsyncIterator[RunningService[SyncServiceApp, SyncRuntime]]:
     """The same for a thread-pool service."""
     setup = _Setup.of(service, environ, telemetry)
-    runtime = SyncRuntime(setup.env, setup.server, setup.redis, create_sync_redis(setup.redis), setup.telemetry)
+    runtime = SyncRuntime(
+        setup.env, setup.server, setup.redis, create_sync_redis(setup.redis), setup.telemetry, setup.identity
+    )
     try:
+        await asyncio.to_thread(setup.identity.start)
         parts = await asyncio.to_thread(builder, runtime)
         try:
             app = SyncServiceApp(
@@ -117,19 +184,21 @@ async def running_sync_service(
                 parts.registrations,
                 probe=setup.probe,
                 telemetry=setup.telemetry,
+                identity=setup.identity,
                 tls=setup.tls,
                 max_workers=parts.max_workers,
             )
             port = await asyncio.to_thread(app.start)
-            channel = setup.channel(port)
+            running = RunningService(app, runtime, port, setup.channel(port), setup.environ, setup.probe_client, [])
             try:
-                yield RunningService(app, runtime, port, channel)
+                yield running
             finally:
-                await channel.close(grace=None)
+                await running.close_channels()
                 await asyncio.to_thread(app.stop)
         finally:
             for hook in parts.on_shutdown:
                 await asyncio.to_thread(hook)
     finally:
         runtime.close()
+        await asyncio.to_thread(setup.identity.stop)
         setup.probe_client.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from support.identity import with_auth
 from support.tls import sync_channel_for, with_tls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ class ServiceProcess:
 
     def __init__(self, service: str, env: Mapping[str, str], *, port: int = 0, timeout: float = 20.0) -> None:
         self.service = service
-        full_env = {**with_tls({**os.environ, **env}), f"NUMPROTECT_{service.upper()}_PORT": str(port)}
+        full_env = {**with_auth(with_tls({**os.environ, **env})), f"NUMPROTECT_{service.upper()}_PORT": str(port)}
         self.env = full_env
         full_env.setdefault("NUMPROTECT_GRACE_PERIOD", "2s")
         self.process = subprocess.Popen(

@@ -23,6 +23,7 @@ from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core import telemetry as tel
 from numprotect.core.call_ref import CallRef
 from numprotect.core.calls import Method, SyncCallLayer
+from numprotect.core.identity.principal import Role
 from numprotect.core.logs import JsonFormatter
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, SettingsError
@@ -300,7 +301,9 @@ async def test_cdr_ingestion_span_carries_numbers_only_masked(redis_url: str) ->
     record.answer_time.FromMilliseconds(start + 5_000)
     record.release_time.FromMilliseconds(start + 35_000)
     async with running_service("cdr", build_cdr, {"NUMPROTECT_REDIS_URL": redis_url}, telemetry=telemetry) as svc:
-        reply = await cdr_pb2_grpc.CdrServiceStub(svc.channel).IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]))
+        svc.route("cm", VIRTUAL)
+        carrier = svc.channel_as(Role.CARRIER, "cm")
+        reply = await cdr_pb2_grpc.CdrServiceStub(carrier).IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]))
         assert reply.accepted == 1, reply
     spans = finished(telemetry, exporter)
     (ingest,) = [s for s in spans if s.name == "cdr.ingest"]
@@ -544,9 +547,10 @@ async def test_aio_server_spans_record_status_of_failed_and_streaming_calls(redi
     telemetry, exporter = traced()
     environ = {"NUMPROTECT_REDIS_URL": redis_url}
     async with running_service("cdr", build_cdr, environ, telemetry=telemetry) as svc:
-        stub = cdr_pb2_grpc.CdrServiceStub(svc.channel)
+        stub = cdr_pb2_grpc.CdrServiceStub(svc.channel_as(Role.CARRIER, "cm"))
+        operator = cdr_pb2_grpc.CdrServiceStub(svc.channel_as(Role.OPERATOR))
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await stub.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="not a tenant id"))
+            await operator.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="not a tenant id"))
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         async def requests() -> AsyncIterator[cdr_pb2.StreamCdrsRequest]:

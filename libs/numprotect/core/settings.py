@@ -271,6 +271,12 @@ class ServerSettings:
     gc_gen0_threshold: int
     # A second, plaintext port serving only grpc.health.v1 (Kubernetes' gRPC probe speaks no TLS); 0 = none.
     health_port: int = 0
+    # Limits a hostile client meets at the transport (docs/security.md "Limits"): the largest request message,
+    # concurrent calls (HTTP/2 streams) on one connection, and how long a connection lives before the server
+    # asks the client to reconnect (rebalances load, bounds what one connection can hold on to).
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_streams: int = 256
+    max_connection_age_seconds: float = 1800.0
 
     @classmethod
     def from_env(cls, env: Env, service: str) -> ServerSettings:
@@ -287,6 +293,11 @@ class ServerSettings:
                 "NUMPROTECT_GC_GEN0_THRESHOLD", DEFAULT_GEN0_THRESHOLD, minimum=100, maximum=10_000_000
             ),
             health_port=env.integer("NUMPROTECT_HEALTH_PORT", 0, minimum=0, maximum=65535),
+            max_receive_message_bytes=env.integer(
+                "NUMPROTECT_MAX_RECEIVE_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024
+            ),
+            max_concurrent_streams=env.integer("NUMPROTECT_MAX_CONCURRENT_STREAMS", 256, minimum=1, maximum=100_000),
+            max_connection_age_seconds=env.seconds("NUMPROTECT_MAX_CONNECTION_AGE", 1800.0, minimum=1, maximum=86_400),
         )
 
 
