@@ -18,6 +18,8 @@ from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect.core.binding_records import BindingRecordStore, binding_key, decode_stored
 from numprotect.core.errors import Aborted, FailedPrecondition
+from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY
+from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import LuaScript
 from numprotect.core.routes import Route, axe_marker_key, axn_key, caller_key, extension_key
 from numprotect.services.binding.allocation_client import AllocationClient
@@ -94,7 +96,8 @@ def keys_matching(redis_sync: Any, pattern: str) -> list[str]:
 
 
 async def _create(s: Any, order: str, **kwargs: Any) -> pb.Binding:
-    reply = await s.binding.CreateBinding(create_request(order, **kwargs))
+    """Creates as the key of the request's tenant (t1 unless `tenant` names another)."""
+    reply = await s.tenant(kwargs.get("tenant", "t1")).CreateBinding(create_request(order, **kwargs))
     return reply.binding  # type: ignore[no-any-return]
 
 
@@ -475,30 +478,44 @@ async def test_invalid_arguments_name_every_field(services: Any) -> None:
         message = mask_error.details() or ""
         assert "party_a" in message and "virtual_number" in message
         bad_id = await _rpc_error(s.binding.GetBinding(pb.GetBindingRequest(binding_id="nope", tenant_id="")))
-        assert set(violated_fields(bad_id)) == {"binding_id", "tenant_id"}
+        assert violated_fields(bad_id) == ["binding_id"]  # a tenant's empty tenant_id means its own
+        operator = s.binding_as(Role.OPERATOR)
+        bad_id = await _rpc_error(operator.GetBinding(pb.GetBindingRequest(binding_id="nope", tenant_id="")))
+        assert set(violated_fields(bad_id)) == {"binding_id", "tenant_id"}  # the operator must name the tenant
         trace = await _rpc_error(s.binding.TraceNumber(pb.TraceNumberRequest(virtual_number="123")))
         assert violated_fields(trace) == ["virtual_number"]
 
 
 async def test_a_tenant_never_sees_or_changes_another_tenants_binding(services: Any, redis_sync: Any) -> None:
+    """t2's key on t1's binding ids: NOT_FOUND, the very answer of an id that does not exist (no oracle)."""
     async with services() as s:
         mine = await _create(s, "iso-1")
-        calls: tuple[Callable[[], Any], ...] = (
-            lambda: s.binding.GetBinding(pb.GetBindingRequest(binding_id=mine.binding_id, tenant_id="t2")),
-            lambda: s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=mine.binding_id, tenant_id="t2")),
-            lambda: s.binding.UpdateBinding(
-                pb.UpdateBindingRequest(
-                    binding=pb.Binding(binding_id=mine.binding_id, tenant_id="t2", party_b=B2),
-                    update_mask=_mask("party_b"),
+        t2 = s.tenant("t2")
+        missing = "b" + "0" * 22
+        for tenant_id in ("", "t2"):  # t2's own, implicitly or by name
+
+            def calls(binding_id: str, tenant_id: str = tenant_id) -> tuple[Callable[[], Any], ...]:
+                return (
+                    lambda: t2.GetBinding(pb.GetBindingRequest(binding_id=binding_id, tenant_id=tenant_id)),
+                    lambda: t2.DeleteBinding(pb.DeleteBindingRequest(binding_id=binding_id, tenant_id=tenant_id)),
+                    lambda: t2.UpdateBinding(
+                        pb.UpdateBindingRequest(
+                            binding=pb.Binding(binding_id=binding_id, tenant_id=tenant_id, party_b=B2),
+                            update_mask=_mask("party_b"),
+                        )
+                    ),
                 )
-            ),
-        )
-        for call in calls:
-            assert (await _rpc_error(call())).code() == grpc.StatusCode.NOT_FOUND
+
+            for foreign, absent in zip(calls(mine.binding_id), calls(missing), strict=True):
+                error, none = await _rpc_error(foreign()), await _rpc_error(absent())
+                assert error.code() == none.code() == grpc.StatusCode.NOT_FOUND
+                assert (error.details() or "").replace(mine.binding_id, "ID") == (none.details() or "").replace(
+                    missing, "ID"
+                )
         assert redis_sync.exists(caller_key(mine.virtual_number, B)) == 1
-        listed = await s.binding.ListBindings(pb.ListBindingsRequest(tenant_id="t2"))
+        listed = await t2.ListBindings(pb.ListBindingsRequest(tenant_id="t2"))
         assert list(listed.bindings) == []
-        by_order = await s.binding.ListBindings(pb.ListBindingsRequest(tenant_id="t2", out_order_id="iso-1"))
+        by_order = await t2.ListBindings(pb.ListBindingsRequest(out_order_id="iso-1"))
         assert list(by_order.bindings) == []
 
 
@@ -522,13 +539,16 @@ async def test_list_bindings_pages_and_filters(services: Any) -> None:
         assert [b.binding_id for b in one.bindings] == [created[4].binding_id]
         default = await s.binding.ListBindings(pb.ListBindingsRequest(tenant_id="t1"))
         assert len(default.bindings) == 7 and not default.next_page_token
-        for request, field in (
-            (pb.ListBindingsRequest(tenant_id="t1", page_token="garbage"), "page_token"),
-            (pb.ListBindingsRequest(tenant_id="t1", page_size=1001), "page_size"),
-            (pb.ListBindingsRequest(tenant_id=""), "tenant_id"),
-            (pb.ListBindingsRequest(tenant_id="t1", out_order_id="{x}"), "out_order_id"),
+        own = await s.binding.ListBindings(pb.ListBindingsRequest())  # a tenant's empty tenant_id: its own
+        assert [b.binding_id for b in own.bindings] == [b.binding_id for b in created]
+        operator = s.binding_as(Role.OPERATOR)
+        for stub, request, field in (
+            (s.binding, pb.ListBindingsRequest(tenant_id="t1", page_token="garbage"), "page_token"),
+            (s.binding, pb.ListBindingsRequest(tenant_id="t1", page_size=1001), "page_size"),
+            (operator, pb.ListBindingsRequest(tenant_id=""), "tenant_id"),  # the operator names the tenant
+            (s.binding, pb.ListBindingsRequest(tenant_id="t1", out_order_id="{x}"), "out_order_id"),
         ):
-            error = await _rpc_error(s.binding.ListBindings(request))
+            error = await _rpc_error(stub.ListBindings(request))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert violated_fields(error) == [field]
 
@@ -612,15 +632,16 @@ async def test_a_committed_binding_left_pending_is_completed_by_a_read(services:
 
 
 async def test_allocation_unreachable_is_unavailable_and_leaves_the_order_free(
-    redis_env: dict[str, str], redis_sync: Any
+    redis_env: dict[str, str], redis_sync: Any, service_token_file: Any
 ) -> None:
     environ = {
         **redis_env,
         "NUMPROTECT_ALLOCATION_ADDR": f"127.0.0.1:{free_port()}",
         "NUMPROTECT_BINDING_ALLOCATION_TIMEOUT": "2s",
+        "NUMPROTECT_SERVICE_TOKEN_FILE": str(service_token_file),
     }
     async with running_service("binding", build_binding, environ) as svc:
-        stub: Any = binding_pb2_grpc.BindingServiceStub(svc.channel)
+        stub: Any = binding_pb2_grpc.BindingServiceStub(svc.channel_as(Role.TENANT, "t1"))
         error = await _rpc_error(stub.CreateBinding(create_request("down-1")))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "AllocateNumber" in (error.details() or "")
@@ -631,13 +652,16 @@ async def test_allocation_unreachable_is_unavailable_and_leaves_the_order_free(
 
 
 async def test_translation_follows_the_binding_through_replacement_and_delete(
-    services: Any, redis_env: dict[str, str]
+    services: Any, redis_env: dict[str, str], redis_sync: Any
 ) -> None:
     """The route keys written here are what the real translation service decides calls from."""
     async with services() as s, running_sync_service("translation", build_translation, redis_env) as tr:
-        translation: Any = translation_pb2_grpc.TranslationServiceStub(tr.channel)
         created = await _create(s, "call-1")
         x = created.virtual_number
+        # The carrier that routes the number's block translates it (as allocation's ImportBlock records it).
+        if redis_sync.hsetnx(CARRIER_BLOCKS_KEY, x[:11], "c1"):
+            redis_sync.incr(CARRIER_VERSION_KEY)
+        translation: Any = translation_pb2_grpc.TranslationServiceStub(tr.channel_as(Role.CARRIER, "c1"))
 
         async def call(caller: str) -> Any:
             request = translation_pb2.TranslateRequest(calling_number=caller, called_number=x, call_id="c1")
@@ -693,7 +717,7 @@ async def test_concurrent_changes_of_one_binding_run_one_at_a_time(services: Any
 
 async def test_a_lapsed_reservation_makes_confirm_aborted(services: Any) -> None:
     """A create that outran its lease gets ABORTED (retry), not NOT_FOUND (which would mean the binding)."""
-    async with services() as s, secure_channel(s.allocation_address) as channel:
+    async with services() as s, secure_channel(s.allocation_address, s.service_token) as channel:
         client = AllocationClient(channel, timeout_seconds=5)
         allocation = await client.allocate("t1", AXB, [A, B], "010", False, lease_ms=100)
         await asyncio.sleep(0.3)

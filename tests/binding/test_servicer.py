@@ -18,6 +18,8 @@ from numprotect.common.v1 import common_pb2
 from numprotect.core.clock import SystemClock
 from numprotect.core.conversions import DURATION_RULE, TIMESTAMP_RULE
 from numprotect.core.errors import InvalidArgument, Unavailable
+from numprotect.core.identity.layer import Callers
+from numprotect.core.identity.principal import Role
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import create_redis
@@ -40,7 +42,10 @@ async def test_every_rpc_waits_for_a_place_in_the_one_limit(redis_env: dict[str,
     try:
         allocation = AllocationClient(channel, timeout_seconds=1)
         calls = ConcurrencyLimit(1, wait_seconds=0.05, name="binding calls")
-        servicer = build_servicer(redis, allocation, settings, calls, SystemClock(), PageTokenKey.random())
+        # Callers without a directory: as with NUMPROTECT_AUTH=off, every call is let by and must name its tenant.
+        servicer = build_servicer(
+            redis, allocation, settings, calls, SystemClock(), PageTokenKey.random(), Callers(None)
+        )
         assert sorted(SERVICE.methods_by_name) == sorted(
             ["CreateBinding", "GetBinding", "UpdateBinding", "DeleteBinding", "ListBindings", "TraceNumber"]
         )
@@ -93,7 +98,7 @@ async def test_times_outside_what_protobuf_allows_are_invalid_argument_naming_th
 
 
 async def test_list_tokens_are_signed_bound_to_the_tenant_and_shared_by_replicas_with_one_key(
-    services: Any, redis_env: dict[str, str]
+    services: Any, redis_env: dict[str, str], service_token_file: Any
 ) -> None:
     key = {"NUMPROTECT_PAGE_TOKEN_KEY": base64.b64encode(b"binding-test-key-of-thirty-two-b").decode()}
     other_key = {"NUMPROTECT_PAGE_TOKEN_KEY": base64.b64encode(b"o" * 32).decode()}
@@ -104,15 +109,23 @@ async def test_list_tokens_are_signed_bound_to_the_tenant_and_shared_by_replicas
         ]
         first = await s.binding.ListBindings(pb.ListBindingsRequest(tenant_id="t1", page_size=1))
         assert [b.binding_id for b in first.bindings] == created[:1] and first.next_page_token
-        environ = {**redis_env, "NUMPROTECT_ALLOCATION_ADDR": s.allocation_address}
+        environ = {
+            **redis_env,
+            "NUMPROTECT_ALLOCATION_ADDR": s.allocation_address,
+            "NUMPROTECT_SERVICE_TOKEN_FILE": str(service_token_file),
+        }
         async with running_service("binding", build_binding, {**environ, **key}) as replica:
-            stub: Any = binding_pb2_grpc.BindingServiceStub(replica.channel)
+            stub: Any = binding_pb2_grpc.BindingServiceStub(replica.channel_as(Role.TENANT, "t1"))
             rest = await stub.ListBindings(pb.ListBindingsRequest(tenant_id="t1", page_token=first.next_page_token))
             assert [b.binding_id for b in rest.bindings] == created[1:] and not rest.next_page_token
-        other_tenant = pb.ListBindingsRequest(tenant_id="t2", page_token=first.next_page_token)
-        error = await _refused(s.binding.ListBindings(other_tenant))
+        # t2's key replaying t1's token: the token continues t1's listing only.
+        other_tenant = pb.ListBindingsRequest(page_token=first.next_page_token)
+        error = await _refused(s.tenant("t2").ListBindings(other_tenant))
         assert (error.details() or "").startswith("page_token: is not a next_page_token of binding.ListBindings")
+        # The operator reading t2's bindings with it: the same.
+        as_operator = pb.ListBindingsRequest(tenant_id="t2", page_token=first.next_page_token)
+        assert (await _refused(s.binding_as(Role.OPERATOR).ListBindings(as_operator))).details() == error.details()
         async with running_service("binding", build_binding, {**environ, **other_key}) as foreign:
-            stub = binding_pb2_grpc.BindingServiceStub(foreign.channel)
+            stub = binding_pb2_grpc.BindingServiceStub(foreign.channel_as(Role.TENANT, "t1"))
             request = pb.ListBindingsRequest(tenant_id="t1", page_token=first.next_page_token)
             assert (await _refused(stub.ListBindings(request))).details() == error.details()

@@ -22,11 +22,18 @@ concurrently (asyncio.gather) takes one place per concurrent branch, never one p
 
 The same class bounds other scarce things with no waiting at all (`wait_seconds=0`), answering
 RESOURCE_EXHAUSTED: cdr's concurrent WatchCdrs streams.
+
+`RateLimit` is the other kind of bound: calls per second per caller (a token bucket per key, e.g. per principal),
+in the process's memory, so a limit costs no Redis round trip and N replicas admit N times the limit in total.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from types import TracebackType
 
 from numprotect.core.errors import DomainError, ResourceExhausted, Unavailable
@@ -87,3 +94,59 @@ class ConcurrencyLimit:
     ) -> None:
         self._held -= 1
         self._places.release()
+
+
+class RateLimit:
+    """A token bucket per key: `rate` calls per second on average, bursts of up to `burst`; RESOURCE_EXHAUSTED
+    (google.rpc.QuotaFailure, subject `name`) once a key's bucket is empty.
+
+    Memory is bounded: only the `max_keys` most recently used buckets are kept (least recently used goes first).
+    A forgotten key starts again with a full bucket, which only matters to a caller with more than `max_keys`
+    identities, and each identity is an API key the operator minted. Safe from several threads.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        name: str,
+        max_keys: int = 10_000,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("a rate limit needs rate > 0, burst >= 1 and max_keys >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.name = name
+        self.max_keys = max_keys
+        self._now = now
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # key -> [tokens, at]
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: str) -> None:
+        """Takes one call of `key`'s allowance, or raises ResourceExhausted naming the limit and when to retry."""
+        now = self._now()
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = [float(self.burst), now]
+                self._buckets[key] = bucket
+                if len(self._buckets) > self.max_keys:
+                    self._buckets.popitem(last=False)
+            else:
+                self._buckets.move_to_end(key)
+                bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
+                bucket[1] = now
+            if bucket[0] >= 1.0:
+                bucket[0] -= 1.0
+                return
+            wait = (1.0 - bucket[0]) / self.rate
+        raise ResourceExhausted(
+            f"rate limit {self.name} exceeded: {self.rate:g} calls/s per caller, bursts of {self.burst}; "
+            f"retry in {wait:.3f}s",
+            subject=self.name,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import logging
 from dataclasses import dataclass
 
 import grpc
@@ -20,6 +21,8 @@ from numprotect.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,11 @@ def _as_domain_error(exc: grpc.aio.AioRpcError, what: str) -> DomainError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         # Our own validation runs first, so this names what allocation alone knows (e.g. a city without pool).
         return InvalidArgument.field("allocation", message)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        # Binding's own credential was refused: a deployment fault, not the caller's. The caller may retry once the
+        # operator has fixed NUMPROTECT_SERVICE_TOKEN_FILE (or the workload certificate); the token is not logged.
+        log.error("allocation refused binding's service credential", extra={"rpc": what, "code": code.name})
+        return Unavailable(f"allocation {what}: refused the binding service's credential ({code.name}); retry later")
     # UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...: allocation cannot answer now; the caller may retry.
     return Unavailable(message)
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.core.clock import Clock, SystemClock
+from numprotect.core.identity.layer import Callers
+from numprotect.core.identity.service_token import SERVICE_TOKEN_FILE
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import RedisClient
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
+from numprotect.core.settings import SettingsError
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.create import BindingCreator
 from numprotect.services.binding.reads import BindingReads
-from numprotect.services.binding.servicer import BindingServiceServicer
+from numprotect.services.binding.servicer import BindingServiceServicer, RateLimits
 from numprotect.services.binding.settings import BindingSettings
 from numprotect.services.binding.store import BindingStore
 from numprotect.services.binding.update import BindingUpdater
@@ -26,8 +29,9 @@ def build_servicer(
     calls: ConcurrencyLimit,
     clock: Clock,
     page_token_key: PageTokenKey,
+    callers: Callers,
 ) -> BindingServiceServicer:
-    """The servicer over its domain objects, all on one store."""
+    """The servicer over its domain objects, all on one store; `callers` tells it who calls (the identity layer)."""
     store = BindingStore.over(redis, settings)
     reads = BindingReads(store)
     return BindingServiceServicer(
@@ -38,11 +42,25 @@ def build_servicer(
         clock,
         calls,
         page_token_key,
+        callers,
+        RateLimits.from_settings(settings),
     )
+
+
+def require_allocation_credential(runtime: Runtime) -> None:
+    """Allocation's reservation RPCs answer only the binding service: with auth on, binding needs its service token
+    or, in mTLS mode, its workload certificate (spiffe://numprotect/service/binding). Refuses to start without."""
+    mtls = runtime.tls.enabled and runtime.tls.client_auth == "require"
+    if runtime.identity.settings.enabled and runtime.service_token is None and not mtls:
+        raise SettingsError(
+            f"{SERVICE_TOKEN_FILE}: required while NUMPROTECT_AUTH=on (a file with binding's ROLE_SERVICE API "
+            "token, which allocation's reservation RPCs require), unless NUMPROTECT_TLS_CLIENT_AUTH=require"
+        )
 
 
 async def build(runtime: Runtime) -> ServiceParts:
     settings = BindingSettings.from_env(runtime.env)  # SettingsError before the server starts
+    require_allocation_credential(runtime)
     page_token_key = PageTokenKey.from_env(runtime.env)
     allocation = AllocationClient(runtime.channel("allocation"), settings.allocation_timeout_seconds)
     # Every RPC first waits for a place here. A call uses at most 3 Redis connections at once (a create's concurrent
@@ -53,7 +71,9 @@ async def build(runtime: Runtime) -> ServiceParts:
         wait_seconds=settings.create_lease_seconds,
         name="binding calls",
     )
-    servicer = build_servicer(runtime.redis, allocation, settings, calls, SystemClock(), page_token_key)
+    servicer = build_servicer(
+        runtime.redis, allocation, settings, calls, SystemClock(), page_token_key, runtime.identity.callers
+    )
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, binding_pb2_grpc.add_BindingServiceServicer_to_server),

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from numprotect.core.binding_records import STATUS_ACTIVE, BindingRecord, StoredBinding, trace_number
 from numprotect.core.errors import NotFound
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.binding.store import BindingStore
+
+
+def _everyone(tenant_id: str) -> bool:
+    return True
 
 
 class BindingReads:
@@ -52,9 +57,19 @@ class BindingReads:
             bindings.append(found)
         return bindings, page_ids[-1] if more and page_ids else ""
 
-    async def trace(self, virtual_number: str, at_ms: int, *, party: str, extension: str) -> list[BindingRecord]:
-        """The bindings live on the number at `at_ms` as they were then, or NOT_FOUND."""
+    async def trace(
+        self,
+        virtual_number: str,
+        at_ms: int,
+        *,
+        party: str,
+        extension: str,
+        visible: Callable[[str], bool] = _everyone,
+    ) -> list[BindingRecord]:
+        """The bindings live on the number at `at_ms` as they were then, of the tenants `visible` admits (a tenant
+        caller: its own), or NOT_FOUND: the same answer whether there were none or only other tenants' ones."""
         found = await trace_number(self.store.redis, virtual_number, at_ms, party=party, extension=extension)
+        found = [record for record in found if visible(record.tenant_id)]
         if not found:
             raise NotFound(f"number {virtual_number} served no binding at that moment")
         return found

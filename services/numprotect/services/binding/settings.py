@@ -22,6 +22,11 @@ class BindingSettings:
     create_lease_seconds: float
     # Deadline of each call to the allocation service.
     allocation_timeout_seconds: float
+    # Per-principal rate limits (token buckets in each replica's memory: the cluster admits replicas x the rate).
+    create_rate: float = 2000.0
+    create_burst: int = 2000
+    trace_rate: float = 50.0
+    trace_burst: int = 100
 
     # The same durations in milliseconds, the unit every stored time and Redis expiry uses.
     @property
@@ -69,4 +74,8 @@ class BindingSettings:
             allocation_timeout_seconds=env.seconds(
                 "NUMPROTECT_BINDING_ALLOCATION_TIMEOUT", 5.0, minimum=0.05, maximum=120.0
             ),
+            create_rate=env.number("NUMPROTECT_CREATE_BINDING_RATE", 2000.0, minimum=0.01, maximum=1e6),
+            create_burst=env.integer("NUMPROTECT_CREATE_BINDING_BURST", 2000, minimum=1, maximum=1_000_000),
+            trace_rate=env.number("NUMPROTECT_TRACE_NUMBER_RATE", 50.0, minimum=0.01, maximum=1e6),
+            trace_burst=env.integer("NUMPROTECT_TRACE_NUMBER_BURST", 100, minimum=1, maximum=1_000_000),
         )

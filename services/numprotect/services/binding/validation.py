@@ -100,10 +100,11 @@ def _restriction(field: str, value: int, violations: Violations) -> int:
 
 
 def create_spec(
-    request: pb.CreateBindingRequest, *, min_ttl_ms: int, max_ttl_ms: int, default_ttl_ms: int
+    request: pb.CreateBindingRequest, *, tenant_id: str, min_ttl_ms: int, max_ttl_ms: int, default_ttl_ms: int
 ) -> CreateSpec:
+    """`tenant_id`: the tenant the call acts for (the caller's, see servicer), "" when the caller named none."""
     v = Violations()
-    tenant = v.identifier(TENANT_ID, "tenant_id", request.tenant_id)
+    tenant = v.identifier(TENANT_ID, "tenant_id", tenant_id)
     if not request.out_order_id:
         v.add("out_order_id", "is required (it is the idempotency key with tenant_id)")
     else:
@@ -153,12 +154,13 @@ def create_spec(
     )
 
 
-def update_spec(request: pb.UpdateBindingRequest) -> UpdateSpec:
-    """Checks ids, the mask and the shape of the new values (rules needing the record come later)."""
+def update_spec(request: pb.UpdateBindingRequest, *, tenant_id: str) -> UpdateSpec:
+    """Checks ids, the mask and the shape of the new values (rules needing the record come later); `tenant_id` as
+    in create_spec."""
     v = Violations()
     binding = request.binding
     bid = v.identifier(BINDING_ID, "binding.binding_id", binding.binding_id)
-    tenant = v.identifier(TENANT_ID, "binding.tenant_id", binding.tenant_id)
+    tenant = v.identifier(TENANT_ID, "binding.tenant_id", tenant_id)
     paths = [p.removeprefix("binding.") for p in request.update_mask.paths]
     unknown = sorted({p for p in paths if p not in UPDATABLE})
     if not paths:
