@@ -46,7 +46,7 @@ async def _is(tr: Any, caller: str, called: str, reason: int) -> bool:
 async def test_global_block_rejects_within_the_refresh_delay_and_unblock_restores(tr: Any) -> None:
     await tr.put(tr.route("n1", MODE_AXN))
     assert (await tr.translate(SPAMMER)).decision == pb.DECISION_CONNECT
-    reply = await tr.stub.BlockCaller(_block("", "+86" + SPAMMER))
+    reply = await tr.operator.BlockCaller(_block("", "+86" + SPAMMER))
     assert (reply.entry.calling_number, reply.entry.tenant_id, reply.entry.reason) == (SPAMMER, "", "marketing")
     assert reply.entry.create_time.seconds > 0 and not reply.entry.HasField("expire_time")
     waited = await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_CALLER_BLOCKED), 3 * PROPAGATION + 0.5)
@@ -55,7 +55,7 @@ async def test_global_block_rejects_within_the_refresh_delay_and_unblock_restore
     assert (blocked.decision, blocked.target_number) == (pb.DECISION_REJECT, "")
     assert (await tr.translate(B)).decision == pb.DECISION_CONNECT  # others unaffected
 
-    await tr.stub.UnblockCaller(pb.UnblockCallerRequest(tenant_id="", calling_number=SPAMMER))
+    await tr.operator.UnblockCaller(pb.UnblockCallerRequest(tenant_id="", calling_number=SPAMMER))
     await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_UNSPECIFIED), 3 * PROPAGATION + 0.5)
     assert (await tr.translate(SPAMMER)).target_number == A
 
@@ -63,7 +63,7 @@ async def test_global_block_rejects_within_the_refresh_delay_and_unblock_restore
 async def test_tenant_block_applies_to_that_tenants_bindings_only(tr: Any) -> None:
     await tr.put(tr.route("n1", MODE_AXN, tenant_id="t1"), X)
     await tr.put(tr.route("n2", MODE_AXN, tenant_id="t2"), X2)
-    await tr.stub.BlockCaller(_block("t1", SPAMMER))
+    await tr.tenant("t1").BlockCaller(_block("", SPAMMER))  # a tenant key: an empty tenant_id is its own list
     await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_CALLER_BLOCKED), 3 * PROPAGATION + 0.5)
     blocked = await tr.translate(SPAMMER, called=X)
     assert (blocked.binding_id, blocked.tenant_id) == ("n1", "t1")
@@ -73,17 +73,17 @@ async def test_tenant_block_applies_to_that_tenants_bindings_only(tr: Any) -> No
 
 async def test_entries_with_a_ttl_lapse(tr: Any) -> None:
     await tr.put(tr.route("n1", MODE_AXN))
-    await tr.stub.BlockCaller(_block("", SPAMMER, ttl_ms=600))
+    await tr.operator.BlockCaller(_block("", SPAMMER, ttl_ms=600))
     await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_CALLER_BLOCKED), 3 * PROPAGATION + 0.5)
     await asyncio.sleep(0.6)
     assert (await tr.translate(SPAMMER)).decision == pb.DECISION_CONNECT
-    listed = await tr.stub.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id=""))
+    listed = await tr.operator.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id=""))
     assert list(listed.entries) == []
 
 
 async def test_a_new_process_loads_the_lists_at_start(translation_factory: Any) -> None:
     first = await translation_factory()
-    await first.stub.BlockCaller(_block("", SPAMMER))
+    await first.operator.BlockCaller(_block("", SPAMMER))
     second = await translation_factory({"NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "60s"})
     await second.put(second.route("n1", MODE_AXN))
     assert (await second.translate(SPAMMER)).reject_reason == pb.REJECT_REASON_CALLER_BLOCKED
@@ -91,16 +91,15 @@ async def test_a_new_process_loads_the_lists_at_start(translation_factory: Any) 
 
 async def test_list_pages_through_one_tenants_entries(tr: Any) -> None:
     numbers = [f"1370000{i:04d}" for i in range(7)]
+    t1 = tr.tenant("t1")
     for number in reversed(numbers):
-        await tr.stub.BlockCaller(_block("t1", number))
-    await tr.stub.BlockCaller(_block("t2", "13600000000"))
+        await t1.BlockCaller(_block("t1", number))
+    await tr.tenant("t2").BlockCaller(_block("t2", "13600000000"))
     seen: list[str] = []
     token = ""
     pages = 0
     while True:
-        page = await tr.stub.ListBlockedCallers(
-            pb.ListBlockedCallersRequest(tenant_id="t1", page_size=3, page_token=token)
-        )
+        page = await t1.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id="t1", page_size=3, page_token=token))
         seen.extend(e.calling_number for e in page.entries)
         assert all(e.tenant_id == "t1" for e in page.entries)
         pages += 1
@@ -120,6 +119,6 @@ async def test_list_pages_through_one_tenants_entries(tr: Any) -> None:
 )
 async def test_bad_block_requests_are_invalid_argument(tr: Any, request_: pb.BlockCallerRequest, field: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await tr.stub.BlockCaller(request_)
+        await tr.operator.BlockCaller(request_)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (info.value.details() or "")

@@ -1,24 +1,31 @@
 """End to end, as deployed: allocation, binding and translation as separate processes on one Redis.
 
-A tenant's block is imported, CreateBinding picks a number, and the carrier's Translate connects both ways;
-a lock from allocation and the binding's deletion then reject.
+The operator imports a block for a tenant, routed by carrier CARRIER (ImportBlock's carrier_id); the tenant's
+CreateBinding picks a number, and the carrier's Translate connects both ways (another carrier is refused the
+number); the operator's lock and the tenant's deletion of the binding then reject. Every call carries its
+principal's API key, over TLS.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from numprotect.core.identity.principal import Role
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
+from support.identity import mint
 from support.processes import ServiceProcess
 
 TENANT = "t1"
+CARRIER = "cm"
 BLOCK = "70010000000"
 A = "13800000001"
 B = "13900000002"
@@ -40,17 +47,31 @@ def deployed(redis_env: dict[str, str]) -> Iterator[dict[str, ServiceProcess]]:
             process.stop()
 
 
-def test_create_binding_then_translate_both_ways(deployed: dict[str, ServiceProcess]) -> None:
+def test_create_binding_then_translate_both_ways(deployed: dict[str, ServiceProcess], redis_sync: Any) -> None:
+    operator, tenant, carrier, other_carrier = (
+        mint(redis_sync, role, principal_id)
+        for role, principal_id in (
+            (Role.OPERATOR, ""),
+            (Role.TENANT, TENANT),
+            (Role.CARRIER, CARRIER),
+            (Role.CARRIER, "cx"),
+        )
+    )
+    time.sleep(0.5)  # the processes reload keys every 0.1 s (NUMPROTECT_AUTH_REFRESH_SECONDS in the tests)
     with (
-        deployed["allocation"].channel() as allocation_channel,
-        deployed["binding"].channel() as binding_channel,
-        deployed["translation"].channel() as translation_channel,
+        deployed["allocation"].channel(operator) as allocation_channel,
+        deployed["binding"].channel(tenant) as binding_channel,
+        deployed["translation"].channel(carrier) as translation_channel,
+        deployed["translation"].channel(other_carrier) as other_channel,
     ):
         allocation: Any = allocation_pb2_grpc.AllocationServiceStub(allocation_channel)
         binding: Any = binding_pb2_grpc.BindingServiceStub(binding_channel)
         translation: Any = translation_pb2_grpc.TranslationServiceStub(translation_channel)
         allocation.ImportBlock(
-            allocation_pb2.ImportBlockRequest(block=BLOCK, tenant_id=TENANT, city_code="010", actor="e2e"), timeout=10
+            allocation_pb2.ImportBlockRequest(
+                block=BLOCK, tenant_id=TENANT, city_code="010", actor="e2e", carrier_id=CARRIER
+            ),
+            timeout=10,
         )
         created = binding.CreateBinding(
             binding_pb2.CreateBindingRequest(
@@ -73,7 +94,19 @@ def test_create_binding_then_translate_both_ways(deployed: dict[str, ServiceProc
             reply: pb.TranslateResponse = translation.Translate(request, timeout=5)
             return reply
 
-        to_b = translate(A)
+        deadline = time.monotonic() + 3  # translation loads the block's carrier within one reload interval
+        while True:
+            try:
+                to_b = translate(A)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.PERMISSION_DENIED and time.monotonic() < deadline
+                time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as refused:
+            translation_pb2_grpc.TranslationServiceStub(other_channel).Translate(
+                pb.TranslateRequest(calling_number=A, called_number=x), timeout=5
+            )
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # another carrier's number
         assert (to_b.decision, to_b.target_number, to_b.display_number) == (pb.DECISION_CONNECT, B, x)
         assert (to_b.binding_id, to_b.tenant_id, to_b.recording_enabled) == (created.binding_id, TENANT, True)
         to_a = translate("+86" + B)

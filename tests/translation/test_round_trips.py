@@ -10,6 +10,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
+from numprotect.core.identity.api_keys import VERSION_KEY
+from numprotect.core.identity.directory import CARRIER_VERSION_KEY
 from numprotect.core.routes import MODE_AXE, MODE_AXN, lock_key
 from numprotect.translation.v1 import translation_pb2 as pb
 
@@ -63,9 +65,14 @@ def _primaries(redis_sync: Any) -> list[tuple[str, int]]:
 async def test_a_thousand_translations_are_a_thousand_evalsha_and_nothing_else(
     translation_factory: Any, redis_env: dict[str, str], redis_sync: Any
 ) -> None:
-    # No background commands in the window: health probe and blocklist poll far apart.
+    # Background commands far apart: health probe and blocklist poll. The identity directory polls its two
+    # version counters every NUMPROTECT_AUTH_REFRESH_SECONDS (2 s at most) whatever the calls: counted apart.
     tr = await translation_factory(
-        {"NUMPROTECT_HEALTH_INTERVAL": "60s", "NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "60s"}
+        {
+            "NUMPROTECT_HEALTH_INTERVAL": "60s",
+            "NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "60s",
+            "NUMPROTECT_AUTH_REFRESH_SECONDS": "2",
+        }
     )
     await tr.put(tr.route("b1"), X_AXB)
     await tr.put(tr.route("n1", MODE_AXN), X_AXN)
@@ -81,7 +88,8 @@ async def test_a_thousand_translations_are_a_thousand_evalsha_and_nothing_else(
         (A, X_LOCKED, ""),  # NUMBER_LOCKED
         (A, "700100000000999", ""),  # NO_BINDING
     ]
-    await tr.translate(A, X_AXB)  # warm: connections open, script cached
+    tr.route_blocks(X_LOCKED, "700100000000999")  # the carrier's own numbers (one block here)
+    await tr.translate(A, X_AXB)  # warm: connections open, script cached, the key verified once
     primaries = _primaries(redis_sync)
     for host, port in primaries:
         with redis.Redis(host=host, port=port) as node:
@@ -98,11 +106,15 @@ async def test_a_thousand_translations_are_a_thousand_evalsha_and_nothing_else(
     lines = [line for monitor in monitors for line in monitor.stop()]
 
     assert set(decisions) == {pb.DECISION_CONNECT, pb.DECISION_REJECT, pb.DECISION_COLLECT_EXTENSION}
+    identity_polls = {f'"GET" "{VERSION_KEY}"', f'"GET" "{CARRIER_VERSION_KEY}"'}
     from_network = [line for line in lines if " lua]" not in line]
+    polls = [line for line in from_network if line.split("] ", 1)[1] in identity_polls]
+    per_call = [line for line in from_network if line not in polls]
     inside_scripts = [line for line in lines if " lua]" in line]
-    commands = {line.split('"')[1].lower() for line in from_network}
-    assert len(from_network) == 1000, from_network[:5]
+    commands = {line.split('"')[1].lower() for line in per_call}
+    assert len(per_call) == 1000, per_call[:5]
     assert commands == {"evalsha"}
+    assert len(polls) <= 2 * 5  # two counters per poll, one poll per 2 s: a background cost, not per call
     assert len(inside_scripts) > 1000  # the lookups and counters ran inside the scripts
 
     # INFO commandstats agrees: 1000 EVALSHA (it also counts the calls made inside them).

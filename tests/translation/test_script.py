@@ -9,6 +9,7 @@ from redis.exceptions import ResponseError
 
 from numprotect.core.clock import SystemClock
 from numprotect.core.routes import caller_key
+from numprotect.core.settings import Env
 from numprotect.services.translation.blocklist import BlocklistView
 from numprotect.services.translation.core import SCRIPT, Prepared, TranslationSettings, Translator
 from numprotect.translation.v1 import translation_pb2 as pb
@@ -17,20 +18,18 @@ X = "700100000000001"
 A = "13800000001"
 B = "13900000002"
 
-SETTINGS = TranslationSettings(
-    rate_window_ms=60_000,
-    rate_per_caller=2,
-    rate_per_binding=0,
-    blocklist_refresh_seconds=1.0,
-    redis_timeout_seconds=1.0,
-    workers=4,
-    combine=True,
-    stream_batch=16,
+# The defaults, with a small per-caller limit and no per-binding one.
+SETTINGS = TranslationSettings.from_env(
+    Env({"NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "2", "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "0"})
 )
 
 
+def _anyone(virtual_number: str) -> None:
+    """Authorizes every number (the carrier check is the servicer's, tested over gRPC)."""
+
+
 def _prepared(translator: Translator, caller: str, called: str = X) -> Prepared:
-    prepared = translator.prepare(pb.TranslateRequest(calling_number=caller, called_number=called))
+    prepared = translator.prepare(pb.TranslateRequest(calling_number=caller, called_number=called), _anyone)
     assert isinstance(prepared, Prepared)
     return prepared
 

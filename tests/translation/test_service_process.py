@@ -1,4 +1,5 @@
-"""The service as a real process (python -m numprotect.services.translation, grpcio's thread-pool server).
+"""The service as a real process (python -m numprotect.services.translation, grpcio's thread-pool server), over TLS
+with API keys: the carrier CARRIER routes the seeded numbers' block and translates; tenant t1 keeps its blocklist.
 
 Answers, errors, blocklist, stream, deadline, shared port, and open Health/Watch streams beyond the worker pool.
 """
@@ -19,11 +20,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.cluster import RedisCluster
 
+from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import create_redis
 from numprotect.core.routes import MODE_AXN, Route, RouteTable
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
+from support.identity import mint, record_blocks
 from support.processes import ServiceProcess
 from support.tls import sync_secure_channel
 
@@ -33,9 +36,13 @@ A = "13800000001"
 B = "13900000002"
 SPAMMER = "13700000003"
 SERVICE = "numprotect.translation.v1.TranslationService"
+CARRIER = "cm"
 
 
 def _seed(redis_env: dict[str, str], route_factory: Callable[..., Route]) -> None:
+    """The routes of X and X_AXN, and CARRIER as the carrier of their block (before the process starts: it loads
+    the carrier blocks and keys at start)."""
+
     async def seed() -> None:
         client = create_redis(RedisSettings.from_env(Env(redis_env)))
         table = RouteTable(client)
@@ -44,6 +51,19 @@ def _seed(redis_env: dict[str, str], route_factory: Callable[..., Route]) -> Non
         await client.aclose()
 
     asyncio.run(seed())
+    with _redis(redis_env) as sync:
+        record_blocks(sync, CARRIER, X, X_AXN)
+
+
+def _redis(redis_env: dict[str, str]) -> Any:
+    url = redis_env["NUMPROTECT_REDIS_URL"]
+    return RedisCluster.from_url(url) if redis_env["NUMPROTECT_REDIS_MODE"] == "cluster" else redis.Redis.from_url(url)
+
+
+def _token(redis_env: dict[str, str], role: Role, principal_id: str) -> str:
+    """A key minted before the process starts (a later one is loaded within NUMPROTECT_AUTH_REFRESH_SECONDS)."""
+    with _redis(redis_env) as sync:
+        return mint(sync, role, principal_id)
 
 
 def _settings(redis_env: dict[str, str]) -> dict[str, str]:
@@ -56,7 +76,19 @@ def _settings(redis_env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture
-def process(redis_env: dict[str, str], route_factory: Callable[..., Route]) -> Iterator[ServiceProcess]:
+def carrier_token(redis_env: dict[str, str]) -> str:
+    return _token(redis_env, Role.CARRIER, CARRIER)
+
+
+@pytest.fixture
+def tenant_token(redis_env: dict[str, str]) -> str:
+    return _token(redis_env, Role.TENANT, "t1")
+
+
+@pytest.fixture
+def process(
+    redis_env: dict[str, str], route_factory: Callable[..., Route], carrier_token: str, tenant_token: str
+) -> Iterator[ServiceProcess]:
     _seed(redis_env, route_factory)
     service = ServiceProcess("translation", _settings(redis_env))
     try:
@@ -67,8 +99,15 @@ def process(redis_env: dict[str, str], route_factory: Callable[..., Route]) -> I
 
 
 @pytest.fixture
-def stub(process: ServiceProcess) -> Iterator[Any]:
-    with process.channel() as channel:
+def stub(process: ServiceProcess, carrier_token: str) -> Iterator[Any]:
+    """The carrier's."""
+    with process.channel(carrier_token) as channel:
+        yield translation_pb2_grpc.TranslationServiceStub(channel)
+
+
+@pytest.fixture
+def tenant_stub(process: ServiceProcess, tenant_token: str) -> Iterator[Any]:
+    with process.channel(tenant_token) as channel:
         yield translation_pb2_grpc.TranslationServiceStub(channel)
 
 
@@ -93,14 +132,14 @@ def test_decisions_and_invalid_argument_details(stub: Any) -> None:
     assert bad.field_violations[0].field == "called_number"
 
 
-def test_blocklist_rpcs_apply_to_the_hot_path(stub: Any) -> None:
+def test_blocklist_rpcs_apply_to_the_hot_path(stub: Any, tenant_stub: Any) -> None:
     assert _translate(stub, SPAMMER, X_AXN).decision == pb.DECISION_CONNECT
-    stub.BlockCaller(pb.BlockCallerRequest(tenant_id="t1", calling_number=SPAMMER, reason="spam"), timeout=5)
+    tenant_stub.BlockCaller(pb.BlockCallerRequest(tenant_id="t1", calling_number=SPAMMER, reason="spam"), timeout=5)
     deadline = time.monotonic() + 2
     while _translate(stub, SPAMMER, X_AXN).reject_reason != pb.REJECT_REASON_CALLER_BLOCKED:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    listed = stub.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id="t1"), timeout=5)
+    listed = tenant_stub.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id="t1"), timeout=5)
     assert [e.calling_number for e in listed.entries] == [SPAMMER]
 
 
@@ -152,12 +191,14 @@ def test_batched_stream_messages(stub: Any) -> None:
 
 
 def test_processes_share_one_port_with_reuse_port(
-    redis_env: dict[str, str], route_factory: Callable[..., Route]
+    redis_env: dict[str, str], route_factory: Callable[..., Route], carrier_token: str
 ) -> None:
     """One process per core behind one port: NUMPROTECT_TRANSLATION_REUSE_PORT=1 on each."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    with _redis(redis_env) as sync:
+        record_blocks(sync, CARRIER, X)  # the carrier's number, with no binding
     settings = {**redis_env, "NUMPROTECT_TRANSLATION_REUSE_PORT": "1"}
     first = ServiceProcess("translation", settings, port=port)
     second = ServiceProcess("translation", settings, port=port)
@@ -165,7 +206,7 @@ def test_processes_share_one_port_with_reuse_port(
         assert first.port == second.port == port
         for process in (first, second):
             process.wait_serving()
-        with sync_secure_channel(f"127.0.0.1:{port}") as channel:
+        with sync_secure_channel(f"127.0.0.1:{port}", carrier_token) as channel:
             stub: Any = translation_pb2_grpc.TranslationServiceStub(channel)
             assert _translate(stub, A).reject_reason == pb.REJECT_REASON_NO_BINDING
     finally:
@@ -174,7 +215,7 @@ def test_processes_share_one_port_with_reuse_port(
 
 
 def test_open_health_watches_beyond_the_worker_pool_leave_translate_answered(
-    redis_env: dict[str, str], route_factory: Callable[..., Route]
+    redis_env: dict[str, str], route_factory: Callable[..., Route], carrier_token: str
 ) -> None:
     """Envoy and client-side health checking keep a Health/Watch open per connection: an open watch must hold no
     worker thread, so more watches than workers still leave Translate answered; the drain tells every watch."""
@@ -183,7 +224,7 @@ def test_open_health_watches_beyond_the_worker_pool_leave_translate_answered(
     service = ServiceProcess("translation", {**_settings(redis_env), "NUMPROTECT_TRANSLATION_WORKERS": str(workers)})
     try:
         service.wait_serving(service_name=SERVICE)
-        with service.channel() as channel:
+        with service.channel(carrier_token) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             names = ["", SERVICE] * 4
             watches = [health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=20) for name in names]

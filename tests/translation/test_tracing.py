@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from numprotect.core.call_ref import CallRef
+from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import create_redis
 from numprotect.core.routes import RouteTable
 from numprotect.core.settings import Env, RedisSettings
@@ -16,6 +17,7 @@ from numprotect.core.telemetry import Telemetry
 from numprotect.services.translation.app import build_sync
 from numprotect.translation.v1 import translation_pb2 as pb
 from numprotect.translation.v1 import translation_pb2_grpc
+from support.identity import record_blocks
 from support.inprocess import running_sync_service
 
 X = "700100000000001"
@@ -33,7 +35,10 @@ async def test_span_attributes_are_masked_and_call_ref_links_the_span(
     await RouteTable(redis).put(X, route_factory("b1"))
     await redis.aclose()
     async with running_sync_service("translation", build_sync, redis_env, telemetry=Telemetry(provider)) as service:
-        stub: Any = translation_pb2_grpc.TranslationServiceStub(service.channel)
+        record_blocks(service.redis, "cm", X)
+        assert service.runtime.identity.directory is not None
+        service.runtime.identity.directory.reload()
+        stub: Any = translation_pb2_grpc.TranslationServiceStub(service.channel_as(Role.CARRIER, "cm"))
         reply = await stub.Translate(pb.TranslateRequest(calling_number=A, called_number=X, call_id="t"))
         rejected = await stub.Translate(pb.TranslateRequest(calling_number="13700000003", called_number=X))
     assert reply.decision == pb.DECISION_CONNECT and rejected.decision == pb.DECISION_REJECT

@@ -49,6 +49,7 @@ async def test_axb_rejects_anyone_else_with_no_binding(tr: Any) -> None:
 
 
 async def test_unknown_number_is_no_binding(tr: Any) -> None:
+    tr.route_blocks("700999999999999")  # a block the carrier routes, with no binding on the number
     reply = await tr.translate(A, called="700999999999999")
     assert (reply.decision, reply.reject_reason) == (pb.DECISION_REJECT, pb.REJECT_REASON_NO_BINDING)
 
@@ -198,6 +199,7 @@ def _violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
 async def test_malformed_numbers_are_invalid_argument_naming_the_field(
     tr: Any, caller: str, called: str, extension: str, field: str
 ) -> None:
+    tr.route_blocks(X)  # the carrier's number: the other fields are checked after the number's carrier
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await tr.translate(caller, called=called, extension=extension)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -24,7 +24,7 @@ def build_sync(runtime: SyncRuntime) -> ServiceParts:
     page_tokens = PageTokens(PageTokenKey.from_env(runtime.env), LIST_BLOCKED_CALLERS)
     clock = SystemClock()
     view = BlocklistView()
-    store = BlocklistStore(runtime.redis, clock)
+    store = BlocklistStore(runtime.redis, clock, max_entries=settings.blocklist_max_entries)
     translator = Translator(settings, view, clock, traced=runtime.telemetry.enabled)
     try:  # loaded now so the first call is one round trip; ScriptClient loads it again on NOSCRIPT
         runtime.redis.script_load(SCRIPT.source)  # a cluster client loads it on every primary
@@ -33,7 +33,9 @@ def build_sync(runtime: SyncRuntime) -> ServiceParts:
     refresher = BlocklistRefresher(store, view, settings.blocklist_refresh_seconds)
     refresher.start()
     client = ScriptClient(runtime.redis_settings, SCRIPT)
-    servicer = TranslationServiceServicer(client, translator, store, page_tokens, clock, runtime.telemetry)
+    servicer = TranslationServiceServicer(
+        client, translator, store, page_tokens, clock, runtime.telemetry, runtime.identity.callers
+    )
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, translation_pb2_grpc.add_TranslationServiceServicer_to_server),

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from numprotect.core.clock import Clock
+from numprotect.core.errors import ResourceExhausted
 from numprotect.core.identifiers import TENANT_ID
 from numprotect.core.redis_client import SyncRedisClient
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 VERSION_KEY = "np:bl:version"
 SCOPES_KEY = "np:bl:scopes"
 GLOBAL_SCOPE = "g"
+MAX_ENTRIES_DEFAULT = 10_000  # live entries per list (NUMPROTECT_TRANSLATION_BLOCKLIST_MAX_ENTRIES)
 # How long `BlocklistRefresher.stop` waits for a reload in progress (each command is bounded by the Redis timeout).
 STOP_WAIT_SECONDS = 2.0
 
@@ -115,15 +117,28 @@ def _text(value: bytes | str) -> str:
 class BlocklistStore:
     """The blocklists in Redis: writes (Block/Unblock RPCs), listing, and loading into a BlocklistView."""
 
-    def __init__(self, redis: SyncRedisClient, clock: Clock) -> None:
+    def __init__(self, redis: SyncRedisClient, clock: Clock, *, max_entries: int = MAX_ENTRIES_DEFAULT) -> None:
         self.redis = redis
         self.clock = clock
+        self.max_entries = max_entries  # NUMPROTECT_TRANSLATION_BLOCKLIST_MAX_ENTRIES
 
     def block(self, entry: StoredEntry) -> None:
+        """Adds or replaces an entry; RESOURCE_EXHAUSTED when its list already holds `max_entries` live entries
+        (every process keeps every list in memory: one tenant must not grow them all without bound). Two
+        concurrent blocks may overshoot the bound by one each: it caps growth, not an exact count."""
         scope = scope_of(entry.tenant_id)
         key = list_key(scope)
         now_ms = self.clock.now_ms()
-        lapsed = [e.calling_number for e in self._entries(scope, entry.tenant_id) if not e.live(now_ms)]
+        stored = self._entries(scope, entry.tenant_id)
+        lapsed = [e.calling_number for e in stored if not e.live(now_ms)]
+        live = {e.calling_number for e in stored if e.live(now_ms)}
+        max_entries = self.max_entries
+        if entry.calling_number not in live and len(live) >= max_entries:
+            raise ResourceExhausted(
+                f"the blocklist holds {len(live)} entries, at most {max_entries} "
+                "(NUMPROTECT_TRANSLATION_BLOCKLIST_MAX_ENTRIES): unblock some first",
+                subject="NUMPROTECT_TRANSLATION_BLOCKLIST_MAX_ENTRIES",
+            )
         if lapsed:
             self.redis.hdel(key, *lapsed)
         self.redis.hset(key, entry.calling_number, entry.encode())

@@ -8,7 +8,7 @@ share them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +17,13 @@ from opentelemetry.trace import Span, get_current_span
 from numprotect.core.call_ref import encode_call_ref
 from numprotect.core.calls import domain_error
 from numprotect.core.clock import Clock
-from numprotect.core.errors import DomainError, Unavailable
+from numprotect.core.errors import DomainError, InvalidArgument, Unavailable
 from numprotect.core.phone import mask
 from numprotect.core.redis_client import LuaScript
 from numprotect.core.routes import axe_marker_key, axn_key, caller_key, extension_key, lock_key
 from numprotect.core.settings import Env
 from numprotect.core.telemetry import set_span_attributes
-from numprotect.services.translation.blocklist import BlocklistView
+from numprotect.services.translation.blocklist import MAX_ENTRIES_DEFAULT, BlocklistView
 from numprotect.services.translation.numbers import normalize_caller, validate_called, validate_extension
 from numprotect.translation.v1 import translation_pb2
 
@@ -35,6 +35,8 @@ COLLECT_EXTENSION = translation_pb2.DECISION_COLLECT_EXTENSION
 CALLER_BLOCKED = translation_pb2.REJECT_REASON_CALLER_BLOCKED
 
 _TEXT = bytes | str
+# Raises PermissionDenied when the current caller may not translate the virtual number (layer.Callers).
+Authorize = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +58,45 @@ class TranslationSettings:
     combine: bool
     # TranslateStream: the most requests pipelined to Redis in one batch.
     stream_batch: int
+    # Limits against a hostile caller (docs/translation.md). TranslateStream: the most calls one message may carry
+    # (a larger message is answered by one INVALID_ARGUMENT error message), the calls received but not yet answered
+    # per stream (beyond it the stream stops reading: HTTP/2 flow control pushes back on the client), and the open
+    # streams per process (RESOURCE_EXHAUSTED beyond it: the other workers stay free for unary Translate).
+    stream_max_requests: int
+    stream_queue: int
+    max_streams: int
+    # Blocklists: the most live entries per list (RESOURCE_EXHAUSTED), ListBlockedCallers' largest page_size and
+    # an entry's longest reason (INVALID_ARGUMENT).
+    blocklist_max_entries: int
+    blocklist_page_max: int
+    block_reason_max: int
 
     @classmethod
     def from_env(cls, env: Env) -> TranslationSettings:
         p = "NUMPROTECT_TRANSLATION_"
+        workers = env.integer(f"{p}WORKERS", 16, minimum=1, maximum=1024)
+        stream_max_requests = env.integer(f"{p}STREAM_MAX_REQUESTS", 1000, minimum=1, maximum=100_000)
         return cls(
             rate_window_ms=round(env.seconds(f"{p}RATE_WINDOW", 60.0, minimum=0.01, maximum=86_400) * 1000),
             rate_per_caller=env.integer(f"{p}RATE_PER_CALLER", 10, minimum=0, maximum=1_000_000),
             rate_per_binding=env.integer(f"{p}RATE_PER_BINDING", 30, minimum=0, maximum=1_000_000),
             blocklist_refresh_seconds=env.seconds(f"{p}BLOCKLIST_REFRESH", 1.0, minimum=0.05, maximum=60),
             redis_timeout_seconds=env.seconds(f"{p}REDIS_TIMEOUT", 0.5, minimum=0.005, maximum=10),
-            workers=env.integer(f"{p}WORKERS", 16, minimum=1, maximum=1024),
+            workers=workers,
             combine=env.flag(f"{p}SYNC_COMBINE", True),
             stream_batch=env.integer(f"{p}STREAM_BATCH", 128, minimum=1, maximum=10_000),
+            stream_max_requests=stream_max_requests,
+            # At least one full message fits, so every allowed message can be queued.
+            stream_queue=env.integer(
+                f"{p}STREAM_QUEUE", max(4096, stream_max_requests), minimum=stream_max_requests, maximum=1_000_000
+            ),
+            # Default: half the workers, so open streams never take every thread from unary Translate.
+            max_streams=env.integer(f"{p}MAX_STREAMS", max(1, workers // 2), minimum=1, maximum=workers),
+            blocklist_max_entries=env.integer(
+                f"{p}BLOCKLIST_MAX_ENTRIES", MAX_ENTRIES_DEFAULT, minimum=1, maximum=10_000_000
+            ),
+            blocklist_page_max=env.integer(f"{p}BLOCKLIST_PAGE_MAX", 1000, minimum=1, maximum=100_000),
+            block_reason_max=env.integer(f"{p}BLOCK_REASON_MAX", 200, minimum=1, maximum=10_000),
         )
 
 
@@ -104,12 +132,16 @@ class Translator:
         self.traced = traced
         self._limits = (str(settings.rate_window_ms), str(settings.rate_per_caller), str(settings.rate_per_binding))
 
-    def prepare(self, request: translation_pb2.TranslateRequest) -> Prepared | translation_pb2.TranslateResponse:
+    def prepare(
+        self, request: translation_pb2.TranslateRequest, authorize: Authorize
+    ) -> Prepared | translation_pb2.TranslateResponse:
         """The script call for `request`, or the response when no Redis is needed (globally blocked caller).
 
-        Raises InvalidArgument naming the field for malformed numbers.
+        Raises InvalidArgument naming the field for malformed numbers; `authorize(called_number)` then raises
+        PermissionDenied when the caller may not translate that (well-formed) number.
         """
         called = validate_called(request.called_number)
+        authorize(called)
         caller = normalize_caller(request.calling_number)
         extension = validate_extension(request.extension)
         blocked_tenants = ""
@@ -212,25 +244,44 @@ def _annotate_span(
     return context.trace_id, context.span_id
 
 
+def too_many_requests(most: int) -> InvalidArgument:
+    return InvalidArgument.field(
+        "requests", f"at most {most} calls per message (NUMPROTECT_TRANSLATION_STREAM_MAX_REQUESTS)"
+    )
+
+
 def stream_error(error: DomainError) -> str:
     """The `error` text of a TranslateStreamResponse: "<STATUS_NAME>: <message>"."""
     return f"{error.code.name}: {error.message}"
 
 
 class StreamBatch:
-    """One batch of TranslateStream messages: answers for malformed or blocked calls at once, scripts for the rest.
+    """One batch of TranslateStream messages: answers for malformed, forbidden or blocked calls at once, scripts for
+    the rest.
 
-    A message carries one call (`request`) or several (`requests`, answered by one message with `responses`).
+    A message carries one call (`request`) or several (`requests`, answered by one message with `responses`). Every
+    error is per call (`error`: "<STATUS>: <message>", the stream stays open): a number of another carrier's block
+    answers "PERMISSION_DENIED: ..." for that call only. A message with more than NUMPROTECT_TRANSLATION_STREAM_MAX_
+    REQUESTS calls is answered by one message whose `error` is "INVALID_ARGUMENT: requests: ..." and no `responses`.
     """
 
-    def __init__(self, translator: Translator, messages: Sequence[translation_pb2.TranslateStreamRequest]) -> None:
+    def __init__(
+        self,
+        translator: Translator,
+        messages: Sequence[translation_pb2.TranslateStreamRequest],
+        authorize: Authorize,
+    ) -> None:
         self.translator = translator
+        self.authorize = authorize
         self.span = translator.recording_span()  # the stream's span, when it is sampled
         self.responses: list[translation_pb2.TranslateStreamResponse] = []
         self.pending: list[tuple[translation_pb2.TranslateStreamResponse, Prepared]] = []
+        most = translator.settings.stream_max_requests
         for message in messages:
             out = translation_pb2.TranslateStreamResponse()
-            if message.requests:
+            if len(message.requests) > most:
+                out.error = stream_error(too_many_requests(most))
+            elif message.requests:
                 for request in message.requests:
                     self._add(out.responses.add(), request)
             else:
@@ -240,7 +291,7 @@ class StreamBatch:
     def _add(self, out: translation_pb2.TranslateStreamResponse, request: translation_pb2.TranslateRequest) -> None:
         out.call_id = request.call_id
         try:
-            prepared = self.translator.prepare(request)
+            prepared = self.translator.prepare(request, self.authorize)
         except DomainError as exc:
             out.error = stream_error(exc)
             return
