@@ -11,7 +11,9 @@ import time
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from numprotect.core.identity.principal import Role
 from support.grpcurl import run_grpcurl
+from support.identity import auth_env, mint_from_url
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer
 from support.tls import tls_env
@@ -24,22 +26,41 @@ SERVICES = {
 }
 
 
+def test_reflection_can_be_switched_off(redis_url: str) -> None:
+    process = ServiceProcess("cdr", {"NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_REFLECTION": "off"})
+    token = mint_from_url(redis_url, Role.OPERATOR)
+    try:
+        listed = run_grpcurl("-H", f"authorization: Bearer {token}", process.address, "list")
+        assert listed.returncode != 0 and "reflection" in listed.stderr.lower(), listed
+    finally:
+        assert process.stop() == 0
+
+
 @pytest.mark.parametrize("service", list(SERVICES))
 def test_grpcurl_lists_the_service_and_health_says_serving(service: str, redis_url: str) -> None:
     process = ServiceProcess(service, {"NUMPROTECT_REDIS_URL": redis_url})
+    auth = ("-H", f"authorization: Bearer {mint_from_url(redis_url, Role.TENANT, 't1')}")
     try:
-        listed = run_grpcurl(process.address, "list")
+        anonymous = run_grpcurl(process.address, "list")
+        assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr, anonymous
+        listed = run_grpcurl(*auth, process.address, "list")
         assert listed.returncode == 0, listed.stderr
         names = listed.stdout.split()
         assert SERVICES[service] in names
         assert "grpc.health.v1.Health" in names
 
         for health_name in ("", SERVICES[service]):
-            check = run_grpcurl("-d", f'{{"service": "{health_name}"}}', process.address, "grpc.health.v1.Health/Check")
+            # grpcurl finds Health's schema by reflection, which needs a principal; Health itself needs none (below).
+            check = run_grpcurl(
+                *auth, "-d", f'{{"service": "{health_name}"}}', process.address, "grpc.health.v1.Health/Check"
+            )
             assert check.returncode == 0, check.stderr
             assert '"status": "SERVING"' in check.stdout
 
-        described = run_grpcurl(process.address, "describe", SERVICES[service])
+        with process.channel() as channel:  # no credentials
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        described = run_grpcurl(*auth, process.address, "describe", SERVICES[service])
         assert described.returncode == 0, described.stderr
         assert "rpc " in described.stdout
     finally:
@@ -123,7 +144,7 @@ def test_a_busy_port_is_explained_in_one_line(redis_url: str) -> None:
         env = {"NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_ALLOCATION_PORT": str(first.port)}
         result = subprocess.run(
             [sys.executable, "-m", "numprotect.services.allocation"],
-            env={**__import__("os").environ, **tls_env(), **env},
+            env={**__import__("os").environ, **tls_env(), **auth_env(), **env},
             capture_output=True,
             text=True,
             timeout=30,

@@ -25,7 +25,16 @@ from numprotect.core.identity.directory import (
 )
 from numprotect.core.identity.principal import Role
 
-__all__ = ["Role", "auth_env", "mint", "record_blocks", "test_hash_key", "with_auth"]
+__all__ = [
+    "Role",
+    "auth_env",
+    "mint",
+    "mint_from_url",
+    "record_blocks",
+    "service_token_env",
+    "test_hash_key",
+    "with_auth",
+]
 
 
 @cache
@@ -65,3 +74,35 @@ def record_blocks(redis: Any, carrier_id: str, *numbers: str) -> None:
     script = redis.register_script(RECORD_BLOCK_CARRIER)
     for block in {block_of(number) for number in numbers}:
         script(keys=[CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY], args=[block, carrier_id])
+
+
+def mint_from_url(redis_url: str, role: Role, principal_id: str = "") -> str:
+    """`mint` through a short-lived client of the Redis at `redis_url` (standalone)."""
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url)
+    try:
+        return mint(client, role, principal_id)
+    finally:
+        client.close()
+
+
+def service_token_env(environ: Mapping[str, str], service: str) -> dict[str, str]:
+    """NUMPROTECT_SERVICE_TOKEN_FILE for a process of `service` that calls peers (binding), minted in the Redis of
+    `environ`; nothing when auth is off, a token file is already set, or the service calls no peer."""
+    if service != "binding" or environ.get("NUMPROTECT_AUTH") == "off" or "NUMPROTECT_SERVICE_TOKEN_FILE" in environ:
+        return {}
+    if environ.get("NUMPROTECT_REDIS_MODE", "standalone") != "standalone":
+        from redis.cluster import RedisCluster
+
+        client: Any = RedisCluster.from_url(environ["NUMPROTECT_REDIS_URL"])
+        try:
+            token = mint(client, Role.SERVICE, service)
+        finally:
+            client.close()
+    else:
+        token = mint_from_url(environ["NUMPROTECT_REDIS_URL"], Role.SERVICE, service)
+    path = _key_file().parent / f"{service}-{time.time_ns()}.token"
+    path.write_text(token)
+    path.chmod(0o600)
+    return {"NUMPROTECT_SERVICE_TOKEN_FILE": str(path)}

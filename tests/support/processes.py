@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from support.identity import with_auth
+from support.identity import service_token_env, with_auth
 from support.tls import sync_channel_for, with_tls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +27,10 @@ class ServiceProcess:
 
     def __init__(self, service: str, env: Mapping[str, str], *, port: int = 0, timeout: float = 20.0) -> None:
         self.service = service
-        full_env = {**with_auth(with_tls({**os.environ, **env})), f"NUMPROTECT_{service.upper()}_PORT": str(port)}
+        full_env = {
+            **self._with_service_token(service, with_auth(with_tls({**os.environ, **env}))),
+            f"NUMPROTECT_{service.upper()}_PORT": str(port),
+        }
         self.env = full_env
         full_env.setdefault("NUMPROTECT_GRACE_PERIOD", "2s")
         self.process = subprocess.Popen(
@@ -54,6 +57,10 @@ class ServiceProcess:
             if not self._serving.is_set() and '"msg": "serving"' in line:
                 self.port = int(json.loads(line)["port"])
                 self._serving.set()
+
+    @staticmethod
+    def _with_service_token(service: str, environ: dict[str, str]) -> dict[str, str]:
+        return {**environ, **service_token_env(environ, service)}
 
     @property
     def address(self) -> str:

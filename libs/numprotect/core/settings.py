@@ -277,6 +277,8 @@ class ServerSettings:
     max_receive_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_streams: int = 256
     max_connection_age_seconds: float = 1800.0
+    # Server reflection (grpcurl without proto files), for authenticated callers only; off hides the contracts.
+    reflection: bool = True
 
     @classmethod
     def from_env(cls, env: Env, service: str) -> ServerSettings:
@@ -298,6 +300,7 @@ class ServerSettings:
             ),
             max_concurrent_streams=env.integer("NUMPROTECT_MAX_CONCURRENT_STREAMS", 256, minimum=1, maximum=100_000),
             max_connection_age_seconds=env.seconds("NUMPROTECT_MAX_CONNECTION_AGE", 1800.0, minimum=1, maximum=86_400),
+            reflection=env.flag("NUMPROTECT_REFLECTION", True),
         )
 
 
