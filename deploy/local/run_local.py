@@ -8,6 +8,11 @@ Settings (environment):
   NUMPROTECT_<SERVICE>_PROCESSES  processes per service sharing its port via SO_REUSEPORT (default 1)
   NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
 Ctrl-C or SIGTERM stops the services (they drain), then Redis.
+
+The Redis started here has the ACL users of numprotect.core.redis_acl (the default user off): each service connects
+as its own user, with a random password kept in .run/dev/redis-<user>.password (mode 600, made on first run) that
+it reads through NUMPROTECT_REDIS_PASSWORD_FILE; `redis-cli --user numprotect-admin --pass "$(cat
+.run/dev/redis-numprotect-admin.password)"` for a look inside.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from numprotect.core.redis_acl import ACL_USERS, ADMIN_USER, SERVICE_USERS, parse_redis_version, render_acl_file
 from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +79,7 @@ class LocalSuite:
         self.run_dir = Path(env.text("NUMPROTECT_RUN_DIR", str(ROOT / ".run"))).resolve()
         self.children: list[Child] = []
         self.redis: Child | None = None
+        self.redis_passwords: dict[str, Path] = {}  # ACL user -> its password file (the Redis started here)
         self.stopping = False
 
     def redis_url(self) -> str:
@@ -97,7 +104,9 @@ class LocalSuite:
         data = self.run_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / "logs" / "redis.log"
+        acl = self.write_redis_acl(binary, data)
         args = [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(data)]
+        args += ["--aclfile", str(acl)]  # the users of numprotect.core.redis_acl, the default user off
         # AOF; everysec puts about a second of acknowledged writes at risk on a crash, always none (docs/cdr.md).
         args += ["--appendonly", "yes", "--appendfsync", self.redis_fsync, "--save", "", "--loglevel", "notice"]
         with log.open("ab") as out:
@@ -109,8 +118,8 @@ class LocalSuite:
                 raise LaunchError(f"redis-server exited with {process.returncode}: see {log}")
             try:
                 with socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
+                    conn.sendall(f"AUTH {ADMIN_USER} {self.redis_password(ADMIN_USER)}\r\nPING\r\n".encode())
+                    if _read_replies(conn, 2) == b"+OK\r\n+PONG\r\n":
                         aof = f"AOF on, appendfsync {self.redis_fsync}"
                         print(f"redis       127.0.0.1:{self.redis_port}  ({aof}, data in {data})")
                         return
@@ -118,6 +127,37 @@ class LocalSuite:
                 pass
             time.sleep(0.05)
         raise LaunchError(f"redis-server did not answer on port {self.redis_port}: see {log}")
+
+    def redis_password(self, user: str) -> str:
+        return self.redis_passwords[user].read_text().strip()
+
+    def write_redis_acl(self, binary: str, data: Path) -> Path:
+        """The ACL file of the local Redis (rewritten each start from the table), each user's password kept in
+        .run/dev/redis-<user>.password (mode 600; made once, so a restart keeps them)."""
+        dev = self.run_dir / "dev"
+        dev.mkdir(parents=True, exist_ok=True)
+        for user in ACL_USERS:
+            path = dev / f"redis-{user.name}.password"
+            if not path.exists():
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "w") as out:
+                    out.write(secrets.token_hex(24))
+            self.redis_passwords[user.name] = path
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+        acl = data / "users.acl"
+        descriptor = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        passwords = {user: self.redis_password(user) for user in self.redis_passwords}
+        with os.fdopen(descriptor, "w") as out:
+            out.write(render_acl_file(passwords, redis_version=parse_redis_version(version)))
+        return acl
+
+    def redis_user_env(self, service: str) -> dict[str, str]:
+        """The service's own Redis user and password file (none for an external Redis: its settings are the
+        operator's, NUMPROTECT_REDIS_USERNAME/PASSWORD_FILE passed through)."""
+        if not self.redis_passwords:
+            return {}
+        user = SERVICE_USERS[service]
+        return {"NUMPROTECT_REDIS_USERNAME": user, "NUMPROTECT_REDIS_PASSWORD_FILE": str(self.redis_passwords[user])}
 
     def page_token_key(self) -> dict[str, str]:
         """One page-token key for every process (NUMPROTECT_PAGE_TOKEN_KEY), kept in the run directory, so a
@@ -142,6 +182,7 @@ class LocalSuite:
                 **peers,
                 **key,
                 "NUMPROTECT_REDIS_URL": self.redis_url(),
+                **self.redis_user_env(name),
                 f"NUMPROTECT_{name.upper()}_PORT": str(self.ports[name]),
             }
             if count > 1:
@@ -227,6 +268,17 @@ logs: {self.run_dir / "logs"}   stop: Ctrl-C
 """,
             flush=True,
         )
+
+
+def _read_replies(conn: socket.socket, count: int) -> bytes:
+    """The first `count` simple replies (lines) Redis sends on `conn`."""
+    received = b""
+    while received.count(b"\r\n") < count:
+        chunk = conn.recv(256)
+        if not chunk:
+            break
+        received += chunk
+    return received
 
 
 def main() -> int:

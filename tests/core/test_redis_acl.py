@@ -6,7 +6,6 @@ translation user gets NOPERM writing another service's key, writing a route and 
 
 from __future__ import annotations
 
-import re
 import secrets
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from numprotect.core.redis_acl import (
     ADMIN_USER,
     SERVICE_USERS,
     acl_user,
+    parse_redis_version,
     render_acl_file,
     setuser_commands,
 )
@@ -62,10 +62,7 @@ DANGEROUS = [
 def redis_version() -> tuple[int, int]:
     binary = shutil.which("redis-server")
     assert binary is not None
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
-    match = re.search(r"v=(\d+)\.(\d+)", out)
-    assert match is not None, out
-    return int(match[1]), int(match[2])
+    return parse_redis_version(subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout)
 
 
 class AclRedis:
@@ -193,6 +190,7 @@ def test_the_translation_user_reads_routes_and_writes_nothing_of_the_others(
         ("numprotect-allocation", "np:rt:{700100000000001}:n"),
         ("numprotect-binding", "np:alloc:{pool:t1:010}"),
         ("numprotect-binding", "np:auth:{auth}:keys"),
+        ("numprotect-binding", "np:carriers:{carriers}:blocks"),
         ("numprotect-cdr", "np:b:{b1}"),
         ("numprotect-cdr", "np:carriers:{carriers}:blocks"),
         ("numprotect-translation", "np:carriers:{carriers}:blocks"),
@@ -220,6 +218,7 @@ def test_every_user_appends_to_the_audit_log_and_reads_api_keys(acl_redis: AclRe
             head = client.get(HEAD_KEY) or b""
             assert append(keys=[HEAD_KEY, LOG_KEY], args=[head, f'{{"by":"{name}"}}', f"mac-{name}"])[0] == 1
             assert client.hget("np:auth:{auth}:keys", "k1") == b"record"
+            assert client.hgetall("np:carriers:{carriers}:blocks") == {}  # every identity directory loads it
         finally:
             client.close()
     assert admin.xlen(LOG_KEY) == len(SERVICE_USERS)

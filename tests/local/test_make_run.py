@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from support.grpcurl import run_grpcurl
 from support.processes import ROOT
@@ -61,6 +62,9 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
             check = run_grpcurl("-d", '{"service":""}', address, "grpc.health.v1.Health/Check")
             assert '"status": "SERVING"' in check.stdout, check.stderr
         assert "-plaintext" in output and "CreateBinding" in output
+        # Redis with the ACL users (numprotect.core.redis_acl): the default user is off.
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=int(env["NUMPROTECT_LOCAL_REDIS_PORT"])).ping()
     finally:
         process.send_signal(signal.SIGTERM)
         # A second SIGTERM while it stops (what `kill -TERM -<pgid>` of `make run` delivers: make forwards its
@@ -80,6 +84,10 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
     assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_text().strip()) >= 44
     for log in (tmp_path / "logs").glob("*-*.log"):
         assert "NUMPROTECT_PAGE_TOKEN_KEY is not set" not in log.read_text(), log.name
+        assert "NoPermissionError" not in log.read_text(), log.name  # each service's Redis user suffices
+    # Each Redis user's password private in .run/dev; each service connected as its own user.
+    for user in ("allocation", "binding", "translation", "cdr", "admin"):
+        assert (tmp_path / "dev" / f"redis-numprotect-{user}.password").stat().st_mode & 0o777 == 0o600
     time.sleep(0.2)
     left = subprocess.run(["pgrep", "-f", f"--port {env['NUMPROTECT_LOCAL_REDIS_PORT']}"], capture_output=True)
     assert left.stdout == b""

@@ -19,6 +19,7 @@ Rendered as an ACL file (`render_acl_file`, for redis-server's `aclfile`) or as 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -50,7 +51,8 @@ def _ro(*patterns: str) -> tuple[KeyAccess, ...]:
 
 
 # Identity (core/identity): API key records (np:auth) every service reads to check a caller, the audit log every
-# service appends to (its script reads the chain's head), the block -> carrier table.
+# service appends to (its script reads the chain's head), the block -> carrier table (allocation writes it; every
+# process's identity directory loads it with the keys).
 _AUTH = "np:auth:{auth}:*"
 _AUDIT = "np:audit:{audit}:*"
 _CARRIERS = "np:carriers:{carriers}:*"
@@ -133,7 +135,7 @@ ACL_USERS: tuple[AclUser, ...] = (
     AclUser(
         "numprotect-binding",
         "binding: binding records, order keys, tenant lists, number history, the route table",
-        (*_rw("np:b:*", "np:ord:*", "np:tl:*", "np:nh:*", "np:rt:*", _AUDIT), *_ro(_AUTH)),
+        (*_rw("np:b:*", "np:ord:*", "np:tl:*", "np:nh:*", "np:rt:*", _AUDIT), *_ro(_AUTH, _CARRIERS)),
     ),
     AclUser(
         "numprotect-translation",
@@ -154,6 +156,14 @@ SERVICE_USERS: Mapping[str, str] = {
     "translation": "numprotect-translation",
     "cdr": "numprotect-cdr",
 }
+
+
+def parse_redis_version(version_output: str) -> tuple[int, int]:
+    """(major, minor) from `redis-server --version` ("Redis server v=7.0.15 sha=...")."""
+    match = re.search(r"v=(\d+)\.(\d+)", version_output)
+    if match is None:
+        raise ValueError(f"not a redis-server version: {version_output.strip()!r}")
+    return int(match[1]), int(match[2])
 
 
 def acl_user(name: str) -> AclUser:
