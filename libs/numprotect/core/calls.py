@@ -20,6 +20,7 @@ differ only in calling, iterating and aborting synchronously or with await.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -349,6 +350,16 @@ async def _paced(responses: AsyncIterator[Any], checks: list[Callable[[], None]]
             pending.cancel()
             # Bounded: a generator that ignores its cancellation must not hold the call (gh-86296).
             await asyncio.wait((pending,), timeout=1.0)
+        if pending.done():
+            if not pending.cancelled():
+                pending.exception()  # retrieved: a check that failed first leaves it unread otherwise
+            # A generator left at a yield (a check failed with a response in hand) is closed now, so its own
+            # cleanup (a WatchCdrs slot) runs at once, not whenever it is garbage-collected. Bounded as above.
+            aclose = getattr(responses, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await aclose()
 
 
 def _sync_abort(context: grpc.ServicerContext, exc: Exception, path: str) -> None:
