@@ -1,28 +1,87 @@
-"""Fixtures of the cdr tests: the real service in-process on a real Redis (standalone or cluster), records,
-and bindings written through the shared binding-record schema."""
+"""Fixtures of the cdr tests: the real service in-process on a real Redis (standalone or cluster) over TLS with
+API keys, records, and bindings written through the shared binding-record schema.
+
+`cdr_service()` yields a `CdrClients`: `carrier` reports as carrier "cmcc", which routes X's block (`route`
+records blocks for other carriers), `tenant(id)` and `operator` read, `anonymous` has no key.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core.binding_records import BindingRecord, BindingRecordStore
+from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE
+from numprotect.core.server import AioServiceApp, Runtime
 from numprotect.core.settings import Env, RedisSettings
+from numprotect.core.telemetry import Telemetry
 from numprotect.services.cdr.app import build
-from support.inprocess import running_service
+from numprotect.services.cdr.servicer import CdrServiceServicer
+from support.identity import mint, record_blocks
+from support.inprocess import RunningService, running_service
 
 X = "700100000000001"
+CARRIER = "cmcc"  # routes X's block (that of every virtual number of the tests but OTHER_BLOCK's)
+OTHER_BLOCK_NUMBER = "700100000010001"  # in another block, which no carrier routes unless a test says so
 CALLER = "13800000001"
 TARGET = "13900000002"
 
-ServiceFactory = Callable[..., AbstractAsyncContextManager[cdr_pb2_grpc.CdrServiceStub]]
+Stub = Any  # cdr_pb2_grpc.CdrServiceStub (its methods are untyped)
+
+
+@dataclass
+class CdrClients:
+    """One served cdr service and stubs of its callers (each principal's token minted once, on first use)."""
+
+    svc: RunningService[AioServiceApp, Runtime]
+    _stubs: dict[tuple[Role, str], Stub] = field(default_factory=dict)
+    carrier_id = CARRIER
+
+    def stub_as(self, role: Role, principal_id: str = "") -> Stub:
+        key = (role, principal_id)
+        if key not in self._stubs:
+            self._stubs[key] = cdr_pb2_grpc.CdrServiceStub(self.svc.channel_as(role, principal_id))
+        return self._stubs[key]
+
+    @property
+    def carrier(self) -> Stub:
+        """Carrier CARRIER, which routes X's block."""
+        return self.stub_as(Role.CARRIER, CARRIER)
+
+    @property
+    def operator(self) -> Stub:
+        return self.stub_as(Role.OPERATOR)
+
+    @property
+    def anonymous(self) -> Stub:
+        return cdr_pb2_grpc.CdrServiceStub(self.svc.channel)
+
+    def tenant(self, tenant_id: str) -> Stub:
+        return self.stub_as(Role.TENANT, tenant_id)
+
+    def as_carrier(self, carrier_id: str) -> Stub:
+        return self.stub_as(Role.CARRIER, carrier_id)
+
+    def route(self, carrier_id: str, *numbers: str) -> None:
+        """Records `carrier_id` as the carrier of the numbers' blocks (one another carrier routes stays its)."""
+        self.svc.route(carrier_id, *numbers)
+
+    @property
+    def servicer(self) -> CdrServiceServicer:
+        servicer = self.svc.app.registrations[0].servicer
+        assert isinstance(servicer, CdrServiceServicer)
+        return servicer
+
+
+ServiceFactory = Callable[..., AbstractAsyncContextManager[CdrClients]]
 RecordFactory = Callable[..., cdr_pb2.CallDetailRecord]
 BindingFactory = Callable[..., Any]
 
@@ -33,15 +92,24 @@ def now_ms() -> int:
 
 @pytest.fixture
 def cdr_service(redis_env: dict[str, str]) -> ServiceFactory:
-    """`async with cdr_service(NUMPROTECT_CDR_MAX_BATCH="10") as stub:` a served cdr service."""
+    """`async with cdr_service(NUMPROTECT_CDR_MAX_BATCH="10") as cdr:` a served cdr service whose carrier CARRIER
+    routes X's block (`telemetry=`: the service's telemetry)."""
 
     @asynccontextmanager
-    async def start(**settings: str) -> AsyncIterator[cdr_pb2_grpc.CdrServiceStub]:
+    async def start(telemetry: Telemetry | None = None, **settings: str) -> AsyncIterator[CdrClients]:
         environ: Mapping[str, str] = {**redis_env, "NUMPROTECT_CDR_WATCH_BLOCK": "200ms", **settings}
-        async with running_service("cdr", build, environ) as svc:
-            yield cdr_pb2_grpc.CdrServiceStub(svc.channel)
+        async with running_service("cdr", build, environ, telemetry=telemetry) as svc:
+            svc.route(CARRIER, X)
+            yield CdrClients(svc)
 
     return start
+
+
+@pytest.fixture
+def carrier_token(redis_sync: Any) -> str:
+    """A token of carrier CARRIER, which routes X's block: both in Redis before any service process starts."""
+    record_blocks(redis_sync, CARRIER, X)
+    return mint(redis_sync, Role.CARRIER, CARRIER)
 
 
 @pytest.fixture

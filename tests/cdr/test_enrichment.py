@@ -36,10 +36,10 @@ async def test_live_binding_by_binding_id_and_by_call_ref(
         # A carrier-sent tenant is not trusted: the binding's tenant wins.
         make_record("by-id-wrong-tenant", binding_id="b-live", tenant_id="t-other"),
     ]
-    async with cdr_service() as stub:
-        reply = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    async with cdr_service() as cdr:
+        reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
         assert reply.accepted == 3
-        got = await _all(stub, "t-shop")
+        got = await _all(cdr.tenant("t-shop"), "t-shop")
     assert set(got) == {"by-id", "by-ref", "by-id-wrong-tenant"}
     assert got["by-id"].binding_match == cdr_pb2.BINDING_MATCH_BINDING_ID
     assert got["by-ref"].binding_match == cdr_pb2.BINDING_MATCH_CALL_REF
@@ -71,11 +71,11 @@ async def test_expired_binding_is_found_through_the_number_history(
         ),
         make_record("after-expiry", call_ms=long_ago + 3 * 3_600_000),
     ]
-    async with cdr_service() as stub:
-        reply = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    async with cdr_service() as cdr:
+        reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
         assert reply.accepted == 3
-        old = await _all(stub, "t-old")
-        unmatched = await _all(stub, unmatched=True)
+        old = await _all(cdr.tenant("t-old"), "t-old")
+        unmatched = await _all(cdr.operator, unmatched=True)
     assert set(old) == {"late", "late-a"}
     for record in old.values():
         assert record.binding_match == cdr_pb2.BINDING_MATCH_HISTORY
@@ -98,20 +98,20 @@ async def test_unknown_bindings_are_kept_flagged_and_listed_for_the_operator(
         make_record("wrong-number-ref", call_ref=foreign_ref),
         make_record("garbage-ref", call_ref="not-a-call-ref"),
     ]
-    async with cdr_service() as stub:
-        reply = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    async with cdr_service() as cdr:
+        reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
         assert (reply.accepted, len(reply.rejected)) == (5, 0)
-        unmatched = await _all(stub, unmatched=True)
-        assert await _all(stub, "t-x2") == {}
-        assert await _all(stub, "t-claimed") == {}
+        unmatched = await _all(cdr.operator, unmatched=True)
+        assert await _all(cdr.tenant("t-x2"), "t-x2") == {}
+        assert await _all(cdr.tenant("t-claimed"), "t-claimed") == {}
     assert set(unmatched) == {r.call_id for r in records}
     assert all(r.binding_match == cdr_pb2.BINDING_MATCH_NONE for r in unmatched.values())
     # What the carrier said is kept for the operator to investigate.
     assert unmatched["unknown-id"].binding_id == "b-does-not-exist"
     assert redis_sync.xlen(Bucket("").stream) == 5
     # Resending is still exactly once for unmatched records.
-    async with cdr_service() as stub:
-        again = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    async with cdr_service() as cdr:
+        again = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
     assert (again.accepted, again.duplicates) == (0, 5)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -15,12 +16,15 @@ from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect.core.call_ref import CallRef
+from numprotect.core.identity.principal import Role
 from numprotect.services.allocation.app import build as build_allocation
 from numprotect.services.binding.app import build as build_binding
 from numprotect.services.cdr.app import build as build_cdr
+from support.identity import mint
 from support.inprocess import running_service
 
 BLOCK = "70010000000"
+CARRIER = "cmcc"  # make_record's carrier_id
 A, B = "13900000002", "13800000001"
 
 
@@ -29,21 +33,35 @@ def _ms() -> int:
 
 
 async def test_enrichment_of_records_for_bindings_made_by_the_binding_service(
-    redis_env: dict[str, str], make_record: Any
+    redis_env: dict[str, str], redis_sync: Any, make_record: Any, tmp_path: Path
 ) -> None:
     settings = {"NUMPROTECT_BINDING_MIN_TTL": "1s"}
+    # Binding reserves numbers at allocation as the "binding" service (its token file, as a deployment mounts it).
+    token_file = tmp_path / "binding.token"
+    token_file.write_text(mint(redis_sync, Role.SERVICE, "binding") + "\n")
+    token_file.chmod(0o600)
     async with running_service("allocation", build_allocation, {**redis_env, **settings}) as alloc:
-        allocation: Any = allocation_pb2_grpc.AllocationServiceStub(alloc.channel)
+        allocation: Any = allocation_pb2_grpc.AllocationServiceStub(alloc.channel_as(Role.OPERATOR))
+        # The import records the block's carrier too: the one whose CDRs are accepted for its numbers.
         await allocation.ImportBlock(
-            allocation_pb2.ImportBlockRequest(block=BLOCK, tenant_id="t-shop", city_code="010", actor="test")
+            allocation_pb2.ImportBlockRequest(
+                block=BLOCK, tenant_id="t-shop", city_code="010", actor="test", carrier_id=CARRIER
+            )
         )
-        environ = {**redis_env, "NUMPROTECT_ALLOCATION_ADDR": alloc.address, **settings}
+        environ = {
+            **redis_env,
+            "NUMPROTECT_ALLOCATION_ADDR": alloc.address,
+            "NUMPROTECT_SERVICE_TOKEN_FILE": str(token_file),
+            **settings,
+        }
         async with (
             running_service("binding", build_binding, environ) as bind_svc,
             running_service("cdr", build_cdr, redis_env) as cdr_svc,
         ):
-            binding: Any = binding_pb2_grpc.BindingServiceStub(bind_svc.channel)
-            cdr: Any = cdr_pb2_grpc.CdrServiceStub(cdr_svc.channel)
+            binding: Any = binding_pb2_grpc.BindingServiceStub(bind_svc.channel_as(Role.TENANT, "t-shop"))
+            carrier: Any = cdr_pb2_grpc.CdrServiceStub(cdr_svc.channel_as(Role.CARRIER, CARRIER))
+            cdr: Any = cdr_pb2_grpc.CdrServiceStub(cdr_svc.channel_as(Role.TENANT, "t-shop"))
+            operator: Any = cdr_pb2_grpc.CdrServiceStub(cdr_svc.channel_as(Role.OPERATOR))
 
             async def create(order: str, ttl_s: float, party_a: str = A, party_b: str = B) -> Any:
                 ttl = Duration()
@@ -99,10 +117,10 @@ async def test_enrichment_of_records_for_bindings_made_by_the_binding_service(
                     call_ms=_ms() - 100,
                 ),
             ]
-            reply = await cdr.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+            reply = await carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
             assert (reply.accepted, reply.duplicates, len(reply.rejected)) == (5, 0, 0)
             listed = await cdr.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t-shop", page_size=100))
-            unmatched = await cdr.ListCdrs(cdr_pb2.ListCdrsRequest(unmatched=True, page_size=100))
+            unmatched = await operator.ListCdrs(cdr_pb2.ListCdrsRequest(unmatched=True, page_size=100))
             by_order = await cdr.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t-shop", out_order_id="order-deleted"))
 
     got = {r.call_id: r for r in listed.records}

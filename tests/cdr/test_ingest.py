@@ -50,8 +50,8 @@ async def test_a_mixed_batch_accepts_the_good_and_rejects_the_bad_precisely(
     # International callers are kept as written; +86 numbers are normalised.
     records[20].calling_number = "+4915112345678"
     records[21].calling_number = "+86 138-0000-0009"
-    async with cdr_service() as stub:
-        reply = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    async with cdr_service() as cdr:
+        reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
     _summary_adds_up(reply, len(records))
     assert reply.accepted == 3 and reply.duplicates == 0
     got = {r.index: r for r in reply.rejected}
@@ -65,24 +65,26 @@ async def test_a_mixed_batch_accepts_the_good_and_rejects_the_bad_precisely(
 
 
 async def test_oversized_batch_is_invalid_argument_naming_records(cdr_service: Any, make_record: Any) -> None:
-    async with cdr_service(NUMPROTECT_CDR_MAX_BATCH="5") as stub:
+    async with cdr_service(NUMPROTECT_CDR_MAX_BATCH="5") as cdr:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record(f"c{i}") for i in range(6)]))
+            await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record(f"c{i}") for i in range(6)]))
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "records" in (raised.value.details() or "")
-        reply = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record(f"c{i}") for i in range(5)]))
+        reply = await cdr.carrier.IngestCdrs(
+            cdr_pb2.IngestCdrsRequest(records=[make_record(f"c{i}") for i in range(5)])
+        )
         assert reply.accepted == 5
 
 
 async def test_duplicates_within_and_across_batches_are_counted_not_stored(
     cdr_service: Any, make_record: Any, redis_sync: Any
 ) -> None:
-    async with cdr_service() as stub:
-        first = await stub.IngestCdrs(
+    async with cdr_service() as cdr:
+        first = await cdr.carrier.IngestCdrs(
             cdr_pb2.IngestCdrsRequest(records=[make_record("a"), make_record("b"), make_record("a")])
         )
         assert (first.accepted, first.duplicates, len(first.rejected)) == (2, 1, 0)
-        again = await stub.IngestCdrs(
+        again = await cdr.carrier.IngestCdrs(
             cdr_pb2.IngestCdrsRequest(records=[make_record("a"), make_record("c"), make_record("b", answered_s=99)])
         )
         assert (again.accepted, again.duplicates) == (1, 2)
@@ -101,8 +103,8 @@ async def test_stream_ingestion_gives_the_same_summary_with_stream_positions(
         for record in records:
             yield cdr_pb2.StreamCdrsRequest(record=record)
 
-    async with cdr_service(NUMPROTECT_CDR_MAX_BATCH="10") as stub:
-        reply = await stub.StreamCdrs(requests())
+    async with cdr_service(NUMPROTECT_CDR_MAX_BATCH="10") as cdr:
+        reply = await cdr.carrier.StreamCdrs(requests())
     _summary_adds_up(reply, len(records))
     assert (reply.accepted, reply.duplicates) == (1197, 1)
     assert sorted((r.index, r.field) for r in reply.rejected) == [(3, "release_cause"), (1100, "calling_number")]
@@ -114,11 +116,11 @@ async def test_a_storm_of_16_concurrent_senders_stores_each_call_exactly_once(
 ) -> None:
     await make_binding("b-storm", tenant_id="t-storm", out_order_id="o-storm")
     records = [make_record(f"storm-{i}", binding_id="b-storm") for i in range(300)]
-    async with cdr_service() as stub:
+    async with cdr_service() as cdr:
 
         async def sender(seed: int) -> Any:
             order = records[seed:] + records[:seed]  # every sender its own order: real races on each call_id
-            return await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=order))
+            return await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=order))
 
         replies = await asyncio.gather(*(sender(seed * 17) for seed in range(16)))
     for reply in replies:
@@ -132,7 +134,7 @@ async def test_a_storm_of_16_concurrent_senders_stores_each_call_exactly_once(
     assert redis_sync.zcard(bucket.binding_index("b-storm")) == len(records)
     assert redis_sync.zcard(bucket.order_index("o-storm")) == len(records)
     stored_ids = {entry[0] for entry in redis_sync.xrange(bucket.stream)}
-    assert {redis_sync.get(bucket.dedup(f"storm-{i}")) for i in range(300)} == stored_ids
+    assert {redis_sync.get(bucket.dedup(cdr.carrier_id, f"storm-{i}")) for i in range(300)} == stored_ids
     assert int(redis_sync.hget(bucket.daily(_today(records[0])), "calls")) == len(records)
 
 
@@ -149,8 +151,8 @@ async def test_a_batch_spanning_many_tenants_goes_to_each_tenants_bucket(
     for i, tenant in enumerate(tenants):
         await make_binding(f"b{i}", tenant_id=tenant)
     records = [make_record(f"m{i}-{j}", binding_id=f"b{i}") for i in range(100) for j in range(3)]
-    async with cdr_service() as stub:
-        reply = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    async with cdr_service() as cdr:
+        reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
     assert (reply.accepted, reply.duplicates, len(reply.rejected)) == (300, 0, 0)
     for tenant in tenants:
         assert redis_sync.xlen(Bucket(tenant).stream) == 3

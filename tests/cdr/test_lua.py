@@ -27,7 +27,7 @@ async def test_ingest_script_stores_once_indexes_counts_flags_and_trims(
 
     def keys_of(call_id: str) -> list[str]:
         return [
-            bucket.dedup(call_id),
+            bucket.dedup("c", call_id),
             bucket.daily("20260301"),
             bucket.binding_index("b1"),
             bucket.order_index("o1"),
@@ -47,8 +47,8 @@ async def test_ingest_script_stores_once_indexes_counts_flags_and_trims(
     ids = [entry[0] for entry in redis_sync.xrange(bucket.stream)]
     assert ids == [first, second]  # the ancient entry is gone, the repeat was not appended
     assert [entry[1][b"p"] for entry in redis_sync.xrange(bucket.stream)] == [b"one", b"two"]
-    assert redis_sync.get(bucket.dedup("c1")) == first
-    assert 0 < redis_sync.pttl(bucket.dedup("c1")) <= 180 * DAY
+    assert redis_sync.get(bucket.dedup("c", "c1")) == first
+    assert 0 < redis_sync.pttl(bucket.dedup("c", "c1")) <= 180 * DAY
     for index in (bucket.time_index, bucket.binding_index("b1"), bucket.order_index("o1")):
         assert redis_sync.zrange(index, 0, -1, withscores=True) == [(first, now_ms - 5000), (second, now_ms - 4000)]
         assert redis_sync.pttl(index) > 0

@@ -44,24 +44,24 @@ async def test_list_pages_through_indexes_by_binding_order_and_time(
     base = _now_ms() - 60 * MINUTE
     records = [make_record(f"b1-{i}", binding_id="b1", call_ms=base + (i % 7) * MINUTE) for i in range(25)]
     records += [make_record(f"b2-{i}", binding_id="b2", called_number=X2, call_ms=base + i * MINUTE) for i in range(10)]
-    async with cdr_service() as stub:
-        assert (await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))).accepted == 35
-        everything = await _list_all(stub, 4, tenant_id="t1")
+    async with cdr_service() as cdr:
+        assert (await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))).accepted == 35
+        everything = await _list_all(cdr.tenant("t1"), 4, tenant_id="t1")
         assert sorted(r.call_id for r in everything) == sorted(r.call_id for r in records)
         times = [r.call_time.ToMilliseconds() for r in everything]
         assert times == sorted(times)  # call-time order; ties (same ms) do not repeat or vanish across pages
-        by_binding = await _list_all(stub, 3, tenant_id="t1", binding_id="b1")
+        by_binding = await _list_all(cdr.tenant("t1"), 3, tenant_id="t1", binding_id="b1")
         assert sorted(r.call_id for r in by_binding) == sorted(f"b1-{i}" for i in range(25))
-        by_order = await _list_all(stub, 1000, tenant_id="t1", out_order_id="o2")
+        by_order = await _list_all(cdr.tenant("t1"), 1000, tenant_id="t1", out_order_id="o2")
         assert [r.call_id for r in by_order] == [f"b2-{i}" for i in range(10)]
-        both = await _list_all(stub, 50, tenant_id="t1", binding_id="b1", out_order_id="o2")
+        both = await _list_all(cdr.tenant("t1"), 50, tenant_id="t1", binding_id="b1", out_order_id="o2")
         assert both == []
         start, end = cdr_pb2.ListCdrsRequest().start_time, cdr_pb2.ListCdrsRequest().end_time
         start.FromMilliseconds(base + 2 * MINUTE)
         end.FromMilliseconds(base + 5 * MINUTE)
-        window = await _list_all(stub, 2, tenant_id="t1", binding_id="b2", start_time=start, end_time=end)
+        window = await _list_all(cdr.tenant("t1"), 2, tenant_id="t1", binding_id="b2", start_time=start, end_time=end)
         assert [r.call_id for r in window] == ["b2-2", "b2-3", "b2-4"]  # start inclusive, end exclusive
-        assert await _list_all(stub, 10, tenant_id="t-none") == []
+        assert await _list_all(cdr.tenant("t-none"), 10, tenant_id="t-none") == []
 
 
 @pytest.mark.parametrize(
@@ -79,9 +79,9 @@ async def test_list_pages_through_indexes_by_binding_order_and_time(
     ],
 )
 async def test_list_rejects_bad_requests(cdr_service: Any, request_fields: dict[str, Any], field: str) -> None:
-    async with cdr_service() as stub:
+    async with cdr_service() as cdr:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.ListCdrs(cdr_pb2.ListCdrsRequest(**request_fields))
+            await cdr.operator.ListCdrs(cdr_pb2.ListCdrsRequest(**request_fields))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (raised.value.details() or "")
 
@@ -90,14 +90,14 @@ async def test_a_page_token_only_continues_its_own_listing(
     cdr_service: Any, make_record: Any, make_binding: Any
 ) -> None:
     await make_binding("b1", tenant_id="t1")
-    async with cdr_service() as stub:
-        await stub.IngestCdrs(
+    async with cdr_service() as cdr:
+        await cdr.carrier.IngestCdrs(
             cdr_pb2.IngestCdrsRequest(records=[make_record(f"c{i}", binding_id="b1") for i in range(3)])
         )
-        first = await stub.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t1", page_size=1))
+        first = await cdr.tenant("t1").ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t1", page_size=1))
         assert first.next_page_token
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.ListCdrs(
+            await cdr.tenant("t1").ListCdrs(
                 cdr_pb2.ListCdrsRequest(tenant_id="t1", binding_id="b1", page_token=first.next_page_token)
             )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -117,24 +117,24 @@ async def test_watch_resumes_after_a_disconnect_without_gap_or_repeat(
     cdr_service: Any, make_record: Any, make_binding: Any
 ) -> None:
     await make_binding("b1", tenant_id="t1")
-    async with cdr_service() as stub:
-        await stub.IngestCdrs(
+    async with cdr_service() as cdr:
+        await cdr.carrier.IngestCdrs(
             cdr_pb2.IngestCdrsRequest(records=[make_record(f"w{i}", binding_id="b1") for i in range(10)])
         )
         # Cursor "0": from the oldest retained record.
-        call = stub.WatchCdrs(cdr_pb2.WatchCdrsRequest(tenant_id="t1", cursor="0"))
+        call = cdr.tenant("t1").WatchCdrs(cdr_pb2.WatchCdrsRequest(tenant_id="t1", cursor="0"))
         first = await _take(call, 4)
         call.cancel()  # the client disconnects
         assert [m.record.call_id for m in first] == [f"w{i}" for i in range(4)]
 
         async def more_later() -> None:
             await asyncio.sleep(0.3)  # while the resumed watch blocks
-            await stub.IngestCdrs(
+            await cdr.carrier.IngestCdrs(
                 cdr_pb2.IngestCdrsRequest(records=[make_record(f"w{i}", binding_id="b1") for i in range(8, 14)])
             )
 
         sender = asyncio.create_task(more_later())
-        resumed = stub.WatchCdrs(cdr_pb2.WatchCdrsRequest(tenant_id="t1", cursor=first[-1].cursor))
+        resumed = cdr.tenant("t1").WatchCdrs(cdr_pb2.WatchCdrsRequest(tenant_id="t1", cursor=first[-1].cursor))
         rest = await asyncio.wait_for(_take(resumed, 10), timeout=10)
         resumed.cancel()
         await sender
@@ -147,16 +147,16 @@ async def test_watch_resumes_after_a_disconnect_without_gap_or_repeat(
 async def test_watch_from_now_sees_only_new_records_and_bad_cursors_are_refused(
     cdr_service: Any, make_record: Any
 ) -> None:
-    async with cdr_service() as stub:
-        await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record("old")]))
-        call = stub.WatchCdrs(cdr_pb2.WatchCdrsRequest(unmatched=True, cursor=""))
+    async with cdr_service() as cdr:
+        await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record("old")]))
+        call = cdr.operator.WatchCdrs(cdr_pb2.WatchCdrsRequest(unmatched=True, cursor=""))
         reader = asyncio.create_task(_take(call, 1))
         await asyncio.sleep(0.3)
-        await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record("new")]))
+        await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record("new")]))
         got = await asyncio.wait_for(reader, timeout=10)
         call.cancel()
         assert [m.record.call_id for m in got] == ["new"]
-        bad = stub.WatchCdrs(cdr_pb2.WatchCdrsRequest(tenant_id="t1", cursor="yesterday"))
+        bad = cdr.tenant("t1").WatchCdrs(cdr_pb2.WatchCdrsRequest(tenant_id="t1", cursor="yesterday"))
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await _take(bad, 1)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -175,14 +175,14 @@ async def test_daily_stats_count_calls_answered_and_billable_seconds_by_beijing_
         make_record("d1-b", binding_id="b1", call_ms=day1, answered_s=None),
         make_record("d2-a", binding_id="b1", call_ms=day2, answered_s=60),
     ]
-    async with cdr_service(NUMPROTECT_CDR_RETENTION="3650d", NUMPROTECT_CDR_MAX_CLOCK_SKEW="1d") as stub:
-        await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
-        await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))  # duplicates count nothing
-        one = await stub.GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t1", date="2026-03-01"))
-        two = await stub.GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t1", date="2026-03-02"))
-        today = await stub.GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t1"))
+    async with cdr_service(NUMPROTECT_CDR_RETENTION="3650d", NUMPROTECT_CDR_MAX_CLOCK_SKEW="1d") as cdr:
+        await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+        await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))  # duplicates count nothing
+        one = await cdr.tenant("t1").GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t1", date="2026-03-01"))
+        two = await cdr.tenant("t1").GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t1", date="2026-03-02"))
+        today = await cdr.tenant("t1").GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t1"))
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t1", date="2026-02-30"))
+            await cdr.tenant("t1").GetCdrStats(cdr_pb2.GetCdrStatsRequest(tenant_id="t1", date="2026-02-30"))
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (one.date, one.calls, one.answered, one.billable_seconds) == ("2026-03-01", 2, 1, 31)
     assert (two.calls, two.answered, two.billable_seconds) == (1, 1, 60)
@@ -202,15 +202,17 @@ async def test_abuse_signal_flags_a_caller_with_many_short_or_unanswered_calls(
     ]
     records += [make_record(f"ok-{i}", calling_number=normal, answered_s=120, call_ms=now - 1000) for i in range(6)]
     settings = {"NUMPROTECT_CDR_ABUSE_MIN_CALLS": "5", "NUMPROTECT_CDR_ABUSE_SHORT_CALL": "3s"}
-    async with cdr_service(**settings) as stub:
+    async with cdr_service(**settings) as cdr:
         # The spammer's calls match no binding (AXB: not a party), the normal calls match b1 (tenant t1).
-        await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
-        await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
-        flagged = (await stub.GetAbuseSignals(cdr_pb2.GetAbuseSignalsRequest(unmatched=True))).signals
+        await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+        await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+        flagged = (await cdr.operator.GetAbuseSignals(cdr_pb2.GetAbuseSignalsRequest(unmatched=True))).signals
         per_number = (
-            await stub.GetAbuseSignals(cdr_pb2.GetAbuseSignalsRequest(tenant_id="t1", virtual_number=X))
+            await cdr.tenant("t1").GetAbuseSignals(cdr_pb2.GetAbuseSignalsRequest(tenant_id="t1", virtual_number=X))
         ).signals
-        tenant_flagged = (await stub.GetAbuseSignals(cdr_pb2.GetAbuseSignalsRequest(tenant_id="t1"))).signals
+        tenant_flagged = (
+            await cdr.tenant("t1").GetAbuseSignals(cdr_pb2.GetAbuseSignalsRequest(tenant_id="t1"))
+        ).signals
     assert len(flagged) == 1
     signal = flagged[0]
     assert (signal.virtual_number, signal.total_calls, signal.short_calls, signal.unanswered_calls) == (X, 5, 3, 2)
@@ -228,21 +230,23 @@ async def test_page_tokens_carry_over_between_replicas_with_one_key_and_no_furth
 
     key = {"NUMPROTECT_PAGE_TOKEN_KEY": base64.b64encode(b"cdr-test-key-of-thirty-two-bytes").decode()}
     await make_binding("b1", tenant_id="t1")
-    async with cdr_service(**key) as stub, cdr_service(**key) as replica:
-        await stub.IngestCdrs(
+    async with cdr_service(**key) as cdr, cdr_service(**key) as replica:
+        await cdr.carrier.IngestCdrs(
             cdr_pb2.IngestCdrsRequest(records=[make_record(f"c{i}", binding_id="b1") for i in range(3)])
         )
-        first = await stub.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t1", page_size=2))
-        rest = await replica.ListCdrs(
+        first = await cdr.tenant("t1").ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t1", page_size=2))
+        rest = await replica.tenant("t1").ListCdrs(
             cdr_pb2.ListCdrsRequest(tenant_id="t1", page_size=2, page_token=first.next_page_token)
         )
         listed = [r.call_id for r in [*first.records, *rest.records]]
         assert sorted(listed) == ["c0", "c1", "c2"] and not rest.next_page_token
         with pytest.raises(grpc.aio.AioRpcError) as raised:  # another tenant's query
-            await replica.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t2", page_token=first.next_page_token))
+            await replica.operator.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t2", page_token=first.next_page_token))
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in (raised.value.details() or "")
     async with cdr_service() as own_random_key:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await own_random_key.ListCdrs(cdr_pb2.ListCdrsRequest(tenant_id="t1", page_token=first.next_page_token))
+            await own_random_key.tenant("t1").ListCdrs(
+                cdr_pb2.ListCdrsRequest(tenant_id="t1", page_token=first.next_page_token)
+            )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

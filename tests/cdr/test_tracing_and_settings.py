@@ -9,28 +9,25 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.call_ref import CallRef
 from numprotect.core.settings import Env, SettingsError
 from numprotect.core.telemetry import Telemetry
-from numprotect.services.cdr.app import build
 from numprotect.services.cdr.settings import CdrSettings
-from support.inprocess import running_service
 
 X = "700100000000001"
 
 
 async def test_ingestion_span_links_to_the_translation_span_and_masks_numbers(
-    redis_env: dict[str, str], make_record: Any, make_binding: Any, now_ms: int
+    cdr_service: Any, make_record: Any, make_binding: Any, now_ms: int
 ) -> None:
     await make_binding("b-traced", tenant_id="t1")
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     ref = CallRef("b-traced", X, now_ms - 130_000, trace_id=0x1234ABCD, span_id=0x42).encode()
-    async with running_service("cdr", build, redis_env, telemetry=Telemetry(provider)) as svc:
-        stub = cdr_pb2_grpc.CdrServiceStub(svc.channel)
-        reply = await stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record("traced", call_ref=ref)]))
+    async with cdr_service(telemetry=Telemetry(provider)) as cdr:
+        reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record("traced", call_ref=ref)]))
         assert reply.accepted == 1
     provider.shutdown()
     spans = [s for s in exporter.get_finished_spans() if s.name == "cdr.ingest"]
@@ -70,9 +67,16 @@ def test_the_process_exits_2_with_one_line_on_a_bad_setting(redis_env: dict[str,
     import subprocess
     import sys
 
+    from support.identity import with_auth
     from support.processes import ROOT
+    from support.tls import with_tls
 
-    env = {**os.environ, **redis_env, "NUMPROTECT_CDR_PORT": "0", "NUMPROTECT_CDR_MAX_BATCH": "-3"}
+    # Everything else valid (TLS, the auth key): the one bad setting is the one line.
+    env = {
+        **with_auth(with_tls({**os.environ, **redis_env})),
+        "NUMPROTECT_CDR_PORT": "0",
+        "NUMPROTECT_CDR_MAX_BATCH": "-3",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "numprotect.services.cdr"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
     )

@@ -45,7 +45,15 @@ async def build(runtime: Runtime) -> ServiceParts:
         else trace.NoOpTracer()
     )
     ingestor = Ingestor(store, Enricher(lookup), settings, tracer, clock=clock)
-    servicer = CdrServiceServicer(settings, store, ingestor, watch_redis, page_token_key=page_token_key, clock=clock)
+    servicer = CdrServiceServicer(
+        settings,
+        store,
+        ingestor,
+        watch_redis,
+        callers=runtime.identity.callers,
+        page_token_key=page_token_key,
+        clock=clock,
+    )
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, cdr_pb2_grpc.add_CdrServiceServicer_to_server),

@@ -1,10 +1,11 @@
-"""The ingest pipeline of one batch: validate each record, drop in-batch repeats, enrich, store exactly once."""
+"""The ingest pipeline of one batch: validate each record, check it is the reporting carrier's to report, drop
+in-batch repeats, enrich, store exactly once."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -13,6 +14,7 @@ from opentelemetry.util.types import AttributeValue
 
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.clock import Clock
+from numprotect.core.errors import ResourceExhausted
 from numprotect.core.phone import mask
 from numprotect.core.telemetry import link_from_call_ref, set_attributes
 from numprotect.services.cdr.enrich import Enricher
@@ -35,6 +37,44 @@ class Summary:
         self.accepted += other.accepted
         self.duplicates += other.duplicates
         self.rejected.extend(other.rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class Reporter:
+    """Who reports a batch: the carrier of the caller's principal (None only with NUMPROTECT_AUTH=off: then the
+    record's own carrier_id is kept, unchecked) and which numbers it routes (`Callers.carrier_routes`)."""
+
+    carrier_id: str | None
+    routes: Callable[[str], bool]
+
+    def check(self, checked: ValidCdr) -> Rejection | None:
+        """A rejection when the record is not this carrier's to report; else None (carrier_id set from the caller)."""
+        record = checked.record
+        if self.carrier_id is not None:
+            if record.carrier_id and record.carrier_id != self.carrier_id:
+                return Rejection(
+                    checked.index,
+                    record.call_id,
+                    "carrier_id",
+                    "must be empty or the calling carrier's own id (it is taken from the caller's API key)",
+                )
+            record.carrier_id = self.carrier_id
+        if not self.routes(record.called_number):
+            return Rejection(
+                checked.index,
+                record.call_id,
+                "called_number",
+                "is not in a block the calling carrier routes: only that number's carrier reports its calls",
+            )
+        return None
+
+
+def too_many_rejected(limit: int, rejected: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"more than NUMPROTECT_CDR_MAX_REJECTED ({limit}) records rejected in one call ({rejected} so far); "
+        "nothing further of the call was stored: fix the records and resend",
+        subject="NUMPROTECT_CDR_MAX_REJECTED",
+    )
 
 
 def span_links(records: Sequence[ValidCdr]) -> list[Link]:
@@ -62,8 +102,17 @@ class Ingestor:
         self.tracer = tracer
         self.clock = clock
 
-    async def ingest(self, records: Sequence[cdr_pb2.CallDetailRecord], *, first_index: int = 0) -> Summary:
-        """Every input record ends up exactly once in accepted, duplicates or rejected."""
+    async def ingest(
+        self,
+        records: Sequence[cdr_pb2.CallDetailRecord],
+        reporter: Reporter,
+        *,
+        first_index: int = 0,
+        rejected_before: int = 0,
+    ) -> Summary:
+        """Every input record ends up exactly once in accepted, duplicates or rejected. A rejected record writes
+        nothing (its dedup key included). More than NUMPROTECT_CDR_MAX_REJECTED rejections in the call (with the
+        `rejected_before` of its earlier chunks): RESOURCE_EXHAUSTED, and nothing of this chunk is stored."""
         now_ms = self.clock.now_ms()
         summary = Summary()
         valid: list[ValidCdr] = []
@@ -76,6 +125,8 @@ class Ingestor:
                 retention_ms=self.settings.retention_ms,
                 max_clock_skew_ms=self.settings.max_clock_skew_ms,
             )
+            if not isinstance(checked, Rejection):
+                checked = reporter.check(checked) or checked
             if isinstance(checked, Rejection):
                 summary.rejected.append(checked)
             elif checked.record.call_id in seen:
@@ -83,6 +134,9 @@ class Ingestor:
             else:
                 seen.add(checked.record.call_id)
                 valid.append(checked)
+        rejected = rejected_before + len(summary.rejected)
+        if rejected > self.settings.max_rejected:
+            raise too_many_rejected(self.settings.max_rejected, rejected)
         if not valid:
             return summary
         with self.tracer.start_as_current_span("cdr.ingest", links=span_links(valid)) as span:

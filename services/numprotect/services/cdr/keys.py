@@ -4,7 +4,9 @@ Every key of one bucket (a tenant, or the operator's "unmatched" bucket) shares 
 ingest script, the list script and the watch read each touch one slot:
 
     np:cdr:{t:<tenant>}:s                 stream of the tenant's records (field p = CallDetailRecord bytes)
-    np:cdr:{t:<tenant>}:id:<call_id>      dedup key: the stream id the call_id was stored under
+    np:cdr:{t:<tenant>}:id:<n>:<carrier>:<call_id>
+                                          dedup key: the stream id the carrier's call_id was stored under
+                                          (n = the carrier id's length: carrier ids may hold ':')
     np:cdr:{t:<tenant>}:ix:t              ZSET stream id by call time (ms): time-range listing
     np:cdr:{t:<tenant>}:ix:b:<binding>    ZSET stream id by call time, one binding
     np:cdr:{t:<tenant>}:ix:o:<order>      ZSET stream id by call time, one out_order_id
@@ -36,8 +38,10 @@ class Bucket:
     def stream(self) -> str:
         return self.prefix + "s"
 
-    def dedup(self, call_id: str) -> str:
-        return f"{self.prefix}id:{call_id}"
+    def dedup(self, carrier_id: str, call_id: str) -> str:
+        # Per carrier: call ids are the carrier's own (two switches may issue the same one), and a carrier must
+        # not be able to pre-empt another carrier's record by sending its call_id first.
+        return f"{self.prefix}id:{len(carrier_id)}:{carrier_id}:{call_id}"
 
     @property
     def time_index(self) -> str:

@@ -1,4 +1,10 @@
-"""The CdrService servicer: ingestion (batch and client stream), listing, live watch, counters, abuse signals."""
+"""The CdrService servicer: ingestion (batch and client stream), listing, live watch, counters, abuse signals.
+
+Who may call what is the policy table's (numprotect.core.identity.policy): carriers ingest, tenants and the operator
+read. Here: the carrier of a stored record is the caller's, and only for numbers it routes (`Reporter`); a read
+acts for the caller's own tenant (a tenant key) or the one the operator names; the unmatched bucket (records no
+binding matched) is the operator's only.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +19,20 @@ import grpc
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import optional_timestamp_ms, timestamp_from_ms
-from numprotect.core.errors import InvalidArgument
-from numprotect.core.identifiers import TENANT_ID
+from numprotect.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from numprotect.core.identifiers import OUT_ORDER_ID, TENANT_ID, IdentifierRule
+from numprotect.core.identity.layer import Callers
+from numprotect.core.identity.principal import Role
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import InvalidNumber, mask, validate_virtual
 from numprotect.core.redis_client import RedisClient
-from numprotect.services.cdr.ingest import Ingestor, Summary
+from numprotect.services.cdr.ingest import Ingestor, Reporter, Summary
 from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.store import BEIJING, CdrStore
+from numprotect.services.cdr.validation import MAX_ID_FIELD
+from numprotect.services.cdr.watch_slots import WatchSlots
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -32,18 +42,13 @@ STREAM_CHUNK = 500
 WATCH_COUNT = 200
 _CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# ListCdrs builds an index key from binding_id: bounded and printable, as the records' binding_id is when stored.
+LISTED_BINDING_ID = IdentifierRule(
+    re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_FIELD}}}"),
+    f"must be 1-{MAX_ID_FIELD} visible ASCII characters",
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _bucket(tenant_id: str, unmatched: bool) -> Bucket:
-    if unmatched:
-        if tenant_id:
-            raise InvalidArgument.field("tenant_id", "must be empty when unmatched is set")
-        return Bucket("")
-    if not tenant_id:
-        raise InvalidArgument.field("tenant_id", "is required (or set unmatched for records no binding matched)")
-    return Bucket(TENANT_ID.check("tenant_id", tenant_id))
 
 
 class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
@@ -54,10 +59,12 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         ingestor: Ingestor,
         watch_redis: RedisClient,
         *,
+        callers: Callers,
         page_token_key: PageTokenKey,
         clock: Clock,
     ) -> None:
         self.settings = settings
+        self.callers = callers
         self.store = store
         self.ingestor = ingestor
         self.clock = clock
@@ -65,12 +72,44 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         # Blocking XREADs hold a connection each: watchers get their own pool, bounded by max_watchers; one more
         # watcher is refused at once (RESOURCE_EXHAUSTED), it does not wait for a place.
         self.watch_redis = watch_redis
-        self._watchers = ConcurrencyLimit(settings.max_watchers, wait_seconds=0, name="watchers", exhausted=True)
+        self._watchers = ConcurrencyLimit(
+            settings.max_watchers,
+            wait_seconds=0,
+            name="WatchCdrs streams (NUMPROTECT_CDR_MAX_WATCHERS)",
+            exhausted=True,
+        )
+        self.watch_slots = WatchSlots(settings.max_watchers_per_tenant)
         self._closing = asyncio.Event()
 
     async def close(self) -> None:
         """Ends the watch loops at their next read (shutdown, before the watch connections close)."""
         self._closing.set()
+
+    # --- whose records ------------------------------------------------------------------------------
+
+    def _bucket(self, tenant_id: str, unmatched: bool) -> Bucket:
+        """The bucket a read acts on: the caller's own tenant (a tenant key; another is PERMISSION_DENIED), the
+        tenant the operator names, or the unmatched records (the operator's only)."""
+        if unmatched:
+            if tenant_id:
+                raise InvalidArgument.field("tenant_id", "must be empty when unmatched is set")
+            if self.callers.principal().role is Role.TENANT:
+                raise PermissionDenied(
+                    "unmatched: records that matched no binding are the operator's to read", reason="OPERATOR_ONLY"
+                )
+            return Bucket("")
+        try:
+            tenant = self.callers.tenant(tenant_id)
+        except InvalidArgument:
+            raise InvalidArgument.field(
+                "tenant_id", "is required (or set unmatched for records no binding matched)"
+            ) from None
+        return Bucket(TENANT_ID.check("tenant_id", tenant))
+
+    def _reporter(self) -> Reporter:
+        """The carrier of the records this call reports (the caller's, never the request's)."""
+        carrier_id = self.callers.principal().carrier_id if self.callers.enabled else None
+        return Reporter(carrier_id, self.callers.carrier_routes)
 
     # --- ingestion ---------------------------------------------------------------------------------
 
@@ -78,10 +117,10 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         if len(request.records) > self.settings.max_batch:
             raise InvalidArgument.field(
                 "records",
-                f"at most {self.settings.max_batch} records per call ({len(request.records)} sent); "
-                "split the batch or use StreamCdrs",
+                f"at most NUMPROTECT_CDR_MAX_BATCH ({self.settings.max_batch}) records per call "
+                f"({len(request.records)} sent); split the batch or use StreamCdrs",
             )
-        summary = await self.ingestor.ingest(request.records)
+        summary = await self.ingestor.ingest(request.records, self._reporter())
         return cdr_pb2.IngestCdrsResponse(
             accepted=summary.accepted,
             duplicates=summary.duplicates,
@@ -91,30 +130,48 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
     async def StreamCdrs(  # noqa: N802
         self, request_iterator: AsyncIterator[cdr_pb2.StreamCdrsRequest], context: Context
     ) -> cdr_pb2.StreamCdrsResponse:
+        reporter = self._reporter()
+        limit = self.settings.max_stream_records
         summary = Summary()
         pending: list[cdr_pb2.CallDetailRecord] = []
         received = 0
         async for message in request_iterator:
+            if received + len(pending) >= limit:
+                raise ResourceExhausted(
+                    f"a StreamCdrs stream carries at most NUMPROTECT_CDR_MAX_STREAM_RECORDS ({limit}) records; the "
+                    f"first {received} were stored (resend the rest on a new stream; a resent record is a duplicate)",
+                    subject="NUMPROTECT_CDR_MAX_STREAM_RECORDS",
+                )
             pending.append(message.record)
             if len(pending) >= STREAM_CHUNK:
-                summary.add(await self.ingestor.ingest(pending, first_index=received))
+                summary.add(await self._ingest_chunk(pending, reporter, received, summary))
                 received += len(pending)
                 pending = []
         if pending:
-            summary.add(await self.ingestor.ingest(pending, first_index=received))
+            summary.add(await self._ingest_chunk(pending, reporter, received, summary))
         return cdr_pb2.StreamCdrsResponse(
             accepted=summary.accepted,
             duplicates=summary.duplicates,
             rejected=[r.to_proto() for r in summary.rejected],
         )
 
+    async def _ingest_chunk(
+        self, records: list[cdr_pb2.CallDetailRecord], reporter: Reporter, received: int, summary: Summary
+    ) -> Summary:
+        return await self.ingestor.ingest(
+            records, reporter, first_index=received, rejected_before=len(summary.rejected)
+        )
+
     # --- listing -----------------------------------------------------------------------------------
 
     async def ListCdrs(self, request: cdr_pb2.ListCdrsRequest, context: Context) -> cdr_pb2.ListCdrsResponse:  # noqa: N802
-        bucket = _bucket(request.tenant_id, request.unmatched)
+        bucket = self._bucket(request.tenant_id, request.unmatched)
         if request.unmatched and (request.binding_id or request.out_order_id):
             field = "binding_id" if request.binding_id else "out_order_id"
             raise InvalidArgument.field(field, "unmatched records are indexed by call time only")
+        # Both name a Redis key: bounded by the rules the stored values follow.
+        LISTED_BINDING_ID.check("binding_id", request.binding_id, required=False)
+        OUT_ORDER_ID.check("out_order_id", request.out_order_id, required=False)
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be from 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
         page_size = request.page_size or DEFAULT_PAGE_SIZE
@@ -130,7 +187,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
             index = bucket.time_index
         # Everything that shapes the listing (not page_size): a token continues only the query that issued it.
         query = [
-            request.tenant_id,
+            bucket.tenant_id,
             "1" if request.unmatched else "0",
             request.binding_id,
             request.out_order_id,
@@ -160,27 +217,32 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
     async def WatchCdrs(  # noqa: N802
         self, request: cdr_pb2.WatchCdrsRequest, context: Context
     ) -> AsyncIterator[cdr_pb2.WatchCdrsResponse]:
-        bucket = _bucket(request.tenant_id, request.unmatched)
+        # The stream watched is the caller's own tenant's (or the one the operator names): a cursor only moves
+        # within it, so "0" replays the caller's own records and nobody else's.
+        bucket = self._bucket(request.tenant_id, request.unmatched)
         cursor = request.cursor
         if cursor not in ("", "0") and not _CURSOR.fullmatch(cursor):
             raise InvalidArgument.field("cursor", 'must be "", "0" or a cursor a previous WatchCdrs response carried')
-        async with self._watchers:
-            if cursor == "":
-                cursor = await self.store.last_id(bucket)
-            elif cursor == "0":
-                cursor = "0-0"
-            while not self._closing.is_set() and not context.done():
-                entries = await self.store.read_after(
-                    self.watch_redis, bucket, cursor, count=WATCH_COUNT, block_ms=self.settings.watch_block_ms
-                )
-                for entry_id, record in entries:
-                    yield cdr_pb2.WatchCdrsResponse(record=record, cursor=entry_id)
-                    cursor = entry_id
+        principal = self.callers.principal()
+        with self.watch_slots.hold(f"{principal.role.value}:{principal.id}"):
+            # One generator, no nested one: closing it (cancel, revocation) gives both places back at once.
+            async with self._watchers:
+                if cursor == "":
+                    cursor = await self.store.last_id(bucket)
+                elif cursor == "0":
+                    cursor = "0-0"
+                while not self._closing.is_set() and not context.done():
+                    entries = await self.store.read_after(
+                        self.watch_redis, bucket, cursor, count=WATCH_COUNT, block_ms=self.settings.watch_block_ms
+                    )
+                    for entry_id, record in entries:
+                        yield cdr_pb2.WatchCdrsResponse(record=record, cursor=entry_id)
+                        cursor = entry_id
 
     # --- counters and signals ----------------------------------------------------------------------
 
     async def GetCdrStats(self, request: cdr_pb2.GetCdrStatsRequest, context: Context) -> cdr_pb2.GetCdrStatsResponse:  # noqa: N802
-        bucket = _bucket(request.tenant_id, False)
+        bucket = self._bucket(request.tenant_id, False)
         if request.date:
             if not _DATE.fullmatch(request.date):
                 raise InvalidArgument.field("date", "must be YYYY-MM-DD (Beijing time)")
@@ -192,7 +254,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
             day = dt.datetime.fromtimestamp(self.clock.now_ms() / 1000, BEIJING).date()
         stats = await self.store.daily(bucket, day.strftime("%Y%m%d"))
         return cdr_pb2.GetCdrStatsResponse(
-            tenant_id=request.tenant_id,
+            tenant_id=bucket.tenant_id,
             date=day.isoformat(),
             calls=stats.calls,
             answered=stats.answered,
@@ -202,13 +264,15 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
     async def GetAbuseSignals(  # noqa: N802
         self, request: cdr_pb2.GetAbuseSignalsRequest, context: Context
     ) -> cdr_pb2.GetAbuseSignalsResponse:
-        bucket = _bucket(request.tenant_id, request.unmatched)
+        bucket = self._bucket(request.tenant_id, request.unmatched)
         if request.virtual_number:
             try:
                 validate_virtual(request.virtual_number)
             except InvalidNumber as exc:
                 raise InvalidArgument.field("virtual_number", str(exc)) from None
-        counters = await self.store.abuse(bucket, self.clock.now_ms(), request.virtual_number)
+        counters = await self.store.abuse(
+            bucket, self.clock.now_ms(), request.virtual_number, limit=self.settings.max_abuse_signals
+        )
         counters.sort(key=lambda c: (not c.flagged, -c.window_start_ms, -(c.short + c.unanswered), c.virtual_number))
         signals = []
         for c in counters:

@@ -96,7 +96,7 @@ class CdrStore:
         args: list[str | int | bytes] = [settings.retention_ms, settings.abuse_min_calls, len(records)]
         for valid in records:
             record = valid.record
-            dedup = bucket.dedup(record.call_id)
+            dedup = bucket.dedup(record.carrier_id, record.call_id)
             flags = 0
             if record.binding_id and record.binding_match != cdr_pb2.BINDING_MATCH_NONE:
                 flags |= _FLAG_BINDING
@@ -184,31 +184,53 @@ class CdrStore:
             )
         return DailyStats(int(calls or 0), int(answered or 0), int(billable or 0))
 
-    async def abuse(self, bucket: Bucket, now_ms: int, virtual_number: str) -> list[AbuseCounters]:
-        """Counters of the current and the previous window: every caller of one number, or flagged pairs."""
+    async def abuse(self, bucket: Bucket, now_ms: int, virtual_number: str, *, limit: int) -> list[AbuseCounters]:
+        """Counters of the current and the previous window: every caller of one number, or flagged pairs; at most
+        `limit` (number, caller) pairs per window (NUMPROTECT_CDR_MAX_ABUSE_SIGNALS): the flagged pairs with the
+        most short or unanswered calls, or the first callers of the number's hash that a scan meets."""
         async with self.redis_limit:
-            return await self._abuse(bucket, now_ms, virtual_number)
+            return await self._abuse(bucket, now_ms, virtual_number, limit)
 
-    async def _abuse(self, bucket: Bucket, now_ms: int, virtual_number: str) -> list[AbuseCounters]:
+    async def _abuse(self, bucket: Bucket, now_ms: int, virtual_number: str, limit: int) -> list[AbuseCounters]:
         current = self.window_start(now_ms)
         windows = [current, current - self.settings.abuse_window_ms]
         out: list[AbuseCounters] = []
         for window in windows:
             if virtual_number:
-                raw: Any = await self.redis.hgetall(bucket.abuse(window, virtual_number))
-                out += self._counters(window, virtual_number, {_text(k): int(v) for k, v in raw.items()})
+                key = bucket.abuse(window, virtual_number)
+                callers = await self._callers_of(key, limit)
+                out += await self._read_counters(key, window, virtual_number, callers)
                 continue
-            members: Any = await self.redis.zrange(bucket.abuse_flagged(window), 0, -1)
+            members: Any = await self.redis.zrange(bucket.abuse_flagged(window), 0, limit - 1, desc=True)
             by_number: dict[str, list[str]] = {}
             for member in members:
                 number, _, caller = _text(member).partition("|")
                 by_number.setdefault(number, []).append(caller)
             for number, callers in sorted(by_number.items()):
-                names = [f"{caller}:{suffix}" for caller in callers for suffix in ("t", "s", "u")]
-                values: Any = await self.redis.hmget(bucket.abuse(window, number), names)
-                counts = {name: int(value) for name, value in zip(names, values, strict=True) if value is not None}
-                out += self._counters(window, number, counts)
+                out += await self._read_counters(bucket.abuse(window, number), window, number, callers)
         return out
+
+    async def _callers_of(self, key: str, limit: int) -> list[str]:
+        """At most `limit` callers in a number's counter hash (three fields each), without reading a huge one whole."""
+        if int(await self.redis.hlen(key)) <= 3 * limit:
+            names: Any = await self.redis.hkeys(key)
+            return sorted({_text(name).rsplit(":", 1)[0] for name in names})
+        found: set[str] = set()
+        cursor: Any = 0
+        while len(found) < limit:
+            cursor, batch = await self.redis.hscan(key, cursor, count=3 * limit)  # NOVALUES needs Redis 7.4
+            found.update(_text(name).rsplit(":", 1)[0] for name in batch)
+            if int(cursor) == 0:
+                break
+        return sorted(found)[:limit]
+
+    async def _read_counters(self, key: str, window: int, number: str, callers: list[str]) -> list[AbuseCounters]:
+        names = [f"{caller}:{suffix}" for caller in callers for suffix in ("t", "s", "u")]
+        if not names:
+            return []
+        values: Any = await self.redis.hmget(key, names)
+        counts = {name: int(value) for name, value in zip(names, values, strict=True) if value is not None}
+        return self._counters(window, number, counts)
 
     def _counters(self, window: int, number: str, fields: dict[str, int]) -> list[AbuseCounters]:
         callers = sorted({name.rsplit(":", 1)[0] for name in fields})
