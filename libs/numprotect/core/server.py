@@ -3,7 +3,7 @@
 What every service gets, whichever model: settings from the environment validated at start-up (one line and
 exit status 2 on a bad one), JSON logs, CPU scheduling and the frozen start-up heap, standard `grpc.health.v1`
 health ("" and one name per service, NOT_SERVING while Redis is unreachable: `health.HealthProbe`), server
-reflection, the one per-method layer (`calls`: errors to status codes, spans, and next the caller's identity),
+reflection (NUMPROTECT_REFLECTION), the one per-method layer (`calls`: errors to status codes, spans, identity),
 and a SIGTERM/SIGINT drain: health turns NOT_SERVING, in-flight calls get the grace period, then the service's
 own shutdown hooks, channels, Redis and the trace exporter close.
 
@@ -34,6 +34,9 @@ from grpc_reflection.v1alpha import reflection
 from numprotect.core.calls import AioCallLayer, CallConcern, SyncCallLayer
 from numprotect.core.gc_tuning import freeze_startup_heap
 from numprotect.core.health import HealthProbe
+from numprotect.core.identity.api_keys import AuthSettings
+from numprotect.core.identity.runtime import Identity
+from numprotect.core.identity.service_token import ServiceToken
 from numprotect.core.logs import configure_logging
 from numprotect.core.redis_client import (
     RedisClient,
@@ -46,7 +49,7 @@ from numprotect.core.redis_client import (
 from numprotect.core.scheduling import apply_cpu_scheduling
 from numprotect.core.settings import Env, RedisSettings, ServerSettings, SettingsError, service_address
 from numprotect.core.telemetry import Telemetry
-from numprotect.core.tls import TlsSettings, channel_credentials, server_credentials
+from numprotect.core.tls import TlsSettings, channel_credentials, peer_spiffe_id, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +80,27 @@ class ServiceParts:
     max_workers: int = 16
 
 
-def server_options(reuse_port: bool) -> list[tuple[str, Any]]:
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     return [
         # grpcio enables SO_REUSEPORT by default: a stale server on the port would silently take traffic.
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # A larger message is refused with RESOURCE_EXHAUSTED before it is parsed.
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Then GOAWAY; open streams get a minute to end (WatchCdrs and TranslateStream clients resume on a new
+        # connection, with their cursor).
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", 60_000),
     ]
 
 
-def call_concerns(telemetry: Telemetry) -> list[CallConcern]:
+def call_concerns(telemetry: Telemetry, identity: Identity) -> list[CallConcern]:
     """The cross-cutting concerns of every call, in the order they enter, for both server models: the one place a
-    new per-method concern is added. Spans come first so that a call another concern refuses is traced too."""
-    return [*telemetry.call_concerns()]
+    new per-method concern is added. Spans come first so that a call another concern refuses is traced too; then
+    identity (who calls, may they, the audit trail)."""
+    return [*telemetry.call_concerns(), *identity.concerns()]
 
 
 def _listen(
@@ -103,9 +114,10 @@ def _listen(
     for registration in registrations:
         registration.add_to_server(registration.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [*(r.full_name for r in registrations), HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    if settings.reflection:  # any authenticated principal may list the contracts (policy table)
+        reflection.enable_server_reflection(
+            [*(r.full_name for r in registrations), HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
     address = f"{settings.host}:{settings.port}"
     try:
         port: int = (
@@ -143,6 +155,7 @@ class _ServiceApp:
         *,
         probe: Callable[[], bool] | None,
         telemetry: Telemetry,
+        identity: Identity,
         tls: TlsSettings,
         max_workers: int = 16,
     ) -> None:
@@ -154,7 +167,7 @@ class _ServiceApp:
         # The plaintext health-only port, when NUMPROTECT_HEALTH_PORT asks for one (its server: `health_server`).
         self.health_port = 0
         self._probe = HealthProbe(probe or (lambda: True), self._publish, settings.health_interval_seconds)
-        self._build(call_concerns(telemetry), server_options(settings.reuse_port), max_workers)
+        self._build(call_concerns(telemetry, identity), server_options(settings), max_workers)
 
     @property
     def health_names(self) -> list[str]:
@@ -260,13 +273,17 @@ class Runtime:
         redis_settings: RedisSettings,
         *,
         tls: TlsSettings,
+        identity: Identity,
     ) -> None:
         self.env = env
+        self.identity = identity
         self.server = server
         self.tls = tls
         self.telemetry = telemetry
         self.redis_settings = redis_settings
         self.redis = redis
+        # This service's own credential on its calls to peers (NUMPROTECT_SERVICE_TOKEN_FILE, read once here).
+        self.service_token = ServiceToken.from_env(env)
         self._channels: list[grpc.aio.Channel] = []
         # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
         telemetry.instrument_redis(redis)
@@ -277,11 +294,18 @@ class Runtime:
 
     def channel_to(self, address: str) -> grpc.aio.Channel:
         """TLS unless NUMPROTECT_TLS=off (in mTLS mode presenting the workload certificate); the certificate files are
-        read here, so a channel made after a renewal uses the new ones."""
+        read here, so a channel made after a renewal uses the new ones. Every call carries the service token when
+        one is set (call credentials over TLS; an interceptor on plaintext, where grpc refuses call credentials)."""
         interceptors = self.telemetry.client_interceptors()
+        token = self.service_token
         if self.tls.enabled:
-            channel = grpc.aio.secure_channel(address, channel_credentials(self.tls), interceptors=interceptors)
+            credentials = channel_credentials(self.tls)
+            if token is not None:
+                credentials = grpc.composite_channel_credentials(credentials, token.call_credentials())
+            channel = grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
         else:
+            if token is not None:
+                interceptors = [*interceptors, token.interceptor()]
             channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
         self._channels.append(channel)
         return channel
@@ -301,6 +325,7 @@ class SyncRuntime:
     redis_settings: RedisSettings
     redis: SyncRedisClient
     telemetry: Telemetry
+    identity: Identity
 
     def __post_init__(self) -> None:
         # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
@@ -323,6 +348,7 @@ class _Startup:
     redis: RedisSettings
     telemetry: Telemetry
     tls: TlsSettings
+    auth: AuthSettings
 
     @classmethod
     def from_env(cls, service: str, environ: Mapping[str, str]) -> _Startup:
@@ -330,12 +356,18 @@ class _Startup:
         server = ServerSettings.from_env(env, service)
         redis = RedisSettings.from_env(env)
         tls = TlsSettings.from_env(env)
+        auth = AuthSettings.from_env(env)
         try:
             policy_threads = apply_cpu_scheduling(server.cpu_scheduling)
             log.debug("cpu scheduling applied", extra={"policy": server.cpu_scheduling, "threads": policy_threads})
         except OSError as exc:  # a refusal only costs speed
             log.warning("cpu scheduling not applied", extra={"policy": server.cpu_scheduling, "error": str(exc)})
-        return cls(env, server, redis, Telemetry.from_env(environ, f"numprotect-{service}"), tls)
+        return cls(env, server, redis, Telemetry.from_env(environ, f"numprotect-{service}"), tls, auth)
+
+    def identity(self) -> Identity:
+        """The identity parts; in mTLS mode a call without a bearer token is the client certificate's principal."""
+        peer = peer_spiffe_id if self.tls.enabled and self.tls.client_auth == "require" else None
+        return Identity(self.auth, self.redis, peer_identity=peer)
 
     def serving(self, port: int, model: str) -> None:
         """Freezes the start-up heap (gc_tuning) and logs the line tests and operators wait for."""
@@ -364,8 +396,15 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
     """grpc.aio: builds the service, serves it until SIGTERM or SIGINT, then drains and closes everything."""
     startup = _Startup.from_env(service, environ)
     probe_client = _probe_client(startup)
+    identity = startup.identity()
     runtime = Runtime(
-        startup.env, startup.server, create_redis(startup.redis), startup.telemetry, startup.redis, tls=startup.tls
+        startup.env,
+        startup.server,
+        create_redis(startup.redis),
+        startup.telemetry,
+        startup.redis,
+        tls=startup.tls,
+        identity=identity,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -377,12 +416,14 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
         # concurrently (a fresh redis.asyncio cluster client can fail some of those, redis-py 8.1.0). Whether
         # Redis is up is the probe's to say, so the answer is not used here.
         await redis_is_up(runtime.redis)
+        await asyncio.to_thread(identity.start)
         parts = await builder(runtime)
         app = AioServiceApp(
             startup.server,
             parts.registrations,
             probe=lambda: sync_redis_is_up(probe_client),
             telemetry=startup.telemetry,
+            identity=identity,
             tls=startup.tls,
         )
         startup.serving(await app.start(), "aio")
@@ -395,6 +436,7 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
             if inspect.isawaitable(outcome):
                 await outcome
         await runtime.close()
+        await asyncio.to_thread(identity.stop)
         probe_client.close()
         startup.telemetry.shutdown()
     log.info("stopped")
@@ -403,8 +445,9 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
 def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -> None:
     """grpcio's thread-pool server: builds the service, serves it until SIGTERM or SIGINT, then drains and closes."""
     startup = _Startup.from_env(service, environ)
+    identity = startup.identity()
     runtime = SyncRuntime(
-        startup.env, startup.server, startup.redis, create_sync_redis(startup.redis), startup.telemetry
+        startup.env, startup.server, startup.redis, create_sync_redis(startup.redis), startup.telemetry, identity
     )
     probe_client = _probe_client(startup)
     stop = threading.Event()
@@ -412,12 +455,14 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
         signal.signal(signum, lambda *_: stop.set())
     parts: ServiceParts | None = None
     try:
+        identity.start()
         parts = builder(runtime)
         app = SyncServiceApp(
             startup.server,
             parts.registrations,
             probe=lambda: sync_redis_is_up(probe_client),
             telemetry=startup.telemetry,
+            identity=identity,
             tls=startup.tls,
             max_workers=parts.max_workers,
         )
@@ -430,6 +475,7 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
         for hook in parts.on_shutdown if parts is not None else []:
             hook()
         runtime.close()
+        identity.stop()
         probe_client.close()
         startup.telemetry.shutdown()
     log.info("stopped")
