@@ -7,6 +7,8 @@ Settings (environment):
   NUMPROTECT_<SERVICE>_PORT       service ports (defaults 50051..50054)
   NUMPROTECT_<SERVICE>_PROCESSES  processes per service sharing its port via SO_REUSEPORT (default 1)
   NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
+  NUMPROTECT_TLS                  on (default): every service serves TLS with the local CA's server certificate,
+                                  made on first run in .run/dev/ (ca.pem is what a client trusts); off: plaintext
 Ctrl-C or SIGTERM stops the services (they drain), then Redis.
 
 The Redis started here has the ACL users of numprotect.core.redis_acl (the default user off): each service connects
@@ -34,6 +36,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from numprotect.core.dev_pki import ensure_dev_pki
 from numprotect.core.redis_acl import ACL_USERS, ADMIN_USER, SERVICE_USERS, parse_redis_version, render_acl_file
 from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, SettingsError
 
@@ -81,6 +84,21 @@ class LocalSuite:
         self.redis: Child | None = None
         self.redis_passwords: dict[str, Path] = {}  # ACL user -> its password file (the Redis started here)
         self.stopping = False
+        # NUMPROTECT_TLS=off opts out; certificate files of the operator's own (NUMPROTECT_TLS_CERT_FILE...) win.
+        self.tls = env.choice("NUMPROTECT_TLS", "on", ("on", "off")) == "on"
+        self.ca_file = Path(env.text("NUMPROTECT_TLS_CA_FILE", str(self.run_dir / "dev" / "ca.pem")))
+
+    def tls_env(self) -> dict[str, str]:
+        """The services' TLS settings: the local PKI of .run/dev/ (made on first run; a server certificate near its
+        end is issued again), unless TLS is off or the operator named certificate files."""
+        if not self.tls or "NUMPROTECT_TLS_CERT_FILE" in self.environ:
+            return {}
+        return ensure_dev_pki(self.ca_file.parent).tls_env()
+
+    def health_channel(self, address: str) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(self.ca_file.read_bytes()))
 
     def redis_url(self) -> str:
         return self.external_redis or f"redis://127.0.0.1:{self.redis_port}/0"
@@ -175,12 +193,14 @@ class LocalSuite:
     def start_services(self) -> None:
         peers = {f"NUMPROTECT_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in self.ports.items()}
         key = self.page_token_key()
+        tls = self.tls_env()
         for name in SERVICE_NAMES:
             count = self.processes[name]
             env = {
                 **self.environ,
                 **peers,
                 **key,
+                **tls,
                 "NUMPROTECT_REDIS_URL": self.redis_url(),
                 **self.redis_user_env(name),
                 f"NUMPROTECT_{name.upper()}_PORT": str(self.ports[name]),
@@ -204,7 +224,7 @@ class LocalSuite:
         deadline = time.monotonic() + timeout
         for name in SERVICE_NAMES:
             address = f"127.0.0.1:{self.ports[name]}"
-            with grpc.insecure_channel(address) as channel:
+            with self.health_channel(address) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 while True:
                     self.check_children()
@@ -252,18 +272,22 @@ class LocalSuite:
         a, b, t, c = (self.ports[n] for n in SERVICE_NAMES)
         g = Path(sys.executable).with_name("grpcurl")
         g = g.relative_to(ROOT) if g.is_relative_to(ROOT) else g
+        ca = self.ca_file.relative_to(ROOT) if self.ca_file.is_relative_to(ROOT) else self.ca_file
+        # How grpcurl reaches the services: TLS trusting the local CA, or plaintext when NUMPROTECT_TLS=off.
+        how = f"-cacert {ca}" if self.tls else "-plaintext"
+        trust = f"TLS on every port: clients trust {ca}" if self.tls else "TLS OFF (NUMPROTECT_TLS=off): plaintext"
         print(
             f"""
-ready. Try:
-  {g} -plaintext 127.0.0.1:{b} list
-  {g} -plaintext -d '{{"block":"70010000001","tenant_id":"demo","city_code":"010"}}' \\
+ready. {trust}. Try:
+  {g} {how} 127.0.0.1:{b} list
+  {g} {how} -d '{{"block":"70010000001","tenant_id":"demo","city_code":"010"}}' \\
     127.0.0.1:{a} numprotect.allocation.v1.AllocationService/ImportBlock
-  {g} -plaintext -d '{{"tenant_id":"demo","out_order_id":"order-1","mode":"BINDING_MODE_AXB",
+  {g} {how} -d '{{"tenant_id":"demo","out_order_id":"order-1","mode":"BINDING_MODE_AXB",
     "party_a":"13800000001","party_b":"13900000002","ttl":"3600s","city_code":"010","user_consent":true}}' \\
     127.0.0.1:{b} numprotect.binding.v1.BindingService/CreateBinding
-  {g} -plaintext -d '{{"calling_number":"13800000001","called_number":"<virtual_number from above>",
+  {g} {how} -d '{{"calling_number":"13800000001","called_number":"<virtual_number from above>",
     "call_id":"call-1"}}' 127.0.0.1:{t} numprotect.translation.v1.TranslationService/Translate
-  {g} -plaintext -d '{{"service":""}}' 127.0.0.1:{c} grpc.health.v1.Health/Check
+  {g} {how} -d '{{"service":""}}' 127.0.0.1:{c} grpc.health.v1.Health/Check
 logs: {self.run_dir / "logs"}   stop: Ctrl-C
 """,
             flush=True,

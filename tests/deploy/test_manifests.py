@@ -23,8 +23,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from numprotect.core.dev_pki import ensure_dev_pki
 from numprotect.core.page_tokens import KEY_VARIABLE, MIN_KEY_BYTES, PageTokenKey
 from numprotect.core.settings import DEFAULT_PORTS, Env, RedisSettings, ServerSettings
+from numprotect.core.tls import TlsSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -118,7 +120,8 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
     deployment = rendered.get("Deployment", service)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["args"] == [f"numprotect.services.{service}"]  # the image runs `python -m <args>`
-    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("grpc", port)]
+    health_port = int(rendered.config()["NUMPROTECT_HEALTH_PORT"])
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("grpc", port), ("health", health_port)]
 
     svc = rendered.get("Service", service)
     (svc_port,) = svc["spec"]["ports"]
@@ -137,8 +140,11 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
 
 
 @pytest.mark.parametrize("service", OUR_SERVICES)
-def test_probes_use_the_grpc_health_protocol_on_the_service_port(rendered: Rendered, service: str) -> None:
-    port = DEFAULT_PORTS[service]
+def test_probes_use_the_grpc_health_protocol_on_the_plaintext_health_port(rendered: Rendered, service: str) -> None:
+    """The kubelet's gRPC probe speaks no TLS: it asks the health-only plaintext port, never the TLS service port."""
+    settings = ServerSettings.from_env(Env(rendered.config()), service)
+    port = settings.health_port
+    assert port not in (0, DEFAULT_PORTS[service])
     (container,) = rendered.get("Deployment", service)["spec"]["template"]["spec"]["containers"]
     full_name = full_service_name(service)
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -152,6 +158,39 @@ def test_probes_use_the_grpc_health_protocol_on_the_service_port(rendered: Rende
     # A Redis Cluster failover (a few seconds of NOT_SERVING) must not get pods restarted.
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
+
+
+@pytest.mark.parametrize("service", OUR_SERVICES)
+def test_tls_is_on_with_the_services_certificate_from_its_cert_manager_secret(
+    rendered: Rendered, service: str, tmp_path: Path
+) -> None:
+    """TLS on, the three files of the Secret cert-manager writes for the service (tls.crt, tls.key, ca.crt),
+    mounted read-only where the settings look; those settings pass start-up validation with such files."""
+    config = rendered.config()
+    spec = rendered.get("Deployment", service)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    (volume,) = [v for v in spec["volumes"] if "secret" in v and v["secret"]["secretName"] != PAGE_TOKEN_SECRET]
+    assert volume["secret"]["secretName"] == f"numprotect-{service}-tls"
+    assert volume["secret"].get("optional", False) is False
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    directory = mount["mountPath"]
+    assert config["NUMPROTECT_TLS"] == "on"
+    assert config["NUMPROTECT_TLS_CLIENT_AUTH"] in ("none", "require")
+    files = {
+        "NUMPROTECT_TLS_CERT_FILE": "tls.crt",
+        "NUMPROTECT_TLS_KEY_FILE": "tls.key",
+        "NUMPROTECT_TLS_CA_FILE": "ca.crt",
+    }
+    for variable, name in files.items():
+        assert config[variable] == f"{directory}/{name}", variable
+    # The same settings against files of that shape (the local PKI standing in for cert-manager's Secret).
+    pki = ensure_dev_pki(tmp_path / "pki")
+    for source, name in ((pki.server.cert_file, "tls.crt"), (pki.server.key_file, "tls.key"), (pki.ca_file, "ca.crt")):
+        (tmp_path / name).write_bytes(source.read_bytes())
+    mounted = {k: v.replace(directory, str(tmp_path)) for k, v in config.items()}
+    tls = TlsSettings.from_env(Env(mounted))
+    assert tls.enabled and tls.files is not None and tls.files.cert_file == tmp_path / "tls.crt"
 
 
 @pytest.mark.parametrize("service", OUR_SERVICES)
@@ -379,6 +418,7 @@ def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(
             f"numprotect.services.{service}": f"numprotect.services.{TEMPLATE_NAME}",
             full_service_name(service): TEMPLATE_NAME,
             DEFAULT_PORTS[service]: 0,
+            f"numprotect-{service}-tls": f"{TEMPLATE_NAME}-tls",
         }
         deployment = with_placeholders(rendered.get("Deployment", service), values)
         requests = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]

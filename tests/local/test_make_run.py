@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from support.grpcurl import run_grpcurl
+from support.grpcurl import run_grpcurl, run_grpcurl_plaintext
 from support.processes import ROOT
 from support.redis_server import free_port
 
@@ -57,11 +57,17 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         output = "".join(lines)
         assert "translation 127.0.0.1:" in output and "(2 process(es))" in output
         assert "appendfsync always" in output
+        # TLS on every port with the local CA made on first run: clients trust .run/dev/ca.pem, plaintext fails.
+        ca = tmp_path / "dev" / "ca.pem"
+        assert f"clients trust {ca}" in output
+        assert (tmp_path / "dev" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
         for name in ("allocation", "binding", "translation", "cdr"):
             address = f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}"
-            check = run_grpcurl("-d", '{"service":""}', address, "grpc.health.v1.Health/Check")
+            check = run_grpcurl("-d", '{"service":""}', address, "grpc.health.v1.Health/Check", ca_file=ca)
             assert '"status": "SERVING"' in check.stdout, check.stderr
-        assert "-plaintext" in output and "CreateBinding" in output
+            plaintext = run_grpcurl_plaintext("-connect-timeout", "2", address, "list")
+            assert plaintext.returncode != 0
+        assert f"-cacert {ca}" in output and "-plaintext" not in output and "CreateBinding" in output
         # Redis with the ACL users (numprotect.core.redis_acl): the default user is off.
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=int(env["NUMPROTECT_LOCAL_REDIS_PORT"])).ping()
