@@ -285,6 +285,8 @@ def main() -> int:
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     env = {
         **os.environ,
+        # Plaintext for now (TLS is the services' default); the TLS and token comparison is yet to come.
+        "NUMPROTECT_TLS": "off",
         "NUMPROTECT_REDIS_URL": redis_url,
         "NUMPROTECT_CDR_PORT": str(cdr_port),
         "NUMPROTECT_LOG_LEVEL": "WARNING",

@@ -185,6 +185,8 @@ def main() -> int:
             }
             base.update(
                 {
+                    # Plaintext for now (TLS is the services' default); the TLS and token comparison is yet to come.
+                    "NUMPROTECT_TLS": "off",
                     "NUMPROTECT_REDIS_URL": redis_url,
                     "NUMPROTECT_LOG_LEVEL": "WARNING",
                     "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "1000000",

@@ -200,6 +200,8 @@ def translation_server(model: str, redis_url: str) -> Server:
     port = free_port()
     policy = model.partition("/")[2]
     env = {
+        # Plaintext for now (TLS is the services' default); the TLS and token comparison is yet to come.
+        "NUMPROTECT_TLS": "off",
         "NUMPROTECT_REDIS_URL": redis_url,
         "NUMPROTECT_TRANSLATION_PORT": str(port),
         "NUMPROTECT_CPU_SCHEDULING": policy,
