@@ -12,6 +12,7 @@ empty tenant_id, the platform-wide (global) list. docs/translation.md.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -59,7 +60,7 @@ class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer
         self.client = client
         self.callers = callers
         # Raises PERMISSION_DENIED for a carrier's call on a number of a block it does not route.
-        self.authorize = callers.require_carrier_routes
+        self.authorize = functools.partial(callers.require_carrier_routes, field="called_number")
         # A CLIENT span per Redis call, only inside a sampled call (the hot path's client is ours, not redis-py's).
         # Never keys or arguments: they contain phone numbers.
         self.telemetry = telemetry
