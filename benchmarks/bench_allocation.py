@@ -109,7 +109,7 @@ async def prepare(redis_url: str, tenant: str, prefix: str, blocks: int) -> Pool
     pool = Pool(tenant, blocks, raw, counting, pools, random.Random(7))
     started = time.perf_counter()
     for b in range(blocks):
-        await pools.import_block(f"700{prefix}{b:06d}", tenant, "010", "bench")
+        await pools.import_block(f"700{prefix}{b:06d}", tenant, "010", "bench-carrier", "bench")
     pool.import_seconds = time.perf_counter() - started
     total = (await pools.stats(tenant, "010")).total
     assert total == blocks * 10_000, f"{tenant}: {total} numbers imported, expected {blocks * 10_000}"

@@ -23,6 +23,7 @@ from numprotect.services.allocation.app import build
 from support.inprocess import running_service
 
 if TYPE_CHECKING:
+    # Tests call each RPC as its allowed principal (conftest.AsPolicy), which stands for this stub.
     from numprotect.allocation.v1.allocation_pb2_grpc import AllocationServiceAsyncStub as Stub
 
 Service = Callable[..., AbstractAsyncContextManager[Any]]
@@ -50,8 +51,12 @@ def timestamp_in(seconds: float) -> Timestamp:
     return value
 
 
-async def import_block(stub: Stub, block: str = BLOCK, tenant: str = "t1", city: str = "010") -> pb.ImportBlockResponse:
-    return await stub.ImportBlock(pb.ImportBlockRequest(block=block, tenant_id=tenant, city_code=city, actor="ops"))
+async def import_block(
+    stub: Stub, block: str = BLOCK, tenant: str = "t1", city: str = "010", carrier: str = "cm"
+) -> pb.ImportBlockResponse:
+    return await stub.ImportBlock(
+        pb.ImportBlockRequest(block=block, tenant_id=tenant, city_code=city, carrier_id=carrier, actor="ops")
+    )
 
 
 async def allocate(
@@ -115,6 +120,10 @@ async def test_import_is_idempotent_and_a_block_belongs_to_one_tenant(allocation
 
         bad = await fails(grpc.StatusCode.INVALID_ARGUMENT, import_block(stub, block="70112345678", city="x"))
         assert violated_fields(bad) == ["block", "city_code"]
+        no_carrier = await fails(grpc.StatusCode.INVALID_ARGUMENT, import_block(stub, block=BLOCK_2, carrier=""))
+        assert violated_fields(no_carrier) == ["carrier_id"] and "is required" in (no_carrier.details() or "")
+        bad_carrier = await fails(grpc.StatusCode.INVALID_ARGUMENT, import_block(stub, block=BLOCK_2, carrier="c{m}"))
+        assert violated_fields(bad_carrier) == ["carrier_id"] and "letters, digits" in (bad_carrier.details() or "")
 
         total = await stats(stub)
         assert (total.total, total.available, total.in_use) == (10_000, 10_000, 0)

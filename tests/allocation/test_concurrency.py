@@ -23,6 +23,7 @@ import uvloop
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from support.identity import Role, mint
 from support.processes import ServiceProcess
 from support.tls import secure_channel
 
@@ -36,11 +37,17 @@ RIDERS = [f"138{i:08d}" for i in range(120)]
 CUSTOMERS = [f"0{10 + i % 90}{i:08d}" for i in range(120)]
 
 
-async def _run_allocators(addresses: list[str]) -> tuple[list[list[tuple[str, str, str]]], float]:
-    channels = [secure_channel(address) for address in addresses]
+async def _run_allocators(
+    addresses: list[str], operator: str, binding: str
+) -> tuple[list[list[tuple[str, str, str]]], float]:
+    """Imports as the operator, allocates as the binding service (the only principal allowed to)."""
+    operator_channel = secure_channel(addresses[0], operator)
+    channels = [secure_channel(address, binding) for address in addresses]
     try:
         stubs = [allocation_pb2_grpc.AllocationServiceStub(channel) for channel in channels]
-        imported = await stubs[0].ImportBlock(pb.ImportBlockRequest(block=BLOCK, tenant_id="t1", city_code="010"))
+        imported = await allocation_pb2_grpc.AllocationServiceStub(operator_channel).ImportBlock(
+            pb.ImportBlockRequest(block=BLOCK, tenant_id="t1", city_code="010", carrier_id="cm")
+        )
         assert imported.numbers_added == 10_000
 
         async def allocator(seed: int) -> list[tuple[str, str, str]]:
@@ -61,13 +68,15 @@ async def _run_allocators(addresses: list[str]) -> tuple[list[list[tuple[str, st
         results = await asyncio.gather(*(allocator(seed) for seed in range(WORKERS)))
         return results, time.monotonic() - started
     finally:
-        for channel in channels:
+        for channel in [operator_channel, *channels]:
             await channel.close(grace=None)
 
 
 @pytest.mark.slow
 def test_64_concurrent_allocators_never_produce_a_conflicting_pair(redis_env: dict[str, str], redis_sync: Any) -> None:
     env = {**redis_env, "NUMPROTECT_ALLOCATION_LEASE": "10m", "NUMPROTECT_ALLOCATION_MAX_BINDINGS_PER_NUMBER": "40"}
+    # Minted before the processes start: each loads them at start-up.
+    operator, binding = mint(redis_sync, Role.OPERATOR), mint(redis_sync, Role.SERVICE, "binding")
     processes: list[ServiceProcess] = []
     try:
         with ThreadPoolExecutor(SERVERS) as pool:  # start-up in parallel: each waits for its "serving" line
@@ -77,7 +86,7 @@ def test_64_concurrent_allocators_never_produce_a_conflicting_pair(redis_env: di
                     processes.append(future.result())
         assert len(processes) == SERVERS, "an allocation process did not start"
         # The clients get their own uvloop loop: the client side costs less CPU, the servers get more.
-        results, elapsed = uvloop.run(_run_allocators([p.address for p in processes]))
+        results, elapsed = uvloop.run(_run_allocators([p.address for p in processes], operator, binding))
     finally:
         with ThreadPoolExecutor(SERVERS) as pool:  # each drains for its grace period: in parallel
             assert list(pool.map(ServiceProcess.stop, processes)) == [0] * len(processes)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY
 from numprotect.core.redis_client import LuaScript, RedisClient, create_redis
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.allocation import keys
@@ -73,12 +74,27 @@ async def allocate(
 
 async def test_claim_block(redis: RedisClient, scripts: Scripts) -> None:
     claim_keys = [keys.block_owner_key(BLOCK), keys.block_history_key(BLOCK)]
-    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops"])) == ["new"]
-    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops"])) == ["mine"]
-    assert text(await scripts.claim_block(redis, claim_keys, ["t2", CITY, "ops"])) == ["other_tenant", TENANT]
-    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, "021", "ops"])) == ["other_city", CITY]
+    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops", "cm"])) == ["new"]
+    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops", "cm"])) == ["mine"]
+    assert text(await scripts.claim_block(redis, claim_keys, ["t2", CITY, "ops", "cm"])) == ["other_tenant", TENANT]
+    assert text(await scripts.claim_block(redis, claim_keys, [TENANT, "021", "ops", "cm"])) == ["other_city", CITY]
     history = await stream(redis, keys.block_history_key(BLOCK))
     assert len(history) == 1 and history[0]["kind"] == "import"
+    assert history[0]["detail"] == f"city={CITY} carrier=cm"
+
+
+async def test_record_block_carrier(redis: RedisClient, scripts: Scripts) -> None:
+    carrier_keys = [CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY]
+    assert text(await scripts.record_block_carrier(redis, carrier_keys, [BLOCK, "cm"])) == "cm"
+    assert text(await redis.get(CARRIER_VERSION_KEY)) == "1"
+    # The same carrier again: nothing changes, the version stays (no process reloads for nothing).
+    assert text(await scripts.record_block_carrier(redis, carrier_keys, [BLOCK, "cm"])) == "cm"
+    assert text(await redis.get(CARRIER_VERSION_KEY)) == "1"
+    # Another carrier is refused with the holder's id; the table keeps the holder.
+    assert text(await scripts.record_block_carrier(redis, carrier_keys, [BLOCK, "cu"])) == "cm"
+    assert text(await redis.hgetall(CARRIER_BLOCKS_KEY)) == {BLOCK: "cm"}
+    assert text(await scripts.record_block_carrier(redis, carrier_keys, ["70099999999", "cu"])) == "cu"
+    assert text(await redis.get(CARRIER_VERSION_KEY)) == "2"
 
 
 async def test_import_block(redis: RedisClient, scripts: Scripts) -> None:

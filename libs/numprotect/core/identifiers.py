@@ -45,6 +45,11 @@ TENANT_ID = IdentifierRule(
     re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"),
     "must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric",
 )
+# A carrier's id (ImportBlock, API keys, the SPIFFE id of a carrier's certificate): the tenant rule's alphabet.
+CARRIER_ID = IdentifierRule(
+    re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"),
+    "must be 1-64 letters, digits, '_', '.' or '-', starting alphanumeric",
+)
 # A tenant's order id: the idempotency key of CreateBinding together with the tenant id.
 OUT_ORDER_ID = IdentifierRule(
     re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}"),

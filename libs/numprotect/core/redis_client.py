@@ -141,6 +141,16 @@ class LuaScript:
         """The script `name` in the `lua/` folder next to `module_file`."""
         return cls(Path(module_file).with_name("lua") / name)
 
+    @classmethod
+    def from_source(cls, name: str, source: str) -> LuaScript:
+        """A script kept as a constant beside the schema it belongs to (e.g. identity.directory's)."""
+        script = cls.__new__(cls)
+        script.path = Path(name)
+        script.source = source
+        script.sha = hashlib.sha1(source.encode()).hexdigest()
+        script.name = name
+        return script
+
     async def __call__(self, client: RedisClient, keys: Sequence[KeyOrArg], args: Sequence[KeyOrArg] = ()) -> Any:
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.phone import mask
 from numprotect.core.redis_client import RedisClient
@@ -31,6 +32,14 @@ MODES = ("AXB", "AXN", "AXE")
 # GetPoolStats makes per pool at most.
 _STATS_SWEEP_BUDGET = 2_048
 _STATS_SWEEP_CALLS = 50
+
+
+# Whether the caller may see a record of this tenant (layer.Callers.may_see_tenant); everyone by default.
+TenantFilter = Callable[[str], bool]
+
+
+def _everyone(tenant: str) -> bool:
+    return True
 
 
 def _text(value: Any) -> str:
@@ -136,10 +145,11 @@ class NumberPools:
     # ---- import ---------------------------------------------------------------------------------------
 
     @_one_connection
-    async def import_block(self, block: str, tenant: str, city: str, actor: str) -> int:
+    async def import_block(self, block: str, tenant: str, city: str, carrier: str, actor: str) -> int:
         """Numbers added (10000, or 0 when the block already was this tenant's in this city)."""
+        owner_key = keys.block_owner_key(block)
         claim = await self.scripts.claim_block(
-            self.redis, [keys.block_owner_key(block), keys.block_history_key(block)], [tenant, city, actor]
+            self.redis, [owner_key, keys.block_history_key(block)], [tenant, city, actor, carrier]
         )
         outcome = _text(claim[0])
         if outcome == "other_tenant":
@@ -153,13 +163,30 @@ class NumberPools:
                 type_="BLOCK_CITY",
                 subject=f"blocks/{block}",
             )
+        # The carrier after the claim (another tenant's block never gets this carrier) and before the numbers:
+        # a block another carrier routes gets no numbers. A retry with the right carrier completes the import.
+        holder = _text(
+            await self.scripts.record_block_carrier(
+                self.redis, [CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY], [block, carrier]
+            )
+        )
+        if holder != carrier:
+            raise FailedPrecondition(
+                f"block {block} is routed by carrier {holder}; carrier_id must be {holder}",
+                type_="BLOCK_CARRIER",
+                subject=f"blocks/{block}",
+            )
+        await self.redis.hset(owner_key, "carrier", carrier)
         # Cities first, then the numbers: a crash in between leaves an empty city (harmless), never
         # numbers no fallback can find. A retry completes the import (the pool script is idempotent).
         await self.redis.sadd(keys.tenant_cities_key(tenant), city)
         added = await self.scripts.import_block(
             self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), block]
         )
-        log.info("block imported", extra={"block": block, "tenant": tenant, "city": city, "added": int(added)})
+        log.info(
+            "block imported",
+            extra={"block": block, "tenant": tenant, "city": city, "carrier": carrier, "added": int(added)},
+        )
         return int(added)
 
     # ---- allocation -----------------------------------------------------------------------------------
@@ -291,16 +318,19 @@ class NumberPools:
 
     # ---- numbers --------------------------------------------------------------------------------------
 
-    async def owner(self, number: str) -> tuple[str, str]:
-        """(tenant, city) of the block holding the number, or NotFound."""
+    async def owner(self, number: str, visible: TenantFilter = _everyone) -> tuple[str, str]:
+        """(tenant, city) of the block holding the number, or NotFound, also when `visible(tenant)` is False:
+        a number of another tenant answers exactly as one in no block (no oracle)."""
         block = number[:11]
         tenant, city = await self.redis.hmget(keys.block_owner_key(block), ["tenant", "city"])
-        if tenant is None:
+        if tenant is None or not visible(_text(tenant)):
             raise NotFound(f"{number} is in no imported block", resource_type="virtual_number", resource_name=number)
         return _text(tenant), _text(city)
 
-    async def _number_script(self, script_name: str, number: str, *args: str | int) -> NumberInfo:
-        tenant, city = await self.owner(number)
+    async def _number_script(
+        self, script_name: str, number: str, *args: str | int, visible: TenantFilter = _everyone
+    ) -> NumberInfo:
+        tenant, city = await self.owner(number, visible)
         script = getattr(self.scripts, script_name)
         reply = await script(self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), number, *args])
         outcome = _text(reply[0])
@@ -321,8 +351,8 @@ class NumberPools:
         return _info(number, tenant, city, reply)
 
     @_one_connection
-    async def get(self, number: str) -> NumberInfo:
-        return await self._number_script("number_info", number)
+    async def get(self, number: str, visible: TenantFilter = _everyone) -> NumberInfo:
+        return await self._number_script("number_info", number, visible=visible)
 
     @_one_connection
     async def release(self, number: str, actor: str, reason: str) -> NumberInfo:
@@ -375,11 +405,11 @@ class NumberPools:
 
     @_one_connection
     async def history(
-        self, number: str, page_size: int, after: HistoryCursor | None
+        self, number: str, page_size: int, after: HistoryCursor | None, visible: TenantFilter = _everyone
     ) -> tuple[list[Event], HistoryCursor | None]:
         """Events of the number oldest first: its block's (import) merged with its own, paged. Returns the
         page and where the next one starts (None at the end)."""
-        tenant, city = await self.owner(number)
+        tenant, city = await self.owner(number, visible)
         block_after, number_after = after or HistoryCursor("", "")
         block_key = keys.block_history_key(number[:11])
         number_key = keys.number_history_key(tenant, city, number)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from numprotect.core.identity.directory import RECORD_BLOCK_CARRIER
 from numprotect.core.redis_client import LuaScript
 
 _PRELUDE = "pool_lib.lua"
@@ -34,6 +35,8 @@ class Scripts:
     pool_stats: LuaScript
     import_block: LuaScript
     claim_block: LuaScript
+    # The carrier table's script (shared schema: numprotect.core.identity.directory).
+    record_block_carrier: LuaScript
 
     @classmethod
     def load(cls) -> Scripts:
@@ -49,4 +52,5 @@ class Scripts:
             pool_stats=pool_script("pool_stats.lua"),
             import_block=pool_script("import_block.lua"),
             claim_block=LuaScript.beside(__file__, "claim_block.lua"),
+            record_block_carrier=LuaScript.from_source("record_block_carrier", RECORD_BLOCK_CARRIER),
         )

@@ -9,9 +9,11 @@ from typing import Any
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from numprotect.core.clock import Clock
 from numprotect.core.conversions import duration_seconds, timestamp_from_ms, timestamp_ms
 from numprotect.core.errors import FieldViolation, InvalidArgument
-from numprotect.core.identifiers import TENANT_ID
+from numprotect.core.identifiers import CARRIER_ID, TENANT_ID
+from numprotect.core.identity.layer import Callers
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import InvalidNumber, party_field, validate_block, virtual_field
 from numprotect.core.telemetry import set_span_attributes
@@ -74,9 +76,19 @@ def _event(event: Event) -> pb.NumberEvent:
 
 
 class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
-    def __init__(self, pools: NumberPools, settings: AllocationSettings, page_token_key: PageTokenKey) -> None:
+    def __init__(
+        self,
+        pools: NumberPools,
+        settings: AllocationSettings,
+        page_token_key: PageTokenKey,
+        callers: Callers,
+        clock: Clock,
+    ) -> None:
         self.pools = pools
         self.settings = settings
+        # Who calls (the call layer checked the role; the servicer applies the tenant scope: docs/allocation.md).
+        self.callers = callers
+        self.clock = clock
         self.history_tokens = PageTokens(page_token_key, "allocation.ListNumberHistory")
 
     async def ImportBlock(self, request: pb.ImportBlockRequest, context: Any) -> pb.ImportBlockResponse:
@@ -85,9 +97,12 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
             validate_block(request.block)
         except InvalidNumber as exc:
             violations.append(FieldViolation("block", str(exc)))
-        tenant_problem = TENANT_ID.violation("tenant_id", request.tenant_id)
-        if tenant_problem is not None:
-            violations.append(tenant_problem)
+        for problem in (
+            TENANT_ID.violation("tenant_id", request.tenant_id),
+            CARRIER_ID.violation("carrier_id", request.carrier_id),
+        ):
+            if problem is not None:
+                violations.append(problem)
         try:
             keys.city_field("city_code", request.city_code)
         except InvalidArgument as exc:
@@ -95,11 +110,13 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         actor = _short_text("actor", request.actor)
-        added = await self.pools.import_block(request.block, request.tenant_id, request.city_code, actor)
+        added = await self.pools.import_block(
+            request.block, request.tenant_id, request.city_code, request.carrier_id, actor
+        )
         return pb.ImportBlockResponse(block=request.block, numbers_added=added, already_imported=added == 0)
 
     async def AllocateNumber(self, request: pb.AllocateNumberRequest, context: Any) -> pb.AllocateNumberResponse:
-        tenant = TENANT_ID.check("tenant_id", request.tenant_id)
+        tenant = TENANT_ID.check("tenant_id", self.callers.tenant(request.tenant_id))
         mode = _MODE_NAMES.get(request.mode)
         if mode is None:
             raise InvalidArgument.field("mode", f"must be one of {', '.join('BINDING_MODE_' + m for m in MODES)}")
@@ -138,7 +155,14 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         binding_id = _short_text("binding_id", request.binding_id, required=True)
         if not request.HasField("expire_time"):
             raise InvalidArgument.field("expire_time", "is required")
-        await self.pools.confirm(handle, binding_id, timestamp_ms("expire_time", request.expire_time))
+        expire_ms = timestamp_ms("expire_time", request.expire_time)
+        # A reservation never outlives the longest binding: a far-future expiry would hold the number forever.
+        lifetime = self.settings.max_binding_lifetime_seconds
+        if expire_ms > self.clock.now_ms() + round(lifetime * 1000):
+            raise InvalidArgument.field(
+                "expire_time", f"must be at most {lifetime:g}s from now (NUMPROTECT_MAX_BINDING_LIFETIME)"
+            )
+        await self.pools.confirm(handle, binding_id, expire_ms)
         return pb.ConfirmReservationResponse()
 
     async def CancelReservation(
@@ -177,10 +201,12 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
 
     async def GetNumber(self, request: pb.GetNumberRequest, context: Any) -> pb.GetNumberResponse:
         number = virtual_field("virtual_number", request.virtual_number)
-        return pb.GetNumberResponse(number=_number_info(await self.pools.get(number)))
+        # No tenant_id in the request: a tenant sees only numbers of its own blocks (another's is NOT_FOUND).
+        info = await self.pools.get(number, visible=self.callers.may_see_tenant)
+        return pb.GetNumberResponse(number=_number_info(info))
 
     async def GetPoolStats(self, request: pb.GetPoolStatsRequest, context: Any) -> pb.GetPoolStatsResponse:
-        tenant = TENANT_ID.check("tenant_id", request.tenant_id)
+        tenant = TENANT_ID.check("tenant_id", self.callers.tenant(request.tenant_id))
         city = keys.city_field("city_code", request.city_code) if request.city_code else None
         stats = await self.pools.stats(tenant, city)
         return pb.GetPoolStatsResponse(
@@ -201,6 +227,9 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         after = None
         if request.page_token:
             after = HistoryCursor(*self.history_tokens.decode(request.page_token, query=[number], fields=2))
-        events, following = await self.pools.history(number, page_size, after)
+        # A regulator's reason is required by the call layer and recorded in the audit trail there.
+        if len(request.reason) > _TEXT_LIMIT:
+            raise InvalidArgument.field("reason", f"must be at most {_TEXT_LIMIT} characters")
+        events, following = await self.pools.history(number, page_size, after, visible=self.callers.may_see_tenant)
         token = self.history_tokens.encode(following, query=[number]) if following is not None else ""
         return pb.ListNumberHistoryResponse(events=[_event(e) for e in events], next_page_token=token)

@@ -27,6 +27,9 @@ class AllocationSettings:
     sweep_batch: int
     # How long a number's history entries are kept (trimmed as new entries arrive).
     history_retention_seconds: float
+    # The longest a binding lives (binding's NUMPROTECT_BINDING_MAX_TTL; set both alike): a confirmed
+    # reservation never lasts longer than this from the moment it is confirmed.
+    max_binding_lifetime_seconds: float = 90 * 86400.0
 
     @classmethod
     def from_env(cls, env: Env) -> AllocationSettings:
@@ -57,5 +60,8 @@ class AllocationSettings:
                 3 * 365 * 86400.0,
                 minimum=86400.0,
                 maximum=20 * 365 * 86400.0,
+            ),
+            max_binding_lifetime_seconds=env.seconds(
+                "NUMPROTECT_MAX_BINDING_LIFETIME", 90 * 86400.0, minimum=1.0, maximum=3650 * 86400.0
             ),
         )
