@@ -212,10 +212,11 @@ class CdrStore:
 
     async def _callers_of(self, key: str, limit: int) -> list[str]:
         """At most `limit` callers in a number's counter hash (three fields each), without reading a huge one whole."""
+        found: set[str] = set()
         if int(await self.redis.hlen(key)) <= 3 * limit:
             names: Any = await self.redis.hkeys(key)
-            return sorted({_text(name).rsplit(":", 1)[0] for name in names})
-        found: set[str] = set()
+            found.update(_text(name).rsplit(":", 1)[0] for name in names)
+            return sorted(found)[:limit]
         cursor: Any = 0
         while len(found) < limit:
             cursor, batch = await self.redis.hscan(key, cursor, count=3 * limit)  # NOVALUES needs Redis 7.4
