@@ -8,13 +8,16 @@ RPCs as the binding service, everything else as the operator. Tests of the acces
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from numprotect.allocation.v1 import allocation_pb2_grpc
+from numprotect.core.identity import audit
+from numprotect.core.identity.audit import AuditEvent
 from numprotect.core.identity.principal import Role
 from numprotect.core.server import AioServiceApp, Runtime
 from numprotect.services.allocation.app import build
@@ -72,3 +75,25 @@ def allocation_svc(redis_env: dict[str, str]) -> Callable[..., AbstractAsyncCont
             yield svc
 
     return start
+
+
+AuditEvents = Callable[[Svc], Awaitable[list[tuple[str, AuditEvent]]]]
+
+
+async def _audit_events(svc: Svc) -> list[tuple[str, AuditEvent]]:
+    """Every audit event in Redis, oldest first, after the service's writer has written what it queued."""
+    audit_log = svc.runtime.identity.audit
+    assert audit_log is not None
+    assert await asyncio.to_thread(audit_log.flush)
+    rows: Any = svc.redis.xrange(audit.LOG_KEY)
+    return [(_text(entry_id), AuditEvent.from_canonical(fields[b"e"])) for entry_id, fields in rows]
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@pytest.fixture
+def audit_events() -> AuditEvents:
+    """`await audit_events(svc)`: the audit trail as written to Redis."""
+    return _audit_events
