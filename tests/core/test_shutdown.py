@@ -13,10 +13,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from numprotect.core.health import HealthProbe
+from numprotect.core.identity.api_keys import AuthSettings
+from numprotect.core.identity.runtime import Identity
 from numprotect.core.server import AioServiceApp, SyncServiceApp
-from numprotect.core.settings import Env, ServerSettings
+from numprotect.core.settings import Env, RedisSettings, ServerSettings
 from numprotect.core.telemetry import Telemetry
 from support.tls import server_tls, sync_secure_channel
+
+
+def _no_identity() -> Identity:
+    """No identity concern (NUMPROTECT_AUTH=off): these servers serve only health, which needs no key."""
+    return Identity(AuthSettings.from_env(Env({"NUMPROTECT_AUTH": "off"})), RedisSettings.from_env(Env({})))
 
 
 def _settings() -> ServerSettings:
@@ -95,7 +102,9 @@ def _watch_statuses(port: int, into: list[int], ready: threading.Event) -> Calla
 
 def test_thread_pool_model_drains_although_the_probe_hangs() -> None:
     check = _HangingCheck()
-    app = SyncServiceApp(_settings(), [], probe=check, telemetry=Telemetry.disabled(), tls=server_tls())
+    app = SyncServiceApp(
+        _settings(), [], probe=check, telemetry=Telemetry.disabled(), tls=server_tls(), identity=_no_identity()
+    )
     app._probe._stop_wait = 0.2  # the default (5 s) bounds a PING; this test's check hangs for 30 s
     port = app.start()
     statuses: list[int] = []
@@ -120,7 +129,9 @@ def test_thread_pool_model_drains_although_the_probe_hangs() -> None:
 @pytest.mark.asyncio
 async def test_aio_model_drains_although_the_probe_hangs() -> None:
     check = _HangingCheck()
-    app = AioServiceApp(_settings(), [], probe=check, telemetry=Telemetry.disabled(), tls=server_tls())
+    app = AioServiceApp(
+        _settings(), [], probe=check, telemetry=Telemetry.disabled(), tls=server_tls(), identity=_no_identity()
+    )
     app._probe._stop_wait = 0.2
     await app.start()
     try:
@@ -140,7 +151,9 @@ def test_no_call_is_answered_before_the_first_check_has_set_the_status() -> None
         answer.wait(5)
         return False
 
-    app = SyncServiceApp(_settings(), [], probe=probe, telemetry=Telemetry.disabled(), tls=server_tls())
+    app = SyncServiceApp(
+        _settings(), [], probe=probe, telemetry=Telemetry.disabled(), tls=server_tls(), identity=_no_identity()
+    )
     starting = threading.Thread(target=app.start)
     starting.start()
     try:

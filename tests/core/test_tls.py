@@ -19,17 +19,24 @@ from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from numprotect.core.dev_pki import DevPki, ensure_dev_pki, write_atomically
+from numprotect.core.identity.api_keys import AuthSettings
+from numprotect.core.identity.runtime import Identity
 from numprotect.core.server import AioServiceApp, SyncServiceApp
-from numprotect.core.settings import Env, ServerSettings, SettingsError
+from numprotect.core.settings import Env, RedisSettings, ServerSettings, SettingsError
 from numprotect.core.telemetry import Telemetry
 from numprotect.core.tls import TlsSettings, peer_spiffe_id, server_credentials
-from support.grpcurl import run_grpcurl, run_grpcurl_plaintext
+from support.grpcurl import run_grpcurl_plaintext
 from support.processes import ROOT, ServiceProcess
 from support.redis_server import free_port
 from support.tls import client_credentials, server_tls, sync_secure_channel, test_pki
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 CARRIER = "spiffe://numprotect/carrier/c1"
+
+
+def _no_identity() -> Identity:
+    """No identity concern (NUMPROTECT_AUTH=off): these servers serve only health, which needs no key."""
+    return Identity(AuthSettings.from_env(Env({"NUMPROTECT_AUTH": "off"})), RedisSettings.from_env(Env({})))
 
 
 class _PeerRecorder(health.HealthServicer):
@@ -87,14 +94,13 @@ def test_a_plaintext_client_cannot_call_the_service_and_a_tls_client_can(service
         with grpc.insecure_channel(process.address) as channel, pytest.raises(grpc.RpcError) as refused:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        secure = run_grpcurl("-d", '{"service":""}', process.address, "grpc.health.v1.Health/Check")
-        assert '"status": "SERVING"' in secure.stdout, secure.stderr
+        with process.channel() as channel:
+            assert _status(channel) == SERVING
         # A client that trusts another CA refuses the server: the certificate is really checked.
         other = ensure_dev_pki(Path(process.env["NUMPROTECT_TLS_CA_FILE"]).parent / f"other-{os.getpid()}")
-        distrust = run_grpcurl(
-            "-d", '{"service":""}', process.address, "grpc.health.v1.Health/Check", ca_file=other.ca_file
-        )
-        assert distrust.returncode != 0 and "certificate" in distrust.stderr.lower()
+        with pytest.raises(grpc.RpcError) as distrusted:
+            _check(process.address, client_credentials(ca_file=other.ca_file))
+        assert distrusted.value.code() == grpc.StatusCode.UNAVAILABLE
         assert '"tls": "none"' in "\n".join(process.lines)
     finally:
         assert process.stop() == 0
@@ -194,7 +200,9 @@ def test_the_health_port_serves_plaintext_health_and_nothing_else(redis_url: str
     settings = ServerSettings.from_env(
         Env({"NUMPROTECT_BINDING_PORT": "0", "NUMPROTECT_HEALTH_PORT": str(health_port)}), "binding"
     )
-    app = SyncServiceApp(settings, [], probe=lambda: True, telemetry=Telemetry.disabled(), tls=server_tls())
+    app = SyncServiceApp(
+        settings, [], probe=lambda: True, telemetry=Telemetry.disabled(), tls=server_tls(), identity=_no_identity()
+    )
     app.start()
     try:
         assert app.health_port == health_port
@@ -219,7 +227,9 @@ async def test_the_aio_model_serves_the_health_port_too() -> None:
         Env({"NUMPROTECT_CDR_PORT": "0", "NUMPROTECT_HEALTH_PORT": str(health_port), "NUMPROTECT_GRACE_PERIOD": "0"}),
         "cdr",
     )
-    app = AioServiceApp(settings, [], probe=lambda: True, telemetry=Telemetry.disabled(), tls=server_tls())
+    app = AioServiceApp(
+        settings, [], probe=lambda: True, telemetry=Telemetry.disabled(), tls=server_tls(), identity=_no_identity()
+    )
     await app.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
