@@ -1,18 +1,23 @@
 """Translation benchmark: `python -m benchmarks.bench_translation` (part of `make bench`).
 
-Seeds 100,000 AXB bindings in a fresh redis-server, then starts, each pinned to CPU 0 (taskset), one
-`python -m numprotect.services.translation` per CPU scheduling policy in BENCH_POLICIES and an empty thread-pool
-handler (no interceptors, no Redis) under each policy (batch, normal: the faster is the best ceiling grpcio reaches
-here). h2load on the other CPU drives, in BENCH_ROUNDS interleaved rounds (rotated order, so a change of the
-machine's load hits every target alike):
+Seeds 100,000 AXB bindings in a fresh redis-server, then starts, each pinned to CPU 0 (taskset), for each CPU
+scheduling policy in BENCH_POLICIES one `python -m numprotect.services.translation` per security configuration
+(CONFIGS: "plain" = NUMPROTECT_TLS=off and NUMPROTECT_AUTH=off, the baseline; "tls" = TLS with no token check;
+"secured" = TLS and a carrier's bearer token checked on every call, as deployed) and an empty thread-pool handler
+(no interceptors, no Redis) under each policy (batch, normal: the faster is the best ceiling grpcio reaches here).
+h2load on the other CPU drives (https:// and `-H "authorization: Bearer <token>"` where the server needs them), in
+BENCH_ROUNDS interleaved rounds (rotated order, so a change of the machine's load hits every target alike):
   - the empty handlers,
   - grpc.health.v1.Health/Check of each translation server (the framework's ceiling on the same server),
   - TranslationService/Translate of each (the real hot path: one EVALSHA per call),
 then a Python client on the load CPU pushes one long TranslateStream per server. A sample of real responses is
 verified (h2load only sees HTTP status). Reports median RPS, p50/p99 (h2load's per-request log), the ratios
-the issue targets (of the medians, and per round), and the stream rates.
+the issues target (of the medians, and per round): secured/plain Translate (>= 0.85) with the server CPU per call
+each costs, tls/plain (the transport's share), and the identity concern's own cost per call measured in isolation
+(`identity_cost`: enter and leave of the call layer's IdentityConcern on a fake context, in this process).
 Environment: BENCH_ROUNDS (3), BENCH_DURATION (6s), BENCH_CLIENTS (4), BENCH_STREAMS (16), BENCH_POLICIES
-(batch; e.g. batch,normal), BENCH_STREAM_MESSAGES, BENCH_STREAM_BATCH, BENCH_BINDINGS.
+(batch; e.g. batch,normal), BENCH_CONFIGS (plain,tls,secured), BENCH_STREAM_MESSAGES, BENCH_STREAM_BATCH,
+BENCH_BINDINGS, BENCH_IDENTITY_CALLS.
 """
 
 from __future__ import annotations
@@ -32,9 +37,24 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from benchmarks.harness import cpu_seconds, free_port, redis_server_args, wait_redis
+from numprotect.core.calls import Method
+from numprotect.core.dev_pki import DevPki, ensure_dev_pki
+from numprotect.core.identity import api_keys
+from numprotect.core.identity.api_keys import HashKey
+from numprotect.core.identity.audit import AuditLog
+from numprotect.core.identity.directory import (
+    CARRIER_BLOCKS_KEY,
+    CARRIER_VERSION_KEY,
+    RECORD_BLOCK_CARRIER,
+    Directory,
+    block_of,
+)
+from numprotect.core.identity.layer import Callers, IdentityConcern
+from numprotect.core.identity.principal import Role
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable, axe_marker_key, caller_key
 from numprotect.core.scheduling import POLICIES, apply_cpu_scheduling
 from numprotect.translation.v1 import translation_pb2 as pb
@@ -48,8 +68,16 @@ STREAMS_PER_CLIENT = int(os.environ.get("BENCH_STREAMS", "16"))
 STREAM_MESSAGES = int(os.environ.get("BENCH_STREAM_MESSAGES", "20000"))
 STREAM_BATCH = int(os.environ.get("BENCH_STREAM_BATCH", "32"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-# One translation server per CPU scheduling policy, named "translation/<policy>".
-SERVERS = tuple(f"translation/{policy}" for policy in os.environ.get("BENCH_POLICIES", "batch").split(","))
+# Security configurations: plain (TLS off, no checks: the baseline), tls (TLS, no checks), secured (TLS + token).
+CONFIGS = tuple(os.environ.get("BENCH_CONFIGS", "plain,tls,secured").split(","))
+# One translation server per CPU scheduling policy and configuration, named "translation/<policy>/<config>".
+SERVERS = tuple(
+    f"translation/{policy}/{config}"
+    for policy in os.environ.get("BENCH_POLICIES", "batch").split(",")
+    for config in CONFIGS
+)
+IDENTITY_CALLS = int(os.environ.get("BENCH_IDENTITY_CALLS", "200000"))
+CARRIER = "bench-carrier"
 SERVER_CPU = "0"
 LOAD_CPU = "1"
 TRANSLATE = "/numprotect.translation.v1.TranslationService/Translate"
@@ -112,10 +140,22 @@ def progress(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def h2load(name: str, port: int, path: str, body: bytes, workdir: Path, pid: int) -> LoadResult:
+@dataclass(frozen=True)
+class Target:
+    """What h2load drives: a server's port and method, with TLS (https://) and a bearer token where needed."""
+
+    port: int
+    path: str
+    body: bytes
+    pid: int
+    tls: bool = False
+    token: str | None = None
+
+
+def h2load(name: str, target: Target, workdir: Path) -> LoadResult:
     progress(f"h2load {name}")
     body_file = workdir / f"{name.replace(' ', '_').replace('/', '_')}.bin"
-    body_file.write_bytes(grpc_frame(body))
+    body_file.write_bytes(grpc_frame(target.body))
     log_file = body_file.with_suffix(".log")
     command = [
         "taskset",
@@ -137,9 +177,11 @@ def h2load(name: str, port: int, path: str, body: bytes, workdir: Path, pid: int
         "content-type: application/grpc",
         "-H",
         "te: trailers",
+        *(["-H", f"authorization: Bearer {target.token}"] if target.token else []),
         f"--log-file={log_file}",
-        f"http://127.0.0.1:{port}{path}",
+        f"{'https' if target.tls else 'http'}://127.0.0.1:{target.port}{target.path}",
     ]
+    pid = target.pid
     cpu_before, started = cpu_seconds(pid), time.monotonic()
     output = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
     cpu, wall = cpu_seconds(pid) - cpu_before, time.monotonic() - started
@@ -164,8 +206,9 @@ def h2load(name: str, port: int, path: str, body: bytes, workdir: Path, pid: int
 class Server:
     """One server process pinned to SERVER_CPU."""
 
-    def __init__(self, args: list[str], env: dict[str, str], port: int) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], port: int, security: Security | None = None) -> None:
         self.port = port
+        self.security = security
         self.process = subprocess.Popen(
             ["taskset", "-c", SERVER_CPU, sys.executable, *args],
             cwd=ROOT,
@@ -175,7 +218,7 @@ class Server:
             stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 30
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
@@ -184,8 +227,22 @@ class Server:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"server {args} did not start")
+                    self.process.kill()
+                    _, errors = self.process.communicate(timeout=10)
+                    raise RuntimeError(f"server {args} did not start:\n{errors.decode()[-3000:]}")
                 time.sleep(0.1)
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the server, with TLS and the carrier's token when its configuration needs them."""
+        if self.security is None:
+            return grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        return self.security.channel(self.port)
+
+    def target(self, path: str, body: bytes) -> Target:
+        security = self.security
+        if security is None:
+            return Target(self.port, path, body, self.process.pid)
+        return Target(self.port, path, body, self.process.pid, security.tls, security.token)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -195,13 +252,70 @@ class Server:
             self.process.kill()
 
 
-def translation_server(model: str, redis_url: str) -> Server:
-    """`model`: "translation/<CPU scheduling policy>" (see SERVERS)."""
+@dataclass(frozen=True)
+class Security:
+    """One configuration's transport and credentials: the server's settings and how clients reach it."""
+
+    config: str
+    pki: DevPki
+    key_file: Path
+    token: str
+
+    @property
+    def tls(self) -> bool:
+        return self.config != "plain"
+
+    @property
+    def checked(self) -> bool:
+        return self.config == "secured"
+
+    def env(self) -> dict[str, str]:
+        env = self.pki.tls_env() if self.tls else {"NUMPROTECT_TLS": "off"}
+        if self.checked:
+            return {**env, "NUMPROTECT_AUTH_KEY_FILE": str(self.key_file)}
+        return {**env, "NUMPROTECT_AUTH": "off"}
+
+    def channel(self, port: int) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(f"127.0.0.1:{port}")
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.pki.ca_file.read_bytes())
+        if self.checked:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(self.token)
+            )
+        return grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
+def prepare_security(workdir: Path, redis_url: str) -> tuple[DevPki, Path, str]:
+    """A local PKI, an auth key file, a carrier's token and the carrier recorded for every seeded number's block."""
+    pki = ensure_dev_pki(workdir / "pki")
+    key_file = workdir / "auth.key"
+    key_file.write_text(HashKey.random().encode())
+    key_file.chmod(0o600)
+    client = SyncRedis.from_url(redis_url)
+    try:
+        _, token = api_keys.mint_sync(
+            client,
+            HashKey.from_file("NUMPROTECT_AUTH_KEY_FILE", str(key_file)),
+            Role.CARRIER,
+            CARRIER,
+            description="bench",
+            now_ms=time.time_ns() // 1_000_000,
+        )
+        record = client.register_script(RECORD_BLOCK_CARRIER)
+        for block in sorted({block_of(virtual(i)) for i in range(BINDINGS)}):
+            record(keys=[CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY], args=[block, CARRIER])
+    finally:
+        client.close()
+    return pki, key_file, token
+
+
+def translation_server(model: str, redis_url: str, security: Security) -> Server:
+    """`model`: "translation/<CPU scheduling policy>/<configuration>" (see SERVERS)."""
     port = free_port()
-    policy = model.partition("/")[2]
+    policy = model.split("/")[1]
     env = {
-        # Plaintext for now (TLS is the services' default); the TLS and token comparison is yet to come.
-        "NUMPROTECT_TLS": "off",
+        **security.env(),  # NUMPROTECT_TLS and NUMPROTECT_AUTH* of the configuration
         "NUMPROTECT_REDIS_URL": redis_url,
         "NUMPROTECT_TRANSLATION_PORT": str(port),
         "NUMPROTECT_CPU_SCHEDULING": policy,
@@ -213,13 +327,13 @@ def translation_server(model: str, redis_url: str) -> Server:
         "NUMPROTECT_TRANSLATION_REDIS_TIMEOUT": "3s",
         "NUMPROTECT_GRACE_PERIOD": "1s",
     }
-    return Server(["-m", "numprotect.services.translation"], env, port)
+    return Server(["-m", "numprotect.services.translation"], env, port, security)
 
 
-def verify_sample(port: int, count: int = 300) -> int:
+def verify_sample(server: Server, count: int = 300) -> int:
     """Real answers for random seeded bindings, both directions; returns the number checked."""
     rng = random.Random(7)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with server.channel() as channel:
         stub = translation_pb2_grpc.TranslationServiceStub(channel)
         for _ in range(count):
             i = rng.randrange(BINDINGS)
@@ -234,7 +348,7 @@ def verify_sample(port: int, count: int = 300) -> int:
     return count
 
 
-def stream_rate(port: int, per_message: int = 1) -> tuple[float, int]:
+def stream_rate(server: Server, per_message: int = 1) -> tuple[float, int]:
     """Translations/s over one long TranslateStream from a Python client (random seeded bindings).
 
     per_message > 1 packs that many calls into each message (TranslateStreamRequest.requests).
@@ -250,7 +364,7 @@ def stream_rate(port: int, per_message: int = 1) -> tuple[float, int]:
         messages = [
             pb.TranslateStreamRequest(requests=calls[i : i + per_message]) for i in range(0, len(calls), per_message)
         ]
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with server.channel() as channel:
         stub = translation_pb2_grpc.TranslationServiceStub(channel)
         started = time.monotonic()
         connected = 0
@@ -269,9 +383,66 @@ def measured_stream(server: Server, per_message: int) -> tuple[float, int, float
     The client is Python too and may be the slower side: the server's CPU per call is what a server core costs.
     """
     cpu_before, started = cpu_seconds(server.process.pid), time.monotonic()
-    rate, connected = stream_rate(server.port, per_message)
+    rate, connected = stream_rate(server, per_message)
     cpu, wall = cpu_seconds(server.process.pid) - cpu_before, time.monotonic() - started
     return rate, connected, cpu / STREAM_MESSAGES * 1e6, cpu / wall
+
+
+class FakeContext:
+    """What IdentityConcern reads of a grpcio ServicerContext: the metadata, the peer, the final code."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = (("content-type", "application/grpc"), ("authorization", f"Bearer {token}"))
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def code(self) -> None:
+        return None
+
+
+def identity_cost(redis_url: str, key_file: Path, token: str) -> tuple[float, float, float]:
+    """The identity concern's own cost per Translate, in this process: IdentityConcern enter + leave (bearer token
+    looked up and verified, role checked, principal made current) plus the servicer's carrier-block check, on a
+    fake context, with the directory loaded from the bench's Redis. Returns (wall us per call, CPU us per call,
+    wall us per call of the carrier check alone)."""
+    hash_key = HashKey.from_file("NUMPROTECT_AUTH_KEY_FILE", str(key_file))
+    client = SyncRedis.from_url(redis_url)
+    try:
+        directory = Directory(hash_key, client, refresh_seconds=1.0, now_ms=lambda: time.time_ns() // 1_000_000)
+        directory.reload()  # no refresher thread: nothing else runs meanwhile
+        callers = Callers(directory)
+        concern = IdentityConcern(callers, directory, AuditLog(hash_key.derive("audit"), client))
+        method = concern.for_method(Method.from_path(TRANSLATE))
+        context = FakeContext(token)
+        request = pb.TranslateRequest(calling_number=party(42, 0), called_number=virtual(42), call_id="bench")
+        called = request.called_number
+        require = callers.require_carrier_routes
+
+        def one() -> None:
+            state = method.enter(context, request)
+            require(called)
+            method.leave(state, context)
+
+        for _ in range(10_000):  # warm: the verified-token cache filled, code paths hot
+            one()
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(IDENTITY_CALLS):
+            one()
+        wall_us = (time.perf_counter() - wall) / IDENTITY_CALLS * 1e6
+        cpu_us = (time.process_time() - cpu) / IDENTITY_CALLS * 1e6
+        token_state = method.enter(context, request)
+        started = time.perf_counter()
+        for _ in range(IDENTITY_CALLS):
+            require(called)
+        check_us = (time.perf_counter() - started) / IDENTITY_CALLS * 1e6
+        method.leave(token_state, context)
+        return wall_us, cpu_us, check_us
+    finally:
+        client.close()
 
 
 def empty_server(port: int, policy: str) -> None:
@@ -316,19 +487,26 @@ def main() -> int:
         request = pb.TranslateRequest(calling_number=party(42, 0), called_number=virtual(42), call_id="bench")
         health_body = health_pb2.HealthCheckRequest().SerializeToString()
 
-        targets: dict[str, tuple[int, str, bytes, int]] = {}
+        pki, key_file, token = prepare_security(workdir, redis_url)
+        progress("identity concern, in isolation")
+        identity_wall, identity_cpu, carrier_check = identity_cost(redis_url, key_file, token)
+
+        targets: dict[str, Target] = {}
         for policy in POLICIES:
             empty_port = free_port()
             empty_args = ["-m", "benchmarks.bench_translation", "--empty-server", str(empty_port), policy]
             empty_server_process = Server(empty_args, {}, empty_port)
             servers.append(empty_server_process)
-            targets[f"empty/{policy}"] = (empty_port, EMPTY, b"", empty_server_process.process.pid)
-        translation_servers = {model: translation_server(model, redis_url) for model in SERVERS}
+            targets[f"empty/{policy}"] = empty_server_process.target(EMPTY, b"")
+        translation_servers = {
+            model: translation_server(model, redis_url, Security(model.split("/")[2], pki, key_file, token))
+            for model in SERVERS
+        }
         servers.extend(translation_servers.values())
         for model, server in translation_servers.items():
-            lines.append(f"{model}: verified {verify_sample(server.port)} sampled Translate answers: all correct")
-            targets[f"{model} health"] = (server.port, HEALTH, health_body, server.process.pid)
-            targets[f"{model} translate"] = (server.port, TRANSLATE, request.SerializeToString(), server.process.pid)
+            lines.append(f"{model}: verified {verify_sample(server)} sampled Translate answers: all correct")
+            targets[f"{model} health"] = server.target(HEALTH, health_body)
+            targets[f"{model} translate"] = server.target(TRANSLATE, request.SerializeToString())
         # Interleaved rounds, each in a rotated order: a change in the machine's load hits every target alike,
         # and each ratio is also computed within one round.
         names = list(targets)
@@ -336,8 +514,7 @@ def main() -> int:
         for round_number in range(ROUNDS):
             shift = round_number % len(names)
             for name in names[shift:] + names[:shift]:
-                port, path, body, pid = targets[name]
-                runs[name].append(h2load(f"{name} #{round_number + 1}", port, path, body, workdir, pid))
+                runs[name].append(h2load(f"{name} #{round_number + 1}", targets[name], workdir))
         streams: dict[str, tuple[float, int, float, float]] = {}
         batched: dict[str, tuple[float, int, float, float]] = {}
         for model, server in translation_servers.items():
@@ -399,9 +576,33 @@ def main() -> int:
                 f"{unary_cpu / max(1e-9, streams[model][2]):.2f}, batched stream/unary = "
                 f"{unary_cpu / max(1e-9, batched[model][2]):.2f} (target >= 3)"
             )
-        if len(SERVERS) > 1:
-            best = max(SERVERS, key=lambda m: median[f"{m} translate"].rps)
-            others = sorted(SERVERS, key=lambda m: m != best)
+        lines.append("")
+        for model in SERVERS:
+            policy, config = model.split("/")[1:]
+            baseline = f"translation/{policy}/plain"
+            if config == "plain" or baseline not in SERVERS:
+                continue
+            ours = [r.rps for r in runs[f"{model} translate"]]
+            plain = [r.rps for r in runs[f"{baseline} translate"]]
+            per_round = ", ".join(f"{o / b:.2f}" for o, b in zip(ours, plain, strict=True))
+            ratio = median[f"{model} translate"].rps / median[f"{baseline} translate"].rps
+            extra_cpu = median[f"{model} translate"].cpu_us_per_call - median[f"{baseline} translate"].cpu_us_per_call
+            target = " (target >= 0.85)" if config == "secured" else ""
+            lines.append(
+                f"{model} / {baseline} Translate = {ratio:.2f}{target}; per round {per_round}; server CPU "
+                f"{extra_cpu:+.0f} us/call"
+            )
+        lines.append(
+            f"identity concern alone (enter + leave + carrier-block check, in-process, {IDENTITY_CALLS} calls): "
+            f"{identity_wall:.2f} us/call wall, {identity_cpu:.2f} us/call CPU; the carrier-block check alone "
+            f"{carrier_check:.2f} us/call"
+        )
+        for config in CONFIGS:  # the scheduling policies compared, within one configuration
+            models = [m for m in SERVERS if m.endswith(f"/{config}")]
+            if len(models) < 2:
+                continue
+            best = max(models, key=lambda m: median[f"{m} translate"].rps)
+            others = sorted(models, key=lambda m: m != best)
             lines.append(
                 f"faster unary Translate: {best} ("
                 + " vs ".join(f"{m} {median[f'{m} translate'].rps:.0f}" for m in others)
