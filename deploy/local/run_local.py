@@ -9,6 +9,8 @@ Settings (environment):
   NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
   NUMPROTECT_TLS                  on (default): every service serves TLS with the local CA's server certificate,
                                   made on first run in .run/dev/ (ca.pem is what a client trusts); off: plaintext
+  NUMPROTECT_AUTH                 on (default): every call but health needs an API key; the auth key, an operator
+                                  token (.run/dev/operator.token) and binding's service token are made here
 Ctrl-C or SIGTERM stops the services (they drain), then Redis.
 
 The Redis started here has the ACL users of numprotect.core.redis_acl (the default user off): each service connects
@@ -37,8 +39,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from numprotect.core.dev_pki import ensure_dev_pki
+from numprotect.core.identity.local_keys import ensure_auth_key, ensure_dev_tokens
 from numprotect.core.redis_acl import ACL_USERS, ADMIN_USER, SERVICE_USERS, parse_redis_version, render_acl_file
-from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, SettingsError
+from numprotect.core.redis_client import create_sync_redis
+from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, RedisSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,6 +91,38 @@ class LocalSuite:
         # NUMPROTECT_TLS=off opts out; certificate files of the operator's own (NUMPROTECT_TLS_CERT_FILE...) win.
         self.tls = env.choice("NUMPROTECT_TLS", "on", ("on", "off")) == "on"
         self.ca_file = Path(env.text("NUMPROTECT_TLS_CA_FILE", str(self.run_dir / "dev" / "ca.pem")))
+        # NUMPROTECT_AUTH=off only for benchmark-like experiments; an operator's own key file wins.
+        self.auth = env.choice("NUMPROTECT_AUTH", "on", ("on", "off")) == "on"
+        self.dev_dir = self.run_dir / "dev"
+        self.tokens: dict[str, Path] = {}
+
+    def auth_env(self) -> dict[str, str]:
+        """Every service's NUMPROTECT_AUTH_KEY_FILE: the operator's, else .run/dev/auth.key (made once)."""
+        if not self.auth or "NUMPROTECT_AUTH_KEY_FILE" in self.environ:
+            return {}
+        return {"NUMPROTECT_AUTH_KEY_FILE": str(ensure_auth_key(self.dev_dir))}
+
+    def mint_tokens(self) -> None:
+        """The operator's token and binding's service token, minted in Redis as the admin user (reused across
+        runs while Redis still holds them as active)."""
+        if not self.auth or "NUMPROTECT_AUTH_KEY_FILE" in self.environ:
+            return
+        admin = {"NUMPROTECT_REDIS_URL": self.redis_url()}
+        if self.redis_passwords:
+            admin |= {
+                "NUMPROTECT_REDIS_USERNAME": ADMIN_USER,
+                "NUMPROTECT_REDIS_PASSWORD_FILE": str(self.redis_passwords[ADMIN_USER]),
+            }
+        client = create_sync_redis(RedisSettings.from_env(Env({**self.environ, **admin})), max_connections=1)
+        try:
+            self.tokens = ensure_dev_tokens(client, self.dev_dir)
+        finally:
+            client.close()
+
+    def service_token_env(self, service: str) -> dict[str, str]:
+        """binding's credential at allocation (the only service that calls another)."""
+        token = self.tokens.get(service)
+        return {"NUMPROTECT_SERVICE_TOKEN_FILE": str(token)} if token is not None else {}
 
     def tls_env(self) -> dict[str, str]:
         """The services' TLS settings: the local PKI of .run/dev/ (made on first run; a server certificate near its
@@ -194,6 +230,8 @@ class LocalSuite:
         peers = {f"NUMPROTECT_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in self.ports.items()}
         key = self.page_token_key()
         tls = self.tls_env()
+        auth = self.auth_env()
+        self.mint_tokens()
         for name in SERVICE_NAMES:
             count = self.processes[name]
             env = {
@@ -201,6 +239,8 @@ class LocalSuite:
                 **peers,
                 **key,
                 **tls,
+                **auth,
+                **self.service_token_env(name),
                 "NUMPROTECT_REDIS_URL": self.redis_url(),
                 **self.redis_user_env(name),
                 f"NUMPROTECT_{name.upper()}_PORT": str(self.ports[name]),
@@ -269,25 +309,29 @@ class LocalSuite:
                 self.redis.process.kill()
 
     def print_examples(self) -> None:
-        a, b, t, c = (self.ports[n] for n in SERVICE_NAMES)
+        a, b = self.ports["allocation"], self.ports["binding"]
         g = Path(sys.executable).with_name("grpcurl")
         g = g.relative_to(ROOT) if g.is_relative_to(ROOT) else g
         ca = self.ca_file.relative_to(ROOT) if self.ca_file.is_relative_to(ROOT) else self.ca_file
         # How grpcurl reaches the services: TLS trusting the local CA, or plaintext when NUMPROTECT_TLS=off.
         how = f"-cacert {ca}" if self.tls else "-plaintext"
         trust = f"TLS on every port: clients trust {ca}" if self.tls else "TLS OFF (NUMPROTECT_TLS=off): plaintext"
+        operator = self.tokens.get("operator")
+        if operator is not None:
+            shown = operator.relative_to(ROOT) if operator.is_relative_to(ROOT) else operator
+            key = f'-H "authorization: Bearer $(cat {shown})" '
+            who = f"API keys required: the operator's token is in {shown} (mint others with AdminService/CreateApiKey)"
+        else:
+            key, who = "", "API keys: not minted here (NUMPROTECT_AUTH=off or your own NUMPROTECT_AUTH_KEY_FILE)"
         print(
             f"""
-ready. {trust}. Try:
-  {g} {how} 127.0.0.1:{b} list
-  {g} {how} -d '{{"block":"70010000001","tenant_id":"demo","city_code":"010"}}' \\
+ready. {trust}. {who}. Try (the README's walk-through goes on from here):
+  {g} {how} {key}127.0.0.1:{b} list
+  {g} {how} {key}-d '{{"role":"ROLE_TENANT","tenant_id":"demo","description":"demo orders"}}' \\
+    127.0.0.1:{a} numprotect.admin.v1.AdminService/CreateApiKey
+  {g} {how} {key}-d '{{"block":"70010000001","tenant_id":"demo","city_code":"010","carrier_id":"cm"}}' \\
     127.0.0.1:{a} numprotect.allocation.v1.AllocationService/ImportBlock
-  {g} {how} -d '{{"tenant_id":"demo","out_order_id":"order-1","mode":"BINDING_MODE_AXB",
-    "party_a":"13800000001","party_b":"13900000002","ttl":"3600s","city_code":"010","user_consent":true}}' \\
-    127.0.0.1:{b} numprotect.binding.v1.BindingService/CreateBinding
-  {g} {how} -d '{{"calling_number":"13800000001","called_number":"<virtual_number from above>",
-    "call_id":"call-1"}}' 127.0.0.1:{t} numprotect.translation.v1.TranslationService/Translate
-  {g} {how} -d '{{"service":""}}' 127.0.0.1:{c} grpc.health.v1.Health/Check
+  {g} {how} {key}127.0.0.1:{a} numprotect.admin.v1.AdminService/VerifyAuditChain
 logs: {self.run_dir / "logs"}   stop: Ctrl-C
 """,
             flush=True,

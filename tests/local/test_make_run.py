@@ -61,13 +61,21 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         ca = tmp_path / "dev" / "ca.pem"
         assert f"clients trust {ca}" in output
         assert (tmp_path / "dev" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+        # An operator key made on first run, private; grpcurl needs one for reflection (health itself is open).
+        operator = tmp_path / "dev" / "operator.token"
+        assert operator.stat().st_mode & 0o777 == 0o600 and operator.read_text().startswith("npk_")
+        assert (tmp_path / "dev" / "auth.key").stat().st_mode & 0o777 == 0o600
+        key = ("-H", f"authorization: Bearer {operator.read_text().strip()}")
         for name in ("allocation", "binding", "translation", "cdr"):
             address = f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}"
-            check = run_grpcurl("-d", '{"service":""}', address, "grpc.health.v1.Health/Check", ca_file=ca)
+            check = run_grpcurl(*key, "-d", '{"service":""}', address, "grpc.health.v1.Health/Check", ca_file=ca)
             assert '"status": "SERVING"' in check.stdout, check.stderr
+            anonymous = run_grpcurl(address, "list", ca_file=ca)
+            assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr
             plaintext = run_grpcurl_plaintext("-connect-timeout", "2", address, "list")
             assert plaintext.returncode != 0
-        assert f"-cacert {ca}" in output and "-plaintext" not in output and "CreateBinding" in output
+        assert f"-cacert {ca}" in output and "-plaintext" not in output and "CreateApiKey" in output
+        _walk_through_works_as_written(tmp_path, env)
         # Redis with the ACL users (numprotect.core.redis_acl): the default user is off.
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=int(env["NUMPROTECT_LOCAL_REDIS_PORT"])).ping()
@@ -113,3 +121,24 @@ def test_a_busy_port_gets_a_one_line_explanation(tmp_path: Path, busy: str) -> N
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert f"is busy (another `make run`?): stop it or set {busy}" in result.stderr
+
+
+def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
+    """The README's walk-through block, run by bash against this launcher: only the run folder and the ports
+    differ from what the README says (its defaults: .run/ and 50051..50054)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- walkthrough:begin -->")[1].split("<!-- walkthrough:end -->")[0]
+    script = block.split("```sh\n")[1].split("```")[0]
+    script = script.replace(".run/", f"{run_dir}/")
+    for index, name in enumerate(SERVICES):
+        script = script.replace(f"127.0.0.1:{50051 + index}", f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}")
+    result = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert '"decision": "DECISION_CONNECT"' in out and '"target_number": "13900000002"' in out, out
+    assert '"numbers_added": 10000' in out and "virtual number: 700100000" in out, out
+    # The two refusals: no key, and the tenant's key on an operator RPC; then the audit trail verifies.
+    assert "Unauthenticated" in result.stderr and "PermissionDenied" in result.stderr, result.stderr
+    assert '"ok": true' in out and "LockNumber" in out, out

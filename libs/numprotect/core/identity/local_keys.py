@@ -1,4 +1,5 @@
-"""`make run`'s identity: the auth key and the first tokens, kept under .run/dev/ (git-ignored, mode 600).
+"""A local installation's identity (`make run`): the auth key and the first tokens, in one private folder
+(.run/dev/ under `make run`, git-ignored; every file mode 600).
 
 - `auth.key`: the key API tokens are hashed with (NUMPROTECT_AUTH_KEY_FILE of every service).
 - `operator.token`: an operator API key, to mint the others with AdminService/CreateApiKey.
