@@ -65,10 +65,10 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         operator = tmp_path / "dev" / "operator.token"
         assert operator.stat().st_mode & 0o777 == 0o600 and operator.read_text().startswith("npk_")
         assert (tmp_path / "dev" / "auth.key").stat().st_mode & 0o777 == 0o600
-        key = ("-H", f"authorization: Bearer {operator.read_text().strip()}")
+        bearer = ("-H", f"authorization: Bearer {operator.read_text().strip()}")
         for name in ("allocation", "binding", "translation", "cdr"):
             address = f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}"
-            check = run_grpcurl(*key, "-d", '{"service":""}', address, "grpc.health.v1.Health/Check", ca_file=ca)
+            check = run_grpcurl(*bearer, "-d", '{"service":""}', address, "grpc.health.v1.Health/Check", ca_file=ca)
             assert '"status": "SERVING"' in check.stdout, check.stderr
             anonymous = run_grpcurl(address, "list", ca_file=ca)
             assert anonymous.returncode != 0 and "Unauthenticated" in anonymous.stderr
