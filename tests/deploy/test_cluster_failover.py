@@ -27,8 +27,10 @@ from redis.asyncio.cluster import ClusterNode
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core.calls import domain_error
 from numprotect.core.errors import Unavailable
+from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import LuaScript, RedisClient, create_redis, redis_is_up
 from numprotect.core.settings import Env, RedisSettings
+from support.identity import mint_in
 from support.processes import ServiceProcess
 from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer
@@ -155,10 +157,11 @@ async def drive(client: RedisClient, tag: str, calls: list[Call], timeline: Time
         await asyncio.sleep(CALL_INTERVAL_SECONDS)
 
 
-async def drive_rpc(address: str, tenant: str, calls: list[Call], timeline: Timeline) -> None:
-    """The service's own business RPC (CdrService.GetCdrStats reads the tenant's daily counters in its slot)."""
+async def drive_rpc(address: str, token: str, tenant: str, calls: list[Call], timeline: Timeline) -> None:
+    """The service's own business RPC (CdrService.GetCdrStats reads the tenant's daily counters in its slot), as
+    that tenant."""
     request = cdr_pb2.GetCdrStatsRequest(tenant_id=tenant, date="2026-01-01")
-    async with secure_channel(address) as channel:
+    async with secure_channel(address, token) as channel:
         stub = cdr_pb2_grpc.CdrServiceStub(channel)
         while not timeline.stop.is_set():
             start = time.monotonic()
@@ -257,6 +260,7 @@ async def test_killing_a_master_fails_its_slots_briefly_and_recovers_without_res
         "NUMPROTECT_REDIS_MODE": "cluster",
         "NUMPROTECT_HEALTH_INTERVAL": "0.1s",
     }
+    tokens = {tenant: mint_in(env, Role.TENANT, tenant) for tenant in (victim_tenant, survivor_tenant)}
     service = ServiceProcess("cdr", env)
     client = create_redis(RedisSettings.from_env(Env(env)))
     timeline = Timeline()
@@ -277,11 +281,17 @@ async def test_killing_a_master_fails_its_slots_briefly_and_recovers_without_res
                 for _ in range(WRITERS_PER_SLOT)
             ),
             *(
-                asyncio.create_task(drive_rpc(service.address, victim_tenant, timeline.victim_rpcs, timeline))
+                asyncio.create_task(
+                    drive_rpc(service.address, tokens[victim_tenant], victim_tenant, timeline.victim_rpcs, timeline)
+                )
                 for _ in range(RPC_CALLERS_PER_TENANT)
             ),
             *(
-                asyncio.create_task(drive_rpc(service.address, survivor_tenant, timeline.survivor_rpcs, timeline))
+                asyncio.create_task(
+                    drive_rpc(
+                        service.address, tokens[survivor_tenant], survivor_tenant, timeline.survivor_rpcs, timeline
+                    )
+                )
                 for _ in range(RPC_CALLERS_PER_TENANT)
             ),
             asyncio.create_task(watch_health(service.address, timeline)),

@@ -30,6 +30,7 @@ __all__ = [
     "auth_env",
     "mint",
     "mint_from_url",
+    "mint_in",
     "record_blocks",
     "service_token_env",
     "test_hash_key",
@@ -87,21 +88,25 @@ def mint_from_url(redis_url: str, role: Role, principal_id: str = "") -> str:
         client.close()
 
 
+def mint_in(environ: Mapping[str, str], role: Role, principal_id: str = "") -> str:
+    """`mint` in the Redis a service of `environ` uses (NUMPROTECT_REDIS_URL, standalone or cluster mode)."""
+    if environ.get("NUMPROTECT_REDIS_MODE", "standalone") == "standalone":
+        return mint_from_url(environ["NUMPROTECT_REDIS_URL"], role, principal_id)
+    from redis.cluster import RedisCluster
+
+    client: Any = RedisCluster.from_url(environ["NUMPROTECT_REDIS_URL"])
+    try:
+        return mint(client, role, principal_id)
+    finally:
+        client.close()
+
+
 def service_token_env(environ: Mapping[str, str], service: str) -> dict[str, str]:
     """NUMPROTECT_SERVICE_TOKEN_FILE for a process of `service` that calls peers (binding), minted in the Redis of
     `environ`; nothing when auth is off, a token file is already set, or the service calls no peer."""
     if service != "binding" or environ.get("NUMPROTECT_AUTH") == "off" or "NUMPROTECT_SERVICE_TOKEN_FILE" in environ:
         return {}
-    if environ.get("NUMPROTECT_REDIS_MODE", "standalone") != "standalone":
-        from redis.cluster import RedisCluster
-
-        client: Any = RedisCluster.from_url(environ["NUMPROTECT_REDIS_URL"])
-        try:
-            token = mint(client, Role.SERVICE, service)
-        finally:
-            client.close()
-    else:
-        token = mint_from_url(environ["NUMPROTECT_REDIS_URL"], Role.SERVICE, service)
+    token = mint_in(environ, Role.SERVICE, service)
     path = _key_file().parent / f"{service}-{time.time_ns()}.token"
     path.write_text(token)
     path.chmod(0o600)

@@ -27,7 +27,9 @@ from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.common.v1 import common_pb2 as np_common_pb2
 from numprotect.core.call_ref import CallRef
+from numprotect.core.identity.principal import Role
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
+from support.identity import mint_in
 from support.processes import ServiceProcess
 
 PARTY_A = "13812345678"
@@ -148,7 +150,7 @@ def receiver() -> Iterator[TraceReceiver]:
 @dataclass
 class Suite:
     processes: dict[str, ServiceProcess]
-    channels: dict[str, grpc.Channel]
+    channels: dict[str, grpc.Channel]  # each service's, as the principal that calls it here
 
 
 @pytest.fixture
@@ -162,13 +164,20 @@ def suite(receiver: TraceReceiver, redis_env: dict[str, str]) -> Iterator[Suite]
     }
     processes: dict[str, ServiceProcess] = {}
     channels: dict[str, grpc.Channel] = {}
+    # Minted before the processes start, so each loads them at start-up.
+    callers = {
+        "allocation": mint_in(redis_env, Role.OPERATOR),
+        "binding": mint_in(redis_env, Role.TENANT, TENANT),
+        "translation": mint_in(redis_env, Role.CARRIER, "cmcc"),
+        "cdr": mint_in(redis_env, Role.CARRIER, "cmcc"),
+    }
     try:
         for service in ("allocation", "binding", "translation", "cdr"):
             peers = {f"NUMPROTECT_{name.upper()}_ADDR": p.address for name, p in processes.items()}
             processes[service] = ServiceProcess(service, {**environ, **peers})
         for service, process in processes.items():
             process.wait_serving()
-            channels[service] = process.channel()
+            channels[service] = process.channel(callers[service])
         yield Suite(processes, channels)
     finally:
         for channel in channels.values():
@@ -193,8 +202,12 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
     cdr: Any = cdr_pb2_grpc.CdrServiceStub(suite.channels["cdr"])
 
     allocation.ImportBlock(
-        allocation_pb2.ImportBlockRequest(block=BLOCK, tenant_id=TENANT, city_code=CITY, actor="test"), timeout=10
+        allocation_pb2.ImportBlockRequest(
+            block=BLOCK, tenant_id=TENANT, city_code=CITY, actor="test", carrier_id="cmcc"
+        ),
+        timeout=10,
     )
+    time.sleep(0.3)  # translation and cdr learn the block's carrier on their next reload (every 0.1 s here)
     created = binding.CreateBinding(
         binding_pb2.CreateBindingRequest(
             tenant_id=TENANT,
