@@ -136,7 +136,12 @@ class IdentityConcern:
         reason = ""
         if request is not None:
             fields = entry.target_fields if entry is not None else ()
-            target = ",".join(f"{f}={_field(request, f)}" for f in fields if _field(request, f))
+            # An empty tenant_id is meaningful (the operator's global blocklist, a tenant's own): shown as such.
+            target = ",".join(
+                f"{f}={_field(request, f) or '(empty)'}"
+                for f in fields
+                if _field(request, f) or (f == "tenant_id" and hasattr(request, f))
+            )
             reason = _field(request, "reason")
         span_context = trace.get_current_span().get_span_context()
         self.audit.record(

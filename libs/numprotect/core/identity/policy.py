@@ -64,6 +64,7 @@ def _p(*roles: Role, **kwargs: object) -> MethodPolicy:
 
 OPERATOR, TENANT, CARRIER, REGULATOR, SERVICE = Role.OPERATOR, Role.TENANT, Role.CARRIER, Role.REGULATOR, Role.SERVICE
 _BINDING_ONLY = frozenset({"binding"})
+_ANY_SERVICE = frozenset({"allocation", "binding", "translation", "cdr"})
 _ALLOC = "/numprotect.allocation.v1.AllocationService/"
 _BIND = "/numprotect.binding.v1.BindingService/"
 _TRANS = "/numprotect.translation.v1.TranslationService/"
@@ -152,7 +153,7 @@ POLICY: Mapping[str, MethodPolicy] = MappingProxyType(
         _ADMIN + "ListAuditEvents": _p(OPERATOR, REGULATOR, scope=Scope.OWN_EVENTS),
         _ADMIN + "VerifyAuditChain": _p(OPERATOR, audit=Audit.ALWAYS),
         # Reflection: any authenticated principal (grpcurl sends its -H headers on reflection too).
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _p(*Role),
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _p(*Role),
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _p(*Role, services=_ANY_SERVICE),
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _p(*Role, services=_ANY_SERVICE),
     }
 )
