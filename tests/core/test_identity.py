@@ -229,3 +229,29 @@ async def test_a_role_outside_the_policy_is_denied_and_audited(translation: Any)
     assert [(e.principal.split("/")[0], e.method.rsplit("/", 1)[1], e.outcome) for e in denied] == [
         ("tenant:t1", "Translate", "PERMISSION_DENIED")
     ]
+
+
+def test_a_key_or_block_made_a_moment_ago_is_found_by_one_reload_on_the_miss(
+    redis_sync: Any, directory: Directory
+) -> None:
+    directory.reload()
+    time.sleep(0.15)  # past the miss-reload interval of the first reload's caller
+    _, token = api_keys.mint_sync(redis_sync, KEY, Role.TENANT, "t1", description="d", now_ms=now_ms())
+    assert directory.authenticate(token) is not None  # no interval waited, no manual reload
+    redis_sync.register_script(RECORD_BLOCK_CARRIER)(
+        keys=[CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY], args=["70010000009", "cm"]
+    )
+    assert directory.carrier_of("700100000091234") is None  # within the interval: no second reload
+    time.sleep(0.15)
+    assert directory.carrier_of("700100000091234") == "cm"
+    # Unknown ids at a high rate reload at most once per interval: the versions are read a bounded number of times.
+    reads = []
+    original_get = redis_sync.get
+    redis_sync.get = lambda key: reads.append(key) or original_get(key)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 0.25:
+            assert directory.authenticate(f"npk_{'1' * 16}_{'A' * 43}") is None
+    finally:
+        redis_sync.get = original_get
+    assert 2 <= len(reads) <= 8, len(reads)  # two version keys per reload, at most 3 reloads in 0.25 s

@@ -8,6 +8,10 @@ already open (the call layer re-checks a stream's principal, `layer`).
 
 Carrier blocks: `ImportBlock` records the carrier that routes each 11-digit block; a carrier principal may
 translate and report calls only for numbers of its own blocks.
+
+A key id or a block the copy does not know yet (minted or imported a moment ago, in another process) triggers one
+reload at once instead of waiting for the interval: at most one such reload per `MISS_RELOAD_SECONDS`, so a caller
+sending unknown ids costs at most a few version reads per second, and the hot path of known callers none.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ CARRIER_BLOCKS_KEY = "np:carriers:{carriers}:blocks"  # hash: 11-digit block -> 
 CARRIER_VERSION_KEY = "np:carriers:{carriers}:ver"
 BLOCK_DIGITS = 11
 _VERIFIED_CACHE_LIMIT = 4096
+MISS_RELOAD_SECONDS = 0.1
 
 # Records a block's carrier; refuses (returns the holder) when another carrier already routes it.
 RECORD_BLOCK_CARRIER = """
@@ -61,6 +66,8 @@ class Directory:
         self._versions: tuple[bytes | None, bytes | None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._miss_lock = threading.Lock()
+        self._last_miss_reload = -MISS_RELOAD_SECONDS
 
     # -- reads on the call path ------------------------------------------------------------------------------
     def authenticate(self, token: str) -> Principal | None:
@@ -71,6 +78,8 @@ class Directory:
             if parts is None:
                 return None
             candidate = self._keys.get(parts[0])
+            if candidate is None and self._reload_on_miss():
+                candidate = self._keys.get(parts[0])
             expected = api_keys.token_hash(self._hash_key, parts[0], parts[1])
             # Compared even for an unknown key id, against a dummy: timing does not tell which ids exist.
             stored = candidate.token_hash if candidate is not None else "0" * len(expected)
@@ -95,7 +104,24 @@ class Directory:
 
     def carrier_of(self, virtual_number: str) -> str | None:
         """The carrier that routes the number's block, or None when no carrier is recorded for it."""
-        return self._blocks.get(block_of(virtual_number))
+        block = block_of(virtual_number)
+        carrier = self._blocks.get(block)
+        if carrier is None and self._reload_on_miss():
+            carrier = self._blocks.get(block)
+        return carrier
+
+    def _reload_on_miss(self) -> bool:
+        """One reload now unless one ran within MISS_RELOAD_SECONDS; True when it ran and changed something."""
+        with self._miss_lock:
+            now = time.monotonic()
+            if now - self._last_miss_reload < MISS_RELOAD_SECONDS:
+                return False
+            self._last_miss_reload = now
+            try:
+                return self.reload()
+            except Exception as exc:  # Redis unreachable: the copy stands, the caller is refused as unknown
+                log.debug("identity directory reload on a miss failed", extra={"error": repr(exc)})
+                return False
 
     # -- reloading -------------------------------------------------------------------------------------------
     def reload(self) -> bool:
