@@ -245,9 +245,14 @@ def test_a_key_or_block_made_a_moment_ago_is_found_by_one_reload_on_the_miss(
     time.sleep(0.15)
     assert directory.carrier_of("700100000091234") == "cm"
     # Unknown ids at a high rate reload at most once per interval: the versions are read a bounded number of times.
-    reads = []
+    reads: list[str] = []
     original_get = redis_sync.get
-    redis_sync.get = lambda key: reads.append(key) or original_get(key)
+
+    def counted_get(key: str) -> Any:
+        reads.append(key)
+        return original_get(key)
+
+    redis_sync.get = counted_get
     try:
         started = time.monotonic()
         while time.monotonic() - started < 0.25:
