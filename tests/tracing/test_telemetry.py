@@ -302,9 +302,15 @@ async def test_cdr_ingestion_span_carries_numbers_only_masked(redis_url: str) ->
     record.release_time.FromMilliseconds(start + 35_000)
     async with running_service("cdr", build_cdr, {"NUMPROTECT_REDIS_URL": redis_url}, telemetry=telemetry) as svc:
         svc.route("cm", VIRTUAL)
-        carrier = svc.channel_as(Role.CARRIER, "cm")
+        token = svc.token(Role.CARRIER, "cm")
+        carrier = svc.channel_with(token)
         reply = await cdr_pb2_grpc.CdrServiceStub(carrier).IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]))
         assert reply.accepted == 1, reply
+        # A refused token is not in the error's span either.
+        with pytest.raises(grpc.aio.AioRpcError):
+            await cdr_pb2_grpc.CdrServiceStub(svc.channel_with(token[:-2] + "AA")).IngestCdrs(
+                cdr_pb2.IngestCdrsRequest(records=[record])
+            )
     spans = finished(telemetry, exporter)
     (ingest,) = [s for s in spans if s.name == "cdr.ingest"]
     (link,) = ingest.links
@@ -312,6 +318,11 @@ async def test_cdr_ingestion_span_carries_numbers_only_masked(redis_url: str) ->
     assert dict(ingest.attributes or {})["cdr.calling_number"] == "138****5678"
     text = all_attribute_text(spans)
     assert not any(number in text for number in (PARTY_A, PARTY_B, VIRTUAL))
+    # Credentials never reach a span: not the token, not its secret part, not in a status message.
+    secret = token.rsplit("_", 1)[1]
+    statuses = " ".join(str(s.status.description) for s in spans)
+    assert secret not in text and secret[:-2] not in text and secret[:-2] not in statuses
+    assert any("UNAUTHENTICATED" in str(s.status.description) for s in spans)
 
 
 # --- Redis spans -------------------------------------------------------------------------------------------------
