@@ -3,9 +3,9 @@
 # every rendered object against the Kubernetes OpenAPI schemas bundled in kubernetes-validate (PyPI), strictly
 # (unknown fields are errors), for the oldest and newest Kubernetes versions we support, and checks that the
 # service template (deploy/k8s/components/numprotect-service) left no placeholder behind and that every numprotect
-# service is under a NetworkPolicy. Works offline. It renders a copy of deploy/ holding a throwaway page-token key:
-# the local overlay's secretGenerator reads a git-ignored key file (docs/deploy.md, "Page-token key"), and the
-# developer's own key is never read.
+# service is under a NetworkPolicy. Works offline. It renders a copy of deploy/ holding a throwaway page-token key
+# and auth key: the local overlay's secretGenerator reads git-ignored key files (docs/deploy.md, "Page-token key",
+# "Identity: the auth key and the first keys"), and the developer's own keys are never read.
 # Installs nothing: both tools come from requirements-dev.txt into .venv (`make venv`).
 # Usage: tools/validate_manifests.sh [VENV_BIN]   (default .venv/bin)
 set -euo pipefail
@@ -21,9 +21,10 @@ trap 'rm -rf "$out"' EXIT
 tree="$out/tree"
 mkdir -p "$tree/deploy"
 cp -R deploy/k8s deploy/otel "$tree/deploy/"
-local_key="$tree/deploy/k8s/overlays/local/page-token.key"
-rm -f "$local_key"
-(umask 077 && head -c 32 /dev/urandom | base64 >"$local_key")
+for local_key in "$tree"/deploy/k8s/overlays/local/{page-token,auth}.key; do
+  rm -f "$local_key"
+  (umask 077 && head -c 32 /dev/urandom | base64 >"$local_key")
+done
 status=0
 for dir in deploy/k8s/base deploy/otel deploy/k8s/overlays/local; do
   name=${dir//\//_}

@@ -1,8 +1,8 @@
 """The Kubernetes manifests: rendered by real kustomize (kubectl from PyPI), validated against the Kubernetes
 schemas (kubernetes-validate), and checked for what the schema cannot say: gRPC health probes on the right
 port and service, a locked-down securityContext, resources, drain time, autoscaling and disruption budgets,
-the one template the four services are made from, the page-token key coming from a Secret, and who the
-NetworkPolicies let talk to whom.
+the one template the four services are made from, the page-token key and the auth key coming from Secrets,
+binding alone holding a service token, and who the NetworkPolicies let talk to whom.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ import pytest
 import yaml
 
 from numprotect.core.dev_pki import ensure_dev_pki
+from numprotect.core.identity.api_keys import MIN_HASH_KEY_BYTES, AuthSettings, HashKey, new_key
+from numprotect.core.identity.principal import Role
+from numprotect.core.identity.service_token import SERVICE_TOKEN_FILE, ServiceToken
 from numprotect.core.page_tokens import KEY_VARIABLE, MIN_KEY_BYTES, PageTokenKey
 from numprotect.core.settings import DEFAULT_PORTS, Env, RedisSettings, ServerSettings
 from numprotect.core.tls import TlsSettings
@@ -39,6 +43,12 @@ HOME = "numprotect"
 PAGE_TOKEN_SECRET = "numprotect-page-token-key"
 # Git-ignored; the local overlay's secretGenerator makes the page-token Secret from it (docs/deploy.md).
 LOCAL_KEY_FILE = "deploy/k8s/overlays/local/page-token.key"
+# The auth key API tokens are hashed with: a file of this Secret in every service (docs/deploy.md, "Identity").
+AUTH_KEY_SECRET = "numprotect-auth-key"
+AUTH_KEY_NAME = "auth.key"  # the Secret's key, so the mounted file's name
+LOCAL_AUTH_KEY_FILE = f"deploy/k8s/overlays/local/{AUTH_KEY_NAME}"  # git-ignored, like page-token.key
+# binding's own API token (principal service/binding), minted by numprotect-mint-key: no render carries it.
+BINDING_TOKEN_SECRET = "numprotect-binding-token"
 
 
 def tool(name: str) -> str:
@@ -48,13 +58,16 @@ def tool(name: str) -> str:
 
 
 def render(directory: str) -> list[dict[str, Any]]:
-    """What kustomize renders for `directory`, from a copy of deploy/ holding a throwaway page-token key (made as
-    docs/deploy.md says) in place of the developer's git-ignored one, which is never read."""
+    """What kustomize renders for `directory`, from a copy of deploy/ holding a throwaway page-token key and auth
+    key (made as docs/deploy.md says) in place of the developer's git-ignored ones, which are never read."""
+    local_keys = {LOCAL_KEY_FILE: MIN_KEY_BYTES, LOCAL_AUTH_KEY_FILE: MIN_HASH_KEY_BYTES}
     with TemporaryDirectory() as tmp:
         copy = Path(tmp)
+        ignored = shutil.ignore_patterns(*(Path(path).name for path in local_keys))
         for part in ("deploy/k8s", "deploy/otel"):
-            shutil.copytree(ROOT / part, copy / part, ignore=shutil.ignore_patterns(Path(LOCAL_KEY_FILE).name))
-        (copy / LOCAL_KEY_FILE).write_text(base64.b64encode(secrets.token_bytes(MIN_KEY_BYTES)).decode() + "\n")
+            shutil.copytree(ROOT / part, copy / part, ignore=ignored)
+        for path, size in local_keys.items():
+            (copy / path).write_text(base64.b64encode(secrets.token_bytes(size)).decode() + "\n")
         result = subprocess.run(
             [tool("kubectl"), "kustomize", str(copy / directory)], capture_output=True, text=True, timeout=60
         )
@@ -160,6 +173,18 @@ def test_probes_use_the_grpc_health_protocol_on_the_plaintext_health_port(render
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
 
 
+def mounted_secret(rendered: Rendered, service: str, directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (volumeMount, volume) of `service`'s container at `directory`: a Secret, mounted read-only, not optional."""
+    spec = rendered.get("Deployment", service)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+    assert mount["readOnly"] is True, (service, directory)
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert "secret" in volume, (service, directory)
+    assert volume["secret"].get("optional", False) is False, (service, directory)
+    return mount, volume
+
+
 @pytest.mark.parametrize("service", OUR_SERVICES)
 def test_tls_is_on_with_the_services_certificate_from_its_cert_manager_secret(
     rendered: Rendered, service: str, tmp_path: Path
@@ -167,13 +192,8 @@ def test_tls_is_on_with_the_services_certificate_from_its_cert_manager_secret(
     """TLS on, the three files of the Secret cert-manager writes for the service (tls.crt, tls.key, ca.crt),
     mounted read-only where the settings look; those settings pass start-up validation with such files."""
     config = rendered.config()
-    spec = rendered.get("Deployment", service)["spec"]["template"]["spec"]
-    (container,) = spec["containers"]
-    (volume,) = [v for v in spec["volumes"] if "secret" in v and v["secret"]["secretName"] != PAGE_TOKEN_SECRET]
+    mount, volume = mounted_secret(rendered, service, str(Path(config["NUMPROTECT_TLS_CERT_FILE"]).parent))
     assert volume["secret"]["secretName"] == f"numprotect-{service}-tls"
-    assert volume["secret"].get("optional", False) is False
-    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
-    assert mount["readOnly"] is True
     directory = mount["mountPath"]
     assert config["NUMPROTECT_TLS"] == "on"
     assert config["NUMPROTECT_TLS_CLIENT_AUTH"] in ("none", "require")
@@ -351,9 +371,15 @@ def test_the_base_has_every_service_read_the_page_token_key_from_a_secret_it_doe
     assert list(rendered.of_kind("Secret")) == []  # the key comes from each deployment's overlay or operator
 
 
+def generated_secret(rendered: Rendered, base_name: str) -> dict[str, Any]:
+    """The Secret a secretGenerator made from `base_name` (its name has a hash suffix)."""
+    (secret,) = [doc for doc in rendered.of_kind("Secret") if doc["metadata"]["name"].startswith(f"{base_name}-")]
+    return secret
+
+
 def test_the_local_overlay_generates_the_one_secret_every_service_reads_its_key_from() -> None:
     rendered = Rendered(render("deploy/k8s/overlays/local"))
-    (secret,) = rendered.of_kind("Secret")
+    secret = generated_secret(rendered, PAGE_TOKEN_SECRET)
     name = secret["metadata"]["name"]
     # secretGenerator's hash suffix: a new key is a new name, so applying it rolls every Deployment.
     assert name.startswith(f"{PAGE_TOKEN_SECRET}-") and len(name) > len(PAGE_TOKEN_SECRET) + 1
@@ -375,12 +401,121 @@ def test_no_config_map_of_any_render_holds_the_page_token_key() -> None:
     assert "numprotect-config" in checked  # the check saw the services' settings
 
 
-def test_the_local_overlays_key_file_is_git_ignored() -> None:
+@pytest.mark.parametrize("key_file", [LOCAL_KEY_FILE, LOCAL_AUTH_KEY_FILE])
+def test_the_local_overlays_key_files_are_git_ignored(key_file: str) -> None:
     """`git check-ignore` also fails for a file that is tracked: the key can neither be committed nor stay so."""
     result = subprocess.run(
-        ["git", "-C", str(ROOT), "check-ignore", "--quiet", LOCAL_KEY_FILE], capture_output=True, timeout=30
+        ["git", "-C", str(ROOT), "check-ignore", "--quiet", key_file], capture_output=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- Identity: the auth key in every service, binding's service token ------------------------------------------
+
+
+def auth_key_secret_name(rendered: Rendered) -> str:
+    """The base names the Secret; the local overlay generates it (hash suffix) and kustomize renames the references."""
+    generated = [d for d in rendered.of_kind("Secret") if d["metadata"]["name"].startswith(f"{AUTH_KEY_SECRET}-")]
+    return str(generated[0]["metadata"]["name"]) if generated else AUTH_KEY_SECRET
+
+
+@pytest.mark.parametrize("service", OUR_SERVICES)
+def test_every_service_mounts_the_auth_key_secret_and_its_auth_settings_validate(
+    rendered: Rendered, service: str, tmp_path: Path
+) -> None:
+    """Auth on; NUMPROTECT_AUTH_KEY_FILE is the `auth.key` of the one auth-key Secret, mounted read-only; those
+    settings pass start-up validation (AuthSettings.from_env) with such a file where the Secret is mounted."""
+    config = rendered.config()
+    assert config["NUMPROTECT_AUTH"] == "on"
+    key_file = Path(config["NUMPROTECT_AUTH_KEY_FILE"])
+    assert key_file.name == AUTH_KEY_NAME
+    mount, volume = mounted_secret(rendered, service, str(key_file.parent))
+    assert volume["secret"]["secretName"] == auth_key_secret_name(rendered)
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # nobody but the pod's user and group
+    assert "items" not in volume["secret"]  # the file is named after the Secret's key
+    # The same settings with the file where the Secret would be: the generated Secret's own value in the overlay.
+    generated = [d for d in rendered.of_kind("Secret") if d["metadata"]["name"] == volume["secret"]["secretName"]]
+    content = base64.b64decode(generated[0]["data"][AUTH_KEY_NAME]) if generated else HashKey.random().encode().encode()
+    (tmp_path / AUTH_KEY_NAME).write_bytes(content)
+    mounted = {k: v.replace(mount["mountPath"], str(tmp_path)) for k, v in config.items()}
+    settings = AuthSettings.from_env(Env(mounted))
+    assert settings.enabled and settings.hash_key is not None
+    # Without the file the service would not start (SettingsError), the point of a non-optional Secret.
+    with pytest.raises(ValueError, match="NUMPROTECT_AUTH_KEY_FILE"):
+        AuthSettings.from_env(Env(config))
+
+
+def test_the_base_carries_no_auth_key_and_the_local_overlay_generates_it() -> None:
+    base = Rendered(render("deploy/k8s/base"))
+    assert [d["metadata"]["name"] for d in base.of_kind("Secret")] == []
+    local = Rendered(render("deploy/k8s/overlays/local"))
+    secret = generated_secret(local, AUTH_KEY_SECRET)
+    assert list(secret["data"]) == [AUTH_KEY_NAME]
+    assert len(base64.b64decode(base64.b64decode(secret["data"][AUTH_KEY_NAME]).strip(), validate=True)) >= 32
+    for service in OUR_SERVICES:
+        volumes = local.get("Deployment", service)["spec"]["template"]["spec"]["volumes"]
+        assert secret["metadata"]["name"] in [v.get("secret", {}).get("secretName") for v in volumes], service
+    # The key is in its Secret and nowhere else.
+    value = base64.b64decode(secret["data"][AUTH_KEY_NAME]).decode().strip()
+    assert [doc["kind"] for doc in local.docs if value in yaml.safe_dump(doc)] == []
+
+
+@pytest.mark.parametrize("service", OUR_SERVICES)
+def test_only_binding_presents_a_service_token_from_its_secret(
+    rendered: Rendered, service: str, tmp_path: Path
+) -> None:
+    """binding alone calls a peer (allocation's reservation RPCs, principal service/binding): its token is the
+    `token` file of the Secret numprotect-binding-token, which no render carries (numprotect-mint-key makes it)."""
+    (container,) = rendered.get("Deployment", service)["spec"]["template"]["spec"]["containers"]
+    entries = [e for e in container.get("env", []) if e["name"] == SERVICE_TOKEN_FILE]
+    assert SERVICE_TOKEN_FILE not in rendered.config()  # not for every service
+    secrets_used = {
+        v["secret"]["secretName"]
+        for v in rendered.get("Deployment", service)["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
+    if service != "binding":
+        assert entries == []
+        assert BINDING_TOKEN_SECRET not in secrets_used
+        return
+    (entry,) = entries
+    assert set(entry) == {"name", "value"}  # a path, never the token itself
+    token_file = Path(entry["value"])
+    assert token_file.name == "token"
+    _, volume = mounted_secret(rendered, service, str(token_file.parent))
+    assert volume["secret"]["secretName"] == BINDING_TOKEN_SECRET
+    assert volume["secret"]["defaultMode"] & 0o007 == 0
+    assert [d for d in rendered.of_kind("Secret") if d["metadata"]["name"].startswith(BINDING_TOKEN_SECRET)] == []
+    # A token as numprotect-mint-key writes it, where the Secret is mounted: binding's start-up accepts it.
+    _, token = new_key(
+        HashKey.random(),
+        Role.SERVICE,
+        "binding",
+        description="test",
+        created_by="test",
+        now_ms=time.time_ns() // 1_000_000,
+    )
+    (tmp_path / token_file.name).write_text(token + "\n")
+    assert ServiceToken.from_env(Env({SERVICE_TOKEN_FILE: str(tmp_path / token_file.name)})) is not None
+
+
+def test_no_config_map_of_any_render_carries_a_key_or_a_token() -> None:
+    """Keys and tokens are files of Secrets: a ConfigMap names where they are, never what they are."""
+    directories = [*KUSTOMIZATIONS, *(f"deploy/k8s/base/{service}" for service in OUR_SERVICES)]
+    for directory in directories:
+        rendered = Rendered(render(directory))
+        secret_values = [
+            base64.b64decode(value).decode().strip()
+            for secret in rendered.of_kind("Secret")
+            for value in secret["data"].values()
+        ]
+        for config_map in rendered.of_kind("ConfigMap"):
+            text = yaml.safe_dump(config_map)
+            assert "npk_" not in text, directory  # an API token's prefix
+            assert not [value for value in secret_values if value in text], directory
+            data = config_map.get("data", {})
+            for variable in ("NUMPROTECT_AUTH_KEY_FILE", SERVICE_TOKEN_FILE):
+                assert variable not in data or data[variable].startswith("/etc/numprotect/"), variable
 
 
 # --- One template for the four services -----------------------------------------------------------------------
@@ -409,8 +544,22 @@ def test_each_service_directory_renders_the_template_filled_with_its_values(serv
     assert kustomization["components"] == [f"../../{TEMPLATE.removeprefix('deploy/k8s/')}"]
 
 
+def without_binding_token(deployment: dict[str, Any]) -> dict[str, Any]:
+    """binding's Deployment less what its directory's patch adds (its service token), checking that it was there."""
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (token_volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == BINDING_TOKEN_SECRET]
+    volumes = [v for v in pod["volumes"] if v is not token_volume]
+    mounts = [m for m in container["volumeMounts"] if m["name"] != token_volume["name"]]
+    env = [e for e in container["env"] if e["name"] != SERVICE_TOKEN_FILE]
+    assert (len(container["volumeMounts"]) - len(mounts), len(container["env"]) - len(env)) == (1, 1)
+    pod["volumes"], container["volumeMounts"], container["env"] = volumes, mounts, env
+    return deployment
+
+
 def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(rendered: Rendered) -> None:
-    """Beyond the values and translation's patch, nothing may tell one service's objects from another's."""
+    """Beyond the values, translation's patch and binding's service token, nothing may tell one service's objects
+    from another's."""
     shapes: dict[str, list[Any]] = {}
     for service in OUR_SERVICES:
         values = {
@@ -421,6 +570,8 @@ def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(
             f"numprotect-{service}-tls": f"{TEMPLATE_NAME}-tls",
         }
         deployment = with_placeholders(rendered.get("Deployment", service), values)
+        if service == "binding":
+            deployment = without_binding_token(deployment)
         requests = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
         cpu = requests.pop("cpu")
         replicas = deployment["spec"].pop("replicas", None)
