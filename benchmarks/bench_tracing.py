@@ -185,8 +185,10 @@ def main() -> int:
             }
             base.update(
                 {
-                    # Plaintext for now (TLS is the services' default); the TLS and token comparison is yet to come.
+                    # What this bench measures is the service's own work: plaintext and no identity checks (TLS and
+                    # token checks have their comparison in bench_translation, the hot path).
                     "NUMPROTECT_TLS": "off",
+                    "NUMPROTECT_AUTH": "off",
                     "NUMPROTECT_REDIS_URL": redis_url,
                     "NUMPROTECT_LOG_LEVEL": "WARNING",
                     "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "1000000",

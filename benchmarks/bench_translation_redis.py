@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, RedisSettings
@@ -43,7 +44,9 @@ async def main() -> None:
             await table.put(f"7001000{i:08d}", route)
         admin = server.client()
         async with running_sync_service("translation", build_sync, env) as svc:
-            stub = translation_pb2_grpc.TranslationServiceStub(svc.channel)
+            # As deployed: a carrier's key, for the blocks it routes.
+            svc.route("bench-carrier", *(f"7001000{i:08d}" for i in range(NUMBERS)))
+            stub = translation_pb2_grpc.TranslationServiceStub(svc.channel_as(Role.CARRIER, "bench-carrier"))
             admin.config_resetstat()
             for round_ in range(ROUNDS):
                 replies = await asyncio.gather(
