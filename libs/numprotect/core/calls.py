@@ -346,9 +346,14 @@ async def _paced(responses: AsyncIterator[Any], checks: list[Callable[[], None]]
             yield response
             pending = asyncio.ensure_future(anext(responses))
     finally:
-        if not pending.done():
+        # Cancelled again if it goes on: a cancellation the servicer's generator swallows (gh-86296, inside
+        # redis-py's wait_for) would leave it running to its next yield and then suspended there for good, its own
+        # cleanup (a WatchCdrs slot) undone. Bounded, so a generator that ignores every cancellation cannot hold
+        # the call.
+        for _ in range(3):
+            if pending.done():
+                break
             pending.cancel()
-            # Bounded: a generator that ignores its cancellation must not hold the call (gh-86296).
             await asyncio.wait((pending,), timeout=1.0)
         if pending.done():
             if not pending.cancelled():
