@@ -157,7 +157,9 @@ async def bench(
         allocation: Any = allocation_pb2_grpc.AllocationServiceStub(alloc_channel)
         for block in BLOCKS:
             await allocation.ImportBlock(
-                allocation_pb2.ImportBlockRequest(block=block, tenant_id=TENANT, city_code=CITY, actor="bench")
+                allocation_pb2.ImportBlockRequest(
+                    block=block, tenant_id=TENANT, city_code=CITY, actor="bench", carrier_id="bench-carrier"
+                )
             )
     health: list[Any] = [health_pb2_grpc.HealthStub(c) for c in channels]
     stubs: list[Any] = [binding_pb2_grpc.BindingServiceStub(c) for c in channels]
