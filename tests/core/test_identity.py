@@ -203,7 +203,8 @@ async def test_no_wrong_or_revoked_credentials_are_unauthenticated_with_one_mess
     token = translation.token(Role.TENANT, "t1")
     key_id = (api_keys.split_token(token) or ("", ""))[0]
     messages = set()
-    for channel in (translation.channel, translation.channel_with(token[:-1] + "A"), translation.channel_with("xyz")):
+    wrong_secret = token[:-1] + ("B" if token.endswith("A") else "A")  # never the token itself
+    for channel in (translation.channel, translation.channel_with(wrong_secret), translation.channel_with("xyz")):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await translation_pb2_grpc.TranslationServiceStub(channel).ListBlockedCallers(request, timeout=5)
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED

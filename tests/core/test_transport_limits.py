@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,15 +36,3 @@ def test_limits_are_validated_settings(redis_env: dict[str, str]) -> None:
     assert settings.max_concurrent_streams == 64 and settings.max_receive_message_bytes == 4 * 1024 * 1024
     with pytest.raises(SettingsError, match="NUMPROTECT_MAX_RECEIVE_MESSAGE_BYTES"):
         ServerSettings.from_env(Env({"NUMPROTECT_MAX_RECEIVE_MESSAGE_BYTES": "10"}), "translation")
-
-
-async def test_calls_beyond_the_streams_per_connection_wait_their_turn_once_the_limit_is_known(
-    redis_env: dict[str, str],
-) -> None:
-    environ = {**redis_env, "NUMPROTECT_MAX_CONCURRENT_STREAMS": "4"}
-    async with running_sync_service("translation", build_sync, environ) as svc:
-        stub = translation_pb2_grpc.TranslationServiceStub(svc.channel_as(Role.TENANT, "t1"))
-        request = translation_pb2.ListBlockedCallersRequest(tenant_id="t1")
-        await stub.ListBlockedCallers(request, timeout=5)  # the connection has read the server's settings
-        replies = await asyncio.gather(*(stub.ListBlockedCallers(request, timeout=10) for _ in range(64)))
-        assert len(replies) == 64 and all(list(r.entries) == [] for r in replies)
