@@ -12,8 +12,6 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from numprotect.admin.v1 import admin_pb2
 from numprotect.allocation.v1 import allocation_pb2 as pb
@@ -25,6 +23,7 @@ from numprotect.core.identity.principal import Role
 from numprotect.core.settings import Env
 from numprotect.services.allocation import keys
 from numprotect.services.allocation.settings import AllocationSettings
+from support.rpc import fails, outcome, violated_fields
 
 ALLOCATION = pb.DESCRIPTOR.services_by_name["AllocationService"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
@@ -55,34 +54,6 @@ def call(channel: grpc.aio.Channel, service: ServiceDescriptor, name: str, reque
         response_deserializer=response_class.FromString,
     )
     return callable_(request if request is not None else request_class())
-
-
-async def outcome(awaitable: Any) -> tuple[grpc.StatusCode, str]:
-    try:
-        await awaitable
-    except grpc.aio.AioRpcError as exc:
-        return exc.code(), exc.details() or ""
-    return grpc.StatusCode.OK, ""
-
-
-def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    fields: list[str] = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
-
-
-async def fails(code: grpc.StatusCode, awaitable: Any) -> grpc.aio.AioRpcError:
-    try:
-        await awaitable
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() == code, f"{exc.code().name}: {exc.details()}"
-        return exc
-    raise AssertionError(f"expected {code.name}, the call succeeded")
 
 
 def key_id_of(token: str) -> str:

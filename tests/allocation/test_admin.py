@@ -14,8 +14,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from numprotect.admin.v1 import admin_pb2 as pb
 from numprotect.admin.v1 import admin_pb2_grpc
@@ -27,6 +25,7 @@ from numprotect.core.redis_client import create_redis, create_sync_redis
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.allocation.admin import AuditTrail, EventFilter
 from support.processes import ServiceProcess
+from support.rpc import code_of, fails, violated_fields
 from support.tls import channel_for
 
 Svc = Any
@@ -47,34 +46,6 @@ def timestamp_in(seconds: float) -> Timestamp:
     value = Timestamp()
     value.FromMilliseconds(round((time.time() + seconds) * 1000))
     return value
-
-
-def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    fields: list[str] = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
-
-
-async def fails(code: grpc.StatusCode, awaitable: Any) -> grpc.aio.AioRpcError:
-    try:
-        await awaitable
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() == code, f"{exc.code().name}: {exc.details()}"
-        return exc
-    raise AssertionError(f"expected {code.name}, the call succeeded")
-
-
-async def code_of(awaitable: Any) -> grpc.StatusCode:
-    try:
-        await awaitable
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def own_pool(channel: grpc.aio.Channel) -> Any:

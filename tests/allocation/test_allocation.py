@@ -13,14 +13,13 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.common.v1 import common_pb2
 from numprotect.core.settings import SettingsError
 from numprotect.services.allocation.app import build
 from support.inprocess import running_service
+from support.rpc import fails, violated_fields
 
 if TYPE_CHECKING:
     # Tests call each RPC as its allowed principal (conftest.AsPolicy), which stands for this stub.
@@ -83,26 +82,6 @@ async def number(stub: Stub, virtual_number: str) -> pb.NumberInfo:
 
 async def stats(stub: Stub, tenant: str = "t1", city: str = "") -> pb.GetPoolStatsResponse:
     return await stub.GetPoolStats(pb.GetPoolStatsRequest(tenant_id=tenant, city_code=city))
-
-
-def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    """Field names of the google.rpc.BadRequest detail of an INVALID_ARGUMENT answer."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    fields: list[str] = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
-
-
-async def fails(code: grpc.StatusCode, call: Any) -> grpc.aio.AioRpcError:
-    """Awaits `call`, asserts it fails with `code`, returns the error."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, f"{info.value.code().name}: {info.value.details()}"
-    return info.value
 
 
 async def test_import_is_idempotent_and_a_block_belongs_to_one_tenant(allocation_service: Service) -> None:

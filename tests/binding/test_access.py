@@ -26,6 +26,7 @@ from numprotect.services.binding.servicer import SERVICE
 from support.identity import mint
 from support.inprocess import running_service
 from support.processes import ServiceProcess
+from support.rpc import rpc_error
 from support.tls import secure_channel, test_pki, tls_env
 
 A = "13800000001"
@@ -46,14 +47,6 @@ def create_request(order: str, *, tenant: str = "", party_a: str = A, party_b: s
         city_code="010",
         user_consent=True,
     )
-
-
-async def _rpc_error(call: Any) -> grpc.aio.AioRpcError:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc
-    raise AssertionError("the call succeeded")
 
 
 def _now_ts() -> Any:
@@ -113,7 +106,7 @@ async def test_no_token_or_a_wrong_one_is_unauthenticated_on_every_rpc(services:
         for stub in (s.binding_with(None), s.binding_with(unknown), s.binding_with("garbage")):
             for name, method in SERVICE.methods_by_name.items():
                 request = getattr(pb, method.input_type.name)()
-                error = await _rpc_error(getattr(stub, name)(request))
+                error = await rpc_error(getattr(stub, name)(request))
                 assert error.code() == grpc.StatusCode.UNAUTHENTICATED, name
 
 
@@ -138,7 +131,7 @@ async def test_tenant_b_cannot_read_change_list_or_trace_tenant_a(services: Any,
                 )
             ),
         ):
-            assert (await _rpc_error(call)).code() == grpc.StatusCode.NOT_FOUND
+            assert (await rpc_error(call)).code() == grpc.StatusCode.NOT_FOUND
         # Naming tenant A outright: refused for the name, whatever the id (no oracle either).
         for call in (
             b.ListBindings(pb.ListBindingsRequest(tenant_id="t1")),
@@ -152,12 +145,12 @@ async def test_tenant_b_cannot_read_change_list_or_trace_tenant_a(services: Any,
             ),
             b.CreateBinding(create_request("b-as-a", tenant="t1")),
         ):
-            assert (await _rpc_error(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+            assert (await rpc_error(call)).code() == grpc.StatusCode.PERMISSION_DENIED
         # TraceNumber: tenant B learns nothing of A's binding on the number, the answer of a number never bound.
         x = mine.virtual_number
-        traced = await _rpc_error(b.TraceNumber(pb.TraceNumberRequest(virtual_number=x, at=_now_ts())))
+        traced = await rpc_error(b.TraceNumber(pb.TraceNumberRequest(virtual_number=x, at=_now_ts())))
         never = "700100000099999"
-        unbound = await _rpc_error(b.TraceNumber(pb.TraceNumberRequest(virtual_number=never, at=_now_ts())))
+        unbound = await rpc_error(b.TraceNumber(pb.TraceNumberRequest(virtual_number=never, at=_now_ts())))
         assert traced.code() == unbound.code() == grpc.StatusCode.NOT_FOUND
         assert (traced.details() or "").replace(x, "X") == (unbound.details() or "").replace(never, "X")
         own = await a.TraceNumber(pb.TraceNumberRequest(virtual_number=x, at=_now_ts()))
@@ -182,7 +175,7 @@ async def test_the_operator_traces_every_tenants_numbers_a_tenant_only_its_own(s
             own = await s.tenant(tenant).TraceNumber(trace)
             assert [b.binding_id for b in own.bindings] == [binding.binding_id]
             other = "t2" if tenant == "t1" else "t1"
-            assert (await _rpc_error(s.tenant(other).TraceNumber(trace))).code() == grpc.StatusCode.NOT_FOUND
+            assert (await rpc_error(s.tenant(other).TraceNumber(trace))).code() == grpc.StatusCode.NOT_FOUND
 
 
 # ---------------------------------------------------------------- operator, carrier, regulator
@@ -197,7 +190,7 @@ async def test_operator_reads_any_tenant_and_leaves_an_audit_event(services: Any
         got = await operator.GetBinding(pb.GetBindingRequest(binding_id=mine.binding_id, tenant_id="t1"))
         assert got.binding == mine
         # Named under another tenant, the id is not found (the record carries its tenant).
-        other = await _rpc_error(operator.GetBinding(pb.GetBindingRequest(binding_id=mine.binding_id, tenant_id="t2")))
+        other = await rpc_error(operator.GetBinding(pb.GetBindingRequest(binding_id=mine.binding_id, tenant_id="t2")))
         assert other.code() == grpc.StatusCode.NOT_FOUND
         events = await audit_events(s, redis_sync)
         reads = [e for e in events if e.role == "operator" and e.method.startswith(_BIND)]
@@ -226,7 +219,7 @@ async def test_only_tenants_create_update_or_delete(services: Any, redis_sync: A
                     )
                 ),
             ):
-                assert (await _rpc_error(call)).code() == grpc.StatusCode.PERMISSION_DENIED, role
+                assert (await rpc_error(call)).code() == grpc.StatusCode.PERMISSION_DENIED, role
         listed = await s.binding.ListBindings(pb.ListBindingsRequest())
         assert [(b.binding_id, b.recording_enabled, b.state) for b in listed.bindings] == [
             (mine.binding_id, False, common_pb2.BINDING_STATE_ACTIVE)
@@ -240,7 +233,7 @@ async def test_regulator_traces_with_a_reason_that_goes_into_the_audit_trail(ser
         mine = (await s.binding.CreateBinding(create_request("reg-1"))).binding
         regulator = s.binding_as(Role.REGULATOR)
         request = pb.TraceNumberRequest(virtual_number=mine.virtual_number, at=_now_ts())
-        missing = await _rpc_error(regulator.TraceNumber(request))
+        missing = await rpc_error(regulator.TraceNumber(request))
         assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (missing.details() or "").startswith("reason: is required")
         request.reason = "case 2026-0042"
@@ -273,7 +266,7 @@ async def test_binding_with_a_tenant_token_as_its_credential_cannot_reserve(
             async with running_service("binding", build_binding, environ) as svc:
                 channel = svc.channel if environ.get("NUMPROTECT_AUTH") == "off" else svc.channel_as(Role.TENANT, "t1")
                 stub: Any = binding_pb2_grpc.BindingServiceStub(channel)
-                error = await _rpc_error(stub.CreateBinding(create_request("cred-1", tenant="t1")))
+                error = await rpc_error(stub.CreateBinding(create_request("cred-1", tenant="t1")))
                 assert error.code() == grpc.StatusCode.UNAVAILABLE
                 assert "refused the binding service's credential" in (error.details() or "")
                 assert nothing_of_a_binding_written(redis_sync)
@@ -365,7 +358,7 @@ async def test_create_and_trace_are_rate_limited_per_principal_then_recover(serv
     async with services(**limits) as s:
         t1, t2 = s.tenant("t1"), s.tenant("t2")
         made = [(await t1.CreateBinding(create_request(f"r-{i}", party_a=f"1380000000{i}"))).binding for i in range(2)]
-        error = await _rpc_error(t1.CreateBinding(create_request("r-2", party_a="13800000002")))
+        error = await rpc_error(t1.CreateBinding(create_request("r-2", party_a="13800000002")))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "NUMPROTECT_CREATE_BINDING_RATE" in (error.details() or "")
         assert quota_subjects(error) == ["NUMPROTECT_CREATE_BINDING_RATE"]
@@ -376,7 +369,7 @@ async def test_create_and_trace_are_rate_limited_per_principal_then_recover(serv
         trace = pb.TraceNumberRequest(virtual_number=x, at=_now_ts())
         for _ in range(3):
             await t1.TraceNumber(trace)
-        error = await _rpc_error(t1.TraceNumber(trace))
+        error = await rpc_error(t1.TraceNumber(trace))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert quota_subjects(error) == ["NUMPROTECT_TRACE_NUMBER_RATE"]
         operator = s.binding_as(Role.OPERATOR)

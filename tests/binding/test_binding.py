@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 
 from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2 as pb
@@ -29,6 +29,7 @@ from numprotect.services.translation.app import build_sync as build_translation
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.inprocess import running_service, running_sync_service
 from support.redis_server import free_port
+from support.rpc import rpc_error, violated_fields
 from support.tls import secure_channel
 
 A = "13800000001"
@@ -81,15 +82,6 @@ def status_details(error: grpc.aio.AioRpcError) -> status_pb2.Status:
     raise AssertionError("no google.rpc.Status in the trailers")
 
 
-def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    fields: list[str] = []
-    for detail in status_details(error).details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
-
-
 def keys_matching(redis_sync: Any, pattern: str) -> list[str]:
     """All keys matching `pattern` on every node (cluster) or the one node."""
     return sorted(k.decode() if isinstance(k, bytes) else k for k in redis_sync.scan_iter(match=pattern, count=1000))
@@ -99,14 +91,6 @@ async def _create(s: Any, order: str, **kwargs: Any) -> pb.Binding:
     """Creates as the key of the request's tenant (t1 unless `tenant` names another)."""
     reply = await s.tenant(kwargs.get("tenant", "t1")).CreateBinding(create_request(order, **kwargs))
     return reply.binding  # type: ignore[no-any-return]
-
-
-async def _rpc_error(call: Any) -> grpc.aio.AioRpcError:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc
-    raise AssertionError("the call succeeded")
 
 
 def _mask(*paths: str) -> Any:
@@ -183,7 +167,7 @@ async def test_axb_full_lifecycle(services: Any, redis_sync: Any) -> None:
         assert got.binding.state == common_pb2.BINDING_STATE_DELETED
         again = await s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
         assert again.binding.delete_time == deleted.binding.delete_time
-        error = await _rpc_error(
+        error = await rpc_error(
             s.binding.UpdateBinding(
                 pb.UpdateBindingRequest(
                     binding=pb.Binding(binding_id=created.binding_id, tenant_id="t1", recording_enabled=True),
@@ -246,7 +230,7 @@ async def test_repeated_create_returns_the_same_binding_and_other_parties_confli
         first = await _create(s, "order-7")
         again = await _create(s, "order-7", party_a="0086" + A)  # same parties, written differently
         assert again.binding_id == first.binding_id and again.virtual_number == first.virtual_number
-        error = await _rpc_error(s.binding.CreateBinding(create_request("order-7", party_b=B2)))
+        error = await rpc_error(s.binding.CreateBinding(create_request("order-7", party_b=B2)))
         assert error.code() == grpc.StatusCode.ALREADY_EXISTS
         # The same order id of another tenant is another order.
         other = await _create(s, "order-7", tenant="t2")
@@ -281,7 +265,7 @@ async def test_expiry_removes_the_routes_and_releases_the_number(services: Any, 
         got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
         assert got.binding.state == common_pb2.BINDING_STATE_EXPIRED
         assert (await number_info(s.allocation, x)).active_bindings == 0
-        error = await _rpc_error(
+        error = await rpc_error(
             s.binding.UpdateBinding(
                 pb.UpdateBindingRequest(
                     binding=pb.Binding(
@@ -335,7 +319,7 @@ async def test_shortening_and_extending_expire_time(services: Any, redis_sync: A
         assert got.binding.state == common_pb2.BINDING_STATE_EXPIRED
         too_late = created.create_time.ToMilliseconds() + 91 * 86_400_000
         fresh = await _create(s, "shorten-2")
-        error = await _rpc_error(
+        error = await rpc_error(
             s.binding.UpdateBinding(
                 pb.UpdateBindingRequest(
                     binding=pb.Binding(binding_id=fresh.binding_id, tenant_id="t1", expire_time=_ts(too_late)),
@@ -384,15 +368,15 @@ async def test_party_b_replacement_and_trace_across_it(services: Any, redis_sync
         def trace(at_ms: int, party: str = "") -> Any:
             return s.binding.TraceNumber(pb.TraceNumberRequest(virtual_number=x, at=_ts(at_ms), party_number=party))
 
-        assert (await _rpc_error(trace(before))).code() == grpc.StatusCode.NOT_FOUND
+        assert (await rpc_error(trace(before))).code() == grpc.StatusCode.NOT_FOUND
         then = await trace(during, B)
         assert [(b.binding_id, b.party_b) for b in then.bindings] == [(created.binding_id, B)]
         now = await trace(after_change)
         assert [b.party_b for b in now.bindings] == [B2]
-        assert (await _rpc_error(trace(after_change, B))).code() == grpc.StatusCode.NOT_FOUND
+        assert (await rpc_error(trace(after_change, B))).code() == grpc.StatusCode.NOT_FOUND
 
         await s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=created.binding_id, tenant_id="t1"))
-        assert (await _rpc_error(trace(_now_ms() + 1))).code() == grpc.StatusCode.NOT_FOUND
+        assert (await rpc_error(trace(_now_ms() + 1))).code() == grpc.StatusCode.NOT_FOUND
         kinds = await s.binding.GetBinding(
             pb.GetBindingRequest(binding_id=created.binding_id, tenant_id="t1", include_history=True)
         )
@@ -416,7 +400,7 @@ async def test_replacing_b_with_a_party_already_on_the_number_fails(services: An
                 second = candidate
                 break
         assert second is not None, "allocation did not reuse the in-use AXB number"
-        error = await _rpc_error(
+        error = await rpc_error(
             s.binding.UpdateBinding(
                 pb.UpdateBindingRequest(
                     binding=pb.Binding(binding_id=first.binding_id, tenant_id="t1", party_b=B3),
@@ -437,7 +421,7 @@ async def test_replacing_b_with_a_party_already_on_the_number_fails(services: An
 
 async def test_invalid_arguments_name_every_field(services: Any) -> None:
     async with services() as s:
-        error = await _rpc_error(
+        error = await rpc_error(
             s.binding.CreateBinding(
                 create_request(
                     "",
@@ -460,12 +444,12 @@ async def test_invalid_arguments_name_every_field(services: Any) -> None:
             "ttl",
             "city_code",
         }
-        same = await _rpc_error(s.binding.CreateBinding(create_request("o", party_b="+86" + A)))
+        same = await rpc_error(s.binding.CreateBinding(create_request("o", party_b="+86" + A)))
         assert violated_fields(same) == ["party_b"]
-        consent = await _rpc_error(s.binding.CreateBinding(create_request("o", user_consent=False)))
+        consent = await rpc_error(s.binding.CreateBinding(create_request("o", user_consent=False)))
         assert consent.code() == grpc.StatusCode.FAILED_PRECONDITION
         created = await _create(s, "ok-1")
-        mask_error = await _rpc_error(
+        mask_error = await rpc_error(
             s.binding.UpdateBinding(
                 pb.UpdateBindingRequest(
                     binding=pb.Binding(binding_id=created.binding_id, tenant_id="t1"),
@@ -477,12 +461,12 @@ async def test_invalid_arguments_name_every_field(services: Any) -> None:
         assert violated_fields(mask_error) == ["update_mask"]
         message = mask_error.details() or ""
         assert "party_a" in message and "virtual_number" in message
-        bad_id = await _rpc_error(s.binding.GetBinding(pb.GetBindingRequest(binding_id="nope", tenant_id="")))
+        bad_id = await rpc_error(s.binding.GetBinding(pb.GetBindingRequest(binding_id="nope", tenant_id="")))
         assert violated_fields(bad_id) == ["binding_id"]  # a tenant's empty tenant_id means its own
         operator = s.binding_as(Role.OPERATOR)
-        bad_id = await _rpc_error(operator.GetBinding(pb.GetBindingRequest(binding_id="nope", tenant_id="")))
+        bad_id = await rpc_error(operator.GetBinding(pb.GetBindingRequest(binding_id="nope", tenant_id="")))
         assert set(violated_fields(bad_id)) == {"binding_id", "tenant_id"}  # the operator must name the tenant
-        trace = await _rpc_error(s.binding.TraceNumber(pb.TraceNumberRequest(virtual_number="123")))
+        trace = await rpc_error(s.binding.TraceNumber(pb.TraceNumberRequest(virtual_number="123")))
         assert violated_fields(trace) == ["virtual_number"]
 
 
@@ -507,7 +491,7 @@ async def test_a_tenant_never_sees_or_changes_another_tenants_binding(services: 
                 )
 
             for foreign, absent in zip(calls(mine.binding_id), calls(missing), strict=True):
-                error, none = await _rpc_error(foreign()), await _rpc_error(absent())
+                error, none = await rpc_error(foreign()), await rpc_error(absent())
                 assert error.code() == none.code() == grpc.StatusCode.NOT_FOUND
                 assert (error.details() or "").replace(mine.binding_id, "ID") == (none.details() or "").replace(
                     missing, "ID"
@@ -548,7 +532,7 @@ async def test_list_bindings_pages_and_filters(services: Any) -> None:
             (operator, pb.ListBindingsRequest(tenant_id=""), "tenant_id"),  # the operator names the tenant
             (s.binding, pb.ListBindingsRequest(tenant_id="t1", out_order_id="{x}"), "out_order_id"),
         ):
-            error = await _rpc_error(stub.ListBindings(request))
+            error = await rpc_error(stub.ListBindings(request))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert violated_fields(error) == [field]
 
@@ -562,7 +546,7 @@ async def test_a_redis_fault_midway_leaves_nothing_reserved_or_written(services:
         planted = [tenant_index_key("t1", shard) for shard in range(TENANT_SHARDS)]
         for key in planted:
             redis_sync.set(key, "not a zset")
-        error = await _rpc_error(s.binding.CreateBinding(create_request("fault-1")))
+        error = await rpc_error(s.binding.CreateBinding(create_request("fault-1")))
         assert error.code() != grpc.StatusCode.OK
         # No reservation left at allocation, no route, no record, no history, no claim on the order.
         stats = await s.allocation.GetPoolStats(allocation_pb2.GetPoolStatsRequest(tenant_id="t1"))
@@ -585,7 +569,7 @@ async def test_a_fault_at_the_record_write_is_undone_too(services: Any, redis_sy
         original = BindingRecordStore._create
         try:
             BindingRecordStore._create = LuaScript.beside(__file__, "failing_script.lua")  # type: ignore[misc]
-            error = await _rpc_error(s.binding.CreateBinding(create_request("fault-2")))
+            error = await rpc_error(s.binding.CreateBinding(create_request("fault-2")))
         finally:
             BindingRecordStore._create = original  # type: ignore[misc]
         assert error.code() != grpc.StatusCode.OK
@@ -611,7 +595,7 @@ async def test_a_repeated_create_takes_over_an_abandoned_one_and_cleans_it_up(se
 
         fresh = await _create(s, "crash-1")
         assert fresh.binding_id != crashed.binding_id
-        error = await _rpc_error(s.binding.GetBinding(pb.GetBindingRequest(binding_id=binding_id, tenant_id="t1")))
+        error = await rpc_error(s.binding.GetBinding(pb.GetBindingRequest(binding_id=binding_id, tenant_id="t1")))
         assert error.code() == grpc.StatusCode.NOT_FOUND
         assert redis_sync.exists(binding_key(binding_id)) == 0
         for caller in (A, B):
@@ -642,12 +626,12 @@ async def test_allocation_unreachable_is_unavailable_and_leaves_the_order_free(
     }
     async with running_service("binding", build_binding, environ) as svc:
         stub: Any = binding_pb2_grpc.BindingServiceStub(svc.channel_as(Role.TENANT, "t1"))
-        error = await _rpc_error(stub.CreateBinding(create_request("down-1")))
+        error = await rpc_error(stub.CreateBinding(create_request("down-1")))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "AllocateNumber" in (error.details() or "")
         assert keys_matching(redis_sync, "np:ord:*") == []
         assert [k for k in keys_matching(redis_sync, "np:tl:*") if redis_sync.zcard(k)] == []
-        again = await _rpc_error(stub.CreateBinding(create_request("down-1")))
+        again = await rpc_error(stub.CreateBinding(create_request("down-1")))
         assert again.code() == grpc.StatusCode.UNAVAILABLE  # not ABORTED: no claim was left behind
 
 
