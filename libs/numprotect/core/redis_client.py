@@ -82,6 +82,11 @@ def connection_options(settings: RedisSettings) -> dict[str, Any]:
     return options
 
 
+def as_text(value: bytes | str) -> str:
+    """A reply of a client with or without decode_responses, as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def create_redis(settings: RedisSettings) -> RedisClient:
     """A client for the configured Redis; in cluster mode the URL names one node and the topology is discovered."""
     common = connection_options(settings)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from numprotect.core.identity.api_keys import HashKey
+from numprotect.core.redis_client import as_text
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,12 @@ class AuditLog:
             if int(written) == 1:
                 self._head = mac
                 return
-            self._head = _text(value)  # another writer appended first: chain from its event
+            self._head = as_text(value)  # another writer appended first: chain from its event
         raise RuntimeError("audit chain contended 100 times in a row")
 
     def _read_head(self) -> str:
         raw = self._redis.get(HEAD_KEY)
-        return _text(raw) if raw is not None else _GENESIS
+        return as_text(raw) if raw is not None else _GENESIS
 
 
 @dataclass(frozen=True)
@@ -177,16 +178,12 @@ def stream_entries(redis: Any, *, batch: int = 1000) -> Iterator[tuple[str, dict
     while True:
         rows = redis.xrange(LOG_KEY, min=start, count=batch)
         for entry_id, fields in rows:
-            yield _text(entry_id), {_text(k): _text(v) for k, v in fields.items()}
+            yield as_text(entry_id), {as_text(k): as_text(v) for k, v in fields.items()}
         if len(rows) < batch:
             return
-        start = "(" + _text(rows[-1][0])
+        start = "(" + as_text(rows[-1][0])
 
 
 def verify_redis(key: HashKey, redis: Any) -> ChainReport:
     head = redis.get(HEAD_KEY)
-    return verify(key, stream_entries(redis), _text(head) if head is not None else None)
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return verify(key, stream_entries(redis), as_text(head) if head is not None else None)

@@ -26,6 +26,7 @@ from typing import Any
 from numprotect.core.identity import api_keys
 from numprotect.core.identity.api_keys import ApiKeyRecord, HashKey
 from numprotect.core.identity.principal import Principal
+from numprotect.core.redis_client import as_text
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Directory:
             self._verified = {}
         if previous is None or versions[1] != previous[1]:
             raw_blocks = self._redis.hgetall(CARRIER_BLOCKS_KEY)
-            self._blocks = {_text(block): _text(carrier) for block, carrier in raw_blocks.items()}
+            self._blocks = {as_text(block): as_text(carrier) for block, carrier in raw_blocks.items()}
         self._versions = versions
         return True
 
@@ -167,17 +168,3 @@ class Directory:
 
 def _equal(left: str, right: str) -> bool:
     return hmac.compare_digest(left, right)
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Polls `predicate` until true or `timeout` s (tests and tools waiting for a reload)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from numprotect.core.binding_records import BindingRecord, BindingRecordStore, StoredBinding, get_stored_bindings
 from numprotect.core.errors import Aborted
-from numprotect.core.redis_client import LuaScript, RedisClient
+from numprotect.core.redis_client import LuaScript, RedisClient, as_text
 from numprotect.core.routes import Route, RouteConflictError, RouteTable
 from numprotect.services.binding.settings import BindingSettings
 
@@ -66,10 +66,6 @@ class Claim:
     binding_id: str
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class OrderClaims:
     """The idempotency key of (tenant_id, out_order_id): claimed by one create, marked done at its commit."""
 
@@ -99,7 +95,7 @@ class OrderClaims:
         reply = await self._claim(
             self.redis, [order_key(tenant_id, out_order_id)], [binding_id, fp, deadline_ms, expire_at_ms, cleaned]
         )
-        return Claim(_text(reply[0]), _text(reply[1]))
+        return Claim(as_text(reply[0]), as_text(reply[1]))
 
     async def commit(
         self, tenant_id: str, out_order_id: str, binding_id: str, fp: str, deadline_ms: int, expire_at_ms: int
@@ -126,7 +122,7 @@ class OrderClaims:
         raw = await self.redis.get(order_key(tenant_id, out_order_id))
         if raw is None:
             return None
-        state, binding_id, *_ = _text(raw).split("|")
+        state, binding_id, *_ = as_text(raw).split("|")
         return binding_id if state == "d" else None
 
 
@@ -157,7 +153,7 @@ class TenantIndex:
             for shard in range(TENANT_SHARDS):
                 pipe.zrange(tenant_index_key(tenant_id, shard), low, "+", bylex=True, offset=0, num=size)
             replies = await pipe.execute()
-        merged = sorted(_text(member) for reply in replies for member in reply)
+        merged = sorted(as_text(member) for reply in replies for member in reply)
         more = len(merged) > size or any(len(reply) == size for reply in replies)
         return merged[:size], more
 

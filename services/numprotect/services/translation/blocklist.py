@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from numprotect.core.clock import Clock
 from numprotect.core.errors import ResourceExhausted
 from numprotect.core.identifiers import TENANT_ID
-from numprotect.core.redis_client import SyncRedisClient
+from numprotect.core.redis_client import SyncRedisClient, as_text
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,6 @@ class BlocklistView:
         return len(self._by_caller)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class BlocklistStore:
     """The blocklists in Redis: writes (Block/Unblock RPCs), listing, and loading into a BlocklistView."""
 
@@ -158,7 +154,7 @@ class BlocklistStore:
 
     def _entries(self, scope: str, tenant_id: str) -> list[StoredEntry]:
         raw: dict[bytes, bytes] = self.redis.hgetall(list_key(scope))  # type: ignore[assignment]
-        return [StoredEntry.decode(tenant_id, _text(k), _text(v)) for k, v in raw.items()]
+        return [StoredEntry.decode(tenant_id, as_text(k), as_text(v)) for k, v in raw.items()]
 
     def version(self) -> int:
         raw = self.redis.get(VERSION_KEY)
@@ -170,7 +166,7 @@ class BlocklistStore:
         entries: list[StoredEntry] = []
         scopes: set[bytes] = self.redis.smembers(SCOPES_KEY)  # type: ignore[assignment]
         for raw_scope in scopes:
-            scope = _text(raw_scope)
+            scope = as_text(raw_scope)
             tenant_id = "" if scope == GLOBAL_SCOPE else scope.removeprefix("t:")
             entries.extend(e for e in self._entries(scope, tenant_id) if e.live(now_ms))
         view.replace(entries, version)

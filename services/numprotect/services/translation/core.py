@@ -19,7 +19,7 @@ from numprotect.core.calls import domain_error
 from numprotect.core.clock import Clock
 from numprotect.core.errors import DomainError, InvalidArgument, Unavailable
 from numprotect.core.phone import mask
-from numprotect.core.redis_client import LuaScript
+from numprotect.core.redis_client import LuaScript, as_text
 from numprotect.core.routes import axe_marker_key, axn_key, caller_key, extension_key, lock_key
 from numprotect.core.settings import Env
 from numprotect.core.telemetry import set_span_attributes
@@ -111,10 +111,6 @@ class Prepared:
     args: tuple[str, ...]
 
 
-def _text(value: _TEXT) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class Translator:
     """Validation, the script call and the response, shared by Translate and TranslateStream."""
 
@@ -193,14 +189,14 @@ class Translator:
         """
         decision = int(reply[0])
         if decision == CONNECT:
-            binding_id = _text(reply[2])  # type: ignore[arg-type]
-            tenant_id = _text(reply[3])  # type: ignore[arg-type]
+            binding_id = as_text(reply[2])  # type: ignore[arg-type]
+            tenant_id = as_text(reply[3])  # type: ignore[arg-type]
             trace_id = span_id = 0
             if span is not None:
                 trace_id, span_id = _annotate_span(span, prepared, CONNECT, binding_id, tenant_id)
             return translation_pb2.TranslateResponse(
                 decision=CONNECT,
-                target_number=_text(reply[4]),  # type: ignore[arg-type]
+                target_number=as_text(reply[4]),  # type: ignore[arg-type]
                 display_number=prepared.called,
                 binding_id=binding_id,
                 tenant_id=tenant_id,
@@ -215,15 +211,15 @@ class Translator:
                 span,
                 prepared,
                 decision,
-                _text(reply[2]) if known else "",  # type: ignore[arg-type]
-                _text(reply[3]) if known else "",  # type: ignore[arg-type]
+                as_text(reply[2]) if known else "",  # type: ignore[arg-type]
+                as_text(reply[3]) if known else "",  # type: ignore[arg-type]
                 int(reply[1]) if decision == REJECT else 0,  # type: ignore[arg-type]
             )
         if decision == REJECT:
             response.reject_reason = int(reply[1])  # type: ignore[assignment]
             if len(reply) >= 4:
-                response.binding_id = _text(reply[2])  # type: ignore[arg-type]
-                response.tenant_id = _text(reply[3])  # type: ignore[arg-type]
+                response.binding_id = as_text(reply[2])  # type: ignore[arg-type]
+                response.tenant_id = as_text(reply[3])  # type: ignore[arg-type]
         return response
 
 
