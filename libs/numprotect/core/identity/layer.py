@@ -10,7 +10,6 @@ principal on every message and, on grpc.aio, at least every second while idle: a
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any
@@ -19,6 +18,7 @@ import grpc
 from opentelemetry import trace
 
 from numprotect.core.calls import Method
+from numprotect.core.clock import Clock, SystemClock
 from numprotect.core.errors import DomainError, InvalidArgument, PermissionDenied, Unauthenticated
 from numprotect.core.identity.audit import AuditEvent, AuditLog
 from numprotect.core.identity.directory import Directory
@@ -33,6 +33,12 @@ UNAUTHENTICATED_MESSAGE = "a valid API key (authorization: Bearer <token>) or cl
 UNCHECKED = Principal(Role.OPERATOR, "auth-off")
 
 PeerIdentity = Callable[[Any], "str | None"]
+
+
+def refuse_other_tenant(principal: Principal, requested: str, field: str) -> None:
+    """A tenant principal may name only itself (an empty field means itself)."""
+    if requested and requested != principal.id:
+        raise PermissionDenied(f"{field}: a tenant key acts only for its own tenant", reason="OTHER_TENANT")
 
 
 class Callers:
@@ -56,8 +62,7 @@ class Callers:
         else the one the request names (required)."""
         principal = self.principal()
         if principal.role is Role.TENANT:
-            if requested and requested != principal.id:
-                raise PermissionDenied(f"{field}: a tenant key acts only for its own tenant", reason="OTHER_TENANT")
+            refuse_other_tenant(principal, requested, field)
             return principal.id
         if not requested:
             raise InvalidArgument.field(field, "is required")
@@ -97,14 +102,14 @@ class IdentityConcern:
         *,
         peer_identity: PeerIdentity | None = None,
         policy: Any = POLICY,
-        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        clock: Clock | None = None,
     ) -> None:
         self.callers = callers
         self.directory = directory
         self.audit = audit
         self.peer_identity = peer_identity  # the client certificate's SPIFFE id (mTLS mode), else None
         self.policy = policy
-        self.now_ms = now_ms
+        self.clock = clock or SystemClock()
 
     def for_method(self, method: Method) -> _MethodIdentity:
         entry = self.policy.get(method.path)
@@ -146,7 +151,7 @@ class IdentityConcern:
         span_context = trace.get_current_span().get_span_context()
         self.audit.record(
             AuditEvent(
-                time_ms=self.now_ms(),
+                time_ms=self.clock.now_ms(),
                 principal=principal.subject if principal is not None else "anonymous",
                 role=principal.role.value if principal is not None else "",
                 method=method.path,
@@ -193,11 +198,7 @@ class _MethodIdentity:
                         "reason", f"is required of a {principal.role.value}: a case reference for the audit trail"
                     )
                 if entry.scope is Scope.TENANT_FIELD and principal.role is Role.TENANT:
-                    requested = getattr(request, "tenant_id", "")
-                    if requested and requested != principal.id:
-                        raise PermissionDenied(
-                            "tenant_id: a tenant key acts only for its own tenant", reason="OTHER_TENANT"
-                        )
+                    refuse_other_tenant(principal, getattr(request, "tenant_id", ""), "tenant_id")
         except DomainError as denied:
             concern.record(principal, self._method, self._entry, request, denied.code.name, context)
             raise

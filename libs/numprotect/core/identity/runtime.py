@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from numprotect.core.calls import CallConcern
+from numprotect.core.clock import SystemClock
 from numprotect.core.identity.api_keys import AuthSettings, HashKey
 from numprotect.core.identity.audit import AuditLog
 from numprotect.core.identity.directory import Directory
@@ -15,10 +15,6 @@ from numprotect.core.redis_client import create_sync_redis
 from numprotect.core.settings import RedisSettings
 
 log = logging.getLogger(__name__)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Identity:
@@ -33,11 +29,12 @@ class Identity:
         self.directory: Directory | None = None
         self.audit: AuditLog | None = None
         self._redis: Any = None
+        self._clock = SystemClock()
         if settings.enabled:
             assert settings.hash_key is not None
             self._redis = create_sync_redis(redis_settings, max_connections=4)
             self.directory = Directory(
-                settings.hash_key, self._redis, refresh_seconds=settings.refresh_seconds, now_ms=_now_ms
+                settings.hash_key, self._redis, refresh_seconds=settings.refresh_seconds, now_ms=self._clock.now_ms
             )
             self.audit = AuditLog(settings.hash_key.derive("audit"), self._redis)
         self.callers = Callers(self.directory)
@@ -51,7 +48,11 @@ class Identity:
     def concerns(self) -> list[CallConcern]:
         if self.directory is None or self.audit is None:
             return []
-        return [IdentityConcern(self.callers, self.directory, self.audit, peer_identity=self.peer_identity)]
+        return [
+            IdentityConcern(
+                self.callers, self.directory, self.audit, peer_identity=self.peer_identity, clock=self._clock
+            )
+        ]
 
     def start(self) -> None:
         if self.directory is None or self.audit is None:
