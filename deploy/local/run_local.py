@@ -39,7 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from numprotect.core.dev_pki import ensure_dev_pki
-from numprotect.core.identity.local_keys import ensure_auth_key, ensure_dev_tokens
+from numprotect.core.identity.local_keys import ensure_auth_key, ensure_dev_tokens, write_private
 from numprotect.core.redis_acl import ACL_USERS, ADMIN_USER, SERVICE_USERS, parse_redis_version, render_acl_file
 from numprotect.core.redis_client import create_sync_redis
 from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, RedisSettings, SettingsError
@@ -193,16 +193,12 @@ class LocalSuite:
         for user in ACL_USERS:
             path = dev / f"redis-{user.name}.password"
             if not path.exists():
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(descriptor, "w") as out:
-                    out.write(secrets.token_hex(24))
+                write_private(path, secrets.token_hex(24))
             self.redis_passwords[user.name] = path
         version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
         acl = data / "users.acl"
-        descriptor = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         passwords = {user: self.redis_password(user) for user in self.redis_passwords}
-        with os.fdopen(descriptor, "w") as out:
-            out.write(render_acl_file(passwords, redis_version=parse_redis_version(version)))
+        write_private(acl, render_acl_file(passwords, redis_version=parse_redis_version(version)))
         return acl
 
     def redis_user_env(self, service: str) -> dict[str, str]:
@@ -220,10 +216,7 @@ class LocalSuite:
             return {}
         path = self.run_dir / "page-token.key"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as out:
-                out.write(base64.b64encode(secrets.token_bytes(32)).decode())
+            write_private(path, base64.b64encode(secrets.token_bytes(32)).decode())
         return {"NUMPROTECT_PAGE_TOKEN_KEY": path.read_text().strip()}
 
     def start_services(self) -> None:
