@@ -176,6 +176,11 @@ class RedisSettings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: RedisTls | None = None
+    # Acknowledged writes of bindings and CDRs wait (Redis WAIT) until this many replicas of the master that took
+    # them have them too, at most `wait_timeout_seconds`; not reached in time, the write is answered UNAVAILABLE.
+    # 0 = off (asynchronous replication: a master that dies may lose its last acknowledged writes).
+    wait_replicas: int = 0
+    wait_timeout_seconds: float = 0.5
 
     @classmethod
     def from_env(cls, env: Env) -> RedisSettings:
@@ -196,14 +201,25 @@ class RedisSettings:
         if mode == "cluster" and parsed.path not in ("", "/", "/0"):
             raise SettingsError(f"NUMPROTECT_REDIS_URL={shown!r}: Redis Cluster has only database 0")
         username, password = _redis_credentials(env, parsed.username, parsed.password)
+        timeout_seconds = env.seconds("NUMPROTECT_REDIS_TIMEOUT", 2.0, minimum=0.01, maximum=60)
+        wait_replicas = env.integer("NUMPROTECT_REDIS_WAIT_REPLICAS", 0, minimum=0, maximum=16)
+        wait_timeout = env.seconds("NUMPROTECT_REDIS_WAIT_TIMEOUT", 0.5, minimum=0.001, maximum=60)
+        if wait_replicas and wait_timeout >= timeout_seconds:
+            # WAIT holds the connection for up to its timeout: the socket timeout would cut it off first.
+            raise SettingsError(
+                f"NUMPROTECT_REDIS_WAIT_TIMEOUT={wait_timeout:g}s: must be shorter than "
+                f"NUMPROTECT_REDIS_TIMEOUT ({timeout_seconds:g}s) when NUMPROTECT_REDIS_WAIT_REPLICAS is set"
+            )
         return cls(
             url=shown,
             mode="cluster" if mode == "cluster" else "standalone",
-            timeout_seconds=env.seconds("NUMPROTECT_REDIS_TIMEOUT", 2.0, minimum=0.01, maximum=60),
+            timeout_seconds=timeout_seconds,
             max_connections=env.integer("NUMPROTECT_REDIS_MAX_CONNECTIONS", 64, minimum=1, maximum=10_000),
             username=username,
             password=password,
             tls=RedisTls.from_env(env, parsed.scheme),
+            wait_replicas=wait_replicas,
+            wait_timeout_seconds=wait_timeout,
         )
 
 
