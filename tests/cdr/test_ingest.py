@@ -28,7 +28,8 @@ async def test_a_mixed_batch_accepts_the_good_and_rejects_the_bad_precisely(
         2: (make_record("x" * 129), "call_id", "at most 128"),
         3: (make_record("sp ace"), "call_id", "visible ASCII"),
         4: (make_record("c4", called_number="13800000001"), "called_number", "700 number"),
-        5: (make_record("c5", calling_number="12345"), "calling_number", "mobile"),
+        # Full-width digits: Translate and the blocklists refuse them too (phone.normalize_calling).
+        5: (make_record("c5", calling_number="\uff11" * 11), "calling_number", "ASCII digits"),
         6: (make_record("c6", calling_number=""), "calling_number", "is required"),
         7: (make_record("c7", release_time=None), "release_time", "is required"),
         8: (make_record("c8", call_time=None), "call_time", "is required"),

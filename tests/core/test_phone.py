@@ -6,8 +6,10 @@ import pytest
 
 from numprotect.core.errors import InvalidArgument
 from numprotect.core.phone import (
+    MAX_NUMBER_LENGTH,
     InvalidNumber,
     mask,
+    normalize_calling,
     normalize_party,
     party_field,
     validate_block,
@@ -34,6 +36,8 @@ from numprotect.core.phone import (
         ("0086 755 1234 5678", "075512345678"),
         ("861012345678", "01012345678"),
         ("(010) 1234-5678", "01012345678"),
+        ("013812345678", "13812345678"),  # a trunk 0 before a mobile (no area code starts 01[3-9])
+        ("+86 013812345678", "13812345678"),
     ],
 )
 def test_normalize_party_accepts_every_documented_format(raw: str, expected: str) -> None:
@@ -52,7 +56,14 @@ def test_normalize_party_accepts_every_documented_format(raw: str, expected: str
         ("700123456789012", "not a 700 virtual number"),
         ("+86700123456789012", "not a 700 virtual number"),
         ("+14155550100", "only Chinese numbers"),
-        ("138abc45678", "only digits"),
+        ("138abc45678", "only ASCII digits"),
+        ("\uff11\uff13\uff18\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff11", "only ASCII digits"),  # full-width
+        ("\u0661\u0663\u0668\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0661", "only ASCII digits"),  # Arabic-Indic
+        ("138\x0012345678", "only ASCII digits"),
+        ("138\n12345678", "only ASCII digits"),
+        ("+", "only Chinese numbers"),
+        ("   ", "is required"),
+        ("1" * 65536, f"at most {MAX_NUMBER_LENGTH} characters"),
         ("23812345678", "must be a mobile"),
     ],
 )
@@ -95,3 +106,50 @@ def test_mask_hides_the_middle_digits() -> None:
     assert mask("700123456789012") == "700********9012"
     assert mask("01012345678") == "010****5678"
     assert "1234" not in mask("0371123456")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("13812345678", "13812345678"),
+        ("+86 138-1234-5678", "13812345678"),
+        ("013812345678", "13812345678"),
+        ("+12025550123", "+12025550123"),  # foreign: kept as its digits
+        ("+49 151 1234 5678", "+4915112345678"),
+        ("95555", "95555"),  # a service number
+        ("700100000000009", "700100000000009"),  # another 700 number calling
+    ],
+)
+def test_calling_numbers_are_party_numbers_when_chinese_and_their_digits_otherwise(raw: str, expected: str) -> None:
+    assert normalize_calling(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "  ",
+        "+",
+        "12",
+        "anonymous",
+        "\uff11\uff13\uff18\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff11",
+        "\u0661\u0663\u0668\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0661",
+        "1380000\x070001",
+        "1" * 21,
+        "1" * 65536,
+    ],
+)
+def test_calling_numbers_refuse_what_is_no_number_of_ascii_digits(raw: str) -> None:
+    with pytest.raises(InvalidNumber):
+        normalize_calling(raw)
+
+
+def test_every_number_rule_takes_ascii_digits_only() -> None:
+    full_width_virtual = "700" + "\uff11" * 12
+    arabic_block = "700" + "\u0661" * 8
+    with pytest.raises(InvalidNumber):
+        validate_virtual(full_width_virtual)
+    with pytest.raises(InvalidNumber):
+        validate_block(arabic_block)
+    with pytest.raises(InvalidNumber):
+        validate_city_code("0\u0661\u0660")

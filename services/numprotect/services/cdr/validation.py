@@ -3,8 +3,9 @@
 Rules (docs/cdr.md, "Validation"):
 - call_id: required, 1 to 128 visible ASCII characters (0x21-0x7E).
 - called_number: a 15-digit 700 number.
-- calling_number: required; Chinese numbers are normalised (+86/0086/86 removed); an international E.164
-  number (+ and 6 to 15 digits, not +86) is kept as written.
+- calling_number: required; the calling-number rule of Translate and the blocklists (phone.normalize_calling):
+  Chinese numbers are normalised (+86/0086/86 removed), any other number is kept as its digits (3 to 20, an
+  optional leading +), so the record of every call Translate answered is accepted.
 - target_number (optional): a real Chinese number, normalised. display_number (optional): a 700 number or a
   real number. extension (optional): 1 to 4 digits.
 - call_time and release_time required; call <= ring <= answer <= release for those present; call_time not
@@ -15,7 +16,6 @@ Rules (docs/cdr.md, "Validation"):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from numprotect.cdr.v1 import cdr_pb2
@@ -23,11 +23,16 @@ from numprotect.core.call_ref import CallRef
 from numprotect.core.conversions import optional_timestamp_ms
 from numprotect.core.errors import InvalidArgument
 from numprotect.core.identifiers import CALL_ID, CALL_ID_MAX
-from numprotect.core.phone import InvalidNumber, normalize_party, validate_extension, validate_virtual
+from numprotect.core.phone import (
+    InvalidNumber,
+    normalize_calling,
+    normalize_party,
+    validate_extension,
+    validate_virtual,
+)
 
 MAX_ID_FIELD = 128
 MAX_URL = 2048
-_INTERNATIONAL = re.compile(r"\+[1-9]\d{5,14}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +86,8 @@ def _enum(record: cdr_pb2.CallDetailRecord, field: str, enum: object) -> None:
 
 
 def _calling(raw: str) -> str:
-    compact = raw.strip().replace(" ", "").replace("-", "")
-    if _INTERNATIONAL.fullmatch(compact) and not compact.startswith("+86"):
-        return compact
     try:
-        return normalize_party(raw)
+        return normalize_calling(raw)
     except InvalidNumber as exc:
         raise _Reject("calling_number", str(exc)) from None
 
