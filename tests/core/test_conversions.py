@@ -9,11 +9,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from numprotect.allocation.v1 import allocation_pb2
 from numprotect.core.conversions import (
     DURATION_RULE,
+    TIMESTAMP_MAX_MS,
+    TIMESTAMP_MIN_MS,
     TIMESTAMP_RULE,
+    bounded_duration_ms,
     duration_from_ms,
     duration_ms,
     duration_seconds,
+    in_timestamp_range,
     optional_timestamp_ms,
+    seconds_text,
     timestamp_from_ms,
     timestamp_ms,
 )
@@ -83,3 +88,30 @@ def test_invalid_duration_is_invalid_argument_naming_the_field(duration: Duratio
     with pytest.raises(InvalidArgument) as caught:
         duration_ms("lease", duration)
     assert [(v.field, v.description) for v in caught.value.violations] == [("lease", DURATION_RULE)]
+
+
+def test_bounded_duration_checks_the_type_first_then_the_fields_own_range() -> None:
+    assert bounded_duration_ms("ttl", Duration(seconds=60), 1, 3_600_000) == 60_000
+    with pytest.raises(InvalidArgument) as caught:
+        bounded_duration_ms("ttl", Duration(seconds=1, nanos=-1), 1, 3_600_000)
+    assert [(v.field, v.description) for v in caught.value.violations] == [("ttl", DURATION_RULE)]
+    for outside in (Duration(), Duration(seconds=3601), Duration(seconds=315_576_000_000)):
+        with pytest.raises(InvalidArgument) as caught:
+            bounded_duration_ms("ttl", outside, 1, 3_600_000, setting="NUMPROTECT_X")
+        assert [(v.field, v.description) for v in caught.value.violations] == [
+            ("ttl", "must be between 0.001s and 3600s (NUMPROTECT_X) (or unset)")
+        ]
+
+
+def test_timestamp_range_is_what_timestamp_from_ms_can_write() -> None:
+    for ms in (TIMESTAMP_MIN_MS, 0, TIMESTAMP_MAX_MS):
+        assert in_timestamp_range(ms)
+        timestamp_from_ms(ms)
+    for ms in (TIMESTAMP_MIN_MS - 1, TIMESTAMP_MAX_MS + 1):
+        assert not in_timestamp_range(ms)
+        with pytest.raises(ValueError):
+            timestamp_from_ms(ms)
+
+
+def test_seconds_text_reads_like_a_setting() -> None:
+    assert [seconds_text(ms) for ms in (100, 1000, 1500, 7_776_000_000)] == ["0.1s", "1s", "1.5s", "7776000s"]

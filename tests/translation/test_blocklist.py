@@ -11,8 +11,11 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from numprotect.core.conversions import TIMESTAMP_MAX_SECONDS
 from numprotect.core.routes import MODE_AXN
+from numprotect.services.translation.blocklist import MAX_TTL_MS, list_key
 from numprotect.translation.v1 import translation_pb2 as pb
+from support.rpc import fails, violated_fields
 
 X = "700100000000001"
 X2 = "700100000000002"
@@ -122,3 +125,85 @@ async def test_bad_block_requests_are_invalid_argument(tr: Any, request_: pb.Blo
         await tr.operator.BlockCaller(request_)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (info.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    "ttl",
+    [
+        duration_pb2.Duration(seconds=315_576_000_000),  # the largest Duration: now + ttl is past year 9999
+        duration_pb2.Duration(seconds=315_576_000_001),
+        duration_pb2.Duration(seconds=MAX_TTL_MS // 1000 + 1),
+        duration_pb2.Duration(seconds=60, nanos=-1),
+        duration_pb2.Duration(seconds=-60, nanos=1),
+        duration_pb2.Duration(nanos=1_000_000_000),
+        duration_pb2.Duration(nanos=-1),
+        duration_pb2.Duration(seconds=0),
+    ],
+)
+async def test_a_ttl_out_of_range_is_invalid_argument_and_stores_nothing(tr: Any, ttl: duration_pb2.Duration) -> None:
+    request = pb.BlockCallerRequest(tenant_id="t1", calling_number=SPAMMER, ttl=ttl)
+    error = await fails(grpc.StatusCode.INVALID_ARGUMENT, tr.operator.BlockCaller(request))
+    assert violated_fields(error) == ["ttl"]
+    assert await tr.redis.exists(list_key("t:t1")) == 0
+    listed = await tr.operator.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id="t1"))
+    assert list(listed.entries) == []
+
+
+async def test_the_longest_ttl_is_listed_with_its_expiry(tr: Any) -> None:
+    request = pb.BlockCallerRequest(tenant_id="t1", calling_number=SPAMMER)
+    request.ttl.FromMilliseconds(MAX_TTL_MS)
+    reply = await tr.operator.BlockCaller(request)
+    expected_s = reply.entry.create_time.seconds + MAX_TTL_MS // 1000
+    assert abs(reply.entry.expire_time.seconds - expected_s) <= 1
+    listed = await tr.operator.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id="t1"))
+    assert [e.expire_time.seconds for e in listed.entries] == [reply.entry.expire_time.seconds]
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "\uff11\uff13\uff17\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff13",  # full-width digits
+        "\u0661\u0663\u0667\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0663",  # Arabic-Indic digits
+        "+",
+        "   ",
+        "",
+        "1370000\x000003",
+        "1370000\n0003",
+        "1" * 65536,
+    ],
+)
+async def test_a_number_translate_would_refuse_is_never_blocked(tr: Any, number: str) -> None:
+    """One rule for every RPC that takes a calling number: BlockCaller refuses what Translate refuses."""
+    await tr.put(tr.route("n1", MODE_AXN))
+    block = tr.operator.BlockCaller(pb.BlockCallerRequest(tenant_id="t1", calling_number=number))
+    assert violated_fields(await fails(grpc.StatusCode.INVALID_ARGUMENT, block)) == ["calling_number"]
+    translate = tr.stub.Translate(pb.TranslateRequest(calling_number=number, called_number=X, call_id="c"))
+    assert violated_fields(await fails(grpc.StatusCode.INVALID_ARGUMENT, translate)) == ["calling_number"]
+    assert await tr.redis.exists(list_key("t:t1")) == 0
+
+
+async def test_entries_stored_badly_are_skipped_never_internal_and_removed_by_the_next_block(tr: Any) -> None:
+    """Entries an older version (or a hand) wrote: a listing and the hot path's reload skip or bound them."""
+    await tr.put(tr.route("n1", MODE_AXN, tenant_id="t1"))
+    key = list_key("t:t1")
+    far = (TIMESTAMP_MAX_SECONDS + 10**9) * 1000
+    await tr.redis.hset(
+        key,
+        mapping={
+            SPAMMER: f"1000|{far}|stored by an older version",  # an expiry past year 9999: bounded, still blocks
+            "13700000004": "not|a|number",  # unreadable
+            "13700000005": "12",  # unreadable: no fields
+            "\uff11\uff13\uff17\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff16": "1000|0|full-width",
+            b"\xff\xfe": "1000|0|not UTF-8",
+        },
+    )
+    await tr.redis.sadd("np:bl:scopes", "t:t1")
+    await tr.redis.incr("np:bl:version")
+    listed = await tr.operator.ListBlockedCallers(pb.ListBlockedCallersRequest(tenant_id="t1"))
+    assert [(e.calling_number, e.reason) for e in listed.entries] == [(SPAMMER, "stored by an older version")]
+    assert listed.entries[0].expire_time.seconds == TIMESTAMP_MAX_SECONDS
+    # The reload of the hot path's copy went on too: the readable entry blocks.
+    await _eventually(lambda: _is(tr, SPAMMER, X, pb.REJECT_REASON_CALLER_BLOCKED), 3 * PROPAGATION + 0.5)
+
+    await tr.operator.BlockCaller(pb.BlockCallerRequest(tenant_id="t1", calling_number=B))
+    assert sorted(await tr.redis.hkeys(key)) == sorted([SPAMMER.encode(), B.encode()])

@@ -2,6 +2,9 @@
 
 Reading a field from a request takes the field's name: a value outside what the type allows becomes
 INVALID_ARGUMENT naming that field, where protobuf's own ToMilliseconds would raise ValueError (INTERNAL).
+A field also has its own business range (a ttl up to the service's maximum, ...): `bounded_duration_ms` checks
+both at once, so that nothing computed from an accepted value (now + ttl) can leave the Timestamp range and
+fail later, when it is written into a response (timestamp_from_ms raises ValueError outside the range).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ TIMESTAMP_MIN_SECONDS = -62_135_596_800
 TIMESTAMP_MAX_SECONDS = 253_402_300_799
 # +-10000 years, the range google.protobuf.Duration allows.
 DURATION_MAX_SECONDS = 315_576_000_000
+TIMESTAMP_MIN_MS = TIMESTAMP_MIN_SECONDS * 1000
+TIMESTAMP_MAX_MS = TIMESTAMP_MAX_SECONDS * 1000 + 999
 _NANOS_PER_SECOND = 1_000_000_000
 _NANOS_PER_MS = 1_000_000
 
@@ -67,6 +72,27 @@ def duration_ms(field: str, duration: Duration) -> int:
         raise InvalidArgument.field(field, DURATION_RULE)
     whole_ms = nanos // _NANOS_PER_MS if nanos >= 0 else -(-nanos // _NANOS_PER_MS)
     return seconds * 1000 + whole_ms
+
+
+def bounded_duration_ms(field: str, duration: Duration, minimum_ms: int, maximum_ms: int, *, setting: str = "") -> int:
+    """duration_ms, also INVALID_ARGUMENT unless minimum_ms <= value <= maximum_ms (`setting`: what sets the bound)."""
+    ms = duration_ms(field, duration)
+    if not minimum_ms <= ms <= maximum_ms:
+        source = f" ({setting})" if setting else ""
+        raise InvalidArgument.field(
+            field, f"must be between {seconds_text(minimum_ms)} and {seconds_text(maximum_ms)}{source} (or unset)"
+        )
+    return ms
+
+
+def seconds_text(ms: int) -> str:
+    """Milliseconds as a person reads seconds: 100 -> "0.1s", 7776000000 -> "7776000s"."""
+    return f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def in_timestamp_range(ms: int) -> bool:
+    """True when epoch milliseconds `ms` can be written as a Timestamp (timestamp_from_ms does not raise)."""
+    return TIMESTAMP_MIN_MS <= ms <= TIMESTAMP_MAX_MS
 
 
 def duration_seconds(field: str, duration: Duration) -> float:

@@ -6,6 +6,11 @@ NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH (default 1 s); when the counter moved i
 Block or Unblock therefore takes effect in every process within one refresh interval plus one reload.
 Entries with a TTL lapse exactly at their expiry, in-process, without waiting for a refresh.
 
+A stored entry that breaks the rules BlockCaller checks (written by an older version, or by hand: a field that is
+not a number, a time no Timestamp can hold, a calling number that is not one) never fails a listing or a reload:
+readers skip it with a warning, or bound its times to the Timestamp range, and the list's next BlockCaller removes
+the unreadable ones.
+
     np:bl:version            string  counter, INCR after every change
     np:bl:scopes             set     scopes that have (or had) entries: "g" (global), "t:<tenant_id>"
     np:bl:{<scope>}          hash    calling number -> "<create_ms>|<expire_ms or 0>|<reason>"
@@ -20,8 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from numprotect.core.clock import Clock
+from numprotect.core.conversions import TIMESTAMP_MAX_MS, in_timestamp_range
 from numprotect.core.errors import ResourceExhausted
 from numprotect.core.identifiers import TENANT_ID
+from numprotect.core.phone import mask, normalize_calling
 from numprotect.core.redis_client import SyncRedisClient, as_text
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,8 @@ VERSION_KEY = "np:bl:version"
 SCOPES_KEY = "np:bl:scopes"
 GLOBAL_SCOPE = "g"
 MAX_ENTRIES_DEFAULT = 10_000  # live entries per list (NUMPROTECT_TRANSLATION_BLOCKLIST_MAX_ENTRIES)
+# The longest ttl BlockCaller takes (longer: block without a ttl, which never lapses).
+MAX_TTL_MS = 3650 * 86_400_000
 # How long `BlocklistRefresher.stop` waits for a reload in progress (each command is bounded by the Redis timeout).
 STOP_WAIT_SECONDS = 2.0
 
@@ -62,8 +71,17 @@ class StoredEntry:
 
     @classmethod
     def decode(cls, tenant_id: str, number: str, raw: str) -> StoredEntry:
+        """The entry stored as `raw`; ValueError when it is unreadable. Times no Timestamp can hold are bounded to
+        the range (an expiry past 9999-12-31 lapses then, a create time outside it reads as 0)."""
+        if normalize_calling(number) != number:  # InvalidNumber is a ValueError
+            raise ValueError("the calling number is not in its normalised form")
         create, expire, reason = raw.split("|", 2)
-        return cls(tenant_id, number, reason, int(create), int(expire))
+        create_ms, expire_ms = int(create), int(expire)
+        if not in_timestamp_range(create_ms):
+            create_ms = 0
+        if expire_ms < 0:
+            raise ValueError("negative expiry")
+        return cls(tenant_id, number, reason, create_ms, min(expire_ms, TIMESTAMP_MAX_MS))
 
 
 @dataclass(slots=True)
@@ -125,8 +143,9 @@ class BlocklistStore:
         scope = scope_of(entry.tenant_id)
         key = list_key(scope)
         now_ms = self.clock.now_ms()
-        stored = self._entries(scope, entry.tenant_id)
-        lapsed = [e.calling_number for e in stored if not e.live(now_ms)]
+        stored, unreadable = self._read(scope, entry.tenant_id)
+        lapsed: list[bytes | str] = [e.calling_number for e in stored if not e.live(now_ms)]
+        lapsed += unreadable
         live = {e.calling_number for e in stored if e.live(now_ms)}
         max_entries = self.max_entries
         if entry.calling_number not in live and len(live) >= max_entries:
@@ -153,8 +172,23 @@ class BlocklistStore:
         return sorted(found, key=lambda e: e.calling_number)
 
     def _entries(self, scope: str, tenant_id: str) -> list[StoredEntry]:
+        return self._read(scope, tenant_id)[0]
+
+    def _read(self, scope: str, tenant_id: str) -> tuple[list[StoredEntry], list[bytes | str]]:
+        """The readable entries of one list, and the fields of the unreadable ones (skipped with a warning)."""
         raw: dict[bytes, bytes] = self.redis.hgetall(list_key(scope))  # type: ignore[assignment]
-        return [StoredEntry.decode(tenant_id, as_text(k), as_text(v)) for k, v in raw.items()]
+        entries: list[StoredEntry] = []
+        unreadable: list[bytes | str] = []
+        for raw_number, raw_entry in raw.items():
+            try:  # as_text raises UnicodeDecodeError, a ValueError, for bytes that are no UTF-8
+                entries.append(StoredEntry.decode(tenant_id, as_text(raw_number), as_text(raw_entry)))
+            except ValueError as exc:
+                unreadable.append(raw_number)
+                log.warning(
+                    "blocklist entry unreadable, skipped",
+                    extra={"scope": scope, "calling_number": mask(repr(raw_number)[:40]), "error": str(exc)[:200]},
+                )
+        return entries, unreadable
 
     def version(self) -> int:
         raw = self.redis.get(VERSION_KEY)

@@ -20,13 +20,13 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 
 from numprotect.core.clock import Clock
-from numprotect.core.conversions import duration_ms, timestamp_from_ms
+from numprotect.core.conversions import bounded_duration_ms, timestamp_from_ms
 from numprotect.core.errors import DomainError, InvalidArgument, ResourceExhausted, Unavailable
 from numprotect.core.identity.layer import Callers
 from numprotect.core.identity.principal import Role
 from numprotect.core.page_tokens import PageTokens
 from numprotect.core.telemetry import Telemetry
-from numprotect.services.translation.blocklist import BlocklistStore, StoredEntry, scope_of
+from numprotect.services.translation.blocklist import MAX_TTL_MS, BlocklistStore, StoredEntry, scope_of
 from numprotect.services.translation.core import Prepared, StreamBatch, Translator
 from numprotect.services.translation.fastredis import ScriptClient
 from numprotect.services.translation.inbox import StreamInbox
@@ -167,10 +167,8 @@ class TranslationServiceServicer(translation_pb2_grpc.TranslationServiceServicer
         now_ms = self.clock.now_ms()
         expire_ms = 0
         if request.HasField("ttl"):
-            ttl_ms = duration_ms("ttl", request.ttl)
-            if ttl_ms <= 0:
-                raise InvalidArgument.field("ttl", "must be positive when set")
-            expire_ms = now_ms + ttl_ms
+            # Bounded before anything is stored: now + ttl must stay a Timestamp (it is listed as expire_time).
+            expire_ms = now_ms + bounded_duration_ms("ttl", request.ttl, 1, MAX_TTL_MS)
         entry = StoredEntry(tenant_id, number, request.reason.replace("\n", " "), now_ms, expire_ms)
         self.blocklist.block(entry)
         return translation_pb2.BlockCallerResponse(entry=_entry_message(entry))
