@@ -295,13 +295,13 @@ async def test_a_reservation_never_outlives_the_longest_binding(allocation_svc: 
         await import_block(operator)
         reply = await allocate(binding)
         too_long = pb.ConfirmReservationRequest(
-            reservation_id=reply.reservation_id, binding_id="b1", expire_time=timestamp_in(3600 + 60)
+            reservation_id=reply.reservation_id, binding_id="b" + "1" * 22, expire_time=timestamp_in(3600 + 60)
         )
         error = await fails(grpc.StatusCode.INVALID_ARGUMENT, binding.ConfirmReservation(too_long))
         assert violated_fields(error) == ["expire_time"]
         assert "3600s" in (error.details() or "") and "NUMPROTECT_MAX_BINDING_LIFETIME" in (error.details() or "")
         ok = pb.ConfirmReservationRequest(
-            reservation_id=reply.reservation_id, binding_id="b1", expire_time=timestamp_in(3600 - 60)
+            reservation_id=reply.reservation_id, binding_id="b" + "1" * 22, expire_time=timestamp_in(3600 - 60)
         )
         await binding.ConfirmReservation(ok)
         info = await operator.GetNumber(pb.GetNumberRequest(virtual_number=reply.virtual_number))

@@ -30,6 +30,10 @@ AXB = common_pb2.BINDING_MODE_AXB
 AXN = common_pb2.BINDING_MODE_AXN
 AXE = common_pb2.BINDING_MODE_AXE
 BLOCK = "70012345678"
+# Binding ids as the binding service issues them ("b" and 22 hex digits: numprotect.core.identifiers.BINDING_ID).
+B1 = "b" + "1" * 22
+B9 = "b" + "9" * 22
+B42 = "b" + "42" * 11
 BLOCK_2 = "70087654321"
 
 
@@ -125,6 +129,19 @@ async def test_bad_input_is_invalid_argument_naming_the_field(allocation_service
             (allocate(stub, party(1), party(2), party(3), mode=AXN), ["parties"]),
             (allocate(stub, party(1), party(2), city="10"), ["city_code"]),
             (allocate(stub, party(1), party(2), lease_s=100_000), ["lease"]),
+            (allocate(stub, party(1), party(2), lease_s=0.05), ["lease"]),
+            (
+                stub.AllocateNumber(
+                    pb.AllocateNumberRequest(
+                        tenant_id="t1",
+                        mode=AXB,
+                        parties=[party(1), party(2)],
+                        city_code="010",
+                        lease=Duration(seconds=1, nanos=-1),
+                    )
+                ),
+                ["lease"],
+            ),
             (
                 stub.ConfirmReservation(pb.ConfirmReservationRequest(reservation_id="nope", binding_id="b")),
                 ["reservation_id"],
@@ -141,12 +158,27 @@ async def test_bad_input_is_invalid_argument_naming_the_field(allocation_service
             error = await fails(grpc.StatusCode.INVALID_ARGUMENT, call)
             assert violated_fields(error) == fields, error.details()
         reply = await allocate(stub, party(1), party(2))
-        bad_confirm = pb.ConfirmReservationRequest(reservation_id=reply.reservation_id, binding_id="b1")
+        bad_confirm = pb.ConfirmReservationRequest(reservation_id=reply.reservation_id, binding_id=B1)
         error = await fails(grpc.StatusCode.INVALID_ARGUMENT, stub.ConfirmReservation(bad_confirm))
         assert violated_fields(error) == ["expire_time"]
         bad_confirm.expire_time.CopyFrom(timestamp_in(-5))
         error = await fails(grpc.StatusCode.INVALID_ARGUMENT, stub.ConfirmReservation(bad_confirm))
         assert violated_fields(error) == ["expire_time"]
+        # Values no Timestamp may hold (they once answered INTERNAL), then a binding id that is none.
+        for stamp in (
+            Timestamp(seconds=int(time.time()) + 60, nanos=-1),
+            Timestamp(seconds=253_402_300_800),
+            Timestamp(seconds=int(time.time()) + 60, nanos=1_000_000_000),
+        ):
+            bad_confirm.expire_time.CopyFrom(stamp)
+            error = await fails(grpc.StatusCode.INVALID_ARGUMENT, stub.ConfirmReservation(bad_confirm))
+            assert violated_fields(error) == ["expire_time"]
+        bad_confirm.expire_time.CopyFrom(timestamp_in(60))
+        for binding_id in ("", "b1", "\uff42" + "\uff11" * 22, B1[:-1] + "\x00", B1.upper(), B1 + "0" * 65536):
+            bad_confirm.binding_id = binding_id
+            error = await fails(grpc.StatusCode.INVALID_ARGUMENT, stub.ConfirmReservation(bad_confirm))
+            assert violated_fields(error) == ["binding_id"]
+            assert len(error.details() or "") < 200  # the rule, not the value, is echoed
 
 
 async def test_parties_are_normalised_and_never_repeat_on_a_number(allocation_service: Service) -> None:
@@ -341,7 +373,7 @@ async def test_unconfirmed_lease_lapses_by_itself(allocation_service: Service, r
         pool = await stats(stub)
         assert (pool.available, pool.in_use) == (10_000, 0)
         confirm = pb.ConfirmReservationRequest(
-            reservation_id=reply.reservation_id, binding_id="b1", expire_time=timestamp_in(60)
+            reservation_id=reply.reservation_id, binding_id=B1, expire_time=timestamp_in(60)
         )
         await fails(grpc.StatusCode.NOT_FOUND, stub.ConfirmReservation(confirm))
         # Nothing of the reservation is left in Redis.
@@ -374,7 +406,7 @@ async def test_confirm_extends_cancel_frees_and_replace_swaps_a_party(
         x = first.virtual_number
         await stub.ConfirmReservation(
             pb.ConfirmReservationRequest(
-                reservation_id=first.reservation_id, binding_id="b1", expire_time=timestamp_in(30)
+                reservation_id=first.reservation_id, binding_id=B1, expire_time=timestamp_in(30)
             )
         )
         await asyncio.sleep(0.4)
@@ -384,7 +416,7 @@ async def test_confirm_extends_cancel_frees_and_replace_swaps_a_party(
             grpc.StatusCode.FAILED_PRECONDITION,
             stub.ConfirmReservation(
                 pb.ConfirmReservationRequest(
-                    reservation_id=first.reservation_id, binding_id="b9", expire_time=timestamp_in(30)
+                    reservation_id=first.reservation_id, binding_id=B9, expire_time=timestamp_in(30)
                 )
             ),
         )
@@ -414,7 +446,7 @@ async def test_confirm_extends_cancel_frees_and_replace_swaps_a_party(
         # Shorten: the binding now ends in 0.3 s and the reservation lapses with it.
         await stub.ConfirmReservation(
             pb.ConfirmReservationRequest(
-                reservation_id=replaced.reservation_id, binding_id="b1", expire_time=timestamp_in(0.3)
+                reservation_id=replaced.reservation_id, binding_id=B1, expire_time=timestamp_in(0.3)
             )
         )
         await asyncio.sleep(0.4)
@@ -443,7 +475,7 @@ async def test_history_records_who_when_why_and_pages(allocation_service: Servic
         x = reply.virtual_number
         await stub.ConfirmReservation(
             pb.ConfirmReservationRequest(
-                reservation_id=reply.reservation_id, binding_id="b-42", expire_time=timestamp_in(60)
+                reservation_id=reply.reservation_id, binding_id=B42, expire_time=timestamp_in(60)
             )
         )
         await stub.LockNumber(pb.LockNumberRequest(virtual_number=x, reason="complaint 17", actor="ops-1"))
@@ -469,10 +501,10 @@ async def test_history_records_who_when_why_and_pages(allocation_service: Servic
         assert [e.kind for e in events] == ["import", "assign", "confirm", "lock", "unlock", "unassign", "release"]
         by_kind = {e.kind: e for e in events}
         assert by_kind["import"].actor == "ops"
-        assert by_kind["confirm"].binding_id == "b-42"
+        assert by_kind["confirm"].binding_id == B42
         assert (by_kind["lock"].actor, by_kind["lock"].reason) == ("ops-1", "complaint 17")
         assert by_kind["unlock"].actor == "ops-2"
-        assert (by_kind["unassign"].reason, by_kind["unassign"].binding_id) == ("binding deleted", "b-42")
+        assert (by_kind["unassign"].reason, by_kind["unassign"].binding_id) == ("binding deleted", B42)
         assert (by_kind["release"].actor, by_kind["release"].reason) == ("ops-3", "returned")
         assert all(e.tenant_id == "t1" for e in events)
         times = [e.time.ToMilliseconds() for e in events]
@@ -524,7 +556,7 @@ async def test_out_of_range_times_are_invalid_argument_not_internal(allocation_s
     async with allocation_service() as stub:
         await import_block(stub)
         reply = await allocate(stub, party(1), party(2))
-        confirm = pb.ConfirmReservationRequest(reservation_id=reply.reservation_id, binding_id="b1")
+        confirm = pb.ConfirmReservationRequest(reservation_id=reply.reservation_id, binding_id=B1)
         confirm.expire_time.seconds = 10**12  # past 9999-12-31
         error = await fails(grpc.StatusCode.INVALID_ARGUMENT, stub.ConfirmReservation(confirm))
         assert violated_fields(error) == ["expire_time"]

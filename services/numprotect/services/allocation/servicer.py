@@ -10,9 +10,9 @@ from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect.core.clock import Clock
-from numprotect.core.conversions import duration_seconds, timestamp_from_ms, timestamp_ms
+from numprotect.core.conversions import bounded_duration_ms, timestamp_from_ms, timestamp_ms
 from numprotect.core.errors import FieldViolation, InvalidArgument
-from numprotect.core.identifiers import CARRIER_ID, TENANT_ID
+from numprotect.core.identifiers import BINDING_ID, CARRIER_ID, TENANT_ID
 from numprotect.core.identity.layer import Callers
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import InvalidNumber, party_field, validate_block, virtual_field
@@ -131,11 +131,9 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         city = keys.city_field("city_code", request.city_code)
         lease = self.settings.default_lease_seconds
         if request.HasField("lease"):
-            lease = duration_seconds("lease", request.lease)
-            if not 0.1 <= lease <= self.settings.max_lease_seconds:
-                raise InvalidArgument.field(
-                    "lease", f"must be between 0.1s and {self.settings.max_lease_seconds:g}s (or unset for the default)"
-                )
+            most_ms = round(self.settings.max_lease_seconds * 1000)
+            setting = "NUMPROTECT_ALLOCATION_MAX_LEASE"
+            lease = bounded_duration_ms("lease", request.lease, 100, most_ms, setting=setting) / 1000
         set_span_attributes(tenant=tenant, mode=mode, city_code=city, strict_city=request.strict_city)
         allocation = await self.pools.allocate(tenant, mode, parties, city, request.strict_city, lease)
         set_span_attributes(virtual_number=allocation.number, city_fallback=allocation.city_fallback)
@@ -152,7 +150,8 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         self, request: pb.ConfirmReservationRequest, context: Any
     ) -> pb.ConfirmReservationResponse:
         handle = keys.Handle.decode("reservation_id", request.reservation_id)
-        binding_id = _short_text("binding_id", request.binding_id, required=True)
+        # The id binding issued: it is stored with the number and shown in its history (ListNumberHistory).
+        binding_id = BINDING_ID.check("binding_id", request.binding_id)
         if not request.HasField("expire_time"):
             raise InvalidArgument.field("expire_time", "is required")
         expire_ms = timestamp_ms("expire_time", request.expire_time)
