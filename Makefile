@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 GEN_STAMP := gen/.stamp
 
-.PHONY: run test lint bench protos venv system-deps clean lock
+.PHONY: run test lint bench chaos protos venv system-deps clean lock
 
 venv: $(STAMP)
 
@@ -42,12 +42,19 @@ run: protos system-deps
 	$(PY) deploy/local/run_local.py
 
 # The services' integration tests run a second time against a real 3-master Redis Cluster with replicas.
-CLUSTER_TESTS := tests/allocation tests/binding tests/translation tests/cdr tests/core/test_routes.py \
+CLUSTER_TESTS := tests/allocation tests/binding tests/translation tests/cdr tests/doctor tests/core/test_routes.py \
 	tests/core/test_binding_records.py
 
+# Two pytest workers (pytest-xdist), one file per worker at a time: most tests wait on real processes and Redis.
+XDIST := -n 2 --dist loadfile
+
 test: protos system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
-	NUMPROTECT_TEST_REDIS_MODE=cluster $(PY) -m pytest -m "not slow" $(CLUSTER_TESTS) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not chaos" $(PYTEST_ARGS)
+	NUMPROTECT_TEST_REDIS_MODE=cluster $(PY) -m pytest $(XDIST) -m "not slow and not chaos" $(CLUSTER_TESTS) $(PYTEST_ARGS)
+
+# The long fault-injection, fuzzing and volume runs (tests marked `chaos`); make test runs their short versions.
+chaos: protos system-deps
+	NUMPROTECT_CHAOS_PROFILE=long NUMPROTECT_FUZZ_PROFILE=long $(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
 lint: protos
 	$(PY) tools/check_lock.py

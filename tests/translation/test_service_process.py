@@ -190,6 +190,23 @@ def test_batched_stream_messages(stub: Any) -> None:
         assert all(r.response.target_number == B for r in answer.responses)
 
 
+@pytest.mark.chaos
+def test_sixty_thousand_single_call_messages_on_one_stream_are_all_answered(stub: Any) -> None:
+    """The aio TranslateStream once hung at 60,000 single-call messages (the aio model of translation is gone since
+    the bootstrap issue): the thread-pool server answers every one, in order, on one stream."""
+    total = 60_000
+    requests = (
+        pb.TranslateStreamRequest(requests=[pb.TranslateRequest(call_id=f"s{i}", calling_number=A, called_number=X)])
+        for i in range(total)
+    )
+    answered = 0
+    for answer in stub.TranslateStream(requests, timeout=300):
+        assert [r.call_id for r in answer.responses] == [f"s{answered}"]
+        assert answer.responses[0].response.target_number == B
+        answered += 1
+    assert answered == total
+
+
 def test_processes_share_one_port_with_reuse_port(
     redis_env: dict[str, str], route_factory: Callable[..., Route], carrier_token: str
 ) -> None:
