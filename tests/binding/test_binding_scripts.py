@@ -15,6 +15,7 @@ from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.binding.store import (
     MutationLocks,
     OrderClaims,
+    PendingCreates,
     TenantIndex,
     mutation_lock_key,
     new_binding_id,
@@ -38,8 +39,8 @@ def _now() -> int:
 
 
 async def test_order_claim_script_outcomes(redis: RedisClient, redis_sync: Any) -> None:
-    """order_claim.lua: claimed, busy (same parties), conflict (other parties), stale then taken (deadline passed,
-    after cleaning up), done."""
+    """order_claim.lua: claimed, busy (whatever the request, until the deadline), taken (deadline passed: the
+    order is the new create's at once), done, conflict (done by another request), done for a legacy fingerprint."""
     orders = OrderClaims(redis)
     now = _now()
     expire_at = now + DAY
@@ -48,23 +49,20 @@ async def test_order_claim_script_outcomes(redis: RedisClient, redis_sync: Any) 
     assert abs(redis_sync.pexpiretime(order_key("t1", "o1")) - expire_at) <= 1
     busy = await orders.claim("t1", "o1", "b-two", "fp1", now + 60_000, expire_at)
     assert (busy.outcome, busy.binding_id) == ("busy", "b-one")
-    conflict = await orders.claim("t1", "o1", "b-two", "fp2", now + 60_000, expire_at)
-    assert (conflict.outcome, conflict.binding_id) == ("conflict", "b-one")
+    other_request = await orders.claim("t1", "o1", "b-two", "fp2", now + 60_000, expire_at)
+    assert (other_request.outcome, other_request.binding_id) == ("busy", "b-one")
 
     await orders.claim("t1", "o2", "b-old", "fp1", now - 1, expire_at)  # its deadline has passed
-    stale = await orders.claim("t1", "o2", "b-new", "fp1", now + 60_000, expire_at)
-    assert (stale.outcome, stale.binding_id) == ("stale", "b-old")
-    assert redis_sync.get(order_key("t1", "o2")).decode().startswith("p|b-old|")  # untouched until cleaned
-    wrong = await orders.claim("t1", "o2", "b-new", "fp1", now + 60_000, expire_at, cleaned="b-other")
-    assert wrong.outcome == "stale"
-    taken = await orders.claim("t1", "o2", "b-new", "fp1", now + 60_000, expire_at, cleaned="b-old")
+    taken = await orders.claim("t1", "o2", "b-new", "fp2", now + 60_000, expire_at)
     assert (taken.outcome, taken.binding_id) == ("taken", "b-old")
-    assert redis_sync.get(order_key("t1", "o2")).decode().startswith("p|b-new|")
+    assert redis_sync.get(order_key("t1", "o2")).decode().startswith("p|b-new|fp2|")
 
     assert await orders.commit("t1", "o1", "b-one", "fp1", now + 60_000, expire_at)
     done = await orders.claim("t1", "o1", "b-three", "fp1", now + 60_000, expire_at)
     assert (done.outcome, done.binding_id) == ("done", "b-one")
     assert (await orders.claim("t1", "o1", "b-three", "fp9", now, expire_at)).outcome == "conflict"
+    legacy = await orders.claim("t1", "o1", "b-three", "fp9", now, expire_at, legacy_fp="fp1")
+    assert (legacy.outcome, legacy.binding_id) == ("done", "b-one")
     assert await orders.committed_binding("t1", "o1") == "b-one"
     assert await orders.committed_binding("t1", "o2") is None
 
@@ -74,7 +72,7 @@ async def test_order_commit_script_only_for_the_claim_holder(redis: RedisClient,
     orders = OrderClaims(redis)
     now = _now()
     await orders.claim("t1", "o1", "b-old", "fp", now - 1, now + DAY)
-    await orders.claim("t1", "o1", "b-new", "fp", now + 60_000, now + DAY, cleaned="b-old")
+    await orders.claim("t1", "o1", "b-new", "fp", now + 60_000, now + DAY)
     assert not await orders.commit("t1", "o1", "b-old", "fp", now - 1, now + 2 * DAY)
     assert await orders.committed_binding("t1", "o1") is None
     assert await orders.commit("t1", "o1", "b-new", "fp", now + 60_000, now + 2 * DAY)
@@ -82,27 +80,66 @@ async def test_order_commit_script_only_for_the_claim_holder(redis: RedisClient,
     assert abs(redis_sync.pexpiretime(order_key("t1", "o1")) - (now + 2 * DAY)) <= 1
 
 
-async def test_compare_and_delete_script_releases_only_its_own_claim_and_lock(
-    redis: RedisClient, redis_sync: Any
-) -> None:
-    """compare_and_delete.lua: an order claim or a mutation lock is released only by its holder."""
+async def test_order_resolve_script_commits_or_aborts_never_both(redis: RedisClient, redis_sync: Any) -> None:
+    """order_resolve.lua: the create itself aborts its claim at any time; recovery only past the deadline; a done
+    order is "done" for its binding and "gone" for any other; an aborted create can no longer commit."""
     orders = OrderClaims(redis)
     now = _now()
     await orders.claim("t1", "o1", "b1", "fp", now + 60_000, now + DAY)
-    await orders.release("t1", "o1", "b-other", "fp", now + 60_000)
+    assert await orders.resolve("t1", "o1", "b-other", own=True) == "gone"
+    assert await orders.resolve("t1", "o1", "b1", own=False) == "busy"
     assert redis_sync.exists(order_key("t1", "o1")) == 1
-    await orders.release("t1", "o1", "b1", "fp", now + 60_000)
+    assert await orders.resolve("t1", "o1", "b1", own=True) == "aborted"
+    assert redis_sync.exists(order_key("t1", "o1")) == 0
+    assert not await orders.commit("t1", "o1", "b1", "fp", now + 60_000, now + DAY)
+    assert await orders.resolve("t1", "o1", "b1", own=True) == "gone"
+
+    await orders.claim("t1", "o2", "b2", "fp", now - 1, now + DAY)  # past its deadline
+    assert await orders.resolve("t1", "o2", "b2", own=False) == "aborted"
+    await orders.claim("t1", "o3", "b3", "fp", now + 60_000, now + DAY)
+    assert await orders.commit("t1", "o3", "b3", "fp", now + 60_000, now + DAY)
+    assert await orders.resolve("t1", "o3", "b3", own=True) == "done"
+    assert await orders.resolve("t1", "o3", "b3", own=False) == "done"
+    assert await orders.committed_binding("t1", "o3") == "b3"
+
+
+async def test_compare_and_delete_script_releases_only_its_own_order_and_lock(
+    redis: RedisClient, redis_sync: Any
+) -> None:
+    """compare_and_delete.lua: a done order is forgotten only for its binding and fingerprint; a mutation lock is
+    released only by its holder."""
+    orders = OrderClaims(redis)
+    now = _now()
+    await orders.claim("t1", "o1", "b1", "fp", now + 60_000, now + DAY)
+    await orders.commit("t1", "o1", "b1", "fp", now + 60_000, now + DAY)
+    await orders.forget("t1", "o1", "b-other", ("fp",))
+    await orders.forget("t1", "o1", "b1", ("fp-other",))
+    assert redis_sync.exists(order_key("t1", "o1")) == 1
+    await orders.forget("t1", "o1", "b1", ("fp-other", "fp"))
     assert redis_sync.exists(order_key("t1", "o1")) == 0
 
     locks = MutationLocks(redis, lease_ms=5000)
     async with locks.hold("b1"):
         assert redis_sync.exists(mutation_lock_key("b1")) == 1
         with pytest.raises(Aborted):
-            async with locks.hold("b1"):
+            async with locks.hold("b1", wait_seconds=0.05):
                 pass
         assert redis_sync.exists(mutation_lock_key("b1")) == 1  # the loser did not release the holder's lock
     assert redis_sync.exists(mutation_lock_key("b1")) == 0
     await asyncio.sleep(0)
+
+
+async def test_pending_creates_list_orders_by_deadline_across_shards(redis: RedisClient) -> None:
+    pending = PendingCreates(redis)
+    now = _now()
+    ids = [new_binding_id(now) for _ in range(40)]
+    for i, binding_id in enumerate(ids):
+        await pending.add(binding_id, now - 1000 if i % 2 else now + 60_000)
+    overdue = await pending.overdue(now, per_shard=100)
+    assert sorted(overdue) == sorted(ids[1::2])
+    for binding_id in ids:
+        await pending.remove(binding_id)
+    assert await pending.overdue(now + 120_000, per_shard=100) == []
 
 
 async def test_tenant_index_trims_ids_past_life_and_retention(redis: RedisClient, redis_sync: Any) -> None:

@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from google.protobuf import duration_pb2
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from numprotect.allocation.v1 import allocation_pb2
@@ -26,7 +27,14 @@ from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, caller_key
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.create import BindingCreator
 from numprotect.services.binding.reads import BindingReads
-from numprotect.services.binding.store import OrderClaims, mutation_lock_key, order_key
+from numprotect.services.binding.settings import CREATE_STEPS
+from numprotect.services.binding.store import (
+    OrderClaims,
+    mutation_lock_key,
+    order_key,
+    pending_creates_key,
+    tenant_shard,
+)
 from numprotect.services.binding.update import BindingUpdater
 from numprotect.services.binding.validation import CreateSpec, UpdateSpec
 
@@ -60,6 +68,7 @@ def create_request(order: str) -> pb.CreateBindingRequest:
         party_a=A,
         party_b=B,
         city_code="010",
+        ttl=duration_pb2.Duration(seconds=3600),
         user_consent=True,
     )
 
@@ -144,99 +153,106 @@ def record_ids(redis_sync: Any) -> Sequence[str]:
     return [k.removeprefix("np:b:{").removesuffix("}") for k in keys_matching(redis_sync, "np:b:{*}")]
 
 
-async def test_a_commit_whose_reply_is_lost_keeps_the_binding(
+def pending_ids(redis_sync: Any) -> list[str]:
+    """Ids on the pending-creates list (creates not resolved yet)."""
+    keys = keys_matching(redis_sync, "np:ord:pending:*")
+    return sorted(member.decode() for key in keys for member in redis_sync.zrange(key, 0, -1))
+
+
+def assert_route_lives_until_expiry(redis_sync: Any, record: Any) -> None:
+    for party in (A, B):
+        key = caller_key(record.virtual_number, party)
+        assert routed_binding(redis_sync, record.virtual_number, party) == record.binding_id
+        assert redis_sync.pexpiretime(key) == record.expire_ms
+
+
+async def test_a_commit_whose_reply_is_lost_completes_the_binding(
     services: Any, domain_parts: Any, redis_sync: Any
 ) -> None:
-    """The undo finds the order done with this create's id: nothing is undone, and the binding is served."""
+    """The resolution finds the order done with this create's id: it completes the binding and answers OK."""
     async with services() as s, domain_parts(s) as d:
         store = replace(d.store, orders=CommitReplyLost(d.redis))
         creator = BindingCreator(store, d.allocation(), d.settings, SystemClock())
-        with pytest.raises(RedisConnectionError):
-            await creator.create(spec("lost-1"))
-        state, binding_id = order_state(redis_sync, "lost-1")
-        assert state == "d"
+        created = await creator.create(spec("lost-1"))
+        binding_id = created.record.binding_id
+        assert order_state(redis_sync, "lost-1") == ("d", binding_id)
         assert redis_sync.hget(binding_key(binding_id), "st") == b"a"
-        got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=binding_id, tenant_id="t1"))
-        x = got.binding.virtual_number
-        assert got.binding.state == common_pb2.BINDING_STATE_ACTIVE
-        assert routed_binding(redis_sync, x, A) == routed_binding(redis_sync, x, B) == binding_id
+        assert_route_lives_until_expiry(redis_sync, created.record)
+        assert pending_ids(redis_sync) == []
         assert await in_use(s) == 1
-        # The client's retry gets the binding the lost reply was about.
         again = await s.binding.CreateBinding(create_request("lost-1"))
         assert again.binding.binding_id == binding_id
 
 
-async def test_an_undo_that_cannot_cancel_keeps_the_record_that_names_the_reservation(
+async def test_a_roll_back_that_cannot_cancel_is_finished_by_the_recovery(
     services: Any, domain_parts: Any, redis_sync: Any
 ) -> None:
-    """Confirm fails, then so does the undo's cancel: routes, index, history entries and claim go, the pending
-    record stays (it is the way back to the reservation), and the order can be created again."""
+    """Confirm fails, then so does the roll-back's cancel: routes, index, history entries and claim go, the pending
+    record stays (the way back to the reservation) with its pending-creates entry; the recovery finishes it."""
     async with services() as s, domain_parts(s) as d:
         faulty = FaultyAllocation(d.allocation(), confirm_fails=True, cancel_failures=1)
         creator = BindingCreator(d.store, faulty, d.settings, SystemClock())
         with pytest.raises(Unavailable, match="ConfirmReservation"):
             await creator.create(spec("undo-1"))
         assert keys_matching(redis_sync, "np:rt:*") == []
-        assert keys_matching(redis_sync, "np:ord:*") == []
+        assert keys_matching(redis_sync, "np:ord:{*") == []
         assert non_empty(redis_sync, "np:tl:*") == []
         assert non_empty(redis_sync, "np:nh:*") == []
         [binding_id] = record_ids(redis_sync)
         assert redis_sync.hget(binding_key(binding_id), "st") == b"p"
-        reservation_id = redis_sync.hget(binding_key(binding_id), "rid").decode()
-        assert await in_use(s) == 1  # the reservation the failed cancel left (it lapses after the lease)
-        await d.allocation().cancel(reservation_id, "test: the way back the record keeps")
+        assert pending_ids(redis_sync) == [binding_id]
+        assert await in_use(s) == 1  # the reservation the failed cancel left
+        # The recovery of any process (here: the deadline counted as passed) cancels it and removes the record.
+        counts = await creator.recover_overdue(margin_ms=-d.settings.create_lease_ms - 60_000)
+        assert counts == {"rolled back": 1}
         assert await in_use(s) == 0
-        # Invisible to readers, and no obstacle to the order.
-        listed = await s.binding.ListBindings(pb.ListBindingsRequest(tenant_id="t1"))
-        assert list(listed.bindings) == []
+        assert record_ids(redis_sync) == [] and pending_ids(redis_sync) == []
         created = await BindingCreator(d.store, d.allocation(), d.settings, SystemClock()).create(spec("undo-1"))
-        assert created.record.binding_id != binding_id
         assert order_state(redis_sync, "undo-1") == ("d", created.record.binding_id)
 
 
 async def _abandon(s: Any, redis_sync: Any, order: str) -> str:
-    """A create of `order` as a crash after its last write but before its commit leaves it: the order pending
-    past its deadline, the record pending. Returns its binding id."""
+    """A create of `order` as a crash after its confirm but before its commit leaves it: the order pending past its
+    deadline, the record pending, on the pending-creates list. Returns its binding id."""
     await s.binding.CreateBinding(create_request(order))
     key = order_key("t1", order)
     value: str = redis_sync.get(key).decode()
     _, binding_id, fp, _ = value.split("|")
     redis_sync.set(key, f"p|{binding_id}|{fp}|1", keepttl=True)  # deadline long past
     redis_sync.hset(binding_key(binding_id), "st", "p")
+    redis_sync.zadd(pending_creates_key(tenant_shard(binding_id)), {binding_id: 1})
     return binding_id
 
 
-async def test_a_failed_clean_up_leaves_the_stale_claim_for_the_next_retry(
+async def test_a_take_over_whose_roll_back_fails_leaves_the_abandoned_create_to_the_recovery(
     services: Any, domain_parts: Any, redis_sync: Any
 ) -> None:
     async with services() as s, domain_parts(s) as d:
         abandoned = await _abandon(s, redis_sync, "stale-1")
-        claim_before = redis_sync.get(order_key("t1", "stale-1"))
         creator = BindingCreator(
             d.store, FaultyAllocation(d.allocation(), cancel_failures=1), d.settings, SystemClock()
         )
-        with pytest.raises(Unavailable, match="CancelReservation"):
-            await creator.create(spec("stale-1"))
-        # The claim is as it was (still the abandoned create's), and so is its record: the next retry cleans again.
-        assert redis_sync.get(order_key("t1", "stale-1")) == claim_before
-        assert redis_sync.exists(binding_key(abandoned)) == 1
-        assert await in_use(s) == 1
-
         created = await creator.create(spec("stale-1"))
-        assert created.record.binding_id != abandoned
-        assert order_state(redis_sync, "stale-1") == ("d", created.record.binding_id)
+        new_id = created.record.binding_id
+        assert new_id != abandoned
+        assert order_state(redis_sync, "stale-1") == ("d", new_id)
+        assert_route_lives_until_expiry(redis_sync, created.record)
+        # The abandoned create's reservation could not be cancelled: it stays on the list, with its record.
+        assert pending_ids(redis_sync) == [abandoned]
+        assert await in_use(s) == 2
+        assert await creator.recover_overdue(margin_ms=0) == {"rolled back": 1}
         assert redis_sync.exists(binding_key(abandoned)) == 0
-        assert await in_use(s) == 1  # the abandoned reservation cancelled, the new one confirmed
-        x = created.record.virtual_number
-        assert routed_binding(redis_sync, x, A) == routed_binding(redis_sync, x, B) == created.record.binding_id
+        assert pending_ids(redis_sync) == []
+        assert await in_use(s) == 1
+        assert_route_lives_until_expiry(redis_sync, created.record)
 
 
-async def test_a_slow_create_overtaken_by_its_retry_undoes_itself(
+async def test_a_slow_create_overtaken_by_its_retry_rolls_itself_back(
     services: Any, domain_parts: Any, redis_sync: Any
 ) -> None:
-    """A create stuck past its deadline (its clock says its lease is over) before ConfirmReservation: the retry
-    cleans up what it wrote and takes the order over; once it wakes, its confirm fails and it undoes itself
-    without touching the retry's binding."""
+    """A create stuck past its deadline (its clock says its lease is over) before ConfirmReservation: its routes
+    lapsed at the deadline; the retry takes the order over and rolls it back; once it wakes, its confirm fails and
+    it rolls back again without touching the retry's binding."""
     async with services() as s, domain_parts(s) as d:
         gate = asyncio.Event()
         stuck = FaultyAllocation(d.allocation(), confirm_gate=gate)
@@ -246,7 +262,8 @@ async def test_a_slow_create_overtaken_by_its_retry_undoes_itself(
             await stuck.confirm_entered.wait()
         state, slow_id = order_state(redis_sync, "slow-1")
         assert state == "p"
-        assert redis_sync.exists(binding_key(slow_id)) == 1 and keys_matching(redis_sync, "np:rt:*") != []
+        assert redis_sync.exists(binding_key(slow_id)) == 1
+        assert keys_matching(redis_sync, "np:rt:*") == []  # routes never outlive the create's deadline
 
         retry = await BindingCreator(d.store, d.allocation(), d.settings, SystemClock()).create(spec("slow-1"))
         retry_id = retry.record.binding_id
@@ -258,11 +275,40 @@ async def test_a_slow_create_overtaken_by_its_retry_undoes_itself(
             await slow
         assert order_state(redis_sync, "slow-1") == ("d", retry_id)
         assert record_ids(redis_sync) == [retry_id]
-        x = retry.record.virtual_number
-        assert routed_binding(redis_sync, x, A) == routed_binding(redis_sync, x, B) == retry_id
+        assert_route_lives_until_expiry(redis_sync, retry.record)
         assert await in_use(s) == 1
+        assert pending_ids(redis_sync) == []
         got = await s.binding.GetBinding(pb.GetBindingRequest(binding_id=retry_id, tenant_id="t1"))
         assert got.binding.state == common_pb2.BINDING_STATE_ACTIVE
+
+
+@pytest.mark.parametrize("step", CREATE_STEPS)
+async def test_a_failure_at_each_step_leaves_the_binding_or_nothing(
+    step: str, services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    """An error before step `step` (the saga's StepHook): before the commit, nothing of the create is left and the
+    number is free; at "complete" (after the commit) the create completes itself and answers OK."""
+
+    async def fail_at(name: str) -> None:
+        if name == step:
+            raise Unavailable(f"injected before {name}")
+
+    async with services() as s, domain_parts(s) as d:
+        creator = BindingCreator(d.store, d.allocation(), d.settings, SystemClock(), fail_at)
+        if step == "complete":
+            created = await creator.create(spec("step-1"))
+            assert order_state(redis_sync, "step-1") == ("d", created.record.binding_id)
+            assert_route_lives_until_expiry(redis_sync, created.record)
+            assert await in_use(s) == 1
+        else:
+            with pytest.raises(Unavailable, match="injected"):
+                await creator.create(spec("step-1"))
+            assert keys_matching(redis_sync, "np:rt:*") == []
+            assert keys_matching(redis_sync, "np:ord:*") == []
+            assert record_ids(redis_sync) == []
+            assert non_empty(redis_sync, "np:tl:*") == [] and non_empty(redis_sync, "np:nh:*") == []
+            assert await in_use(s) == 0
+        assert pending_ids(redis_sync) == []
 
 
 def updater(d: Any, *, store: Any = None, allocation: AllocationClient | None = None) -> BindingUpdater:

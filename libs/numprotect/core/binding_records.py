@@ -13,6 +13,8 @@ Record fields (short names keep the hash in the compact listpack encoding):
     c city_code, cf city_fallback, r call_restriction, rec recording_enabled, any allow_any_caller,
     uc user_consent, cms create_ms, ems expire_ms, ums update_ms, dms delete_ms (0 = not deleted),
     rid allocation reservation id, st status ("p" pending: a create not committed yet, "a" committed),
+    rq the create's request as binding compares a repeated create with it ("mode|a|b|ttl_ms|city|strict|r|rec|any";
+    absent in records of before its version 2),
     n number of events, h1..hN events "<kind>|<at_ms>|k=v,k=v" (kind create/update/delete;
     keys b party_b, exp expire_ms, r call_restriction, rec recording).
 
@@ -289,16 +291,24 @@ class BindingRecordStore:
         self.retention_ms = retention_ms
 
     async def create(
-        self, record: BindingRecord, *, reservation_id: str, city_fallback: bool, keep_until_ms: int | None = None
+        self,
+        record: BindingRecord,
+        *,
+        reservation_id: str,
+        city_fallback: bool,
+        keep_until_ms: int | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> bool:
         """Writes a new pending record with its create event; False (nothing written) if the id exists.
 
         A pending record expires at `keep_until_ms` when given (an abandoned create leaves no long-lived
-        garbage); activate() then keeps it for the binding's end + retention.
+        garbage); activate() then keeps it for the binding's end + retention. `extra`: fields only the binding
+        service reads (`rq`, the create's request).
         """
         fields = encode_record_fields(
             record, reservation_id=reservation_id, city_fallback=city_fallback, status=STATUS_PENDING
         )
+        fields.update(extra or {})
         event = BindingEvent("create", record.create_ms, {"b": record.party_b, "exp": str(record.expire_ms)})
         expire_at = keep_until_ms if keep_until_ms is not None else record.end_ms() + self.retention_ms
         flat: list[str | int] = [expire_at, event.encode()]

@@ -10,7 +10,9 @@ carries the hash tag {X}, so translation's single script and binding's writes ea
     np:lock:{X}            written by allocation when an operator locks X: calls to X are rejected
 
 Each route key holds one encoded `Route` and expires (PXAT) at the binding's expiry, so a binding stops
-translating the instant it expires, by Redis alone.
+translating the instant it expires, by Redis alone. While its create is not committed, the keys expire at the
+create's deadline instead (docs/binding.md, "Create"): a create that failed and could not be undone stops
+translating by Redis alone too.
 """
 
 from __future__ import annotations
@@ -131,17 +133,26 @@ class RouteTable:
         self.redis = redis
 
     async def put(
-        self, virtual_number: str, route: Route, extension: str = "", *, replaces: Sequence[str] = ()
+        self,
+        virtual_number: str,
+        route: Route,
+        extension: str = "",
+        *,
+        replaces: Sequence[str] = (),
+        until_ms: int | None = None,
     ) -> None:
-        """Writes the binding's route keys (expiring at route.expire_ms) and removes `replaces` keys it held.
+        """Writes the binding's route keys (expiring at `until_ms`, by default route.expire_ms) and removes
+        `replaces` keys it held.
 
-        Used for create, for updates (same keys, new value or expiry) and for a party change (the old party's
-        key goes in `replaces`). Raises RouteConflictError, writing nothing, if another binding holds a key.
+        Used for create (first until the create's deadline, then again until the binding's expiry once it
+        committed), for updates (same keys, new value or expiry) and for a party change (the old party's key goes
+        in `replaces`). Raises RouteConflictError, writing nothing, if another binding holds a key.
         """
         keys = route.keys(virtual_number, extension)
         stale = [key for key in replaces if key not in keys]
+        expire_at = route.expire_ms if until_ms is None else until_ms
         await self._run(
-            virtual_number, route.binding_id, route.encode(), route.expire_ms, stale, keys, axe=route.mode == MODE_AXE
+            virtual_number, route.binding_id, route.encode(), expire_at, stale, keys, axe=route.mode == MODE_AXE
         )
 
     async def remove(self, virtual_number: str, route: Route, extension: str = "") -> None:

@@ -32,6 +32,8 @@ class Allocation:
     city_code: str
     city_fallback: bool
     reservation_id: str
+    # When the reservation lapses unless confirmed (allocation's Redis clock).
+    lease_expire_ms: int
 
 
 def _as_domain_error(exc: grpc.aio.AioRpcError, what: str) -> DomainError:
@@ -84,6 +86,7 @@ class AllocationClient:
             city_code=reply.city_code,
             city_fallback=reply.city_fallback,
             reservation_id=reply.reservation_id,
+            lease_expire_ms=reply.lease_expire_time.seconds * 1000 + reply.lease_expire_time.nanos // 1_000_000,
         )
 
     async def confirm(self, reservation_id: str, binding_id: str, expire_ms: int) -> None:

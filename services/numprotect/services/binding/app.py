@@ -14,6 +14,7 @@ from numprotect.core.settings import SettingsError
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.create import BindingCreator
 from numprotect.services.binding.reads import BindingReads
+from numprotect.services.binding.recovery import CreateRecovery, failpoint_hook
 from numprotect.services.binding.servicer import BindingServiceServicer, RateLimits
 from numprotect.services.binding.settings import BindingSettings
 from numprotect.services.binding.store import BindingStore
@@ -35,7 +36,7 @@ def build_servicer(
     store = BindingStore.over(redis, settings)
     reads = BindingReads(store)
     return BindingServiceServicer(
-        BindingCreator(store, allocation, settings, clock),
+        BindingCreator(store, allocation, settings, clock, failpoint_hook(settings.failpoint)),
         BindingUpdater(store, reads, allocation, settings, clock),
         reads,
         settings,
@@ -74,8 +75,11 @@ async def build(runtime: Runtime) -> ServiceParts:
     servicer = build_servicer(
         runtime.redis, allocation, settings, calls, SystemClock(), page_token_key, runtime.identity.callers
     )
+    recovery = CreateRecovery(servicer.creator, settings.recovery_interval_seconds)
+    recovery.start()
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, binding_pb2_grpc.add_BindingServiceServicer_to_server),
-        ]
+        ],
+        on_shutdown=[recovery.stop],
     )

@@ -1,16 +1,19 @@
 """The create saga: an idempotent CreateBinding over keys in different slots and a number from allocation.
 
-Write order of a create (each step's keys live in their own slot; see docs/binding.md for the failure analysis):
- 1. claim the order key `np:ord:{tenant:order}` (pending, with a deadline = now + create lease)
- 2. AllocateNumber over gRPC (its reservation lapses after the same lease unless confirmed)
- 3. record (status pending) + per-number history + tenant index, concurrently
- 4. route keys (PXAT expiry): translation can connect from here on
- 5. ConfirmReservation (the reservation now lasts until the binding's expiry)
- 6. record status committed (kept from now on for end + retention; a pending one lives a day at most)
- 7. order key done (guarded: only while the claim is still ours) -- the commit point
-A failure in 2-7 undoes everything written (routes, reservation, record, history, index, claim) and the error
-is returned; a crash leaves a pending claim whose deadline passes, after which a repeated create cleans up what
-the crashed one left and then takes the order over.
+Write order of a create (each step's keys live in their own slot; docs/binding.md has the failure analysis):
+ 1. claim the order key `np:ord:{tenant:order}` (pending, deadline D = now + create lease)
+ 2. AllocateNumber over gRPC: its reservation lapses at D unless confirmed
+ 3. record (pending, with the request) + per-number history + tenant index + the pending-creates list, concurrently
+ 4. route keys expiring at D: translation can connect from here on, until D at most
+ 5. ConfirmReservation until the binding's expiry
+ 6. order key done (only while the claim is still this create's): THE COMMIT POINT
+ 7. complete: routes until the binding's expiry, record committed, off the pending list
+Before 6 nothing lasts beyond D but a confirmed reservation (step 5), which the roll-back cancels. The one place
+that decides a create that did not finish is its order key: the commit (p -> d) or an abort (p -> deleted, by
+order_resolve.lua or a take-over in order_claim.lua), each atomic, so a create is rolled forward or back, never
+both. A create that fails resolves itself (roll forward when the commit landed, else abort and roll back); what a
+crash or an unreachable Redis leaves is resolved by the next create of the order or by the recovery of any binding
+process (recover_overdue, from the pending-creates list) once D has passed.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
 
 from numprotect.core.binding_records import BindingRecord
 from numprotect.core.clock import Clock
@@ -31,14 +36,112 @@ from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.concurrency import gather_all
 from numprotect.services.binding.settings import BindingSettings
-from numprotect.services.binding.store import BindingStore, Claim, fingerprint, new_binding_id
+from numprotect.services.binding.store import (
+    BindingStore,
+    Claim,
+    legacy_fingerprint,
+    new_binding_id,
+    request_fingerprint,
+)
 from numprotect.services.binding.validation import MODES, CreateSpec
 
 log = logging.getLogger(__name__)
 
-# How long the record of an uncommitted create is kept: long enough for a retry to find and clean up what a
-# crashed create left (routes, reservation), short enough that abandoned creates leave no lasting garbage.
+# How long the record of an uncommitted create is kept: long enough for a retry or the recovery to find and roll
+# back what a crashed create left (its reservation), short enough that abandoned creates leave no lasting garbage.
 PENDING_KEEP_MS = 86_400_000
+# Called with each step's name before it runs (settings.CREATE_STEPS, the rows of docs/binding.md's failure
+# table): tests inject a failure at one step (NUMPROTECT_BINDING_FAILPOINT).
+StepHook = Callable[[str], Awaitable[None]]
+# The request fields a repeated create must repeat, in the order of the canonical request (the record's `rq`).
+REQUEST_FIELDS = (
+    "mode",
+    "party_a",
+    "party_b",
+    "ttl",
+    "city_code",
+    "strict_city",
+    "call_restriction",
+    "recording_enabled",
+    "allow_any_caller",
+)
+_PARTIES = ("party_a", "party_b")
+# How long a repeated create or a read waits for the binding's lock to complete a committed create.
+_COMPLETE_WAIT_SECONDS = 2.0
+
+
+async def _no_hook(step: str) -> None:
+    return None
+
+
+def canonical_request(spec: CreateSpec) -> str:
+    """The request fields a repeated create must repeat, as one string (REQUEST_FIELDS order)."""
+    flag = {True: "1", False: "0"}
+    return "|".join(
+        (
+            str(spec.mode),
+            spec.party_a,
+            spec.party_b,
+            str(spec.ttl_ms),
+            spec.city_code,
+            flag[spec.strict_city],
+            str(spec.call_restriction),
+            flag[spec.recording_enabled],
+            flag[spec.allow_any_caller],
+        )
+    )
+
+
+def _shown(field: str, value: str) -> str:
+    if field in _PARTIES:
+        return mask(value)
+    if field == "ttl":
+        return f"{int(value) / 1000:g}s"
+    return value
+
+
+class OrderRequestMismatch(AlreadyExists):
+    """ALREADY_EXISTS: the order id (the idempotency key) names a binding created from another request. Details:
+    ResourceInfo (the binding), ErrorInfo reason ORDER_REQUEST_MISMATCH with metadata `fields` (comma-separated),
+    and a BadRequest naming each differing field with the first request's value (parties masked)."""
+
+    def __init__(self, out_order_id: str, binding_id: str, differing: list[tuple[str, str]]) -> None:
+        names = [field for field, _ in differing]
+        super().__init__(
+            f"order {out_order_id} was created with other values (binding {binding_id}); differing: "
+            + ", ".join(names),
+            resource_type="binding",
+            resource_name=binding_id,
+        )
+        self.differing = differing
+
+    def details(self) -> list[any_pb2.Any]:
+        info = error_details_pb2.ErrorInfo(
+            reason="ORDER_REQUEST_MISMATCH",
+            domain="numprotect",
+            metadata={"fields": ",".join(field for field, _ in self.differing), "binding_id": self.resource_name},
+        )
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+                for field, description in self.differing
+            ]
+        )
+        packed = []
+        for message in (info, bad):
+            holder = any_pb2.Any()
+            holder.Pack(message)
+            packed.append(holder)
+        return [*super().details(), *packed]
+
+
+def differing_fields(first: str, repeat: str) -> list[tuple[str, str]]:
+    """(field, description) for each field in which two canonical requests differ."""
+    return [
+        (field, f"differs from the order's first request ({_shown(field, old)})")
+        for field, old, new in zip(REQUEST_FIELDS, first.split("|"), repeat.split("|"), strict=True)
+        if old != new
+    ]
 
 
 @dataclass(frozen=True)
@@ -51,9 +154,10 @@ class Created:
 
 @dataclass(frozen=True)
 class _Attempt:
-    """One create's identity in the saga: its binding id, the order's fingerprint and its claim's times."""
+    """One create's identity in the saga: its binding id, the request's fingerprint and its claim's times."""
 
     spec: CreateSpec
+    request: str
     binding_id: str
     fp: str
     create_ms: int
@@ -62,7 +166,7 @@ class _Attempt:
 
 
 class BindingCreator:
-    """Runs CreateBinding: claim, reserve, write, commit; undoes a failed create; cleans up abandoned ones."""
+    """Runs CreateBinding: claim, reserve, write, commit, complete; resolves creates that did not finish."""
 
     def __init__(
         self,
@@ -70,91 +174,123 @@ class BindingCreator:
         allocation: AllocationClient,
         settings: BindingSettings,
         clock: Clock,
+        step_hook: StepHook | None = None,
     ) -> None:
         self.store = store
         self.allocation = allocation
         self.settings = settings
         self.clock = clock
+        self.step = step_hook or _no_hook
 
     async def create(self, spec: CreateSpec) -> Created:
-        fp = fingerprint(spec.mode, spec.party_a, spec.party_b)
+        request = canonical_request(spec)
+        fp = request_fingerprint(request)
+        legacy_fp = legacy_fingerprint(spec.mode, spec.party_a, spec.party_b)
         set_span_attributes(tenant=spec.tenant_id, mode=MODES[spec.mode], out_order_id=spec.out_order_id)
         orders = self.store.orders
-        retention_ms = self.settings.retention_ms
         give_up = time.monotonic() + self.settings.create_lease_seconds + 1.0
         binding_id = new_binding_id(self.clock.now_ms())
-        cleaned = ""
         while True:
             create_ms = self.clock.now_ms()
             attempt = _Attempt(
                 spec=spec,
+                request=request,
                 binding_id=binding_id,
                 fp=fp,
                 create_ms=create_ms,
                 deadline_ms=create_ms + self.settings.create_lease_ms,
                 expire_ms=create_ms + spec.ttl_ms,
             )
+            await self.step("claim")
             claim = await orders.claim(
                 spec.tenant_id,
                 spec.out_order_id,
                 binding_id,
                 fp,
                 attempt.deadline_ms,
-                attempt.expire_ms + retention_ms,
-                cleaned=cleaned,
+                attempt.expire_ms + self.settings.retention_ms,
+                legacy_fp=legacy_fp,
             )
-            if claim.outcome in ("claimed", "taken"):
+            if claim.outcome == "claimed":
                 break
-            if claim.outcome == "stale":
-                # A create of this order crashed or got stuck past its deadline: remove what it left (a failure
-                # here leaves its claim as it was, so the next retry cleans again), then take the order over.
-                log.warning("cleaning up an abandoned create", extra={"binding_id": claim.binding_id})
-                await self._clean_abandoned(claim.binding_id)
-                cleaned = claim.binding_id
-                continue
-            if claim.outcome == "done":
-                existing = await self._existing(claim)
+            if claim.outcome == "taken":
+                # A create of this order crashed or got stuck past its deadline; the claim script took the order
+                # from it, so it can no longer commit: roll it back (on failure the recovery does, from its entry in
+                # the pending-creates list; nothing of it outlives its deadline but a confirmed reservation).
+                log.warning("rolling back an abandoned create", extra={"binding_id": claim.binding_id})
+                await self._roll_back_abandoned(claim.binding_id)
+                break
+            if claim.outcome in ("done", "conflict"):
+                existing = await self._existing(claim, attempt)
+                if existing is None and claim.outcome == "conflict":
+                    # The record went a moment before its order key (both expire at end + retention).
+                    raise AlreadyExists(
+                        f"order {spec.out_order_id} was created with other values; its record has just expired",
+                        resource_type="binding",
+                        resource_name=claim.binding_id,
+                    )
                 if existing is None:
                     # The order's binding is past its retention: the order id is free to serve again.
-                    await orders.forget(spec.tenant_id, spec.out_order_id, claim.binding_id, fp)
+                    await orders.forget(spec.tenant_id, spec.out_order_id, claim.binding_id, (fp, legacy_fp))
                     continue
                 set_span_attributes(binding_id=claim.binding_id, idempotency="repeat")
                 return existing
-            if claim.outcome == "conflict":
-                raise AlreadyExists(
-                    f"order {spec.out_order_id} of tenant {spec.tenant_id} is bound to other parties",
-                    resource_type="binding",
-                    resource_name=claim.binding_id,
-                )
-            # busy: a concurrent create of the same order is running; wait for its outcome.
+            # busy: a create of the same order runs; wait for its outcome (then done, conflict, or ours to take).
             if time.monotonic() > give_up:
                 raise Aborted(f"order {spec.out_order_id} is being created by another call; retry")
             await asyncio.sleep(0.005 + random.random() * 0.02)
         set_span_attributes(binding_id=binding_id, idempotency=claim.outcome)
         return await self._write(attempt)
 
-    async def _existing(self, claim: Claim) -> Created | None:
-        """The binding a done order names, or None when its record is past retention."""
+    async def _existing(self, claim: Claim, attempt: _Attempt) -> Created | None:
+        """The binding a done order names (completed if its create did not finish), None when its record is past
+        retention; ALREADY_EXISTS naming the differing fields when the order was created from another request."""
+        spec = attempt.spec
         stored = await self.store.get(claim.binding_id)
         if stored is None:
             return None
+        if claim.outcome == "conflict":
+            first = await self.store.request_of(claim.binding_id)
+            if first is not None:
+                differing = differing_fields(first, attempt.request)
+            else:  # a record of before version 2, whose order compared mode and parties only
+                record = stored.record
+                first_values = (str(record.mode), record.party_a, stored.party_b_at(record.create_ms))
+                repeat_values = (str(spec.mode), spec.party_a, spec.party_b)
+                differing = [
+                    (field, f"differs from the order's first request ({_shown(field, old)})")
+                    for field, old, new in zip(REQUEST_FIELDS[:3], first_values, repeat_values, strict=True)
+                    if old != new
+                ]
+            raise OrderRequestMismatch(spec.out_order_id, claim.binding_id, differing)
         if stored.pending:
-            # Committed records are activated before the commit; this completes one written by an older version.
-            await self.store.records.activate(claim.binding_id, stored.record.end_ms())
+            # Committed, but its create did not complete (crashed, or Redis failed after the commit): complete it.
+            async with self.store.locks.hold(claim.binding_id, wait_seconds=_COMPLETE_WAIT_SECONDS):
+                stored = await self.store.get(claim.binding_id) or stored
+                if stored.pending:
+                    await self.store.complete(stored.record)
         return Created(stored.record, stored.city_fallback)
 
     async def _write(self, attempt: _Attempt) -> Created:
-        """Steps 2-7 of the saga for a claimed order; on any failure, undoes what was written and re-raises."""
+        """Steps 2-7 of the saga for a claimed order; on a failure, resolves the create and re-raises (or returns
+        the binding when the commit turns out to have landed and the create could be completed)."""
         spec, binding_id = attempt.spec, attempt.binding_id
         store = self.store
         parties = [spec.party_a, spec.party_b] if spec.party_b else [spec.party_a]
         reservation_id = ""
         record: BindingRecord | None = None
+        city_fallback = False
         try:
+            await self.step("allocate")
+            # The reservation lapses when the create's deadline passes (its routes do too), never later.
+            lease_ms = attempt.deadline_ms - self.clock.now_ms()
+            if lease_ms < 100:
+                raise Aborted(f"order {spec.out_order_id}: the create lease passed before a number was reserved; retry")
             allocation = await self.allocation.allocate(
-                spec.tenant_id, spec.mode, parties, spec.city_code, spec.strict_city, self.settings.create_lease_ms
+                spec.tenant_id, spec.mode, parties, spec.city_code, spec.strict_city, lease_ms
             )
             reservation_id = allocation.reservation_id
+            city_fallback = allocation.city_fallback
             record = BindingRecord(
                 binding_id=binding_id,
                 tenant_id=spec.tenant_id,
@@ -174,6 +310,7 @@ class BindingCreator:
                 update_ms=attempt.create_ms,
                 delete_ms=0,
             )
+            await self.step("write")
             created, *_ = await gather_all(
                 (
                     store.records.create(
@@ -181,19 +318,21 @@ class BindingCreator:
                         reservation_id=reservation_id,
                         city_fallback=allocation.city_fallback,
                         keep_until_ms=attempt.deadline_ms + PENDING_KEEP_MS,
+                        extra={"rq": attempt.request},
                     ),
                     store.records.add_to_history(record.virtual_number, binding_id, attempt.expire_ms),
                     store.tenants.add(spec.tenant_id, binding_id, attempt.create_ms),
+                    store.pending.add(binding_id, attempt.deadline_ms),
                 )
             )
             if not created:
-                record = None  # not ours: the undo must not touch it
+                record = None  # not ours: the roll-back must not touch it
                 raise Aborted(f"binding id {binding_id} exists already; retry")
-            await store.put_routes(record)
+            await self.step("routes")
+            await store.put_routes(record, until_ms=min(attempt.deadline_ms, allocation.lease_expire_ms))
+            await self.step("confirm")
             await self.allocation.confirm(reservation_id, binding_id, attempt.expire_ms)
-            # The record first (committed, kept for end + retention), then the order: the commit point. A record
-            # activated without a commit is undone below, or by the create that takes a stale claim over.
-            await store.records.activate(binding_id, attempt.expire_ms)
+            await self.step("commit")
             if not await store.orders.commit(
                 spec.tenant_id,
                 spec.out_order_id,
@@ -203,13 +342,16 @@ class BindingCreator:
                 attempt.expire_ms + self.settings.retention_ms,
             ):
                 raise Aborted(f"order {spec.out_order_id} took longer than its lease and was taken over; retry")
+            await self.step("complete")
+            await store.complete(record)
         except BaseException as exc:
             log.warning(
-                "create failed midway, undoing it",
+                "create failed midway, resolving it",
                 extra={"binding_id": binding_id, "error": repr(exc), "tenant_id": spec.tenant_id},
             )
-            await asyncio.shield(self._undo(attempt, reservation_id, record))
-            raise
+            completed = await asyncio.shield(self._resolve_own(attempt, reservation_id, record))
+            if not completed or record is None or not isinstance(exc, Exception):
+                raise
         log.info(
             "binding created",
             extra={
@@ -220,51 +362,106 @@ class BindingCreator:
                 "party_b": mask(spec.party_b),
             },
         )
-        return Created(record, allocation.city_fallback)
+        return Created(record, city_fallback)
 
-    async def _undo(self, attempt: _Attempt, reservation_id: str, record: BindingRecord | None) -> None:
-        """Best effort, every step independent: nothing of a failed create may stay reserved or written."""
-        spec, binding_id, store = attempt.spec, attempt.binding_id, self.store
+    async def _resolve_own(self, attempt: _Attempt, reservation_id: str, record: BindingRecord | None) -> bool:
+        """After a failure: True when the create committed and is now complete; otherwise it is rolled back, or,
+        when its order key cannot be read, left as it is (its routes and an unconfirmed reservation lapse at the
+        deadline; the recovery or a retry resolves the rest). Never raises."""
+        spec, binding_id = attempt.spec, attempt.binding_id
         try:
-            if await store.orders.committed_binding(spec.tenant_id, spec.out_order_id) == binding_id:
-                return  # the commit reached Redis though its reply did not reach us: the binding exists
+            outcome = await self.store.orders.resolve(spec.tenant_id, spec.out_order_id, binding_id, own=True)
         except Exception as exc:
-            log.warning("could not read the order key while undoing a create", extra={"error": repr(exc)})
-        essential: list[Awaitable[Any]] = []
+            log.warning("outcome of a failed create unknown, left to recovery", extra={"error": repr(exc)})
+            return False
+        if outcome == "done":
+            if record is None:
+                return False
+            try:
+                await self.store.complete(record)
+            except Exception as exc:
+                log.warning("a committed create could not be completed, left to recovery", extra={"error": repr(exc)})
+                return False
+            return True
+        await self._roll_back(binding_id, record, reservation_id)
+        return False
+
+    async def _roll_back(self, binding_id: str, record: BindingRecord | None, reservation_id: str) -> None:
+        """Removes what an aborted create wrote (its order is no longer its own, so it never commits). Best effort,
+        every step independent; the pending-creates entry goes only when nothing is left, so recovery retries."""
+        store = self.store
+        essential: list[Awaitable[object]] = []
         if record is not None:
             essential.append(store.remove_routes(record))
         if reservation_id:
             essential.append(self.allocation.cancel(reservation_id, "binding create failed"))
-        tidy: list[Awaitable[Any]] = []
+        tidy: list[Awaitable[object]] = []
         if record is not None:  # (None: nothing of this binding was written, or the id was another's)
-            tidy.append(store.tenants.remove(spec.tenant_id, [binding_id]))
+            # Index and history entries without a record are ignored by every reader: no need to retry them.
+            tidy.append(store.tenants.remove(record.tenant_id, [binding_id]))
             tidy.append(store.records.remove_from_history(record.virtual_number, binding_id))
-        results = await asyncio.gather(*essential, return_exceptions=True)
-        # The record goes only once routes and reservation are gone: it names the reservation, the way back to
-        # it if undoing failed now. Index and history entries without a record are ignored by every reader.
-        if record is not None and not any(isinstance(r, BaseException) for r in results):
-            tidy.append(store.records.discard(binding_id))
-        tidy.append(
-            store.orders.release(spec.tenant_id, spec.out_order_id, binding_id, attempt.fp, attempt.deadline_ms)
-        )
-        results += await asyncio.gather(*tidy, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                log.error("undoing a failed create left something behind", extra={"error": repr(result)})
+        results = list(await asyncio.gather(*essential, *tidy, return_exceptions=True))
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if not any(isinstance(result, BaseException) for result in results[: len(essential)]):
+            # The record goes last: it names the reservation, the way back to it while undoing may still fail.
+            try:
+                if record is not None:
+                    await store.records.discard(binding_id)
+                await store.pending.remove(binding_id)
+            except Exception as exc:
+                failed.append(exc)
+        for result in failed:
+            log.error("rolling back a create left something behind", extra={"error": repr(result)})
 
-    async def _clean_abandoned(self, binding_id: str) -> None:
-        """Removes what a crashed or stuck create of the same order wrote (its claim is ours now)."""
+    async def _roll_back_abandoned(self, binding_id: str) -> None:
+        """Rolls back a create whose claim was taken from it (pending record: routes, reservation, entries)."""
+        try:
+            stored = await self.store.get(binding_id)
+        except Exception as exc:
+            log.warning("could not read an abandoned create, left to recovery", extra={"error": repr(exc)})
+            return
+        if stored is None:
+            await self._roll_back(binding_id, None, "")
+        elif stored.pending:
+            await self._roll_back(binding_id, stored.record, stored.reservation_id)
+
+    async def resolve_abandoned(self, binding_id: str) -> str:
+        """Resolves a create on the pending-creates list whose deadline has passed: "completed", "rolled back",
+        "busy" (its order says it may still run, or another call holds the binding), or "gone" (nothing left)."""
         store = self.store
         stored = await store.get(binding_id)
-        if stored is None:
-            return
+        if stored is None or not stored.pending:
+            # No record (rolled back but for this entry, or never written), or completed but for this entry.
+            await store.pending.remove(binding_id)
+            return "gone"
         record = stored.record
-        await gather_all(
-            (
-                store.remove_routes(record),
-                self.allocation.cancel(stored.reservation_id, "binding create abandoned"),
-                store.records.remove_from_history(record.virtual_number, binding_id),
-                store.tenants.remove(record.tenant_id, [binding_id]),
-            )
-        )
-        await store.records.discard(binding_id)
+        outcome = await store.orders.resolve(record.tenant_id, record.out_order_id, binding_id, own=False)
+        if outcome == "busy":
+            return "busy"
+        if outcome == "done":
+            try:
+                async with store.locks.hold(binding_id):
+                    current = await store.get(binding_id)
+                    if current is not None and current.pending:
+                        await store.complete(current.record)
+            except Aborted:
+                return "busy"
+            return "completed"
+        await self._roll_back(binding_id, record, stored.reservation_id)
+        return "rolled back"
+
+    async def recover_overdue(self, margin_ms: int, per_shard: int = 64) -> dict[str, int]:
+        """Resolves the pending creates whose deadline passed more than `margin_ms` ago; counts by outcome."""
+        counts: dict[str, int] = {}
+        for binding_id in await self.store.pending.overdue(self.clock.now_ms() - margin_ms, per_shard):
+            try:
+                outcome = await self.resolve_abandoned(binding_id)
+            except Exception as exc:
+                log.warning(
+                    "could not resolve an abandoned create", extra={"binding_id": binding_id, "error": repr(exc)}
+                )
+                outcome = "failed"
+            counts[outcome] = counts.get(outcome, 0) + 1
+        if counts.get("completed") or counts.get("rolled back"):
+            log.warning("resolved abandoned creates", extra=counts)
+        return counts

@@ -10,6 +10,9 @@ from numprotect.core.errors import NotFound
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.binding.store import BindingStore
 
+# How long a read waits for the binding's lock to complete a committed create.
+_COMPLETE_WAIT_SECONDS = 2.0
+
 
 def _everyone(tenant_id: str) -> bool:
     return True
@@ -19,18 +22,26 @@ class BindingReads:
     def __init__(self, store: BindingStore) -> None:
         self.store = store
 
-    async def load(self, binding_id: str, tenant_id: str) -> StoredBinding:
-        """The tenant's committed binding, or NOT_FOUND (also for another tenant's binding)."""
+    async def load(self, binding_id: str, tenant_id: str, *, locked: bool = False) -> StoredBinding:
+        """The tenant's committed binding, or NOT_FOUND (also for another tenant's binding). `locked`: the caller
+        holds the binding's lock (an update or delete)."""
         set_span_attributes(tenant=tenant_id, binding_id=binding_id)
         stored = await self.store.get(binding_id)
         if stored is None or stored.record.tenant_id != tenant_id:
             raise NotFound(f"binding {binding_id} not found", resource_type="binding", resource_name=binding_id)
         if stored.pending:
-            # Committed (its order names it) but the record's status write did not happen: complete it now.
+            # Committed (its order names it) but its create did not complete (crashed, or Redis failed after the
+            # commit): complete it now, under the binding's lock so that no update or delete runs meanwhile.
             committed = await self.store.orders.committed_binding(tenant_id, stored.record.out_order_id)
             if committed != binding_id:
                 raise NotFound(f"binding {binding_id} not found", resource_type="binding", resource_name=binding_id)
-            await self.store.records.activate(binding_id, stored.record.end_ms())
+            if locked:
+                await self.store.complete(stored.record)
+            else:
+                async with self.store.locks.hold(binding_id, wait_seconds=_COMPLETE_WAIT_SECONDS):
+                    stored = await self.store.get(binding_id) or stored
+                    if stored.pending:
+                        await self.store.complete(stored.record)
             stored = replace(stored, status=STATUS_ACTIVE)
         return stored
 

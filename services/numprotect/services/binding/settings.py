@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from numprotect.core.settings import Env, SettingsError
 
 _DAY = 86400.0
+# The steps of a create (create.py), as a StepHook and NUMPROTECT_BINDING_FAILPOINT name them.
+CREATE_STEPS = ("claim", "allocate", "write", "routes", "confirm", "commit", "complete")
+FAILPOINT_ACTIONS = ("crash", "error")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,11 @@ class BindingSettings:
     create_burst: int = 2000
     trace_rate: float = 50.0
     trace_burst: int = 100
+    # How often each process resolves creates that did not finish past their deadline (the pending-creates list).
+    recovery_interval_seconds: float = 5.0
+    # Fault injection for tests only: "<step>:crash" (SIGKILL of the process) or "<step>:error" (UNAVAILABLE)
+    # before that step of every create; "" (the default) for none.
+    failpoint: str = ""
 
     # The same durations in milliseconds, the unit every stored time and Redis expiry uses.
     @property
@@ -78,4 +86,20 @@ class BindingSettings:
             create_burst=env.integer("NUMPROTECT_CREATE_BINDING_BURST", 2000, minimum=1, maximum=1_000_000),
             trace_rate=env.number("NUMPROTECT_TRACE_NUMBER_RATE", 50.0, minimum=0.01, maximum=1e6),
             trace_burst=env.integer("NUMPROTECT_TRACE_NUMBER_BURST", 100, minimum=1, maximum=1_000_000),
+            recovery_interval_seconds=env.seconds(
+                "NUMPROTECT_BINDING_RECOVERY_INTERVAL", 5.0, minimum=0.05, maximum=600.0
+            ),
+            failpoint=_failpoint(env.text("NUMPROTECT_BINDING_FAILPOINT", "")),
         )
+
+
+def _failpoint(raw: str) -> str:
+    if not raw:
+        return ""
+    step, _, action = raw.partition(":")
+    if step not in CREATE_STEPS or action not in FAILPOINT_ACTIONS:
+        raise SettingsError(
+            f"NUMPROTECT_BINDING_FAILPOINT={raw}: must be <step>:<action> with step one of {', '.join(CREATE_STEPS)} "
+            f"and action one of {', '.join(FAILPOINT_ACTIONS)} (tests only; unset in production)"
+        )
+    return raw

@@ -2,6 +2,7 @@
 `BindingStore`, which holds them beside the shared records, history and route table over one client.
 
     np:ord:{<tenant>:<order>}   STRING  "<p|d>|<binding_id>|<fingerprint>|<deadline_ms>"  PXAT end + retention
+    np:ord:pending:{<shard>}    ZSET    binding ids of creates not finished yet -> their deadline_ms; 16 shards
     np:tl:{<tenant>:<shard>}    ZSET    members binding ids (time-ordered), all scores 0, read BYLEX; 16 shards
     np:b:{<binding_id>}:lk      STRING  a random token while an update or delete runs                PX lease
 
@@ -13,12 +14,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from numprotect.core.binding_records import BindingRecord, BindingRecordStore, StoredBinding, get_stored_bindings
+from numprotect.core.binding_records import (
+    BindingRecord,
+    BindingRecordStore,
+    StoredBinding,
+    binding_key,
+    get_stored_bindings,
+)
 from numprotect.core.errors import Aborted
 from numprotect.core.redis_client import LuaScript, RedisClient, as_text
 from numprotect.core.routes import Route, RouteConflictError, RouteTable
@@ -45,6 +53,11 @@ def tenant_index_key(tenant_id: str, shard: int) -> str:
     return f"np:tl:{{{tenant_id}:{shard}}}"
 
 
+def pending_creates_key(shard: int) -> str:
+    # Order keys are np:ord:{...}: the brace right after "np:ord:" keeps the two families apart.
+    return f"np:ord:pending:{{{shard}}}"
+
+
 def mutation_lock_key(binding_id: str) -> str:
     return f"np:b:{{{binding_id}}}:lk"
 
@@ -53,14 +66,20 @@ def tenant_shard(binding_id: str) -> int:
     return zlib.crc32(binding_id.encode()) % TENANT_SHARDS
 
 
-def fingerprint(mode: int, party_a: str, party_b: str) -> str:
-    """What makes a repeated create the same order: its mode and parties (16 hex digits of a hash)."""
+def legacy_fingerprint(mode: int, party_a: str, party_b: str) -> str:
+    """The fingerprint order keys written before version 2 hold (mode and parties only; 16 hex digits)."""
     return hashlib.blake2b(f"{mode}:{party_a}:{party_b}".encode(), digest_size=8).hexdigest()
+
+
+def request_fingerprint(canonical_request: str) -> str:
+    """What makes a repeated create the same request: every field of it ("2" + 16 hex digits of a hash)."""
+    return "2" + hashlib.blake2b(canonical_request.encode(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True)
 class Claim:
-    """The answer of a claim: outcome claimed/done/busy/conflict/taken and the binding id it concerns."""
+    """The answer of a claim: outcome claimed/done/busy/conflict/taken and the binding id it concerns
+    (taken: the previous holder, whose create missed its deadline and can no longer commit)."""
 
     outcome: str
     binding_id: str
@@ -71,6 +90,7 @@ class OrderClaims:
 
     _claim = LuaScript.beside(__file__, "order_claim.lua")
     _commit = LuaScript.beside(__file__, "order_commit.lua")
+    _resolve = LuaScript.beside(__file__, "order_resolve.lua")
     _release = LuaScript.beside(__file__, "compare_and_delete.lua")
 
     def __init__(self, redis: RedisClient) -> None:
@@ -89,11 +109,11 @@ class OrderClaims:
         deadline_ms: int,
         expire_at_ms: int,
         *,
-        cleaned: str = "",
+        legacy_fp: str = "",
     ) -> Claim:
-        """Claims the order; `cleaned` names a stale holder whose leftovers were removed (take it over)."""
+        """Claims the order (`legacy_fp`: the fingerprint an order key of before version 2 would hold)."""
         reply = await self._claim(
-            self.redis, [order_key(tenant_id, out_order_id)], [binding_id, fp, deadline_ms, expire_at_ms, cleaned]
+            self.redis, [order_key(tenant_id, out_order_id)], [binding_id, fp, deadline_ms, expire_at_ms, legacy_fp]
         )
         return Claim(as_text(reply[0]), as_text(reply[1]))
 
@@ -105,13 +125,18 @@ class OrderClaims:
         reply = await self._commit(self.redis, [order_key(tenant_id, out_order_id)], [pending, done, expire_at_ms])
         return int(reply) == 1
 
-    async def release(self, tenant_id: str, out_order_id: str, binding_id: str, fp: str, deadline_ms: int) -> None:
-        pending = self.pending_value(binding_id, fp, deadline_ms)
-        await self._release(self.redis, [order_key(tenant_id, out_order_id)], [pending])
+    async def resolve(self, tenant_id: str, out_order_id: str, binding_id: str, *, own: bool) -> str:
+        """Decides a create of the order that did not finish: "done" (it committed: roll it forward), "aborted" (its
+        claim is removed now, it can never commit: roll it back), "gone" (the claim is not its: roll back), or "busy"
+        (its deadline has not passed; only when not `own`: the create itself may abort its claim at any time)."""
+        reply = await self._resolve(self.redis, [order_key(tenant_id, out_order_id)], [binding_id, "1" if own else "0"])
+        return as_text(reply)
 
-    async def forget(self, tenant_id: str, out_order_id: str, binding_id: str, fp: str) -> None:
-        """Frees a done order whose binding record is past its retention (the order id may serve again)."""
-        await self._release(self.redis, [order_key(tenant_id, out_order_id)], [f"d|{binding_id}|{fp}|0"])
+    async def forget(self, tenant_id: str, out_order_id: str, binding_id: str, fps: Sequence[str]) -> None:
+        """Frees a done order whose binding record is past its retention (the order id may serve again); `fps`: the
+        fingerprints it may hold."""
+        for fp in fps:
+            await self._release(self.redis, [order_key(tenant_id, out_order_id)], [f"d|{binding_id}|{fp}|0"])
 
     async def extend(self, tenant_id: str, out_order_id: str, expire_at_ms: int) -> None:
         """Keeps the order key at least until `expire_at_ms` (the binding's record was kept longer)."""
@@ -124,6 +149,28 @@ class OrderClaims:
             return None
         state, binding_id, *_ = as_text(raw).split("|")
         return binding_id if state == "d" else None
+
+
+class PendingCreates:
+    """Creates that are not finished (committed and completed, or rolled back), by deadline: what the recovery of
+    each binding process resolves once a deadline has passed, so a crashed create needs no retry to be resolved."""
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+
+    async def add(self, binding_id: str, deadline_ms: int) -> None:
+        await self.redis.zadd(pending_creates_key(tenant_shard(binding_id)), {binding_id: deadline_ms})
+
+    async def remove(self, binding_id: str) -> None:
+        await self.redis.zrem(pending_creates_key(tenant_shard(binding_id)), binding_id)
+
+    async def overdue(self, before_ms: int, per_shard: int) -> list[str]:
+        """Up to `per_shard` ids of each shard whose deadline is before `before_ms`."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(TENANT_SHARDS):
+                pipe.zrangebyscore(pending_creates_key(shard), "-inf", f"({before_ms}", start=0, num=per_shard)
+            replies = await pipe.execute()
+        return [as_text(member) for reply in replies for member in reply]
 
 
 class TenantIndex:
@@ -168,11 +215,15 @@ class MutationLocks:
         self.lease_ms = lease_ms
 
     @asynccontextmanager
-    async def hold(self, binding_id: str) -> AsyncIterator[None]:
+    async def hold(self, binding_id: str, *, wait_seconds: float = 0.0) -> AsyncIterator[None]:
+        """The binding's lock, waiting up to `wait_seconds` for it; ABORTED when another call keeps it longer."""
         token = secrets.token_hex(8)
         key = mutation_lock_key(binding_id)
-        if not await self.redis.set(key, token, nx=True, px=self.lease_ms):
-            raise Aborted(f"binding {binding_id} is being changed by another call; retry")
+        give_up = time.monotonic() + wait_seconds
+        while not await self.redis.set(key, token, nx=True, px=self.lease_ms):
+            if time.monotonic() >= give_up:
+                raise Aborted(f"binding {binding_id} is being changed by another call; retry")
+            await asyncio.sleep(0.01)
         try:
             yield
         finally:
@@ -203,6 +254,7 @@ class BindingStore:
     records: BindingRecordStore
     routes: RouteTable
     orders: OrderClaims
+    pending: PendingCreates
     tenants: TenantIndex
     locks: MutationLocks
 
@@ -213,6 +265,7 @@ class BindingStore:
             records=BindingRecordStore(redis, settings.retention_ms),
             routes=RouteTable(redis),
             orders=OrderClaims(redis),
+            pending=PendingCreates(redis),
             tenants=TenantIndex(redis, settings.retention_ms, settings.max_ttl_ms),
             locks=MutationLocks(redis, settings.create_lease_ms),
         )
@@ -221,13 +274,32 @@ class BindingStore:
         """The stored binding (pending or committed), or None when there is no record."""
         return (await get_stored_bindings(self.redis, [binding_id])).get(binding_id)
 
+    async def request_of(self, binding_id: str) -> str | None:
+        """The canonical request a create wrote into its record (field `rq`), or None (a record of before version 2,
+        or none)."""
+        raw = await self.redis.hget(binding_key(binding_id), "rq")
+        return None if raw is None else as_text(raw)
+
+    async def complete(self, record: BindingRecord) -> None:
+        """Rolls a committed create forward: its routes until the binding's end (they were written to lapse at the
+        create's deadline), then the record committed, then off the pending list. Repeatable. The caller is the
+        create that committed, or holds the binding's lock (so no update or delete runs meanwhile)."""
+        if not record.delete_ms:
+            await self.put_routes(record)  # an expired binding's keys are deleted by the script, not set
+        await self.records.activate(record.binding_id, record.end_ms())
+        await self.pending.remove(record.binding_id)
+
     async def get_many(self, binding_ids: Sequence[str]) -> dict[str, StoredBinding]:
         return await get_stored_bindings(self.redis, binding_ids)
 
-    async def put_routes(self, record: BindingRecord, replaces: Sequence[str] = ()) -> None:
-        """Routes calls for the binding; ABORTED (retry) while another binding still holds one of its keys."""
+    async def put_routes(
+        self, record: BindingRecord, replaces: Sequence[str] = (), *, until_ms: int | None = None
+    ) -> None:
+        """Routes calls for the binding (until `until_ms` when given, else its expiry); ABORTED (retry) while another
+        binding still holds one of its keys."""
+        route = route_of(record)
         try:
-            await self.routes.put(record.virtual_number, route_of(record), record.extension, replaces=replaces)
+            await self.routes.put(record.virtual_number, route, record.extension, replaces=replaces, until_ms=until_ms)
         except RouteConflictError as exc:
             raise Aborted(f"number {record.virtual_number} is still routed for binding {exc.holder}; retry") from None
 

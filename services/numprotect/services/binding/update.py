@@ -47,7 +47,7 @@ class BindingUpdater:
         """Applies the masked fields; FAILED_PRECONDITION for a deleted or expired binding."""
         await self.reads.load(spec.binding_id, spec.tenant_id)  # NOT_FOUND for another tenant before any lock
         async with self.store.locks.hold(spec.binding_id):
-            stored = await self.reads.load(spec.binding_id, spec.tenant_id)
+            stored = await self.reads.load(spec.binding_id, spec.tenant_id, locked=True)
             record = stored.record
             now = self.clock.now_ms()
             if record.delete_ms:
@@ -144,7 +144,7 @@ class BindingUpdater:
         failed one may have left; an expired binding is returned as it is."""
         await self.reads.load(binding_id, tenant_id)  # NOT_FOUND for another tenant before any lock
         async with self.store.locks.hold(binding_id):
-            stored = await self.reads.load(binding_id, tenant_id)
+            stored = await self.reads.load(binding_id, tenant_id, locked=True)
             record = stored.record
             now = self.clock.now_ms()
             if not record.delete_ms and record.expire_ms <= now:
