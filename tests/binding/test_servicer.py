@@ -31,6 +31,7 @@ from numprotect.services.binding.servicer import SERVICE
 from numprotect.services.binding.settings import BindingSettings
 from support.inprocess import running_service
 from support.redis_server import free_port
+from support.rpc import violated_fields
 
 
 async def test_every_rpc_waits_for_a_place_in_the_one_limit(redis_env: dict[str, str]) -> None:
@@ -92,9 +93,64 @@ async def test_times_outside_what_protobuf_allows_are_invalid_argument_naming_th
             update_mask=FieldMask(paths=["expire_time"]),
         )
         assert (await _refused(s.binding.UpdateBinding(update))).details() == f"binding.expire_time: {TIMESTAMP_RULE}"
-        for at in (Timestamp(seconds=10**12), Timestamp(seconds=0, nanos=-1)):
+        for at in (Timestamp(seconds=10**12), Timestamp(seconds=0, nanos=-1), Timestamp(seconds=253_402_300_800)):
             trace = pb.TraceNumberRequest(virtual_number="700100000000001", at=at)
             assert (await _refused(s.binding.TraceNumber(trace))).details() == f"at: {TIMESTAMP_RULE}"
+        for stamp in (Timestamp(seconds=0, nanos=-1), Timestamp(seconds=253_402_300_800), Timestamp(nanos=10**9)):
+            update.binding.expire_time.CopyFrom(stamp)
+            assert violated_fields(await _refused(s.binding.UpdateBinding(update))) == ["binding.expire_time"]
+        for ttl in (
+            Duration(seconds=315_576_000_000),  # the largest Duration: far beyond NUMPROTECT_BINDING_MAX_TTL
+            Duration(seconds=315_576_000_001),
+            Duration(nanos=-1),
+            Duration(nanos=10**9),
+            Duration(seconds=-60),
+        ):
+            refused = await _refused(s.binding.CreateBinding(create_request("o-2", ttl=ttl)))
+            assert violated_fields(refused) == ["ttl"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"party_a": "\uff11\uff13\uff18" + "\uff10" * 7 + "\uff11"}, "party_a"),  # full-width digits
+        ({"party_a": "\u0661\u0663\u0668" + "\u0660" * 7 + "\u0661"}, "party_a"),  # Arabic-Indic digits
+        ({"party_b": "1390000\x000002"}, "party_b"),
+        ({"party_b": "+"}, "party_b"),
+        ({"party_b": "1" * 65536}, "party_b"),
+        ({"out_order_id": "o" * 65536}, "out_order_id"),
+        ({"out_order_id": "\u00e9t\u00e9"}, "out_order_id"),
+        ({"city_code": "0\u0661\u0660"}, "city_code"),
+        ({"mode": 99}, "mode"),
+        ({"mode": -1}, "mode"),
+        ({"call_restriction": 2**31 - 1}, "call_restriction"),
+    ],
+)
+async def test_hostile_create_fields_are_invalid_argument_naming_them(
+    services: Any, change: dict[str, Any], field: str
+) -> None:
+    async with services() as s:
+        request = create_request("o-1")
+        for name, value in change.items():
+            setattr(request, name, value)
+        refused = await _refused(s.binding.CreateBinding(request))
+        assert violated_fields(refused) == [field]
+        assert len(refused.details() or "") < 300  # the rule, never the value, whatever its size
+
+
+async def test_an_unknown_update_mask_path_is_quoted_short_whatever_its_length(services: Any) -> None:
+    """A 70 KB path once came back whole in the status message: past the client's metadata limit, the caller saw
+    RESOURCE_EXHAUSTED instead of the INVALID_ARGUMENT."""
+    async with services() as s:
+        binding = pb.Binding(binding_id="b" + "0" * 22, tenant_id="t1")
+        for paths in (["x" * 70_000], [f"nope{i}" for i in range(10_000)], ["\u00e9", "\x00", "expire_time.seconds"]):
+            update = pb.UpdateBindingRequest(binding=binding, update_mask=FieldMask(paths=paths))
+            refused = await _refused(s.binding.UpdateBinding(update))
+            assert violated_fields(refused) == ["update_mask"]
+            assert len(refused.details() or "") < 300
+        for binding_id in ("\uff42" + "\uff10" * 22, "b" + "0" * 21 + "\x00", "b" * 65536):
+            get = pb.GetBindingRequest(binding_id=binding_id)
+            assert violated_fields(await _refused(s.binding.GetBinding(get))) == ["binding_id"]
 
 
 async def test_list_tokens_are_signed_bound_to_the_tenant_and_shared_by_replicas_with_one_key(

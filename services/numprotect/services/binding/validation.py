@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from numprotect.binding.v1 import binding_pb2 as pb
-from numprotect.core.conversions import duration_ms, timestamp_ms
+from numprotect.core.conversions import bounded_duration_ms, timestamp_ms
 from numprotect.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from numprotect.core.identifiers import BINDING_ID, OUT_ORDER_ID, TENANT_ID, IdentifierRule
 from numprotect.core.phone import InvalidNumber, normalize_party, validate_city_code, validate_extension
@@ -16,6 +16,10 @@ from numprotect.core.routes import MODE_AXB, MODE_AXE, MODE_AXN, RESTRICTION_NON
 MODES = {MODE_AXB: "AXB", MODE_AXN: "AXN", MODE_AXE: "AXE"}
 RESTRICTIONS = (1, 2, 3)
 UPDATABLE = ("expire_time", "party_b", "call_restriction", "recording_enabled")
+# How much of a caller's unknown update_mask paths an error quotes: a status message travels in a trailer, and a
+# long one (a 70 KB path) exceeds the client's metadata limit, which then sees RESOURCE_EXHAUSTED, not the error.
+_QUOTED_PATHS = 3
+_QUOTED_PATH_LENGTH = 40
 _Message = TypeVar("_Message")
 
 
@@ -68,10 +72,10 @@ class Violations:
             self.items.append(problem)
         return raw
 
-    def milliseconds(self, read: Callable[[str, _Message], int], field: str, value: _Message) -> int | None:
-        """`read(field, value)` (a numprotect.core.conversions reader), or None noting its violation."""
+    def milliseconds(self, read: Callable[..., int], field: str, value: _Message, *bounds: int) -> int | None:
+        """`read(field, value, *bounds)` (a numprotect.core.conversions reader), or None noting its violation."""
         try:
-            return read(field, value)
+            return read(field, value, *bounds)
         except InvalidArgument as exc:
             self.items.extend(exc.violations)
             return None
@@ -121,11 +125,7 @@ def create_spec(
         v.add("allow_any_caller", "applies to BINDING_MODE_AXE only")
     ttl_ms = default_ttl_ms
     if request.HasField("ttl"):
-        given = v.milliseconds(duration_ms, "ttl", request.ttl)
-        if given is not None:
-            ttl_ms = given
-            if not min_ttl_ms <= ttl_ms <= max_ttl_ms:
-                v.add("ttl", f"must be between {min_ttl_ms / 1000:g}s and {max_ttl_ms / 1000:g}s (unset: the default)")
+        ttl_ms = v.milliseconds(bounded_duration_ms, "ttl", request.ttl, min_ttl_ms, max_ttl_ms) or default_ttl_ms
     if not request.city_code:
         v.add("city_code", "is required (the area code the number should come from, e.g. 010)")
     else:
@@ -166,7 +166,7 @@ def update_spec(request: pb.UpdateBindingRequest, *, tenant_id: str) -> UpdateSp
     if not paths:
         v.add("update_mask", f"name at least one of: {', '.join(UPDATABLE)}")
     elif unknown:
-        v.add("update_mask", f"cannot update {', '.join(unknown)}; updatable: {', '.join(UPDATABLE)}")
+        v.add("update_mask", f"cannot update {_quoted(unknown)}; updatable: {', '.join(UPDATABLE)}")
     expire_ms = 0
     if "expire_time" in paths:
         if not binding.HasField("expire_time"):
@@ -189,6 +189,13 @@ def update_spec(request: pb.UpdateBindingRequest, *, tenant_id: str) -> UpdateSp
         call_restriction=restriction,
         recording_enabled=binding.recording_enabled,
     )
+
+
+def _quoted(paths: list[str]) -> str:
+    """The first few paths, each cut short: enough to find the mistake, bounded whatever the caller sent."""
+    shown = [repr(p) if len(p) <= _QUOTED_PATH_LENGTH else repr(p[:_QUOTED_PATH_LENGTH]) + "..." for p in paths]
+    more = len(paths) - _QUOTED_PATHS
+    return ", ".join(shown[:_QUOTED_PATHS]) + (f" and {more} more" if more > 0 else "")
 
 
 def extension_filter(raw: str) -> str:
