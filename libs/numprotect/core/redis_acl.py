@@ -1,9 +1,9 @@
 """The Redis ACL users of numprotect: one per service, each limited to its own key patterns; no dangerous command.
 
 The one table of who may read and write which keys (docs/redis-schema.md, "ACL users"), from the key layouts:
-allocation (services/allocation/keys.py, np:lock: from core/routes.py), binding (core/binding_records.py,
+allocation (core/pool_keys.py, np:lock: from core/routes.py), binding (core/binding_records.py,
 core/routes.py, services/binding/store.py), translation (core/routes.py, lua/translate.lua's rate counters,
-services/translation/blocklist.py), cdr (services/cdr/keys.py, the binding records it enriches from) and the
+services/translation/blocklist.py), cdr (core/cdr_keys.py, the binding records it enriches from) and the
 identity keys every service shares (core/identity: API keys, audit log, carriers' blocks).
 
 Read-only patterns use Redis 7's %R~ selectors. EVAL and EVALSHA declare every key they are given as read-write,

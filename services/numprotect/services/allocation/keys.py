@@ -1,23 +1,39 @@
 """Key names and handles of the allocation service (docs/allocation.md, docs/redis-schema.md "Allocation").
 
-Pool keys share the hash tag {pool:<tenant>:<city>}: everything one allocation reads and writes (free set,
-load indexes, the numbers' reservations and history) lives in one slot, so one script picks and reserves
-atomically. A block's owner record has its own tag {blk:<block>}; a tenant's city list {tenant:<tenant>}.
+The key layout and the reservation handle live in numprotect.core.pool_keys (shared with the invariant checker,
+numprotect.core.doctor); the service's modules and tests keep importing them from here, beside the service's own
+helpers below.
 """
 
 from __future__ import annotations
 
-import base64
-import re
 import secrets
-from dataclasses import dataclass
 
 from numprotect.core.errors import InvalidArgument
-from numprotect.core.identifiers import TENANT_ID
-from numprotect.core.phone import InvalidNumber, validate_city_code, validate_virtual
+from numprotect.core.phone import InvalidNumber, validate_city_code
+from numprotect.core.pool_keys import (
+    Handle,
+    block_history_key,
+    block_owner_key,
+    number_hash_key,
+    number_history_key,
+    number_reservations_key,
+    pool_key,
+    tenant_cities_key,
+)
 
-_RID = re.compile(r"[0-9a-f]{16}")
-_HANDLE_VERSION = "rv1"
+__all__ = [
+    "Handle",
+    "block_history_key",
+    "block_owner_key",
+    "city_field",
+    "new_rid",
+    "number_hash_key",
+    "number_history_key",
+    "number_reservations_key",
+    "pool_key",
+    "tenant_cities_key",
+]
 
 
 def city_field(field: str, raw: str) -> str:
@@ -29,66 +45,5 @@ def city_field(field: str, raw: str) -> str:
         raise InvalidArgument.field(field, str(exc)) from None
 
 
-def pool_key(tenant: str, city: str) -> str:
-    """Base key of a pool (a hash: tenant, city, total); every other pool key extends it."""
-    return f"np:alloc:{{pool:{tenant}:{city}}}"
-
-
-def block_owner_key(block: str) -> str:
-    return f"np:alloc:{{blk:{block}}}:owner"
-
-
-def block_history_key(block: str) -> str:
-    return f"np:alloc:{{blk:{block}}}:hist"
-
-
-def tenant_cities_key(tenant: str) -> str:
-    return f"np:alloc:{{tenant:{tenant}}}:cities"
-
-
-def number_history_key(tenant: str, city: str, number: str) -> str:
-    return f"{pool_key(tenant, city)}:hist:{number}"
-
-
-def number_reservations_key(tenant: str, city: str, number: str) -> str:
-    return f"{pool_key(tenant, city)}:r:{number}"
-
-
-def number_hash_key(tenant: str, city: str, number: str) -> str:
-    return f"{pool_key(tenant, city)}:h:{number}"
-
-
 def new_rid() -> str:
     return secrets.token_hex(8)
-
-
-@dataclass(frozen=True)
-class Handle:
-    """What a reservation id encodes: enough to find its keys without a lookup."""
-
-    tenant: str
-    city: str
-    number: str
-    rid: str
-
-    def encode(self) -> str:
-        raw = f"{self.tenant}:{self.city}:{self.number}:{self.rid}".encode()
-        return f"{_HANDLE_VERSION}.{base64.urlsafe_b64encode(raw).decode().rstrip('=')}"
-
-    @classmethod
-    def decode(cls, field: str, handle: str) -> Handle:
-        if not handle:
-            raise InvalidArgument.field(field, "is required")
-        version, _, body = handle.partition(".")
-        try:
-            if version != _HANDLE_VERSION:
-                raise ValueError
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
-            tenant, city, number, rid = raw.split(":")
-            if not (TENANT_ID.matches(tenant) and _RID.fullmatch(rid)):
-                raise ValueError
-            validate_city_code(city)
-            validate_virtual(number)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidArgument.field(field, "is not a reservation id issued by AllocateNumber") from None
-        return cls(tenant, city, number, rid)
