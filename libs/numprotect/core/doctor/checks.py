@@ -1,0 +1,528 @@
+"""The checks, one per key family the walk meets, each over a batch of keys with pipelined reads.
+
+Every check returns `Finding`s: a violation and, when the state it judged can change under live traffic (a route
+and its binding are in different slots, so no read sees both at once), the key to check again after a pause. The
+key layouts come from the shared schemas (numprotect.core.routes, binding_records, pool_keys, cdr_keys); the
+patterns below only recognise their names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from numprotect.cdr.v1 import cdr_pb2
+from numprotect.core.binding_records import (
+    BindingRecord,
+    StoredBinding,
+    decode_stored,
+    get_stored_bindings,
+    number_history_key,
+)
+from numprotect.core.cdr_keys import UNMATCHED_TAG, Bucket
+from numprotect.core.doctor.report import (
+    BINDING_HISTORY_GAP,
+    BINDING_WITHOUT_ROUTES,
+    DUPLICATE_CDR,
+    NUMBER_IN_TWO_POOLS,
+    POOL_COUNTERS,
+    RESERVATION_WITHOUT_BINDING,
+    ROUTE_WITHOUT_BINDING,
+    Report,
+    Violation,
+)
+from numprotect.core.errors import InvalidArgument
+from numprotect.core.phone import mask
+from numprotect.core.pool_keys import Handle, block_owner_key, number_hash_key, pool_key
+from numprotect.core.redis_client import LuaScript, RedisClient, as_text
+from numprotect.core.routes import Route
+
+BLOCK_SIZE = 10_000  # numbers per imported block (allocation's lua/import_block.lua)
+# A binding record about to be purged (end + retention) may already have left its number's history.
+_PURGE_MARGIN_MS = 60_000
+
+_ROUTE = re.compile(r"np:rt:\{(?P<x>[^}]*)\}:(?:c:(?P<caller>.+)|n|e:.+)")
+_BINDING = re.compile(r"np:b:\{(?P<id>[^}]*)\}")
+_POOL = re.compile(r"np:alloc:\{pool:(?P<tenant>[^:}]+):(?P<city>[^:}]+)\}")
+_RESERVATIONS = re.compile(r"(?P<pool>np:alloc:\{pool:(?P<tenant>[^:}]+):(?P<city>[^:}]+)\}):r:(?P<number>\d+)")
+_OWNER = re.compile(r"np:alloc:\{blk:(?P<block>\d+)\}:owner")
+_CDR_STREAM = re.compile(r"np:cdr:\{(?P<tag>t:[^}]*|unmatched)\}:s")
+_EVENT_FIELD = re.compile(r"h(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    violation: Violation
+    recheck: str | None  # the key to check again before reporting (None: the finding cannot be a passing state)
+
+
+@dataclass
+class Judge:
+    """What every check needs: the time (Redis's clock), the create lease, and where to count what it read."""
+
+    now_ms: Callable[[], int]
+    create_lease_ms: int
+    grace_ms: int
+    report: Report
+
+    def in_flight(self, create_ms: int) -> bool:
+        """A create (or its undo) may still be running: it started less than a lease (and some grace) ago."""
+        return self.now_ms() < create_ms + self.create_lease_ms + self.grace_ms
+
+
+def masked_key(key: str) -> str:
+    """A key as shown to operators: a party's number in a route key is masked, as in every log."""
+    match = _ROUTE.fullmatch(key)
+    if match and match["caller"]:
+        return key[: match.start("caller")] + mask(match["caller"])
+    return key
+
+
+def own_route_keys(record: BindingRecord) -> list[str]:
+    """The route keys a binding occupies (routes.Route.keys, the one definition; it reads mode and parties only)."""
+    route = Route(record.binding_id, record.tenant_id, record.mode, record.party_a, record.party_b, 0, False, False, 0)
+    try:
+        return route.keys(record.virtual_number, record.extension)
+    except ValueError:
+        return []
+
+
+async def _pipelined(redis: RedisClient, calls: Iterable[tuple[str, Sequence[Any]]]) -> list[Any]:
+    """Runs the commands in one pipeline; a command's error (e.g. WRONGTYPE) comes back in its place."""
+    commands = list(calls)
+    if not commands:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for name, args in commands:
+            getattr(pipe, name)(*args)
+        return list(await pipe.execute(raise_on_error=False))
+
+
+def _record_problem(stored: StoredBinding | None, judge: Judge, binding_id: str) -> str | None:
+    """Why `stored` cannot back a route or a reservation right now; None when it can (or may: a create in flight)."""
+    if stored is None:
+        return f"binding {binding_id} has no record"
+    record = stored.record
+    if stored.pending:
+        if judge.in_flight(record.create_ms):
+            judge.report.in_flight += 1
+            return None
+        return f"binding {binding_id} is a create that never committed, past its lease"
+    if record.delete_ms:
+        return f"binding {binding_id} was deleted"
+    return None
+
+
+class Checks:
+    """The checks over one Redis; `pools` collects what the cross-pool checks need (a few bytes per block)."""
+
+    _pool_counts = LuaScript.beside(__file__, "pool_counts.lua")
+
+    def __init__(self, redis: RedisClient, judge: Judge, batch: int) -> None:
+        self.redis = redis
+        self.judge = judge
+        self.batch = batch
+        self.pools = PoolRegistry()
+
+    async def run(self, keys: Sequence[str]) -> list[Finding]:
+        """Checks the keys of one SCAN batch (keys of families no invariant concerns are skipped)."""
+        routes, bindings, pools, reservations, owners, streams = [], [], [], [], [], []
+        for key in keys:
+            if match := _ROUTE.fullmatch(key):
+                routes.append((key, match["x"]))
+            elif match := _BINDING.fullmatch(key):
+                bindings.append((key, match["id"]))
+            elif (match := _POOL.fullmatch(key)) and pool_key(match["tenant"], match["city"]) == key:
+                pools.append((key, match["tenant"], match["city"]))
+            elif match := _RESERVATIONS.fullmatch(key):
+                reservations.append((key, match["tenant"], match["city"], match["number"]))
+            elif (match := _OWNER.fullmatch(key)) and block_owner_key(match["block"]) == key:
+                owners.append(match["block"])
+            elif match := _CDR_STREAM.fullmatch(key):
+                streams.append((key, match["tag"]))
+        findings: list[Finding] = []
+        findings += await self.routes(routes)
+        findings += await self.bindings(bindings)
+        findings += await self.reservations(reservations)
+        for key, tenant, city in pools:
+            findings += await self.pool(key, tenant, city)
+        await self.owners(owners)
+        for key, tag in streams:
+            findings += await self.cdr_stream(key, tag)
+        return findings
+
+    # ---- route table ------------------------------------------------------------------------------------------
+
+    async def routes(self, routes: Sequence[tuple[str, str]]) -> list[Finding]:
+        if not routes:
+            return []
+        values = await _pipelined(self.redis, (("get", (key,)) for key, _ in routes))
+        decoded: list[tuple[str, str, Route | None]] = []
+        for (key, number), value in zip(routes, values, strict=True):
+            if value is None or isinstance(value, Exception):
+                continue  # expired or removed since the SCAN (a route key of another type is no route)
+            self.judge.report.count("route keys")
+            try:
+                decoded.append((key, number, Route.decode(value)))
+            except ValueError:
+                decoded.append((key, number, None))
+        stored = await get_stored_bindings(self.redis, [r.binding_id for _, _, r in decoded if r is not None])
+        findings = []
+        for key, number, route in decoded:
+            problem: str | None
+            if route is None:
+                problem, binding_id = "holds no route value", ""
+            else:
+                binding_id = route.binding_id
+                problem = self._route_problem(key, number, stored.get(binding_id), binding_id)
+            if problem:
+                findings.append(Finding(Violation(ROUTE_WITHOUT_BINDING, masked_key(key), problem, binding_id), key))
+        return findings
+
+    def _route_problem(self, key: str, number: str, stored: StoredBinding | None, binding_id: str) -> str | None:
+        problem = _record_problem(stored, self.judge, binding_id)
+        if problem or stored is None or stored.pending:
+            return problem
+        record = stored.record
+        if record.end_ms() <= self.judge.now_ms():
+            return f"binding {binding_id} ended at {record.end_ms()} ms"
+        if record.virtual_number != number:
+            return f"binding {binding_id} is on number {record.virtual_number}"
+        if key not in own_route_keys(record):
+            return f"binding {binding_id} does not hold this key (its party or extension differs)"
+        return None
+
+    # ---- binding records --------------------------------------------------------------------------------------
+
+    async def bindings(self, bindings: Sequence[tuple[str, str]]) -> list[Finding]:
+        if not bindings:
+            return []
+        replies = await _pipelined(
+            self.redis, (call for key, _ in bindings for call in (("hgetall", (key,)), ("pttl", (key,))))
+        )
+        findings: list[Finding] = []
+        committed: list[tuple[str, StoredBinding, int]] = []
+        for index, (key, binding_id) in enumerate(bindings):
+            raw, ttl = replies[2 * index], replies[2 * index + 1]
+            if isinstance(raw, Exception) or not raw:
+                continue
+            fields = {as_text(k): as_text(v) for k, v in raw.items()}
+            try:
+                stored = decode_stored(binding_id, raw)
+            except ValueError as exc:
+                problem = f"unreadable record: {exc}"
+                findings.append(Finding(Violation(BINDING_HISTORY_GAP, key, problem, binding_id), key))
+                continue
+            if stored is None:
+                continue
+            self.judge.report.count("binding records")
+            if stored.pending:
+                continue  # what an uncommitted create left is judged from its routes and its reservation
+            findings += [
+                Finding(Violation(BINDING_HISTORY_GAP, key, gap, binding_id), key)
+                for gap in _event_gaps(fields, stored)
+            ]
+            committed.append((key, stored, ttl if isinstance(ttl, int) else -1))
+        findings += await self._number_history(committed)
+        findings += await self._routes_of(committed)
+        return findings
+
+    async def _number_history(self, committed: Sequence[tuple[str, StoredBinding, int]]) -> list[Finding]:
+        """A committed binding is indexed on its number with a score at or after its end (TraceNumber reads it)."""
+        judged = [(key, s) for key, s, ttl in committed if ttl < 0 or ttl > _PURGE_MARGIN_MS]
+        scores = await _pipelined(
+            self.redis,
+            (("zscore", (number_history_key(s.record.virtual_number), s.record.binding_id)) for _, s in judged),
+        )
+        findings = []
+        for (key, stored), score in zip(judged, scores, strict=True):
+            if isinstance(score, Exception):
+                continue
+            record = stored.record
+            if score is None:
+                problem = f"missing from the history of number {record.virtual_number} (TraceNumber cannot find it)"
+            elif float(score) < record.end_ms():
+                until = int(float(score))
+                problem = f"indexed on number {record.virtual_number} until {until}, ends at {record.end_ms()}"
+            else:
+                continue
+            findings.append(Finding(Violation(BINDING_HISTORY_GAP, key, problem, record.binding_id), key))
+        return findings
+
+    async def _routes_of(self, committed: Sequence[tuple[str, StoredBinding, int]]) -> list[Finding]:
+        """An active binding (committed, neither deleted nor expired) holds every one of its route keys."""
+        now = self.judge.now_ms()
+        active: list[tuple[str, BindingRecord, str]] = []
+        for key, stored, _ in committed:
+            record = stored.record
+            if record.delete_ms or record.expire_ms <= now + self.judge.grace_ms:
+                continue
+            if self.judge.in_flight(record.create_ms):
+                self.judge.report.in_flight += 1  # committed, but an undo may still remove it
+                continue
+            active.extend((key, record, route_key) for route_key in own_route_keys(record))
+        values = await _pipelined(self.redis, (("get", (route_key,)) for _, _, route_key in active))
+        findings = []
+        for (key, record, route_key), value in zip(active, values, strict=True):
+            if isinstance(value, Exception):
+                continue
+            if value is None:
+                problem = f"route {masked_key(route_key)} is missing"
+            elif not as_text(value).startswith(record.binding_id + "|"):
+                holder = as_text(value).split("|", 1)[0]
+                problem = f"route {masked_key(route_key)} is held by binding {holder}"
+            else:
+                continue
+            findings.append(Finding(Violation(BINDING_WITHOUT_ROUTES, key, problem, record.binding_id), key))
+        return findings
+
+    # ---- reservations -----------------------------------------------------------------------------------------
+
+    async def reservations(self, keys: Sequence[tuple[str, str, str, str]]) -> list[Finding]:
+        findings: list[Finding] = []
+        for key, tenant, city, number in keys:
+            start = 0
+            while True:
+                live: Any = await self.redis.zrangebyscore(
+                    key, f"({self.judge.now_ms()}", "+inf", start=start, num=self.batch, withscores=True
+                )
+                if not live:
+                    break
+                findings += await self._reservation_batch(key, tenant, city, number, live)
+                if len(live) < self.batch:
+                    break
+                start += self.batch
+        return findings
+
+    async def _reservation_batch(
+        self, key: str, tenant: str, city: str, number: str, live: Sequence[tuple[Any, float]]
+    ) -> list[Finding]:
+        rids = [as_text(rid) for rid, _ in live]
+        records = await self.redis.hmget(number_hash_key(tenant, city, number), [f"r:{rid}" for rid in rids])
+        lease_end = self.judge.now_ms() + self.judge.create_lease_ms + self.judge.grace_ms
+        confirmed: list[tuple[str, int, str]] = []
+        findings = []
+        for (rid, expiry), record in zip(zip(rids, (int(s) for _, s in live), strict=True), records, strict=True):
+            self.judge.report.count("reservations")
+            binding_id = as_text(record).split("|")[4] if record is not None and as_text(record).count("|") >= 4 else ""
+            if record is None:
+                problem = f"reservation {rid} has no record"
+            elif binding_id:
+                confirmed.append((rid, expiry, binding_id))
+                continue
+            elif expiry > lease_end:
+                problem = f"reservation {rid} has no binding and lasts until {expiry}, beyond a create's lease"
+            else:
+                self.judge.report.in_flight += 1  # reserved for a create still within its lease
+                continue
+            findings.append(Finding(Violation(RESERVATION_WITHOUT_BINDING, key, problem), key))
+        stored = await get_stored_bindings(self.redis, [b for _, _, b in confirmed])
+        for rid, expiry, binding_id in confirmed:
+            trouble = self._reservation_problem(number, rid, expiry, stored.get(binding_id), binding_id)
+            if trouble:
+                findings.append(Finding(Violation(RESERVATION_WITHOUT_BINDING, key, trouble, binding_id), key))
+        return findings
+
+    def _reservation_problem(
+        self, number: str, rid: str, expiry: int, stored: StoredBinding | None, binding_id: str
+    ) -> str | None:
+        problem = _record_problem(stored, self.judge, binding_id)
+        if problem or stored is None or stored.pending:
+            return problem
+        record = stored.record
+        if record.virtual_number != number:
+            return f"binding {binding_id} is on number {record.virtual_number}"
+        try:
+            held = Handle.decode("rid", stored.reservation_id).rid
+        except InvalidArgument:
+            held = ""
+        if held != rid:
+            return f"binding {binding_id} holds another reservation"
+        if expiry > record.end_ms() + self.judge.grace_ms:
+            return f"reservation {rid} lasts until {expiry}, its binding ends at {record.end_ms()}"
+        return None
+
+    # ---- pools ------------------------------------------------------------------------------------------------
+
+    async def pool(self, key: str, tenant: str, city: str) -> list[Finding]:
+        counts = [int(n) for n in await self._pool_counts(self.redis, [key])]
+        total, blocks_n, avail, axb, axe, axn, locked, cooling = counts
+        blocks = {as_text(b) for b in await self.redis.smembers(f"{key}:blocks")}
+        self.judge.report.count("pools")
+        self.pools.add_pool(key, tenant, city, blocks)
+        findings = []
+        if total != blocks_n * BLOCK_SIZE:
+            problem = f"total {total}, but {blocks_n} block(s) of {BLOCK_SIZE:,} numbers"
+            findings.append(Finding(Violation(POOL_COUNTERS, key, problem), key))
+        states = avail + axb + axe + axn + locked + cooling
+        if states != total:
+            problem = (
+                f"available {avail} + in use {axb + axe + axn} + locked {locked} + cooling {cooling} = {states}, "
+                f"total {total}"
+            )
+            findings.append(Finding(Violation(POOL_COUNTERS, key, problem), key))
+        findings += await self._pool_members(key, blocks)
+        return findings
+
+    async def _pool_members(self, key: str, blocks: set[str]) -> list[Finding]:
+        """Every number of the pool's state sets is in one of its blocks, and in one state only."""
+        # (suffix, type); each set is compared with the ones after it, the largest (avail) last.
+        sets = [
+            ("axb", "zset"),
+            ("axe", "zset"),
+            ("axn", "zset"),
+            ("cooling", "zset"),
+            ("locked", "hash"),
+            ("avail", "set"),
+        ]
+        overlaps: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for index, (name, kind) in enumerate(sets):
+            async for members in self._members(f"{key}:{name}", kind):
+                for number in members:
+                    if number[:11] not in blocks:
+                        self.pools.add_foreign(key, number[:11])
+                for other, other_kind in sets[index + 1 :]:
+                    for number in await self._present(f"{key}:{other}", other_kind, members):
+                        overlaps[(name, other)].append(number)
+        findings = []
+        for (name, other), numbers in overlaps.items():
+            shown = ", ".join(sorted(set(numbers))[:3])
+            problem = f"{len(set(numbers))} number(s) both {name} and {other} (e.g. {shown})"
+            findings.append(Finding(Violation(POOL_COUNTERS, key, problem), key))
+        return findings
+
+    async def _members(self, key: str, kind: str) -> Any:
+        cursor = 0
+        while True:
+            raw: list[Any]
+            if kind == "set":
+                cursor, raw = await self.redis.sscan(key, cursor, count=self.batch)
+            elif kind == "zset":
+                cursor, pairs = await self.redis.zscan(key, cursor, count=self.batch)
+                raw = [member for member, _ in pairs]
+            else:
+                cursor, mapping = await self.redis.hscan(key, cursor, count=self.batch)
+                raw = list(mapping)
+            if raw:
+                yield [as_text(m) for m in raw]
+            if int(cursor) == 0:
+                return
+
+    async def _present(self, key: str, kind: str, members: Sequence[str]) -> list[str]:
+        if kind == "set":
+            found = await self.redis.smismember(key, list(members))
+            return [m for m, hit in zip(members, found, strict=True) if hit]
+        if kind == "zset":
+            scores = await self.redis.zmscore(key, list(members))
+            return [m for m, score in zip(members, scores, strict=True) if score is not None]
+        values = await self.redis.hmget(key, list(members))
+        return [m for m, value in zip(members, values, strict=True) if value is not None]
+
+    async def owners(self, blocks: Sequence[str]) -> None:
+        replies = await _pipelined(self.redis, (("hmget", (block_owner_key(b), ["tenant", "city"])) for b in blocks))
+        for block, reply in zip(blocks, replies, strict=True):
+            if isinstance(reply, Exception) or reply[0] is None:
+                continue
+            self.judge.report.count("block owners")
+            self.pools.owners[block] = (as_text(reply[0]), as_text(reply[1] or b""))
+
+    # ---- CDRs -------------------------------------------------------------------------------------------------
+
+    async def cdr_stream(self, key: str, tag: str) -> list[Finding]:
+        bucket = Bucket("" if "{" + tag + "}" == UNMATCHED_TAG else tag[2:])
+        findings: list[Finding] = []
+        start = "-"
+        while True:
+            entries = await self.redis.xrange(key, min=start, max="+", count=self.batch)
+            if not entries:
+                return findings
+            dedup_keys: list[str | None] = []
+            for _, fields in entries:
+                dedup_keys.append(_dedup_key(bucket, (fields or {}).get(b"p")))
+            stored_as = await _pipelined(self.redis, (("get", (k,)) for k in dedup_keys if k is not None))
+            replies = iter(stored_as)
+            for (entry_id, _), dedup in zip(entries, dedup_keys, strict=True):
+                self.judge.report.count("CDRs")
+                if dedup is None:
+                    self.judge.report.note_unchecked("CDRs without a readable call_id")
+                    continue
+                holder = next(replies)
+                if holder is None or isinstance(holder, Exception):
+                    self.judge.report.note_unchecked("CDRs whose dedup key has lapsed")
+                elif as_text(holder) != as_text(entry_id or b""):
+                    problem = f"call stored again as {as_text(entry_id or b'')}, first as {as_text(holder)} (in {key})"
+                    findings.append(Finding(Violation(DUPLICATE_CDR, dedup, problem), None))
+            if len(entries) < self.batch:
+                return findings
+            start = "(" + as_text(entries[-1][0] or b"")
+
+
+def _dedup_key(bucket: Bucket, payload: Any) -> str | None:
+    """The dedup key of a stored CDR (its carrier's call_id), None when the payload does not parse."""
+    try:
+        record = cdr_pb2.CallDetailRecord.FromString(payload if isinstance(payload, bytes) else b"")
+    except Exception:
+        return None
+    return bucket.dedup(record.carrier_id, record.call_id) if record.call_id else None
+
+
+def _event_gaps(fields: dict[str, str], stored: StoredBinding) -> list[str]:
+    """What is missing from a committed record's event list (h1..hN, N = n): holes, extras, no create, no delete."""
+    count = int(fields.get("n", "0") or "0")
+    gaps = []
+    missing = [i for i in range(1, count + 1) if f"h{i}" not in fields]
+    if missing:
+        gaps.append(f"event(s) {', '.join(f'h{i}' for i in missing[:5])} of {count} missing")
+    beyond = sorted(int(m[1]) for name in fields if (m := _EVENT_FIELD.fullmatch(name)) and int(m[1]) > count)
+    if beyond:
+        gaps.append(f"event h{beyond[0]} beyond the count n={count}")
+    if not stored.events or stored.events[0].kind != "create":
+        gaps.append("the first event is not its create")
+    if stored.record.delete_ms and not any(e.kind == "delete" for e in stored.events):
+        gaps.append("deleted, without a delete event")
+    return gaps
+
+
+@dataclass
+class PoolRegistry:
+    """Blocks per pool, block owners, and numbers found in a pool's sets outside its blocks (per block): enough
+    to find a number in two pools after the walk, in memory proportional to the number of blocks."""
+
+    blocks: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # block -> pool keys
+    tenants: dict[str, tuple[str, str]] = field(default_factory=dict)  # pool key -> (tenant, city)
+    owners: dict[str, tuple[str, str]] = field(default_factory=dict)  # block -> (tenant, city)
+    foreign: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))  # (pool, block) -> n
+
+    def add_pool(self, key: str, tenant: str, city: str, blocks: Iterable[str]) -> None:
+        self.tenants[key] = (tenant, city)
+        for block in blocks:
+            self.blocks[block].add(key)
+
+    def add_foreign(self, key: str, block: str) -> None:
+        self.foreign[(key, block)] += 1
+
+    def findings(self) -> list[Finding]:
+        found = []
+        for block, pools in sorted(self.blocks.items()):
+            owner = self.owners.get(block)
+            wrong = sorted(p for p in pools if owner is not None and self.tenants[p] != owner)
+            if owner is None and len(pools) > 1:
+                wrong = sorted(pools)
+            for key in wrong:
+                others = ", ".join(f"{t}/{c}" for t, c in sorted(self.tenants[p] for p in pools if p != key)) or "none"
+                claimed = f"owned by {owner[0]}/{owner[1]}" if owner else "no owner record"
+                problem = f"block {block} is in this pool ({claimed}; also in the pools of {others})"
+                found.append(Finding(Violation(NUMBER_IN_TWO_POOLS, f"{key}:blocks", problem), None))
+        for (key, block), n in sorted(self.foreign.items()):
+            elsewhere = sorted(p for p in self.blocks.get(block, ()) if p != key)
+            if elsewhere or (block in self.owners and self.owners[block] != self.tenants.get(key)):
+                holder = ", ".join(elsewhere) or "the owner {}/{}".format(*self.owners[block])
+                problem = f"{n} number(s) of block {block} are in this pool's sets; the block is {holder}'s"
+                found.append(Finding(Violation(NUMBER_IN_TWO_POOLS, key, problem), None))
+            else:
+                problem = f"{n} number(s) of block {block}, not one of this pool's blocks, are in its sets"
+                found.append(Finding(Violation(POOL_COUNTERS, key, problem), None))
+        return found
