@@ -2,8 +2,19 @@
 
 redis-py's sync client costs several times more Python per command than the call needs and has no per-call
 timeout. This one keeps one socket per node per thread, writes the pre-encoded command in one send, parses
-with hiredis, and bounds every call by the caller's remaining deadline. Redis Cluster: slots from
-CLUSTER SLOTS, refreshed on MOVED; NOSCRIPT loads the script on that node and retries.
+with hiredis, and bounds every call by the caller's remaining deadline.
+
+Faults, all within the call's budget and never as a raw Redis error (docs/translation.md "Redis faults"):
+- NOSCRIPT loads the script on that node and sends the call again.
+- Redis Cluster: slots from CLUSTER SLOTS; MOVED goes to the named node and reloads the map, ASK sends ASKING and
+  the call to the importing node; a node that refuses connections (a killed master) reloads the map and, once a
+  replica has been promoted, the call goes there.
+- "Not now" replies (LOADING after a restart, TRYAGAIN and CLUSTERDOWN while slots move or a failover runs,
+  READONLY and MASTERDOWN from a replica, BUSY from a slow script) are retried after a short, growing pause;
+  when the budget is spent the caller gets UNAVAILABLE. Replies that refuse writes or this client (MISCONF, OOM,
+  NOAUTH, ...) are UNAVAILABLE at once.
+- A pooled connection that Redis closed while it was idle (a restart, a failover) fails the first call sent on
+  it; that call is sent once more on a new connection (see `_batch` for why sending it twice is safe).
 
 rediss:// speaks TLS with the settings' verified context (the CA file alone, hostname checked, optional client
 certificate); the ACL user authenticates with AUTH <user> <password> once per connection, inside that TLS.
@@ -11,6 +22,7 @@ certificate); the ACL user authenticates with AUTH <user> <password> once per co
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -29,6 +41,22 @@ from numprotect.core.settings import RedisSettings, SettingsError
 
 Node = tuple[str, int]
 
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+# Errors that mean "not now": retried after a pause (_PAUSE_FIRST, doubling up to _PAUSE_MOST) within the budget.
+_RETRY_LATER = frozenset({"LOADING", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "MASTERDOWN", "BUSY"})
+# ... of which these say the node may no longer serve the slot: the slot map is reloaded first.
+_RELOAD_FIRST = frozenset({"CLUSTERDOWN", "READONLY", "MASTERDOWN"})
+# Errors that mean the storage cannot serve this call now (writes refused, credentials, limits): UNAVAILABLE.
+_REFUSED = frozenset({"MISCONF", "OOM", "NOAUTH", "WRONGPASS", "NOPERM", "NOREPLICAS"})
+# Replies after which a call is sent again: the script did not run.
+_SENT_AGAIN = _RETRY_LATER | {"MOVED", "ASK", "NOSCRIPT"}
+_PAUSE_FIRST = 0.005
+_PAUSE_MOST = 0.1
+# Rounds without a pause (redirections, NOSCRIPT, a node gone) per call; pauses are bounded by the budget alone.
+_MOST_REDIRECTS = 16
+# Calls failing together (a dead node, a resharding) share one CLUSTER SLOTS per interval.
+_SLOTS_RELOAD_INTERVAL = 0.05
+
 
 def _encode(*parts: str | bytes) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
@@ -38,13 +66,18 @@ def _encode(*parts: str | bytes) -> bytes:
     return b"".join(out)
 
 
+class _Unreachable(Unavailable):
+    """The node refused or dropped the connection (not a timeout): in a cluster, the slot may have a new owner."""
+
+
 class _Conn:
-    __slots__ = ("reader", "sock", "timeout")
+    __slots__ = ("reader", "sock", "timeout", "used")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = hiredis.Reader()
         self.timeout = -1.0
+        self.used = False  # True once a reply came back: a later failure may be a connection closed while idle
 
     def send(self, data: bytes, timeout: float) -> None:
         if timeout != self.timeout:
@@ -112,6 +145,7 @@ class ScriptClient:
         self._local = threading.local()
         self._slots: list[Node] = []
         self._slots_lock = threading.Lock()
+        self._slots_asked_at = -_SLOTS_RELOAD_INTERVAL  # time.monotonic() of the last CLUSTER SLOTS
         # Combining: concurrent calls from handler threads share one pipelined write per node.
         self._queue: list[_Slot] = []
         self._queue_lock = threading.Lock()
@@ -159,8 +193,10 @@ class ScriptClient:
                         raise
         except ssl.SSLError as exc:  # a certificate that fails verification included
             raise Unavailable(f"translation storage TLS handshake failed: {exc}") from None
-        except OSError as exc:
+        except TimeoutError as exc:
             raise Unavailable(f"translation storage unreachable: {exc}") from None
+        except OSError as exc:
+            raise _Unreachable(f"translation storage unreachable: {exc}") from None
         conn = _Conn(sock)
         setup: list[bytes] = []
         if self._password is not None:
@@ -192,31 +228,77 @@ class ScriptClient:
         self._drop(node)
         if isinstance(exc, TimeoutError):
             return Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms")
-        return Unavailable(f"translation storage unreachable: {exc}")
+        return _Unreachable(f"translation storage unreachable: {exc}")
+
+    def _batch(self, node: Node, commands: Sequence[bytes], asking: bool, deadline: float) -> list[Any]:
+        """The replies of `commands` sent to `node` in one write (each after ASKING when `asking`).
+
+        A pooled connection that fails without a timeout, on its first use since its last reply, is most likely
+        one Redis closed while it sat idle (a restart or failover: "Connection closed by server"); the commands
+        are sent once more on a new connection, so the first call after Redis is back succeeds instead of each
+        pooled socket handing out one stray UNAVAILABLE. Sending the translate script twice is safe: its decision
+        only reads; its only writes are the rate-limit counters (INCR, PEXPIRE on the first), so in the rare
+        case where the first copy did run (Redis answered, then died before the reply reached us) one call is
+        counted twice in its rate window, which can only make a limit bite one call early, never let more through.
+        """
+        data = b"".join(_ASKING + command for command in commands) if asking else b"".join(commands)
+        count = len(commands) * 2 if asking else len(commands)
+        for resend in (False, True):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable("no time left for the translation storage")
+            conn = self._conn(node, left)
+            reused = conn.used
+            try:
+                conn.send(data, left)
+                replies = [conn.read() for _ in range(count)]
+            except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
+                error = self._failed(node, exc, left)
+                if reused and not resend and isinstance(error, _Unreachable):
+                    continue
+                raise error from None
+            conn.used = True
+            return replies[1::2] if asking else replies
+        raise AssertionError("unreachable")
 
     # --- cluster slots -----------------------------------------------------------------------------------
 
-    def _node_for(self, key: str, timeout: float) -> Node:
+    def _node_for(self, key: str, deadline: float) -> Node:
         if not self.cluster:
             return self.seed
         if not self._slots:
-            self._load_slots(timeout)
+            self._load_slots(deadline)
         return self._slots[key_slot(key.encode())]
 
-    def _load_slots(self, timeout: float) -> None:
-        """The slot map from CLUSTER SLOTS, asking one node after another within the call's budget (`timeout`)."""
-        budget = min(self.connect_timeout, timeout)
+    def _reload_slots(self, deadline: float, avoid: Node | None = None) -> None:
+        """A new slot map, unless one was asked for less than _SLOTS_RELOAD_INTERVAL ago; best effort (the call
+        goes on with the map it has when no node answers)."""
+        if time.monotonic() - self._slots_asked_at < _SLOTS_RELOAD_INTERVAL:
+            return
+        with contextlib.suppress(Unavailable):
+            self._load_slots(deadline, avoid)
+
+    def _load_slots(self, deadline: float, avoid: Node | None = None) -> None:
+        """The slot map from CLUSTER SLOTS, asking one node after another within the call's budget; `avoid` (a node
+        that just failed) is asked last."""
+        budget = min(self.connect_timeout, deadline - time.monotonic())
         deadline = time.monotonic() + budget
         with self._slots_lock:
-            candidates = [self.seed, *dict.fromkeys(self._slots)]
+            if self._slots and time.monotonic() - self._slots_asked_at < _SLOTS_RELOAD_INTERVAL:
+                return  # another thread has just reloaded it
+            self._slots_asked_at = time.monotonic()
+            candidates = [node for node in dict.fromkeys([self.seed, *self._slots]) if node != avoid]
+            if avoid is not None:
+                candidates.append(avoid)
             for node in candidates:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if deadline - time.monotonic() <= 0:
                     break
                 try:
-                    reply = self._round_trip(node, self._conn(node, left), _encode("CLUSTER", "SLOTS"), left)
+                    (reply,) = self._batch(node, [_encode("CLUSTER", "SLOTS")], False, deadline)
                 except Unavailable:
                     continue
+                if isinstance(reply, hiredis.ReplyError):
+                    continue  # e.g. LOADING: another node may answer
                 slots: list[Node] = [self.seed] * 16384
                 for start, end, primary, *_ in reply:
                     host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
@@ -250,17 +332,33 @@ class ScriptClient:
         """The script's reply; Unavailable when Redis does not answer within `timeout` seconds."""
         if timeout <= 0:
             raise Unavailable("no time left for the translation storage")
-        return self._evalsha_command(keys[0], self._command(keys, args), timeout)
+        return self._evalsha_command(keys[0], self._command(keys, args), time.monotonic() + timeout)
 
-    def _evalsha_command(self, key: str, command: bytes, timeout: float) -> Any:
-        for _ in range(3):
-            node = self._node_for(key, timeout)  # again after a MOVED: the retry goes where the key lives now
-            reply = self._round_trip(node, self._conn(node, timeout), command, timeout)
-            if not isinstance(reply, hiredis.ReplyError):
-                return reply
-            if not self._recover(node, str(reply), timeout):
-                raise reply
-        raise Unavailable("translation storage kept redirecting the call")
+    def _evalsha_command(self, key: str, command: bytes, deadline: float) -> Any:
+        node = self._node_for(key, deadline)
+        conn = self._conns().get(node)
+        if conn is not None and conn.used:  # the hot path: a connection that has answered before, one round trip
+            left = deadline - time.monotonic()
+            try:
+                conn.send(command, left)
+                reply = conn.read()
+            except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
+                error = self._failed(node, exc, left)
+                if not isinstance(error, _Unreachable) or left <= 0:
+                    raise error from None
+                # Closed while idle, or the node is gone: the full path sends it again (on a new connection,
+                # after a slot-map reload in a cluster).
+            else:
+                if not isinstance(reply, hiredis.ReplyError):
+                    return reply
+                kind = str(reply).split(" ", 1)[0]
+                if kind not in _SENT_AGAIN:
+                    raise self._answer_for(reply, kind)
+                # Not run (redirected, not loaded, not now): the full path handles it and sends it again.
+        (reply,) = self._pipeline([(key, command)], deadline)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     def evalsha_combined(self, keys: Sequence[str], args: Sequence[str], timeout: float) -> Any:
         """Like evalsha, but calls that arrive while another thread talks to Redis go out together.
@@ -283,7 +381,7 @@ class ScriptClient:
                 self._queue.append(slot)
         if lead:
             try:
-                return self._evalsha_command(keys[0], command, timeout)
+                return self._evalsha_command(keys[0], command, time.monotonic() + timeout)
             finally:
                 self._pass_lead()
         if not slot.done.acquire(timeout=timeout):
@@ -305,7 +403,7 @@ class ScriptClient:
         with self._queue_lock:
             batch, self._queue = self._queue, []
         try:
-            replies = self._pipeline([(s.key, s.command) for s in batch], timeout)
+            replies = self._pipeline([(s.key, s.command) for s in batch], time.monotonic() + timeout)
         except Exception as exc:
             replies = [exc] * len(batch)
         for slot, reply in zip(batch, replies, strict=True):
@@ -329,56 +427,124 @@ class ScriptClient:
 
         A reply is the script's result or an exception instance (the others still count).
         """
-        return self._pipeline([(keys[0], self._command(keys, args)) for keys, args in calls], timeout)
+        return self._pipeline(
+            [(keys[0], self._command(keys, args)) for keys, args in calls], time.monotonic() + timeout
+        )
 
-    def _pipeline(self, calls: Sequence[tuple[str, bytes]], timeout: float) -> list[Any]:
+    def _pipeline(self, calls: Sequence[tuple[str, bytes]], deadline: float) -> list[Any]:
         """Sends prepared EVALSHAs (routing key, command), one write per node; replies or exceptions in order.
 
-        NOSCRIPT (script loaded on that node) and MOVED (slots reloaded) are retried, up to three rounds.
+        Every reply that is an error goes through `_next_try`: sent again (elsewhere, after ASKING, after a
+        pause) while the deadline allows, else answered with the exception the caller gets (Unavailable for
+        storage faults; hiredis.ReplyError for anything else, such as a script error: a bug, INTERNAL).
         """
         results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for _ in range(3):
-            by_node: dict[Node, list[int]] = {}
-            for index in todo:
-                by_node.setdefault(self._node_for(calls[index][0], timeout), []).append(index)
-            retry: list[int] = []
-            for node, indexes in by_node.items():
-                conn = self._conn(node, timeout)
+        # Where each pending call goes: (node, after ASKING)
+        routes = {index: (self._node_for(key, deadline), False) for index, (key, _) in enumerate(calls)}
+        pause = _PAUSE_FIRST
+        last: dict[int, str] = {}  # the last error reply of a call sent again
+        redirects = 0
+        while True:
+            redirects += 1
+            by_route: dict[tuple[Node, bool], list[int]] = {}
+            for index, route in routes.items():
+                by_route.setdefault(route, []).append(index)
+            routes = {}
+            handled: dict[tuple[Node, str], tuple[Node, bool, bool] | None] = {}  # once per node and error kind
+            wait = False
+            for (node, asking), indexes in by_route.items():
                 try:
-                    conn.send(b"".join(calls[i][1] for i in indexes), timeout)
-                    replies = [conn.read() for _ in indexes]
-                except (OSError, ConnectionError) as exc:
-                    error = self._failed(node, exc, timeout)
+                    replies = self._batch(node, [calls[i][1] for i in indexes], asking, deadline)
+                except Unavailable as exc:
+                    moved = self._rerouted(
+                        node, isinstance(exc, _Unreachable) and redirects < _MOST_REDIRECTS, deadline
+                    )
                     for index in indexes:
-                        results[index] = error
+                        target = self._node_for(calls[index][0], deadline) if moved else node
+                        if target != node:
+                            routes[index] = (target, False)
+                        else:
+                            results[index] = exc
                     continue
-                recovered: set[str] = set()
                 for index, reply in zip(indexes, replies, strict=True):
-                    if isinstance(reply, hiredis.ReplyError):
-                        text = str(reply)
-                        kind = text.split(" ", 1)[0]
-                        if kind in recovered or self._recover(node, text, timeout):
-                            recovered.add(kind)
-                            retry.append(index)
-                            continue
-                    results[index] = reply
-            if not retry:
+                    if not isinstance(reply, hiredis.ReplyError):
+                        results[index] = reply
+                        continue
+                    text = str(reply)
+                    kind = text.split(" ", 1)[0]
+                    if kind in ("MOVED", "ASK"):
+                        step = self._redirect(node, text, deadline)
+                    elif (node, kind) in handled:
+                        step = handled[node, kind]
+                    else:
+                        step = handled[node, kind] = self._next_try(node, kind, asking, deadline)
+                    if step is None or (redirects >= _MOST_REDIRECTS and not step[2]):
+                        results[index] = self._answer_for(reply, kind)
+                        continue
+                    last[index] = kind
+                    target, target_asking, pause_first = step
+                    if pause_first:
+                        target, target_asking = self._node_for(calls[index][0], deadline), False
+                        wait = True
+                    routes[index] = (target, target_asking)
+            if not routes:
                 return results
-            todo = retry
-        for index in todo:
-            results[index] = Unavailable("translation storage kept redirecting the call")
+            left = deadline - time.monotonic()
+            if wait:
+                time.sleep(max(0.0, min(pause, left)))
+                pause = min(pause * 2, _PAUSE_MOST)
+                left = deadline - time.monotonic()
+                redirects = 0
+            if left <= 0:
+                break
+        for index in routes:  # still to send again, out of time
+            why = f" ({last[index]})" if index in last else ""
+            results[index] = Unavailable(f"translation storage did not serve the call in time{why}; retry")
         return results
 
-    def _recover(self, node: Node, error: str, timeout: float) -> bool:
-        """Handles NOSCRIPT (load on that node) and MOVED (reload slots); False for other errors."""
-        if error.startswith("NOSCRIPT"):
-            self._round_trip(node, self._conn(node, timeout), _encode("SCRIPT", "LOAD", self.script.source), timeout)
-            return True
-        if error.startswith("MOVED") and self.cluster:
-            self._load_slots(timeout)
-            return True
-        return False
+    def _rerouted(self, node: Node, unreachable: bool, deadline: float) -> bool:
+        """After `node` refused or dropped the connection: True when the slot map was reloaded (a killed master's
+        slots then point at the replica once it is promoted; until then they still point at the dead node and
+        the call fails fast with UNAVAILABLE)."""
+        if not (self.cluster and unreachable):
+            return False
+        self._reload_slots(deadline, avoid=node)
+        return True
+
+    def _redirect(self, node: Node, error: str, deadline: float) -> tuple[Node, bool, bool] | None:
+        """MOVED <slot> <host:port>: the slot has a new owner (map reloaded); ASK: this one key is being imported
+        there (ASKING first, the map stays)."""
+        if not self.cluster:
+            return None
+        kind, slot, address = error.split(" ", 2)
+        host, _, port = address.rpartition(":")
+        target = (host or node[0], int(port))
+        if kind == "ASK":
+            return target, True, False
+        self._slots[int(slot)] = target
+        self._reload_slots(deadline)
+        return target, False, False
+
+    def _next_try(self, node: Node, kind: str, asking: bool, deadline: float) -> tuple[Node, bool, bool] | None:
+        """Where a call whose reply was a `kind` error goes next: (node, ASKING first, pause first); None when the
+        error is the answer."""
+        if kind == "NOSCRIPT":
+            (loaded,) = self._batch(node, [_encode("SCRIPT", "LOAD", self.script.source)], False, deadline)
+            if isinstance(loaded, hiredis.ReplyError):
+                return None
+            return node, asking, False
+        if kind in _RETRY_LATER:
+            if self.cluster and kind in _RELOAD_FIRST:
+                self._reload_slots(deadline)
+            return node, False, True
+        return None
+
+    @staticmethod
+    def _answer_for(reply: hiredis.ReplyError, kind: str) -> BaseException:
+        """What the caller gets for an error reply that is not retried (any more)."""
+        if kind in _SENT_AGAIN or kind in _REFUSED:
+            return Unavailable(f"translation storage cannot serve the call now ({kind}); retry")
+        return reply
 
     def close(self) -> None:
         """Closes this thread's sockets (other threads' close with their thread)."""
