@@ -98,6 +98,9 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
         def miscount_pool(r: Any) -> None:
             r.hincrby(pool, "total", 1)
 
+        def free_a_number_in_use(r: Any) -> None:
+            r.sadd(f"{pool}:avail", x)  # x serves the AXB binding: it is in the pool's axb set
+
         def store_cdr_twice(r: Any) -> None:
             r.xadd(stream, {"p": first_entry[1][b"p"]})
 
@@ -139,6 +142,7 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
                 (NUMBER_IN_TWO_POOLS, f"{other_pool}:blocks"),
             ),
             ("pool total off by one", miscount_pool, [pool], (POOL_COUNTERS, pool)),
+            ("number both in use and free", free_a_number_in_use, [f"{pool}:avail"], (POOL_COUNTERS, pool)),
             (
                 "CDR stored twice",
                 store_cdr_twice,
@@ -171,6 +175,8 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
                     redis_sync.delete(key)
                     if dumped is not None:
                         redis_sync.restore(key, max(ttl, 0), dumped)
+            if plant is free_a_number_in_use:
+                assert any(f"1 number(s) both axb and avail (e.g. {x})" in v.detail for v in report.violations)
         assert (await scan_async(doctor_redis, doctor_options())).clean  # everything restored
 
 

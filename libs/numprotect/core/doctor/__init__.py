@@ -31,10 +31,11 @@ _MAX_SUSPECTS = 10_000
 class Options:
     """How the walk paces itself and judges in-flight work.
 
-    batch: SCAN COUNT and the size of each pipelined read. keys_per_second: the pace (0: as fast as Redis
-    answers). create_lease_seconds: binding's NUMPROTECT_BINDING_CREATE_LEASE (what a create within its lease
-    wrote is no violation). grace_seconds: clock skew and in-flight margin. recheck_seconds: the pause before a
-    suspect is checked again (0: no second look). listed_per_kind: violations kept per kind in the report.
+    batch: SCAN COUNT and the size of each pipelined read. keys_per_second: the pace, in keys walked and
+    members, reservations and CDRs read inside them (0: as fast as Redis answers). create_lease_seconds:
+    binding's NUMPROTECT_BINDING_CREATE_LEASE (what a create within its lease wrote is no violation).
+    grace_seconds: clock skew and in-flight margin. recheck_seconds: the pause before a suspect is checked again
+    (0: no second look). listed_per_kind: violations kept per kind in the report.
     """
 
     batch: int = 200
@@ -65,9 +66,10 @@ async def scan_with(redis: RedisClient, options: Options) -> Report:
     if not await redis.ping():
         raise ConnectionError("Redis did not answer PING")
     report.nodes = len(await primaries(redis))
-    checks = Checks(redis, await _judge(redis, options, report), options.batch)
+    pace = Pace(options.batch, options.keys_per_second)
+    checks = Checks(redis, await _judge(redis, options, report), pace)
     suspects: list[Finding] = []
-    async for keys in scan_batches(redis, Pace(options.batch, options.keys_per_second)):
+    async for keys in scan_batches(redis, pace):
         report.walked += len(keys)
         for finding in await checks.run(keys):
             if finding.recheck is not None and options.recheck_seconds > 0 and len(suspects) < _MAX_SUSPECTS:
@@ -97,7 +99,7 @@ async def _second_look(redis: RedisClient, options: Options, suspects: list[Find
     if not suspects:
         return []
     await asyncio.sleep(options.recheck_seconds)
-    again = Checks(redis, await _judge(redis, options, Report()), options.batch)
+    again = Checks(redis, await _judge(redis, options, Report()), Pace(options.batch, options.keys_per_second))
     keys = list(dict.fromkeys(f.recheck for f in suspects if f.recheck is not None))
     still: dict[tuple[str, str], list[Violation]] = {}
     for start in range(0, len(keys), options.batch):

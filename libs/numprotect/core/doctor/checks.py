@@ -23,6 +23,7 @@ from numprotect.core.binding_records import (
     number_history_key,
 )
 from numprotect.core.cdr_keys import UNMATCHED_TAG, Bucket
+from numprotect.core.doctor.keyspace import Pace
 from numprotect.core.doctor.report import (
     BINDING_HISTORY_GAP,
     BINDING_WITHOUT_ROUTES,
@@ -121,10 +122,12 @@ class Checks:
 
     _pool_counts = LuaScript.beside(__file__, "pool_counts.lua")
 
-    def __init__(self, redis: RedisClient, judge: Judge, batch: int) -> None:
+    def __init__(self, redis: RedisClient, judge: Judge, pace: Pace) -> None:
         self.redis = redis
         self.judge = judge
-        self.batch = batch
+        # Reads inside one key (a pool's sets, a CDR stream, a number's reservations) keep the walk's pace too.
+        self.pace = pace
+        self.batch = pace.batch
         self.pools = PoolRegistry()
 
     async def run(self, keys: Sequence[str]) -> list[Finding]:
@@ -292,6 +295,7 @@ class Checks:
                 if not live:
                     break
                 findings += await self._reservation_batch(key, tenant, city, number, live)
+                await self.pace.took(len(live))
                 if len(live) < self.batch:
                     break
                 start += self.batch
@@ -378,20 +382,20 @@ class Checks:
             ("locked", "hash"),
             ("avail", "set"),
         ]
-        overlaps: dict[tuple[str, str], list[str]] = defaultdict(list)
+        overlaps: dict[tuple[str, str], Overlap] = defaultdict(Overlap)
         for index, (name, kind) in enumerate(sets):
             async for members in self._members(f"{key}:{name}", kind):
                 for number in members:
                     if number[:11] not in blocks:
                         self.pools.add_foreign(key, number[:11])
                 for other, other_kind in sets[index + 1 :]:
-                    for number in await self._present(f"{key}:{other}", other_kind, members):
-                        overlaps[(name, other)].append(number)
+                    overlaps[(name, other)].add(await self._present(f"{key}:{other}", other_kind, members))
         findings = []
-        for (name, other), numbers in overlaps.items():
-            shown = ", ".join(sorted(set(numbers))[:3])
-            problem = f"{len(set(numbers))} number(s) both {name} and {other} (e.g. {shown})"
-            findings.append(Finding(Violation(POOL_COUNTERS, key, problem), key))
+        for (name, other), overlap in overlaps.items():
+            if overlap.count:
+                shown = ", ".join(overlap.examples)
+                problem = f"{overlap.count} number(s) both {name} and {other} (e.g. {shown})"
+                findings.append(Finding(Violation(POOL_COUNTERS, key, problem), key))
         return findings
 
     async def _members(self, key: str, kind: str) -> Any:
@@ -408,6 +412,7 @@ class Checks:
                 raw = list(mapping)
             if raw:
                 yield [as_text(m) for m in raw]
+                await self.pace.took(len(raw))
             if int(cursor) == 0:
                 return
 
@@ -455,6 +460,7 @@ class Checks:
                 elif as_text(holder) != as_text(entry_id or b""):
                     problem = f"call stored again as {as_text(entry_id or b'')}, first as {as_text(holder)} (in {key})"
                     findings.append(Finding(Violation(DUPLICATE_CDR, dedup, problem), None))
+            await self.pace.took(len(entries))
             if len(entries) < self.batch:
                 return findings
             start = "(" + as_text(entries[-1][0] or b"")
@@ -484,6 +490,18 @@ def _event_gaps(fields: dict[str, str], stored: StoredBinding) -> list[str]:
     if stored.record.delete_ms and not any(e.kind == "delete" for e in stored.events):
         gaps.append("deleted, without a delete event")
     return gaps
+
+
+@dataclass
+class Overlap:
+    """Numbers found in two of a pool's state sets: a count and the first few (SSCAN may return one twice)."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, numbers: Sequence[str]) -> None:
+        self.count += len(numbers)
+        self.examples += [n for n in numbers if n not in self.examples][: 3 - len(self.examples)]
 
 
 @dataclass
