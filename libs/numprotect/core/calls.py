@@ -30,10 +30,9 @@ from typing import Any, Protocol
 import grpc
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from numprotect.core.errors import DomainError, Unavailable, Unimplemented, to_rpc_status
+from numprotect.core.errors import DomainError, Unimplemented, to_rpc_status
+from numprotect.core.redis_client import storage_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 UNWRAPPED_SERVICES = ("grpc.health.v1.Health",)
 STREAM_CHECK_SECONDS = 1.0
 
-_DEPENDENCY_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 # A bug's status says no more than this: the traceback goes to the log, never to the caller.
 _INTERNAL = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error (logged)")
 
@@ -79,8 +77,9 @@ class CallConcern(Protocol):
 
 
 def status_for(exc: BaseException, method: str) -> grpc.Status:
-    """The status a servicer's exception ends its call with: the domain error's own, UNAVAILABLE for a storage
-    outage, UNIMPLEMENTED for an RPC the servicer lacks, INTERNAL (logged with the traceback) for a bug."""
+    """The status a servicer's exception ends its call with: the domain error's own, UNAVAILABLE with a retry hint
+    for a transient storage condition (`redis_client.storage_unavailable`), UNIMPLEMENTED for an RPC the servicer
+    lacks, INTERNAL (logged with the traceback) for a bug."""
     error = domain_error(exc, method)
     if error is None:
         log.exception("unexpected error", extra={"method": method})
@@ -94,9 +93,12 @@ def domain_error(exc: BaseException, method: str) -> DomainError | None:
     """The domain error an exception stands for, or None when it is a bug."""
     if isinstance(exc, DomainError):
         return exc
-    if isinstance(exc, _DEPENDENCY_DOWN):
-        log.warning("dependency unavailable", extra={"method": method, "error": repr(exc)})
-        return Unavailable("storage unavailable, retry later")
+    unavailable = storage_unavailable(exc)
+    if unavailable is not None:
+        log.warning(
+            "dependency unavailable", extra={"method": method, "error": repr(exc), "reason": unavailable.reason}
+        )
+        return unavailable
     if isinstance(exc, NotImplementedError):
         # Generated servicer bases raise this for RPCs a service does not implement.
         return Unimplemented(f"{method} is not implemented")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 
@@ -96,20 +96,34 @@ class AlreadyExists(_ResourceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+# What an UNAVAILABLE answer suggests the caller waits before retrying, unless the cause knows better.
+DEFAULT_RETRY_AFTER_SECONDS = 1.0
+
+
+def retry_info(seconds: float) -> any_pb2.Any:
+    """google.rpc.RetryInfo: how long the caller should wait before retrying."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(seconds * 1e9))
+    return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
+
+
 class ResourceExhausted(DomainError):
-    """A pool or quota ran out (google.rpc.QuotaFailure)."""
+    """A pool or quota ran out (google.rpc.QuotaFailure; google.rpc.RetryInfo too when a retry later may pass)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, *, subject: str = "") -> None:
+    def __init__(self, message: str, *, subject: str = "", retry_after: float | None = None) -> None:
         super().__init__(message)
         self.subject = subject
+        self.retry_after = retry_after
 
     def details(self) -> list[any_pb2.Any]:
         failure = error_details_pb2.QuotaFailure(
             violations=[error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=self.message)]
         )
-        return [_pack(failure)]
+        if self.retry_after is None:
+            return [_pack(failure)]
+        return [_pack(failure), retry_info(self.retry_after)]
 
 
 class Aborted(DomainError):
@@ -119,9 +133,24 @@ class Aborted(DomainError):
 
 
 class Unavailable(DomainError):
-    """A dependency (Redis, another service) cannot be reached in time; retryable."""
+    """A dependency (Redis, another service) cannot answer now, or the server sheds load; retryable.
+
+    Carries google.rpc.RetryInfo (when to retry) and, with a `reason`, google.rpc.ErrorInfo naming the cause
+    (e.g. REDIS_LOADING) so that a client or an operator can tell an outage from overload.
+    """
 
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after: float = DEFAULT_RETRY_AFTER_SECONDS, reason: str = "") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason
+
+    def details(self) -> list[any_pb2.Any]:
+        details = [retry_info(self.retry_after)]
+        if self.reason:
+            details.append(_pack(error_details_pb2.ErrorInfo(reason=self.reason, domain="numprotect")))
+        return details
 
 
 class Unauthenticated(DomainError):

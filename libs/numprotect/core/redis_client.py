@@ -9,13 +9,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import redis
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT, KeyT
 
+from numprotect.core.errors import Unavailable
 from numprotect.core.settings import RedisSettings
 
 RedisClient = Redis | RedisCluster
@@ -55,6 +70,66 @@ def _closed_before_sending(exc: BaseException) -> bool:
     )
 
 
+# Error replies that say "not now" rather than "never" (the first word of the reply; redis-py raises them as
+# ResponseError subclasses, hiredis as ReplyError, a script's failing redis.call keeps the word): the same command
+# may succeed later, so the caller gets UNAVAILABLE with a retry hint, never INTERNAL. Each: ErrorInfo reason,
+# suggested retry delay in seconds. docs/operations.md, "Redis errors and what callers get".
+RETRYABLE_REPLIES: dict[str, tuple[str, float]] = {
+    "LOADING": ("REDIS_LOADING", 1.0),  # a restarted Redis reading its AOF/RDB; reads and writes wait
+    "BUSY": ("REDIS_BUSY", 1.0),  # a script running past busy-reply-threshold
+    "READONLY": ("REDIS_READONLY", 1.0),  # a replica, or a master demoted by a failover
+    "MASTERDOWN": ("REDIS_MASTERDOWN", 1.0),  # a replica that lost its master (replica-serve-stale-data no)
+    "TRYAGAIN": ("REDIS_TRYAGAIN", 0.1),  # a multi-key command during a slot migration
+    "CLUSTERDOWN": ("REDIS_CLUSTERDOWN", 1.0),  # slots uncovered until a replica is promoted
+    "NOREPLICAS": ("REDIS_NOREPLICAS", 1.0),  # min-replicas-to-write not met: writes refused, reads go on
+    "MISCONF": ("REDIS_PERSISTENCE_FAILED", 5.0),  # an RDB/AOF write failed (disk full): writes refused, reads go on
+    # maxmemory reached with a noeviction policy: writes refused, reads go on. UNAVAILABLE rather than
+    # RESOURCE_EXHAUSTED: that code means the caller's pool or quota here (CreateBinding's "no number left"), and
+    # no change of request helps; the operator frees memory and the same call then succeeds.
+    "OOM": ("REDIS_OUT_OF_MEMORY", 5.0),
+}
+# redis-py raises these codes as their own classes, with the code cut off the message.
+_REPLY_CLASSES: tuple[tuple[type[Exception], str], ...] = (
+    (BusyLoadingError, "LOADING"),
+    (ReadOnlyError, "READONLY"),
+    (MasterDownError, "MASTERDOWN"),  # before its base class ClusterDownError
+    (ClusterDownError, "CLUSTERDOWN"),
+    (TryAgainError, "TRYAGAIN"),
+    (OutOfMemoryError, "OOM"),
+)
+_CONNECTION_FAILURES = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+# A cluster client's topology failures (no node reachable, slots uncovered during a failover), not its usage errors.
+_CLUSTER_TOPOLOGY_FAILURES = ("Redis Cluster cannot be connected", "All slots are not covered", "startup_nodes could")
+
+
+def storage_unavailable(exc: BaseException) -> Unavailable | None:
+    """UNAVAILABLE (with its retry hint) for a transient Redis condition raised through redis-py (asyncio or
+    blocking, standalone or cluster) or hiredis, None for anything else (a bug, or an error a retry cannot fix).
+
+    Transient: no connection or no answer in time (ConnectionError, TimeoutError, incl. LOADING, which redis-py
+    raises as BusyLoadingError, and a full connection pool), a cluster client out of reachable nodes or slots
+    (SlotNotCoveredError and RedisClusterException's topology failures), and the error replies of RETRYABLE_REPLIES.
+    """
+    for kind, word in _REPLY_CLASSES:
+        if isinstance(exc, kind):
+            return _retryable_reply(word)
+    if isinstance(exc, (ResponseError, hiredis.ReplyError)):
+        word = str(exc).split(" ", 1)[0]  # the codes redis-py has no class for keep their first word
+        return _retryable_reply(word) if word in RETRYABLE_REPLIES else None
+    if isinstance(exc, _CONNECTION_FAILURES):
+        return Unavailable("storage unavailable, retry later", reason="REDIS_UNREACHABLE")
+    if isinstance(exc, SlotNotCoveredError) or (
+        isinstance(exc, RedisClusterException) and str(exc).startswith(_CLUSTER_TOPOLOGY_FAILURES)
+    ):
+        return Unavailable("storage cluster unavailable, retry later", reason="REDIS_CLUSTERDOWN")
+    return None
+
+
+def _retryable_reply(word: str) -> Unavailable:
+    reason, retry_after = RETRYABLE_REPLIES[word]
+    return Unavailable(f"storage unavailable ({word}), retry later", retry_after=retry_after, reason=reason)
+
+
 def connection_options(settings: RedisSettings) -> dict[str, Any]:
     """What every redis-py client (asyncio or blocking, standalone or cluster) gets besides the URL: timeouts,
     the ACL user and password, and for rediss:// verified TLS (CERT_REQUIRED, hostname checked, TLS 1.2+).
@@ -63,6 +138,13 @@ def connection_options(settings: RedisSettings) -> dict[str, Any]:
     translation hot path's ScriptClient trusts the CA file alone; docs/security.md).
     """
     options: dict[str, Any] = {
+        # Off: with redis-py's default ("auto", truthy) the pool skips its check of a pooled connection before use
+        # (redis-py 8.1, asyncio), so every connection Redis closed while idle (a restart) failed its next command
+        # with "Connection closed by server". We use no RESP3 maintenance push notifications.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+        # No health_check_interval: its PING before a command refused a read while Redis refuses writes (MISCONF
+        # fails PING too), and what it would find is found without a round trip: the pool drops a connection Redis
+        # closed (above), and a peer gone silent fails the command within socket_timeout (UNAVAILABLE).
         "socket_timeout": settings.timeout_seconds,
         "socket_connect_timeout": settings.timeout_seconds,
         "max_connections": settings.max_connections,
@@ -92,7 +174,7 @@ def create_redis(settings: RedisSettings) -> RedisClient:
     common = connection_options(settings)
     if settings.mode == "cluster":
         return _FailoverSafeCluster.from_url(settings.url, **common)
-    return Redis.from_url(settings.url, health_check_interval=30, **common)
+    return Redis.from_url(settings.url, **common)
 
 
 SyncRedisClient = redis.Redis | redis.RedisCluster
@@ -104,28 +186,34 @@ def create_sync_redis(settings: RedisSettings, *, max_connections: int | None = 
     common["max_connections"] = max_connections or settings.max_connections
     if settings.mode == "cluster":
         return redis.RedisCluster.from_url(settings.url, **common)
-    return redis.Redis.from_url(settings.url, health_check_interval=30, **common)
+    return redis.Redis.from_url(settings.url, **common)
 
 
 def sync_redis_is_up(client: SyncRedisClient) -> bool:
-    """True when Redis answers PING (every primary in cluster mode)."""
+    """True when Redis answers PING (every primary in cluster mode), or refuses it with MISCONF only."""
     try:
         if isinstance(client, redis.RedisCluster):
             return bool(client.ping(target_nodes=redis.RedisCluster.PRIMARIES))
         return bool(client.ping())
-    except Exception:
-        return False
+    except Exception as exc:
+        return _answers_reads(exc)
 
 
 async def redis_is_up(client: RedisClient) -> bool:
-    """True when Redis answers PING (every node in cluster mode)."""
+    """True when Redis answers PING (every node in cluster mode), or refuses it with MISCONF only."""
     try:
         if isinstance(client, RedisCluster):
             replies = await client.ping(target_nodes=RedisCluster.PRIMARIES)
             return bool(replies)
         return bool(await client.ping())
-    except Exception:
-        return False
+    except Exception as exc:
+        return _answers_reads(exc)
+
+
+def _answers_reads(exc: BaseException) -> bool:
+    """Redis refuses PING with MISCONF while a save fails (disk full): writes fail (UNAVAILABLE) but reads go on,
+    so the service stays ready rather than take its reads out of the load balancer."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("MISCONF")
 
 
 class LuaScript:
