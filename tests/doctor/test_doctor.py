@@ -252,15 +252,18 @@ def test_command_answers_2_on_a_bad_setting_or_an_unreachable_redis(redis_env: d
 
 async def test_the_walk_keeps_to_its_pace(redis_sync: Any, doctor_redis: RedisSettings) -> None:
     """--keys-per-second bounds the walk from above (what makes it safe on a live Redis): 600 keys at 1,000 keys/s
-    take at least 0.5 s (the first batch goes at once), and every key is still walked."""
+    take at least 0.5 s (the first batch goes at once), and every key is still walked; a key of the wrong type is
+    counted as not judged, not a crash."""
     for start in range(0, 600, 100):
         pipe = redis_sync.pipeline(transaction=False)
         for i in range(start, start + 100):
             pipe.set(f"np:pace:{{{i}}}", "x")
         pipe.execute()
+    redis_sync.set(binding_key("b-not-a-hash"), "x")  # a key of a record's name but another type: not judged
     started = time.monotonic()
     report = await scan_async(doctor_redis, doctor_options(batch=50, keys_per_second=1000))
     assert time.monotonic() - started >= 0.5
     assert report.clean
-    assert report.walked >= 600
+    assert report.walked >= 601
+    assert report.unchecked == {"keys of an unexpected type": 1}
     assert report.scanned == {}  # no family the checks read: the walk itself was paced

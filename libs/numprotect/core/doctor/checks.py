@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.binding_records import (
     BindingRecord,
@@ -165,8 +167,11 @@ class Checks:
         values = await _pipelined(self.redis, (("get", (key,)) for key, _ in routes))
         decoded: list[tuple[str, str, Route | None]] = []
         for (key, number), value in zip(routes, values, strict=True):
-            if value is None or isinstance(value, Exception):
-                continue  # expired or removed since the SCAN (a route key of another type is no route)
+            if isinstance(value, Exception):
+                self.judge.report.note_unchecked("keys of an unexpected type")
+                continue
+            if value is None:
+                continue  # expired or removed since the SCAN
             self.judge.report.count("route keys")
             try:
                 decoded.append((key, number, Route.decode(value)))
@@ -210,7 +215,10 @@ class Checks:
         committed: list[tuple[str, StoredBinding, int]] = []
         for index, (key, binding_id) in enumerate(bindings):
             raw, ttl = replies[2 * index], replies[2 * index + 1]
-            if isinstance(raw, Exception) or not raw:
+            if isinstance(raw, Exception):
+                self.judge.report.note_unchecked("keys of an unexpected type")
+                continue
+            if not raw:
                 continue
             fields = {as_text(k): as_text(v) for k, v in raw.items()}
             try:
@@ -352,7 +360,11 @@ class Checks:
     # ---- pools ------------------------------------------------------------------------------------------------
 
     async def pool(self, key: str, tenant: str, city: str) -> list[Finding]:
-        counts = [int(n) for n in await self._pool_counts(self.redis, [key])]
+        try:
+            counts = [int(n) for n in await self._pool_counts(self.redis, [key])]
+        except ResponseError:  # WRONGTYPE: a key of the pool's name that is not one of its parts
+            self.judge.report.note_unchecked("keys of an unexpected type")
+            return []
         total, blocks_n, avail, axb, axe, axn, locked, cooling = counts
         blocks = {as_text(b) for b in await self.redis.smembers(f"{key}:blocks")}
         self.judge.report.count("pools")
