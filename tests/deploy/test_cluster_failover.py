@@ -11,9 +11,10 @@ failover") records what this test measured.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,10 @@ from numprotect.core.calls import domain_error
 from numprotect.core.errors import Unavailable
 from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import LuaScript, RedisClient, create_redis, redis_is_up
+from numprotect.core.routes import MODE_AXN, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, RedisSettings
-from support.identity import mint_in
+from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
+from support.identity import mint_in, record_blocks
 from support.processes import ServiceProcess
 from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer
@@ -505,3 +508,249 @@ async def test_a_connection_closed_under_a_command_is_retried_and_never_internal
     finally:
         monkeypatch.undo()
         await client.aclose()
+
+
+# --- translation: its own Redis client (fastredis) through the same failover -----------------------------------
+
+TRANSLATION_SERVICE = "numprotect.translation.v1.TranslationService"
+CARRIER = "cm"
+PARTY_A = "13800000001"
+TRANSLATE_DEADLINE_SECONDS = 1.0
+# After the replica says it is master, the other nodes learn it by gossip and translation reloads its slot map
+# (at most every 50 ms): calls started this long after the promotion must all succeed.
+PROMOTION_GRACE_SECONDS = 1.0
+
+
+@dataclass
+class TranslateTimeline:
+    """What the translation callers saw, by the virtual number's master (killed or surviving)."""
+
+    kill_at: float = 0.0
+    dead_at: float = 0.0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    unary: dict[str, list[Call]] = field(default_factory=lambda: {"victim": [], "survivor": []})
+    stream: dict[str, list[Call]] = field(default_factory=lambda: {"victim": [], "survivor": []})
+    stream_ends: list[str] = field(default_factory=list)  # how each TranslateStream ended ("OK" or a status)
+    replica_last_seen_as_replica: float = 0.0
+    promoted_at: float | None = None
+    recovered_at: float | None = None
+
+
+def number_on(servers: RedisClusterServers, master: RedisServer, *, same: bool) -> str:
+    """A virtual number whose routes ({X}) live on `master` (same=True) or on another master."""
+    for i in range(1, 10_000):
+        number = f"70010{i:010d}"
+        if (servers.master_of(f"{{{number}}}").port == master.port) == same:
+            return number
+    raise AssertionError("no number found")
+
+
+def translate_request(number: str, call_id: str) -> translation_pb2.TranslateRequest:
+    return translation_pb2.TranslateRequest(calling_number="13700000003", called_number=number, call_id=call_id)
+
+
+def translate_outcome(response: translation_pb2.TranslateResponse) -> str:
+    return (
+        "ok"
+        if response.decision == translation_pb2.DECISION_CONNECT
+        else translation_pb2.Decision.Name(response.decision)
+    )
+
+
+async def drive_translate(
+    address: str, token: str, number: str, calls: list[Call], timeline: TranslateTimeline
+) -> None:
+    """Unary Translate (the sync server's combined path) to one number, one call after another."""
+    async with secure_channel(address, token) as channel:
+        stub = translation_pb2_grpc.TranslationServiceStub(channel)
+        n = 0
+        while not timeline.stop.is_set():
+            n += 1
+            start = time.monotonic()
+            try:
+                response = await stub.Translate(translate_request(number, f"u{n}"), timeout=TRANSLATE_DEADLINE_SECONDS)
+                calls.append(Call(start, time.monotonic(), translate_outcome(response)))
+            except grpc.aio.AioRpcError as exc:
+                calls.append(Call(start, time.monotonic(), exc.code().name, error=exc))
+            await asyncio.sleep(CALL_INTERVAL_SECONDS)
+
+
+async def drive_stream(address: str, token: str, number: str, calls: list[Call], timeline: TranslateTimeline) -> None:
+    """One TranslateStream open for the whole test, a call every CALL_INTERVAL_SECONDS; each answer recorded with
+    its "<STATUS>" when it is an error."""
+    started: dict[str, float] = {}
+
+    async def requests() -> AsyncIterator[translation_pb2.TranslateStreamRequest]:
+        n = 0
+        while not timeline.stop.is_set():
+            n += 1
+            call_id = f"s{n}"
+            started[call_id] = time.monotonic()
+            yield translation_pb2.TranslateStreamRequest(request=translate_request(number, call_id))
+            await asyncio.sleep(CALL_INTERVAL_SECONDS)
+
+    async with secure_channel(address, token) as channel:
+        stub = translation_pb2_grpc.TranslationServiceStub(channel)
+        try:
+            async for message in stub.TranslateStream(requests()):
+                start = started.pop(message.call_id)
+                if message.error:
+                    calls.append(Call(start, time.monotonic(), message.error.split(":", 1)[0]))
+                else:
+                    calls.append(Call(start, time.monotonic(), translate_outcome(message.response)))
+            timeline.stream_ends.append("OK")
+        except grpc.aio.AioRpcError as exc:
+            timeline.stream_ends.append(exc.code().name)
+
+
+async def watch_promotion_of(replica: RedisServer, timeline: TranslateTimeline) -> None:
+    while timeline.promoted_at is None and not timeline.stop.is_set():
+        asked = time.monotonic()
+        if await asyncio.to_thread(role, replica) == "master":
+            timeline.promoted_at = time.monotonic()
+        else:
+            timeline.replica_last_seen_as_replica = asked
+            await asyncio.sleep(0.02)
+
+
+# About 25 s (a cluster of six, a failover, a service process): make chaos, not make test.
+@pytest.mark.chaos
+async def test_killing_a_master_translate_is_unavailable_for_its_numbers_until_promoted(
+    cluster: RedisClusterServers,
+) -> None:
+    """Translate and TranslateStream on a real translation process in cluster mode (fastredis, not redis-py), for a
+    virtual number on the master that is killed and one on a master that survives: the killed master's number
+    answers UNAVAILABLE (never INTERNAL or UNKNOWN) until its replica is promoted, then CONNECT again, without a
+    restart; the surviving master's number answers CONNECT throughout; the open streams stay open."""
+    victim_number = "700100000000001"
+    victim = cluster.master_of(f"{{{victim_number}}}")
+    numbers = {"victim": victim_number, "survivor": number_on(cluster, victim, same=False)}
+    before = cluster_nodes(victim)
+    (replica,) = [node for node in cluster.nodes if before[node.port][2] == before[victim.port][0]]
+
+    env = {
+        "NUMPROTECT_REDIS_URL": cluster.url,
+        "NUMPROTECT_REDIS_MODE": "cluster",
+        "NUMPROTECT_HEALTH_INTERVAL": "0.1s",
+        # Rate limits off: the calls repeat one caller far beyond them.
+        "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "0",
+        "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "0",
+    }
+    admin = cluster.client()
+    record_blocks(admin, CARRIER, *numbers.values())
+    admin.close()
+    redis_client = create_redis(RedisSettings.from_env(Env(env)))
+    routes = RouteTable(redis_client)
+    for name, number in numbers.items():
+        route = Route(f"b-{name}", "t1", MODE_AXN, PARTY_A, "", RESTRICTION_NONE, False, False, 0)
+        await routes.put(number, dataclasses.replace(route, expire_ms=int(time.time() * 1000) + 3_600_000))
+    await redis_client.aclose()
+    token = mint_in(env, Role.CARRIER, CARRIER)
+    service = ServiceProcess("translation", env)
+    timeline = TranslateTimeline()
+    try:
+        service.wait_serving(service_name=TRANSLATION_SERVICE)
+        pid = service.process.pid
+        tasks = []
+        for name, number in numbers.items():
+            tasks += [
+                asyncio.create_task(drive_translate(service.address, token, number, timeline.unary[name], timeline))
+                for _ in range(RPC_CALLERS_PER_TENANT)
+            ]
+            tasks.append(
+                asyncio.create_task(drive_stream(service.address, token, number, timeline.stream[name], timeline))
+            )
+        deadline = time.monotonic() + STEADY_STATE_BUDGET_SECONDS
+        while (
+            min(
+                sum(c.outcome == "ok" for c in calls) for calls in (*timeline.unary.values(), *timeline.stream.values())
+            )
+            < 10
+        ):
+            assert time.monotonic() < deadline, "no steady state before the kill"
+            await asyncio.sleep(0.05)
+
+        timeline.kill_at = time.monotonic()
+        await asyncio.to_thread(victim.kill)
+        timeline.dead_at = time.monotonic()
+        tasks.append(asyncio.create_task(watch_promotion_of(replica, timeline)))
+        deadline = timeline.kill_at + RECOVERY_BUDGET_SECONDS
+        while time.monotonic() < deadline:
+            promoted = timeline.promoted_at
+            recent = [
+                sorted(calls, key=lambda c: c.end)[-10:]
+                for calls in (timeline.unary["victim"], timeline.stream["victim"])
+            ]
+            if promoted is not None and all(
+                len(calls) == 10 and all(c.outcome == "ok" and c.start > promoted for c in calls) for calls in recent
+            ):
+                timeline.recovered_at = time.monotonic()
+                break
+            await asyncio.sleep(0.05)
+        if timeline.promoted_at is not None:  # calls past the grace period, to check they all succeed
+            await asyncio.sleep(max(0.0, timeline.promoted_at + PROMOTION_GRACE_SECONDS + 0.5 - time.monotonic()))
+        timeline.stop.set()
+        await asyncio.gather(*tasks)
+        assert service.process.poll() is None and service.process.pid == pid  # never restarted
+        service.wait_serving(service_name=TRANSLATION_SERVICE, timeout=5)
+    finally:
+        timeline.stop.set()
+        assert service.stop() == 0
+
+    report = summarize_translate(timeline)
+    unexpected = [line for line in service.lines if '"unexpected error"' in line]
+    if unexpected:
+        report += "\n  translation logged unexpected errors:\n" + "\n".join(unexpected)
+    print(report)
+    assert not unexpected, report
+
+    # The streams stayed open to the end; every answer was CONNECT or UNAVAILABLE (never INTERNAL or UNKNOWN).
+    assert timeline.stream_ends == ["OK", "OK"], report
+    for calls in (*timeline.unary.values(), *timeline.stream.values()):
+        assert {c.outcome for c in calls} <= {"ok", "UNAVAILABLE"}, report
+        assert all(c.outcome == "ok" for c in calls if c.end < timeline.kill_at), report
+    # The surviving master's number: CONNECT throughout.
+    for calls in (timeline.unary["survivor"], timeline.stream["survivor"]):
+        assert len([c for c in calls if c.start > timeline.kill_at]) >= 10, report
+        assert all(c.outcome == "ok" for c in calls), report
+    # The killed master's number: UNAVAILABLE while nobody served it (nothing answered from a dead master), CONNECT
+    # once the replica was promoted and known.
+    assert timeline.promoted_at is not None and timeline.recovered_at is not None, report
+    for calls in (timeline.unary["victim"], timeline.stream["victim"]):
+        affected = affected_by_the_failover(calls, timeline)  # type: ignore[arg-type]
+        assert any(c.outcome == "UNAVAILABLE" for c in affected), report
+        assert all(c.end > timeline.replica_last_seen_as_replica for c in affected if c.outcome == "ok"), report
+        settled = [c for c in calls if c.start > timeline.promoted_at + PROMOTION_GRACE_SECONDS]
+        assert len(settled) >= 10 and all(c.outcome == "ok" for c in settled), report
+
+
+def summarize_translate(timeline: TranslateTimeline) -> str:
+    def rel(at: float) -> float:
+        return at - timeline.kill_at
+
+    def describe(name: str, calls: list[Call]) -> str:
+        after_kill = [c for c in calls if c.end > timeline.kill_at]
+        failed = [c for c in after_kill if c.outcome != "ok"]
+        kinds = sorted({c.outcome for c in failed})
+        span = f"{rel(min(c.start for c in failed)):.2f}s..{rel(max(c.end for c in failed)):.2f}s" if failed else "-"
+        slowest = max((c.end - c.start for c in after_kill), default=0.0)
+        last_failed = f"; last failed call started {rel(max(c.start for c in failed)):.2f}s" if failed else ""
+        return (
+            f"{name}: {len(after_kill)} calls after the kill, {len(failed)} failed ({', '.join(kinds) or '-'}) "
+            f"during {span}{last_failed}; slowest call {slowest:.2f}s"
+        )
+
+    promoted = f"{rel(timeline.promoted_at):.2f}s" if timeline.promoted_at is not None else "never"
+    recovered = f"{rel(timeline.recovered_at):.2f}s" if timeline.recovered_at is not None else "never"
+    return "\n".join(
+        [
+            "redis cluster failover, translation (times after the SIGKILL):",
+            f"  replica answers ROLE master at {promoted}",
+            "  " + describe("Translate, number on the killed master", timeline.unary["victim"]),
+            "  " + describe("TranslateStream, number on the killed master", timeline.stream["victim"]),
+            "  " + describe("Translate, number on a surviving master", timeline.unary["survivor"]),
+            "  " + describe("TranslateStream, number on a surviving master", timeline.stream["survivor"]),
+            f"  streams ended: {', '.join(timeline.stream_ends) or '-'}",
+            f"  recovered (10 Translate and 10 streamed calls in a row after the promotion) at {recovered}",
+        ]
+    )

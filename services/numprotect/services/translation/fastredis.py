@@ -50,6 +50,8 @@ _RELOAD_FIRST = frozenset({"CLUSTERDOWN", "READONLY", "MASTERDOWN"})
 _REFUSED = frozenset({"MISCONF", "OOM", "NOAUTH", "WRONGPASS", "NOPERM", "NOREPLICAS"})
 # Replies after which a call is sent again: the script did not run.
 _SENT_AGAIN = _RETRY_LATER | {"MOVED", "ASK", "NOSCRIPT"}
+# A call the combining leader hands back to its own thread to pause and send again.
+_SEND_AGAIN = object()
 _PAUSE_FIRST = 0.005
 _PAUSE_MOST = 0.1
 # Rounds without a pause (redirections, NOSCRIPT, a node gone) per call; pauses are bounded by the budget alone.
@@ -334,7 +336,8 @@ class ScriptClient:
             raise Unavailable("no time left for the translation storage")
         return self._evalsha_command(keys[0], self._command(keys, args), time.monotonic() + timeout)
 
-    def _evalsha_command(self, key: str, command: bytes, deadline: float) -> Any:
+    def _evalsha_command(self, key: str, command: bytes, deadline: float, *, pausing: bool = True) -> Any:
+        """The call's reply (see `_pipeline`); with `pausing` False, _SEND_AGAIN instead of pausing."""
         node = self._node_for(key, deadline)
         conn = self._conns().get(node)
         if conn is not None and conn.used:  # the hot path: a connection that has answered before, one round trip
@@ -355,7 +358,7 @@ class ScriptClient:
                 if kind not in _SENT_AGAIN:
                     raise self._answer_for(reply, kind)
                 # Not run (redirected, not loaded, not now): the full path handles it and sends it again.
-        (reply,) = self._pipeline([(key, command)], deadline)
+        (reply,) = self._pipeline([(key, command)], deadline, pausing=pausing)
         if isinstance(reply, BaseException):
             raise reply
         return reply
@@ -371,6 +374,7 @@ class ScriptClient:
         """
         if timeout <= 0:
             raise Unavailable("no time left for the translation storage")
+        deadline = time.monotonic() + timeout
         command = self._command(keys, args)
         with self._queue_lock:
             lead = not self._leading
@@ -381,9 +385,12 @@ class ScriptClient:
                 self._queue.append(slot)
         if lead:
             try:
-                return self._evalsha_command(keys[0], command, time.monotonic() + timeout)
+                reply = self._evalsha_command(keys[0], command, deadline, pausing=False)
             finally:
                 self._pass_lead()
+            if reply is _SEND_AGAIN:  # Redis said "not now": pause and send again without holding the lead
+                return self._evalsha_command(keys[0], command, deadline)
+            return reply
         if not slot.done.acquire(timeout=timeout):
             with self._queue_lock:
                 if slot.lead:  # handed the lead just now: lead anyway so the others are not stranded
@@ -393,17 +400,23 @@ class ScriptClient:
             if not lead:
                 raise Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms")
         if slot.lead:
-            self._lead(timeout)
+            self._lead(deadline)
+        if slot.result is _SEND_AGAIN:
+            return self._evalsha_command(slot.key, command, deadline)
         if isinstance(slot.result, BaseException):
             raise slot.result
         return slot.result
 
-    def _lead(self, timeout: float) -> None:
-        """Sends everything queued (the new leader's own call included) as one pipeline, then passes the lead."""
+    def _lead(self, deadline: float) -> None:
+        """Sends everything queued (the new leader's own call included) as one pipeline, then passes the lead.
+
+        The leader never pauses for a "not now" reply (LOADING, CLUSTERDOWN, ...) while it holds the lead: a call
+        that needs one gets _SEND_AGAIN and its own thread pauses and sends it again, so calls to healthy nodes
+        are not held up behind it (a cluster failover affects a third of the slots)."""
         with self._queue_lock:
             batch, self._queue = self._queue, []
         try:
-            replies = self._pipeline([(s.key, s.command) for s in batch], time.monotonic() + timeout)
+            replies = self._pipeline([(s.key, s.command) for s in batch], deadline, pausing=False)
         except Exception as exc:
             replies = [exc] * len(batch)
         for slot, reply in zip(batch, replies, strict=True):
@@ -431,12 +444,13 @@ class ScriptClient:
             [(keys[0], self._command(keys, args)) for keys, args in calls], time.monotonic() + timeout
         )
 
-    def _pipeline(self, calls: Sequence[tuple[str, bytes]], deadline: float) -> list[Any]:
+    def _pipeline(self, calls: Sequence[tuple[str, bytes]], deadline: float, *, pausing: bool = True) -> list[Any]:
         """Sends prepared EVALSHAs (routing key, command), one write per node; replies or exceptions in order.
 
         Every reply that is an error goes through `_next_try`: sent again (elsewhere, after ASKING, after a
         pause) while the deadline allows, else answered with the exception the caller gets (Unavailable for
-        storage faults; hiredis.ReplyError for anything else, such as a script error: a bug, INTERNAL).
+        storage faults; hiredis.ReplyError for anything else, such as a script error: a bug, INTERNAL). With
+        `pausing` False a call that needs a pause first is answered _SEND_AGAIN.
         """
         results: list[Any] = [None] * len(calls)
         # Where each pending call goes: (node, after ASKING)
@@ -484,6 +498,9 @@ class ScriptClient:
                     last[index] = kind
                     target, target_asking, pause_first = step
                     if pause_first:
+                        if not pausing:
+                            results[index] = _SEND_AGAIN
+                            continue
                         target, target_asking = self._node_for(calls[index][0], deadline), False
                         wait = True
                     routes[index] = (target, target_asking)
