@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from numprotect.core.binding_records import order_key
 from numprotect.core.errors import Aborted
 from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.settings import Env, RedisSettings
@@ -19,7 +20,6 @@ from numprotect.services.binding.store import (
     TenantIndex,
     mutation_lock_key,
     new_binding_id,
-    order_key,
     tenant_index_key,
     tenant_shard,
 )

@@ -19,11 +19,10 @@ from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
-from numprotect.core.binding_records import binding_key
+from numprotect.core.binding_records import binding_key, order_key
 from numprotect.core.identity.principal import Role
 from numprotect.core.routes import Route
 from numprotect.services.binding.settings import CREATE_STEPS
-from numprotect.services.binding.store import order_key
 from support.identity import mint
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.common.v1 import common_pb2
-from numprotect.core.binding_records import BindingEvent, BindingRecordStore, binding_key
+from numprotect.core.binding_records import BindingEvent, BindingRecordStore, binding_key, order_key
 from numprotect.core.clock import FixedClock, SystemClock
 from numprotect.core.errors import Aborted, Unavailable
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, caller_key
@@ -31,7 +31,6 @@ from numprotect.services.binding.settings import CREATE_STEPS
 from numprotect.services.binding.store import (
     OrderClaims,
     mutation_lock_key,
-    order_key,
     pending_creates_key,
     tenant_shard,
 )

@@ -50,6 +50,33 @@ def number_history_key(virtual_number: str) -> str:
     return f"np:nh:{{{virtual_number}}}"
 
 
+def order_key(tenant_id: str, out_order_id: str) -> str:
+    """Binding's idempotency key of (tenant_id, out_order_id), "<p|d>|<binding_id>|<fingerprint>|<deadline_ms>":
+    written by binding only (services/binding/store.py), here because the invariant checker reads it too."""
+    return f"np:ord:{{{tenant_id}:{out_order_id}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderState:
+    """An order key's value: "p" (a create holds the order until deadline_ms) or "d" (committed: the create's
+    commit point) and the binding id it names."""
+
+    state: str
+    binding_id: str
+    deadline_ms: int
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> OrderState | None:
+        """None for a value of another shape."""
+        parts = _text(raw).split("|")
+        if len(parts) != 4 or parts[0] not in ("p", "d") or not (parts[3] or "0").isdigit():
+            return None
+        return cls(parts[0], parts[1], int(parts[3] or "0"))
+
+    def commits(self, binding_id: str) -> bool:
+        return self.state == "d" and self.binding_id == binding_id
+
+
 @dataclass(frozen=True, slots=True)
 class BindingRecord:
     """One binding as stored (or, from trace_number, as it was at the asked moment)."""

@@ -6,7 +6,8 @@
     np:tl:{<tenant>:<shard>}    ZSET    members binding ids (time-ordered), all scores 0, read BYLEX; 16 shards
     np:b:{<binding_id>}:lk      STRING  a random token while an update or delete runs                PX lease
 
-The binding record and the per-number history are the shared schema in numprotect.core.binding_records.
+The binding record, the per-number history and the order key's name (read by the invariant checker too) are the
+shared schema in numprotect.core.binding_records.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from numprotect.core.binding_records import (
     StoredBinding,
     binding_key,
     get_stored_bindings,
+    number_history_key,
+    order_key,
 )
 from numprotect.core.errors import Aborted
 from numprotect.core.redis_client import LuaScript, RedisClient, as_text
-from numprotect.core.routes import Route, RouteConflictError, RouteTable
+from numprotect.core.replica_wait import ReplicaWait
+from numprotect.core.routes import Route, RouteConflictError, RouteTable, axn_key
 from numprotect.services.binding.settings import BindingSettings
 
 TENANT_SHARDS = 16
@@ -43,10 +47,6 @@ def new_binding_id(now_ms: int) -> str:
 def id_floor(at_ms: int) -> str:
     """The smallest binding id created at or after `at_ms` (for BYLEX ranges)."""
     return f"b{max(at_ms, 0):012x}"
-
-
-def order_key(tenant_id: str, out_order_id: str) -> str:
-    return f"np:ord:{{{tenant_id}:{out_order_id}}}"
 
 
 def tenant_index_key(tenant_id: str, shard: int) -> str:
@@ -257,10 +257,13 @@ class BindingStore:
     pending: PendingCreates
     tenants: TenantIndex
     locks: MutationLocks
+    # NUMPROTECT_REDIS_WAIT_REPLICAS: creates, updates and deletes are acknowledged once replicas have them.
+    replicas: ReplicaWait | None = None
 
     @classmethod
-    def over(cls, redis: RedisClient, settings: BindingSettings) -> BindingStore:
+    def over(cls, redis: RedisClient, settings: BindingSettings, replicas: ReplicaWait | None = None) -> BindingStore:
         return cls(
+            replicas=replicas,
             redis=redis,
             records=BindingRecordStore(redis, settings.retention_ms),
             routes=RouteTable(redis),
@@ -288,6 +291,25 @@ class BindingStore:
             await self.put_routes(record)  # an expired binding's keys are deleted by the script, not set
         await self.records.activate(record.binding_id, record.end_ms())
         await self.pending.remove(record.binding_id)
+        await self.replicated(record)
+
+    async def replicated(self, record: BindingRecord) -> None:
+        """Returns once NUMPROTECT_REDIS_WAIT_REPLICAS replicas have every write of the binding so far (its record,
+        history, order, tenant index and routes: one wait per master), else raises Unavailable: the caller is not
+        told OK, and the request's retry (idempotent) waits again. Nothing to do when the setting is off."""
+        if self.replicas is None:
+            return
+        shard = tenant_shard(record.binding_id)
+        await self.replicas.after(
+            [
+                binding_key(record.binding_id),
+                number_history_key(record.virtual_number),
+                order_key(record.tenant_id, record.out_order_id),
+                tenant_index_key(record.tenant_id, shard),
+                pending_creates_key(shard),
+                axn_key(record.virtual_number),  # every route key of the number shares its hash tag
+            ]
+        )
 
     async def get_many(self, binding_ids: Sequence[str]) -> dict[str, StoredBinding]:
         return await get_stored_bindings(self.redis, binding_ids)
