@@ -29,6 +29,7 @@ from numprotect.core.identity.api_keys import MIN_HASH_KEY_BYTES, AuthSettings, 
 from numprotect.core.identity.principal import Role
 from numprotect.core.identity.service_token import SERVICE_TOKEN_FILE, ServiceToken
 from numprotect.core.page_tokens import KEY_VARIABLE, MIN_KEY_BYTES, PageTokenKey
+from numprotect.core.server import LIVENESS_NAME
 from numprotect.core.settings import DEFAULT_PORTS, Env, RedisSettings, ServerSettings
 from numprotect.core.tls import TlsSettings
 
@@ -164,11 +165,11 @@ def test_probes_use_the_grpc_health_protocol_on_the_plaintext_health_port(render
         probe = container[probe_name]
         assert set(probe) & {"httpGet", "tcpSocket", "exec"} == set(), probe_name
         assert probe["grpc"]["port"] == port, probe_name
-    # Readiness asks for the service itself; liveness for the whole server ("").
+    # Readiness asks for the service itself (NOT_SERVING while Redis is down); liveness for the name that does not
+    # depend on Redis (server.LIVENESS_NAME), so a Redis outage takes pods out of the Service without restarts.
     assert container["readinessProbe"]["grpc"]["service"] == full_name
     assert container["startupProbe"]["grpc"]["service"] == full_name
-    assert container["livenessProbe"]["grpc"]["service"] in ("", full_name)
-    # A Redis Cluster failover (a few seconds of NOT_SERVING) must not get pods restarted.
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_NAME
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30
 

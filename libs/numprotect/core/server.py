@@ -2,7 +2,8 @@
 
 What every service gets, whichever model: settings from the environment validated at start-up (one line and
 exit status 2 on a bad one), JSON logs, CPU scheduling and the frozen start-up heap, standard `grpc.health.v1`
-health ("" and one name per service, NOT_SERVING while Redis is unreachable: `health.HealthProbe`), server
+health ("" and one name per service, NOT_SERVING while Redis is unreachable: `health.HealthProbe`; "liveness",
+SERVING while the process answers, for Kubernetes' liveness probe), server
 reflection (NUMPROTECT_REFLECTION), the one per-method layer (`calls`: errors to status codes, spans, identity),
 and a SIGTERM/SIGINT drain: health turns NOT_SERVING, in-flight calls get the grace period, then the service's
 own shutdown hooks, channels, Redis and the trace exporter close.
@@ -54,6 +55,10 @@ from numprotect.core.tls import TlsSettings, channel_credentials, peer_spiffe_id
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+# The health name of liveness: SERVING from start until the drain whatever Redis does, answered by the server's own
+# loop (grpc.aio) or thread pool, so it fails only when the process cannot answer. Readiness ("" and each service)
+# follows Redis: a Redis outage takes pods out of the Services without Kubernetes restarting every one of them.
+LIVENESS_NAME = "liveness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -203,6 +208,7 @@ class AioServiceApp(_ServiceApp):
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
+        await self.health.set(LIVENESS_NAME, _SERVING)
         self.port = _listen(self.server, self.settings, self.tls, self.registrations, self.health)
         if self.health_server is not None:
             self.health_port = _listen_health(self.health_server, self.settings, self.health)
@@ -243,6 +249,7 @@ class SyncServiceApp(_ServiceApp):
             self.health.set(name, _SERVING if serving else _NOT_SERVING)
 
     def start(self) -> int:
+        self.health.set(LIVENESS_NAME, _SERVING)
         self.port = _listen(self.server, self.settings, self.tls, self.registrations, self.health)
         if self.health_server is not None:
             self.health_port = _listen_health(self.health_server, self.settings, self.health)
