@@ -162,6 +162,14 @@ async def test_create_api_key_names_the_field_and_rule_of_bad_input(allocation_s
                 ["expire_time"],
                 "future",
             ),
+            (
+                pb.CreateApiKeyRequest(role=pb.ROLE_REGULATOR, expire_time=Timestamp(seconds=253_402_300_800)),
+                ["expire_time"],
+                "9999-12-31",
+            ),
+            (pb.CreateApiKeyRequest(role=pb.ROLE_REGULATOR, expire_time=Timestamp(nanos=-1)), ["expire_time"], "nanos"),
+            (pb.CreateApiKeyRequest(role=99), ["role"], "ROLE_OPERATOR"),  # type: ignore[arg-type]
+            (pb.CreateApiKeyRequest(role=pb.ROLE_TENANT, tenant_id="\uff54\uff11"), ["tenant_id"], "letters"),
         ]
         for request, fields, rule in cases:
             error = await fails(grpc.StatusCode.INVALID_ARGUMENT, operator.CreateApiKey(request))
@@ -362,3 +370,29 @@ async def test_the_audit_chain_verifies_and_an_edited_or_deleted_event_is_found(
         svc.redis.xdel(audit.LOG_KEY, target_id)
         report = await operator.VerifyAuditChain(pb.VerifyAuditChainRequest())
         assert (report.ok, report.first_bad_event_id) == (False, stored[3][0])  # the event after the gap
+
+
+async def test_list_audit_events_refuses_times_before_1970_and_outside_timestamps(
+    allocation_svc: ServiceFactory,
+) -> None:
+    """Audit events are ordered by Unix-millisecond stream ids: 0001-01-01 (a valid Timestamp) once reached Redis as
+    a negative id and answered INTERNAL."""
+    async with allocation_svc() as svc:
+        operator = admin(svc.channel_as(Role.OPERATOR))
+        for field, stamp in (
+            ("start_time", Timestamp(seconds=-62_135_596_800)),
+            ("end_time", Timestamp(seconds=-1)),
+            ("start_time", Timestamp(seconds=253_402_300_800)),
+            ("end_time", Timestamp(seconds=1, nanos=-1)),
+        ):
+            request = pb.ListAuditEventsRequest()
+            getattr(request, field).CopyFrom(stamp)
+            error = await fails(grpc.StatusCode.INVALID_ARGUMENT, operator.ListAuditEvents(request))
+            assert violated_fields(error) == [field]
+        await operator.CreateApiKey(pb.CreateApiKeyRequest(role=pb.ROLE_TENANT, tenant_id="t1"))  # audited
+        deadline = time.monotonic() + 5
+        while not (everything := await operator.ListAuditEvents(pb.ListAuditEventsRequest())).events:
+            assert time.monotonic() < deadline, "the audit event was never written"
+            await asyncio.sleep(0.05)  # events are written by a background writer
+        epoch = await operator.ListAuditEvents(pb.ListAuditEventsRequest(start_time=Timestamp(seconds=0)))
+        assert list(epoch.events) == list(everything.events)

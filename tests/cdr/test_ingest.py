@@ -157,3 +157,24 @@ async def test_a_batch_spanning_many_tenants_goes_to_each_tenants_bucket(
     assert (reply.accepted, reply.duplicates, len(reply.rejected)) == (300, 0, 0)
     for tenant in tenants:
         assert redis_sync.xlen(Bucket(tenant).stream) == 3
+
+
+async def test_record_ids_must_be_printable_ascii_as_listing_them_requires(
+    cdr_service: Any, make_record: Any, redis_sync: Any
+) -> None:
+    """A record's ids follow the rule ListCdrs checks them by: a non-ASCII binding_id was stored, and could then
+    never be listed (ListCdrs answered INTERNAL for it)."""
+    hostile = ["\uff42\uff11", "b\u00e9", "b 1", "b\x001", "b" * 129]
+    records = [
+        make_record(f"id-{field}-{i}", **{field: value})
+        for field in ("binding_id", "tenant_id", "out_order_id")
+        for i, value in enumerate(hostile)
+    ]
+    async with cdr_service() as cdr:
+        reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    assert reply.accepted == 0
+    assert [r.field for r in reply.rejected] == [
+        f for f in ("binding_id", "tenant_id", "out_order_id") for _ in hostile
+    ]
+    assert all("visible ASCII" in r.reason for r in reply.rejected)
+    assert redis_sync.xlen(UNMATCHED.stream) == 0

@@ -76,6 +76,16 @@ async def test_list_pages_through_indexes_by_binding_order_and_time(
         ({"tenant_id": "a{b}"}, "tenant_id"),  # the platform's one tenant-id rule (no hash-tag braces)
         ({"tenant_id": "t" * 65}, "tenant_id"),
         ({"tenant_id": "t1", "end_time": {"seconds": 10**12}}, "end_time"),  # past 9999: not INTERNAL
+        ({"tenant_id": "t1", "start_time": {"seconds": 253_402_300_800}}, "start_time"),
+        ({"tenant_id": "t1", "start_time": {"nanos": -1}}, "start_time"),
+        ({"tenant_id": "t1", "end_time": {"seconds": 5, "nanos": 1_000_000_000}}, "end_time"),
+        ({"tenant_id": "t1", "binding_id": "\uff42\uff11"}, "binding_id"),  # non-ASCII: once INTERNAL
+        ({"tenant_id": "t1", "binding_id": "b\u00e9"}, "binding_id"),
+        ({"tenant_id": "t1", "binding_id": "b 1"}, "binding_id"),
+        ({"tenant_id": "t1", "binding_id": "b\x001"}, "binding_id"),
+        ({"tenant_id": "t1", "binding_id": "b" * 65536}, "binding_id"),
+        ({"tenant_id": "t1", "out_order_id": "o\u00e9"}, "out_order_id"),
+        ({"tenant_id": "t\u00e9"}, "tenant_id"),
     ],
 )
 async def test_list_rejects_bad_requests(cdr_service: Any, request_fields: dict[str, Any], field: str) -> None:
@@ -156,11 +166,13 @@ async def test_watch_from_now_sees_only_new_records_and_bad_cursors_are_refused(
         got = await asyncio.wait_for(reader, timeout=10)
         call.cancel()
         assert [m.record.call_id for m in got] == ["new"]
-        bad = cdr.tenant("t1").WatchCdrs(cdr_pb2.WatchCdrsRequest(tenant_id="t1", cursor="yesterday"))
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await _take(bad, 1)
-        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "cursor" in (raised.value.details() or "")
+        # Not stream ids Redis takes: Arabic-Indic digits and a part past 64 bits once answered INTERNAL.
+        for cursor in ("yesterday", "\u0661-\u0661", "99999999999999999999-1", "1-18446744073709551616", "-1", "1-"):
+            bad = cdr.tenant("t1").WatchCdrs(cdr_pb2.WatchCdrsRequest(tenant_id="t1", cursor=cursor))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _take(bad, 1)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, cursor
+            assert "cursor" in (raised.value.details() or "")
 
 
 async def test_daily_stats_count_calls_answered_and_billable_seconds_by_beijing_date(

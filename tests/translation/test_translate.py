@@ -194,6 +194,12 @@ def _violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
         ("anonymous", X, "", "calling_number"),
         ("12", X, "", "calling_number"),
         (A, X, "12a", "extension"),
+        (A, X, "\u0661\u0662", "extension"),  # Arabic-Indic digits
+        (A, "700" + "\uff11" * 12, "", "called_number"),  # full-width digits
+        ("\uff11\uff13\uff18" + "\uff10" * 7 + "\uff11", X, "", "calling_number"),
+        ("1380000\x000001", X, "", "calling_number"),
+        ("1" * 65536, X, "", "calling_number"),
+        ("+", X, "", "calling_number"),
     ],
 )
 async def test_malformed_numbers_are_invalid_argument_naming_the_field(
@@ -204,6 +210,18 @@ async def test_malformed_numbers_are_invalid_argument_naming_the_field(
         await tr.translate(caller, called=called, extension=extension)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in _violations(info.value)] == [field]
+
+
+async def test_a_call_id_follows_the_cdr_rule(tr: Any) -> None:
+    """The call id comes back on the CDR, whose rule refuses these: Translate refuses them too (empty: none sent)."""
+    await tr.put(tr.route())
+    assert (await tr.translate(B, call_id="")).decision == pb.DECISION_CONNECT
+    assert (await tr.translate(B, call_id="sw1:0042/7")).call_id == "sw1:0042/7"
+    for call_id in ("a b", "\u00e9", "c\x00", "x" * 129, "x" * 65536):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await tr.translate(B, call_id=call_id)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in _violations(info.value)] == ["call_id"]
 
 
 async def test_foreign_and_service_callers_are_accepted_as_digits(tr: Any) -> None:

@@ -179,6 +179,10 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
             raise InvalidArgument.field(field, "must be at most 256 characters")
         start_ms = optional_timestamp_ms(request, "start_time")
         end_ms = optional_timestamp_ms(request, "end_time")
+        for field, ms in (("start_time", start_ms), ("end_time", end_ms)):
+            # Events are ordered by stream ids, which are Unix milliseconds: Redis refuses a negative one (INTERNAL).
+            if ms is not None and ms < 0:
+                raise InvalidArgument.field(field, "must be at or after 1970-01-01T00:00:00Z")
         if start_ms is not None and end_ms is not None and end_ms <= start_ms:
             raise InvalidArgument.field("end_time", "must be after start_time")
         event_filter = EventFilter(principal, request.method, start_ms, end_ms)

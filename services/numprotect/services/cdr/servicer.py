@@ -20,7 +20,7 @@ from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import optional_timestamp_ms, timestamp_from_ms
 from numprotect.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from numprotect.core.identifiers import OUT_ORDER_ID, TENANT_ID, IdentifierRule
+from numprotect.core.identifiers import OUT_ORDER_ID, TENANT_ID
 from numprotect.core.identity.layer import Callers
 from numprotect.core.identity.principal import Role
 from numprotect.core.limits import ConcurrencyLimit
@@ -31,7 +31,7 @@ from numprotect.services.cdr.ingest import Ingestor, Reporter, Summary
 from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.store import BEIJING, CdrStore
-from numprotect.services.cdr.validation import MAX_ID_FIELD
+from numprotect.services.cdr.validation import RECORD_ID
 from numprotect.services.cdr.watch_slots import WatchSlots
 
 DEFAULT_PAGE_SIZE = 100
@@ -40,13 +40,10 @@ MAX_PAGE_SIZE = 1000
 STREAM_CHUNK = 500
 # WatchCdrs reads at most this many records per XREAD.
 WATCH_COUNT = 200
-_CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-# ListCdrs builds an index key from binding_id: bounded and printable, as the records' binding_id is when stored.
-LISTED_BINDING_ID = IdentifierRule(
-    re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_FIELD}}}"),
-    f"must be 1-{MAX_ID_FIELD} visible ASCII characters",
-)
+# A stream entry id "<ms>-<seq>", each part a 64-bit unsigned number (Redis refuses more: it was INTERNAL).
+_CURSOR = re.compile(r"(\d{1,20})-(\d{1,20})", re.ASCII)
+_ID_PART_MAX = 2**64 - 1
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -170,7 +167,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
             field = "binding_id" if request.binding_id else "out_order_id"
             raise InvalidArgument.field(field, "unmatched records are indexed by call time only")
         # Both name a Redis key: bounded by the rules the stored values follow.
-        LISTED_BINDING_ID.check("binding_id", request.binding_id, required=False)
+        RECORD_ID.check("binding_id", request.binding_id, required=False)
         OUT_ORDER_ID.check("out_order_id", request.out_order_id, required=False)
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise InvalidArgument.field("page_size", f"must be from 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
@@ -221,7 +218,7 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
         # within it, so "0" replays the caller's own records and nobody else's.
         bucket = self._bucket(request.tenant_id, request.unmatched)
         cursor = request.cursor
-        if cursor not in ("", "0") and not _CURSOR.fullmatch(cursor):
+        if cursor not in ("", "0") and not _is_entry_id(cursor):
             raise InvalidArgument.field("cursor", 'must be "", "0" or a cursor a previous WatchCdrs response carried')
         principal = self.callers.principal()
         with self.watch_slots.hold(f"{principal.role.value}:{principal.id}"):
@@ -287,3 +284,9 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
             )
             signals.append(signal)
         return cdr_pb2.GetAbuseSignalsResponse(signals=signals)
+
+
+def _is_entry_id(cursor: str) -> bool:
+    """True for a stream entry id Redis takes: two ASCII numbers that each fit in 64 bits."""
+    match = _CURSOR.fullmatch(cursor)
+    return match is not None and all(int(part) <= _ID_PART_MAX for part in match.groups())

@@ -11,18 +11,20 @@ Rules (docs/cdr.md, "Validation"):
 - call_time and release_time required; call <= ring <= answer <= release for those present; call_time not
   older than the retention and not further in the future than the allowed clock skew.
 - release_cause 0..127; call_type, release_direction, unconnected_cause: a value the contract defines.
+- binding_id, tenant_id, out_order_id, carrier_id (optional): at most 128 visible ASCII characters each.
 - Output-only fields (binding_match, ingest_time, billable_seconds) are ignored and recomputed.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.call_ref import CallRef
 from numprotect.core.conversions import optional_timestamp_ms
 from numprotect.core.errors import InvalidArgument
-from numprotect.core.identifiers import CALL_ID, CALL_ID_MAX
+from numprotect.core.identifiers import CALL_ID, CALL_ID_MAX, IdentifierRule
 from numprotect.core.phone import (
     InvalidNumber,
     normalize_calling,
@@ -33,6 +35,12 @@ from numprotect.core.phone import (
 
 MAX_ID_FIELD = 128
 MAX_URL = 2048
+# binding_id, tenant_id, out_order_id and carrier_id of a record: what a carrier may send is bounded and printable,
+# so a stored record's ids can be looked up (ListCdrs builds an index key from binding_id by the same rule).
+RECORD_ID = IdentifierRule(
+    re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_FIELD}}}"),
+    f"must be 1-{MAX_ID_FIELD} visible ASCII characters",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +181,7 @@ def _validate(
     _enum(record, "release_direction", cdr_pb2.ReleaseDirection)
     _enum(record, "unconnected_cause", cdr_pb2.UnconnectedCause)
     for name in ("binding_id", "tenant_id", "out_order_id", "carrier_id"):
-        _bounded(record, name, MAX_ID_FIELD)
+        RECORD_ID.check(name, getattr(record, name), required=False)
     _bounded(record, "recording_url", MAX_URL)
     _bounded(record, "call_ref", MAX_URL)
 

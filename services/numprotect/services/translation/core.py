@@ -24,7 +24,12 @@ from numprotect.core.routes import axe_marker_key, axn_key, caller_key, extensio
 from numprotect.core.settings import Env
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.translation.blocklist import MAX_ENTRIES_DEFAULT, BlocklistView
-from numprotect.services.translation.numbers import normalize_caller, validate_called, validate_extension
+from numprotect.services.translation.numbers import (
+    normalize_caller,
+    validate_call_id,
+    validate_called,
+    validate_extension,
+)
 from numprotect.translation.v1 import translation_pb2
 
 SCRIPT = LuaScript.beside(__file__, "translate.lua")
@@ -140,6 +145,7 @@ class Translator:
         authorize(called)
         caller = normalize_caller(request.calling_number)
         extension = validate_extension(request.extension)
+        validate_call_id(request.call_id)
         blocked_tenants = ""
         entry = self.blocklist.lookup(caller)
         if entry is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from numprotect.core.errors import InvalidArgument
+from numprotect.core.identifiers import CALL_ID
 from numprotect.core.phone import MOBILE, InvalidNumber, normalize_calling, virtual_field
 
 # Switches send up to 8 digits after the virtual number (allocation hands out 4; longer ones simply match nothing).
@@ -36,3 +37,9 @@ def validate_extension(raw: str) -> str:
     if raw and not _EXTENSION.fullmatch(raw):
         raise InvalidArgument.field("extension", "must be 1 to 8 ASCII digits when present")
     return raw
+
+
+def validate_call_id(raw: str) -> str:
+    """The network's call id, echoed in the answer and later the key of the call's CDR: the CDR's rule (CALL_ID),
+    empty allowed here (a switch that sends none gets none back)."""
+    return CALL_ID.check("call_id", raw, required=False)
