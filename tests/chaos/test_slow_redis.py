@@ -13,9 +13,8 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from support.chaos_run import LOAD_RPCS, Profile, report, running
+from support.chaos_run import Profile, conclude, recovered, running
 from support.chaos_stack import ChaosStack, ProcessCounts
-from support.chaos_verify import failures, figures, verify
 
 # Growth allowed between the first and the last episode's end: a worker thread started late, a connection being
 # replaced at the moment of counting.
@@ -79,30 +78,24 @@ async def test_slow_redis_and_slow_links_answer_within_deadlines_without_leaks(
                 recorder.mark(f"{name} #{episode + 1}")
                 await inject()
                 recorder.mark("healed")
-                if not await run.driver.wait_for_answers(LOAD_RPCS, ok=2, within=30):
-                    problems.append(f"the load did not succeed again within 30 s after {name}")
+                await recovered(run, problems, f"after {name}")
             await asyncio.sleep(profile.after / profile.episodes)
             counts.append(stack.counts())
             redis_connections.append(len(redis_proxy.counters.open_connections))
-        await run.driver.stop()
-        verdict = await verify(run.driver, stack)
-        row = figures(
-            "slow Redis (CLIENT PAUSE, DEBUG SLEEP), +latency to Redis and to allocation", run.driver, verdict
-        )
         leaks = {
             service: (counts[0][service], counts[-1][service])
             for service in pids
             if counts[-1][service].threads > counts[0][service].threads + THREAD_SLACK
             or counts[-1][service].sockets > counts[0][service].sockets + SOCKET_SLACK
         }
-        report(
-            row,
+        row, failed = await conclude(
+            run,
+            "slow Redis (CLIENT PAUSE, DEBUG SLEEP), +latency to Redis and to allocation",
             "  threads/sockets after each round: "
             + "; ".join(f"{s}: " + " ".join(f"{c[s].threads}/{c[s].sockets}" for c in counts) for s in pids)
             + f"; connections to Redis: {redis_connections}",
         )
-
-        problems += failures(row, verdict, stack)
+        problems += failed
         if leaks:
             problems.append(f"threads or sockets grew from the first round to the last: {leaks}")
         if stack.pids() != pids:
