@@ -127,6 +127,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field(allocation_service
             (allocate(stub, party(1)), ["parties"]),
             (allocate(stub, party(1), party(1)), ["parties[1]"]),
             (allocate(stub, party(1), party(2), party(3), mode=AXN), ["parties"]),
+            (allocate(stub, *[party(1)] * 100_000), ["parties"]),
             (allocate(stub, party(1), party(2), city="10"), ["city_code"]),
             (allocate(stub, party(1), party(2), lease_s=100_000), ["lease"]),
             (allocate(stub, party(1), party(2), lease_s=0.05), ["lease"]),

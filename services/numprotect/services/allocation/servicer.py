@@ -120,6 +120,8 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         mode = _MODE_NAMES.get(request.mode)
         if mode is None:
             raise InvalidArgument.field("mode", f"must be one of {', '.join('BINDING_MODE_' + m for m in MODES)}")
+        if len(request.parties) > 2:  # before reading each one: a request may carry thousands
+            raise InvalidArgument.field("parties", "takes at most two parties: [A, B], or [A] / [A, N] for AXN")
         parties = [party_field(f"parties[{i}]", raw) for i, raw in enumerate(request.parties)]
         if mode == "AXN":
             if not 1 <= len(parties) <= 2:
