@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.services.cdr.keys import Bucket
@@ -178,3 +179,28 @@ async def test_record_ids_must_be_printable_ascii_as_listing_them_requires(
     ]
     assert all("visible ASCII" in r.reason for r in reply.rejected)
     assert redis_sync.xlen(UNMATCHED.stream) == 0
+
+
+async def test_record_times_no_timestamp_may_hold_are_rejected_naming_the_field(
+    cdr_service: Any, make_record: Any
+) -> None:
+    bad_stamps = [
+        Timestamp(seconds=0, nanos=-1),
+        Timestamp(seconds=253_402_300_800),
+        Timestamp(seconds=-62_135_596_801),
+        Timestamp(seconds=1, nanos=1_000_000_000),
+    ]
+    fields = ("call_time", "ring_time", "answer_time", "release_time")
+    records = []
+    for field in fields:
+        for i, stamp in enumerate(bad_stamps):
+            record = make_record(f"t-{field}-{i}")
+            getattr(record, field).CopyFrom(stamp)
+            records.append(record)
+    ignored = make_record("t-ingest-time")  # output-only: ignored and recomputed, whatever it holds
+    ignored.ingest_time.CopyFrom(Timestamp(seconds=253_402_300_800))
+    records.append(ignored)
+    async with cdr_service() as cdr:
+        reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
+    assert reply.accepted == 1
+    assert [r.field for r in reply.rejected] == [field for field in fields for _ in bad_stamps]
