@@ -30,13 +30,20 @@ TENANT, OTHER_TENANT = "t-doc", "t-other"
 BLOCK, OTHER_BLOCK = "70010000000", "70010000001"
 CITY = "010"
 CARRIER = "cmcc"
-# The create lease the services run with and the doctor judges by: short, so the state settles within a test.
+# The create lease and recovery interval the services run with and the doctor judges by: short, so the state
+# settles within a test (a create is judged once its deadline, 1 s and a recovery round have passed).
 LEASE_SECONDS = 0.5
+RECOVERY_SECONDS = 0.2
 
 
 def doctor_options(**overrides: Any) -> Options:
     """The checker as the tests run it: the services' short lease, a short second look, no pacing."""
-    values: dict[str, Any] = {"create_lease_seconds": LEASE_SECONDS, "grace_seconds": 0.2, "recheck_seconds": 0.05}
+    values: dict[str, Any] = {
+        "create_lease_seconds": LEASE_SECONDS,
+        "recovery_seconds": RECOVERY_SECONDS,
+        "grace_seconds": 0.2,
+        "recheck_seconds": 0.05,
+    }
     return Options(**{**values, **overrides})
 
 
@@ -79,7 +86,11 @@ def _record(call_id: str, binding: Any) -> cdr_pb2.CallDetailRecord:
 async def made_state(redis_env: dict[str, str], redis_sync: Any, tmp_path: Path) -> AsyncIterator[MadeState]:
     """Blocks imported, bindings of every mode created, updated and deleted, CDRs ingested (one sent twice), all
     through the services; yields once every create is past its lease (so the checker judges everything)."""
-    settings = {"NUMPROTECT_BINDING_MIN_TTL": "1s", "NUMPROTECT_BINDING_CREATE_LEASE": f"{LEASE_SECONDS}s"}
+    settings = {
+        "NUMPROTECT_BINDING_MIN_TTL": "1s",
+        "NUMPROTECT_BINDING_CREATE_LEASE": f"{LEASE_SECONDS}s",
+        "NUMPROTECT_BINDING_RECOVERY_INTERVAL": f"{RECOVERY_SECONDS}s",
+    }
     token_file = tmp_path / "binding.token"
     token_file.write_text(mint(redis_sync, Role.SERVICE, "binding") + "\n")
     token_file.chmod(0o600)
@@ -146,6 +157,6 @@ async def made_state(redis_env: dict[str, str], redis_sync: Any, tmp_path: Path)
             accepted = await carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
             again = await carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records[:1]))
             assert (accepted.accepted, again.duplicates) == (3, 1)
-            # Past every create's lease and the short binding's end (grace included).
-            await asyncio.sleep(1.5)
+            # Past every create's deadline, 1 s and a recovery round, and the short binding's end (grace included).
+            await asyncio.sleep(LEASE_SECONDS + 1 + RECOVERY_SECONDS + 0.5)
             yield MadeState(made, call_ids)

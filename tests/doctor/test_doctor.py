@@ -13,7 +13,7 @@ from typing import Any
 
 from doctor.state import BLOCK, CITY, OTHER_TENANT, TENANT, doctor_options, made_state
 
-from numprotect.core.binding_records import binding_key, number_history_key
+from numprotect.core.binding_records import binding_key, number_history_key, order_key
 from numprotect.core.cdr_keys import Bucket
 from numprotect.core.doctor import KINDS, Report, scan_async
 from numprotect.core.doctor.report import (
@@ -180,33 +180,52 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
         assert (await scan_async(doctor_redis, doctor_options())).clean  # everything restored
 
 
-async def test_a_create_within_its_lease_is_no_violation_one_past_it_is(
+async def test_what_an_unfinished_create_wrote_is_judged_by_its_order_key_deadline_and_recovery(
     redis_sync: Any, doctor_redis: RedisSettings
 ) -> None:
-    """What a create wrote before its commit (a pending record and its routes) is in flight during the lease."""
+    """A create's pending record and routes (expiring at its deadline D) are in flight until D + 1 s + a recovery
+    round; routes of an uncommitted create lasting past D are a violation at once; past the window an uncommitted
+    create's routes are; a create whose order key is done (the commit landed) is judged as committed."""
     x, party_a, party_b = "700100000000042", "13900000042", "13800000042"
-    later = _now_ms() + 3_600_000
+    keys = {(ROUTE_WITHOUT_BINDING, f"np:rt:{{{x}}}:c:{mask(party)}") for party in (party_a, party_b)}
+    options = doctor_options(create_lease_seconds=60, recovery_seconds=5)
 
-    def plant(create_ms: int) -> None:
+    def plant(create_ms: int, order: str, routes_until_ms: int) -> None:
+        later = _now_ms() + 3_600_000
         fields = {
             "t": TENANT, "o": "o-pending", "m": str(MODE_AXB), "a": party_a, "b": party_b, "x": x, "e": "",
             "c": CITY, "r": "1", "cms": str(create_ms), "ems": str(later), "ums": str(create_ms), "dms": "0",
             "st": "p", "n": "1", "h1": f"create|{create_ms}|b={party_b},exp={later}",
         }  # fmt: skip
         redis_sync.hset(binding_key(GHOST), mapping=fields)
+        redis_sync.zadd(number_history_key(x), {GHOST: later})
+        redis_sync.set(order_key(TENANT, "o-pending"), order.format(deadline=create_ms + 60_000))
         route = Route(GHOST, TENANT, MODE_AXB, party_a, party_b, RESTRICTION_NONE, False, False, later).encode()
         for party in (party_a, party_b):
-            redis_sync.set(caller_key(x, party), route, pxat=later)
+            redis_sync.set(caller_key(x, party), route, pxat=routes_until_ms)
 
-    plant(_now_ms())
-    report = await scan_async(doctor_redis, doctor_options(create_lease_seconds=60))
+    now = _now_ms()
+    plant(now, f"p|{GHOST}|2{'0' * 16}|{{deadline}}", now + 60_000)  # the routes expire at D
+    report = await scan_async(doctor_redis, options)
     assert report.clean, report.to_text()
     assert report.in_flight == 2
 
-    plant(_now_ms() - 120_000)
-    report = await scan_async(doctor_redis, doctor_options(create_lease_seconds=60))
-    assert _found(report) == {(ROUTE_WITHOUT_BINDING, f"np:rt:{{{x}}}:c:{mask(party)}") for party in (party_a, party_b)}
-    assert all(GHOST in v.detail and "never committed" in v.detail for v in report.violations)
+    plant(now, f"p|{GHOST}|2{'0' * 16}|{{deadline}}", now + 3_600_000)  # the routes outlive D: at once
+    report = await scan_async(doctor_redis, options)
+    assert _found(report) == keys
+    assert all("not committed" in v.detail and "past its deadline" in v.detail for v in report.violations)
+
+    long_ago = _now_ms() - 120_000  # D + 1 s + the recovery round have passed
+    plant(long_ago, f"p|{GHOST}|2{'0' * 16}|{{deadline}}", _now_ms() + 3_600_000)
+    report = await scan_async(doctor_redis, options)
+    assert _found(report) == keys
+    assert all(GHOST in v.detail for v in report.violations)
+
+    # The commit landed (order key done) but the record was not completed: a committed binding, routes and all.
+    plant(long_ago, f"d|{GHOST}|2{'0' * 16}|0", _now_ms() + 3_600_000)
+    report = await scan_async(doctor_redis, options)
+    assert report.clean, report.to_text()
+    assert report.scanned["binding records"] == 1
 
 
 def _doctor(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

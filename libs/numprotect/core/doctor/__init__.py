@@ -6,7 +6,8 @@
 It walks every key under np:* with SCAN (each primary of a cluster in turn), reads in pipelined batches at a
 bounded pace, and reports every broken invariant (report.KINDS; docs/operations.md, "Checking invariants").
 A suspect whose state can change under live traffic (a create, update or delete in progress) is checked again
-after a pause and reported only if it is still broken; what a create within its lease wrote is no violation.
+after a pause and reported only if it is still broken; what an unfinished create wrote is no violation until its
+deadline, 1 s and a recovery round have passed (binding's recovery resolves it by then).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class Options:
 
     batch: SCAN COUNT and the size of each pipelined read. keys_per_second: the pace, in keys walked and
     members, reservations and CDRs read inside them (0: as fast as Redis answers). create_lease_seconds:
-    binding's NUMPROTECT_BINDING_CREATE_LEASE (what a create within its lease wrote is no violation).
+    binding's NUMPROTECT_BINDING_CREATE_LEASE and recovery_seconds its NUMPROTECT_BINDING_RECOVERY_INTERVAL (what
+    a create wrote is no violation until its deadline, 1 s and a recovery round have passed).
     grace_seconds: clock skew and in-flight margin. recheck_seconds: the pause before a suspect is checked again
     (0: no second look). listed_per_kind: violations kept per kind in the report.
     """
@@ -41,6 +43,7 @@ class Options:
     batch: int = 200
     keys_per_second: float = 0.0
     create_lease_seconds: float = 10.0
+    recovery_seconds: float = 5.0
     grace_seconds: float = 2.0
     recheck_seconds: float = 1.0
     listed_per_kind: int = 100
@@ -89,6 +92,7 @@ async def _judge(redis: RedisClient, options: Options, report: Report) -> Judge:
     return Judge(
         now_ms=lambda: time.time_ns() // 1_000_000 + offset,
         create_lease_ms=round(options.create_lease_seconds * 1000),
+        recovery_ms=round(options.recovery_seconds * 1000),
         grace_ms=round(options.grace_seconds * 1000),
         report=report,
     )

@@ -19,10 +19,12 @@ from redis.exceptions import ResponseError
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.binding_records import (
     BindingRecord,
+    OrderState,
     StoredBinding,
     decode_stored,
     get_stored_bindings,
     number_history_key,
+    order_key,
 )
 from numprotect.core.cdr_keys import UNMATCHED_TAG, Bucket
 from numprotect.core.doctor.keyspace import Pace
@@ -64,16 +66,37 @@ class Finding:
 
 @dataclass
 class Judge:
-    """What every check needs: the time (Redis's clock), the create lease, and where to count what it read."""
+    """What every check needs: the time (Redis's clock), binding's create lease and recovery interval, and where to
+    count what it read."""
 
     now_ms: Callable[[], int]
     create_lease_ms: int
+    recovery_ms: int
     grace_ms: int
     report: Report
 
-    def in_flight(self, create_ms: int) -> bool:
-        """A create (or its undo) may still be running: it started less than a lease (and some grace) ago."""
-        return self.now_ms() < create_ms + self.create_lease_ms + self.grace_ms
+    def deadline(self, create_ms: int) -> int:
+        """A create's deadline D when its order key no longer says: its start plus the lease."""
+        return create_ms + self.create_lease_ms
+
+    def in_flight(self, deadline_ms: int) -> bool:
+        """A create may still be running or waiting for recovery (docs/binding.md, "Create"): binding resolves one
+        that did not finish within about 1 s after its deadline plus one recovery round."""
+        return self.now_ms() < deadline_ms + 1_000 + self.recovery_ms + self.grace_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A binding record as the checks judge it. committed: its status says so, or its order key names it done (the
+    commit point; completing the record and routes may still be under way). deadline_ms: its create's deadline."""
+
+    stored: StoredBinding
+    committed: bool
+    deadline_ms: int
+
+    @property
+    def incomplete(self) -> bool:
+        return self.stored.pending
 
 
 def masked_key(key: str) -> str:
@@ -104,19 +127,25 @@ async def _pipelined(redis: RedisClient, calls: Iterable[tuple[str, Sequence[Any
         return list(await pipe.execute(raise_on_error=False))
 
 
-def _record_problem(stored: StoredBinding | None, judge: Judge, binding_id: str) -> str | None:
-    """Why `stored` cannot back a route or a reservation right now; None when it can (or may: a create in flight)."""
-    if stored is None:
+# What _record_problem says besides a problem: judge the binding further, or skip it (a create in flight).
+_FURTHER = None
+_IN_FLIGHT = ""
+
+
+def _record_problem(found: Found | None, judge: Judge, binding_id: str) -> str | None:
+    """Why the binding cannot back a route or a reservation: a text; _FURTHER when it can as far as its record
+    says (the caller checks the rest); _IN_FLIGHT when its create may still be running or recovered (counted)."""
+    if found is None:
         return f"binding {binding_id} has no record"
-    record = stored.record
-    if stored.pending:
-        if judge.in_flight(record.create_ms):
+    if found.incomplete:
+        if judge.in_flight(found.deadline_ms):
             judge.report.in_flight += 1
-            return None
-        return f"binding {binding_id} is a create that never committed, past its lease"
-    if record.delete_ms:
+            return _IN_FLIGHT
+        if not found.committed:
+            return f"binding {binding_id} is a create that never committed, past its deadline and recovery"
+    if found.stored.record.delete_ms:
         return f"binding {binding_id} was deleted"
-    return None
+    return _FURTHER
 
 
 class Checks:
@@ -159,12 +188,45 @@ class Checks:
             findings += await self.cdr_stream(key, tag)
         return findings
 
+    async def lookup(self, binding_ids: Iterable[str]) -> dict[str, Found]:
+        """The records of `binding_ids` with, for uncommitted ones, what their order key says (one pipeline each)."""
+        stored = await get_stored_bindings(self.redis, list(binding_ids))
+        return {found.stored.record.binding_id: found for found in await self._with_orders(stored.values())}
+
+    async def _with_orders(self, stored: Iterable[StoredBinding]) -> list[Found]:
+        records = list(stored)
+        pending = [s for s in records if s.pending]
+        replies = await _pipelined(
+            self.redis, (("get", (order_key(s.record.tenant_id, s.record.out_order_id),)) for s in pending)
+        )
+        orders = {
+            s.record.binding_id: OrderState.decode(reply)
+            for s, reply in zip(pending, replies, strict=True)
+            if reply is not None and not isinstance(reply, Exception)
+        }
+        found = []
+        for s in records:
+            binding_id = s.record.binding_id
+            order = orders.get(binding_id)
+            holds = order is not None and order.state == "p" and order.binding_id == binding_id
+            # The order key states D while this create holds it; else D is derived (with some grace: the lease the
+            # checker knows may differ from the one the create ran with).
+            derived = self.judge.deadline(s.record.create_ms) + self.judge.grace_ms
+            deadline = order.deadline_ms if order is not None and holds else derived
+            committed = not s.pending or (order is not None and order.commits(binding_id))
+            found.append(Found(s, committed, deadline))
+        return found
+
     # ---- route table ------------------------------------------------------------------------------------------
 
     async def routes(self, routes: Sequence[tuple[str, str]]) -> list[Finding]:
         if not routes:
             return []
-        values = await _pipelined(self.redis, (("get", (key,)) for key, _ in routes))
+        replies = await _pipelined(
+            self.redis, (call for key, _ in routes for call in (("get", (key,)), ("pexpiretime", (key,))))
+        )
+        values, expiries = replies[::2], replies[1::2]
+        expiry = {key: e for (key, _), e in zip(routes, expiries, strict=True) if isinstance(e, int)}
         decoded: list[tuple[str, str, Route | None]] = []
         for (key, number), value in zip(routes, values, strict=True):
             if isinstance(value, Exception):
@@ -177,7 +239,7 @@ class Checks:
                 decoded.append((key, number, Route.decode(value)))
             except ValueError:
                 decoded.append((key, number, None))
-        stored = await get_stored_bindings(self.redis, [r.binding_id for _, _, r in decoded if r is not None])
+        found = await self.lookup(r.binding_id for _, _, r in decoded if r is not None)
         findings = []
         for key, number, route in decoded:
             problem: str | None
@@ -185,16 +247,22 @@ class Checks:
                 problem, binding_id = "holds no route value", ""
             else:
                 binding_id = route.binding_id
-                problem = self._route_problem(key, number, stored.get(binding_id), binding_id)
+                problem = self._route_problem(key, number, found.get(binding_id), binding_id, expiry.get(key, -1))
             if problem:
                 findings.append(Finding(Violation(ROUTE_WITHOUT_BINDING, masked_key(key), problem, binding_id), key))
         return findings
 
-    def _route_problem(self, key: str, number: str, stored: StoredBinding | None, binding_id: str) -> str | None:
-        problem = _record_problem(stored, self.judge, binding_id)
-        if problem or stored is None or stored.pending:
-            return problem
-        record = stored.record
+    def _route_problem(
+        self, key: str, number: str, found: Found | None, binding_id: str, expires_at_ms: int
+    ) -> str | None:
+        problem = _record_problem(found, self.judge, binding_id)
+        if found is not None and not found.committed and expires_at_ms > found.deadline_ms:
+            # Before its commit a create's routes expire at its deadline: one that lasts longer would outlive a
+            # create that fails (the defect of issue 16), in flight or not.
+            return f"binding {binding_id} is not committed, its route lasts until {expires_at_ms} past its deadline"
+        if problem != _FURTHER or found is None:
+            return problem or None
+        record = found.stored.record
         if record.end_ms() <= self.judge.now_ms():
             return f"binding {binding_id} ended at {record.end_ms()} ms"
         if record.virtual_number != number:
@@ -212,6 +280,7 @@ class Checks:
             self.redis, (call for key, _ in bindings for call in (("hgetall", (key,)), ("pttl", (key,))))
         )
         findings: list[Finding] = []
+        read: list[tuple[str, StoredBinding, dict[str, str], int]] = []
         committed: list[tuple[str, StoredBinding, int]] = []
         for index, (key, binding_id) in enumerate(bindings):
             raw, ttl = replies[2 * index], replies[2 * index + 1]
@@ -230,13 +299,18 @@ class Checks:
             if stored is None:
                 continue
             self.judge.report.count("binding records")
-            if stored.pending:
+            read.append((key, stored, fields, ttl if isinstance(ttl, int) else -1))
+        judged = await self._with_orders(s for _, s, _, _ in read)
+        for (key, stored, fields, ttl), found in zip(read, judged, strict=True):
+            if not found.committed:
                 continue  # what an uncommitted create left is judged from its routes and its reservation
-            findings += [
-                Finding(Violation(BINDING_HISTORY_GAP, key, gap, binding_id), key)
-                for gap in _event_gaps(fields, stored)
-            ]
-            committed.append((key, stored, ttl if isinstance(ttl, int) else -1))
+            if found.incomplete and self.judge.in_flight(found.deadline_ms):
+                self.judge.report.in_flight += 1  # committed; its completion may still be under way
+                continue
+            binding_id = stored.record.binding_id
+            gaps = _event_gaps(fields, stored)
+            findings += [Finding(Violation(BINDING_HISTORY_GAP, key, gap, binding_id), key) for gap in gaps]
+            committed.append((key, stored, ttl))
         findings += await self._number_history(committed)
         findings += await self._routes_of(committed)
         return findings
@@ -271,8 +345,8 @@ class Checks:
             record = stored.record
             if record.delete_ms or record.expire_ms <= now + self.judge.grace_ms:
                 continue
-            if self.judge.in_flight(record.create_ms):
-                self.judge.report.in_flight += 1  # committed, but an undo may still remove it
+            if self.judge.in_flight(self.judge.deadline(record.create_ms)):
+                self.judge.report.in_flight += 1  # committed moments ago: its routes may be being rewritten
                 continue
             active.extend((key, record, route_key) for route_key in own_route_keys(record))
         values = await _pipelined(self.redis, (("get", (route_key,)) for _, _, route_key in active))
@@ -314,7 +388,7 @@ class Checks:
     ) -> list[Finding]:
         rids = [as_text(rid) for rid, _ in live]
         records = await self.redis.hmget(number_hash_key(tenant, city, number), [f"r:{rid}" for rid in rids])
-        lease_end = self.judge.now_ms() + self.judge.create_lease_ms + self.judge.grace_ms
+        lease_end = self.judge.now_ms() + self.judge.create_lease_ms + self.judge.grace_ms  # D is now + lease at most
         confirmed: list[tuple[str, int, str]] = []
         findings = []
         for (rid, expiry), record in zip(zip(rids, (int(s) for _, s in live), strict=True), records, strict=True):
@@ -331,19 +405,20 @@ class Checks:
                 self.judge.report.in_flight += 1  # reserved for a create still within its lease
                 continue
             findings.append(Finding(Violation(RESERVATION_WITHOUT_BINDING, key, problem), key))
-        stored = await get_stored_bindings(self.redis, [b for _, _, b in confirmed])
+        found = await self.lookup(b for _, _, b in confirmed)
         for rid, expiry, binding_id in confirmed:
-            trouble = self._reservation_problem(number, rid, expiry, stored.get(binding_id), binding_id)
+            trouble = self._reservation_problem(number, rid, expiry, found.get(binding_id), binding_id)
             if trouble:
                 findings.append(Finding(Violation(RESERVATION_WITHOUT_BINDING, key, trouble, binding_id), key))
         return findings
 
     def _reservation_problem(
-        self, number: str, rid: str, expiry: int, stored: StoredBinding | None, binding_id: str
+        self, number: str, rid: str, expiry: int, found: Found | None, binding_id: str
     ) -> str | None:
-        problem = _record_problem(stored, self.judge, binding_id)
-        if problem or stored is None or stored.pending:
-            return problem
+        problem = _record_problem(found, self.judge, binding_id)
+        if problem != _FURTHER or found is None:
+            return problem or None
+        stored = found.stored
         record = stored.record
         if record.virtual_number != number:
             return f"binding {binding_id} is on number {record.virtual_number}"

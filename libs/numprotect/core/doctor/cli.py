@@ -5,7 +5,8 @@
     numprotect-doctor --output json                      # for scripts and the chaos suite
 
 Settings come from the environment the services read (NUMPROTECT_REDIS_URL, NUMPROTECT_REDIS_MODE, the ACL user,
-password file and TLS; NUMPROTECT_BINDING_CREATE_LEASE); the flags override them. It only reads: a Redis user
+password file and TLS; NUMPROTECT_BINDING_CREATE_LEASE and NUMPROTECT_BINDING_RECOVERY_INTERVAL); the flags
+override them. It only reads: a Redis user
 with read access to np:* and SCAN/EVALSHA is enough (numprotect-admin has it). Exit status: 0 clean, 1
 violations found, 2 a bad option or setting or Redis failing (one line on stderr).
 """
@@ -61,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
         "--keys-per-second", type=_non_negative, default=0.0, help="pace of the walk (default 0: unlimited)"
     )
     cli.add_argument("--create-lease", type=_non_negative, help="overrides NUMPROTECT_BINDING_CREATE_LEASE (s)")
+    cli.add_argument(
+        "--recovery-interval", type=_non_negative, help="overrides NUMPROTECT_BINDING_RECOVERY_INTERVAL (s)"
+    )
     cli.add_argument("--recheck", type=_non_negative, default=1.0, help="pause (s) before a suspect is re-read")
     cli.add_argument("--examples", type=_positive, default=3, help="examples shown per kind in the text output")
     return cli
@@ -68,11 +72,14 @@ def parser() -> argparse.ArgumentParser:
 
 def options_from(args: argparse.Namespace, env: Env) -> tuple[RedisSettings, Options]:
     redis = RedisSettings.from_env(env)
+    # Read as binding reads them (services/binding/settings.py): the checker judges by binding's own timing.
     lease = env.seconds("NUMPROTECT_BINDING_CREATE_LEASE", 10.0, minimum=0.5, maximum=600.0)
+    recovery = env.seconds("NUMPROTECT_BINDING_RECOVERY_INTERVAL", 5.0, minimum=0.05, maximum=600.0)
     options = Options(
         batch=args.batch,
         keys_per_second=args.keys_per_second,
         create_lease_seconds=lease if args.create_lease is None else args.create_lease,
+        recovery_seconds=recovery if args.recovery_interval is None else args.recovery_interval,
         recheck_seconds=args.recheck,
     )
     return redis, options
