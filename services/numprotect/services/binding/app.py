@@ -9,6 +9,7 @@ from numprotect.core.identity.service_token import SERVICE_TOKEN_FILE
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import RedisClient
+from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.core.settings import SettingsError
 from numprotect.services.binding.allocation_client import AllocationClient
@@ -31,9 +32,11 @@ def build_servicer(
     clock: Clock,
     page_token_key: PageTokenKey,
     callers: Callers,
+    replicas: ReplicaWait | None = None,
 ) -> BindingServiceServicer:
-    """The servicer over its domain objects, all on one store; `callers` tells it who calls (the identity layer)."""
-    store = BindingStore.over(redis, settings)
+    """The servicer over its domain objects, all on one store; `callers` tells it who calls (the identity layer);
+    `replicas` waits for NUMPROTECT_REDIS_WAIT_REPLICAS after each create, update and delete."""
+    store = BindingStore.over(redis, settings, replicas)
     reads = BindingReads(store)
     return BindingServiceServicer(
         BindingCreator(store, allocation, settings, clock, failpoint_hook(settings.failpoint)),
@@ -73,7 +76,14 @@ async def build(runtime: Runtime) -> ServiceParts:
         name="binding calls",
     )
     servicer = build_servicer(
-        runtime.redis, allocation, settings, calls, SystemClock(), page_token_key, runtime.identity.callers
+        runtime.redis,
+        allocation,
+        settings,
+        calls,
+        SystemClock(),
+        page_token_key,
+        runtime.identity.callers,
+        ReplicaWait.of(runtime.redis, runtime.redis_settings),
     )
     recovery = CreateRecovery(servicer.creator, settings.recovery_interval_seconds)
     recovery.start()

@@ -126,6 +126,7 @@ class BindingUpdater:
             raise
         replaces = (caller_key(old.virtual_number, old.party_b),) if party_changed and old.mode == MODE_AXB else ()
         await store.put_routes(new, replaces)
+        await store.replicated(new)  # NUMPROTECT_REDIS_WAIT_REPLICAS: acknowledged once replicas have it
         if new.expire_ms < old.expire_ms:
             await self.allocation.confirm(reservation_id, old.binding_id, new.expire_ms)
         log.info(
@@ -161,5 +162,6 @@ class BindingUpdater:
             else:
                 # A repeated delete finishes whatever a failed one may have left.
                 await self.store.remove_routes(record)
+            await self.store.replicated(record)  # NUMPROTECT_REDIS_WAIT_REPLICAS
             await self.allocation.cancel(stored.reservation_id, "binding deleted")
         return replace(stored, record=record)

@@ -11,6 +11,7 @@ from numprotect.core.clock import SystemClock
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import create_redis
+from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.services.cdr.bindings import RedisBindingLookup
 from numprotect.services.cdr.enrich import Enricher
@@ -37,7 +38,7 @@ async def build(runtime: Runtime) -> ServiceParts:
     # Everything else shares the main client and its one bound (ingest scripts, listing, enrichment lookups).
     redis_limit = ConcurrencyLimit.for_redis(redis_settings)
     clock = SystemClock()
-    store = CdrStore(runtime.redis, settings, redis_limit)
+    store = CdrStore(runtime.redis, settings, redis_limit, ReplicaWait.of(runtime.redis, redis_settings))
     lookup = RedisBindingLookup(runtime.redis, redis_limit, cache_size=settings.binding_cache)
     tracer: trace.Tracer = (
         runtime.telemetry.provider.get_tracer("numprotect.cdr")

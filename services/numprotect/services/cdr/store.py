@@ -12,6 +12,7 @@ from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.conversions import timestamp_from_ms
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.redis_client import LuaScript, RedisClient
+from numprotect.core.replica_wait import ReplicaWait
 from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.validation import ValidCdr
@@ -73,21 +74,36 @@ class CdrStore:
     _ingest = LuaScript.beside(__file__, "ingest.lua")
     _list_page = LuaScript.beside(__file__, "list_page.lua")
 
-    def __init__(self, redis: RedisClient, settings: CdrSettings, redis_limit: ConcurrencyLimit) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        settings: CdrSettings,
+        redis_limit: ConcurrencyLimit,
+        replicas: ReplicaWait | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.redis_limit = redis_limit
+        # NUMPROTECT_REDIS_WAIT_REPLICAS: an ingest is acknowledged once replicas have it (off when None or 0).
+        self.replicas = replicas
 
     def window_start(self, ms: int) -> int:
         return ms - ms % self.settings.abuse_window_ms
 
     async def ingest(self, tenant_id: str, records: Sequence[ValidCdr], now_ms: int) -> list[str | None]:
-        """Stores records of one bucket; per record the new stream id, or None for a duplicate call_id."""
+        """Stores records of one bucket; per record the new stream id, or None for a duplicate call_id.
+
+        With NUMPROTECT_REDIS_WAIT_REPLICAS set, returns once that many replicas have the records, else raises
+        Unavailable (nothing of the call is acknowledged; a retry is deduplicated by call_id and waits again, also
+        when every record turns out to be a duplicate)."""
         results: list[str | None] = []
+        bucket = Bucket(tenant_id)
         async with self.redis_limit:
             for start in range(0, len(records), SCRIPT_CHUNK):
                 chunk = records[start : start + SCRIPT_CHUNK]
-                results.extend(await self._ingest_chunk(Bucket(tenant_id), chunk, now_ms))
+                results.extend(await self._ingest_chunk(bucket, chunk, now_ms))
+            if self.replicas is not None and records:
+                await self.replicas.after([bucket.stream])  # every key of a bucket shares its hash tag
         return results
 
     async def _ingest_chunk(self, bucket: Bucket, records: Sequence[ValidCdr], now_ms: int) -> list[str | None]:
