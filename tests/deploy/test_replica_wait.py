@@ -27,8 +27,8 @@ from numprotect.core.cdr_keys import Bucket
 from numprotect.core.errors import Unavailable
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.redis_client import RedisClient, create_redis
-from numprotect.core.replica_wait import ReplicaWait
-from numprotect.core.settings import Env, RedisSettings
+from numprotect.core.replica_wait import ReplicaWait, hash_tag
+from numprotect.core.settings import Env, RedisSettings, SettingsError
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.store import CdrStore
 from numprotect.services.cdr.validation import ValidCdr
@@ -183,3 +183,12 @@ async def test_acknowledged_cdrs_lost_when_a_lagging_master_dies(
         # A measurement (docs/operations.md): on loopback this stall lost none without WAIT either (the replica
         # received the stream after SIGCONT); nothing here guarantees that, so no count is required.
         assert acknowledged, report
+
+
+def test_the_wait_settings_are_checked_at_start_up() -> None:
+    assert RedisSettings.from_env(Env({})).wait_replicas == 0  # off by default
+    with pytest.raises(SettingsError, match=r"^NUMPROTECT_REDIS_WAIT_TIMEOUT=2s: must be shorter than"):
+        RedisSettings.from_env(Env({"NUMPROTECT_REDIS_WAIT_REPLICAS": "1", "NUMPROTECT_REDIS_WAIT_TIMEOUT": "2s"}))
+    with pytest.raises(SettingsError, match="NUMPROTECT_REDIS_WAIT_REPLICAS='-1'"):
+        RedisSettings.from_env(Env({"NUMPROTECT_REDIS_WAIT_REPLICAS": "-1"}))
+    assert hash_tag("np:cdr:{t:a}:s") == "t:a" and hash_tag("plain") == "plain" and hash_tag("a{}b") == "a{}b"
