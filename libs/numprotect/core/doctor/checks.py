@@ -255,11 +255,11 @@ class Checks:
     def _route_problem(
         self, key: str, number: str, found: Found | None, binding_id: str, expires_at_ms: int
     ) -> str | None:
-        problem = _record_problem(found, self.judge, binding_id)
         if found is not None and not found.committed and expires_at_ms > found.deadline_ms:
             # Before its commit a create's routes expire at its deadline: one that lasts longer would outlive a
             # create that fails (the defect of issue 16), in flight or not.
             return f"binding {binding_id} is not committed, its route lasts until {expires_at_ms} past its deadline"
+        problem = _record_problem(found, self.judge, binding_id)
         if problem != _FURTHER or found is None:
             return problem or None
         record = found.stored.record
