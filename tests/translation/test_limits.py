@@ -105,14 +105,16 @@ async def test_a_client_that_does_not_read_is_pushed_back_not_buffered(translati
         }
     )
     await tr.put(tr.route("n1", MODE_AXN))
-    offered = 1000  # messages of about 40 kB (long call ids): 40 MB if nothing pushed back
-    padding = "p" * 800
+    # Messages of about 9 kB, answered with as much (the call ids come back): 22 MB if nothing pushed back. The
+    # call ids are as long as their rule allows (128 visible ASCII characters, that of the CDR).
+    offered = 2500
     sent = 0
 
     async def send() -> AsyncIterator[pb.TranslateStreamRequest]:
         nonlocal sent
         for index in range(offered):
-            yield pb.TranslateStreamRequest(requests=[_call(f"{index}-{i}-{padding}") for i in range(per_message)])
+            calls = [_call(f"{index}-{i}-".ljust(128, "p")) for i in range(per_message)]
+            yield pb.TranslateStreamRequest(requests=calls)
             sent += 1
 
     call = tr.stub.TranslateStream(send(), timeout=120)
