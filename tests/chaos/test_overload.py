@@ -1,4 +1,5 @@
-"""Fault 6: overload. A burst of concurrent GetBinding calls over one connection (HTTP/2 streams of one channel).
+"""Fault 6: overload. A burst of 5,000 concurrent GetBinding calls over one connection (HTTP/2 streams of one
+channel), each with a 10 s deadline.
 
 Required: past its capacity the service sheds load on purpose: every answer is OK, RESOURCE_EXHAUSTED or
 UNAVAILABLE, within the caller's deadline, never CANCELLED (nor INTERNAL); it serves what it admits, and it serves
@@ -23,6 +24,9 @@ from support.chaos_verify import Figures
 from support.tls import client_credentials
 
 SHED = {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+# Longer than the load's 2 s: one Python client takes seconds just to start and finish 5,000 calls on this
+# machine, so with 2 s the client's own lag, not the service, would decide which calls miss their deadline.
+BURST_DEADLINE_SECONDS = 10.0
 
 
 async def test_a_burst_of_getbinding_over_one_connection_is_shed_never_cancelled(
@@ -52,7 +56,7 @@ async def test_a_burst_of_getbinding_over_one_connection_is_shed_never_cancelled
         async def one() -> None:
             start = time.monotonic()
             try:
-                await binding.GetBinding(request, metadata=metadata, timeout=CALL_DEADLINE_SECONDS)
+                await binding.GetBinding(request, metadata=metadata, timeout=BURST_DEADLINE_SECONDS)
                 recorder.add("GetBinding", "OK", start)
             except grpc.aio.AioRpcError as error:
                 recorder.add("GetBinding", code_name(error), start, error.details() or "")
@@ -63,9 +67,9 @@ async def test_a_burst_of_getbinding_over_one_connection_is_shed_never_cancelled
         after = await binding.GetBinding(request, metadata=metadata, timeout=CALL_DEADLINE_SECONDS)
 
     codes = Counter(a.code for a in recorder.answers)
-    late = [a for a in recorder.answers if a.latency > CALL_DEADLINE_SECONDS + DEADLINE_MARGIN_SECONDS]
+    late = [a for a in recorder.answers if a.latency > BURST_DEADLINE_SECONDS + DEADLINE_MARGIN_SECONDS]
     row = Figures(
-        fault=f"overload: {profile.overload_calls} concurrent GetBinding on one connection",
+        fault=f"overload: {profile.overload_calls} concurrent GetBinding, one connection, {BURST_DEADLINE_SECONDS:g} s",
         load_seconds=recorder.marks["load_stop"] - recorder.marks["load_start"],
         calls=len(recorder.answers),
         unavailable=codes["UNAVAILABLE"],

@@ -350,7 +350,8 @@ class LoadDriver:
     async def _stream(self, index: int) -> None:
         """TranslateStream with one message in flight; a stream that ends is recorded and opened again."""
         while not self._stopping.is_set():
-            started = time.monotonic()
+            # An error ending the stream is timed from the message in flight (or the opening), not the stream's age.
+            start = time.monotonic()
             call = self.translation.TranslateStream(metadata=self.metadata("carrier"))
             try:
                 while not self._stopping.is_set():
@@ -377,7 +378,7 @@ class LoadDriver:
                     self.recorder.add("TranslateStream", code, start, reply.error)
                     await asyncio.sleep(self.pause)
             except grpc.aio.AioRpcError as error:
-                self.recorder.add("TranslateStream", code_name(error), started, error.details() or "")
+                self.recorder.add("TranslateStream", code_name(error), start, error.details() or "")
             finally:
                 call.cancel()
             await asyncio.sleep(0.1)

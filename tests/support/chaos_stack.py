@@ -100,6 +100,7 @@ class ChaosStack:
 
     `proxy_redis`: the services reach Redis through a LatencyProxy (`redis_proxy`); `proxy_allocation`: binding
     reaches allocation through one (`allocation_proxy`). `disk_bytes`: Redis' folder is a TinyDisk that size.
+    `replica`: a replica of Redis runs too.
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class ChaosStack:
         proxy_redis: bool = False,
         proxy_allocation: bool = False,
         disk_bytes: int | None = None,
+        replica: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
         self.disk = TinyDisk(disk_bytes) if disk_bytes else None
@@ -116,6 +118,8 @@ class ChaosStack:
         self.redis = RedisServer(
             "--appendfsync", appendfsync, "--enable-debug-command", "local", *folder, appendonly=True
         )
+        # A replica of it (no AOF of its own), for NUMPROTECT_REDIS_WAIT_REPLICAS.
+        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.redis.port)) if replica else None
         self.redis_proxy = LatencyProxy("127.0.0.1", self.redis.port) if proxy_redis else None
         self.allocation_proxy: LatencyProxy | None = None
         redis_port = self.redis_proxy.port if self.redis_proxy else self.redis.port
@@ -234,5 +238,7 @@ class ChaosStack:
             if proxy is not None:
                 proxy.close()
         self.redis.stop()
+        if self.replica is not None:
+            self.replica.stop()
         if self.disk is not None:
             self.disk.remove()
