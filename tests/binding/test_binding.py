@@ -10,21 +10,22 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.common.v1 import common_pb2
-from numprotect.core.binding_records import BindingRecordStore, binding_key, decode_stored
+from numprotect.core.binding_records import BindingRecordStore, binding_key, decode_stored, order_key
 from numprotect.core.errors import Aborted, FailedPrecondition
 from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY
 from numprotect.core.identity.principal import Role
+from numprotect.core.phone import mask
 from numprotect.core.redis_client import LuaScript
 from numprotect.core.routes import Route, axe_marker_key, axn_key, caller_key, extension_key
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.app import build as build_binding
-from numprotect.services.binding.store import TENANT_SHARDS, order_key, tenant_index_key
+from numprotect.services.binding.store import TENANT_SHARDS, tenant_index_key
 from numprotect.services.translation.app import build_sync as build_translation
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.inprocess import running_service, running_sync_service
@@ -235,6 +236,54 @@ async def test_repeated_create_returns_the_same_binding_and_other_parties_confli
         # The same order id of another tenant is another order.
         other = await _create(s, "order-7", tenant="t2")
         assert other.binding_id != first.binding_id
+
+
+def mismatch_details(error: grpc.aio.AioRpcError) -> tuple[str, str, dict[str, str]]:
+    """An ORDER_REQUEST_MISMATCH answer's ErrorInfo `fields` and `binding_id`, and its BadRequest (field ->
+    description)."""
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    for detail in status_details(error).details:
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+        elif detail.Is(bad.DESCRIPTOR):
+            detail.Unpack(bad)
+    assert info.reason == "ORDER_REQUEST_MISMATCH", info
+    described = {violation.field: violation.description for violation in bad.field_violations}
+    return info.metadata["fields"], info.metadata["binding_id"], described
+
+
+async def test_a_repeated_order_with_other_values_names_exactly_the_differing_fields(services: Any) -> None:
+    async with services() as s:
+        first = await _create(s, "order-9", ttl_seconds=3600, call_restriction=common_pb2.CALL_RESTRICTION_NONE)
+        # An exact repeat (the default restriction given or not) returns the same binding.
+        again = await _create(s, "order-9", ttl_seconds=3600)
+        assert (again.binding_id, again.virtual_number) == (first.binding_id, first.virtual_number)
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"ttl_seconds": 7200}, "ttl"),
+            ({"city_code": "021"}, "city_code"),
+            ({"call_restriction": common_pb2.CALL_RESTRICTION_A_TO_B_ONLY}, "call_restriction"),
+            ({"party_b": B2}, "party_b"),
+            ({"party_a": B3, "party_b": B2}, "party_a,party_b"),
+            ({"ttl_seconds": 60, "city_code": "021", "recording_enabled": True}, "ttl,city_code,recording_enabled"),
+        ]
+        for changed, expected in cases:
+            request = create_request("order-9", **{"ttl_seconds": 3600, **changed})
+            error = await rpc_error(s.binding.CreateBinding(request))
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS, (changed, error.details())
+            fields, binding_id, described = mismatch_details(error)
+            assert fields == expected and binding_id == first.binding_id, (changed, fields)
+            assert list(described) == expected.split(","), described
+            text = (error.details() or "") + " " + " ".join(described.values())
+            # Phone numbers masked (the first request's party shown as 139****0002), never whole.
+            for number in (A, B, B2, B3):
+                assert number not in text, text
+        _, _, described = mismatch_details(
+            await rpc_error(s.binding.CreateBinding(create_request("order-9", ttl_seconds=3600, party_b=B2)))
+        )
+        assert described["party_b"] == f"differs from the order's first request ({mask(B)})"
+        # Nothing was created by the refused repeats: the order still names the first binding, alone.
+        listed = await s.binding.ListBindings(pb.ListBindingsRequest(tenant_id="t1"))
+        assert [b.binding_id for b in listed.bindings] == [first.binding_id]
 
 
 async def test_32_concurrent_duplicates_create_exactly_one_binding(services: Any, redis_sync: Any) -> None:
