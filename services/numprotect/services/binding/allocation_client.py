@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
@@ -34,6 +36,21 @@ class Allocation:
     reservation_id: str
     # When the reservation lapses unless confirmed (allocation's Redis clock).
     lease_expire_ms: int
+
+
+class PartyNotHeld(FailedPrecondition):
+    """ReplaceParty: the old party is not on the reservation (allocation's PreconditionFailure type PARTY)."""
+
+
+def _precondition_types(exc: grpc.aio.AioRpcError) -> set[str]:
+    """The PreconditionFailure violation types of an answer's google.rpc details."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    types: set[str] = set()
+    for detail in status.details if status is not None else ():
+        failure = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(failure):
+            types.update(violation.type for violation in failure.violations)
+    return types
 
 
 def _as_domain_error(exc: grpc.aio.AioRpcError, what: str) -> DomainError:
@@ -116,5 +133,7 @@ class AllocationClient:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 # Not the binding that is missing but its reservation (lapsed at expiry): the binding cannot change.
                 raise FailedPrecondition(f"allocation ReplaceParty: {exc.details()}", subject="allocation") from None
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "PARTY" in _precondition_types(exc):
+                raise PartyNotHeld(f"allocation ReplaceParty: {exc.details()}", subject="allocation") from None
             raise _as_domain_error(exc, "ReplaceParty") from None
         return reply.reservation_id

@@ -14,6 +14,11 @@ order_resolve.lua or a take-over in order_claim.lua), each atomic, so a create i
 both. A create that fails resolves itself (roll forward when the commit landed, else abort and roll back); what a
 crash or an unreachable Redis leaves is resolved by the next create of the order or by the recovery of any binding
 process (recover_overdue, from the pending-creates list) once D has passed.
+
+A create works within its call's budget (the caller's deadline, deadline.py): D is at most that budget plus
+DEADLINE_GRACE_MS after the claim, the steps run until a reserve before the budget ends, and a failure is resolved
+within what is left; a resolution that cannot finish in time (Redis slow or down) goes on in the background and
+the create answers UNAVAILABLE: its outcome is then decided by that resolution, a retry or the recovery.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from numprotect.core.phone import mask
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.concurrency import gather_all
+from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.settings import BindingSettings
 from numprotect.services.binding.store import (
     BindingStore,
@@ -68,6 +74,13 @@ REQUEST_FIELDS = (
 _PARTIES = ("party_a", "party_b")
 # How long a repeated create or a read waits for the binding's lock to complete a committed create.
 _COMPLETE_WAIT_SECONDS = 2.0
+# D, the create's deadline, lies this long after its budget ends (at most the create lease after the claim): a
+# duplicate or a retry takes the order over from a create that failed soon after it answered.
+DEADLINE_GRACE_MS = 1000
+# Of a create's budget, kept back to resolve a failed step before answering (at most 0.5 s; Redis down, it would
+# not finish anyway).
+_RESOLVE_SHARE = 0.25
+_RESOLVE_RESERVE_MAX_SECONDS = 0.5
 
 
 async def _no_hook(step: str) -> None:
@@ -181,14 +194,27 @@ class BindingCreator:
         self.settings = settings
         self.clock = clock
         self.step = step_hook or _no_hook
+        # Resolutions of failed creates that outlived their call (held so they are not garbage-collected).
+        self._resolving: set[asyncio.Task[bool]] = set()
 
-    async def create(self, spec: CreateSpec) -> Created:
+    async def create(self, spec: CreateSpec, budget: CallBudget | None = None) -> Created:
+        """The binding of the order (new or existing); UNAVAILABLE past the `budget` (default: the create lease)."""
+        budget = budget or CallBudget.within(self.settings.create_lease_seconds)
+        reserve = min(_RESOLVE_RESERVE_MAX_SECONDS, budget.remaining() * _RESOLVE_SHARE)
+        async with budget.bound("CreateBinding", reserve=reserve):
+            attempt = await self._claim(spec, budget, reserve)
+        if isinstance(attempt, Created):
+            return attempt
+        return await self._write(attempt, budget, reserve)
+
+    async def _claim(self, spec: CreateSpec, budget: CallBudget, reserve: float) -> _Attempt | Created:
+        """Steps 1: the order claimed for a new attempt, or the binding a repeated create of the order finds."""
         request = canonical_request(spec)
         fp = request_fingerprint(request)
         legacy_fp = legacy_fingerprint(spec.mode, spec.party_a, spec.party_b)
         set_span_attributes(tenant=spec.tenant_id, mode=MODES[spec.mode], out_order_id=spec.out_order_id)
         orders = self.store.orders
-        give_up = time.monotonic() + self.settings.create_lease_seconds + 1.0
+        give_up = time.monotonic() + min(self.settings.create_lease_seconds + 1.0, budget.remaining() - reserve)
         binding_id = new_binding_id(self.clock.now_ms())
         while True:
             create_ms = self.clock.now_ms()
@@ -198,7 +224,7 @@ class BindingCreator:
                 binding_id=binding_id,
                 fp=fp,
                 create_ms=create_ms,
-                deadline_ms=create_ms + self.settings.create_lease_ms,
+                deadline_ms=create_ms + min(self.settings.create_lease_ms, budget.remaining_ms() + DEADLINE_GRACE_MS),
                 expire_ms=create_ms + spec.ttl_ms,
             )
             await self.step("claim")
@@ -221,7 +247,7 @@ class BindingCreator:
                 await self._roll_back_abandoned(claim.binding_id)
                 break
             if claim.outcome in ("done", "conflict"):
-                existing = await self._existing(claim, attempt)
+                existing = await self._existing(claim, attempt, budget)
                 if existing is None and claim.outcome == "conflict":
                     # The record went a moment before its order key (both expire at end + retention).
                     raise AlreadyExists(
@@ -240,9 +266,9 @@ class BindingCreator:
                 raise Aborted(f"order {spec.out_order_id} is being created by another call; retry")
             await asyncio.sleep(0.005 + random.random() * 0.02)
         set_span_attributes(binding_id=binding_id, idempotency=claim.outcome)
-        return await self._write(attempt)
+        return attempt
 
-    async def _existing(self, claim: Claim, attempt: _Attempt) -> Created | None:
+    async def _existing(self, claim: Claim, attempt: _Attempt, budget: CallBudget) -> Created | None:
         """The binding a done order names (completed if its create did not finish), None when its record is past
         retention; ALREADY_EXISTS naming the differing fields when the order was created from another request."""
         spec = attempt.spec
@@ -265,15 +291,16 @@ class BindingCreator:
             raise OrderRequestMismatch(spec.out_order_id, claim.binding_id, differing)
         if stored.pending:
             # Committed, but its create did not complete (crashed, or Redis failed after the commit): complete it.
-            async with self.store.locks.hold(claim.binding_id, wait_seconds=_COMPLETE_WAIT_SECONDS):
+            async with self.store.locks.hold(claim.binding_id, wait_seconds=_COMPLETE_WAIT_SECONDS, budget=budget):
                 stored = await self.store.get(claim.binding_id) or stored
                 if stored.pending:
                     await self.store.complete(stored.record)
         return Created(stored.record, stored.city_fallback)
 
-    async def _write(self, attempt: _Attempt) -> Created:
-        """Steps 2-7 of the saga for a claimed order; on a failure, resolves the create and re-raises (or returns
-        the binding when the commit turns out to have landed and the create could be completed)."""
+    async def _write(self, attempt: _Attempt, budget: CallBudget, reserve: float) -> Created:
+        """Steps 2-7 of the saga for a claimed order, until `reserve` before the budget ends; on a failure, resolves
+        the create within the budget and re-raises (or returns the binding when the commit turns out to have landed
+        and the create could be completed)."""
         spec, binding_id = attempt.spec, attempt.binding_id
         store = self.store
         parties = [spec.party_a, spec.party_b] if spec.party_b else [spec.party_a]
@@ -281,75 +308,78 @@ class BindingCreator:
         record: BindingRecord | None = None
         city_fallback = False
         try:
-            await self.step("allocate")
-            # The reservation lapses when the create's deadline passes (its routes do too), never later.
-            lease_ms = attempt.deadline_ms - self.clock.now_ms()
-            if lease_ms < 100:
-                raise Aborted(f"order {spec.out_order_id}: the create lease passed before a number was reserved; retry")
-            allocation = await self.allocation.allocate(
-                spec.tenant_id, spec.mode, parties, spec.city_code, spec.strict_city, lease_ms
-            )
-            reservation_id = allocation.reservation_id
-            city_fallback = allocation.city_fallback
-            record = BindingRecord(
-                binding_id=binding_id,
-                tenant_id=spec.tenant_id,
-                out_order_id=spec.out_order_id,
-                mode=spec.mode,
-                party_a=spec.party_a,
-                party_b=spec.party_b,
-                virtual_number=allocation.virtual_number,
-                extension=allocation.extension,
-                city_code=allocation.city_code,
-                call_restriction=spec.call_restriction,
-                recording_enabled=spec.recording_enabled,
-                allow_any_caller=spec.allow_any_caller,
-                user_consent=True,
-                create_ms=attempt.create_ms,
-                expire_ms=attempt.expire_ms,
-                update_ms=attempt.create_ms,
-                delete_ms=0,
-            )
-            await self.step("write")
-            created, *_ = await gather_all(
-                (
-                    store.records.create(
-                        record,
-                        reservation_id=reservation_id,
-                        city_fallback=allocation.city_fallback,
-                        keep_until_ms=attempt.deadline_ms + PENDING_KEEP_MS,
-                        extra={"rq": attempt.request},
-                    ),
-                    store.records.add_to_history(record.virtual_number, binding_id, attempt.expire_ms),
-                    store.tenants.add(spec.tenant_id, binding_id, attempt.create_ms),
-                    store.pending.add(binding_id, attempt.deadline_ms),
+            async with budget.bound("CreateBinding", reserve=reserve):
+                await self.step("allocate")
+                # The reservation lapses when the create's deadline passes (its routes do too), never later.
+                lease_ms = attempt.deadline_ms - self.clock.now_ms()
+                if lease_ms < 100:
+                    raise Aborted(
+                        f"order {spec.out_order_id}: the create lease passed before a number was reserved; retry"
+                    )
+                allocation = await self.allocation.allocate(
+                    spec.tenant_id, spec.mode, parties, spec.city_code, spec.strict_city, lease_ms
                 )
-            )
-            if not created:
-                record = None  # not ours: the roll-back must not touch it
-                raise Aborted(f"binding id {binding_id} exists already; retry")
-            await self.step("routes")
-            await store.put_routes(record, until_ms=min(attempt.deadline_ms, allocation.lease_expire_ms))
-            await self.step("confirm")
-            await self.allocation.confirm(reservation_id, binding_id, attempt.expire_ms)
-            await self.step("commit")
-            if not await store.orders.commit(
-                spec.tenant_id,
-                spec.out_order_id,
-                binding_id,
-                attempt.fp,
-                attempt.deadline_ms,
-                attempt.expire_ms + self.settings.retention_ms,
-            ):
-                raise Aborted(f"order {spec.out_order_id} took longer than its lease and was taken over; retry")
-            await self.step("complete")
-            await store.complete(record)
+                reservation_id = allocation.reservation_id
+                city_fallback = allocation.city_fallback
+                record = BindingRecord(
+                    binding_id=binding_id,
+                    tenant_id=spec.tenant_id,
+                    out_order_id=spec.out_order_id,
+                    mode=spec.mode,
+                    party_a=spec.party_a,
+                    party_b=spec.party_b,
+                    virtual_number=allocation.virtual_number,
+                    extension=allocation.extension,
+                    city_code=allocation.city_code,
+                    call_restriction=spec.call_restriction,
+                    recording_enabled=spec.recording_enabled,
+                    allow_any_caller=spec.allow_any_caller,
+                    user_consent=True,
+                    create_ms=attempt.create_ms,
+                    expire_ms=attempt.expire_ms,
+                    update_ms=attempt.create_ms,
+                    delete_ms=0,
+                )
+                await self.step("write")
+                created, *_ = await gather_all(
+                    (
+                        store.records.create(
+                            record,
+                            reservation_id=reservation_id,
+                            city_fallback=allocation.city_fallback,
+                            keep_until_ms=attempt.deadline_ms + PENDING_KEEP_MS,
+                            extra={"rq": attempt.request},
+                        ),
+                        store.records.add_to_history(record.virtual_number, binding_id, attempt.expire_ms),
+                        store.tenants.add(spec.tenant_id, binding_id, attempt.create_ms),
+                        store.pending.add(binding_id, attempt.deadline_ms),
+                    )
+                )
+                if not created:
+                    record = None  # not ours: the roll-back must not touch it
+                    raise Aborted(f"binding id {binding_id} exists already; retry")
+                await self.step("routes")
+                await store.put_routes(record, until_ms=min(attempt.deadline_ms, allocation.lease_expire_ms))
+                await self.step("confirm")
+                await self.allocation.confirm(reservation_id, binding_id, attempt.expire_ms)
+                await self.step("commit")
+                if not await store.orders.commit(
+                    spec.tenant_id,
+                    spec.out_order_id,
+                    binding_id,
+                    attempt.fp,
+                    attempt.deadline_ms,
+                    attempt.expire_ms + self.settings.retention_ms,
+                ):
+                    raise Aborted(f"order {spec.out_order_id} took longer than its lease and was taken over; retry")
+                await self.step("complete")
+                await store.complete(record)
         except BaseException as exc:
             log.warning(
                 "create failed midway, resolving it",
                 extra={"binding_id": binding_id, "error": repr(exc), "tenant_id": spec.tenant_id},
             )
-            completed = await asyncio.shield(self._resolve_own(attempt, reservation_id, record))
+            completed = await self._resolve_within(budget, self._resolve_own(attempt, reservation_id, record))
             if not completed or record is None or not isinstance(exc, Exception):
                 raise
         log.info(
@@ -363,6 +393,18 @@ class BindingCreator:
             },
         )
         return Created(record, city_fallback)
+
+    async def _resolve_within(self, budget: CallBudget, resolution: Awaitable[bool]) -> bool:
+        """The resolution's answer if it finishes within the budget; else False, and it goes on in the background
+        (not cancelled with the call either)."""
+        task = asyncio.ensure_future(resolution)
+        self._resolving.add(task)
+        task.add_done_callback(self._resolving.discard)
+        done, _ = await asyncio.wait({task}, timeout=budget.remaining())
+        if not done:
+            log.warning("a failed create is still being resolved when its call ends; it goes on in the background")
+            return False
+        return task.result()
 
     async def _resolve_own(self, attempt: _Attempt, reservation_id: str, record: BindingRecord | None) -> bool:
         """After a failure: True when the create committed and is now complete; otherwise it is rolled back, or,

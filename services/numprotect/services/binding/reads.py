@@ -8,6 +8,7 @@ from dataclasses import replace
 from numprotect.core.binding_records import STATUS_ACTIVE, BindingRecord, StoredBinding, trace_number
 from numprotect.core.errors import NotFound
 from numprotect.core.telemetry import set_span_attributes
+from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.store import BindingStore
 
 # How long a read waits for the binding's lock to complete a committed create.
@@ -22,9 +23,11 @@ class BindingReads:
     def __init__(self, store: BindingStore) -> None:
         self.store = store
 
-    async def load(self, binding_id: str, tenant_id: str, *, locked: bool = False) -> StoredBinding:
+    async def load(
+        self, binding_id: str, tenant_id: str, *, locked: bool = False, budget: CallBudget | None = None
+    ) -> StoredBinding:
         """The tenant's committed binding, or NOT_FOUND (also for another tenant's binding). `locked`: the caller
-        holds the binding's lock (an update or delete)."""
+        holds the binding's lock (an update or delete); `budget`: the call's (the lease of the lock it may take)."""
         set_span_attributes(tenant=tenant_id, binding_id=binding_id)
         stored = await self.store.get(binding_id)
         if stored is None or stored.record.tenant_id != tenant_id:
@@ -38,7 +41,7 @@ class BindingReads:
             if locked:
                 await self.store.complete(stored.record)
             else:
-                async with self.store.locks.hold(binding_id, wait_seconds=_COMPLETE_WAIT_SECONDS):
+                async with self.store.locks.hold(binding_id, wait_seconds=_COMPLETE_WAIT_SECONDS, budget=budget):
                     stored = await self.store.get(binding_id) or stored
                     if stored.pending:
                         await self.store.complete(stored.record)

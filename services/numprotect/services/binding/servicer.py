@@ -31,6 +31,7 @@ from numprotect.core.phone import party_field, virtual_field
 from numprotect.services.binding.concurrency import limit_methods
 from numprotect.services.binding.conversions import binding_to_proto, event_to_proto
 from numprotect.services.binding.create import BindingCreator
+from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.reads import BindingReads
 from numprotect.services.binding.settings import BindingSettings
 from numprotect.services.binding.update import BindingUpdater
@@ -94,6 +95,10 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
         except InvalidArgument:
             return ""
 
+    def _budget(self, context: Any) -> CallBudget:
+        """How long the call may work: its deadline less the answer's margin (without one, the create lease)."""
+        return CallBudget.of_call(context, self.settings.create_lease_seconds)
+
     async def CreateBinding(self, request: pb.CreateBindingRequest, context: Any) -> pb.CreateBindingResponse:
         self.rate_limits.create.take(rate_key(self.callers.principal()))
         spec = create_spec(
@@ -103,13 +108,15 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
             max_ttl_ms=self.settings.max_ttl_ms,
             default_ttl_ms=self.settings.default_ttl_ms,
         )
-        created = await self.creator.create(spec)
+        created = await self.creator.create(spec, self._budget(context))
         binding = binding_to_proto(created.record, city_fallback=created.city_fallback, now_ms=self.clock.now_ms())
         return pb.CreateBindingResponse(binding=binding)
 
     async def GetBinding(self, request: pb.GetBindingRequest, context: Any) -> pb.GetBindingResponse:
         binding_id, tenant_id = ids("", request.binding_id, self._tenant(request.tenant_id))
-        stored = await self.reads.load(binding_id, tenant_id)
+        budget = self._budget(context)
+        async with budget.bound("GetBinding"):
+            stored = await self.reads.load(binding_id, tenant_id, budget=budget)
         now = self.clock.now_ms()
         reply = pb.GetBindingResponse(
             binding=binding_to_proto(stored.record, city_fallback=stored.city_fallback, now_ms=now)
@@ -120,13 +127,13 @@ class BindingServiceServicer(binding_pb2_grpc.BindingServiceServicer):
 
     async def UpdateBinding(self, request: pb.UpdateBindingRequest, context: Any) -> pb.UpdateBindingResponse:
         tenant_id = self._tenant(request.binding.tenant_id, "binding.tenant_id")
-        stored = await self.updater.update(update_spec(request, tenant_id=tenant_id))
+        stored = await self.updater.update(update_spec(request, tenant_id=tenant_id), self._budget(context))
         binding = binding_to_proto(stored.record, city_fallback=stored.city_fallback, now_ms=self.clock.now_ms())
         return pb.UpdateBindingResponse(binding=binding)
 
     async def DeleteBinding(self, request: pb.DeleteBindingRequest, context: Any) -> pb.DeleteBindingResponse:
         binding_id, tenant_id = ids("", request.binding_id, self._tenant(request.tenant_id))
-        stored = await self.updater.delete(binding_id, tenant_id)
+        stored = await self.updater.delete(binding_id, tenant_id, self._budget(context))
         binding = binding_to_proto(stored.record, city_fallback=stored.city_fallback, now_ms=self.clock.now_ms())
         return pb.DeleteBindingResponse(binding=binding)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 import time
 import zlib
@@ -34,9 +35,19 @@ from numprotect.core.errors import Aborted
 from numprotect.core.redis_client import LuaScript, RedisClient, as_text
 from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.routes import Route, RouteConflictError, RouteTable, axn_key
+from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.settings import BindingSettings
 
+log = logging.getLogger(__name__)
+
 TENANT_SHARDS = 16
+# The record's field naming the parties B allocation may hold instead of the record's `b` (an update's ReplaceParty
+# whose record write did not land), comma-separated; only the binding service reads it.
+HELD_PARTIES_FIELD = "pbh"
+# A mutation lock outlives the call's budget by this much (clock skew, the answer's margin); also its shortest lease.
+LOCK_GRACE_MS = 1000
+# Pause between attempts to release a lock Redis did not answer for.
+RELEASE_RETRY_SECONDS = 0.1
 
 
 def new_binding_id(now_ms: int) -> str:
@@ -206,28 +217,72 @@ class TenantIndex:
 
 
 class MutationLocks:
-    """One update or delete at a time per binding (a second one gets ABORTED and may retry)."""
+    """One update or delete at a time per binding (a second one gets ABORTED and may retry).
+
+    A lock lasts as long as the call that takes it may (its budget + LOCK_GRACE_MS, at most the create lease) and
+    is released on every way out, also a failed one: when the release itself cannot reach Redis, it is tried again
+    in the background until the lease ends, so a retry after Redis is back finds the binding free at once."""
 
     _release = LuaScript.beside(__file__, "compare_and_delete.lua")
 
     def __init__(self, redis: RedisClient, lease_ms: int) -> None:
         self.redis = redis
         self.lease_ms = lease_ms
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    def lease_for(self, budget: CallBudget | None) -> int:
+        if budget is None:
+            return self.lease_ms
+        return max(min(self.lease_ms, budget.remaining_ms() + LOCK_GRACE_MS), LOCK_GRACE_MS)
 
     @asynccontextmanager
-    async def hold(self, binding_id: str, *, wait_seconds: float = 0.0) -> AsyncIterator[None]:
-        """The binding's lock, waiting up to `wait_seconds` for it; ABORTED when another call keeps it longer."""
+    async def hold(
+        self, binding_id: str, *, wait_seconds: float = 0.0, budget: CallBudget | None = None
+    ) -> AsyncIterator[None]:
+        """The binding's lock, waiting up to `wait_seconds` for it; ABORTED when another call keeps it longer.
+        With a `budget`, the lease fits the call and the release waits no longer than the budget."""
         token = secrets.token_hex(8)
         key = mutation_lock_key(binding_id)
+        lease_ms = self.lease_for(budget)
         give_up = time.monotonic() + wait_seconds
-        while not await self.redis.set(key, token, nx=True, px=self.lease_ms):
-            if time.monotonic() >= give_up:
-                raise Aborted(f"binding {binding_id} is being changed by another call; retry")
-            await asyncio.sleep(0.01)
+        lease_end = time.monotonic() + lease_ms / 1000
+        try:
+            while not await self.redis.set(key, token, nx=True, px=lease_ms):
+                if time.monotonic() >= give_up:
+                    raise Aborted(f"binding {binding_id} is being changed by another call; retry")
+                await asyncio.sleep(0.01)
+        except Aborted:
+            raise
+        except BaseException:
+            # A SET without its reply (Redis slow, the call's budget over) may have landed: release it anyway.
+            self._start_release(key, token, lease_end)
+            raise
         try:
             yield
         finally:
-            await asyncio.shield(self._release(self.redis, [key], [token]))
+            release = self._start_release(key, token, lease_end)
+            # Not cancelled with the call: an unfinished release goes on in the background.
+            await asyncio.wait({release}, timeout=None if budget is None else budget.remaining())
+
+    def _start_release(self, key: str, token: str, lease_end: float) -> asyncio.Task[None]:
+        release = asyncio.get_running_loop().create_task(self._release_until(key, token, lease_end))
+        self._releasing.add(release)
+        release.add_done_callback(self._releasing.discard)
+        return release
+
+    async def _release_until(self, key: str, token: str, lease_end: float) -> None:
+        """Deletes the lock if it is still ours; tried again until the lease ends (then it lapses by itself)."""
+        while True:
+            try:
+                await self._release(self.redis, [key], [token])
+                return
+            except Exception as exc:
+                if time.monotonic() + RELEASE_RETRY_SECONDS >= lease_end:
+                    log.warning(
+                        "could not release a binding's lock; it lapses with its lease", extra={"error": repr(exc)}
+                    )
+                    return
+            await asyncio.sleep(RELEASE_RETRY_SECONDS)
 
 
 def route_of(record: BindingRecord) -> Route:
@@ -282,6 +337,12 @@ class BindingStore:
         or none)."""
         raw = await self.redis.hget(binding_key(binding_id), "rq")
         return None if raw is None else as_text(raw)
+
+    async def held_parties(self, binding_id: str) -> list[str]:
+        """The parties B allocation may hold for the binding instead of its record's (HELD_PARTIES_FIELD: written
+        before a ReplaceParty, cleared with the record's party), oldest first."""
+        raw = await self.redis.hget(binding_key(binding_id), HELD_PARTIES_FIELD)
+        return [party for party in as_text(raw).split(",") if party] if raw is not None else []
 
     async def complete(self, record: BindingRecord) -> None:
         """Rolls a committed create forward: its routes until the binding's end (they were written to lapse at the

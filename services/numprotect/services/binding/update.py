@@ -3,27 +3,36 @@
 An update widens first (a new party at allocation, a later expiry: harmless if a later step fails), then writes the
 record, then the routes, and narrows last (an earlier expiry); repeating it re-puts the routes from the record.
 A delete stops calls first (routes), then marks the record, then gives the number back.
+
+Each call works within its budget (the caller's deadline, deadline.py): past it, it answers UNAVAILABLE and
+releases the binding's lock (in the background if Redis does not answer), so its retry is not refused ABORTED.
+A retried update is idempotent: a party B that allocation took in a failed attempt (noted in the record's `pbh`
+before ReplaceParty) is found again, so the retry answers OK instead of FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import replace
 
 from numprotect.core.binding_records import BindingEvent, BindingRecord, StoredBinding
 from numprotect.core.clock import Clock
-from numprotect.core.errors import DomainError, FailedPrecondition
+from numprotect.core.errors import FailedPrecondition
 from numprotect.core.phone import mask
 from numprotect.core.routes import MODE_AXB, MODE_AXN, caller_key
-from numprotect.services.binding.allocation_client import AllocationClient
+from numprotect.services.binding.allocation_client import AllocationClient, PartyNotHeld
 from numprotect.services.binding.concurrency import gather_all
+from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.reads import BindingReads
 from numprotect.services.binding.settings import BindingSettings
-from numprotect.services.binding.store import BindingStore
+from numprotect.services.binding.store import HELD_PARTIES_FIELD, BindingStore
 from numprotect.services.binding.validation import UpdateSpec, Violations
 
 log = logging.getLogger(__name__)
+
+# Of a call's budget, kept back for releasing the binding's lock after a step ran out of time (at most 0.3 s).
+_RELEASE_SHARE = 0.2
+_RELEASE_RESERVE_MAX_SECONDS = 0.3
 
 
 class BindingUpdater:
@@ -43,19 +52,33 @@ class BindingUpdater:
         self.settings = settings
         self.clock = clock
 
-    async def update(self, spec: UpdateSpec) -> StoredBinding:
-        """Applies the masked fields; FAILED_PRECONDITION for a deleted or expired binding."""
-        await self.reads.load(spec.binding_id, spec.tenant_id)  # NOT_FOUND for another tenant before any lock
-        async with self.store.locks.hold(spec.binding_id):
-            stored = await self.reads.load(spec.binding_id, spec.tenant_id, locked=True)
-            record = stored.record
-            now = self.clock.now_ms()
-            if record.delete_ms:
-                raise FailedPrecondition(f"binding {record.binding_id} was deleted", subject=record.binding_id)
-            if record.expire_ms <= now:
-                raise FailedPrecondition(f"binding {record.binding_id} has expired", subject=record.binding_id)
-            updated = self._apply(spec, record, now)
-            await self._write(stored, updated, now)
+    def _budget(self, budget: CallBudget | None) -> CallBudget:
+        return budget or CallBudget.within(self.settings.create_lease_seconds)
+
+    @staticmethod
+    def _reserve(budget: CallBudget) -> float:
+        return min(_RELEASE_RESERVE_MAX_SECONDS, budget.remaining() * _RELEASE_SHARE)
+
+    async def update(self, spec: UpdateSpec, budget: CallBudget | None = None) -> StoredBinding:
+        """Applies the masked fields; FAILED_PRECONDITION for a deleted or expired binding. UNAVAILABLE past the
+        `budget` (default: the create lease), with the binding's lock released."""
+        budget = self._budget(budget)
+        async with budget.bound("UpdateBinding", reserve=self._reserve(budget) / 2):
+            # NOT_FOUND for another tenant before any lock
+            await self.reads.load(spec.binding_id, spec.tenant_id, budget=budget)
+            async with (
+                self.store.locks.hold(spec.binding_id, budget=budget),
+                budget.bound("UpdateBinding", reserve=self._reserve(budget)),
+            ):
+                stored = await self.reads.load(spec.binding_id, spec.tenant_id, locked=True)
+                record = stored.record
+                now = self.clock.now_ms()
+                if record.delete_ms:
+                    raise FailedPrecondition(f"binding {record.binding_id} was deleted", subject=record.binding_id)
+                if record.expire_ms <= now:
+                    raise FailedPrecondition(f"binding {record.binding_id} has expired", subject=record.binding_id)
+                updated = self._apply(spec, record, now)
+                await self._write(stored, updated, now)
         return replace(stored, record=updated)
 
     def _apply(self, spec: UpdateSpec, record: BindingRecord, now: int) -> BindingRecord:
@@ -102,11 +125,11 @@ class BindingUpdater:
             changes["rec"] = fields["rec"] = "1" if new.recording_enabled else "0"
         replaced = False
         # Widening steps first (harmless if a later step fails), the record, the routes, narrowing steps last.
-        if party_changed and old.mode != MODE_AXN:
+        if old.mode != MODE_AXN:
             # AXB/AXE: allocation keeps each real number once per X; it refuses a B already on this number.
-            reservation_id = await self.allocation.replace_party(reservation_id, old.party_b, new.party_b)
-            fields["rid"] = reservation_id
-            replaced = True
+            replaced = await self._replace_party(stored, new.party_b)
+            if replaced:
+                fields[HELD_PARTIES_FIELD] = ""
         if new.expire_ms > old.expire_ms:
             await self.allocation.confirm(reservation_id, old.binding_id, new.expire_ms)
             await gather_all(
@@ -121,10 +144,17 @@ class BindingUpdater:
             end_ms = new.expire_ms if "exp" in changes else None
             await store.records.update(old.binding_id, fields, event, end_ms=end_ms)
         except BaseException:
-            if replaced:
-                await asyncio.shield(self._replace_back(reservation_id, new.party_b, old.party_b))
+            if replaced and party_changed:
+                # Within the call only (not shielded): once its lock is released, a retry reconciles from `pbh`.
+                await self._replace_back(old.binding_id, reservation_id, new.party_b, old.party_b)
             raise
-        replaces = (caller_key(old.virtual_number, old.party_b),) if party_changed and old.mode == MODE_AXB else ()
+        replaces: tuple[str, ...] = ()
+        if old.mode == MODE_AXB:
+            # Every earlier party B's key, not only the last one's: a retried update whose first attempt wrote the
+            # record but not the routes still takes the replaced party's route away (only keys holding this binding
+            # are removed).
+            earlier = {event.changes["b"] for event in stored.events if "b" in event.changes} | {old.party_b}
+            replaces = tuple(caller_key(old.virtual_number, party) for party in sorted(earlier - {new.party_b}))
         await store.put_routes(new, replaces)
         await store.replicated(new)  # NUMPROTECT_REDIS_WAIT_REPLICAS: acknowledged once replicas have it
         if new.expire_ms < old.expire_ms:
@@ -134,34 +164,74 @@ class BindingUpdater:
             extra={"binding_id": old.binding_id, "changed": sorted(changes), "party_b": mask(new.party_b)},
         )
 
-    async def _replace_back(self, reservation_id: str, new_party: str, old_party: str) -> None:
-        try:
-            await self.allocation.replace_party(reservation_id, new_party, old_party)
-        except DomainError as exc:
-            log.error("could not undo ReplaceParty", extra={"error": exc.message})
+    async def _replace_party(self, stored: StoredBinding, new_party: str) -> bool:
+        """Makes allocation hold `new_party` as the binding's B; True when allocation's party changed (or may have:
+        the record then says which parties allocation may hold instead, cleared by the record's write). A party a
+        failed attempt left at allocation is found again, so a retried update repeats nothing."""
+        old = stored.record
+        store = self.store
+        held = await store.held_parties(old.binding_id)
+        if new_party == old.party_b and not held:
+            return False
+        # Before allocation changes: a retry (or the next update) must know which party allocation may hold.
+        await store.records.update(
+            old.binding_id, {HELD_PARTIES_FIELD: ",".join(dict.fromkeys([*held, new_party]))}, None
+        )
+        not_held: PartyNotHeld | None = None
+        for party in dict.fromkeys([old.party_b, *held]):
+            if party == new_party:
+                continue
+            try:
+                await self.allocation.replace_party(stored.reservation_id, party, new_party)
+                return True
+            except PartyNotHeld as exc:  # allocation holds another candidate, or the new party already
+                not_held = exc
+        if new_party in held or new_party == old.party_b:
+            return True  # a failed attempt gave allocation the new party already
+        assert not_held is not None
+        raise not_held
 
-    async def delete(self, binding_id: str, tenant_id: str) -> StoredBinding:
+    async def _replace_back(self, binding_id: str, reservation_id: str, new_party: str, old_party: str) -> None:
+        """After a failed record write: gives allocation the old party back if the record still names it (a write
+        whose reply was lost may have landed; unreadable, it is left to a retry, which finds both in `pbh`)."""
+        try:
+            current = await self.store.get(binding_id)
+            if current is None or current.record.party_b != old_party:
+                return
+            await self.allocation.replace_party(reservation_id, new_party, old_party)
+        except Exception as exc:
+            log.error("could not undo ReplaceParty, left to the retry", extra={"error": repr(exc)})
+
+    async def delete(self, binding_id: str, tenant_id: str, budget: CallBudget | None = None) -> StoredBinding:
         """Unbinds at once (routes, then the record, then the reservation); a repeated delete finishes what a
-        failed one may have left; an expired binding is returned as it is."""
-        await self.reads.load(binding_id, tenant_id)  # NOT_FOUND for another tenant before any lock
-        async with self.store.locks.hold(binding_id):
-            stored = await self.reads.load(binding_id, tenant_id, locked=True)
-            record = stored.record
-            now = self.clock.now_ms()
-            if not record.delete_ms and record.expire_ms <= now:
-                # Expired already: nothing routes or holds the number any more; it stays EXPIRED.
-                return stored
-            if not record.delete_ms:
-                # Calls stop first, then the record says so, then the number is given back.
-                await self.store.remove_routes(record)
-                await self.store.records.update(
-                    binding_id, {"dms": str(now), "ums": str(now)}, BindingEvent("delete", now, {}), end_ms=now
-                )
-                record = replace(record, delete_ms=now, update_ms=now)
-                log.info("binding deleted", extra={"binding_id": binding_id, "tenant_id": tenant_id})
-            else:
-                # A repeated delete finishes whatever a failed one may have left.
-                await self.store.remove_routes(record)
-            await self.store.replicated(record)  # NUMPROTECT_REDIS_WAIT_REPLICAS
-            await self.allocation.cancel(stored.reservation_id, "binding deleted")
+        failed one may have left; an expired binding is returned as it is. UNAVAILABLE past the `budget`."""
+        budget = self._budget(budget)
+        async with budget.bound("DeleteBinding", reserve=self._reserve(budget) / 2):
+            await self.reads.load(binding_id, tenant_id, budget=budget)  # NOT_FOUND for another tenant before any lock
+            async with (
+                self.store.locks.hold(binding_id, budget=budget),
+                budget.bound("DeleteBinding", reserve=self._reserve(budget)),
+            ):
+                return await self._delete(binding_id, tenant_id)
+
+    async def _delete(self, binding_id: str, tenant_id: str) -> StoredBinding:
+        stored = await self.reads.load(binding_id, tenant_id, locked=True)
+        record = stored.record
+        now = self.clock.now_ms()
+        if not record.delete_ms and record.expire_ms <= now:
+            # Expired already: nothing routes or holds the number any more; it stays EXPIRED.
+            return stored
+        if not record.delete_ms:
+            # Calls stop first, then the record says so, then the number is given back.
+            await self.store.remove_routes(record)
+            await self.store.records.update(
+                binding_id, {"dms": str(now), "ums": str(now)}, BindingEvent("delete", now, {}), end_ms=now
+            )
+            record = replace(record, delete_ms=now, update_ms=now)
+            log.info("binding deleted", extra={"binding_id": binding_id, "tenant_id": tenant_id})
+        else:
+            # A repeated delete finishes whatever a failed one may have left.
+            await self.store.remove_routes(record)
+        await self.store.replicated(record)  # NUMPROTECT_REDIS_WAIT_REPLICAS
+        await self.allocation.cancel(stored.reservation_id, "binding deleted")
         return replace(stored, record=record)
