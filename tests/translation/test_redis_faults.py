@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from numprotect.core.errors import Unavailable
 from numprotect.core.redis_client import LuaScript
@@ -23,7 +25,6 @@ from numprotect.services.translation.fastredis import ScriptClient
 from numprotect.translation.v1 import translation_pb2 as pb
 from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer, free_port
-from support.rpc import outcome
 
 CALLER = "13700000003"
 # Redis slows its data load down by this much per key (a debug setting): with POPULATED_KEYS the LOADING window
@@ -163,10 +164,16 @@ async def test_translate_while_redis_loads_its_aof_is_unavailable_then_answers(
     await asyncio.to_thread(durable_redis.kill)
     _respawn(durable_redis)
     seen: list[tuple[float, grpc.StatusCode, str]] = []
+    reasons: dict[str, set[str]] = {}  # the ErrorInfo reasons of the UNAVAILABLE answers, by the message's cause
     started = time.monotonic()
     while time.monotonic() - started < 60:
         call_started = time.monotonic()
-        code, message = await outcome(tr.translate(CALLER, deadline=1.0))
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            await tr.translate(CALLER, deadline=1.0)
+        except grpc.aio.AioRpcError as error:
+            code, message = error.code(), error.details() or ""
+            reasons.setdefault("LOADING" if "LOADING" in message else "other", set()).add(_reason(error))
         elapsed = time.monotonic() - call_started
         seen.append((elapsed, code, message))
         assert code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE), seen[-1]
@@ -177,9 +184,20 @@ async def test_translate_while_redis_loads_its_aof_is_unavailable_then_answers(
     assert seen[-1][1] == grpc.StatusCode.OK, seen[-3:]
     loading = [s for s in seen if "LOADING" in s[2]]
     assert loading, f"the load was never caught: {seen}"
+    assert reasons["LOADING"] == {"REDIS_LOADING"}, reasons  # google.rpc.ErrorInfo, with a RetryInfo (_reason)
     # From then on it answers.
     for i in range(20):
         assert (await tr.translate(f"1370000{i:04d}")).decision == pb.DECISION_CONNECT
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    """The google.rpc.ErrorInfo reason of an answer that also carries a google.rpc.RetryInfo."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, error.details()
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert any(d.Unpack(retry) for d in status.details) and retry.retry_delay.ToNanoseconds() > 0, status
+    assert any(d.Unpack(info) for d in status.details), status
+    return str(info.reason)
 
 
 def test_script_client_retries_loading_within_its_budget(durable_redis: RedisServer, counter: LuaScript) -> None:

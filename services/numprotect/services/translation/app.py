@@ -8,7 +8,7 @@ from numprotect.core.clock import SystemClock
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.server import ServiceParts, ServiceRegistration, SyncRuntime
 from numprotect.services.translation.blocklist import BlocklistRefresher, BlocklistStore, BlocklistView
-from numprotect.services.translation.core import SCRIPT, TranslationSettings, Translator
+from numprotect.services.translation.core import READ_ONLY_SCRIPT, SCRIPT, TranslationSettings, Translator
 from numprotect.services.translation.fastredis import ScriptClient
 from numprotect.services.translation.servicer import LIST_BLOCKED_CALLERS, TranslationServiceServicer
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
@@ -26,13 +26,14 @@ def build_sync(runtime: SyncRuntime) -> ServiceParts:
     view = BlocklistView()
     store = BlocklistStore(runtime.redis, clock, max_entries=settings.blocklist_max_entries)
     translator = Translator(settings, view, clock, traced=runtime.telemetry.enabled)
-    try:  # loaded now so the first call is one round trip; ScriptClient loads it again on NOSCRIPT
-        runtime.redis.script_load(SCRIPT.source)  # a cluster client loads it on every primary
+    try:  # loaded now so the first call is one round trip; ScriptClient loads them again on NOSCRIPT
+        for script in (SCRIPT, READ_ONLY_SCRIPT):
+            runtime.redis.script_load(script.source)  # a cluster client loads it on every primary
     except Exception as exc:
         log.warning("translation script not loaded at start", extra={"error": repr(exc)})
     refresher = BlocklistRefresher(store, view, settings.blocklist_refresh_seconds)
     refresher.start()
-    client = ScriptClient(runtime.redis_settings, SCRIPT)
+    client = ScriptClient(runtime.redis_settings, SCRIPT, READ_ONLY_SCRIPT)
     servicer = TranslationServiceServicer(
         client, translator, store, page_tokens, clock, runtime.telemetry, runtime.identity.callers
     )

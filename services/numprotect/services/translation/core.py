@@ -8,6 +8,9 @@ share them.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,14 @@ from numprotect.services.translation.numbers import (
 from numprotect.translation.v1 import translation_pb2
 
 SCRIPT = LuaScript.beside(__file__, "translate.lua")
+# The same decision declared read-only: Redis 7 runs it while writes are paused (CLIENT PAUSE WRITE, a failover),
+# where it waits out the script above (any script without this flag counts as a write). Its rate counters' writes
+# are refused inside, so the limits are not enforced (the reply says NO_WRITES). fastredis sends it then.
+READ_ONLY_SCRIPT = LuaScript.from_source("translate_read_only", "#!lua flags=no-writes\n" + SCRIPT.source)
+
+log = logging.getLogger(__name__)
+# At most one log line per this many seconds about calls connected without their rate limit.
+UNENFORCED_LOG_INTERVAL = 10.0
 
 CONNECT = translation_pb2.DECISION_CONNECT
 REJECT = translation_pb2.DECISION_REJECT
@@ -105,6 +116,34 @@ class TranslationSettings:
         )
 
 
+class UnenforcedLimits:
+    """Calls connected without their rate limit (fail open): Redis refused the counters' write (MISCONF, OOM,
+    NOREPLICAS) or the read-only copy served them (NO_WRITES). Counted per cause; one WARNING per interval."""
+
+    def __init__(self, interval: float = UNENFORCED_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.calls: dict[str, int] = {}  # cause -> calls since start
+        self._lock = threading.Lock()
+        self._unlogged: dict[str, int] = {}
+        self._logged_at = -interval
+
+    def add(self, cause: str) -> None:
+        with self._lock:
+            self.calls[cause] = self.calls.get(cause, 0) + 1
+            self._unlogged[cause] = self._unlogged.get(cause, 0) + 1
+            now = time.monotonic()
+            if now - self._logged_at < self.interval:
+                return
+            self._logged_at = now
+            counts, self._unlogged = self._unlogged, {}
+        log.warning(
+            "rate limits not enforced, calls connected anyway (Redis refused the counters' write, or served the "
+            "read-only script): %s in the last %.0f s",
+            ", ".join(f"{cause} {count}" for cause, count in sorted(counts.items())),
+            self.interval,
+        )
+
+
 @dataclass(slots=True)
 class Prepared:
     """A validated request and the script invocation that decides it."""
@@ -131,6 +170,7 @@ class Translator:
         self.blocklist = blocklist
         self.clock = clock
         self.traced = traced
+        self.unenforced = UnenforcedLimits()
         self._limits = (str(settings.rate_window_ms), str(settings.rate_per_caller), str(settings.rate_per_binding))
 
     def prepare(
@@ -197,9 +237,14 @@ class Translator:
         if decision == CONNECT:
             binding_id = as_text(reply[2])  # type: ignore[arg-type]
             tenant_id = as_text(reply[3])  # type: ignore[arg-type]
+            unenforced = as_text(reply[6]) if len(reply) > 6 else None  # type: ignore[arg-type]
+            if unenforced is not None:
+                self.unenforced.add(unenforced)
             trace_id = span_id = 0
             if span is not None:
                 trace_id, span_id = _annotate_span(span, prepared, CONNECT, binding_id, tenant_id)
+                if unenforced is not None:
+                    set_span_attributes(span, rate_limit_not_enforced=unenforced)
             return translation_pb2.TranslateResponse(
                 decision=CONNECT,
                 target_number=as_text(reply[4]),  # type: ignore[arg-type]
@@ -253,7 +298,10 @@ def too_many_requests(most: int) -> InvalidArgument:
 
 
 def stream_error(error: DomainError) -> str:
-    """The `error` text of a TranslateStreamResponse: "<STATUS_NAME>: <message>"."""
+    """The `error` text of a TranslateStreamResponse: "<STATUS_NAME>: <message>"; an UNAVAILABLE naming its cause
+    appends what a unary call carries as google.rpc details: " [<ErrorInfo reason>; retry after <seconds> s]"."""
+    if isinstance(error, Unavailable) and error.reason:
+        return f"{error.code.name}: {error.message} [{error.reason}; retry after {error.retry_after:g} s]"
     return f"{error.code.name}: {error.message}"
 
 

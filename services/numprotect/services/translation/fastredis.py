@@ -23,6 +23,7 @@ certificate); the ACL user authenticates with AUTH <user> <password> once per co
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 import threading
@@ -35,11 +36,13 @@ from urllib.parse import urlparse
 import hiredis
 from redis.crc import key_slot
 
-from numprotect.core.errors import Unavailable
-from numprotect.core.redis_client import LuaScript
+from numprotect.core.errors import DEFAULT_RETRY_AFTER_SECONDS, Unavailable
+from numprotect.core.redis_client import RETRYABLE_REPLIES, LuaScript
 from numprotect.core.settings import RedisSettings, SettingsError
 
 Node = tuple[str, int]
+
+log = logging.getLogger(__name__)
 
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
 # Errors that mean "not now": retried after a pause (_PAUSE_FIRST, doubling up to _PAUSE_MOST) within the budget.
@@ -58,6 +61,22 @@ _PAUSE_MOST = 0.1
 _MOST_REDIRECTS = 16
 # Calls failing together (a dead node, a resharding) share one CLUSTER SLOTS per interval.
 _SLOTS_RELOAD_INTERVAL = 0.05
+# With a read-only copy of the script: the share of a call's budget the script may take before the node is taken
+# for one whose writes are paused (CLIENT PAUSE WRITE, a failover), and how long the node's calls then go as the
+# read-only copy before the script is tried again.
+_STALL_SHARE = 0.5
+_READ_ONLY_INTERVAL = 1.0
+# The google.rpc.ErrorInfo reason of an UNAVAILABLE answer (the same as redis_client.storage_unavailable's for
+# the replies both know, RETRYABLE_REPLIES): a connection refused, dropped or silent; replies only this client acts on.
+_UNREACHABLE = "REDIS_UNREACHABLE"
+_REASONS = {
+    "MOVED": "REDIS_REDIRECTED",
+    "ASK": "REDIS_REDIRECTED",
+    "NOSCRIPT": "REDIS_NOSCRIPT",
+    "NOAUTH": "REDIS_ACCESS_DENIED",
+    "WRONGPASS": "REDIS_ACCESS_DENIED",
+    "NOPERM": "REDIS_ACCESS_DENIED",
+}
 
 
 def _encode(*parts: str | bytes) -> bytes:
@@ -68,8 +87,27 @@ def _encode(*parts: str | bytes) -> bytes:
     return b"".join(out)
 
 
+def unavailable(message: str, kind: str = "") -> Unavailable:
+    """UNAVAILABLE with the retry hint and ErrorInfo reason of the Redis condition `kind` (an error reply's first
+    word; "" for no reply: refused, dropped or silent connections)."""
+    if kind in RETRYABLE_REPLIES:
+        reason, retry_after = RETRYABLE_REPLIES[kind]
+        return Unavailable(message, retry_after=retry_after, reason=reason)
+    return Unavailable(message, retry_after=DEFAULT_RETRY_AFTER_SECONDS, reason=_REASONS.get(kind, _UNREACHABLE))
+
+
 class _Unreachable(Unavailable):
     """The node refused or dropped the connection (not a timeout): in a cluster, the slot may have a new owner."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=_UNREACHABLE)
+
+
+class _Silent(Unavailable):
+    """The node did not answer in time (a timeout): slow, or pausing writes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=_UNREACHABLE)
 
 
 class _Conn:
@@ -126,14 +164,26 @@ def _wake(slot: _Slot) -> None:
 
 
 class ScriptClient:
-    """Runs one Lua script by EVALSHA on a standalone Redis or a Redis Cluster, from any thread."""
+    """Runs one Lua script by EVALSHA on a standalone Redis or a Redis Cluster, from any thread.
 
-    def __init__(self, settings: RedisSettings, script: LuaScript) -> None:
+    `read_only`, a copy of the script declared `#!lua flags=no-writes` taking the same keys and arguments, serves
+    a node's calls while that node's writes seem paused: the script (a write to Redis 7 even when its writes are
+    skipped) waits out a CLIENT PAUSE WRITE (an operator's, a FAILOVER's or a cluster failover's), a read-only
+    script does not. A call that gets no reply within _STALL_SHARE of its budget marks the node and is sent again
+    as the copy on a new connection; the node's calls then go as the copy for _READ_ONLY_INTERVAL (one WARNING per
+    interval), then the script is tried again. A node merely slow fails the copy too: UNAVAILABLE, as without it.
+    """
+
+    def __init__(self, settings: RedisSettings, script: LuaScript, read_only: LuaScript | None = None) -> None:
         url = urlparse(settings.url)
         if (url.scheme == "rediss") != (settings.tls is not None):
             # Never plaintext for a rediss:// URL, never a TLS setting quietly unused.
             raise SettingsError(f"NUMPROTECT_REDIS_URL={settings.url!r}: TLS settings do not match the URL's scheme")
         self.script = script
+        self.read_only = read_only
+        self._sha = script.sha.encode()
+        self._read_only_sha = read_only.sha.encode() if read_only is not None else b""
+        self._writes_paused: dict[Node, float] = {}  # node -> time.monotonic() until which calls go read-only
         self.cluster = settings.mode == "cluster"
         self.unix_path = url.path if url.scheme == "unix" else ""
         self.seed: Node = (url.hostname or "127.0.0.1", url.port or 6379)
@@ -194,9 +244,9 @@ class ScriptClient:
                         sock.close()
                         raise
         except ssl.SSLError as exc:  # a certificate that fails verification included
-            raise Unavailable(f"translation storage TLS handshake failed: {exc}") from None
+            raise unavailable(f"translation storage TLS handshake failed: {exc}") from None
         except TimeoutError as exc:
-            raise Unavailable(f"translation storage unreachable: {exc}") from None
+            raise _Silent(f"translation storage unreachable: {exc}") from None
         except OSError as exc:
             raise _Unreachable(f"translation storage unreachable: {exc}") from None
         conn = _Conn(sock)
@@ -209,7 +259,7 @@ class ScriptClient:
         for command in setup:
             reply = self._round_trip(node, conn, command, timeout)
             if isinstance(reply, hiredis.ReplyError):
-                raise Unavailable(f"translation storage refused the connection: {reply}")
+                raise unavailable(f"translation storage refused the connection: {reply}", str(reply).split(" ", 1)[0])
         return conn
 
     def _drop(self, node: Node) -> None:
@@ -229,7 +279,7 @@ class ScriptClient:
         # The reply may still arrive later: this socket is out of step, never reuse it.
         self._drop(node)
         if isinstance(exc, TimeoutError):
-            return Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms")
+            return _Silent(f"translation storage did not answer within {timeout * 1000:.0f} ms")
         return _Unreachable(f"translation storage unreachable: {exc}")
 
     def _batch(self, node: Node, commands: Sequence[bytes], asking: bool, deadline: float) -> list[Any]:
@@ -248,7 +298,7 @@ class ScriptClient:
         for resend in (False, True):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Unavailable("no time left for the translation storage")
+                raise unavailable("no time left for the translation storage")
             conn = self._conn(node, left)
             reused = conn.used
             try:
@@ -308,7 +358,7 @@ class ScriptClient:
                     slots[int(start) : int(end) + 1] = [owner] * (int(end) - int(start) + 1)
                 self._slots = slots
                 return
-            raise Unavailable(f"translation storage: no cluster node answered CLUSTER SLOTS in {budget * 1000:.0f} ms")
+            raise unavailable(f"translation storage: no cluster node answered CLUSTER SLOTS in {budget * 1000:.0f} ms")
 
     # --- EVALSHA -----------------------------------------------------------------------------------------
 
@@ -333,21 +383,25 @@ class ScriptClient:
     def evalsha(self, keys: Sequence[str], args: Sequence[str], timeout: float) -> Any:
         """The script's reply; Unavailable when Redis does not answer within `timeout` seconds."""
         if timeout <= 0:
-            raise Unavailable("no time left for the translation storage")
+            raise unavailable("no time left for the translation storage")
         return self._evalsha_command(keys[0], self._command(keys, args), time.monotonic() + timeout)
 
     def _evalsha_command(self, key: str, command: bytes, deadline: float, *, pausing: bool = True) -> Any:
         """The call's reply (see `_pipeline`); with `pausing` False, _SEND_AGAIN instead of pausing."""
         node = self._node_for(key, deadline)
         conn = self._conns().get(node)
-        if conn is not None and conn.used:  # the hot path: a connection that has answered before, one round trip
+        # The hot path: a connection that has answered before, one round trip.
+        if conn is not None and conn.used and not (self._writes_paused and self._paused(node)):
             left = deadline - time.monotonic()
+            wait = left if self.read_only is None else left * _STALL_SHARE
             try:
-                conn.send(command, left)
+                conn.send(command, wait)
                 reply = conn.read()
             except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
-                error = self._failed(node, exc, left)
-                if not isinstance(error, _Unreachable) or left <= 0:
+                error = self._failed(node, exc, wait)
+                if isinstance(error, _Silent) and self.read_only is not None and left > 0:
+                    self._pause(node, wait)  # the full path sends it again as the read-only copy
+                elif not isinstance(error, _Unreachable) or left <= 0:
                     raise error from None
                 # Closed while idle, or the node is gone: the full path sends it again (on a new connection,
                 # after a slot-map reload in a cluster).
@@ -373,7 +427,7 @@ class ScriptClient:
         this turns N concurrent round trips into one.
         """
         if timeout <= 0:
-            raise Unavailable("no time left for the translation storage")
+            raise unavailable("no time left for the translation storage")
         deadline = time.monotonic() + timeout
         command = self._command(keys, args)
         with self._queue_lock:
@@ -398,7 +452,7 @@ class ScriptClient:
                 elif slot in self._queue:
                     self._queue.remove(slot)
             if not lead:
-                raise Unavailable(f"translation storage did not answer within {timeout * 1000:.0f} ms")
+                raise _Silent(f"translation storage did not answer within {timeout * 1000:.0f} ms")
         if slot.lead:
             self._lead(deadline)
         if slot.result is _SEND_AGAIN:
@@ -467,9 +521,22 @@ class ScriptClient:
             handled: dict[tuple[Node, str], tuple[Node, bool, bool] | None] = {}  # once per node and error kind
             wait = False
             for (node, asking), indexes in by_route.items():
+                commands = [calls[i][1] for i in indexes]
+                now = time.monotonic()
+                until = deadline  # with a read-only copy, the script's share of the budget
+                if self.read_only is not None:
+                    if self._paused(node):
+                        commands = [self._read_only_command(command) for command in commands]
+                    else:
+                        until = now + (deadline - now) * _STALL_SHARE
                 try:
-                    replies = self._batch(node, [calls[i][1] for i in indexes], asking, deadline)
+                    replies = self._batch(node, commands, asking, until)
                 except Unavailable as exc:
+                    if isinstance(exc, _Silent) and until < deadline:
+                        self._pause(node, until - now)
+                        for index in indexes:
+                            routes[index] = (node, asking)
+                        continue
                     moved = self._rerouted(
                         node, isinstance(exc, _Unreachable) and redirects < _MOST_REDIRECTS, deadline
                     )
@@ -515,9 +582,40 @@ class ScriptClient:
             if left <= 0:
                 break
         for index in routes:  # still to send again, out of time
-            why = f" ({last[index]})" if index in last else ""
-            results[index] = Unavailable(f"translation storage did not serve the call in time{why}; retry")
+            kind = last.get(index, "")
+            why = f" ({kind})" if kind else ""
+            results[index] = unavailable(f"translation storage did not serve the call in time{why}; retry", kind)
         return results
+
+    # --- a node whose writes are paused --------------------------------------------------------------------
+
+    def _read_only_command(self, command: bytes) -> bytes:
+        """The EVALSHA of the read-only copy with the same keys and arguments (the script's SHA comes first)."""
+        return command.replace(self._sha, self._read_only_sha, 1)
+
+    def _paused(self, node: Node) -> bool:
+        until = self._writes_paused.get(node)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        self._writes_paused.pop(node, None)
+        return False
+
+    def _pause(self, node: Node, waited: float) -> None:
+        """`node` left a call without a reply for `waited` seconds: its calls go read-only for an interval."""
+        if self._paused(node):
+            return
+        self._writes_paused[node] = time.monotonic() + _READ_ONLY_INTERVAL
+        where = self.unix_path or f"{node[0]}:{node[1]}"
+        log.warning(
+            "Redis %s did not answer the %s script within %.0f ms (writes paused, or slow): its calls go as the "
+            "read-only copy for %.0f s, rate limits not enforced",
+            where,
+            self.script.name,
+            waited * 1000,
+            _READ_ONLY_INTERVAL,
+        )
 
     def _rerouted(self, node: Node, unreachable: bool, deadline: float) -> bool:
         """After `node` refused or dropped the connection: True when the slot map was reloaded (a killed master's
@@ -545,9 +643,10 @@ class ScriptClient:
     def _next_try(self, node: Node, kind: str, asking: bool, deadline: float) -> tuple[Node, bool, bool] | None:
         """Where a call whose reply was a `kind` error goes next: (node, ASKING first, pause first); None when the
         error is the answer."""
-        if kind == "NOSCRIPT":
-            (loaded,) = self._batch(node, [_encode("SCRIPT", "LOAD", self.script.source)], False, deadline)
-            if isinstance(loaded, hiredis.ReplyError):
+        if kind == "NOSCRIPT":  # the read-only copy too: it is then at hand when the node's writes pause
+            scripts = [self.script] if self.read_only is None else [self.script, self.read_only]
+            loads = [_encode("SCRIPT", "LOAD", script.source) for script in scripts]
+            if any(isinstance(loaded, hiredis.ReplyError) for loaded in self._batch(node, loads, False, deadline)):
                 return None
             return node, asking, False
         if kind in _RETRY_LATER:
@@ -560,7 +659,7 @@ class ScriptClient:
     def _answer_for(reply: hiredis.ReplyError, kind: str) -> BaseException:
         """What the caller gets for an error reply that is not retried (any more)."""
         if kind in _SENT_AGAIN or kind in _REFUSED:
-            return Unavailable(f"translation storage cannot serve the call now ({kind}); retry")
+            return unavailable(f"translation storage cannot serve the call now ({kind}); retry", kind)
         return reply
 
     def close(self) -> None:

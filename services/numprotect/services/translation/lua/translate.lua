@@ -9,7 +9,8 @@
 -- ARGV: caller, has_extension, window_ms, caller_limit, binding_limit, blocked_tenants ('|t1|t2|' or ''),
 --       binding counter key prefix 'np:rl:{X}:b:' (+ binding_id: same slot, built here)
 -- Returns {decision, reason[, binding_id, tenant_id[, target, recording]]} with the proto enum numbers:
---   CONNECT {1, 0, binding_id, tenant_id, target, recording('1'|'0')}
+--   CONNECT {1, 0, binding_id, tenant_id, target, recording('1'|'0')[, why the rate limit was not enforced:
+--            'MISCONF' | 'OOM' | 'NOREPLICAS' (Redis refused the counter's write) | 'NO_WRITES' (the read-only copy)]}
 --   REJECT  {2, reason[, binding_id, tenant_id]}    COLLECT_EXTENSION {3, 0}
 local caller = ARGV[1]
 local has_extension = ARGV[2] == '1'
@@ -79,18 +80,35 @@ if ARGV[6] ~= '' and string.find(ARGV[6], '|' .. tenant_id .. '|', 1, true) then
   return {2, 5, binding_id, tenant_id}
 end
 
+-- Rate counters. A write Redis refuses (MISCONF after a failed AOF/RDB write, OOM at maxmemory, NOREPLICAS under
+-- min-replicas-to-write) or that the read-only copy of this script may not make (fastredis runs it while writes
+-- are paused) does not stop the call: the limit is not enforced (fail open, translation is the read path) and the
+-- reply names why. This script has no shebang on purpose: Redis then runs it under those conditions and refuses
+-- only the write, so the decision still takes one round trip. Any other error (a counter of the wrong type) is
+-- raised.
 local window = tonumber(ARGV[3])
+local function count(key)
+  local n = redis.pcall('INCR', key)
+  if type(n) == 'table' then
+    local word = string.match(n.err, '^(%u+)')
+    if word == 'MISCONF' or word == 'OOM' or word == 'NOREPLICAS' then return nil, word end
+    if string.find(n.err, 'not allowed from read-only scripts', 1, true) then return nil, 'NO_WRITES' end
+    return error(n)
+  end
+  if n == 1 then redis.call('PEXPIRE', key, window) end
+  return n
+end
+
 local caller_limit = tonumber(ARGV[4])
 if caller_limit > 0 then
-  local n = redis.call('INCR', KEYS[6])
-  if n == 1 then redis.call('PEXPIRE', KEYS[6], window) end
+  local n, refused = count(KEYS[6])
+  if refused then return {1, 0, binding_id, tenant_id, target, recording, refused} end
   if n > caller_limit then return {2, 3, binding_id, tenant_id} end
 end
 local binding_limit = tonumber(ARGV[5])
 if binding_limit > 0 then
-  local key = ARGV[7] .. binding_id
-  local n = redis.call('INCR', key)
-  if n == 1 then redis.call('PEXPIRE', key, window) end
+  local n, refused = count(ARGV[7] .. binding_id)
+  if refused then return {1, 0, binding_id, tenant_id, target, recording, refused} end
   if n > binding_limit then return {2, 3, binding_id, tenant_id} end
 end
 
