@@ -84,8 +84,14 @@ def check_outcomes(client: Any, orders: dict[str, grpc.StatusCode]) -> dict[str,
     }
     assert set(routes_by_binding) <= committed
     records = {k.decode()[len("np:b:{") : -1] for k in client.scan_iter(match="np:b:{*}", count=1000)}
+    pending = {m.decode() for k in client.scan_iter(match="np:ord:pending:*") for m in client.zrange(k, 0, -1)}
+    left = {
+        binding_id: (client.hmget(binding_key(binding_id), "o", "st"), binding_id in pending)
+        for binding_id in records - committed
+    }
+    assert not left, f"records of creates that do not exist (order, state; on the pending list): {left}"
     assert records == committed
-    assert [k for k in client.scan_iter(match="np:ord:pending:*") if client.zcard(k)] == []
+    assert pending == set(), pending
     assert live_reservations(client) == existing
     return counts
 

@@ -3,7 +3,7 @@
 Write order of a create (each step's keys live in their own slot; docs/binding.md has the failure analysis):
  1. claim the order key `np:ord:{tenant:order}` (pending, deadline D = now + create lease)
  2. AllocateNumber over gRPC: its reservation lapses at D unless confirmed
- 3. record (pending, with the request) + per-number history + tenant index + the pending-creates list, concurrently
+ 3. the pending-creates list, then record (pending, with the request) + per-number history + tenant index
  4. route keys expiring at D: translation can connect from here on, until D at most
  5. ConfirmReservation until the binding's expiry
  6. order key done (only while the claim is still this create's): THE COMMIT POINT
@@ -341,6 +341,9 @@ class BindingCreator:
                     delete_ms=0,
                 )
                 await self.step("write")
+                # On the pending-creates list before the record exists: a record written without its entry (Redis
+                # failing between two of the writes below) would be found by no recovery.
+                await store.pending.add(binding_id, attempt.deadline_ms)
                 created, *_ = await gather_all(
                     (
                         store.records.create(
@@ -352,7 +355,6 @@ class BindingCreator:
                         ),
                         store.records.add_to_history(record.virtual_number, binding_id, attempt.expire_ms),
                         store.tenants.add(spec.tenant_id, binding_id, attempt.create_ms),
-                        store.pending.add(binding_id, attempt.deadline_ms),
                     )
                 )
                 if not created:
