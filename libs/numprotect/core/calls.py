@@ -13,6 +13,15 @@ On streams, a concern with a `check(state)` (identity: is the key still valid?) 
 message in either direction and, on grpc.aio, every `STREAM_CHECK_SECONDS` while the stream is idle; a check that
 raises ends the call with its status.
 
+Load shedding comes first, before spans and identity, so that refusing a call past the process's capacity costs
+as little as possible: with an admission (`limits.AioAdmission`, `limits.PoolAdmission`) a call that gets no place
+is answered RESOURCE_EXHAUSTED naming the limit, with google.rpc.RetryInfo, and never reaches the concerns or the
+servicer. Unary-response calls hold a place until they end; a response stream is only refused when the process
+is full (a place held for a stream's whole life would starve short calls; streams have their own limits).
+
+On grpc.aio a concern's `leave` runs after the status is on its way when the call ends by an exception (the
+abort sends it): a client in the same event loop may see the status before `leave` ran.
+
 `SyncCallLayer` and `AioCallLayer` are the two thin adapters (grpcio's thread-pool server, grpc.aio): they
 differ only in calling, iterating and aborting synchronously or with await.
 """
@@ -32,6 +41,7 @@ from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
 from numprotect.core.errors import DomainError, Unimplemented, to_rpc_status
+from numprotect.core.limits import AioAdmission, PoolAdmission
 from numprotect.core.redis_client import storage_unavailable
 
 log = logging.getLogger(__name__)
@@ -186,25 +196,66 @@ def _leave(concerns: tuple[MethodConcern, ...], states: list[object], context: A
 
 
 class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
-    """The call layer on grpcio's thread-pool server."""
+    """The call layer on grpcio's thread-pool server; with an admission, it sheds load (`limits.PoolAdmission`)."""
+
+    def __init__(self, concerns: Sequence[CallConcern], admission: PoolAdmission | None = None) -> None:
+        super().__init__(concerns)
+        self._admission = admission
+        self._refusals: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler: grpc.RpcMethodHandler | None = self._handler(
-            continuation(handler_call_details), handler_call_details.method
-        )
+        # grpcio runs this on its polling thread as the call arrives: the moment to refuse it, before it queues.
+        path = handler_call_details.method
+        handler: grpc.RpcMethodHandler | None = self._handler(continuation(handler_call_details), path)
+        if self._admission is not None and handler is not None and self._admission.queue_full():
+            refusal = self._refusals.get(path)
+            if refusal is None and not path.startswith(UNWRAPPED_SERVICES, 1):
+                refusal = self._refusals[path] = self._refusal(handler, self._admission)
+            return refusal or handler
         return handler
+
+    @staticmethod
+    def _refusal(handler: Any, admission: PoolAdmission) -> grpc.RpcMethodHandler:
+        """A handler of the same kind that answers RESOURCE_EXHAUSTED on the admission's own small pool (not behind
+        the queue it refuses to join)."""
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort_with_status(admission.shedding.refuse("queue_full"))
+
+        refuse.experimental_thread_pool = admission.refusals  # type: ignore[attr-defined]
+        kinds = {
+            "unary_unary": grpc.unary_unary_rpc_method_handler,
+            "unary_stream": grpc.unary_stream_rpc_method_handler,
+            "stream_unary": grpc.stream_unary_rpc_method_handler,
+            "stream_stream": grpc.stream_stream_rpc_method_handler,
+        }
+        kind = next(name for name in kinds if getattr(handler, name) is not None)
+        made: grpc.RpcMethodHandler = kinds[kind](
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        return made
+
+    def _late(self, context: grpc.ServicerContext) -> None:
+        """On the worker that starts a call: refuses it (raises) when it waited too long or its deadline passed."""
+        admission = self._admission
+        if admission is not None and admission.late(context):
+            context.abort_with_status(admission.shedding.refuse("queue_wait"))
 
     def _unary(
         self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
     ) -> Behavior:
         path = method.path
+        late = self._late
         if not concerns:
 
             def bare(request: Any, context: grpc.ServicerContext) -> Any:
+                late(context)
                 try:
                     return behavior(request, context)
                 except Exception as exc:
@@ -213,6 +264,7 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
             return bare
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            late(context)
             states: list[object] = []
             try:
                 for concern in concerns:
@@ -231,10 +283,12 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
         self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
     ) -> Behavior:
         path = method.path
+        late = self._late
 
         # grpcio iterates a call's responses on the one worker thread that runs the call, so what a concern makes
         # current in `enter` stays current, on that thread, until `leave`.
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            late(context)
             states: list[object] = []
             try:
                 for concern in concerns:
@@ -257,7 +311,12 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
 
 
 class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
-    """The call layer on grpc.aio (each call runs in its own task, so context made current stays with it)."""
+    """The call layer on grpc.aio (each call runs in its own task, so context made current stays with it); with an
+    admission, it sheds load (`limits.AioAdmission`)."""
+
+    def __init__(self, concerns: Sequence[CallConcern], admission: AioAdmission | None = None) -> None:
+        super().__init__(concerns)
+        self._admission = admission
 
     async def intercept_service(
         self,
@@ -273,8 +332,13 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
         self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
     ) -> Behavior:
         path = method.path
+        admission = self._admission
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if admission is not None and not admission.try_enter():
+                refusal = await admission.wait(context.time_remaining())
+                if refusal is not None:
+                    await _abort(context, refusal)
             states: list[object] = []
             try:
                 for concern in concerns:
@@ -288,6 +352,8 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
                 await _abort(context, status_for(exc, path))
             finally:
                 _leave(concerns, states, context)
+                if admission is not None:
+                    admission.leave()
 
         return unary
 
@@ -295,8 +361,11 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
         self, behavior: Behavior, method: Method, concerns: tuple[MethodConcern, ...], streamed: bool
     ) -> Behavior:
         path = method.path
+        admission = self._admission
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if admission is not None and not admission.has_room():
+                await _abort(context, admission.shedding.refuse("queue_full"))
             states: list[object] = []
             try:
                 for concern in concerns:

@@ -25,19 +25,40 @@ RESOURCE_EXHAUSTED: cdr's concurrent WatchCdrs streams.
 
 `RateLimit` is the other kind of bound: calls per second per caller (a token bucket per key, e.g. per principal),
 in the process's memory, so a limit costs no Redis round trip and N replicas admit N times the limit in total.
+
+`AioAdmission` and `PoolAdmission` bound the calls a whole process takes on (load shedding, used by the call layer
+before anything else runs): past its capacity a server answers RESOURCE_EXHAUSTED at once, naming the limit, with
+google.rpc.RetryInfo, instead of letting calls queue until their deadline (docs/operations.md "Overload").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent import futures
 from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
 
-from numprotect.core.errors import DomainError, ResourceExhausted, Unavailable
-from numprotect.core.settings import RedisSettings
+import grpc
+from grpc_status import rpc_status
+
+from numprotect.core.errors import (
+    DEFAULT_RETRY_AFTER_SECONDS,
+    DomainError,
+    ResourceExhausted,
+    Unavailable,
+    to_rpc_status,
+)
+from numprotect.core.settings import RedisSettings, ServerSettings
+
+log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class ConcurrencyLimit:
@@ -150,3 +171,195 @@ class RateLimit:
             f"retry in {wait:.3f}s",
             subject=self.name,
         )
+
+
+# A queued call is refused at once when less than this is left of its deadline: it could not be served in time.
+MIN_WAIT_SECONDS = 0.001
+# How often, at most, the log says that load is being shed (one WARNING line with the counts, never one per call).
+SHED_LOG_INTERVAL_SECONDS = 10.0
+
+
+class Shedding:
+    """The refusals of load shedding: one prebuilt status per reason (RESOURCE_EXHAUSTED naming the setting, with
+    QuotaFailure and RetryInfo), so that refusing costs no more than sending it; and their counts for the log."""
+
+    def __init__(self, settings: ServerSettings, *, in_progress: str) -> None:
+        queued = settings.max_queued_calls
+        wait = settings.max_queue_wait_seconds
+        reasons = {
+            "queue_full": (
+                "NUMPROTECT_MAX_QUEUED_CALLS",
+                f"server over capacity: {in_progress} and {queued} calls waiting for a place "
+                "(NUMPROTECT_MAX_QUEUED_CALLS); retry after the delay in RetryInfo",
+            ),
+            "queue_wait": (
+                "NUMPROTECT_MAX_QUEUE_WAIT",
+                f"server over capacity: no place within {wait:g}s (NUMPROTECT_MAX_QUEUE_WAIT) or half the call's "
+                "deadline; retry after the delay in RetryInfo",
+            ),
+        }
+        self.statuses: dict[str, grpc.Status] = {
+            reason: rpc_status.to_status(
+                to_rpc_status(ResourceExhausted(message, subject=subject, retry_after=DEFAULT_RETRY_AFTER_SECONDS))
+            )
+            for reason, (subject, message) in reasons.items()
+        }
+        self._counts = dict.fromkeys(self.statuses, 0)
+        self._logged_at = time.monotonic() - SHED_LOG_INTERVAL_SECONDS  # the first refusal is logged at once
+        self._lock = threading.Lock()  # taken on refusals only
+
+    def refuse(self, reason: str) -> grpc.Status:
+        """The status to answer a refused call with; counts it and logs the counts now and then."""
+        with self._lock:
+            self._counts[reason] += 1
+            now = time.monotonic()
+            if now - self._logged_at < SHED_LOG_INTERVAL_SECONDS:
+                return self.statuses[reason]
+            counts, self._counts = self._counts, dict.fromkeys(self.statuses, 0)
+            since, self._logged_at = self._logged_at, now
+        log.warning(
+            "load shed: calls refused RESOURCE_EXHAUSTED", extra={"since_seconds": round(now - since, 1), **counts}
+        )
+        return self.statuses[reason]
+
+
+class AioAdmission:
+    """The calls a grpc.aio process serves at once (`max_inflight_calls`), and a bounded, deadline-aware queue
+    behind them; one per process, used from the event loop only (so a plain counter, no lock).
+
+    A call finds a free place (the common case: one comparison and an increment), or waits in FIFO order for one
+    at most `max_queue_wait_seconds` and half of what is left of its deadline, or is refused at once when
+    `max_queued_calls` wait already or its deadline leaves no time to wait. A call leaving hands its place to the
+    first waiter directly, so a waiter is never overtaken by a newcomer.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.max_inflight = settings.max_inflight_calls
+        self.max_queued = settings.max_queued_calls
+        self.max_wait = settings.max_queue_wait_seconds
+        self.shedding = Shedding(settings, in_progress=f"{self.max_inflight} calls in progress")
+        self._inflight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def try_enter(self) -> bool:
+        """Takes a free place when there is one and nobody waits for it."""
+        if self._inflight < self.max_inflight and not self._waiters:
+            self._inflight += 1
+            return True
+        return False
+
+    def has_room(self) -> bool:
+        """Whether a call that holds no place (a response stream) may start now."""
+        return self._inflight < self.max_inflight or len(self._waiters) < self.max_queued
+
+    async def wait(self, time_remaining: float | None) -> grpc.Status | None:
+        """After `try_enter` failed: waits for a place (None: the call holds one now) or returns the refusal."""
+        if len(self._waiters) >= self.max_queued:
+            return self.shedding.refuse("queue_full")
+        budget = self.max_wait if time_remaining is None else min(self.max_wait, time_remaining / 2)
+        if budget < MIN_WAIT_SECONDS:
+            return self.shedding.refuse("queue_wait")
+        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(place)
+        try:
+            async with asyncio.timeout(budget):  # not wait_for (gh-86296)
+                await place
+            return None
+        except BaseException as exc:
+            if place.done() and not place.cancelled():
+                self.leave()  # handed over just as the wait ended: pass it on
+            else:
+                place.cancel()
+                with contextlib.suppress(ValueError):  # `leave` drops cancelled places it meets first
+                    self._waiters.remove(place)
+            if isinstance(exc, TimeoutError):
+                return self.shedding.refuse("queue_wait")
+            raise
+
+    def leave(self) -> None:
+        """Gives the place back: to the first waiter still waiting, else to the pool."""
+        while self._waiters:
+            place = self._waiters.popleft()
+            if not place.done():
+                place.set_result(None)
+                return
+        self._inflight -= 1
+
+
+class AdmissionExecutor(futures.ThreadPoolExecutor):
+    """The thread-pool server's executor, which knows its backlog: calls submitted and not started yet, and for the
+    call a worker starts, how long it waited. Only deque appends and pops (atomic in CPython), no lock."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._submitted: deque[float] = deque()  # submit times, oldest first (the pool takes work FIFO)
+        self._started = threading.local()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._submitted)
+
+    def waited(self) -> float:
+        """On a worker: how long the work it runs waited for a worker."""
+        waited: float = getattr(self._started, "waited", 0.0)
+        return waited
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> futures.Future[_T]:
+        self._submitted.append(time.monotonic())
+        try:
+            return super().submit(self._start, fn, *args, **kwargs)  # type: ignore[arg-type]
+        except BaseException:
+            self._submitted.pop()
+            raise
+
+    def _start(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        try:
+            submitted = self._submitted.popleft()
+        except IndexError:  # only if appends and pops interleaved oddly: count it as not waited
+            submitted = time.monotonic()
+        self._started.waited = time.monotonic() - submitted
+        return fn(*args, **kwargs)
+
+
+class PoolAdmission:
+    """Load shedding on grpcio's thread-pool server, where the workers are the calls served at once and the
+    executor's queue is the wait.
+
+    At arrival (grpcio's polling thread runs the call layer's interceptor) a call is refused when
+    `max_queued_calls` already wait for a worker; the refusal runs on its own small pool (grpcio's
+    `experimental_thread_pool`), so it is answered at once and not behind the queue. When a worker picks a call
+    up it is refused if it waited longer than `max_queue_wait_seconds` or its deadline has (nearly) passed.
+    """
+
+    def __init__(self, settings: ServerSettings, executor: AdmissionExecutor, workers: int) -> None:
+        # At least one: the backlog is read without knowing whether a worker is idle, and a call that finds one
+        # counts in it for a moment.
+        self.max_queued = max(1, settings.max_queued_calls)
+        self.max_wait = settings.max_queue_wait_seconds
+        self.executor = executor
+        self.refusals = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpc-shed")
+        self.shedding = Shedding(settings, in_progress=f"{workers} calls in progress")
+
+    def queue_full(self) -> bool:
+        return self.executor.backlog >= self.max_queued
+
+    def late(self, context: Any) -> bool:
+        """On the worker that starts a call: whether it must be refused now rather than served."""
+        waited = self.executor.waited()
+        if waited <= MIN_WAIT_SECONDS:
+            return False  # a fresh call: its deadline is not worth reading
+        if waited > self.max_wait:
+            return True
+        remaining: float | None = context.time_remaining()
+        return remaining is not None and remaining < MIN_WAIT_SECONDS
+
+    def close(self) -> None:
+        self.refusals.shutdown(wait=False)

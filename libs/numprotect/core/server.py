@@ -38,6 +38,7 @@ from numprotect.core.health import HealthProbe
 from numprotect.core.identity.api_keys import AuthSettings
 from numprotect.core.identity.runtime import Identity
 from numprotect.core.identity.service_token import ServiceToken
+from numprotect.core.limits import AdmissionExecutor, AioAdmission, PoolAdmission
 from numprotect.core.logs import configure_logging
 from numprotect.core.redis_client import (
     RedisClient,
@@ -85,6 +86,9 @@ class ServiceParts:
     max_workers: int = 16
 
 
+PENDING_CALLS_LIMIT = 100_000
+
+
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     return [
         # grpcio enables SO_REUSEPORT by default: a stale server on the port would silently take traffic.
@@ -94,6 +98,12 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
         # A larger message is refused with RESOURCE_EXHAUSTED before it is parsed.
         ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Calls that reached grpc's core and wait for Python to take them (both models take one at a time). Past
+        # grpc's default (1,000) core cancels arriving calls: the client gets CANCELLED with no hint, which was
+        # most of the CANCELLED answers of a 5,000-call burst. The call layer sheds load instead, with
+        # RESOURCE_EXHAUSTED and a retry hint; what core holds is bounded by streams per connection anyway.
+        ("grpc.server.max_pending_requests", PENDING_CALLS_LIMIT),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_LIMIT),
         # Then GOAWAY; open streams get a minute to end (WatchCdrs and TranslateStream clients resume on a new
         # connection, with their cursor).
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
@@ -202,7 +212,8 @@ class AioServiceApp(_ServiceApp):
 
     def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.server = grpc.aio.server(interceptors=[AioCallLayer(concerns)], options=options)
+        self.admission = AioAdmission(self.settings)
+        self.server = grpc.aio.server(interceptors=[AioCallLayer(concerns, self.admission)], options=options)
         self.health_server = grpc.aio.server(options=options) if self.settings.health_port else None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -243,11 +254,9 @@ class SyncServiceApp(_ServiceApp):
 
     def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
         self.health = health.HealthServicer()  # Watch is non-blocking: open watches hold no worker thread
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-worker"),
-            interceptors=[SyncCallLayer(concerns)],
-            options=options,
-        )
+        executor = AdmissionExecutor(max_workers, thread_name_prefix="grpc-worker")
+        self.admission = PoolAdmission(self.settings, executor, max_workers)
+        self.server = grpc.server(executor, interceptors=[SyncCallLayer(concerns, self.admission)], options=options)
         self.health_server = (
             grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"), options=options)
             if self.settings.health_port
@@ -274,6 +283,7 @@ class SyncServiceApp(_ServiceApp):
         self._probe.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.grace_seconds).wait()
+        self.admission.close()
         if self.health_server is not None:  # last: the probe reads NOT_SERVING during the drain
             self.health_server.stop(None).wait()
 
@@ -400,6 +410,9 @@ class _Startup:
                 "model": model,
                 "tls": self.tls.client_auth if self.tls.enabled else "off",  # none (TLS), require (mTLS) or off
                 "health_port": self.server.health_port,
+                "max_inflight_calls": self.server.max_inflight_calls,
+                "max_queued_calls": self.server.max_queued_calls,
+                "max_queue_wait_seconds": self.server.max_queue_wait_seconds,
                 "gc_frozen_objects": collector.frozen_objects,
                 "gc_gen0_threshold": collector.thresholds[0],
             },

@@ -295,6 +295,12 @@ class ServerSettings:
     max_connection_age_seconds: float = 1800.0
     # Server reflection (grpcurl without proto files), for authenticated callers only; off hides the contracts.
     reflection: bool = True
+    # Load shedding in the call layer (limits.AioAdmission, limits.PoolAdmission; docs/operations.md "Overload"):
+    # calls served at once (grpc.aio; the thread-pool server's bound is its worker count), calls waiting for a
+    # place beyond them, and how long one may wait. Past them a call is answered RESOURCE_EXHAUSTED at once.
+    max_inflight_calls: int = 256
+    max_queued_calls: int = 512
+    max_queue_wait_seconds: float = 0.5
 
     @classmethod
     def from_env(cls, env: Env, service: str) -> ServerSettings:
@@ -317,6 +323,9 @@ class ServerSettings:
             max_concurrent_streams=env.integer("NUMPROTECT_MAX_CONCURRENT_STREAMS", 2048, minimum=1, maximum=100_000),
             max_connection_age_seconds=env.seconds("NUMPROTECT_MAX_CONNECTION_AGE", 1800.0, minimum=1, maximum=86_400),
             reflection=env.flag("NUMPROTECT_REFLECTION", True),
+            max_inflight_calls=env.integer("NUMPROTECT_MAX_INFLIGHT_CALLS", 256, minimum=1, maximum=100_000),
+            max_queued_calls=env.integer("NUMPROTECT_MAX_QUEUED_CALLS", 512, minimum=0, maximum=1_000_000),
+            max_queue_wait_seconds=env.seconds("NUMPROTECT_MAX_QUEUE_WAIT", 0.5, minimum=0, maximum=60),
         )
 
 
