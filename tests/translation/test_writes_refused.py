@@ -85,6 +85,9 @@ def _config(setting: str) -> Callable[[redis.Redis, Path], Callable[[], object]]
 
 
 def _pause_writes(admin: redis.Redis, data_dir: Path) -> Callable[[], object]:
+    # Scripts flushed too (a restarted or newly promoted node): while writes are paused an EVALSHA of a script Redis
+    # does not know waits like a write, so the client loads the read-only copy before sending it.
+    admin.script_flush()
     admin.execute_command("CLIENT", "PAUSE", "20000", "WRITE")
     return lambda: admin.execute_command("CLIENT", "UNPAUSE")
 

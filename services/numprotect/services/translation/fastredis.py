@@ -400,7 +400,7 @@ class ScriptClient:
             except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
                 error = self._failed(node, exc, wait)
                 if isinstance(error, _Silent) and self.read_only is not None and left > 0:
-                    self._pause(node, wait)  # the full path sends it again as the read-only copy
+                    self._pause(node, wait, deadline)  # the full path sends it again as the read-only copy
                 elif not isinstance(error, _Unreachable) or left <= 0:
                     raise error from None
                 # Closed while idle, or the node is gone: the full path sends it again (on a new connection,
@@ -533,7 +533,7 @@ class ScriptClient:
                     replies = self._batch(node, commands, asking, until)
                 except Unavailable as exc:
                     if isinstance(exc, _Silent) and until < deadline:
-                        self._pause(node, until - now)
+                        self._pause(node, until - now, deadline)
                         for index in indexes:
                             routes[index] = (node, asking)
                         continue
@@ -602,11 +602,16 @@ class ScriptClient:
         self._writes_paused.pop(node, None)
         return False
 
-    def _pause(self, node: Node, waited: float) -> None:
-        """`node` left a call without a reply for `waited` seconds: its calls go read-only for an interval."""
-        if self._paused(node):
+    def _pause(self, node: Node, waited: float, deadline: float) -> None:
+        """`node` left a call without a reply for `waited` seconds: its calls go read-only for an interval.
+
+        The copy is loaded there first: Redis knows a script's flags only once it is loaded, so while writes are
+        paused an EVALSHA of an unknown script waits like a write (where NOSCRIPT would have been the answer)."""
+        if self._paused(node) or self.read_only is None:
             return
         self._writes_paused[node] = time.monotonic() + _READ_ONLY_INTERVAL
+        with contextlib.suppress(Unavailable):  # not loaded: the copy's EVALSHA answers NOSCRIPT or waits
+            self._batch(node, [_encode("SCRIPT", "LOAD", self.read_only.source)], False, deadline)
         where = self.unix_path or f"{node[0]}:{node[1]}"
         log.warning(
             "Redis %s did not answer the %s script within %.0f ms (writes paused, or slow): its calls go as the "
