@@ -1,3 +1,4 @@
+#!lua flags=no-writes
 -- One page of a bucket's records from one index ZSET (score = call time ms, member = stream id), in
 -- (score, member) order, strictly after the cursor (after_score, after_member) when one is given.
 -- KEYS[1] index ZSET, KEYS[2] stream
