@@ -23,7 +23,7 @@ from grpc_status import rpc_status
 
 from numprotect.core.calls import AioCallLayer, SyncCallLayer
 from numprotect.core.limits import AdmissionExecutor, AioAdmission, PoolAdmission
-from numprotect.core.server import server_options
+from numprotect.core.server import quiet_client_gone_errors, server_options
 from numprotect.core.settings import Env, ServerSettings
 
 SERVICE = "test.Overload"
@@ -201,3 +201,16 @@ def test_admission_settings_are_validated() -> None:
         _settings(max_inflight_calls="0")
     with pytest.raises(ValueError, match="NUMPROTECT_MAX_QUEUE_WAIT='soon'"):
         _settings(max_queue_wait="soon")
+
+
+def test_grpc_aio_writing_to_a_call_the_client_left_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    quiet_client_gone_errors()
+    caplog.set_level(logging.INFO)
+    grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+    try:
+        raise RuntimeError("batch failed")
+    except RuntimeError:
+        grpc_logger.exception("ExecuteBatchError raised in core by servicer method [/test.Overload/Slow]")
+        grpc_logger.exception("Unexpected [KeyError] raised by servicer method [/test.Overload/Slow]")
+    levels = {r.getMessage().split(" ")[0]: (r.levelname, r.exc_info is not None) for r in caplog.records}
+    assert levels == {"ExecuteBatchError": ("INFO", False), "Unexpected": ("ERROR", True)}
