@@ -109,7 +109,8 @@ class Answer:
     rejected_fields: Sequence[str] = ()
 
 
-def call(channel: grpc.Channel, rpc: Rpc, request: Message | Sequence[Message]) -> Answer:
+def call(channel: grpc.Channel, rpc: Rpc, request: Any) -> Answer:
+    """Calls `rpc` with `request`: a message or serialized bytes, or a list of those for a client stream."""
     output = GetMessageClass(rpc.method.output_type)
     serializer, deserializer = _serialize, output.FromString
     try:
@@ -143,12 +144,13 @@ def _watch(channel: grpc.Channel, rpc: Rpc, request: Any) -> Answer:
     return _failure(error)
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+def _serialize(message: Message | bytes) -> bytes:
+    """A message's bytes; bytes (a request built by hand) as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def _messages(request: Message | Sequence[Message]) -> list[Message]:
-    return list(request) if isinstance(request, Sequence) else [request]
+def _messages(request: Any) -> list[Any]:
+    return list(request) if isinstance(request, list | tuple) else [request]
 
 
 def _answer_of(reply: Message) -> Answer:
@@ -210,5 +212,8 @@ def problems(rpc: Rpc, answer: Answer) -> list[str]:
 
 def shown(request: Message | Sequence[Message], limit: int = 1500) -> str:
     """A request as text for a failure message, long strings cut."""
-    text = "\n---\n".join(text_format.MessageToString(m, as_utf8=True) for m in _messages(request))
+    text = "\n---\n".join(
+        repr(m[:100]) if isinstance(m, bytes) else text_format.MessageToString(m, as_utf8=True)
+        for m in _messages(request)
+    )
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
