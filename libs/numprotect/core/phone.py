@@ -2,8 +2,8 @@
 
 Rules (docs/domain.md): mobile ^1[3-9]\\d{9}$, fixed line with area code ^0\\d{9,11}$, +86/0086/86 prefixes
 accepted and removed; a real party is never a 700 number; virtual numbers ^700\\d{12}$; blocks ^700\\d{8}$.
-Digits are ASCII 0-9 only, in every rule and every service: Python's \\d and str.isdigit also take full-width and Arabic-Indic
-(U+FF11..., U+0661...) digits, which one RPC would accept and store while another refused them.
+Digits are ASCII 0-9 only, in every rule and every service: Python's \\d and str.isdigit also take full-width
+and Arabic-Indic digits (U+FF11..., U+0661...), which one RPC would accept and store while another refused them.
 
 A calling number (Translate, the blocklists, a CDR's calling_number: `normalize_calling`) is a party number when it
 is Chinese, and otherwise kept as its digits: foreign and service numbers call 700 numbers too.
