@@ -30,7 +30,7 @@ class Profile:
 
 PROFILES = {
     "short": Profile("short", warmup=1.0, outage=1.0, after=1.0, episodes=2, overload_calls=5000, filler_keys=0),
-    "long": Profile("long", warmup=10.0, outage=5.0, after=15.0, episodes=5, overload_calls=5000, filler_keys=300_000),
+    "long": Profile("long", warmup=10.0, outage=5.0, after=15.0, episodes=5, overload_calls=5000, filler_keys=200_000),
 }
 
 
