@@ -13,22 +13,13 @@ from numprotect.core.redis_client import LuaScript, RedisClient, create_redis
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.allocation import keys
 from numprotect.services.allocation.scripts import Scripts
+from support.redis_state import plain as text
 
 BLOCK = "70012345678"
 TENANT, CITY = "t1", "010"
 POOL = keys.pool_key(TENANT, CITY)
 RETENTION_MS = 86_400_000
 A, B, C, D = "13800000001", "13800000002", "13800000003", "13800000004"
-
-
-def text(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, list | tuple):
-        return [text(v) for v in value]
-    if isinstance(value, dict):
-        return {text(k): text(v) for k, v in value.items()}
-    return value
 
 
 async def stream(redis: RedisClient, key: str) -> list[dict[str, str]]:
@@ -131,14 +122,18 @@ async def test_allocate(redis: RedisClient, scripts: Scripts) -> None:
 
 
 async def test_allocate_exhausted(redis: RedisClient, scripts: Scripts) -> None:
-    assert await allocate(redis, scripts, "AXN", A) == ["exhausted"]
+    # Each call its own reservation id (a repeated id gets the answer kept for it: test_scripts_repeated.py).
+    assert await allocate(redis, scripts, "AXN", A, rid="00000000000000b1") == ["exhausted"]
     await redis.sadd(f"{POOL}:blocks", BLOCK)
     await redis.sadd(f"{POOL}:avail", BLOCK + "0001")
-    assert (await allocate(redis, scripts, "AXB", A, B, max_per_number=1, target=1))[1] == BLOCK + "0001"
-    assert await allocate(redis, scripts, "AXB", C, D, max_per_number=1, target=1) == ["exhausted"]
+    reply = await allocate(redis, scripts, "AXB", A, B, rid="00000000000000b2", max_per_number=1, target=1)
+    assert reply[1] == BLOCK + "0001"
+    assert await allocate(redis, scripts, "AXB", C, D, rid="00000000000000b3", max_per_number=1, target=1) == [
+        "exhausted"
+    ]
     # A number wrongly left in the free set while it has a live reservation is never handed out twice.
     await redis.sadd(f"{POOL}:avail", BLOCK + "0001")
-    assert await allocate(redis, scripts, "AXN", C) == ["exhausted"]
+    assert await allocate(redis, scripts, "AXN", C, rid="00000000000000b4") == ["exhausted"]
     assert not await redis.sismember(f"{POOL}:avail", BLOCK + "0001")
 
 

@@ -3,6 +3,8 @@
 -- [8] max live reservations per number, [9] target load (AXB/AXE reuse below it before opening a fresh number),
 -- [10] reservation id, [11] random seed (AXE extension probing), [12] candidates, [13] sweep batch.
 -- Returns {'ok', number, extension, expire_ms} or {'exhausted'}.
+-- Repeat-safe: the answer is kept under <P>:a:<rid> for the lease, and a repeat of the call (same reservation id:
+-- a cluster client re-sends a script whose reply it lost) gets it again instead of a second number.
 local mode = ARGV[4]
 local a = ARGV[5]
 local b = ARGV[6]
@@ -12,6 +14,12 @@ local target = tonumber(ARGV[9])
 local rid = ARGV[10]
 local seed = tonumber(ARGV[11])
 local candidates = tonumber(ARGV[12])
+local answer_key = P .. ':a:' .. rid
+local kept = redis.call('GET', answer_key)
+if kept then
+  local n, ext, expire = string.match(kept, '^([^|]*)|([^|]*)|(%d+)$')
+  return { 'ok', n, ext, tonumber(expire) }
+end
 sweep(tonumber(ARGV[13]))
 
 local expire = NOW + lease
@@ -51,6 +59,7 @@ local function reserve(n, live)
   redis.call('ZADD', zset, live + 1, n)
   redis.call('ZADD', DUE, 'LT', expire, n)
   history(n, 'assign', { 'detail', describe({ mode, a, b, ext, '' }), 'rid', rid })
+  redis.call('SET', answer_key, n .. '|' .. ext .. '|' .. string.format('%d', expire), 'PXAT', string.format('%d', expire))
   return { 'ok', n, ext, expire }
 end
 

@@ -12,6 +12,10 @@ if not record then return { 'missing' } end
 if expire <= NOW then return { 'past' } end
 local f = split(record)
 if f[5] ~= '' and f[5] ~= binding then return { 'other_binding', f[5] } end
+-- A repeat (same binding, same expiry: a re-sent call, or a caller's retry) changes nothing and adds no history.
+if f[5] == binding and tonumber(redis.call('ZSCORE', rkey(n), rid)) == expire then
+  return { 'ok', redis.call('ZCARD', rkey(n)) }
+end
 f[5] = binding
 redis.call('HSET', h, 'r:' .. rid, join(f))
 redis.call('ZADD', rkey(n), 'XX', expire, rid)

@@ -16,6 +16,9 @@ if redis.call('HEXISTS', LOCKED, n) == 0 then
     redis.call('HSET', LOCKCOOL, n, cool)
   end
 end
-redis.call('HSET', LOCKED, n, reason)
-history(n, 'lock', { 'actor', actor, 'reason', reason })
+-- Locked already for this reason (a repeat of the call, or a retry): nothing changes, no second history entry.
+if redis.call('HGET', LOCKED, n) ~= reason then
+  redis.call('HSET', LOCKED, n, reason)
+  history(n, 'lock', { 'actor', actor, 'reason', reason })
+end
 return reply_info('ok', n)

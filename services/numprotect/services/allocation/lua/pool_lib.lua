@@ -16,6 +16,8 @@
 --   <P>:h:<n>        hash  p:<party> -> rid (AXB/AXN), x:<ext> -> rid (AXE), r:<rid> -> mode|a|b|ext|binding
 --   <P>:hist:<n>     stream the number's history (assign, confirm, unassign, replace, lock, unlock, release),
 --                    trimmed past the retention
+--   <P>:a:<rid>      string allocate.lua's answer "number|ext|expire_ms" for reservation <rid>, until its lease ends
+--                    (a repeat of the same allocate gets the same number)
 
 local P = KEYS[1]
 local TENANT = ARGV[1]
