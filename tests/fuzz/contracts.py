@@ -49,8 +49,10 @@ FORBIDDEN = frozenset(
     }
 )
 DEADLINE_SECONDS = 15.0
-# A WatchCdrs stream still open after this long was accepted: the fuzzer cancels it.
+# A WatchCdrs stream still open after this long (plus the time to send its request at 5 MB/s) was accepted: the
+# fuzzer cancels it.
 WATCH_SETTLE_SECONDS = 0.15
+SEND_BYTES_PER_SECOND = 5e6
 _INDEX = re.compile(r"\[[^\]]*\]")
 
 
@@ -134,8 +136,9 @@ def _watch(channel: grpc.Channel, rpc: Rpc, request: Any) -> Answer:
     output = GetMessageClass(rpc.method.output_type)
     watch = channel.unary_stream(rpc.path, request_serializer=_serialize, response_deserializer=output.FromString)
     stream: Any = watch(request, timeout=DEADLINE_SECONDS)
+    settle = WATCH_SETTLE_SECONDS + len(_serialize(request)) / SEND_BYTES_PER_SECOND
     try:
-        error = stream.exception(timeout=WATCH_SETTLE_SECONDS)
+        error = stream.exception(timeout=settle)
     except grpc.FutureTimeoutError:
         stream.cancel()
         return Answer(grpc.StatusCode.OK, details="open")

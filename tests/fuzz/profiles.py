@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 PROFILES = {
     # Examples per RPC and strategy (random and near-valid each run this many).
-    "short": settings(max_examples=100, derandomize=True, database=None, deadline=None, suppress_health_check=_QUIET),
+    "short": settings(max_examples=60, derandomize=True, database=None, deadline=None, suppress_health_check=_QUIET),
     "long": settings(
         max_examples=2000,
         derandomize=False,

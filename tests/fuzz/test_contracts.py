@@ -27,6 +27,8 @@ from hypothesis import strategies as st
 from numprotect.core.identity.policy import POLICY
 from numprotect.core.identity.principal import Role
 
+# Hypothesis warns when it describes a list at its limit (a thousand CDRs); the description is not used.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 RPCS = all_rpcs()
 # Repeated fields the services bound, at their default settings: also tried with exactly that many and one more.
 REPEATED_LIMITS = {
