@@ -247,7 +247,7 @@ class MutationLocks:
         give_up = time.monotonic() + wait_seconds
         lease_end = time.monotonic() + lease_ms / 1000
         try:
-            while not await self.redis.set(key, token, nx=True, px=lease_ms):
+            while not await self.acquire(key, token, lease_ms):
                 if time.monotonic() >= give_up:
                     raise Aborted(f"binding {binding_id} is being changed by another call; retry")
                 await asyncio.sleep(0.01)
@@ -263,6 +263,13 @@ class MutationLocks:
             release = self._start_release(key, token, lease_end)
             # Not cancelled with the call: an unfinished release goes on in the background.
             await asyncio.wait({release}, timeout=None if budget is None else budget.remaining())
+
+    async def acquire(self, key: str, token: str, lease_ms: int) -> bool:
+        """Takes the lock for `token`; True also when it holds the lock already: a cluster client re-sends a command
+        whose reply it lost, and a plain SET NX would then find the key its first run set (docs/redis-schema.md,
+        "Scripts run twice")."""
+        before = await self.redis.set(key, token, nx=True, px=lease_ms, get=True)
+        return before is None or (isinstance(before, str | bytes) and as_text(before) == token)
 
     def _start_release(self, key: str, token: str, lease_end: float) -> asyncio.Task[None]:
         release = asyncio.get_running_loop().create_task(self._release_until(key, token, lease_end))
