@@ -3,8 +3,12 @@
 -- ARGV[1]  expire_at_ms of the record (binding end + retention)
 -- ARGV[2]  the create event ("create|<ms>|b=...,exp=...")
 -- ARGV[3..] field, value, field, value, ...
--- Returns 1 when written, 0 when the key existed (nothing written).
+-- Returns 1 when written (also to a repeat of this call: the record's first event is this create event, which
+-- names the create's millisecond), 0 when the key existed (nothing written).
 if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'h1') == ARGV[2] then
+    return 1
+  end
   return 0
 end
 local fields = {}

@@ -14,9 +14,14 @@ if #ARGV >= 4 then
   end
   redis.call('HSET', KEYS[1], unpack(fields))
 end
+-- An event equal to the last one is not appended again: that is a repeat of this call (a cluster client re-sends
+-- a script whose reply it lost; an event names its millisecond), whose fields are set already.
 if ARGV[2] ~= '' then
-  local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-  redis.call('HSET', KEYS[1], 'h' .. n, ARGV[2])
+  local last = redis.call('HGET', KEYS[1], 'n')
+  if not last or redis.call('HGET', KEYS[1], 'h' .. last) ~= ARGV[2] then
+    local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+    redis.call('HSET', KEYS[1], 'h' .. n, ARGV[2])
+  end
 end
 if tonumber(ARGV[1]) > 0 then
   redis.call('PEXPIREAT', KEYS[1], ARGV[1])

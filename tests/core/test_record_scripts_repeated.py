@@ -1,0 +1,83 @@
+"""The shared binding-record and route scripts (libs/numprotect/core/lua) run twice with the same arguments, as a
+cluster client does when it loses a reply and re-sends (docs/redis-schema.md, "Scripts run twice"): the second run
+leaves the state the first left, and its answer is the one the table there promises."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from core.test_binding_records import B2, X, _commit, _now_ms, _record, redis
+from core.test_routes import _route
+
+from numprotect.core.binding_records import BindingEvent, BindingRecordStore, get_binding_history
+from numprotect.core.redis_client import RedisClient
+from numprotect.core.routes import MODE_AXE, RouteTable
+from support.redis_state import state
+
+__all__ = ["redis"]  # the fixture of the record script tests, used here too
+
+HOUR = 3_600_000
+RECORD_KEYS = "np:b:{b1}"
+NUMBER_KEYS = "np:*{" + X + "}*"  # the number's route keys, AXE marker and history
+T = TypeVar("T")
+
+
+async def twice(redis_sync: Any, pattern: str, call: Callable[[], Awaitable[T]]) -> tuple[T, T]:
+    """Both answers; asserts the second run changed nothing the first wrote (under `pattern`)."""
+    first = await call()
+    after_first = state(redis_sync, pattern)
+    second = await call()
+    assert state(redis_sync, pattern) == after_first
+    return first, second
+
+
+async def test_record_create_repeated_is_written_again(redis: RedisClient, redis_sync: Any) -> None:
+    """Without the check the repeat answered False ("the id exists"), the create's own record; a create of another
+    record under the id (another create event) is still refused."""
+    store = BindingRecordStore(redis, retention_ms=HOUR)
+    record = _record(create_ms=_now_ms())
+    create = functools.partial(store.create, record, reservation_id="r1", city_fallback=False)
+    assert await twice(redis_sync, RECORD_KEYS, create) == (True, True)
+    other = replace(record, create_ms=record.create_ms + 1, party_b=B2)
+    assert not await store.create(other, reservation_id="r2", city_fallback=False)
+
+
+async def test_record_update_repeated_appends_its_event_once(redis: RedisClient, redis_sync: Any) -> None:
+    """Without the check the repeat appended the same event a second time to the binding's history."""
+    store = BindingRecordStore(redis, retention_ms=HOUR)
+    record = _record(create_ms=_now_ms())
+    await _commit(store, record)
+    later, new_expiry = record.create_ms + 1000, record.expire_ms + HOUR
+    event = BindingEvent("update", later, {"b": B2, "exp": str(new_expiry)})
+    fields = {"b": B2, "ems": str(new_expiry), "ums": str(later)}
+    update = functools.partial(store.update, "b1", fields, event, end_ms=new_expiry)
+    assert await twice(redis_sync, RECORD_KEYS, update) == (True, True)
+    assert [e.kind for e in await get_binding_history(redis, "b1")] == ["create", "update"]
+    # activate (fields only, no event) repeated: the same.
+    assert await twice(redis_sync, RECORD_KEYS, functools.partial(store.activate, "b1")) == (True, True)
+    # The next update with an event of its own is appended.
+    assert await store.update("b1", {"ums": str(later + 1)}, BindingEvent("update", later + 1, {"r": "1"}))
+    assert [e.kind for e in await get_binding_history(redis, "b1")] == ["create", "update", "update"]
+
+
+async def test_number_history_add_repeated(redis: RedisClient, redis_sync: Any) -> None:
+    store = BindingRecordStore(redis, retention_ms=HOUR)
+    add = functools.partial(store.add_to_history, X, "b1", _now_ms() + HOUR)
+    assert await twice(redis_sync, NUMBER_KEYS, add) == (None, None)
+
+
+async def test_routes_apply_repeated(redis: RedisClient, redis_sync: Any) -> None:
+    """put, a put replacing party B's key, and remove: each repeat leaves the same keys and answers without error
+    (the binding's own keys are no conflict)."""
+    table = RouteTable(redis)
+    route = _route()
+    assert await twice(redis_sync, NUMBER_KEYS, functools.partial(table.put, X, route)) == (None, None)
+    moved = replace(route, party_b=B2)
+    replaced = functools.partial(table.put, X, moved, replaces=route.keys(X, ""))
+    assert await twice(redis_sync, NUMBER_KEYS, replaced) == (None, None)
+    assert await twice(redis_sync, NUMBER_KEYS, functools.partial(table.remove, X, moved)) == (None, None)
+    axe = _route("b2", MODE_AXE)
+    assert await twice(redis_sync, NUMBER_KEYS, functools.partial(table.put, X, axe, "0001")) == (None, None)
