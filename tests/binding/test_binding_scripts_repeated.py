@@ -6,32 +6,21 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from binding.test_binding_scripts import redis
 
 from numprotect.core.binding_records import order_key
 from numprotect.services.binding.store import MutationLocks, OrderClaims, mutation_lock_key
-from support.redis_state import state
+from support.redis_state import run_twice as twice
 
 __all__ = ["redis"]  # the fixture of the script tests, used here too
 
 DAY = 86_400_000
-T = TypeVar("T")
 
 
 def _now() -> int:
     return time.time_ns() // 1_000_000
-
-
-async def twice(redis_sync: Any, pattern: str, call: Callable[[], Awaitable[T]]) -> tuple[T, T]:
-    """Both answers; asserts the second run changed nothing the first wrote (under `pattern`)."""
-    first = await call()
-    after_first = state(redis_sync, pattern)
-    second = await call()
-    assert state(redis_sync, pattern) == after_first
-    return first, second
 
 
 async def test_order_claim_repeated_is_claimed_again(redis: Any, redis_sync: Any) -> None:

@@ -5,9 +5,8 @@ leaves the state the first left, and its answer is the one the table there promi
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 from core.test_binding_records import B2, X, _commit, _now_ms, _record, redis
 from core.test_routes import _route
@@ -15,23 +14,13 @@ from core.test_routes import _route
 from numprotect.core.binding_records import BindingEvent, BindingRecordStore, get_binding_history
 from numprotect.core.redis_client import RedisClient
 from numprotect.core.routes import MODE_AXE, RouteTable
-from support.redis_state import state
+from support.redis_state import run_twice as twice
 
 __all__ = ["redis"]  # the fixture of the record script tests, used here too
 
 HOUR = 3_600_000
 RECORD_KEYS = "np:b:{b1}"
 NUMBER_KEYS = "np:*{" + X + "}*"  # the number's route keys, AXE marker and history
-T = TypeVar("T")
-
-
-async def twice(redis_sync: Any, pattern: str, call: Callable[[], Awaitable[T]]) -> tuple[T, T]:
-    """Both answers; asserts the second run changed nothing the first wrote (under `pattern`)."""
-    first = await call()
-    after_first = state(redis_sync, pattern)
-    second = await call()
-    assert state(redis_sync, pattern) == after_first
-    return first, second
 
 
 async def test_record_create_repeated_is_written_again(redis: RedisClient, redis_sync: Any) -> None:

@@ -7,7 +7,10 @@ event shows).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def plain(value: Any) -> Any:
@@ -44,3 +47,12 @@ def state(redis_sync: Any, pattern: str) -> dict[str, tuple[str, Any]]:
             continue
         out[key] = (kind, plain(contents))
     return out
+
+
+async def run_twice(redis_sync: Any, pattern: str, call: Callable[[], Awaitable[T]]) -> tuple[T, T]:
+    """Both answers of `call` made twice; asserts the second made no change to the keys under `pattern`."""
+    first = await call()
+    after_first = state(redis_sync, pattern)
+    second = await call()
+    assert state(redis_sync, pattern) == after_first
+    return first, second
