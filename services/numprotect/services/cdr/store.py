@@ -4,6 +4,7 @@ daily counters and abuse signals. Key layout in cdr.keys and docs/redis-schema.m
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,15 @@ BEIJING = dt.timezone(dt.timedelta(hours=8), "UTC+8")
 # Records per script call: bounds how long one script holds Redis (translation shares it).
 SCRIPT_CHUNK = 128
 _KEYS_PER_RECORD = 6
+# How long ingest.lua keeps a call's reply for a repeat of that call (a cluster client re-sends a script whose reply
+# it lost, within the call's deadline): far longer than any such retry, short enough to cost little memory.
+ANSWER_KEEP_MS = 60_000
 _FLAG_BINDING, _FLAG_ORDER, _FLAG_ABUSE, _FLAG_ANSWERED, _FLAG_SHORT, _FLAG_UNANSWERED = 1, 2, 4, 8, 16, 32
+
+
+def answer_key(bucket: Bucket) -> str:
+    """A new key under which one call of ingest.lua keeps its reply (for a repeat of that very call)."""
+    return f"{bucket.prefix}ing:{secrets.token_hex(8)}"
 
 
 def beijing_date(ms: int) -> str:
@@ -146,6 +155,8 @@ class CdrStore:
                 f"{record.called_number}|{record.calling_number}",
                 abuse_until,
             ]
+        keys.append(answer_key(bucket))
+        args.append(ANSWER_KEEP_MS)
         reply = await self._ingest(self.redis, keys, args)
         return [None if item in (0, b"0") else _text(item) for item in reply]
 

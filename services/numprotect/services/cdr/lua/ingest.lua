@@ -5,6 +5,9 @@
 -- ARGV[1] retention ms, ARGV[2] abuse threshold, ARGV[3] record count; then 7 args per record:
 --   payload, call ms, flags (1 binding index, 2 order index, 4 abuse, 8 answered, 16 short, 32 unanswered),
 --   billable seconds, abuse field (caller), abuse member ("X|caller"), abuse expiry (ms epoch)
+-- Optional: KEYS[3 + 6 * count] the answer key of this call (unique per call) and ARGV[4 + 7 * count] how long it is
+--   kept (ms): the reply is kept there, and a repeat of the call (a cluster client re-sends a script whose reply it
+--   lost) gets the same reply instead of "duplicate" for the records the first run stored.
 -- Returns one entry per record: the new stream id, or 0 when the call_id was already stored (duplicate).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -15,6 +18,17 @@ local cutoff = now - retention
 local stream = KEYS[1]
 local time_index = KEYS[2]
 local out = {}
+local answer_key = KEYS[3 + 6 * n]
+
+if answer_key then
+  local kept = redis.call('GET', answer_key)
+  if kept then
+    for item in string.gmatch(kept, '[^,]+') do
+      out[#out + 1] = item == '0' and 0 or item
+    end
+    return out
+  end
+end
 
 local function has(flags, bit)
   return math.floor(flags / bit) % 2 == 1
@@ -65,5 +79,10 @@ for i = 0, n - 1 do
     end
     out[i + 1] = id
   end
+end
+if answer_key then
+  local items = {}
+  for i = 1, n do items[i] = tostring(out[i]) end
+  redis.call('SET', answer_key, table.concat(items, ','), 'PX', ARGV[4 + 7 * n])
 end
 return out
