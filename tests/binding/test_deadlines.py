@@ -193,3 +193,28 @@ async def test_an_update_failed_midway_leaves_no_lock_and_its_retry_is_idempoten
         # Repeated once more (the state it asks for holds already): OK with the same binding.
         again = await s.binding.UpdateBinding(update_request(created.binding_id, party_b=new_party), timeout=2)
         assert again.binding.party_b == new_party
+
+
+async def test_an_update_waits_briefly_for_a_lock_whose_release_is_under_way(services: Any, redis_sync: Any) -> None:
+    """After a Redis outage the background release of a failed attempt's lock can land just after the caller's
+    retry: an update or delete waits for a lock up to a quarter of its budget (at most 0.3 s) instead of answering
+    ABORTED at once; a lock held longer than that still answers ABORTED."""
+    async with services(**SETTINGS) as s:
+        first = (await s.binding.CreateBinding(create_request("lock-brief", 1))).binding
+        second = (await s.binding.CreateBinding(create_request("lock-long", 2))).binding
+        for created in (first, second):
+            assert redis_sync.set(mutation_lock_key(created.binding_id), "another-call", px=10_000)
+
+        async def release_after(binding_id: str, seconds: float) -> None:
+            await asyncio.sleep(seconds)
+            redis_sync.delete(mutation_lock_key(binding_id))
+
+        release = asyncio.ensure_future(release_after(first.binding_id, 0.15))
+        updated = await s.binding.UpdateBinding(update_request(first.binding_id, recording_enabled=True), timeout=2)
+        await release
+        assert updated.binding.recording_enabled
+        code, message = await outcome(
+            s.binding.DeleteBinding(pb.DeleteBindingRequest(binding_id=second.binding_id), timeout=2)
+        )
+        assert code == grpc.StatusCode.ABORTED, (code, message)
+        assert redis_sync.get(mutation_lock_key(second.binding_id)) == b"another-call"

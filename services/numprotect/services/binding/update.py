@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 # Of a call's budget, kept back for releasing the binding's lock after a step ran out of time (at most 0.3 s).
 _RELEASE_SHARE = 0.2
 _RELEASE_RESERVE_MAX_SECONDS = 0.3
+# How long an update or delete waits for a lock another call holds (at most a quarter of its budget): the release
+# of a failed attempt's lock runs in the background and, after a Redis outage, can land just after the caller's
+# retry arrives; waiting briefly turns that race into an OK instead of ABORTED.
+_LOCK_WAIT_SHARE = 0.25
+_LOCK_WAIT_MAX_SECONDS = 0.3
 
 
 class BindingUpdater:
@@ -59,6 +64,10 @@ class BindingUpdater:
     def _reserve(budget: CallBudget) -> float:
         return min(_RELEASE_RESERVE_MAX_SECONDS, budget.remaining() * _RELEASE_SHARE)
 
+    @staticmethod
+    def _lock_wait(budget: CallBudget) -> float:
+        return min(_LOCK_WAIT_MAX_SECONDS, budget.remaining() * _LOCK_WAIT_SHARE)
+
     async def update(self, spec: UpdateSpec, budget: CallBudget | None = None) -> StoredBinding:
         """Applies the masked fields; FAILED_PRECONDITION for a deleted or expired binding. UNAVAILABLE past the
         `budget` (default: the create lease), with the binding's lock released."""
@@ -67,7 +76,7 @@ class BindingUpdater:
             # NOT_FOUND for another tenant before any lock
             await self.reads.load(spec.binding_id, spec.tenant_id, budget=budget)
             async with (
-                self.store.locks.hold(spec.binding_id, budget=budget),
+                self.store.locks.hold(spec.binding_id, wait_seconds=self._lock_wait(budget), budget=budget),
                 budget.bound("UpdateBinding", reserve=self._reserve(budget)),
             ):
                 stored = await self.reads.load(spec.binding_id, spec.tenant_id, locked=True)
@@ -209,7 +218,7 @@ class BindingUpdater:
         async with budget.bound("DeleteBinding", reserve=self._reserve(budget) / 2):
             await self.reads.load(binding_id, tenant_id, budget=budget)  # NOT_FOUND for another tenant before any lock
             async with (
-                self.store.locks.hold(binding_id, budget=budget),
+                self.store.locks.hold(binding_id, wait_seconds=self._lock_wait(budget), budget=budget),
                 budget.bound("DeleteBinding", reserve=self._reserve(budget)),
             ):
                 return await self._delete(binding_id, tenant_id)
