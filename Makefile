@@ -53,9 +53,9 @@ test: protos system-deps
 	NUMPROTECT_TEST_REDIS_MODE=cluster $(PY) -m pytest $(XDIST) -m "not slow and not chaos" $(CLUSTER_TESTS) $(PYTEST_ARGS)
 
 # The long fault-injection, fuzzing and volume runs (tests marked `chaos`); make test runs their short versions.
-# tests/chaos prints each fault's row of docs/reliability.md and appends it to .run/chaos-report.md.
+# tests/chaos prints each fault's row of docs/reliability.md and writes it to .run/chaos-report.md (this run's rows).
 chaos: protos system-deps
-	@mkdir -p .run
+	@mkdir -p .run && rm -f .run/chaos-report.md
 	NUMPROTECT_CHAOS_PROFILE=long NUMPROTECT_FUZZ_PROFILE=long NUMPROTECT_CHAOS_REPORT=$(CURDIR)/.run/chaos-report.md \
 		$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
