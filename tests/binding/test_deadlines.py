@@ -218,3 +218,50 @@ async def test_an_update_waits_briefly_for_a_lock_whose_release_is_under_way(ser
         )
         assert code == grpc.StatusCode.ABORTED, (code, message)
         assert redis_sync.get(mutation_lock_key(second.binding_id)) == b"another-call"
+
+
+class ConfirmFailingAllocation(AllocationClient):
+    """The real allocation client whose next ConfirmReservation fails as if allocation were unreachable."""
+
+    def __init__(self, real: AllocationClient) -> None:
+        self.stub, self.timeout = real.stub, real.timeout
+
+    async def confirm(self, reservation_id: str, binding_id: str, expire_ms: int) -> None:
+        raise Unavailable("allocation ConfirmReservation: unreachable (test)")
+
+
+async def test_a_retried_shortening_of_the_expiry_shortens_the_reservation_too(
+    services: Any, domain_parts: Any
+) -> None:
+    """A shortening's last step confirms the reservation to the new expiry; when that step failed, the retry finds
+    the record at the asked expiry already and must still confirm, or the reservation outlives its binding (the
+    invariant checker's reservation_without_binding, seen by the chaos suite after a disk-full fault)."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from numprotect.core.doctor import Options, scan_with
+
+    async with services() as s, domain_parts(s) as d:
+        created = (await s.binding.CreateBinding(create_request("shorten", 1))).binding
+        new_expiry_ms = created.create_time.ToMilliseconds() + 600_000
+        assert new_expiry_ms < created.expire_time.ToMilliseconds()
+        failing = ConfirmFailingAllocation(d.allocation())
+        updater = BindingUpdater(d.store, BindingReads(d.store), failing, d.settings, SystemClock())
+        change = UpdateSpec(
+            tenant_id=TENANT,
+            binding_id=created.binding_id,
+            paths=frozenset({"expire_time"}),
+            expire_ms=new_expiry_ms,
+            party_b="",
+            call_restriction=0,
+            recording_enabled=False,
+        )
+        with pytest.raises(Unavailable):
+            await updater.update(change, CallBudget.within(2.0))
+        before = await scan_with(d.redis, Options(recheck_seconds=0))
+        assert before.counts["reservation_without_binding"] == 1, before.to_text()
+        expiry = Timestamp()
+        expiry.FromMilliseconds(new_expiry_ms)
+        reply = await s.binding.UpdateBinding(update_request(created.binding_id, expire_time=expiry), timeout=3)
+        assert reply.binding.expire_time.ToMilliseconds() == new_expiry_ms
+        after = await scan_with(d.redis, Options(recheck_seconds=0))
+        assert after.clean, after.to_text()

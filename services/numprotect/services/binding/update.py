@@ -87,7 +87,7 @@ class BindingUpdater:
                 if record.expire_ms <= now:
                     raise FailedPrecondition(f"binding {record.binding_id} has expired", subject=record.binding_id)
                 updated = self._apply(spec, record, now)
-                await self._write(stored, updated, now)
+                await self._write(stored, updated, now, expiry_asked="expire_time" in spec.paths)
         return replace(stored, record=updated)
 
     def _apply(self, spec: UpdateSpec, record: BindingRecord, now: int) -> BindingRecord:
@@ -117,7 +117,7 @@ class BindingUpdater:
         v.raise_if_any()
         return replace(updated, update_ms=now)
 
-    async def _write(self, stored: StoredBinding, new: BindingRecord, now: int) -> None:
+    async def _write(self, stored: StoredBinding, new: BindingRecord, now: int, *, expiry_asked: bool = False) -> None:
         old = stored.record
         store = self.store
         reservation_id = stored.reservation_id
@@ -166,7 +166,9 @@ class BindingUpdater:
             replaces = tuple(caller_key(old.virtual_number, party) for party in sorted(earlier - {new.party_b}))
         await store.put_routes(new, replaces)
         await store.replicated(new)  # NUMPROTECT_REDIS_WAIT_REPLICAS: acknowledged once replicas have it
-        if new.expire_ms < old.expire_ms:
+        if new.expire_ms < old.expire_ms or (expiry_asked and new.expire_ms == old.expire_ms):
+            # Narrowing last; also when the record holds the asked expiry already: a retry whose first attempt
+            # wrote the record but not this confirm would otherwise leave the reservation outliving its binding.
             await self.allocation.confirm(reservation_id, old.binding_id, new.expire_ms)
         log.info(
             "binding updated",
