@@ -22,6 +22,15 @@ is full (a place held for a stream's whole life would starve short calls; stream
 On grpc.aio a concern's `leave` runs after the status is on its way when the call ends by an exception (the
 abort sends it): a client in the same event loop may see the status before `leave` ran.
 
+Framing: the layer installs its own request deserializer on every method. Bytes that are no message of the request
+type become an `Undecodable` instead of grpcio's exception (UNKNOWN on grpc.aio, INTERNAL on the thread-pool
+server); the layer answers INVALID_ARGUMENT naming the field "request" once the concerns entered, before the
+servicer runs (on request streams, per message). On grpc.aio a method that takes one request is served as a
+request stream whose first message the layer reads itself: grpc.aio never answers a unary call whose stream ends
+without a complete message (no message, or a length prefix announcing more than came), and leaves it open until
+the client goes away; the layer answers it INVALID_ARGUMENT. The thread-pool server answers such a call itself
+(UNIMPLEMENTED, "requires exactly one request message"), before the layer runs.
+
 `SyncCallLayer` and `AioCallLayer` are the two thin adapters (grpcio's thread-pool server, grpc.aio): they
 differ only in calling, iterating and aborting synchronously or with await.
 """
@@ -40,7 +49,7 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from numprotect.core.errors import DomainError, Unimplemented, to_rpc_status
+from numprotect.core.errors import DomainError, InvalidArgument, Unimplemented, to_rpc_status
 from numprotect.core.limits import AioAdmission, PoolAdmission
 from numprotect.core.redis_client import storage_unavailable
 
@@ -117,6 +126,56 @@ def domain_error(exc: BaseException, method: str) -> DomainError | None:
 
 Behavior = Callable[..., Any]
 Check = Callable[[object], None]
+Deserializer = Callable[[bytes], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What the layer's request deserializer hands on for bytes that are no message of the request type."""
+
+    request_type: str  # "numprotect.allocation.v1.GetNumberRequest"
+    error: Exception
+
+    def refusal(self, index: int | None = None) -> InvalidArgument:
+        """INVALID_ARGUMENT naming the request; `index`: the message's place in a request stream (from 1)."""
+        which = "" if index is None else f"message {index} of the stream "
+        return InvalidArgument.field("request", f"{which}is not a valid {self.request_type} (protobuf wire format)")
+
+
+def no_request() -> InvalidArgument:
+    """A unary call on grpc.aio whose stream ended without a complete message (see the module's "Framing")."""
+    return InvalidArgument.field(
+        "request",
+        "is missing: a call of this method carries exactly one complete request message (the stream ended without "
+        "one, or before the length its prefix announced)",
+    )
+
+
+def _given(request: Any, streamed: bool) -> Any:
+    """The request the concerns see: None on a request stream and when there is no valid request message."""
+    return None if streamed or request is None or type(request) is Undecodable else request
+
+
+def _refusal(request: Undecodable | None) -> InvalidArgument:
+    """Why a call without a valid request (`_given` None, not streamed) is refused."""
+    return no_request() if request is None else request.refusal()
+
+
+def tolerant_deserializer(deserializer: Deserializer | None, fallback_name: str) -> Deserializer | None:
+    """`deserializer` returning an `Undecodable` instead of raising (on success a try costs nothing: the hot path's
+    cost is one more Python call); None (bytes handed on as they are) stays None."""
+    if deserializer is None:
+        return None
+    message_type = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    request_type = str(getattr(message_type, "full_name", fallback_name))
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError, or whatever a custom deserializer raises
+            return Undecodable(request_type, exc)
+
+    return deserialize
 
 
 def _checks(concerns: tuple[MethodConcern, ...], states: list[object]) -> list[Callable[[], None]]:
@@ -137,6 +196,9 @@ def _run_checks(checks: list[Callable[[], None]]) -> None:
 class _CallLayer:
     """What both adapters share: the skip list, binding the concerns per method, and the wrapped-handler cache."""
 
+    # Whether a method that takes one request is served as a request stream (grpc.aio: see "Framing").
+    READS_ONE_REQUEST = False
+
     def __init__(self, concerns: Sequence[CallConcern]) -> None:
         self._concerns = list(concerns)
         self._wrapped: dict[str, tuple[Any, Any]] = {}
@@ -155,25 +217,24 @@ class _CallLayer:
 
     def _rewrap(self, handler: Any, method: Method, concerns: tuple[MethodConcern, ...]) -> grpc.RpcMethodHandler:
         serializers: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": tolerant_deserializer(handler.request_deserializer, f"{method.name} request"),
             "response_serializer": handler.response_serializer,
         }
         behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
         if getattr(behavior, "experimental_non_blocking", False):
             # It answers through a callback grpcio passes in: a wrapper would break it and skip the concerns.
             raise TypeError(f"{method.path}: a non-blocking handler cannot pass through the call layer")
+        as_stream = self.READS_ONE_REQUEST
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, concerns, False), **serializers
-            )
+            unary_kind = grpc.stream_unary_rpc_method_handler if as_stream else grpc.unary_unary_rpc_method_handler
+            return unary_kind(self._unary(handler.unary_unary, method, concerns, False), **serializers)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 self._unary(handler.stream_unary, method, concerns, True), **serializers
             )
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method, concerns, False), **serializers
-            )
+            stream_kind = grpc.stream_stream_rpc_method_handler if as_stream else grpc.unary_stream_rpc_method_handler
+            return stream_kind(self._stream(handler.unary_stream, method, concerns, False), **serializers)
         return grpc.stream_stream_rpc_method_handler(
             self._stream(handler.stream_stream, method, concerns, True), **serializers
         )
@@ -257,6 +318,10 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
             def bare(request: Any, context: grpc.ServicerContext) -> Any:
                 late(context)
                 try:
+                    if streamed:
+                        request = _checked_requests(request, [])
+                    elif type(request) is Undecodable:
+                        raise request.refusal()
                     return behavior(request, context)
                 except Exception as exc:
                     _sync_abort(context, exc, path)
@@ -267,10 +332,13 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
             late(context)
             states: list[object] = []
             try:
+                given = _given(request, streamed)
                 for concern in concerns:
-                    states.append(concern.enter(context, None if streamed else request))
+                    states.append(concern.enter(context, given))
                 if streamed:
                     request = _checked_requests(request, _checks(concerns, states))
+                elif given is None:
+                    raise _refusal(request)
                 return behavior(request, context)
             except Exception as exc:
                 _sync_abort(context, exc, path)
@@ -291,14 +359,17 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
             late(context)
             states: list[object] = []
             try:
+                given = _given(request, streamed)
                 for concern in concerns:
-                    states.append(concern.enter(context, None if streamed else request))
+                    states.append(concern.enter(context, given))
                 checks = _checks(concerns, states)
+                if streamed:
+                    request = _checked_requests(request, checks)
+                elif given is None:
+                    raise _refusal(request)
                 if not checks:
                     yield from behavior(request, context)
                     return
-                if streamed:
-                    request = _checked_requests(request, checks)
                 for response in behavior(request, context):
                     _run_checks(checks)
                     yield response
@@ -313,6 +384,8 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
 class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
     """The call layer on grpc.aio (each call runs in its own task, so context made current stays with it); with an
     admission, it sheds load (`limits.AioAdmission`)."""
+
+    READS_ONE_REQUEST = True
 
     def __init__(self, concerns: Sequence[CallConcern], admission: AioAdmission | None = None) -> None:
         super().__init__(concerns)
@@ -335,16 +408,21 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
         admission = self._admission
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if not streamed:  # the one request, read before a place is taken (a slow sender holds none)
+                request = await anext(request, None)
             if admission is not None and not admission.try_enter():
                 refusal = await admission.wait(context.time_remaining())
                 if refusal is not None:
                     await _abort(context, refusal)
             states: list[object] = []
             try:
+                given = _given(request, streamed)
                 for concern in concerns:
-                    states.append(concern.enter(context, None if streamed else request))
+                    states.append(concern.enter(context, given))
                 if streamed:
                     request = _checked_async_requests(request, _checks(concerns, states))
+                elif given is None:
+                    raise _refusal(request)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise  # the servicer ended the call itself, with its own status
@@ -364,19 +442,24 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
         admission = self._admission
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if not streamed:
+                request = await anext(request, None)
             if admission is not None and not admission.has_room():
                 await _abort(context, admission.shedding.refuse("queue_full"))
             states: list[object] = []
             try:
+                given = _given(request, streamed)
                 for concern in concerns:
-                    states.append(concern.enter(context, None if streamed else request))
+                    states.append(concern.enter(context, given))
                 checks = _checks(concerns, states)
+                if streamed:
+                    request = _checked_async_requests(request, checks)
+                elif given is None:
+                    raise _refusal(request)
                 if not checks:
                     async for response in behavior(request, context):
                         yield response
                     return
-                if streamed:
-                    request = _checked_async_requests(request, checks)
                 async for response in _paced(behavior(request, context), checks):
                     yield response
             except grpc.aio.AbortError:
@@ -390,14 +473,21 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
 
 
 def _checked_requests(requests: Iterator[Any], checks: list[Callable[[], None]]) -> Iterator[Any]:
-    for request in requests:
+    """The requests of a stream, each after the checks; one that is no valid message ends the call."""
+    for index, request in enumerate(requests, 1):
         _run_checks(checks)
+        if type(request) is Undecodable:
+            raise request.refusal(index)
         yield request
 
 
 async def _checked_async_requests(requests: AsyncIterator[Any], checks: list[Callable[[], None]]) -> AsyncIterator[Any]:
+    index = 0
     async for request in requests:
+        index += 1
         _run_checks(checks)
+        if type(request) is Undecodable:
+            raise request.refusal(index)
         yield request
 
 
