@@ -19,10 +19,13 @@ async def test_the_verifier_reports_each_planted_loss_and_half_written_route(sta
         live = [b for b in ledger.bindings.values() if not b.deleted and b.certain]
         assert len(live) >= 2 and ledger.cdrs
         vanished, changed = live[0], live[1]
+        record_key = f"np:b:{{{vanished.binding_id}}}"
         client = stack.redis_client()
         try:
             # A binding record gone (its routes stay behind), and a route key of a binding that does not exist.
-            assert client.delete(f"np:b:{{{vanished.binding_id}}}") == 1
+            # (The record is put back afterwards: the stack is shared with the other fault tests.)
+            record, record_ttl_ms = client.dump(record_key), client.pttl(record_key)
+            assert record is not None and client.delete(record_key) == 1
             stray = f"np:rt:{{{vanished.virtual_number}}}:c:13811112222"
             expire_ms = int(time.time() * 1000) + 600_000
             client.set(stray, f"b{'0' * 22}|r1|t-chaos|1|13811112222|13911112222|1|0|0|{expire_ms}", px=600_000)
@@ -39,8 +42,11 @@ async def test_the_verifier_reports_each_planted_loss_and_half_written_route(sta
         verdict = await verify(run.driver, stack)
 
         client = stack.redis_client()
-        client.delete(stray)
-        client.close()
+        try:
+            client.delete(stray)
+            client.restore(record_key, max(record_ttl_ms, 0), record)
+        finally:
+            client.close()
     assert vanished.binding_id in verdict.bindings_lost
     assert "b" + "f" * 22 in verdict.bindings_lost
     assert any(changed.binding_id in line and "party_b" in line for line in verdict.updates_lost)

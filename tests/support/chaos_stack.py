@@ -35,6 +35,8 @@ SERVICES = ("allocation", "binding", "translation", "cdr")
 # Per-call deadline of the load's clients, and how much later than it an answer may arrive (client-side overhead).
 CALL_DEADLINE_SECONDS = 2.0
 DEADLINE_MARGIN_SECONDS = 0.5
+# How long a service process may take to log "serving" (imports alone took over 20 s at a load average of 15).
+START_TIMEOUT_SECONDS = 60.0
 
 # What the services run with here (docs/reliability.md, "Settings an operator must choose"): Redis calls bounded
 # well inside the callers' 2 s deadlines, health probed often, translation's per-caller rate limits off (the load
@@ -133,11 +135,11 @@ class ChaosStack:
                 "tenant": mint_in(direct, Role.TENANT, TENANT),
                 "carrier": mint_in(direct, Role.CARRIER, CARRIER),
             }
-            self.processes["allocation"] = ServiceProcess("allocation", self.env)
+            self.processes["allocation"] = ServiceProcess("allocation", self.env, timeout=START_TIMEOUT_SECONDS)
             if proxy_allocation:
                 self.allocation_proxy = LatencyProxy("127.0.0.1", self.processes["allocation"].port)
             for service in ("binding", "translation", "cdr"):
-                self.processes[service] = ServiceProcess(service, self._env_of(service))
+                self.processes[service] = ServiceProcess(service, self._env_of(service), timeout=START_TIMEOUT_SECONDS)
             for process in self.processes.values():
                 process.wait_serving(timeout=20)
             self._import_block()
@@ -200,7 +202,7 @@ class ChaosStack:
         """Starts `service` again on its old port (its peers and the clients keep their addresses)."""
         old = self.processes[service]
         env = self.env if service == "allocation" else self._env_of(service)
-        self.processes[service] = ServiceProcess(service, env, port=old.port)
+        self.processes[service] = ServiceProcess(service, env, port=old.port, timeout=START_TIMEOUT_SECONDS)
         self.processes[service].wait_serving(timeout=20)
         return self.processes[service]
 

@@ -199,11 +199,24 @@ async def _check_cdrs(driver: LoadDriver, verdict: Verdict) -> None:
     verdict.cdrs_not_watched = sorted(set(driver.ledger.cdrs) - driver.ledger.watched)
 
 
+# What a create wrote is not judged ("in flight") until its deadline (the create lease, 10 s), 1 s and binding's
+# recovery round (5 s) have passed, plus the checker's grace (2 s): scans repeat until nothing is in flight.
+DOCTOR_SETTLE_SECONDS = 30.0
+
+
 async def doctor_violations(stack: ChaosStack) -> list[str]:
-    """The invariant checker's findings on the stack's Redis (numprotect.core.doctor; zero required)."""
+    """The invariant checker's findings on the stack's Redis (numprotect.core.doctor; zero required), once no
+    create is in flight any more."""
     settings = RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": stack.redis.url}))
+    deadline = time.monotonic() + DOCTOR_SETTLE_SECONDS
     report = await doctor.scan_async(settings)
-    return [f"{v.kind}: {v.key} {v.detail}" for v in report.violations]
+    while report.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        report = await doctor.scan_async(settings)
+    found = [f"{v.kind}: {v.key} {v.detail}" for v in report.violations]
+    if report.in_flight:
+        found.append(f"{report.in_flight} creates still in flight {DOCTOR_SETTLE_SECONDS:g} s after the load")
+    return found
 
 
 async def verify(driver: LoadDriver, stack: ChaosStack) -> Verdict:
