@@ -58,6 +58,7 @@ chaos: protos system-deps
 	@mkdir -p .run && rm -f .run/chaos-report.md
 	NUMPROTECT_CHAOS_PROFILE=long NUMPROTECT_FUZZ_PROFILE=long NUMPROTECT_CHAOS_REPORT=$(CURDIR)/.run/chaos-report.md \
 		$(PY) -m pytest -m chaos $(PYTEST_ARGS)
+	NUMPROTECT_FUZZ_PROFILE=long $(PY) -m pytest tests/fuzz $(PYTEST_ARGS)
 
 lint: protos
 	$(PY) tools/check_lock.py
