@@ -224,7 +224,9 @@ async def test_a_unary_request_that_is_no_protobuf_is_invalid_argument_before_th
 async def test_a_streamed_request_that_is_no_protobuf_ends_the_stream_naming_its_place(
     server: Server, name: str
 ) -> None:
-    error = await _fails(_method(server, name)(iter([_valid("a"), _valid("b"), NOT_PROTOBUF, _valid("d")])))
+    # The bad message is the last one: a message sent after it can race the server's answer, and grpc's aio
+    # client then fails its own send with INTERNAL ("Internal error from Core") before it reads the status.
+    error = await _fails(_method(server, name)(iter([_valid("a"), _valid("b"), NOT_PROTOBUF])))
     assert _violation(error) == (
         "request",
         f"message 3 of the stream is not a valid {REQUEST_TYPE} (protobuf wire format)",

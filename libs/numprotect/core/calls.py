@@ -409,12 +409,14 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if not streamed:  # the one request, read before a place is taken (a slow sender holds none)
-                request = await anext(request, None)
+                request = await _read_one(context)
             if admission is not None and not admission.try_enter():
                 refusal = await admission.wait(context.time_remaining())
                 if refusal is not None:
                     await _abort(context, refusal)
             states: list[object] = []
+            given: Any = None
+            refused: grpc.Status | None = None
             try:
                 given = _given(request, streamed)
                 for concern in concerns:
@@ -427,11 +429,18 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise  # the servicer ended the call itself, with its own status
             except Exception as exc:
-                await _abort(context, status_for(exc, path))
+                refused = _refused(context, exc, path)
             finally:
                 _leave(concerns, states, context)
                 if admission is not None:
                     admission.leave()
+            # Aborted outside the except block and with the request dropped: grpc.aio keeps the AbortError on the
+            # call, and its traceback (or the servicer's exception as its context) would keep the request alive in a
+            # cycle until a full garbage collection (4-MiB requests grew a process by GBs).
+            assert refused is not None  # reached from the except block only
+            request = given = None
+            states.clear()
+            await _abort(context, refused)
 
         return unary
 
@@ -443,10 +452,12 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             if not streamed:
-                request = await anext(request, None)
+                request = await _read_one(context)
             if admission is not None and not admission.has_room():
                 await _abort(context, admission.shedding.refuse("queue_full"))
             states: list[object] = []
+            given: Any = None
+            refused: grpc.Status | None = None
             try:
                 given = _given(request, streamed)
                 for concern in concerns:
@@ -465,9 +476,13 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort(context, status_for(exc, path))
+                refused = _refused(context, exc, path)
             finally:
                 _leave(concerns, states, context)
+            if refused is not None:  # as in unary: aborted with the request dropped
+                request = given = None
+                states.clear()
+                await _abort(context, refused)
 
         return stream
 
@@ -535,6 +550,21 @@ def _sync_abort(context: grpc.ServicerContext, exc: Exception, path: str) -> Non
     if code is not None and code != grpc.StatusCode.OK and type(exc) is Exception:
         raise exc
     context.abort_with_status(status_for(exc, path))
+
+
+async def _read_one(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    """A call's one request (None when the stream ended without one), read through the context: a reader
+    generator (`anext(request_iterator)`) stays suspended holding the request in a cycle with its reader."""
+    request = await context.read()
+    return None if request is grpc.aio.EOF else request  # type: ignore[attr-defined]
+
+
+def _refused(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, path: str) -> grpc.Status:
+    """The status `exc` ends the call with, set on the context now so the concerns' leave sees it."""
+    status = status_for(exc, path)
+    context.set_code(status.code)
+    context.set_details(status.details)
+    return status
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
