@@ -29,7 +29,6 @@ from support.tls import secure_channel
 
 WORKERS = 64
 SERVERS = 3
-PER_WORKER = 2_000
 BLOCK = "70055500000"[:11]
 TAG = "{pool:t1:010}"
 # 120 riders and 120 customers, each appearing in ~1,000 bindings: concurrent requests share parties all the time.
@@ -38,7 +37,7 @@ CUSTOMERS = [f"0{10 + i % 90}{i:08d}" for i in range(120)]
 
 
 async def _run_allocators(
-    addresses: list[str], operator: str, binding: str
+    addresses: list[str], operator: str, binding: str, per_worker: int
 ) -> tuple[list[list[tuple[str, str, str]]], float]:
     """Imports as the operator, allocates as the binding service (the only principal allowed to). The token goes
     as plain call metadata: grpc's call-credentials plugin runs in a Python thread per call, which at this call
@@ -57,7 +56,7 @@ async def _run_allocators(
             stub = stubs[seed % len(stubs)]
             rng = random.Random(seed)
             done = []
-            for _ in range(PER_WORKER):
+            for _ in range(per_worker):
                 a, b = rng.choice(RIDERS), rng.choice(CUSTOMERS)
                 reply = await stub.AllocateNumber(
                     pb.AllocateNumberRequest(
@@ -76,9 +75,16 @@ async def _run_allocators(
             await channel.close(grace=None)
 
 
+# 64 clients x 250 allocations (16,000) in make test; x 2,000 (128,000: ~220 s on the shared 2-core machine with TLS
+# and keys) in make chaos.
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # ~220 s on a shared 2-core machine with TLS and keys: past the 300 s default under load
-def test_64_concurrent_allocators_never_produce_a_conflicting_pair(redis_env: dict[str, str], redis_sync: Any) -> None:
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "per_worker", [pytest.param(250, id="short"), pytest.param(2_000, id="long", marks=pytest.mark.chaos)]
+)
+def test_64_concurrent_allocators_never_produce_a_conflicting_pair(
+    redis_env: dict[str, str], redis_sync: Any, per_worker: int
+) -> None:
     env = {**redis_env, "NUMPROTECT_ALLOCATION_LEASE": "10m", "NUMPROTECT_ALLOCATION_MAX_BINDINGS_PER_NUMBER": "40"}
     # Minted before the processes start: each loads them at start-up.
     operator, binding = mint(redis_sync, Role.OPERATOR), mint(redis_sync, Role.SERVICE, "binding")
@@ -91,12 +97,12 @@ def test_64_concurrent_allocators_never_produce_a_conflicting_pair(redis_env: di
                     processes.append(future.result())
         assert len(processes) == SERVERS, "an allocation process did not start"
         # The clients get their own uvloop loop: the client side costs less CPU, the servers get more.
-        results, elapsed = uvloop.run(_run_allocators([p.address for p in processes], operator, binding))
+        results, elapsed = uvloop.run(_run_allocators([p.address for p in processes], operator, binding, per_worker))
     finally:
         with ThreadPoolExecutor(SERVERS) as pool:  # each drains for its grace period: in parallel
             assert list(pool.map(ServiceProcess.stop, processes)) == [0] * len(processes)
     allocations = [r for chunk in results for r in chunk]
-    assert len(allocations) == WORKERS * PER_WORKER
+    assert len(allocations) == WORKERS * per_worker
     rate = len(allocations) / elapsed
     print(f"\n{len(allocations)} allocations, {WORKERS} clients, {SERVERS} servers: {elapsed:.1f}s ({rate:.0f}/s)")
     verify_started = time.monotonic()
@@ -129,5 +135,8 @@ def test_64_concurrent_allocators_never_produce_a_conflicting_pair(redis_env: di
     assert stored_pairs == pairs
     # Each number's live count never exceeded the configured maximum, and the pool was spread (every number used).
     assert max(loads) <= 40
-    assert min(loads) >= 1
+    used = sum(1 for load in loads if load)
+    print(f"numbers used: {used} of {len(loads)}, most bindings on one: {max(loads)}")
+    if per_worker >= 2_000:  # 128,000 allocations spread over the whole pool (16,000 fill about 1,600 numbers)
+        assert min(loads) >= 1
     print(f"verified in {time.monotonic() - verify_started:.1f}s")
