@@ -291,7 +291,7 @@ class ServerSettings:
     # concurrent calls (HTTP/2 streams) on one connection, and how long a connection lives before the server
     # asks the client to reconnect (rebalances load, bounds what one connection can hold on to).
     max_receive_message_bytes: int = 4 * 1024 * 1024
-    max_concurrent_streams: int = 2048
+    max_concurrent_streams: int = 256
     max_connection_age_seconds: float = 1800.0
     # Server reflection (grpcurl without proto files), for authenticated callers only; off hides the contracts.
     reflection: bool = True
@@ -320,7 +320,7 @@ class ServerSettings:
             max_receive_message_bytes=env.integer(
                 "NUMPROTECT_MAX_RECEIVE_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024
             ),
-            max_concurrent_streams=env.integer("NUMPROTECT_MAX_CONCURRENT_STREAMS", 2048, minimum=1, maximum=100_000),
+            max_concurrent_streams=env.integer("NUMPROTECT_MAX_CONCURRENT_STREAMS", 256, minimum=1, maximum=100_000),
             max_connection_age_seconds=env.seconds("NUMPROTECT_MAX_CONNECTION_AGE", 1800.0, minimum=1, maximum=86_400),
             reflection=env.flag("NUMPROTECT_REFLECTION", True),
             max_inflight_calls=env.integer("NUMPROTECT_MAX_INFLIGHT_CALLS", 256, minimum=1, maximum=100_000),
