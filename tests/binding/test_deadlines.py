@@ -265,3 +265,35 @@ async def test_a_retried_shortening_of_the_expiry_shortens_the_reservation_too(
         assert reply.binding.expire_time.ToMilliseconds() == new_expiry_ms
         after = await scan_with(d.redis, Options(recheck_seconds=0))
         assert after.clean, after.to_text()
+
+
+async def test_a_create_whose_order_an_earlier_call_still_settles_answers_unavailable(
+    services: Any, domain_parts: Any
+) -> None:
+    """A retry that arrives while an earlier call's create of the same order is unsettled (its claim pending, e.g.
+    its roll-back waiting for Redis to take writes again) waits within its deadline, then answers UNAVAILABLE with
+    reason ORDER_CREATE_IN_PROGRESS: the outcome is not known yet, as that earlier call was told (the chaos suite
+    saw ABORTED here during a disk-full fault)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    async with services() as s, domain_parts(s) as d:
+        now_ms = int(time.time() * 1000)
+        claim = await d.store.orders.claim(
+            TENANT, "unsettled", "b" + "0" * 22, "2" + "0" * 16, now_ms + 5_000, now_ms + 3_600_000
+        )
+        assert claim.outcome == "claimed"
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await s.binding.CreateBinding(create_request("unsettled", 1), timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        error = raised.value
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, (error.code(), error.details())
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        assert status is not None
+        reasons = []
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reasons.append(info.reason)
+        assert reasons == ["ORDER_CREATE_IN_PROGRESS"], (reasons, error.details())

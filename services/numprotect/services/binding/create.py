@@ -35,7 +35,7 @@ from google.rpc import error_details_pb2
 
 from numprotect.core.binding_records import BindingRecord
 from numprotect.core.clock import Clock
-from numprotect.core.errors import Aborted, AlreadyExists
+from numprotect.core.errors import Aborted, AlreadyExists, Unavailable
 from numprotect.core.phone import mask
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.binding.allocation_client import AllocationClient
@@ -214,7 +214,8 @@ class BindingCreator:
         legacy_fp = legacy_fingerprint(spec.mode, spec.party_a, spec.party_b)
         set_span_attributes(tenant=spec.tenant_id, mode=MODES[spec.mode], out_order_id=spec.out_order_id)
         orders = self.store.orders
-        give_up = time.monotonic() + min(self.settings.create_lease_seconds + 1.0, budget.remaining() - reserve)
+        # Gives up a little before the call's bound would cut it, so the answer names why (ORDER_CREATE_IN_PROGRESS).
+        give_up = time.monotonic() + min(self.settings.create_lease_seconds + 1.0, budget.remaining() - reserve - 0.05)
         binding_id = new_binding_id(self.clock.now_ms())
         while True:
             create_ms = self.clock.now_ms()
@@ -263,7 +264,13 @@ class BindingCreator:
                 return existing
             # busy: a create of the same order runs; wait for its outcome (then done, conflict, or ours to take).
             if time.monotonic() > give_up:
-                raise Aborted(f"order {spec.out_order_id} is being created by another call; retry")
+                # The earlier call's outcome is not known yet (e.g. its roll-back waits for Redis to take writes
+                # again): the same answer as that call got, so a careful client just retries the same request.
+                raise Unavailable(
+                    f"order {spec.out_order_id} is being created by an earlier call whose outcome is not known yet; "
+                    "retry the same request",
+                    reason="ORDER_CREATE_IN_PROGRESS",
+                )
             await asyncio.sleep(0.005 + random.random() * 0.02)
         set_span_attributes(binding_id=binding_id, idempotency=claim.outcome)
         return attempt
