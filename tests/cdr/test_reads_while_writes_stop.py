@@ -5,8 +5,6 @@ script under MISCONF (SCRIPT LOAD is served)."""
 
 from __future__ import annotations
 
-import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import grpc
 import pytest
 
 from numprotect.cdr.v1 import cdr_pb2
-from support.redis_server import RedisServer
+from support.redis_server import RedisServer, fail_a_save, saving_redis, take_writes_again
 from support.rpc import fails
 
 
@@ -29,7 +27,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def own_redis(data_dir: Path) -> Iterator[RedisServer]:
     """A Redis of the test's own, with a save point (a failed background save then stops writes: MISCONF)."""
-    server = RedisServer("--dir", str(data_dir), "--save", "3600 1")
+    server = saving_redis(data_dir)
     try:
         yield server
     finally:
@@ -55,19 +53,13 @@ async def test_list_cdrs_answers_under_misconf_and_client_pause_write(
     async with cdr_service() as cdr:
         assert (await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))).accepted == 3
         reader = cdr.tenant("t1")  # its key is written now, while Redis takes writes
-        # MISCONF for real: Redis's folder is gone and a background save fails.
-        shutil.rmtree(data_dir)
-        admin.bgsave()
-        deadline = time.monotonic() + 10
-        while admin.info("persistence")["rdb_last_bgsave_status"] != "err":
-            assert time.monotonic() < deadline, "the background save did not fail"
-            time.sleep(0.05)  # noqa: ASYNC251 (Redis's state; the service runs meanwhile)
+        fail_a_save(admin, data_dir)  # MISCONF for real (the service runs meanwhile)
         await fails(
             grpc.StatusCode.UNAVAILABLE,
             cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[make_record("c9", binding_id="b1")])),
         )
         assert await _listed(reader) == ["c0", "c1", "c2"]  # the first listing: NOSCRIPT, SCRIPT LOAD, EVALSHA
-        admin.config_set("stop-writes-on-bgsave-error", "no", "save", "")
+        take_writes_again(admin)
 
         # The script is loaded now (an EVALSHA of a script Redis does not know waits out the pause: its flags are
         # unknown until it is loaded).

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
 import threading
 import time
@@ -38,7 +37,7 @@ from numprotect.core.redis_client import (
     sync_redis_is_up,
 )
 from numprotect.core.settings import Env, RedisSettings
-from support.redis_server import RedisServer, free_port
+from support.redis_server import RedisServer, fail_a_save, free_port, saving_redis
 
 METHOD = "/test.Faults/Call"
 WRITE = LuaScript.from_source("fault_write", "return redis.call('SET', KEYS[1], ARGV[1])")
@@ -200,15 +199,9 @@ def test_misconf_after_a_failed_save_refuses_writes_as_unavailable_and_reads_go_
     """A save that fails for real (Redis's folder is gone: the snapshot cannot be created) sets MISCONF."""
     gone = tmp_path / "redis-data"
     gone.mkdir()
-    instance = RedisServer("--dir", str(gone), "--save", "3600 1")  # a save point: a failed save stops writes
+    instance = saving_redis(gone)
     try:
-        client = _seeded(instance)
-        shutil.rmtree(gone)
-        client.bgsave()
-        deadline = time.monotonic() + 10
-        while client.info("persistence")["rdb_last_bgsave_status"] != "err":
-            assert time.monotonic() < deadline, "the background save did not fail"
-            time.sleep(0.05)
+        fail_a_save(_seeded(instance), gone)
         _both_unavailable(instance.url, _async_write_script, lambda c: c.set("k", "v"), "REDIS_PERSISTENCE_FAILED")
         _reads_go_on(instance.url)
         # Redis refuses PING too then; the health probe still reports it up (reads are served).

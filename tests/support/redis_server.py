@@ -130,3 +130,24 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def saving_redis(data_dir: Path) -> RedisServer:
+    """A Redis working in `data_dir` with a save point: a background save that fails then stops writes (MISCONF)."""
+    return RedisServer("--dir", str(data_dir), "--save", "3600 1")
+
+
+def fail_a_save(admin: redis.Redis, data_dir: Path) -> None:
+    """MISCONF for real: the folder of a `saving_redis` is removed and a background save fails (waited for, 10 s)."""
+    shutil.rmtree(data_dir)
+    admin.bgsave()
+    deadline = time.monotonic() + 10
+    while admin.info("persistence")["rdb_last_bgsave_status"] != "err":
+        assert time.monotonic() < deadline, "the background save did not fail"
+        time.sleep(0.05)
+
+
+def take_writes_again(admin: redis.Redis) -> None:
+    """The operator's way out of MISCONF when the folder cannot come back (Redis works in the removed one, its
+    cwd): stop refusing writes after a failed save, and no save point left (a clean shutdown)."""
+    admin.config_set("stop-writes-on-bgsave-error", "no", "save", "")

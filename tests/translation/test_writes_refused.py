@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from numprotect.translation.v1 import translation_pb2 as pb
-from support.redis_server import RedisServer
+from support.redis_server import RedisServer, fail_a_save, saving_redis, take_writes_again
 from support.rpc import rpc_error
 
 A = "13800000001"
@@ -46,7 +45,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def own_redis(data_dir: Path) -> Iterator[RedisServer]:
     """A Redis of the test's own, with a save point (a failed background save then stops writes: MISCONF)."""
-    server = RedisServer("--dir", str(data_dir), "--save", "3600 1")
+    server = saving_redis(data_dir)
     try:
         yield server
     finally:
@@ -59,21 +58,9 @@ def redis_env(own_redis: RedisServer) -> dict[str, str]:
     return {"NUMPROTECT_REDIS_URL": own_redis.url, "NUMPROTECT_REDIS_MODE": "standalone"}
 
 
-def _bgsave_status(admin: redis.Redis, wanted: str) -> None:
-    deadline = time.monotonic() + 10
-    while admin.info("persistence")["rdb_last_bgsave_status"] != wanted:
-        assert time.monotonic() < deadline, f"the background save did not end {wanted}"
-        time.sleep(0.05)
-
-
 def _misconf(admin: redis.Redis, data_dir: Path) -> Callable[[], object]:
-    shutil.rmtree(data_dir)
-    admin.bgsave()
-    _bgsave_status(admin, "err")
-
-    # Redis works in the removed folder (its cwd): a new one of the same name is not where it saves. The operator's
-    # other way out: stop refusing writes after a failed save (and no save point left: a clean shutdown).
-    return lambda: admin.config_set("stop-writes-on-bgsave-error", "no", "save", "")
+    fail_a_save(admin, data_dir)
+    return lambda: take_writes_again(admin)
 
 
 def _config(setting: str) -> Callable[[redis.Redis, Path], Callable[[], object]]:
