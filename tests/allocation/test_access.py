@@ -17,11 +17,11 @@ from numprotect.admin.v1 import admin_pb2
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from numprotect.core import pool_keys
 from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY
 from numprotect.core.identity.layer import UNAUTHENTICATED_MESSAGE
 from numprotect.core.identity.principal import Role
 from numprotect.core.settings import Env
-from numprotect.services.allocation import keys
 from numprotect.services.allocation.settings import AllocationSettings
 from support.rpc import fails, outcome, violated_fields
 
@@ -278,7 +278,7 @@ async def test_import_records_the_carrier_and_refuses_a_block_another_carrier_ro
             BLOCK: "cm",
             BLOCK_2: "cu",
         }
-        assert redis_sync.hget(keys.block_owner_key(BLOCK), "carrier") == b"cm"
+        assert redis_sync.hget(pool_keys.block_owner_key(BLOCK), "carrier") == b"cm"
         directory = svc.runtime.identity.directory
         directory.reload()
         assert (directory.carrier_of(BLOCK + "0001"), directory.carrier_of(BLOCK_2 + "0001")) == ("cm", "cu")

@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
+from numprotect.core import pool_keys
 from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY
 from numprotect.core.redis_client import LuaScript, RedisClient, create_redis
 from numprotect.core.settings import Env, RedisSettings
-from numprotect.services.allocation import keys
 from numprotect.services.allocation.scripts import Scripts
 from support.redis_state import plain as text
 
 BLOCK = "70012345678"
 TENANT, CITY = "t1", "010"
-POOL = keys.pool_key(TENANT, CITY)
+POOL = pool_keys.pool_key(TENANT, CITY)
 RETENTION_MS = 86_400_000
 A, B, C, D = "13800000001", "13800000002", "13800000003", "13800000004"
 
@@ -64,12 +64,12 @@ async def allocate(
 
 
 async def test_claim_block(redis: RedisClient, scripts: Scripts) -> None:
-    claim_keys = [keys.block_owner_key(BLOCK), keys.block_history_key(BLOCK)]
+    claim_keys = [pool_keys.block_owner_key(BLOCK), pool_keys.block_history_key(BLOCK)]
     assert text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops", "cm"])) == ["new"]
     assert text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops", "cm"])) == ["mine"]
     assert text(await scripts.claim_block(redis, claim_keys, ["t2", CITY, "ops", "cm"])) == ["other_tenant", TENANT]
     assert text(await scripts.claim_block(redis, claim_keys, [TENANT, "021", "ops", "cm"])) == ["other_city", CITY]
-    history = await stream(redis, keys.block_history_key(BLOCK))
+    history = await stream(redis, pool_keys.block_history_key(BLOCK))
     assert len(history) == 1 and history[0]["kind"] == "import"
     assert history[0]["detail"] == f"city={CITY} carrier=cm"
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from allocation.test_scripts import BLOCK, CITY, POOL, TENANT, A, B, C, allocate, imported, redis, run, scripts
 
+from numprotect.core import pool_keys
 from numprotect.core.redis_client import LuaScript, RedisClient
-from numprotect.services.allocation import keys
 from numprotect.services.allocation.scripts import Scripts
 from support.redis_state import plain as text
 from support.redis_state import state
@@ -113,7 +113,7 @@ async def test_release_lock_unlock_repeated(redis: RedisClient, redis_sync: Any,
 async def test_import_and_claim_block_repeated(redis: RedisClient, redis_sync: Any, scripts: Scripts) -> None:
     """import_block: the repeat answers 0 added (what a caller's own retry is told too); claim_block: 'mine'."""
     assert await twice(redis, redis_sync, scripts.import_block, BLOCK) == (10_000, 0)
-    claim_keys = [keys.block_owner_key(BLOCK), keys.block_history_key(BLOCK)]
+    claim_keys = [pool_keys.block_owner_key(BLOCK), pool_keys.block_history_key(BLOCK)]
     first = text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops", "cm"]))
     owner = state(redis_sync, "np:alloc:{blk:" + BLOCK + "}*")
     second = text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops", "cm"]))

@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.core.cdr_keys import Bucket
 from numprotect.core.identity import api_keys
 from numprotect.core.identity.principal import Role
-from numprotect.services.cdr.keys import Bucket
 from support import identity as test_identity
 
 X = "700100000000001"

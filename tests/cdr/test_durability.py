@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.core.cdr_keys import Bucket
 from numprotect.core.identity.principal import Role
 from numprotect.services.cdr.app import build
-from numprotect.services.cdr.keys import Bucket
 from support.inprocess import running_service
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer

@@ -7,7 +7,7 @@ from typing import Any
 
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.call_ref import CallRef
-from numprotect.services.cdr.keys import Bucket
+from numprotect.core.cdr_keys import Bucket
 
 X = "700100000000001"
 X2 = "700100000000002"

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from numprotect.cdr.v1 import cdr_pb2
-from numprotect.services.cdr.keys import Bucket
+from numprotect.core.cdr_keys import Bucket
 
 UNMATCHED = Bucket("")
 

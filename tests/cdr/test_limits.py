@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from numprotect.cdr.v1 import cdr_pb2
-from numprotect.services.cdr.keys import Bucket
+from numprotect.core.cdr_keys import Bucket
 
 X = "700100000000001"
 X2 = "700100000000002"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from numprotect.core.cdr_keys import Bucket
 from numprotect.core.redis_client import RedisClient
-from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.store import CdrStore
 
 DAY = 86_400_000

@@ -8,8 +8,8 @@ from typing import Any
 
 from cdr.test_lua import _args
 
+from numprotect.core.cdr_keys import Bucket
 from numprotect.core.redis_client import RedisClient
-from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.store import ANSWER_KEEP_MS, CdrStore, answer_key
 from support.redis_state import state
 

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from numprotect.core.binding_records import BindingRecord, BindingRecordStore, get_binding_records, trace_number
+from numprotect.core.cdr_keys import Bucket
 from numprotect.core.clock import SystemClock
 from numprotect.core.identity.audit import APPEND_SCRIPT, HEAD_KEY, LOG_KEY
 from numprotect.core.limits import ConcurrencyLimit
@@ -36,7 +37,6 @@ from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.allocation.pools import NumberPools
 from numprotect.services.allocation.scripts import Scripts
 from numprotect.services.allocation.settings import AllocationSettings
-from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.store import CdrStore
 from numprotect.services.translation.blocklist import BlocklistStore, StoredEntry
 from numprotect.services.translation.core import SCRIPT

@@ -1,8 +1,7 @@
 """Key names and handles of the allocation service (docs/allocation.md, docs/redis-schema.md "Allocation").
 
 The key layout and the reservation handle live in numprotect.core.pool_keys (shared with the invariant checker,
-numprotect.core.doctor); the service's modules and tests keep importing them from here, beside the service's own
-helpers below.
+numprotect.core.doctor); this module keeps the service's own helpers.
 """
 
 from __future__ import annotations
@@ -11,29 +10,6 @@ import secrets
 
 from numprotect.core.errors import InvalidArgument
 from numprotect.core.phone import InvalidNumber, validate_city_code
-from numprotect.core.pool_keys import (
-    Handle,
-    block_history_key,
-    block_owner_key,
-    number_hash_key,
-    number_history_key,
-    number_reservations_key,
-    pool_key,
-    tenant_cities_key,
-)
-
-__all__ = [
-    "Handle",
-    "block_history_key",
-    "block_owner_key",
-    "city_field",
-    "new_rid",
-    "number_hash_key",
-    "number_history_key",
-    "number_reservations_key",
-    "pool_key",
-    "tenant_cities_key",
-]
 
 
 def city_field(field: str, raw: str) -> str:

@@ -1,7 +1,7 @@
 """Number pools on Redis: import, allocation, reservations, locks, cooling, stats and history.
 
 No gRPC here: the servicer validates requests and converts to and from protobuf; this class owns the
-Redis layout (allocation.keys) and calls one Lua script per operation on a pool.
+Redis layout (numprotect.core.pool_keys) and calls one Lua script per operation on a pool.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
+from numprotect.core import pool_keys
 from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY
 from numprotect.core.limits import ConcurrencyLimit
@@ -147,9 +148,9 @@ class NumberPools:
     @_one_connection
     async def import_block(self, block: str, tenant: str, city: str, carrier: str, actor: str) -> int:
         """Numbers added (10000, or 0 when the block already was this tenant's in this city)."""
-        owner_key = keys.block_owner_key(block)
+        owner_key = pool_keys.block_owner_key(block)
         claim = await self.scripts.claim_block(
-            self.redis, [owner_key, keys.block_history_key(block)], [tenant, city, actor, carrier]
+            self.redis, [owner_key, pool_keys.block_history_key(block)], [tenant, city, actor, carrier]
         )
         outcome = _text(claim[0])
         if outcome == "other_tenant":
@@ -179,9 +180,9 @@ class NumberPools:
         await self.redis.hset(owner_key, "carrier", carrier)
         # Cities first, then the numbers: a crash in between leaves an empty city (harmless), never
         # numbers no fallback can find. A retry completes the import (the pool script is idempotent).
-        await self.redis.sadd(keys.tenant_cities_key(tenant), city)
+        await self.redis.sadd(pool_keys.tenant_cities_key(tenant), city)
         added = await self.scripts.import_block(
-            self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), block]
+            self.redis, [pool_keys.pool_key(tenant, city)], [*self._head(tenant, city), block]
         )
         log.info(
             "block imported",
@@ -217,7 +218,7 @@ class NumberPools:
                 subject=f"tenants/{tenant}/cities/{city}",
             )
         number = _text(reply[1])
-        handle = keys.Handle(tenant, chosen_city, number, rid)
+        handle = pool_keys.Handle(tenant, chosen_city, number, rid)
         log.debug(
             "allocated",
             extra={"tenant": tenant, "city": chosen_city, "mode": mode, "number": number, "party_a": mask(party_a)},
@@ -237,7 +238,7 @@ class NumberPools:
         s = self.settings
         reply = await self.scripts.allocate(
             self.redis,
-            [keys.pool_key(tenant, city)],
+            [pool_keys.pool_key(tenant, city)],
             [
                 *self._head(tenant, city),
                 mode,
@@ -257,10 +258,10 @@ class NumberPools:
     # ---- reservations ---------------------------------------------------------------------------------
 
     @_one_connection
-    async def confirm(self, handle: keys.Handle, binding_id: str, expire_ms: int) -> None:
+    async def confirm(self, handle: pool_keys.Handle, binding_id: str, expire_ms: int) -> None:
         reply = await self.scripts.confirm(
             self.redis,
-            [keys.pool_key(handle.tenant, handle.city)],
+            [pool_keys.pool_key(handle.tenant, handle.city)],
             [*self._head(handle.tenant, handle.city), handle.number, handle.rid, binding_id, expire_ms],
         )
         outcome = _text(reply[0])
@@ -280,20 +281,20 @@ class NumberPools:
             )
 
     @_one_connection
-    async def cancel(self, handle: keys.Handle, reason: str) -> bool:
+    async def cancel(self, handle: pool_keys.Handle, reason: str) -> bool:
         """True when a live reservation was freed; False when there was none (idempotent)."""
         reply = await self.scripts.cancel(
             self.redis,
-            [keys.pool_key(handle.tenant, handle.city)],
+            [pool_keys.pool_key(handle.tenant, handle.city)],
             [*self._head(handle.tenant, handle.city), handle.number, handle.rid, reason],
         )
         return _text(reply[0]) == "ok"
 
     @_one_connection
-    async def replace(self, handle: keys.Handle, old_party: str, new_party: str) -> keys.Handle:
+    async def replace(self, handle: pool_keys.Handle, old_party: str, new_party: str) -> pool_keys.Handle:
         reply = await self.scripts.replace(
             self.redis,
-            [keys.pool_key(handle.tenant, handle.city)],
+            [pool_keys.pool_key(handle.tenant, handle.city)],
             [*self._head(handle.tenant, handle.city), handle.number, handle.rid, old_party, new_party],
         )
         outcome = _text(reply[0])
@@ -322,7 +323,7 @@ class NumberPools:
         """(tenant, city) of the block holding the number, or NotFound, also when `visible(tenant)` is False:
         a number of another tenant answers exactly as one in no block (no oracle)."""
         block = number[:11]
-        tenant, city = await self.redis.hmget(keys.block_owner_key(block), ["tenant", "city"])
+        tenant, city = await self.redis.hmget(pool_keys.block_owner_key(block), ["tenant", "city"])
         if tenant is None or not visible(_text(tenant)):
             raise NotFound(f"{number} is in no imported block", resource_type="virtual_number", resource_name=number)
         return _text(tenant), _text(city)
@@ -332,7 +333,7 @@ class NumberPools:
     ) -> NumberInfo:
         tenant, city = await self.owner(number, visible)
         script = getattr(self.scripts, script_name)
-        reply = await script(self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), number, *args])
+        reply = await script(self.redis, [pool_keys.pool_key(tenant, city)], [*self._head(tenant, city), number, *args])
         outcome = _text(reply[0])
         if outcome == "unknown":
             raise NotFound(
@@ -387,14 +388,14 @@ class NumberPools:
         return total
 
     async def _cities(self, tenant: str) -> list[str]:
-        return sorted(_text(c) for c in await self.redis.smembers(keys.tenant_cities_key(tenant)))
+        return sorted(_text(c) for c in await self.redis.smembers(pool_keys.tenant_cities_key(tenant)))
 
     async def _city_stats(self, tenant: str, city: str) -> PoolStats:
         # Each call sweeps a bounded batch before counting (Redis is never blocked long); repeated until
         # nothing lapsed is left, so the counts are exact unless the backlog exceeds the cap.
         for _ in range(_STATS_SWEEP_CALLS):
             reply = await self.scripts.pool_stats(
-                self.redis, [keys.pool_key(tenant, city)], [*self._head(tenant, city), _STATS_SWEEP_BUDGET]
+                self.redis, [pool_keys.pool_key(tenant, city)], [*self._head(tenant, city), _STATS_SWEEP_BUDGET]
             )
             total, available, in_use, locked, cooling, settled = (int(v) for v in reply)
             if settled:
@@ -411,8 +412,8 @@ class NumberPools:
         page and where the next one starts (None at the end)."""
         tenant, city = await self.owner(number, visible)
         block_after, number_after = after or HistoryCursor("", "")
-        block_key = keys.block_history_key(number[:11])
-        number_key = keys.number_history_key(tenant, city, number)
+        block_key = pool_keys.block_history_key(number[:11])
+        number_key = pool_keys.number_history_key(tenant, city, number)
         block_entries = await self.redis.xrange(block_key, min=_after(block_after), count=page_size + 1)
         number_entries = await self.redis.xrange(number_key, min=_after(number_after), count=page_size + 1)
         merged: list[tuple[tuple[int, int], str, Any, Any]] = sorted(

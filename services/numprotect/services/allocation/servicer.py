@@ -9,6 +9,7 @@ from typing import Any
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from numprotect.core import pool_keys
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import bounded_duration_ms, timestamp_from_ms, timestamp_ms
 from numprotect.core.errors import FieldViolation, InvalidArgument
@@ -151,7 +152,7 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
     async def ConfirmReservation(
         self, request: pb.ConfirmReservationRequest, context: Any
     ) -> pb.ConfirmReservationResponse:
-        handle = keys.Handle.decode("reservation_id", request.reservation_id)
+        handle = pool_keys.Handle.decode("reservation_id", request.reservation_id)
         # The id binding issued: it is stored with the number and shown in its history (ListNumberHistory).
         binding_id = BINDING_ID.check("binding_id", request.binding_id)
         if not request.HasField("expire_time"):
@@ -169,13 +170,13 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
     async def CancelReservation(
         self, request: pb.CancelReservationRequest, context: Any
     ) -> pb.CancelReservationResponse:
-        handle = keys.Handle.decode("reservation_id", request.reservation_id)
+        handle = pool_keys.Handle.decode("reservation_id", request.reservation_id)
         reason = _short_text("reason", request.reason) or "cancelled"
         await self.pools.cancel(handle, reason)
         return pb.CancelReservationResponse()
 
     async def ReplaceParty(self, request: pb.ReplacePartyRequest, context: Any) -> pb.ReplacePartyResponse:
-        handle = keys.Handle.decode("reservation_id", request.reservation_id)
+        handle = pool_keys.Handle.decode("reservation_id", request.reservation_id)
         old_party = party_field("old_party", request.old_party)
         new_party = party_field("new_party", request.new_party)
         if old_party == new_party:

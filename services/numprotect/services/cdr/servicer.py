@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.core.cdr_keys import Bucket
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import optional_timestamp_ms, timestamp_from_ms
 from numprotect.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted
@@ -28,7 +29,6 @@ from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import InvalidNumber, mask, validate_virtual
 from numprotect.core.redis_client import RedisClient
 from numprotect.services.cdr.ingest import Ingestor, Reporter, Summary
-from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.store import BEIJING, CdrStore
 from numprotect.services.cdr.validation import RECORD_ID

@@ -1,5 +1,5 @@
 """CDR storage on Redis: exactly-once ingest (ingest.lua), paged listing (list_page.lua), watch reads,
-daily counters and abuse signals. Key layout in cdr.keys and docs/redis-schema.md (CDR)."""
+daily counters and abuse signals. Key layout in numprotect.core.cdr_keys and docs/redis-schema.md (CDR)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from numprotect.cdr.v1 import cdr_pb2
+from numprotect.core.cdr_keys import Bucket
 from numprotect.core.conversions import timestamp_from_ms
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.redis_client import LuaScript, RedisClient
 from numprotect.core.replica_wait import ReplicaWait
-from numprotect.services.cdr.keys import Bucket
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.validation import ValidCdr
 
