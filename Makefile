@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+PROTO_FILES := $(shell find protos third_party/protos -name '*.proto' | sort)
 GEN_STAMP := gen/.stamp
 
 .PHONY: run test lint bench chaos protos venv system-deps clean lock

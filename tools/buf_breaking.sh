@@ -17,5 +17,7 @@ if [ -z "$(git ls-tree -r --name-only "$against" -- protos)" ]; then
   echo "buf breaking: '$against' has no protos/: nothing to compare"
   exit 0
 fi
-"$buf" breaking --against ".git#ref=$(git rev-parse "$against")"
+# Our module only: the workspace's other module (third_party/protos, googleapis' google.rpc.Status) is not ours to
+# check, and buf compares whole workspaces image by image (a module added since `against` would not compare).
+"$buf" breaking protos --against ".git#ref=$(git rev-parse "$against"),subdir=protos"
 echo "buf breaking: no breaking change against $against"

@@ -7,7 +7,9 @@ cd "$root"
 bin=$(dirname "$py")
 rm -rf gen && mkdir -p gen
 mapfile -t files < <(cd protos && find . -name '*.proto' | sed 's|^\./||' | sort)
-"$py" -m grpc_tools.protoc -I protos \
+# third_party/protos only resolves imports (google/rpc/status.proto): its Python module comes with
+# googleapis-common-protos, so only our own files are generated.
+"$py" -m grpc_tools.protoc -I protos -I third_party/protos \
   --python_out=gen --grpc_python_out=gen \
   --plugin=protoc-gen-mypy="$bin/protoc-gen-mypy" --mypy_out=gen \
   --plugin=protoc-gen-mypy_grpc="$bin/protoc-gen-mypy_grpc" --mypy_grpc_out=gen \

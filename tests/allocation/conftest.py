@@ -30,7 +30,17 @@ ServiceFactory = Callable[..., AbstractAsyncContextManager[Any]]
 Svc = RunningService[AioServiceApp, Runtime]
 
 # Only binding may call these (policy: Role.SERVICE "binding"); the operator calls the rest.
-RESERVATION_RPCS = frozenset({"AllocateNumber", "ConfirmReservation", "CancelReservation", "ReplaceParty"})
+RESERVATION_RPCS = frozenset(
+    {
+        "AllocateNumber",
+        "ConfirmReservation",
+        "CancelReservation",
+        "ReplaceParty",
+        "AllocateNumbers",
+        "ConfirmReservations",
+        "CancelReservations",
+    }
+)
 
 
 class AsPolicy:

@@ -33,6 +33,7 @@ OPERATOR_ONLY = [(ALLOCATION, m) for m in ("ImportBlock", "ReleaseNumber", "Lock
     (ADMIN, m.name) for m in ADMIN.methods
 ]
 RESERVATIONS = [(ALLOCATION, m) for m in ("AllocateNumber", "ConfirmReservation", "CancelReservation", "ReplaceParty")]
+BATCH_RESERVATIONS = [(ALLOCATION, m) for m in ("AllocateNumbers", "ConfirmReservations", "CancelReservations")]
 BLOCK, BLOCK_2 = "70012345678", "70087654321"
 NEVER_IMPORTED = "700999999990001"
 Svc = Any
@@ -148,15 +149,17 @@ async def test_only_the_binding_service_may_reserve(allocation_svc: ServiceFacto
             "cdr service": svc.channel_as(Role.SERVICE, "cdr"),
         }
         for label, channel in others.items():
-            for service, name in RESERVATIONS:
+            for service, name in RESERVATIONS + BATCH_RESERVATIONS:
                 code, _ = await outcome(call(channel, service, name))
                 assert code == grpc.StatusCode.PERMISSION_DENIED, (label, name)
         binding = svc.channel_as(Role.SERVICE, "binding")
         for service, name in RESERVATIONS:  # allowed: an empty request is refused for its content, not the caller
             code, _ = await outcome(call(binding, service, name))
             assert code == grpc.StatusCode.INVALID_ARGUMENT, name
+        for service, name in BATCH_RESERVATIONS:  # an empty batch: nothing to do
+            assert not (await call(binding, service, name)).results, name
         denied = [e for _, e in await audit_events(svc) if e.outcome == "PERMISSION_DENIED"]
-        assert len(denied) == len(others) * len(RESERVATIONS)
+        assert len(denied) == len(others) * len(RESERVATIONS + BATCH_RESERVATIONS)
 
 
 async def test_a_tenant_sees_only_its_own_numbers_pool_and_history(

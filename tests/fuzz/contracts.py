@@ -18,6 +18,7 @@ from google.protobuf import text_format
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+from google.rpc import status_pb2
 
 from numprotect.admin.v1 import admin_pb2
 from numprotect.allocation.v1 import allocation_pb2
@@ -26,7 +27,7 @@ from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.identity.policy import POLICY
 from numprotect.core.identity.principal import Role
 from numprotect.translation.v1 import translation_pb2
-from support.rpc import violated_fields
+from support.rpc import status_fields, violated_fields
 
 PROTO_MODULES: tuple[ModuleType, ...] = (admin_pb2, allocation_pb2, binding_pb2, translation_pb2, cdr_pb2)
 # Which process serves each service (AdminService lives in allocation's process).
@@ -109,6 +110,8 @@ class Answer:
     violated: Sequence[str] = ()
     stream_errors: Sequence[str] = ()
     rejected_fields: Sequence[str] = ()
+    # A batch RPC's failed items (allocation's AllocateNumbers...): each judged as its unary call's answer.
+    item_errors: Sequence[Answer] = ()
 
 
 def call(channel: grpc.Channel, rpc: Rpc, request: Any) -> Answer:
@@ -158,7 +161,13 @@ def _messages(request: Any) -> list[Any]:
 
 def _answer_of(reply: Message) -> Answer:
     rejected = getattr(reply, "rejected", ())
-    return Answer(grpc.StatusCode.OK, rejected_fields=[r.field for r in rejected])
+    items = [_item_failure(r.error) for r in getattr(reply, "results", ()) if r.WhichOneof("result") == "error"]
+    return Answer(grpc.StatusCode.OK, rejected_fields=[r.field for r in rejected], item_errors=items)
+
+
+def _item_failure(status: status_pb2.Status) -> Answer:
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    return Answer(code, status.message, status_fields(status))
 
 
 def _stream_errors(reply: Any) -> Iterator[str]:
@@ -191,17 +200,11 @@ def names_a_field(descriptor: Descriptor, path: str) -> bool:
 
 def problems(rpc: Rpc, answer: Answer) -> list[str]:
     """What is wrong with an answer (empty when it is one a caller can act on)."""
-    found: list[str] = []
-    if answer.code in FORBIDDEN:
-        found.append(f"answered {answer.code.name}: {answer.details[:300]}")
-    if answer.code == grpc.StatusCode.INVALID_ARGUMENT:
-        if not answer.violated:
-            found.append(f"INVALID_ARGUMENT without a BadRequest field violation: {answer.details[:300]}")
-        message = rpc.input.fields_by_name["request"].message_type if rpc.kind == "bidi" else rpc.input
-        assert message is not None
-        unknown = [f for f in answer.violated if not names_a_field(rpc.input, f) and not names_a_field(message, f)]
-        if unknown:
-            found.append(f"INVALID_ARGUMENT names no field of {rpc.input.name}: {unknown} ({answer.details[:200]})")
+    found = _status_problems(rpc.input, answer, "request" if rpc.kind == "bidi" else None)
+    items = rpc.input.fields_by_name.get("requests")
+    if answer.item_errors and items is not None and items.message_type is not None:
+        for item in answer.item_errors:  # each as the answer of the unary call of the item's own type
+            found.extend(f"item: {problem}" for problem in _status_problems(items.message_type, item, None))
     for error in answer.stream_errors:
         if error.startswith(("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS")):
             found.append(f"stream message error {error[:300]}")
@@ -210,6 +213,23 @@ def problems(rpc: Rpc, answer: Answer) -> list[str]:
         for name in answer.rejected_fields:
             if not names_a_field(record.message_type, name):
                 found.append(f"rejected record names no field of {record.message_type.name}: {name!r}")
+    return found
+
+
+def _status_problems(input_type: Descriptor, answer: Answer, inner: str | None) -> list[str]:
+    """What is wrong with a status: a forbidden code, an INVALID_ARGUMENT naming no field of `input_type` (or of
+    its field `inner`'s message, a stream's wrapped request)."""
+    found: list[str] = []
+    if answer.code in FORBIDDEN:
+        found.append(f"answered {answer.code.name}: {answer.details[:300]}")
+    if answer.code == grpc.StatusCode.INVALID_ARGUMENT:
+        if not answer.violated:
+            found.append(f"INVALID_ARGUMENT without a BadRequest field violation: {answer.details[:300]}")
+        message = input_type.fields_by_name[inner].message_type if inner else input_type
+        assert message is not None
+        unknown = [f for f in answer.violated if not names_a_field(input_type, f) and not names_a_field(message, f)]
+        if unknown:
+            found.append(f"INVALID_ARGUMENT names no field of {input_type.name}: {unknown} ({answer.details[:200]})")
     return found
 
 

@@ -80,7 +80,8 @@ class Seeded:
     virtual_number: str = ""
     binding_id: str = ""
     doomed_binding_id: str = ""  # DeleteBinding's valid target (the main binding stays)
-    # One reservation per RPC that uses one up (ConfirmReservation, CancelReservation, ReplaceParty).
+    # One reservation per RPC that uses one up (ConfirmReservation, CancelReservation, ReplaceParty and the batch
+    # forms ConfirmReservations, CancelReservations).
     reservations: dict[str, str] = field(default_factory=dict)
     spare_key_id: str = ""  # RevokeApiKey's valid target (never a key the fuzzer calls with)
     spare_number: str = SPARE_BLOCK + "0042"
@@ -184,7 +185,7 @@ class Platform:
         self.seeded.binding_id = main.binding_id
         self.seeded.doomed_binding_id = doomed.binding_id
         reserving: Any = allocation_pb2_grpc.AllocationServiceStub(self.channel("allocation", Role.SERVICE))
-        for use in ("confirm", "cancel", "replace"):
+        for use in ("confirm", "cancel", "replace", "confirm_batch", "cancel_batch"):
             reservation = reserving.AllocateNumber(
                 allocation_pb2.AllocateNumberRequest(
                     tenant_id=TENANT,

@@ -41,6 +41,26 @@ def _translate(p: Platform) -> translation_pb2.TranslateRequest:
     )
 
 
+def _allocate(party_b: str = PARTY_B) -> allocation_pb2.AllocateNumberRequest:
+    return allocation_pb2.AllocateNumberRequest(
+        tenant_id=TENANT,
+        mode=common_pb2.BINDING_MODE_AXB,
+        parties=[PARTY_A, party_b],
+        city_code=CITY,
+        lease=Duration(seconds=30),
+    )
+
+
+def _confirm(p: Platform, use: str) -> allocation_pb2.ConfirmReservationRequest:
+    return allocation_pb2.ConfirmReservationRequest(
+        reservation_id=p.seeded.reservations[use], binding_id=p.seeded.binding_id, expire_time=timestamp(3600)
+    )
+
+
+def _cancel(p: Platform, use: str) -> allocation_pb2.CancelReservationRequest:
+    return allocation_pb2.CancelReservationRequest(reservation_id=p.seeded.reservations[use], reason="fuzz")
+
+
 VALID: dict[str, Callable[[Platform], Any]] = {
     # AdminService
     "AdminService.CreateApiKey": lambda p: admin_pb2.CreateApiKeyRequest(
@@ -56,18 +76,17 @@ VALID: dict[str, Callable[[Platform], Any]] = {
     "AllocationService.ImportBlock": lambda p: allocation_pb2.ImportBlockRequest(
         block=SPARE_BLOCK, tenant_id=TENANT, city_code=CITY, actor="fuzz", carrier_id=CARRIER
     ),
-    "AllocationService.AllocateNumber": lambda p: allocation_pb2.AllocateNumberRequest(
-        tenant_id=TENANT,
-        mode=common_pb2.BINDING_MODE_AXB,
-        parties=[PARTY_A, PARTY_B],
-        city_code=CITY,
-        lease=Duration(seconds=30),
+    "AllocationService.AllocateNumber": lambda p: _allocate(),
+    "AllocationService.ConfirmReservation": lambda p: _confirm(p, "confirm"),
+    "AllocationService.CancelReservation": lambda p: _cancel(p, "cancel"),
+    "AllocationService.AllocateNumbers": lambda p: allocation_pb2.AllocateNumbersRequest(
+        requests=[_allocate(), _allocate(PARTY_C)]
     ),
-    "AllocationService.ConfirmReservation": lambda p: allocation_pb2.ConfirmReservationRequest(
-        reservation_id=p.seeded.reservations["confirm"], binding_id=p.seeded.binding_id, expire_time=timestamp(3600)
+    "AllocationService.ConfirmReservations": lambda p: allocation_pb2.ConfirmReservationsRequest(
+        requests=[_confirm(p, "confirm_batch")]
     ),
-    "AllocationService.CancelReservation": lambda p: allocation_pb2.CancelReservationRequest(
-        reservation_id=p.seeded.reservations["cancel"], reason="fuzz"
+    "AllocationService.CancelReservations": lambda p: allocation_pb2.CancelReservationsRequest(
+        requests=[_cancel(p, "cancel_batch")]
     ),
     "AllocationService.ReplaceParty": lambda p: allocation_pb2.ReplacePartyRequest(
         reservation_id=p.seeded.reservations["replace"], old_party=PARTY_C, new_party=PARTY_B

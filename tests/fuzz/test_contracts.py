@@ -35,6 +35,10 @@ REPEATED_LIMITS = {
     "numprotect.cdr.v1.IngestCdrsRequest.records": 1000,  # NUMPROTECT_CDR_MAX_BATCH
     "numprotect.translation.v1.TranslateStreamRequest.requests": 1000,  # ..._TRANSLATION_STREAM_MAX_REQUESTS
     "numprotect.allocation.v1.AllocateNumberRequest.parties": 2,
+    # allocation's MAX_BATCH_ITEMS
+    "numprotect.allocation.v1.AllocateNumbersRequest.requests": 256,
+    "numprotect.allocation.v1.ConfirmReservationsRequest.requests": 256,
+    "numprotect.allocation.v1.CancelReservationsRequest.requests": 256,
 }
 STRATEGIES = Strategies(REPEATED_LIMITS)
 # Resident memory a process may gain over the whole fuzz run: the allocator keeps up to ~50 MiB after 4-MiB
@@ -113,7 +117,7 @@ def test_valid_request_succeeds(platform: Platform, rpc: Rpc) -> None:
     answer = call(platform.channel(rpc.process, role), rpc, base)
     allowed = {grpc.StatusCode.OK} | STATE_DEPENDENT.get(rpc.name, set())
     assert answer.code in allowed, f"{rpc.name} as {role.name}: {answer.code.name}: {answer.details}"
-    assert not answer.stream_errors and not answer.rejected_fields, answer
+    assert not answer.stream_errors and not answer.rejected_fields and not answer.item_errors, answer
 
 
 @pytest.mark.parametrize("rpc", RPCS, ids=_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
@@ -43,6 +43,11 @@ def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
     """Field names of the google.rpc.BadRequest detail of an INVALID_ARGUMENT answer."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None
+    return status_fields(status)
+
+
+def status_fields(status: status_pb2.Status) -> list[str]:
+    """Field names of a google.rpc.Status's BadRequest detail (e.g. a batch item's error)."""
     fields: list[str] = []
     for detail in status.details:
         bad = error_details_pb2.BadRequest()

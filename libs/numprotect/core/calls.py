@@ -99,13 +99,18 @@ def status_for(exc: BaseException, method: str) -> grpc.Status:
     """The status a servicer's exception ends its call with: the domain error's own, UNAVAILABLE with a retry hint
     for a transient storage condition (`redis_client.storage_unavailable`), UNIMPLEMENTED for an RPC the servicer
     lacks, INTERNAL (logged with the traceback) for a bug."""
+    status: grpc.Status = rpc_status.to_status(rpc_status_of(exc, method))
+    return status
+
+
+def rpc_status_of(exc: BaseException, method: str) -> status_pb2.Status:
+    """`status_for` as a google.rpc.Status message (a new one): what one item of a batch RPC answers instead of
+    ending its call. A bug's traceback goes to the log."""
     error = domain_error(exc, method)
     if error is None:
-        log.exception("unexpected error", extra={"method": method})
-        internal: grpc.Status = rpc_status.to_status(_INTERNAL)
-        return internal
-    status: grpc.Status = rpc_status.to_status(to_rpc_status(error))
-    return status
+        log.error("unexpected error", extra={"method": method}, exc_info=exc)
+        return status_pb2.Status(code=_INTERNAL.code, message=_INTERNAL.message)
+    return to_rpc_status(error)
 
 
 def domain_error(exc: BaseException, method: str) -> DomainError | None:

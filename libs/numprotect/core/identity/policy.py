@@ -80,6 +80,10 @@ POLICY: Mapping[str, MethodPolicy] = MappingProxyType(
         _ALLOC + "ConfirmReservation": _p(SERVICE, services=_BINDING_ONLY),
         _ALLOC + "CancelReservation": _p(SERVICE, services=_BINDING_ONLY),
         _ALLOC + "ReplaceParty": _p(SERVICE, services=_BINDING_ONLY),
+        # Their batch forms: the same callers (each item's tenant_id is scoped as AllocateNumber's).
+        _ALLOC + "AllocateNumbers": _p(SERVICE, services=_BINDING_ONLY, scope=Scope.TENANT_FIELD),
+        _ALLOC + "ConfirmReservations": _p(SERVICE, services=_BINDING_ONLY),
+        _ALLOC + "CancelReservations": _p(SERVICE, services=_BINDING_ONLY),
         _ALLOC + "ReleaseNumber": _p(OPERATOR, audit=Audit.ALWAYS, target_fields=_NUMBER),
         _ALLOC + "LockNumber": _p(OPERATOR, audit=Audit.ALWAYS, target_fields=_NUMBER),
         _ALLOC + "UnlockNumber": _p(OPERATOR, audit=Audit.ALWAYS, target_fields=_NUMBER),

@@ -4,12 +4,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from google.rpc import status_pb2
 
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect.core import pool_keys
+from numprotect.core.calls import rpc_status_of
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import bounded_duration_ms, timestamp_from_ms, timestamp_ms
 from numprotect.core.errors import FieldViolation, InvalidArgument
@@ -35,6 +40,12 @@ _STATES = {
     "COOLING": pb.NUMBER_STATE_COOLING,
 }
 _TEXT_LIMIT = 256
+# Items a batch RPC (AllocateNumbers, ConfirmReservations, CancelReservations) carries at most: a bound on the
+# work and memory of one call (binding's NUMPROTECT_BINDING_ALLOCATION_MAX_BATCH stays within it).
+MAX_BATCH_ITEMS = 256
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+ResultT = TypeVar("ResultT")
 _MAX_PAGE = 1000
 _DEFAULT_PAGE = 100
 
@@ -74,6 +85,38 @@ def _event(event: Event) -> pb.NumberEvent:
         binding_id=event.binding_id,
         detail=event.detail,
     )
+
+
+async def _each(
+    requests: Sequence[RequestT], serve: Callable[[RequestT], Awaitable[ResponseT]], method: str
+) -> list[ResponseT | status_pb2.Status]:
+    """A batch RPC's items served concurrently (their Redis commands go out together), each as its unary call
+    `method` would serve it: its response, or the google.rpc.Status that call would have ended with."""
+    if len(requests) > MAX_BATCH_ITEMS:
+        raise InvalidArgument.field(
+            "requests", f"takes at most {MAX_BATCH_ITEMS} items (send more in several calls), not {len(requests)}"
+        )
+    set_span_attributes(batch_items=len(requests))
+    if len(requests) == 1:  # no task to spawn
+        try:
+            return [await serve(requests[0])]
+        except Exception as exc:  # made a status here: kept, its traceback would hold this frame in a cycle
+            return [rpc_status_of(exc, method)]
+    outcomes = await asyncio.gather(*(serve(r) for r in requests), return_exceptions=True)
+    answers: list[ResponseT | status_pb2.Status] = []
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            answers.append(rpc_status_of(outcome, method))
+        elif isinstance(outcome, BaseException):  # cancelled: the whole call ends
+            raise outcome
+        else:
+            answers.append(outcome)
+    return answers
+
+
+def _results(result: Callable[..., ResultT], outcomes: list[Any]) -> list[ResultT]:
+    """The batch response's results: each item's response, or its error (a google.rpc.Status)."""
+    return [result(error=o) if isinstance(o, status_pb2.Status) else result(response=o) for o in outcomes]
 
 
 class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
@@ -117,6 +160,16 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         return pb.ImportBlockResponse(block=request.block, numbers_added=added, already_imported=added == 0)
 
     async def AllocateNumber(self, request: pb.AllocateNumberRequest, context: Any) -> pb.AllocateNumberResponse:
+        return await self._allocate(request, annotate=True)
+
+    async def AllocateNumbers(self, request: pb.AllocateNumbersRequest, context: Any) -> pb.AllocateNumbersResponse:
+        outcomes = await _each(request.requests, self._allocate, "AllocateNumber")
+        return pb.AllocateNumbersResponse(results=_results(pb.AllocateNumberResult, outcomes))
+
+    async def _allocate(
+        self, request: pb.AllocateNumberRequest, *, annotate: bool = False
+    ) -> pb.AllocateNumberResponse:
+        """AllocateNumber for one request; `annotate`: the call's span describes it (not so for a batch item)."""
         tenant = TENANT_ID.check("tenant_id", self.callers.tenant(request.tenant_id))
         mode = _MODE_NAMES.get(request.mode)
         if mode is None:
@@ -137,9 +190,11 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
             most_ms = round(self.settings.max_lease_seconds * 1000)
             setting = "NUMPROTECT_ALLOCATION_MAX_LEASE"
             lease = bounded_duration_ms("lease", request.lease, 100, most_ms, setting=setting) / 1000
-        set_span_attributes(tenant=tenant, mode=mode, city_code=city, strict_city=request.strict_city)
+        if annotate:
+            set_span_attributes(tenant=tenant, mode=mode, city_code=city, strict_city=request.strict_city)
         allocation = await self.pools.allocate(tenant, mode, parties, city, request.strict_city, lease)
-        set_span_attributes(virtual_number=allocation.number, city_fallback=allocation.city_fallback)
+        if annotate:
+            set_span_attributes(virtual_number=allocation.number, city_fallback=allocation.city_fallback)
         return pb.AllocateNumberResponse(
             virtual_number=allocation.number,
             extension=allocation.extension,
@@ -152,6 +207,15 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
     async def ConfirmReservation(
         self, request: pb.ConfirmReservationRequest, context: Any
     ) -> pb.ConfirmReservationResponse:
+        return await self._confirm(request)
+
+    async def ConfirmReservations(
+        self, request: pb.ConfirmReservationsRequest, context: Any
+    ) -> pb.ConfirmReservationsResponse:
+        outcomes = await _each(request.requests, self._confirm, "ConfirmReservation")
+        return pb.ConfirmReservationsResponse(results=_results(pb.ConfirmReservationResult, outcomes))
+
+    async def _confirm(self, request: pb.ConfirmReservationRequest) -> pb.ConfirmReservationResponse:
         handle = pool_keys.Handle.decode("reservation_id", request.reservation_id)
         # The id binding issued: it is stored with the number and shown in its history (ListNumberHistory).
         binding_id = BINDING_ID.check("binding_id", request.binding_id)
@@ -170,6 +234,15 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
     async def CancelReservation(
         self, request: pb.CancelReservationRequest, context: Any
     ) -> pb.CancelReservationResponse:
+        return await self._cancel(request)
+
+    async def CancelReservations(
+        self, request: pb.CancelReservationsRequest, context: Any
+    ) -> pb.CancelReservationsResponse:
+        outcomes = await _each(request.requests, self._cancel, "CancelReservation")
+        return pb.CancelReservationsResponse(results=_results(pb.CancelReservationResult, outcomes))
+
+    async def _cancel(self, request: pb.CancelReservationRequest) -> pb.CancelReservationResponse:
         handle = pool_keys.Handle.decode("reservation_id", request.reservation_id)
         reason = _short_text("reason", request.reason) or "cancelled"
         await self.pools.cancel(handle, reason)
