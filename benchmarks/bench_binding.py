@@ -366,8 +366,9 @@ async def count_on_the_wire(workload: Workload, stack: Stack) -> tuple[list[Wire
 def report_wire(counts: list[WireCount], quiet: WireCount) -> None:
     print(
         f"\nRedis commands per call on the wire (MONITOR, {MONITOR_CALLS} sequential calls each): per service, "
-        "commands sent / round trips (commands a connection sent together count once) [commands run inside its "
-        "scripts]; Redis's socket reads per call (INFO stats, every client) to check the round trips against:"
+        "commands sent / round trips (requests: commands one connection sent together count once; commands sent "
+        "at once on two connections count twice) [commands run inside its scripts]; Redis's socket reads per call "
+        "(INFO stats, every client) to check the round trips against:"
     )
     for count in counts:
         shown = [name for name in count.tallies if name != "bench"]

@@ -145,7 +145,12 @@ def run_stack(bench: Callable[[Stack], Coroutine[Any, Any, None]], *, tenant: st
                         {"binding": binding.pid, "allocation": allocation.pid},
                         credentials,
                     )
-                    asyncio.run(bench(stack))
+                    try:
+                        asyncio.run(bench(stack))
+                    except BaseException:
+                        for log in (allocation_log, binding_log):  # why, before the workdir goes
+                            print(f"--- {log.name} (last lines)\n{log.read_text()[-3000:]}", file=sys.stderr)
+                        raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
