@@ -31,6 +31,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT, KeyT
 
 from numprotect.core.errors import Unavailable
+from numprotect.core.redis_mux import MuxRedis
 from numprotect.core.settings import RedisSettings
 
 RedisClient = Redis | RedisCluster
@@ -169,8 +170,13 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def create_redis(settings: RedisSettings) -> RedisClient:
-    """A client for the configured Redis; in cluster mode the URL names one node and the topology is discovered."""
+def create_redis(settings: RedisSettings, *, write_path: bool = False) -> RedisClient:
+    """A client for the configured Redis; in cluster mode the URL names one node and the topology is discovered.
+
+    `write_path` (binding's and allocation's own client): the multiplexing client (numprotect.core.redis_mux)
+    unless NUMPROTECT_REDIS_CLIENT=redis-py; otherwise, and for every other caller, redis.asyncio."""
+    if write_path and settings.client == "mux":
+        return MuxRedis(settings)
     common = connection_options(settings)
     if settings.mode == "cluster":
         return _FailoverSafeCluster.from_url(settings.url, **common)
@@ -199,10 +205,15 @@ def sync_redis_is_up(client: SyncRedisClient) -> bool:
         return _answers_reads(exc)
 
 
+def is_cluster(client: RedisClient) -> bool:
+    """Whether `client` talks to a Redis Cluster (redis-py's cluster client, or the multiplexing one in that mode)."""
+    return isinstance(client, RedisCluster) or (isinstance(client, MuxRedis) and client.is_cluster)
+
+
 async def redis_is_up(client: RedisClient) -> bool:
     """True when Redis answers PING (every node in cluster mode), or refuses it with MISCONF only."""
     try:
-        if isinstance(client, RedisCluster):
+        if is_cluster(client):
             replies = await client.ping(target_nodes=RedisCluster.PRIMARIES)
             return bool(replies)
         return bool(await client.ping())

@@ -21,7 +21,7 @@ import redis.exceptions
 from redis.asyncio import RedisCluster
 
 from numprotect.core.errors import Unavailable
-from numprotect.core.redis_client import RedisClient
+from numprotect.core.redis_client import RedisClient, is_cluster
 from numprotect.core.settings import RedisSettings
 
 # The marker only has to reach the replicas; it expires on its own.
@@ -60,7 +60,7 @@ class ReplicaWait:
         if not self.replicas:
             return
         tags = {hash_tag(key) for key in keys}
-        if not isinstance(self.redis, RedisCluster):
+        if not is_cluster(self.redis):
             tags = set(list(tags)[:1])  # one master: one marker covers every earlier write
         await asyncio.gather(*(self._wait(f"np:wait:{{{tag}}}") for tag in tags))
 
@@ -78,6 +78,8 @@ class ReplicaWait:
     async def _marker_then_wait(self, marker: str) -> int:
         """SET marker, then WAIT, on one connection; the number of replicas that acknowledged."""
         commands = (("SET", marker, "1", "PX", MARKER_TTL_MS), ("WAIT", self.replicas, self.timeout_ms))
+        # redis.asyncio, or the multiplexing client, which sends a pipeline holding WAIT on a connection of its own
+        # to the master of the marker's slot, and hands a redirection back as an error (redis_mux._run_pinned).
         if not isinstance(self.redis, RedisCluster):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for command in commands:

@@ -181,6 +181,10 @@ class RedisSettings:
     # 0 = off (asynchronous replication: a master that dies may lose its last acknowledged writes).
     wait_replicas: int = 0
     wait_timeout_seconds: float = 0.5
+    # The client of the write path (binding, allocation): "mux", commands of concurrent calls share one connection
+    # per node and one write per loop pass (numprotect.core.redis_mux), or "redis-py" (redis.asyncio, a pool).
+    # The other services and the tools use redis-py whatever this says.
+    client: Literal["mux", "redis-py"] = "mux"
 
     @classmethod
     def from_env(cls, env: Env) -> RedisSettings:
@@ -204,6 +208,7 @@ class RedisSettings:
         timeout_seconds = env.seconds("NUMPROTECT_REDIS_TIMEOUT", 2.0, minimum=0.01, maximum=60)
         wait_replicas = env.integer("NUMPROTECT_REDIS_WAIT_REPLICAS", 0, minimum=0, maximum=16)
         wait_timeout = env.seconds("NUMPROTECT_REDIS_WAIT_TIMEOUT", 0.5, minimum=0.001, maximum=60)
+        client = env.choice("NUMPROTECT_REDIS_CLIENT", "mux", ("mux", "redis-py"))
         if wait_replicas and wait_timeout >= timeout_seconds:
             # WAIT holds the connection for up to its timeout: the socket timeout would cut it off first.
             raise SettingsError(
@@ -220,6 +225,7 @@ class RedisSettings:
             tls=RedisTls.from_env(env, parsed.scheme),
             wait_replicas=wait_replicas,
             wait_timeout_seconds=wait_timeout,
+            client="redis-py" if client == "redis-py" else "mux",
         )
 
 
