@@ -9,7 +9,7 @@ RPCs as the binding service, everything else as the operator. Tests of the acces
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from numprotect.core.identity.principal import Role
 from numprotect.core.server import AioServiceApp, Runtime
 from numprotect.services.allocation.app import build
 from support.inprocess import RunningService, running_service
+from support.redis_cluster import RedisClusterServers
 
 if TYPE_CHECKING:
     from numprotect.allocation.v1.allocation_pb2_grpc import AllocationServiceAsyncStub
@@ -59,6 +60,25 @@ def as_policy(svc: Svc) -> AsPolicy:
         allocation_pb2_grpc.AllocationServiceStub(svc.channel_as(Role.OPERATOR)),
         allocation_pb2_grpc.AllocationServiceStub(svc.channel_as(Role.SERVICE, "binding")),
     )
+
+
+@pytest.fixture
+def cluster_env(redis_cluster_servers: RedisClusterServers | None) -> Iterator[Callable[[], dict[str, str]]]:
+    """`cluster_env()`: the Redis environment of a 3-primary Redis Cluster, emptied: the session's in the cluster pass
+    of make test, else one started for this test (a few seconds) and stopped after it."""
+    started: list[RedisClusterServers] = []
+
+    def environment() -> dict[str, str]:
+        cluster = redis_cluster_servers
+        if cluster is None:
+            cluster = RedisClusterServers()
+            started.append(cluster)
+        cluster.flushall()
+        return {"NUMPROTECT_REDIS_URL": cluster.url, "NUMPROTECT_REDIS_MODE": "cluster"}
+
+    yield environment
+    for cluster in started:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.common.v1 import common_pb2
+from numprotect.core import pool_keys
 from numprotect.core.settings import SettingsError
 from numprotect.services.allocation.app import build
 from support.inprocess import running_service
@@ -35,6 +36,9 @@ B1 = "b" + "1" * 22
 B9 = "b" + "9" * 22
 B42 = "b" + "42" * 11
 BLOCK_2 = "70087654321"
+# The allocation policy inside one sub-pool (least-loaded first, reuse up to the target) is asserted exactly on a
+# pool of one sub-pool, whatever the Redis mode's default; test_subpools.py covers pools of several.
+ONE_SUBPOOL = {"NUMPROTECT_ALLOCATION_SUBPOOLS": "1"}
 
 
 def party(i: int) -> str:
@@ -86,6 +90,12 @@ async def number(stub: Stub, virtual_number: str) -> pb.NumberInfo:
 
 async def stats(stub: Stub, tenant: str = "t1", city: str = "") -> pb.GetPoolStatsResponse:
     return await stub.GetPoolStats(pb.GetPoolStatsRequest(tenant_id=tenant, city_code=city))
+
+
+def subpool_of_number(redis_sync: Any, virtual_number: str, tenant: str = "t1", city: str = "010") -> str:
+    """Base key of the sub-pool holding the number, as the pool's record (sub-pool 0's hash) says."""
+    subpools = int(redis_sync.hget(pool_keys.pool_key(tenant, city), "subpools") or 1)
+    return pool_keys.number_subpool_key(tenant, city, virtual_number, subpools)
 
 
 async def test_import_is_idempotent_and_a_block_belongs_to_one_tenant(allocation_service: Service) -> None:
@@ -195,7 +205,7 @@ async def test_parties_are_normalised_and_never_repeat_on_a_number(allocation_se
 
 
 async def test_axb_reuses_in_use_numbers_evenly_up_to_the_target(allocation_service: Service, redis_sync: Any) -> None:
-    async with allocation_service(NUMPROTECT_ALLOCATION_TARGET_BINDINGS_PER_NUMBER="3") as stub:
+    async with allocation_service(NUMPROTECT_ALLOCATION_TARGET_BINDINGS_PER_NUMBER="3", **ONE_SUBPOOL) as stub:
         await import_block(stub)
         replies = [await allocate(stub, party(2 * i), party(2 * i + 1)) for i in range(30)]
         counts: dict[str, int] = {}
@@ -214,6 +224,7 @@ async def test_max_bindings_per_number_holds(allocation_service: Service) -> Non
     settings = {
         "NUMPROTECT_ALLOCATION_MAX_BINDINGS_PER_NUMBER": "2",
         "NUMPROTECT_ALLOCATION_TARGET_BINDINGS_PER_NUMBER": "2",
+        **ONE_SUBPOOL,
     }
     async with allocation_service(**settings) as stub:
         await import_block(stub)
@@ -224,7 +235,7 @@ async def test_max_bindings_per_number_holds(allocation_service: Service) -> Non
 
 
 async def test_axn_is_exclusive_and_axe_hands_out_distinct_extensions(allocation_service: Service) -> None:
-    async with allocation_service(NUMPROTECT_ALLOCATION_TARGET_BINDINGS_PER_NUMBER="5") as stub:
+    async with allocation_service(NUMPROTECT_ALLOCATION_TARGET_BINDINGS_PER_NUMBER="5", **ONE_SUBPOOL) as stub:
         await import_block(stub)
         axn = await allocate(stub, party(1), mode=AXN)
         assert axn.extension == ""
@@ -377,10 +388,11 @@ async def test_unconfirmed_lease_lapses_by_itself(allocation_service: Service, r
             reservation_id=reply.reservation_id, binding_id=B1, expire_time=timestamp_in(60)
         )
         await fails(grpc.StatusCode.NOT_FOUND, stub.ConfirmReservation(confirm))
-        # Nothing of the reservation is left in Redis.
-        tag = "{pool:t1:010}"
-        assert redis_sync.zcard(f"np:alloc:{tag}:r:{reply.virtual_number}") == 0
-        assert redis_sync.hlen(f"np:alloc:{tag}:h:{reply.virtual_number}") == 0
+        # Nothing of the reservation is left in Redis (in the sub-pool holding the number, which its history shows).
+        subpool = subpool_of_number(redis_sync, reply.virtual_number)
+        assert redis_sync.xlen(pool_keys.history_key_in(subpool, reply.virtual_number)) == 2  # assign, unassign
+        assert redis_sync.zcard(pool_keys.reservations_key_in(subpool, reply.virtual_number)) == 0
+        assert redis_sync.hlen(pool_keys.hash_key_in(subpool, reply.virtual_number)) == 0
 
 
 async def test_lapses_are_swept_without_anyone_asking_about_the_number(allocation_service: Service) -> None:
@@ -399,7 +411,7 @@ async def test_lapses_are_swept_without_anyone_asking_about_the_number(allocatio
 async def test_confirm_extends_cancel_frees_and_replace_swaps_a_party(
     allocation_service: Service, redis_sync: Any
 ) -> None:
-    async with allocation_service(NUMPROTECT_ALLOCATION_TARGET_BINDINGS_PER_NUMBER="5") as stub:
+    async with allocation_service(NUMPROTECT_ALLOCATION_TARGET_BINDINGS_PER_NUMBER="5", **ONE_SUBPOOL) as stub:
         await import_block(stub)
         first = await allocate(stub, party(1), party(2), lease_s=0.3)
         second = await allocate(stub, party(3), party(4))
@@ -438,7 +450,7 @@ async def test_confirm_extends_cancel_frees_and_replace_swaps_a_party(
         replaced = await stub.ReplaceParty(
             pb.ReplacePartyRequest(reservation_id=first.reservation_id, old_party=party(2), new_party=party(5))
         )
-        fields = redis_sync.hgetall(f"np:alloc:{{pool:t1:010}}:h:{x}")
+        fields = redis_sync.hgetall(pool_keys.hash_key_in(subpool_of_number(redis_sync, x), x))
         assert f"p:{party(5)}".encode() in fields and f"p:{party(2)}".encode() not in fields
         # party(2) is free on x again: an allocation may put it there.
         again = await allocate(stub, party(2), party(6))

@@ -1,8 +1,10 @@
-"""64 concurrent allocators x 2,000 AXB allocations on one block with a small set of repeated parties.
+"""64 concurrent allocators x 2,000 AXB allocations on one block with a small set of repeated parties, in a pool of
+three sub-pools, on one Redis and on a Redis Cluster of three primaries (one sub-pool each).
 
 The service runs as three processes (python -m numprotect.services.allocation, with uvloop) sharing one Redis, as
 it would be deployed; the 64 grpc.aio clients (their own uvloop loop in the test process) are spread over them. Races
-happen between processes as well as within one. Afterwards every reservation is read back from Redis and
+happen between processes as well as within one, and every allocation that finds its first sub-pool without a fit
+tries the others. Afterwards every reservation is read back from Redis (each number from its own sub-pool) and
 checked: no (number, party) pair appears twice. Python gRPC costs ~0.5 ms of server CPU per call, so this
 runs at roughly 1,000-1,400 allocations/s on a 2-core machine.
 """
@@ -14,15 +16,19 @@ import collections
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import redis
 import uvloop
+from redis.cluster import RedisCluster
 
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
+from numprotect.core.pool_keys import PoolLayout, hash_key_in, reservations_key_in
 from support.identity import Role, mint
 from support.processes import ServiceProcess
 from support.tls import secure_channel
@@ -30,7 +36,7 @@ from support.tls import secure_channel
 WORKERS = 64
 SERVERS = 3
 BLOCK = "70055500000"[:11]
-TAG = "{pool:t1:010}"
+SUBPOOLS = 3
 # 120 riders and 120 customers, each appearing in ~1,000 bindings: concurrent requests share parties all the time.
 RIDERS = [f"138{i:08d}" for i in range(120)]
 CUSTOMERS = [f"0{10 + i % 90}{i:08d}" for i in range(120)]
@@ -75,17 +81,36 @@ async def _run_allocators(
             await channel.close(grace=None)
 
 
-# 64 clients x 250 allocations (16,000) in make test; x 2,000 (128,000: ~220 s on the shared 2-core machine with TLS
-# and keys) in make chaos.
+# 64 clients x 250 allocations (16,000) on one Redis and x 125 (8,000) on the cluster in make test; x 2,000 (128,000:
+# ~220 s on the shared 2-core machine with TLS and keys) on each in make chaos.
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    "per_worker", [pytest.param(250, id="short"), pytest.param(2_000, id="long", marks=pytest.mark.chaos)]
+    ("redis_mode", "per_worker"),
+    [
+        pytest.param("standalone", 250, id="standalone-short"),
+        pytest.param("cluster", 125, id="cluster-short"),
+        pytest.param("standalone", 2_000, id="standalone-long", marks=pytest.mark.chaos),
+        pytest.param("cluster", 2_000, id="cluster-long", marks=pytest.mark.chaos),
+    ],
 )
 def test_64_concurrent_allocators_never_produce_a_conflicting_pair(
-    redis_env: dict[str, str], redis_sync: Any, per_worker: int
+    redis_env: dict[str, str], cluster_env: Callable[[], dict[str, str]], redis_mode: str, per_worker: int
 ) -> None:
-    env = {**redis_env, "NUMPROTECT_ALLOCATION_LEASE": "10m", "NUMPROTECT_ALLOCATION_MAX_BINDINGS_PER_NUMBER": "40"}
+    # The Redis of the pass (one server, or the cluster in make test's cluster pass), else a cluster of our own.
+    if redis_mode != redis_env["NUMPROTECT_REDIS_MODE"]:
+        redis_env = cluster_env()
+    redis_sync: Any
+    if redis_mode == "cluster":
+        redis_sync = RedisCluster.from_url(redis_env["NUMPROTECT_REDIS_URL"])
+    else:
+        redis_sync = redis.Redis.from_url(redis_env["NUMPROTECT_REDIS_URL"])
+    env = {
+        **redis_env,
+        "NUMPROTECT_ALLOCATION_LEASE": "10m",
+        "NUMPROTECT_ALLOCATION_MAX_BINDINGS_PER_NUMBER": "40",
+        "NUMPROTECT_ALLOCATION_SUBPOOLS": str(SUBPOOLS),
+    }
     # Minted before the processes start: each loads them at start-up.
     operator, binding = mint(redis_sync, Role.OPERATOR), mint(redis_sync, Role.SERVICE, "binding")
     processes: list[ServiceProcess] = []
@@ -111,13 +136,16 @@ def test_64_concurrent_allocators_never_produce_a_conflicting_pair(
     pairs = collections.Counter((n, p) for n, a, b in allocations for p in (a, b))
     assert max(pairs.values()) == 1
 
-    # What Redis holds: read every number of the block back.
+    # What Redis holds: read every number of the block back, from the sub-pool holding it.
+    layout = PoolLayout.of("t1", "010", SUBPOOLS)
+    assert redis_sync.hget(layout.keys[0], "subpools") == str(SUBPOOLS).encode()
     numbers = [f"{BLOCK}{i:04d}" for i in range(10_000)]
     pipe = redis_sync.pipeline(transaction=False)
     for n in numbers:
-        pipe.hgetall(f"np:alloc:{TAG}:h:{n}")
-        pipe.zrange(f"np:alloc:{TAG}:r:{n}", 0, -1)
+        pipe.hgetall(hash_key_in(layout.key_of(n), n))
+        pipe.zrange(reservations_key_in(layout.key_of(n), n), 0, -1)
     replies = pipe.execute()
+    redis_sync.close()
     stored_pairs: collections.Counter[tuple[str, str]] = collections.Counter()
     loads = []
     for n, fields, members in zip(numbers, replies[0::2], replies[1::2], strict=True):
@@ -137,6 +165,10 @@ def test_64_concurrent_allocators_never_produce_a_conflicting_pair(
     assert max(loads) <= 40
     used = sum(1 for load in loads if load)
     print(f"numbers used: {used} of {len(loads)}, most bindings on one: {max(loads)}")
+    # Every sub-pool took its share (the start rotates in each process; a sub-pool without a fit passes it on).
+    per_subpool = collections.Counter(layout.keys.index(layout.key_of(n)) for n, _, _ in allocations)
+    print(f"allocations per sub-pool: {sorted(per_subpool.items())}")
+    assert min(per_subpool.values()) >= len(allocations) / SUBPOOLS * 0.9
     if per_worker >= 2_000:  # 128,000 allocations spread over the whole pool (16,000 fill about 1,600 numbers)
         assert min(loads) >= 1
     print(f"verified in {time.monotonic() - verify_started:.1f}s")

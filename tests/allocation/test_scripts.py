@@ -41,11 +41,17 @@ def scripts() -> Scripts:
 
 
 async def run(redis: RedisClient, script: LuaScript, *args: str | int) -> Any:
-    return text(await script(redis, [POOL], [TENANT, CITY, RETENTION_MS, *args]))
+    return await run_in(redis, POOL, script, *args)
+
+
+async def run_in(redis: RedisClient, subpool: str, script: LuaScript, *args: str | int) -> Any:
+    """The script on one sub-pool (base key `subpool`) of the pool of TENANT in CITY."""
+    return text(await script(redis, [subpool], [TENANT, CITY, RETENTION_MS, *args]))
 
 
 async def imported(redis: RedisClient, scripts: Scripts) -> None:
-    assert await run(redis, scripts.import_block, BLOCK) == 10_000
+    """BLOCK in a pool of one sub-pool (the pool as it was before sub-pools)."""
+    assert await run(redis, scripts.import_block, BLOCK, 0, 1) == [10_000, 1]
 
 
 async def allocate(
@@ -90,10 +96,41 @@ async def test_record_block_carrier(redis: RedisClient, scripts: Scripts) -> Non
 
 async def test_import_block(redis: RedisClient, scripts: Scripts) -> None:
     await imported(redis, scripts)
-    assert await run(redis, scripts.import_block, BLOCK) == 0
+    assert await run(redis, scripts.import_block, BLOCK, 0, 1) == [0, 1]
     assert await redis.scard(f"{POOL}:avail") == 10_000
     assert await redis.sismember(f"{POOL}:avail", BLOCK + "9999")
-    assert text(await redis.hget(POOL, "total")) == "10000"
+    assert text(await redis.hgetall(POOL)) == {
+        "tenant": TENANT,
+        "city": CITY,
+        "total": "10000",
+        "subpool": "0",
+        "subpools": "1",
+    }
+
+
+async def test_import_block_into_sub_pools(redis: RedisClient, scripts: Scripts) -> None:
+    """Each sub-pool gets the numbers whose last four digits are its index modulo the count; sub-pool 0's import
+    fixes the count of a new pool, and a later one asking for another count gets the fixed one."""
+    layout = pool_keys.PoolLayout.of(TENANT, CITY, 3)
+    assert await run_in(redis, layout.keys[0], scripts.import_block, BLOCK, 0, 3) == [3_334, 3]
+    assert await run_in(redis, layout.keys[0], scripts.import_block, "70012345679", 0, 5) == [3_334, 3]
+    for index in (1, 2):
+        assert await run_in(redis, layout.keys[index], scripts.import_block, BLOCK, index, 3) == [3_333, 3]
+        record = text(await redis.hmget(layout.keys[index], ["subpool", "subpools", "total"]))
+        assert record == [str(index), "3", "3333"]
+    for index, key in enumerate(layout.keys):
+        members = {text(m) for m in await redis.smembers(f"{key}:avail")}
+        assert all(int(n[-4:]) % 3 == index for n in members)
+        assert BLOCK + f"{index:04d}" in members
+    assert sum([await redis.scard(f"{key}:avail") for key in layout.keys]) == 10_000 + 3_334
+
+
+async def test_a_pool_made_before_sub_pools_stays_one(redis: RedisClient, scripts: Scripts) -> None:
+    """A pool whose record has no sub-pool count (imported by the previous release) keeps all its numbers in
+    sub-pool 0 whatever count a new import asks for, and its record says so from then on."""
+    await redis.hset(POOL, mapping={"tenant": TENANT, "city": CITY, "total": 0})
+    assert await run(redis, scripts.import_block, BLOCK, 0, 3) == [10_000, 1]
+    assert text(await redis.hget(POOL, "subpools")) == "1"
 
 
 async def test_allocate(redis: RedisClient, scripts: Scripts) -> None:

@@ -7,7 +7,21 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from allocation.test_scripts import BLOCK, CITY, POOL, TENANT, A, B, C, allocate, imported, redis, run, scripts
+from allocation.test_scripts import (
+    BLOCK,
+    CITY,
+    POOL,
+    RETENTION_MS,
+    TENANT,
+    A,
+    B,
+    C,
+    allocate,
+    imported,
+    redis,
+    run,
+    scripts,
+)
 
 from numprotect.core import pool_keys
 from numprotect.core.redis_client import LuaScript, RedisClient
@@ -17,7 +31,7 @@ from support.redis_state import state
 
 __all__ = ["redis", "scripts"]  # fixtures of the script tests, used here too
 
-POOL_KEYS = POOL + "*"
+POOL_KEYS = f"np:alloc:{{pool:{TENANT}:{CITY}*"  # every sub-pool's keys
 
 
 async def twice(redis: RedisClient, redis_sync: Any, script: LuaScript, *args: str | int) -> tuple[Any, Any]:
@@ -111,8 +125,19 @@ async def test_release_lock_unlock_repeated(redis: RedisClient, redis_sync: Any,
 
 
 async def test_import_and_claim_block_repeated(redis: RedisClient, redis_sync: Any, scripts: Scripts) -> None:
-    """import_block: the repeat answers 0 added (what a caller's own retry is told too); claim_block: 'mine'."""
-    assert await twice(redis, redis_sync, scripts.import_block, BLOCK) == (10_000, 0)
+    """import_block: the repeat answers 0 added (what a caller's own retry is told too) and the count; claim_block:
+    'mine'."""
+    assert await twice(redis, redis_sync, scripts.import_block, BLOCK, 0, 1) == ([10_000, 1], [0, 1])
+    # Into the sub-pools of a pool of three: the first fixes the count; the repeat adds nothing, changes nothing.
+    layout = pool_keys.PoolLayout.of(TENANT, "021", 3)
+    pattern = f"np:alloc:{{pool:{TENANT}:021*"
+    for index, key in enumerate(layout.keys):
+        args: list[str | int] = [TENANT, "021", RETENTION_MS, BLOCK, index, 3]
+        first = text(await scripts.import_block(redis, [key], args))
+        after_first = state(redis_sync, pattern)
+        second = text(await scripts.import_block(redis, [key], args))
+        assert state(redis_sync, pattern) == after_first
+        assert (first, second) == ([pool_keys.subpool_share(index, 3), 3], [0, 3])
     claim_keys = [pool_keys.block_owner_key(BLOCK), pool_keys.block_history_key(BLOCK)]
     first = text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops", "cm"]))
     owner = state(redis_sync, "np:alloc:{blk:" + BLOCK + "}*")

@@ -1,15 +1,20 @@
 """Number pools on Redis: import, allocation, reservations, locks, cooling, stats and history.
 
 No gRPC here: the servicer validates requests and converts to and from protobuf; this class owns the
-Redis layout (numprotect.core.pool_keys) and calls one Lua script per operation on a pool.
+Redis layout (numprotect.core.pool_keys) and calls one Lua script per operation on a sub-pool.
+
+A pool is N sub-pools (docs/allocation.md, "Sub-pools"), each in its own slot; a number lives in one of them, so
+everything about one number (reservations, the AXB rule, history) is one script on one slot. An allocation tries
+the sub-pools in turn from a rotating start: one round trip unless that sub-pool has nothing that fits.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
@@ -33,6 +38,8 @@ MODES = ("AXB", "AXN", "AXE")
 # GetPoolStats makes per pool at most.
 _STATS_SWEEP_BUDGET = 2_048
 _STATS_SWEEP_CALLS = 50
+# Pools whose layout a process keeps (sub-pool keys: computing one costs ~2N CRC16s); beyond it, it starts over.
+_LAYOUTS_KEPT = 100_000
 
 
 # Whether the caller may see a record of this tenant (layer.Callers.may_see_tenant); everyone by default.
@@ -114,6 +121,22 @@ def _info(number: str, tenant: str, city: str, reply: Sequence[Any]) -> NumberIn
     )
 
 
+@dataclass(frozen=True)
+class _SubPools:
+    """A pool's layout, and where its next allocation starts: the start rotates, so each sub-pool is first for every
+    N-th allocation of the process (per pool: two pools used in turn do not always start at the same sub-pool)."""
+
+    layout: pool_keys.PoolLayout
+    turns: Iterator[int]
+
+    def in_turn(self) -> tuple[str, ...]:
+        keys = self.layout.keys
+        if len(keys) == 1:
+            return keys
+        start = next(self.turns) % len(keys)
+        return keys[start:] + keys[:start]
+
+
 def _one_connection(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Runs the operation holding one place of the process's Redis limit (it uses one connection at a time)."""
 
@@ -138,10 +161,49 @@ class NumberPools:
         self.scripts = scripts
         # The process's bound on Redis operations (numprotect.core.limits); every operation here holds one place.
         self.redis_limit = redis_limit
+        # Each pool's sub-pool count as its record says (fixed once the pool exists: read once per process), and
+        # the layouts of (tenant, city, count) in use.
+        self._counts: dict[tuple[str, str], int] = {}
+        self._layouts: dict[tuple[str, str, int], _SubPools] = {}
 
     def _head(self, tenant: str, city: str) -> list[str | int]:
         """The arguments every pool script starts with (pool_lib.lua): tenant, city, history retention."""
         return [tenant, city, round(self.settings.history_retention_seconds * 1000)]
+
+    def _layout_of(self, tenant: str, city: str, subpools: int) -> pool_keys.PoolLayout:
+        return self._subpools_of(tenant, city, subpools).layout
+
+    def _subpools_of(self, tenant: str, city: str, subpools: int) -> _SubPools:
+        key = (tenant, city, subpools)
+        found = self._layouts.get(key)
+        if found is None:
+            if len(self._layouts) >= _LAYOUTS_KEPT:
+                self._layouts.clear()
+            layout = pool_keys.PoolLayout.of(tenant, city, subpools)
+            found = self._layouts[key] = _SubPools(layout, itertools.count(random.randrange(subpools)))
+        return found
+
+    async def _layout(self, tenant: str, city: str) -> pool_keys.PoolLayout:
+        return (await self._pool(tenant, city)).layout
+
+    async def _pool(self, tenant: str, city: str) -> _SubPools:
+        """The pool's sub-pools, as its record (sub-pool 0's hash) fixed them at its first import. A pool with no
+        record yet is answered as one sub-pool and not remembered (its import may be under way)."""
+        count = self._counts.get((tenant, city))
+        if count is None:
+            subpools, total = await self.redis.hmget(pool_keys.pool_key(tenant, city), ["subpools", "total"])
+            if subpools is None and total is None:
+                return self._subpools_of(tenant, city, 1)
+            # A pool made before sub-pools has no `subpools` field: it is one sub-pool.
+            count = int(subpools) if subpools is not None else 1
+            if len(self._counts) >= _LAYOUTS_KEPT:
+                self._counts.clear()
+            self._counts[(tenant, city)] = count
+        return self._subpools_of(tenant, city, count)
+
+    def _handle_pool(self, handle: pool_keys.Handle) -> str:
+        """The base key of the sub-pool holding a reservation: from the handle alone, no round trip."""
+        return self._layout_of(handle.tenant, handle.city, handle.subpools).key_of(handle.number)
 
     # ---- import ---------------------------------------------------------------------------------------
 
@@ -181,14 +243,31 @@ class NumberPools:
         # Cities first, then the numbers: a crash in between leaves an empty city (harmless), never
         # numbers no fallback can find. A retry completes the import (the pool script is idempotent).
         await self.redis.sadd(pool_keys.tenant_cities_key(tenant), city)
-        added = await self.scripts.import_block(
-            self.redis, [pool_keys.pool_key(tenant, city)], [*self._head(tenant, city), block]
+        # Sub-pool 0 first: its script fixes the pool's sub-pool count (a new pool takes the setting), then the
+        # others. A crash in between leaves the block in some sub-pools only; its numbers in the others answer
+        # "import it again" (number scripts) and are not handed out; a retry adds what is missing.
+        head = [*self._head(tenant, city), block]
+        first = await self.scripts.import_block(
+            self.redis, [pool_keys.pool_key(tenant, city)], [*head, 0, self.settings.subpools]
         )
+        added, count = int(first[0]), int(first[1])
+        self._counts[(tenant, city)] = count
+        layout = self._layout_of(tenant, city, count)
+        for index in range(1, count):
+            reply = await self.scripts.import_block(self.redis, [layout.keys[index]], [*head, index, count])
+            added += int(reply[0])
         log.info(
             "block imported",
-            extra={"block": block, "tenant": tenant, "city": city, "carrier": carrier, "added": int(added)},
+            extra={
+                "block": block,
+                "tenant": tenant,
+                "city": city,
+                "carrier": carrier,
+                "added": added,
+                "subpools": count,
+            },
         )
-        return int(added)
+        return added
 
     # ---- allocation -----------------------------------------------------------------------------------
 
@@ -200,16 +279,16 @@ class NumberPools:
         party_b = parties[1] if len(parties) > 1 else ""
         lease_ms = max(1, round(lease_seconds * 1000))
         rid = keys.new_rid()
-        reply = await self._allocate_in(tenant, city, mode, party_a, party_b, lease_ms, rid)
-        chosen_city = city
+        pool = await self._pool(tenant, city)
+        reply = await self._allocate_in(pool, mode, party_a, party_b, lease_ms, rid)
         if reply is None and not strict_city:
             cities = await self._cities(tenant)
             others = [c for c in cities if c != city]
             random.shuffle(others)
             for other in others:
-                reply = await self._allocate_in(tenant, other, mode, party_a, party_b, lease_ms, rid)
+                pool = await self._pool(tenant, other)
+                reply = await self._allocate_in(pool, mode, party_a, party_b, lease_ms, rid)
                 if reply is not None:
-                    chosen_city = other
                     break
         if reply is None:
             where = f"city {city}" if strict_city else f"city {city} nor any other city of the tenant"
@@ -218,7 +297,8 @@ class NumberPools:
                 subject=f"tenants/{tenant}/cities/{city}",
             )
         number = _text(reply[1])
-        handle = pool_keys.Handle(tenant, chosen_city, number, rid)
+        chosen_city = pool.layout.city
+        handle = pool_keys.Handle(tenant, chosen_city, number, rid, pool.layout.subpools)
         log.debug(
             "allocated",
             extra={"tenant": tenant, "city": chosen_city, "mode": mode, "number": number, "party_a": mask(party_a)},
@@ -233,27 +313,30 @@ class NumberPools:
         )
 
     async def _allocate_in(
-        self, tenant: str, city: str, mode: str, party_a: str, party_b: str, lease_ms: int, rid: str
+        self, pool: _SubPools, mode: str, party_a: str, party_b: str, lease_ms: int, rid: str
     ) -> list[Any] | None:
+        """One pool: its sub-pools from the next start in turn, until one has a number that fits (the AXB rule is
+        per number, so each sub-pool checks it alone); None when none has. Every try uses the same reservation id
+        (a sub-pool keeps its answer under it: "Scripts run twice")."""
         s = self.settings
-        reply = await self.scripts.allocate(
-            self.redis,
-            [pool_keys.pool_key(tenant, city)],
-            [
-                *self._head(tenant, city),
-                mode,
-                party_a,
-                party_b,
-                lease_ms,
-                s.max_bindings_per_number,
-                s.target_bindings_per_number,
-                rid,
-                random.randrange(10_000),
-                s.candidates,
-                s.sweep_batch,
-            ],
-        )
-        return list(reply) if _text(reply[0]) == "ok" else None
+        args = [
+            *self._head(pool.layout.tenant, pool.layout.city),
+            mode,
+            party_a,
+            party_b,
+            lease_ms,
+            s.max_bindings_per_number,
+            s.target_bindings_per_number,
+            rid,
+            random.randrange(10_000),
+            s.candidates,
+            s.sweep_batch,
+        ]
+        for key in pool.in_turn():
+            reply = await self.scripts.allocate(self.redis, [key], args)
+            if _text(reply[0]) == "ok":
+                return list(reply)
+        return None
 
     # ---- reservations ---------------------------------------------------------------------------------
 
@@ -261,7 +344,7 @@ class NumberPools:
     async def confirm(self, handle: pool_keys.Handle, binding_id: str, expire_ms: int) -> None:
         reply = await self.scripts.confirm(
             self.redis,
-            [pool_keys.pool_key(handle.tenant, handle.city)],
+            [self._handle_pool(handle)],
             [*self._head(handle.tenant, handle.city), handle.number, handle.rid, binding_id, expire_ms],
         )
         outcome = _text(reply[0])
@@ -285,7 +368,7 @@ class NumberPools:
         """True when a live reservation was freed; False when there was none (idempotent)."""
         reply = await self.scripts.cancel(
             self.redis,
-            [pool_keys.pool_key(handle.tenant, handle.city)],
+            [self._handle_pool(handle)],
             [*self._head(handle.tenant, handle.city), handle.number, handle.rid, reason],
         )
         return _text(reply[0]) == "ok"
@@ -294,7 +377,7 @@ class NumberPools:
     async def replace(self, handle: pool_keys.Handle, old_party: str, new_party: str) -> pool_keys.Handle:
         reply = await self.scripts.replace(
             self.redis,
-            [pool_keys.pool_key(handle.tenant, handle.city)],
+            [self._handle_pool(handle)],
             [*self._head(handle.tenant, handle.city), handle.number, handle.rid, old_party, new_party],
         )
         outcome = _text(reply[0])
@@ -332,8 +415,9 @@ class NumberPools:
         self, script_name: str, number: str, *args: str | int, visible: TenantFilter = _everyone
     ) -> NumberInfo:
         tenant, city = await self.owner(number, visible)
+        layout = await self._layout(tenant, city)
         script = getattr(self.scripts, script_name)
-        reply = await script(self.redis, [pool_keys.pool_key(tenant, city)], [*self._head(tenant, city), number, *args])
+        reply = await script(self.redis, [layout.key_of(number)], [*self._head(tenant, city), number, *args])
         outcome = _text(reply[0])
         if outcome == "unknown":
             raise NotFound(
@@ -384,19 +468,19 @@ class NumberPools:
         cities = [city] if city else await self._cities(tenant)
         total = PoolStats()
         for c in cities:
-            total += await self._city_stats(tenant, c)
+            layout = await self._layout(tenant, c)
+            for key in layout.keys:
+                total += await self._subpool_stats(key, tenant, c)
         return total
 
     async def _cities(self, tenant: str) -> list[str]:
         return sorted(_text(c) for c in await self.redis.smembers(pool_keys.tenant_cities_key(tenant)))
 
-    async def _city_stats(self, tenant: str, city: str) -> PoolStats:
+    async def _subpool_stats(self, key: str, tenant: str, city: str) -> PoolStats:
         # Each call sweeps a bounded batch before counting (Redis is never blocked long); repeated until
         # nothing lapsed is left, so the counts are exact unless the backlog exceeds the cap.
         for _ in range(_STATS_SWEEP_CALLS):
-            reply = await self.scripts.pool_stats(
-                self.redis, [pool_keys.pool_key(tenant, city)], [*self._head(tenant, city), _STATS_SWEEP_BUDGET]
-            )
+            reply = await self.scripts.pool_stats(self.redis, [key], [*self._head(tenant, city), _STATS_SWEEP_BUDGET])
             total, available, in_use, locked, cooling, settled = (int(v) for v in reply)
             if settled:
                 break
@@ -411,9 +495,10 @@ class NumberPools:
         """Events of the number oldest first: its block's (import) merged with its own, paged. Returns the
         page and where the next one starts (None at the end)."""
         tenant, city = await self.owner(number, visible)
+        layout = await self._layout(tenant, city)
         block_after, number_after = after or HistoryCursor("", "")
         block_key = pool_keys.block_history_key(number[:11])
-        number_key = pool_keys.number_history_key(tenant, city, number)
+        number_key = layout.history_key(number)
         block_entries = await self.redis.xrange(block_key, min=_after(block_after), count=page_size + 1)
         number_entries = await self.redis.xrange(number_key, min=_after(number_after), count=page_size + 1)
         merged: list[tuple[tuple[int, int], str, Any, Any]] = sorted(

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from numprotect.core.pool_keys import MAX_SUBPOOLS
 from numprotect.core.settings import Env, SettingsError
 
 _YEAR = 365 * 86400.0
+# Sub-pools of a new pool on Redis Cluster: one per primary of a 3-master cluster, three primaries' worth of
+# allocations for one pool on any cluster of 3 or more (docs/allocation.md, "Sub-pools"). On one Redis: 1.
+DEFAULT_CLUSTER_SUBPOOLS = 3
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class AllocationSettings:
     # The longest a binding lives (binding's NUMPROTECT_BINDING_MAX_TTL; set both alike): a confirmed
     # reservation never lasts longer than this from the moment it is confirmed.
     max_binding_lifetime_seconds: float = 90 * 86400.0
+    # Sub-pools of a pool created from now on (its first import fixes its count; docs/allocation.md, "Sub-pools").
+    subpools: int = 1
 
     @classmethod
     def from_env(cls, env: Env) -> AllocationSettings:
@@ -63,5 +69,11 @@ class AllocationSettings:
             ),
             max_binding_lifetime_seconds=env.seconds(
                 "NUMPROTECT_MAX_BINDING_LIFETIME", 90 * 86400.0, minimum=1.0, maximum=3650 * 86400.0
+            ),
+            subpools=env.integer(
+                "NUMPROTECT_ALLOCATION_SUBPOOLS",
+                DEFAULT_CLUSTER_SUBPOOLS if env.raw("NUMPROTECT_REDIS_MODE") == "cluster" else 1,
+                minimum=1,
+                maximum=MAX_SUBPOOLS,
             ),
         )

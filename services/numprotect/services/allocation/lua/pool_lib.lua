@@ -1,7 +1,9 @@
 -- Shared prelude of every pool script (prepended by allocation.scripts; not a script by itself).
 --
--- KEYS[1] is the pool's base key np:alloc:{pool:<tenant>:<city>} (a hash: tenant, city, total); every other
--- key below is derived from it and shares its hash tag, so each script touches exactly one cluster slot.
+-- KEYS[1] is the base key of one sub-pool of a pool (numprotect.core.pool_keys: np:alloc:{pool:<tenant>:<city>} for
+-- sub-pool 0, np:alloc:{pool:<tenant>:<city>:s<k>.<salt>} for the others), a hash: tenant, city, total (numbers of
+-- this sub-pool), subpool (k), subpools (N). Every other key below is derived from it and shares its hash tag, so
+-- each script touches exactly one cluster slot; a number and its reservations and history live in one sub-pool.
 -- ARGV[1] = tenant, ARGV[2] = city, ARGV[3] = history retention (ms); script-specific arguments follow.
 --
 --   <P>:avail        set   numbers that are free (no live reservation, not locked, not cooling)
