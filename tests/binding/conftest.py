@@ -18,6 +18,7 @@ from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.settings import Env, RedisSettings
+from numprotect.core.telemetry import Telemetry
 from numprotect.services.allocation.app import build as build_allocation
 from numprotect.services.binding.allocation_client import AllocationClient
 from numprotect.services.binding.app import build as build_binding
@@ -105,8 +106,11 @@ def services(redis_env: dict[str, str], service_token_file: Path) -> ServicesFac
     service_token = service_token_file.read_text().strip()
 
     @asynccontextmanager
-    async def start(**settings: str) -> AsyncIterator[Services]:
-        async with running_service("allocation", build_allocation, {**redis_env, **settings}) as alloc:
+    async def start(telemetry: Telemetry | None = None, **settings: str) -> AsyncIterator[Services]:
+        """`telemetry`: both services trace into it (default: tracing off)."""
+        async with running_service(
+            "allocation", build_allocation, {**redis_env, **settings}, telemetry=telemetry
+        ) as alloc:
             allocation: Any = allocation_pb2_grpc.AllocationServiceStub(alloc.channel_as(Role.OPERATOR))
             for block, tenant in ((BLOCK, TENANT), (OTHER_BLOCK, OTHER_TENANT)):
                 await allocation.ImportBlock(
@@ -120,7 +124,7 @@ def services(redis_env: dict[str, str], service_token_file: Path) -> ServicesFac
                 "NUMPROTECT_SERVICE_TOKEN_FILE": str(service_token_file),
                 **settings,
             }
-            async with running_service("binding", build_binding, environ) as svc:
+            async with running_service("binding", build_binding, environ, telemetry=telemetry) as svc:
                 binding: Any = binding_pb2_grpc.BindingServiceStub(svc.channel_as(Role.TENANT, TENANT))
                 running = Services(binding, allocation, svc.address, alloc.address, svc, alloc, service_token)
                 running._tenants[TENANT] = binding

@@ -147,7 +147,7 @@ class PausingAllocation(AllocationClient):
     """The real allocation client; Redis is paused right after ReplaceParty reached allocation (mid-update)."""
 
     def __init__(self, real: AllocationClient, server: RedisServer) -> None:
-        self.stub, self.timeout = real.stub, real.timeout
+        vars(self).update(vars(real))  # the real client's channel and settings, whatever they are
         self.server = server
         self.resumed = 0.0
 
@@ -224,7 +224,7 @@ class ConfirmFailingAllocation(AllocationClient):
     """The real allocation client whose next ConfirmReservation fails as if allocation were unreachable."""
 
     def __init__(self, real: AllocationClient) -> None:
-        self.stub, self.timeout = real.stub, real.timeout
+        vars(self).update(vars(real))  # the real client's channel and settings, whatever they are
 
     async def confirm(self, reservation_id: str, binding_id: str, expire_ms: int) -> None:
         raise Unavailable("allocation ConfirmReservation: unreachable (test)")

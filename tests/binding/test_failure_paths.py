@@ -83,7 +83,7 @@ class FaultyAllocation(AllocationClient):
         cancel_failures: int = 0,
         confirm_gate: asyncio.Event | None = None,
     ) -> None:
-        self.stub, self.timeout = real.stub, real.timeout
+        vars(self).update(vars(real))  # the real client's channel and settings, whatever they are
         self.confirm_fails = confirm_fails
         self.cancel_failures = cancel_failures
         self.confirm_gate = confirm_gate

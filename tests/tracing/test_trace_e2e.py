@@ -1,6 +1,7 @@
 """One trace across the suite: the four services as processes export over real OTLP/gRPC to a receiver here.
 
-- CreateBinding: binding SERVER -> binding CLIENT (to allocation) -> allocation SERVER -> Redis CLIENT spans.
+- CreateBinding: binding SERVER -> binding INTERNAL allocation.batch -> binding CLIENT (a batch call to
+  allocation) -> allocation SERVER -> Redis CLIENT spans.
 - Translate and the CDR ingestion of that call: the ingestion span links to the translation span whose ids
   the call_ref carried.
 - No span attribute (nor event, link attribute or status text) carries an unmasked phone number.
@@ -302,7 +303,7 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
     spans = receiver.snapshot()
     by_id = {s.span_id: s for s in spans}
 
-    # --- CreateBinding: binding SERVER -> binding CLIENT -> allocation SERVER -> Redis ------------------------------
+    # --- CreateBinding: binding SERVER -> allocation.batch -> binding CLIENT -> allocation SERVER -> Redis ---------
     root = server_span(spans, "binding", create_method)
     assert root is not None
     assert root.parent_span_id == ""  # the test's client is untraced: the trace starts at binding
@@ -310,8 +311,16 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
     binding_clients = [s for s in in_trace if s.service == "numprotect-binding" and s.kind == CLIENT]
     allocation_calls = [s for s in binding_clients if s.name.startswith("/numprotect.allocation.v1.")]
     assert allocation_calls, f"binding made no traced call to allocation: {[s.name for s in in_trace]}"
+    assert {c.name.rsplit("/", 1)[1] for c in allocation_calls} == {"AllocateNumbers", "ConfirmReservations"}
     for client in allocation_calls:
-        assert client.parent_span_id == root.span_id, (client.name, by_id.get(client.parent_span_id))
+        # The batch call's own span (this create went alone: one item) sits between the create and the call.
+        batch = by_id[client.parent_span_id]
+        assert (batch.service, batch.name, batch.parent_span_id) == (
+            "numprotect-binding",
+            "allocation.batch",
+            root.span_id,
+        )
+        assert batch.attributes["numprotect.batch_items"] == 1 and not batch.links
         (server,) = [s for s in in_trace if s.kind == SERVER and s.parent_span_id == client.span_id]
         assert server.service == "numprotect-allocation"
         assert server.name == client.name

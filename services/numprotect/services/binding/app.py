@@ -66,7 +66,12 @@ async def build(runtime: Runtime) -> ServiceParts:
     settings = BindingSettings.from_env(runtime.env)  # SettingsError before the server starts
     require_allocation_credential(runtime)
     page_token_key = PageTokenKey.from_env(runtime.env)
-    allocation = AllocationClient(runtime.channel("allocation"), settings.allocation_timeout_seconds)
+    allocation = AllocationClient(
+        runtime.channel("allocation"),
+        settings.allocation_timeout_seconds,
+        batching=settings.allocation_batching,
+        tracer=runtime.telemetry.tracer if runtime.telemetry.enabled else None,
+    )
     # Every RPC first waits for a place here. A call uses at most 3 Redis connections at once (a create's concurrent
     # writes) and the client's pool fails rather than queues when exhausted, so there are as many places as the pool
     # serves calls (health has a client of its own). A call waits at most one create lease, then gets UNAVAILABLE.

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from numprotect.core.settings import Env, SettingsError
+from numprotect.services.binding.batching import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_ITEMS, BatchLimits
 
 _DAY = 86400.0
 # The steps of a create (create.py), as a StepHook and NUMPROTECT_BINDING_FAILPOINT name them.
 CREATE_STEPS = ("claim", "allocate", "write", "routes", "confirm", "commit", "complete")
 FAILPOINT_ACTIONS = ("crash", "error")
+# Allocation answers a batch call of more items INVALID_ARGUMENT (its MAX_BATCH_ITEMS, docs/allocation.md).
+ALLOCATION_BATCH_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,10 @@ class BindingSettings:
     create_lease_seconds: float
     # Deadline of each call to the allocation service.
     allocation_timeout_seconds: float
+    # Natural batching of the calls to allocation (batching.py): items a batch call carries at most, and batch
+    # calls of one method on their way at once (requests arriving meanwhile wait for the next batch).
+    allocation_max_batch: int = DEFAULT_MAX_ITEMS
+    allocation_batches_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     # Per-principal rate limits (token buckets in each replica's memory: the cluster admits replicas x the rate).
     create_rate: float = 2000.0
     create_burst: int = 2000
@@ -57,6 +64,10 @@ class BindingSettings:
     def create_lease_ms(self) -> int:
         return int(self.create_lease_seconds * 1000)
 
+    @property
+    def allocation_batching(self) -> BatchLimits:
+        return BatchLimits(self.allocation_max_batch, self.allocation_batches_in_flight)
+
     @classmethod
     def from_env(cls, env: Env) -> BindingSettings:
         min_ttl = env.seconds("NUMPROTECT_BINDING_MIN_TTL", 60.0, minimum=0.1, maximum=90 * _DAY)
@@ -81,6 +92,15 @@ class BindingSettings:
             create_lease_seconds=env.seconds("NUMPROTECT_BINDING_CREATE_LEASE", 10.0, minimum=0.5, maximum=600.0),
             allocation_timeout_seconds=env.seconds(
                 "NUMPROTECT_BINDING_ALLOCATION_TIMEOUT", 5.0, minimum=0.05, maximum=120.0
+            ),
+            allocation_max_batch=env.integer(
+                "NUMPROTECT_BINDING_ALLOCATION_MAX_BATCH",
+                DEFAULT_MAX_ITEMS,
+                minimum=1,
+                maximum=ALLOCATION_BATCH_LIMIT,
+            ),
+            allocation_batches_in_flight=env.integer(
+                "NUMPROTECT_BINDING_ALLOCATION_BATCHES_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT, minimum=1, maximum=64
             ),
             create_rate=env.number("NUMPROTECT_CREATE_BINDING_RATE", 2000.0, minimum=0.01, maximum=1e6),
             create_burst=env.integer("NUMPROTECT_CREATE_BINDING_BURST", 2000, minimum=1, maximum=1_000_000),
