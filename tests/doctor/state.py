@@ -29,6 +29,8 @@ from support.inprocess import running_service
 TENANT, OTHER_TENANT = "t-doc", "t-other"
 BLOCK, OTHER_BLOCK = "70010000000", "70010000001"
 CITY = "010"
+# TENANT's pool has three sub-pools, OTHER_TENANT's one (as a pool made before sub-pools): the checks read both.
+SUBPOOLS = {TENANT: 3, OTHER_TENANT: 1}
 CARRIER = "cmcc"
 # The create lease and recovery interval the services run with and the doctor judges by: short, so the state
 # settles within a test (a create is judged once its deadline, 1 s and a recovery round have passed).
@@ -94,14 +96,21 @@ async def made_state(redis_env: dict[str, str], redis_sync: Any, tmp_path: Path)
     token_file = tmp_path / "binding.token"
     token_file.write_text(mint(redis_sync, Role.SERVICE, "binding") + "\n")
     token_file.chmod(0o600)
-    async with running_service("allocation", build_allocation, {**redis_env, **settings}) as alloc:
-        allocation: Any = allocation_pb2_grpc.AllocationServiceStub(alloc.channel_as(Role.OPERATOR))
-        for block, tenant in ((BLOCK, TENANT), (OTHER_BLOCK, OTHER_TENANT)):
-            await allocation.ImportBlock(
-                allocation_pb2.ImportBlockRequest(
-                    block=block, tenant_id=tenant, city_code=CITY, actor="test", carrier_id=CARRIER
-                )
+    one_subpool = {**redis_env, **settings, "NUMPROTECT_ALLOCATION_SUBPOOLS": str(SUBPOOLS[OTHER_TENANT])}
+    async with running_service("allocation", build_allocation, one_subpool) as alloc:
+        await allocation_pb2_grpc.AllocationServiceStub(alloc.channel_as(Role.OPERATOR)).ImportBlock(
+            allocation_pb2.ImportBlockRequest(
+                block=OTHER_BLOCK, tenant_id=OTHER_TENANT, city_code=CITY, actor="test", carrier_id=CARRIER
             )
+        )
+    subpools = {**redis_env, **settings, "NUMPROTECT_ALLOCATION_SUBPOOLS": str(SUBPOOLS[TENANT])}
+    async with running_service("allocation", build_allocation, subpools) as alloc:
+        allocation: Any = allocation_pb2_grpc.AllocationServiceStub(alloc.channel_as(Role.OPERATOR))
+        await allocation.ImportBlock(
+            allocation_pb2.ImportBlockRequest(
+                block=BLOCK, tenant_id=TENANT, city_code=CITY, actor="test", carrier_id=CARRIER
+            )
+        )
         environ = {
             **redis_env,
             "NUMPROTECT_ALLOCATION_ADDR": alloc.address,

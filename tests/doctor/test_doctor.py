@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from doctor.state import BLOCK, CITY, OTHER_TENANT, TENANT, doctor_options, made_state
+from doctor.state import BLOCK, CITY, OTHER_TENANT, SUBPOOLS, TENANT, doctor_options, made_state
 
 from numprotect.core.binding_records import binding_key, number_history_key, order_key
 from numprotect.core.cdr_keys import Bucket
@@ -26,7 +26,14 @@ from numprotect.core.doctor.report import (
     ROUTE_WITHOUT_BINDING,
 )
 from numprotect.core.phone import mask
-from numprotect.core.pool_keys import number_hash_key, number_reservations_key, pool_key
+from numprotect.core.pool_keys import (
+    PoolLayout,
+    hash_key_in,
+    pool_key,
+    reservations_key_in,
+    subpool_of,
+    subpool_share,
+)
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, caller_key
 from numprotect.core.settings import RedisSettings
 
@@ -59,6 +66,7 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
         assert report.scanned["binding records"] == 6
         assert report.scanned["reservations"] >= 4
         assert report.scanned["pools"] == 2
+        assert report.scanned["sub-pools"] == SUBPOOLS[TENANT] + SUBPOOLS[OTHER_TENANT]
         assert report.scanned["block owners"] == 2
         assert report.scanned["CDRs"] == 3
 
@@ -68,6 +76,12 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
         later = _now_ms() + 3_600_000
         pool = pool_key(TENANT, CITY)
         other_pool = pool_key(OTHER_TENANT, CITY)
+        subpools = PoolLayout.of(TENANT, CITY, SUBPOOLS[TENANT]).keys
+        x_pool = subpools[subpool_of(x, len(subpools))]  # the sub-pool holding x
+        x_reservations = reservations_key_in(x_pool, x)
+        # A free number of sub-pool 1 (x_pool's numbers serve bindings).
+        ones = (f"{BLOCK}{i:04d}" for i in range(1, 100, len(subpools)))
+        stray = next(n for n in ones if redis_sync.sismember(f"{subpools[1]}:avail", n))
         stream = Bucket(TENANT).stream
         first_entry = redis_sync.xrange(stream, count=1)[0]
         call_id = "call-1"
@@ -80,12 +94,12 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
             r.delete(caller_key(updated.virtual_number, updated.party_b))
 
         def plant_unconfirmed_reservation(r: Any) -> None:
-            r.zadd(number_reservations_key(TENANT, CITY, x), {rid: later})
-            r.hset(number_hash_key(TENANT, CITY, x), f"r:{rid}", "AXB|13900000009|13800000009||")
+            r.zadd(x_reservations, {rid: later})
+            r.hset(hash_key_in(x_pool, x), f"r:{rid}", "AXB|13900000009|13800000009||")
 
         def plant_reservation_of_ghost(r: Any) -> None:
-            r.zadd(number_reservations_key(TENANT, CITY, x), {rid: later})
-            r.hset(number_hash_key(TENANT, CITY, x), f"r:{rid}", f"AXB|13900000009|13800000009||{GHOST}")
+            r.zadd(x_reservations, {rid: later})
+            r.hset(hash_key_in(x_pool, x), f"r:{rid}", f"AXB|13900000009|13800000009||{GHOST}")
 
         def import_block_twice(r: Any) -> None:
             # The other tenant's pool gets this tenant's block in full, counters consistent: only ownership breaks.
@@ -99,7 +113,18 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
             r.hincrby(pool, "total", 1)
 
         def free_a_number_in_use(r: Any) -> None:
-            r.sadd(f"{pool}:avail", x)  # x serves the AXB binding: it is in the pool's axb set
+            r.sadd(f"{x_pool}:avail", x)  # x serves the AXB binding: it is in its sub-pool's axb set
+
+        def import_into_subpool_0_only(r: Any) -> None:
+            # An import that stopped after its first script (sub-pool 0's): the other sub-pools lack the block.
+            block = "70010000002"
+            r.sadd(f"{pool}:blocks", block)
+            r.sadd(f"{pool}:avail", *(f"{block}{i:04d}" for i in range(0, 10_000, len(subpools))))
+            r.hincrby(pool, "total", subpool_share(0, len(subpools)))
+
+        def move_a_number_to_another_subpool(r: Any) -> None:
+            r.srem(f"{subpools[1]}:avail", stray)  # two slots: no SMOVE
+            r.sadd(f"{pool}:avail", stray)
 
         def store_cdr_twice(r: Any) -> None:
             r.xadd(stream, {"p": first_entry[1][b"p"]})
@@ -110,7 +135,7 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
         def lose_history_entry(r: Any) -> None:
             r.zrem(number_history_key(axe.virtual_number), axe.binding_id)
 
-        plants: list[tuple[str, Callable[[Any], None], list[str], tuple[str, str]]] = [
+        plants: list[tuple[str, Callable[[Any], None], list[str], tuple[str, str] | set[tuple[str, str]]]] = [
             (
                 "route of no binding",
                 plant_ghost_route,
@@ -126,14 +151,14 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
             (
                 "unconfirmed reservation beyond the lease",
                 plant_unconfirmed_reservation,
-                [number_reservations_key(TENANT, CITY, x), number_hash_key(TENANT, CITY, x)],
-                (RESERVATION_WITHOUT_BINDING, number_reservations_key(TENANT, CITY, x)),
+                [x_reservations, hash_key_in(x_pool, x)],
+                (RESERVATION_WITHOUT_BINDING, x_reservations),
             ),
             (
                 "reservation confirmed for no binding",
                 plant_reservation_of_ghost,
-                [number_reservations_key(TENANT, CITY, x), number_hash_key(TENANT, CITY, x)],
-                (RESERVATION_WITHOUT_BINDING, number_reservations_key(TENANT, CITY, x)),
+                [x_reservations, hash_key_in(x_pool, x)],
+                (RESERVATION_WITHOUT_BINDING, x_reservations),
             ),
             (
                 "block in two tenants' pools",
@@ -142,7 +167,19 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
                 (NUMBER_IN_TWO_POOLS, f"{other_pool}:blocks"),
             ),
             ("pool total off by one", miscount_pool, [pool], (POOL_COUNTERS, pool)),
-            ("number both in use and free", free_a_number_in_use, [f"{pool}:avail"], (POOL_COUNTERS, pool)),
+            ("number both in use and free", free_a_number_in_use, [f"{x_pool}:avail"], (POOL_COUNTERS, x_pool)),
+            (
+                "import that reached sub-pool 0 only",
+                import_into_subpool_0_only,
+                [pool, f"{pool}:blocks", f"{pool}:avail"],
+                {(POOL_COUNTERS, f"{key}:blocks") for key in subpools[1:]},
+            ),
+            (
+                "number in another sub-pool than its own",
+                move_a_number_to_another_subpool,
+                [f"{pool}:avail", f"{subpools[1]}:avail"],
+                {(POOL_COUNTERS, pool), (POOL_COUNTERS, subpools[1])},  # a stranger in 0; 1 short of its total
+            ),
             (
                 "CDR stored twice",
                 store_cdr_twice,
@@ -165,11 +202,12 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
         for name, plant, touched, expected in plants:
             saved = {key: (redis_sync.dump(key), redis_sync.pttl(key)) for key in touched}
             plant(redis_sync)
+            wanted = expected if isinstance(expected, set) else {expected}
             try:
                 report = await scan_async(doctor_redis, doctor_options())
-                assert _found(report) == {expected}, f"{name}: {report.to_text(examples=10)}"
-                assert report.counts[expected[0]] >= 1
-                assert sum(report.counts.values()) == report.counts[expected[0]], name
+                assert _found(report) == wanted, f"{name}: {report.to_text(examples=10)}"
+                (kind,) = {kind for kind, _ in wanted}
+                assert report.counts[kind] == sum(report.counts.values()) >= len(wanted), name
             finally:
                 for key, (dumped, ttl) in saved.items():
                     redis_sync.delete(key)
@@ -177,6 +215,9 @@ async def test_state_made_by_the_services_is_clean_and_each_planted_violation_is
                         redis_sync.restore(key, max(ttl, 0), dumped)
             if plant is free_a_number_in_use:
                 assert any(f"1 number(s) both axb and avail (e.g. {x})" in v.detail for v in report.violations)
+            if plant is move_a_number_to_another_subpool:
+                stranger = f"1 number(s) of another sub-pool of the pool (e.g. {stray})"
+                assert any(stranger in v.detail for v in report.violations)
         assert (await scan_async(doctor_redis, doctor_options())).clean  # everything restored
 
 

@@ -79,7 +79,7 @@ async def scan_with(redis: RedisClient, options: Options) -> Report:
                 suspects.append(finding)
             else:
                 report.add(finding.violation)
-    for finding in checks.pools.findings():
+    for finding in await checks.pool_findings():
         report.add(finding.violation)
     for violation in await _second_look(redis, options, suspects):
         report.add(violation)

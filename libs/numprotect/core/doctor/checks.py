@@ -41,18 +41,29 @@ from numprotect.core.doctor.report import (
 )
 from numprotect.core.errors import InvalidArgument
 from numprotect.core.phone import mask
-from numprotect.core.pool_keys import Handle, block_owner_key, number_hash_key, pool_key
+from numprotect.core.pool_keys import (
+    BLOCK_SIZE,
+    MAX_SUBPOOLS,
+    Handle,
+    block_owner_key,
+    hash_key_in,
+    pool_key,
+    subpool_key,
+    subpool_of,
+    subpool_share,
+)
 from numprotect.core.redis_client import LuaScript, RedisClient, as_text
 from numprotect.core.routes import Route
 
-BLOCK_SIZE = 10_000  # numbers per imported block (allocation's lua/import_block.lua)
 # A binding record about to be purged (end + retention) may already have left its number's history.
 _PURGE_MARGIN_MS = 60_000
 
 _ROUTE = re.compile(r"np:rt:\{(?P<x>[^}]*)\}:(?:c:(?P<caller>.+)|n|e:.+)")
 _BINDING = re.compile(r"np:b:\{(?P<id>[^}]*)\}")
-_POOL = re.compile(r"np:alloc:\{pool:(?P<tenant>[^:}]+):(?P<city>[^:}]+)\}")
-_RESERVATIONS = re.compile(r"(?P<pool>np:alloc:\{pool:(?P<tenant>[^:}]+):(?P<city>[^:}]+)\}):r:(?P<number>\d+)")
+# A sub-pool's base key: sub-pool 0 np:alloc:{pool:<tenant>:<city>}, sub-pool k np:alloc:{pool:<t>:<c>:s<k>.<salt>}.
+_SUBPOOL = r"np:alloc:\{pool:(?P<tenant>[^:}]+):(?P<city>[^:}]+)(?::s(?P<index>\d+)\.\d+)?\}"
+_POOL = re.compile(_SUBPOOL)
+_RESERVATIONS = re.compile(rf"(?P<pool>{_SUBPOOL}):r:(?P<number>\d+)")
 _OWNER = re.compile(r"np:alloc:\{blk:(?P<block>\d+)\}:owner")
 _CDR_STREAM = re.compile(r"np:cdr:\{(?P<tag>t:[^}]*|unmatched)\}:s")
 _EVENT_FIELD = re.compile(r"h(\d+)")
@@ -169,10 +180,10 @@ class Checks:
                 routes.append((key, match["x"]))
             elif match := _BINDING.fullmatch(key):
                 bindings.append((key, match["id"]))
-            elif (match := _POOL.fullmatch(key)) and pool_key(match["tenant"], match["city"]) == key:
+            elif match := _POOL.fullmatch(key):
                 pools.append((key, match["tenant"], match["city"]))
             elif match := _RESERVATIONS.fullmatch(key):
-                reservations.append((key, match["tenant"], match["city"], match["number"]))
+                reservations.append((key, match["pool"], match["number"]))
             elif (match := _OWNER.fullmatch(key)) and block_owner_key(match["block"]) == key:
                 owners.append(match["block"])
             elif match := _CDR_STREAM.fullmatch(key):
@@ -366,9 +377,10 @@ class Checks:
 
     # ---- reservations -----------------------------------------------------------------------------------------
 
-    async def reservations(self, keys: Sequence[tuple[str, str, str, str]]) -> list[Finding]:
+    async def reservations(self, keys: Sequence[tuple[str, str, str]]) -> list[Finding]:
+        """(reservations key, its sub-pool's base key, number) of each number's reservations zset."""
         findings: list[Finding] = []
-        for key, tenant, city, number in keys:
+        for key, subpool, number in keys:
             start = 0
             while True:
                 live: Any = await self.redis.zrangebyscore(
@@ -376,7 +388,7 @@ class Checks:
                 )
                 if not live:
                     break
-                findings += await self._reservation_batch(key, tenant, city, number, live)
+                findings += await self._reservation_batch(key, subpool, number, live)
                 await self.pace.took(len(live))
                 if len(live) < self.batch:
                     break
@@ -384,10 +396,10 @@ class Checks:
         return findings
 
     async def _reservation_batch(
-        self, key: str, tenant: str, city: str, number: str, live: Sequence[tuple[Any, float]]
+        self, key: str, subpool: str, number: str, live: Sequence[tuple[Any, float]]
     ) -> list[Finding]:
         rids = [as_text(rid) for rid, _ in live]
-        records = await self.redis.hmget(number_hash_key(tenant, city, number), [f"r:{rid}" for rid in rids])
+        records = await self.redis.hmget(hash_key_in(subpool, number), [f"r:{rid}" for rid in rids])
         lease_end = self.judge.now_ms() + self.judge.create_lease_ms + self.judge.grace_ms  # D is now + lease at most
         confirmed: list[tuple[str, int, str]] = []
         findings = []
@@ -435,18 +447,33 @@ class Checks:
     # ---- pools ------------------------------------------------------------------------------------------------
 
     async def pool(self, key: str, tenant: str, city: str) -> list[Finding]:
+        """One sub-pool (a pool made before sub-pools is sub-pool 0 of 1): its counters agree with its sets, its
+        record with its key, its sets hold only numbers of its share (pool_keys.subpool_of)."""
         try:
             counts = [int(n) for n in await self._pool_counts(self.redis, [key])]
         except ResponseError:  # WRONGTYPE: a key of the pool's name that is not one of its parts
             self.judge.report.note_unchecked("keys of an unexpected type")
             return []
-        total, blocks_n, avail, axb, axe, axn, locked, cooling = counts
+        total, blocks_n, avail, axb, axe, axn, locked, cooling, index, subpools = counts
+        if index < 0 and subpools < 0 and key == pool_key(tenant, city):
+            index, subpools = 0, 1
+        if not (0 <= index < subpools <= MAX_SUBPOOLS and key == subpool_key(tenant, city, index, subpools)):
+            # No record saying which sub-pool it is, or one its name does not match (a block's numbers are then
+            # in a slot no allocation reads): nothing more can be judged.
+            problem = f"a pool key without a record of its place (subpool {index} of {subpools}) that matches its name"
+            return [Finding(Violation(POOL_COUNTERS, key, problem), key)]
         blocks = {as_text(b) for b in await self.redis.smembers(f"{key}:blocks")}
-        self.judge.report.count("pools")
-        self.pools.add_pool(key, tenant, city, blocks)
+        self.judge.report.count("sub-pools")
+        if index == 0:
+            self.judge.report.count("pools")
+        self.pools.add_pool(key, tenant, city, blocks, index, subpools)
         findings = []
-        if total != blocks_n * BLOCK_SIZE:
-            problem = f"total {total}, but {blocks_n} block(s) of {BLOCK_SIZE:,} numbers"
+        share = subpool_share(index, subpools)
+        if total != blocks_n * share:
+            whose = f"{share:,} numbers of each" if subpools > 1 else f"{BLOCK_SIZE:,} numbers"
+            problem = f"total {total}, but {blocks_n} block(s) of {whose}"
+            if subpools > 1:
+                problem += f" (sub-pool {index} of {subpools})"
             findings.append(Finding(Violation(POOL_COUNTERS, key, problem), key))
         states = avail + axb + axe + axn + locked + cooling
         if states != total:
@@ -455,11 +482,11 @@ class Checks:
                 f"total {total}"
             )
             findings.append(Finding(Violation(POOL_COUNTERS, key, problem), key))
-        findings += await self._pool_members(key, blocks)
+        findings += await self._pool_members(key, blocks, index, subpools)
         return findings
 
-    async def _pool_members(self, key: str, blocks: set[str]) -> list[Finding]:
-        """Every number of the pool's state sets is in one of its blocks, and in one state only."""
+    async def _pool_members(self, key: str, blocks: set[str], index: int, subpools: int) -> list[Finding]:
+        """Every number of the sub-pool's state sets is in one of its blocks and its share, and in one state only."""
         # (suffix, type); each set is compared with the ones after it, the largest (avail) last.
         sets = [
             ("axb", "zset"),
@@ -470,14 +497,20 @@ class Checks:
             ("avail", "set"),
         ]
         overlaps: dict[tuple[str, str], Overlap] = defaultdict(Overlap)
-        for index, (name, kind) in enumerate(sets):
+        misplaced = Overlap()
+        for position, (name, kind) in enumerate(sets):
             async for members in self._members(f"{key}:{name}", kind):
                 for number in members:
                     if number[:11] not in blocks:
                         self.pools.add_foreign(key, number[:11])
-                for other, other_kind in sets[index + 1 :]:
+                misplaced.add([n for n in members if n.isdigit() and subpool_of(n, subpools) != index])
+                for other, other_kind in sets[position + 1 :]:
                     overlaps[(name, other)].add(await self._present(f"{key}:{other}", other_kind, members))
         findings = []
+        if misplaced.count:
+            shown = ", ".join(misplaced.examples)
+            problem = f"{misplaced.count} number(s) of another sub-pool of the pool (e.g. {shown})"
+            findings.append(Finding(Violation(POOL_COUNTERS, key, problem), key))
         for (name, other), overlap in overlaps.items():
             if overlap.count:
                 shown = ", ".join(overlap.examples)
@@ -512,6 +545,22 @@ class Checks:
             return [m for m, score in zip(members, scores, strict=True) if score is not None]
         values = await self.redis.hmget(key, list(members))
         return [m for m, value in zip(members, values, strict=True) if value is not None]
+
+    async def pool_findings(self) -> list[Finding]:
+        """After the walk: numbers in two pools, and blocks missing from some sub-pools of their pool. A missing block
+        is read again now (the walk met the sub-pools at different moments: an import may have gone on since)."""
+        found = self.pools.findings()
+        for key, index, count, blocks in self.pools.import_gaps():
+            present = await self.redis.smismember(f"{key}:blocks", list(blocks))
+            still = [block for block, hit in zip(blocks, present, strict=True) if not hit]
+            if still:
+                shown = ", ".join(still[:3]) + (f" and {len(still) - 3} more" if len(still) > 3 else "")
+                problem = (
+                    f"block(s) {shown} of the pool are not in sub-pool {index} of {count}: an import that did not "
+                    "complete (their numbers of this sub-pool are never handed out); import them again"
+                )
+                found.append(Finding(Violation(POOL_COUNTERS, f"{key}:blocks", problem), None))
+        return found
 
     async def owners(self, blocks: Sequence[str]) -> None:
         replies = await _pipelined(self.redis, (("hmget", (block_owner_key(b), ["tenant", "city"])) for b in blocks))
@@ -593,16 +642,23 @@ class Overlap:
 
 @dataclass
 class PoolRegistry:
-    """Blocks per pool, block owners, and numbers found in a pool's sets outside its blocks (per block): enough
-    to find a number in two pools after the walk, in memory proportional to the number of blocks."""
+    """Blocks per sub-pool, block owners, numbers found in a sub-pool's sets outside its blocks (per block), and the
+    sub-pools of each pool: enough to find a number in two pools, and an import that reached only some sub-pools,
+    after the walk, in memory proportional to the number of blocks."""
 
-    blocks: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # block -> pool keys
-    tenants: dict[str, tuple[str, str]] = field(default_factory=dict)  # pool key -> (tenant, city)
+    blocks: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # block -> sub-pool keys
+    tenants: dict[str, tuple[str, str]] = field(default_factory=dict)  # sub-pool key -> (tenant, city)
     owners: dict[str, tuple[str, str]] = field(default_factory=dict)  # block -> (tenant, city)
-    foreign: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))  # (pool, block) -> n
+    foreign: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))  # (sub-pool, block) -> n
+    # (tenant, city) -> sub-pool count its sub-pool 0 records (or any sub-pool, when the walk met no sub-pool 0)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def add_pool(self, key: str, tenant: str, city: str, blocks: Iterable[str]) -> None:
+    def add_pool(
+        self, key: str, tenant: str, city: str, blocks: Iterable[str], index: int = 0, subpools: int = 1
+    ) -> None:
         self.tenants[key] = (tenant, city)
+        if index == 0 or (tenant, city) not in self.counts:
+            self.counts[(tenant, city)] = subpools
         for block in blocks:
             self.blocks[block].add(key)
 
@@ -611,19 +667,21 @@ class PoolRegistry:
 
     def findings(self) -> list[Finding]:
         found = []
-        for block, pools in sorted(self.blocks.items()):
+        for block, keys in sorted(self.blocks.items()):
             owner = self.owners.get(block)
-            wrong = sorted(p for p in pools if owner is not None and self.tenants[p] != owner)
+            pools = {self.tenants[k] for k in keys}
+            wrong = sorted(k for k in keys if owner is not None and self.tenants[k] != owner)
             if owner is None and len(pools) > 1:
-                wrong = sorted(pools)
+                wrong = sorted(keys)
             for key in wrong:
-                others = ", ".join(f"{t}/{c}" for t, c in sorted(self.tenants[p] for p in pools if p != key)) or "none"
+                others = ", ".join(f"{t}/{c}" for t, c in sorted(pools - {self.tenants[key]})) or "none"
                 claimed = f"owned by {owner[0]}/{owner[1]}" if owner else "no owner record"
                 problem = f"block {block} is in this pool ({claimed}; also in the pools of {others})"
                 found.append(Finding(Violation(NUMBER_IN_TWO_POOLS, f"{key}:blocks", problem), None))
         for (key, block), n in sorted(self.foreign.items()):
-            elsewhere = sorted(p for p in self.blocks.get(block, ()) if p != key)
-            if elsewhere or (block in self.owners and self.owners[block] != self.tenants.get(key)):
+            pool = self.tenants.get(key)
+            elsewhere = sorted(p for p in self.blocks.get(block, ()) if self.tenants[p] != pool)
+            if elsewhere or (block in self.owners and self.owners[block] != pool):
                 holder = ", ".join(elsewhere) or "the owner {}/{}".format(*self.owners[block])
                 problem = f"{n} number(s) of block {block} are in this pool's sets; the block is {holder}'s"
                 found.append(Finding(Violation(NUMBER_IN_TWO_POOLS, key, problem), None))
@@ -631,3 +689,20 @@ class PoolRegistry:
                 problem = f"{n} number(s) of block {block}, not one of this pool's blocks, are in its sets"
                 found.append(Finding(Violation(POOL_COUNTERS, key, problem), None))
         return found
+
+    def import_gaps(self) -> list[tuple[str, int, int, list[str]]]:
+        """(sub-pool key, index, count, blocks): blocks some sub-pool of a pool holds and this one does not, as the
+        walk saw them (an import is N scripts, one per sub-pool: one under way, or one that stopped half-way)."""
+        pool_blocks: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for block, keys in self.blocks.items():
+            for key in keys:
+                pool_blocks[self.tenants[key]].add(block)
+        gaps = []
+        for (tenant, city), blocks in sorted(pool_blocks.items()):
+            count = self.counts[(tenant, city)]
+            for index in range(count):
+                key = subpool_key(tenant, city, index, count)
+                missing = sorted(b for b in blocks if key not in self.blocks[b])
+                if missing:
+                    gaps.append((key, index, count, missing))
+        return gaps
