@@ -7,6 +7,7 @@ records blocks for other carriers), `tenant(id)` and `operator` read, `anonymous
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -17,6 +18,7 @@ import pytest
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core.binding_records import BindingRecord, BindingRecordStore
+from numprotect.core.cdr_keys import Bucket, Buckets, count_key
 from numprotect.core.identity.principal import Role
 from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE
@@ -35,6 +37,7 @@ CALLER = "13800000001"
 TARGET = "13900000002"
 
 Stub = Any  # cdr_pb2_grpc.CdrServiceStub (its methods are untyped)
+BUCKETS_SETTING = "NUMPROTECT_CDR_STREAM_BUCKETS"
 
 
 @dataclass
@@ -90,6 +93,13 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def bucket_of(redis_sync: Any, tenant_id: str, number: str = X) -> Bucket:
+    """The bucket of an owner's records on `number` (tenant_id "": the unmatched records), by the owner's stored
+    bucket count (none stored: bucket 0, where everything is then)."""
+    count = redis_sync.get(count_key(tenant_id))
+    return Buckets.of(tenant_id, int(count or 1)).for_number(number)
+
+
 @pytest.fixture
 def cdr_service(redis_env: dict[str, str]) -> ServiceFactory:
     """`async with cdr_service(NUMPROTECT_CDR_MAX_BATCH="10") as cdr:` a served cdr service whose carrier CARRIER
@@ -97,7 +107,13 @@ def cdr_service(redis_env: dict[str, str]) -> ServiceFactory:
 
     @asynccontextmanager
     async def start(telemetry: Telemetry | None = None, **settings: str) -> AsyncIterator[CdrClients]:
-        environ: Mapping[str, str] = {**redis_env, "NUMPROTECT_CDR_WATCH_BLOCK": "200ms", **settings}
+        environ: Mapping[str, str] = {
+            **redis_env,
+            "NUMPROTECT_CDR_WATCH_BLOCK": "200ms",
+            # NUMPROTECT_CDR_STREAM_BUCKETS=4 pytest tests/cdr: the whole suite with new owners' records in buckets.
+            **{name: os.environ[name] for name in [BUCKETS_SETTING] if name in os.environ},
+            **settings,
+        }
         async with running_service("cdr", build, environ, telemetry=telemetry) as svc:
             svc.route(CARRIER, X)
             yield CdrClients(svc)

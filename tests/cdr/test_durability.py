@@ -10,17 +10,15 @@ from typing import Any
 
 import grpc
 import pytest
+from cdr.conftest import bucket_of
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
-from numprotect.core.cdr_keys import Bucket
 from numprotect.core.identity.principal import Role
 from numprotect.services.cdr.app import build
 from support.inprocess import running_service
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer
 from support.tls import sync_secure_channel
-
-UNMATCHED = Bucket("")
 
 
 def _ingest(address: str, token: str, records: list[cdr_pb2.CallDetailRecord], timeout: float = 60) -> Any:
@@ -55,8 +53,8 @@ def test_service_restart_between_two_sends_of_the_same_batch(
     finally:
         second.stop()
     assert (again.accepted, again.duplicates) == (0, 500)
-    assert redis_sync.xlen(UNMATCHED.stream) == 500
-    assert redis_sync.zcard(UNMATCHED.time_index) == 500
+    assert redis_sync.xlen(bucket_of(redis_sync, "").stream) == 500
+    assert redis_sync.zcard(bucket_of(redis_sync, "").time_index) == 500
 
 
 def test_service_killed_in_the_middle_of_a_batch_then_the_batch_is_resent(
@@ -69,14 +67,14 @@ def test_service_killed_in_the_middle_of_a_batch_then_the_batch_is_resent(
             stub = cdr_pb2_grpc.CdrServiceStub(channel)
             future = stub.IngestCdrs.future(cdr_pb2.IngestCdrsRequest(records=records), timeout=30)
             deadline = time.monotonic() + 20
-            while redis_sync.xlen(UNMATCHED.stream) == 0 and time.monotonic() < deadline:
+            while redis_sync.xlen(bucket_of(redis_sync, "").stream) == 0 and time.monotonic() < deadline:
                 time.sleep(0.001)
             first.process.kill()  # as soon as part of the batch is stored
             with contextlib.suppress(grpc.RpcError):
                 future.result()  # whatever the carrier saw, it retries the whole batch
     finally:
         first.stop()
-    stored_before = redis_sync.xlen(UNMATCHED.stream)
+    stored_before = redis_sync.xlen(bucket_of(redis_sync, "").stream)
     print("stored before the resend:", stored_before)
     assert stored_before > 0
     second = ServiceProcess("cdr", redis_env, timeout=60)
@@ -86,10 +84,11 @@ def test_service_killed_in_the_middle_of_a_batch_then_the_batch_is_resent(
         second.stop()
     assert again.accepted == 1000 - stored_before
     assert again.duplicates == stored_before
-    assert redis_sync.xlen(UNMATCHED.stream) == 1000
-    ids = [entry[0] for entry in redis_sync.xrange(UNMATCHED.stream)]
+    assert redis_sync.xlen(bucket_of(redis_sync, "").stream) == 1000
+    unmatched = bucket_of(redis_sync, "")
+    ids = [entry[0] for entry in redis_sync.xrange(unmatched.stream)]
     carrier = records[0].carrier_id  # the carrier_token's own: what the service stores
-    assert {redis_sync.get(UNMATCHED.dedup(carrier, f"k{i}")) for i in range(1000)} == set(ids)
+    assert {redis_sync.get(unmatched.dedup(carrier, f"k{i}")) for i in range(1000)} == set(ids)
 
 
 @pytest.mark.parametrize("fsync", ["always", "everysec"])
@@ -109,14 +108,14 @@ async def test_redis_killed_and_restarted_from_its_aof(fsync: str, make_record: 
             assert reply.accepted + reply.duplicates == 300
             server.kill()  # SIGKILL right after the acknowledgement
             server.restart()
-            survived = server.client().xlen(UNMATCHED.stream)
+            survived = server.client().xlen(bucket_of(server.client(), "").stream)
             if fsync == "always":
                 assert survived == 300
             # The first call after the restart may meet a dead pooled connection (UNAVAILABLE): resent.
             again = await _send_until_answered(stub, records)
             assert (again.accepted, again.duplicates) == (300 - survived, survived)
-        assert server.client().xlen(UNMATCHED.stream) == 300
-        assert server.client().zcard(UNMATCHED.time_index) == 300
+        assert server.client().xlen(bucket_of(server.client(), "").stream) == 300
+        assert server.client().zcard(bucket_of(server.client(), "").time_index) == 300
     finally:
         server.stop()
 

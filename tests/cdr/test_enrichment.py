@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from cdr.conftest import bucket_of
+
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.call_ref import CallRef
-from numprotect.core.cdr_keys import Bucket
 
 X = "700100000000001"
 X2 = "700100000000002"
@@ -108,7 +109,7 @@ async def test_unknown_bindings_are_kept_flagged_and_listed_for_the_operator(
     assert all(r.binding_match == cdr_pb2.BINDING_MATCH_NONE for r in unmatched.values())
     # What the carrier said is kept for the operator to investigate.
     assert unmatched["unknown-id"].binding_id == "b-does-not-exist"
-    assert redis_sync.xlen(Bucket("").stream) == 5
+    assert redis_sync.xlen(bucket_of(redis_sync, "").stream) == 5
     # Resending is still exactly once for unmatched records.
     async with cdr_service() as cdr:
         again = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))

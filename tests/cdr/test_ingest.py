@@ -8,12 +8,10 @@ from typing import Any
 
 import grpc
 import pytest
+from cdr.conftest import bucket_of
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from numprotect.cdr.v1 import cdr_pb2
-from numprotect.core.cdr_keys import Bucket
-
-UNMATCHED = Bucket("")
 
 
 def _summary_adds_up(reply: Any, sent: int) -> None:
@@ -63,7 +61,7 @@ async def test_a_mixed_batch_accepts_the_good_and_rejects_the_bad_precisely(
         assert reason in got[index].reason, (index, got[index].reason)
         assert got[index].call_id == record.call_id[:128]
     # No binding matches these: they are kept in the unmatched bucket, not dropped.
-    assert redis_sync.xlen(UNMATCHED.stream) == 3
+    assert redis_sync.xlen(bucket_of(redis_sync, "").stream) == 3
 
 
 async def test_oversized_batch_is_invalid_argument_naming_records(cdr_service: Any, make_record: Any) -> None:
@@ -90,7 +88,7 @@ async def test_duplicates_within_and_across_batches_are_counted_not_stored(
             cdr_pb2.IngestCdrsRequest(records=[make_record("a"), make_record("c"), make_record("b", answered_s=99)])
         )
         assert (again.accepted, again.duplicates) == (1, 2)
-    assert redis_sync.xlen(UNMATCHED.stream) == 3
+    assert redis_sync.xlen(bucket_of(redis_sync, "").stream) == 3
 
 
 async def test_stream_ingestion_gives_the_same_summary_with_stream_positions(
@@ -110,7 +108,7 @@ async def test_stream_ingestion_gives_the_same_summary_with_stream_positions(
     _summary_adds_up(reply, len(records))
     assert (reply.accepted, reply.duplicates) == (1197, 1)
     assert sorted((r.index, r.field) for r in reply.rejected) == [(3, "release_cause"), (1100, "calling_number")]
-    assert redis_sync.xlen(UNMATCHED.stream) == 1197
+    assert redis_sync.xlen(bucket_of(redis_sync, "").stream) == 1197
 
 
 async def test_a_storm_of_16_concurrent_senders_stores_each_call_exactly_once(
@@ -130,7 +128,7 @@ async def test_a_storm_of_16_concurrent_senders_stores_each_call_exactly_once(
         assert not reply.rejected
     assert sum(r.accepted for r in replies) == len(records)
     assert sum(r.duplicates for r in replies) == 15 * len(records)
-    bucket = Bucket("t-storm")
+    bucket = bucket_of(redis_sync, "t-storm")
     assert redis_sync.xlen(bucket.stream) == len(records)
     assert redis_sync.zcard(bucket.time_index) == len(records)
     assert redis_sync.zcard(bucket.binding_index("b-storm")) == len(records)
@@ -157,7 +155,7 @@ async def test_a_batch_spanning_many_tenants_goes_to_each_tenants_bucket(
         reply = await cdr.carrier.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=records))
     assert (reply.accepted, reply.duplicates, len(reply.rejected)) == (300, 0, 0)
     for tenant in tenants:
-        assert redis_sync.xlen(Bucket(tenant).stream) == 3
+        assert redis_sync.xlen(bucket_of(redis_sync, tenant).stream) == 3
 
 
 async def test_record_ids_must_be_printable_ascii_as_listing_them_requires(
@@ -178,7 +176,7 @@ async def test_record_ids_must_be_printable_ascii_as_listing_them_requires(
         f for f in ("binding_id", "tenant_id", "out_order_id") for _ in hostile
     ]
     assert all("visible ASCII" in r.reason for r in reply.rejected)
-    assert redis_sync.xlen(UNMATCHED.stream) == 0
+    assert redis_sync.xlen(bucket_of(redis_sync, "").stream) == 0
 
 
 async def test_record_times_no_timestamp_may_hold_are_rejected_naming_the_field(

@@ -9,10 +9,10 @@ from typing import Any
 
 import grpc
 import pytest
+from cdr.conftest import bucket_of
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from numprotect.cdr.v1 import cdr_pb2
-from numprotect.core.cdr_keys import Bucket
 
 X = "700100000000001"
 X2 = "700100000000002"
@@ -47,7 +47,7 @@ async def test_a_stream_longer_than_the_limit_is_refused_naming_it(
             await cdr.carrier.StreamCdrs(_stream_of([make_record(f"l{i}", binding_id="b1") for i in range(601)]))
         _exhausted(raised, "NUMPROTECT_CDR_MAX_STREAM_RECORDS")
         # The refused stream's first chunk (500) was stored before the limit; the rest never was.
-        assert redis_sync.xlen(Bucket("t1").stream) == 600 + 500
+        assert redis_sync.xlen(bucket_of(redis_sync, "t1").stream) == 600 + 500
         await assert_healthy(cdr, make_record)
 
 

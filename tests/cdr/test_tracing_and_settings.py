@@ -47,6 +47,9 @@ async def test_ingestion_span_links_to_the_translation_span_and_masks_numbers(
         ("NUMPROTECT_CDR_RETENTION", "forever", "duration"),
         ("NUMPROTECT_CDR_ABUSE_MIN_CALLS", "x", "integer"),
         ("NUMPROTECT_CDR_ABUSE_WINDOW", "400d", "between"),
+        ("NUMPROTECT_CDR_STREAM_BUCKETS", "0", "between 1 and 64"),
+        ("NUMPROTECT_CDR_STREAM_BUCKETS", "65", "between 1 and 64"),
+        ("NUMPROTECT_CDR_STREAM_BUCKETS", "four", "integer"),
     ],
 )
 def test_bad_settings_name_the_variable(name: str, value: str, message: str) -> None:
@@ -59,7 +62,7 @@ def test_the_abuse_window_must_fit_in_the_retention() -> None:
     with pytest.raises(SettingsError, match="NUMPROTECT_CDR_ABUSE_WINDOW"):
         CdrSettings.from_env(Env({"NUMPROTECT_CDR_RETENTION": "1h", "NUMPROTECT_CDR_ABUSE_WINDOW": "2h"}))
     defaults = CdrSettings.from_env(Env({}))
-    assert (defaults.max_batch, defaults.retention_ms) == (1000, 180 * 86_400_000)
+    assert (defaults.max_batch, defaults.retention_ms, defaults.stream_buckets) == (1000, 180 * 86_400_000, 1)
 
 
 def test_the_process_exits_2_with_one_line_on_a_bad_setting(redis_env: dict[str, str]) -> None:

@@ -26,11 +26,12 @@ from numprotect.core.binding_records import (
     number_history_key,
     order_key,
 )
-from numprotect.core.cdr_keys import UNMATCHED_TAG, Bucket
+from numprotect.core.cdr_keys import MAX_BUCKETS, Bucket, Buckets, bucket_index, count_key
 from numprotect.core.doctor.keyspace import Pace
 from numprotect.core.doctor.report import (
     BINDING_HISTORY_GAP,
     BINDING_WITHOUT_ROUTES,
+    CDR_WRONG_BUCKET,
     DUPLICATE_CDR,
     NUMBER_IN_TWO_POOLS,
     POOL_COUNTERS,
@@ -65,7 +66,7 @@ _SUBPOOL = r"np:alloc:\{pool:(?P<tenant>[^:}]+):(?P<city>[^:}]+)(?::s(?P<index>\
 _POOL = re.compile(_SUBPOOL)
 _RESERVATIONS = re.compile(rf"(?P<pool>{_SUBPOOL}):r:(?P<number>\d+)")
 _OWNER = re.compile(r"np:alloc:\{blk:(?P<block>\d+)\}:owner")
-_CDR_STREAM = re.compile(r"np:cdr:\{(?P<tag>t:[^}]*|unmatched)\}:s")
+_CDR_STREAM = re.compile(r"np:cdr:\{(?P<tag>[^}]*)\}:s")
 _EVENT_FIELD = re.compile(r"h(\d+)")
 
 
@@ -171,6 +172,8 @@ class Checks:
         self.pace = pace
         self.batch = pace.batch
         self.pools = PoolRegistry()
+        # CDR owners met: their buckets, or what is wrong with their count key (a few bytes per owner).
+        self.cdr_owners: dict[str, tuple[Buckets | None, str | None]] = {}
 
     async def run(self, keys: Sequence[str]) -> list[Finding]:
         """Checks the keys of one SCAN batch (keys of families no invariant concerns are skipped)."""
@@ -186,8 +189,8 @@ class Checks:
                 reservations.append((key, match["pool"], match["number"]))
             elif (match := _OWNER.fullmatch(key)) and block_owner_key(match["block"]) == key:
                 owners.append(match["block"])
-            elif match := _CDR_STREAM.fullmatch(key):
-                streams.append((key, match["tag"]))
+            elif (match := _CDR_STREAM.fullmatch(key)) and (bucket := Bucket.from_tag(match["tag"])) is not None:
+                streams.append((key, bucket))
         findings: list[Finding] = []
         findings += await self.routes(routes)
         findings += await self.bindings(bindings)
@@ -195,8 +198,8 @@ class Checks:
         for key, tenant, city in pools:
             findings += await self.pool(key, tenant, city)
         await self.owners(owners)
-        for key, tag in streams:
-            findings += await self.cdr_stream(key, tag)
+        for key, bucket in streams:
+            findings += await self.cdr_stream(key, bucket)
         return findings
 
     async def lookup(self, binding_ids: Iterable[str]) -> dict[str, Found]:
@@ -572,24 +575,38 @@ class Checks:
 
     # ---- CDRs -------------------------------------------------------------------------------------------------
 
-    async def cdr_stream(self, key: str, tag: str) -> list[Finding]:
-        bucket = Bucket("" if "{" + tag + "}" == UNMATCHED_TAG else tag[2:])
+    async def cdr_stream(self, key: str, bucket: Bucket) -> list[Finding]:
+        """Each record of one bucket's stream: the one its dedup key names, and in the bucket of its virtual number
+        (of the owner's count; no count stored: one bucket)."""
+        buckets, problem = await self._cdr_buckets(bucket.tenant_id)
+        if buckets is not None and bucket not in buckets.all:
+            problem = f"bucket {bucket.index} is not one of the owner's {buckets.count} bucket(s)"
+        if problem is not None:
+            self.judge.report.count("CDRs", await self.redis.xlen(key))
+            return [Finding(Violation(CDR_WRONG_BUCKET, key, problem), None)]
+        assert buckets is not None
         findings: list[Finding] = []
         start = "-"
         while True:
             entries = await self.redis.xrange(key, min=start, max="+", count=self.batch)
             if not entries:
                 return findings
-            dedup_keys: list[str | None] = []
-            for _, fields in entries:
-                dedup_keys.append(_dedup_key(bucket, (fields or {}).get(b"p")))
+            records = [_stored_cdr((fields or {}).get(b"p")) for _, fields in entries]
+            dedup_keys = [bucket.dedup(r.carrier_id, r.call_id) if r is not None else None for r in records]
             stored_as = await _pipelined(self.redis, (("get", (k,)) for k in dedup_keys if k is not None))
             replies = iter(stored_as)
-            for (entry_id, _), dedup in zip(entries, dedup_keys, strict=True):
+            for (entry_id, _), record, dedup in zip(entries, records, dedup_keys, strict=True):
                 self.judge.report.count("CDRs")
-                if dedup is None:
+                if record is None or dedup is None:
                     self.judge.report.note_unchecked("CDRs without a readable call_id")
                     continue
+                expected = bucket_index(record.called_number, buckets.count)
+                if expected != bucket.index:
+                    problem = (
+                        f"call {record.call_id} on {record.called_number} is in bucket {bucket.index}; its number's "
+                        f"bucket is {expected} of {buckets.count}"
+                    )
+                    findings.append(Finding(Violation(CDR_WRONG_BUCKET, key, problem), None))
                 holder = next(replies)
                 if holder is None or isinstance(holder, Exception):
                     self.judge.report.note_unchecked("CDRs whose dedup key has lapsed")
@@ -601,14 +618,26 @@ class Checks:
                 return findings
             start = "(" + as_text(entries[-1][0] or b"")
 
+    async def _cdr_buckets(self, tenant_id: str) -> tuple[Buckets | None, str | None]:
+        """The owner's buckets (no count stored: one), or a problem with its count key; read once per owner."""
+        if tenant_id not in self.cdr_owners:
+            stored = await self.redis.get(count_key(tenant_id))
+            text = "1" if stored is None else as_text(stored)
+            if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_BUCKETS:
+                self.cdr_owners[tenant_id] = (Buckets.of(tenant_id, int(text)), None)
+            else:
+                problem = f"the owner's bucket count {count_key(tenant_id)} holds {text!r}, not 1 to {MAX_BUCKETS}"
+                self.cdr_owners[tenant_id] = (None, problem)
+        return self.cdr_owners[tenant_id]
 
-def _dedup_key(bucket: Bucket, payload: Any) -> str | None:
-    """The dedup key of a stored CDR (its carrier's call_id), None when the payload does not parse."""
+
+def _stored_cdr(payload: Any) -> cdr_pb2.CallDetailRecord | None:
+    """A stored CDR with its call_id, None when the payload does not parse or has none."""
     try:
         record = cdr_pb2.CallDetailRecord.FromString(payload if isinstance(payload, bytes) else b"")
     except Exception:
         return None
-    return bucket.dedup(record.carrier_id, record.call_id) if record.call_id else None
+    return record if record.call_id else None
 
 
 def _event_gaps(fields: dict[str, str], stored: StoredBinding) -> list[str]:

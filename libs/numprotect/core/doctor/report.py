@@ -13,6 +13,7 @@ RESERVATION_WITHOUT_BINDING = "reservation_without_binding"
 NUMBER_IN_TWO_POOLS = "number_in_two_pools"
 POOL_COUNTERS = "pool_counters"
 DUPLICATE_CDR = "duplicate_cdr"
+CDR_WRONG_BUCKET = "cdr_wrong_bucket"
 BINDING_HISTORY_GAP = "binding_history_gap"
 KINDS = (
     ROUTE_WITHOUT_BINDING,
@@ -21,6 +22,7 @@ KINDS = (
     NUMBER_IN_TWO_POOLS,
     POOL_COUNTERS,
     DUPLICATE_CDR,
+    CDR_WRONG_BUCKET,
     BINDING_HISTORY_GAP,
 )
 _DESCRIPTIONS = {
@@ -30,6 +32,7 @@ _DESCRIPTIONS = {
     NUMBER_IN_TWO_POOLS: "number in two pools (or claimed by another tenant)",
     POOL_COUNTERS: "pool counters that disagree with the pool's members",
     DUPLICATE_CDR: "more than one CDR per call_id",
+    CDR_WRONG_BUCKET: "CDR outside the bucket its virtual number maps to",
     BINDING_HISTORY_GAP: "binding history gap",
 }
 

@@ -141,21 +141,21 @@ class Ingestor:
             return summary
         with self.tracer.start_as_current_span("cdr.ingest", links=span_links(valid)) as span:
             await self.enricher.enrich(valid)
-            buckets: dict[str, list[ValidCdr]] = {}
+            owners: dict[str, list[ValidCdr]] = {}
             for item in valid:
                 unmatched = item.record.binding_match == cdr_pb2.BINDING_MATCH_NONE
-                buckets.setdefault("" if unmatched else item.record.tenant_id, []).append(item)
-            # One script call per bucket (slot), concurrently, each holding a place of the process's Redis limit. If
-            # one fails the call fails (UNAVAILABLE) and the carrier resends the batch: what was stored counts as
-            # duplicates then.
+                owners.setdefault("" if unmatched else item.record.tenant_id, []).append(item)
+            # One script call per bucket (slot) of each owner, concurrently, each holding a place of the process's
+            # Redis limit. If one fails the call fails (UNAVAILABLE) and the carrier resends the batch: what was
+            # stored counts as duplicates then.
             results = await asyncio.gather(
-                *(self.store.ingest(tenant_id, group, now_ms) for tenant_id, group in buckets.items())
+                *(self.store.ingest(tenant_id, group, now_ms) for tenant_id, group in owners.items())
             )
             for ids in results:
                 stored = sum(1 for entry_id in ids if entry_id is not None)
                 summary.accepted += stored
                 summary.duplicates += len(ids) - stored
-            unmatched_count = len(buckets.get("", []))
+            unmatched_count = len(owners.get("", []))
             attributes: dict[str, AttributeValue] = {
                 "cdr.records": len(records),
                 "cdr.accepted": summary.accepted,

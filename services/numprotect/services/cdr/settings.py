@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from numprotect.core.cdr_keys import MAX_BUCKETS
 from numprotect.core.settings import Env, SettingsError
 
 DAY_SECONDS = 86_400.0
@@ -35,6 +36,9 @@ class CdrSettings:
     max_abuse_signals: int
     # Enrichment: committed bindings kept in memory per process (LRU entries; 0 = no cache).
     binding_cache: int
+    # Buckets (streams, each its own slot) of an owner (tenant or unmatched) that stores its first record from now
+    # on; an owner's count is fixed by its first record (numprotect.core.cdr_keys).
+    stream_buckets: int = 1
 
     @classmethod
     def from_env(cls, env: Env) -> CdrSettings:
@@ -60,6 +64,7 @@ class CdrSettings:
             ),
             max_abuse_signals=env.integer("NUMPROTECT_CDR_MAX_ABUSE_SIGNALS", 1000, minimum=1, maximum=100_000),
             binding_cache=env.integer("NUMPROTECT_CDR_BINDING_CACHE", 100_000, minimum=0, maximum=10_000_000),
+            stream_buckets=env.integer("NUMPROTECT_CDR_STREAM_BUCKETS", 1, minimum=1, maximum=MAX_BUCKETS),
         )
         if settings.abuse_window_ms > settings.retention_ms:
             raise SettingsError("NUMPROTECT_CDR_ABUSE_WINDOW: must not be longer than NUMPROTECT_CDR_RETENTION")

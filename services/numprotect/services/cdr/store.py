@@ -1,16 +1,20 @@
-"""CDR storage on Redis: exactly-once ingest (ingest.lua), paged listing (list_page.lua), watch reads,
-daily counters and abuse signals. Key layout in numprotect.core.cdr_keys and docs/redis-schema.md (CDR)."""
+"""CDR storage on Redis: exactly-once ingest (ingest.lua), paged listing (list_page.lua, or list_index.lua and
+read_entries.lua over several buckets), watch reads, daily counters and abuse signals. An owner's records are in
+its buckets (bucket_count.lua fixes how many on its first write). Key layout in numprotect.core.cdr_keys and
+docs/redis-schema.md (CDR)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from numprotect.cdr.v1 import cdr_pb2
-from numprotect.core.cdr_keys import Bucket
+from numprotect.core.cdr_keys import Bucket, Buckets, count_key
 from numprotect.core.conversions import timestamp_from_ms
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.redis_client import LuaScript, RedisClient
@@ -26,6 +30,9 @@ _KEYS_PER_RECORD = 6
 # it lost, within the call's deadline): far longer than any such retry, short enough to cost little memory.
 ANSWER_KEEP_MS = 60_000
 _FLAG_BINDING, _FLAG_ORDER, _FLAG_ABUSE, _FLAG_ANSWERED, _FLAG_SHORT, _FLAG_UNANSWERED = 1, 2, 4, 8, 16, 32
+# Owners whose bucket count a process remembers (a count never changes once stored; least recently used first out).
+BUCKET_COUNTS_KEPT = 10_000
+_T = TypeVar("_T")
 
 
 def answer_key(bucket: Bucket) -> str:
@@ -42,6 +49,12 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _entry_order(entry: tuple[str, str, int]) -> tuple[float, bytes, int]:
+    """(call time, stream id as Redis orders members: bytewise, bucket) of a listed index entry."""
+    score, member, bucket = entry
+    return float(score), member.encode(), bucket
+
+
 def decode_entry(entry_id: bytes | str, payload: bytes) -> cdr_pb2.CallDetailRecord:
     """A stored record, with ingest_time taken from its stream id (the moment Redis appended it)."""
     record = cdr_pb2.CallDetailRecord()
@@ -56,6 +69,21 @@ class Page:
     more: bool
     last_score: str
     last_member: str
+    last_bucket: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a listing over buckets stands: the last index entry it passed (call time ms, stream id, bucket).
+    Entries are listed in (score, member, bucket) order: call time, then stream id, then bucket."""
+
+    score: str
+    member: str
+    bucket: int
+
+    def includes_equal(self, bucket: int) -> bool:
+        """Whether an entry of `bucket` with this very score and member comes after the position."""
+        return bucket > self.bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +110,9 @@ class CdrStore:
 
     _ingest = LuaScript.beside(__file__, "ingest.lua")
     _list_page = LuaScript.beside(__file__, "list_page.lua")
+    _list_index = LuaScript.beside(__file__, "list_index.lua")
+    _read_entries = LuaScript.beside(__file__, "read_entries.lua")
+    _bucket_count = LuaScript.beside(__file__, "bucket_count.lua")
 
     def __init__(
         self,
@@ -95,24 +126,93 @@ class CdrStore:
         self.redis_limit = redis_limit
         # NUMPROTECT_REDIS_WAIT_REPLICAS: an ingest is acknowledged once replicas have it (off when None or 0).
         self.replicas = replicas
+        self._counts: OrderedDict[str, Buckets] = OrderedDict()  # owner -> its buckets, once its count is stored
 
     def window_start(self, ms: int) -> int:
         return ms - ms % self.settings.abuse_window_ms
 
+    async def _held(self, call: Awaitable[_T]) -> _T:
+        """`call` while holding a place of the Redis limit (one per concurrent branch, never nested)."""
+        async with self.redis_limit:
+            return await call
+
+    # --- buckets ----------------------------------------------------------------------------------
+
+    def _remember(self, tenant_id: str, count: int) -> Buckets:
+        buckets = Buckets.of(tenant_id, count)
+        self._counts[tenant_id] = buckets
+        if len(self._counts) > BUCKET_COUNTS_KEPT:
+            self._counts.popitem(last=False)
+        return buckets
+
+    def _known(self, tenant_id: str) -> Buckets | None:
+        buckets = self._counts.get(tenant_id)
+        if buckets is not None:
+            self._counts.move_to_end(tenant_id)
+        return buckets
+
+    async def buckets(self, tenant_id: str) -> Buckets:
+        """The buckets to read an owner's records from. An owner with no stored count has written nothing since
+        buckets exist: whatever it has is in bucket 0."""
+        return await self.stored_buckets(tenant_id) or Buckets.of(tenant_id, 1)
+
+    async def stored_buckets(self, tenant_id: str) -> Buckets | None:
+        """The owner's buckets when its count is stored, else None (asked again on every call: its first write
+        may come at any moment)."""
+        known = self._known(tenant_id)
+        if known is not None:
+            return known
+        async with self.redis_limit:
+            stored: Any = await self.redis.get(count_key(tenant_id))
+        return None if stored is None else self._remember(tenant_id, int(stored))
+
+    async def buckets_for_writing(self, tenant_id: str) -> Buckets:
+        """The buckets an owner's records go to; on the owner's first write (in this process) its count is read,
+        or fixed: 1 for an owner with a stream from before buckets, NUMPROTECT_CDR_STREAM_BUCKETS for a new one."""
+        known = self._known(tenant_id)
+        if known is not None:
+            return known
+        first = Bucket(tenant_id)
+        async with self.redis_limit:
+            count = await self._bucket_count(
+                self.redis, [count_key(tenant_id), first.stream], [self.settings.stream_buckets]
+            )
+        return self._remember(tenant_id, int(count))
+
+    # --- ingestion --------------------------------------------------------------------------------
+
     async def ingest(self, tenant_id: str, records: Sequence[ValidCdr], now_ms: int) -> list[str | None]:
-        """Stores records of one bucket; per record the new stream id, or None for a duplicate call_id.
+        """Stores records of one owner (tenant, or "" for unmatched); per record the new stream id, or None for a
+        duplicate call_id. Each record goes to the bucket of its virtual number: one script call per bucket (per
+        SCRIPT_CHUNK records), the buckets concurrently.
 
         With NUMPROTECT_REDIS_WAIT_REPLICAS set, returns once that many replicas have the records, else raises
         Unavailable (nothing of the call is acknowledged; a retry is deduplicated by call_id and waits again, also
         when every record turns out to be a duplicate)."""
+        buckets = await self.buckets_for_writing(tenant_id)
+        groups: dict[int, list[int]] = {}
+        for position, valid in enumerate(records):
+            bucket = buckets.for_number(valid.record.called_number)
+            groups.setdefault(bucket.index, []).append(position)
+        replies = await asyncio.gather(
+            *(
+                self._held(self._ingest_bucket(buckets.all[index], [records[p] for p in positions], now_ms))
+                for index, positions in groups.items()
+            )
+        )
+        results: list[str | None] = [None] * len(records)
+        for positions, ids in zip(groups.values(), replies, strict=True):
+            for position, entry_id in zip(positions, ids, strict=True):
+                results[position] = entry_id
+        if self.replicas is not None and records:
+            # Every key of a bucket shares its hash tag: one marker per bucket written.
+            await self._held(self.replicas.after([buckets.all[index].stream for index in groups]))
+        return results
+
+    async def _ingest_bucket(self, bucket: Bucket, records: Sequence[ValidCdr], now_ms: int) -> list[str | None]:
         results: list[str | None] = []
-        bucket = Bucket(tenant_id)
-        async with self.redis_limit:
-            for start in range(0, len(records), SCRIPT_CHUNK):
-                chunk = records[start : start + SCRIPT_CHUNK]
-                results.extend(await self._ingest_chunk(bucket, chunk, now_ms))
-            if self.replicas is not None and records:
-                await self.replicas.after([bucket.stream])  # every key of a bucket shares its hash tag
+        for start in range(0, len(records), SCRIPT_CHUNK):
+            results.extend(await self._ingest_chunk(bucket, records[start : start + SCRIPT_CHUNK], now_ms))
         return results
 
     async def _ingest_chunk(self, bucket: Bucket, records: Sequence[ValidCdr], now_ms: int) -> list[str | None]:
@@ -160,6 +260,8 @@ class CdrStore:
         reply = await self._ingest(self.redis, keys, args)
         return [None if item in (0, b"0") else _text(item) for item in reply]
 
+    # --- listing ----------------------------------------------------------------------------------
+
     async def page(
         self,
         index_key: str,
@@ -182,11 +284,71 @@ class CdrStore:
         records = [(_text(items[i]), decode_entry(items[i], items[i + 1])) for i in range(0, len(items), 2)]
         return Page(records, bool(more), last_score, last_member)
 
-    async def last_id(self, bucket: Bucket) -> str:
-        """The id of the newest record in the bucket's stream, or "0-0" when it is empty."""
-        async with self.redis_limit:
-            newest: Any = await self.redis.xrevrange(bucket.stream, "+", "-", count=1)
-        return _text(newest[0][0]) if newest else "0-0"
+    async def merged_page(
+        self,
+        index_of: Callable[[Bucket], str],
+        buckets: Buckets,
+        *,
+        min_score: str,
+        max_score: str,
+        after: Position | None,
+        limit: int,
+    ) -> Page:
+        """One page over every bucket's index (`index_of(bucket)`) in (call time, stream id, bucket) order: each
+        bucket's first `limit` entries after the position (list_index.lua, buckets concurrently), merged; then the
+        records of the `limit` first (read_entries.lua, one call per bucket that has some). Two round trips per
+        bucket, index entries only for the ones not kept."""
+        heads = await asyncio.gather(
+            *(
+                self._held(self._index_after(index_of(b), b.index, min_score, max_score, after, limit))
+                for b in buckets.all
+            )
+        )
+        more = any(bucket_more for bucket_more, _ in heads)
+        entries = sorted((entry for _, bucket_entries in heads for entry in bucket_entries), key=_entry_order)
+        if len(entries) > limit:
+            more = True
+            entries = entries[:limit]
+        if not entries:
+            return Page([], False, "", "")
+        wanted: dict[int, list[str]] = {}
+        for _score, member, index in entries:
+            wanted.setdefault(index, []).append(member)
+        found = await asyncio.gather(
+            *(self._held(self._read_entries(self.redis, [buckets.all[i].stream], ids)) for i, ids in wanted.items())
+        )
+        payloads: dict[tuple[int, str], bytes] = {}
+        for index, reply in zip(wanted, found, strict=True):
+            for i in range(0, len(reply), 2):
+                payloads[(index, _text(reply[i]))] = reply[i + 1]
+        records = [
+            (member, decode_entry(member, payloads[(index, member)]))
+            for _score, member, index in entries
+            if (index, member) in payloads
+        ]
+        last_score, last_member, last_bucket = entries[-1]
+        return Page(records, more, last_score, last_member, last_bucket)
+
+    async def _index_after(
+        self, index_key: str, bucket: int, min_score: str, max_score: str, after: Position | None, limit: int
+    ) -> tuple[bool, list[tuple[str, str, int]]]:
+        cursor = (
+            ("", "", "0")
+            if after is None
+            else (after.score, after.member, "1" if after.includes_equal(bucket) else "0")
+        )
+        reply: list[Any] = await self._list_index(self.redis, [index_key], [min_score, max_score, *cursor, limit])
+        entries = [(_text(reply[i]), _text(reply[i + 1]), bucket) for i in range(1, len(reply), 2)]
+        return bool(int(reply[0])), entries
+
+    # --- watch --------------------------------------------------------------------------------------
+
+    async def last_ids(self, buckets: Buckets) -> list[str]:
+        """Per bucket, the id of the newest record in its stream, or "0-0" when it is empty."""
+        newest: list[Any] = await asyncio.gather(
+            *(self._held(self.redis.xrevrange(b.stream, "+", "-", count=1)) for b in buckets.all)
+        )
+        return [_text(entries[0][0]) if entries else "0-0" for entries in newest]
 
     async def read_after(
         self, client: RedisClient, bucket: Bucket, cursor: str, *, count: int, block_ms: int
@@ -204,38 +366,54 @@ class CdrStore:
                     out.append((_text(entry_id), decode_entry(entry_id, payload)))
         return out
 
-    async def daily(self, bucket: Bucket, yyyymmdd: str) -> DailyStats:
-        async with self.redis_limit:
-            calls, answered, billable = await self.redis.hmget(
-                bucket.daily(yyyymmdd), ["calls", "answered", "billable"]
-            )
-        return DailyStats(int(calls or 0), int(answered or 0), int(billable or 0))
+    # --- counters and signals --------------------------------------------------------------------
 
-    async def abuse(self, bucket: Bucket, now_ms: int, virtual_number: str, *, limit: int) -> list[AbuseCounters]:
+    async def daily(self, buckets: Buckets, yyyymmdd: str) -> DailyStats:
+        """The owner's counters of one day: the sum over its buckets."""
+        fields = ["calls", "answered", "billable"]
+        replies: list[Any] = await asyncio.gather(
+            *(self._held(self.redis.hmget(b.daily(yyyymmdd), fields)) for b in buckets.all)
+        )
+        calls, answered, billable = (sum(int(reply[i] or 0) for reply in replies) for i in range(3))
+        return DailyStats(calls, answered, billable)
+
+    async def abuse(self, buckets: Buckets, now_ms: int, virtual_number: str, *, limit: int) -> list[AbuseCounters]:
         """Counters of the current and the previous window: every caller of one number, or flagged pairs; at most
         `limit` (number, caller) pairs per window (NUMPROTECT_CDR_MAX_ABUSE_SIGNALS): the flagged pairs with the
-        most short or unanswered calls, or the first callers of the number's hash that a scan meets."""
-        async with self.redis_limit:
-            return await self._abuse(bucket, now_ms, virtual_number, limit)
-
-    async def _abuse(self, bucket: Bucket, now_ms: int, virtual_number: str, limit: int) -> list[AbuseCounters]:
+        most short or unanswered calls, or the first callers of the number's hash that a scan meets. A number's
+        counters are all in its bucket, so a pair is flagged on all of its calls."""
         current = self.window_start(now_ms)
         windows = [current, current - self.settings.abuse_window_ms]
         out: list[AbuseCounters] = []
         for window in windows:
             if virtual_number:
-                key = bucket.abuse(window, virtual_number)
-                callers = await self._callers_of(key, limit)
-                out += await self._read_counters(key, window, virtual_number, callers)
+                key = buckets.for_number(virtual_number).abuse(window, virtual_number)
+                async with self.redis_limit:
+                    callers = await self._callers_of(key, limit)
+                    out += await self._read_counters(key, window, virtual_number, callers)
                 continue
-            members: Any = await self.redis.zrange(bucket.abuse_flagged(window), 0, limit - 1, desc=True)
             by_number: dict[str, list[str]] = {}
-            for member in members:
-                number, _, caller = _text(member).partition("|")
+            for member in await self._most_flagged(buckets, window, limit):
+                number, _, caller = member.partition("|")
                 by_number.setdefault(number, []).append(caller)
-            for number, callers in sorted(by_number.items()):
-                out += await self._read_counters(bucket.abuse(window, number), window, number, callers)
+            async with self.redis_limit:
+                for number, callers in sorted(by_number.items()):
+                    key = buckets.for_number(number).abuse(window, number)
+                    out += await self._read_counters(key, window, number, callers)
         return out
+
+    async def _most_flagged(self, buckets: Buckets, window: int, limit: int) -> list[str]:
+        """The `limit` flagged pairs of a window with the most short or unanswered calls, over every bucket, in
+        the order one ZSET would give them (score, then member, both descending)."""
+        replies: list[Any] = await asyncio.gather(
+            *(
+                self._held(self.redis.zrange(b.abuse_flagged(window), 0, limit - 1, desc=True, withscores=True))
+                for b in buckets.all
+            )
+        )
+        flagged = [(float(score), _text(member)) for reply in replies for member, score in reply]
+        flagged.sort(reverse=True)
+        return [member for _score, member in flagged[:limit]]
 
     async def _callers_of(self, key: str, limit: int) -> list[str]:
         """At most `limit` callers in a number's counter hash (three fields each), without reading a huge one whole."""
