@@ -323,10 +323,11 @@ class WireCount:
     """Redis commands per call of one RPC, by sending service."""
 
     rpc: str
-    calls: int
+    calls: int  # successful ones
     tallies: dict[str, Tally]
     reads: int
     seconds: float
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 async def count_on_the_wire(workload: Workload, stack: Stack) -> tuple[list[WireCount], WireCount]:
@@ -346,15 +347,9 @@ async def count_on_the_wire(workload: Workload, stack: Stack) -> tuple[list[Wire
         await asyncio.sleep(0.2)
         commands = monitor.stop()
         owners = connection_owners(stack.redis_port, watched)
-        if outcome.errors:
-            print(f"  ({rpc} under MONITOR: errors {outcome.errors})")
-        return WireCount(rpc, max(1, outcome.ok), tally(commands, owners, scripts), reads, elapsed)
+        return WireCount(rpc, outcome.ok, tally(commands, owners, scripts), reads, elapsed, outcome.errors)
 
-    counts = [
-        await watch(phase.rpc, workload.call(phase.key), MONITOR_CALLS)
-        for phase in PHASES
-        if phase.key != "delete" or len(workload.live) >= MONITOR_CALLS
-    ]
+    counts = [await watch(phase.rpc, workload.call(phase.key), MONITOR_CALLS) for phase in PHASES]
 
     async def idle(i: int) -> None:
         await asyncio.sleep(QUIET_SECONDS)
@@ -371,6 +366,10 @@ def report_wire(counts: list[WireCount], quiet: WireCount) -> None:
         "(INFO stats, every client) to check the round trips against:"
     )
     for count in counts:
+        if count.errors:
+            print(f"  {count.rpc:32s} errors under MONITOR: {count.errors} (per call below: {count.calls} that worked)")
+        if not count.calls:
+            continue
         shown = [name for name in count.tallies if name != "bench"]
         shown.sort(key=lambda name: (name not in SERVICES, SERVICES.index(name) if name in SERVICES else 0, name))
         parts = []
@@ -445,6 +444,9 @@ async def bench(stack: Stack) -> None:
 
 def report_memory(ledger: MemoryLedger, fill: Outcome, fill_elapsed: float, memory_target: int) -> None:
     total_created = ledger.bindings
+    if not total_created:
+        print("\nno binding created: no memory figure")
+        return
     per_binding = ledger.used / total_created
     print(
         f"\nlive AXB bindings created through the service: {total_created:,} "
