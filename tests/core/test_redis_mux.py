@@ -4,15 +4,15 @@ Every command binding, allocation and the shared libraries send through their as
 Python values (and types) and raises the same exception classes through both clients; pipelines (plain and
 MULTI/EXEC) too. Concurrent commands share one write (counted by the client, and by Redis's own read events);
 NOSCRIPT loads the script; commands that cannot share a connection are refused by name, blocking ones run on a
-connection of their own without holding the others up; TLS with an ACL user. Runs against a Redis Cluster too
-(NUMPROTECT_TEST_REDIS_MODE=cluster), comparing with redis-py's cluster client.
+connection of their own without holding the others up; TLS with an ACL user. Each comparison runs on a standalone
+Redis and on a Redis Cluster (against redis-py's cluster client there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from numprotect.core.redis_client import LuaScript, RedisClient, create_redis, r
 from numprotect.core.redis_mux import MuxRedis, NotMultiplexed
 from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.settings import Env, RedisSettings, SettingsError
+from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer, ServerTls
 
 Step = Callable[[RedisClient], Awaitable[Any]]
@@ -42,10 +43,35 @@ def _settings(env: dict[str, str], **extra: str) -> RedisSettings:
     return RedisSettings.from_env(Env({**env, **extra}))
 
 
+@pytest.fixture(scope="module")
+def small_cluster() -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers(masters=3, replicas=0)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_target(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[tuple[dict[str, str], Any]]:
+    """A standalone Redis and a Redis Cluster, emptied: the environment of the clients and a blocking admin client."""
+    admin: Any
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("small_cluster")
+        env = {"NUMPROTECT_REDIS_URL": cluster.url, "NUMPROTECT_REDIS_MODE": "cluster"}
+        admin = redis.RedisCluster.from_url(cluster.url)
+    else:
+        env = {"NUMPROTECT_REDIS_URL": redis_server.url}
+        admin = redis_server.client()
+    _flush(admin)
+    yield env, admin
+    admin.close()
+
+
 @pytest.fixture
-async def clients(redis_env: dict[str, str]) -> AsyncIterator[tuple[RedisClient, MuxRedis]]:
-    """redis-py's client as the services had it, and the multiplexing one, on the Redis under test."""
-    settings = _settings(redis_env)
+async def clients(redis_target: tuple[dict[str, str], Any]) -> AsyncIterator[tuple[RedisClient, MuxRedis]]:
+    """redis-py's client as the services had it, and the multiplexing one, on the same Redis."""
+    settings = _settings(redis_target[0])
     reference = create_redis(settings)
     mux = create_redis(settings, write_path=True)
     assert isinstance(mux, MuxRedis)
@@ -191,23 +217,22 @@ CASES: dict[str, list[Step]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 async def test_replies_and_errors_are_redis_py_s(
-    case: str, clients: tuple[RedisClient, MuxRedis], redis_sync: Any
+    case: str, clients: tuple[RedisClient, MuxRedis], redis_target: tuple[dict[str, str], Any]
 ) -> None:
     reference, mux = clients
     outcomes = []
     for client in (reference, mux):
-        _flush(redis_sync)
+        _flush(redis_target[1])
         outcomes.append([await _raised(step, client) for step in CASES[case]])
     _same(outcomes[0], outcomes[1])
 
 
-def _flush(redis_sync: Any) -> None:
-    if isinstance(redis_sync, redis.RedisCluster):
-        redis_sync.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
-        redis_sync.script_flush()  # SCRIPT FLUSH goes to every primary
+def _flush(admin: Any) -> None:
+    if isinstance(admin, redis.RedisCluster):
+        admin.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
     else:
-        redis_sync.flushall()
-        redis_sync.script_flush()
+        admin.flushall()
+    admin.script_flush()  # on a cluster, every primary
 
 
 async def test_info_time_and_health_probe_answer_like_redis_py(clients: tuple[RedisClient, MuxRedis]) -> None:
@@ -247,9 +272,8 @@ async def test_concurrent_commands_share_one_write(redis_url: str) -> None:
     admin.close()
 
 
-async def test_noscript_loads_the_script_and_runs_it(clients: tuple[RedisClient, MuxRedis], redis_sync: Any) -> None:
+async def test_noscript_loads_the_script_and_runs_it(clients: tuple[RedisClient, MuxRedis]) -> None:
     _, mux = clients
-    _flush(redis_sync)
     with pytest.raises(NoScriptError):
         await mux.evalsha(ECHO.sha, 1, f"{K}:k", "v", 1)
     assert await ECHO(mux, [f"{K}:k"], ["v", 1]) == [f"{K}:k".encode(), b"v", 2]  # NOSCRIPT, load, again
