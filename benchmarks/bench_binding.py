@@ -440,6 +440,10 @@ async def bench(stack: Stack) -> None:
     report_memory(ledger, fill, fill_elapsed, memory_target)
     for channel in channels:
         await channel.close(None)
+    logged = stack.log_summary()
+    print(f"\nthe services' logs at WARNING and above during the run: {'' if logged else 'nothing'}")
+    for line in logged:
+        print(f"  {line}")
 
 
 def report_memory(ledger: MemoryLedger, fill: Outcome, fill_elapsed: float, memory_target: int) -> None:

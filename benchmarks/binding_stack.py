@@ -6,13 +6,15 @@ calling allocation with its service token."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,26 @@ class Stack:
     redis_port: int
     pids: dict[str, int]  # "binding", "allocation"
     credentials: Credentials | None  # None: plaintext, no tokens
+    logs: dict[str, Path] = field(default_factory=dict)  # the services' logs (JSON lines), by name
+    log_starts: dict[str, int] = field(default_factory=dict)  # their sizes once the services were ready
+
+    def log_summary(self, most: int = 5) -> list[str]:
+        """What each service logged at WARNING and above since it was ready: counts by level and message (a
+        message's first 160 characters), most frequent first."""
+        lines = []
+        for name, path in self.logs.items():
+            with path.open("rb") as log:
+                log.seek(self.log_starts.get(name, 0))
+                text = log.read().decode(errors="replace")
+            counts: Counter[str] = Counter()
+            for line in text.splitlines():
+                try:
+                    entry = json.loads(line)
+                    counts[f"{entry.get('level', '?')} {str(entry.get('msg', ''))[:160]}"] += 1
+                except (ValueError, AttributeError):  # not JSON (a traceback printed by the runtime)
+                    counts[f"(not JSON) {line[:160]}"] += 1
+            lines += [f"{name}: {n} x {message}" for message, n in counts.most_common(most)]
+        return lines
 
     @property
     def security(self) -> str:
@@ -137,6 +159,7 @@ def run_stack(bench: Callable[[Stack], Coroutine[Any, Any, None]], *, tenant: st
                         uvloop.install()
                     except ImportError:  # pragma: no cover
                         pass
+                    logs = {"binding": binding_log, "allocation": allocation_log}
                     stack = Stack(
                         f"127.0.0.1:{binding_port}",
                         f"127.0.0.1:{allocation_port}",
@@ -144,6 +167,8 @@ def run_stack(bench: Callable[[Stack], Coroutine[Any, Any, None]], *, tenant: st
                         redis_port,
                         {"binding": binding.pid, "allocation": allocation.pid},
                         credentials,
+                        logs,
+                        {name: path.stat().st_size for name, path in logs.items()},
                     )
                     try:
                         asyncio.run(bench(stack))
