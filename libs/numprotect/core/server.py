@@ -113,10 +113,12 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
 
 # Channels to peers (binding -> allocation) try to reconnect at most this often while the peer is down. grpc's
 # defaults (1 s first, x1.6 up to 120 s) left binding failing for seconds after a restarted allocation was SERVING
-# again; on a cluster network a connection attempt every 250 ms to one peer costs nothing.
+# again; on a cluster network a connection attempt every 250 ms to one peer costs nothing. grpc also takes
+# min_reconnect_backoff as each attempt's connect timeout (TCP + TLS + the peer's SETTINGS): at 100 ms a peer slow
+# to answer (CPU-starved) failed every call at once, so it stays seconds; a refused connect still retries at 100 ms.
 PEER_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 5000),
     ("grpc.max_reconnect_backoff_ms", 250),
 ]
 
