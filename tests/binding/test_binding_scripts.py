@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from numprotect.core.binding_records import order_key
+from numprotect.core.binding_records import BindingRecordStore, binding_key, order_key
 from numprotect.core.errors import Aborted
 from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.settings import Env, RedisSettings
@@ -127,6 +127,37 @@ async def test_compare_and_delete_script_releases_only_its_own_order_and_lock(
         assert redis_sync.exists(mutation_lock_key("b1")) == 1  # the loser did not release the holder's lock
     assert redis_sync.exists(mutation_lock_key("b1")) == 0
     await asyncio.sleep(0)
+
+
+async def test_lock_and_read_locks_only_the_tenant_s_committed_record(redis: RedisClient, redis_sync: Any) -> None:
+    """lock_and_read.lua: another tenant's record and a missing one are "missing", a create's pending record is
+    "pending", none of them locked; a committed one is read and locked ("locked"), then "busy" for another call
+    until the holder releases it (or a write of the holder does: binding_record_update.lua's release)."""
+    locks = MutationLocks(redis, lease_ms=5000)
+    redis_sync.hset(binding_key("b1"), mapping={"t": "t1", "cms": "1", "st": "p", "b": "13900000002"})
+    for tenant, binding_id, outcome in (("t2", "b1", "missing"), ("t1", "b9", "missing"), ("t1", "b1", "pending")):
+        async with locks.hold_record(binding_id, tenant) as read:
+            assert (read.outcome, read.lease) == (outcome, None)
+            assert read.fields.get("b") == ("13900000002" if outcome == "pending" else None)
+        assert redis_sync.exists(mutation_lock_key(binding_id)) == 0
+    redis_sync.hset(binding_key("b1"), "st", "a")
+    async with locks.hold_record("b1", "t1") as read:
+        assert read.outcome == "locked" and read.lease is not None and read.fields["b"] == "13900000002"
+        assert redis_sync.get(mutation_lock_key("b1")) == read.lease.token.encode()
+        with pytest.raises(Aborted):
+            async with locks.hold_record("b1", "t1", wait_seconds=0.05):
+                pass
+        assert redis_sync.get(mutation_lock_key("b1")) == read.lease.token.encode()
+    assert redis_sync.exists(mutation_lock_key("b1")) == 0
+    # A write that releases the lock (a delete's record write) leaves the holder nothing to release.
+    async with locks.hold_record("b1", "t1") as read:
+        assert read.lease is not None
+        records = BindingRecordStore(redis)
+        assert await records.update("b1", {"ums": "2"}, None, release=read.lease.holder)
+        assert redis_sync.exists(mutation_lock_key("b1")) == 0
+        read.lease.released = True
+        redis_sync.set(mutation_lock_key("b1"), "the-next-call")
+    assert redis_sync.get(mutation_lock_key("b1")) == b"the-next-call"
 
 
 async def test_pending_creates_list_orders_by_deadline_across_shards(redis: RedisClient) -> None:

@@ -9,9 +9,19 @@ import time
 from typing import Any
 
 from binding.test_binding_scripts import redis
+from core.test_binding_records import _record
 
-from numprotect.core.binding_records import order_key
-from numprotect.services.binding.store import MutationLocks, OrderClaims, mutation_lock_key
+from numprotect.core.binding_records import binding_key, order_key
+from numprotect.core.routes import caller_key
+from numprotect.core.settings import Env
+from numprotect.services.binding.settings import BindingSettings
+from numprotect.services.binding.store import (
+    BindingStore,
+    MutationLocks,
+    OrderClaims,
+    mutation_lock_key,
+    new_binding_id,
+)
 from support.redis_state import run_twice as twice
 
 __all__ = ["redis"]  # the fixture of the script tests, used here too
@@ -92,3 +102,43 @@ async def test_lock_acquire_repeated_is_held_again(redis: Any, redis_sync: Any) 
     assert not await locks.acquire(key, "token-2", 5000)  # another call is still kept out
     assert await twice(redis_sync, key, lambda: locks._release(redis, [key], ["token-1"])) == (1, 0)
     assert redis_sync.exists(key) == 0
+
+
+async def test_lock_and_read_repeated_is_locked_again(redis: Any, redis_sync: Any) -> None:
+    """The repeat finds the lock holding the call's own token: "locked" with the record again, where taking it with
+    a plain SET NX would answer "busy" (the update ABORTED by itself)."""
+    redis_sync.hset(binding_key("b1"), mapping={"t": "t1", "cms": "1", "st": "a"})
+    locks = MutationLocks(redis, lease_ms=5000)
+    keys = [binding_key("b1"), mutation_lock_key("b1")]
+    first, second = await twice(redis_sync, "np:b:{b1}*", lambda: locks._take(redis, keys, ["t1", "token-1", 5000]))
+    assert first == second and first[0] == b"locked"
+    assert (await locks._take(redis, keys, ["t1", "token-2", 5000]))[0] == b"busy"  # another call is kept out
+
+
+async def test_each_step_of_a_create_repeated_leaves_what_one_run_leaves(redis: Any, redis_sync: Any) -> None:
+    """The steps whose commands go together (claim with the pending-creates entry; record, tenant index, routes
+    with the number's history; routes with the record's commit mark), and the commit, each sent twice as a cluster
+    client re-sends what it got no reply for: the second leaves every key as the first left it, and answers alike."""
+    store = BindingStore.over(redis, BindingSettings.from_env(Env({})))
+    now = _now()
+    binding_id, deadline, expire = new_binding_id(now), now + 60_000, now + 3_600_000
+    record = _record(binding_id, create_ms=now, out_order_id="o1", expire_ms=expire)
+    claim = functools.partial(store.orders.claim, "t1", "o1", binding_id, "fp", deadline, expire + DAY, listed=True)
+    first, second = await twice(redis_sync, "np:*", claim)
+    assert (first.outcome, second.outcome) == ("claimed", "claimed")
+    write = functools.partial(
+        store.write_pending,
+        record,
+        reservation_id="r1",
+        city_fallback=False,
+        keep_until_ms=deadline + DAY,
+        request="1|a|b",
+        routes_until_ms=deadline,
+    )
+    assert await twice(redis_sync, "np:*", write) == (True, True)
+    commit = functools.partial(store.orders.commit, "t1", "o1", binding_id, "fp", deadline, expire + DAY)
+    assert await twice(redis_sync, "np:*", commit) == (True, True)
+    assert await twice(redis_sync, "np:*", functools.partial(store.complete, record)) == (None, None)
+    stored = await store.get(binding_id)
+    assert stored is not None and not stored.pending
+    assert redis_sync.pexpiretime(caller_key(record.virtual_number, record.party_a)) == expire

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from google.protobuf import duration_pb2
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2 as pb
@@ -29,6 +30,7 @@ from numprotect.services.binding.create import BindingCreator
 from numprotect.services.binding.reads import BindingReads
 from numprotect.services.binding.settings import CREATE_STEPS
 from numprotect.services.binding.store import (
+    TENANT_SHARDS,
     OrderClaims,
     mutation_lock_key,
     pending_creates_key,
@@ -118,7 +120,13 @@ class RecordUpdateFails(BindingRecordStore):
     """Every write to an existing record fails (as with Redis gone between two steps)."""
 
     async def update(
-        self, binding_id: str, fields: Any, event: BindingEvent | None, *, end_ms: int | None = None
+        self,
+        binding_id: str,
+        fields: Any,
+        event: BindingEvent | None,
+        *,
+        end_ms: int | None = None,
+        release: tuple[str, str] | None = None,
     ) -> bool:
         raise RedisConnectionError("connection lost")
 
@@ -307,6 +315,45 @@ async def test_a_failure_at_each_step_leaves_the_binding_or_nothing(
             assert record_ids(redis_sync) == []
             assert non_empty(redis_sync, "np:tl:*") == [] and non_empty(redis_sync, "np:nh:*") == []
             assert await in_use(s) == 0
+        assert pending_ids(redis_sync) == []
+
+
+async def test_a_claim_whose_pending_entry_cannot_be_written_gives_the_order_up_at_once(
+    services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    """The claim and the pending-creates entry go in one round trip; the entry fails for real (a WRONGTYPE key
+    planted at every shard): the create claimed the order, but the recovery could not find it, so it gives the order
+    up before answering; nothing reserved, and the same order creates once the keys are fixed."""
+    async with services() as s, domain_parts(s) as d:
+        planted = [pending_creates_key(shard) for shard in range(TENANT_SHARDS)]
+        for key in planted:
+            redis_sync.set(key, "not a zset")
+        creator = BindingCreator(d.store, d.allocation(), d.settings, SystemClock())
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await creator.create(spec("entry-1"))
+        assert keys_matching(redis_sync, "np:ord:{*") == []
+        assert record_ids(redis_sync) == [] and await in_use(s) == 0
+        redis_sync.delete(*planted)
+        created = await creator.create(spec("entry-1"))
+        assert order_state(redis_sync, "entry-1") == ("d", created.record.binding_id)
+
+
+async def test_a_completion_whose_routes_did_not_land_is_completed_by_the_recovery(
+    services: Any, domain_parts: Any, redis_sync: Any
+) -> None:
+    """The complete step writes the routes (until the expiry) and the record's commit mark in one round trip, and
+    takes the create off the pending-creates list only after both landed. When the mark landed but the routes did
+    not (they still lapse at the create's deadline), the entry leads the recovery to it: it writes them again."""
+    async with services() as s, domain_parts(s) as d:
+        creator = BindingCreator(d.store, d.allocation(), d.settings, SystemClock())
+        created = (await creator.create(spec("half-1"))).record
+        deadline = SystemClock().now_ms() + 500
+        for party in (A, B):  # the routes as the write step left them: lapsing at the create's deadline
+            redis_sync.pexpireat(caller_key(created.virtual_number, party), deadline)
+        redis_sync.zadd(pending_creates_key(tenant_shard(created.binding_id)), {created.binding_id: deadline})
+        assert redis_sync.hget(binding_key(created.binding_id), "st") == b"a"
+        assert await creator.recover_overdue(margin_ms=-60_000) == {"completed": 1}
+        assert_route_lives_until_expiry(redis_sync, created)
         assert pending_ids(redis_sync) == []
 
 

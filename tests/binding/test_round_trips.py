@@ -130,7 +130,7 @@ def _at(ms: int) -> timestamp_pb2.Timestamp:
 async def test_redis_commands_and_round_trips_per_call(services: Any, redis_sync: Any) -> None:
     async with services(NUMPROTECT_BINDING_RECOVERY_INTERVAL="600s") as s:
         trips = RoundTrips()
-        trips.watch(s.binding_service.runtime.redis)
+        trips.watch(s.binding_service.app.registrations[0].servicer.creator.store.redis)
         counter = iter(range(1_000_000))
 
         async def create() -> pb.Binding:
@@ -208,12 +208,12 @@ async def test_redis_commands_and_round_trips_per_call(services: Any, redis_sync
         assert {name: (cost.total, cost.round_trips) for name, cost in costs.items()} == EXPECTED
 
 
-# (commands, sequential round trips) per call.
+# (commands, sequential round trips) per call; docs/binding.md, "Redis round trips", says why each is needed.
 EXPECTED: dict[str, tuple[int, int]] = {
-    "CreateBinding": (10, 8),
-    "UpdateBinding restrictions": (7, 7),
-    "UpdateBinding party_b": (8, 8),
-    "UpdateBinding ttl later": (9, 8),
-    "UpdateBinding ttl earlier": (7, 7),
-    "DeleteBinding": (6, 6),
+    "CreateBinding": (9, 5),
+    "UpdateBinding restrictions": (4, 4),
+    "UpdateBinding party_b": (5, 5),
+    "UpdateBinding ttl later": (6, 5),
+    "UpdateBinding ttl earlier": (4, 4),
+    "DeleteBinding": (3, 3),
 }

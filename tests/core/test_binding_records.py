@@ -128,7 +128,8 @@ async def test_update_script_appends_events_and_moves_retention(redis: RedisClie
 
 
 async def test_history_script_raises_scores_trims_and_expires(redis: RedisClient, redis_sync: Any) -> None:
-    """number_history_add.lua: score only raised, entries past retention trimmed, key expiry pushed later."""
+    """The history part of routes_apply.lua: score only raised, entries past retention trimmed, key expiry pushed
+    later."""
     store = BindingRecordStore(redis, retention_ms=HOUR)
     now = _now_ms()
     key = number_history_key(X)

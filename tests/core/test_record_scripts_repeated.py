@@ -11,9 +11,9 @@ from typing import Any
 from core.test_binding_records import B2, X, _commit, _now_ms, _record, redis
 from core.test_routes import _route
 
-from numprotect.core.binding_records import BindingEvent, BindingRecordStore, get_binding_history
+from numprotect.core.binding_records import BindingEvent, BindingRecordStore, get_binding_history, number_history_key
 from numprotect.core.redis_client import RedisClient
-from numprotect.core.routes import MODE_AXE, RouteTable
+from numprotect.core.routes import MODE_AXE, NumberHistory, RouteTable
 from support.redis_state import run_twice as twice
 
 __all__ = ["redis"]  # the fixture of the record script tests, used here too
@@ -47,6 +47,15 @@ async def test_record_update_repeated_appends_its_event_once(redis: RedisClient,
     assert [e.kind for e in await get_binding_history(redis, "b1")] == ["create", "update"]
     # activate (fields only, no event) repeated: the same.
     assert await twice(redis_sync, RECORD_KEYS, functools.partial(store.activate, "b1")) == (True, True)
+    # An update that also releases the writer's lock (a key of the record's slot holding the writer's token):
+    # the repeat finds the lock gone and leaves it so, or a later writer's lock alone.
+    redis_sync.set("np:b:{b1}:lk", "token-1")
+    released = functools.partial(store.update, "b1", {"ums": str(later)}, None, release=("np:b:{b1}:lk", "token-1"))
+    assert await twice(redis_sync, RECORD_KEYS + "*", released) == (True, True)
+    assert redis_sync.exists("np:b:{b1}:lk") == 0
+    redis_sync.set("np:b:{b1}:lk", "token-2")
+    assert await released()
+    assert redis_sync.get("np:b:{b1}:lk") == b"token-2"
     # The next update with an event of its own is appended.
     assert await store.update("b1", {"ums": str(later + 1)}, BindingEvent("update", later + 1, {"r": "1"}))
     assert [e.kind for e in await get_binding_history(redis, "b1")] == ["create", "update", "update"]
@@ -68,5 +77,10 @@ async def test_routes_apply_repeated(redis: RedisClient, redis_sync: Any) -> Non
     replaced = functools.partial(table.put, X, moved, replaces=route.keys(X, ""))
     assert await twice(redis_sync, NUMBER_KEYS, replaced) == (None, None)
     assert await twice(redis_sync, NUMBER_KEYS, functools.partial(table.remove, X, moved)) == (None, None)
+    # A create's put (until its deadline) with the binding's entry in the number's history, in the same script.
+    history = NumberHistory(number_history_key(X), route.expire_ms, HOUR)
+    with_history = functools.partial(table.put, X, _route("b3", party_b="13600000004"), history=history)
+    assert await twice(redis_sync, NUMBER_KEYS, with_history) == (None, None)
+    assert redis_sync.zscore(number_history_key(X), "b3") == route.expire_ms
     axe = _route("b2", MODE_AXE)
     assert await twice(redis_sync, NUMBER_KEYS, functools.partial(table.put, X, axe, "0001")) == (None, None)

@@ -32,7 +32,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from numprotect.core.clock import SystemClock
-from numprotect.core.redis_client import LuaScript, RedisClient
+from numprotect.core.redis_batch import Command, raise_first, send_together
+from numprotect.core.redis_client import KeyOrArg, LuaScript, RedisClient
+from numprotect.core.routes import NumberHistory, RouteTable
 
 STATUS_PENDING = "p"
 STATUS_ACTIVE = "a"
@@ -237,10 +239,13 @@ async def get_stored_bindings(redis: RedisClient, binding_ids: Sequence[str]) ->
     if not binding_ids:
         return {}
     ids = list(dict.fromkeys(binding_ids))
-    async with redis.pipeline(transaction=False) as pipe:
-        for binding_id in ids:
-            pipe.hgetall(binding_key(binding_id))
-        replies = await pipe.execute()
+    if len(ids) == 1:  # one command costs less than a pipeline of one
+        replies = [await redis.hgetall(binding_key(ids[0]))]  # type: ignore[misc]
+    else:
+        async with redis.pipeline(transaction=False) as pipe:
+            for binding_id in ids:
+                pipe.hgetall(binding_key(binding_id))
+            replies = await pipe.execute()
     found: dict[str, StoredBinding] = {}
     for binding_id, raw in zip(ids, replies, strict=True):
         stored = decode_stored(binding_id, raw)
@@ -307,11 +312,11 @@ async def get_binding_history(redis: RedisClient, binding_id: str) -> list[Bindi
 
 
 class BindingRecordStore:
-    """The writes of the binding record and the number history (used by the binding service only)."""
+    """The writes of the binding record and the number history (used by the binding service only). Each write is
+    also available as a `Command`, to send with other independent writes in one round trip (redis_batch)."""
 
     _create = LuaScript.beside(__file__, "binding_record_create.lua")
     _update = LuaScript.beside(__file__, "binding_record_update.lua")
-    _history_add = LuaScript.beside(__file__, "number_history_add.lua")
 
     def __init__(self, redis: RedisClient, retention_ms: int = DEFAULT_RETENTION_MS) -> None:
         self.redis = redis
@@ -332,16 +337,35 @@ class BindingRecordStore:
         garbage); activate() then keeps it for the binding's end + retention. `extra`: fields only the binding
         service reads (`rq`, the create's request).
         """
+        command = self.create_command(
+            record, reservation_id=reservation_id, city_fallback=city_fallback, keep_until_ms=keep_until_ms, extra=extra
+        )
+        return self.created(raise_first(await send_together(self.redis, [command]))[0])
+
+    def create_command(
+        self,
+        record: BindingRecord,
+        *,
+        reservation_id: str,
+        city_fallback: bool,
+        keep_until_ms: int | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> Command:
+        """The command of `create` (its reply goes to `created`)."""
         fields = encode_record_fields(
             record, reservation_id=reservation_id, city_fallback=city_fallback, status=STATUS_PENDING
         )
         fields.update(extra or {})
         event = BindingEvent("create", record.create_ms, {"b": record.party_b, "exp": str(record.expire_ms)})
         expire_at = keep_until_ms if keep_until_ms is not None else record.end_ms() + self.retention_ms
-        flat: list[str | int] = [expire_at, event.encode()]
+        flat: list[KeyOrArg] = [expire_at, event.encode()]
         for name, value in fields.items():
             flat.extend((name, value))
-        reply = await self._create(self.redis, [binding_key(record.binding_id)], flat)
+        return Command.run(self._create, [binding_key(record.binding_id)], flat)
+
+    @staticmethod
+    def created(reply: Any) -> bool:
+        """True when the reply of a create says the record was written (False: the id exists)."""
         return int(reply) == 1
 
     async def update(
@@ -351,33 +375,56 @@ class BindingRecordStore:
         event: BindingEvent | None,
         *,
         end_ms: int | None = None,
+        release: tuple[str, str] | None = None,
     ) -> bool:
-        """Sets `fields` and appends `event` on an existing record; new retention when `end_ms` is given.
+        """Sets `fields` and appends `event` on an existing record; new retention when `end_ms` is given; with
+        `release` (a key of the record's slot and the value it holds), deletes that key in the same step (the
+        writer's lock).
 
-        False (nothing written) when the record does not exist.
+        False (nothing written, nothing deleted) when the record does not exist.
         """
+        command = self.update_command(binding_id, fields, event, end_ms=end_ms, release=release)
+        return int(raise_first(await send_together(self.redis, [command]))[0]) == 1
+
+    def update_command(
+        self,
+        binding_id: str,
+        fields: Mapping[str, str],
+        event: BindingEvent | None,
+        *,
+        end_ms: int | None = None,
+        release: tuple[str, str] | None = None,
+    ) -> Command:
+        """The command of `update` (its reply: 1 written, 0 no record)."""
         expire_at = 0 if end_ms is None else end_ms + self.retention_ms
-        flat: list[str | int] = [expire_at, event.encode() if event else ""]
+        keys = [binding_key(binding_id)]
+        token = ""
+        if release is not None:
+            keys.append(release[0])
+            token = release[1]
+        flat: list[KeyOrArg] = [expire_at, event.encode() if event else "", token]
         for name, value in fields.items():
             flat.extend((name, value))
-        reply = await self._update(self.redis, [binding_key(binding_id)], flat)
-        return int(reply) == 1
+        return Command.run(self._update, keys, flat)
 
     async def activate(self, binding_id: str, end_ms: int | None = None) -> bool:
         """Marks the record committed; with `end_ms`, keeps it until end + retention."""
         return await self.update(binding_id, {"st": STATUS_ACTIVE}, None, end_ms=end_ms)
 
+    def activate_command(self, binding_id: str, end_ms: int | None = None) -> Command:
+        return self.update_command(binding_id, {"st": STATUS_ACTIVE}, None, end_ms=end_ms)
+
     async def discard(self, binding_id: str) -> None:
         """Removes a record whose create failed (compensation)."""
         await self.redis.delete(binding_key(binding_id))
 
+    def history(self, virtual_number: str, end_ms: int) -> NumberHistory:
+        """A binding's entry in the number's history, ending at `end_ms` (written by the routes' script: same slot)."""
+        return NumberHistory(number_history_key(virtual_number), end_ms, self.retention_ms)
+
     async def add_to_history(self, virtual_number: str, binding_id: str, end_ms: int) -> None:
         """Indexes the binding on its number (score only ever raised) and trims what left retention."""
-        await self._history_add(
-            self.redis,
-            [number_history_key(virtual_number)],
-            [binding_id, end_ms, self.retention_ms],
-        )
+        raise_first(await send_together(self.redis, [self.history_command(virtual_number, binding_id, end_ms)]))
 
-    async def remove_from_history(self, virtual_number: str, binding_id: str) -> None:
-        await self.redis.zrem(number_history_key(virtual_number), binding_id)
+    def history_command(self, virtual_number: str, binding_id: str, end_ms: int) -> Command:
+        return RouteTable.history_command(virtual_number, binding_id, self.history(virtual_number, end_ms))

@@ -9,6 +9,9 @@ carries the hash tag {X}, so translation's single script and binding's writes ea
     np:rt:{X}:axe          AXE marker: X serves AXE bindings (a call without extension must collect one)
     np:lock:{X}            written by allocation when an operator locks X: calls to X are rejected
 
+The script that writes them (routes_apply.lua) also writes, when asked, the binding's entry in the number's history
+(numprotect.core.binding_records, `np:nh:{X}`: the same tag), so a create writes both in one command.
+
 Each route key holds one encoded `Route` and expires (PXAT) at the binding's expiry, so a binding stops
 translating the instant it expires, by Redis alone. While its create is not committed, the keys expire at the
 create's deadline instead (docs/binding.md, "Create"): a create that failed and could not be undone stops
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from numprotect.core.redis_batch import Command, raise_first, send_together
 from numprotect.core.redis_client import LuaScript, RedisClient
 
 MODE_AXB = 1
@@ -124,8 +129,20 @@ class RouteConflictError(Exception):
         self.holder = holder
 
 
+@dataclass(frozen=True, slots=True)
+class NumberHistory:
+    """The binding's entry in its number's history (numprotect.core.binding_records, `np:nh:{X}`: the same slot as
+    the number's routes, so the routes' script writes both at once): its score raised to `end_ms`, never lowered;
+    entries that ended more than `retention_ms` ago trimmed; the key kept until its newest end + retention."""
+
+    key: str
+    end_ms: int
+    retention_ms: int
+
+
 class RouteTable:
-    """Writes of the route table, each one atomic script on the keys of one virtual number."""
+    """Writes of the route table, each one atomic script on the keys of one virtual number (routes_apply.lua, which
+    also writes the number's history entry of the binding when given one)."""
 
     _apply = LuaScript.beside(__file__, "routes_apply.lua")
 
@@ -140,27 +157,69 @@ class RouteTable:
         *,
         replaces: Sequence[str] = (),
         until_ms: int | None = None,
+        history: NumberHistory | None = None,
     ) -> None:
         """Writes the binding's route keys (expiring at `until_ms`, by default route.expire_ms) and removes
-        `replaces` keys it held.
+        `replaces` keys it held; with `history`, the binding's entry in the number's history too.
 
         Used for create (first until the create's deadline, then again until the binding's expiry once it
         committed), for updates (same keys, new value or expiry) and for a party change (the old party's key goes
         in `replaces`). Raises RouteConflictError, writing nothing, if another binding holds a key.
         """
-        keys = route.keys(virtual_number, extension)
-        stale = [key for key in replaces if key not in keys]
-        expire_at = route.expire_ms if until_ms is None else until_ms
-        await self._run(
-            virtual_number, route.binding_id, route.encode(), expire_at, stale, keys, axe=route.mode == MODE_AXE
+        command = self.put_command(
+            virtual_number, route, extension, replaces=replaces, until_ms=until_ms, history=history
         )
+        self.check(raise_first(await send_together(self.redis, [command]))[0])
 
     async def remove(self, virtual_number: str, route: Route, extension: str = "") -> None:
         """Deletes the binding's route keys (only those still holding this binding)."""
-        await self._run(virtual_number, route.binding_id, "", 0, route.keys(virtual_number, extension), [], axe=False)
+        raise_first(await send_together(self.redis, [self.remove_command(virtual_number, route, extension)]))
 
-    async def _run(
-        self,
+    @classmethod
+    def put_command(
+        cls,
+        virtual_number: str,
+        route: Route,
+        extension: str = "",
+        *,
+        replaces: Sequence[str] = (),
+        until_ms: int | None = None,
+        history: NumberHistory | None = None,
+    ) -> Command:
+        """The command of `put`, to send with others (its reply goes to `check`)."""
+        keys = route.keys(virtual_number, extension)
+        stale = [key for key in replaces if key not in keys]
+        expire_at = route.expire_ms if until_ms is None else until_ms
+        return cls._command(
+            virtual_number,
+            route.binding_id,
+            route.encode(),
+            expire_at,
+            stale,
+            keys,
+            axe=route.mode == MODE_AXE,
+            history=history,
+        )
+
+    @classmethod
+    def remove_command(cls, virtual_number: str, route: Route, extension: str = "") -> Command:
+        return cls._command(virtual_number, route.binding_id, "", 0, route.keys(virtual_number, extension), [])
+
+    @classmethod
+    def history_command(cls, virtual_number: str, binding_id: str, history: NumberHistory) -> Command:
+        """The binding's entry in the number's history alone (no route key written)."""
+        return cls._command(virtual_number, binding_id, "", 0, [], [], history=history)
+
+    @staticmethod
+    def check(reply: Any) -> None:
+        """Raises RouteConflictError for a reply that says another binding holds a key (nothing was written)."""
+        if isinstance(reply, list) and reply and reply[0] in (b"CONFLICT", "CONFLICT"):
+            key, holder = (x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:3])
+            raise RouteConflictError(key, holder)
+
+    @classmethod
+    def _command(
+        cls,
         virtual_number: str,
         binding_id: str,
         value: str,
@@ -168,11 +227,12 @@ class RouteTable:
         delete: Sequence[str],
         put: Sequence[str],
         *,
-        axe: bool,
-    ) -> None:
+        axe: bool = False,
+        history: NumberHistory | None = None,
+    ) -> Command:
         keys = [axe_marker_key(virtual_number), *delete, *put]
         args: list[str | int] = [binding_id, value, expire_ms, len(delete), len(put), 1 if axe else 0]
-        reply = await self._apply(self.redis, keys, args)
-        if isinstance(reply, list) and reply and reply[0] in (b"CONFLICT", "CONFLICT"):
-            key, holder = (x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:3])
-            raise RouteConflictError(key, holder)
+        if history is not None:
+            keys.append(history.key)
+            args.extend((history.end_ms, history.retention_ms))
+        return Command.run(cls._apply, keys, args)

@@ -1,14 +1,18 @@
 """The create saga: an idempotent CreateBinding over keys in different slots and a number from allocation.
 
-Write order of a create (each step's keys live in their own slot; docs/binding.md has the failure analysis):
- 1. claim the order key `np:ord:{tenant:order}` (pending, deadline D = now + create lease)
+Write order of a create (each step's keys live in their own slots; the commands of one step are sent together, one
+round trip; docs/binding.md has the failure analysis):
+ 1. claim: the order key `np:ord:{tenant:order}` claimed (pending, deadline D = now + create lease) and the create
+    put on the pending-creates list (which must hold it before its record exists, not before its claim)
  2. AllocateNumber over gRPC: its reservation lapses at D unless confirmed
- 3. the pending-creates list, then record (pending, with the request) + per-number history + tenant index
- 4. route keys expiring at D: translation can connect from here on, until D at most
- 5. ConfirmReservation until the binding's expiry
- 6. order key done (only while the claim is still this create's): THE COMMIT POINT
- 7. complete: routes until the binding's expiry, record committed, off the pending list
-Before 6 nothing lasts beyond D but a confirmed reservation (step 5), which the roll-back cancels. The one place
+ 3. write: record (pending, with the request), tenant index, and the number's route keys expiring at D with the
+    binding's entry in the number's history (one script: the same slot); translation can connect from here on,
+    until D at most
+ 4. ConfirmReservation until the binding's expiry
+ 5. commit: order key done (only while the claim is still this create's): THE COMMIT POINT
+ 6. complete: routes until the binding's expiry and the record committed (one round trip), then off the
+    pending-creates list (once both landed)
+Before 5 nothing lasts beyond D but a confirmed reservation (step 4), which the roll-back cancels. The one place
 that decides a create that did not finish is its order key: the commit (p -> d) or an abort (p -> deleted, by
 order_resolve.lua or a take-over in order_claim.lua), each atomic, so a create is rolled forward or back, never
 both. A create that fails resolves itself (roll forward when the commit landed, else abort and roll back); what a
@@ -39,7 +43,6 @@ from numprotect.core.errors import Aborted, AlreadyExists, Unavailable
 from numprotect.core.phone import mask
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.binding.allocation_client import AllocationClient
-from numprotect.services.binding.concurrency import gather_all
 from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.settings import BindingSettings
 from numprotect.services.binding.store import (
@@ -237,6 +240,7 @@ class BindingCreator:
                 attempt.deadline_ms,
                 attempt.expire_ms + self.settings.retention_ms,
                 legacy_fp=legacy_fp,
+                listed=True,  # on the pending-creates list, in the same round trip
             )
             if claim.outcome == "claimed":
                 break
@@ -248,6 +252,7 @@ class BindingCreator:
                 await self._roll_back_abandoned(claim.binding_id)
                 break
             if claim.outcome in ("done", "conflict"):
+                # (The pending-creates entry the claim step added for this create goes in the lookup's round trip.)
                 existing = await self._existing(claim, attempt, budget)
                 if existing is None and claim.outcome == "conflict":
                     # The record went a moment before its order key (both expire at end + retention).
@@ -264,6 +269,7 @@ class BindingCreator:
                 return existing
             # busy: a create of the same order runs; wait for its outcome (then done, conflict, or ours to take).
             if time.monotonic() > give_up:
+                # (The entry the claim step added for this create is left to the recovery: no record, it goes.)
                 # The earlier call's outcome is not known yet (e.g. its roll-back waits for Redis to take writes
                 # again): the same answer as that call got, so a careful client just retries the same request.
                 raise Unavailable(
@@ -279,11 +285,10 @@ class BindingCreator:
         """The binding a done order names (completed if its create did not finish), None when its record is past
         retention; ALREADY_EXISTS naming the differing fields when the order was created from another request."""
         spec = attempt.spec
-        stored = await self.store.get(claim.binding_id)
+        stored, first = await self.store.order_and_request(claim.binding_id, attempt.binding_id)
         if stored is None:
             return None
         if claim.outcome == "conflict":
-            first = await self.store.request_of(claim.binding_id)
             if first is not None:
                 differing = differing_fields(first, attempt.request)
             else:  # a record of before version 2, whose order compared mode and parties only
@@ -313,6 +318,7 @@ class BindingCreator:
         parties = [spec.party_a, spec.party_b] if spec.party_b else [spec.party_a]
         reservation_id = ""
         record: BindingRecord | None = None
+        record_ours = True
         city_fallback = False
         try:
             async with budget.bound("CreateBinding", reserve=reserve):
@@ -348,27 +354,18 @@ class BindingCreator:
                     delete_ms=0,
                 )
                 await self.step("write")
-                # On the pending-creates list before the record exists: a record written without its entry (Redis
-                # failing between two of the writes below) would be found by no recovery.
-                await store.pending.add(binding_id, attempt.deadline_ms)
-                created, *_ = await gather_all(
-                    (
-                        store.records.create(
-                            record,
-                            reservation_id=reservation_id,
-                            city_fallback=allocation.city_fallback,
-                            keep_until_ms=attempt.deadline_ms + PENDING_KEEP_MS,
-                            extra={"rq": attempt.request},
-                        ),
-                        store.records.add_to_history(record.virtual_number, binding_id, attempt.expire_ms),
-                        store.tenants.add(spec.tenant_id, binding_id, attempt.create_ms),
-                    )
-                )
-                if not created:
-                    record = None  # not ours: the roll-back must not touch it
+                # The record, its routes (lapsing at D) with its number history, and the tenant index in one round
+                # trip: its pending-creates entry, written with the claim, leads the recovery to all of them.
+                if not await store.write_pending(
+                    record,
+                    reservation_id=reservation_id,
+                    city_fallback=allocation.city_fallback,
+                    keep_until_ms=attempt.deadline_ms + PENDING_KEEP_MS,
+                    request=attempt.request,
+                    routes_until_ms=min(attempt.deadline_ms, allocation.lease_expire_ms),
+                ):
+                    record_ours = False  # the roll-back removes what this create wrote beside it, not the record
                     raise Aborted(f"binding id {binding_id} exists already; retry")
-                await self.step("routes")
-                await store.put_routes(record, until_ms=min(attempt.deadline_ms, allocation.lease_expire_ms))
                 await self.step("confirm")
                 await self.allocation.confirm(reservation_id, binding_id, attempt.expire_ms)
                 await self.step("commit")
@@ -388,7 +385,9 @@ class BindingCreator:
                 "create failed midway, resolving it",
                 extra={"binding_id": binding_id, "error": repr(exc), "tenant_id": spec.tenant_id},
             )
-            completed = await self._resolve_within(budget, self._resolve_own(attempt, reservation_id, record))
+            completed = await self._resolve_within(
+                budget, self._resolve_own(attempt, reservation_id, record, record_ours=record_ours)
+            )
             if not completed or record is None or not isinstance(exc, Exception):
                 raise
         log.info(
@@ -415,10 +414,13 @@ class BindingCreator:
             return False
         return task.result()
 
-    async def _resolve_own(self, attempt: _Attempt, reservation_id: str, record: BindingRecord | None) -> bool:
+    async def _resolve_own(
+        self, attempt: _Attempt, reservation_id: str, record: BindingRecord | None, *, record_ours: bool = True
+    ) -> bool:
         """After a failure: True when the create committed and is now complete; otherwise it is rolled back, or,
         when its order key cannot be read, left as it is (its routes and an unconfirmed reservation lapse at the
-        deadline; the recovery or a retry resolves the rest). Never raises."""
+        deadline; the recovery or a retry resolves the rest). `record`: the record the create wrote, or was writing;
+        `record_ours` False when a record of its id existed (another's: left alone). Never raises."""
         spec, binding_id = attempt.spec, attempt.binding_id
         try:
             outcome = await self.store.orders.resolve(spec.tenant_id, spec.out_order_id, binding_id, own=True)
@@ -426,7 +428,7 @@ class BindingCreator:
             log.warning("outcome of a failed create unknown, left to recovery", extra={"error": repr(exc)})
             return False
         if outcome == "done":
-            if record is None:
+            if record is None or not record_ours:
                 return False
             try:
                 await self.store.complete(record)
@@ -434,34 +436,38 @@ class BindingCreator:
                 log.warning("a committed create could not be completed, left to recovery", extra={"error": repr(exc)})
                 return False
             return True
-        await self._roll_back(binding_id, record, reservation_id)
+        await self._roll_back(binding_id, record, reservation_id, record_ours=record_ours)
         return False
 
-    async def _roll_back(self, binding_id: str, record: BindingRecord | None, reservation_id: str) -> None:
+    async def _roll_back(
+        self, binding_id: str, record: BindingRecord | None, reservation_id: str, *, record_ours: bool = True
+    ) -> None:
         """Removes what an aborted create wrote (its order is no longer its own, so it never commits). Best effort,
-        every step independent; the pending-creates entry goes only when nothing is left, so recovery retries."""
+        the routes and the reservation side by side; the pending-creates entry goes only when nothing is left, so
+        recovery retries. `record` None: nothing was written but the claim and the entry; `record_ours` False: a
+        record of the id existed (another's): what this create wrote beside it goes, the record and index stay."""
         store = self.store
-        essential: list[Awaitable[object]] = []
+        undo: list[Awaitable[object]] = []
         if record is not None:
-            essential.append(store.remove_routes(record))
+            undo.append(store.remove_written(record, indexed=record_ours))
         if reservation_id:
-            essential.append(self.allocation.cancel(reservation_id, "binding create failed"))
-        tidy: list[Awaitable[object]] = []
-        if record is not None:  # (None: nothing of this binding was written, or the id was another's)
-            # Index and history entries without a record are ignored by every reader: no need to retry them.
-            tidy.append(store.tenants.remove(record.tenant_id, [binding_id]))
-            tidy.append(store.records.remove_from_history(record.virtual_number, binding_id))
-        results = list(await asyncio.gather(*essential, *tidy, return_exceptions=True))
-        failed = [result for result in results if isinstance(result, BaseException)]
-        if not any(isinstance(result, BaseException) for result in results[: len(essential)]):
+            undo.append(self.allocation.cancel(reservation_id, "binding create failed"))
+        failed: list[BaseException] = []
+        left: list[BaseException] = []  # entries without a record, which every reader ignores: no need to retry
+        for result in await asyncio.gather(*undo, return_exceptions=True):
+            if isinstance(result, BaseException):
+                failed.append(result)
+            elif isinstance(result, list):
+                left.extend(result)
+        if not failed:
             # The record goes last: it names the reservation, the way back to it while undoing may still fail.
             try:
-                if record is not None:
+                if record is not None and record_ours:
                     await store.records.discard(binding_id)
                 await store.pending.remove(binding_id)
             except Exception as exc:
                 failed.append(exc)
-        for result in failed:
+        for result in failed + left:
             log.error("rolling back a create left something behind", extra={"error": repr(result)})
 
     async def _roll_back_abandoned(self, binding_id: str) -> None:
@@ -481,25 +487,30 @@ class BindingCreator:
         "busy" (its order says it may still run, or another call holds the binding), or "gone" (nothing left)."""
         store = self.store
         stored = await store.get(binding_id)
-        if stored is None or not stored.pending:
-            # No record (rolled back but for this entry, or never written), or completed but for this entry.
+        if stored is None:
+            # No record: rolled back but for this entry, never written, or a claim that was not this create's.
             await store.pending.remove(binding_id)
             return "gone"
         record = stored.record
-        outcome = await store.orders.resolve(record.tenant_id, record.out_order_id, binding_id, own=False)
-        if outcome == "busy":
-            return "busy"
-        if outcome == "done":
-            try:
-                async with store.locks.hold(binding_id):
-                    current = await store.get(binding_id)
-                    if current is not None and current.pending:
-                        await store.complete(current.record)
-            except Aborted:
+        if stored.pending:
+            outcome = await store.orders.resolve(record.tenant_id, record.out_order_id, binding_id, own=False)
+            if outcome == "busy":
                 return "busy"
-            return "completed"
-        await self._roll_back(binding_id, record, stored.reservation_id)
-        return "rolled back"
+            if outcome != "done":
+                await self._roll_back(binding_id, record, stored.reservation_id)
+                return "rolled back"
+        # Committed. Marked so, yet on the list: the completion's routes, written beside that mark, may not have
+        # landed (or only its removal from the list failed): complete it again, routes included.
+        try:
+            async with store.locks.hold(binding_id):
+                current = await store.get(binding_id)
+                if current is None:
+                    await store.pending.remove(binding_id)
+                    return "gone"
+                await store.complete(current.record)
+        except Aborted:
+            return "busy"
+        return "completed"
 
     async def recover_overdue(self, margin_ms: int, per_shard: int = 64) -> dict[str, int]:
         """Resolves the pending creates whose deadline passed more than `margin_ms` ago; counts by outcome."""

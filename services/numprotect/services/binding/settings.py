@@ -9,7 +9,7 @@ from numprotect.services.binding.batching import DEFAULT_MAX_IN_FLIGHT, DEFAULT_
 
 _DAY = 86400.0
 # The steps of a create (create.py), as a StepHook and NUMPROTECT_BINDING_FAILPOINT name them.
-CREATE_STEPS = ("claim", "allocate", "write", "routes", "confirm", "commit", "complete")
+CREATE_STEPS = ("claim", "allocate", "write", "confirm", "commit", "complete")
 FAILPOINT_ACTIONS = ("crash", "error")
 # Allocation answers a batch call of more items INVALID_ARGUMENT (its MAX_BATCH_ITEMS, docs/allocation.md).
 ALLOCATION_BATCH_LIMIT = 256

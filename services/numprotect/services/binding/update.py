@@ -19,11 +19,11 @@ from numprotect.core.binding_records import BindingEvent, BindingRecord, StoredB
 from numprotect.core.clock import Clock
 from numprotect.core.errors import FailedPrecondition
 from numprotect.core.phone import mask
+from numprotect.core.redis_batch import raise_first, send_together
 from numprotect.core.routes import MODE_AXB, MODE_AXN, caller_key
 from numprotect.services.binding.allocation_client import AllocationClient, PartyNotHeld
-from numprotect.services.binding.concurrency import gather_all
 from numprotect.services.binding.deadline import CallBudget
-from numprotect.services.binding.reads import BindingReads
+from numprotect.services.binding.reads import BindingReads, Locked
 from numprotect.services.binding.settings import BindingSettings
 from numprotect.services.binding.store import HELD_PARTIES_FIELD, BindingStore
 from numprotect.services.binding.validation import UpdateSpec, Violations
@@ -72,22 +72,23 @@ class BindingUpdater:
         """Applies the masked fields; FAILED_PRECONDITION for a deleted or expired binding. UNAVAILABLE past the
         `budget` (default: the create lease), with the binding's lock released."""
         budget = self._budget(budget)
-        async with budget.bound("UpdateBinding", reserve=self._reserve(budget) / 2):
-            # NOT_FOUND for another tenant before any lock
-            await self.reads.load(spec.binding_id, spec.tenant_id, budget=budget)
-            async with (
-                self.store.locks.hold(spec.binding_id, wait_seconds=self._lock_wait(budget), budget=budget),
-                budget.bound("UpdateBinding", reserve=self._reserve(budget)),
-            ):
-                stored = await self.reads.load(spec.binding_id, spec.tenant_id, locked=True)
-                record = stored.record
-                now = self.clock.now_ms()
-                if record.delete_ms:
-                    raise FailedPrecondition(f"binding {record.binding_id} was deleted", subject=record.binding_id)
-                if record.expire_ms <= now:
-                    raise FailedPrecondition(f"binding {record.binding_id} has expired", subject=record.binding_id)
-                updated = self._apply(spec, record, now)
-                await self._write(stored, updated, now, expiry_asked="expire_time" in spec.paths)
+        # NOT_FOUND for another tenant before any lock, in the step that takes the lock.
+        async with (
+            budget.bound("UpdateBinding", reserve=self._reserve(budget) / 2),
+            self.reads.locked(
+                spec.binding_id, spec.tenant_id, wait_seconds=self._lock_wait(budget), budget=budget
+            ) as held,
+            budget.bound("UpdateBinding", reserve=self._reserve(budget)),
+        ):
+            stored = held.stored
+            record = stored.record
+            now = self.clock.now_ms()
+            if record.delete_ms:
+                raise FailedPrecondition(f"binding {record.binding_id} was deleted", subject=record.binding_id)
+            if record.expire_ms <= now:
+                raise FailedPrecondition(f"binding {record.binding_id} has expired", subject=record.binding_id)
+            updated = self._apply(spec, record, now)
+            await self._write(held, updated, now, expiry_asked="expire_time" in spec.paths)
         return replace(stored, record=updated)
 
     def _apply(self, spec: UpdateSpec, record: BindingRecord, now: int) -> BindingRecord:
@@ -117,7 +118,8 @@ class BindingUpdater:
         v.raise_if_any()
         return replace(updated, update_ms=now)
 
-    async def _write(self, stored: StoredBinding, new: BindingRecord, now: int, *, expiry_asked: bool = False) -> None:
+    async def _write(self, held: Locked, new: BindingRecord, now: int, *, expiry_asked: bool = False) -> None:
+        stored = held.stored
         old = stored.record
         store = self.store
         reservation_id = stored.reservation_id
@@ -136,18 +138,19 @@ class BindingUpdater:
         # Widening steps first (harmless if a later step fails), the record, the routes, narrowing steps last.
         if old.mode != MODE_AXN:
             # AXB/AXE: allocation keeps each real number once per X; it refuses a B already on this number.
-            replaced = await self._replace_party(stored, new.party_b)
+            replaced = await self._replace_party(stored, new.party_b, held.held_parties)
             if replaced:
                 fields[HELD_PARTIES_FIELD] = ""
         if new.expire_ms > old.expire_ms:
             await self.allocation.confirm(reservation_id, old.binding_id, new.expire_ms)
-            await gather_all(
-                (
-                    store.records.add_to_history(old.virtual_number, old.binding_id, new.expire_ms),
-                    # The order key lives as long as the record, so the order stays idempotent that long.
-                    store.orders.extend(old.tenant_id, old.out_order_id, new.expire_ms + self.settings.retention_ms),
-                )
-            )
+            commands = [
+                store.records.history_command(old.virtual_number, old.binding_id, new.expire_ms),
+                # The order key lives as long as the record, so the order stays idempotent that long.
+                store.orders.extend_command(
+                    old.tenant_id, old.out_order_id, new.expire_ms + self.settings.retention_ms
+                ),
+            ]
+            raise_first(await send_together(store.redis, commands))
         try:
             event = BindingEvent("update", now, changes) if changes else None
             end_ms = new.expire_ms if "exp" in changes else None
@@ -175,13 +178,13 @@ class BindingUpdater:
             extra={"binding_id": old.binding_id, "changed": sorted(changes), "party_b": mask(new.party_b)},
         )
 
-    async def _replace_party(self, stored: StoredBinding, new_party: str) -> bool:
+    async def _replace_party(self, stored: StoredBinding, new_party: str, held: list[str]) -> bool:
         """Makes allocation hold `new_party` as the binding's B; True when allocation's party changed (or may have:
-        the record then says which parties allocation may hold instead, cleared by the record's write). A party a
-        failed attempt left at allocation is found again, so a retried update repeats nothing."""
+        the record then says which parties allocation may hold instead, cleared by the record's write). `held`: the
+        parties the record says allocation may hold instead of its B. A party a failed attempt left at allocation
+        is found again, so a retried update repeats nothing."""
         old = stored.record
         store = self.store
-        held = await store.held_parties(old.binding_id)
         if new_party == old.party_b and not held:
             return False
         # Before allocation changes: a retry (or the next update) must know which party allocation may hold.
@@ -217,29 +220,35 @@ class BindingUpdater:
         """Unbinds at once (routes, then the record, then the reservation); a repeated delete finishes what a
         failed one may have left; an expired binding is returned as it is. UNAVAILABLE past the `budget`."""
         budget = self._budget(budget)
-        async with budget.bound("DeleteBinding", reserve=self._reserve(budget) / 2):
-            await self.reads.load(binding_id, tenant_id, budget=budget)  # NOT_FOUND for another tenant before any lock
-            async with (
-                self.store.locks.hold(binding_id, wait_seconds=self._lock_wait(budget), budget=budget),
-                budget.bound("DeleteBinding", reserve=self._reserve(budget)),
-            ):
-                return await self._delete(binding_id, tenant_id)
+        # NOT_FOUND for another tenant before any lock, in the step that takes the lock.
+        async with (
+            budget.bound("DeleteBinding", reserve=self._reserve(budget) / 2),
+            self.reads.locked(binding_id, tenant_id, wait_seconds=self._lock_wait(budget), budget=budget) as held,
+            budget.bound("DeleteBinding", reserve=self._reserve(budget)),
+        ):
+            return await self._delete(held)
 
-    async def _delete(self, binding_id: str, tenant_id: str) -> StoredBinding:
-        stored = await self.reads.load(binding_id, tenant_id, locked=True)
+    async def _delete(self, held: Locked) -> StoredBinding:
+        stored = held.stored
         record = stored.record
+        binding_id = record.binding_id
         now = self.clock.now_ms()
         if not record.delete_ms and record.expire_ms <= now:
             # Expired already: nothing routes or holds the number any more; it stays EXPIRED.
             return stored
         if not record.delete_ms:
-            # Calls stop first, then the record says so, then the number is given back.
+            # Calls stop first, then the record says so (its last write: the lock goes with it, nothing after it
+            # changes what another call could), then the number is given back.
             await self.store.remove_routes(record)
-            await self.store.records.update(
-                binding_id, {"dms": str(now), "ums": str(now)}, BindingEvent("delete", now, {}), end_ms=now
+            held.lease.released = await self.store.records.update(
+                binding_id,
+                {"dms": str(now), "ums": str(now)},
+                BindingEvent("delete", now, {}),
+                end_ms=now,
+                release=held.lease.holder,
             )
             record = replace(record, delete_ms=now, update_ms=now)
-            log.info("binding deleted", extra={"binding_id": binding_id, "tenant_id": tenant_id})
+            log.info("binding deleted", extra={"binding_id": binding_id, "tenant_id": record.tenant_id})
         else:
             # A repeated delete finishes whatever a failed one may have left.
             await self.store.remove_routes(record)
