@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
+import pytest
 from allocation.conftest import as_policy
 from allocation.test_allocation import B1, BLOCK, BLOCK_2, allocate, import_block, number, party, stats, timestamp_in
 from redis.crc import key_slot
@@ -19,6 +20,7 @@ from redis.crc import key_slot
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.common.v1 import common_pb2
 from numprotect.core.doctor import Options, scan_async
+from numprotect.core.errors import InvalidArgument
 from numprotect.core.pool_keys import Handle, PoolLayout, pool_key, subpool_of, subpool_share
 from numprotect.core.redis_client import RedisClient
 from numprotect.core.settings import Env, RedisSettings
@@ -50,6 +52,22 @@ async def take_all(redis: RedisClient, subpool: str, mode: str, parties: Callabl
         made += sum(done)
         if not all(done):
             return made
+
+
+def test_handles_name_their_subpool_count_and_old_ones_still_read() -> None:
+    """rv1 (a pool of one sub-pool, as before sub-pools) and rv2 (with the count) both decode; a count outside
+    2..16 in an rv2 handle is no handle AllocateNumber issued."""
+    x, rid = BLOCK + "0042", "0123456789abcdef"
+    assert Handle("t1", "010", x, rid).encode() == "rv1." + base64.urlsafe_b64encode(
+        f"t1:010:{x}:{rid}".encode()
+    ).decode().rstrip("=")
+    three = Handle("t1", "010", x, rid, 3)
+    assert three.encode().startswith("rv2.") and Handle.decode("reservation_id", three.encode()) == three
+    for count in ("1", "17", "x", ""):
+        raw = base64.urlsafe_b64encode(f"t1:010:{x}:{rid}:{count}".encode()).decode()
+        with pytest.raises(InvalidArgument) as caught:
+            Handle.decode("reservation_id", "rv2." + raw)
+        assert caught.value.violations[0].field == "reservation_id"
 
 
 async def test_numbers_land_in_every_subpool_on_spread_slots_and_every_rpc_finds_them(

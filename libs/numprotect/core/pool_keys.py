@@ -152,11 +152,6 @@ class Handle:
     rid: str
     subpools: int = 1
 
-    @property
-    def pool(self) -> str:
-        """Base key of the sub-pool holding the reservation."""
-        return number_subpool_key(self.tenant, self.city, self.number, self.subpools)
-
     def encode(self) -> str:
         fields = [self.tenant, self.city, self.number, self.rid]
         version = _HANDLE_V1
