@@ -11,29 +11,44 @@ binding records for the call_refs, then, against the same cdr server:
   5. IngestCdrs, 100 per batch, without call_ref: enrichment through the binding history (trace_number);
   6. the same batches of 2. sent again: all duplicates.
 Each phase sends fresh call_ids (pre-serialised, so the client spends little CPU) for at most PHASE_SECONDS.
-Run: python -m benchmarks.bench_cdr  (or make bench BENCH_ARGS=cdr); NUMPROTECT_BENCH_FSYNC=always measures
-Redis with appendfsync always instead.
+
+Then the spread of one tenant's stream (docs/cdr.md "Buckets"): a 3-master Redis Cluster (no replicas, AOF
+everysec) and two tenants, one of one stream (NUMPROTECT_CDR_STREAM_BUCKETS=1) and one of SPREAD_BUCKETS buckets,
+each ingested by a cdr process of its setting (IngestCdrs, 100 per batch, call_ref, on BINDINGS numbers,
+SPREAD_CONCURRENCY in flight) in SPREAD_ROUNDS interleaved rounds of SPREAD_SECONDS: per primary, the share of the
+tenant's records written there (XLEN of its bucket streams, by the primary that serves each) and the Redis CPU it
+used meanwhile (INFO cpu, user + sys, deltas); records/s and CPU per record of the cdr process (/proc) and of Redis
+(all primaries).
+
+Run: python -m benchmarks.bench_cdr [ingest] [spread]  (both by default; or make bench BENCH_ARGS=cdr);
+NUMPROTECT_BENCH_FSYNC=always measures Redis with appendfsync always instead;
+NUMPROTECT_BENCH_SPREAD_CONCURRENCY sets SPREAD_CONCURRENCY (default BATCH_CONCURRENCY).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.redis_cluster, for the spread
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.harness import free_port, process, redis_server_args, wait_redis, wait_serving
+from benchmarks.harness import cpu_seconds, free_port, process, redis_server_args, wait_redis, wait_serving
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.binding_records import BindingRecord, BindingRecordStore
 from numprotect.core.call_ref import CallRef
+from numprotect.core.cdr_keys import Buckets
 from numprotect.core.redis_client import create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE
 from numprotect.core.settings import Env, RedisSettings
@@ -46,6 +61,10 @@ STREAM_CONCURRENCY = 2
 STREAM_RECORDS = 5_000
 BINDINGS = 1000
 TENANT = "bench"
+SPREAD_BUCKETS = 3
+SPREAD_ROUNDS = 3
+SPREAD_SECONDS = 5.0
+SPREAD_CONCURRENCY = int(os.environ.get("NUMPROTECT_BENCH_SPREAD_CONCURRENCY", str(BATCH_CONCURRENCY)))
 INGEST = "/numprotect.cdr.v1.CdrService/IngestCdrs"
 STREAM = "/numprotect.cdr.v1.CdrService/StreamCdrs"
 
@@ -95,20 +114,25 @@ class Records:
         ]
 
 
-async def write_bindings(redis_url: str) -> list[BindingRecord]:
-    client = create_redis(RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": redis_url})))
+async def write_bindings(
+    redis_url: str, *, mode: str = "standalone", tenant_id: str = TENANT, numbers: str = "7002000"
+) -> list[BindingRecord]:
+    """BINDINGS committed bindings of `tenant_id`, on the numbers `numbers` + 8 digits."""
+    client = create_redis(
+        RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_REDIS_MODE": mode}))
+    )
     store = BindingRecordStore(client)
     now = time.time_ns() // 1_000_000
     bindings = []
     for i in range(BINDINGS):
         record = BindingRecord(
-            binding_id=f"bench-b{i}",
-            tenant_id=TENANT,
+            binding_id=f"{tenant_id}-b{i}",
+            tenant_id=tenant_id,
             out_order_id=f"bench-o{i}",
             mode=MODE_AXB,
             party_a=f"138{i:08d}",
             party_b=f"139{i:08d}",
-            virtual_number=f"7002000{i:08d}",
+            virtual_number=f"{numbers}{i:08d}",
             extension="",
             city_code="010",
             call_restriction=RESTRICTION_NONE,
@@ -275,24 +299,11 @@ async def bench(address: str, uncached_address: str, bindings: list[BindingRecor
         await channel.close(grace=None)
 
 
-def main() -> int:
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        print("redis-server not found: run `make system-deps`", file=sys.stderr)
-        return 1
+def ingest_benchmark(redis_server: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="numprotect-bench-cdr-"))
     redis_port, cdr_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {
-        **os.environ,
-        # What this bench measures is the service's own work: plaintext and no identity checks (TLS and
-        # token checks have their comparison in bench_translation, the hot path).
-        "NUMPROTECT_TLS": "off",
-        "NUMPROTECT_AUTH": "off",
-        "NUMPROTECT_REDIS_URL": redis_url,
-        "NUMPROTECT_CDR_PORT": str(cdr_port),
-        "NUMPROTECT_LOG_LEVEL": "WARNING",
-    }
+    env = {**_service_env(), "NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_CDR_PORT": str(cdr_port)}
     try:
         fsync = os.environ.get("NUMPROTECT_BENCH_FSYNC", "everysec")
         redis_args = redis_server_args(
@@ -330,10 +341,149 @@ def main() -> int:
             memory = client.info("memory")["used_memory"]
             stored = client.xlen(f"np:cdr:{{t:{TENANT}}}:s")
             print(f"stored in the tenant's stream: {stored:,} records; Redis used_memory {memory / 2**20:,.1f} MiB")
-        return 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _service_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        # What this bench measures is the service's own work: plaintext and no identity checks (TLS and
+        # token checks have their comparison in bench_translation, the hot path).
+        "NUMPROTECT_TLS": "off",
+        "NUMPROTECT_AUTH": "off",
+        "NUMPROTECT_LOG_LEVEL": "WARNING",
+    }
+
+
+def _primary_cpu(node: Any) -> float:
+    info = node.client().info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@dataclass
+class Spread:
+    """One layout's totals over the rounds: records, seconds, CPU seconds of its cdr process and of each primary."""
+
+    layout: str
+    tenant: str
+    buckets: int
+    address: str
+    pid: int
+    records: int = 0
+    seconds: float = 0.0
+    cdr_cpu: float = 0.0
+    redis_cpu: list[float] = field(default_factory=list)
+
+
+def spread_benchmark() -> None:
+    """One tenant's stream on a 3-master cluster, one stream against SPREAD_BUCKETS buckets: two tenants (an owner's
+    bucket count is fixed by its first record), each on a cdr process of its setting, measured in interleaved rounds
+    so that both meet the same machine load."""
+    from support.redis_cluster import RedisClusterServers  # the tests' real cluster (tests/ is on the path above)
+
+    cluster = RedisClusterServers(masters=3, replicas=0, appendonly=True)
+    workdir = Path(tempfile.mkdtemp(prefix="numprotect-bench-cdr-spread-"))
+    try:
+        masters = cluster.nodes
+        with contextlib.ExitStack() as running:
+            layouts = []
+            for layout, buckets, numbers in (
+                ("one stream", 1, "7003000"),
+                (f"{SPREAD_BUCKETS} buckets", SPREAD_BUCKETS, "7004000"),
+            ):
+                port = free_port()
+                env = {
+                    **_service_env(),
+                    "NUMPROTECT_REDIS_URL": cluster.url,
+                    "NUMPROTECT_REDIS_MODE": "cluster",
+                    "NUMPROTECT_CDR_PORT": str(port),
+                    "NUMPROTECT_CDR_STREAM_BUCKETS": str(buckets),
+                }
+                log = workdir / f"cdr-{buckets}.log"
+                cdr = running.enter_context(process([sys.executable, "-m", "numprotect.services.cdr"], env, log))
+                wait_serving(f"127.0.0.1:{port}", cdr, log)
+                spread = Spread(layout, f"spread-{buckets}", buckets, f"127.0.0.1:{port}", cdr.pid)
+                spread.redis_cpu = [0.0] * len(masters)
+                layouts.append((spread, numbers))
+            asyncio.run(_spread_rounds(cluster.url, layouts, masters))
+        print(
+            f"\none tenant's stream on a {len(masters)}-master Redis Cluster (AOF everysec, no replicas), a cdr "
+            f"process per layout, IngestCdrs 100/batch with call_ref on {BINDINGS} numbers, {SPREAD_CONCURRENCY} in "
+            f"flight, {SPREAD_ROUNDS} interleaved rounds of {SPREAD_SECONDS:.0f}s per layout"
+        )
+        print(
+            f"{'layout':<14} {'records/s':>9} {'cdr us/rec':>10} {'Redis us/rec':>12}  "
+            f"{'tenant records per primary':<26} {'Redis CPU s per primary':<24} busiest primary"
+        )
+        for spread, _numbers in layouts:
+            written = [0] * len(masters)
+            for bucket in Buckets.of(spread.tenant, spread.buckets).all:
+                node = cluster.master_of(bucket.stream)
+                written[masters.index(node)] += int(node.client().xlen(bucket.stream))
+            total = sum(written) or 1
+            cpu = spread.redis_cpu
+            per_record = 1e6 / max(spread.records, 1)
+            print(
+                f"{spread.layout:<14} {spread.records / spread.seconds:>9,.0f} {spread.cdr_cpu * per_record:>10,.0f} "
+                f"{sum(cpu) * per_record:>12,.0f}  {' '.join(f'{n / total:>6.1%}' for n in written):<26} "
+                f"{' '.join(f'{c:>6.2f}' for c in cpu):<24} "
+                f"{max(written) / total:.0%} of records, {max(cpu) / (sum(cpu) or 1):.0%} of Redis CPU"
+            )
+    finally:
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _spread_rounds(url: str, layouts: list[tuple[Spread, str]], masters: list[Any]) -> None:
+    channels, senders = [], []
+    for spread, numbers in layouts:
+        bindings = await write_bindings(url, mode="cluster", tenant_id=spread.tenant, numbers=numbers)
+        channel = grpc.aio.insecure_channel(spread.address)
+        ingest = channel.unary_unary(
+            INGEST, request_serializer=bytes, response_deserializer=cdr_pb2.IngestCdrsResponse.FromString
+        )
+        records = Records(bindings)
+        # The first batch reads the bindings and fixes the tenant's bucket count (not measured).
+        await ingest(records.batches("warm", 100, 1)[0], timeout=60)
+        channels.append(channel)
+        senders.append((spread, ingest, records))
+    for round_number in range(SPREAD_ROUNDS):
+        for spread, ingest, records in senders:
+
+            async def send(batch: bytes, ingest: Any = ingest) -> tuple[int, int]:
+                reply = await ingest(batch, timeout=60)
+                assert not reply.rejected, reply.rejected[0]
+                return reply.accepted, reply.duplicates
+
+            batches = records.batches(f"spread{round_number}", 100, 1000)
+            before, cdr_before = [_primary_cpu(node) for node in masters], cpu_seconds(spread.pid)
+            accepted, duplicates, elapsed = await drive(SPREAD_CONCURRENCY, batches, send, SPREAD_SECONDS)
+            after, cdr_after = [_primary_cpu(node) for node in masters], cpu_seconds(spread.pid)
+            spread.records += accepted + duplicates
+            spread.seconds += elapsed
+            spread.cdr_cpu += cdr_after - cdr_before
+            spread.redis_cpu = [t + a - b for t, a, b in zip(spread.redis_cpu, after, before, strict=True)]
+    for channel in channels:
+        await channel.close(grace=None)
+
+
+def main(argv: list[str]) -> int:
+    parts = argv or ["ingest", "spread"]
+    unknown = sorted(set(parts) - {"ingest", "spread"})
+    if unknown:
+        print(f"unknown part(s) {', '.join(unknown)}: ingest, spread", file=sys.stderr)
+        return 2
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        print("redis-server not found: run `make system-deps`", file=sys.stderr)
+        return 1
+    if "ingest" in parts:
+        ingest_benchmark(redis_server)
+    if "spread" in parts:
+        spread_benchmark()
+    return 0
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
