@@ -25,8 +25,9 @@ from numprotect.core.call_ref import CallRef
 from numprotect.core.calls import Method, SyncCallLayer
 from numprotect.core.identity.principal import Role
 from numprotect.core.logs import JsonFormatter
+from numprotect.core.redis_client import create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
-from numprotect.core.settings import Env, SettingsError
+from numprotect.core.settings import Env, RedisSettings, SettingsError
 from numprotect.core.telemetry import Telemetry
 from numprotect.core.telemetry.server_spans import _PresetTraceIds
 from numprotect.services.cdr.app import build as build_cdr
@@ -388,6 +389,41 @@ async def test_redis_commands_outside_traced_calls_make_no_spans(redis_client: r
     with current_span(telemetry, "unsampled", attributes={"x": 1}):
         pass
     assert [s.name for s in finished(telemetry, exporter)] == ["unsampled"]
+
+
+@pytest.mark.parametrize("client_kind", ["redis-py", "mux"])
+async def test_pipelines_of_unsampled_calls_are_redis_pys_own(redis_url: str, client_kind: str) -> None:
+    """Outside a recording span a pipeline is not wrapped at all (the wrappers cost ~86 us per pipeline even when
+    they made no span) and makes no span; inside one it is traced as before, and so are commands."""
+    settings = RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": redis_url, "NUMPROTECT_REDIS_CLIENT": client_kind}))
+    client = create_redis(settings, write_path=client_kind == "mux")
+    telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "parentbased_always_off"})
+    try:
+        telemetry.instrument_redis(client)
+        with current_span(telemetry, "unsampled") as unsampled:
+            assert not unsampled.is_recording()
+            async with client.pipeline(transaction=False) as pipe:
+                assert not hasattr(pipe.execute, "__wrapped__")  # no wrapt wrapper on this pipeline
+                pipe.set("np:test:pipe", "1")
+                pipe.get("np:test:pipe")
+                assert await pipe.execute() == [True, b"1"]
+            assert await client.get("np:test:pipe") == b"1"
+        assert finished(telemetry, exporter) == []
+        sampled, sampled_exporter = traced()
+        sampled.instrument_redis(client2 := create_redis(settings, write_path=client_kind == "mux"))
+        try:
+            with current_span(sampled, "rpc") as parent:
+                async with client2.pipeline(transaction=False) as pipe:
+                    pipe.get("np:test:pipe")
+                    assert await pipe.execute() == [b"1"]
+                assert await client2.get("np:test:pipe") == b"1"
+        finally:
+            await client2.aclose()
+        spans = [s for s in finished(sampled, sampled_exporter) if s.name != "rpc"]
+        assert [str(dict(s.attributes or {}).get("db.statement")) for s in spans] == ["GET ?", "GET ?"]
+        assert all(s.parent is not None and s.parent.span_id == parent.get_span_context().span_id for s in spans)
+    finally:
+        await client.aclose()
 
 
 def test_child_spans_only_under_a_recording_span() -> None:
