@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+import uvloop
 from redis.exceptions import NoPermissionError, NoScriptError
 
 from numprotect.core.redis_acl import ACL_USERS, ADMIN_USER, render_acl_file
@@ -321,6 +322,20 @@ async def test_a_cancelled_caller_leaves_the_connection_in_step(clients: tuple[R
         await slow
     assert await mux.get(f"{K}:a") == b"1"  # the slow script's reply went to nobody, this one to us
     assert await mux.incr(f"{K}:n") == 1
+
+
+def test_the_services_event_loop_uvloop(redis_url: str) -> None:
+    """The services run on uvloop, whose transports are not asyncio's classes."""
+
+    async def commands() -> list[Any]:
+        mux = MuxRedis(_settings({"NUMPROTECT_REDIS_URL": redis_url}))
+        try:
+            together = await asyncio.gather(*(mux.incr(f"{K}:uv") for _ in range(8)))
+            return [sorted(together), await ECHO(mux, [f"{K}:k"], ["v", 1]), mux.writes()]
+        finally:
+            await mux.aclose()
+
+    assert uvloop.run(commands()) == [list(range(1, 9)), [f"{K}:k".encode(), b"v", 2], 4]
 
 
 def test_the_client_setting_is_checked_at_start_up(redis_url: str) -> None:

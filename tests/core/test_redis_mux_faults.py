@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import redis
@@ -21,6 +22,7 @@ from numprotect.core.redis_mux import MuxRedis
 from numprotect.core.settings import Env, RedisSettings
 from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer
+from support.tcp_proxy import LatencyProxy
 
 # Repeat-safe, as every script of the project: a member added twice is there once.
 MARK = LuaScript.from_source("mux_mark", "redis.call('SADD', KEYS[1], ARGV[1]) return redis.call('SCARD', KEYS[1])")
@@ -122,6 +124,54 @@ async def test_a_silent_peer_fails_the_command_within_the_timeout(durable_redis:
         assert isinstance(outcome, redis.TimeoutError) and _unavailable(outcome), outcome
         assert 0.25 < took < 0.8, took
     assert await mux.get("np:test:{silent}") == b"1"  # a new connection, in step
+    await mux.aclose()
+
+
+async def test_a_link_slower_than_the_timeout_fails_every_command_within_it(redis_url: str) -> None:
+    """+0.3 s each way (a round trip longer than the 0.4 s timeout): every command fails with TimeoutError within
+    its timeout, the connection is replaced; without the delay commands are answered again."""
+    proxy = LatencyProxy("127.0.0.1", urlparse(redis_url).port or 6379)
+    mux = _mux(f"redis://{proxy.address}/0", "400ms")
+    try:
+        assert await mux.set("np:test:{slow}", "1") is True
+        proxy.delay = 0.3
+
+        async def steady(i: int) -> tuple[Any, float]:
+            await asyncio.sleep(i * 0.05)
+            return await _timed(lambda: mux.get("np:test:{slow}"))
+
+        outcomes = await asyncio.gather(*(steady(i) for i in range(16)))
+        for outcome, took in outcomes:
+            assert isinstance(outcome, redis.TimeoutError) and _unavailable(outcome), outcome
+            assert took < 0.7, [round(t, 3) for _, t in outcomes]  # 0.4 s, and a busy host's lag
+        proxy.delay = 0.0
+        assert await mux.get("np:test:{slow}") == b"1"
+    finally:
+        await mux.aclose()
+        proxy.close()
+
+
+async def test_a_command_queued_past_its_timeout_fails_while_the_peer_still_answers(redis_url: str) -> None:
+    """Two scripts of 0.3 s, written 20 ms apart: Redis answers the first at 0.3 s; the second, behind it, would be
+    answered at 0.6 s, past its 0.4 s timeout: it fails then with TimeoutError, as with a socket timeout of its own,
+    while the connection (which answered 0.1 s before) stays, in step for what follows."""
+    slow = "local t = redis.call('TIME') while true do local n = redis.call('TIME') "
+    slow += "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 300000 then return ARGV[1] end end"
+    mux = _mux(redis_url, "400ms")
+    assert await mux.ping()
+    conn = mux._seed.conn
+
+    async def later(index: int) -> tuple[Any, float]:
+        await asyncio.sleep(index * 0.02)
+        return await _timed(lambda: mux.eval(slow, 1, "np:test:{queued}", index))
+
+    (first, first_took), (second, second_took) = await asyncio.gather(later(0), later(1))
+    assert first == b"0" and first_took < 0.4
+    assert isinstance(second, redis.TimeoutError) and 0.35 < second_took < 0.5, (second, second_took)
+    assert mux._seed.conn is conn and conn is not None and not conn.closed
+    await asyncio.sleep(0.3)  # the second reply arrives and goes to nobody
+    assert await mux.eval("return ARGV[1]", 1, "np:test:{queued}", "after") == b"after"
+    assert mux._seed.conn is conn
     await mux.aclose()
 
 

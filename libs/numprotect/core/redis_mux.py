@@ -213,7 +213,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, where: str, timeout: float, decode: Encoder | None) -> None:
         self.loop = loop
         self.where = where
-        # A peer that sends nothing for this long while commands wait fails them (redis TimeoutError).
+        # A command without its reply this long after it was queued fails with redis TimeoutError (the reply, if it
+        # comes, goes to nobody); a peer that sent nothing for this long while commands wait is dropped.
         self.timeout = timeout
         self.transport: asyncio.Transport | None = None
         options: dict[str, Any] = {"replyError": _parse_error}
@@ -222,6 +223,7 @@ class _Connection(asyncio.Protocol):
         self.decoding = decode is not None
         self.reader = hiredis.Reader(**options)
         self.pending: deque[Any] = deque()
+        self.deadlines: deque[float] = deque()  # of the entries in `pending`, loop time
         self.buffer: list[bytes] = []
         self.unsent = 0  # entries at the end of `pending` whose bytes are still in `buffer`
         self.flushing = False
@@ -242,6 +244,7 @@ class _Connection(asyncio.Protocol):
         reader.feed(data)
         self.heard = self.loop.time()
         pending = self.pending
+        deadlines = self.deadlines
         gets = reader.gets
         try:
             while pending:
@@ -257,6 +260,7 @@ class _Connection(asyncio.Protocol):
                         if len(replies) == head.count:
                             break
                     pending.popleft()
+                    deadlines.popleft()
                     future = head.future
                     if not future.done():
                         future.set_result(head.result())
@@ -265,6 +269,7 @@ class _Connection(asyncio.Protocol):
                     if reply is False:
                         return
                     pending.popleft()
+                    deadlines.popleft()
                     if not head.done():
                         head.set_result(reply)
             if reader.has_data():  # bytes with no command waiting: the stream is out of step
@@ -286,11 +291,13 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes, entry: Any) -> None:
         """Queues a command's bytes and its entry; the bytes go out with everything queued in this loop pass."""
         pending = self.pending
+        now = self.loop.time()
         if not pending:
-            self.heard = self.loop.time()
+            self.heard = now
             if self.timer is None:
-                self.timer = self.loop.call_at(self.heard + self.timeout, self._check_silence)
+                self.timer = self.loop.call_at(now + self.timeout, self._check_time)
         pending.append(entry)
+        self.deadlines.append(now + self.timeout)
         self.buffer.append(data)
         self.unsent += 1
         if not self.flushing:
@@ -307,17 +314,30 @@ class _Connection(asyncio.Protocol):
         self.writes += 1
         self.transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
 
-    def _check_silence(self) -> None:
+    def _check_time(self) -> None:
+        """Fails the commands whose timeout has passed; drops the connection when the peer went silent."""
         self.timer = None
         if self.closed or not self.pending:
             return
-        due = self.heard + self.timeout
-        if self.loop.time() < due:
-            self.timer = self.loop.call_at(due, self._check_silence)
+        now = self.loop.time()
+        if self.deadlines[0] > now:
+            self.timer = self.loop.call_at(self.deadlines[0], self._check_time)
             return
-        self.abort(
-            RedisTimeoutError(f"Timeout reading from {self.where}: no reply within {self.timeout:g} s"), silent=True
-        )
+        if now - self.heard >= self.timeout:
+            self.abort(
+                RedisTimeoutError(f"Timeout reading from {self.where}: nothing in {self.timeout:g} s"), silent=True
+            )
+            return
+        # The peer answers, slowly: the commands past their timeout fail; their entries stay, to take their replies.
+        due = self.heard + self.timeout
+        for entry, deadline in zip(self.pending, self.deadlines, strict=True):
+            if deadline > now:
+                due = deadline
+                break
+            future = entry.future if entry.__class__ is _Batch else entry
+            if not future.done():
+                future.set_exception(RedisTimeoutError(f"Timeout reading from {self.where}"))
+        self.timer = self.loop.call_at(due, self._check_time)
 
     def abort(self, error: RedisError, *, silent: bool = False) -> None:
         """Drops the connection. Its sent commands fail with `error` (a silent peer: TimeoutError, never sent
@@ -329,6 +349,7 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         pending, self.pending = self.pending, deque()
+        self.deadlines = deque()
         sent = len(pending) - self.unsent
         self.buffer = []
         self.unsent = 0
