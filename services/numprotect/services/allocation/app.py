@@ -8,7 +8,7 @@ from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.core.clock import SystemClock
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey
-from numprotect.core.redis_client import create_sync_redis
+from numprotect.core.redis_client import create_redis, create_sync_redis
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.services.allocation.admin import AUDIT_SCAN_LIMIT, ApiKeys, AuditTrail
 from numprotect.services.allocation.admin_servicer import AdminServiceServicer
@@ -25,17 +25,19 @@ async def build(runtime: Runtime) -> ServiceParts:
     settings = AllocationSettings.from_env(runtime.env)  # SettingsError before the server starts
     page_token_key = PageTokenKey.from_env(runtime.env)
     redis_limit = ConcurrencyLimit.for_redis(runtime.redis_settings)
+    redis = create_redis(runtime.redis_settings, write_path=True)  # NUMPROTECT_REDIS_CLIENT: multiplexed by default
+    runtime.telemetry.instrument_redis(redis)
     clock = SystemClock()
     callers = runtime.identity.callers
-    pools = NumberPools(runtime.redis, settings, Scripts.load(), redis_limit=redis_limit)
+    pools = NumberPools(redis, settings, Scripts.load(), redis_limit=redis_limit)
     servicer = AllocationServiceServicer(pools, settings, page_token_key, callers, clock)
     hash_key = runtime.identity.settings.hash_key  # None only with NUMPROTECT_AUTH=off and no key file
     # VerifyAuditChain walks the chain on a blocking client in a worker thread (audit.verify_redis).
     audit_redis = create_sync_redis(runtime.redis_settings, max_connections=2)
     admin = AdminServiceServicer(
-        ApiKeys(runtime.redis, hash_key, clock),
+        ApiKeys(redis, hash_key, clock),
         AuditTrail(
-            runtime.redis,
+            redis,
             audit_redis,
             hash_key.derive("audit") if hash_key is not None else None,
             scan_limit=AUDIT_SCAN_LIMIT,
@@ -49,5 +51,5 @@ async def build(runtime: Runtime) -> ServiceParts:
             ServiceRegistration(FULL_NAME, servicer, allocation_pb2_grpc.add_AllocationServiceServicer_to_server),
             ServiceRegistration(ADMIN_FULL_NAME, admin, admin_pb2_grpc.add_AdminServiceServicer_to_server),
         ],
-        on_shutdown=[audit_redis.close],
+        on_shutdown=[audit_redis.close, redis.aclose],
     )

@@ -8,7 +8,7 @@ from numprotect.core.identity.layer import Callers
 from numprotect.core.identity.service_token import SERVICE_TOKEN_FILE
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey
-from numprotect.core.redis_client import RedisClient
+from numprotect.core.redis_client import RedisClient, create_redis
 from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.core.settings import SettingsError
@@ -72,6 +72,8 @@ async def build(runtime: Runtime) -> ServiceParts:
         batching=settings.allocation_batching,
         tracer=runtime.telemetry.tracer if runtime.telemetry.enabled else None,
     )
+    redis = create_redis(runtime.redis_settings, write_path=True)  # NUMPROTECT_REDIS_CLIENT: multiplexed by default
+    runtime.telemetry.instrument_redis(redis)
     # Every RPC first waits for a place here. A call uses at most 3 Redis connections at once (a create's concurrent
     # writes) and the client's pool fails rather than queues when exhausted, so there are as many places as the pool
     # serves calls (health has a client of its own). A call waits at most one create lease, then gets UNAVAILABLE.
@@ -81,14 +83,14 @@ async def build(runtime: Runtime) -> ServiceParts:
         name="binding calls",
     )
     servicer = build_servicer(
-        runtime.redis,
+        redis,
         allocation,
         settings,
         calls,
         SystemClock(),
         page_token_key,
         runtime.identity.callers,
-        ReplicaWait.of(runtime.redis, runtime.redis_settings),
+        ReplicaWait.of(redis, runtime.redis_settings),
     )
     recovery = CreateRecovery(servicer.creator, settings.recovery_interval_seconds)
     recovery.start()
@@ -96,5 +98,5 @@ async def build(runtime: Runtime) -> ServiceParts:
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, binding_pb2_grpc.add_BindingServiceServicer_to_server),
         ],
-        on_shutdown=[recovery.stop],
+        on_shutdown=[recovery.stop, redis.aclose],
     )
