@@ -163,6 +163,8 @@ CASES: dict[str, list[Step]] = {
         lambda c: c.hset(f"{K}:h", "rq", "x"),
         lambda c: c.hset(f"{K}:h", mapping={"a": "1", "b": 2}),
         lambda c: c.hget(f"{K}:h", "rq"),
+        lambda c: c.hset(f"{K}:h", "名字", "值 ✓"),  # text beyond ASCII: encoded per argument
+        lambda c: c.hget(f"{K}:h", "名字"),
         lambda c: c.hget(f"{K}:h", "none"),
         lambda c: c.hmget(f"{K}:h", ["a", "b", "none"]),
         lambda c: c.hgetall(f"{K}:h"),

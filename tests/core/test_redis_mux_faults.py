@@ -154,7 +154,8 @@ async def test_a_link_slower_than_the_timeout_fails_every_command_within_it(redi
 async def test_a_command_queued_past_its_timeout_fails_while_the_peer_still_answers(redis_url: str) -> None:
     """Two scripts of 0.3 s, written 20 ms apart: Redis answers the first at 0.3 s; the second, behind it, would be
     answered at 0.6 s, past its 0.4 s timeout: it fails then with TimeoutError, as with a socket timeout of its own,
-    while the connection (which answered 0.1 s before) stays, in step for what follows."""
+    while the connection (which answered 0.1 s before) stays, in step for what follows (on a busy host the second
+    script may run long enough for the connection to fall silent and be replaced later: not asserted)."""
     slow = "local t = redis.call('TIME') while true do local n = redis.call('TIME') "
     slow += "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 300000 then return ARGV[1] end end"
     mux = _mux(redis_url, "400ms")
@@ -171,7 +172,6 @@ async def test_a_command_queued_past_its_timeout_fails_while_the_peer_still_answ
     assert mux._seed.conn is conn and conn is not None and not conn.closed
     await asyncio.sleep(0.3)  # the second reply arrives and goes to nobody
     assert await mux.eval("return ARGV[1]", 1, "np:test:{queued}", "after") == b"after"
-    assert mux._seed.conn is conn
     await mux.aclose()
 
 

@@ -561,6 +561,25 @@ class MuxRedis(Redis):
         return self._pack(rule, args)
 
     def _pack(self, rule: _Rule, args: Sequence[Any]) -> bytes:
+        """RESP for `args` under `rule`'s head. Text and integers (nearly every argument of the project: keys, ids,
+        numbers) go as one str encoded once; its character counts are byte counts when all of it is ASCII."""
+        parts: list[str] = []
+        append = parts.append
+        for index in range(1, len(args)):
+            arg = args[index]
+            kind = arg.__class__
+            if kind is str:
+                append(arg)
+            elif kind is int:
+                append(str(arg))
+            else:
+                return self._pack_any(rule, args)
+        text = "".join([f"${len(part)}\r\n{part}\r\n" for part in parts])
+        if text.isascii():
+            return b"*%d\r\n%s%s" % (len(args) - 1 + rule.head_count, rule.head, text.encode())
+        return self._pack_any(rule, args)
+
+    def _pack_any(self, rule: _Rule, args: Sequence[Any]) -> bytes:
         out = [b"*%d\r\n%s" % (len(args) - 1 + rule.head_count, rule.head)]
         append = out.append
         encode = self.encoder.encode
