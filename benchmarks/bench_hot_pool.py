@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -149,6 +150,7 @@ def _client(target: Target, sha: str, seed: int, count: int, queue: Any) -> None
     keys_of = {index: [k for k, s in zip(target.keys, target.served_by, strict=True) if s == index] for index in used}
     turn = rng.randrange(SUBPOOLS)
     made = exhausted = errors = 0
+    first_error = ""
     sent = 0
     started = time.perf_counter()
     while sent < count:
@@ -189,9 +191,10 @@ def _client(target: Target, sha: str, seed: int, count: int, queue: Any) -> None
                     exhausted += 1
                 else:
                     errors += 1
+                    first_error = first_error or repr(reply)[:200]
     for sock in sockets.values():
         sock.close()
-    queue.put((made, exhausted, errors))
+    queue.put((made, exhausted, errors, first_error))
 
 
 def _cpu(client: redis.Redis) -> float:
@@ -243,7 +246,7 @@ def measure(
     made = sum(r[0] for r in results)
     errors = sum(r[2] for r in results)
     if errors:
-        raise SystemExit(f"{target.name}: {errors} allocate.lua calls failed")
+        raise SystemExit(f"{target.name}: {errors} allocate.lua calls failed, e.g. {[r[3] for r in results if r[3]]}")
     cpu = [_cpu(c) - before for c, before in zip(primaries, cpu_before, strict=True)]
     # Less the INFO commands of this measurement (2 before, 1 after on each primary; the resetstat is before).
     commands = [_commands(c) - before - 3 for c, before in zip(primaries, commands_before, strict=True)]
@@ -330,11 +333,28 @@ def _report(tallies: dict[str, Tally], targets: dict[str, Target]) -> None:
         print(f"  per {unit:14} ({label}): {ratios}   (pool of {SUBPOOLS} / pool of 1 on one Redis: {alone:.2f})")
 
 
+def _per_round(rounds: list[dict[str, Tally]]) -> None:
+    """The ratios of each round (its four configurations measured within seconds of each other, so under about the
+    same load from the rest of the machine): median and range over the rounds."""
+    best, one, same = f"3-primary cluster, pool of {SUBPOOLS}", "one Redis, pool of 1", "3-primary cluster, pool of 1"
+    print(f"\nper round, pool of {SUBPOOLS} on the cluster / pool of 1 (median, min-max over {len(rounds)} rounds):")
+    for label, attr, _ in MEASURES:
+        shown = []
+        for base_label, base in (("one Redis", one), ("same cluster", same)):
+            ratios = sorted(getattr(r[best], attr) / getattr(r[base], attr) for r in rounds)
+            shown.append(f"/ {base_label} {statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})")
+        print(f"  {label:18}: {'; '.join(shown)}")
+
+
 def main() -> None:
     multiprocessing.set_start_method("fork")
     sha = hashlib.sha1(Scripts.load().allocate.source.encode()).hexdigest()
     standalone = RedisServer()
     cluster = RedisClusterServers()
+    for node in cluster.nodes:
+        # A primary starved of CPU by the loaded host must not be failed over in the middle of a round (the tests'
+        # cluster gives a node 2 s).
+        node.client().config_set("cluster-node-timeout", 30_000)
     try:
         one = standalone.client()
         masters = [n for n in cluster.nodes if n.client().info("replication")["role"] == "master"]
@@ -371,8 +391,10 @@ def main() -> None:
             flush=True,
         )
         tallies: dict[str, Tally] = {name: Tally() for name in targets}
+        rounds: list[dict[str, Tally]] = []
         order = list(targets)
         for round_no in range(ROUNDS):
+            rounds.append({})
             for name in order if round_no % 2 == 0 else reversed(order):
                 primaries, replica_clients = clients[name]
                 rates = idle["one"] if primaries == [one] else idle["masters"]
@@ -384,6 +406,7 @@ def main() -> None:
                     flush=True,
                 )
                 tallies[name].add(tally)
+                rounds[-1][name] = tally
     finally:
         cluster.stop()
         standalone.stop()
@@ -394,6 +417,7 @@ def main() -> None:
         "the end"
     )
     _report(tallies, targets)
+    _per_round(rounds)
 
 
 def redis_version() -> str:
