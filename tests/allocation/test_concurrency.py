@@ -7,6 +7,10 @@ happen between processes as well as within one, and every allocation that finds 
 tries the others. Afterwards every reservation is read back from Redis (each number from its own sub-pool) and
 checked: no (number, party) pair appears twice. Python gRPC costs ~0.5 ms of server CPU per call, so this
 runs at roughly 1,000-1,400 allocations/s on a 2-core machine.
+
+The allocators call AllocateNumber one by one, or ("batched") as the binding service does: through its
+AllocationClient (one per server, as one per binding process), whose concurrent requests go in AllocateNumbers
+batch calls, so items of one call race each other inside one process as well.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.allocation.v1 import allocation_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect.core.pool_keys import PoolLayout, hash_key_in, reservations_key_in
+from numprotect.services.binding.allocation_client import AllocationClient
 from support.identity import Role, mint
 from support.processes import ServiceProcess
 from support.tls import secure_channel
@@ -43,16 +48,18 @@ CUSTOMERS = [f"0{10 + i % 90}{i:08d}" for i in range(120)]
 
 
 async def _run_allocators(
-    addresses: list[str], operator: str, binding: str, per_worker: int
+    addresses: list[str], operator: str, binding: str, per_worker: int, batched: bool
 ) -> tuple[list[list[tuple[str, str, str]]], float]:
     """Imports as the operator, allocates as the binding service (the only principal allowed to). The token goes
     as plain call metadata: grpc's call-credentials plugin runs in a Python thread per call, which at this call
-    rate costs the clients more CPU than the servers get."""
+    rate costs the clients more CPU than the servers get (batched, the binding client's channels carry it as binding's
+    do: call credentials, once per batch call)."""
     as_binding = (("authorization", f"Bearer {binding}"),)
     operator_channel = secure_channel(addresses[0], operator)
-    channels = [secure_channel(address) for address in addresses]
+    channels = [secure_channel(address, binding if batched else None) for address in addresses]
     try:
         stubs = [allocation_pb2_grpc.AllocationServiceStub(channel) for channel in channels]
+        clients = [AllocationClient(channel, timeout_seconds=60) for channel in channels]
         imported = await allocation_pb2_grpc.AllocationServiceStub(operator_channel).ImportBlock(
             pb.ImportBlockRequest(block=BLOCK, tenant_id="t1", city_code="010", carrier_id="cm")
         )
@@ -64,6 +71,11 @@ async def _run_allocators(
             done = []
             for _ in range(per_worker):
                 a, b = rng.choice(RIDERS), rng.choice(CUSTOMERS)
+                if batched:
+                    client = clients[seed % len(clients)]
+                    reserved = await client.allocate("t1", common_pb2.BINDING_MODE_AXB, [a, b], "010", False, 600_000)
+                    done.append((reserved.virtual_number, a, b))
+                    continue
                 reply = await stub.AllocateNumber(
                     pb.AllocateNumberRequest(
                         tenant_id="t1", mode=common_pb2.BINDING_MODE_AXB, parties=[a, b], city_code="010"
@@ -75,27 +87,41 @@ async def _run_allocators(
 
         started = time.monotonic()
         results = await asyncio.gather(*(allocator(seed) for seed in range(WORKERS)))
-        return results, time.monotonic() - started
+        elapsed = time.monotonic() - started
+        if batched:
+            batches = [client.allocations.batcher for client in clients]
+            calls, items = sum(b.batches_sent for b in batches), sum(b.items_sent for b in batches)
+            print(f"\nbatched: {items} allocations in {calls} AllocateNumbers calls")
+            assert items == WORKERS * per_worker
+            assert calls * 2 <= items  # concurrent requests do share calls
+        return results, elapsed
     finally:
         for channel in [operator_channel, *channels]:
             await channel.close(grace=None)
 
 
-# 64 clients x 250 allocations (16,000) on one Redis and x 125 (8,000) on the cluster in make test; x 2,000 (128,000:
-# ~220 s on the shared 2-core machine with TLS and keys) on each in make chaos.
+# 64 clients x 250 allocations (16,000) on one Redis and x 125 (8,000) on the cluster in make test, and x 125 batched
+# on one Redis; x 2,000 (128,000: ~220 s on the shared 2-core machine with TLS and keys) on each in make chaos.
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    ("redis_mode", "per_worker"),
+    ("redis_mode", "per_worker", "batched"),
     [
-        pytest.param("standalone", 250, id="standalone-short"),
-        pytest.param("cluster", 125, id="cluster-short"),
-        pytest.param("standalone", 2_000, id="standalone-long", marks=pytest.mark.chaos),
-        pytest.param("cluster", 2_000, id="cluster-long", marks=pytest.mark.chaos),
+        pytest.param("standalone", 250, False, id="standalone-short"),
+        pytest.param("cluster", 125, False, id="cluster-short"),
+        pytest.param("standalone", 125, True, id="standalone-short-batched"),
+        pytest.param("standalone", 2_000, False, id="standalone-long", marks=pytest.mark.chaos),
+        pytest.param("cluster", 2_000, False, id="cluster-long", marks=pytest.mark.chaos),
+        pytest.param("standalone", 2_000, True, id="standalone-long-batched", marks=pytest.mark.chaos),
+        pytest.param("cluster", 2_000, True, id="cluster-long-batched", marks=pytest.mark.chaos),
     ],
 )
 def test_64_concurrent_allocators_never_produce_a_conflicting_pair(
-    redis_env: dict[str, str], cluster_env: Callable[[], dict[str, str]], redis_mode: str, per_worker: int
+    redis_env: dict[str, str],
+    cluster_env: Callable[[], dict[str, str]],
+    redis_mode: str,
+    per_worker: int,
+    batched: bool,
 ) -> None:
     # The Redis of the pass (one server, or the cluster in make test's cluster pass), else a cluster of our own.
     if redis_mode != redis_env["NUMPROTECT_REDIS_MODE"]:
@@ -122,7 +148,8 @@ def test_64_concurrent_allocators_never_produce_a_conflicting_pair(
                     processes.append(future.result())
         assert len(processes) == SERVERS, "an allocation process did not start"
         # The clients get their own uvloop loop: the client side costs less CPU, the servers get more.
-        results, elapsed = uvloop.run(_run_allocators([p.address for p in processes], operator, binding, per_worker))
+        addresses = [p.address for p in processes]
+        results, elapsed = uvloop.run(_run_allocators(addresses, operator, binding, per_worker, batched))
     finally:
         with ThreadPoolExecutor(SERVERS) as pool:  # each drains for its grace period: in parallel
             assert list(pool.map(ServiceProcess.stop, processes)) == [0] * len(processes)

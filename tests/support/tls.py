@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,9 +26,15 @@ def _pki_directory() -> Path:
     return Path(tempfile.gettempdir()) / f"numprotect-test-pki-{os.getpid()}"
 
 
+# Threads that start service processes in parallel (tests/allocation/test_concurrency.py) each ask for the PKI: made
+# by two at once, a process could get a server certificate of another CA than the one the clients trust.
+_MAKING = threading.Lock()
+
+
 def test_pki() -> DevPki:
-    """The session's CA and server certificate (made on first use)."""
-    return ensure_dev_pki(_pki_directory())
+    """The session's CA and server certificate (made on first use, by one thread)."""
+    with _MAKING:
+        return ensure_dev_pki(_pki_directory())
 
 
 test_pki.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test, for pytest's collector

@@ -1,9 +1,10 @@
 """Natural batching of one RPC's concurrent requests (binding's reservations at allocation's batch RPCs).
 
-A request leaves at once while fewer than `max_in_flight` batch calls of its method are on their way; otherwise it
-waits in a queue and leaves with the next batch as soon as one of those calls returns (at most `max_items` a batch).
-At low load every request goes alone, with no timer's delay; under load one call carries many requests, which saves
-the fixed cost of a gRPC call on both sides (about 300 us of CPU each, per call, on this machine).
+Requests wait in a queue for the end of the event loop's current pass (the requests of the calls that pass resumed
+go together), then leave in one batch call if fewer than `max_in_flight` calls of the method are on their way;
+otherwise they leave with the next batch as soon as one of those calls returns (at most `max_items` a batch). No
+timer: at low load a request goes alone after one loop pass; under load one call carries many requests, which
+saves the fixed cost of a gRPC call on both sides (about 300 us of CPU each, per call, on this machine).
 
 Each request keeps its own deadline: when its time is up it is answered locally (`unanswered(DEADLINE_EXCEEDED)`),
 whether it still waits or its batch is on its way (the batch goes on for the others); a batch call's timeout is the
@@ -40,7 +41,7 @@ OutcomeT = TypeVar("OutcomeT")
 BATCH_SPAN = "allocation.batch"
 # Defaults of NUMPROTECT_BINDING_ALLOCATION_MAX_BATCH / _BATCHES_IN_FLIGHT (settings.py; docs/binding.md).
 DEFAULT_MAX_ITEMS = 64
-DEFAULT_MAX_IN_FLIGHT = 2
+DEFAULT_MAX_IN_FLIGHT = 1
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,13 @@ class _Item(Generic[RequestT, OutcomeT]):
         request: RequestT,
         deadline: float,
         future: asyncio.Future[OutcomeT],
-        context: contextvars.Context | None,
-        span: trace.Span | None,
+        context: contextvars.Context,
+        span: trace.Span,
     ) -> None:
         self.request = request
         self.deadline = deadline  # the event loop's clock
         self.future = future
-        self.context = context  # the caller's, for a batch it leads; None: sent from the caller's own context
+        self.context = context  # a copy of the caller's: a batch call runs in its leading item's
         self.span = span
 
 
@@ -94,6 +95,7 @@ class Batcher(Generic[RequestT, OutcomeT]):
         self._tracer = tracer
         self._queue: deque[_Item[RequestT, OutcomeT]] = deque()
         self._in_flight = 0
+        self._flush_due = False
         self._tasks: set[asyncio.Task[None]] = set()
         # Counters for tests and benchmarks: batch calls sent, items they carried.
         self.batches_sent = 0
@@ -105,21 +107,25 @@ class Batcher(Generic[RequestT, OutcomeT]):
         future: asyncio.Future[OutcomeT] = loop.create_future()
         deadline = loop.time() + within
         timer = loop.call_at(deadline, self._expire, future)
+        self._queue.append(_Item(request, deadline, future, contextvars.copy_context(), trace.get_current_span()))
+        if not self._flush_due:
+            # After the callbacks of this loop pass: the requests they make go in the same batch (no timer).
+            self._flush_due = True
+            loop.call_soon(self._flush)
         try:
-            if self._in_flight < self.limits.max_in_flight:  # nothing waits then: this one goes alone, now
-                self._launch([_Item(request, deadline, future, None, None)], None)
-            else:
-                context = contextvars.copy_context()
-                self._queue.append(_Item(request, deadline, future, context, trace.get_current_span()))
             return await future
         finally:
             timer.cancel()
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        self._launch_waiting()
 
     def _expire(self, future: asyncio.Future[OutcomeT]) -> None:
         if not future.done():
             future.set_result(self._unanswered(grpc.StatusCode.DEADLINE_EXCEEDED))
 
-    def _launch(self, items: list[_Item[RequestT, OutcomeT]], context: contextvars.Context | None) -> None:
+    def _launch(self, items: list[_Item[RequestT, OutcomeT]], context: contextvars.Context) -> None:
         self._in_flight += 1
         self.batches_sent += 1
         self.items_sent += len(items)
@@ -136,7 +142,7 @@ class Batcher(Generic[RequestT, OutcomeT]):
                 if not item.future.done():  # not cancelled, not timed out
                     items.append(item)
             if items:
-                lead = next((i for i in items if i.span is not None and i.span.is_recording()), items[0])
+                lead = next((i for i in items if i.span.is_recording()), items[0])
                 self._launch(items, lead.context)
 
     async def _run(self, items: list[_Item[RequestT, OutcomeT]]) -> None:
@@ -175,7 +181,7 @@ class Batcher(Generic[RequestT, OutcomeT]):
         links = [
             Link(item.span.get_span_context())
             for item in items
-            if item.span is not None and item.span is not current and item.span.is_recording()
+            if item.span is not current and item.span.is_recording()
         ]
         return self._tracer.start_as_current_span(
             BATCH_SPAN,
