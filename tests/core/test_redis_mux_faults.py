@@ -159,8 +159,8 @@ async def test_a_command_queued_past_its_timeout_fails_while_the_peer_still_answ
     slow = "local t = redis.call('TIME') while true do local n = redis.call('TIME') "
     slow += "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 300000 then return ARGV[1] end end"
     mux = _mux(redis_url, "400ms")
-    assert await mux.ping()
-    conn = mux._seed.conn
+    assert await mux.set("np:test:{queued}", "warm") is True
+    conn = mux._seed.conns[0]  # the writes' connection (EVAL is a write)
 
     async def later(index: int) -> tuple[Any, float]:
         await asyncio.sleep(index * 0.02)
@@ -169,9 +169,31 @@ async def test_a_command_queued_past_its_timeout_fails_while_the_peer_still_answ
     (first, first_took), (second, second_took) = await asyncio.gather(later(0), later(1))
     assert first == b"0" and first_took < 0.4
     assert isinstance(second, redis.TimeoutError) and 0.35 < second_took < 0.5, (second, second_took)
-    assert mux._seed.conn is conn and conn is not None and not conn.closed
+    assert mux._seed.conns[0] is conn and conn is not None and not conn.closed
     await asyncio.sleep(0.3)  # the second reply arrives and goes to nobody
     assert await mux.eval("return ARGV[1]", 1, "np:test:{queued}", "after") == b"after"
+    await mux.aclose()
+
+
+async def test_reads_go_on_while_redis_holds_writes_back(redis_url: str) -> None:
+    """CLIENT PAUSE WRITE (what a failover does for a moment): a write waits and fails at its timeout; reads sent
+    meanwhile are answered at once (they have a connection of their own, not behind the held write); writes go on
+    once the pause ends."""
+    mux = _mux(redis_url, "500ms")
+    assert await mux.set("np:test:{paused}", "1") is True and await mux.get("np:test:{paused}") == b"1"
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("CLIENT", "PAUSE", 800, "WRITE")
+    try:
+        writing = asyncio.ensure_future(_timed(lambda: mux.set("np:test:{paused}", "2")))
+        await asyncio.sleep(0.05)
+        reads = await asyncio.gather(*(_timed(lambda: mux.get("np:test:{paused}")) for _ in range(8)))
+        assert all(reply == b"1" and took < 0.2 for reply, took in reads), reads
+        written, took = await writing
+        assert isinstance(written, redis.TimeoutError) and 0.4 < took < 0.8, (written, took)
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert await mux.set("np:test:{paused}", "3") is True
     await mux.aclose()
 
 

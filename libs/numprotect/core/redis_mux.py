@@ -2,11 +2,13 @@
 
 redis.asyncio spends most of a command's CPU around the command: a pooled connection taken and given back, a
 Retry wrapper, the command packed into a list, one StreamWriter.writelines per command, the reply read through a
-StreamReader. Here every coroutine of the process shares one connection per Redis node: a command is RESP-encoded
-into one bytes object, appended to the connection's output buffer and its future queued; the buffer goes out in
-one `transport.write` when the loop next runs its callbacks (`loop.call_soon` on the first command), so the
-commands of concurrent calls share one write (and Redis one read). Replies are parsed by a hiredis.Reader fed in
-`data_received` and handed to the futures in order (Redis answers a connection's commands in order).
+StreamReader. Here every coroutine of the process shares one connection per Redis node (two: writes and scripts on
+one, read-only commands on the other, so that a write Redis holds back, CLIENT PAUSE WRITE during a failover, holds
+up no read): a command is RESP-encoded into one bytes object, appended to the connection's output buffer and its
+future queued; the buffer goes out in one `transport.write` when the loop next runs its callbacks (`loop.call_soon`
+on the first command), so the commands of concurrent calls share one write (and Redis one read). Replies are parsed
+by a hiredis.Reader fed in `data_received` and handed to the futures in order (Redis answers a connection's commands
+in order).
 
 To its callers it is a `redis.asyncio.Redis`: redis-py's command methods, their RESP2 response callbacks (the
 return types are redis-py's; tests/core/test_redis_mux.py compares them), redis-py's exception classes for error
@@ -14,8 +16,9 @@ replies (`BaseParser.parse_error`), pipelines (one write per node; MULTI ... EXE
 transaction is whole on the shared connection), `LuaScript` (NOSCRIPT, load, again) and redis-py's CLIENT spans.
 
 Faults, bounded by NUMPROTECT_REDIS_TIMEOUT (`timeout_seconds`):
-- A peer silent for the timeout while commands wait (no byte of any reply): the connection is dropped and its
-  commands fail with redis TimeoutError; the next command connects again.
+- A command without its reply a timeout after it was queued fails with redis TimeoutError, as with redis-py's socket
+  timeout (its entry stays to take the late reply). A peer silent for the timeout while commands wait (no byte of
+  any reply): the connection is dropped, all its commands fail with TimeoutError; the next command connects again.
 - A connection lost (refused, reset, closed by Redis): its commands fail with redis ConnectionError, except those
   it never sent and those safe to run twice (scripts, docs/redis-schema.md "Scripts run twice"; reads; writes that
   leave the same state, `_REPEAT_SAFE`), which are sent again on a new connection.
@@ -31,7 +34,8 @@ Faults, bounded by NUMPROTECT_REDIS_TIMEOUT (`timeout_seconds`):
 Not multiplexed: commands that hold state on their connection (WATCH, SUBSCRIBE, MONITOR, SELECT, CLIENT REPLY,
 MULTI/EXEC outside a pipeline, ...) raise `NotMultiplexed` naming the alternative. Blocking commands (BLPOP, XREAD
 BLOCK, ...) and pipelines holding WAIT get a dedicated connection for their duration, so they hold nobody up; a
-bare WAIT goes on the shared connection, where it counts everything this client wrote to the node before it.
+bare WAIT goes on the shared writes connection, where it counts everything this client wrote to the node before it
+(its timeout must be below the client's).
 """
 
 from __future__ import annotations
@@ -108,6 +112,20 @@ _REPEAT_SAFE = frozenset(
         "ZREMRANGEBYSCORE", "XDEL", "PFADD", "FLUSHALL", "FLUSHDB",
     }
 )  # fmt: skip
+# Read-only commands: they go on a connection of their own (the reads lane), so a write that Redis holds back
+# (CLIENT PAUSE WRITE, as a failover does) holds up no read behind it on the same connection.
+_READ_ONLY = frozenset(
+    {
+        "GET", "MGET", "GETRANGE", "STRLEN", "EXISTS", "TYPE", "TTL", "PTTL", "EXPIRETIME", "PEXPIRETIME",
+        "HGET", "HMGET", "HGETALL", "HKEYS", "HVALS", "HLEN", "HEXISTS", "HSTRLEN", "HSCAN",
+        "SMEMBERS", "SISMEMBER", "SMISMEMBER", "SCARD", "SSCAN",
+        "ZSCORE", "ZMSCORE", "ZRANGE", "ZRANGEBYSCORE", "ZRANGEBYLEX", "ZREVRANGE", "ZREVRANGEBYSCORE",
+        "ZREVRANGEBYLEX", "ZCARD", "ZCOUNT", "ZLEXCOUNT", "ZRANK", "ZREVRANK", "ZSCAN",
+        "LRANGE", "LLEN", "LINDEX", "XRANGE", "XREVRANGE", "XLEN", "EVALSHA_RO", "EVAL_RO", "FCALL_RO",
+        "SCAN", "DBSIZE", "PING", "ECHO", "INFO", "TIME", "SCRIPT EXISTS", "CLUSTER SLOTS",
+    }
+)  # fmt: skip
+_WRITES, _READS = 0, 1
 # Commands that hold state on their connection, with what to use instead.
 _REFUSED = {
     **dict.fromkeys(
@@ -372,26 +390,31 @@ class _Connection(asyncio.Protocol):
 
 
 class _Node:
-    """A Redis server: its shared connection (made once, by whoever needs it first) and idle dedicated ones."""
+    """A Redis server: its two shared connections, one per lane (each made once, by whoever needs it first), and
+    idle dedicated ones."""
 
-    __slots__ = ("conn", "connecting", "host", "idle", "name", "port")
+    __slots__ = ("connecting", "conns", "host", "idle", "name", "port")
 
     def __init__(self, host: str, port: int, name: str) -> None:
         self.host = host
         self.port = port
         self.name = name
-        self.conn: _Connection | None = None
-        self.connecting: asyncio.Task[_Connection] | None = None
+        self.conns: list[_Connection | None] = [None, None]  # by lane: _WRITES, _READS
+        self.connecting: list[asyncio.Task[_Connection] | None] = [None, None]
         self.idle: list[_Connection] = []
 
     def forget(self, conn: _Connection) -> None:
-        if self.conn is conn:
-            self.conn = None
+        for lane, current in enumerate(self.conns):
+            if current is conn:
+                self.conns[lane] = None
 
     def close(self) -> None:
-        conns = [self.conn, *self.idle]
-        self.conn = None
+        conns = [*self.conns, *self.idle]
+        self.conns = [None, None]
         self.idle = []
+        for task in self.connecting:
+            if task is not None:
+                task.cancel()
         for conn in conns:
             if conn is not None:
                 conn.close()
@@ -400,7 +423,7 @@ class _Node:
 class _Request:
     """A command (or a transaction) on its way: what the slow path needs to send it again."""
 
-    __slots__ = ("args", "count", "dedicated", "key", "listed", "packed", "raw", "safe", "transaction")
+    __slots__ = ("args", "count", "dedicated", "key", "lane", "listed", "packed", "raw", "safe", "transaction")
 
     def __init__(
         self,
@@ -414,8 +437,10 @@ class _Request:
         dedicated: float | None = None,
         transaction: bool = False,
         listed: bool = False,
+        lane: int = 0,
     ) -> None:
         self.args = args
+        self.lane = lane  # _WRITES or _READS
         self.packed = packed
         self.key = key  # the routing key (cluster), None for a command without keys
         self.count = count
@@ -430,7 +455,7 @@ class _Request:
 class _Rule:
     """How one command name is sent: its RESP head, response callback, routing and kind."""
 
-    __slots__ = ("callback", "flag", "head", "head_count", "is_async", "key_at", "kind", "name")
+    __slots__ = ("callback", "flag", "head", "head_count", "is_async", "key_at", "kind", "lane", "name")
 
     def __init__(self, name: str, head: bytes, head_count: int, callback: Any, key_at: int, kind: str) -> None:
         self.name = name
@@ -441,7 +466,8 @@ class _Rule:
         # Where its routing key is: an index in the arguments, -1 none, -2 after numkeys, -3 after STREAMS,
         # -4 after a subcommand.
         self.key_at = key_at
-        self.kind = kind  # "plain", "blocking", "wait" or "refused"
+        self.kind = kind  # "plain", "blocking", "streams", "wait", "fan-out" or "refused"
+        self.lane = _READS if name in _READ_ONLY else _WRITES
         self.flag: str = RedisCluster.COMMAND_FLAGS.get(name, RedisCluster.DEFAULT_NODE) if key_at == -1 else ""
 
 
@@ -517,8 +543,6 @@ class MuxRedis(Redis):
         for task in [*self._background, *([self._reloading] if self._reloading else [])]:
             task.cancel()
         for node in list(self._nodes.values()):
-            if node.connecting is not None:
-                node.connecting.cancel()
             node.close()
 
     async def close(self, close_connection_pool: bool | None = None) -> None:
@@ -536,7 +560,7 @@ class MuxRedis(Redis):
 
     def writes(self) -> int:
         """transport.write calls on the shared connections now open (tests and benchmarks: coalescing)."""
-        return sum(node.conn.writes for node in self._nodes.values() if node.conn is not None)
+        return sum(conn.writes for node in self._nodes.values() for conn in node.conns if conn is not None)
 
     def pubsub(self, **kwargs: Any) -> Any:
         raise NotMultiplexed(f"pub/sub {_REFUSED['SUBSCRIBE']}")
@@ -653,7 +677,7 @@ class MuxRedis(Redis):
             return await self._execute_with(rule, args, options)
         packed = self._pack(rule, args)
         node = self._route(rule, args) if self.is_cluster else self._seed
-        conn = node.conn if node is not None else None
+        conn = node.conns[rule.lane] if node is not None else None
         if conn is None or conn.closed:
             reply = await self._call(self._request(rule, args, packed, None))
         else:
@@ -717,6 +741,7 @@ class MuxRedis(Redis):
             raw=raw,
             safe=_repeat_safe(rule.name, args),
             dedicated=self._dedicated_timeout(rule, args) if dedicated else None,
+            lane=rule.lane,
         )
 
     def _dedicated_timeout(self, rule: _Rule, args: Sequence[Any]) -> float | None:
@@ -879,9 +904,9 @@ class MuxRedis(Redis):
                 return await self._submit(conn, request, asking)
             finally:
                 self._give_back(node, conn)
-        shared = node.conn
+        shared = node.conns[request.lane]
         if shared is None or shared.closed:
-            shared = await self._shared(node)
+            shared = await self._shared(node, request.lane)
         return await self._submit(shared, request, asking)
 
     @staticmethod
@@ -897,15 +922,15 @@ class MuxRedis(Redis):
             conn.send(request.packed, _Batch(future, request.count, request.raw, single=not request.listed))
         return future
 
-    async def _shared(self, node: _Node) -> _Connection:
-        """The node's shared connection, connected now if needed (one attempt for all who wait)."""
-        conn = node.conn
+    async def _shared(self, node: _Node, lane: int) -> _Connection:
+        """The node's shared connection of `lane`, connected now if needed (one attempt for all who wait)."""
+        conn = node.conns[lane]
         if conn is not None and not conn.closed:
             return conn
-        task = node.connecting
+        task = node.connecting[lane]
         if task is None:
-            task = node.connecting = asyncio.get_running_loop().create_task(self._open(node, self.timeout))
-            task.add_done_callback(partial(_connected, node))
+            task = node.connecting[lane] = asyncio.get_running_loop().create_task(self._open(node, self.timeout))
+            task.add_done_callback(partial(_connected, node, lane))
         return await asyncio.shield(task)
 
     async def _dedicated(self, node: _Node, wait: float) -> _Connection:
@@ -1028,7 +1053,8 @@ class MuxRedis(Redis):
         failures = []
         for node in candidates:
             try:
-                reply = await self._send(node, _Request(("CLUSTER", "SLOTS"), _CLUSTER_SLOTS, None), False)
+                request = _Request(("CLUSTER", "SLOTS"), _CLUSTER_SLOTS, None, lane=_READS)
+                reply = await self._send(node, request, False)
             except (_Lost, RedisError) as exc:
                 failures.append(f"{node.name}: {exc}")
                 continue
@@ -1083,11 +1109,12 @@ class MuxRedis(Redis):
                 count=len(indexes),
                 raw=[requests[i].raw is not None for i in indexes] if any(requests[i].raw for i in indexes) else None,
                 listed=True,
+                lane=_READS if all(requests[i].lane == _READS for i in indexes) else _WRITES,
             )
             try:
-                conn = node.conn
+                conn = node.conns[batch.lane]
                 if conn is None or conn.closed:
-                    conn = await self._shared(node)
+                    conn = await self._shared(node, batch.lane)
                 sent.append((node, indexes, self._submit(conn, batch, False)))
             except RedisError as exc:
                 sent.append((node, indexes, exc))
@@ -1288,12 +1315,12 @@ class _SpanTarget:
         raise AttributeError(f"{name}: the multiplexing Redis client has no connection pool")
 
 
-def _connected(node: _Node, task: asyncio.Task[_Connection]) -> None:
-    node.connecting = None
+def _connected(node: _Node, lane: int, task: asyncio.Task[_Connection]) -> None:
+    node.connecting[lane] = None
     if task.cancelled() or task.exception() is not None:  # the waiters get the exception
         return
     conn = task.result()
-    node.conn = conn
+    node.conns[lane] = conn
     conn.on_close = node.forget
 
 
