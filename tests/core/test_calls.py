@@ -31,6 +31,7 @@ from numprotect.core.errors import (
     NotFound,
     ResourceExhausted,
 )
+from support.call_layer import AIO_MODELS, add_methods, aio_server
 
 SERVICE = "test.Errors"
 OPTIONS = [("grpc.so_reuseport", 0)]
@@ -73,7 +74,7 @@ class Server:
     model: str
 
 
-def _aio_handlers(raise_this: list[BaseException], called: list[str]) -> grpc.GenericRpcHandler:
+def _aio_handlers(raise_this: list[BaseException], called: list[str]) -> dict[str, grpc.RpcMethodHandler]:
     async def unary(request: bytes, context: Any) -> bytes:
         called.append("Unary")
         raise raise_this[0]
@@ -87,10 +88,10 @@ def _aio_handlers(raise_this: list[BaseException], called: list[str]) -> grpc.Ge
         await context.abort(grpc.StatusCode.OUT_OF_RANGE, "aborted by the servicer")
         raise AssertionError("abort returned")
 
-    return _generic(unary, server_stream, aborting)
+    return _methods(unary, server_stream, aborting)
 
 
-def _sync_handlers(raise_this: list[BaseException], called: list[str]) -> grpc.GenericRpcHandler:
+def _sync_handlers(raise_this: list[BaseException], called: list[str]) -> dict[str, grpc.RpcMethodHandler]:
     def unary(request: bytes, context: Any) -> bytes:
         called.append("Unary")
         raise raise_this[0]
@@ -104,31 +105,30 @@ def _sync_handlers(raise_this: list[BaseException], called: list[str]) -> grpc.G
         context.abort(grpc.StatusCode.OUT_OF_RANGE, "aborted by the servicer")
         raise AssertionError("abort returned")
 
-    return _generic(unary, server_stream, aborting)
+    return _methods(unary, server_stream, aborting)
 
 
-def _generic(unary: Any, server_stream: Any, aborting: Any) -> grpc.GenericRpcHandler:
+def _methods(unary: Any, server_stream: Any, aborting: Any) -> dict[str, grpc.RpcMethodHandler]:
     identity = {"request_deserializer": None, "response_serializer": None}
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Unary": grpc.unary_unary_rpc_method_handler(unary, **identity),
-            "Stream": grpc.unary_stream_rpc_method_handler(server_stream, **identity),
-            "Abort": grpc.unary_unary_rpc_method_handler(aborting, **identity),
-        },
-    )
+    return {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, **identity),
+        "Stream": grpc.unary_stream_rpc_method_handler(server_stream, **identity),
+        "Abort": grpc.unary_unary_rpc_method_handler(aborting, **identity),
+    }
 
 
-@pytest.fixture(params=["aio", "sync"])
+@pytest.fixture(params=[*AIO_MODELS, "sync"])
 async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    """ "aio": the layer as a grpc.aio interceptor; "aio-installed": wrapped at registration (`AioCallLayer.install`,
+    what AioServiceApp serves with)."""
     raise_this: list[BaseException] = [RuntimeError()]
     called: list[str] = []
     events: list[str] = []
     recorders = (Recorder(events, tag="outer"), Recorder(events, tag="inner"))
     concerns: list[CallConcern] = list(recorders)
-    if request.param == "aio":
-        aio = grpc.aio.server(interceptors=[AioCallLayer(concerns)], options=OPTIONS)
-        aio.add_generic_rpc_handlers((_aio_handlers(raise_this, called),))
+    if request.param.startswith("aio"):
+        aio = aio_server(request.param, concerns, OPTIONS)
+        add_methods(aio, SERVICE, _aio_handlers(raise_this, called))
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), aio)  # type: ignore[attr-defined]
         port = aio.add_insecure_port("127.0.0.1:0")
         await aio.start()
@@ -139,7 +139,7 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
         sync = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4), interceptors=[SyncCallLayer(concerns)], options=OPTIONS
         )
-        sync.add_generic_rpc_handlers((_sync_handlers(raise_this, called),))
+        add_methods(sync, SERVICE, _sync_handlers(raise_this, called))
         health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), sync)
         port = sync.add_insecure_port("127.0.0.1:0")
         sync.start()
@@ -318,3 +318,30 @@ def test_the_thread_pool_layer_is_thread_safe_for_concurrent_first_calls() -> No
     for thread in threads:
         thread.join()
     assert len(wrapped) == 8 and all(w is not None and w.unary_unary is not None for w in wrapped)
+
+
+async def test_an_installed_layer_wraps_generic_only_services_and_leaves_unknown_methods_unimplemented() -> None:
+    """`AioCallLayer.install`: a service added as a generic handler only (no registered methods) passes through the
+    concerns as registered ones do; a method nobody serves is grpc.aio's own UNIMPLEMENTED, with no concern run."""
+    events: list[str] = []
+    server = AioCallLayer([Recorder(events)]).install(grpc.aio.server(options=OPTIONS))
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    handlers = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.GenericOnly", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(2):  # the second call finds the handler wrapped by the first
+                echo_call: Any = channel.unary_unary("/test.GenericOnly/Echo")  # type: ignore[call-arg]
+                assert await echo_call(b"ping") == b"ping"
+            missing: Any = channel.unary_unary("/test.GenericOnly/Missing")  # type: ignore[call-arg]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await missing(b"")
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert events == ["r:enter Echo", "r:leave Echo None"] * 2  # no code set yet: the call is ending well
+    finally:
+        await server.stop(0)

@@ -69,9 +69,8 @@ async def serve() -> AsyncIterator[Any]:
             async def aio_fast(request: bytes, context: Any) -> bytes:
                 return b"served"
 
-            aio = grpc.aio.server(
-                interceptors=[AioCallLayer([], AioAdmission(settings))], options=server_options(settings)
-            )
+            # As AioServiceApp serves: the layer installed at registration, not an interceptor.
+            aio = AioCallLayer([], AioAdmission(settings)).install(grpc.aio.server(options=server_options(settings)))
             aio.add_generic_rpc_handlers((_handlers(aio_slow, aio_fast),))
             health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), aio)  # type: ignore[attr-defined]
             port = aio.add_insecure_port("127.0.0.1:0")

@@ -29,7 +29,8 @@ from google.protobuf.wrappers_pb2 import StringValue
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from numprotect.core.calls import AioCallLayer, CallConcern, Method, SyncCallLayer
+from numprotect.core.calls import CallConcern, Method, SyncCallLayer
+from support.call_layer import AIO_MODELS, add_methods, aio_server
 
 SERVICE = "test.Framing"
 REQUEST_TYPE = "google.protobuf.StringValue"
@@ -58,27 +59,24 @@ class Seen:
         self.left.append(code.name if isinstance(code, grpc.StatusCode) else str(code))
 
 
-def _handlers(unary: Any, server_stream: Any, client_stream: Any, bidi: Any) -> grpc.GenericRpcHandler:
+def _handlers(unary: Any, server_stream: Any, client_stream: Any, bidi: Any) -> dict[str, grpc.RpcMethodHandler]:
     kinds = {
         "Unary": (grpc.unary_unary_rpc_method_handler, unary),
         "ServerStream": (grpc.unary_stream_rpc_method_handler, server_stream),
         "ClientStream": (grpc.stream_unary_rpc_method_handler, client_stream),
         "Bidi": (grpc.stream_stream_rpc_method_handler, bidi),
     }
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            name: kind(
-                behavior,
-                request_deserializer=StringValue.FromString,
-                response_serializer=StringValue.SerializeToString,
-            )
-            for name, (kind, behavior) in kinds.items()
-        },
-    )
+    return {
+        name: kind(
+            behavior,
+            request_deserializer=StringValue.FromString,
+            response_serializer=StringValue.SerializeToString,
+        )
+        for name, (kind, behavior) in kinds.items()
+    }
 
 
-def _aio_handlers(seen: Seen) -> grpc.GenericRpcHandler:
+def _aio_handlers(seen: Seen) -> dict[str, grpc.RpcMethodHandler]:
     async def unary(request: StringValue, context: Any) -> StringValue:
         seen.requests.append(request.value)
         return StringValue(value=f"ok {request.value}")
@@ -100,7 +98,7 @@ def _aio_handlers(seen: Seen) -> grpc.GenericRpcHandler:
     return _handlers(unary, server_stream, client_stream, bidi)
 
 
-def _sync_handlers(seen: Seen) -> grpc.GenericRpcHandler:
+def _sync_handlers(seen: Seen) -> dict[str, grpc.RpcMethodHandler]:
     def unary(request: StringValue, context: Any) -> StringValue:
         seen.requests.append(request.value)
         return StringValue(value=f"ok {request.value}")
@@ -130,13 +128,14 @@ class Server:
     seen: Seen
 
 
-@pytest.fixture(params=["aio", "sync"])
+@pytest.fixture(params=[*AIO_MODELS, "sync"])
 async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    """ "aio-installed": the layer wrapped at registration (`AioCallLayer.install`, as AioServiceApp serves)."""
     seen = Seen()
     concerns: list[CallConcern] = [seen]
-    if request.param == "aio":
-        aio = grpc.aio.server(interceptors=[AioCallLayer(concerns)], options=OPTIONS)
-        aio.add_generic_rpc_handlers((_aio_handlers(seen),))
+    if request.param.startswith("aio"):
+        aio = aio_server(request.param, concerns, OPTIONS)
+        add_methods(aio, SERVICE, _aio_handlers(seen))
         port = aio.add_insecure_port("127.0.0.1:0")
         await aio.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -146,7 +145,7 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
         sync = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4), interceptors=[SyncCallLayer(concerns)], options=OPTIONS
         )
-        sync.add_generic_rpc_handlers((_sync_handlers(seen),))
+        add_methods(sync, SERVICE, _sync_handlers(seen))
         port = sync.add_insecure_port("127.0.0.1:0")
         sync.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

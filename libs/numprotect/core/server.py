@@ -235,7 +235,8 @@ class AioServiceApp(_ServiceApp):
     def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.admission = AioAdmission(self.settings)
-        self.server = grpc.aio.server(interceptors=[AioCallLayer(concerns, self.admission)], options=options)
+        # The layer wraps the handlers as they are registered, not per call as an interceptor (calls.LayeredServer).
+        self.server = AioCallLayer(concerns, self.admission).install(grpc.aio.server(options=options))
         self.health_server = grpc.aio.server(options=options) if self.settings.health_port else None
         self._loop: asyncio.AbstractEventLoop | None = None
 
