@@ -113,7 +113,8 @@ async def _measure(call: Callable[[int], Awaitable[Any]], concurrency: int, admi
 
 
 async def _asyncio_rounds(url: str, admin: redis.Redis, redis_pid: int) -> dict[tuple[str, str, str], list[Cost]]:
-    settings = RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": url}))
+    # A long timeout: a stall of the shared host must not end the run (what is measured is CPU, not latency).
+    settings = RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": url, "NUMPROTECT_REDIS_TIMEOUT": "30s"}))
     clients: dict[str, RedisClient] = {
         "redis.asyncio": create_redis(settings),
         "mux": create_redis(settings, write_path=True),
