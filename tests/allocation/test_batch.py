@@ -160,12 +160,13 @@ async def test_a_batch_holds_at_most_the_limit(allocation_service: Service) -> N
 
 
 async def test_concurrent_items_of_one_batch_keep_the_axb_rule(allocation_service: Service) -> None:
-    """Sixty items for the same two parties run at once: sixty different numbers, none holding a party twice."""
+    """32 items for the same two parties run at once: 32 different numbers, none holding a party twice."""
     async with allocation_service() as stub:
         await import_block(stub)
         same = allocation("t1", AXB, party(1), party(2))
-        batch = await stub.AllocateNumbers(pb.AllocateNumbersRequest(requests=[same] * 60))
+        batch = await stub.AllocateNumbers(pb.AllocateNumbersRequest(requests=[same] * 32))
+        failed = [(i, r.error.code, r.error.message) for i, r in enumerate(batch.results) if r.HasField("error")]
+        assert not failed, failed  # which item, with what status
         numbers = [r.response.virtual_number for r in batch.results]
-        assert all(r.WhichOneof("result") == "response" for r in batch.results)
         assert max(collections.Counter(numbers).values()) == 1
-        assert len({r.response.reservation_id for r in batch.results}) == 60
+        assert len({r.response.reservation_id for r in batch.results}) == 32
