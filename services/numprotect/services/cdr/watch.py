@@ -155,6 +155,8 @@ class MergedWatch:
         self.positions = list(positions)
         self._batches: asyncio.Queue[tuple[int, Entries, asyncio.Event] | Exception] = asyncio.Queue()
         self._readers: list[asyncio.Task[None]] = []
+        self._delivered: list[asyncio.Event] = []
+        self._closed = False
         self.buckets = buckets
         for bucket in buckets.all:
             self._start(bucket)
@@ -173,15 +175,19 @@ class MergedWatch:
             self._start(bucket)
 
     def _start(self, bucket: Bucket) -> None:
-        self._readers.append(asyncio.create_task(self._read(bucket), name=f"watch {bucket.stream}"))
-
-    async def _read(self, bucket: Bucket) -> None:
-        after = self.positions[bucket.index]
         delivered = asyncio.Event()
+        self._delivered.append(delivered)
+        self._readers.append(asyncio.create_task(self._read(bucket, delivered), name=f"watch {bucket.stream}"))
+
+    async def _read(self, bucket: Bucket, delivered: asyncio.Event) -> None:
+        after = self.positions[bucket.index]
+        reader = asyncio.current_task()
         try:
-            while True:
+            # Also ends on a cancellation that a wait inside redis-py swallowed (gh-86296: the task still counts it),
+            # else the reader would go on reading after its watch ended, and hold up the loop's shutdown.
+            while not self._closed and not (reader is not None and reader.cancelling()):
                 entries = await self._read_after(bucket, after)
-                if entries:
+                if entries and not self._closed:
                     delivered.clear()
                     self._batches.put_nowait((bucket.index, entries, delivered))
                     await delivered.wait()
@@ -202,8 +208,12 @@ class MergedWatch:
         return item
 
     async def close(self) -> None:
-        """Stops the readers (a blocked XREAD is cancelled: its connection is dropped, as when a watch ends)."""
+        """Stops the readers (a blocked XREAD is cancelled: its connection is dropped, as when a watch ends). A reader
+        whose cancellation is swallowed still stops at its next read; the wait for them is bounded."""
+        self._closed = True
+        for delivered in self._delivered:
+            delivered.set()
         for reader in self._readers:
             reader.cancel()
         if self._readers:
-            await asyncio.wait(self._readers, timeout=5)  # bounded: a cancellation may be swallowed (gh-86296)
+            await asyncio.wait(self._readers, timeout=5)
