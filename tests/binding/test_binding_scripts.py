@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.exceptions import ResponseError
 
 from numprotect.core.binding_records import BindingRecordStore, binding_key, order_key
 from numprotect.core.errors import Aborted
-from numprotect.core.redis_client import RedisClient, create_redis
+from numprotect.core.redis_client import RedisClient, create_redis, storage_unavailable
 from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.binding.store import (
     MutationLocks,
@@ -23,6 +25,7 @@ from numprotect.services.binding.store import (
     tenant_index_key,
     tenant_shard,
 )
+from support.redis_server import fail_a_save, saving_redis, take_writes_again
 
 DAY = 86_400_000
 
@@ -158,6 +161,35 @@ async def test_lock_and_read_locks_only_the_tenant_s_committed_record(redis: Red
         read.lease.released = True
         redis_sync.set(mutation_lock_key("b1"), "the-next-call")
     assert redis_sync.get(mutation_lock_key("b1")) == b"the-next-call"
+
+
+async def test_lock_and_read_while_writes_are_refused_fails_like_a_write_not_busy(tmp_path: Path) -> None:
+    """While Redis refuses writes (MISCONF after a failed save), taking a lock a failed attempt left (its release is
+    refused too) fails as the call's writes would, UNAVAILABLE, not "busy" (ABORTED "being changed by another call":
+    the chaos suite's disk-full fault, a delete's retry); reading a missing record still answers."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = saving_redis(data_dir)
+    admin = server.client()
+    client = create_redis(RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": server.url})))
+    try:
+        admin.hset(binding_key("b1"), mapping={"t": "t1", "cms": "1", "st": "a"})
+        admin.set(mutation_lock_key("b1"), "the-failed-attempt")
+        locks = MutationLocks(client, lease_ms=5000)
+        async with locks.hold_record("b9", "t1") as read:  # the script is loaded while writes are taken
+            assert read.outcome == "missing"
+        fail_a_save(admin, data_dir)
+        with pytest.raises(ResponseError) as refused:
+            async with locks.hold_record("b1", "t1", wait_seconds=0.05):
+                pass
+        assert storage_unavailable(refused.value) is not None, refused.value
+        async with locks.hold_record("b9", "t1") as read:
+            assert read.outcome == "missing"
+        take_writes_again(admin)
+    finally:
+        await client.aclose()
+        admin.close()
+        server.stop()
 
 
 async def test_pending_creates_list_orders_by_deadline_across_shards(redis: RedisClient) -> None:

@@ -17,12 +17,12 @@ if redis.call('HGET', KEYS[1], 'st') ~= 'a' then
   table.insert(reply, 1, 'pending')
   return reply
 end
-local holder = redis.call('GET', KEYS[2])
+-- SET NX GET (not GET, then SET): a write command even when the lock is held, so that a Redis refusing writes
+-- (MISCONF, OOM, a demoted master) fails the call as it would fail the call's own writes (UNAVAILABLE), rather than
+-- reporting "busy" the lock a failed attempt of the same caller could not release meanwhile.
+local holder = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'GET', 'PX', ARGV[3])
 if holder and holder ~= ARGV[2] then
   return {'busy'}
-end
-if not holder then
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 end
 table.insert(reply, 1, 'locked')
 return reply
