@@ -21,7 +21,7 @@ from numprotect.core.redis_client import LuaScript, as_text, storage_unavailable
 from numprotect.core.redis_mux import MuxRedis
 from numprotect.core.settings import Env, RedisSettings
 from support.redis_cluster import RedisClusterServers
-from support.redis_server import RedisServer
+from support.redis_server import RedisServer, durable_loading_redis
 from support.tcp_proxy import LatencyProxy
 
 # Repeat-safe, as every script of the project: a member added twice is there once.
@@ -50,17 +50,7 @@ async def _timed(call: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
 @pytest.fixture
 def durable_redis() -> Iterator[RedisServer]:
     """A Redis of its own with AOF fsync'd on every write (a kill -9 loses nothing acknowledged), loading slowly."""
-    server = RedisServer(
-        "--appendfsync",
-        "always",
-        "--enable-debug-command",
-        "yes",
-        "--key-load-delay",
-        "100",
-        "--loading-process-events-interval-bytes",
-        "1024",
-        appendonly=True,
-    )
+    server = durable_loading_redis()
     try:
         yield server
     finally:

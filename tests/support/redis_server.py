@@ -132,6 +132,23 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def durable_loading_redis() -> RedisServer:
+    """A Redis with AOF fsync'd on every write (a kill -9 loses nothing acknowledged) that loads its data slowly
+    (100 us per key, events served while loading): restarted over some thousand keys it answers LOADING for a
+    while, as a large data set would."""
+    return RedisServer(
+        "--appendfsync",
+        "always",
+        "--enable-debug-command",
+        "yes",
+        "--key-load-delay",
+        "100",
+        "--loading-process-events-interval-bytes",
+        "1024",
+        appendonly=True,
+    )
+
+
 def saving_redis(data_dir: Path) -> RedisServer:
     """A Redis working in `data_dir` with a save point: a background save that fails then stops writes (MISCONF)."""
     return RedisServer("--dir", str(data_dir), "--save", "3600 1")

@@ -9,6 +9,7 @@ from numprotect.core.identity.service_token import SERVICE_TOKEN_FILE
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import RedisClient, create_redis
+from numprotect.core.redis_mux import MuxRedis
 from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.core.settings import SettingsError
@@ -74,14 +75,16 @@ async def build(runtime: Runtime) -> ServiceParts:
     )
     redis = create_redis(runtime.redis_settings, write_path=True)  # NUMPROTECT_REDIS_CLIENT: multiplexed by default
     runtime.telemetry.instrument_redis(redis)
-    # Every RPC first waits for a place here. A call uses at most 3 Redis connections at once (a create's concurrent
-    # writes) and the client's pool fails rather than queues when exhausted, so there are as many places as the pool
-    # serves calls (health has a client of its own). A call waits at most one create lease, then gets UNAVAILABLE.
-    calls = ConcurrencyLimit(
-        max(1, runtime.redis_settings.max_connections // 3),
-        wait_seconds=settings.create_lease_seconds,
-        name="binding calls",
+    # Every RPC first waits for a place here. With redis.asyncio a call uses up to 3 Redis connections at once and the
+    # pool fails rather than queues when exhausted, so there are as many places as the pool serves calls (health has a
+    # client of its own); the multiplexing client has no pool to exhaust: as many as the call layer admits. A call
+    # waits at most one create lease, then gets UNAVAILABLE.
+    places = (
+        runtime.server.max_inflight_calls
+        if isinstance(redis, MuxRedis)
+        else runtime.redis_settings.max_connections // 3
     )
+    calls = ConcurrencyLimit(max(1, places), wait_seconds=settings.create_lease_seconds, name="binding calls")
     servicer = build_servicer(
         redis,
         allocation,
