@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -13,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -29,6 +30,7 @@ from numprotect.core.redis_client import create_redis
 from numprotect.core.routes import MODE_AXB, RESTRICTION_NONE, Route, RouteTable
 from numprotect.core.settings import Env, RedisSettings, SettingsError
 from numprotect.core.telemetry import Telemetry
+from numprotect.core.telemetry.client_spans import TracedChannel
 from numprotect.core.telemetry.server_spans import _PresetTraceIds
 from numprotect.services.cdr.app import build as build_cdr
 from support.inprocess import running_service
@@ -83,11 +85,13 @@ def all_attribute_text(spans: list[ReadableSpan]) -> str:
 # --- configuration -------------------------------------------------------------------------------------------
 
 
-def test_no_endpoint_means_disabled_and_no_interceptors() -> None:
+async def test_no_endpoint_means_disabled_and_untraced_channels() -> None:
     telemetry = Telemetry.from_env({"OTEL_TRACES_SAMPLER": "always_on"}, "numprotect-test")
     assert not telemetry.enabled
     assert telemetry.call_concerns() == []
-    assert telemetry.client_interceptors() == []
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
+    assert telemetry.traced_channel(channel) is channel
+    await channel.close(None)
     telemetry.shutdown()
 
 
@@ -110,13 +114,15 @@ def test_exporter_none_or_sdk_disabled_turns_tracing_off(environ: dict[str, str]
 
 
 @pytest.mark.parametrize("name", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
-def test_an_endpoint_turns_tracing_on_with_interceptors(name: str) -> None:
+async def test_an_endpoint_turns_tracing_on_with_traced_channels(name: str) -> None:
     telemetry = Telemetry.from_env({name: "http://127.0.0.1:4317"}, "numprotect-test")
+    channel = grpc.aio.insecure_channel("127.0.0.1:1")
     try:
         assert telemetry.enabled
         assert len(telemetry.call_concerns()) == 1
-        assert len(telemetry.client_interceptors()) == 4  # unary/stream x unary/stream
+        assert isinstance(telemetry.traced_channel(channel), TracedChannel)
     finally:
+        await channel.close(None)
         telemetry.shutdown()
 
 
@@ -528,13 +534,105 @@ async def test_bootstrap_traces_calls_but_not_health_checks(redis_url: str) -> N
     assert trace.get_current_span() is trace.INVALID_SPAN
 
 
+class _MetadataSeen:
+    """A grpc.aio server that keeps each call's metadata: `test.Echo/Echo` answers the request, `test.Echo/Fail`
+    NOT_FOUND quoting a phone number, `grpc.health.v1.Health/Check` SERVING."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+
+        async def echo(request: bytes, context: Any) -> bytes:
+            self.metadata.append(dict(context.invocation_metadata()))
+            return request
+
+        async def fail(request: bytes, context: Any) -> bytes:
+            self.metadata.append(dict(context.invocation_metadata()))
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"binding of {PARTY_A} not found")
+            raise AssertionError("abort returned")
+
+        async def check(request: bytes, context: Any) -> bytes:
+            self.metadata.append(dict(context.invocation_metadata()))
+            return bytes(
+                health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
+            )
+
+        handlers = {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        }
+        health_check = {"Check": grpc.unary_unary_rpc_method_handler(check)}
+        self.server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler("test.Echo", handlers),
+                grpc.method_handlers_generic_handler("grpc.health.v1.Health", health_check),
+            )
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+
+async def test_traced_channels_propagate_without_spans_unless_the_caller_records() -> None:
+    """An unsampled caller's call carries its traceparent (the peer follows the decision) and makes no span; a
+    sampled caller's call gets a CLIENT span whose context the peer receives, with the status on failure (phone
+    numbers masked); health calls carry nothing; a call outside any span carries no trace context."""
+    seen = _MetadataSeen()
+    await seen.server.start()
+    telemetry, exporter = traced({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"})
+    channel = telemetry.traced_channel(grpc.aio.insecure_channel(f"127.0.0.1:{seen.port}"))
+    try:
+        echo: Any = channel.unary_unary("/test.Echo/Echo")  # type: ignore[call-arg]
+        fail: Any = channel.unary_unary("/test.Echo/Fail")  # type: ignore[call-arg]
+        unsampled = trace.NonRecordingSpan(
+            trace.SpanContext(0x1234, 0x5678, True, trace.TraceFlags(trace.TraceFlags.DEFAULT))
+        )
+        with trace.use_span(unsampled):
+            assert await echo(b"a", metadata=(("x-mine", "kept"),)) == b"a"
+        assert seen.metadata[-1]["traceparent"] == f"00-{0x1234:032x}-{0x5678:016x}-00"
+        assert seen.metadata[-1]["x-mine"] == "kept"
+        assert finished(telemetry, exporter) == []
+
+        assert await echo(b"b") == b"b"  # no span at all: no trace context, and no root span started
+        assert "traceparent" not in seen.metadata[-1]
+        assert finished(telemetry, exporter) == []
+
+        with current_span(telemetry, "caller") as caller:
+            assert await echo(b"c") == b"c"
+            with pytest.raises(grpc.aio.AioRpcError):
+                await fail(b"d")
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        for _ in range(100):  # the CLIENT spans end as their calls finish, on the loop
+            if len(exporter.get_finished_spans()) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        spans = {s.name: s for s in finished(telemetry, exporter)}
+        assert set(spans) == {"caller", "/test.Echo/Echo", "/test.Echo/Fail"}  # health: no span
+        ok, failed = spans["/test.Echo/Echo"], spans["/test.Echo/Fail"]
+        for span, code in ((ok, grpc.StatusCode.OK), (failed, grpc.StatusCode.NOT_FOUND)):
+            assert span.kind == SpanKind.CLIENT
+            assert span.parent is not None and span.parent.span_id == caller.get_span_context().span_id
+            attributes = dict(span.attributes or {})
+            assert attributes["rpc.system"] == "grpc" and attributes["rpc.service"] == "test.Echo"
+            assert attributes["rpc.grpc.status_code"] == code.value[0]
+        traceparents = [m.get("traceparent", "") for m in seen.metadata[-3:]]
+        for traceparent, span in zip(traceparents, (ok, failed), strict=False):
+            assert (
+                traceparent
+                == f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-0{span.context.trace_flags:x}"
+            )
+            assert span.context.trace_flags.sampled
+        assert traceparents[2] == ""  # the health check
+        assert failed.status.status_code == trace.StatusCode.ERROR
+        assert "NOT_FOUND" in str(failed.status.description) and PARTY_A not in str(failed.status.description)
+    finally:
+        await channel.close(None)
+        await seen.server.stop(0)
+
+
 # --- the lean server interceptors: parent from traceparent, status codes, streaming, health untraced -------------
 
 
 def test_sync_server_spans_continue_the_callers_trace_and_record_status() -> None:
     from concurrent import futures
-
-    from grpc_health.v1 import health
 
     telemetry, exporter = traced()
 

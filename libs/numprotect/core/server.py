@@ -345,22 +345,20 @@ class Runtime:
     def channel_to(self, address: str) -> grpc.aio.Channel:
         """TLS unless NUMPROTECT_TLS=off (in mTLS mode presenting the workload certificate); the certificate files are
         read here, so a channel made after a renewal uses the new ones. Every call carries the service token when
-        one is set (call credentials over TLS; an interceptor on plaintext, where grpc refuses call credentials)."""
-        interceptors = self.telemetry.client_interceptors()
+        one is set (call credentials over TLS; an interceptor on plaintext, where grpc refuses call credentials),
+        and the trace context when tracing is on (`Telemetry.traced_channel`, no interceptor)."""
         token = self.service_token
         if self.tls.enabled:
             credentials = channel_credentials(self.tls)
             if token is not None:
                 credentials = grpc.composite_channel_credentials(credentials, token.call_credentials())
-            channel = grpc.aio.secure_channel(
-                address, credentials, options=PEER_CHANNEL_OPTIONS, interceptors=interceptors
-            )
+            channel = grpc.aio.secure_channel(address, credentials, options=PEER_CHANNEL_OPTIONS)
         else:
-            if token is not None:
-                interceptors = [*interceptors, token.interceptor()]
+            interceptors: list[Any] | None = [token.interceptor()] if token is not None else None
             channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS, interceptors=interceptors)
-        self._channels.append(channel)
-        return channel
+        traced = self.telemetry.traced_channel(channel)
+        self._channels.append(traced)
+        return traced
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -1,9 +1,9 @@
-"""OpenTelemetry wiring: a tracer provider from the standard OTEL_* variables, interceptors, Redis spans, helpers.
+"""OpenTelemetry wiring: a tracer provider from the standard OTEL_* variables, gRPC and Redis spans, helpers.
 
 Configuration (docs/tracing.md):
 
 - OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT: where spans go (OTLP over gRPC). Unset,
-  or OTEL_TRACES_EXPORTER=none, or OTEL_SDK_DISABLED=true: tracing is off. No provider, no interceptor, no
+  or OTEL_TRACES_EXPORTER=none, or OTEL_SDK_DISABLED=true: tracing is off. No provider, no span concern, no
   Redis instrumentation: the only cost left is a `telemetry.enabled` check in the few places that ask.
 - OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG: our default is parentbased_traceidratio at 0.01 (1% of the
   traces that start here; calls inside a traced request follow their parent's decision).
@@ -15,7 +15,7 @@ spans carry the command name and `?` placeholders, never keys or arguments (our 
 
 Modules: `config` (provider, exporter, resource), `sampling` (the sampler rule), `attributes` (the one masking
 path for span attributes, call_ref links), `redis` (Redis spans), `server_spans` (one SERVER span per call),
-`process` (`Telemetry`, what a process holds).
+`client_spans` (trace context and CLIENT spans on channels to peers), `process` (`Telemetry`, what a process holds).
 """
 
 from numprotect.core.telemetry.attributes import (

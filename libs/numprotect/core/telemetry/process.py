@@ -1,4 +1,4 @@
-"""The telemetry of one process: its tracer provider (or none) and the interceptors and spans bound to it."""
+"""The telemetry of one process: its tracer provider (or none) and the spans and traced channels bound to it."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
-from numprotect.core.calls import UNWRAPPED_SERVICES, CallConcern
+from numprotect.core.calls import CallConcern
 from numprotect.core.telemetry.attributes import safe_attributes
+from numprotect.core.telemetry.client_spans import TracedChannel
 from numprotect.core.telemetry.config import SERVICE_VERSION, TRACER_NAME, tracer_provider
 from numprotect.core.telemetry.redis import ChildSpansOnly, instrument_client
 from numprotect.core.telemetry.sampling import SamplingRule
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class Telemetry:
-    """The tracer provider of one process (or none) and everything bound to it: interceptors, Redis, spans."""
+    """The tracer provider of one process (or none) and everything bound to it: server spans, channels, Redis."""
 
     def __init__(self, provider: TracerProvider | None, sampling: SamplingRule | None = None) -> None:
         """`sampling` is the rule the provider's sampler follows (from_env passes it, with a provider whose
@@ -71,13 +73,12 @@ class Telemetry:
             return None
         return self.sampling, ids
 
-    def client_interceptors(self) -> list[Any]:
-        """grpc.aio channel interceptors: one CLIENT span per call, W3C trace context sent in the metadata."""
+    def traced_channel(self, channel: grpc.aio.Channel) -> grpc.aio.Channel:
+        """`channel` with its calls' trace context (W3C traceparent) and, inside recording spans, CLIENT spans
+        (`client_spans.TracedChannel`: no client interceptor); `channel` itself when tracing is off."""
         if self.provider is None:
-            return []
-        from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
-        return list(aio_client_interceptors(tracer_provider=self.provider, filter_=_traced_call))  # type: ignore[no-untyped-call]
+            return channel
+        return TracedChannel(channel, self.tracer)
 
     # --- Redis ----------------------------------------------------------------------------------------------
 
@@ -118,11 +119,3 @@ class Telemetry:
         """Flushes pending spans and stops the exporter."""
         if self.provider is not None:
             self.provider.shutdown()
-
-
-def _traced_call(client_call_details: Any) -> bool:
-    """Client calls get a span unless they go to health or reflection (aio clients see the method as bytes)."""
-    method = client_call_details.method or ""
-    if isinstance(method, bytes):
-        method = method.decode("ascii", "replace")
-    return not str(method).lstrip("/").startswith(UNWRAPPED_SERVICES)
