@@ -19,6 +19,7 @@ from redis.exceptions import BusyLoadingError
 
 from numprotect.core.redis_client import LuaScript, as_text, storage_unavailable
 from numprotect.core.redis_mux import MuxRedis
+from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.settings import Env, RedisSettings
 from support.redis_cluster import RedisClusterServers
 from support.redis_server import RedisServer, durable_loading_redis
@@ -292,6 +293,25 @@ async def test_ask_during_a_migration_goes_to_the_importing_node(cluster: RedisC
     finally:
         _finish_moving(cluster, slot, source, target)
     assert await mux.scard(key) == 2
+    await mux.aclose()
+
+
+async def test_waiting_for_replicas_on_a_cluster_covers_each_master_written(cluster: RedisClusterServers) -> None:
+    """ReplicaWait over the multiplexing client in cluster mode: one marker and WAIT per master whose keys were
+    written, each on a connection of that master; every master's replica acknowledges."""
+    cluster.flushall()
+    env = {"NUMPROTECT_REDIS_MODE": "cluster", "NUMPROTECT_REDIS_WAIT_REPLICAS": "1"}
+    mux = _mux(cluster.url, **env)
+    settings = RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": cluster.url, **env}))
+    keys = [f"np:test:{{w{i}}}" for i in range(12)]  # spread over the three masters
+    assert len({cluster.master_of(key).port for key in keys}) == 3
+    for key in keys:
+        await mux.set(key, "1")
+    await ReplicaWait.of(mux, settings).after(keys)  # raises Unavailable when a master's replica does not confirm
+    admin = cluster.client()
+    markers = [f"np:wait:{{w{i}}}" for i in range(12)]  # one per hash tag written, each on its keys' master
+    assert [admin.exists(marker) for marker in markers] == [1] * 12
+    admin.close()
     await mux.aclose()
 
 
