@@ -23,7 +23,7 @@ from redis.exceptions import NoPermissionError, NoScriptError
 
 from numprotect.core.redis_acl import ACL_USERS, ADMIN_USER, render_acl_file
 from numprotect.core.redis_client import LuaScript, RedisClient, create_redis, redis_is_up, storage_unavailable
-from numprotect.core.redis_mux import MuxRedis, NotMultiplexed
+from numprotect.core.redis_mux import MuxRedis, NotMultiplexed, _Connection, _Lost
 from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.settings import Env, RedisSettings, SettingsError
 from support.redis_cluster import RedisClusterServers
@@ -338,6 +338,31 @@ def test_the_services_event_loop_uvloop(redis_url: str) -> None:
             await mux.aclose()
 
     assert uvloop.run(commands()) == [list(range(1, 9)), [f"{K}:k".encode(), b"v", 2], 4]
+
+
+def test_a_write_the_closed_transport_refuses_leaves_its_commands_unsent() -> None:
+    """uvloop raises on a write to a transport closed before connection_lost was called: those commands never left,
+    so they may be sent again on a new connection whatever they are (a connection lost after them may not)."""
+
+    class ClosedTransport(asyncio.Transport):
+        def write(self, data: Any) -> None:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+        def abort(self) -> None:
+            pass
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Connection(loop, "127.0.0.1:1", 1.0, None)
+        conn.connection_made(ClosedTransport())
+        future = loop.create_future()
+        conn.send(b"*1\r\n$4\r\nINCR\r\n", future)
+        conn._flush()
+        lost = future.exception()
+        assert isinstance(lost, _Lost) and lost.sent is False and conn.closed
+        assert isinstance(lost.error, redis.ConnectionError)
+    finally:
+        loop.close()
 
 
 def test_the_client_setting_is_checked_at_start_up(redis_url: str) -> None:

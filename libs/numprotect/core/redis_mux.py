@@ -327,10 +327,14 @@ class _Connection(asyncio.Protocol):
         buffer = self.buffer
         if self.closed or not buffer or self.transport is None:
             return
+        try:
+            self.transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
+        except (RuntimeError, OSError) as exc:  # closed under us (uvloop raises) before connection_lost: not sent
+            self.abort(RedisConnectionError(f"connection to {self.where} closed: {exc}"))
+            return
         self.buffer = []
         self.unsent = 0
         self.writes += 1
-        self.transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
 
     def _check_time(self) -> None:
         """Fails the commands whose timeout has passed; drops the connection when the peer went silent."""
