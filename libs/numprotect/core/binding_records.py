@@ -240,7 +240,7 @@ async def get_stored_bindings(redis: RedisClient, binding_ids: Sequence[str]) ->
         return {}
     ids = list(dict.fromkeys(binding_ids))
     if len(ids) == 1:  # one command costs less than a pipeline of one
-        replies = [await redis.hgetall(binding_key(ids[0]))]  # type: ignore[misc]
+        replies = [await redis.hgetall(binding_key(ids[0]))]
     else:
         async with redis.pipeline(transaction=False) as pipe:
             for binding_id in ids:
