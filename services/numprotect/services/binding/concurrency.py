@@ -1,8 +1,7 @@
-"""Concurrency helpers of the binding service: one limit around every RPC, and steps run side by side."""
+"""Concurrency helper of the binding service: one limit around every RPC."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
@@ -25,12 +24,3 @@ def _inside(
             return await method(*args, **kwargs)
 
     return limited
-
-
-async def gather_all(steps: Iterable[Awaitable[Any]]) -> list[Any]:
-    """Runs steps concurrently and waits for all of them; then raises the first failure, if any."""
-    results = await asyncio.gather(*steps, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results
