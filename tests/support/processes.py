@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServiceProcess:
     """Runs one service as its own process; port 0 lets the OS choose, read back from the 'serving' log line."""
 
-    def __init__(self, service: str, env: Mapping[str, str], *, port: int = 0, timeout: float = 20.0) -> None:
+    # 60 s, as the chaos stack waits: on a loaded 2-core host three processes started at once took up to ~100 s to
+    # log "serving" (test_concurrency), and a start that is merely slow is no failure of the code under test.
+    def __init__(self, service: str, env: Mapping[str, str], *, port: int = 0, timeout: float = 60.0) -> None:
         self.service = service
         full_env = {
             **self._with_service_token(service, with_auth(with_tls({**os.environ, **env}))),
