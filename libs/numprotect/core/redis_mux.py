@@ -85,6 +85,8 @@ _PAUSE_MOST = 0.1
 _MOST_ROUNDS = 16
 # Commands failing together (a dead node, a resharding) share one CLUSTER SLOTS per interval.
 _SLOTS_RELOAD_INTERVAL = 0.05
+# How long a connection found silent for its timeout gets for a reply already on its way before it is dropped.
+_SILENCE_GRACE = 0.05
 # Idle dedicated connections (blocking commands, WAIT pipelines) kept per node.
 _IDLE_DEDICATED = 4
 
@@ -247,6 +249,7 @@ class _Connection(asyncio.Protocol):
         self.flushing = False
         self.closed = False
         self.heard = 0.0  # loop time of the last reply, or of the first command sent into an empty queue
+        self.suspected = -1.0  # `heard` when the connection was last found silent
         self.timer: asyncio.TimerHandle | None = None
         self.writes = 0  # transport.write calls (tests and benchmarks count coalescing with it)
         self.on_close: Callable[[_Connection], None] | None = None
@@ -345,12 +348,7 @@ class _Connection(asyncio.Protocol):
         if self.deadlines[0] > now:
             self.timer = self.loop.call_at(self.deadlines[0], self._check_time)
             return
-        if now - self.heard >= self.timeout:
-            self.abort(
-                RedisTimeoutError(f"Timeout reading from {self.where}: nothing in {self.timeout:g} s"), silent=True
-            )
-            return
-        # The peer answers, slowly: the commands past their timeout fail; their entries stay, to take their replies.
+        # The commands past their timeout fail; their entries stay, to take their replies if they come.
         due = self.heard + self.timeout
         for entry, deadline in zip(self.pending, self.deadlines, strict=True):
             if deadline > now:
@@ -359,6 +357,16 @@ class _Connection(asyncio.Protocol):
             future = entry.future if entry.__class__ is _Batch else entry
             if not future.done():
                 future.set_exception(RedisTimeoutError(f"Timeout reading from {self.where}"))
+        if now - self.heard >= self.timeout:
+            # Silent for the timeout: dropped, unless a reply arrives within a short grace. (uvloop runs due timers
+            # before it reads the sockets: on a starved host a reply may be waiting there unread.)
+            if self.suspected == self.heard:
+                self.abort(
+                    RedisTimeoutError(f"Timeout reading from {self.where}: nothing in {self.timeout:g} s"), silent=True
+                )
+                return
+            self.suspected = self.heard
+            due = now + min(_SILENCE_GRACE, self.timeout)
         self.timer = self.loop.call_at(due, self._check_time)
 
     def abort(self, error: RedisError, *, silent: bool = False) -> None:
