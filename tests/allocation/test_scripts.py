@@ -176,7 +176,8 @@ async def test_allocate_exhausted(redis: RedisClient, scripts: Scripts) -> None:
 
 async def test_confirm(redis: RedisClient, scripts: Scripts) -> None:
     await imported(redis, scripts)
-    _, x, _, expire = await allocate(redis, scripts, "AXB", A, B, rid="00000000000000c1", lease_ms=500)
+    # The default lease (60 s): a 500 ms one lapsed before the confirm on a loaded host ("missing", not "ok").
+    _, x, _, expire = await allocate(redis, scripts, "AXB", A, B, rid="00000000000000c1")
     later = expire + 3_600_000
     assert await run(redis, scripts.confirm, x, "00000000000000ff", "b1", later) == ["missing"]
     assert await run(redis, scripts.confirm, x, "00000000000000c1", "b1", 1_000) == ["past"]
