@@ -142,7 +142,8 @@ def test_64_concurrent_allocators_never_produce_a_conflicting_pair(
     processes: list[ServiceProcess] = []
     try:
         with ThreadPoolExecutor(SERVERS) as pool:  # start-up in parallel: each waits for its "serving" line
-            starting = [pool.submit(ServiceProcess, "allocation", env) for _ in range(SERVERS)]
+            # 120 s each: at a load average of 15-30 three processes started at once took up to ~100 s to serve.
+            starting = [pool.submit(ServiceProcess, "allocation", env, timeout=120.0) for _ in range(SERVERS)]
             for future in starting:
                 with contextlib.suppress(Exception):
                     processes.append(future.result())
