@@ -16,13 +16,15 @@ interleaved rounds (rotated order) of BENCH_SECONDS (4) per target; BENCH_KINDS 
   get_invalid   BindingService/GetBinding with a malformed binding_id: INVALID_ARGUMENT from the servicer's first
                 line, no Redis (the layer's whole per-call work plus the error path's status with details);
   get_missing   GetBinding of a well-formed id that does not exist: NOT_FOUND after one Redis read.
+BENCH_SERVICE=allocation measures allocation instead (plaintext): GetNumber of a malformed / an unknown number.
 Reports per target the server's CPU per call (user + sys from /proc, summed over the rounds), its median over the
 rounds, calls/s, and each layer server's cost: it minus raw per kind of call. Every call must end with the code
 its kind expects (checked: any other outcome fails the run).
 
 BENCH_MODE=write (plaintext): instead, an allocation and a binding process of this tree and, with BENCH_BASELINE,
 of that tree, on one Redis, and interleaved rounds of Health/Check and CreateBinding (bench_binding's workload)
-against each binding: the CPU per create of binding, allocation and Redis, per build.
+against each binding: the CPU per create of binding, allocation and Redis, per build. BENCH_SHARED_ALLOCATION=1:
+both bindings call this tree's allocation (then only the bindings, and how they call allocation, differ).
 
 BENCH_PROFILE=<file.raw> then runs get_invalid on the layer server (write mode: creates on this tree's binding)
 for BENCH_PROFILE_SECONDS (15) under `py-spy record --format raw -r 200` and writes the raw stacks there.
@@ -36,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +52,7 @@ from benchmarks.bench_tracing import SpanCounter
 from benchmarks.binding_stack import Credentials, _secure
 from benchmarks.harness import cpu_seconds, free_port, process, redis_server_args, wait_redis, wait_serving
 from benchmarks.load import run_for
+from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.core.identity.principal import Role
@@ -61,18 +65,42 @@ PROFILE = os.environ.get("BENCH_PROFILE", "")
 PROFILE_SECONDS = int(os.environ.get("BENCH_PROFILE_SECONDS", "15"))
 TRACING = os.environ.get("BENCH_TRACING", "default")
 MODE = os.environ.get("BENCH_MODE", "layer")  # or "write": see write_path_ab
+# Write mode: both bindings call this tree's allocation (what differs is then only how each binding calls it).
+SHARED_ALLOCATION = os.environ.get("BENCH_SHARED_ALLOCATION", "0") == "1"
 # A source tree (with libs/, services/, gen/) whose call layer to compare in the same run, as the server "baseline".
 BASELINE = os.environ.get("BENCH_BASELINE", "")
 TENANT = "bench-tenant"
+# The service measured in layer mode: binding (GetBinding) or allocation (GetNumber; plaintext only).
+SERVICE = os.environ.get("BENCH_SERVICE", "binding")
 SERVERS = ("layer", "raw", *(("baseline",) if BASELINE else ()))
 EXPECTED = {"health": "OK", "get_invalid": "INVALID_ARGUMENT", "get_missing": "NOT_FOUND"}
 KINDS = {kind: EXPECTED[kind] for kind in os.environ.get("BENCH_KINDS", ",".join(EXPECTED)).split(",")}
 SERVER_CPU, CLIENT_CPU = "0", "1"
+BINDING_SERVICE = "numprotect.binding.v1.BindingService"
 
 
 def tree_path(tree: str) -> str:
     """PYTHONPATH that runs the services from `tree`: first on sys.path, before the editable install's trees."""
     return ":".join(str(Path(tree) / part) for part in ("libs", "services", "gen"))
+
+
+class SpansByName(SpanCounter):
+    """The trace receiver, also counting spans per service and span name (e.g. allocation's batch calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: dict[tuple[str, str], int] = {}
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+        for resource_spans in request.resource_spans:
+            service = next(
+                (kv.value.string_value for kv in resource_spans.resource.attributes if kv.key == "service.name"), ""
+            )
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    key = (service, span.name)
+                    self.by_name[key] = self.by_name.get(key, 0) + 1
+        return super().Export(request, context)
 
 
 # --- the raw server ----------------------------------------------------------------------------------------------
@@ -108,7 +136,9 @@ def _mapped(behavior: Callable[..., Awaitable[Any]], path: str) -> Callable[...,
 
 
 async def serve_raw() -> None:
-    """Binding's servicer, built by its own builder, on a bare grpc.aio server (no call layer)."""
+    """The service's servicers, built by its own builder, on a bare grpc.aio server (no call layer)."""
+    import importlib
+
     from numprotect.core.identity.api_keys import AuthSettings
     from numprotect.core.identity.runtime import Identity
     from numprotect.core.redis_client import create_redis
@@ -116,11 +146,12 @@ async def serve_raw() -> None:
     from numprotect.core.settings import Env, RedisSettings, ServerSettings
     from numprotect.core.telemetry import Telemetry
     from numprotect.core.tls import TlsSettings, server_credentials
-    from numprotect.services.binding.app import build
+
+    build = importlib.import_module(f"numprotect.services.{SERVICE}.app").build
 
     environ = dict(os.environ)
     env = Env(environ)
-    settings = ServerSettings.from_env(env, "binding")
+    settings = ServerSettings.from_env(env, SERVICE)
     redis_settings = RedisSettings.from_env(env)
     tls = TlsSettings.from_env(env)
     identity = Identity(AuthSettings.from_env(env), redis_settings)
@@ -128,7 +159,7 @@ async def serve_raw() -> None:
         env,
         settings,
         create_redis(redis_settings),
-        Telemetry.from_env(environ, "numprotect-binding-raw"),
+        Telemetry.from_env(environ, f"numprotect-{SERVICE}-raw"),
         redis_settings,
         tls=tls,
         identity=identity,
@@ -140,7 +171,9 @@ async def serve_raw() -> None:
         registration.add_to_server(registration.servicer, captured)
         handlers = {}
         for name, handler in captured.handlers.items():
-            assert handler.unary_unary is not None, "the bench serves unary methods only"
+            if handler.unary_unary is None:  # streams: as registered (the bench calls unary methods only)
+                handlers[name] = handler
+                continue
             handlers[name] = grpc.unary_unary_rpc_method_handler(
                 _mapped(handler.unary_unary, f"/{captured.service}/{name}"),
                 request_deserializer=handler.request_deserializer,
@@ -194,6 +227,11 @@ def caller(kind: str, chan: grpc.aio.Channel) -> Callable[[int], Awaitable[Any]]
         check = health_pb2_grpc.HealthStub(chan).Check
         request = health_pb2.HealthCheckRequest()
         return lambda i: check(request, timeout=10)
+    if SERVICE == "allocation":
+        get_number = allocation_pb2_grpc.AllocationServiceStub(chan).GetNumber
+        number = "not-a-number" if kind == "get_invalid" else "700999900000000"
+        request = allocation_pb2.GetNumberRequest(virtual_number=number)
+        return lambda i: get_number(request, timeout=10)
     get = binding_pb2_grpc.BindingServiceStub(chan).GetBinding
     binding_id = "not-a-binding-id" if kind == "get_invalid" else "b" + "0" * 22
     message = pb.GetBindingRequest(binding_id=binding_id, tenant_id=TENANT)
@@ -250,8 +288,8 @@ async def drive(addresses: dict[str, str], pids: dict[str, int], credentials: Cr
 
 
 def report(targets: list[Target], security: str) -> None:
-    tracing = "deployed default (1 %)" if TRACING == "default" else "off"
-    print(f"call layer on grpc.aio: binding server CPU per call, {security}; tracing: {tracing}")
+    tracing = {"default": "deployed default (1 %)", "off": "off"}.get(TRACING, TRACING)
+    print(f"call layer on grpc.aio: {SERVICE} server CPU per call, {security}; tracing: {tracing}")
     print(f"{ROUNDS} rounds x {SECONDS:g}s per target, {CONCURRENCY} calls in flight; load {os.getloadavg()[0]:.1f}")
     print(f"{'target':24} {'calls/s':>9} {'us/call':>9} {'median':>9}  per round")
     by_name = {t.name: t for t in targets}
@@ -334,7 +372,8 @@ async def drive_writes(builds: list[Build], redis_client: Any, allocation_addres
 
 def report_writes(builds: list[Build]) -> None:
     print("CreateBinding, this tree against BENCH_BASELINE's call layer (same run, interleaved rounds; plaintext,")
-    print(f"tracing: {'deployed default (1 %)' if TRACING == 'default' else 'off'}); {ROUNDS} rounds x {SECONDS:g}s,")
+    tracing = {"default": "deployed default (1 %)", "off": "off"}.get(TRACING, TRACING)
+    print(f"tracing: {tracing}); {ROUNDS} rounds x {SECONDS:g}s,")
     print(f"{CONCURRENCY} calls in flight; load {os.getloadavg()[0]:.1f}; us of CPU per call")
     for build in builds:
         health = build.cpu["health"]["binding"] / build.calls["health"] * 1e6
@@ -346,7 +385,7 @@ def report_writes(builds: list[Build]) -> None:
         print(" ".join(f"{us:.0f}" for us in build.rounds["create"]), f"; failed calls: {build.errors or 'none'}")
 
 
-def write_path_ab(workdir: Path, redis_client: Any, common: dict[str, str]) -> int:
+def write_path_ab(workdir: Path, redis_client: Any, common: dict[str, str], receiver: SpansByName) -> int:
     trees = {"current": None, **({"baseline": BASELINE} if BASELINE else {})}
     builds: list[Build] = []
     allocation_address = ""
@@ -362,7 +401,12 @@ def write_path_ab(workdir: Path, redis_client: Any, common: dict[str, str]) -> i
             if tree is not None:
                 env["PYTHONPATH"] = tree_path(tree)
             pids = {}
-            for service, port in (("allocation", allocation_port), ("binding", binding_port)):
+            services: tuple[tuple[str, int], ...] = (("allocation", allocation_port), ("binding", binding_port))
+            if SHARED_ALLOCATION and builds:  # the first build's allocation serves this binding too
+                env["NUMPROTECT_ALLOCATION_ADDR"] = allocation_address
+                pids["allocation"] = builds[0].pids["allocation"]
+                services = services[1:]
+            for service, port in services:
                 env["OTEL_SERVICE_NAME"] = f"bench-{name}-{service}"
                 log = workdir / f"{name}-{service}.log"
                 child = stack.enter_context(process([sys.executable, "-m", f"numprotect.services.{service}"], env, log))
@@ -374,6 +418,16 @@ def write_path_ab(workdir: Path, redis_client: Any, common: dict[str, str]) -> i
 
         uvloop.run(drive_writes(builds, redis_client, allocation_address))
     report_writes(builds)
+    time.sleep(6)  # the last spans leave (the batch span processor exports every 5 s)
+    print("sampled spans received, whole run (warm-up included): creates, and allocation's calls by method")
+    for build in builds:
+        creates = receiver.by_name.get((f"bench-{build.name}-binding", f"/{BINDING_SERVICE}/CreateBinding"), 0)
+        calls = {
+            name.rsplit("/", 1)[1]: n
+            for (service, name), n in receiver.by_name.items()
+            if service == f"bench-{build.name}-allocation" and name.startswith("/numprotect.allocation.")
+        }
+        print(f"  {build.name}: {creates} creates; allocation's SERVER spans {calls}")
     return 0
 
 
@@ -389,7 +443,7 @@ def main() -> int:
         return 2
     os.sched_setaffinity(0, {int(CLIENT_CPU)})
     workdir = Path(tempfile.mkdtemp(prefix="numprotect-bench-call-layer-"))
-    receiver = SpanCounter()
+    receiver = SpansByName()
     try:
         with ExitStack() as stack:
             redis_port = free_port()
@@ -403,10 +457,12 @@ def main() -> int:
                 "NUMPROTECT_LOG_LEVEL": "WARNING",
                 "NUMPROTECT_ALLOCATION_ADDR": f"127.0.0.1:{free_port()}",  # never called by these RPCs
             }
-            if TRACING == "default":
+            if TRACING != "off":  # "default"; or a sampler's name, e.g. always_on to count every call's span
                 common["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{receiver.port}"
+                if TRACING != "default":
+                    common["OTEL_TRACES_SAMPLER"] = TRACING
             if MODE == "write":
-                return write_path_ab(workdir, redis_client, common)
+                return write_path_ab(workdir, redis_client, common, receiver)
             credentials = None
             binding_only: dict[str, str] = {}
             if SECURED:
@@ -414,14 +470,14 @@ def main() -> int:
                 del common["NUMPROTECT_AUTH"]
                 common.update(secure_env)
             commands = {
-                "layer": [sys.executable, "-m", "numprotect.services.binding"],
+                "layer": [sys.executable, "-m", f"numprotect.services.{SERVICE}"],
                 "raw": [sys.executable, "-m", "benchmarks.bench_call_layer", "serve-raw"],
-                "baseline": [sys.executable, "-m", "numprotect.services.binding"],
+                "baseline": [sys.executable, "-m", f"numprotect.services.{SERVICE}"],
             }
             addresses, pids = {}, {}
             for server in SERVERS:
                 port, ready = free_port(), None
-                env = {**common, **binding_only, "NUMPROTECT_BINDING_PORT": str(port)}
+                env = {**common, **binding_only, f"NUMPROTECT_{SERVICE.upper()}_PORT": str(port)}
                 env["OTEL_SERVICE_NAME"] = f"bench-{server}"
                 if server == "raw":  # no layer: the servicer's callers let everyone by (its tenant from the request)
                     env["NUMPROTECT_AUTH"] = "off"
