@@ -56,6 +56,7 @@ from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
 from numprotect.core.identity.principal import Role
+from numprotect.core.metrics import Metrics
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "4"))
@@ -163,6 +164,7 @@ async def serve_raw() -> None:
         redis_settings,
         tls=tls,
         identity=identity,
+        metrics=Metrics(SERVICE),
     )
     parts = await build(runtime)
     server = grpc.aio.server(options=server_options(settings))

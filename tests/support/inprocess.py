@@ -19,6 +19,7 @@ import grpc
 from numprotect.core.identity.api_keys import AuthSettings
 from numprotect.core.identity.principal import Role
 from numprotect.core.identity.runtime import Identity
+from numprotect.core.metrics import Metrics
 from numprotect.core.redis_client import (
     SyncRedisClient,
     create_redis,
@@ -136,6 +137,7 @@ async def running_service(
         setup.redis,
         tls=setup.tls,
         identity=setup.identity,
+        metrics=Metrics(service),
     )
     try:
         await redis_is_up(runtime.redis)  # as `serve` does: a cluster client's slot map before concurrent commands
@@ -173,7 +175,13 @@ async def running_sync_service(
     """The same for a thread-pool service."""
     setup = _Setup.of(service, environ, telemetry)
     runtime = SyncRuntime(
-        setup.env, setup.server, setup.redis, create_sync_redis(setup.redis), setup.telemetry, setup.identity
+        setup.env,
+        setup.server,
+        setup.redis,
+        create_sync_redis(setup.redis),
+        setup.telemetry,
+        setup.identity,
+        Metrics(service),
     )
     try:
         await asyncio.to_thread(setup.identity.start)

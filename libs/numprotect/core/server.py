@@ -40,6 +40,7 @@ from numprotect.core.identity.runtime import Identity
 from numprotect.core.identity.service_token import ServiceToken
 from numprotect.core.limits import AdmissionExecutor, AioAdmission, PoolAdmission
 from numprotect.core.logs import configure_logging
+from numprotect.core.metrics import Metrics
 from numprotect.core.redis_client import (
     RedisClient,
     SyncRedisClient,
@@ -324,9 +325,11 @@ class Runtime:
         *,
         tls: TlsSettings,
         identity: Identity,
+        metrics: Metrics,
     ) -> None:
         self.env = env
         self.identity = identity
+        self.metrics = metrics
         self.server = server
         self.tls = tls
         self.telemetry = telemetry
@@ -376,6 +379,7 @@ class SyncRuntime:
     redis: SyncRedisClient
     telemetry: Telemetry
     identity: Identity
+    metrics: Metrics
 
     def __post_init__(self) -> None:
         # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
@@ -399,6 +403,7 @@ class _Startup:
     telemetry: Telemetry
     tls: TlsSettings
     auth: AuthSettings
+    metrics: Metrics
 
     @classmethod
     def from_env(cls, service: str, environ: Mapping[str, str]) -> _Startup:
@@ -412,7 +417,9 @@ class _Startup:
             log.debug("cpu scheduling applied", extra={"policy": server.cpu_scheduling, "threads": policy_threads})
         except OSError as exc:  # a refusal only costs speed
             log.warning("cpu scheduling not applied", extra={"policy": server.cpu_scheduling, "error": str(exc)})
-        return cls(env, server, redis, Telemetry.from_env(environ, f"numprotect-{service}"), tls, auth)
+        return cls(
+            env, server, redis, Telemetry.from_env(environ, f"numprotect-{service}"), tls, auth, Metrics(service)
+        )
 
     def identity(self) -> Identity:
         """The identity parts; in mTLS mode a call without a bearer token is the client certificate's principal."""
@@ -459,6 +466,7 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
         startup.redis,
         tls=startup.tls,
         identity=identity,
+        metrics=startup.metrics,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -501,7 +509,13 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
     startup = _Startup.from_env(service, environ)
     identity = startup.identity()
     runtime = SyncRuntime(
-        startup.env, startup.server, startup.redis, create_sync_redis(startup.redis), startup.telemetry, identity
+        startup.env,
+        startup.server,
+        startup.redis,
+        create_sync_redis(startup.redis),
+        startup.telemetry,
+        identity,
+        startup.metrics,
     )
     probe_client = _probe_client(startup)
     stop = threading.Event()
