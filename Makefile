@@ -60,7 +60,7 @@ chaos: protos system-deps
 		$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 	NUMPROTECT_FUZZ_PROFILE=long $(PY) -m pytest tests/fuzz $(PYTEST_ARGS)
 
-lint: protos
+lint: protos system-deps
 	$(PY) tools/check_lock.py
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -69,6 +69,7 @@ lint: protos
 	$(VENV)/bin/buf format --diff --exit-code
 	tools/buf_breaking.sh $(VENV)/bin/buf
 	tools/validate_manifests.sh $(VENV)/bin
+	tools/check_prometheus.sh $(PY)
 
 bench: protos system-deps
 	$(PY) -m benchmarks $(BENCH_ARGS)
