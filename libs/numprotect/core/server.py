@@ -424,7 +424,7 @@ class _Startup:
     def identity(self) -> Identity:
         """The identity parts; in mTLS mode a call without a bearer token is the client certificate's principal."""
         peer = peer_spiffe_id if self.tls.enabled and self.tls.client_auth == "require" else None
-        return Identity(self.auth, self.redis, peer_identity=peer)
+        return Identity(self.auth, self.redis, peer_identity=peer, metrics=self.metrics)
 
     def serving(self, port: int, model: str) -> None:
         """Freezes the start-up heap (gc_tuning) and logs the line tests and operators wait for."""

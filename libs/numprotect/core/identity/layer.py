@@ -24,6 +24,7 @@ from numprotect.core.identity.audit import AuditEvent, AuditLog
 from numprotect.core.identity.directory import Directory
 from numprotect.core.identity.policy import POLICY, MethodPolicy, Scope
 from numprotect.core.identity.principal import Principal, Role, principal_from_spiffe_id
+from numprotect.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,46 @@ UNAUTHENTICATED_MESSAGE = "a valid API key (authorization: Bearer <token>) or cl
 UNCHECKED = Principal(Role.OPERATOR, "auth-off")
 
 PeerIdentity = Callable[[Any], "str | None"]
+
+# numprotect_auth_denials{reason}: every UNAUTHENTICATED and PERMISSION_DENIED this layer (or a servicer through
+# `Callers`) answers. Unauthenticated kinds: no credential presented; an authorization header that is not a valid,
+# active key (malformed, unknown, wrong, expired or revoked: the directory tells nobody which, by design); a client
+# certificate whose SPIFFE id names no principal; a key that ended while its stream was open; a servicer reached
+# without a principal (a bug). The rest: the PermissionDenied reasons, lower-cased.
+UNAUTHENTICATED_REASONS = (
+    "missing_credentials",
+    "invalid_token",
+    "invalid_certificate",
+    "key_ended_during_stream",
+    "no_principal",
+)
+PERMISSION_DENIED_REASONS = (
+    "no_policy",
+    "role_not_allowed",
+    "other_tenant",
+    "other_carrier",
+    "operator_only",
+    "own_events",
+)
+
+
+class AuthDenials:
+    """The denial counter's children, made once (every reason pre-initialised at 0, so a fresh process shows them)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        counter = metrics.counter(
+            "numprotect_auth_denials",
+            "Calls refused UNAUTHENTICATED or PERMISSION_DENIED by the identity layer, by reason",
+            ("reason",),
+        )
+        self._children = {r: counter.labels(r) for r in (*UNAUTHENTICATED_REASONS, *PERMISSION_DENIED_REASONS)}
+        self._counter = counter
+
+    def count(self, reason: str) -> None:
+        child = self._children.get(reason)
+        if child is None:  # a reason added without a name here: still counted, under its own (bounded) name
+            child = self._children[reason] = self._counter.labels(reason)
+        child.inc()
 
 
 def refuse_other_tenant(principal: Principal, requested: str, field: str) -> None:
@@ -44,25 +85,36 @@ def refuse_other_tenant(principal: Principal, requested: str, field: str) -> Non
 class Callers:
     """What servicers ask about the current call's caller (made current by `IdentityConcern`)."""
 
-    def __init__(self, directory: Directory | None) -> None:
+    def __init__(self, directory: Directory | None, denials: AuthDenials | None = None) -> None:
         self._current: ContextVar[Principal | None] = ContextVar("numprotect_principal", default=None)
         self._directory = directory
         self.enabled = directory is not None
+        self.denials = denials or AuthDenials(Metrics("identity", enabled=False))
 
     def principal(self) -> Principal:
         principal = self._current.get()
         if principal is None:
             if not self.enabled:
                 return UNCHECKED
+            self.denials.count("no_principal")
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         return principal
+
+    def refuse(self, message: str, reason: str) -> PermissionDenied:
+        """A servicer's own scope refusal, counted: `raise callers.refuse(...)`."""
+        self.denials.count(reason.lower())
+        return PermissionDenied(message, reason=reason)
 
     def tenant(self, requested: str, field: str = "tenant_id") -> str:
         """The tenant a call acts for: a tenant principal's own (an empty field means it; another is denied),
         else the one the request names (required)."""
         principal = self.principal()
         if principal.role is Role.TENANT:
-            refuse_other_tenant(principal, requested, field)
+            try:
+                refuse_other_tenant(principal, requested, field)
+            except PermissionDenied:
+                self.denials.count("other_tenant")
+                raise
             return principal.id
         if not requested:
             raise InvalidArgument.field(field, "is required")
@@ -82,7 +134,7 @@ class Callers:
 
     def require_carrier_routes(self, virtual_number: str, field: str = "virtual_number") -> None:
         if not self.carrier_routes(virtual_number):
-            raise PermissionDenied(f"{field}: the number is not in a block this carrier routes", reason="OTHER_CARRIER")
+            raise self.refuse(f"{field}: the number is not in a block this carrier routes", "OTHER_CARRIER")
 
     def bind(self, principal: Principal) -> Token[Principal | None]:
         return self._current.set(principal)
@@ -127,6 +179,15 @@ class IdentityConcern:
             if spiffe_id:
                 return principal_from_spiffe_id(spiffe_id)
         return None
+
+    def unauthenticated_reason(self, context: Any) -> str:
+        """Why `authenticate` found no principal (on refusals only): no credential presented, or one that is not
+        valid."""
+        if any(key == "authorization" for key, _ in context.invocation_metadata() or ()):
+            return "invalid_token"
+        if self.peer_identity is not None and self.peer_identity(context):
+            return "invalid_certificate"  # its SPIFFE id names no principal
+        return "missing_credentials"
 
     def record(
         self,
@@ -200,6 +261,10 @@ class _MethodIdentity:
                 if entry.scope is Scope.TENANT_FIELD and principal.role is Role.TENANT:
                     refuse_other_tenant(principal, getattr(request, "tenant_id", ""), "tenant_id")
         except DomainError as denied:
+            if isinstance(denied, PermissionDenied):
+                concern.callers.denials.count(denied.reason.lower())
+            elif isinstance(denied, Unauthenticated):
+                concern.callers.denials.count(concern.unauthenticated_reason(context))
             concern.record(principal, self._method, self._entry, request, denied.code.name, context)
             raise
         return concern.callers.bind(principal), principal, request
@@ -219,6 +284,7 @@ class _MethodIdentity:
         """On a stream: ends it when the principal's key was revoked or expired since the call began."""
         principal: Principal = state[1]  # type: ignore[index]
         if not self._concern.directory.still_valid(principal):
+            self._concern.callers.denials.count("key_ended_during_stream")
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
 
 

@@ -10,7 +10,8 @@ from numprotect.core.clock import SystemClock
 from numprotect.core.identity.api_keys import AuthSettings, HashKey
 from numprotect.core.identity.audit import AuditLog
 from numprotect.core.identity.directory import Directory
-from numprotect.core.identity.layer import Callers, IdentityConcern, PeerIdentity
+from numprotect.core.identity.layer import AuthDenials, Callers, IdentityConcern, PeerIdentity
+from numprotect.core.metrics import Metrics
 from numprotect.core.redis_client import create_sync_redis
 from numprotect.core.settings import RedisSettings
 
@@ -19,10 +20,16 @@ log = logging.getLogger(__name__)
 
 class Identity:
     """`callers` for servicers; `directory` (keys, carrier blocks) and `audit` on a blocking Redis client of their
-    own. With NUMPROTECT_AUTH=off (benchmark baselines only) there is no check and `callers` lets everything by."""
+    own. With NUMPROTECT_AUTH=off (benchmark baselines only) there is no check and `callers` lets everything by.
+    `metrics`: the process's, for numprotect_auth_denials (none: not counted)."""
 
     def __init__(
-        self, settings: AuthSettings, redis_settings: RedisSettings, *, peer_identity: PeerIdentity | None = None
+        self,
+        settings: AuthSettings,
+        redis_settings: RedisSettings,
+        *,
+        peer_identity: PeerIdentity | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.peer_identity = peer_identity
@@ -37,7 +44,7 @@ class Identity:
                 settings.hash_key, self._redis, refresh_seconds=settings.refresh_seconds, now_ms=self._clock.now_ms
             )
             self.audit = AuditLog(settings.hash_key.derive("audit"), self._redis)
-        self.callers = Callers(self.directory)
+        self.callers = Callers(self.directory, AuthDenials(metrics) if metrics is not None else None)
 
     @property
     def hash_key(self) -> HashKey:

@@ -15,7 +15,7 @@ from numprotect.admin.v1 import admin_pb2 as pb
 from numprotect.admin.v1 import admin_pb2_grpc
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import optional_timestamp_ms, timestamp_from_ms
-from numprotect.core.errors import FieldViolation, InvalidArgument, PermissionDenied
+from numprotect.core.errors import FieldViolation, InvalidArgument
 from numprotect.core.identifiers import CARRIER_ID, TENANT_ID
 from numprotect.core.identity.api_keys import ApiKeyRecord
 from numprotect.core.identity.audit import AuditEvent
@@ -172,7 +172,7 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
         if caller.role is Role.REGULATOR:  # Scope.OWN_EVENTS: a regulator lists only its own events
             own = principal_base(caller.subject)
             if principal and principal_base(principal) != own:
-                raise PermissionDenied("principal: a regulator lists only its own audit events", reason="OWN_EVENTS")
+                raise self.callers.refuse("principal: a regulator lists only its own audit events", "OWN_EVENTS")
             principal = principal or own
         if len(principal) > 256 or len(request.method) > 256:
             field = "principal" if len(principal) > 256 else "method"

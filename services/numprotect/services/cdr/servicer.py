@@ -21,7 +21,7 @@ from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core.cdr_keys import MAX_BUCKETS, Bucket, Buckets
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import optional_timestamp_ms, timestamp_from_ms
-from numprotect.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from numprotect.core.errors import InvalidArgument, ResourceExhausted
 from numprotect.core.identifiers import OUT_ORDER_ID, TENANT_ID
 from numprotect.core.identity.layer import Callers
 from numprotect.core.identity.principal import Role
@@ -92,8 +92,8 @@ class CdrServiceServicer(cdr_pb2_grpc.CdrServiceServicer):
             if tenant_id:
                 raise InvalidArgument.field("tenant_id", "must be empty when unmatched is set")
             if self.callers.principal().role is Role.TENANT:
-                raise PermissionDenied(
-                    "unmatched: records that matched no binding are the operator's to read", reason="OPERATOR_ONLY"
+                raise self.callers.refuse(
+                    "unmatched: records that matched no binding are the operator's to read", "OPERATOR_ONLY"
                 )
             return ""
         try:
