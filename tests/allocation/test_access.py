@@ -175,6 +175,9 @@ async def test_a_tenant_sees_only_its_own_numbers_pool_and_history(
         async def a_view() -> tuple[Any, ...]:
             number = await tenant_a.GetNumber(pb.GetNumberRequest(virtual_number=x))
             pool = await tenant_a.GetPoolStats(pb.GetPoolStatsRequest())  # empty tenant_id: its own
+            for figures in (pool, *pool.cities):  # the rate window grows with the clock
+                figures.ClearField("net_taken_per_day")
+            pool.ClearField("rate_window")
             history = await tenant_a.ListNumberHistory(pb.ListNumberHistoryRequest(virtual_number=x))
             return number, pool, history
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -265,12 +266,20 @@ async def test_number_info_prunes_lapsed_reservations(redis: RedisClient, script
 
 async def test_pool_stats_sweeps_before_counting(redis: RedisClient, scripts: Scripts) -> None:
     await imported(redis, scripts)
+    lapsing = set()
     for i in range(30):
-        await allocate(redis, scripts, "AXN", f"1380000{i:04d}", rid=f"{i:016x}", lease_ms=100)
+        _, x, _, _ = await allocate(redis, scripts, "AXN", f"1380000{i:04d}", rid=f"{i:016x}", lease_ms=100)
+        lapsing.add(x)
     await allocate(redis, scripts, "AXN", "13900000000", rid="00000000000000ff")
     await run(redis, scripts.lock, BLOCK + "0001", "x", "ops")
     await run(redis, scripts.release, BLOCK + "0002", "ops", "", 60_000)
     await asyncio.sleep(0.2)
-    total, available, in_use, locked, cooling, settled = await run(redis, scripts.pool_stats, 1_000)
+    reply = await run(redis, scripts.pool_stats, 1_000)
+    total, available, in_use, locked, cooling, settled, net_taken, now_ms = reply
     assert (total, in_use, locked, cooling, settled) == (10_000, 1, 1, 1, 1)
     assert total == available + in_use + locked + cooling
+    # 31 numbers taken from the free set, the lapsed ones back in it (a locked one stays out): the rate's net take.
+    returned = sum([await redis.sismember(f"{POOL}:avail", x) for x in lapsing])
+    assert returned >= 29
+    assert net_taken == 31 - returned
+    assert abs(now_ms - time.time() * 1000) < 60_000

@@ -128,6 +128,22 @@ def hash_key_in(subpool: str, number: str) -> str:
     return f"{subpool}:h:{number}"
 
 
+# Allocation's net take from a sub-pool's free set per UTC day (allocate.lua counts, pool_stats.lua sums the last
+# RATE_WINDOW_DAYS days, today included): in the sub-pool's slot, so the scripts touch one slot.
+DAY_MS = 86_400_000
+RATE_WINDOW_DAYS = 7
+
+
+def taken_key_in(subpool: str, day: int) -> str:
+    """The net take counter of UTC day `day` (days since the epoch) in the sub-pool with base key `subpool`."""
+    return f"{subpool}:taken:{day}"
+
+
+def rate_window_ms(now_ms: int) -> int:
+    """The rate window at `now_ms`: from 00:00 UTC of the day RATE_WINDOW_DAYS - 1 days before today until now."""
+    return now_ms - (now_ms // DAY_MS - (RATE_WINDOW_DAYS - 1)) * DAY_MS
+
+
 def number_history_key(tenant: str, city: str, number: str, subpools: int = 1) -> str:
     return history_key_in(number_subpool_key(tenant, city, number, subpools), number)
 

@@ -85,6 +85,10 @@ class PoolStats:
     in_use: int = 0
     locked: int = 0
     cooling: int = 0
+    # Allocation's net take from the free set over the rate window (pool_keys.rate_window_ms at `now_ms`, Redis
+    # server time): numbers allocations took from it minus numbers back in it when their last reservation ended.
+    net_taken: int = 0
+    now_ms: int = 0
 
     def __add__(self, other: PoolStats) -> PoolStats:
         return PoolStats(
@@ -93,7 +97,23 @@ class PoolStats:
             self.in_use + other.in_use,
             self.locked + other.locked,
             self.cooling + other.cooling,
+            self.net_taken + other.net_taken,
+            max(self.now_ms, other.now_ms),
         )
+
+    @property
+    def rate_window_ms(self) -> int:
+        return pool_keys.rate_window_ms(self.now_ms) if self.now_ms else 0
+
+    @property
+    def net_taken_per_day(self) -> float:
+        """The current allocation rate: the net take over the rate window, per day of it."""
+        window = self.rate_window_ms
+        return self.net_taken * pool_keys.DAY_MS / window if window else 0.0
+
+
+def summed(per_city: Sequence[tuple[str, PoolStats]]) -> PoolStats:
+    return sum((stats for _, stats in per_city), PoolStats())
 
 
 @dataclass(frozen=True)
@@ -463,15 +483,21 @@ class NumberPools:
 
     # ---- stats ----------------------------------------------------------------------------------------
 
-    @_one_connection
     async def stats(self, tenant: str, city: str | None) -> PoolStats:
+        return summed(await self.city_stats(tenant, city))
+
+    @_one_connection
+    async def city_stats(self, tenant: str, city: str | None) -> list[tuple[str, PoolStats]]:
+        """Each city's stats (the one asked, or every city of the tenant, in order)."""
         cities = [city] if city else await self._cities(tenant)
-        total = PoolStats()
+        found = []
         for c in cities:
             layout = await self._layout(tenant, c)
+            total = PoolStats()
             for key in layout.keys:
                 total += await self._subpool_stats(key, tenant, c)
-        return total
+            found.append((c, total))
+        return found
 
     async def _cities(self, tenant: str) -> list[str]:
         return sorted(_text(c) for c in await self.redis.smembers(pool_keys.tenant_cities_key(tenant)))
@@ -481,10 +507,10 @@ class NumberPools:
         # nothing lapsed is left, so the counts are exact unless the backlog exceeds the cap.
         for _ in range(_STATS_SWEEP_CALLS):
             reply = await self.scripts.pool_stats(self.redis, [key], [*self._head(tenant, city), _STATS_SWEEP_BUDGET])
-            total, available, in_use, locked, cooling, settled = (int(v) for v in reply)
+            total, available, in_use, locked, cooling, settled, net_taken, now_ms = (int(v) for v in reply)
             if settled:
                 break
-        return PoolStats(total, available, in_use, locked, cooling)
+        return PoolStats(total, available, in_use, locked, cooling, net_taken, now_ms)
 
     # ---- history --------------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import InvalidNumber, party_field, validate_block, virtual_field
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.allocation import keys
-from numprotect.services.allocation.pools import MODES, Event, HistoryCursor, NumberInfo, NumberPools
+from numprotect.services.allocation.pools import MODES, Event, HistoryCursor, NumberInfo, NumberPools, PoolStats, summed
 from numprotect.services.allocation.settings import AllocationSettings
 
 _MODE_NAMES = {
@@ -73,6 +73,19 @@ def _number_info(info: NumberInfo) -> pb.NumberInfo:
     if info.cooling_until_ms:
         message.cooling_until.CopyFrom(timestamp_from_ms(info.cooling_until_ms))
     return message
+
+
+def _pool_figures(stats: PoolStats) -> dict[str, Any]:
+    """The fields GetPoolStatsResponse and CityPoolStats share."""
+    return {
+        "total": stats.total,
+        "available": stats.available,
+        "in_use": stats.in_use,
+        "locked": stats.locked,
+        "cooling": stats.cooling,
+        "net_taken": stats.net_taken,
+        "net_taken_per_day": stats.net_taken_per_day,
+    }
 
 
 def _event(event: Event) -> pb.NumberEvent:
@@ -283,14 +296,14 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
     async def GetPoolStats(self, request: pb.GetPoolStatsRequest, context: Any) -> pb.GetPoolStatsResponse:
         tenant = TENANT_ID.check("tenant_id", self.callers.tenant(request.tenant_id))
         city = keys.city_field("city_code", request.city_code) if request.city_code else None
-        stats = await self.pools.stats(tenant, city)
-        return pb.GetPoolStatsResponse(
-            total=stats.total,
-            available=stats.available,
-            in_use=stats.in_use,
-            locked=stats.locked,
-            cooling=stats.cooling,
+        per_city = await self.pools.city_stats(tenant, city)
+        stats = summed(per_city)
+        response = pb.GetPoolStatsResponse(
+            **_pool_figures(stats), cities=[pb.CityPoolStats(city_code=c, **_pool_figures(s)) for c, s in per_city]
         )
+        if stats.now_ms:
+            response.rate_window.FromMilliseconds(stats.rate_window_ms)
+        return response
 
     async def ListNumberHistory(
         self, request: pb.ListNumberHistoryRequest, context: Any

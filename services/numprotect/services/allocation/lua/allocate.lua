@@ -54,7 +54,7 @@ local function reserve(n, live)
   end
   redis.call('HSET', h, 'r:' .. rid, mode .. '|' .. a .. '|' .. b .. '|' .. ext .. '|')
   redis.call('ZADD', rkey(n), expire, rid)
-  redis.call('SREM', AVAIL, n)
+  if redis.call('SREM', AVAIL, n) == 1 then count_taken(1) end
   redis.call('HSET', MODE, n, mode)
   redis.call('ZADD', zset, live + 1, n)
   redis.call('ZADD', DUE, 'LT', expire, n)

@@ -20,6 +20,9 @@
 --                    trimmed past the retention
 --   <P>:a:<rid>      string allocate.lua's answer "number|ext|expire_ms" for reservation <rid>, until its lease ends
 --                    (a repeat of the same allocate gets the same number)
+--   <P>:taken:<day>  string the net take of allocations from the free set on UTC day <day> (days since the epoch):
+--                    +1 per number an allocation took from it, -1 per number that went back to it when its last
+--                    reservation ended; expires 8 days after the day's first change (GetPoolStats reads 7 days)
 
 local P = KEYS[1]
 local TENANT = ARGV[1]
@@ -35,6 +38,19 @@ local COOLING = P .. ':cooling'
 local DUE = P .. ':due'
 local BLOCKS = P .. ':blocks'
 local MODE_SETS = { AXB = P .. ':axb', AXE = P .. ':axe', AXN = P .. ':axn' }
+
+local DAY_MS = 86400000
+local TODAY = math.floor(NOW / DAY_MS)
+local TAKEN_TTL_SECONDS = 8 * 86400
+
+local function taken_key(day) return P .. ':taken:' .. string.format('%d', day) end
+
+-- Counts allocation's net take from the free set for today (pool_stats.lua sums the last 7 days).
+local function count_taken(delta)
+  local key = taken_key(TODAY)
+  redis.call('INCRBY', key, delta)
+  redis.call('EXPIRE', key, TAKEN_TTL_SECONDS, 'NX')
+end
 
 local function rkey(n) return P .. ':r:' .. n end
 local function hkey(n) return P .. ':h:' .. n end
@@ -95,7 +111,10 @@ local function settle(n, live)
       redis.call('HDEL', MODE, n)
     end
     redis.call('ZREM', DUE, n)
-    if not locked and not redis.call('ZSCORE', COOLING, n) then redis.call('SADD', AVAIL, n) end
+    if not locked and not redis.call('ZSCORE', COOLING, n) then
+      -- Back to the free set from use (it had a mode): the allocation rate's return.
+      if redis.call('SADD', AVAIL, n) == 1 and mode then count_taken(-1) end
+    end
   else
     if mode and not locked then redis.call('ZADD', MODE_SETS[mode], live, n) end
     local first = redis.call('ZRANGE', rkey(n), 0, 0, 'WITHSCORES')
