@@ -1,0 +1,310 @@
+"""Every metric the dashboard (deploy/grafana) and the Prometheus rules (deploy/prometheus/rules) read exists.
+
+Names are taken from every PromQL expression (support/promql.py). A recorded name (level:metric:op) must be
+recorded by a rule; every other name must be in a scrape of the live services: the four services run as
+processes (TLS + API keys, real Redis), a few calls make their labelled series appear, and each process's
+/metrics is read. `up` is the one name Prometheus makes itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from google.protobuf import duration_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
+from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
+from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
+from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
+from numprotect.common.v1 import common_pb2
+from numprotect.core.identity.principal import Role
+from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
+from support.identity import mint_in
+from support.processes import ServiceProcess
+from support.promql import PromQLSyntaxError, metric_names
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "numprotect.json"
+RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+MADE_BY_PROMETHEUS = {"up"}
+SERVICES = ("allocation", "binding", "translation", "cdr")
+
+
+# --- the extractor ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ("up", {"up"}),
+        (
+            'sum by (grpc_method) (rate(grpc_server_handled_total{grpc_code=~"Internal|Unknown", x!="a,b"}[5m]))',
+            {"grpc_server_handled_total"},
+        ),
+        (
+            "histogram_quantile(0.99, sum by (le) (rate(grpc_server_handling_seconds_bucket[$__rate_interval])))",
+            {"grpc_server_handling_seconds_bucket"},
+        ),
+        (
+            'rate(a_total[5m]) * on (job, instance) group_left (service) numprotect_build_info{service=~"$service"}',
+            {"a_total", "numprotect_build_info"},
+        ),
+        ("x > 1 unless x <= 3 * (x offset 1h)", {"x"}),
+        ("x > bool 0.5e-3 and y == inf or z != nan", {"x", "y", "z"}),
+        ("max without (state) (m)", {"m"}),
+        ("sum without(state)(m) / ignoring(state) group_right n", {"m", "n"}),
+        ('{__name__="named_by_matcher", job="j"}', {"named_by_matcher"}),
+        ('topk(5, m) + count_values("v", n) + quantile(0.9, o)', {"m", "n", "o"}),
+        ('label_replace(m, "dst", "$1", "src", "(.*)")', {"m"}),
+        ("max_over_time(rate(c_total[5m])[1h:1m])", {"c_total"}),
+        ("1 - (a or vector(0)) @ end()", {"a"}),
+        ("tenant_city:numprotect_pool_free:ratio < 0.10", {"tenant_city:numprotect_pool_free:ratio"}),
+        ("# a comment naming not_a_metric\nm_sum / m_count", {"m_sum", "m_count"}),
+        ("sum by (service, client, le) (rate(h_bucket[${__rate_interval}]))", {"h_bucket"}),
+        ('count by (service, version) (numprotect_build_info{service=~"${service}"})', {"numprotect_build_info"}),
+        ("x offset 1h30m", {"x"}),
+    ],
+)
+def test_metric_names_of_an_expression(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
+
+
+@pytest.mark.parametrize(
+    "expr",
+    ["sum(rate(x[5m])", "x)", 'x{job="a"', "sum by (job (x)", "x ~ y", "x{job='a'} ?"],
+)
+def test_an_expression_the_tokenizer_cannot_read_raises(expr: str) -> None:
+    with pytest.raises(PromQLSyntaxError):
+        metric_names(expr)
+
+
+# --- what the dashboard and the rules read ----------------------------------------------------------------------
+
+
+@dataclass
+class Reads:
+    """Metric names read by the dashboard and the rules (where each is read), and the names the rules record."""
+
+    used: dict[str, set[str]]
+    recorded: set[str]
+
+
+def dashboard_expressions() -> Iterator[tuple[str, str]]:
+    """(where, PromQL) of every panel target and every variable's series selector."""
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    for panel in data["panels"]:
+        for nested in [panel, *panel.get("panels", [])]:
+            for target in nested.get("targets", []):
+                yield f"dashboard panel {nested['title']!r}", target["expr"]
+    for variable in data["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((.+),\s*\w+\)", variable["query"].strip())
+            assert match, variable["query"]
+            yield f"dashboard variable {variable['name']}", match[1]
+
+
+def rule_expressions() -> Iterator[tuple[str, str, str | None]]:
+    """(where, PromQL, recorded name or None) of every rule."""
+    for path in RULES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                name = rule.get("record") or rule["alert"]
+                yield f"{path.name} {name}", rule["expr"], rule.get("record")
+
+
+def reads() -> Reads:
+    used: dict[str, set[str]] = {}
+    recorded: set[str] = set()
+    expressions = [(where, expr) for where, expr in dashboard_expressions()]
+    for where, expr, record in rule_expressions():
+        expressions.append((where, expr))
+        if record:
+            recorded.add(record)
+    for where, expr in expressions:
+        for name in metric_names(expr):
+            used.setdefault(name, set()).add(where)
+    return Reads(used, recorded)
+
+
+def test_every_recorded_name_read_is_recorded_by_a_rule() -> None:
+    found = reads()
+    recorded_style = {name for name in found.used if ":" in name}
+    assert recorded_style, "the dashboard reads no recorded series: is the extractor reading anything?"
+    missing = {name: sorted(where) for name, where in found.used.items() if ":" in name and name not in found.recorded}
+    assert not missing
+    # Every recording rule is read by something (an alert, another rule or a panel).
+    assert found.recorded <= set(found.used), found.recorded - set(found.used)
+
+
+def missing_from(scraped: set[str], found: Reads) -> dict[str, list[str]]:
+    """Names read that neither a rule records, nor a scrape holds, nor Prometheus makes."""
+    return {
+        name: sorted(where)
+        for name, where in found.used.items()
+        if name not in found.recorded and name not in scraped and name not in MADE_BY_PROMETHEUS
+    }
+
+
+def test_a_misspelt_name_is_reported() -> None:
+    """The check the live test makes, on a scrape that lacks one name: that name is reported with its reader."""
+    found = reads()
+    raw = {name for name in found.used if name not in found.recorded and name not in MADE_BY_PROMETHEUS}
+    assert "numprotect_redis_up" in raw and "grpc_server_handled_total" in raw
+    assert missing_from(raw, found) == {}
+    assert missing_from(raw - {"numprotect_redis_up"}, found) == {
+        "numprotect_redis_up": sorted(found.used["numprotect_redis_up"])
+    }
+    misspelt = Reads({**found.used, "numprotect_redis_upp": {"a panel"}}, found.recorded)
+    assert missing_from(raw, misspelt) == {"numprotect_redis_upp": ["a panel"]}
+
+
+# --- the live services --------------------------------------------------------------------------------------------
+
+TENANT = "t-metrics"
+CITY = "010"
+BLOCK = "70010000077"
+PARTY_A = "13812340001"
+PARTY_B = "13812340002"
+
+
+def scrape(url: str) -> set[str]:
+    """The sample names (x_total, x_bucket, x_count...) one /metrics answer holds."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@pytest.fixture
+def suite(redis_env: dict[str, str]) -> Iterator[dict[str, ServiceProcess]]:
+    processes: dict[str, ServiceProcess] = {}
+    environ = {**redis_env, "NUMPROTECT_METRICS": "on"}
+    try:
+        for service in SERVICES:
+            peers = {f"NUMPROTECT_{name.upper()}_ADDR": p.address for name, p in processes.items()}
+            processes[service] = ServiceProcess(service, {**environ, **peers})
+        for process in processes.values():
+            process.wait_serving()
+        yield processes
+    finally:
+        for process in reversed(processes.values()):
+            process.stop()
+            print(f"--- {process.service} log (last 30 lines) ---", *process.lines[-30:], sep="\n")
+
+
+def drive_calls(processes: dict[str, ServiceProcess], redis_env: dict[str, str]) -> None:
+    """A block imported, a binding made, calls translated (connect and reject), a CDR ingested, and a call
+    refused for its missing key: enough for the labelled series to appear."""
+    operator = mint_in(redis_env, Role.OPERATOR)
+    tenant = mint_in(redis_env, Role.TENANT, TENANT)
+    carrier = mint_in(redis_env, Role.CARRIER, "cmcc")
+    with (
+        processes["allocation"].channel(operator) as to_allocation,
+        processes["binding"].channel(tenant) as to_binding,
+        processes["translation"].channel(carrier) as to_translation,
+        processes["cdr"].channel(carrier) as to_cdr,
+        processes["translation"].channel() as anonymous,
+    ):
+        allocation: Any = allocation_pb2_grpc.AllocationServiceStub(to_allocation)
+        allocation.ImportBlock(
+            allocation_pb2.ImportBlockRequest(
+                block=BLOCK, tenant_id=TENANT, city_code=CITY, actor="test", carrier_id="cmcc"
+            ),
+            timeout=10,
+        )
+        binding: Any = binding_pb2_grpc.BindingServiceStub(to_binding)
+        created = binding.CreateBinding(
+            binding_pb2.CreateBindingRequest(
+                tenant_id=TENANT,
+                out_order_id="order-metrics-1",
+                mode=common_pb2.BINDING_MODE_AXB,
+                party_a=PARTY_A,
+                party_b=PARTY_B,
+                ttl=duration_pb2.Duration(seconds=3600),
+                city_code=CITY,
+                user_consent=True,
+            ),
+            timeout=10,
+        ).binding
+        translation: Any = translation_pb2_grpc.TranslationServiceStub(to_translation)
+        connected = translation.Translate(
+            translation_pb2.TranslateRequest(
+                calling_number=PARTY_A, called_number=created.virtual_number, call_id="call-metrics-1"
+            ),
+            timeout=10,
+        )
+        translation.Translate(
+            translation_pb2.TranslateRequest(
+                calling_number="13899990000", called_number=created.virtual_number, call_id="call-metrics-2"
+            ),
+            timeout=10,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            translation_pb2_grpc.TranslationServiceStub(anonymous).Translate(  # type: ignore[no-untyped-call]
+                translation_pb2.TranslateRequest(calling_number=PARTY_A, called_number=created.virtual_number),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        record = cdr_pb2.CallDetailRecord(
+            call_id="call-metrics-1",
+            binding_id=created.binding_id,
+            tenant_id=TENANT,
+            calling_number=PARTY_A,
+            called_number=created.virtual_number,
+            target_number=PARTY_B,
+            display_number=created.virtual_number,
+            call_type=cdr_pb2.CALL_TYPE_A_TO_PEER,
+            release_direction=cdr_pb2.RELEASE_DIRECTION_CALLER,
+            release_cause=16,
+            unconnected_cause=cdr_pb2.UNCONNECTED_CAUSE_NONE,
+            carrier_id="cmcc",
+            call_ref=connected.call_ref,
+        )
+        start_ms = int(time.time() * 1000) - 60_000
+        record.call_time.FromMilliseconds(start_ms)
+        record.answer_time.FromMilliseconds(start_ms + 5_000)
+        record.release_time.FromMilliseconds(start_ms + 35_000)
+        cdr: Any = cdr_pb2_grpc.CdrServiceStub(to_cdr)
+        assert cdr.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]), timeout=10).accepted == 1
+
+
+@pytest.mark.slow
+def test_every_metric_the_dashboard_and_the_rules_read_is_exposed(
+    suite: dict[str, ServiceProcess], redis_env: dict[str, str]
+) -> None:
+    urls: dict[str, str] = {}
+    for service, process in suite.items():
+        assert process.metrics_url, f"{service} logged no metrics_url in its serving line"
+        urls[service] = process.metrics_url
+    drive_calls(suite, redis_env)
+    found = reads()
+    scraped: dict[str, set[str]] = {}
+    deadline = time.monotonic() + 15
+    while True:
+        # The pool gauges are refreshed on a timer: scrape until nothing is missing or the time is up.
+        scraped = {service: scrape(url) for service, url in urls.items()}
+        missing = missing_from(set().union(*scraped.values()), found)
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, f"read by the dashboard or the rules but exposed by no service: {missing}"
+    # The families every process exposes (the gRPC server's, Redis health, the process collector, build info).
+    for service, names in scraped.items():
+        for name in (
+            "grpc_server_handled_total",
+            "grpc_server_handling_seconds_bucket",
+            "numprotect_build_info",
+            "numprotect_redis_up",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+        ):
+            assert name in names, f"{service} does not expose {name}"
