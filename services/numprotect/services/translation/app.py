@@ -8,7 +8,13 @@ from numprotect.core.clock import SystemClock
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.server import ServiceParts, ServiceRegistration, SyncRuntime
 from numprotect.services.translation.blocklist import BlocklistRefresher, BlocklistStore, BlocklistView
-from numprotect.services.translation.core import READ_ONLY_SCRIPT, SCRIPT, TranslationSettings, Translator
+from numprotect.services.translation.core import (
+    READ_ONLY_SCRIPT,
+    SCRIPT,
+    DecisionCounts,
+    TranslationSettings,
+    Translator,
+)
 from numprotect.services.translation.fastredis import ScriptClient
 from numprotect.services.translation.servicer import LIST_BLOCKED_CALLERS, TranslationServiceServicer
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
@@ -25,7 +31,9 @@ def build_sync(runtime: SyncRuntime) -> ServiceParts:
     clock = SystemClock()
     view = BlocklistView()
     store = BlocklistStore(runtime.redis, clock, max_entries=settings.blocklist_max_entries)
-    translator = Translator(settings, view, clock, traced=runtime.telemetry.enabled)
+    translator = Translator(
+        settings, view, clock, traced=runtime.telemetry.enabled, decisions=DecisionCounts(runtime.metrics)
+    )
     try:  # loaded now so the first call is one round trip; ScriptClient loads them again on NOSCRIPT
         for script in (SCRIPT, READ_ONLY_SCRIPT):
             runtime.redis.script_load(script.source)  # a cluster client loads it on every primary

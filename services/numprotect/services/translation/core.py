@@ -21,6 +21,7 @@ from numprotect.core.call_ref import encode_call_ref
 from numprotect.core.calls import domain_error
 from numprotect.core.clock import Clock
 from numprotect.core.errors import DomainError, InvalidArgument, Unavailable
+from numprotect.core.metrics import Metrics
 from numprotect.core.phone import mask
 from numprotect.core.redis_client import LuaScript, as_text
 from numprotect.core.routes import axe_marker_key, axn_key, caller_key, extension_key, lock_key
@@ -144,6 +145,45 @@ class UnenforcedLimits:
         )
 
 
+class _UnexpectedReason:
+    """A reject reason the proto does not name (never sent by translate.lua): its child made on first use."""
+
+    __slots__ = ("counter", "value")
+
+    def __init__(self, counter: Any, value: int) -> None:
+        self.counter = counter
+        self.value = value
+
+    def inc(self) -> None:
+        self.counter.labels("reject", f"reason_{self.value}").inc()
+
+
+class DecisionCounts:
+    """numprotect_translation_decisions{decision, reason}: each answered call of Translate and TranslateStream once.
+
+    The labelled children are resolved here, once: the hot path indexes `rejected` by the reply's reason number and
+    calls one `inc()`. Every decision/reason pair the proto names starts at 0 (decision connect | collect_extension
+    with reason "none"; reject with the RejectReason name lower-cased, without its prefix).
+    """
+
+    __slots__ = ("collect_extension", "connect", "rejected")
+
+    def __init__(self, metrics: Metrics) -> None:
+        counter = metrics.counter(
+            "numprotect_translation_decisions",
+            "Translate and TranslateStream calls answered, by decision and reject reason",
+            ("decision", "reason"),
+        )
+        self.connect = counter.labels("connect", "none")
+        self.collect_extension = counter.labels("collect_extension", "none")
+        reasons = dict(translation_pb2.RejectReason.items())
+        rejected: list[Any] = [_UnexpectedReason(counter, value) for value in range(max(reasons.values()) + 1)]
+        for name, value in reasons.items():
+            if value:
+                rejected[value] = counter.labels("reject", name.removeprefix("REJECT_REASON_").lower())
+        self.rejected: tuple[Any, ...] = tuple(rejected)
+
+
 @dataclass(slots=True)
 class Prepared:
     """A validated request and the script invocation that decides it."""
@@ -165,12 +205,17 @@ class Translator:
         clock: Clock,
         *,
         traced: bool = False,
+        decisions: DecisionCounts | None = None,
     ) -> None:
         self.settings = settings
         self.blocklist = blocklist
         self.clock = clock
         self.traced = traced
         self.unenforced = UnenforcedLimits()
+        # numprotect_translation_decisions (no-op children without metrics).
+        self.decisions = decisions or DecisionCounts(Metrics("translation", enabled=False))
+        self._connected = self.decisions.connect
+        self._caller_blocked = self.decisions.rejected[CALLER_BLOCKED]
         self._limits = (str(settings.rate_window_ms), str(settings.rate_per_caller), str(settings.rate_per_binding))
 
     def prepare(
@@ -191,6 +236,7 @@ class Translator:
         if entry is not None:
             now_ms = self.clock.now_ms()
             if entry.blocked_globally(now_ms):
+                self._caller_blocked.inc()
                 return translation_pb2.TranslateResponse(
                     decision=REJECT, reject_reason=CALLER_BLOCKED, call_id=request.call_id
                 )
@@ -235,6 +281,7 @@ class Translator:
         """
         decision = int(reply[0])
         if decision == CONNECT:
+            self._connected.inc()
             binding_id = as_text(reply[2])  # type: ignore[arg-type]
             tenant_id = as_text(reply[3])  # type: ignore[arg-type]
             unenforced = as_text(reply[6]) if len(reply) > 6 else None  # type: ignore[arg-type]
@@ -256,6 +303,8 @@ class Translator:
                 call_id=prepared.call_id,
             )
         response = translation_pb2.TranslateResponse(decision=decision, call_id=prepared.call_id)  # type: ignore[arg-type]
+        if decision == COLLECT_EXTENSION:
+            self.decisions.collect_extension.inc()
         if span is not None:
             known = len(reply) >= 4
             _annotate_span(
@@ -267,7 +316,9 @@ class Translator:
                 int(reply[1]) if decision == REJECT else 0,  # type: ignore[arg-type]
             )
         if decision == REJECT:
-            response.reject_reason = int(reply[1])  # type: ignore[assignment]
+            reason = int(reply[1])  # type: ignore[arg-type]
+            self.decisions.rejected[reason].inc()
+            response.reject_reason = reason  # type: ignore[assignment]
             if len(reply) >= 4:
                 response.binding_id = as_text(reply[2])  # type: ignore[arg-type]
                 response.tenant_id = as_text(reply[3])  # type: ignore[arg-type]
