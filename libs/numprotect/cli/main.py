@@ -36,6 +36,8 @@ COMMAND_GROUPS: tuple[tuple[str, str], ...] = (
     ("bindings", "numprotect.cli.bindings"),
     ("cdrs", "numprotect.cli.cdrs"),
     ("audit", "numprotect.cli.audit"),
+    ("blocks", "numprotect.cli.blocks"),
+    ("pool", "numprotect.cli.pool"),
 )
 
 
