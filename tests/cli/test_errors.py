@@ -4,8 +4,6 @@ traceback."""
 
 from __future__ import annotations
 
-from support.identity import Role
-
 from .conftest import BLOCK, StackFactory
 
 UNKNOWN_NUMBER = "700999999990000"  # a well-formed 700 number in no pool
@@ -74,11 +72,3 @@ async def test_usage_and_configuration_errors_have_their_own_statuses(stack: Sta
     for result in (usage, no_context, bad_time):
         assert len(result.stderr.splitlines()) == 1
         assert "Traceback" not in result.stderr
-
-
-async def test_role_is_checked_by_the_service_not_the_cli(stack: StackFactory) -> None:
-    async with stack() as s:
-        token = s.allocation.token(Role.REGULATOR)
-        assert token
-        result = await s.cli("--context", "tenant", "audit", "verify")
-    assert result.exit_code == 7

@@ -9,7 +9,7 @@ import typer
 from numprotect.admin.v1 import admin_pb2
 from numprotect.admin.v1.admin_pb2_grpc import AdminServiceStub
 from numprotect.cli.connection import call, call_pages
-from numprotect.cli.failures import EXIT_CHECK_FAILED
+from numprotect.cli.failures import EXIT_CHECK_FAILED, PROG
 from numprotect.cli.output import OutputFormat, OutputOption, Printer, note
 from numprotect.cli.times import timestamp
 
@@ -50,5 +50,5 @@ def verify(ctx: typer.Context, output: OutputOption = OutputFormat.table) -> Non
     response = call(ctx, AdminServiceStub, "admin", "VerifyAuditChain", admin_pb2.VerifyAuditChainRequest())
     Printer(output).show(response, title="audit chain")
     if not response.ok:
-        note(f"audit chain broken at {response.first_bad_event_id}: {response.problem}")
+        note(f"{PROG}: audit chain broken at {response.first_bad_event_id}: {response.problem}")
         raise typer.Exit(EXIT_CHECK_FAILED)

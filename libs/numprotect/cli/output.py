@@ -1,7 +1,8 @@
 """`--output table|json`: a response printed as a rich table, or as the protobuf JSON mapping.
 
 JSON is one document per command on stdout: the response message with the proto field names (as grpcurl prints
-them), enums by name, timestamps in RFC 3339; a listing with --all is one response message holding every page
+them), enums by name, timestamps in RFC 3339, fields at their default value included (a message field that is
+unset, such as a timestamp never set, is left out); a listing with --all is one response message holding every page
 (next_page_token empty). `cdrs watch` prints one document per line (JSON Lines) as records arrive.
 """
 
@@ -22,8 +23,9 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-# Width of a table when stdout is not a terminal (a pipe, a file, a test): wide enough not to wrap ids.
-PIPE_WIDTH = 200
+# Width of a table when stdout is not a terminal (a pipe, a file, a test): no cell is folded (a table is only as
+# wide as its contents).
+PIPE_WIDTH = 1000
 
 
 class OutputFormat(StrEnum):
@@ -37,7 +39,10 @@ OutputOption = Annotated[
 
 
 def to_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    # Fields at their default (false, 0, "", []) are printed too: every document of a type has the same keys.
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def to_json(message: Message, *, indent: int | None = 2) -> str:

@@ -1,0 +1,174 @@
+"""`numprotect blocks import`: a CSV of many blocks into the real allocation service (TLS, auth, real Redis): the
+summary and exit status, the rejects file, the blocks in the pools, a resumed run (journal; a killed process) that
+imports no block twice, the progress bar on a pseudo-terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pexpect
+
+from numprotect.allocation.v1 import allocation_pb2 as pb
+from numprotect.cli.block_import import JOURNAL_HEADER, read_block_file
+from numprotect.core import pool_keys
+
+from .allocation_cli import HEADER, allocation_cli, block, write_csv
+
+
+def good_rows(count: int, first: int = 0) -> list[str]:
+    """`count` valid rows of tenant t1, cities 010 and 0755 in turn."""
+    return [f"{block(i)},t1,{'010' if i % 2 == 0 else '0755'},cm" for i in range(first, first + count)]
+
+
+async def test_many_rows_with_bad_ones_summary_rejects_and_pools(
+    redis_env: dict[str, str], redis_sync: Any, tmp_path: Path
+) -> None:
+    taken = block(900)  # another tenant's block
+    rows = good_rows(26)
+    rows.insert(3, "12345,t1,010,cm")  # INVALID_ARGUMENT (block)
+    rows.insert(7, f"{block(901)},t1,010")  # three fields: a bad CSV row
+    rows.insert(12, f"{taken},t1,010,cm")  # FAILED_PRECONDITION (another tenant's)
+    rows.append(rows[0])  # the same block again: already imported
+    source = write_csv(tmp_path / "blocks.csv", rows)
+    assert len(rows) == 30
+    async with allocation_cli(redis_env, tmp_path) as a:
+        await a.operator.ImportBlock(pb.ImportBlockRequest(block=taken, tenant_id="t2", city_code="010", carrier_id="cm"))
+        result = await a.cli("blocks", "import", str(source), "--concurrency", "4", "-o", "json")
+        stats = await a.operator.GetPoolStats(pb.GetPoolStatsRequest(tenant_id="t1"))
+        calls = await a.import_calls()
+
+    assert result.exit_code == 21, result.stderr  # some rows rejected
+    summary = json.loads(result.stdout)
+    assert {k: summary[k] for k in ("rows", "imported", "already_imported", "rejected", "skipped", "unfinished")} == {
+        "rows": 30,
+        "imported": 26,
+        "already_imported": 1,
+        "rejected": 3,
+        "skipped": 0,
+        "unfinished": 0,
+    }
+    assert result.stderr == ""  # JSON off a terminal: no progress lines
+
+    rejects = tmp_path / "blocks.rejected.csv"
+    assert summary["rejects_file"] == str(rejects)
+    with rejects.open(newline="") as handle:
+        rejected = list(csv.reader(handle))
+    assert rejected[0] == [*HEADER.split(","), "code", "message"]
+    by_block = {r[0]: r for r in rejected[1:]}
+    assert sorted(by_block) == sorted(["12345", block(901), taken])
+    assert by_block["12345"][:4] == ["12345", "t1", "010", "cm"]
+    assert by_block["12345"][4] == "INVALID_ARGUMENT" and "BadRequest block:" in by_block["12345"][5]
+    assert by_block[block(901)][3:] == ["BAD_CSV_ROW", "line 9: 3 fields, the header has 4"]
+    assert by_block[taken][4] == "FAILED_PRECONDITION" and "another tenant" in by_block[taken][5]
+
+    # The 26 blocks are in t1's pools (13 per city), each imported by exactly one call (its repeat answered OK too).
+    assert [(c.city_code, c.total) for c in stats.cities] == [("010", 130_000), ("0755", 130_000)]
+    for i in range(26):
+        owner = redis_sync.hgetall(pool_keys.block_owner_key(block(i)))
+        assert owner[b"tenant"] == b"t1"
+    assert calls[block(0)] == ["OK", "OK"]
+    assert all(calls[block(i)] == ["OK"] for i in range(1, 26))
+    assert block(901) not in calls  # rejected here, never sent
+
+
+async def test_a_journal_makes_the_run_skip_finished_rows(redis_env: dict[str, str], tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "blocks.csv", good_rows(12))
+    digest = read_block_file(source, "x").sha256
+    # Rows on lines 2..6 finished by an earlier run (one of them rejected), as its journal says.
+    journal = tmp_path / "blocks.csv.journal"
+    journal.write_text(f"{JOURNAL_HEADER}{digest}\n2\timported\n3\timported\n4\talready_imported\n5\trejected\n6\timp")
+    async with allocation_cli(redis_env, tmp_path) as a:
+        result = await a.cli("blocks", "import", str(source), "-o", "json")
+        calls = await a.import_calls()
+        again = await a.cli("blocks", "import", str(source), "-o", "json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    # Line 6's entry was cut short (a kill while writing it): that row is done again.
+    assert (summary["skipped"], summary["imported"], summary["already_imported"]) == (4, 8, 0)
+    assert sorted(calls) == sorted(block(i) for i in range(4, 12))
+    finished = journal.read_text().splitlines()[1:]
+    assert sorted(int(line.split("\t")[0]) for line in finished if line.count("\t") and "imp\n" not in line) == [
+        *range(2, 6),
+        *range(6, 14),
+    ]
+    # A finished journal: a run again does nothing.
+    assert json.loads(again.stdout)["skipped"] == 12 and json.loads(again.stdout)["imported"] == 0
+
+
+async def test_a_killed_run_resumes_and_imports_no_block_twice(redis_env: dict[str, str], tmp_path: Path) -> None:
+    total = 40
+    source = write_csv(tmp_path / "blocks.csv", good_rows(total))
+    journal = tmp_path / "blocks.csv.journal"
+
+    def finished_lines() -> int:
+        return max(0, len(journal.read_text().splitlines()) - 1) if journal.exists() else 0
+
+    async with allocation_cli(redis_env, tmp_path) as a:
+        first = await asyncio.to_thread(a.popen, "blocks", "import", str(source), "--concurrency", "2", "-o", "json")
+        deadline = time.monotonic() + 60
+        while finished_lines() < 5 and first.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait)
+        done_before = finished_lines()
+        resumed = await a.cli("blocks", "import", str(source), "--concurrency", "2", "-o", "json")
+        calls = await a.import_calls()
+
+    assert 5 <= done_before < total, "the kill came after the run had finished: nothing to resume"
+    assert resumed.exit_code == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["skipped"] == done_before
+    assert summary["skipped"] + summary["imported"] + summary["already_imported"] == total
+    # Every block got its numbers from one call. A row in flight at the kill (not journaled, at most the 2 calls in
+    # flight) was sent again and answered already_imported: ImportBlock is idempotent.
+    assert sorted(calls) == sorted(block(i) for i in range(total))
+    repeated = [b for b, outcomes in calls.items() if len(outcomes) > 1]
+    assert all(outcomes == ["OK"] * len(outcomes) for outcomes in calls.values())
+    assert len(repeated) == summary["already_imported"] <= 2
+    assert all(len(calls[b]) == 2 for b in repeated)
+    outcomes = [line.split("\t")[1] for line in journal.read_text().splitlines()[1:]]
+    assert len(outcomes) == total and outcomes.count("imported") == total - len(repeated)
+
+
+async def test_progress_bar_rate_and_eta_on_a_terminal(redis_env: dict[str, str], tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "blocks.csv", good_rows(30))
+    async with allocation_cli(redis_env, tmp_path) as a:
+
+        def run_in_a_terminal() -> tuple[str, int]:
+            command = a.command("blocks", "import", str(source), "--concurrency", "1")
+            child = pexpect.spawn(
+                command[0], command[1:], env=a.environ(), dimensions=(30, 180), encoding="utf-8", timeout=60
+            )
+            child.expect(r"importing .*\d+/30 +[\d.]+ rows/s ETA \d+:\d\d:\d\d")
+            seen = child.after
+            child.expect(pexpect.EOF)
+            child.close()
+            return seen + child.before, child.exitstatus
+
+        screen, status = await asyncio.to_thread(run_in_a_terminal)
+    assert status == 0, screen
+    assert "━" in screen  # the bar
+    assert "30/30" in screen
+    assert "imported 30 · already 0 · rejected 0" in screen
+    assert "RESULT" in screen  # the summary table
+
+
+async def test_a_file_of_the_wrong_shape_is_refused_up_front(redis_env: dict[str, str], tmp_path: Path) -> None:
+    wrong = write_csv(tmp_path / "wrong.csv", good_rows(3), header="block,tenant,city_code,carrier_id,block")
+    async with allocation_cli(redis_env, tmp_path) as a:
+        result = await a.cli("blocks", "import", str(wrong))
+        calls = await a.import_calls()
+    assert result.exit_code == 64
+    (line,) = result.stderr.splitlines()
+    assert line == (
+        f"numprotect: {wrong}: line 1: the header 'block,tenant,city_code,carrier_id,block' has missing column(s) "
+        "tenant_id and repeated column(s) block (expected the columns block,tenant_id,city_code,carrier_id, in any order)"
+    )
+    assert calls == {}
+    assert not (tmp_path / "wrong.csv.journal").exists()
