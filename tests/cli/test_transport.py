@@ -1,0 +1,91 @@
+"""The console script as a process: `cdrs watch` prints records as they arrive and, on Ctrl-C, exits 0 with the
+cursor to resume from; and a context with a client certificate reaches a service that requires mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from numprotect.cdr.v1 import cdr_pb2
+from numprotect.core.identity.principal import Role
+from numprotect.services.allocation.app import build as build_allocation
+from support.inprocess import running_service
+from support.tls import test_pki
+
+from .conftest import TENANT, StackFactory, cdr_record, run_cli, write_secret
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "numprotect"
+
+
+async def _line(stream: asyncio.StreamReader) -> str:
+    return (await asyncio.wait_for(stream.readline(), 20)).decode()
+
+
+async def test_watch_prints_records_as_they_arrive_and_stops_on_ctrl_c(stack: StackFactory) -> None:
+    async with stack() as s:
+        binding = await s.create_binding("order-watch")
+        process = await asyncio.create_subprocess_exec(
+            str(CONSOLE_SCRIPT),
+            "--config",
+            str(s.config),
+            "cdrs",
+            "watch",
+            f"--tenant={TENANT}",
+            "-o",
+            "json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        try:
+
+            async def ingest(call_id: str) -> None:
+                record = cdr_record(call_id, binding.virtual_number, binding.binding_id)
+                await s.cdr_stub.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]))
+
+            # The watch starts from "now", once the process is up: send records until the first shows up ...
+            first_line = asyncio.ensure_future(process.stdout.readline())
+            for attempt in range(30):
+                await ingest(f"early-{attempt}")
+                if (await asyncio.wait({first_line}, timeout=1))[0]:
+                    break
+            arrived = [json.loads(first_line.result())]
+            # ... then one more, printed as it arrives.
+            await ingest("live")
+            while arrived[-1]["record"]["call_id"] != "live":
+                arrived.append(json.loads(await _line(process.stdout)))
+            process.send_signal(signal.SIGINT)
+            status = await asyncio.wait_for(process.wait(), 20)
+            stderr = (await process.stderr.read()).decode()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert arrived[0]["record"]["call_id"].startswith("early-")
+    assert arrived[0]["record"]["binding_id"] == binding.binding_id
+    assert status == 0, stderr
+    assert stderr == f"{len(arrived)} record(s); resume with --cursor {arrived[-1]['cursor']}\n"
+
+
+async def test_a_client_certificate_reaches_a_service_that_requires_mtls(
+    redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    client = test_pki().issue("operator-cli", "spiffe://numprotect/operator/cli", tmp_path / "client")
+    environ = {**redis_env, "NUMPROTECT_TLS_CLIENT_AUTH": "require"}
+    async with running_service("allocation", build_allocation, environ) as allocation:
+        token = write_secret(tmp_path / "operator.token", allocation.token(Role.OPERATOR))
+        config = tmp_path / "config.yaml"
+        common = [f"--allocation={allocation.address}", f"--ca-file={test_pki().ca_file}", f"--token-file={token}"]
+        certificate = [f"--cert-file={client.cert_file}", f"--key-file={client.key_file}"]
+        for name, extra in (("mtls", certificate), ("no-cert", [])):
+            made = await run_cli(config, "config", "set-context", name, *common, *extra)
+            assert made.exit_code == 0, made.stderr
+        with_cert: Any = await run_cli(config, "--context=mtls", "keys", "list", "-o", "json")
+        without = await run_cli(config, "--context=no-cert", "--timeout=3", "keys", "list")
+    assert with_cert.exit_code == 0, with_cert.stderr
+    assert with_cert.json()["keys"]  # at least the operator's own key
+    assert without.exit_code == 14 and without.stderr.startswith("numprotect: UNAVAILABLE: ")
