@@ -95,25 +95,30 @@ class _Setup:
     tls: TlsSettings
     environ: Mapping[str, str]
     identity: Identity
+    metrics: Metrics
 
     @classmethod
     def of(cls, service: str, environ: Mapping[str, str], telemetry: Telemetry | None) -> _Setup:
         full = {
             **with_auth(with_tls(environ)),
             f"NUMPROTECT_{service.upper()}_PORT": "0",
+            "NUMPROTECT_METRICS_PORT": "0",  # /metrics on a port the OS chooses (app.metrics_port)
             "NUMPROTECT_GRACE_PERIOD": "0",
         }
         env = Env(full)
         redis = RedisSettings.from_env(env)
+        server = ServerSettings.from_env(env, service)
+        metrics = Metrics(service, enabled=server.metrics)  # the service's and its identity layer's (as `serve`)
         return cls(
             env,
-            ServerSettings.from_env(env, service),
+            server,
             redis,
             telemetry or Telemetry.disabled(),
             create_sync_redis(redis, max_connections=2),
             TlsSettings.from_env(env),
             full,
-            Identity(AuthSettings.from_env(env), redis),
+            Identity(AuthSettings.from_env(env), redis, metrics=metrics),
+            metrics,
         )
 
     def channel(self, port: int) -> grpc.aio.Channel:
@@ -137,7 +142,7 @@ async def running_service(
         setup.redis,
         tls=setup.tls,
         identity=setup.identity,
-        metrics=Metrics(service),
+        metrics=setup.metrics,
     )
     try:
         await redis_is_up(runtime.redis)  # as `serve` does: a cluster client's slot map before concurrent commands
@@ -150,6 +155,7 @@ async def running_service(
             telemetry=setup.telemetry,
             identity=setup.identity,
             tls=setup.tls,
+            metrics=runtime.metrics,
         )
         port = await app.start()
         running = RunningService(app, runtime, port, setup.channel(port), setup.environ, setup.probe_client, [])
@@ -181,7 +187,7 @@ async def running_sync_service(
         create_sync_redis(setup.redis),
         setup.telemetry,
         setup.identity,
-        Metrics(service),
+        setup.metrics,
     )
     try:
         await asyncio.to_thread(setup.identity.start)
@@ -195,6 +201,7 @@ async def running_sync_service(
                 identity=setup.identity,
                 tls=setup.tls,
                 max_workers=parts.max_workers,
+                metrics=runtime.metrics,
             )
             port = await asyncio.to_thread(app.start)
             running = RunningService(app, runtime, port, setup.channel(port), setup.environ, setup.probe_client, [])

@@ -35,6 +35,7 @@ class ServiceProcess:
         }
         self.env = full_env
         full_env.setdefault("NUMPROTECT_GRACE_PERIOD", "2s")
+        full_env.setdefault("NUMPROTECT_METRICS_PORT", "0")  # read back from the 'serving' line (metrics_url)
         self.process = subprocess.Popen(
             [sys.executable, "-m", f"numprotect.services.{service}"],
             cwd=ROOT,
@@ -46,6 +47,7 @@ class ServiceProcess:
         self.lines: list[str] = []
         self._serving = threading.Event()
         self.port = 0
+        self.metrics_url: str | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._serving.wait(timeout):
@@ -57,7 +59,9 @@ class ServiceProcess:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
             if not self._serving.is_set() and '"msg": "serving"' in line:
-                self.port = int(json.loads(line)["port"])
+                serving = json.loads(line)
+                self.port = int(serving["port"])
+                self.metrics_url = serving.get("metrics_url")
                 self._serving.set()
 
     @staticmethod

@@ -67,24 +67,35 @@ STREAM_CHECK_SECONDS = 1.0
 _INTERNAL = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error (logged)")
 
 
+# A method's kind as gRPC's Prometheus interceptors name it, by (client streams, server streams).
+GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Method:
-    """One RPC method: its path as gRPC names it, and the two parts of the path."""
+    """One RPC method: its path as gRPC names it, the two parts of the path, and its kind (`GRPC_TYPES`)."""
 
     path: str  # "/numprotect.translation.v1.TranslationService/Translate"
     service: str  # "numprotect.translation.v1.TranslationService"
     name: str  # "Translate"
+    grpc_type: str = "unary"
 
     @classmethod
-    def from_path(cls, path: str) -> Method:
+    def from_path(cls, path: str, grpc_type: str = "unary") -> Method:
         service, _, name = path.lstrip("/").partition("/")
-        return cls(path, service, name)
+        return cls(path, service, name, grpc_type)
 
 
 class MethodConcern(Protocol):
     """A concern bound to one method: `enter` before the servicer (raise DomainError to refuse the call; `request`
     is the request message, None when the client streams them), `leave` after it with what `enter` returned (the
-    context then carries the call's final status). It may also define `check(state)`, asked again on streams."""
+    context then carries the call's final status). It may also define `check(state)`, asked again on streams, and
+    the message hooks `received()` and `sent()` (or None), run for each message of a request or response stream."""
 
     def enter(self, context: Any, request: Any = None) -> object: ...
 
@@ -197,6 +208,12 @@ def _checks(concerns: tuple[MethodConcern, ...], states: list[object]) -> list[C
     return bound
 
 
+def _hooks(concerns: tuple[MethodConcern, ...], name: str) -> list[Callable[[], None]]:
+    """The concerns' message hooks `name` ("received", "sent"): run for each message of a stream, in that direction
+    (unlike checks, never while a stream is idle)."""
+    return [hook for hook in (getattr(concern, name, None) for concern in concerns) if hook is not None]
+
+
 def _run_checks(checks: list[Callable[[], None]]) -> None:
     for check in checks:
         check()
@@ -218,7 +235,7 @@ class _CallLayer:
         cached = self._wrapped.get(path)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        method = Method.from_path(path)
+        method = Method.from_path(path, GRPC_TYPES[(handler.request_streaming, handler.response_streaming)])
         bound = [c for c in (concern.for_method(method) for concern in self._concerns) if c is not None]
         wrapped = self._rewrap(handler, method, tuple(bound))
         self._wrapped[path] = (handler, wrapped)
@@ -337,6 +354,8 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
 
             return bare
 
+        received = _hooks(concerns, "received")
+
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             late(context)
             states: list[object] = []
@@ -345,7 +364,7 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
                 for concern in concerns:
                     states.append(concern.enter(context, given))
                 if streamed:
-                    request = _checked_requests(request, _checks(concerns, states))
+                    request = _checked_requests(request, [*_checks(concerns, states), *received])
                 elif given is None:
                     raise _refusal(request)
                 return behavior(request, context)
@@ -361,6 +380,8 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
     ) -> Behavior:
         path = method.path
         late = self._late
+        received = _hooks(concerns, "received")
+        sent = _hooks(concerns, "sent")
 
         # grpcio iterates a call's responses on the one worker thread that runs the call, so what a concern makes
         # current in `enter` stays current, on that thread, until `leave`.
@@ -373,14 +394,15 @@ class SyncCallLayer(_CallLayer, grpc.ServerInterceptor):
                     states.append(concern.enter(context, given))
                 checks = _checks(concerns, states)
                 if streamed:
-                    request = _checked_requests(request, checks)
+                    request = _checked_requests(request, [*checks, *received])
                 elif given is None:
                     raise _refusal(request)
-                if not checks:
+                before_each = [*checks, *sent]
+                if not before_each:
                     yield from behavior(request, context)
                     return
                 for response in behavior(request, context):
-                    _run_checks(checks)
+                    _run_checks(before_each)
                     yield response
             except Exception as exc:
                 _sync_abort(context, exc, path)
@@ -420,6 +442,7 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
     ) -> Behavior:
         path = method.path
         admission = self._admission
+        received = _hooks(concerns, "received")
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if not streamed:  # the one request, read before a place is taken (a slow sender holds none)
@@ -436,7 +459,7 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
                 for concern in concerns:
                     states.append(concern.enter(context, given))
                 if streamed:
-                    request = _checked_async_requests(request, _checks(concerns, states))
+                    request = _checked_async_requests(request, [*_checks(concerns, states), *received])
                 elif given is None:
                     raise _refusal(request)
                 return await behavior(request, context)
@@ -463,6 +486,8 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
     ) -> Behavior:
         path = method.path
         admission = self._admission
+        received = _hooks(concerns, "received")
+        sent = _hooks(concerns, "sent")
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             if not streamed:
@@ -478,14 +503,16 @@ class AioCallLayer(_CallLayer, grpc.aio.ServerInterceptor):
                     states.append(concern.enter(context, given))
                 checks = _checks(concerns, states)
                 if streamed:
-                    request = _checked_async_requests(request, checks)
+                    request = _checked_async_requests(request, [*checks, *received])
                 elif given is None:
                     raise _refusal(request)
-                if not checks:
-                    async for response in behavior(request, context):
+                responses = _paced(behavior(request, context), checks) if checks else behavior(request, context)
+                if not sent:
+                    async for response in responses:
                         yield response
                     return
-                async for response in _paced(behavior(request, context), checks):
+                async for response in responses:
+                    _run_checks(sent)
                     yield response
             except grpc.aio.AbortError:
                 raise

@@ -46,6 +46,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 from grpc_status import rpc_status
+from prometheus_client import Counter
 
 from numprotect.core.errors import (
     DEFAULT_RETRY_AFTER_SECONDS,
@@ -181,9 +182,10 @@ SHED_LOG_INTERVAL_SECONDS = 10.0
 
 class Shedding:
     """The refusals of load shedding: one prebuilt status per reason (RESOURCE_EXHAUSTED naming the setting, with
-    QuotaFailure and RetryInfo), so that refusing costs no more than sending it; and their counts for the log."""
+    QuotaFailure and RetryInfo), so that refusing costs no more than sending it; their counts for the log, and
+    numprotect_calls_shed_total{reason} when the process's counter is given (`shed`, labelled by reason)."""
 
-    def __init__(self, settings: ServerSettings, *, in_progress: str) -> None:
+    def __init__(self, settings: ServerSettings, *, in_progress: str, shed: Counter | None = None) -> None:
         queued = settings.max_queued_calls
         wait = settings.max_queue_wait_seconds
         reasons = {
@@ -205,11 +207,16 @@ class Shedding:
             for reason, (subject, message) in reasons.items()
         }
         self._counts = dict.fromkeys(self.statuses, 0)
+        # Every reason's series from the start (0), so a fresh process exposes them.
+        self._shed = {reason: shed.labels(reason) for reason in self.statuses} if shed is not None else {}
         self._logged_at = time.monotonic() - SHED_LOG_INTERVAL_SECONDS  # the first refusal is logged at once
         self._lock = threading.Lock()  # taken on refusals only
 
     def refuse(self, reason: str) -> grpc.Status:
         """The status to answer a refused call with; counts it and logs the counts now and then."""
+        shed = self._shed.get(reason)
+        if shed is not None:
+            shed.inc()
         with self._lock:
             self._counts[reason] += 1
             now = time.monotonic()
@@ -233,11 +240,11 @@ class AioAdmission:
     first waiter directly, so a waiter is never overtaken by a newcomer.
     """
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, *, shed: Counter | None = None) -> None:
         self.max_inflight = settings.max_inflight_calls
         self.max_queued = settings.max_queued_calls
         self.max_wait = settings.max_queue_wait_seconds
-        self.shedding = Shedding(settings, in_progress=f"{self.max_inflight} calls in progress")
+        self.shedding = Shedding(settings, in_progress=f"{self.max_inflight} calls in progress", shed=shed)
         self._inflight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
@@ -339,14 +346,16 @@ class PoolAdmission:
     up it is refused if it waited longer than `max_queue_wait_seconds` or its deadline has (nearly) passed.
     """
 
-    def __init__(self, settings: ServerSettings, executor: AdmissionExecutor, workers: int) -> None:
+    def __init__(
+        self, settings: ServerSettings, executor: AdmissionExecutor, workers: int, *, shed: Counter | None = None
+    ) -> None:
         # At least one: the backlog is read without knowing whether a worker is idle, and a call that finds one
         # counts in it for a moment.
         self.max_queued = max(1, settings.max_queued_calls)
         self.max_wait = settings.max_queue_wait_seconds
         self.executor = executor
         self.refusals = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpc-shed")
-        self.shedding = Shedding(settings, in_progress=f"{workers} calls in progress")
+        self.shedding = Shedding(settings, in_progress=f"{workers} calls in progress", shed=shed)
 
     def queue_full(self) -> bool:
         return self.executor.backlog >= self.max_queued

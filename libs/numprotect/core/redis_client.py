@@ -31,6 +31,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT, KeyT
 
 from numprotect.core.errors import Unavailable
+from numprotect.core.metrics import Metrics
 from numprotect.core.redis_mux import MuxRedis
 from numprotect.core.settings import RedisSettings
 
@@ -170,13 +171,14 @@ def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def create_redis(settings: RedisSettings, *, write_path: bool = False) -> RedisClient:
+def create_redis(settings: RedisSettings, *, write_path: bool = False, metrics: Metrics | None = None) -> RedisClient:
     """A client for the configured Redis; in cluster mode the URL names one node and the topology is discovered.
 
     `write_path` (binding's and allocation's own client): the multiplexing client (numprotect.core.redis_mux)
-    unless NUMPROTECT_REDIS_CLIENT=redis-py; otherwise, and for every other caller, redis.asyncio."""
+    unless NUMPROTECT_REDIS_CLIENT=redis-py; otherwise, and for every other caller, redis.asyncio. With `metrics`
+    the multiplexing client observes numprotect_redis_round_trip_seconds{client="mux"}."""
     if write_path and settings.client == "mux":
-        return MuxRedis(settings)
+        return MuxRedis(settings, round_trip=metrics.redis_round_trip("mux") if metrics is not None else None)
     common = connection_options(settings)
     if settings.mode == "cluster":
         return _FailoverSafeCluster.from_url(settings.url, **common)

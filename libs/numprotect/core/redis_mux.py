@@ -47,10 +47,12 @@ import random
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from time import perf_counter
 from typing import Any, cast
 from urllib.parse import parse_qs, urlparse
 
 import hiredis
+from prometheus_client import Histogram
 from redis._parsers.base import BaseParser
 from redis._parsers.encoders import Encoder
 from redis._parsers.response_callbacks import get_response_callbacks
@@ -483,10 +485,18 @@ class _Rule:
         self.flag: str = RedisCluster.COMMAND_FLAGS.get(name, RedisCluster.DEFAULT_NODE) if key_at == -1 else ""
 
 
+def _unobserved(seconds: float) -> None:
+    pass
+
+
 class MuxRedis(Redis):
     """A redis.asyncio.Redis whose commands share one connection per node (standalone or cluster); see above."""
 
-    def __init__(self, settings: RedisSettings, *, decode_responses: bool = False) -> None:
+    def __init__(
+        self, settings: RedisSettings, *, decode_responses: bool = False, round_trip: Histogram | None = None
+    ) -> None:
+        """`round_trip`: numprotect_redis_round_trip_seconds{client="mux"}, observed for each plain command and each
+        pipeline or transaction (once), as the caller waits for it (a resend after a lost connection included)."""
         url = urlparse(settings.url)
         if (url.scheme == "rediss") != (settings.tls is not None):
             # Never plaintext for a rediss:// URL, never a TLS setting quietly unused.
@@ -535,6 +545,7 @@ class MuxRedis(Redis):
         )
         self.connection = None
         self.single_connection_client = False
+        self.observe_round_trip = round_trip.observe if round_trip is not None else _unobserved
 
     def __repr__(self) -> str:
         return f"<{type(self).__module__}.{type(self).__name__}({self.settings.mode} {self._seed.name})>"
@@ -687,6 +698,7 @@ class MuxRedis(Redis):
                 return await self._execute_with(rule, args, options)
         if rule.kind != "plain":
             return await self._execute_with(rule, args, options)
+        started = perf_counter()
         packed = self._pack(rule, args)
         node = self._route(rule, args) if self.is_cluster else self._seed
         conn = node.conns[rule.lane] if node is not None else None
@@ -707,6 +719,7 @@ class MuxRedis(Redis):
                 reply = await self._call(self._request(rule, args, packed, None), reply, node)
         if isinstance(reply, RedisError):
             raise reply
+        self.observe_round_trip(perf_counter() - started)
         callback = rule.callback
         if callback is None:
             return reply
@@ -1263,7 +1276,9 @@ class MuxPipeline(Pipeline):
             await self.reset()
 
     async def _pipeline(self, stack: _Stack, raise_on_error: bool) -> list[Any]:
+        started = perf_counter()
         outcomes = await self._client._run_pipeline(stack)
+        self._client.observe_round_trip(perf_counter() - started)
         response: list[Any] = []
         for (args, options), outcome in zip(stack, outcomes, strict=True):
             kwargs = {name: value for name, value in options.items() if name != NEVER_DECODE}
@@ -1277,7 +1292,9 @@ class MuxPipeline(Pipeline):
 
     async def _transaction(self, stack: _Stack, raise_on_error: bool) -> list[Any]:
         """What redis-py's _execute_transaction makes of the replies (errors placed, callbacks run)."""
+        started = perf_counter()
         replies = await self._client._run_transaction(stack)
+        self._client.observe_round_trip(perf_counter() - started)
         errors: list[tuple[int, Any]] = []
         if isinstance(replies[0], ResponseError):
             errors.append((0, replies[0]))

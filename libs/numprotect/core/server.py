@@ -41,6 +41,8 @@ from numprotect.core.identity.service_token import ServiceToken
 from numprotect.core.limits import AdmissionExecutor, AioAdmission, PoolAdmission
 from numprotect.core.logs import configure_logging
 from numprotect.core.metrics import Metrics
+from numprotect.core.metrics.exposition import MetricsEndpoint, register_process_metrics
+from numprotect.core.metrics.grpc_server import GrpcServerMetrics
 from numprotect.core.redis_client import (
     RedisClient,
     SyncRedisClient,
@@ -124,11 +126,15 @@ PEER_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def call_concerns(telemetry: Telemetry, identity: Identity) -> list[CallConcern]:
+def call_concerns(
+    telemetry: Telemetry, identity: Identity, grpc_metrics: GrpcServerMetrics | None = None
+) -> list[CallConcern]:
     """The cross-cutting concerns of every call, in the order they enter, for both server models: the one place a
-    new per-method concern is added. Spans come first so that a call another concern refuses is traced too; then
-    identity (who calls, may they, the audit trail)."""
-    return [*telemetry.call_concerns(), *identity.concerns()]
+    new per-method concern is added. The gRPC server metrics first (when metrics are on), so the handling time
+    covers the other concerns and a call they refuse is counted with its code; then spans, so that a call another
+    concern refuses is traced too; then identity (who calls, may they, the audit trail)."""
+    first: list[CallConcern] = [grpc_metrics] if grpc_metrics is not None else []
+    return [*first, *telemetry.call_concerns(), *identity.concerns()]
 
 
 def _listen(
@@ -206,16 +212,56 @@ class _ServiceApp:
         identity: Identity,
         tls: TlsSettings,
         max_workers: int = 16,
+        metrics: Metrics | None = None,
     ) -> None:
-        """`max_workers` sizes the thread-pool server's pool (concurrent calls in Python); grpc.aio has none."""
+        """`max_workers` sizes the thread-pool server's pool (concurrent calls in Python); grpc.aio has none.
+        `metrics`: the process's (runtime.metrics); without it, or with metrics off, no /metrics port and no
+        metrics concern."""
         self.settings = settings
         self.tls = tls
         self.registrations = list(registrations)
         self.port = 0
         # The plaintext health-only port, when NUMPROTECT_HEALTH_PORT asks for one (its server: `health_server`).
         self.health_port = 0
-        self._probe = HealthProbe(probe or (lambda: True), self._publish, settings.health_interval_seconds)
-        self._build(call_concerns(telemetry, identity), server_options(settings), max_workers)
+        self.metrics = metrics if metrics is not None else Metrics(settings.service, enabled=False)
+        grpc_metrics: GrpcServerMetrics | None = None
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        if self.metrics.enabled:
+            register_process_metrics(self.metrics)
+            grpc_metrics = GrpcServerMetrics(self.metrics)
+            grpc_metrics.preinitialise(r.full_name for r in self.registrations)
+            self.metrics_endpoint = MetricsEndpoint(self.metrics, settings.metrics_host, settings.metrics_port)
+        self.calls_shed = self.metrics.counter(
+            "numprotect_calls_shed", "Calls refused by load shedding (RESOURCE_EXHAUSTED), by reason.", ("reason",)
+        )
+        redis_up = self.metrics.gauge("numprotect_redis_up", "1 while Redis answers the health probe's PING, else 0.")
+        check = probe or (lambda: True)
+
+        def probed() -> bool:
+            up = False
+            try:
+                up = check()
+            finally:
+                redis_up.set(1 if up else 0)
+            return up
+
+        self._probe = HealthProbe(probed, self._publish, settings.health_interval_seconds)
+        self.call_concerns = call_concerns(telemetry, identity, grpc_metrics)
+        self._build(self.call_concerns, server_options(settings), max_workers)
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound /metrics port once started (0: metrics off)."""
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else 0
+
+    def _start_metrics(self) -> None:
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.start()
+
+    def _stop_metrics(self) -> None:
+        """Last, after the drain: a scrape during it still sees the final counts."""
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
 
     @property
     def health_names(self) -> list[str]:
@@ -235,7 +281,7 @@ class AioServiceApp(_ServiceApp):
 
     def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.admission = AioAdmission(self.settings)
+        self.admission = AioAdmission(self.settings, shed=self.calls_shed)
         # The layer wraps the handlers as they are registered, not per call as an interceptor (calls.LayeredServer).
         self.server = AioCallLayer(concerns, self.admission).install(grpc.aio.server(options=options))
         self.health_server = grpc.aio.server(options=options) if self.settings.health_port else None
@@ -257,6 +303,7 @@ class AioServiceApp(_ServiceApp):
         self.port = _listen(self.server, self.settings, self.tls, self.registrations, self.health)
         if self.health_server is not None:
             self.health_port = _listen_health(self.health_server, self.settings, self.health)
+        self._start_metrics()
         # The first check blocks (off the loop, which publishes it) and its status is set before the port takes calls.
         await asyncio.to_thread(self._probe.start)
         await self.server.start()
@@ -271,6 +318,7 @@ class AioServiceApp(_ServiceApp):
         await self.server.stop(self.settings.grace_seconds)
         if self.health_server is not None:  # last: the probe reads NOT_SERVING during the drain
             await self.health_server.stop(None)
+        await asyncio.to_thread(self._stop_metrics)
 
 
 class SyncServiceApp(_ServiceApp):
@@ -279,7 +327,7 @@ class SyncServiceApp(_ServiceApp):
     def _build(self, concerns: list[CallConcern], options: list[tuple[str, Any]], max_workers: int) -> None:
         self.health = health.HealthServicer()  # Watch is non-blocking: open watches hold no worker thread
         executor = AdmissionExecutor(max_workers, thread_name_prefix="grpc-worker")
-        self.admission = PoolAdmission(self.settings, executor, max_workers)
+        self.admission = PoolAdmission(self.settings, executor, max_workers, shed=self.calls_shed)
         self.server = grpc.server(executor, interceptors=[SyncCallLayer(concerns, self.admission)], options=options)
         self.health_server = (
             grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"), options=options)
@@ -296,6 +344,7 @@ class SyncServiceApp(_ServiceApp):
         self.port = _listen(self.server, self.settings, self.tls, self.registrations, self.health)
         if self.health_server is not None:
             self.health_port = _listen_health(self.health_server, self.settings, self.health)
+        self._start_metrics()
         self._probe.start()  # the first status is set before the port takes calls
         self.server.start()
         if self.health_server is not None:
@@ -310,6 +359,7 @@ class SyncServiceApp(_ServiceApp):
         self.admission.close()
         if self.health_server is not None:  # last: the probe reads NOT_SERVING during the drain
             self.health_server.stop(None).wait()
+        self._stop_metrics()
 
 
 class Runtime:
@@ -417,17 +467,17 @@ class _Startup:
             log.debug("cpu scheduling applied", extra={"policy": server.cpu_scheduling, "threads": policy_threads})
         except OSError as exc:  # a refusal only costs speed
             log.warning("cpu scheduling not applied", extra={"policy": server.cpu_scheduling, "error": str(exc)})
-        return cls(
-            env, server, redis, Telemetry.from_env(environ, f"numprotect-{service}"), tls, auth, Metrics(service)
-        )
+        telemetry = Telemetry.from_env(environ, f"numprotect-{service}")
+        return cls(env, server, redis, telemetry, tls, auth, Metrics(service, enabled=server.metrics))
 
     def identity(self) -> Identity:
         """The identity parts; in mTLS mode a call without a bearer token is the client certificate's principal."""
         peer = peer_spiffe_id if self.tls.enabled and self.tls.client_auth == "require" else None
         return Identity(self.auth, self.redis, peer_identity=peer, metrics=self.metrics)
 
-    def serving(self, port: int, model: str) -> None:
+    def serving(self, app: _ServiceApp, model: str) -> None:
         """Freezes the start-up heap (gc_tuning) and logs the line tests and operators wait for."""
+        port = app.port
         collector = freeze_startup_heap(self.server.gc_gen0_threshold)
         log.info(
             "serving",
@@ -438,6 +488,8 @@ class _Startup:
                 "model": model,
                 "tls": self.tls.client_auth if self.tls.enabled else "off",  # none (TLS), require (mTLS) or off
                 "health_port": self.server.health_port,
+                # Where Prometheus scrapes this process (None: NUMPROTECT_METRICS=off).
+                "metrics_url": app.metrics_endpoint.url if app.metrics_endpoint is not None else None,
                 "max_inflight_calls": self.server.max_inflight_calls,
                 "max_queued_calls": self.server.max_queued_calls,
                 "max_queue_wait_seconds": self.server.max_queue_wait_seconds,
@@ -487,8 +539,10 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
             telemetry=startup.telemetry,
             identity=identity,
             tls=startup.tls,
+            metrics=startup.metrics,
         )
-        startup.serving(await app.start(), "aio")
+        await app.start()
+        startup.serving(app, "aio")
         await stop.wait()
         log.info("draining", extra={"grace_seconds": startup.server.grace_seconds})
         await app.stop()
@@ -533,8 +587,10 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
             identity=identity,
             tls=startup.tls,
             max_workers=parts.max_workers,
+            metrics=startup.metrics,
         )
-        startup.serving(app.start(), "sync")
+        app.start()
+        startup.serving(app, "sync")
         while not stop.wait(1.0):
             pass
         log.info("draining", extra={"grace_seconds": startup.server.grace_seconds})

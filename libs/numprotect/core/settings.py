@@ -307,13 +307,21 @@ class ServerSettings:
     max_inflight_calls: int = 256
     max_queued_calls: int = 512
     max_queue_wait_seconds: float = 0.5
+    # Prometheus exposition (docs/operations.md "Metrics"): plaintext HTTP /metrics on its own port, 0 = one the OS
+    # chooses (logged). The host defaults to the gRPC host: loopback unless the operator opened the service to the
+    # network (Kubernetes: 0.0.0.0, NetworkPolicy admits the scrapers). Off: no registry content, no port, no cost.
+    metrics: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, env: Env, service: str) -> ServerSettings:
         prefix = f"NUMPROTECT_{service.upper()}"
+        host = env.text(f"{prefix}_HOST", env.text("NUMPROTECT_HOST", "127.0.0.1"))
+        metrics = env.choice("NUMPROTECT_METRICS", "on", ("on", "off")) == "on"
         return cls(
             service=service,
-            host=env.text(f"{prefix}_HOST", env.text("NUMPROTECT_HOST", "127.0.0.1")),
+            host=host,
             port=env.integer(f"{prefix}_PORT", DEFAULT_PORTS[service], minimum=0, maximum=65535),
             grace_seconds=env.seconds("NUMPROTECT_GRACE_PERIOD", 10.0, minimum=0, maximum=600),
             health_interval_seconds=env.seconds("NUMPROTECT_HEALTH_INTERVAL", 1.0, minimum=0.05, maximum=60),
@@ -332,7 +340,20 @@ class ServerSettings:
             max_inflight_calls=env.integer("NUMPROTECT_MAX_INFLIGHT_CALLS", 256, minimum=1, maximum=100_000),
             max_queued_calls=env.integer("NUMPROTECT_MAX_QUEUED_CALLS", 512, minimum=0, maximum=1_000_000),
             max_queue_wait_seconds=env.seconds("NUMPROTECT_MAX_QUEUE_WAIT", 0.5, minimum=0, maximum=60),
+            metrics=metrics,
+            metrics_host=_metrics_host(env, host),
+            metrics_port=env.integer("NUMPROTECT_METRICS_PORT", 0, minimum=0, maximum=65535),
         )
+
+
+def _metrics_host(env: Env, default: str) -> str:
+    """NUMPROTECT_METRICS_HOST: an address to bind (no port, no scheme); default the gRPC host."""
+    raw = env.text("NUMPROTECT_METRICS_HOST", default)
+    if not re.fullmatch(r"[A-Za-z0-9.:%_-]+", raw) or raw.count(":") == 1:
+        raise SettingsError(
+            f"NUMPROTECT_METRICS_HOST={raw!r}: must be a host name or address to listen on, without a port"
+        )
+    return raw
 
 
 def service_address(env: Env, service: str) -> str:

@@ -11,6 +11,7 @@ cost a method call that does nothing, so "metrics off" in the benchmark is a tru
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -21,6 +22,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 NAMESPACE = "numprotect"
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+# Latency buckets (seconds) of the gRPC handling time and the Redis round trip: 50 us .. 10 s.
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 class _NoOp:
@@ -57,6 +79,22 @@ class Metrics:
         self.service = service
         self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
+        self._redis_round_trip: Histogram | None = None
+        self._lock = threading.Lock()
+
+    def redis_round_trip(self, client: str) -> Histogram:
+        """numprotect_redis_round_trip_seconds{client} for one Redis client kind ("mux", "redis-py", "fastredis"):
+        the family is made once per process, each client kind gets its labelled child (its series exists from then
+        on, at zero)."""
+        with self._lock:
+            if self._redis_round_trip is None:
+                self._redis_round_trip = self.histogram(
+                    "numprotect_redis_round_trip_seconds",
+                    "One Redis request and its reply (a pipeline or batch counts once), by client.",
+                    ("client",),
+                    buckets=LATENCY_BUCKETS,
+                )
+            return self._redis_round_trip.labels(client)
 
     def counter(self, name: str, documentation: str, labelnames: Iterable[str] = ()) -> Counter:
         return self._made(Counter, name, documentation, labelnames)

@@ -41,7 +41,9 @@ def build_sync(runtime: SyncRuntime) -> ServiceParts:
         log.warning("translation script not loaded at start", extra={"error": repr(exc)})
     refresher = BlocklistRefresher(store, view, settings.blocklist_refresh_seconds)
     refresher.start()
-    client = ScriptClient(runtime.redis_settings, SCRIPT, READ_ONLY_SCRIPT)
+    client = ScriptClient(
+        runtime.redis_settings, SCRIPT, READ_ONLY_SCRIPT, round_trip=runtime.metrics.redis_round_trip("fastredis")
+    )
     servicer = TranslationServiceServicer(
         client, translator, store, page_tokens, clock, runtime.telemetry, runtime.identity.callers
     )

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import hiredis
+from prometheus_client import Histogram
 from redis.crc import key_slot
 
 from numprotect.core.errors import DEFAULT_RETRY_AFTER_SECONDS, Unavailable
@@ -110,6 +111,10 @@ class _Silent(Unavailable):
         super().__init__(message, reason=_UNREACHABLE)
 
 
+def _unobserved(seconds: float) -> None:
+    pass
+
+
 class _Conn:
     __slots__ = ("reader", "sock", "timeout", "used")
 
@@ -174,7 +179,16 @@ class ScriptClient:
     interval), then the script is tried again. A node merely slow fails the copy too: UNAVAILABLE, as without it.
     """
 
-    def __init__(self, settings: RedisSettings, script: LuaScript, read_only: LuaScript | None = None) -> None:
+    def __init__(
+        self,
+        settings: RedisSettings,
+        script: LuaScript,
+        read_only: LuaScript | None = None,
+        *,
+        round_trip: Histogram | None = None,
+    ) -> None:
+        """`round_trip`: numprotect_redis_round_trip_seconds{client="fastredis"}, one observation per write and
+        its replies (a combined batch counts once)."""
         url = urlparse(settings.url)
         if (url.scheme == "rediss") != (settings.tls is not None):
             # Never plaintext for a rediss:// URL, never a TLS setting quietly unused.
@@ -202,6 +216,7 @@ class ScriptClient:
         self._queue: list[_Slot] = []
         self._queue_lock = threading.Lock()
         self._leading = False
+        self._observe = round_trip.observe if round_trip is not None else _unobserved
 
     def span_attributes(self) -> dict[str, str | int]:
         """What a Redis CLIENT span of this client says: the system, the sanitised statement, the server."""
@@ -302,8 +317,10 @@ class ScriptClient:
             conn = self._conn(node, left)
             reused = conn.used
             try:
+                started = time.perf_counter()
                 conn.send(data, left)
                 replies = [conn.read() for _ in range(count)]
+                self._observe(time.perf_counter() - started)
             except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
                 error = self._failed(node, exc, left)
                 if reused and not resend and isinstance(error, _Unreachable):
@@ -395,8 +412,10 @@ class ScriptClient:
             left = deadline - time.monotonic()
             wait = left if self.read_only is None else left * _STALL_SHARE
             try:
+                started = time.perf_counter()
                 conn.send(command, wait)
                 reply = conn.read()
+                self._observe(time.perf_counter() - started)
             except (OSError, ConnectionError) as exc:  # socket.timeout is an OSError
                 error = self._failed(node, exc, wait)
                 if isinstance(error, _Silent) and self.read_only is not None and left > 0:
