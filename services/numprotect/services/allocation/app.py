@@ -25,7 +25,8 @@ async def build(runtime: Runtime) -> ServiceParts:
     settings = AllocationSettings.from_env(runtime.env)  # SettingsError before the server starts
     page_token_key = PageTokenKey.from_env(runtime.env)
     redis_limit = ConcurrencyLimit.for_redis(runtime.redis_settings)
-    redis = create_redis(runtime.redis_settings, write_path=True)  # NUMPROTECT_REDIS_CLIENT: multiplexed by default
+    # NUMPROTECT_REDIS_CLIENT: multiplexed by default (its round trips in numprotect_redis_round_trip_seconds).
+    redis = create_redis(runtime.redis_settings, write_path=True, metrics=runtime.metrics)
     runtime.telemetry.instrument_redis(redis)
     clock = SystemClock()
     callers = runtime.identity.callers

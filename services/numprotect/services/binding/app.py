@@ -73,7 +73,8 @@ async def build(runtime: Runtime) -> ServiceParts:
         batching=settings.allocation_batching,
         tracer=runtime.telemetry.tracer if runtime.telemetry.enabled else None,
     )
-    redis = create_redis(runtime.redis_settings, write_path=True)  # NUMPROTECT_REDIS_CLIENT: multiplexed by default
+    # NUMPROTECT_REDIS_CLIENT: multiplexed by default (its round trips in numprotect_redis_round_trip_seconds).
+    redis = create_redis(runtime.redis_settings, write_path=True, metrics=runtime.metrics)
     runtime.telemetry.instrument_redis(redis)
     # Every RPC first waits for a place here. With redis.asyncio a call uses up to 3 Redis connections at once and the
     # pool fails rather than queues when exhausted, so there are as many places as the pool serves calls (health has a
