@@ -6,6 +6,9 @@ Settings (environment):
   NUMPROTECT_LOCAL_REDIS_FSYNC    appendfsync of that Redis: everysec (default) or always (docs/cdr.md)
   NUMPROTECT_<SERVICE>_PORT       service ports (defaults 50051..50054)
   NUMPROTECT_<SERVICE>_PROCESSES  processes per service sharing its port via SO_REUSEPORT (default 1)
+  NUMPROTECT_LOCAL_METRICS_PORT   the first /metrics port (default 9151): every process gets its own, in order
+                                  allocation, binding, translation, cdr (a service's processes get successive
+                                  ports); the ready message lists them. NUMPROTECT_METRICS=off: no metrics ports
   NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
   NUMPROTECT_TLS                  on (default): every service serves TLS with the local CA's server certificate,
                                   made on first run in .run/dev/ (ca.pem is what a client trusts); off: plaintext
@@ -45,6 +48,8 @@ from numprotect.core.redis_client import create_sync_redis
 from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, RedisSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
+# The first process's /metrics port; the others follow (docs/operations.md "Metrics").
+DEFAULT_METRICS_PORT = 9151
 
 
 class LaunchError(Exception):
@@ -83,6 +88,16 @@ class LocalSuite:
             name: env.integer(f"NUMPROTECT_{name.upper()}_PROCESSES", 1, minimum=1, maximum=64)
             for name in SERVICE_NAMES
         }
+        self.metrics = env.choice("NUMPROTECT_METRICS", "on", ("on", "off")) == "on"
+        first_metrics_port = env.integer(
+            "NUMPROTECT_LOCAL_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=1, maximum=65000
+        )
+        # One /metrics port per process ("allocation-0" -> 9151, ...): processes sharing a gRPC port still each
+        # serve their own registry, and Prometheus scrapes each (deploy/local/local_prometheus.py reads these).
+        names = [f"{name}-{index}" for name in SERVICE_NAMES for index in range(self.processes[name])]
+        self.metrics_ports = (
+            {child: first_metrics_port + offset for offset, child in enumerate(names)} if self.metrics else {}
+        )
         self.run_dir = Path(env.text("NUMPROTECT_RUN_DIR", str(ROOT / ".run"))).resolve()
         self.children: list[Child] = []
         self.redis: Child | None = None
@@ -147,6 +162,12 @@ class LocalSuite:
             if port_is_busy(port):
                 var = "NUMPROTECT_LOCAL_REDIS_PORT" if name == "redis" else f"NUMPROTECT_{name.upper()}_PORT"
                 raise LaunchError(f"port {port} for {name} is busy (another `make run`?): stop it or set {var}")
+        for child, port in self.metrics_ports.items():
+            if port_is_busy(port):
+                raise LaunchError(
+                    f"metrics port {port} for {child} is busy (another `make run`?): stop it or set "
+                    "NUMPROTECT_LOCAL_METRICS_PORT (the first of consecutive ports) or NUMPROTECT_METRICS=off"
+                )
 
     def start_redis(self) -> None:
         if self.external_redis:
@@ -242,11 +263,13 @@ class LocalSuite:
                 env[f"NUMPROTECT_{name.upper()}_REUSE_PORT"] = "1"
             for index in range(count):
                 log = self.run_dir / "logs" / f"{name}-{index}.log"
+                metrics = self.metrics_ports.get(f"{name}-{index}")
+                process_env = {**env, "NUMPROTECT_METRICS_PORT": str(metrics)} if metrics is not None else env
                 with log.open("ab") as out:
                     process = subprocess.Popen(
                         [sys.executable, "-m", f"numprotect.services.{name}"],
                         cwd=ROOT,
-                        env=env,
+                        env=process_env,
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
@@ -273,6 +296,10 @@ class LocalSuite:
                         )
                     time.sleep(0.1)
             print(f"{name:<12}{address}  SERVING  ({self.processes[name]} process(es))")
+            for index in range(self.processes[name]):
+                port = self.metrics_ports.get(f"{name}-{index}")
+                if port is not None:
+                    print(f"{'':<12}{name}-{index} metrics: http://127.0.0.1:{port}/metrics")
 
     def check_children(self) -> None:
         for child in [*self.children, *([self.redis] if self.redis else [])]:

@@ -135,7 +135,19 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["args"] == [f"numprotect.services.{service}"]  # the image runs `python -m <args>`
     health_port = int(rendered.config()["NUMPROTECT_HEALTH_PORT"])
-    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("grpc", port), ("health", health_port)]
+    metrics_port = int(rendered.config()["NUMPROTECT_METRICS_PORT"])
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
+        ("grpc", port),
+        ("health", health_port),
+        ("metrics", metrics_port),
+    ]
+    # Prometheus's annotation-based discovery finds the same port.
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
 
     svc = rendered.get("Service", service)
     (svc_port,) = svc["spec"]["ports"]
@@ -149,6 +161,7 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
     settings = ServerSettings.from_env(Env(config), service)
     assert settings.port == port
     assert settings.host == "0.0.0.0"  # probes and Services reach the pod IP, not loopback
+    assert (settings.metrics, settings.metrics_host, settings.metrics_port) == (True, "0.0.0.0", metrics_port)
     for peer in OUR_SERVICES:
         assert config[f"NUMPROTECT_{peer.upper()}_ADDR"] == f"{peer}:{DEFAULT_PORTS[peer]}"
 
@@ -601,6 +614,7 @@ def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(
 TENANT = {"numprotect.io/tenant-client": "true"}
 CARRIER = {"numprotect.io/carrier-client": "true"}
 OPERATOR = {"numprotect.io/operator-client": "true"}
+MONITORING = {"numprotect.io/monitoring": "true"}
 
 
 @dataclass(frozen=True)
@@ -722,6 +736,9 @@ class Cluster:
             "tenant": Pod("tenant", "tenant-orders", namespace_labels=TENANT),
             "carrier": Pod("carrier", "carrier-switch", namespace_labels=CARRIER),
             "gateway": Pod("gateway", "gateway", namespace_labels={**TENANT, **CARRIER}),
+            # Prometheus: in a monitoring namespace, or a pod of this one labelled as such.
+            "prometheus": Pod("prometheus", "monitoring", namespace_labels=MONITORING),
+            "prometheus-here": Pod("prometheus-here", HOME, MONITORING),
         }
 
     @staticmethod
@@ -773,6 +790,13 @@ def test_each_service_admits_exactly_its_expected_callers(rendered: Rendered, se
     # On any other port nobody gets in (the kubelet's probes come from the node, which is always admitted).
     for port in (*(p for s, p in DEFAULT_PORTS.items() if s != service), 8080, 9464):
         assert cluster.callers_of(service, port) == set(), port
+
+
+@pytest.mark.parametrize("service", OUR_SERVICES)
+def test_only_the_scrapers_reach_each_services_metrics_port(rendered: Rendered, service: str) -> None:
+    cluster = Cluster(rendered)
+    metrics_port = int(rendered.config()["NUMPROTECT_METRICS_PORT"])
+    assert cluster.callers_of(service, metrics_port) == {"prometheus", "prometheus-here"}
 
 
 @pytest.mark.parametrize("service", OUR_SERVICES)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.update(
         NUMPROTECT_RUN_DIR=str(tmp_path),
         NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
+        # The first of the processes' consecutive /metrics ports (5 with two translation processes).
+        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port(below=65000)),
         **{
             f"NUMPROTECT_{name.upper()}_PORT": str(free_port())
             for name in ("allocation", "binding", "translation", "cdr")
@@ -57,6 +60,13 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         output = "".join(lines)
         assert "translation 127.0.0.1:" in output and "(2 process(es))" in output
         assert "appendfsync always" in output
+        # Each process its own /metrics port, listed in the ready output: the second translation process the 4th.
+        first = int(env["NUMPROTECT_LOCAL_METRICS_PORT"])
+        second_translation = f"http://127.0.0.1:{first + 3}/metrics"
+        assert f"translation-1 metrics: {second_translation}" in output
+        assert output.count(" metrics: http://127.0.0.1:") == 5
+        with urllib.request.urlopen(second_translation, timeout=5) as scraped:
+            assert 'numprotect_build_info{service="translation",version=' in scraped.read().decode()
         # TLS on every port with the local CA made on first run: clients trust .run/dev/ca.pem, plaintext fails.
         ca = tmp_path / "dev" / "ca.pem"
         assert f"clients trust {ca}" in output
