@@ -38,8 +38,9 @@ $(GEN_STAMP): $(STAMP) $(PROTO_FILES) tools/gen_protos.sh
 system-deps:
 	@tools/system_deps.sh
 
+# make run PROMETHEUS=1: also a local Prometheus (NUMPROTECT_RUN_PROMETHEUS=1; README, "Local Prometheus").
 run: protos system-deps
-	$(PY) deploy/local/run_local.py
+	$(if $(PROMETHEUS),NUMPROTECT_RUN_PROMETHEUS=$(PROMETHEUS) )$(PY) deploy/local/run_local.py
 
 # The services' integration tests run a second time against a real 3-master Redis Cluster with replicas.
 CLUSTER_TESTS := tests/allocation tests/binding tests/translation tests/cdr tests/doctor tests/core/test_routes.py \

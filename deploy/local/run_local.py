@@ -10,6 +10,10 @@ Settings (environment):
                                   allocation, binding, translation, cdr (a service's processes get successive
                                   ports); the ready message lists them. NUMPROTECT_METRICS=off: no metrics ports
   NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
+  NUMPROTECT_RUN_PROMETHEUS       1 (`make run PROMETHEUS=1`): also Debian's Prometheus, scraping every process's
+                                  /metrics with the rules of deploy/prometheus/rules (deploy/local/local_prometheus.py);
+                                  data under <run dir>/prometheus. Default 0
+  NUMPROTECT_LOCAL_PROMETHEUS_PORT  its web port on 127.0.0.1 (default 9090)
   NUMPROTECT_TLS                  on (default): every service serves TLS with the local CA's server certificate,
                                   made on first run in .run/dev/ (ca.pem is what a client trusts); off: plaintext
   NUMPROTECT_AUTH                 on (default): every call but health needs an API key; the auth key, an operator
@@ -33,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +104,8 @@ class LocalSuite:
             {child: first_metrics_port + offset for offset, child in enumerate(names)} if self.metrics else {}
         )
         self.run_dir = Path(env.text("NUMPROTECT_RUN_DIR", str(ROOT / ".run"))).resolve()
+        self.prometheus = env.choice("NUMPROTECT_RUN_PROMETHEUS", "0", ("0", "1")) == "1"
+        self.prometheus_port = env.integer("NUMPROTECT_LOCAL_PROMETHEUS_PORT", 9090, minimum=1, maximum=65535)
         self.children: list[Child] = []
         self.redis: Child | None = None
         self.redis_passwords: dict[str, Path] = {}  # ACL user -> its password file (the Redis started here)
@@ -158,9 +165,13 @@ class LocalSuite:
         wanted = dict(self.ports)
         if not self.external_redis:
             wanted["redis"] = self.redis_port
+        if self.prometheus:
+            wanted["prometheus"] = self.prometheus_port
         for name, port in wanted.items():
             if port_is_busy(port):
-                var = "NUMPROTECT_LOCAL_REDIS_PORT" if name == "redis" else f"NUMPROTECT_{name.upper()}_PORT"
+                var = {"redis": "NUMPROTECT_LOCAL_REDIS_PORT", "prometheus": "NUMPROTECT_LOCAL_PROMETHEUS_PORT"}.get(
+                    name, f"NUMPROTECT_{name.upper()}_PORT"
+                )
                 raise LaunchError(f"port {port} for {name} is busy (another `make run`?): stop it or set {var}")
         for child, port in self.metrics_ports.items():
             if port_is_busy(port):
@@ -301,6 +312,46 @@ class LocalSuite:
                 if port is not None:
                     print(f"{'':<12}{name}-{index} metrics: http://127.0.0.1:{port}/metrics")
 
+    def start_prometheus(self, timeout: float = 30.0) -> None:
+        """NUMPROTECT_RUN_PROMETHEUS=1: Debian's Prometheus scraping each process's metrics port, the rules loaded
+        (deploy/local/local_prometheus.py writes its configuration and becomes it: stopped like any child)."""
+        if not self.prometheus:
+            return
+        if not self.metrics_ports:
+            raise LaunchError(
+                "NUMPROTECT_RUN_PROMETHEUS=1 needs the metrics ports: NUMPROTECT_METRICS=off turns them off"
+            )
+        if shutil.which("prometheus") is None:
+            raise LaunchError("prometheus not found: run `make system-deps` (Debian package prometheus)")
+        address = f"127.0.0.1:{self.prometheus_port}"
+        data = self.run_dir / "prometheus"
+        targets = [f"--target={child.rsplit('-', 1)[0]}=127.0.0.1:{port}" for child, port in self.metrics_ports.items()]
+        command = [sys.executable, str(ROOT / "deploy" / "local" / "local_prometheus.py"), f"--data={data}"]
+        log = self.run_dir / "logs" / "prometheus.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [*command, f"--listen={address}", *targets],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.children.append(Child("prometheus", process, log))
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_children()
+            try:
+                with urllib.request.urlopen(f"http://{address}/-/ready", timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise LaunchError(f"prometheus not ready on {address} after {timeout:.0f}s: see {log}")
+            time.sleep(0.2)
+        scraped = f"scraping {len(targets)} processes every 5s, rules of deploy/prometheus/rules, data in {data}"
+        print(f"{'prometheus':<12}http://{address}/classic/graph  ({scraped})")
+
     def check_children(self) -> None:
         for child in [*self.children, *([self.redis] if self.redis else [])]:
             code = child.process.poll()
@@ -391,6 +442,7 @@ def main() -> int:
         suite.start_redis()
         suite.start_services()
         suite.wait_serving()
+        suite.start_prometheus()
         suite.print_examples()
         while True:
             suite.check_children()

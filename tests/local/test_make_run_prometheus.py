@@ -1,0 +1,136 @@
+"""`make run PROMETHEUS=1`: Debian's Prometheus scraping every service process, with the rules loaded.
+
+The configuration deploy/local/local_prometheus.py writes (one job per service, one target per process, the rule
+files) passes `promtool check config`; under the launcher the real Prometheus reaches every process's /metrics
+(each target up, numprotect_build_info of every process queried back) and has loaded every rule group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from support.processes import ROOT
+from support.redis_server import free_port
+
+SCRIPT = ROOT / "deploy" / "local" / "local_prometheus.py"
+LAUNCHER = ROOT / "deploy" / "local" / "run_local.py"
+RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+
+
+def test_the_config_has_a_job_per_service_a_target_per_process_and_the_rules(tmp_path: Path) -> None:
+    config_file = tmp_path / "prometheus.yml"
+    targets = ["allocation=127.0.0.1:9151", "translation=127.0.0.1:9152", "translation=127.0.0.1:9153"]
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--write-config", str(config_file), *(f"--target={t}" for t in targets)],
+        check=True,
+        timeout=30,
+    )
+    config = yaml.safe_load(config_file.read_text())
+    jobs = {job["job_name"]: job["static_configs"] for job in config["scrape_configs"]}
+    assert jobs == {
+        "numprotect-allocation": [{"targets": ["127.0.0.1:9151"], "labels": {"process": "allocation-0"}}],
+        "numprotect-translation": [
+            {"targets": ["127.0.0.1:9152"], "labels": {"process": "translation-0"}},
+            {"targets": ["127.0.0.1:9153"], "labels": {"process": "translation-1"}},
+        ],
+    }
+    assert config["rule_files"] == [str(path) for path in RULES] and len(RULES) == 2
+    checked = subprocess.run(["promtool", "check", "config", str(config_file)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 2 rule files found" in checked.stdout
+
+
+def test_a_malformed_target_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--write-config", str(tmp_path / "p.yml"), "--target", "allocation:9151"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "expected service=host:port" in result.stderr
+    assert not (tmp_path / "p.yml").exists()
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return json.loads(reply.read())["data"]
+
+
+def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> None:
+    prometheus_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
+    env.update(
+        NUMPROTECT_RUN_DIR=str(tmp_path),
+        NUMPROTECT_RUN_PROMETHEUS="1",
+        NUMPROTECT_LOCAL_PROMETHEUS_PORT=str(prometheus_port),
+        NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
+        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port(below=65000)),
+        NUMPROTECT_TRANSLATION_PROCESSES="2",
+        **{
+            f"NUMPROTECT_{name.upper()}_PORT": str(free_port())
+            for name in ("allocation", "binding", "translation", "cdr")
+        },
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(LAUNCHER)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("ready."):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    base = f"http://127.0.0.1:{prometheus_port}"
+    try:
+        assert ready.wait(120), "".join(lines)
+        assert f"prometheus  {base}/classic/graph" in "".join(lines)
+        # Scraped every 5 s: every process's target up within a few scrapes.
+        deadline = time.monotonic() + 60
+        while True:
+            targets = _get(f"{base}/api/v1/targets")["activeTargets"]
+            health = {t["labels"]["process"]: t["health"] for t in targets}
+            if (len(health) == 5 and set(health.values()) == {"up"}) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert health == {
+            "allocation-0": "up",
+            "binding-0": "up",
+            "translation-0": "up",
+            "translation-1": "up",
+            "cdr-0": "up",
+        }, targets
+        assert {t["labels"]["job"] for t in targets} == {
+            f"numprotect-{s}" for s in ("allocation", "binding", "translation", "cdr")
+        }
+        built = _get(f"{base}/api/v1/query?query=numprotect_build_info")["result"]
+        assert sorted(r["metric"]["process"] for r in built) == sorted(health)
+        groups = {g["name"]: g for g in _get(f"{base}/api/v1/rules")["groups"]}
+        assert set(groups) == {"numprotect-alerts", "numprotect-grpc", "numprotect-domain"}
+        assert all(r["health"] != "err" for g in groups.values() for r in g["rules"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=90)
+        reader.join(timeout=5)
+    assert code == 0, "".join(lines)
+    assert (tmp_path / "prometheus" / "prometheus.yml").is_file()
+    assert (tmp_path / "prometheus" / "data").is_dir()
+    time.sleep(0.2)
+    left = subprocess.run(["pgrep", "-f", f"127.0.0.1:{prometheus_port}"], capture_output=True)
+    assert left.stdout == b"", "prometheus still running"
