@@ -115,6 +115,12 @@ def number_subpool_key(tenant: str, city: str, number: str, subpools: int = 1) -
     return subpool_key(tenant, city, subpool_of(number, subpools), subpools)
 
 
+def expired_key_in(subpool: str) -> str:
+    """Bindings whose confirmed reservation lapsed in the sub-pool (their end) not yet counted by a process
+    (pool_lib.lua's prune adds, allocation's pool metrics take it with GETDEL: each counted once)."""
+    return f"{subpool}:expired"
+
+
 # A number's keys inside the sub-pool (base key `subpool`) that holds it.
 def history_key_in(subpool: str, number: str) -> str:
     return f"{subpool}:hist:{number}"

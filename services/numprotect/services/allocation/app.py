@@ -12,6 +12,7 @@ from numprotect.core.redis_client import create_redis, create_sync_redis
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.services.allocation.admin import AUDIT_SCAN_LIMIT, ApiKeys, AuditTrail
 from numprotect.services.allocation.admin_servicer import AdminServiceServicer
+from numprotect.services.allocation.pool_metrics import PoolMetrics
 from numprotect.services.allocation.pools import NumberPools
 from numprotect.services.allocation.scripts import Scripts
 from numprotect.services.allocation.servicer import AllocationServiceServicer
@@ -32,6 +33,10 @@ async def build(runtime: Runtime) -> ServiceParts:
     callers = runtime.identity.callers
     pools = NumberPools(redis, settings, Scripts.load(), redis_limit=redis_limit)
     servicer = AllocationServiceServicer(pools, settings, page_token_key, callers, clock)
+    # numprotect_pool_numbers and numprotect_bindings_expired, every NUMPROTECT_METRICS_POOL_REFRESH (metrics on).
+    pool_metrics = PoolMetrics(pools, redis, runtime.metrics, settings.metrics_pool_refresh_seconds)
+    if runtime.metrics.enabled:
+        pool_metrics.start()
     hash_key = runtime.identity.settings.hash_key  # None only with NUMPROTECT_AUTH=off and no key file
     # VerifyAuditChain walks the chain on a blocking client in a worker thread (audit.verify_redis).
     audit_redis = create_sync_redis(runtime.redis_settings, max_connections=2)
@@ -52,5 +57,5 @@ async def build(runtime: Runtime) -> ServiceParts:
             ServiceRegistration(FULL_NAME, servicer, allocation_pb2_grpc.add_AllocationServiceServicer_to_server),
             ServiceRegistration(ADMIN_FULL_NAME, admin, admin_pb2_grpc.add_AdminServiceServicer_to_server),
         ],
-        on_shutdown=[audit_redis.close, redis.aclose],
+        on_shutdown=[pool_metrics.stop, audit_redis.close, redis.aclose],
     )

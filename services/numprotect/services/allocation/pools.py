@@ -499,6 +499,15 @@ class NumberPools:
             found.append((c, total))
         return found
 
+    @_one_connection
+    async def take_expired(self, tenant: str, city: str) -> int:
+        """Bindings whose number this pool reclaimed at their end since the last take (by any process): each is
+        handed to exactly one taker (GETDEL), so the processes' counts add up to every expiry once."""
+        taken = 0
+        for key in (await self._layout(tenant, city)).keys:
+            taken += int(await self.redis.getdel(pool_keys.expired_key_in(key)) or 0)
+        return taken
+
     async def _cities(self, tenant: str) -> list[str]:
         return sorted(_text(c) for c in await self.redis.smembers(pool_keys.tenant_cities_key(tenant)))
 

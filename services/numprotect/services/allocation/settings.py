@@ -36,6 +36,9 @@ class AllocationSettings:
     max_binding_lifetime_seconds: float = 90 * 86400.0
     # Sub-pools of a pool created from now on (its first import fixes its count; docs/allocation.md, "Sub-pools").
     subpools: int = 1
+    # How often numprotect_pool_numbers is refreshed from the pool counters (and expiries taken for
+    # numprotect_bindings_expired); each refresh is GetPoolStats' work for every pool.
+    metrics_pool_refresh_seconds: float = 15.0
 
     @classmethod
     def from_env(cls, env: Env) -> AllocationSettings:
@@ -75,5 +78,8 @@ class AllocationSettings:
                 DEFAULT_CLUSTER_SUBPOOLS if env.raw("NUMPROTECT_REDIS_MODE") == "cluster" else 1,
                 minimum=1,
                 maximum=MAX_SUBPOOLS,
+            ),
+            metrics_pool_refresh_seconds=env.seconds(
+                "NUMPROTECT_METRICS_POOL_REFRESH", 15.0, minimum=0.05, maximum=3600.0
             ),
         )

@@ -20,6 +20,8 @@
 --                    trimmed past the retention
 --   <P>:a:<rid>      string allocate.lua's answer "number|ext|expire_ms" for reservation <rid>, until its lease ends
 --                    (a repeat of the same allocate gets the same number)
+--   <P>:expired      string bindings whose confirmed reservation lapsed here (the binding's end) and that no allocation
+--                    process has counted yet: prune adds 1 each, the pool metrics take it with GETDEL
 --   <P>:taken:<day>  string the net take of allocations from the free set on UTC day <day> (days since the epoch):
 --                    +1 per number an allocation took from it, -1 per number that went back to it when its last
 --                    reservation ended; expires 8 days after the day's first change (GetPoolStats reads 7 days)
@@ -138,6 +140,8 @@ local function prune(n, always_settle)
     if record then
       local f = drop_record(n, rid, record)
       history(n, 'unassign', { 'reason', 'expired', 'binding', f[5], 'at', dead[i + 1], 'detail', describe(f) })
+      -- A confirmed reservation (it names its binding) lapses when its binding ends: numprotect_bindings_expired.
+      if f[5] ~= '' then redis.call('INCR', P .. ':expired') end
     end
   end
   redis.call('ZREMRANGEBYSCORE', rk, '-inf', NOW)
