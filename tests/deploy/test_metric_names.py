@@ -31,7 +31,7 @@ from numprotect.core.identity.principal import Role
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.identity import mint_in
 from support.processes import ServiceProcess
-from support.promql import PromQLSyntaxError, metric_names
+from support.promql import PromQLSyntaxError, label_equalities, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "numprotect.json"
@@ -79,6 +79,15 @@ def test_metric_names_of_an_expression(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
 
 
+def test_label_equalities_of_an_expression() -> None:
+    expr = (
+        'sum by (s) (a{state="free", city=~"$city", grpc_code!="OK", tenant="$tenant"}) '
+        '/ b{__name__="c", grpc_method="Translate"} + d{job=~"numprotect.*"}'
+    )
+    assert label_equalities(expr) == {("state", "free"), ("grpc_method", "Translate")}
+    assert metric_names(expr) == {"a", "b", "c", "d"}
+
+
 @pytest.mark.parametrize(
     "expr",
     ["sum(rate(x[5m])", "x)", 'x{job="a"', "sum by (job (x)", "x ~ y", "x{job='a'} ?"],
@@ -93,10 +102,12 @@ def test_an_expression_the_tokenizer_cannot_read_raises(expr: str) -> None:
 
 @dataclass
 class Reads:
-    """Metric names read by the dashboard and the rules (where each is read), and the names the rules record."""
+    """Metric names read by the dashboard and the rules (where each is read), the label values their equality
+    matchers ask for (where), and the names the rules record."""
 
     used: dict[str, set[str]]
     recorded: set[str]
+    label_values: dict[tuple[str, str], set[str]]
 
 
 def dashboard_expressions() -> Iterator[tuple[str, str]]:
@@ -124,6 +135,7 @@ def rule_expressions() -> Iterator[tuple[str, str, str | None]]:
 
 def reads() -> Reads:
     used: dict[str, set[str]] = {}
+    label_values: dict[tuple[str, str], set[str]] = {}
     recorded: set[str] = set()
     expressions = [(where, expr) for where, expr in dashboard_expressions()]
     for where, expr, record in rule_expressions():
@@ -133,7 +145,9 @@ def reads() -> Reads:
     for where, expr in expressions:
         for name in metric_names(expr):
             used.setdefault(name, set()).add(where)
-    return Reads(used, recorded)
+        for pair in label_equalities(expr):
+            label_values.setdefault(pair, set()).add(where)
+    return Reads(used, recorded, label_values)
 
 
 def test_every_recorded_name_read_is_recorded_by_a_rule() -> None:
@@ -164,7 +178,7 @@ def test_a_misspelt_name_is_reported() -> None:
     assert missing_from(raw - {"numprotect_redis_up"}, found) == {
         "numprotect_redis_up": sorted(found.used["numprotect_redis_up"])
     }
-    misspelt = Reads({**found.used, "numprotect_redis_upp": {"a panel"}}, found.recorded)
+    misspelt = Reads({**found.used, "numprotect_redis_upp": {"a panel"}}, found.recorded, found.label_values)
     assert missing_from(raw, misspelt) == {"numprotect_redis_upp": ["a panel"]}
 
 
@@ -177,11 +191,18 @@ PARTY_A = "13812340001"
 PARTY_B = "13812340002"
 
 
-def scrape(url: str) -> set[str]:
-    """The sample names (x_total, x_bucket, x_count...) one /metrics answer holds."""
+@dataclass
+class Scrape:
+    names: set[str]  # sample names: x_total, x_bucket, x_count...
+    label_values: set[tuple[str, str]]  # every (label, value) of its samples
+
+
+def scrape(url: str) -> Scrape:
+    """What one /metrics answer holds."""
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    return Scrape({s.name for s in samples}, {pair for s in samples for pair in s.labels.items()})
 
 
 @pytest.fixture
@@ -287,18 +308,25 @@ def test_every_metric_the_dashboard_and_the_rules_read_is_exposed(
         urls[service] = process.metrics_url
     drive_calls(suite, redis_env)
     found = reads()
-    scraped: dict[str, set[str]] = {}
+    scraped: dict[str, Scrape] = {}
     deadline = time.monotonic() + 15
     while True:
         # The pool gauges are refreshed on a timer: scrape until nothing is missing or the time is up.
         scraped = {service: scrape(url) for service, url in urls.items()}
-        missing = missing_from(set().union(*scraped.values()), found)
-        if not missing or time.monotonic() > deadline:
+        missing = missing_from(set().union(*(s.names for s in scraped.values())), found)
+        values = set().union(*(s.label_values for s in scraped.values()))
+        missing_values = {
+            f"{k}={v!r}": sorted(where) for (k, v), where in found.label_values.items() if (k, v) not in values
+        }
+        if (not missing and not missing_values) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert not missing, f"read by the dashboard or the rules but exposed by no service: {missing}"
+    # A matcher such as state="free" or grpc_method="Translate" selects nothing if no series has that value.
+    assert not missing_values, f"label values matched by the dashboard or the rules but on no series: {missing_values}"
     # The families every process exposes (the gRPC server's, Redis health, the process collector, build info).
-    for service, names in scraped.items():
+    for service, scraped_by in scraped.items():
+        names = scraped_by.names
         for name in (
             "grpc_server_handled_total",
             "grpc_server_handling_seconds_bucket",

@@ -73,15 +73,26 @@ def _tokens(expr: str) -> Iterator[_Token]:
 
 def metric_names(expr: str) -> set[str]:
     """Every metric name `expr` selects."""
+    return _read(expr)[0]
+
+
+def label_equalities(expr: str) -> set[tuple[str, str]]:
+    """Every (label, value) an equality matcher `label="value"` of `expr` asks for (`__name__` and matchers whose
+    value holds a Grafana variable left out): series with that label value must exist for the selector to match."""
+    return _read(expr)[1]
+
+
+def _read(expr: str) -> tuple[set[str], set[tuple[str, str]]]:
     tokens = list(_tokens(expr))
     names: set[str] = set()
+    equalities: set[tuple[str, str]] = set()
     depth = 0  # of parentheses, only to check the balance
     index = 0
     while index < len(tokens):
         token = tokens[index]
         following = tokens[index + 1] if index + 1 < len(tokens) else None
         if token.kind == "op" and token.text == "{":
-            index = _matchers(tokens, index + 1, names, expr)
+            index = _matchers(tokens, index + 1, names, equalities, expr)
             continue
         if token.kind == "op" and token.text in "()":
             depth += 1 if token.text == "(" else -1
@@ -103,20 +114,26 @@ def metric_names(expr: str) -> set[str]:
         index += 1
     if depth != 0:
         raise PromQLSyntaxError(f"unbalanced '(' in {expr!r}")
-    return names
+    return names, equalities
 
 
-def _matchers(tokens: list[_Token], index: int, names: set[str], expr: str) -> int:
-    """Reads label matchers up to the closing brace (a `__name__` equality names a metric); returns the index
-    after it."""
+def _matchers(tokens: list[_Token], index: int, names: set[str], equalities: set[tuple[str, str]], expr: str) -> int:
+    """Reads label matchers up to the closing brace (a `__name__` equality names a metric; other equalities are
+    collected); returns the index after it."""
     while index < len(tokens):
         token = tokens[index]
         if token.text == "}":
             return index + 1
-        if token.kind == "name" and token.text == "__name__" and index + 2 < len(tokens):
+        if token.kind == "name" and index + 2 < len(tokens):
             operator, value = tokens[index + 1], tokens[index + 2]
             if operator.text == "=" and value.kind == "string":
-                names.add(value.text[1:-1])
+                text = value.text[1:-1]
+                if token.text == "__name__":
+                    names.add(text)
+                elif "$" not in text:
+                    equalities.add((token.text, text))
+                index += 3
+                continue
         index += 1
     raise PromQLSyntaxError(f"unclosed '{{' in {expr!r}")
 
