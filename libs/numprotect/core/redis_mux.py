@@ -52,7 +52,6 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlparse
 
 import hiredis
-from prometheus_client import Histogram
 from redis._parsers.base import BaseParser
 from redis._parsers.encoders import Encoder
 from redis._parsers.response_callbacks import get_response_callbacks
@@ -76,6 +75,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from numprotect.core.metrics import Observer
 from numprotect.core.settings import RedisSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -493,7 +493,7 @@ class MuxRedis(Redis):
     """A redis.asyncio.Redis whose commands share one connection per node (standalone or cluster); see above."""
 
     def __init__(
-        self, settings: RedisSettings, *, decode_responses: bool = False, round_trip: Histogram | None = None
+        self, settings: RedisSettings, *, decode_responses: bool = False, round_trip: Observer | None = None
     ) -> None:
         """`round_trip`: numprotect_redis_round_trip_seconds{client="mux"}, observed for each plain command and each
         pipeline or transaction (once), as the caller waits for it (a resend after a lost connection included)."""

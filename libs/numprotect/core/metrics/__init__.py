@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from numprotect.core.metrics.latency import LATENCY_BUCKETS, LatencyHistogram
+
+__all__ = ["LATENCY_BUCKETS", "NAMESPACE", "Metrics", "Observer"]
 
 # Every metric this project defines is named numprotect_<area>_<what>[_unit]; the gRPC server families keep the
 # names of the Go and Java gRPC Prometheus interceptors (grpc_server_*), so existing dashboards fit.
@@ -23,26 +27,11 @@ NAMESPACE = "numprotect"
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
-# Latency buckets (seconds) of the gRPC handling time and the Redis round trip: 50 us .. 10 s.
-LATENCY_BUCKETS = (
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+
+class Observer(Protocol):
+    """What takes one observation (a latency histogram's series)."""
+
+    def observe(self, amount: float) -> None: ...
 
 
 class _NoOp:
@@ -79,20 +68,22 @@ class Metrics:
         self.service = service
         self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
-        self._redis_round_trip: Histogram | None = None
+        self._redis_round_trip: LatencyHistogram | None = None
         self._lock = threading.Lock()
 
-    def redis_round_trip(self, client: str) -> Histogram:
+    def redis_round_trip(self, client: str) -> Observer:
         """numprotect_redis_round_trip_seconds{client} for one Redis client kind ("mux", "redis-py", "fastredis"):
-        the family is made once per process, each client kind gets its labelled child (its series exists from then
-        on, at zero)."""
+        the family is made once per process, each client kind gets its series (exposed from then on, at zero).
+        A `latency.LatencyHistogram`: one observation is a bisect and one lock (on every Redis round trip)."""
+        if not self.enabled:
+            return _NO_OP
         with self._lock:
             if self._redis_round_trip is None:
-                self._redis_round_trip = self.histogram(
+                self._redis_round_trip = LatencyHistogram(
                     "numprotect_redis_round_trip_seconds",
                     "One Redis request and its reply (a pipeline or batch counts once), by client.",
-                    ("client",),
-                    buckets=LATENCY_BUCKETS,
+                    "client",
+                    self.registry,
                 )
             return self._redis_round_trip.labels(client)
 

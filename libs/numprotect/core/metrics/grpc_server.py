@@ -5,13 +5,13 @@ dashboards and alerts fit: grpc_server_started_total, grpc_server_handled_total 
 NotFound, ...), grpc_server_msg_received_total, grpc_server_msg_sent_total and the grpc_server_handling_seconds
 histogram, each by grpc_type, grpc_service and grpc_method.
 
-Why not prometheus_client's Counter and Histogram children: each `inc` takes ~1 us there (a lock, an "observable"
-check, the exemplar test) and a call would make five of them, on Translate's hot path. Here a method's numbers are
-plain fields of one `_MethodStats` resolved once per method (`for_method`), updated under that method's own lock,
-one acquisition when a call enters and one when it leaves; `GrpcServerCollector` turns them into the families on a
-scrape. For a method that takes one request the messages received are its calls started, and for a method that
-answers one response the messages sent are its calls handled OK, so those cost nothing per call; streams count each
-message through the layer's `received`/`sent` hooks.
+Why not prometheus_client's Counter and Histogram children: each `inc` takes ~1 us there (a lock taken with `with`,
+an "observable" check, the exemplar test) and a call would make five of them, on Translate's hot path. Here a
+method's numbers are plain fields of one `_MethodStats` resolved once per method (`for_method`), updated under that
+method's own lock, one acquisition when a call enters and one when it leaves (latency.Latencies);
+`GrpcServerCollector` turns them into the families on a scrape. For a method that takes one request the messages
+received are its calls started, and for a method that answers one response the messages sent are its calls handled
+OK, so those cost nothing per call; streams count each message through the layer's `received`/`sent` hooks.
 
 Calls the admission layer refuses before any concern runs (load shedding) are not in these families: they are
 numprotect_calls_shed_total{reason}.
@@ -31,7 +31,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from numprotect.core.calls import GRPC_TYPES, Method
-from numprotect.core.metrics import LATENCY_BUCKETS, Metrics
+from numprotect.core.metrics import Metrics
+from numprotect.core.metrics.latency import LATENCY_BUCKETS, Latencies
 
 LABELS = ("grpc_type", "grpc_service", "grpc_method")
 CLIENT_STREAMS = frozenset(("client_stream", "bidi_stream"))
@@ -54,20 +55,18 @@ for _code in grpc.StatusCode:
     CODE_NAMES[_code] = CODE_NAMES[_code.value[0]] = _go_name(_code)
 
 
-class _MethodStats:
-    """One method's numbers; every field is changed under `lock`."""
+class _MethodStats(Latencies):
+    """One method's numbers: its handling-time histogram and counts; every field is changed under `lock`."""
 
-    __slots__ = ("buckets", "handled", "labels", "lock", "received", "sent", "started", "sum")
+    __slots__ = ("handled", "labels", "received", "sent", "started")
 
-    def __init__(self, labels: tuple[str, str, str], bucket_count: int) -> None:
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        super().__init__()
         self.labels = labels
-        self.lock = threading.Lock()
         self.started = 0
         self.received = 0  # streams from the client only (otherwise: started)
         self.sent = 0  # streams to the client only (otherwise: handled OK)
         self.handled: dict[str, int] = {"OK": 0}
-        self.buckets = [0] * bucket_count  # not cumulative; the last is +Inf
-        self.sum = 0.0
 
 
 class _MethodMetrics:
@@ -81,31 +80,41 @@ class _MethodMetrics:
         self.received = self._received if client_streams else None
         self.sent = self._sent if server_streams else None
 
+    # acquire/release rather than `with`: a third of the cost on CPython 3.11; nothing between them can raise.
     def enter(self, context: Any, request: Any = None) -> float:
         stats = self._stats
-        with stats.lock:
-            stats.started += 1
+        lock = stats.lock
+        lock.acquire()
+        stats.started += 1
+        lock.release()
         return time.perf_counter()
 
     def leave(self, state: object, context: Any) -> None:
         elapsed = time.perf_counter() - state  # type: ignore[operator]
         code = CODE_NAMES.get(context.code(), "Unknown")
-        stats = self._stats
         index = bisect.bisect_left(LATENCY_BUCKETS, elapsed)
-        with stats.lock:
-            stats.handled[code] = stats.handled.get(code, 0) + 1
-            stats.buckets[index] += 1
-            stats.sum += elapsed
+        stats = self._stats
+        handled = stats.handled
+        lock = stats.lock
+        lock.acquire()
+        handled[code] = handled.get(code, 0) + 1
+        stats.buckets[index] += 1
+        stats.sum += elapsed
+        lock.release()
 
     def _received(self) -> None:
         stats = self._stats
-        with stats.lock:
-            stats.received += 1
+        lock = stats.lock
+        lock.acquire()
+        stats.received += 1
+        lock.release()
 
     def _sent(self) -> None:
         stats = self._stats
-        with stats.lock:
-            stats.sent += 1
+        lock = stats.lock
+        lock.acquire()
+        stats.sent += 1
+        lock.release()
 
 
 class GrpcServerMetrics:
@@ -137,7 +146,7 @@ class GrpcServerMetrics:
         with self._lock:
             found = self._methods.get(key)
             if found is None:
-                found = (_MethodStats((grpc_type, service, name), len(LATENCY_BUCKETS) + 1), grpc_type)
+                found = (_MethodStats((grpc_type, service, name)), grpc_type)
                 self._methods[key] = found
             return found
 
@@ -172,30 +181,18 @@ class GrpcServerCollector(Collector):
             "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
             labels=LABELS,
         )
-        bounds = [*(f"{bound:g}" for bound in LATENCY_BUCKETS), "+Inf"]
         for stats, grpc_type in self._source.snapshot():
             with stats.lock:
-                counts = (
-                    stats.started,
-                    stats.received,
-                    stats.sent,
-                    dict(stats.handled),
-                    list(stats.buckets),
-                    stats.sum,
-                )
-            calls, messages_in, messages_out, by_code, buckets, total = counts
+                calls, messages_in, messages_out = stats.started, stats.received, stats.sent
+                by_code = dict(stats.handled)
+                buckets, total = stats.cumulative()
             labels = list(stats.labels)
             started.add_metric(labels, calls)
             for code, count in by_code.items():
                 handled.add_metric([*labels, code], count)
             received.add_metric(labels, messages_in if grpc_type in CLIENT_STREAMS else calls)
             sent.add_metric(labels, messages_out if grpc_type in SERVER_STREAMS else by_code.get("OK", 0))
-            cumulative: list[tuple[str, float]] = []
-            running = 0
-            for bound, count in zip(bounds, buckets, strict=True):
-                running += count
-                cumulative.append((bound, running))
-            seconds.add_metric(labels, cumulative, total)
+            seconds.add_metric(labels, buckets, total)
         yield from (started, handled, received, sent, seconds)
 
     def describe(self) -> Iterator[Any]:

@@ -34,10 +34,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import hiredis
-from prometheus_client import Histogram
 from redis.crc import key_slot
 
 from numprotect.core.errors import DEFAULT_RETRY_AFTER_SECONDS, Unavailable
+from numprotect.core.metrics import Observer
 from numprotect.core.redis_client import RETRYABLE_REPLIES, LuaScript
 from numprotect.core.settings import RedisSettings, SettingsError
 
@@ -185,7 +185,7 @@ class ScriptClient:
         script: LuaScript,
         read_only: LuaScript | None = None,
         *,
-        round_trip: Histogram | None = None,
+        round_trip: Observer | None = None,
     ) -> None:
         """`round_trip`: numprotect_redis_round_trip_seconds{client="fastredis"}, one observation per write and
         its replies (a combined batch counts once)."""
