@@ -16,7 +16,7 @@ async def test_not_found_is_one_line_and_exit_status_5(stack: StackFactory) -> N
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("numprotect: NOT_FOUND: ")
+    assert lines[0].startswith(f"numprotect: NOT_FOUND: {UNKNOWN_NUMBER} is in no imported block (ResourceInfo ")
     assert "Traceback" not in result.stderr
 
 
@@ -26,7 +26,7 @@ async def test_invalid_argument_names_the_field_from_the_bad_request_details(sta
     assert result.exit_code == 3
     (line,) = result.stderr.splitlines()
     assert line.startswith("numprotect: INVALID_ARGUMENT: ")
-    assert "(BadRequest virtual_number: " in line
+    assert line.endswith("(BadRequest virtual_number: must be a 15-digit 700 number (^700\\d{12}$))")
 
 
 async def test_a_tenant_key_on_an_operator_rpc_is_permission_denied(stack: StackFactory) -> None:
@@ -36,7 +36,8 @@ async def test_a_tenant_key_on_an_operator_rpc_is_permission_denied(stack: Stack
     for outcome in (result, denied_key):
         assert outcome.exit_code == 7, outcome.stderr
         (line,) = outcome.stderr.splitlines()
-        assert line.startswith("numprotect: PERMISSION_DENIED: ")
+        assert line.startswith("numprotect: PERMISSION_DENIED: the tenant role may not call ")
+        assert line.endswith("(ErrorInfo reason=ROLE_NOT_ALLOWED domain=numprotect)")
         assert s.tenant_token not in outcome.stderr + outcome.stdout
 
 

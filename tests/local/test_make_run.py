@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,15 +141,28 @@ def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     block = readme.split("<!-- walkthrough:begin -->")[1].split("<!-- walkthrough:end -->")[0]
     script = block.split("```sh\n")[1].split("```")[0]
     script = script.replace(".run/", f"{run_dir}/")
+    addresses = {name: f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}" for name in SERVICES}
     for index, name in enumerate(SERVICES):
-        script = script.replace(f"127.0.0.1:{50051 + index}", f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}")
+        script = script.replace(f"127.0.0.1:{50051 + index}", addresses[name])
+    # The CLI's contexts: this launcher's ports (not the defaults --from-run-dir assumes), a config file of the test.
+    ports = " ".join(f"--{name}={address}" for name, address in addresses.items())
+    script = script.replace(f"--from-run-dir {run_dir}/", f"--from-run-dir {run_dir}/ {ports}")
     result = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+        ["bash", "-e", "-o", "pipefail", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NUMPROTECT_CONFIG": str(run_dir / "cli-config.yaml")},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert '"decision": "DECISION_CONNECT"' in out and '"target_number": "13900000002"' in out, out
     assert '"numbers_added": 10000' in out and "virtual number: 700100000" in out, out
     # The two refusals: no key, and the tenant's key on an operator RPC; then the audit trail verifies.
-    assert "Unauthenticated" in result.stderr and "PermissionDenied" in result.stderr, result.stderr
-    assert '"ok": true' in out and "LockNumber" in out, out
+    assert "Unauthenticated" in result.stderr, result.stderr
+    assert "numprotect: PERMISSION_DENIED: the tenant role may not call LockNumber" in result.stderr, result.stderr
+    assert re.search(r"│ ok\s+│ true\s+│", out) and "LockNumber" in out, out
+    # The CLI's tables: the tenant's binding, its number, and the keys minted (never a token).
+    assert "order-1" in out and "IN_USE" in out and "demo orders" in out, out
+    assert "npk_" not in out, out
