@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,15 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
         }
         built = _get(f"{base}/api/v1/query?query=numprotect_build_info")["result"]
         assert sorted(r["metric"]["process"] for r in built) == sorted(health)
+        # The recording rules join each process's series to numprotect_build_info{service} on (job, instance):
+        # evaluated on real scrapes, Translate's handled rate comes back labelled with its service.
+        query = 'service_method:grpc_server_handled:rate5m{grpc_method="Translate"}'
+        while True:
+            recorded = _get(f"{base}/api/v1/query?query={urllib.parse.quote(query)}")["result"]
+            if recorded or time.monotonic() > deadline + 30:
+                break
+            time.sleep(0.5)
+        assert [r["metric"]["service"] for r in recorded] == ["translation"], recorded
         groups = {g["name"]: g for g in _get(f"{base}/api/v1/rules")["groups"]}
         assert set(groups) == {"numprotect-alerts", "numprotect-grpc", "numprotect-domain"}
         assert all(r["health"] != "err" for g in groups.values() for r in g["rules"])
