@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -33,7 +34,7 @@ import yaml
 from numprotect.cli.failures import EXIT_CONFIG, CliError
 
 SERVICES = ("allocation", "binding", "translation", "cdr")
-DEFAULT_PORTS = {"allocation": 50051, "binding": 50052, "translation": 50053, "cdr": 50054}
+DEFAULT_PORTS = MappingProxyType({"allocation": 50051, "binding": 50052, "translation": 50053, "cdr": 50054})
 # AdminService (keys, audit) is served on allocation's port.
 ADMIN_SERVICE_HOST = "allocation"
 CONFIG_ENV = "NUMPROTECT_CONFIG"

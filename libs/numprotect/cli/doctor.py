@@ -4,6 +4,8 @@ services: the context plays no part. `--output table` is the checker's text repo
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import typer
 
 from numprotect.cli.connection import session_of
@@ -11,12 +13,10 @@ from numprotect.cli.failures import EXIT_CHECK_FAILED, EXIT_CONFIG
 from numprotect.core.doctor import cli as doctor_cli
 
 # The checker's exit status -> this CLI's (numprotect.cli.failures).
-_EXIT = {
-    doctor_cli.EXIT_CLEAN: 0,
-    doctor_cli.EXIT_VIOLATIONS: EXIT_CHECK_FAILED,
-    doctor_cli.EXIT_ERROR: EXIT_CONFIG,
-}
-_OUTPUT_NAMES = {"table": "text"}
+_EXIT = MappingProxyType(
+    {doctor_cli.EXIT_CLEAN: 0, doctor_cli.EXIT_VIOLATIONS: EXIT_CHECK_FAILED, doctor_cli.EXIT_ERROR: EXIT_CONFIG}
+)
+_OUTPUT_NAMES = MappingProxyType({"table": "text"})
 
 
 def _checker_args(args: list[str]) -> list[str]:
@@ -44,4 +44,4 @@ def doctor(ctx: typer.Context) -> None:
     raise typer.Exit(_EXIT.get(status, status))
 
 
-CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+CONTEXT_SETTINGS = MappingProxyType({"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

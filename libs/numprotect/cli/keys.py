@@ -7,6 +7,7 @@ import re
 import time
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated
 
 import typer
@@ -15,14 +16,14 @@ from google.protobuf import timestamp_pb2
 from numprotect.admin.v1 import admin_pb2
 from numprotect.admin.v1.admin_pb2_grpc import AdminServiceStub
 from numprotect.cli.connection import call, call_pages
-from numprotect.cli.failures import EXIT_USAGE, CliError
+from numprotect.cli.failures import EXIT_CONFIG, EXIT_USAGE, CliError
 from numprotect.cli.options import AllPages, PageSize, PageToken
 from numprotect.cli.output import OutputFormat, OutputOption, Printer, note
 
 app = typer.Typer(help="API keys: mint (the token is shown once), list, revoke. Operator only.")
 
 KEY_COLUMNS = ("key_id", "role", "tenant_id", "carrier_id", "service", "description", "create_time", "revoke_time")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS = MappingProxyType({"s": 1, "m": 60, "h": 3600, "d": 86400})
 
 
 class RoleName(StrEnum):
@@ -45,14 +46,28 @@ def seconds_of(text: str, option: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def _write_token(path: Path, token: str) -> None:
-    """The token into a new file of mode 600 (an existing file is never overwritten)."""
+def _writable_new_file(path: Path) -> None:
+    """Refuses, before the key is minted, a --token-file that exists or whose folder cannot be written."""
+    if path.exists():
+        raise CliError(f"--token-file {path}: exists (a token file is never overwritten)", EXIT_USAGE)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"--token-file {path}: cannot create a file in {folder}", EXIT_USAGE)
+
+
+def _write_token(path: Path, token: str, key_id: str) -> None:
+    """The token into a new file of mode 600. Should that still fail, the key exists with a token nobody has:
+    the line says which key to revoke (the token itself is never printed here)."""
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(token + "\n")
     except OSError as exc:
-        raise CliError(f"--token-file {path}: {exc.strerror}", EXIT_USAGE) from exc
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(token + "\n")
+        raise CliError(
+            f"--token-file {path}: {exc.strerror}; key {key_id} was minted and its token is lost: "
+            f"numprotect keys revoke {key_id}",
+            EXIT_CONFIG,
+        ) from exc
 
 
 @app.command("create")
@@ -77,11 +92,11 @@ def create(
         request.expire_time.CopyFrom(
             timestamp_pb2.Timestamp(seconds=int(time.time()) + seconds_of(expires_in, "--expires-in"))
         )
-    if token_file is not None and token_file.exists():
-        raise CliError(f"--token-file {token_file}: exists (a token file is never overwritten)", EXIT_USAGE)
+    if token_file is not None:
+        _writable_new_file(token_file)
     response = call(ctx, AdminServiceStub, "admin", "CreateApiKey", request)
     if token_file is not None:
-        _write_token(token_file, response.token)
+        _write_token(token_file, response.token, response.key.key_id)
         response.ClearField("token")
         note(f"token written to {token_file}")
     printer = Printer(output)

@@ -124,7 +124,7 @@ def build_app() -> typer.Typer:
     for name, module in COMMAND_GROUPS:
         app.add_typer(importlib.import_module(module).app, name=name)
     # The checker's own options pass through untouched (its --help is the checker's).
-    app.command("doctor", context_settings=doctor.CONTEXT_SETTINGS, add_help_option=False)(doctor.doctor)
+    app.command("doctor", context_settings=dict(doctor.CONTEXT_SETTINGS), add_help_option=False)(doctor.doctor)
     return app
 
 
