@@ -35,11 +35,24 @@ def block(i: int) -> str:
 class AllocationCli:
     service: RunningService[Any, Any]
     config: Path
+    token_file: Path
     operator: Any  # AllocationService stub as the operator
     binding: Any  # AllocationService stub as the binding service (reservations)
 
     async def cli(self, *args: str) -> Result:
         return await run_cli(self.config, *args)
+
+    async def add_context(self, name: str, allocation_address: str) -> None:
+        """Another context, the operator's key, allocation at `allocation_address` (e.g. through a proxy)."""
+        created = await self.cli(
+            "config",
+            "set-context",
+            name,
+            f"--allocation={allocation_address}",
+            f"--ca-file={test_pki().ca_file}",
+            f"--token-file={self.token_file}",
+        )
+        assert created.exit_code == 0, created.stderr
 
     def command(self, *args: str) -> list[str]:
         """The CLI as a process of its own (python -m numprotect.cli), bound to the context file."""
@@ -88,6 +101,7 @@ async def allocation_cli(redis_env: dict[str, str], tmp_path: Path) -> AsyncIter
         yield AllocationCli(
             svc,
             config,
+            token,
             allocation_pb2_grpc.AllocationServiceStub(svc.channel_with(svc.token(Role.OPERATOR))),
             allocation_pb2_grpc.AllocationServiceStub(svc.channel_as(Role.SERVICE, "binding")),
         )

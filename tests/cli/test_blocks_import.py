@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import pexpect
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.cli.block_import import JOURNAL_HEADER, read_block_file
 from numprotect.core import pool_keys
+from support.tcp_proxy import LatencyProxy
 
 from .allocation_cli import HEADER, allocation_cli, block, write_csv
 
@@ -38,7 +40,9 @@ async def test_many_rows_with_bad_ones_summary_rejects_and_pools(
     source = write_csv(tmp_path / "blocks.csv", rows)
     assert len(rows) == 30
     async with allocation_cli(redis_env, tmp_path) as a:
-        await a.operator.ImportBlock(pb.ImportBlockRequest(block=taken, tenant_id="t2", city_code="010", carrier_id="cm"))
+        await a.operator.ImportBlock(
+            pb.ImportBlockRequest(block=taken, tenant_id="t2", city_code="010", carrier_id="cm")
+        )
         result = await a.cli("blocks", "import", str(source), "--concurrency", "4", "-o", "json")
         stats = await a.operator.GetPoolStats(pb.GetPoolStatsRequest(tenant_id="t1"))
         calls = await a.import_calls()
@@ -92,11 +96,9 @@ async def test_a_journal_makes_the_run_skip_finished_rows(redis_env: dict[str, s
     # Line 6's entry was cut short (a kill while writing it): that row is done again.
     assert (summary["skipped"], summary["imported"], summary["already_imported"]) == (4, 8, 0)
     assert sorted(calls) == sorted(block(i) for i in range(4, 12))
-    finished = journal.read_text().splitlines()[1:]
-    assert sorted(int(line.split("\t")[0]) for line in finished if line.count("\t") and "imp\n" not in line) == [
-        *range(2, 6),
-        *range(6, 14),
-    ]
+    entries = [line.split("\t") for line in journal.read_text().splitlines()[1:]]
+    assert entries[4] == ["6", "imp"]  # left as it was; the next entry starts on a line of its own
+    assert sorted(int(number) for number, outcome in entries if outcome != "imp") == list(range(2, 14))
     # A finished journal: a run again does nothing.
     assert json.loads(again.stdout)["skipped"] == 12 and json.loads(again.stdout)["imported"] == 0
 
@@ -112,50 +114,95 @@ async def test_a_killed_run_resumes_and_imports_no_block_twice(redis_env: dict[s
     async with allocation_cli(redis_env, tmp_path) as a:
         first = await asyncio.to_thread(a.popen, "blocks", "import", str(source), "--concurrency", "2", "-o", "json")
         deadline = time.monotonic() + 60
-        while finished_lines() < 5 and first.poll() is None and time.monotonic() < deadline:
+        # Polls a file another process writes (no event to wait on).
+        while finished_lines() < 5 and first.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         first.send_signal(signal.SIGKILL)
         await asyncio.to_thread(first.wait)
         done_before = finished_lines()
+        journal_before = journal.read_text().splitlines()[1 : 1 + done_before]
         resumed = await a.cli("blocks", "import", str(source), "--concurrency", "2", "-o", "json")
         calls = await a.import_calls()
+        stats = await a.operator.GetPoolStats(pb.GetPoolStatsRequest(tenant_id="t1"))
 
     assert 5 <= done_before < total, "the kill came after the run had finished: nothing to resume"
     assert resumed.exit_code == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["skipped"] == done_before
     assert summary["skipped"] + summary["imported"] + summary["already_imported"] == total
-    # Every block got its numbers from one call. A row in flight at the kill (not journaled, at most the 2 calls in
-    # flight) was sent again and answered already_imported: ImportBlock is idempotent.
+    # No row journaled by the killed run was sent again. Only rows in flight at the kill (at most the 2 calls in
+    # flight, not journaled) were: ImportBlock is idempotent, so the repeat completed or confirmed the import
+    # (already_imported when the first call had finished on the server).
     assert sorted(calls) == sorted(block(i) for i in range(total))
-    repeated = [b for b, outcomes in calls.items() if len(outcomes) > 1]
-    assert all(outcomes == ["OK"] * len(outcomes) for outcomes in calls.values())
-    assert len(repeated) == summary["already_imported"] <= 2
-    assert all(len(calls[b]) == 2 for b in repeated)
+    first_run = {block(int(line.split("\t")[0]) - 2) for line in journal_before}
+    repeated = {b for b, outcomes in calls.items() if len(outcomes) > 1}
+    assert all(len(calls[b]) == 1 for b in first_run)
+    assert not repeated & first_run
+    assert len(repeated) <= 2 and all(len(calls[b]) == 2 for b in repeated)
+    assert summary["already_imported"] <= len(repeated)
     outcomes = [line.split("\t")[1] for line in journal.read_text().splitlines()[1:]]
-    assert len(outcomes) == total and outcomes.count("imported") == total - len(repeated)
+    assert len(outcomes) == total and outcomes.count("imported") + outcomes.count("already_imported") == total
+    # Every block whole in the pools.
+    assert sum(c.total for c in stats.cities) == total * 10_000
+
+
+async def test_calls_that_time_out_are_sent_again_and_progress_lines_off_a_terminal(
+    redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    source = write_csv(tmp_path / "blocks.csv", good_rows(6))
+    async with allocation_cli(redis_env, tmp_path) as a:
+        proxy = LatencyProxy("127.0.0.1", a.service.port)
+        try:
+            await a.add_context("slow", proxy.address)
+            proxy.delay = 0.4  # each way: every call outlasts the 0.3 s deadline ...
+            args = ("--context", "slow", "--timeout", "0.3", "blocks", "import", str(source), "--concurrency", "2")
+            running = asyncio.ensure_future(a.cli(*args, "--progress-every", "0.01"))
+            await asyncio.sleep(1.0)
+            proxy.delay = 0.0  # ... until the network recovers
+            result = await running
+        finally:
+            proxy.close()
+        stats = await a.operator.GetPoolStats(pb.GetPoolStatsRequest(tenant_id="t1"))
+        calls = await a.import_calls()
+    assert result.exit_code == 0, result.stderr
+    summary = dict(re.findall(r"│ (\w+) +│ (\d+) +│", result.stdout))
+    assert int(summary["retries"]) >= 2
+    # A call that timed out on the client may have finished on the server: its repeat answers already_imported.
+    assert int(summary["imported"]) + int(summary["already_imported"]) == 6
+    assert sum(len(outcomes) for outcomes in calls.values()) >= 6 + 2 - 2  # the first ones may never have arrived
+    assert sum(c.total for c in stats.cities) == 60_000
+    # Off a terminal: plain progress lines on stderr (count, rate, ETA, tally).
+    lines = result.stderr.splitlines()
+    assert lines and all(
+        re.fullmatch(r"importing \d/6 rows, [\d.]+ rows/s, ETA \d+:\d\d:\d\d: imported .*", x) for x in lines
+    )
 
 
 async def test_progress_bar_rate_and_eta_on_a_terminal(redis_env: dict[str, str], tmp_path: Path) -> None:
     source = write_csv(tmp_path / "blocks.csv", good_rows(30))
     async with allocation_cli(redis_env, tmp_path) as a:
 
-        def run_in_a_terminal() -> tuple[str, int]:
+        def run_in_a_terminal() -> tuple[str, int | None]:
             command = a.command("blocks", "import", str(source), "--concurrency", "1")
+            environ = {k: v for k, v in a.environ().items() if k not in ("COLUMNS", "LINES")}  # the pty's size
             child = pexpect.spawn(
-                command[0], command[1:], env=a.environ(), dimensions=(30, 180), encoding="utf-8", timeout=60
+                command[0], command[1:], env=environ, dimensions=(30, 180), encoding="utf-8", timeout=60
             )
-            child.expect(r"importing .*\d+/30 +[\d.]+ rows/s ETA \d+:\d\d:\d\d")
-            seen = child.after
             child.expect(pexpect.EOF)
             child.close()
-            return seen + child.before, child.exitstatus
+            return str(child.before), child.exitstatus
 
-        screen, status = await asyncio.to_thread(run_in_a_terminal)
+        raw, status = await asyncio.to_thread(run_in_a_terminal)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)  # colours and cursor moves
     assert status == 0, screen
-    assert "━" in screen  # the bar
-    assert "30/30" in screen
-    assert "imported 30 · already 0 · rejected 0" in screen
+    frames = re.findall(
+        r"importing ([━╸╺ ]+) +(\d+)/30 ([\d.]+) rows/s ETA (\d+:\d\d:\d\d) (imported \d+[^\r\n]*)", screen
+    )
+    # Frames while it ran: the bar, the count, a rate and an estimate; the last one complete.
+    running = [f for f in frames if int(f[1]) < 30]
+    assert running, screen
+    assert all(float(rate) > 0 for _, _, rate, _, _ in running)
+    assert frames[-1][1:] == ("30", frames[-1][2], "0:00:00", "imported 30 · already 0 · rejected 0")
     assert "RESULT" in screen  # the summary table
 
 
@@ -168,7 +215,8 @@ async def test_a_file_of_the_wrong_shape_is_refused_up_front(redis_env: dict[str
     (line,) = result.stderr.splitlines()
     assert line == (
         f"numprotect: {wrong}: line 1: the header 'block,tenant,city_code,carrier_id,block' has missing column(s) "
-        "tenant_id and repeated column(s) block (expected the columns block,tenant_id,city_code,carrier_id, in any order)"
+        "tenant_id and repeated column(s) block "
+        "(expected the columns block,tenant_id,city_code,carrier_id, in any order)"
     )
     assert calls == {}
     assert not (tmp_path / "wrong.csv.journal").exists()

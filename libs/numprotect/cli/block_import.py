@@ -133,15 +133,18 @@ class Journal:
         self.done: dict[int, str] = {}
         self.resumed = path.exists()
         if self.resumed:
-            self._read(block_file)
+            text = self._read(block_file)
             self._file: TextIO = path.open("a", encoding="utf-8")
+            if not text.endswith("\n"):
+                self._file.write("\n")  # after a line cut short by a kill: new entries start on their own line
         else:
             self._file = path.open("w", encoding="utf-8")
             self._file.write(f"{JOURNAL_HEADER}{block_file.sha256} input={block_file.path.name}\n")
             self._file.flush()
 
-    def _read(self, block_file: BlockFile) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+    def _read(self, block_file: BlockFile) -> str:
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.splitlines()
         if not lines or not lines[0].startswith(JOURNAL_HEADER):
             raise CliError(
                 f"journal {self.path}: not a blocks import journal (remove it or pass --journal)", EXIT_USAGE
@@ -153,11 +156,12 @@ class Journal:
                 "remove the journal to start over, or pass --journal for a new one",
                 EXIT_USAGE,
             )
-        for text in lines[1:]:
-            number, _, outcome = text.partition("\t")
+        for entry in lines[1:]:
+            number, _, outcome = entry.partition("\t")
             # A last line cut short by a kill is ignored: that row is done again (safely: ImportBlock is idempotent).
             if number.isdigit() and outcome in FINISHED:
                 self.done[int(number)] = outcome
+        return text
 
     def record(self, line: int, outcome: str) -> None:
         self._file.write(f"{line}\t{outcome}\n")

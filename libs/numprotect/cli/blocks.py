@@ -15,6 +15,7 @@ import grpc
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.table import Column
 from rich.text import Text
 
 from numprotect.allocation.v1 import allocation_pb2
@@ -96,9 +97,10 @@ class Display:
                 TextColumn("[bold]importing"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                RateColumn(),
-                EtaColumn(),
-                TextColumn("{task.description}"),
+                # On a narrow terminal the tally is cut short rather than the figures wrapped.
+                RateColumn(table_column=Column(no_wrap=True)),
+                EtaColumn(table_column=Column(no_wrap=True)),
+                TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis")),
                 console=self.console,
                 speed_estimate_period=10.0,
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from google.rpc import status_pb2
@@ -298,9 +299,9 @@ class AllocationServiceServicer(allocation_pb2_grpc.AllocationServiceServicer):
         city = keys.city_field("city_code", request.city_code) if request.city_code else None
         per_city = await self.pools.city_stats(tenant, city)
         stats = summed(per_city)
-        response = pb.GetPoolStatsResponse(
-            **_pool_figures(stats), cities=[pb.CityPoolStats(city_code=c, **_pool_figures(s)) for c, s in per_city]
-        )
+        # One rate window for the response (the last city's read): every rate in it is per day of rate_window.
+        cities = [pb.CityPoolStats(city_code=c, **_pool_figures(replace(s, now_ms=stats.now_ms))) for c, s in per_city]
+        response = pb.GetPoolStatsResponse(**_pool_figures(stats), cities=cities)
         if stats.now_ms:
             response.rate_window.FromMilliseconds(stats.rate_window_ms)
         return response
