@@ -14,6 +14,7 @@ from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.core.settings import SettingsError
 from numprotect.services.binding.allocation_client import AllocationClient
+from numprotect.services.binding.counts import BindingCounts
 from numprotect.services.binding.create import BindingCreator
 from numprotect.services.binding.reads import BindingReads
 from numprotect.services.binding.recovery import CreateRecovery, failpoint_hook
@@ -34,14 +35,17 @@ def build_servicer(
     page_token_key: PageTokenKey,
     callers: Callers,
     replicas: ReplicaWait | None = None,
+    *,
+    counts: BindingCounts | None = None,
 ) -> BindingServiceServicer:
     """The servicer over its domain objects, all on one store; `callers` tells it who calls (the identity layer);
-    `replicas` waits for NUMPROTECT_REDIS_WAIT_REPLICAS after each create, update and delete."""
+    `replicas` waits for NUMPROTECT_REDIS_WAIT_REPLICAS after each create, update and delete; `counts` are the
+    process's numprotect_bindings_* counters."""
     store = BindingStore.over(redis, settings, replicas)
     reads = BindingReads(store)
     return BindingServiceServicer(
-        BindingCreator(store, allocation, settings, clock, failpoint_hook(settings.failpoint)),
-        BindingUpdater(store, reads, allocation, settings, clock),
+        BindingCreator(store, allocation, settings, clock, failpoint_hook(settings.failpoint), counts=counts),
+        BindingUpdater(store, reads, allocation, settings, clock, counts=counts),
         reads,
         settings,
         clock,
@@ -95,6 +99,7 @@ async def build(runtime: Runtime) -> ServiceParts:
         page_token_key,
         runtime.identity.callers,
         ReplicaWait.of(redis, runtime.redis_settings),
+        counts=BindingCounts(runtime.metrics),
     )
     recovery = CreateRecovery(servicer.creator, settings.recovery_interval_seconds)
     recovery.start()

@@ -43,6 +43,7 @@ from numprotect.core.errors import Aborted, AlreadyExists, Unavailable
 from numprotect.core.phone import mask
 from numprotect.core.telemetry import set_span_attributes
 from numprotect.services.binding.allocation_client import AllocationClient
+from numprotect.services.binding.counts import BindingCounts
 from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.settings import BindingSettings
 from numprotect.services.binding.store import (
@@ -191,12 +192,16 @@ class BindingCreator:
         settings: BindingSettings,
         clock: Clock,
         step_hook: StepHook | None = None,
+        *,
+        counts: BindingCounts | None = None,
     ) -> None:
         self.store = store
         self.allocation = allocation
         self.settings = settings
         self.clock = clock
         self.step = step_hook or _no_hook
+        # numprotect_bindings_created: counted where a create completes (pending -> committed), once per binding.
+        self.counts = counts or BindingCounts.uncounted()
         # Resolutions of failed creates that outlived their call (held so they are not garbage-collected).
         self._resolving: set[asyncio.Task[bool]] = set()
 
@@ -307,6 +312,7 @@ class BindingCreator:
                 stored = await self.store.get(claim.binding_id) or stored
                 if stored.pending:
                     await self.store.complete(stored.record)
+                    self.counts.created[stored.record.mode].inc()  # its own create failed after the commit
         return Created(stored.record, stored.city_fallback)
 
     async def _write(self, attempt: _Attempt, budget: CallBudget, reserve: float) -> Created:
@@ -390,6 +396,7 @@ class BindingCreator:
             )
             if not completed or record is None or not isinstance(exc, Exception):
                 raise
+        self.counts.created[spec.mode].inc()
         log.info(
             "binding created",
             extra={
@@ -508,6 +515,8 @@ class BindingCreator:
                     await store.pending.remove(binding_id)
                     return "gone"
                 await store.complete(current.record)
+                if current.pending:  # committed, never completed: its create call failed, so it was not counted
+                    self.counts.created[current.record.mode].inc()
         except Aborted:
             return "busy"
         return "completed"

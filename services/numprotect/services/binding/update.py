@@ -22,6 +22,7 @@ from numprotect.core.phone import mask
 from numprotect.core.redis_batch import raise_first, send_together
 from numprotect.core.routes import MODE_AXB, MODE_AXN, caller_key
 from numprotect.services.binding.allocation_client import AllocationClient, PartyNotHeld
+from numprotect.services.binding.counts import BindingCounts
 from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.reads import BindingReads, Locked
 from numprotect.services.binding.settings import BindingSettings
@@ -50,12 +51,15 @@ class BindingUpdater:
         allocation: AllocationClient,
         settings: BindingSettings,
         clock: Clock,
+        *,
+        counts: BindingCounts | None = None,
     ) -> None:
         self.store = store
         self.reads = reads
         self.allocation = allocation
         self.settings = settings
         self.clock = clock
+        self.counts = counts or BindingCounts.uncounted()  # numprotect_bindings_updated, _deleted
 
     def _budget(self, budget: CallBudget | None) -> CallBudget:
         return budget or CallBudget.within(self.settings.create_lease_seconds)
@@ -173,6 +177,7 @@ class BindingUpdater:
             # Narrowing last; also when the record holds the asked expiry already: a retry whose first attempt
             # wrote the record but not this confirm would otherwise leave the reservation outliving its binding.
             await self.allocation.confirm(reservation_id, old.binding_id, new.expire_ms)
+        self.counts.updated.inc()
         log.info(
             "binding updated",
             extra={"binding_id": old.binding_id, "changed": sorted(changes), "party_b": mask(new.party_b)},
@@ -248,6 +253,7 @@ class BindingUpdater:
                 release=held.lease.holder,
             )
             record = replace(record, delete_ms=now, update_ms=now)
+            self.counts.deleted.inc()  # once: a repeated delete finds the mark and takes the branch below
             log.info("binding deleted", extra={"binding_id": binding_id, "tenant_id": record.tenant_id})
         else:
             # A repeated delete finishes whatever a failed one may have left.
