@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pexpect
+import pytest
 
 from numprotect.allocation.v1 import allocation_pb2 as pb
 from numprotect.cli.block_import import JOURNAL_HEADER, read_block_file
@@ -103,7 +104,10 @@ async def test_a_journal_makes_the_run_skip_finished_rows(redis_env: dict[str, s
     assert json.loads(again.stdout)["skipped"] == 12 and json.loads(again.stdout)["imported"] == 0
 
 
-async def test_a_killed_run_resumes_and_imports_no_block_twice(redis_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+async def test_a_stopped_run_resumes_and_imports_no_block_twice(
+    redis_env: dict[str, str], tmp_path: Path, stop: signal.Signals
+) -> None:
     total = 40
     source = write_csv(tmp_path / "blocks.csv", good_rows(total))
     journal = tmp_path / "blocks.csv.journal"
@@ -117,8 +121,8 @@ async def test_a_killed_run_resumes_and_imports_no_block_twice(redis_env: dict[s
         # Polls a file another process writes (no event to wait on).
         while finished_lines() < 5 and first.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-        first.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(first.wait)
+        first.send_signal(stop)
+        stopped_stdout, stopped_stderr = await asyncio.to_thread(first.communicate)
         done_before = finished_lines()
         journal_before = journal.read_text().splitlines()[1 : 1 + done_before]
         resumed = await a.cli("blocks", "import", str(source), "--concurrency", "2", "-o", "json")
@@ -126,6 +130,10 @@ async def test_a_killed_run_resumes_and_imports_no_block_twice(redis_env: dict[s
         stats = await a.operator.GetPoolStats(pb.GetPoolStatsRequest(tenant_id="t1"))
 
     assert 5 <= done_before < total, "the kill came after the run had finished: nothing to resume"
+    if stop is signal.SIGINT:  # Ctrl-C: the summary so far, how to go on, exit status 130
+        assert first.returncode == 130
+        assert "interrupted: run the same command again to resume" in stopped_stderr
+        assert json.loads(stopped_stdout)["interrupted"] is True
     assert resumed.exit_code == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["skipped"] == done_before
