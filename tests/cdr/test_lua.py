@@ -42,8 +42,9 @@ async def test_ingest_script_stores_once_indexes_counts_flags_and_trims(
     args += _args(b"two", now_ms - 4000, 1 | 2 | 4 | 32, 0, caller, window + 3 * 3_600_000)
     args += _args(b"one-again", now_ms - 5000, 1 | 2 | 4 | 8 | 16, 2, caller, window + 3 * 3_600_000)
     reply = await CdrStore._ingest(redis, keys, args)
-    first, second, repeat = reply
+    first, second, repeat, flagged = reply
     assert repeat == 0
+    assert flagged == 1  # c2 brought the pair to 2 short or unanswered calls; counted once, not again by the repeat
     ids = [entry[0] for entry in redis_sync.xrange(bucket.stream)]
     assert ids == [first, second]  # the ancient entry is gone, the repeat was not appended
     assert [entry[1][b"p"] for entry in redis_sync.xrange(bucket.stream)] == [b"one", b"two"]

@@ -297,7 +297,7 @@ async def test_cdr_ingests_and_enriches_as_its_user(as_user: Any, admin: redis.R
     keys += [bucket.abuse_flagged(window)]
     args: list[Any] = [86_400_000, 2, 1, b"payload", now - 5000, 1 | 2 | 4, 0, "13800000001"]
     args += [f"{number}|13800000001", window + 3_600_000]
-    (stream_id,) = await CdrStore._ingest(cdr, keys, args)
+    stream_id, _flagged = await CdrStore._ingest(cdr, keys, args)
     assert admin.xlen(bucket.stream) == 1
     assert await cdr.xread({bucket.stream: "0"}, count=1)
     assert stream_id

@@ -14,6 +14,7 @@ from numprotect.core.redis_client import create_redis
 from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.services.cdr.bindings import RedisBindingLookup
+from numprotect.services.cdr.counts import CdrCounts
 from numprotect.services.cdr.enrich import Enricher
 from numprotect.services.cdr.ingest import Ingestor
 from numprotect.services.cdr.servicer import CdrServiceServicer
@@ -38,14 +39,15 @@ async def build(runtime: Runtime) -> ServiceParts:
     # Everything else shares the main client and its one bound (ingest scripts, listing, enrichment lookups).
     redis_limit = ConcurrencyLimit.for_redis(redis_settings)
     clock = SystemClock()
-    store = CdrStore(runtime.redis, settings, redis_limit, ReplicaWait.of(runtime.redis, redis_settings))
+    counts = CdrCounts(runtime.metrics)
+    store = CdrStore(runtime.redis, settings, redis_limit, ReplicaWait.of(runtime.redis, redis_settings), counts=counts)
     lookup = RedisBindingLookup(runtime.redis, redis_limit, cache_size=settings.binding_cache)
     tracer: trace.Tracer = (
         runtime.telemetry.provider.get_tracer("numprotect.cdr")
         if runtime.telemetry.provider is not None
         else trace.NoOpTracer()
     )
-    ingestor = Ingestor(store, Enricher(lookup), settings, tracer, clock=clock)
+    ingestor = Ingestor(store, Enricher(lookup), settings, tracer, clock=clock, counts=counts)
     servicer = CdrServiceServicer(
         settings,
         store,

@@ -17,6 +17,7 @@ from numprotect.core.clock import Clock
 from numprotect.core.errors import ResourceExhausted
 from numprotect.core.phone import mask
 from numprotect.core.telemetry import link_from_call_ref, set_attributes
+from numprotect.services.cdr.counts import CdrCounts
 from numprotect.services.cdr.enrich import Enricher
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.store import CdrStore
@@ -94,13 +95,21 @@ def span_links(records: Sequence[ValidCdr]) -> list[Link]:
 
 class Ingestor:
     def __init__(
-        self, store: CdrStore, enricher: Enricher, settings: CdrSettings, tracer: trace.Tracer, *, clock: Clock
+        self,
+        store: CdrStore,
+        enricher: Enricher,
+        settings: CdrSettings,
+        tracer: trace.Tracer,
+        *,
+        clock: Clock,
+        counts: CdrCounts | None = None,
     ) -> None:
         self.store = store
         self.enricher = enricher
         self.settings = settings
         self.tracer = tracer
         self.clock = clock
+        self.counts = counts or CdrCounts.uncounted()  # numprotect_cdrs, numprotect_cdr_ingestion_lag_seconds
 
     async def ingest(
         self,
@@ -112,7 +121,8 @@ class Ingestor:
     ) -> Summary:
         """Every input record ends up exactly once in accepted, duplicates or rejected. A rejected record writes
         nothing (its dedup key included). More than NUMPROTECT_CDR_MAX_REJECTED rejections in the call (with the
-        `rejected_before` of its earlier chunks): RESOURCE_EXHAUSTED, and nothing of this chunk is stored."""
+        `rejected_before` of its earlier chunks): RESOURCE_EXHAUSTED, and nothing of this chunk is stored (nor
+        counted in numprotect_cdrs: the call fails, the carrier resends)."""
         now_ms = self.clock.now_ms()
         summary = Summary()
         valid: list[ValidCdr] = []
@@ -138,7 +148,10 @@ class Ingestor:
         if rejected > self.settings.max_rejected:
             raise too_many_rejected(self.settings.max_rejected, rejected)
         if not valid:
+            self._count(summary, [], 0, now_ms)
             return summary
+        stored: list[ValidCdr] = []
+        unmatched_stored = 0
         with self.tracer.start_as_current_span("cdr.ingest", links=span_links(valid)) as span:
             await self.enricher.enrich(valid)
             owners: dict[str, list[ValidCdr]] = {}
@@ -151,10 +164,15 @@ class Ingestor:
             results = await asyncio.gather(
                 *(self.store.ingest(tenant_id, group, now_ms) for tenant_id, group in owners.items())
             )
-            for ids in results:
-                stored = sum(1 for entry_id in ids if entry_id is not None)
-                summary.accepted += stored
-                summary.duplicates += len(ids) - stored
+            for (tenant_id, group), ids in zip(owners.items(), results, strict=True):
+                for item, entry_id in zip(group, ids, strict=True):
+                    if entry_id is None:
+                        summary.duplicates += 1
+                        continue
+                    stored.append(item)
+                    if not tenant_id:
+                        unmatched_stored += 1
+            summary.accepted += len(stored)
             unmatched_count = len(owners.get("", []))
             attributes: dict[str, AttributeValue] = {
                 "cdr.records": len(records),
@@ -169,4 +187,15 @@ class Ingestor:
             set_attributes(span, attributes)
         if unmatched_count:
             log.info("cdr records matched no binding", extra={"count": unmatched_count})
+        self._count(summary, stored, unmatched_stored, now_ms)
         return summary
+
+    def _count(self, summary: Summary, stored: Sequence[ValidCdr], unmatched: int, now_ms: int) -> None:
+        """Each record of the chunk under its one outcome; the lag of each record stored now."""
+        counts = self.counts
+        counts.ingested.inc(summary.accepted - unmatched)
+        counts.unmatched.inc(unmatched)
+        counts.duplicate.inc(summary.duplicates)
+        counts.rejected.inc(len(summary.rejected))
+        for item in stored:
+            counts.lag.observe(max(0, now_ms - item.release_ms) / 1000)

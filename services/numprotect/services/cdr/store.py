@@ -19,6 +19,7 @@ from numprotect.core.conversions import timestamp_from_ms
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.redis_client import LuaScript, RedisClient
 from numprotect.core.replica_wait import ReplicaWait
+from numprotect.services.cdr.counts import CdrCounts
 from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.validation import ValidCdr
 
@@ -120,8 +121,12 @@ class CdrStore:
         settings: CdrSettings,
         redis_limit: ConcurrencyLimit,
         replicas: ReplicaWait | None = None,
+        *,
+        counts: CdrCounts | None = None,
     ) -> None:
         self.redis = redis
+        # numprotect_abuse_flags: ingest.lua says how many pairs each call flagged.
+        self.abuse_flagged = (counts or CdrCounts.uncounted()).abuse_flagged
         self.settings = settings
         self.redis_limit = redis_limit
         # NUMPROTECT_REDIS_WAIT_REPLICAS: an ingest is acknowledged once replicas have it (off when None or 0).
@@ -258,7 +263,11 @@ class CdrStore:
         keys.append(answer_key(bucket))
         args.append(ANSWER_KEEP_MS)
         reply = await self._ingest(self.redis, keys, args)
-        return [None if item in (0, b"0") else _text(item) for item in reply]
+        count = len(records)
+        # The last item: pairs this call flagged (absent in an answer kept by a version before it).
+        if len(reply) > count and int(reply[count]):
+            self.abuse_flagged.inc(int(reply[count]))
+        return [None if item in (0, b"0") else _text(item) for item in reply[:count]]
 
     # --- listing ----------------------------------------------------------------------------------
 

@@ -72,6 +72,8 @@ class ValidCdr:
     billable_seconds: int
     # The decoded call_ref when it was one this platform issued for this virtual number.
     call_ref: CallRef | None
+    # The call's end (release_time), for the ingestion lag.
+    release_ms: int = 0
 
 
 def _timestamp(record: cdr_pb2.CallDetailRecord, field: str, *, required: bool) -> int | None:
@@ -207,4 +209,5 @@ def _validate(
         answered=answered,
         billable_seconds=billable,
         call_ref=call_ref,
+        release_ms=release_ms,
     )

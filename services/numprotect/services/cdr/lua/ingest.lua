@@ -8,7 +8,8 @@
 -- Optional: KEYS[3 + 6 * count] the answer key of this call (unique per call) and ARGV[4 + 7 * count] how long it is
 --   kept (ms): the reply is kept there, and a repeat of the call (a cluster client re-sends a script whose reply it
 --   lost) gets the same reply instead of "duplicate" for the records the first run stored.
--- Returns one entry per record: the new stream id, or 0 when the call_id was already stored (duplicate).
+-- Returns one entry per record: the new stream id, or 0 when the call_id was already stored (duplicate); then one more:
+--   how many (virtual number, caller) pairs this call flagged (newly in their window's flagged set: each flag once).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local retention = tonumber(ARGV[1])
@@ -18,6 +19,7 @@ local cutoff = now - retention
 local stream = KEYS[1]
 local time_index = KEYS[2]
 local out = {}
+local flagged = 0
 local answer_key = KEYS[3 + 6 * n]
 
 if answer_key then
@@ -73,16 +75,17 @@ for i = 0, n - 1 do
         bad = bad + tonumber(redis.call('HGET', counters, caller .. ':u') or '0') end
       redis.call('PEXPIREAT', counters, abuse_at)
       if bad >= abuse_min then
-        redis.call('ZADD', KEYS[k + 6], bad, ARGV[a + 6])
+        flagged = flagged + redis.call('ZADD', KEYS[k + 6], bad, ARGV[a + 6])
         redis.call('PEXPIREAT', KEYS[k + 6], abuse_at)
       end
     end
     out[i + 1] = id
   end
 end
+out[n + 1] = flagged
 if answer_key then
   local items = {}
-  for i = 1, n do items[i] = tostring(out[i]) end
+  for i = 1, n + 1 do items[i] = tostring(out[i]) end
   redis.call('SET', answer_key, table.concat(items, ','), 'PX', ARGV[4 + 7 * n])
 end
 return out
