@@ -92,10 +92,11 @@ async def test_a_journal_makes_the_run_skip_finished_rows(redis_env: dict[str, s
         result = await a.cli("blocks", "import", str(source), "-o", "json")
         calls = await a.import_calls()
         again = await a.cli("blocks", "import", str(source), "-o", "json")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 21, result.stderr  # the earlier run rejected a row
     summary = json.loads(result.stdout)
     # Line 6's entry was cut short (a kill while writing it): that row is done again.
     assert (summary["skipped"], summary["imported"], summary["already_imported"]) == (4, 8, 0)
+    assert (summary["rejected"], summary["skipped_rejected"]) == (0, 1)
     assert sorted(calls) == sorted(block(i) for i in range(4, 12))
     entries = [line.split("\t") for line in journal.read_text().splitlines()[1:]]
     assert entries[4] == ["6", "imp"]  # left as it was; the next entry starts on a line of its own

@@ -218,6 +218,7 @@ class Outcome:
 class Summary:
     rows: int = 0
     skipped: int = 0  # finished by an earlier run (journal)
+    skipped_rejected: int = 0  # of those, rejected by it (in the rejects file already)
     counts: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     interrupted: bool = False
@@ -276,7 +277,9 @@ class ImportRun:
         self.retry = retry
         self.clock = clock
         self.summary = Summary(rows=len(block_file.rows))
-        self.summary.skipped = sum(1 for r in block_file.rows if r.line in journal.done)
+        earlier = [journal.done[r.line] for r in block_file.rows if r.line in journal.done]
+        self.summary.skipped = len(earlier)
+        self.summary.skipped_rejected = earlier.count(REJECTED)
         self._answers: queue.SimpleQueue[tuple[Row, int, Any]] = queue.SimpleQueue()
         self._cancels: dict[int, Callable[[], None]] = {}
 

@@ -157,10 +157,11 @@ def _summary_dict(summary: Summary, block_file: BlockFile, journal: Path, reject
         "already_imported": counts[ALREADY_IMPORTED],
         "rejected": counts[REJECTED],
         "skipped": summary.skipped,
+        "skipped_rejected": summary.skipped_rejected,
         "unfinished": counts[UNFINISHED],
         "retries": summary.retries,
         "interrupted": summary.interrupted,
-        "rejects_file": str(rejects) if counts[REJECTED] else "",
+        "rejects_file": str(rejects) if counts[REJECTED] or summary.skipped_rejected else "",
         "journal": str(journal),
         "elapsed_seconds": round(seconds, 3),
     }
@@ -170,9 +171,9 @@ def _print_summary(printer: Printer, result: dict[str, Any]) -> None:
     if printer.json:
         printer.line(json.dumps(result, indent=2))
         return
-    shown = ("rows", "imported", "already_imported", "rejected", "skipped", "unfinished", "retries")
+    shown = ("rows", "imported", "already_imported", "rejected", "skipped", "skipped_rejected", "unfinished", "retries")
     printer.table(["RESULT", "ROWS"], ([name, str(result[name])] for name in shown), title="blocks import")
-    if result["rejected"]:
+    if result["rejects_file"]:
         note(f"rejected rows (with their status): {result['rejects_file']}")
     if result["unfinished"]:
         note("some rows still failed after every retry: run the same command again to finish them")
@@ -196,9 +197,10 @@ def import_blocks(
 ) -> None:
     """Import every block of FILE (one ImportBlock each, several in flight), resumably.
 
-    Rows a previous run finished (its journal) are skipped; rejected rows go to the rejects file with their status
-    and do not stop the run. Exit status: 0 every row imported or already imported; 21 some rows rejected; 22 some
-    rows still failing after the retries (run again); 130 interrupted (run again to resume)."""
+    Rows its journal says a previous run finished are skipped; rejected rows go to the rejects file, the run goes on.
+
+    Exit status: 0 all rows done; 21 rows rejected (by this run or the one it resumed); 22 rows unfinished (retry).
+    """
     journal_path = journal or default_journal(file)
     rejects_path = rejects or default_rejects(file)
     for other, option in ((journal_path, "--journal"), (rejects_path, "--rejects")):
@@ -238,7 +240,7 @@ def import_blocks(
     _print_summary(printer, result)
     if result["unfinished"]:
         raise typer.Exit(EXIT_ROWS_UNFINISHED)
-    if result["rejected"]:
+    if result["rejected"] or result["skipped_rejected"]:
         raise typer.Exit(EXIT_ROWS_REJECTED)
 
 
