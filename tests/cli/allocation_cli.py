@@ -42,15 +42,16 @@ class AllocationCli:
     async def cli(self, *args: str) -> Result:
         return await run_cli(self.config, *args)
 
-    async def add_context(self, name: str, allocation_address: str) -> None:
-        """Another context, the operator's key, allocation at `allocation_address` (e.g. through a proxy)."""
+    async def add_context(self, name: str, allocation_address: str, token_file: Path | None = None) -> None:
+        """Another context: allocation at `allocation_address` (e.g. through a proxy), the operator's key unless
+        `token_file` names another."""
         created = await self.cli(
             "config",
             "set-context",
             name,
             f"--allocation={allocation_address}",
             f"--ca-file={test_pki().ca_file}",
-            f"--token-file={self.token_file}",
+            f"--token-file={token_file or self.token_file}",
         )
         assert created.exit_code == 0, created.stderr
 

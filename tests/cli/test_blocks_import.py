@@ -22,6 +22,7 @@ from numprotect.core import pool_keys
 from support.tcp_proxy import LatencyProxy
 
 from .allocation_cli import HEADER, allocation_cli, block, write_csv
+from .conftest import write_secret
 
 
 def good_rows(count: int, first: int = 0) -> list[str]:
@@ -213,6 +214,20 @@ async def test_progress_bar_rate_and_eta_on_a_terminal(redis_env: dict[str, str]
     assert all(float(rate) > 0 for _, _, rate, _, _ in running)
     assert frames[-1][1:] == ("30", frames[-1][2], "0:00:00", "imported 30 · already 0 · rejected 0")
     assert "RESULT" in screen  # the summary table
+
+
+async def test_an_unknown_key_stops_the_run_with_its_status(redis_env: dict[str, str], tmp_path: Path) -> None:
+    source = write_csv(tmp_path / "blocks.csv", good_rows(20))
+    async with allocation_cli(redis_env, tmp_path) as a:
+        await a.add_context("stale", a.service.address, write_secret(tmp_path / "stale.token", "np_" + "0" * 40))
+        result = await a.cli("--context", "stale", "blocks", "import", str(source), "-o", "json")
+    # Every row would fail alike: no rejects, no summary, the status's line and exit status (16).
+    assert result.exit_code == 16, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("numprotect: UNAUTHENTICATED: ")
+    assert result.stdout == ""
+    assert (tmp_path / "blocks.rejected.csv").read_text() == HEADER + ",code,message\n"
+    assert (tmp_path / "blocks.csv.journal").read_text().count("\n") == 1  # the header: nothing finished
 
 
 async def test_a_file_of_the_wrong_shape_is_refused_up_front(redis_env: dict[str, str], tmp_path: Path) -> None:

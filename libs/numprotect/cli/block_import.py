@@ -334,12 +334,18 @@ class ImportRun:
                 else:
                     yield self._finish(Outcome(row, REJECTED, code.name, describe_rpc_error(answer)))
         except BaseException:
-            self.summary.interrupted = True
-            for cancel in list(self._cancels.values()):
-                cancel()
+            self.stop()
             raise
         if fatal is not None:
             raise fatal
+
+    def stop(self) -> None:
+        """An interrupted run: the calls in flight are cancelled (their rows, not journaled, are sent again by the
+        next run; ImportBlock's idempotence makes that safe). Idempotent."""
+        self.summary.interrupted = True
+        for cancel in list(self._cancels.values()):
+            cancel()
+        self._cancels.clear()
 
     def _send(self, row: Row, attempts: int) -> None:
         assert row.request is not None

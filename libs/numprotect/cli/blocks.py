@@ -229,6 +229,7 @@ def import_blocks(
                     for outcome in run.events():
                         display.advance(outcome)
             except KeyboardInterrupt:
+                run.stop()
                 result = _summary_dict(run.summary, block_file, journal_path, rejects_path, time.monotonic() - started)
                 _print_summary(printer, result)
                 note(f"interrupted: run the same command again to resume ({journal_path})")
