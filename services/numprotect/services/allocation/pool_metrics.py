@@ -17,21 +17,16 @@ counted once by one allocation process: sum over the processes.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import Any
 
 from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY
 from numprotect.core.metrics import Metrics
+from numprotect.core.periodic import Periodic
 from numprotect.core.pool_keys import block_owner_key
 from numprotect.core.redis_client import RedisClient, as_text
 from numprotect.services.allocation.pools import NumberPools, PoolStats
 
-log = logging.getLogger(__name__)
-
 STATES = ("free", "in_use", "locked", "cooling")
-# A bounded wait for the refresh task on shutdown (a cancellation swallowed inside a client, gh-86296).
-_STOP_WAIT_SECONDS = 2.0
 
 
 def _by_state(stats: PoolStats) -> tuple[int, ...]:
@@ -65,13 +60,14 @@ class KnownPools:
         return set(self._owners.values())
 
 
-class PoolMetrics:
-    """Refreshes numprotect_pool_numbers and takes the pools' expiries into numprotect_bindings_expired."""
+class PoolMetrics(Periodic):
+    """Refreshes numprotect_pool_numbers and takes the pools' expiries into numprotect_bindings_expired, every
+    `interval_seconds` once started (a failed round, Redis down say: the gauges keep their values until the next)."""
 
     def __init__(self, pools: NumberPools, redis: RedisClient, metrics: Metrics, interval_seconds: float) -> None:
+        super().__init__("allocation pool metrics", self.refresh, interval_seconds)
         self.pools = pools
         self.known = KnownPools(redis)
-        self.interval = interval_seconds
         self.numbers = metrics.gauge(
             "numprotect_pool_numbers",
             "Numbers of a tenant's pool in a city by state (GetPoolStats' counts, refreshed on a timer)",
@@ -82,10 +78,9 @@ class PoolMetrics:
             "Bindings that ended by expiry, counted when allocation reclaims their number (each once, by one process)",
         )
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
-        self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
-        """One round: every pool's gauges and expiries. A pool that fails keeps its last values until the next."""
+        """One round: every pool's gauges and expiries."""
         for tenant, city in sorted(await self.known.current()):
             stats = await self.pools.stats(tenant, city)
             children = self._children.get((tenant, city))
@@ -98,21 +93,3 @@ class PoolMetrics:
             expired = await self.pools.take_expired(tenant, city)
             if expired:
                 self.expired.inc(expired)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="allocation pool metrics")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except Exception as exc:  # Redis down: the gauges keep their values, the next round tries again
-                log.warning("pool metrics refresh failed", extra={"error": repr(exc)})
-            await asyncio.sleep(self.interval)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        await asyncio.wait({task}, timeout=_STOP_WAIT_SECONDS)

@@ -8,12 +8,12 @@ an error never holds a number or a route for long (docs/binding.md, "Create").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
 
 from numprotect.core.errors import Unavailable
+from numprotect.core.periodic import Periodic
 from numprotect.services.binding.create import BindingCreator, StepHook
 
 log = logging.getLogger(__name__)
@@ -23,32 +23,16 @@ log = logging.getLogger(__name__)
 RECOVERY_MARGIN_MS = 1000
 
 
-class CreateRecovery:
-    """Runs BindingCreator.recover_overdue every `interval_seconds` until stopped."""
+class CreateRecovery(Periodic):
+    """Runs BindingCreator.recover_overdue every `interval_seconds` until stopped (a failed round, e.g. Redis down:
+    the next one tries again)."""
 
     def __init__(self, creator: BindingCreator, interval_seconds: float) -> None:
+        super().__init__("binding create recovery", self._round, interval_seconds)
         self.creator = creator
-        self.interval = interval_seconds
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="binding create recovery")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.creator.recover_overdue(RECOVERY_MARGIN_MS)
-            except Exception as exc:  # Redis down: the next round tries again
-                log.warning("create recovery round failed", extra={"error": repr(exc)})
-            await asyncio.sleep(self.interval)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        # Bounded: a cancellation swallowed inside redis-py (gh-86296) must not hold up shutdown.
-        await asyncio.wait({task}, timeout=2.0)
+    async def _round(self) -> None:
+        await self.creator.recover_overdue(RECOVERY_MARGIN_MS)
 
 
 def failpoint_hook(failpoint: str) -> StepHook | None:
