@@ -116,6 +116,7 @@ async def test_thread_pool_service_counts_unary_calls_and_stream_messages(redis_
         fresh = await asyncio.to_thread(scrape, url)
         assert value(fresh, "grpc_server_started_total", **stream) == 0
         round_trips = value(fresh, "numprotect_redis_round_trip_seconds_count", client="fastredis")
+        redis_py = value(fresh, "numprotect_redis_round_trip_seconds_count", client="redis-py")
 
         request = translation_pb2.TranslateRequest(calling_number="13800000001", called_number=X, call_id="c1")
         reply = await carrier.Translate(request)
@@ -127,6 +128,9 @@ async def test_thread_pool_service_counts_unary_calls_and_stream_messages(redis_
 
         answers = [answer async for answer in carrier.TranslateStream(three())]
         assert len(answers) == 3
+        # A blocklist read goes through the runtime's redis-py client.
+        tenant = translation_pb2_grpc.TranslationServiceStub(service.channel_as(Role.TENANT, "t1"))
+        await tenant.ListBlockedCallers(translation_pb2.ListBlockedCallersRequest(tenant_id="t1"))
 
         after = await asyncio.to_thread(scrape, url)
         assert value(after, "grpc_server_handled_total", **translate, grpc_code="OK") == 1
@@ -136,6 +140,7 @@ async def test_thread_pool_service_counts_unary_calls_and_stream_messages(redis_
         assert value(after, "grpc_server_msg_received_total", **stream) == 3
         assert value(after, "grpc_server_msg_sent_total", **stream) == 3
         assert value(after, "numprotect_redis_round_trip_seconds_count", client="fastredis") >= round_trips + 1
+        assert value(after, "numprotect_redis_round_trip_seconds_count", client="redis-py") > redis_py
 
 
 async def test_metrics_off_exposes_nothing_and_adds_no_concern(redis_env: dict[str, str]) -> None:

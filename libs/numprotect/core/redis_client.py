@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import ssl
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import hiredis
@@ -31,7 +32,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT, KeyT
 
 from numprotect.core.errors import Unavailable
-from numprotect.core.metrics import Metrics
+from numprotect.core.metrics import Metrics, Observer
 from numprotect.core.redis_mux import MuxRedis
 from numprotect.core.settings import RedisSettings
 
@@ -179,6 +180,10 @@ def create_redis(settings: RedisSettings, *, write_path: bool = False, metrics: 
     the multiplexing client observes numprotect_redis_round_trip_seconds{client="mux"}."""
     if write_path and settings.client == "mux":
         return MuxRedis(settings, round_trip=metrics.redis_round_trip("mux") if metrics is not None else None)
+    if write_path and metrics is not None and metrics.enabled:
+        client = create_redis(settings)
+        observe_round_trips(client, metrics.redis_round_trip("redis-py"))
+        return client
     common = connection_options(settings)
     if settings.mode == "cluster":
         return _FailoverSafeCluster.from_url(settings.url, **common)
@@ -195,6 +200,82 @@ def create_sync_redis(settings: RedisSettings, *, max_connections: int | None = 
     if settings.mode == "cluster":
         return redis.RedisCluster.from_url(settings.url, **common)
     return redis.Redis.from_url(settings.url, **common)
+
+
+# Commands that wait on purpose (for stream entries, replicas, list elements): not round trips worth a histogram.
+_WAITING_COMMANDS = frozenset(
+    {"XREAD", "XREADGROUP", "WAIT", "WAITAOF", "BLPOP", "BRPOP", "BLMOVE", "BLMPOP", "BRPOPLPUSH"}
+    | {"BZPOPMIN", "BZPOPMAX", "BZMPOP"}
+)
+
+
+def observe_round_trips(client: RedisClient | SyncRedisClient, round_trip: Observer) -> None:
+    """numprotect_redis_round_trip_seconds{client="redis-py"} for this redis-py client (asyncio or blocking): each
+    command and each pipeline's `execute` (once), as the caller waits for it, retries included; the commands of
+    `_WAITING_COMMANDS` are left out. Per client, as the span instrumentation does (instance attributes over the
+    class's methods, so other clients stay untouched); apply it after `Telemetry.instrument_redis`."""
+    if isinstance(client, (Redis, RedisCluster)):
+        _observe_async(client, round_trip.observe)
+    else:
+        _observe_sync(client, round_trip.observe)
+
+
+def _observe_async(client: Any, observe: Callable[[float], None]) -> None:
+    command = client.execute_command
+    make_pipeline = client.pipeline
+
+    async def execute_command(*args: Any, **options: Any) -> Any:
+        if args[0] in _WAITING_COMMANDS:
+            return await command(*args, **options)
+        started = perf_counter()
+        reply = await command(*args, **options)
+        observe(perf_counter() - started)
+        return reply
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        made = make_pipeline(*args, **kwargs)
+        execute = made.execute
+
+        async def timed(*execute_args: Any, **execute_kwargs: Any) -> Any:
+            started = perf_counter()
+            replies = await execute(*execute_args, **execute_kwargs)
+            observe(perf_counter() - started)
+            return replies
+
+        made.execute = timed
+        return made
+
+    client.execute_command = execute_command
+    client.pipeline = pipeline
+
+
+def _observe_sync(client: Any, observe: Callable[[float], None]) -> None:
+    command = client.execute_command
+    make_pipeline = client.pipeline
+
+    def execute_command(*args: Any, **options: Any) -> Any:
+        if args[0] in _WAITING_COMMANDS:
+            return command(*args, **options)
+        started = perf_counter()
+        reply = command(*args, **options)
+        observe(perf_counter() - started)
+        return reply
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        made = make_pipeline(*args, **kwargs)
+        execute = made.execute
+
+        def timed(*execute_args: Any, **execute_kwargs: Any) -> Any:
+            started = perf_counter()
+            replies = execute(*execute_args, **execute_kwargs)
+            observe(perf_counter() - started)
+            return replies
+
+        made.execute = timed
+        return made
+
+    client.execute_command = execute_command
+    client.pipeline = pipeline
 
 
 def sync_redis_is_up(client: SyncRedisClient) -> bool:

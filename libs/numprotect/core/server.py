@@ -48,6 +48,7 @@ from numprotect.core.redis_client import (
     SyncRedisClient,
     create_redis,
     create_sync_redis,
+    observe_round_trips,
     redis_is_up,
     sync_redis_is_up,
 )
@@ -388,8 +389,10 @@ class Runtime:
         # This service's own credential on its calls to peers (NUMPROTECT_SERVICE_TOKEN_FILE, read once here).
         self.service_token = ServiceToken.from_env(env)
         self._channels: list[grpc.aio.Channel] = []
-        # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
+        # Redis CLIENT spans inside traced calls (a no-op when tracing is off), then its round trips (metrics on).
         telemetry.instrument_redis(redis)
+        if metrics.enabled:
+            observe_round_trips(redis, metrics.redis_round_trip("redis-py"))
 
     def channel(self, service: str) -> grpc.aio.Channel:
         """A channel to another numprotect service (NUMPROTECT_<SERVICE>_ADDR), traced when tracing is on."""
@@ -432,8 +435,10 @@ class SyncRuntime:
     metrics: Metrics
 
     def __post_init__(self) -> None:
-        # Redis CLIENT spans inside traced calls (a no-op when tracing is off).
+        # Redis CLIENT spans inside traced calls (a no-op when tracing is off), then its round trips (metrics on).
         self.telemetry.instrument_redis(self.redis)
+        if self.metrics.enabled:
+            observe_round_trips(self.redis, self.metrics.redis_round_trip("redis-py"))
 
     def close(self) -> None:
         self.redis.close()
