@@ -23,6 +23,7 @@ BENCH_BINDINGS, BENCH_IDENTITY_CALLS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,8 +312,10 @@ def prepare_security(workdir: Path, redis_url: str) -> tuple[DevPki, Path, str]:
     return pki, key_file, token
 
 
-def translation_server(model: str, redis_url: str, security: Security) -> Server:
-    """`model`: "translation/<CPU scheduling policy>/<configuration>" (see SERVERS)."""
+def translation_server(
+    model: str, redis_url: str, security: Security, extra: Mapping[str, str] | None = None
+) -> Server:
+    """`model`: "translation/<CPU scheduling policy>/<configuration>" (see SERVERS); `extra`: more settings."""
     port = free_port()
     policy = model.split("/")[1]
     env = {
@@ -326,6 +330,7 @@ def translation_server(model: str, redis_url: str, security: Security) -> Server
         # This host is shared and noisy: a generous Redis bound keeps a scheduling stall from failing the run.
         "NUMPROTECT_TRANSLATION_REDIS_TIMEOUT": "3s",
         "NUMPROTECT_GRACE_PERIOD": "1s",
+        **(extra or {}),
     }
     return Server(["-m", "numprotect.services.translation"], env, port, security)
 
@@ -472,15 +477,8 @@ def main() -> int:
         return 1
     # This process (the TranslateStream client) runs beside h2load and Redis, off the server's core.
     os.sched_setaffinity(0, {int(LOAD_CPU)})
-    workdir = Path(tempfile.mkdtemp(prefix="bench-translation-"))
-    redis_port = free_port()
-    redis_args = redis_server_args("redis-server", redis_port, workdir, "--appendonly", "no")
-    redis_proc = subprocess.Popen(["taskset", "-c", LOAD_CPU, *redis_args], stdout=subprocess.DEVNULL)
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    wait_redis(redis_port, timeout=20)  # a loaded host can take a while to start redis-server
     lines: list[str] = []
-    servers: list[Server] = []
-    try:
+    with load_side_redis("bench-translation-") as (workdir, redis_url), started_servers() as servers:
         progress("seeding")
         seconds = asyncio.run(seed(redis_url))
         lines.append(f"seeded {BINDINGS} AXB bindings ({2 * BINDINGS} route keys) in {seconds:.1f}s")
@@ -610,14 +608,36 @@ def main() -> int:
             )
         failed = sum(r.failed for results in runs.values() for r in results)
         lines.append(f"h2load failed requests: {failed}")
+    print("\n".join(lines))
+    return 0
+
+
+@contextlib.contextmanager
+def load_side_redis(prefix: str) -> Iterator[tuple[Path, str]]:
+    """A fresh redis-server (no AOF) on LOAD_CPU in a new work directory: (the directory, its URL); both go at the
+    end."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    redis_port = free_port()
+    redis_args = redis_server_args("redis-server", redis_port, workdir, "--appendonly", "no")
+    redis_proc = subprocess.Popen(["taskset", "-c", LOAD_CPU, *redis_args], stdout=subprocess.DEVNULL)
+    try:
+        wait_redis(redis_port, timeout=20)  # a loaded host can take a while to start redis-server
+        yield workdir, f"redis://127.0.0.1:{redis_port}/0"
     finally:
-        for server in servers:
-            server.stop()
         redis_proc.terminate()
         redis_proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
-    print("\n".join(lines))
-    return 0
+
+
+@contextlib.contextmanager
+def started_servers() -> Iterator[list[Server]]:
+    """A list to add the servers a run starts to; each is stopped at the end."""
+    servers: list[Server] = []
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 if __name__ == "__main__":
