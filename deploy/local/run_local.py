@@ -166,6 +166,13 @@ class LocalSuite:
         if not self.external_redis:
             wanted["redis"] = self.redis_port
         if self.prometheus:
+            # Before anything starts: what the local Prometheus needs.
+            if not self.metrics_ports:
+                raise LaunchError(
+                    "NUMPROTECT_RUN_PROMETHEUS=1 needs the metrics ports, which NUMPROTECT_METRICS=off turns off"
+                )
+            if shutil.which("prometheus") is None:
+                raise LaunchError("prometheus not found: run `make system-deps` (Debian package prometheus)")
             wanted["prometheus"] = self.prometheus_port
         for name, port in wanted.items():
             if port_is_busy(port):
@@ -317,12 +324,6 @@ class LocalSuite:
         (deploy/local/local_prometheus.py writes its configuration and becomes it: stopped like any child)."""
         if not self.prometheus:
             return
-        if not self.metrics_ports:
-            raise LaunchError(
-                "NUMPROTECT_RUN_PROMETHEUS=1 needs the metrics ports: NUMPROTECT_METRICS=off turns them off"
-            )
-        if shutil.which("prometheus") is None:
-            raise LaunchError("prometheus not found: run `make system-deps` (Debian package prometheus)")
         address = f"127.0.0.1:{self.prometheus_port}"
         data = self.run_dir / "prometheus"
         targets = [f"--target={child.rsplit('-', 1)[0]}=127.0.0.1:{port}" for child, port in self.metrics_ports.items()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -70,18 +71,8 @@ def _get(url: str) -> Any:
 
 def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> None:
     prometheus_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
-    env.update(
-        NUMPROTECT_RUN_DIR=str(tmp_path),
-        NUMPROTECT_RUN_PROMETHEUS="1",
-        NUMPROTECT_LOCAL_PROMETHEUS_PORT=str(prometheus_port),
-        NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
-        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port(below=65000)),
-        NUMPROTECT_TRANSLATION_PROCESSES="2",
-        **{
-            f"NUMPROTECT_{name.upper()}_PORT": str(free_port())
-            for name in ("allocation", "binding", "translation", "cdr")
-        },
+    env = _launcher_env(
+        tmp_path, NUMPROTECT_LOCAL_PROMETHEUS_PORT=str(prometheus_port), NUMPROTECT_TRANSLATION_PROCESSES="2"
     )
     process = subprocess.Popen(
         [sys.executable, str(LAUNCHER)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -144,3 +135,47 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
     time.sleep(0.2)
     left = subprocess.run(["pgrep", "-f", f"127.0.0.1:{prometheus_port}"], capture_output=True)
     assert left.stdout == b"", "prometheus still running"
+
+
+def _launcher_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
+    env.update(
+        NUMPROTECT_RUN_DIR=str(tmp_path),
+        NUMPROTECT_RUN_PROMETHEUS="1",
+        NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
+        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port(below=65000)),
+        **{
+            f"NUMPROTECT_{name.upper()}_PORT": str(free_port())
+            for name in ("allocation", "binding", "translation", "cdr")
+        },
+        **extra,
+    )
+    return env
+
+
+def test_a_busy_prometheus_port_or_metrics_off_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        busy = subprocess.run(
+            [sys.executable, str(LAUNCHER)],
+            cwd=ROOT,
+            env=_launcher_env(tmp_path, NUMPROTECT_LOCAL_PROMETHEUS_PORT=str(port)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert busy.returncode == 1 and busy.stderr.strip().count("\n") == 0, busy.stderr
+    assert f"port {port} for prometheus is busy" in busy.stderr and "NUMPROTECT_LOCAL_PROMETHEUS_PORT" in busy.stderr
+    metrics_off = subprocess.run(
+        [sys.executable, str(LAUNCHER)],
+        cwd=ROOT,
+        env=_launcher_env(tmp_path, NUMPROTECT_METRICS="off"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert metrics_off.returncode == 1, metrics_off.stderr
+    assert "NUMPROTECT_RUN_PROMETHEUS=1 needs the metrics ports" in metrics_off.stderr
+    assert not (tmp_path / "redis").exists()  # refused before Redis started
