@@ -12,7 +12,7 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,10 +220,23 @@ def scrape(url: str) -> Scrape:
     return Scrape({s.name for s in samples}, {pair for s in samples for pair in s.labels.items()})
 
 
+@dataclass
+class Suite:
+    processes: dict[str, ServiceProcess]
+    tokens: dict[str, str]  # the key each service is called with here
+
+
 @pytest.fixture
-def suite(redis_env: dict[str, str]) -> Iterator[dict[str, ServiceProcess]]:
+def suite(redis_env: dict[str, str]) -> Iterator[Suite]:
     """The four services as processes: allocation, translation and cdr started together, then binding (it needs
-    allocation's address). The pool gauges refresh every 0.2 s instead of 15."""
+    allocation's address). The pool gauges refresh every 0.2 s instead of 15. The callers' keys are minted first,
+    so each process loads them at start-up."""
+    tokens = {
+        "allocation": mint_in(redis_env, Role.OPERATOR),
+        "binding": mint_in(redis_env, Role.TENANT, TENANT),
+        "translation": mint_in(redis_env, Role.CARRIER, "cmcc"),
+        "cdr": mint_in(redis_env, Role.CARRIER, "cmcc"),
+    }
     processes: dict[str, ServiceProcess] = {}
     environ = {**redis_env, "NUMPROTECT_METRICS": "on", "NUMPROTECT_METRICS_POOL_REFRESH": "0.2s"}
     try:
@@ -238,24 +251,33 @@ def suite(redis_env: dict[str, str]) -> Iterator[dict[str, ServiceProcess]]:
         processes["binding"] = ServiceProcess("binding", {**environ, **allocation})
         for process in processes.values():
             process.wait_serving()
-        yield processes
+        yield Suite(processes, tokens)
     finally:
         for process in reversed(processes.values()):
             process.stop()
             print(f"--- {process.service} log (last 30 lines) ---", *process.lines[-30:], sep="\n")
 
 
-def drive_calls(processes: dict[str, ServiceProcess], redis_env: dict[str, str]) -> None:
+def eventually(call: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 10.0) -> Any:
+    """`call()` again every 0.1 s until `done` says its answer is the one wanted; that answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = call()
+        if done(reply):
+            return reply
+        assert time.monotonic() < deadline, f"still {reply} after {timeout}s"
+        time.sleep(0.1)
+
+
+def drive_calls(suite: Suite) -> None:
     """A block imported, a binding made, calls translated (connect and reject), a CDR ingested, and a call
     refused for its missing key: enough for the labelled series to appear."""
-    operator = mint_in(redis_env, Role.OPERATOR)
-    tenant = mint_in(redis_env, Role.TENANT, TENANT)
-    carrier = mint_in(redis_env, Role.CARRIER, "cmcc")
+    processes, tokens = suite.processes, suite.tokens
     with (
-        processes["allocation"].channel(operator) as to_allocation,
-        processes["binding"].channel(tenant) as to_binding,
-        processes["translation"].channel(carrier) as to_translation,
-        processes["cdr"].channel(carrier) as to_cdr,
+        processes["allocation"].channel(tokens["allocation"]) as to_allocation,
+        processes["binding"].channel(tokens["binding"]) as to_binding,
+        processes["translation"].channel(tokens["translation"]) as to_translation,
+        processes["cdr"].channel(tokens["cdr"]) as to_cdr,
         processes["translation"].channel() as anonymous,
     ):
         allocation: Any = allocation_pb2_grpc.AllocationServiceStub(to_allocation)
@@ -280,11 +302,13 @@ def drive_calls(processes: dict[str, ServiceProcess], redis_env: dict[str, str])
             timeout=10,
         ).binding
         translation: Any = translation_pb2_grpc.TranslationServiceStub(to_translation)
-        connected = translation.Translate(
-            translation_pb2.TranslateRequest(
-                calling_number=PARTY_A, called_number=created.virtual_number, call_id="call-metrics-1"
-            ),
-            timeout=10,
+        request = translation_pb2.TranslateRequest(
+            calling_number=PARTY_A, called_number=created.virtual_number, call_id="call-metrics-1"
+        )
+        # translation and cdr learn the new block's carrier on their next reload of the carriers' table.
+        connected = eventually(
+            lambda: translation.Translate(request, timeout=10),
+            lambda reply: reply.decision == translation_pb2.DECISION_CONNECT,
         )
         translation.Translate(
             translation_pb2.TranslateRequest(
@@ -318,18 +342,19 @@ def drive_calls(processes: dict[str, ServiceProcess], redis_env: dict[str, str])
         record.answer_time.FromMilliseconds(start_ms + 5_000)
         record.release_time.FromMilliseconds(start_ms + 35_000)
         cdr: Any = cdr_pb2_grpc.CdrServiceStub(to_cdr)
-        assert cdr.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]), timeout=10).accepted == 1
+        eventually(
+            lambda: cdr.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]), timeout=10),
+            lambda reply: reply.accepted == 1,
+        )
 
 
 @pytest.mark.slow
-def test_every_metric_the_dashboard_and_the_rules_read_is_exposed(
-    suite: dict[str, ServiceProcess], redis_env: dict[str, str]
-) -> None:
+def test_every_metric_the_dashboard_and_the_rules_read_is_exposed(suite: Suite) -> None:
     urls: dict[str, str] = {}
-    for service, process in suite.items():
+    for service, process in suite.processes.items():
         assert process.metrics_url, f"{service} logged no metrics_url in its serving line"
         urls[service] = process.metrics_url
-    drive_calls(suite, redis_env)
+    drive_calls(suite)
     found = reads()
     scraped: dict[str, Scrape] = {}
     deadline = time.monotonic() + 15
