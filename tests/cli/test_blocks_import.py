@@ -106,7 +106,7 @@ async def test_a_journal_makes_the_run_skip_finished_rows(redis_env: dict[str, s
     assert json.loads(again.stdout)["skipped"] == 12 and json.loads(again.stdout)["imported"] == 0
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill", "ctrl-c", "term"])
 async def test_a_stopped_run_resumes_and_imports_no_block_twice(
     redis_env: dict[str, str], tmp_path: Path, stop: signal.Signals
 ) -> None:
@@ -124,7 +124,10 @@ async def test_a_stopped_run_resumes_and_imports_no_block_twice(
         while finished_lines() < 5 and first.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         first.send_signal(stop)
-        stopped_stdout, stopped_stderr = await asyncio.to_thread(first.communicate)
+        try:
+            stopped_stdout, stopped_stderr = await asyncio.to_thread(first.communicate, timeout=60)
+        finally:
+            first.kill()  # a run that did not stop must not outlive the test
         done_before = finished_lines()
         journal_before = journal.read_text().splitlines()[1 : 1 + done_before]
         resumed = await a.cli("blocks", "import", str(source), "--concurrency", "2", "-o", "json")
@@ -132,8 +135,8 @@ async def test_a_stopped_run_resumes_and_imports_no_block_twice(
         stats = await a.operator.GetPoolStats(pb.GetPoolStatsRequest(tenant_id="t1"))
 
     assert 5 <= done_before < total, "the kill came after the run had finished: nothing to resume"
-    if stop is signal.SIGINT:  # Ctrl-C: the summary so far, how to go on, exit status 130
-        assert first.returncode == 130
+    if stop is not signal.SIGKILL:  # Ctrl-C, SIGTERM: the summary so far, how to go on, exit status 128 + signal
+        assert first.returncode == 128 + stop
         assert "interrupted: run the same command again to resume" in stopped_stderr
         assert json.loads(stopped_stdout)["interrupted"] is True
     assert resumed.exit_code == 0, resumed.stderr

@@ -280,21 +280,26 @@ class ImportRun:
         earlier = [journal.done[r.line] for r in block_file.rows if r.line in journal.done]
         self.summary.skipped = len(earlier)
         self.summary.skipped_rejected = earlier.count(REJECTED)
-        self._answers: queue.SimpleQueue[tuple[Row, int, Any]] = queue.SimpleQueue()
+        # Answers from gRPC's threads; None only wakes the loop (interrupt).
+        self._answers: queue.SimpleQueue[tuple[Row, int, Any] | None] = queue.SimpleQueue()
         self._cancels: dict[int, Callable[[], None]] = {}
+        self._interrupted = False
 
     def events(self) -> Iterator[Outcome]:
         """Runs the import, yielding each row's outcome as it finishes (the caller shows progress). Raises the
-        RpcError of a FATAL status (after the rows in flight), and KeyboardInterrupt as it came (the rows in
-        flight are cancelled, not journaled)."""
+        RpcError of a FATAL status (after the rows in flight). After `interrupt()` it ends early (the rows in
+        flight cancelled, not journaled; summary.interrupted set)."""
         pending = iter([r for r in self.block_file.rows if r.line not in self.journal.done])
         waiting: list[tuple[float, Row, int]] = []  # (not before, row, attempts so far): retries
         fatal: grpc.RpcError | None = None
         exhausted = False
         try:
             while True:
+                if self._interrupted:
+                    self.stop()
+                    return
                 now = self.clock()
-                while fatal is None and len(self._cancels) < self.concurrency:
+                while not self._interrupted and fatal is None and len(self._cancels) < self.concurrency:
                     ready = [w for w in waiting if w[0] <= now]
                     if ready:
                         entry = min(ready, key=lambda w: w[0])
@@ -313,10 +318,14 @@ class ImportRun:
                     break
                 wake = min((w[0] for w in waiting), default=now + 0.5) - now
                 try:
-                    row, attempts, answer = self._answers.get(timeout=max(0.0, min(wake, 0.5)))
+                    item = self._answers.get(timeout=max(0.0, min(wake, 0.5)))
                 except queue.Empty:
                     continue
-                del self._cancels[row.line]
+                if item is None:
+                    continue
+                row, attempts, answer = item
+                if self._cancels.pop(row.line, None) is None:
+                    continue  # cancelled by stop()
                 if not isinstance(answer, grpc.RpcError):
                     kind = ALREADY_IMPORTED if answer.already_imported else IMPORTED
                     yield self._finish(Outcome(row, kind))
@@ -338,6 +347,11 @@ class ImportRun:
             raise
         if fatal is not None:
             raise fatal
+
+    def interrupt(self) -> None:
+        """Asks the run to end at its next step. Safe in a signal handler: a flag and a reentrant queue put."""
+        self._interrupted = True
+        self._answers.put(None)
 
     def stop(self) -> None:
         """An interrupted run: the calls in flight are cancelled (their rows, not journaled, are sent again by the

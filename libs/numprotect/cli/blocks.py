@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import getpass
 import json
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -224,25 +227,47 @@ def import_blocks(
             if run.summary.skipped:
                 done = f"{run.summary.skipped} of {run.summary.rows} rows"
                 note(f"resuming: {done} finished by an earlier run ({journal_path})")
-            try:
-                with Display(run.summary, every=progress_every, quiet=printer.json) as display:
-                    for outcome in run.events():
-                        display.advance(outcome)
-            except KeyboardInterrupt:
-                run.stop()
-                result = _summary_dict(run.summary, block_file, journal_path, rejects_path, time.monotonic() - started)
-                _print_summary(printer, result)
-                note(f"interrupted: run the same command again to resume ({journal_path})")
-                raise
+            with (
+                _signals_interrupt(run) as received,
+                Display(run.summary, every=progress_every, quiet=printer.json) as display,
+            ):
+                for outcome in run.events():
+                    display.advance(outcome)
     finally:
         run_journal.close()
         run_rejects.close()
     result = _summary_dict(run.summary, block_file, journal_path, rejects_path, time.monotonic() - started)
     _print_summary(printer, result)
+    if received:
+        note(f"interrupted: run the same command again to resume ({journal_path})")
+        raise typer.Exit(128 + received[0])
     if result["unfinished"]:
         raise typer.Exit(EXIT_ROWS_UNFINISHED)
     if result["rejected"] or result["skipped_rejected"]:
         raise typer.Exit(EXIT_ROWS_REJECTED)
+
+
+@contextmanager
+def _signals_interrupt(run: ImportRun) -> Iterator[list[int]]:
+    """While the run goes on, Ctrl-C (SIGINT) and SIGTERM only ask it to stop (`interrupt`): it cancels the calls
+    in flight at a safe point and the summary is printed. (A KeyboardInterrupt raised anywhere, e.g. inside gRPC's
+    code while it holds a lock, could leave the process hung.) Yields the signals received. Off the main thread
+    (a test's CliRunner) no handler can be set and none is."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        run.interrupt()
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handling in previous.items():
+            signal.signal(signum, handling)
 
 
 def _login() -> str:
