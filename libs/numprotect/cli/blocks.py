@@ -210,32 +210,26 @@ def import_blocks(
         if file.exists() and same_file(file, other):
             raise CliError(f"{option} {other} is the input file", EXIT_USAGE)
     block_file = read_block_file(file, actor or _login())
-    run_journal = Journal(journal_path, block_file)
-    run_rejects = Rejects(rejects_path, block_file.header, append=run_journal.resumed)
     printer = Printer(output)
     started = time.monotonic()
-    try:
-        with session_of(ctx).connect() as connection:
-            run = ImportRun(
-                block_file,
-                run_journal,
-                run_rejects,
-                _start_call(connection),
-                concurrency=concurrency,
-                retry=RetryPolicy(attempts=retries + 1),
-            )
-            if run.summary.skipped:
-                done = f"{run.summary.skipped} of {run.summary.rows} rows"
-                note(f"resuming: {done} finished by an earlier run ({journal_path})")
-            with (
-                _signals_interrupt(run) as received,
-                Display(run.summary, every=progress_every, quiet=printer.json) as display,
-            ):
-                for outcome in run.events():
-                    display.advance(outcome)
-    finally:
-        run_journal.close()
-        run_rejects.close()
+    # The context first (a missing one leaves no journal or rejects file behind), then the files, then the calls.
+    with session_of(ctx).connect() as connection, _opened(journal_path, rejects_path, block_file) as (done, rejected):
+        run = ImportRun(
+            block_file,
+            done,
+            rejected,
+            _start_call(connection),
+            concurrency=concurrency,
+            retry=RetryPolicy(attempts=retries + 1),
+        )
+        if run.summary.skipped:
+            note(f"resuming: {run.summary.skipped} of {run.summary.rows} rows finished earlier ({journal_path})")
+        with (
+            _signals_interrupt(run) as received,
+            Display(run.summary, every=progress_every, quiet=printer.json) as display,
+        ):
+            for outcome in run.events():
+                display.advance(outcome)
     result = _summary_dict(run.summary, block_file, journal_path, rejects_path, time.monotonic() - started)
     _print_summary(printer, result)
     if received:
@@ -245,6 +239,25 @@ def import_blocks(
         raise typer.Exit(EXIT_ROWS_UNFINISHED)
     if result["rejected"] or result["skipped_rejected"]:
         raise typer.Exit(EXIT_ROWS_REJECTED)
+
+
+@contextmanager
+def _opened(journal_path: Path, rejects_path: Path, block_file: BlockFile) -> Iterator[tuple[Journal, Rejects]]:
+    try:
+        journal = Journal(journal_path, block_file)
+    except OSError as exc:
+        raise CliError(f"--journal {journal_path}: {exc.strerror}", EXIT_USAGE) from exc
+    try:
+        try:
+            rejects = Rejects(rejects_path, block_file.header, append=journal.resumed)
+        except OSError as exc:
+            raise CliError(f"--rejects {rejects_path}: {exc.strerror}", EXIT_USAGE) from exc
+        try:
+            yield journal, rejects
+        finally:
+            rejects.close()
+    finally:
+        journal.close()
 
 
 @contextmanager
