@@ -83,9 +83,10 @@ class AllocationCli:
 
 
 @asynccontextmanager
-async def allocation_cli(redis_env: dict[str, str], tmp_path: Path) -> AsyncIterator[AllocationCli]:
-    """`async with allocation_cli(redis_env, tmp_path) as a:` the service up and a context file naming it."""
-    async with running_service("allocation", build, redis_env) as svc:
+async def allocation_cli(redis_env: dict[str, str], tmp_path: Path, **settings: str) -> AsyncIterator[AllocationCli]:
+    """`async with allocation_cli(redis_env, tmp_path) as a:` the service up (with `settings`, e.g.
+    NUMPROTECT_MAX_INFLIGHT_CALLS="1") and a context file naming it."""
+    async with running_service("allocation", build, {**redis_env, **settings}) as svc:
         token = write_secret(tmp_path / "operator.token", svc.token(Role.OPERATOR))
         config = tmp_path / "numprotect.yaml"
         created = await run_cli(

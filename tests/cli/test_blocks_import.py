@@ -191,6 +191,26 @@ async def test_calls_that_time_out_are_sent_again_and_progress_lines_off_a_termi
     )
 
 
+async def test_calls_the_server_sheds_are_sent_again_after_its_retry_info(
+    redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    source = write_csv(tmp_path / "blocks.csv", good_rows(8))
+    # One call at a time and none waiting: the others are refused at once, RESOURCE_EXHAUSTED with RetryInfo (1 s).
+    capacity = {"NUMPROTECT_MAX_INFLIGHT_CALLS": "1", "NUMPROTECT_MAX_QUEUED_CALLS": "0"}
+    async with allocation_cli(redis_env, tmp_path, **capacity) as a:
+        started = time.monotonic()
+        result = await a.cli("blocks", "import", str(source), "--concurrency", "3", "-o", "json")
+        elapsed = time.monotonic() - started
+        calls = await a.import_calls()
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["imported"], summary["rejected"], summary["unfinished"]) == (8, 0, 0)
+    assert summary["retries"] >= 2
+    assert elapsed >= 1.0  # a shed call waited at least its RetryInfo delay
+    # Shed calls never reach the service (load shedding comes before identity and audit): one served call a block.
+    assert calls == {block(i): ["OK"] for i in range(8)}
+
+
 async def test_progress_bar_rate_and_eta_on_a_terminal(redis_env: dict[str, str], tmp_path: Path) -> None:
     source = write_csv(tmp_path / "blocks.csv", good_rows(30))
     async with allocation_cli(redis_env, tmp_path) as a:
