@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from numprotect.core.errors import (
 from support.call_layer import AIO_MODELS, add_methods, aio_server
 
 SERVICE = "test.Errors"
+SLOW_SECONDS = 0.6
 OPTIONS = [("grpc.so_reuseport", 0)]
 
 
@@ -88,7 +90,11 @@ def _aio_handlers(raise_this: list[BaseException], called: list[str]) -> dict[st
         await context.abort(grpc.StatusCode.OUT_OF_RANGE, "aborted by the servicer")
         raise AssertionError("abort returned")
 
-    return _methods(unary, server_stream, aborting)
+    async def slow(request: bytes, context: Any) -> bytes:
+        await asyncio.sleep(SLOW_SECONDS)
+        return b"late"
+
+    return _methods(unary, server_stream, aborting, slow)
 
 
 def _sync_handlers(raise_this: list[BaseException], called: list[str]) -> dict[str, grpc.RpcMethodHandler]:
@@ -105,15 +111,20 @@ def _sync_handlers(raise_this: list[BaseException], called: list[str]) -> dict[s
         context.abort(grpc.StatusCode.OUT_OF_RANGE, "aborted by the servicer")
         raise AssertionError("abort returned")
 
-    return _methods(unary, server_stream, aborting)
+    def slow(request: bytes, context: Any) -> bytes:
+        time.sleep(SLOW_SECONDS)  # a thread-pool servicer runs to its end even when its client is gone
+        return b"late"
+
+    return _methods(unary, server_stream, aborting, slow)
 
 
-def _methods(unary: Any, server_stream: Any, aborting: Any) -> dict[str, grpc.RpcMethodHandler]:
+def _methods(unary: Any, server_stream: Any, aborting: Any, slow: Any) -> dict[str, grpc.RpcMethodHandler]:
     identity = {"request_deserializer": None, "response_serializer": None}
     return {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, **identity),
         "Stream": grpc.unary_stream_rpc_method_handler(server_stream, **identity),
         "Abort": grpc.unary_unary_rpc_method_handler(aborting, **identity),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow, **identity),
     }
 
 
@@ -284,6 +295,21 @@ async def test_a_servicer_that_aborts_keeps_its_own_status(server: Server) -> No
     assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert info.value.details() == "aborted by the servicer"
     assert (await _left(server))[-1] == "outer:leave Abort OUT_OF_RANGE"
+
+
+async def test_a_call_the_client_abandons_leaves_cancelled_or_deadline_exceeded_never_ok(server: Server) -> None:
+    """The concerns (metrics, the audit trail) see why a call ended without an answer, on both server models."""
+    method: Any = server.channel.unary_unary(f"/{SERVICE}/Slow")  # type: ignore[call-arg]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await method(b"", timeout=0.1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await _left(server))[-1] == "outer:leave Slow DEADLINE_EXCEEDED"
+    call = method(b"")
+    await asyncio.sleep(0.1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert (await _left(server, 4))[-1] == "outer:leave Slow CANCELLED"
 
 
 async def test_health_passes_through_the_layer_untouched(server: Server) -> None:
