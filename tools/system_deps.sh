@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the suite runs against, when missing: redis-server (store), h2load (benchmarks),
-# prometheus (promtool for `make lint`, the local Prometheus of `make run`).
+# prometheus (promtool for `make lint`, the local Prometheus of `make run`), curl (the README walk-through).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v curl >/dev/null || missing+=(curl)
 [ ${#missing[@]} -eq 0 ] && exit 0
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -399,14 +399,27 @@ class LocalSuite:
             f"""
 ready. {trust}. {who}. Try (the README's walk-through goes on from here):
   {g} {how} {key}127.0.0.1:{b} list
-  {g} {how} {key}-d '{{"role":"ROLE_TENANT","tenant_id":"demo","description":"demo orders"}}' \\
-    127.0.0.1:{a} numprotect.admin.v1.AdminService/CreateApiKey
   {g} {how} {key}-d '{{"block":"70010000001","tenant_id":"demo","city_code":"010","carrier_id":"cm"}}' \\
     127.0.0.1:{a} numprotect.allocation.v1.AllocationService/ImportBlock
-  {g} {how} {key}127.0.0.1:{a} numprotect.admin.v1.AdminService/VerifyAuditChain
-logs: {self.run_dir / "logs"}   stop: Ctrl-C
+{self._cli_hint()}logs: {self.run_dir / "logs"}   stop: Ctrl-C
 """,
             flush=True,
+        )
+
+    def _cli_hint(self) -> str:
+        """The admin CLI's first steps (docs/cli.md), when its `--from-run-dir` context fits this run: TLS, the operator
+        key made here and the default ports."""
+        defaults = all(self.ports[name] == DEFAULT_PORTS[name] for name in SERVICE_NAMES)
+        if not (self.tls and "operator" in self.tokens and defaults):
+            return ""
+        cli = Path(sys.executable).with_name("numprotect")
+        cli = cli.relative_to(ROOT) if cli.is_relative_to(ROOT) else cli
+        run_dir = self.run_dir.relative_to(ROOT) if self.run_dir.is_relative_to(ROOT) else self.run_dir
+        return (
+            f"  {cli} config set-context local --from-run-dir {run_dir} --use   # the admin CLI (docs/cli.md)\n"
+            f'  {cli} keys create --role tenant --tenant demo --description "demo orders"\n'
+            f"  {cli} pool stats --tenant demo\n"
+            f"  {cli} audit verify\n"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -144,6 +146,9 @@ def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     addresses = {name: f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}" for name in SERVICES}
     for index, name in enumerate(SERVICES):
         script = script.replace(f"127.0.0.1:{50051 + index}", addresses[name])
+    # /metrics: the processes' ports count up from NUMPROTECT_LOCAL_METRICS_PORT (the README's 9151), binding second.
+    first_metrics_port = int(env["NUMPROTECT_LOCAL_METRICS_PORT"])
+    script = script.replace("127.0.0.1:9152/metrics", f"127.0.0.1:{first_metrics_port + 1}/metrics")
     # The CLI's contexts: this launcher's ports (not the defaults --from-run-dir assumes), a config file of the test.
     ports = " ".join(f"--{name}={address}" for name, address in addresses.items())
     script = script.replace(f"--from-run-dir {run_dir}/", f"--from-run-dir {run_dir}/ {ports}")
@@ -166,3 +171,31 @@ def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     # The CLI's tables: the tenant's binding, its number, and the keys minted (never a token).
     assert "order-1" in out and "IN_USE" in out and "demo orders" in out, out
     assert "npk_" not in out, out
+    # Pool stats for the tenant's city, and binding's /metrics counting the one create.
+    assert "DAYS_LEFT" in out and "9999" in out, out
+    assert 'numprotect_bindings_created_total{mode="axb"} 1.0' in out, out
+
+
+def _launcher() -> Any:
+    spec = importlib.util.spec_from_file_location("run_local", ROOT / "deploy" / "local" / "run_local.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ready_message_shows_the_admin_cli_only_where_its_make_run_context_fits(tmp_path: Path) -> None:
+    """`numprotect config set-context --from-run-dir` assumes TLS, the operator key and the default ports."""
+    launcher = _launcher()
+    suite = launcher.LocalSuite({"NUMPROTECT_RUN_DIR": str(tmp_path)})
+    suite.tokens = {"operator": tmp_path / "dev" / "operator.token"}
+    hint = suite._cli_hint()
+    assert f"numprotect config set-context local --from-run-dir {tmp_path} --use" in hint
+    assert "numprotect pool stats --tenant demo" in hint
+    moved = launcher.LocalSuite({"NUMPROTECT_RUN_DIR": str(tmp_path), "NUMPROTECT_BINDING_PORT": "51052"})
+    moved.tokens = suite.tokens
+    assert moved._cli_hint() == ""
+    plaintext = launcher.LocalSuite({"NUMPROTECT_RUN_DIR": str(tmp_path), "NUMPROTECT_TLS": "off"})
+    plaintext.tokens = suite.tokens
+    assert plaintext._cli_hint() == ""
