@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 import grpc
 import typer
@@ -63,6 +66,46 @@ def list_cdrs(
     Printer(output).listing(response, "records", LIST_COLUMNS)
 
 
+class _Arrivals:
+    """The stream's responses, read on a thread of their own and handed over through a queue: Ctrl-C then lands in
+    the main thread's queue wait, never inside gRPC's code (a KeyboardInterrupt raised there, holding one of its
+    locks, could leave the process hung at exit). Iterating raises the stream's error, if it ends with one."""
+
+    _END = object()
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="watch-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._stream:
+                self._queue.put(response)
+        except grpc.RpcError as error:
+            self._queue.put(error)
+        finally:
+            self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.2)  # bounded, so a signal is acted on promptly
+            except queue.Empty:
+                continue
+            if item is self._END:
+                return
+            if isinstance(item, grpc.RpcError):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        """Cancels the stream and lets the reader end (bounded: it is a daemon thread)."""
+        self._stream.cancel()
+        self._reader.join(timeout=5)
+
+
 def _row(values: list[tuple[str, int]]) -> str:
     return "  ".join(value.ljust(width) for value, width in values).rstrip()
 
@@ -91,8 +134,9 @@ def watch(
         stream = stub.WatchCdrs(request, timeout=duration or None, metadata=connection.metadata)
         if not printer.json:
             printer.line(_row([(name.upper(), width) for name, width in WATCH_COLUMNS] + [("CURSOR", 0)]))
+        arrivals = _Arrivals(stream)
         try:
-            for response in stream:
+            for response in arrivals:
                 if printer.json:
                     printer.message_json(response, indent=None)
                 else:
@@ -109,7 +153,7 @@ def watch(
             if not (duration and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
         finally:
-            stream.cancel()  # type: ignore[no-untyped-call]
+            arrivals.stop()
     if last_cursor:
         note(f"{seen} record(s); resume with --cursor {last_cursor}")
     else:
