@@ -25,6 +25,12 @@ async def _line(stream: asyncio.StreamReader) -> str:
     return (await asyncio.wait_for(stream.readline(), 20)).decode()
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT as a terminal's foreground command has it. A suite started in the background (`make test
+    &` from a script) ignores SIGINT, the child inherits that, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_watch_prints_records_as_they_arrive_and_stops_on_ctrl_c(stack: StackFactory) -> None:
     async with stack() as s:
         binding = await s.create_binding("order-watch")
@@ -39,6 +45,7 @@ async def test_watch_prints_records_as_they_arrive_and_stops_on_ctrl_c(stack: St
             "json",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_interruptible,
         )
         assert process.stdout is not None and process.stderr is not None
         try:
