@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from numprotect.cdr.v1 import cdr_pb2
+from numprotect.core.dev_pki import ensure_dev_pki
 from numprotect.core.identity.principal import Role
 from numprotect.services.allocation.app import build as build_allocation
 from support.inprocess import running_service
@@ -96,3 +97,35 @@ async def test_a_client_certificate_reaches_a_service_that_requires_mtls(
     assert with_cert.exit_code == 0, with_cert.stderr
     assert with_cert.json()["keys"]  # at least the operator's own key
     assert without.exit_code == 14 and without.stderr.startswith("numprotect: UNAVAILABLE: ")
+
+
+async def test_a_ca_that_does_not_verify_the_server_is_one_line_and_a_ca_file_without_a_certificate_is_78(
+    redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    other_ca = ensure_dev_pki(tmp_path / "other-pki").ca_file
+    not_pem = write_secret(tmp_path / "not-a-ca.pem", "garbage")
+    async with running_service("allocation", build_allocation, redis_env) as allocation:
+        token = write_secret(tmp_path / "operator.token", allocation.token(Role.OPERATOR))
+        config = tmp_path / "config.yaml"
+        for name, ca_file in (("other-ca", other_ca), ("not-pem", not_pem)):
+            made = await run_cli(
+                config, "config", "set-context", name, f"--allocation={allocation.address}",
+                f"--ca-file={ca_file}", f"--token-file={token}",
+            )  # fmt: skip
+            assert made.exit_code == 0, made.stderr
+        # The console script as a process: gRPC's C core writes its own log lines to the process's stderr.
+        results: dict[str, tuple[int | None, str]] = {}
+        for name in ("other-ca", "not-pem"):
+            process = await asyncio.create_subprocess_exec(
+                str(CONSOLE_SCRIPT), "--config", str(config), "--context", name, "--timeout=3", "keys", "list",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, errors = await asyncio.wait_for(process.communicate(), 30)
+            results[name] = (process.returncode, errors.decode())
+    status, stderr = results["other-ca"]
+    assert status == 14
+    (line,) = stderr.splitlines()
+    assert line.startswith("numprotect: UNAVAILABLE: ") and "CERTIFICATE_VERIFY_FAILED" in line
+    status, stderr = results["not-pem"]
+    assert status == 78
+    assert stderr == f"numprotect: context 'not-pem': ca-file {not_pem}: no PEM certificate in it\n"

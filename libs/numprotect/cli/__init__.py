@@ -7,3 +7,11 @@ maps a gRPC status (with its google.rpc details) or a local problem to one stder
 `typer.Typer` named `app`, registered in `main.COMMAND_GROUPS`; a command takes `ctx: typer.Context` and an
 `OutputOption`, gets its channels from `session_of(ctx).connect()` and prints through `Printer`.
 """
+
+import os
+import sys
+
+if "grpc" not in sys.modules:  # the console script, before anything loads gRPC (read when its core starts)
+    # gRPC's C core logs a failed TLS handshake or an unusable CA file on stderr itself, beside the one line the
+    # CLI prints for the failure; GRPC_VERBOSITY set by the caller still wins (debugging).
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")

@@ -93,6 +93,9 @@ class Connection:
         if not self.context.ca_file:
             raise CliError(f"context {self.context.name!r} has no ca-file (or set insecure for a plaintext service)")
         root = _read(self.context.ca_file, "ca-file", self.context)
+        if b"-----BEGIN CERTIFICATE-----" not in root:
+            # gRPC would log C-core lines and fail every call UNAVAILABLE: a configuration problem, said once.
+            raise CliError(f"context {self.context.name!r}: ca-file {self.context.ca_file}: no PEM certificate in it")
         if bool(self.context.cert_file) != bool(self.context.key_file):
             raise CliError(f"context {self.context.name!r}: cert-file and key-file go together")
         if self.context.cert_file:
