@@ -121,3 +121,30 @@ def test_a_malformed_file_is_one_line_and_status_78(tmp_path: Path) -> None:
         assert result.exit_code == 78, text
         (line,) = result.stderr.splitlines()
         assert line.startswith(f"numprotect: {config}: ") and expected in line
+    config.write_bytes(b"current-context: \xff\xfe\n")
+    result = invoke(config, ("config", "get-contexts"), None)
+    assert (result.exit_code, result.stderr) == (78, f"numprotect: {config}: not UTF-8 text\n")
+
+
+def test_a_token_that_is_not_one_is_status_78_before_any_call_and_never_shown(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    unusable = {
+        "spaces": b"npk_0123 4567",
+        "crlf": f"{SECRET}\r\nsecond line\n".encode(),
+        "non-ascii": f"{SECRET}€".encode(),
+        "not-utf8": b"\xff\xfe" + SECRET.encode(),
+    }
+    for name, content in unusable.items():
+        (tmp_path / name).write_bytes(content)
+        made = invoke(config, ("config", "set-context", name, "--allocation=127.0.0.1:1", "--insecure",
+                               f"--token-file={tmp_path / name}"), None)  # fmt: skip
+        assert made.exit_code == 0, made.stderr
+    invoke(config, ("config", "set-context", "env", "--allocation=127.0.0.1:1", "--insecure", "--token-env=NP_T"), None)
+    for name in [*unusable, "env"]:
+        result = invoke(config, ("--context", name, "keys", "list"), {"NP_T": f"{SECRET}\u00e9"})
+        assert result.exit_code == 78, (name, result.stderr)  # a local problem, not gRPC's INTERNAL "Invalid metadata"
+        (line,) = result.stderr.splitlines()
+        source = "$NP_T" if name == "env" else f"token file {tmp_path / name}"
+        problem = ": not UTF-8 text" if name == "not-utf8" else " is not a token (printable ASCII without spaces)"
+        assert line == f"numprotect: context {name!r}: {source}{problem}"
+        assert SECRET not in result.stdout + result.stderr

@@ -80,15 +80,24 @@ class Context:
     def token(self, environ: Mapping[str, str]) -> str | None:
         """The bearer token: from the environment variable `token_env` when set there, else from `token_file`."""
         if self.token_env and environ.get(self.token_env):
-            return environ[self.token_env].strip()
+            return self._usable(environ[self.token_env].strip(), f"${self.token_env}")
         if not self.token_file:
             return None
         try:
             token = Path(self.token_file).read_text().strip()
+        except UnicodeDecodeError as exc:
+            raise CliError(f"context {self.name!r}: token file {self.token_file}: not UTF-8 text") from exc
         except OSError as exc:
             raise CliError(f"context {self.name!r}: token file {self.token_file}: {exc.strerror}") from exc
         if not token:
             raise CliError(f"context {self.name!r}: token file {self.token_file} is empty")
+        return self._usable(token, f"token file {self.token_file}")
+
+    def _usable(self, token: str, source: str) -> str:
+        # gRPC refuses other characters in a header value with a bare "INTERNAL: Invalid metadata", as if the
+        # server had failed; the token itself is never shown.
+        if not all("!" <= character <= "~" for character in token):
+            raise CliError(f"context {self.name!r}: {source} is not a token (printable ASCII without spaces)")
         return token
 
     def to_yaml(self) -> dict[str, Any]:
@@ -130,6 +139,8 @@ class ConfigFile:
             text = path.read_text()
         except FileNotFoundError:
             return cls(path)
+        except UnicodeDecodeError as exc:
+            raise CliError(f"{path}: not UTF-8 text") from exc
         except OSError as exc:
             raise CliError(f"{path}: {exc.strerror}") from exc
         try:
