@@ -186,7 +186,9 @@ class Rejects:
             self._file.flush()
 
     def write(self, row: Row, code: str, message: str) -> None:
-        kept = [row.values[i] for i in self._keep if i < len(row.values)]
+        # A row short of fields gets empty cells, so code and message stay under their headings (and the missing
+        # field can be filled in before the file is imported again).
+        kept = [row.values[i] if i < len(row.values) else "" for i in self._keep]
         self._writer.writerow([*kept, code, message])
         self._file.flush()
 
