@@ -197,6 +197,40 @@ def test_a_misspelt_name_is_reported() -> None:
     assert missing_from(raw, misspelt) == {"numprotect_redis_upp": ["a panel"]}
 
 
+# --- docs/operations.md's metric tables ----------------------------------------------------------------------------
+
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def documented_families() -> dict[str, str]:
+    """Name -> type of each row of the tables in docs/operations.md's "Metrics" section (up to "Alerts")."""
+    section = OPERATIONS.read_text().split("\n## Metrics\n", 1)[1].split("\n## Alerts\n", 1)[0]
+    rows = re.findall(r"^\| `((?:numprotect|grpc_server)_\w+)` \| (counter|gauge|histogram)\b", section, re.M)
+    return dict(rows)
+
+
+def exposed_families(url: str) -> dict[str, str]:
+    """Name (a counter's with its `_total`) -> type of the numprotect and gRPC server families one /metrics holds;
+    prometheus_client's `<counter>_created` companions left out (the counter is what is documented)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    families = {
+        family.name + ("_total" if family.type == "counter" else ""): family.type
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith(("numprotect_", "grpc_server_"))
+    }
+    companions = {f"{name.removesuffix('_total')}_created" for name in families}
+    return {name: kind for name, kind in families.items() if name not in companions}
+
+
+def test_the_documented_metric_tables_are_read() -> None:
+    documented = documented_families()
+    assert documented["grpc_server_handled_total"] == "counter"
+    assert documented["numprotect_build_info"] == "gauge"
+    assert documented["numprotect_cdr_ingestion_lag_seconds"] == "histogram"
+    assert len(documented) >= 15
+
+
 # --- the live services --------------------------------------------------------------------------------------------
 
 TENANT = "t-metrics"
@@ -370,6 +404,11 @@ def test_every_metric_the_dashboard_and_the_rules_read_is_exposed(suite: Suite) 
     assert not missing, f"read by the dashboard or the rules but exposed by no service: {missing}"
     # A matcher such as state="free" or grpc_method="Translate" selects nothing if no series has that value.
     assert not missing_labels, f"label values matched by the dashboard or the rules but on no series: {missing_labels}"
+    # docs/operations.md's tables name every family the services expose, with its type, and nothing else.
+    exposed: dict[str, str] = {}
+    for url in urls.values():
+        exposed.update(exposed_families(url))
+    assert documented_families() == exposed
     # The families every process exposes (the gRPC server's, Redis health, the process collector, build info).
     for service, scraped_by in scraped.items():
         names = scraped_by.names
