@@ -212,7 +212,9 @@ async def test_calls_the_server_sheds_are_sent_again_after_its_retry_info(
     assert calls == {block(i): ["OK"] for i in range(8)}
 
 
-async def test_progress_bar_rate_and_eta_on_a_terminal(redis_env: dict[str, str], tmp_path: Path) -> None:
+# 80 columns: a common terminal, where the count was cut to "12/…" while the tally kept its room.
+@pytest.mark.parametrize("columns", [180, 80])
+async def test_progress_bar_rate_and_eta_on_a_terminal(redis_env: dict[str, str], tmp_path: Path, columns: int) -> None:
     source = write_csv(tmp_path / "blocks.csv", good_rows(30))
     async with allocation_cli(redis_env, tmp_path) as a:
 
@@ -220,7 +222,7 @@ async def test_progress_bar_rate_and_eta_on_a_terminal(redis_env: dict[str, str]
             command = a.command("blocks", "import", str(source), "--concurrency", "1")
             environ = {k: v for k, v in a.environ().items() if k not in ("COLUMNS", "LINES")}  # the pty's size
             child = pexpect.spawn(
-                command[0], command[1:], env=environ, dimensions=(30, 180), encoding="utf-8", timeout=60
+                command[0], command[1:], env=environ, dimensions=(30, columns), encoding="utf-8", timeout=60
             )
             child.expect(pexpect.EOF)
             child.close()

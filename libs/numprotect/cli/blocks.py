@@ -99,7 +99,7 @@ class Display:
             self.progress = Progress(
                 TextColumn("[bold]importing"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                MofNCompleteColumn(table_column=Column(no_wrap=True)),
                 # On a narrow terminal the tally is cut short rather than the figures wrapped.
                 RateColumn(table_column=Column(no_wrap=True)),
                 EtaColumn(table_column=Column(no_wrap=True)),
