@@ -126,6 +126,32 @@ def test_the_acl_file_defines_every_user_and_switches_the_default_user_off(
         assert not set(acl_redis.passwords.values()) & set(command)
 
 
+def test_script_writes_survive_a_restart_from_the_aof(tmp_path: Path) -> None:
+    """redis-server replays its AOF as the `default` user: switched off, but with the permissions the replay needs
+    (see render_acl_file). With `-@all` a script's writes (replayed as MULTI/EXEC) were lost on every restart."""
+    passwords = {user.name: secrets.token_urlsafe(24) for user in ACL_USERS}
+    acl = tmp_path / "users.acl"
+    acl.write_text(render_acl_file(passwords, redis_version=redis_version()))
+    server = RedisServer("--aclfile", str(acl), appendonly=True, auth=(ADMIN_USER, passwords[ADMIN_USER]))
+    try:
+        admin = redis.Redis(host="127.0.0.1", port=server.port, username=ADMIN_USER, password=passwords[ADMIN_USER])
+        key = f"np:test:aof:{_unique()}"
+        admin.eval("redis.call('SET', KEYS[1], 'a'); redis.call('SET', KEYS[1] .. ':2', 'b'); return 1", 1, key)
+        admin.close()
+        server.process.terminate()  # SIGTERM: the AOF is written out, then replayed on the start below
+        server.process.wait(10)
+        server.restart()
+        admin = redis.Redis(host="127.0.0.1", port=server.port, username=ADMIN_USER, password=passwords[ADMIN_USER])
+        assert admin.mget([key, f"{key}:2"]) == [b"a", b"b"]
+        admin.close()
+        with pytest.raises(redis.AuthenticationError):  # and still nobody logs in as `default`
+            redis.Redis(host="127.0.0.1", port=server.port).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=server.port, username="default", password="").ping()
+    finally:
+        server.stop()
+
+
 def test_setuser_commands_give_the_same_users_as_the_file(acl_redis: AclRedis, admin: redis.Redis) -> None:
     other = RedisServer()
     try:

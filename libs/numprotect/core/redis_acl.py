@@ -184,9 +184,14 @@ def _checked(passwords: Mapping[str, str]) -> None:
 
 
 def render_acl_file(passwords: Mapping[str, str], *, redis_version: tuple[int, int] = MIN_REDIS_VERSION) -> str:
-    """An ACL file (redis-server `aclfile`): every user of the table, and the `default` user switched off."""
+    """An ACL file (redis-server `aclfile`): every user of the table, and the `default` user switched off.
+
+    `default` stays off and without a password (nobody can log in as it), yet keeps every permission: redis-server
+    replays its AOF as `default`, and Redis 7.0 re-checks each replayed MULTI/EXEC against that user's rules. With
+    `-@all` every write a Lua script made (propagated as MULTI/EXEC) was refused on the restart, NOPERM in the log,
+    the data gone (redis/redis issue 14541, fixed in later releases)."""
     _checked(passwords)
-    lines = ["user default off resetkeys resetchannels -@all nopass"]
+    lines = ["user default off resetpass ~* &* +@all"]
     for user in ACL_USERS:
         rules = user.rules(password_sha256(passwords[user.name]), redis_version=redis_version)
         lines.append(" ".join(["user", user.name, *rules]))
