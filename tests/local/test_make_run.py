@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,46 +17,14 @@ import pytest
 import redis
 
 from support.grpcurl import run_grpcurl, run_grpcurl_plaintext
+from support.launcher import LAUNCHER, SERVICES, launch, launcher_env
 from support.processes import ROOT
-from support.redis_server import free_port
-
-SERVICES = ("allocation", "binding", "translation", "cdr")
-LAUNCHER = ROOT / "deploy" / "local" / "run_local.py"
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
-    env.update(
-        NUMPROTECT_RUN_DIR=str(tmp_path),
-        NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
-        # The first of the processes' consecutive /metrics ports (5 with two translation processes).
-        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port(below=65000)),
-        **{
-            f"NUMPROTECT_{name.upper()}_PORT": str(free_port())
-            for name in ("allocation", "binding", "translation", "cdr")
-        },
-        **extra,
-    )
-    return env
 
 
 def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
-    env = _env(tmp_path, NUMPROTECT_TRANSLATION_PROCESSES="2", NUMPROTECT_LOCAL_REDIS_FSYNC="always")
-    process = subprocess.Popen(
-        [sys.executable, str(LAUNCHER)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("ready."):
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    env = launcher_env(tmp_path, NUMPROTECT_TRANSLATION_PROCESSES="2", NUMPROTECT_LOCAL_REDIS_FSYNC="always")
+    launched = launch(env)
+    process, lines, ready, reader = launched.process, launched.lines, launched.ready, launched.reader
     try:
         assert ready.wait(90), "".join(lines)
         output = "".join(lines)
@@ -124,7 +91,7 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
 def test_a_busy_port_gets_a_one_line_explanation(tmp_path: Path, busy: str) -> None:
     import socket
 
-    env = _env(tmp_path)
+    env = launcher_env(tmp_path)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", int(env[busy])))
         holder.listen()

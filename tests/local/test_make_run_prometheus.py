@@ -8,12 +8,10 @@ files) passes `promtool check config`; under the launcher the real Prometheus re
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -22,11 +20,11 @@ from typing import Any
 
 import yaml
 
+from support.launcher import LAUNCHER, launch, launcher_env
 from support.processes import ROOT
 from support.redis_server import free_port
 
 SCRIPT = ROOT / "deploy" / "local" / "local_prometheus.py"
-LAUNCHER = ROOT / "deploy" / "local" / "run_local.py"
 RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 
 
@@ -74,21 +72,8 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
     env = _launcher_env(
         tmp_path, NUMPROTECT_LOCAL_PROMETHEUS_PORT=str(prometheus_port), NUMPROTECT_TRANSLATION_PROCESSES="2"
     )
-    process = subprocess.Popen(
-        [sys.executable, str(LAUNCHER)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("ready."):
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    launched = launch(env)
+    process, lines, ready, reader = launched.process, launched.lines, launched.ready, launched.reader
     base = f"http://127.0.0.1:{prometheus_port}"
     try:
         assert ready.wait(120), "".join(lines)
@@ -138,19 +123,7 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
 
 
 def _launcher_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
-    env.update(
-        NUMPROTECT_RUN_DIR=str(tmp_path),
-        NUMPROTECT_RUN_PROMETHEUS="1",
-        NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
-        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port(below=65000)),
-        **{
-            f"NUMPROTECT_{name.upper()}_PORT": str(free_port())
-            for name in ("allocation", "binding", "translation", "cdr")
-        },
-        **extra,
-    )
-    return env
+    return launcher_env(tmp_path, NUMPROTECT_RUN_PROMETHEUS="1", **extra)
 
 
 def test_a_busy_prometheus_port_or_metrics_off_is_refused_before_anything_starts(tmp_path: Path) -> None:
