@@ -75,7 +75,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from numprotect.core.metrics import Observer
+from numprotect.core.metrics import UNOBSERVED, Observer
 from numprotect.core.settings import RedisSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -485,10 +485,6 @@ class _Rule:
         self.flag: str = RedisCluster.COMMAND_FLAGS.get(name, RedisCluster.DEFAULT_NODE) if key_at == -1 else ""
 
 
-def _unobserved(seconds: float) -> None:
-    pass
-
-
 class MuxRedis(Redis):
     """A redis.asyncio.Redis whose commands share one connection per node (standalone or cluster); see above."""
 
@@ -545,7 +541,7 @@ class MuxRedis(Redis):
         )
         self.connection = None
         self.single_connection_client = False
-        self.observe_round_trip = round_trip.observe if round_trip is not None else _unobserved
+        self.observe_round_trip = (round_trip or UNOBSERVED).observe
 
     def __repr__(self) -> str:
         return f"<{type(self).__module__}.{type(self).__name__}({self.settings.mode} {self._seed.name})>"

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from numprotect.core.metrics.latency import LATENCY_BUCKETS, LatencyHistogram
 
-__all__ = ["LATENCY_BUCKETS", "NAMESPACE", "Metrics", "Observer"]
+__all__ = ["LATENCY_BUCKETS", "NAMESPACE", "UNOBSERVED", "Metrics", "Observer"]
 
 # Every metric this project defines is named numprotect_<area>_<what>[_unit]; the gRPC server families keep the
 # names of the Go and Java gRPC Prometheus interceptors (grpc_server_*), so existing dashboards fit.
@@ -59,6 +59,8 @@ class _NoOp:
 
 
 _NO_OP = _NoOp()
+# What a client observes its round trips with when it was given no histogram.
+UNOBSERVED: Observer = _NO_OP
 
 
 class Metrics:

@@ -37,7 +37,7 @@ import hiredis
 from redis.crc import key_slot
 
 from numprotect.core.errors import DEFAULT_RETRY_AFTER_SECONDS, Unavailable
-from numprotect.core.metrics import Observer
+from numprotect.core.metrics import UNOBSERVED, Observer
 from numprotect.core.redis_client import RETRYABLE_REPLIES, LuaScript
 from numprotect.core.settings import RedisSettings, SettingsError
 
@@ -109,10 +109,6 @@ class _Silent(Unavailable):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reason=_UNREACHABLE)
-
-
-def _unobserved(seconds: float) -> None:
-    pass
 
 
 class _Conn:
@@ -216,7 +212,7 @@ class ScriptClient:
         self._queue: list[_Slot] = []
         self._queue_lock = threading.Lock()
         self._leading = False
-        self._observe = round_trip.observe if round_trip is not None else _unobserved
+        self._observe = (round_trip or UNOBSERVED).observe
 
     def span_attributes(self) -> dict[str, str | int]:
         """What a Redis CLIENT span of this client says: the system, the sanitised statement, the server."""
