@@ -28,6 +28,7 @@ from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.identity import mint_in, record_blocks
 from support.inprocess import running_service, running_sync_service
 from support.processes import ServiceProcess
+from support.redis_server import RedisServer
 from support.rpc import fails
 
 ALLOCATION = "numprotect.allocation.v1.AllocationService"
@@ -141,6 +142,33 @@ async def test_thread_pool_service_counts_unary_calls_and_stream_messages(redis_
         assert value(after, "grpc_server_msg_sent_total", **stream) == 3
         assert value(after, "numprotect_redis_round_trip_seconds_count", client="fastredis") >= round_trips + 1
         assert value(after, "numprotect_redis_round_trip_seconds_count", client="redis-py") > redis_py
+
+
+async def _redis_up_becomes(url: str, expected: float) -> float:
+    """numprotect_redis_up once it reads `expected`, or its last value after 10 s (the probe runs every 0.1 s)."""
+    seen = -1.0
+    for _ in range(100):
+        seen = value(await asyncio.to_thread(scrape, url), "numprotect_redis_up")
+        if seen == expected:
+            break
+        await asyncio.sleep(0.1)
+    return seen
+
+
+async def test_redis_up_follows_a_redis_killed_and_restarted() -> None:
+    """What NumprotectRedisDown fires on: the health probe's PING, 0 while Redis is gone, 1 again once it is back."""
+    own = RedisServer()  # killed here: not the Redis other tests share
+    env = {"NUMPROTECT_REDIS_URL": own.url, "NUMPROTECT_REDIS_MODE": "standalone", "NUMPROTECT_HEALTH_INTERVAL": "0.1"}
+    try:
+        async with running_service("allocation", build, env) as service:
+            url = url_of(service.app.metrics_port)
+            assert await _redis_up_becomes(url, 1) == 1
+            own.kill()
+            assert await _redis_up_becomes(url, 0) == 0
+            own.restart()
+            assert await _redis_up_becomes(url, 1) == 1
+    finally:
+        own.stop()
 
 
 async def test_metrics_off_exposes_nothing_and_adds_no_concern(redis_env: dict[str, str]) -> None:
