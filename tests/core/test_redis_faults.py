@@ -375,6 +375,24 @@ def test_errors_a_retry_cannot_fix_are_not_storage_unavailability(server: RedisS
         raise AssertionError("GET on a list answered")
 
 
+def test_a_closed_transport_while_reconnecting_is_unavailable_and_other_runtime_errors_stay_bugs() -> None:
+    """redis-py reconnecting on a transport uvloop has closed raises RuntimeError while it handles the connection
+    failure (seen in the chaos suite's Redis kill -9): that is the outage, UNAVAILABLE; a RuntimeError of its own
+    is a bug."""
+    try:
+        try:
+            raise redis.ConnectionError("Connection has data")
+        except redis.ConnectionError:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")  # noqa: B904 (as raised inside redis-py: the failure is only its __context__)
+    except RuntimeError as exc:
+        unavailable = storage_unavailable(exc)
+        assert unavailable is not None and unavailable.reason == "REDIS_UNREACHABLE"
+        assert status_for(exc, METHOD).code == grpc.StatusCode.UNAVAILABLE
+    bug = RuntimeError("a bug")
+    assert storage_unavailable(bug) is None
+    assert status_for(bug, METHOD).code == grpc.StatusCode.INTERNAL
+
+
 def test_pooled_connections_survive_a_redis_restart(server: RedisServer) -> None:
     """Redis restarted on the same port under clients holding N pooled connections each: once Redis answers PING
     again, no call fails (the pool drops the connections Redis closed instead of failing a call on each), and the

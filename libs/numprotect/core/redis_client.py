@@ -119,13 +119,20 @@ def storage_unavailable(exc: BaseException) -> Unavailable | None:
     if isinstance(exc, (ResponseError, hiredis.ReplyError)):
         word = str(exc).split(" ", 1)[0]  # the codes redis-py has no class for keep their first word
         return _retryable_reply(word) if word in RETRYABLE_REPLIES else None
-    if isinstance(exc, _CONNECTION_FAILURES):
+    if isinstance(exc, _CONNECTION_FAILURES) or _while_reconnecting(exc):
         return Unavailable("storage unavailable, retry later", reason="REDIS_UNREACHABLE")
     if isinstance(exc, SlotNotCoveredError) or (
         isinstance(exc, RedisClusterException) and str(exc).startswith(_CLUSTER_TOPOLOGY_FAILURES)
     ):
         return Unavailable("storage cluster unavailable, retry later", reason="REDIS_CLUSTERDOWN")
     return None
+
+
+def _while_reconnecting(exc: BaseException) -> bool:
+    """A RuntimeError raised while redis-py handled a connection failure: it reconnects on a transport the event loop
+    has just closed, and uvloop refuses the write ("unable to perform operation on <TCPTransport closed=True ...>;
+    the handler is closed"; seen in an IngestCdrs as Redis was killed -9). The failure underneath is the outage."""
+    return isinstance(exc, RuntimeError) and isinstance(exc.__context__, _CONNECTION_FAILURES)
 
 
 def _retryable_reply(word: str) -> Unavailable:
