@@ -17,7 +17,13 @@ from urllib.parse import parse_qsl, unquote, urlparse
 from numprotect.core.gc_tuning import DEFAULT_GEN0_THRESHOLD
 from numprotect.core.scheduling import POLICIES
 
-DEFAULT_PORTS: Mapping[str, int] = {"allocation": 50051, "binding": 50052, "translation": 50053, "cdr": 50054}
+DEFAULT_PORTS: Mapping[str, int] = {
+    "allocation": 50051,
+    "binding": 50052,
+    "translation": 50053,
+    "cdr": 50054,
+    "events": 50055,
+}
 SERVICE_NAMES = tuple(DEFAULT_PORTS)
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
