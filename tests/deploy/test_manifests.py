@@ -1,14 +1,16 @@
 """The Kubernetes manifests: rendered by real kustomize (kubectl from PyPI), validated against the Kubernetes
 schemas (kubernetes-validate), and checked for what the schema cannot say: gRPC health probes on the right
 port and service, a locked-down securityContext, resources, drain time, autoscaling and disruption budgets,
-the one template the four services are made from, the page-token key and the auth key coming from Secrets,
-binding alone holding a service token, and who the NetworkPolicies let talk to whom.
+the one template the five services are made from, the page-token key and the auth key coming from Secrets,
+binding alone holding a service token, and who the NetworkPolicies let talk to whom (events alone reaching
+tenants' webhook receivers on public addresses).
 """
 
 from __future__ import annotations
 
 import base64
 import importlib
+import ipaddress
 import secrets
 import shutil
 import subprocess
@@ -32,6 +34,7 @@ from numprotect.core.page_tokens import KEY_VARIABLE, MIN_KEY_BYTES, PageTokenKe
 from numprotect.core.server import LIVENESS_NAME
 from numprotect.core.settings import DEFAULT_PORTS, Env, RedisSettings, ServerSettings
 from numprotect.core.tls import TlsSettings
+from numprotect.services.events.settings import EventsSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -164,6 +167,13 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
     assert (settings.metrics, settings.metrics_host, settings.metrics_port) == (True, "0.0.0.0", metrics_port)
     for peer in OUR_SERVICES:
         assert config[f"NUMPROTECT_{peer.upper()}_ADDR"] == f"{peer}:{DEFAULT_PORTS[peer]}"
+
+
+def test_events_settings_validate_and_keep_receivers_public_and_https(rendered: Rendered) -> None:
+    """The ConfigMap's events settings pass the service's own validation; no private network is allowed and only
+    https:// receivers, which is what events-egress (443, public addresses) lets through."""
+    settings = EventsSettings.from_env(Env(rendered.config()))
+    assert settings.allowed_networks == () and settings.allow_http is False
 
 
 @pytest.mark.parametrize("service", OUR_SERVICES)
@@ -617,15 +627,28 @@ OPERATOR = {"numprotect.io/operator-client": "true"}
 MONITORING = {"numprotect.io/monitoring": "true"}
 
 
+# Where the model's pods are: every pod of the cluster on the usual pod network (a private range, as the events
+# egress policy requires of it).
+POD_ADDRESS = "10.244.1.17"
+
+
 @dataclass(frozen=True)
 class Pod:
+    """A pod of the cluster, or (namespace None) a host outside it, known only by its address."""
+
     name: str
-    namespace: str
+    namespace: str | None
     labels: Mapping[str, str] = field(default_factory=dict)
     namespace_labels: Mapping[str, str] = field(default_factory=dict)
+    address: str = POD_ADDRESS
 
     def all_namespace_labels(self) -> dict[str, str]:
+        assert self.namespace is not None
         return {**self.namespace_labels, "kubernetes.io/metadata.name": self.namespace}
+
+
+def outside(name: str, address: str) -> Pod:
+    return Pod(name, None, address=address)
 
 
 def selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
@@ -648,8 +671,22 @@ def namespace_of(doc: Mapping[str, Any]) -> str:
     return str(doc["metadata"].get("namespace", HOME))
 
 
+def in_block(block: Mapping[str, Any], address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+
+    def within(cidr: str) -> bool:
+        network = ipaddress.ip_network(cidr)
+        return network.version == ip.version and ip in network
+
+    return within(block["cidr"]) and not any(within(cidr) for cidr in block.get("except", []))
+
+
 def peer_matches(peer: Mapping[str, Any], policy_namespace: str, pod: Pod) -> bool:
-    assert "ipBlock" not in peer, "the policies name pods and namespaces, not addresses"
+    if "ipBlock" in peer:
+        # By address, whatever the host; a pod's address matching is the worst case (plugins differ there).
+        return in_block(peer["ipBlock"], pod.address)
+    if pod.namespace is None:
+        return False  # pod and namespace selectors select pods of the cluster only
     if "namespaceSelector" in peer:
         in_namespace = selects(peer["namespaceSelector"], pod.all_namespace_labels())
     else:
@@ -721,6 +758,23 @@ class Cluster:
             if collectors
             else Pod("collector", collector_namespace, {"app.kubernetes.io/name": collector_name}),
         }
+        # Hosts outside the cluster: a tenant's webhook receiver on a public address (IPv4 and IPv6; documentation
+        # ranges, which the policies treat as public) and the private ones no receiver URL may lead to.
+        self.internet = {
+            "receiver": outside("receiver", "203.0.113.10"),
+            "receiver-v6": outside("receiver-v6", "2001:db8::10"),
+        }
+        self.private_hosts = {
+            "cloud-metadata": outside("cloud-metadata", "169.254.169.254"),
+            "node": outside("node", "10.0.0.5"),
+            "lan-host": outside("lan-host", "192.168.1.20"),
+            "private-172": outside("private-172", "172.20.0.8"),
+            "cgnat-host": outside("cgnat-host", "100.64.3.4"),
+            "loopback": outside("loopback", "127.0.0.1"),
+            "ula-v6": outside("ula-v6", "fd00::8"),
+            "link-local-v6": outside("link-local-v6", "fe80::1"),
+            "mapped-private-v6": outside("mapped-private-v6", "::ffff:10.0.0.5"),
+        }
         # Everything that must not get through, whatever the port.
         self.strangers = {
             "kube-system-pod": Pod("kube-system-pod", "kube-system", {"k8s-app": "metrics-server"}),
@@ -752,7 +806,14 @@ class Cluster:
         return name, rest[0] if rest else HOME
 
     def everyone(self) -> dict[str, Pod]:
-        return {**self.services, **self.dependencies, **self.strangers, **self.callers}
+        return {
+            **self.services,
+            **self.dependencies,
+            **self.strangers,
+            **self.callers,
+            **self.internet,
+            **self.private_hosts,
+        }
 
     def callers_of(self, service: str, port: int) -> set[str]:
         server = self.services[service]
@@ -779,8 +840,12 @@ EXPECTED_CALLERS = {
     "binding": {"tenant", "gateway", "operator"},
     "translation": {"carrier", "tenant", "gateway", "operator"},
     "cdr": {"carrier", "tenant", "gateway", "operator"},
+    # Endpoints, deliveries, dead letters, replay and WatchEvents: tenants and operators; carriers have no events.
+    "events": {"tenant", "gateway", "operator"},
 }
 EXPECTED_PEERS = {"binding": {"allocation"}}  # the services' gRPC calls to each other (services/*/app.py)
+# Beyond the cluster: events POSTs webhooks to tenants' receivers, HTTPS on public addresses only.
+EXPECTED_INTERNET = {"events": {("receiver", "TCP", 443), ("receiver-v6", "TCP", 443)}}
 
 
 @pytest.mark.parametrize("service", OUR_SERVICES)
@@ -802,11 +867,34 @@ def test_only_the_scrapers_reach_each_services_metrics_port(rendered: Rendered, 
 @pytest.mark.parametrize("service", OUR_SERVICES)
 def test_each_service_reaches_exactly_dns_redis_the_collector_and_its_peers(rendered: Rendered, service: str) -> None:
     cluster = Cluster(rendered)
-    targets = [("UDP", 53), ("TCP", 53), ("TCP", 6379), ("TCP", 16379), ("TCP", 4317), ("TCP", 443)]
+    targets = [("UDP", 53), ("TCP", 53), ("TCP", 6379), ("TCP", 16379), ("TCP", 4317), ("TCP", 443), ("TCP", 80)]
+    targets += [("TCP", 8443), ("UDP", 443), ("TCP", 22)]
     targets += [("TCP", port) for port in DEFAULT_PORTS.values()]
     expected = {("dns", "UDP", 53), ("dns", "TCP", 53), ("redis", "TCP", 6379), ("collector", "TCP", 4317)}
     expected |= {(peer, "TCP", DEFAULT_PORTS[peer]) for peer in EXPECTED_PEERS.get(service, ())}
+    expected |= EXPECTED_INTERNET.get(service, set())
     assert cluster.reached_by(service, targets) == expected
+
+
+def test_no_service_reaches_a_private_address_outside_the_cluster(rendered: Rendered) -> None:
+    """Webhook receivers are reached on public addresses only: the metadata service, nodes, the LAN, loopback and
+    private IPv6 stay out of reach of every service (events' own SSRF guard is the first layer)."""
+    cluster = Cluster(rendered)
+    for service in OUR_SERVICES:
+        for host in cluster.private_hosts.values():
+            for port in (443, 80, 8443, 6379):
+                assert not connects(cluster.policies, cluster.services[service], host, "TCP", port), (service, host)
+
+
+def test_the_policy_model_sees_the_receivers_rule_widened(rendered: Rendered) -> None:
+    """The egress checks can fail: events' 443 rule without its exceptions reaches the cloud's metadata address."""
+    cluster = Cluster(rendered)
+    metadata = cluster.private_hosts["cloud-metadata"]
+    assert not connects(cluster.policies, cluster.services["events"], metadata, "TCP", 443)
+    policy = next(p for p in cluster.policies if p["metadata"]["name"] == "events-egress")
+    for peer in policy["spec"]["egress"][0]["to"]:
+        peer["ipBlock"].pop("except")
+    assert connects(cluster.policies, cluster.services["events"], metadata, "TCP", 443)
 
 
 def test_peer_calls_in_the_config_match_the_policies(rendered: Rendered) -> None:
