@@ -178,6 +178,8 @@ async def test_create_api_key_names_the_field_and_rule_of_bad_input(allocation_s
         assert await asyncio.to_thread(lambda: svc.redis.hlen(api_keys.KEYS_KEY)) == 1  # only the operator's
         binding = await operator.CreateApiKey(pb.CreateApiKeyRequest(role=pb.ROLE_SERVICE, service="binding"))
         assert (binding.key.role, binding.key.service) == (pb.ROLE_SERVICE, "binding")
+        events = await operator.CreateApiKey(pb.CreateApiKeyRequest(role=pb.ROLE_SERVICE, service="events"))
+        assert (events.key.role, events.key.service) == (pb.ROLE_SERVICE, "events")  # the fifth service
         carrier = await operator.CreateApiKey(pb.CreateApiKeyRequest(role=pb.ROLE_CARRIER, carrier_id="cm"))
         assert carrier.key.carrier_id == "cm" and not carrier.key.tenant_id
 

@@ -22,10 +22,9 @@ from numprotect.core.identity.audit import AuditEvent
 from numprotect.core.identity.layer import Callers
 from numprotect.core.identity.principal import Role
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
+from numprotect.core.settings import SERVICE_NAMES  # the services a Role.SERVICE key may name
 from numprotect.services.allocation.admin import ApiKeys, AuditTrail, EventFilter, KeyFilter, principal_base
 
-# The services a Role.SERVICE key may name (the numprotect services that call one another).
-SERVICE_NAMES = ("allocation", "binding", "translation", "cdr")
 DESCRIPTION_LIMIT = 256
 _MAX_PAGE = 1000
 _DEFAULT_PAGE = 100
