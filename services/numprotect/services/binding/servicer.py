@@ -19,6 +19,7 @@ from typing import Any
 
 from numprotect.binding.v1 import binding_pb2 as pb
 from numprotect.binding.v1 import binding_pb2_grpc
+from numprotect.core.binding_protos import binding_to_proto, event_to_proto
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import optional_timestamp_ms
 from numprotect.core.errors import InvalidArgument
@@ -29,7 +30,6 @@ from numprotect.core.limits import ConcurrencyLimit, RateLimit
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.core.phone import party_field, virtual_field
 from numprotect.services.binding.concurrency import limit_methods
-from numprotect.services.binding.conversions import binding_to_proto, event_to_proto
 from numprotect.services.binding.create import BindingCreator
 from numprotect.services.binding.deadline import CallBudget
 from numprotect.services.binding.reads import BindingReads
