@@ -15,6 +15,8 @@ Per slot s (tag T = slot_tag(s)):
                                  CallDetailRecord bytes, "X|caller|short|unanswered|window_ms", "reason|actor")
     np:ev:x:{T}          ZSET    binding expiries: binding id -> expire ms, for committed, undeleted bindings
                                  whose record is in slot s (binding_record_update.lua keeps it)
+    np:ev:lease:{T}      STRING  the events process routing the outbox now (a token; PX a few seconds), so two
+                                 routers do not render the same entries (routing is idempotent either way)
 Rings (NUMBER_OF_RINGS shards, the slot's shard = slot % NUMBER_OF_RINGS):
     np:ev:ring:{ring<k>}     SET   slots whose outbox got entries (hint)
     np:ev:xring:{xring<k>}   ZSET  slot -> earliest binding expiry in its np:ev:x (hint; may be early, never late)
@@ -110,6 +112,10 @@ def outbox_key(slot: int) -> str:
 
 def expiry_key(slot: int) -> str:
     return f"{PREFIX}x:{{{slot_tag(slot)}}}"
+
+
+def route_lease_key(slot: int) -> str:
+    return f"{PREFIX}lease:{{{slot_tag(slot)}}}"
 
 
 def outbox_key_beside(key: str) -> str:
