@@ -45,7 +45,7 @@ def served_methods() -> set[str]:
 
 def test_every_served_method_has_a_policy_entry_and_every_entry_a_method() -> None:
     methods = served_methods()
-    for service in ("allocation", "admin", "binding", "translation", "cdr"):
+    for service in ("allocation", "admin", "binding", "translation", "cdr", "events"):
         assert any(m.startswith(f"/numprotect.{service}.v1.") for m in methods), service
     assert sorted(methods - set(POLICY)) == []
     assert sorted(set(POLICY) - methods - {REFLECTION_V1}) == []

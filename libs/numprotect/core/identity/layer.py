@@ -226,7 +226,10 @@ class IdentityConcern:
 
 
 def _field(request: Any, name: str) -> str:
-    value = getattr(request, name, "")
+    """A request field's value as text ("" when unset); "a.b" is field b of message field a."""
+    value = request
+    for part in name.split("."):
+        value = getattr(value, part, "")
     return str(value) if value not in ("", 0, None) else ""
 
 
@@ -259,7 +262,7 @@ class _MethodIdentity:
                         "reason", f"is required of a {principal.role.value}: a case reference for the audit trail"
                     )
                 if entry.scope is Scope.TENANT_FIELD and principal.role is Role.TENANT:
-                    refuse_other_tenant(principal, getattr(request, "tenant_id", ""), "tenant_id")
+                    refuse_other_tenant(principal, _field(request, entry.tenant_field), entry.tenant_field)
         except DomainError as denied:
             if isinstance(denied, PermissionDenied):
                 concern.callers.denials.count(denied.reason.lower())

@@ -46,8 +46,10 @@ class MethodPolicy:
     services: frozenset[str] = frozenset()  # for Role.SERVICE: which services may call
     reason_required: frozenset[Role] = frozenset()  # roles that must give `reason` (a case reference)
     # Request fields that name what the call acts on, recorded as the audit event's target (ids and 700
-    # numbers only: a real party number is never recorded).
+    # numbers only: a real party number is never recorded); "a.b" is field b of message field a.
     target_fields: tuple[str, ...] = ()
+    # Scope.TENANT_FIELD: the request field that names the tenant ("endpoint.tenant_id": inside a message field).
+    tenant_field: str = "tenant_id"
 
     def allows(self, role: Role, service_name: str) -> bool:
         if role not in self.roles:
@@ -64,13 +66,28 @@ def _p(*roles: Role, **kwargs: object) -> MethodPolicy:
 
 OPERATOR, TENANT, CARRIER, REGULATOR, SERVICE = Role.OPERATOR, Role.TENANT, Role.CARRIER, Role.REGULATOR, Role.SERVICE
 _BINDING_ONLY = frozenset({"binding"})
-_ANY_SERVICE = frozenset({"allocation", "binding", "translation", "cdr"})
+_ANY_SERVICE = frozenset({"allocation", "binding", "translation", "cdr", "events"})
 _ALLOC = "/numprotect.allocation.v1.AllocationService/"
 _BIND = "/numprotect.binding.v1.BindingService/"
 _TRANS = "/numprotect.translation.v1.TranslationService/"
 _CDR = "/numprotect.cdr.v1.CdrService/"
 _ADMIN = "/numprotect.admin.v1.AdminService/"
+_EVENTS = "/numprotect.events.v1.EventService/"
 _NUMBER = ("tenant_id", "virtual_number")
+_ENDPOINT = ("tenant_id", "endpoint_id")
+
+
+def _events(*, target_fields: tuple[str, ...] = _ENDPOINT, tenant_field: str = "tenant_id") -> MethodPolicy:
+    """An EventService method: a tenant's own endpoints and events; the operator any tenant's (audited)."""
+    return _p(
+        TENANT,
+        OPERATOR,
+        scope=Scope.TENANT_FIELD,
+        audit=Audit.BY_ROLES,
+        target_fields=target_fields,
+        tenant_field=tenant_field,
+    )
+
 
 POLICY: Mapping[str, MethodPolicy] = MappingProxyType(
     {
@@ -148,6 +165,20 @@ POLICY: Mapping[str, MethodPolicy] = MappingProxyType(
         _CDR + "GetAbuseSignals": _p(
             TENANT, OPERATOR, scope=Scope.TENANT_FIELD, audit=Audit.BY_ROLES, target_fields=("tenant_id",)
         ),
+        # Events: a tenant's webhook endpoints, deliveries and events are its own; the operator's calls are audited.
+        _EVENTS + "CreateEndpoint": _events(target_fields=("tenant_id",)),
+        _EVENTS + "GetEndpoint": _events(),
+        _EVENTS + "ListEndpoints": _events(target_fields=("tenant_id",)),
+        _EVENTS + "UpdateEndpoint": _events(
+            target_fields=("endpoint.tenant_id", "endpoint.endpoint_id"), tenant_field="endpoint.tenant_id"
+        ),
+        _EVENTS + "RotateEndpointSecret": _events(),
+        _EVENTS + "DeleteEndpoint": _events(),
+        _EVENTS + "ListDeliveries": _events(),
+        _EVENTS + "ReplayEvents": _events(),
+        _EVENTS + "ListDeadLetters": _events(),
+        _EVENTS + "RedriveDeadLetters": _events(),
+        _EVENTS + "WatchEvents": _events(target_fields=("tenant_id",)),
         # Admin (served by the allocation process): the operator's; a regulator lists its own audit events.
         _ADMIN + "CreateApiKey": _p(
             OPERATOR, audit=Audit.ALWAYS, target_fields=("role", "tenant_id", "carrier_id", "service")

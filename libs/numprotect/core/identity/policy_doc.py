@@ -34,6 +34,8 @@ def render(policy: Mapping[str, MethodPolicy] = POLICY) -> str:
     for path, entry in policy.items():
         service, _, method = path.lstrip("/").rpartition("/")
         scope = "" if entry.scope is Scope.NONE else entry.scope.value
+        if entry.scope is Scope.TENANT_FIELD and entry.tenant_field != "tenant_id":
+            scope = f"{entry.tenant_field} field"
         audited = {Audit.NEVER: "denials only", Audit.BY_ROLES: "operator, regulator", Audit.ALWAYS: "always"}[
             entry.audit
         ]

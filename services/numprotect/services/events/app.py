@@ -1,0 +1,35 @@
+"""Wires the events service's dependencies and registers it with the shared bootstrap."""
+
+from __future__ import annotations
+
+from numprotect.core.clock import SystemClock
+from numprotect.core.page_tokens import PageTokenKey
+from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
+from numprotect.events.v1 import events_pb2, events_pb2_grpc
+from numprotect.services.events.endpoints import EndpointStore
+from numprotect.services.events.servicer import EventServiceServicer
+from numprotect.services.events.settings import EventsSettings
+
+FULL_NAME = events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
+
+
+async def build(runtime: Runtime) -> ServiceParts:
+    settings = EventsSettings.from_env(runtime.env)  # SettingsError before the server starts
+    page_token_key = PageTokenKey.from_env(runtime.env)
+    clock = SystemClock()
+    endpoints = EndpointStore(runtime.redis, settings, clock)
+    servicer = EventServiceServicer(
+        settings,
+        endpoints,
+        None,
+        None,
+        callers=runtime.identity.callers,
+        page_token_key=page_token_key,
+        clock=clock,
+    )
+    return ServiceParts(
+        registrations=[
+            ServiceRegistration(FULL_NAME, servicer, events_pb2_grpc.add_EventServiceServicer_to_server),
+        ],
+        on_shutdown=[servicer.close],
+    )
