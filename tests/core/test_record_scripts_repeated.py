@@ -14,6 +14,7 @@ from core.test_routes import _route
 from numprotect.core.binding_records import BindingEvent, BindingRecordStore, get_binding_history, number_history_key
 from numprotect.core.redis_client import RedisClient
 from numprotect.core.routes import MODE_AXE, NumberHistory, RouteTable
+from support.event_outbox import expiries, expiry_hint, hinted, outbox
 from support.redis_state import run_twice as twice
 
 __all__ = ["redis"]  # the fixture of the record script tests, used here too
@@ -21,6 +22,7 @@ __all__ = ["redis"]  # the fixture of the record script tests, used here too
 HOUR = 3_600_000
 RECORD_KEYS = "np:b:{b1}"
 NUMBER_KEYS = "np:*{" + X + "}*"  # the number's route keys, AXE marker and history
+EVENT_KEYS = "np:ev:*"  # outboxes, expiries and their rings
 
 
 async def test_record_create_repeated_is_written_again(redis: RedisClient, redis_sync: Any) -> None:
@@ -59,6 +61,49 @@ async def test_record_update_repeated_appends_its_event_once(redis: RedisClient,
     # The next update with an event of its own is appended.
     assert await store.update("b1", {"ums": str(later + 1)}, BindingEvent("update", later + 1, {"r": "1"}))
     assert [e.kind for e in await get_binding_history(redis, "b1")] == ["create", "update", "update"]
+
+
+async def test_record_events_repeated_are_recorded_once(redis: RedisClient, redis_sync: Any) -> None:
+    """The commit, an update event and a delete event, each run twice: one outbox entry each (binding.created,
+    .updated, .deleted, in the record's slot), the slot's expiries and hints as after one run; a write of fields
+    only records nothing."""
+    store = BindingRecordStore(redis, retention_ms=HOUR)
+    record = _record(create_ms=_now_ms())
+    key = "np:b:{b1}"
+    assert await store.create(record, reservation_id="r1", city_fallback=False)
+    assert outbox(redis_sync, key) == [] and not hinted(redis_sync, key)  # pending: nobody is told yet
+    activate = functools.partial(store.activate, "b1", record.end_ms(), expire_ms=record.expire_ms)
+    assert await twice(redis_sync, (RECORD_KEYS, EVENT_KEYS), activate) == (True, True)
+    created = {"ty": "binding.created", "tn": "t1", "at": str(record.create_ms), "src": "b1", "n": "1", "d": ""}
+    assert outbox(redis_sync, key) == [created]
+    assert hinted(redis_sync, key) and expiry_hint(redis_sync, key) == record.expire_ms
+    assert expiries(redis_sync, key) == {"b1": record.expire_ms}
+
+    later = record.create_ms + 1000
+    event = BindingEvent("update", later, {"exp": str(record.expire_ms - 1)})
+    update = functools.partial(store.update, "b1", {"ems": str(record.expire_ms - 1), "ums": str(later)}, event)
+    assert await twice(redis_sync, (RECORD_KEYS, EVENT_KEYS), update) == (True, True)
+    assert outbox(redis_sync, key)[1:] == [{**created, "ty": "binding.updated", "at": str(later), "n": "2"}]
+    assert expiries(redis_sync, key) == {"b1": record.expire_ms - 1}
+    assert expiry_hint(redis_sync, key) == record.expire_ms - 1  # lowered (ZADD LT)
+
+    fields_only = functools.partial(store.update, "b1", {"pbh": B2}, None)
+    assert await twice(redis_sync, (RECORD_KEYS, EVENT_KEYS), fields_only) == (True, True)
+    assert len(outbox(redis_sync, key)) == 2
+
+    redis_sync.set("np:b:{b1}:lk", "token-1")
+    gone = later + 1
+    delete = functools.partial(
+        store.update,
+        "b1",
+        {"dms": str(gone), "ums": str(gone)},
+        BindingEvent("delete", gone, {}),
+        end_ms=gone,
+        release=("np:b:{b1}:lk", "token-1"),
+    )
+    assert await twice(redis_sync, (RECORD_KEYS + "*", EVENT_KEYS), delete) == (True, True)
+    assert outbox(redis_sync, key)[2:] == [{**created, "ty": "binding.deleted", "at": str(gone), "n": "3"}]
+    assert expiries(redis_sync, key) == {} and redis_sync.exists("np:b:{b1}:lk") == 0
 
 
 async def test_number_history_add_repeated(redis: RedisClient, redis_sync: Any) -> None:

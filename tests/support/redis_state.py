@@ -49,10 +49,12 @@ def state(redis_sync: Any, pattern: str) -> dict[str, tuple[str, Any]]:
     return out
 
 
-async def run_twice(redis_sync: Any, pattern: str, call: Callable[[], Awaitable[T]]) -> tuple[T, T]:
-    """Both answers of `call` made twice; asserts the second made no change to the keys under `pattern`."""
+async def run_twice(redis_sync: Any, pattern: str | tuple[str, ...], call: Callable[[], Awaitable[T]]) -> tuple[T, T]:
+    """Both answers of `call` made twice; asserts the second made no change to the keys under `pattern` (or under
+    each of several patterns)."""
+    patterns = (pattern,) if isinstance(pattern, str) else pattern
     first = await call()
-    after_first = state(redis_sync, pattern)
+    after_first = [state(redis_sync, p) for p in patterns]
     second = await call()
-    assert state(redis_sync, pattern) == after_first
+    assert [state(redis_sync, p) for p in patterns] == after_first
     return first, second

@@ -21,6 +21,12 @@ Record fields (short names keep the hash in the compact listpack encoding):
 Expiry is not written as an event: it happens at `expire_ms` by definition (Redis expires the routes at that
 instant); readers derive the "expire" event from the record, so no sweeper is needed and none can lag.
 
+Events for tenants (numprotect.core.event_keys, docs/redis-schema.md "Events"): the update script records
+binding.created (commit), binding.updated and binding.deleted in the outbox of the record's slot, in the step that
+makes the change, and keeps the slot's binding expiries (binding id -> expire_ms while committed and not deleted),
+from which the events service tells binding.expired. The writes here add the hints (the slot in a ring; its
+earliest expiry in an expiry ring) to the same round trip.
+
 Trace ("which binding did X serve at T"): the number's ZSET gives every binding whose end is after T (score
 > T), the records filter create_ms <= T < end_ms, and the events give party B as it was at T.
 """
@@ -31,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from numprotect.core import event_keys, event_outbox
 from numprotect.core.clock import SystemClock
 from numprotect.core.redis_batch import Command, raise_first, send_together
 from numprotect.core.redis_client import KeyOrArg, LuaScript, RedisClient
@@ -321,6 +328,7 @@ class BindingRecordStore:
     def __init__(self, redis: RedisClient, retention_ms: int = DEFAULT_RETENTION_MS) -> None:
         self.redis = redis
         self.retention_ms = retention_ms
+        event_outbox.warm()
 
     async def create(
         self,
@@ -382,9 +390,31 @@ class BindingRecordStore:
         writer's lock).
 
         False (nothing written, nothing deleted) when the record does not exist.
+
+        The events it records (binding.created when `fields` commit the record, binding.updated / .deleted with an
+        `event` of that kind) are hinted in the same round trip (`event_hints`).
         """
         command = self.update_command(binding_id, fields, event, end_ms=end_ms, release=release)
-        return int(raise_first(await send_together(self.redis, [command]))[0]) == 1
+        expire_ms = int(fields["ems"]) if "ems" in fields else None
+        hints = self.event_hints(binding_id, fields, event, expire_ms)
+        return int(await event_outbox.run_with_hints(self.redis, command, hints)) == 1
+
+    @staticmethod
+    def event_hints(
+        binding_id: str, fields: Mapping[str, str], event: BindingEvent | None, expire_ms: int | None
+    ) -> list[Command]:
+        """The hints for the events service that an update of `fields` with `event` calls for: the record's slot in
+        its ring when an event may be recorded (a commit, an update or delete event), and in its expiry ring (ZADD
+        LT: only ever earlier) when the binding's expiry is written (`expire_ms`: the record's expiry, when known).
+        Hints only: a lost one delays an event until the events service's sweep."""
+        commits = fields.get("st") == STATUS_ACTIVE
+        if not commits and (event is None or event.kind not in ("update", "delete")):
+            return []
+        key = binding_key(binding_id)
+        hints = [event_outbox.ring_hint(key)]
+        if expire_ms is not None and "dms" not in fields:
+            hints.append(event_outbox.expiry_ring_hint(key, expire_ms))
+        return hints
 
     def update_command(
         self,
@@ -395,9 +425,11 @@ class BindingRecordStore:
         end_ms: int | None = None,
         release: tuple[str, str] | None = None,
     ) -> Command:
-        """The command of `update` (its reply: 1 written, 0 no record)."""
+        """The command of `update` (its reply: 1 written, 0 no record), without the events' hints (`event_hints`:
+        send them together)."""
         expire_at = 0 if end_ms is None else end_ms + self.retention_ms
-        keys = [binding_key(binding_id)]
+        key = binding_key(binding_id)
+        keys = [key, event_keys.outbox_key_beside(key), event_keys.expiry_key_beside(key)]
         token = ""
         if release is not None:
             keys.append(release[0])
@@ -407,12 +439,21 @@ class BindingRecordStore:
             flat.extend((name, value))
         return Command.run(self._update, keys, flat)
 
-    async def activate(self, binding_id: str, end_ms: int | None = None) -> bool:
-        """Marks the record committed; with `end_ms`, keeps it until end + retention."""
-        return await self.update(binding_id, {"st": STATUS_ACTIVE}, None, end_ms=end_ms)
+    async def activate(self, binding_id: str, end_ms: int | None = None, *, expire_ms: int | None = None) -> bool:
+        """Marks the record committed (binding.created is recorded); with `end_ms`, keeps it until end + retention.
+        `expire_ms`: the binding's expiry, for the expiry ring's hint (without it the expirer learns of the binding
+        from its sweep)."""
+        command, *hints = self.activate_commands(binding_id, end_ms, expire_ms=expire_ms)
+        return int(await event_outbox.run_with_hints(self.redis, command, hints)) == 1
 
-    def activate_command(self, binding_id: str, end_ms: int | None = None) -> Command:
-        return self.update_command(binding_id, {"st": STATUS_ACTIVE}, None, end_ms=end_ms)
+    def activate_commands(
+        self, binding_id: str, end_ms: int | None = None, *, expire_ms: int | None = None
+    ) -> list[Command]:
+        """The commands of `activate`: the record's script, then its hints (read the script's reply with
+        `event_outbox.first_reply`)."""
+        fields = {"st": STATUS_ACTIVE}
+        command = self.update_command(binding_id, fields, None, end_ms=end_ms)
+        return [command, *self.event_hints(binding_id, fields, None, expire_ms)]
 
     async def discard(self, binding_id: str) -> None:
         """Removes a record whose create failed (compensation)."""

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from numprotect.core import event_outbox
 from numprotect.core.binding_records import (
     BindingRecord,
     BindingRecordStore,
@@ -515,12 +516,17 @@ class BindingStore:
         only once both landed (the entry is how the recovery finds a completion that failed: it completes a
         committed record on the list again, routes included). Repeatable. The caller is the create that committed,
         or holds the binding's lock (so no update or delete runs meanwhile)."""
-        commands = [self.records.activate_command(record.binding_id, record.end_ms())]
+        # The commit mark records binding.created in the record's slot (its hints for the events service, the slot
+        # in a ring and the binding's expiry in an expiry ring, go in the same round trip).
+        commands = self.records.activate_commands(record.binding_id, record.end_ms(), expire_ms=record.expire_ms)
+        activated = len(commands)
         if not record.delete_ms:  # an expired binding's keys are deleted by the script, not set
             commands.append(self._routes_command(record))
-        replies = raise_first(await send_together(self.redis, commands))
+        replies = await send_together(self.redis, commands)
+        event_outbox.first_reply(replies[:activated])
+        raise_first(replies[activated:])
         if not record.delete_ms:
-            self._check_routes(record, replies[1])
+            self._check_routes(record, replies[activated])
         await self.pending.remove(record.binding_id)
         await self.replicated(record)
 
