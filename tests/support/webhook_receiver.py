@@ -18,6 +18,8 @@ class Received:
     path: str
     headers: dict[str, str]  # names lower-cased
     body: bytes
+    # "host:port" of the client's end of the connection (one per connection: tests see connection reuse)
+    peer: str = ""
 
     @property
     def webhook_id(self) -> str:
@@ -52,8 +54,13 @@ class WebhookReceiver:
         return list(self.received)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        peername = request.transport.get_extra_info("peername") if request.transport is not None else None
         got = Received(
-            time.monotonic(), request.path, {k.lower(): v for k, v in request.headers.items()}, await request.read()
+            time.monotonic(),
+            request.path,
+            {k.lower(): v for k, v in request.headers.items()},
+            await request.read(),
+            f"{peername[0]}:{peername[1]}" if peername else "",
         )
         if self.respond is not None:
             reply = self.respond(got)
