@@ -23,11 +23,12 @@ from allocation.test_scripts import (
     scripts,
 )
 
-from numprotect.core import pool_keys
+from numprotect.core import event_keys, pool_keys
 from numprotect.core.redis_client import LuaScript, RedisClient
 from numprotect.services.allocation.scripts import Scripts
+from support.event_outbox import outbox
 from support.redis_state import plain as text
-from support.redis_state import state
+from support.redis_state import run_twice, state
 
 __all__ = ["redis", "scripts"]  # fixtures of the script tests, used here too
 
@@ -144,3 +145,31 @@ async def test_import_and_claim_block_repeated(redis: RedisClient, redis_sync: A
     second = text(await scripts.claim_block(redis, claim_keys, [TENANT, CITY, "ops", "cm"]))
     assert (first, second) == (["new"], ["mine"])
     assert state(redis_sync, "np:alloc:{blk:" + BLOCK + "}*") == owner
+
+
+async def test_lock_unlock_repeated_record_one_event_each(
+    redis: RedisClient, redis_sync: Any, scripts: Scripts
+) -> None:
+    """With the outbox of the sub-pool's slot (KEYS[2]): the lock and the unlock each record one event, however
+    often they run; locking again for another reason records another."""
+    await imported(redis, scripts)
+    x = BLOCK + "0302"
+    keys = [POOL, event_keys.outbox_key_beside(POOL)]
+
+    def call(script: LuaScript, *args: str) -> Any:
+        async def once() -> Any:
+            return text(await script(redis, keys, [TENANT, CITY, RETENTION_MS, x, *args]))
+
+        return once
+
+    for script, args in ((scripts.lock, ("abuse", "ops")), (scripts.unlock, ("ops-2",))):
+        first, second = await run_twice(redis_sync, (POOL_KEYS, "np:ev:*"), call(script, *args))
+        assert first == second and first[0] == "ok"
+    await call(scripts.lock, "abuse", "ops")()
+    await call(scripts.lock, "fraud", "ops")()
+    assert [(e["ty"], e["tn"], e["src"], e["n"], e["d"]) for e in outbox(redis_sync, POOL)] == [
+        ("number.locked", TENANT, x, "", "abuse|ops"),
+        ("number.unlocked", TENANT, x, "", "abuse|ops-2"),
+        ("number.locked", TENANT, x, "", "abuse|ops"),
+        ("number.locked", TENANT, x, "", "fraud|ops"),
+    ]

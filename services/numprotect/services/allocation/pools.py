@@ -18,11 +18,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 
-from numprotect.core import pool_keys
+from numprotect.core import event_keys, event_outbox, pool_keys
 from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from numprotect.core.identity.directory import CARRIER_BLOCKS_KEY, CARRIER_VERSION_KEY
 from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.phone import mask
+from numprotect.core.redis_batch import Command
 from numprotect.core.redis_client import RedisClient
 from numprotect.core.routes import lock_key
 from numprotect.services.allocation import keys
@@ -432,12 +433,25 @@ class NumberPools:
         return _text(tenant), _text(city)
 
     async def _number_script(
-        self, script_name: str, number: str, *args: str | int, visible: TenantFilter = _everyone
+        self,
+        script_name: str,
+        number: str,
+        *args: str | int,
+        visible: TenantFilter = _everyone,
+        events: bool = False,
     ) -> NumberInfo:
+        """`events`: the script records events in the outbox of the sub-pool's slot (its KEYS[2]); the slot's hint for
+        the events service goes in the same round trip."""
         tenant, city = await self.owner(number, visible)
         layout = await self._layout(tenant, city)
         script = getattr(self.scripts, script_name)
-        reply = await script(self.redis, [layout.key_of(number)], [*self._head(tenant, city), number, *args])
+        key = layout.key_of(number)
+        script_args = [*self._head(tenant, city), number, *args]
+        if events:
+            command = Command.run(script, [key, event_keys.outbox_key_beside(key)], script_args)
+            reply = await event_outbox.run_with_hints(self.redis, command, [event_outbox.ring_hint(key)])
+        else:
+            reply = await script(self.redis, [key], script_args)
         outcome = _text(reply[0])
         if outcome == "unknown":
             raise NotFound(
@@ -471,13 +485,13 @@ class NumberPools:
         # A failure after the flag leaves a number that rejects calls but may still be handed out
         # (fail closed on the call path); retrying LockNumber completes it.
         await self.redis.set(lock_key(number), reason)
-        return await self._number_script("lock", number, reason, actor)
+        return await self._number_script("lock", number, reason, actor, events=True)  # number.locked
 
     @_one_connection
     async def unlock(self, number: str, actor: str) -> NumberInfo:
         # Pool first, flag last (the mirror of lock): a failure in between leaves calls rejected, and a
         # retry (idempotent) removes the flag.
-        info = await self._number_script("unlock", number, actor)
+        info = await self._number_script("unlock", number, actor, events=True)  # number.unlocked
         await self.redis.delete(lock_key(number))
         return info
 
