@@ -1,6 +1,6 @@
 """Fault 4: kill -9 of the service processes under load, then a restart on the same ports.
 
-The long profile kills each service in turn; the short one (make test) kills all four at once and starts them
+The long profile kills each service in turn; the short one (make test) kills all five at once and starts them
 together. Required: callers get UNAVAILABLE (never INTERNAL, nothing past its deadline); creates retried with the
 same out_order_id stay idempotent (one binding per order); nothing acknowledged is lost and no half-written state
 remains (routes agree with the records; the invariant checker finds nothing).

@@ -22,7 +22,7 @@ from numprotect.core.dev_pki import DevPki, ensure_dev_pki, write_atomically
 from numprotect.core.identity.api_keys import AuthSettings
 from numprotect.core.identity.runtime import Identity
 from numprotect.core.server import AioServiceApp, SyncServiceApp
-from numprotect.core.settings import Env, RedisSettings, ServerSettings, SettingsError
+from numprotect.core.settings import SERVICE_NAMES, Env, RedisSettings, ServerSettings, SettingsError
 from numprotect.core.telemetry import Telemetry
 from numprotect.core.tls import TlsSettings, peer_spiffe_id, server_credentials
 from support.grpcurl import run_grpcurl_plaintext
@@ -83,7 +83,7 @@ def _check(address: str, credentials: grpc.ChannelCredentials) -> int:
         return _status(channel)
 
 
-@pytest.mark.parametrize("service", ["allocation", "binding", "translation", "cdr"])
+@pytest.mark.parametrize("service", SERVICE_NAMES)
 def test_a_plaintext_client_cannot_call_the_service_and_a_tls_client_can(service: str, redis_url: str) -> None:
     process = ServiceProcess(service, {"NUMPROTECT_REDIS_URL": redis_url})
     try:

@@ -1,4 +1,4 @@
-"""The four services as real processes (TLS, API keys) on a real redis-server with `appendfsync always`, set up for
+"""The five services as real processes (TLS, API keys) on a real redis-server with `appendfsync always`, set up for
 fault injection: kill and restart Redis or a service, slow Redis down, put latency proxies in between, fill the
 disk under the AOF, and count each process's threads and sockets.
 
@@ -22,6 +22,7 @@ import redis
 
 from numprotect.allocation.v1 import allocation_pb2, allocation_pb2_grpc
 from numprotect.core.identity.principal import Role
+from numprotect.core.settings import SERVICE_NAMES
 from support.identity import mint_in
 from support.processes import ServiceProcess
 from support.redis_server import RedisServer
@@ -31,7 +32,7 @@ TENANT = "t-chaos"
 CARRIER = "cmcc"
 CITY = "010"
 BLOCK = "70010000077"
-SERVICES = ("allocation", "binding", "translation", "cdr")
+SERVICES = SERVICE_NAMES
 # Per-call deadline of the load's clients, and how much later than it an answer may arrive (client-side overhead).
 CALL_DEADLINE_SECONDS = 2.0
 DEADLINE_MARGIN_SECONDS = 0.5
@@ -138,7 +139,7 @@ class ChaosStack:
             self.processes["allocation"] = ServiceProcess("allocation", self.env, timeout=START_TIMEOUT_SECONDS)
             if proxy_allocation:
                 self.allocation_proxy = LatencyProxy("127.0.0.1", self.processes["allocation"].port)
-            for service in ("binding", "translation", "cdr"):
+            for service in SERVICES[1:]:  # after allocation: binding needs its address
                 self.processes[service] = ServiceProcess(service, self._env_of(service), timeout=START_TIMEOUT_SECONDS)
             for process in self.processes.values():
                 process.wait_serving(timeout=20)
