@@ -3,8 +3,8 @@ and the rule (google.rpc.BadRequest).
 
 Rules (docs/events.md):
 - url: at most 2048 characters, https:// (http:// only with NUMPROTECT_EVENTS_ALLOW_HTTP=on), a host, no user
-  name or password, no fragment, no spaces or control characters; an IP-literal host outside the allowed networks
-  is refused here already (the SSRF guard checks every address again at send time).
+  name or password, no fragment, no spaces or control characters; an IP-literal host the SSRF guard (ssrf.py)
+  refuses is refused here already (the guard checks every address again at send time).
 - event_types: each one of event_keys.EVENT_TYPES (empty: every type); a type named twice counts once.
 - description: at most 256 characters. batch_size: 0 to NUMPROTECT_EVENTS_MAX_BATCH_SIZE. max_concurrency: 0 to
   NUMPROTECT_EVENTS_MAX_ENDPOINT_CONCURRENCY.
@@ -15,7 +15,6 @@ Rules (docs/events.md):
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from numprotect.core.identifiers import TENANT_ID, IdentifierRule
 from numprotect.events.v1 import events_pb2
 from numprotect.services.events.endpoints import DISABLED, ENABLED, ENDPOINT_ID, EndpointSpec
 from numprotect.services.events.settings import EventsSettings
+from numprotect.services.events.ssrf import AddressPolicy, UrlRefused, ip_literal, receiver_url
 
 MAX_URL_LENGTH = 2048
 MAX_DESCRIPTION_LENGTH = 256
@@ -113,24 +113,22 @@ def url(field: str, raw: str, settings: EventsSettings, v: Violations) -> str:
     elif port == 0:
         v.add(field, "must not name port 0")
     else:
-        _ip_literal(field, parts.hostname, settings, v)
+        _ip_literal(field, raw, parts.hostname, settings, v)
     return raw
 
 
-def _ip_literal(field: str, host: str, settings: EventsSettings, v: Violations) -> None:
-    """An IP-literal host that is not a global address, outside the allowed networks, is refused now rather than at
-    every delivery (names are resolved and checked at send time)."""
+def _ip_literal(field: str, raw: str, host: str, settings: EventsSettings, v: Violations) -> None:
+    """What the sender would refuse anyway: a URL it cannot parse as this one, or an IP-literal host outside the
+    allowed networks (refused now rather than at every delivery; names are resolved and checked at send time)."""
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+        receiver_url(raw, allow_http=settings.allow_http)
+    except UrlRefused as exc:
+        v.add(field, str(exc))
         return
-    if address.is_global or any(address in network for network in settings.allowed_networks):
-        return
-    v.add(
-        field,
-        f"address {host} is not a public address (loopback, private, link-local, ...); allow it with "
-        "NUMPROTECT_EVENTS_ALLOWED_NETWORKS",
-    )
+    address = ip_literal(host)
+    refusal = None if address is None else AddressPolicy(settings.allowed_networks).refusal(address)
+    if refusal is not None:
+        v.add(field, refusal)
 
 
 def description(field: str, raw: str, v: Violations) -> str:
