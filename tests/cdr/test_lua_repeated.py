@@ -8,10 +8,12 @@ from typing import Any
 
 from cdr.test_lua import _args
 
+from numprotect.core import event_keys
 from numprotect.core.cdr_keys import Bucket
 from numprotect.core.redis_client import RedisClient
 from numprotect.services.cdr.store import ANSWER_KEEP_MS, CdrStore, answer_key
-from support.redis_state import state
+from support.event_outbox import outbox
+from support.redis_state import run_twice, state
 
 DAY = 86_400_000
 X = "700100000000001"
@@ -57,3 +59,40 @@ async def test_ingest_without_an_answer_key_answers_duplicate_on_a_repeat(
     first = await CdrStore._ingest(redis, keys, args)
     assert await CdrStore._ingest(redis, keys, args) == [0, 0]
     assert first[0] and redis_sync.xlen(bucket.stream) == 1
+
+
+async def test_ingest_repeated_records_its_events_once(redis: RedisClient, redis_sync: Any, now_ms: int) -> None:
+    """With the outbox of the bucket's slot: the repeat (its kept answer) records nothing again; a repeat that finds
+    no kept answer records nothing either (the dedup keys, the flagged set)."""
+    for answered in (True, False):
+        bucket = Bucket(f"t-events-{answered}")
+        keys, args = _call(bucket, now_ms, ["c1", "c2"])
+        if answered:
+            keys.append(answer_key(bucket))
+            args.append(ANSWER_KEEP_MS)
+        else:  # its answer lost before the repeat (deleted below): only the dedup keys and the flagged set guard
+            keys.append(bucket.prefix + "ing:lost")
+            args.append(ANSWER_KEEP_MS)
+        keys.append(event_keys.outbox_key_beside(bucket.stream))
+        args += [bucket.tenant_id, 3_600_000, "c|c1", "c|c2"]
+
+        async def ingest(keys: list[Any] = keys, args: list[Any] = args) -> Any:
+            return await CdrStore._ingest(redis, keys, args)
+
+        if answered:
+            first, second = await run_twice(redis_sync, (bucket.prefix + "*", "np:ev:*"), ingest)
+            assert second[:2] == first[:2]
+        else:
+            await ingest()
+            redis_sync.delete(bucket.prefix + "ing:lost")
+            await ingest()
+        entries = outbox(redis_sync, bucket.stream)
+        flagged_at = now_ms - 5000 + 1  # c2's call (_call), the pair's second short call
+        window = flagged_at - flagged_at % 3_600_000
+        assert [(e["ty"], e["tn"], e["src"]) for e in entries] == [
+            ("cdr.created", bucket.tenant_id, "c|c1"),
+            ("cdr.created", bucket.tenant_id, "c|c2"),
+            ("abuse.flagged", bucket.tenant_id, f"{X}|13711112222"),
+        ]
+        assert entries[2]["d"] == f"{window}|2|0|2"
+        redis_sync.delete(event_keys.outbox_key_beside(bucket.stream))

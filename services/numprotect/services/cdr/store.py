@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from numprotect.cdr.v1 import cdr_pb2
+from numprotect.core import event_keys, event_outbox
 from numprotect.core.cdr_keys import Bucket, Buckets, count_key
 from numprotect.core.conversions import timestamp_from_ms
 from numprotect.core.limits import ConcurrencyLimit
+from numprotect.core.redis_batch import Command
 from numprotect.core.redis_client import LuaScript, RedisClient
 from numprotect.core.replica_wait import ReplicaWait
 from numprotect.services.cdr.counts import CdrCounts
@@ -125,6 +127,7 @@ class CdrStore:
         counts: CdrCounts | None = None,
     ) -> None:
         self.redis = redis
+        event_outbox.warm()
         # numprotect_abuse_flags: ingest.lua says how many pairs each call flagged.
         self.abuse_flagged = (counts or CdrCounts.uncounted()).abuse_flagged
         self.settings = settings
@@ -262,7 +265,16 @@ class CdrStore:
             ]
         keys.append(answer_key(bucket))
         args.append(ANSWER_KEEP_MS)
-        reply = await self._ingest(self.redis, keys, args)
+        if not bucket.tenant_id:  # records that matched no tenant: nobody to tell
+            reply = await self._ingest(self.redis, keys, args)
+        else:
+            # cdr.created per record stored and abuse.flagged per pair flagged, in the outbox of the bucket's slot;
+            # the slot's hint for the events service in the same round trip.
+            keys.append(event_keys.outbox_key_beside(bucket.stream))
+            args += [bucket.tenant_id, settings.abuse_window_ms]
+            args += [f"{valid.record.carrier_id}|{valid.record.call_id}" for valid in records]
+            command = Command.run(self._ingest, keys, args)
+            reply = await event_outbox.run_with_hints(self.redis, command, [event_outbox.ring_hint(bucket.stream)])
         count = len(records)
         # The last item: pairs this call flagged (absent in an answer kept by a version before it).
         if len(reply) > count and int(reply[count]):

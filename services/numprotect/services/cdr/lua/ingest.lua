@@ -8,6 +8,13 @@
 -- Optional: KEYS[3 + 6 * count] the answer key of this call (unique per call) and ARGV[4 + 7 * count] how long it is
 --   kept (ms): the reply is kept there, and a repeat of the call (a cluster client re-sends a script whose reply it
 --   lost) gets the same reply instead of "duplicate" for the records the first run stored.
+-- Optional, after those two (events for tenants, numprotect.core.event_keys): KEYS[4 + 6 * count] the outbox of the
+--   bucket's slot; ARGV[5 + 7 * count] the tenant, ARGV[6 + 7 * count] the abuse window length (ms), then one
+--   argument per record: "<carrier_id>|<call_id>". Each record stored records cdr.created there (fields ty, tn,
+--   at = the stream id's ms, src = "<carrier_id>|<call_id>", n "", d = the payload as stored); each pair newly flagged
+--   in its window records abuse.flagged (at = now, src = "X|caller", n "",
+--   d = "<window start ms>|<short>|<unanswered>|<total>"). A repeat records nothing again (the kept reply, the dedup
+--   key, the flagged set).
 -- Returns one entry per record: the new stream id, or 0 when the call_id was already stored (duplicate); then one more:
 --   how many (virtual number, caller) pairs this call flagged (newly in their window's flagged set: each flag once).
 local t = redis.call('TIME')
@@ -21,6 +28,10 @@ local time_index = KEYS[2]
 local out = {}
 local flagged = 0
 local answer_key = KEYS[3 + 6 * n]
+local outbox = KEYS[4 + 6 * n]
+local tenant = ARGV[5 + 7 * n]
+local window_length = tonumber(ARGV[6 + 7 * n])
+local sources = 6 + 7 * n
 
 if answer_key then
   local kept = redis.call('GET', answer_key)
@@ -63,20 +74,32 @@ for i = 0, n - 1 do
     if has(flags, 8) then redis.call('HINCRBY', daily, 'answered', 1) end
     if billable > 0 then redis.call('HINCRBY', daily, 'billable', billable) end
     redis.call('PEXPIRE', daily, retention + 86400000)
+    if outbox then
+      redis.call('XADD', outbox, '*', 'ty', 'cdr.created', 'tn', tenant, 'at', string.match(id, '^%d+'),
+        'src', ARGV[sources + i + 1], 'n', '', 'd', payload)
+    end
     if has(flags, 4) then
       local counters = KEYS[k + 5]
       local caller = ARGV[a + 5]
       local abuse_at = ARGV[a + 7]
-      redis.call('HINCRBY', counters, caller .. ':t', 1)
-      local bad = 0
-      if has(flags, 16) then bad = redis.call('HINCRBY', counters, caller .. ':s', 1) else
-        bad = tonumber(redis.call('HGET', counters, caller .. ':s') or '0') end
-      if has(flags, 32) then bad = bad + redis.call('HINCRBY', counters, caller .. ':u', 1) else
-        bad = bad + tonumber(redis.call('HGET', counters, caller .. ':u') or '0') end
+      local total = redis.call('HINCRBY', counters, caller .. ':t', 1)
+      local short, unanswered
+      if has(flags, 16) then short = redis.call('HINCRBY', counters, caller .. ':s', 1) else
+        short = tonumber(redis.call('HGET', counters, caller .. ':s') or '0') end
+      if has(flags, 32) then unanswered = redis.call('HINCRBY', counters, caller .. ':u', 1) else
+        unanswered = tonumber(redis.call('HGET', counters, caller .. ':u') or '0') end
+      local bad = short + unanswered
       redis.call('PEXPIREAT', counters, abuse_at)
       if bad >= abuse_min then
-        flagged = flagged + redis.call('ZADD', KEYS[k + 6], bad, ARGV[a + 6])
+        local new = redis.call('ZADD', KEYS[k + 6], bad, ARGV[a + 6])
+        flagged = flagged + new
         redis.call('PEXPIREAT', KEYS[k + 6], abuse_at)
+        if new == 1 and outbox then
+          local window = call_ms - call_ms % window_length
+          redis.call('XADD', outbox, '*', 'ty', 'abuse.flagged', 'tn', tenant, 'at', string.format('%d', now),
+            'src', ARGV[a + 6], 'n', '',
+            'd', string.format('%d|%d|%d|%d', window, short, unanswered, total))
+        end
       end
     end
     out[i + 1] = id
