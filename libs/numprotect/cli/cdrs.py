@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
-import grpc
 import typer
 
 from numprotect.cdr.v1 import cdr_pb2 as pb
 from numprotect.cdr.v1.cdr_pb2_grpc import CdrServiceStub
 from numprotect.cli.connection import call_pages, session_of
 from numprotect.cli.options import AllPages, PageSize, PageToken, Since, Tenant, Until
-from numprotect.cli.output import OutputFormat, OutputOption, Printer, cell, note
+from numprotect.cli.output import OutputFormat, OutputOption, Printer, cell
+from numprotect.cli.streams import follow
 from numprotect.cli.times import timestamp
 
 app = typer.Typer(help="Call detail records: a listing, or follow them live.")
@@ -66,50 +63,6 @@ def list_cdrs(
     Printer(output).listing(response, "records", LIST_COLUMNS)
 
 
-class _Arrivals:
-    """The stream's responses, read on a thread of their own and handed over through a queue: Ctrl-C then lands in
-    the main thread's queue wait, never inside gRPC's code (a KeyboardInterrupt raised there, holding one of its
-    locks, could leave the process hung at exit). Iterating raises the stream's error, if it ends with one."""
-
-    _END = object()
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name="watch-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        try:
-            for response in self._stream:
-                self._queue.put(response)
-        except grpc.RpcError as error:
-            self._queue.put(error)
-        finally:
-            self._queue.put(self._END)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            try:
-                item = self._queue.get(timeout=0.2)  # bounded, so a signal is acted on promptly
-            except queue.Empty:
-                continue
-            if item is self._END:
-                return
-            if isinstance(item, grpc.RpcError):
-                raise item
-            yield item
-
-    def stop(self) -> None:
-        """Cancels the stream and lets the reader end (bounded: it is a daemon thread)."""
-        self._stream.cancel()
-        self._reader.join(timeout=5)
-
-
-def _row(values: list[tuple[str, int]]) -> str:
-    return "  ".join(value.ljust(width) for value, width in values).rstrip()
-
-
 @app.command("watch")
 def watch(
     ctx: typer.Context,
@@ -124,37 +77,17 @@ def watch(
 ) -> None:
     """Follow records as they are stored, until Ctrl-C (or --limit/--duration). Prints each record with its
     cursor (json: one WatchCdrsResponse per line); on stopping, the cursor to resume from goes to stderr."""
-    printer = Printer(output)
     request = pb.WatchCdrsRequest(tenant_id=tenant, cursor=cursor, unmatched=unmatched)
-    last_cursor = cursor
-    seen = 0
     with session_of(ctx).connect() as connection:
-        stub = connection.stub(CdrServiceStub, "cdr")
-        # No deadline unless --duration: a watch runs until it is stopped.
-        stream = stub.WatchCdrs(request, timeout=duration or None, metadata=connection.metadata)
-        if not printer.json:
-            printer.line(_row([(name.upper(), width) for name, width in WATCH_COLUMNS] + [("CURSOR", 0)]))
-        arrivals = _Arrivals(stream)
-        try:
-            for response in arrivals:
-                if printer.json:
-                    printer.message_json(response, indent=None)
-                else:
-                    record = response.record
-                    values = [(cell(record, name), width) for name, width in WATCH_COLUMNS]
-                    printer.line(_row([*values, (response.cursor, 0)]))
-                last_cursor = response.cursor
-                seen += 1
-                if limit and seen >= limit:
-                    break
-        except KeyboardInterrupt:
-            pass
-        except grpc.RpcError as error:
-            if not (duration and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise
-        finally:
-            arrivals.stop()
-    if last_cursor:
-        note(f"{seen} record(s); resume with --cursor {last_cursor}")
-    else:
-        note(f"{seen} record(s)")
+        follow(
+            connection,
+            connection.stub(CdrServiceStub, "cdr").WatchCdrs,
+            request,
+            Printer(output),
+            columns=WATCH_COLUMNS,
+            cells=lambda response: [cell(response.record, name) for name, _ in WATCH_COLUMNS],
+            cursor=cursor,
+            noun="record",
+            limit=limit,
+            duration=duration,
+        )

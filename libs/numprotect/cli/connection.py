@@ -80,7 +80,8 @@ class Connection:
         return self._metadata
 
     def channel(self, service: str) -> grpc.Channel:
-        """The channel to `service` ("allocation", "binding", "translation", "cdr", or "admin": allocation's)."""
+        """The channel to `service` ("allocation", "binding", "translation", "cdr", "events", or "admin":
+        allocation's)."""
         address = self.context.address(ADMIN_SERVICE_HOST if service == "admin" else service)
         if address not in self._channels:
             self._channels[address] = self._open(address)

@@ -6,7 +6,7 @@ The file is $NUMPROTECT_CONFIG or ~/.config/numprotect/config.yaml, written atom
     contexts:
       - name: local
         host: 127.0.0.1               # every service on its default port (50051 allocation and AdminService,
-                                      # 50052 binding, 50053 translation, 50054 cdr) ...
+                                      # 50052 binding, 50053 translation, 50054 cdr, 50055 events) ...
         binding: 10.0.0.7:443         # ... unless the context names the service's own address
         ca-file: /abs/path/ca.pem     # the CA that signed the servers' certificates
         cert-file: /abs/path/me.pem   # mTLS: the client certificate and its key (optional)
@@ -33,8 +33,10 @@ import yaml
 
 from numprotect.cli.failures import EXIT_CONFIG, CliError
 
-SERVICES = ("allocation", "binding", "translation", "cdr")
-DEFAULT_PORTS = MappingProxyType({"allocation": 50051, "binding": 50052, "translation": 50053, "cdr": 50054})
+SERVICES = ("allocation", "binding", "translation", "cdr", "events")
+DEFAULT_PORTS = MappingProxyType(
+    {"allocation": 50051, "binding": 50052, "translation": 50053, "cdr": 50054, "events": 50055}
+)
 # AdminService (keys, audit) is served on allocation's port.
 ADMIN_SERVICE_HOST = "allocation"
 CONFIG_ENV = "NUMPROTECT_CONFIG"
@@ -61,6 +63,7 @@ class Context:
     binding: str = ""
     translation: str = ""
     cdr: str = ""
+    events: str = ""
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""

@@ -35,6 +35,8 @@ COMMAND_GROUPS: tuple[tuple[str, str], ...] = (
     ("numbers", "numprotect.cli.numbers"),
     ("bindings", "numprotect.cli.bindings"),
     ("cdrs", "numprotect.cli.cdrs"),
+    ("endpoints", "numprotect.cli.endpoints"),
+    ("events", "numprotect.cli.events"),
     ("audit", "numprotect.cli.audit"),
     ("blocks", "numprotect.cli.blocks"),
     ("pool", "numprotect.cli.pool"),
@@ -98,7 +100,7 @@ def build_app() -> typer.Typer:
     app = typer.Typer(
         cls=NumprotectGroup,
         name=PROG,
-        help="Operate numprotect: keys, numbers, bindings, CDRs, the audit trail, invariants (docs/cli.md).",
+        help="Operate numprotect: keys, numbers, bindings, CDRs, webhooks, the audit trail, invariants (docs/cli.md).",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         add_completion=False,
