@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 import redis
 
-from numprotect.core.binding_records import BindingRecord, BindingRecordStore, get_binding_records, trace_number
+from numprotect.cdr.v1 import cdr_pb2
+from numprotect.core import event_keys, pool_keys
+from numprotect.core.binding_records import (
+    BindingRecord,
+    BindingRecordStore,
+    binding_key,
+    get_binding_records,
+    trace_number,
+)
 from numprotect.core.cdr_keys import Bucket
 from numprotect.core.clock import SystemClock
 from numprotect.core.identity.audit import APPEND_SCRIPT, HEAD_KEY, LOG_KEY
@@ -37,10 +45,13 @@ from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.allocation.pools import NumberPools
 from numprotect.services.allocation.scripts import Scripts
 from numprotect.services.allocation.settings import AllocationSettings
+from numprotect.services.cdr.settings import CdrSettings
 from numprotect.services.cdr.store import CdrStore
+from numprotect.services.cdr.validation import ValidCdr
 from numprotect.services.translation.blocklist import BlocklistStore, StoredEntry
 from numprotect.services.translation.core import SCRIPT
 from numprotect.services.translation.fastredis import ScriptClient
+from support.event_outbox import expiries, expiry_hint, hinted, outbox
 from support.redis_server import RedisServer
 
 DANGEROUS = [
@@ -221,6 +232,18 @@ def test_the_translation_user_reads_routes_and_writes_nothing_of_the_others(
         ("numprotect-cdr", "np:carriers:{carriers}:blocks"),
         ("numprotect-translation", "np:carriers:{carriers}:blocks"),
         ("numprotect-translation", "np:auth:{auth}:keys"),
+        # Events: the producers write only the outboxes, rings (and binding the expiries); the events service reads
+        # what it renders and writes none of it.
+        ("numprotect-translation", "np:ev:o:{e0}"),
+        ("numprotect-allocation", "np:ev:x:{e0}"),
+        ("numprotect-cdr", "np:ev:xring:{xring0}"),
+        ("numprotect-binding", "np:ev:{ev:t:t1}:eps"),
+        ("numprotect-cdr", "np:ev:{tenants}"),
+        ("numprotect-events", "np:b:{b1}"),
+        ("numprotect-events", "np:nh:{700100000000001}"),
+        ("numprotect-events", "np:cdr:{t:t1}:s"),
+        ("numprotect-events", "np:alloc:{pool:t1:010}"),
+        ("numprotect-events", "np:auth:{auth}:keys"),
     ],
 )
 def test_a_service_user_cannot_write_keys_it_only_reads_or_does_not_own(
@@ -276,6 +299,10 @@ async def test_allocation_runs_its_pool_operations_as_its_user(as_user: Any, adm
     await pools.lock(allocation.number, "abuse", "op")
     assert admin.exists(lock_key(allocation.number)) == 1
     await pools.unlock(allocation.number, "op")
+    # Their events, in the outbox of the number's sub-pool slot, and the slot's hint.
+    subpool = pool_keys.number_subpool_key(tenant, "010", allocation.number, settings.subpools)
+    assert [e["ty"] for e in outbox(admin, subpool)] == ["number.locked", "number.unlocked"]
+    assert hinted(admin, subpool)
     assert (await pools.stats(tenant, "010")).total == 10_000
     history = await pools.history(allocation.number, 10, None)
     assert history
@@ -294,10 +321,15 @@ async def test_binding_writes_routes_records_and_history_as_its_user(as_user: An
     )  # fmt: skip
     store = BindingRecordStore(client)
     assert await store.create(record, reservation_id="rv1.x", city_fallback=False)
-    assert await store.activate(binding_id)
+    assert await store.activate(binding_id, expire_ms=record.expire_ms)
     await store.add_to_history(number, binding_id, now + 600_000)
     await client.set(f"np:ord:{{t1:o1-{binding_id}}}", "p|x")
     assert admin.get(route.keys(number)[0]) is not None
+    # binding.created in the record's slot, the slot's expiries and both hints.
+    key = binding_key(binding_id)
+    assert [e["ty"] for e in outbox(admin, key)] == ["binding.created"]
+    assert expiries(admin, key) == {binding_id: record.expire_ms}
+    assert hinted(admin, key) and expiry_hint(admin, key) == record.expire_ms
 
 
 async def test_cdr_ingests_and_enriches_as_its_user(as_user: Any, admin: redis.Redis) -> None:
@@ -327,6 +359,58 @@ async def test_cdr_ingests_and_enriches_as_its_user(as_user: Any, admin: redis.R
     assert admin.xlen(bucket.stream) == 1
     assert await cdr.xread({bucket.stream: "0"}, count=1)
     assert stream_id
+    # The store's real call: with the outbox of the bucket's slot (cdr.created) and the slot's hint.
+    settings = CdrSettings.from_env(Env({}))
+    store = CdrStore(cdr, settings, ConcurrencyLimit(4, wait_seconds=1, name="r"))
+    valid = ValidCdr(0, _cdr(number, now - 60_000), now - 60_000, False, 0, None)
+    assert all(await store.ingest("t-acl-events", [valid], now))
+    events_bucket = Bucket("t-acl-events")
+    assert [e["ty"] for e in outbox(admin, events_bucket.stream)] == ["cdr.created"]
+    assert hinted(admin, events_bucket.stream)
+
+
+def _cdr(number: str, call_ms: int) -> Any:
+    record = cdr_pb2.CallDetailRecord(
+        call_id="acl-" + _unique(),
+        calling_number="13800000001",
+        called_number=number,
+        target_number="13900000002",
+        call_type=cdr_pb2.CALL_TYPE_PEER_TO_A,
+        release_direction=cdr_pb2.RELEASE_DIRECTION_CALLER,
+        release_cause=16,
+        carrier_id="cmcc",
+        tenant_id="t-acl-events",
+    )
+    record.call_time.FromMilliseconds(call_ms)
+    record.release_time.FromMilliseconds(call_ms + 3000)
+    return record
+
+
+def test_the_events_user_drains_outboxes_and_reads_what_it_renders(acl_redis: AclRedis, admin: redis.Redis) -> None:
+    """numprotect-events: every np:ev: key (outboxes, rings, expiries, a tenant's keys, in scripts too); binding
+    records, number history and CDR streams read (a script reading a record writes the outbox beside it)."""
+    admin.hset("np:b:{b-ev}", mapping={"st": "a", "t": "t1", "ems": "1"})
+    admin.xadd("np:cdr:{t:t1}:s", {"p": b"x"})
+    admin.zadd("np:nh:{700100000000001}", {"b-ev": 1})
+    outbox_key, ring = event_keys.outbox_key_beside("np:b:{b-ev}"), event_keys.ring_key(0)
+    admin.xadd(outbox_key, {"ty": "binding.created", "tn": "t1"})
+    admin.sadd(ring, "0")
+    events = acl_redis.sync("numprotect-events")
+    try:
+        assert events.spop(ring) == b"0"
+        (entry_id, _), *_ = events.xrange(outbox_key)
+        assert events.xdel(outbox_key, entry_id) == 1
+        assert events.zadd(event_keys.expiry_ring_key(0), {"0": 5}) == 1
+        tenant = event_keys.TenantKeys("t1")
+        assert events.xadd(tenant.log, {"id": "evt_1"}) and events.sadd(event_keys.TENANTS_KEY, "t1") == 1
+        assert events.hget("np:b:{b-ev}", "st") == b"a" and events.xrange("np:cdr:{t:t1}:s")
+        assert events.zrange("np:nh:{700100000000001}", 0, -1) == [b"b-ev"]
+        expired = "redis.call('XADD', KEYS[2], '*', 'ty', redis.call('HGET', KEYS[1], 'st')); return 1"
+        assert events.eval(expired, 2, "np:b:{b-ev}", outbox_key) == 1
+        with pytest.raises(redis.ResponseError, match=r"can't access|NOPERM|no permissions"):
+            events.eval("return redis.call('HSET', KEYS[1], 'st', 'x')", 1, "np:b:{b-ev}")
+    finally:
+        events.close()
 
 
 def test_translation_translates_and_keeps_the_blocklist_as_its_user(acl_redis: AclRedis, admin: redis.Redis) -> None:

@@ -3,7 +3,8 @@
 The one table of who may read and write which keys (docs/redis-schema.md, "ACL users"), from the key layouts:
 allocation (core/pool_keys.py, np:lock: from core/routes.py), binding (core/binding_records.py,
 core/routes.py, services/binding/store.py), translation (core/routes.py, lua/translate.lua's rate counters,
-services/translation/blocklist.py), cdr (core/cdr_keys.py, the binding records it enriches from) and the
+services/translation/blocklist.py), cdr (core/cdr_keys.py, the binding records it enriches from), events
+(core/event_keys.py: the outboxes binding, allocation and cdr write to, and the events service's own keys) and the
 identity keys every service shares (core/identity: API keys, audit log, carriers' blocks).
 
 Read-only patterns use Redis 7's %R~ selectors. EVAL and EVALSHA declare every key they are given as read-write,
@@ -56,6 +57,10 @@ def _ro(*patterns: str) -> tuple[KeyAccess, ...]:
 _AUTH = "np:auth:{auth}:*"
 _AUDIT = "np:audit:{audit}:*"
 _CARRIERS = "np:carriers:{carriers}:*"
+# Events (core/event_keys.py): the producers' scripts record events in the outbox of their slot and hint the slot in
+# a ring; binding also keeps the slots' binding expiries and their ring. The events service owns every np:ev: key.
+_OUTBOXES = ("np:ev:o:*", "np:ev:ring:*")
+_EXPIRIES = ("np:ev:x:*", "np:ev:xring:*")
 
 # What every service's client sends besides its data commands: the connection's own commands (AUTH, HELLO,
 # PING, SELECT, CLIENT SETNAME), loading a script, a pipeline's MULTI/EXEC, and what cluster clients ask to learn
@@ -130,12 +135,16 @@ ACL_USERS: tuple[AclUser, ...] = (
     AclUser(
         "numprotect-allocation",
         "allocation: pools, blocks, reservations, number history; number locks; API keys and carriers' blocks",
-        (*_rw("np:alloc:*", "np:lock:*", _AUTH, _CARRIERS, _AUDIT),),
+        (*_rw("np:alloc:*", "np:lock:*", _AUTH, _CARRIERS, _AUDIT, *_OUTBOXES),),
     ),
     AclUser(
         "numprotect-binding",
-        "binding: binding records, order keys, tenant lists, number history, the route table",
-        (*_rw("np:b:*", "np:ord:*", "np:tl:*", "np:nh:*", "np:rt:*", _AUDIT), *_ro(_AUTH, _CARRIERS)),
+        "binding: binding records, order keys, tenant lists, number history, the route table; event outboxes and "
+        "binding expiries",
+        (
+            *_rw("np:b:*", "np:ord:*", "np:tl:*", "np:nh:*", "np:rt:*", _AUDIT, *_OUTBOXES, *_EXPIRIES),
+            *_ro(_AUTH, _CARRIERS),
+        ),
     ),
     AclUser(
         "numprotect-translation",
@@ -145,7 +154,13 @@ ACL_USERS: tuple[AclUser, ...] = (
     AclUser(
         "numprotect-cdr",
         "cdr: its record buckets; reads binding records and number history to enrich, and carriers",
-        (*_rw("np:cdr:*", _AUDIT), *_ro("np:b:*", "np:nh:*", _AUTH, _CARRIERS)),
+        (*_rw("np:cdr:*", _AUDIT, *_OUTBOXES), *_ro("np:b:*", "np:nh:*", _AUTH, _CARRIERS)),
+    ),
+    AclUser(
+        "numprotect-events",
+        "events: every events key (outboxes, expiries, rings, tenants' logs, endpoints and deliveries); reads binding "
+        "records (binding.expired, payloads), number history and CDRs",
+        (*_rw("np:ev:*", _AUDIT), *_ro("np:b:*", "np:nh:*", "np:cdr:*", _AUTH, _CARRIERS)),
     ),
     AclUser(ADMIN_USER, "tooling and the launcher: every key, every command but wiping data or stopping Redis", ()),
 )
@@ -155,6 +170,7 @@ SERVICE_USERS: Mapping[str, str] = {
     "binding": "numprotect-binding",
     "translation": "numprotect-translation",
     "cdr": "numprotect-cdr",
+    "events": "numprotect-events",
 }
 
 
