@@ -361,9 +361,9 @@ async def test_cdr_ingests_and_enriches_as_its_user(as_user: Any, admin: redis.R
     assert stream_id
     # The store's real call: with the outbox of the bucket's slot (cdr.created) and the slot's hint.
     settings = CdrSettings.from_env(Env({}))
-    store = CdrStore(cdr, settings, ConcurrencyLimit(4, wait_seconds=1, name="r"))
+    cdr_store = CdrStore(cdr, settings, ConcurrencyLimit(4, wait_seconds=1, name="r"))
     valid = ValidCdr(0, _cdr(number, now - 60_000), now - 60_000, False, 0, None)
-    assert all(await store.ingest("t-acl-events", [valid], now))
+    assert all(await cdr_store.ingest("t-acl-events", [valid], now))
     events_bucket = Bucket("t-acl-events")
     assert [e["ty"] for e in outbox(admin, events_bucket.stream)] == ["cdr.created"]
     assert hinted(admin, events_bucket.stream)
@@ -398,8 +398,8 @@ def test_the_events_user_drains_outboxes_and_reads_what_it_renders(acl_redis: Ac
     events = acl_redis.sync("numprotect-events")
     try:
         assert events.spop(ring) == b"0"
-        (entry_id, _), *_ = events.xrange(outbox_key)
-        assert events.xdel(outbox_key, entry_id) == 1
+        entries: Any = events.xrange(outbox_key)
+        assert events.xdel(outbox_key, entries[0][0]) == 1
         assert events.zadd(event_keys.expiry_ring_key(0), {"0": 5}) == 1
         tenant = event_keys.TenantKeys("t1")
         assert events.xadd(tenant.log, {"id": "evt_1"}) and events.sadd(event_keys.TENANTS_KEY, "t1") == 1
