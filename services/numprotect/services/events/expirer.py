@@ -1,0 +1,153 @@
+"""The expirer: binding.expired for bindings nobody touches (nothing is written when a binding expires).
+
+binding_record_update.lua keeps, per slot, the expiries of the slot's committed, undeleted bindings
+(event_keys.expiry_key) and its caller lowers the slot's score in an expiry ring to the new expiry (ZADD LT: the
+ring holds, per slot, a time at or before the slot's earliest expiry). Every expiry poll the expirer reads the
+slots due in the rings, runs expire_due.lua in each (by Redis's clock: the outbox entries of the bindings expired,
+committed and undeleted, the zset cleaned), hints the router (the outbox ring), and re-arms the ring with the slot's
+next expiry.
+
+Re-arming without losing a producer's hint: expiry_rearm.lua moves the slot's score to its next expiry unless a
+producer lowered it meanwhile; a producer that added an expiry after expire_due.lua read the zset but whose ZADD LT
+did not lower the ring (its expiry later than the due score) is caught by reading the slot's earliest expiry again
+after the re-arm and lowering the ring to it (ZADD LT). Every sweep interval the earliest expiry of every slot is
+lowered into the rings the same way, so a hint lost with a crashed producer delays an expiry event by at most the
+sweep interval. A binding expires into at most one event: expire_due.lua takes it off the zset in the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from numprotect.core import event_keys
+from numprotect.core.binding_records import binding_key
+from numprotect.core.clock import Clock
+from numprotect.core.metrics import Metrics
+from numprotect.core.periodic import Periodic
+from numprotect.core.redis_batch import Command, send_together
+from numprotect.core.redis_client import LuaScript, RedisClient, as_text
+from numprotect.services.events.settings import EventsSettings
+
+log = logging.getLogger(__name__)
+
+# Bindings expire_due.lua looks at per call; a slot with more due is run again in the same round.
+BINDINGS_PER_CALL = 500
+# Calls per slot in one round before the rest waits for the next poll.
+MAX_CALLS_PER_SLOT = 20
+# Due slots read from one ring per poll.
+SLOTS_PER_RING = event_keys.CLUSTER_SLOTS // event_keys.NUMBER_OF_RINGS
+# ZRANGE commands per pipeline of a sweep.
+SWEEP_BATCH = 4096
+_RECORD_PREFIX, _RECORD_SUFFIX = binding_key("\0").split("\0")
+
+
+class Expirer:
+    """`metrics`: the events this records are counted where they are routed (numprotect_events_routed_total
+    {type="binding.expired"}; numprotect_events_route_lag_seconds from the expiry instant)."""
+
+    _expire_due = LuaScript.beside(__file__, "expire_due.lua")
+    _rearm = LuaScript.beside(__file__, "expiry_rearm.lua")
+
+    def __init__(self, redis: RedisClient, settings: EventsSettings, metrics: Metrics, clock: Clock) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self._next_sweep = 0.0
+        self._periodic = Periodic("events expirer", self.round, settings.expiry_poll_s)
+
+    def start(self) -> None:
+        self._periodic.start()
+
+    async def close(self) -> None:
+        await self._periodic.stop()
+
+    async def round(self) -> int:
+        """Expires what is due (after lowering every slot's ring score when a sweep is due); returns the bindings
+        expired."""
+        if time.monotonic() >= self._next_sweep:
+            await self.sweep()
+            self._next_sweep = time.monotonic() + self.settings.sweep_interval_s
+        return await self.expire_due()
+
+    async def expire_due(self) -> int:
+        now_ms = self.clock.now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ring in event_keys.expiry_ring_keys():
+                pipe.zrangebyscore(ring, "-inf", now_ms, start=0, num=SLOTS_PER_RING, withscores=True)
+            replies = await pipe.execute()
+        due = {int(as_text(slot)): int(score) for members in replies for slot, score in members}
+        if not due:
+            return 0
+        expired = 0
+        slots = sorted(due)
+        next_expiry: dict[int, int] = {}
+        for _ in range(MAX_CALLS_PER_SLOT):
+            commands = [self.expire_command(slot) for slot in slots]
+            again = []
+            hint = []
+            for slot, reply in zip(slots, await send_together(self.redis, commands), strict=True):
+                if isinstance(reply, Exception):
+                    log.warning("binding expiry failed", extra={"slot": slot, "error": repr(reply)})
+                    next_expiry.pop(slot, None)
+                    continue
+                count, earliest = int(reply[0]), int(reply[1])
+                expired += count
+                next_expiry[slot] = earliest
+                if count:
+                    hint.append(slot)
+                if count >= BINDINGS_PER_CALL and 0 <= earliest <= now_ms:
+                    again.append(slot)
+            if hint:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for slot in hint:
+                        pipe.sadd(event_keys.ring_key(slot), slot)
+                    await pipe.execute()
+            slots = again
+            if not slots:
+                break
+        await self._rearm_slots({slot: (due[slot], earliest) for slot, earliest in next_expiry.items()})
+        return expired
+
+    def expire_command(self, slot: int) -> Command:
+        """expire_due.lua in `slot` (its reply: [bindings expired, the slot's next expiry or -1])."""
+        return Command.run(
+            self._expire_due,
+            [event_keys.expiry_key(slot), event_keys.outbox_key(slot)],
+            [_RECORD_PREFIX, _RECORD_SUFFIX, BINDINGS_PER_CALL],
+        )
+
+    async def _rearm_slots(self, slots: dict[int, tuple[int, int]]) -> None:
+        """Moves each slot's ring score to its next expiry (slot -> (score found, next or -1)), then lowers it to
+        the slot's earliest expiry read again (a producer's expiry the script did not see)."""
+        if not slots:
+            return
+        order = sorted(slots)
+        commands = [
+            Command.run(self._rearm, [event_keys.expiry_ring_key(slot)], [slot, slots[slot][0], slots[slot][1]])
+            for slot in order
+        ]
+        for slot, reply in zip(order, await send_together(self.redis, commands), strict=True):
+            if isinstance(reply, Exception):
+                log.warning("expiry ring re-arm failed", extra={"slot": slot, "error": repr(reply)})
+        await self._lower_rings(order)
+
+    async def sweep(self) -> None:
+        """Lowers every slot's ring score to its earliest expiry (the hints a crashed producer did not write)."""
+        for start in range(0, event_keys.CLUSTER_SLOTS, SWEEP_BATCH):
+            await self._lower_rings(range(start, min(start + SWEEP_BATCH, event_keys.CLUSTER_SLOTS)))
+
+    async def _lower_rings(self, slots: Sequence[int]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for slot in slots:
+                pipe.zrange(event_keys.expiry_key(slot), 0, 0, withscores=True)
+            replies = await pipe.execute()
+        earliest = {slot: int(reply[0][1]) for slot, reply in zip(slots, replies, strict=True) if reply}
+        if not earliest:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for slot, score in earliest.items():
+                pipe.zadd(event_keys.expiry_ring_key(slot), {str(slot): score}, lt=True)
+            await pipe.execute()
