@@ -26,6 +26,8 @@ A = "13800000001"
 CALLS = 3  # of each kind: every call of a kind must cost the same
 # Binding's key families (services/binding/store.py, numprotect.core.binding_records and routes).
 BINDING_KEYS = ("np:ord:", "np:b:", "np:rt:", "np:nh:", "np:tl:")
+# The events' hints (numprotect.core.event_outbox), sent beside the record's script: counted apart.
+EVENT_KEYS = "np:ev:"
 # One create in 64 also trims its tenant index shard (store.TenantIndex), in the same round trip.
 TRIM = "ZREMRANGEBYLEX"
 
@@ -90,6 +92,7 @@ class Cost:
 
     commands: dict[str, int]
     round_trips: int
+    event_hints: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -111,10 +114,12 @@ async def measure(
     sent = [_words(line) for monitor in monitors for line in monitor.stop() if " lua]" not in line]
     by_binding = [w for w in sent if _first_key(w).startswith(BINDING_KEYS) or w[0].upper() == "SCRIPT"]
     names = Counter(w[0].upper() for w in by_binding)
+    hints = Counter(w[0].upper() for w in sent if _first_key(w).startswith(EVENT_KEYS))
     trims = names.pop(TRIM, 0)
-    assert all(count % len(calls) == 0 for count in names.values()), names
+    assert all(count % len(calls) == 0 for count in [*names.values(), *hints.values()]), (names, hints)
     assert len(set(trips.per_call)) == 1, trips.per_call
-    return Cost({name: count // len(calls) for name, count in names.items()}, trips.per_call[0]), trims
+    per_call = {name: count // len(calls) for name, count in names.items()}
+    return Cost(per_call, trips.per_call[0], {name: count // len(calls) for name, count in hints.items()}), trims
 
 
 def _mask(*paths: str) -> field_mask_pb2.FieldMask:
@@ -204,8 +209,12 @@ async def test_redis_commands_and_round_trips_per_call(services: Any, redis_sync
 
         costs["DeleteBinding"], _ = await measure(s, redis_sync, trips, [delete(b) for b in created])
         for name, cost in costs.items():
-            print(f"{name:28s} {cost.total:2d} commands in {cost.round_trips} round trips: {dict(cost.commands)}")
+            print(
+                f"{name:28s} {cost.total:2d} commands in {cost.round_trips} round trips: {dict(cost.commands)}"
+                f", events' hints {cost.event_hints}"
+            )
         assert {name: (cost.total, cost.round_trips) for name, cost in costs.items()} == EXPECTED
+        assert {name: cost.event_hints for name, cost in costs.items()} == EXPECTED_EVENT_HINTS
 
 
 # (commands, sequential round trips) per call; docs/binding.md, "Redis round trips", says why each is needed.
@@ -216,4 +225,14 @@ EXPECTED: dict[str, tuple[int, int]] = {
     "UpdateBinding ttl later": (6, 5),
     "UpdateBinding ttl earlier": (4, 4),
     "DeleteBinding": (3, 3),
+}
+# Commands per call on the events' keys: the hints sent in the same round trips as the record's script (the slot in
+# its ring; the expiry ring when the binding's expiry is written), docs/redis-schema.md "Events".
+EXPECTED_EVENT_HINTS: dict[str, dict[str, int]] = {
+    "CreateBinding": {"SADD": 1, "ZADD": 1},
+    "UpdateBinding restrictions": {"SADD": 1},
+    "UpdateBinding party_b": {"SADD": 1},
+    "UpdateBinding ttl later": {"SADD": 1, "ZADD": 1},
+    "UpdateBinding ttl earlier": {"SADD": 1, "ZADD": 1},
+    "DeleteBinding": {"SADD": 1},
 }
