@@ -12,7 +12,8 @@ Per slot s (tag T = slot_tag(s)):
     np:ev:o:{T}          STREAM  outbox: fields ty (event type), tn (tenant), at (event ms), src (the changed
                                  thing: a binding id, a virtual number, a CDR's "<carrier>|<call_id>"), n (the
                                  binding record's event index, binding events), d (type-specific data: the stored
-                                 CallDetailRecord bytes, "X|caller|short|unanswered|window_ms", "reason|actor")
+                                 CallDetailRecord bytes, "<window_ms>|<short>|<unanswered>|<total>" of an abuse flag
+                                 (src "X|caller"), "reason|actor"; docs/redis-schema.md, Events)
     np:ev:x:{T}          ZSET    binding expiries: binding id -> expire ms, for committed, undeleted bindings
                                  whose record is in slot s (binding_record_update.lua keeps it)
     np:ev:lease:{T}      STRING  the events process routing the outbox now (a token; PX a few seconds), so two
