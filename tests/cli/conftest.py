@@ -1,6 +1,6 @@
-"""Fixtures of the admin CLI tests: the real allocation (with AdminService), binding and cdr services in-process
-(TLS and auth on) on a real Redis, a context file naming them, and `cli(...)`, which runs `numprotect` through
-typer's CliRunner in a worker thread (the services run on the test's event loop)."""
+"""Fixtures of the admin CLI tests: the real allocation (with AdminService), binding, cdr and events services
+in-process (TLS and auth on) on a real Redis, a context file naming them, and `cli(...)`, which runs `numprotect`
+through typer's CliRunner in a worker thread (the services run on the test's event loop)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from numprotect.core.identity.principal import Role
 from numprotect.services.allocation.app import build as build_allocation
 from numprotect.services.binding.app import build as build_binding
 from numprotect.services.cdr.app import build as build_cdr
+from numprotect.services.events.app import build as build_events
 from support.identity import mint
 from support.inprocess import RunningService, running_service
 from support.tls import test_pki
@@ -32,6 +33,18 @@ TENANT = "demo"
 CARRIER = "cm"
 BLOCK = "70010000001"
 CITY = "010"
+# events: webhooks to loopback receivers over http, short polls, a short retry schedule (3 attempts in ~0.6 s).
+EVENTS_SETTINGS = {
+    "NUMPROTECT_EVENTS_ALLOW_HTTP": "on",
+    "NUMPROTECT_EVENTS_ALLOWED_NETWORKS": "127.0.0.0/8",
+    "NUMPROTECT_EVENTS_RETRY_SCHEDULE": "200ms,400ms",
+    "NUMPROTECT_EVENTS_RETRY_JITTER": "0",
+    "NUMPROTECT_EVENTS_POLL_INTERVAL": "50ms",
+    "NUMPROTECT_EVENTS_SWEEP_INTERVAL": "1s",
+    "NUMPROTECT_EVENTS_WATCH_BLOCK": "200ms",
+    "NUMPROTECT_EVENTS_REQUEST_TIMEOUT": "2s",
+    "NUMPROTECT_EVENTS_RETENTION": "2h",
+}
 
 
 @dataclass(frozen=True)
@@ -46,12 +59,13 @@ class Result:
 
 @dataclass
 class Stack:
-    """The three services, stubs as the operator, the tenant and the carrier, and the CLI bound to a context file
+    """The four services, stubs as the operator, the tenant and the carrier, and the CLI bound to a context file
     whose contexts are "operator" (current) and "tenant" (TENANT's key)."""
 
     allocation: RunningService[Any, Any]
     binding: RunningService[Any, Any]
     cdr: RunningService[Any, Any]
+    events: RunningService[Any, Any]
     config: Path
     operator_token: str
     tenant_token: str
@@ -115,6 +129,7 @@ def stack(redis_env: dict[str, str], redis_sync: Any, tmp_path: Path) -> StackFa
             async with (
                 running_service("binding", build_binding, binding_env) as binding,
                 running_service("cdr", build_cdr, {**redis_env, "NUMPROTECT_CDR_WATCH_BLOCK": "200ms"}) as cdr,
+                running_service("events", build_events, {**redis_env, **EVENTS_SETTINGS}) as events,
             ):
                 tenant_token = binding.token(Role.TENANT, TENANT)
                 cdr.route(CARRIER, f"{BLOCK}0000")
@@ -124,6 +139,7 @@ def stack(redis_env: dict[str, str], redis_sync: Any, tmp_path: Path) -> StackFa
                     alloc,
                     binding,
                     cdr,
+                    events,
                     config,
                     operator_token,
                     tenant_token,
@@ -133,7 +149,12 @@ def stack(redis_env: dict[str, str], redis_sync: Any, tmp_path: Path) -> StackFa
                 )
                 addresses = [
                     f"--{name}={service.address}"
-                    for name, service in (("allocation", alloc), ("binding", binding), ("cdr", cdr))
+                    for name, service in (
+                        ("allocation", alloc),
+                        ("binding", binding),
+                        ("cdr", cdr),
+                        ("events", events),
+                    )
                 ]
                 ca = f"--ca-file={test_pki().ca_file}"
                 for name, token in (("tenant", tenant_token), ("operator", operator_token)):
