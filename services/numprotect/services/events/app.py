@@ -7,6 +7,7 @@ from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.events.v1 import events_pb2, events_pb2_grpc
 from numprotect.services.events.endpoints import EndpointStore
+from numprotect.services.events.expirer import Expirer
 from numprotect.services.events.router import Router
 from numprotect.services.events.servicer import EventServiceServicer
 from numprotect.services.events.settings import EventsSettings
@@ -30,11 +31,13 @@ async def build(runtime: Runtime) -> ServiceParts:
     )
     # Background work of every events process (several processes share it: leases and claims in Redis).
     router = Router(runtime.redis, settings, endpoints, runtime.metrics, clock)
+    expirer = Expirer(runtime.redis, settings, runtime.metrics, clock)
     router.start()
+    expirer.start()
     return ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, events_pb2_grpc.add_EventServiceServicer_to_server),
         ],
         # Each close waits a bounded time (periodic.STOP_WAIT_SECONDS).
-        on_shutdown=[servicer.close, router.close],
+        on_shutdown=[servicer.close, expirer.close, router.close],
     )
