@@ -1,13 +1,13 @@
-"""`make run`: a local Redis (AOF on) and the four services on localhost, in the foreground.
+"""`make run`: a local Redis (AOF on) and the five services on localhost, in the foreground.
 
 Settings (environment):
   NUMPROTECT_REDIS_URL            use this Redis and start none (NUMPROTECT_REDIS_MODE=cluster for a cluster)
   NUMPROTECT_LOCAL_REDIS_PORT     port of the Redis started here (default 6379); data under .run/redis
   NUMPROTECT_LOCAL_REDIS_FSYNC    appendfsync of that Redis: everysec (default) or always (docs/cdr.md)
-  NUMPROTECT_<SERVICE>_PORT       service ports (defaults 50051..50054)
+  NUMPROTECT_<SERVICE>_PORT       service ports (defaults 50051..50055)
   NUMPROTECT_<SERVICE>_PROCESSES  processes per service sharing its port via SO_REUSEPORT (default 1)
   NUMPROTECT_LOCAL_METRICS_PORT   the first /metrics port (default 9151): every process gets its own, in order
-                                  allocation, binding, translation, cdr (a service's processes get successive
+                                  allocation, binding, translation, cdr, events (a service's processes get successive
                                   ports); the ready message lists them. NUMPROTECT_METRICS=off: no metrics ports
   NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
   NUMPROTECT_RUN_PROMETHEUS       1 (`make run PROMETHEUS=1`): also Debian's Prometheus, scraping every process's
@@ -18,6 +18,10 @@ Settings (environment):
                                   made on first run in .run/dev/ (ca.pem is what a client trusts); off: plaintext
   NUMPROTECT_AUTH                 on (default): every call but health needs an API key; the auth key, an operator
                                   token (.run/dev/operator.token) and binding's service token are made here
+  NUMPROTECT_EVENTS_ALLOWED_NETWORKS, NUMPROTECT_EVENTS_ALLOW_HTTP
+                                  127.0.0.0/8 and on here (the service's defaults: none, off), so webhooks reach a
+                                  receiver on this host over http:// (the README's walk-through); set them to
+                                  change that
 Ctrl-C or SIGTERM stops the services (they drain), then Redis.
 
 The Redis started here has the ACL users of numprotect.core.redis_acl (the default user off): each service connects
@@ -55,6 +59,9 @@ from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, RedisSet
 ROOT = Path(__file__).resolve().parents[2]
 # The first process's /metrics port; the others follow (docs/operations.md "Metrics").
 DEFAULT_METRICS_PORT = 9151
+# Webhooks to a receiver on this machine, over plain http (events refuses loopback and http:// by default);
+# the operator's own values win.
+LOCAL_EVENTS_SETTINGS = {"NUMPROTECT_EVENTS_ALLOWED_NETWORKS": "127.0.0.0/8", "NUMPROTECT_EVENTS_ALLOW_HTTP": "on"}
 
 
 class LaunchError(Exception):
@@ -267,6 +274,7 @@ class LocalSuite:
         for name in SERVICE_NAMES:
             count = self.processes[name]
             env = {
+                **(LOCAL_EVENTS_SETTINGS if name == "events" else {}),
                 **self.environ,
                 **peers,
                 **key,
@@ -419,6 +427,7 @@ ready. {trust}. {who}. Try (the README's walk-through goes on from here):
             f"  {cli} config set-context local --from-run-dir {run_dir} --use   # the admin CLI (docs/cli.md)\n"
             f'  {cli} keys create --role tenant --tenant demo --description "demo orders"\n'
             f"  {cli} pool stats --tenant demo\n"
+            f"  {cli} endpoints list --tenant demo   # webhooks: events pushed to the tenant (docs/events.md)\n"
             f"  {cli} audit verify\n"
         )
 

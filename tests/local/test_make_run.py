@@ -1,4 +1,4 @@
-"""`make run`'s launcher: Redis with AOF + the four services SERVING, then a clean stop on SIGTERM."""
+"""`make run`'s launcher: Redis with AOF + the five services SERVING, then a clean stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         first = int(env["NUMPROTECT_LOCAL_METRICS_PORT"])
         second_translation = f"http://127.0.0.1:{first + 3}/metrics"
         assert f"translation-1 metrics: {second_translation}" in output
-        assert output.count(" metrics: http://127.0.0.1:") == 5
+        assert output.count(" metrics: http://127.0.0.1:") == len(SERVICES) + 1
         with urllib.request.urlopen(second_translation, timeout=5) as scraped:
             assert 'numprotect_build_info{service="translation",version=' in scraped.read().decode()
         # TLS on every port with the local CA made on first run: clients trust .run/dev/ca.pem, plaintext fails.
@@ -46,7 +46,7 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         assert operator.stat().st_mode & 0o777 == 0o600 and operator.read_text().startswith("npk_")
         assert (tmp_path / "dev" / "auth.key").stat().st_mode & 0o777 == 0o600
         bearer = ("-H", f"authorization: Bearer {operator.read_text().strip()}")
-        for name in ("allocation", "binding", "translation", "cdr"):
+        for name in SERVICES:
             address = f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}"
             check = run_grpcurl(*bearer, "-d", '{"service":""}', address, "grpc.health.v1.Health/Check", ca_file=ca)
             assert '"status": "SERVING"' in check.stdout, check.stderr
@@ -80,7 +80,7 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         assert "NUMPROTECT_PAGE_TOKEN_KEY is not set" not in log.read_text(), log.name
         assert "NoPermissionError" not in log.read_text(), log.name  # each service's Redis user suffices
     # Each Redis user's password private in .run/dev; each service connected as its own user.
-    for user in ("allocation", "binding", "translation", "cdr", "admin"):
+    for user in (*SERVICES, "admin"):
         assert (tmp_path / "dev" / f"redis-numprotect-{user}.password").stat().st_mode & 0o777 == 0o600
     time.sleep(0.2)
     left = subprocess.run(["pgrep", "-f", f"--port {env['NUMPROTECT_LOCAL_REDIS_PORT']}"], capture_output=True)
@@ -105,7 +105,7 @@ def test_a_busy_port_gets_a_one_line_explanation(tmp_path: Path, busy: str) -> N
 
 def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     """The README's walk-through block, run by bash against this launcher: only the run folder and the ports
-    differ from what the README says (its defaults: .run/ and 50051..50054)."""
+    differ from what the README says (its defaults: .run/ and 50051..50055)."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- walkthrough:begin -->")[1].split("<!-- walkthrough:end -->")[0]
     script = block.split("```sh\n")[1].split("```")[0]
@@ -159,7 +159,7 @@ def test_the_ready_message_shows_the_admin_cli_only_where_its_make_run_context_f
     suite.tokens = {"operator": tmp_path / "dev" / "operator.token"}
     hint = suite._cli_hint()
     assert f"numprotect config set-context local --from-run-dir {tmp_path} --use" in hint
-    assert "numprotect pool stats --tenant demo" in hint
+    assert "numprotect pool stats --tenant demo" in hint and "numprotect endpoints list --tenant demo" in hint
     moved = launcher.LocalSuite({"NUMPROTECT_RUN_DIR": str(tmp_path), "NUMPROTECT_BINDING_PORT": "51052"})
     moved.tokens = suite.tokens
     assert moved._cli_hint() == ""

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from support.launcher import LAUNCHER, launch, launcher_env
+from support.launcher import LAUNCHER, SERVICES, launch, launcher_env
 from support.processes import ROOT
 from support.redis_server import free_port
 
@@ -83,7 +83,7 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
         while True:
             targets = _get(f"{base}/api/v1/targets")["activeTargets"]
             health = {t["labels"]["process"]: t["health"] for t in targets}
-            if (len(health) == 5 and set(health.values()) == {"up"}) or time.monotonic() > deadline:
+            if (len(health) == 6 and set(health.values()) == {"up"}) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert health == {
@@ -92,10 +92,9 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
             "translation-0": "up",
             "translation-1": "up",
             "cdr-0": "up",
+            "events-0": "up",
         }, targets
-        assert {t["labels"]["job"] for t in targets} == {
-            f"numprotect-{s}" for s in ("allocation", "binding", "translation", "cdr")
-        }
+        assert {t["labels"]["job"] for t in targets} == {f"numprotect-{s}" for s in SERVICES}
         built = _get(f"{base}/api/v1/query?query=numprotect_build_info")["result"]
         assert sorted(r["metric"]["process"] for r in built) == sorted(health)
         # The recording rules join each process's series to numprotect_build_info{service} on (job, instance):
@@ -108,7 +107,7 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
             time.sleep(0.5)
         assert [r["metric"]["service"] for r in recorded] == ["translation"], recorded
         groups = {g["name"]: g for g in _get(f"{base}/api/v1/rules")["groups"]}
-        assert set(groups) == {"numprotect-alerts", "numprotect-grpc", "numprotect-domain"}
+        assert set(groups) == {"numprotect-alerts", "numprotect-grpc", "numprotect-domain", "numprotect-webhooks"}
         assert all(r["health"] != "err" for g in groups.values() for r in g["rules"])
     finally:
         process.send_signal(signal.SIGTERM)

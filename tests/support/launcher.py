@@ -10,11 +10,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from numprotect.core.settings import SERVICE_NAMES
 from support.processes import ROOT
 from support.redis_server import free_port
 
 LAUNCHER = ROOT / "deploy" / "local" / "run_local.py"
-SERVICES = ("allocation", "binding", "translation", "cdr")
+SERVICES = SERVICE_NAMES
 
 
 def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:
