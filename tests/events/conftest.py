@@ -9,6 +9,7 @@ them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ TENANT = "t1"
 OTHER_TENANT = "t2"
 Stub = Any  # events_pb2_grpc.EventServiceStub (its methods are untyped)
 
-# Loopback receivers allowed over http, short polls and a short retry schedule: tests take seconds, not minutes.
+# Loopback receivers allowed over http, short polls and a short retry schedule: tests take seconds, not minutes. The
+# sweeps of every slot's outbox and expiries (16,384 reads each) run at start and then rarely: a test that needs a
+# sweep (a lost hint) sets NUMPROTECT_EVENTS_SWEEP_INTERVAL itself.
 FAST_SETTINGS = {
     "NUMPROTECT_EVENTS_ALLOW_HTTP": "on",
     "NUMPROTECT_EVENTS_ALLOWED_NETWORKS": "127.0.0.0/8",
@@ -37,7 +40,7 @@ FAST_SETTINGS = {
     "NUMPROTECT_EVENTS_RETRY_JITTER": "0",
     "NUMPROTECT_EVENTS_POLL_INTERVAL": "50ms",
     "NUMPROTECT_EVENTS_EXPIRY_POLL": "100ms",
-    "NUMPROTECT_EVENTS_SWEEP_INTERVAL": "1s",
+    "NUMPROTECT_EVENTS_SWEEP_INTERVAL": "10m",
     "NUMPROTECT_EVENTS_WATCH_BLOCK": "200ms",
     "NUMPROTECT_EVENTS_REQUEST_TIMEOUT": "2s",
     "NUMPROTECT_EVENTS_RETENTION": "2h",
@@ -90,12 +93,16 @@ def events_env(redis_env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture
 def events_service(events_env: dict[str, str]) -> ServiceFactory:
-    """`async with events_service(**settings) as events:` a served events service (`telemetry=`: its telemetry)."""
+    """`async with events_service(**settings) as events:` a served events service (`telemetry=`: its telemetry;
+    `background=False`: the API alone, without router, expirer and dispatcher, for tests that need none of them)."""
 
     @asynccontextmanager
-    async def start(telemetry: Telemetry | None = None, **settings: str) -> AsyncIterator[EventsClients]:
+    async def start(
+        telemetry: Telemetry | None = None, background: bool = True, **settings: str
+    ) -> AsyncIterator[EventsClients]:
         environ: Mapping[str, str] = {**events_env, **settings}
-        async with running_service("events", build, environ, telemetry=telemetry) as svc:
+        builder = build if background else functools.partial(build, background=False)
+        async with running_service("events", builder, environ, telemetry=telemetry) as svc:
             yield EventsClients(svc)
 
     return start

@@ -24,7 +24,7 @@ def create(url: str = URL, **fields: Any) -> pb.CreateEndpointRequest:
 async def test_create_answers_the_endpoint_with_its_secret_once_and_stores_it(
     events_service: ServiceFactory, redis_sync: Any
 ) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant(TENANT)
         created = (
             await tenant.CreateEndpoint(
@@ -57,7 +57,7 @@ async def test_create_answers_the_endpoint_with_its_secret_once_and_stores_it(
 
 
 async def test_an_endpoint_with_no_types_subscribes_to_every_type(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         created = (await events.tenant().CreateEndpoint(create())).endpoint
         stored = await events.endpoints.get_stored(TENANT, created.endpoint_id)
         assert stored is not None
@@ -66,7 +66,7 @@ async def test_an_endpoint_with_no_types_subscribes_to_every_type(events_service
 
 
 async def test_the_operator_creates_for_the_tenant_it_names(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         created = (await events.operator.CreateEndpoint(create(tenant_id=OTHER_TENANT))).endpoint
         assert created.tenant_id == OTHER_TENANT
         listed = await events.tenant(OTHER_TENANT).ListEndpoints(pb.ListEndpointsRequest())
@@ -78,7 +78,7 @@ async def test_the_operator_creates_for_the_tenant_it_names(events_service: Serv
 async def test_delete_removes_the_endpoint_and_every_key_of_its_deliveries(
     events_service: ServiceFactory, redis_sync: Any
 ) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         kept = (await tenant.CreateEndpoint(create())).endpoint.endpoint_id
         gone = (await tenant.CreateEndpoint(create())).endpoint.endpoint_id
@@ -102,7 +102,7 @@ async def test_delete_removes_the_endpoint_and_every_key_of_its_deliveries(
 
 
 async def test_update_changes_only_the_fields_the_mask_names(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         created = (await tenant.CreateEndpoint(create(description="a", batch_size=5))).endpoint
         change = pb.Endpoint(

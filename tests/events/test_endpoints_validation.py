@@ -46,7 +46,9 @@ BAD_FIELDS: list[tuple[dict[str, Any], str, str]] = [
 
 
 async def test_create_refuses_each_bad_field_naming_it(events_service: ServiceFactory) -> None:
-    async with events_service(NUMPROTECT_EVENTS_ALLOW_HTTP="off", NUMPROTECT_EVENTS_ALLOWED_NETWORKS="") as events:
+    async with events_service(
+        background=False, NUMPROTECT_EVENTS_ALLOW_HTTP="off", NUMPROTECT_EVENTS_ALLOWED_NETWORKS=""
+    ) as events:
         for fields, field, words in BAD_FIELDS:
             request = pb.CreateEndpointRequest(**{"url": URL, **fields})
             if words == "PERMISSION_DENIED":  # a tenant key naming another tenant (even a malformed one)
@@ -61,20 +63,22 @@ async def test_create_refuses_each_bad_field_naming_it(events_service: ServiceFa
 
 
 async def test_every_violation_of_a_request_is_named_at_once(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         request = pb.CreateEndpointRequest(url="gopher://x", event_types=["nope"], batch_size=1000, max_concurrency=-1)
         error = await fails(grpc.StatusCode.INVALID_ARGUMENT, events.tenant().CreateEndpoint(request))
         assert violated_fields(error) == ["url", "event_types", "batch_size", "max_concurrency"]
 
 
 async def test_http_and_private_addresses_only_when_the_settings_allow_them(events_service: ServiceFactory) -> None:
-    async with events_service(NUMPROTECT_EVENTS_ALLOW_HTTP="off", NUMPROTECT_EVENTS_ALLOWED_NETWORKS="") as events:
+    async with events_service(
+        background=False, NUMPROTECT_EVENTS_ALLOW_HTTP="off", NUMPROTECT_EVENTS_ALLOWED_NETWORKS=""
+    ) as events:
         error = await fails(
             grpc.StatusCode.INVALID_ARGUMENT,
             events.tenant().CreateEndpoint(pb.CreateEndpointRequest(url="http://a.example/")),
         )
         assert "NUMPROTECT_EVENTS_ALLOW_HTTP" in (error.details() or "")
-    async with events_service() as events:  # FAST_SETTINGS: http on, 127.0.0.0/8 allowed
+    async with events_service(background=False) as events:  # FAST_SETTINGS: http on, 127.0.0.0/8 allowed
         created = await events.tenant().CreateEndpoint(pb.CreateEndpointRequest(url="http://127.0.0.1:8080/h"))
         assert created.endpoint.url == "http://127.0.0.1:8080/h"
         await fails(
@@ -84,7 +88,7 @@ async def test_http_and_private_addresses_only_when_the_settings_allow_them(even
 
 
 async def test_a_tenant_has_at_most_the_configured_endpoints(events_service: ServiceFactory) -> None:
-    async with events_service(NUMPROTECT_EVENTS_MAX_ENDPOINTS_PER_TENANT="2") as events:
+    async with events_service(background=False, NUMPROTECT_EVENTS_MAX_ENDPOINTS_PER_TENANT="2") as events:
         tenant = events.tenant()
         first = await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=URL))
         await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=URL))
@@ -104,7 +108,7 @@ async def test_a_tenant_has_at_most_the_configured_endpoints(events_service: Ser
 
 
 async def test_list_pages_oldest_first_with_signed_tokens(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         created = [
             (await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=f"{URL}/{i}"))).endpoint.endpoint_id
@@ -145,7 +149,7 @@ async def test_list_pages_oldest_first_with_signed_tokens(events_service: Servic
 
 
 async def test_update_mask_rules(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         ep = (await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=URL, description="d"))).endpoint.endpoint_id
         endpoint = pb.Endpoint(endpoint_id=ep, url=URL)
@@ -212,7 +216,7 @@ async def test_update_mask_rules(events_service: ServiceFactory) -> None:
 
 
 async def test_disable_and_re_enable_a_gone_endpoint(events_service: ServiceFactory, redis_sync: Any) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         ep = (await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=URL))).endpoint.endpoint_id
         await events.endpoints.mark_gone(TENANT, ep, "HTTP 410 from the receiver")
@@ -243,7 +247,7 @@ async def test_disable_and_re_enable_a_gone_endpoint(events_service: ServiceFact
 
 
 async def test_ids_grace_and_ranges_are_checked(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         for call in (
             tenant.GetEndpoint(pb.GetEndpointRequest(endpoint_id="ep_x")),

@@ -69,7 +69,7 @@ async def _endpoint_of(events: EventsClients, tenant_id: str) -> pb.Endpoint:
 
 
 async def test_another_tenants_endpoint_is_not_found_and_stays_unchanged(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         mine = await _endpoint_of(events, TENANT)
         intruder = events.tenant(OTHER_TENANT)
         for name, call in ENDPOINT_CALLS:
@@ -101,7 +101,7 @@ async def test_another_tenants_endpoint_is_not_found_and_stays_unchanged(events_
 async def test_the_operator_acts_on_the_tenant_it_names_and_is_audited(
     events_service: ServiceFactory, redis_sync: Any
 ) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         mine = await _endpoint_of(events, TENANT)
         operator = events.operator
         got = (
@@ -140,7 +140,7 @@ async def test_the_operator_acts_on_the_tenant_it_names_and_is_audited(
 
 
 async def test_only_tenants_and_the_operator_call_the_service(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         mine = await _endpoint_of(events, TENANT)
         request = pb.GetEndpointRequest(tenant_id=TENANT, endpoint_id=mine.endpoint_id)
         for role, principal_id in [(Role.CARRIER, "cmcc"), (Role.REGULATOR, "reg"), (Role.SERVICE, "binding")]:
@@ -151,7 +151,7 @@ async def test_only_tenants_and_the_operator_call_the_service(events_service: Se
 
 
 async def test_a_tenant_cannot_watch_another_tenants_events(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         intruder = events.tenant(OTHER_TENANT)
         stream = intruder.WatchEvents(pb.WatchEventsRequest(tenant_id=TENANT, cursor="0"))
         error = await fails(grpc.StatusCode.PERMISSION_DENIED, stream.read())
@@ -161,7 +161,7 @@ async def test_a_tenant_cannot_watch_another_tenants_events(events_service: Serv
 async def test_an_update_naming_another_tenant_inside_the_endpoint_is_denied_by_the_layer(
     events_service: ServiceFactory,
 ) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         mine = await _endpoint_of(events, TENANT)
         stub = events_pb2_grpc.EventServiceStub(events.svc.channel_as(Role.TENANT, OTHER_TENANT))
         request = pb.UpdateEndpointRequest(

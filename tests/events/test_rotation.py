@@ -34,7 +34,7 @@ def verifies(secret: str, headers: dict[str, str]) -> bool:
 
 
 async def test_both_secrets_sign_during_the_grace_and_only_the_new_one_after(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         old = (await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=URL))).endpoint
         before_ms = time.time_ns() // 1_000_000
@@ -69,7 +69,7 @@ async def test_both_secrets_sign_during_the_grace_and_only_the_new_one_after(eve
 
 
 async def test_a_grace_that_ran_out_leaves_only_the_new_secret(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         old = (await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=URL))).endpoint
         rotated = (
@@ -93,7 +93,7 @@ async def test_a_grace_that_ran_out_leaves_only_the_new_secret(events_service: S
 async def test_grace_zero_stops_the_old_secret_at_once_and_the_default_is_the_setting(
     events_service: ServiceFactory,
 ) -> None:
-    async with events_service(NUMPROTECT_EVENTS_ROTATION_GRACE="90m") as events:
+    async with events_service(background=False, NUMPROTECT_EVENTS_ROTATION_GRACE="90m") as events:
         tenant = events.tenant()
         ep = (await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=URL))).endpoint.endpoint_id
         rotated = (
@@ -120,7 +120,7 @@ async def test_grace_zero_stops_the_old_secret_at_once_and_the_default_is_the_se
 
 @pytest.mark.parametrize("method", ["GetEndpoint", "ListEndpoints", "UpdateEndpoint"])
 async def test_no_answer_but_create_and_rotate_carries_a_secret(events_service: ServiceFactory, method: str) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         tenant = events.tenant()
         created = (await tenant.CreateEndpoint(pb.CreateEndpointRequest(url=URL))).endpoint
         rotated = (
@@ -144,7 +144,7 @@ async def test_no_answer_but_create_and_rotate_carries_a_secret(events_service: 
 
 
 async def test_rotating_another_tenants_endpoint_is_not_found(events_service: ServiceFactory) -> None:
-    async with events_service() as events:
+    async with events_service(background=False) as events:
         ep = (await events.tenant().CreateEndpoint(pb.CreateEndpointRequest(url=URL))).endpoint.endpoint_id
         await fails(
             grpc.StatusCode.NOT_FOUND,

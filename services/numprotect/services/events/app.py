@@ -15,7 +15,9 @@ from numprotect.services.events.settings import EventsSettings
 FULL_NAME = events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
 
 
-async def build(runtime: Runtime) -> ServiceParts:
+async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
+    """The events service; `background=False` (tests of the API alone): without the router, expirer and dispatcher,
+    whose start-up sweeps read every slot."""
     settings = EventsSettings.from_env(runtime.env)  # SettingsError before the server starts
     page_token_key = PageTokenKey.from_env(runtime.env)
     clock = SystemClock()
@@ -29,15 +31,18 @@ async def build(runtime: Runtime) -> ServiceParts:
         page_token_key=page_token_key,
         clock=clock,
     )
-    # Background work of every events process (several processes share it: leases and claims in Redis).
-    router = Router(runtime.redis, settings, endpoints, runtime.metrics, clock)
-    expirer = Expirer(runtime.redis, settings, runtime.metrics, clock)
-    router.start()
-    expirer.start()
-    return ServiceParts(
+    parts = ServiceParts(
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, events_pb2_grpc.add_EventServiceServicer_to_server),
         ],
-        # Each close waits a bounded time (periodic.STOP_WAIT_SECONDS).
-        on_shutdown=[servicer.close, expirer.close, router.close],
+        on_shutdown=[servicer.close],
     )
+    if background:
+        # Background work of every events process (several processes share it: leases and claims in Redis), started
+        # last; each close waits a bounded time (periodic.STOP_WAIT_SECONDS).
+        router = Router(runtime.redis, settings, endpoints, runtime.metrics, clock)
+        expirer = Expirer(runtime.redis, settings, runtime.metrics, clock)
+        router.start()
+        expirer.start()
+        parts.on_shutdown += [expirer.close, router.close]
+    return parts
