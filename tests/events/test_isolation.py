@@ -5,7 +5,9 @@ operator call the service; the operator's calls are audited."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,11 +15,13 @@ import grpc
 from events.conftest import OTHER_TENANT, TENANT, EventsClients, ServiceFactory
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from numprotect.core.conversions import timestamp_from_ms
+from numprotect.core.event_keys import TenantKeys
 from numprotect.core.identity import audit
 from numprotect.core.identity.principal import Role
 from numprotect.events.v1 import events_pb2 as pb
 from numprotect.events.v1 import events_pb2_grpc
-from support.rpc import code_of, fails
+from support.rpc import code_of, fails, violated_fields
 
 URL = "https://hooks.example.com/h"
 MISSING = "ep_" + "z" * 26
@@ -172,3 +176,90 @@ async def test_an_update_naming_another_tenant_inside_the_endpoint_is_denied_by_
         assert "endpoint.tenant_id" in (error.details() or "")
         stored = await events.endpoints.get_stored(TENANT, mine.endpoint_id)
         assert stored is not None and stored.url == URL
+
+
+def _log_event(redis_sync: Any, tenant_id: str, event_type: str, at_ms: int, n: int) -> str:
+    """Appends an event to a tenant's log as route.lua does (id, ty, at, p); its log entry id."""
+    event = f"evt_{tenant_id}{n}".ljust(30, "a")[:30]
+    body = json.dumps({"id": event, "type": event_type, "tenant": tenant_id})
+    entry: bytes = redis_sync.xadd(
+        TenantKeys(tenant_id).log, {"id": event, "ty": event_type, "at": str(at_ms), "p": body}
+    )
+    return entry.decode()
+
+
+async def _watched(stub: Any, request: pb.WatchEventsRequest, count: int) -> list[pb.WatchEventsResponse]:
+    call = stub.WatchEvents(request)
+    got = []
+    try:
+        async with asyncio.timeout(10):
+            while len(got) < count:
+                got.append(await call.read())
+    finally:
+        call.cancel()
+    return got
+
+
+async def test_a_watch_reads_only_its_own_tenants_log(events_service: ServiceFactory, redis_sync: Any) -> None:
+    now_ms = int(time.time() * 1000)
+    async with events_service(background=False) as events:
+        mine = [_log_event(redis_sync, TENANT, "binding.created", now_ms, i) for i in range(2)]
+        _log_event(redis_sync, OTHER_TENANT, "binding.created", now_ms, 9)
+        theirs = _log_event(redis_sync, OTHER_TENANT, "cdr.created", now_ms, 8)
+        got = await _watched(events.tenant(TENANT), pb.WatchEventsRequest(cursor="0"), 2)
+        assert [r.cursor for r in got] == mine
+        assert all(json.loads(r.event.payload_json)["tenant"] == TENANT for r in got)
+        # The other tenant's events are there to be read: by it, and by the operator naming it (types filtered).
+        got = await _watched(
+            events.operator, pb.WatchEventsRequest(tenant_id=OTHER_TENANT, cursor="0", event_types=["cdr.created"]), 1
+        )
+        assert [r.cursor for r in got] == [theirs]
+        # Resuming after its own last cursor, a tenant sees its next event, not the other tenant's newer ones.
+        _log_event(redis_sync, OTHER_TENANT, "binding.created", now_ms, 7)
+        newer = _log_event(redis_sync, TENANT, "binding.deleted", now_ms, 3)
+        got = await _watched(events.tenant(TENANT), pb.WatchEventsRequest(cursor=mine[-1]), 1)
+        assert [(r.cursor, r.event.type) for r in got] == [(newer, "binding.deleted")]
+
+
+async def test_watch_request_rules(events_service: ServiceFactory) -> None:
+    async with events_service(background=False) as events:
+        for request, field in (
+            (pb.WatchEventsRequest(cursor="yesterday"), "cursor"),
+            (pb.WatchEventsRequest(event_types=["binding.created", "call.ended"]), "event_types"),
+        ):
+            error = await fails(grpc.StatusCode.INVALID_ARGUMENT, events.tenant().WatchEvents(request).read())
+            assert violated_fields(error) == [field]
+        error = await fails(
+            grpc.StatusCode.INVALID_ARGUMENT, events.operator.WatchEvents(pb.WatchEventsRequest()).read()
+        )
+        assert violated_fields(error) == ["tenant_id"]
+
+
+async def test_replay_queues_only_the_tenants_own_events_for_an_enabled_endpoint(
+    events_service: ServiceFactory, redis_sync: Any
+) -> None:
+    now_ms = int(time.time() * 1000)
+    async with events_service(background=False) as events:
+        mine = await _endpoint_of(events, TENANT)
+        logged = [_log_event(redis_sync, TENANT, "binding.created", now_ms - 1000, i) for i in range(3)]
+        _log_event(redis_sync, OTHER_TENANT, "binding.created", now_ms - 1000, 5)
+        window = {"start_time": timestamp_from_ms(now_ms - 60_000), "end_time": timestamp_from_ms(now_ms + 1)}
+        replayed = await events.tenant(TENANT).ReplayEvents(
+            pb.ReplayEventsRequest(endpoint_id=mine.endpoint_id, **window)
+        )
+        assert replayed.events_queued == 3
+        keys = TenantKeys(TENANT)
+        assert sorted(m.decode() for m in redis_sync.zrange(keys.queue(mine.endpoint_id), 0, -1)) == sorted(logged)
+        assert not redis_sync.exists(TenantKeys(OTHER_TENANT).queue(mine.endpoint_id))
+        # A disabled endpoint gets nothing queued: FAILED_PRECONDITION saying how to enable it.
+        await events.tenant(TENANT).UpdateEndpoint(
+            pb.UpdateEndpointRequest(
+                endpoint=pb.Endpoint(endpoint_id=mine.endpoint_id, state=pb.ENDPOINT_STATE_DISABLED),
+                update_mask=field_mask_pb2.FieldMask(paths=["state"]),
+            )
+        )
+        error = await fails(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            events.tenant(TENANT).ReplayEvents(pb.ReplayEventsRequest(endpoint_id=mine.endpoint_id, **window)),
+        )
+        assert "ENDPOINT_STATE_DISABLED" in (error.details() or "")

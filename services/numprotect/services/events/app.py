@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from numprotect.core.clock import SystemClock
 from numprotect.core.page_tokens import PageTokenKey
+from numprotect.core.redis_client import create_redis
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.events.v1 import events_pb2, events_pb2_grpc
 from numprotect.services.events.endpoints import EndpointStore
 from numprotect.services.events.expirer import Expirer
+from numprotect.services.events.log import EventLog
 from numprotect.services.events.router import Router
 from numprotect.services.events.servicer import EventServiceServicer
 from numprotect.services.events.settings import EventsSettings
@@ -22,10 +26,21 @@ async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
     page_token_key = PageTokenKey.from_env(runtime.env)
     clock = SystemClock()
     endpoints = EndpointStore(runtime.redis, settings, clock)
+    redis_settings = runtime.redis_settings
+    # Watches block in XREAD for up to watch_block: their own pool (one connection per watch, bounded by
+    # max_watchers), with a timeout above the block time.
+    watch_redis = create_redis(
+        dataclasses.replace(
+            redis_settings,
+            max_connections=settings.max_watchers,
+            timeout_seconds=redis_settings.timeout_seconds + settings.watch_block_s,
+        )
+    )
+    event_log = EventLog(runtime.redis, settings, clock, watch_redis=watch_redis)
     servicer = EventServiceServicer(
         settings,
         endpoints,
-        None,
+        event_log,
         None,
         callers=runtime.identity.callers,
         page_token_key=page_token_key,
@@ -35,7 +50,8 @@ async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
         registrations=[
             ServiceRegistration(FULL_NAME, servicer, events_pb2_grpc.add_EventServiceServicer_to_server),
         ],
-        on_shutdown=[servicer.close],
+        # The watches end at their next read before their connections close.
+        on_shutdown=[event_log.close, watch_redis.aclose],
     )
     if background:
         # Background work of every events process (several processes share it: leases and claims in Redis), started
@@ -44,5 +60,5 @@ async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
         expirer = Expirer(runtime.redis, settings, runtime.metrics, clock)
         router.start()
         expirer.start()
-        parts.on_shutdown += [expirer.close, router.close]
+        parts.on_shutdown[:0] = [router.close, expirer.close]
     return parts

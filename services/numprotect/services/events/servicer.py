@@ -8,7 +8,6 @@ endpoint id is looked up in that tenant's endpoints only, so another tenant's en
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol
 
@@ -16,18 +15,17 @@ import grpc
 
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import bounded_duration_ms, seconds_text, timestamp_ms
-from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
+from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from numprotect.core.identifiers import TENANT_ID
 from numprotect.core.identity.layer import Callers
-from numprotect.core.limits import ConcurrencyLimit
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
 from numprotect.events.v1 import events_pb2, events_pb2_grpc
 from numprotect.services.events import validation
 from numprotect.services.events.endpoints import EndpointStore, StoredEndpoint
+from numprotect.services.events.log import check_cursor
 from numprotect.services.events.settings import EventsSettings
 
 Context = grpc.aio.ServicerContext[Any, Any]
-WATCHERS_PER_TENANT_SETTING = "NUMPROTECT_EVENTS_MAX_WATCHERS_PER_TENANT"
 
 
 class EventSource(Protocol):
@@ -35,7 +33,7 @@ class EventSource(Protocol):
 
     def watch(
         self, tenant_id: str, event_types: Sequence[str], cursor: str
-    ) -> AsyncGenerator[tuple[events_pb2.Event, str], None]: ...
+    ) -> AsyncIterator[tuple[events_pb2.Event, str]]: ...
 
     async def replay(self, stored: StoredEndpoint, start_ms: int, end_ms: int) -> int: ...
 
@@ -59,7 +57,7 @@ class EventServiceServicer(events_pb2_grpc.EventServiceServicer):
         self,
         settings: EventsSettings,
         endpoints: EndpointStore,
-        log: EventSource | None,
+        log: EventSource,
         deliveries: DeliveryRecords | None,
         *,
         callers: Callers,
@@ -68,35 +66,15 @@ class EventServiceServicer(events_pb2_grpc.EventServiceServicer):
     ) -> None:
         self.settings = settings
         self.endpoints = endpoints
-        self._log = log
+        self.log = log
         self._deliveries = deliveries
         self.callers = callers
         self.clock = clock
         self.endpoint_tokens = PageTokens(page_token_key, "events.ListEndpoints")
         self.delivery_tokens = PageTokens(page_token_key, "events.ListDeliveries")
         self.dead_letter_tokens = PageTokens(page_token_key, "events.ListDeadLetters")
-        # A watch holds a blocking XREAD (a connection of the watch pool): at most max_watchers per process, one
-        # more is refused at once; and at most max_watchers_per_tenant of one tenant's.
-        self._watchers = ConcurrencyLimit(
-            settings.max_watchers,
-            wait_seconds=0,
-            name="WatchEvents streams (NUMPROTECT_EVENTS_MAX_WATCHERS)",
-            exhausted=True,
-        )
-        self._tenant_watchers: dict[str, int] = {}
-        self._closing = asyncio.Event()
 
-    async def close(self) -> None:
-        """Ends the watch loops at their next event or block period (shutdown)."""
-        self._closing.set()
-
-    # Until the event log and the delivery records are wired (app.py), their methods answer UNIMPLEMENTED.
-    @property
-    def log(self) -> EventSource:
-        if self._log is None:
-            raise Unimplemented("the event log is not served by this build yet")
-        return self._log
-
+    # Until the delivery records are wired (app.py), their methods answer UNIMPLEMENTED.
     @property
     def deliveries(self) -> DeliveryRecords:
         if self._deliveries is None:
@@ -289,37 +267,21 @@ class EventServiceServicer(events_pb2_grpc.EventServiceServicer):
         self, request: events_pb2.WatchEventsRequest, context: Context
     ) -> AsyncIterator[events_pb2.WatchEventsResponse]:
         # The log read is the caller's own tenant's (or the one the operator names): a cursor only moves within it.
+        # The log bounds the watches (per process, per tenant) and ends them on shutdown.
         tenant_id = self._tenant(request.tenant_id)
         v = validation.Violations()
         v.identifier(TENANT_ID, "tenant_id", tenant_id)
         types = validation.event_types("event_types", request.event_types, v)
         v.raise_if_any()
-        cursor = validation.watch_cursor(request.cursor)
-        held = self._tenant_watchers.get(tenant_id, 0)
-        if held >= self.settings.max_watchers_per_tenant:
-            raise ResourceExhausted(
-                f"{WATCHERS_PER_TENANT_SETTING} ({self.settings.max_watchers_per_tenant}) WatchEvents streams of "
-                "this tenant are already open on this server; close one before opening another",
-                subject=WATCHERS_PER_TENANT_SETTING,
-            )
-        # One generator, no nested one: closing it (cancel, revocation) gives the places back at once.
-        async with self._watchers:
-            self._tenant_watchers[tenant_id] = self._tenant_watchers.get(tenant_id, 0) + 1
-            try:
-                events = self.log.watch(tenant_id, types, cursor)
-                try:
-                    async for event, position in events:
-                        if self._closing.is_set() or context.done():
-                            break
-                        yield events_pb2.WatchEventsResponse(event=event, cursor=position)
-                finally:
-                    await events.aclose()
-            finally:
-                left = self._tenant_watchers[tenant_id] - 1
-                if left:
-                    self._tenant_watchers[tenant_id] = left
-                else:
-                    del self._tenant_watchers[tenant_id]
+        check_cursor(request.cursor)
+        events = self.log.watch(tenant_id, types, request.cursor)
+        try:
+            async for event, cursor in events:
+                yield events_pb2.WatchEventsResponse(event=event, cursor=cursor)
+        finally:
+            # At once, not when the generator is collected: a cancelled watch gives its places back now.
+            if isinstance(events, AsyncGenerator):
+                await events.aclose()
 
 
 def _not_found(tenant_id: str, endpoint_id: str) -> NotFound:

@@ -36,8 +36,6 @@ MAX_PAGE_SIZE = 1000
 MAX_REDRIVE_IDS = 1000
 UPDATABLE = ("url", "event_types", "description", "state", "batch_size", "max_concurrency")
 EVENT_ID = IdentifierRule(re.compile(r"evt_[a-z2-7]{26}", re.ASCII), "must be an event id (evt_ and 26 characters)")
-# A WatchEvents cursor: a log entry id ("<ms>-<seq>"), "0" (the oldest kept) or "" (from now).
-_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}", re.ASCII)
 _QUOTED_PATHS = 3
 _QUOTED_PATH_LENGTH = 40
 _UNPRINTABLE = re.compile(r"[\x00-\x20\x7f]")
@@ -259,14 +257,6 @@ def event_ids(field: str, raw: Sequence[str], *, most: int) -> list[str]:
             v.identifier(EVENT_ID, f"{field}[{index}]", event_id)
     v.raise_if_any()
     return list(dict.fromkeys(raw))
-
-
-def watch_cursor(raw: str) -> str:
-    if raw not in ("", "0") and not _ENTRY_ID.fullmatch(raw):
-        raise InvalidArgument.field(
-            "cursor", 'must be a cursor from a WatchEventsResponse, "0" (the oldest event kept) or empty (from now)'
-        )
-    return raw
 
 
 def _quoted(values: Sequence[str]) -> str:
