@@ -21,6 +21,7 @@ from numprotect.core.event_keys import TenantKeys
 from numprotect.core.metrics import Metrics
 from numprotect.services.events.render import OutboxEntry, Renderer
 from numprotect.services.events.router import ENTRIES_PER_TAKE, Router
+from numprotect.services.events.slot_sweep import sweep_slots
 from support.event_routing import (
     add_endpoint,
     add_entry,
@@ -300,3 +301,18 @@ async def test_a_slot_another_router_holds_is_left_to_it_and_hinted_again(
         redis_sync.delete(event_keys.route_lease_key(77))  # that router finished (or its lease ran out)
         assert await router.poll() == 1
         assert outbox_length(redis_sync, 77) == 0
+
+
+async def test_a_sweep_finds_every_slot_with_entries_also_beside_a_key_of_another_type(
+    redis_env: dict[str, str], redis_sync: Any
+) -> None:
+    async with router_parts(redis_env) as (redis, _, router, _):
+        slots = [0, 1, 5461, 5462, 10922, 10923, 16383]  # both ends of each master's range on the test cluster
+        for slot in slots:
+            add_entry(redis_sync, slot, number_entry(TENANT, X, 1_790_000_000_000 + slot), hint=False)
+        assert await sweep_slots(redis, "length", event_keys.outbox_key) == dict.fromkeys(slots, 1)
+        # A key of another type where an outbox would be: the call over its node fails, its slots are read one by one.
+        redis_sync.set(event_keys.outbox_key(2), "not a stream")
+        assert await sweep_slots(redis, "length", event_keys.outbox_key) == dict.fromkeys(slots, 1)
+        assert await router.sweep() == len(slots)
+        assert len(log_entries(redis_sync, TENANT)) == len(slots)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 
 from numprotect.core import event_keys
 from numprotect.core.binding_records import binding_key
@@ -29,6 +28,7 @@ from numprotect.core.periodic import Periodic
 from numprotect.core.redis_batch import Command, send_together
 from numprotect.core.redis_client import LuaScript, RedisClient, as_text
 from numprotect.services.events.settings import EventsSettings
+from numprotect.services.events.slot_sweep import sweep_slots
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ BINDINGS_PER_CALL = 500
 MAX_CALLS_PER_SLOT = 20
 # Due slots read from one ring per poll.
 SLOTS_PER_RING = event_keys.CLUSTER_SLOTS // event_keys.NUMBER_OF_RINGS
-# ZRANGE commands per pipeline of a sweep.
-SWEEP_BATCH = 4096
 _RECORD_PREFIX, _RECORD_SUFFIX = binding_key("\0").split("\0")
 
 
@@ -132,22 +130,20 @@ class Expirer:
         for slot, reply in zip(order, await send_together(self.redis, commands), strict=True):
             if isinstance(reply, Exception):
                 log.warning("expiry ring re-arm failed", extra={"slot": slot, "error": repr(reply)})
-        await self._lower_rings(order)
+        await self._lower_rings(await sweep_slots(self.redis, "earliest", event_keys.expiry_key, order))
 
     async def sweep(self) -> None:
         """Lowers every slot's ring score to its earliest expiry (the hints a crashed producer did not write)."""
-        for start in range(0, event_keys.CLUSTER_SLOTS, SWEEP_BATCH):
-            await self._lower_rings(range(start, min(start + SWEEP_BATCH, event_keys.CLUSTER_SLOTS)))
+        await self._lower_rings(await sweep_slots(self.redis, "earliest", event_keys.expiry_key))
 
-    async def _lower_rings(self, slots: Sequence[int]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for slot in slots:
-                pipe.zrange(event_keys.expiry_key(slot), 0, 0, withscores=True)
-            replies = await pipe.execute()
-        earliest = {slot: int(reply[0][1]) for slot, reply in zip(slots, replies, strict=True) if reply}
-        if not earliest:
+    async def _lower_rings(self, earliest: dict[int, int]) -> None:
+        """ZADD LT each slot's earliest expiry into its ring (one command per ring)."""
+        rings: dict[str, dict[str, int]] = {}
+        for slot, score in earliest.items():
+            rings.setdefault(event_keys.expiry_ring_key(slot), {})[str(slot)] = score
+        if not rings:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for slot, score in earliest.items():
-                pipe.zadd(event_keys.expiry_ring_key(slot), {str(slot): score}, lt=True)
+            for ring, members in rings.items():
+                pipe.zadd(ring, members, lt=True)
             await pipe.execute()

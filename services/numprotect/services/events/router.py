@@ -1,7 +1,7 @@
 """The router: outbox entries -> each tenant's event log and the queues of the endpoints that want them.
 
 Every poll interval it drains the slots the rings name (SPOP: a hint each producer adds beside its outbox entry),
-and every sweep interval every slot whose outbox holds anything (XLEN of all of them, pipelined), so a hint lost
+and every sweep interval every slot whose outbox holds anything (XLEN of all of them: slot_sweep.py), so a hint lost
 with a crashed producer, or with a router that took it and died, delays an event, never loses it. Per slot it
 takes a short lease and the oldest entries (outbox_take.lua), renders them (render.py), routes them per tenant
 (route.lua, in the tenant's slot: seen-dedup, log, queues) and removes them from the outbox (outbox_done.lua).
@@ -35,6 +35,7 @@ from numprotect.core.telemetry.attributes import mask_numbers
 from numprotect.services.events.endpoints import StoredEndpoint
 from numprotect.services.events.render import OutboxEntry, RenderedEvent, Renderer, Unrenderable
 from numprotect.services.events.settings import EventsSettings
+from numprotect.services.events.slot_sweep import sweep_slots
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ LEASE_MS = 5000
 EVENTS_PER_ROUTE = 100
 # Most slots a ring gives per poll (a ring holds at most CLUSTER_SLOTS / NUMBER_OF_RINGS).
 SLOTS_PER_RING = event_keys.CLUSTER_SLOTS // event_keys.NUMBER_OF_RINGS
-# XLEN commands per pipeline of a sweep.
-SWEEP_BATCH = 4096
 # How long a tenant's endpoints are reused before they are read again: an endpoint created or changed starts
 # receiving events at most this late.
 ENDPOINT_CACHE_SECONDS = 1.0
@@ -161,15 +160,7 @@ class Router:
         return {int(as_text(slot)) for members in replies for slot in (members or ())}
 
     async def slots_with_entries(self) -> set[int]:
-        found: set[int] = set()
-        for start in range(0, event_keys.CLUSTER_SLOTS, SWEEP_BATCH):
-            slots = range(start, min(start + SWEEP_BATCH, event_keys.CLUSTER_SLOTS))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for slot in slots:
-                    pipe.xlen(event_keys.outbox_key(slot))
-                lengths = await pipe.execute()
-            found.update(slot for slot, length in zip(slots, lengths, strict=True) if length)
-        return found
+        return set(await sweep_slots(self.redis, "length", event_keys.outbox_key))
 
     async def drain(self, slots: Iterable[int]) -> int:
         """Routes what the slots' outboxes hold; a slot another router holds, or still full after
