@@ -199,6 +199,14 @@ async def test_settle_after_the_last_attempt_makes_a_dead_letter_and_records_eve
         b"ty": b"binding.created",
         b"n": b"3",
     }
+    # Replayed (queued again as ReplayEvents does) and delivered: no dead letter any more.
+    await redis.hset(KEYS.attempts(EP), log_id, 0)
+    await redis.zadd(KEYS.queue(EP), {log_id: 0})
+    await redis.zadd(KEYS.ready, {EP: 0})
+    _, _, _, _, [replayed] = await claim(redis)
+    assert (await settle(redis, replayed[1], [(log_id, 1)], "ok", status=200))[0:2] == [1, 0]
+    assert await redis.zcard(KEYS.dead(EP)) == 0
+    assert await redis.hlen(KEYS.dead_errors(EP)) == 0
 
 
 async def test_settle_for_a_deleted_endpoint_writes_nothing(redis: Any) -> None:

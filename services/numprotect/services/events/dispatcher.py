@@ -40,15 +40,13 @@ from numprotect.core.periodic import STOP_WAIT_SECONDS, Periodic
 from numprotect.core.redis_batch import Command, send_together
 from numprotect.core.redis_client import KeyOrArg, LuaScript, RedisClient, as_text
 from numprotect.services.events.endpoints import StoredEndpoint
+from numprotect.services.events.router import ENDPOINT_CACHE_SECONDS, EndpointCache
 from numprotect.services.events.sender import REQUESTS_IN_FLIGHT, SendResult, WebhookSender, retry_after_ms
 from numprotect.services.events.settings import EventsSettings
 from numprotect.services.events.signing import batch_body, message_id, signed_headers
 
 log = logging.getLogger(__name__)
 
-# How long a tenant list and a tenant's endpoints are reused before they are read again: a new, changed or disabled
-# endpoint is seen by dispatchers at most this late.
-ENDPOINT_CACHE_SECONDS = 1.0
 # The longest pause of an endpoint after consecutive 429/5xx answers with no Retry-After (the backoff starts at the
 # retry schedule's first delay and doubles; never above the schedule's longest delay).
 MAX_BACKOFF_MS = 300_000
@@ -69,6 +67,8 @@ class EndpointSource(Protocol):
     async def tenants(self) -> list[str]: ...
 
     async def stored(self, tenant_id: str) -> list[StoredEndpoint]: ...
+
+    async def get_stored(self, tenant_id: str, endpoint_id: str) -> StoredEndpoint | None: ...
 
     async def mark_gone(self, tenant_id: str, endpoint_id: str, reason: str) -> None: ...
 
@@ -129,32 +129,31 @@ class Settled:
     dead: int
 
 
-class _Cache:
-    """The tenants, and each tenant's endpoints, read at most once per ENDPOINT_CACHE_SECONDS."""
+class _EnabledEndpoints:
+    """Every tenant's enabled endpoints: the tenants read at most once per ENDPOINT_CACHE_SECONDS, each tenant's
+    endpoints through the router's EndpointCache (as fresh); an endpoint this process saw answer 410 is left out
+    until the cache has read it again (disabled by then)."""
 
     def __init__(self, source: EndpointSource) -> None:
         self.source = source
+        self.endpoints = EndpointCache(source)
         self._tenants: tuple[float, list[str]] = (0.0, [])
-        self._endpoints: dict[str, tuple[float, list[StoredEndpoint]]] = {}
+        self._gone: dict[str, float] = {}  # endpoint id -> until when it is left out
 
-    async def enabled(self) -> dict[str, list[StoredEndpoint]]:
-        """Every tenant's enabled endpoints (tenants with none left out)."""
+    async def of_tenants(self) -> dict[str, list[StoredEndpoint]]:
+        """Tenants with enabled endpoints, and those endpoints."""
         now = time.monotonic()
         if self._tenants[0] <= now:
             self._tenants = (now + ENDPOINT_CACHE_SECONDS, await self.source.tenants())
-        tenants = self._tenants[1]
-        stale = [t for t in tenants if t not in self._endpoints or self._endpoints[t][0] <= now]
-        if stale:
-            fresh = await asyncio.gather(*(self.source.stored(t) for t in stale))
-            for tenant_id, endpoints in zip(stale, fresh, strict=True):
-                self._endpoints[tenant_id] = (now + ENDPOINT_CACHE_SECONDS, endpoints)
-        for tenant_id in set(self._endpoints) - set(tenants):
-            del self._endpoints[tenant_id]
-        enabled = {t: [e for e in self._endpoints[t][1] if e.enabled] for t in tenants}
-        return {t: endpoints for t, endpoints in enabled.items() if endpoints}
+        self._gone = {ep: until for ep, until in self._gone.items() if until > now}
+        enabled = {
+            tenant_id: [e for e in endpoints if e.enabled and e.endpoint_id not in self._gone]
+            for tenant_id, endpoints in (await self.endpoints.of(self._tenants[1])).items()
+        }
+        return {tenant_id: endpoints for tenant_id, endpoints in enabled.items() if endpoints}
 
-    def forget(self, tenant_id: str) -> None:
-        self._endpoints.pop(tenant_id, None)
+    def gone(self, endpoint_id: str) -> None:
+        self._gone[endpoint_id] = time.monotonic() + ENDPOINT_CACHE_SECONDS
 
 
 def budgets(free: int, tenants: int) -> list[int]:
@@ -188,7 +187,7 @@ class Dispatcher:
         delays = [int(delay * 1000) for delay in settings.retry_schedule]
         self.first_backoff_ms = delays[0]
         self.max_backoff_ms = max(delays[0], min(max(delays), MAX_BACKOFF_MS))
-        self._cache = _Cache(endpoints)
+        self._endpoints = _EnabledEndpoints(endpoints)
         self._random = random.Random(secrets.randbits(64))
         self._rotation = 0
         self._in_flight: set[asyncio.Task[Settled]] = set()
@@ -255,7 +254,7 @@ class Dispatcher:
     async def claim(self, free: int) -> tuple[list[ClaimedRequest], float | None]:
         """One round's claims (at most `free` requests in all); and in how many seconds an endpoint looked at has
         work due next (None: none has any)."""
-        enabled = await self._cache.enabled()
+        enabled = await self._endpoints.of_tenants()
         if not enabled or free <= 0:
             return [], None
         tenants = list(enabled)
@@ -378,8 +377,13 @@ class Dispatcher:
         return int(self.settings.retry_schedule[attempt - 1] * 1000 * (1 + self._random.uniform(-jitter, jitter)))
 
     async def _gone(self, endpoint: StoredEndpoint) -> None:
+        """The receiver answered 410: the endpoint is disabled (counted once, by the request that disabled it,
+        unless several answer 410 at the same moment)."""
+        self._endpoints.gone(endpoint.endpoint_id)
+        current = await self.endpoints.get_stored(endpoint.tenant_id, endpoint.endpoint_id)
+        if current is None or not current.enabled:
+            return
         await self.endpoints.mark_gone(endpoint.tenant_id, endpoint.endpoint_id, "the receiver answered 410 Gone")
-        self._cache.forget(endpoint.tenant_id)
         self.counts.gone.inc()
         log.info(
             "webhook endpoint disabled: its receiver answered 410 Gone",
