@@ -1,9 +1,9 @@
 -- Settles one request a dispatcher sent (all keys in the tenant's slot): records the attempt, then, for each of its
 -- events still under this request's lease (not taken over after the lease ran out): a success forgets it; a failure
 -- queues it again after its delay (and never before the receiver's Retry-After), or, after its last attempt, makes
--- it a dead letter (a success also ends a dead letter that ReplayEvents queued again). A 429, 5xx or no answer ('slow') pauses the endpoint: for the Retry-After, else for a backoff
--- that doubles with each consecutive such failure (a success resets the count). An endpoint deleted meanwhile is
--- left alone (no key of it is made again).
+-- it a dead letter (a success also ends a dead letter that ReplayEvents queued again). A 429, 5xx or no answer
+-- ('slow') pauses the endpoint: for the Retry-After, else for a backoff that doubles with each consecutive such
+-- failure (a success resets the count). An endpoint deleted meanwhile is left alone (no key of it is made again).
 -- KEYS[1]  the tenant's endpoints hash, KEYS[2] its ready zset; the endpoint's: KEYS[3] queue, KEYS[4] in flight,
 --          KEYS[5] attempts, KEYS[6] dead letters, KEYS[7] their errors, KEYS[8] delivery attempts (stream),
 --          KEYS[9] delivery state (hash: pause, fails)
