@@ -1,9 +1,11 @@
-"""One trace across the suite: the four services as processes export over real OTLP/gRPC to a receiver here.
+"""One trace across the suite: the five services as processes export over real OTLP/gRPC to a receiver here.
 
 - CreateBinding: binding SERVER -> binding INTERNAL allocation.batch -> binding CLIENT (a batch call to
   allocation) -> allocation SERVER -> Redis CLIENT spans.
 - Translate and the CDR ingestion of that call: the ingestion span links to the translation span whose ids
   the call_ref carried.
+- events serves its API traced (CreateEndpoint) while its router renders the binding's event, which carries the
+  parties' numbers: neither shows them in a span.
 - No span attribute (nor event, link attribute or status text) carries an unmasked phone number.
 """
 
@@ -29,6 +31,8 @@ from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.common.v1 import common_pb2 as np_common_pb2
 from numprotect.core.call_ref import CallRef
 from numprotect.core.identity.principal import Role
+from numprotect.core.settings import SERVICE_NAMES
+from numprotect.events.v1 import events_pb2, events_pb2_grpc
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.identity import mint_in
 from support.processes import ServiceProcess
@@ -156,7 +160,7 @@ class Suite:
 
 @pytest.fixture
 def suite(receiver: TraceReceiver, redis_env: dict[str, str]) -> Iterator[Suite]:
-    """allocation, binding, translation and cdr as processes, tracing everything to the receiver."""
+    """allocation, binding, translation, cdr and events as processes, tracing everything to the receiver."""
     environ = {
         **redis_env,
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
@@ -171,9 +175,10 @@ def suite(receiver: TraceReceiver, redis_env: dict[str, str]) -> Iterator[Suite]
         "binding": mint_in(redis_env, Role.TENANT, TENANT),
         "translation": mint_in(redis_env, Role.CARRIER, "cmcc"),
         "cdr": mint_in(redis_env, Role.CARRIER, "cmcc"),
+        "events": mint_in(redis_env, Role.TENANT, TENANT),
     }
     try:
-        for service in ("allocation", "binding", "translation", "cdr"):
+        for service in SERVICE_NAMES:
             peers = {f"NUMPROTECT_{name.upper()}_ADDR": p.address for name, p in processes.items()}
             processes[service] = ServiceProcess(service, {**environ, **peers})
         for service, process in processes.items():
@@ -201,7 +206,10 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
     binding: Any = binding_pb2_grpc.BindingServiceStub(suite.channels["binding"])
     translation: Any = translation_pb2_grpc.TranslationServiceStub(suite.channels["translation"])
     cdr: Any = cdr_pb2_grpc.CdrServiceStub(suite.channels["cdr"])
+    events: Any = events_pb2_grpc.EventServiceStub(suite.channels["events"])
 
+    # An endpoint for the tenant's events (a receiver that does not resolve: only the routing and the spans count).
+    events.CreateEndpoint(events_pb2.CreateEndpointRequest(url="https://hooks.example.invalid/np"), timeout=10)
     allocation.ImportBlock(
         allocation_pb2.ImportBlockRequest(
             block=BLOCK, tenant_id=TENANT, city_code=CITY, actor="test", carrier_id="cmcc"
@@ -293,6 +301,18 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
         "TranslateStream span",
         lambda spans: server_span(spans, "translation", translate_method + "Stream") is not None,
     )
+    # The router has rendered the binding's event (its payload holds both parties): the tenant's log has it.
+    watch = events.WatchEvents(events_pb2.WatchEventsRequest(cursor="0"), timeout=15)
+    assert next(iter(watch)).event.type == "binding.created"
+    watch.cancel()
+    receiver.wait_for(
+        "events WatchEvents span",
+        lambda spans: server_span(spans, "events", "/numprotect.events.v1.EventService/WatchEvents") is not None,
+    )
+    receiver.wait_for(
+        "events CreateEndpoint span",
+        lambda spans: server_span(spans, "events", "/numprotect.events.v1.EventService/CreateEndpoint") is not None,
+    )
     receiver.wait_for(
         "linked cdr span",
         lambda spans: any(
@@ -368,7 +388,7 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
         assert span is ingest_server or ingest_server in _ancestors(span, by_id)
 
     # --- resources, health, masking -----------------------------------------------------------------------------------
-    for service in ("allocation", "binding", "translation", "cdr"):
+    for service in SERVICE_NAMES:
         resource = receiver.resources[f"numprotect-{service}"]
         assert resource["service.version"]
         assert resource["service.instance.id"]
