@@ -19,6 +19,7 @@ from numprotect.core.clock import SystemClock
 from numprotect.core.conversions import timestamp_from_ms
 from numprotect.core.event_keys import TenantKeys
 from numprotect.core.metrics import Metrics
+from numprotect.services.events.log import EventLog
 from numprotect.services.events.render import OutboxEntry, Renderer
 from numprotect.services.events.router import ENTRIES_PER_TAKE, Router
 from numprotect.services.events.slot_sweep import sweep_slots
@@ -316,3 +317,21 @@ async def test_a_sweep_finds_every_slot_with_entries_also_beside_a_key_of_anothe
         assert await sweep_slots(redis, "length", event_keys.outbox_key) == dict.fromkeys(slots, 1)
         assert await router.sweep() == len(slots)
         assert len(log_entries(redis_sync, TENANT)) == len(slots)
+
+
+async def test_an_endpoint_deleted_after_the_router_read_it_gets_nothing(
+    redis_env: dict[str, str], redis_sync: Any
+) -> None:
+    async with router_parts(redis_env) as (redis, store, router, _):
+        kept = await add_endpoint(store, TENANT)
+        gone = await add_endpoint(store, TENANT)
+        assert len((await router.endpoints.of([TENANT]))[TENANT]) == 2  # cached for a second
+        assert await store.delete(TENANT, gone.endpoint_id)
+        add_entry(redis_sync, 8, number_entry(TENANT, X, 1_790_000_000_000))
+        assert await router.poll() == 1
+        [(log_id, _)] = log_entries(redis_sync, TENANT)
+        assert queued(redis_sync, TENANT, kept.endpoint_id) == [log_id]
+        keys = TenantKeys(TENANT)
+        assert not any(redis_sync.exists(key) for key in keys.endpoint_keys(gone.endpoint_id))
+        assert redis_sync.zscore(keys.ready, gone.endpoint_id) is None
+        assert await EventLog(redis, events_settings(), SystemClock()).replay(gone, 0, 2**62) == 0

@@ -50,11 +50,11 @@ def check_cursor(cursor: str) -> None:
 
 def enqueue_command(tenant_id: str, endpoint_id: str, log_ids: Sequence[str]) -> Command:
     """Queues log entries for one endpoint, due now (what route.lua does for a new event; ReplayEvents and
-    RedriveDeadLetters send this): ZADD queue NX, attempts 0, ZADD ready LT."""
+    RedriveDeadLetters send this): ZADD queue NX, attempts 0, ZADD ready LT; nothing for an endpoint deleted."""
     keys = TenantKeys(tenant_id)
     return Command.run(
         _enqueue,
-        [keys.queue(endpoint_id), keys.attempts(endpoint_id), keys.ready],
+        [keys.queue(endpoint_id), keys.attempts(endpoint_id), keys.ready, keys.endpoints],
         [endpoint_id, *log_ids],
     )
 

@@ -267,7 +267,7 @@ class Router:
         """route.lua for one tenant's events (all its keys in the tenant's slot)."""
         keys = TenantKeys(tenant_id)
         live = [e for e in endpoints if e.enabled]
-        command_keys: list[KeyOrArg] = [keys.log, keys.ready]
+        command_keys: list[KeyOrArg] = [keys.log, keys.ready, keys.endpoints]
         args: list[KeyOrArg] = [self.retention_ms, len(live)]
         for endpoint in live:
             command_keys += [keys.queue(endpoint.endpoint_id), keys.attempts(endpoint.endpoint_id)]

@@ -3,8 +3,12 @@
 -- KEYS[1]  the endpoint's queue (zset: log entry id -> due ms)
 -- KEYS[2]  the endpoint's attempts (hash: log entry id -> attempts made)
 -- KEYS[3]  the tenant's ready zset
+-- KEYS[4]  the tenant's endpoints (hash): a deleted endpoint gets nothing
 -- ARGV[1]  the endpoint id; ARGV[2..] log entry ids
 -- Returns how many entries were queued.
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then
+  return 0
+end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 for i = 2, #ARGV do

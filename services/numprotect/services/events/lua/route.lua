@@ -3,8 +3,9 @@
 -- route repeated after a crash, two routers at once) changes nothing.
 -- KEYS[1]          the tenant's log (stream)
 -- KEYS[2]          the tenant's ready zset (endpoint id -> earliest ms it may have work)
--- KEYS[3..2+2E]    per endpoint: its queue (zset), its attempts (hash)
--- KEYS[3+2E..]     per event: its seen key
+-- KEYS[3]          the tenant's endpoints (hash): an endpoint deleted since the caller read it gets nothing
+-- KEYS[4..3+2E]    per endpoint: its queue (zset), its attempts (hash)
+-- KEYS[4+2E..]     per event: its seen key
 -- ARGV[1]          retention ms (log MINID, seen keys' PX)
 -- ARGV[2]          E, the number of endpoints
 -- ARGV[3..2+E]     the endpoint ids
@@ -14,7 +15,11 @@ local retention = tonumber(ARGV[1])
 local endpoints = tonumber(ARGV[2])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local first_event_key = 3 + 2 * endpoints
+local first_event_key = 4 + 2 * endpoints
+local live = {}
+for e = 1, endpoints do
+  live[e] = redis.call('HEXISTS', KEYS[3], ARGV[2 + e]) == 1
+end
 local logged = {}
 local arg = 3 + endpoints
 local event = 0
@@ -31,9 +36,9 @@ while arg <= #ARGV do
     )
     redis.call('SET', seen, log_id, 'PX', retention)
     for e = 1, endpoints do
-      if string.sub(wanted, e, e) == '1' then
-        redis.call('ZADD', KEYS[1 + 2 * e], 'NX', now, log_id)
-        redis.call('HSET', KEYS[2 + 2 * e], log_id, 0)
+      if live[e] and string.sub(wanted, e, e) == '1' then
+        redis.call('ZADD', KEYS[2 + 2 * e], 'NX', now, log_id)
+        redis.call('HSET', KEYS[3 + 2 * e], log_id, 0)
         redis.call('ZADD', KEYS[2], 'LT', now, ARGV[2 + e])
       end
     end
