@@ -109,7 +109,7 @@ def test_sigterm_drains_and_exits_cleanly(redis_url: str) -> None:
     assert '"msg": "stopped"' in messages
 
 
-@pytest.mark.parametrize("service", ["translation", "cdr"])
+@pytest.mark.parametrize("service", ["translation", "cdr", "events"])
 def test_repeated_sigterms_still_end_in_a_clean_exit(service: str, redis_url: str) -> None:
     """An orchestrator may repeat SIGTERM; every repeat, up to the process's last moment, keeps the exit clean (the
     interpreter's exit restores the default handler, under which a late SIGTERM killed it with -15)."""
