@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from core.test_redis_acl import AclRedis
-
 from events.delivery_harness import TENANT, DeliveryRig, delivery_rig
 from events.test_delivery import eventually
+
 from numprotect.core.redis_acl import SERVICE_USERS
 from numprotect.services.events.endpoints import GONE
 from support.webhook_receiver import Received, Reply, webhook_receiver
