@@ -16,6 +16,7 @@ from standardwebhooks import Webhook
 
 from numprotect.core.event_keys import TenantKeys
 from numprotect.events.v1 import events_pb2
+from numprotect.services.events.dispatcher import DRAIN_SECONDS
 from numprotect.services.events.endpoints import ENABLED, GONE, StoredEndpoint
 from numprotect.services.events.signing import message_id
 from support.webhook_receiver import Received, Reply, webhook_receiver
@@ -274,3 +275,24 @@ async def test_a_refused_address_fails_the_attempt_without_a_request(redis_env: 
 
 def _ids(received: list[Received]) -> list[str]:
     return [r.webhook_id for r in received]
+
+
+async def test_close_is_bounded_with_a_request_in_flight_and_the_event_stays_claimed(
+    redis_env: dict[str, str],
+) -> None:
+    async with (
+        webhook_receiver() as receiver,
+        delivery_rig(redis_env, NUMPROTECT_EVENTS_REQUEST_TIMEOUT="30s") as rig,
+    ):
+        receiver.script([Reply(200, delay_s=DRAIN_SECONDS + 1.5)])
+        endpoint = await rig.endpoint(receiver.url)
+        published = await rig.publish([endpoint])
+        dispatcher = rig.dispatcher()
+        await receiver.wait_for(1)
+        started = time.monotonic()
+        await rig.stop(dispatcher)
+        assert time.monotonic() - started < DRAIN_SECONDS + 1.5
+        # Cancelled mid-request: the event stays in flight under its lease, for another dispatcher after it.
+        in_flight = await rig.redis.zrange(TenantKeys(TENANT).in_flight(endpoint.endpoint_id), 0, -1)
+        assert [m.decode() for m in in_flight] == [published.log_id]
+        assert await attempts_of(rig, endpoint) == []
