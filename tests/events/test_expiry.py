@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from events.test_router import TENANT, binding_record
+from events.test_router import TENANT, binding_record, same_slot_binding_id
 
 from numprotect.core import event_keys
 from numprotect.core.binding_records import BindingEvent, BindingRecordStore, binding_key
@@ -165,17 +165,9 @@ async def test_the_ring_keeps_an_expiry_a_producer_adds_while_it_is_re_armed(
         assert [int(r) for r in reply] == [1, -1]
         # ... then a producer commits a binding of the same slot expiring later: its ZADD LT leaves the ring as it
         # was (the due score is earlier), and only then is the ring re-armed.
-        later = binding_record(_same_slot_id(slot, "b-exp-7"), now_ms(), ttl_ms=60_000)
+        later = binding_record(same_slot_binding_id(slot, "b-exp-7"), now_ms(), ttl_ms=60_000)
         await committed_binding(redis, later)
         found = int(redis_sync.zscore(ring, str(slot)))
         assert found == due.expire_ms
         await expirer._rearm_slots({slot: (found, -1)})
         assert int(redis_sync.zscore(ring, str(slot))) == later.expire_ms
-
-
-def _same_slot_id(slot: int, prefix: str) -> str:
-    """A binding id whose record is in `slot`."""
-    i = 0
-    while event_keys.key_slot(binding_key(f"{prefix}-{i}")) != slot:
-        i += 1
-    return f"{prefix}-{i}"

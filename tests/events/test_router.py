@@ -275,7 +275,12 @@ async def test_entries_no_event_can_be_made_of_are_dropped_and_counted_without_b
             {"ty": "abuse.flagged", "tn": TENANT, "at": "1", "src": f"{X}|{CALLER}", "n": "", "d": "soon"},
             {"ty": "number.locked", "tn": "t{1}", "at": "1", "src": X, "n": "", "d": "r|a"},
             {"ty": "number.locked", "tn": TENANT, "at": "yesterday", "src": X, "n": "", "d": "r|a"},
+            {"ty": "binding.updated", "tn": TENANT, "at": "1", "src": "b-torn", "n": "1", "d": ""},
         ]
+        # A record in the same slot no binding service wrote so (its event unreadable).
+        torn = binding_key(same_slot_binding_id(slot, "b-torn"))
+        bad[-1]["src"] = torn[len("np:b:{") : -1]
+        redis_sync.hset(torn, mapping={"t": TENANT, "cms": "1", "n": "1", "h1": "not an event"})
         for fields in bad:
             add_entry(redis_sync, slot, fields)
         add_entry(redis_sync, slot, number_entry(TENANT, X, 1_790_000_000_000))
@@ -287,7 +292,7 @@ async def test_entries_no_event_can_be_made_of_are_dropped_and_counted_without_b
             reason: sample(metrics, "numprotect_events_dropped_total", {"reason": reason})
             for reason in ("no_tenant", "unknown_type", "binding_gone", "malformed")
         }
-        assert dropped == {"no_tenant": 1, "unknown_type": 1, "binding_gone": 1, "malformed": 4}
+        assert dropped == {"no_tenant": 1, "unknown_type": 1, "binding_gone": 1, "malformed": 5}
 
 
 async def test_a_slot_another_router_holds_is_left_to_it_and_hinted_again(
@@ -335,3 +340,11 @@ async def test_an_endpoint_deleted_after_the_router_read_it_gets_nothing(
         assert not any(redis_sync.exists(key) for key in keys.endpoint_keys(gone.endpoint_id))
         assert redis_sync.zscore(keys.ready, gone.endpoint_id) is None
         assert await EventLog(redis, events_settings(), SystemClock()).replay(gone, 0, 2**62) == 0
+
+
+def same_slot_binding_id(slot: int, prefix: str) -> str:
+    """A binding id whose record is in `slot`."""
+    i = 0
+    while event_keys.key_slot(binding_key(f"{prefix}-{i}")) != slot:
+        i += 1
+    return f"{prefix}-{i}"

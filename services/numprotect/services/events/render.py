@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from numprotect.core.conversions import timestamp_from_ms
 from numprotect.core.phone import mask
 from numprotect.core.redis_client import RedisClient, as_text
 
+log = logging.getLogger(__name__)
+
 BINDING_TYPES = (
     event_keys.BINDING_CREATED,
     event_keys.BINDING_UPDATED,
@@ -41,6 +44,12 @@ NUMBER_TYPES = (event_keys.NUMBER_LOCKED, event_keys.NUMBER_UNLOCKED)
 # create's call restriction and recording flag are.
 _REQUEST_RESTRICTION = 6
 _REQUEST_RECORDING = 7
+
+
+# A binding record as read: the stored binding and its create's (call restriction, recording), if known.
+Found = tuple[StoredBinding, tuple[int, bool] | None]
+# Binding id -> its record (None: unreadable); ids without a record are absent.
+BindingRecords = Mapping[str, Found | None]
 
 
 class Unrenderable(Exception):
@@ -142,7 +151,8 @@ class Renderer:
         self.redis = redis
 
     async def render(self, entries: Sequence[OutboxEntry]) -> list[RenderedEvent | Unrenderable]:
-        """Each entry's event, or why it has none, in order. A Redis failure raises (the entries stay queued)."""
+        """Each entry's event, or why it has none, in order. A Redis failure raises (the entries stay in the outbox
+        for the next round); rendering itself reads nothing more, so an entry it fails on fails every time."""
         records = await self._binding_records([e.source for e in entries if e.type in BINDING_TYPES])
         out: list[RenderedEvent | Unrenderable] = []
         for entry in entries:
@@ -150,6 +160,10 @@ class Renderer:
                 data = self._data(entry, records)
             except Unrenderable as exc:
                 out.append(exc)
+                continue
+            except Exception as exc:  # a bug: the same every time, so it must not hold up the outbox either
+                log.exception("events render failed", extra={"entry_id": entry.entry_id, "type": entry.type})
+                out.append(Unrenderable("render_failed", f"entry {entry.entry_id}: {type(exc).__name__}"))
                 continue
             event_id = entry.event_id
             out.append(
@@ -164,7 +178,7 @@ class Renderer:
             )
         return out
 
-    def _data(self, entry: OutboxEntry, records: Mapping[str, tuple[StoredBinding, tuple[int, bool] | None]]) -> Any:
+    def _data(self, entry: OutboxEntry, records: BindingRecords) -> Any:
         if entry.type in BINDING_TYPES:
             return self._binding(entry, records)
         if entry.type == event_keys.CDR_CREATED:
@@ -181,12 +195,12 @@ class Renderer:
             "reason": entry.data.decode(errors="replace").split("|", 1)[0],
         }
 
-    def _binding(
-        self, entry: OutboxEntry, records: Mapping[str, tuple[StoredBinding, tuple[int, bool] | None]]
-    ) -> dict[str, Any]:
-        found = records.get(entry.source)
-        if found is None:
+    def _binding(self, entry: OutboxEntry, records: BindingRecords) -> dict[str, Any]:
+        if entry.source not in records:
             raise Unrenderable("binding_gone", f"entry {entry.entry_id}: no record of binding {entry.source}")
+        found = records[entry.source]
+        if found is None:
+            raise Unrenderable("malformed", f"entry {entry.entry_id}: binding {entry.source}'s record is unreadable")
         stored, created_with = found
         if stored.record.tenant_id != entry.tenant_id:
             raise Unrenderable("malformed", f"entry {entry.entry_id}: binding {entry.source} is another tenant's")
@@ -201,9 +215,7 @@ class Renderer:
         record = record_after_event(stored, index, created_with=created_with)
         return _json(binding_to_proto(record, city_fallback=stored.city_fallback, now_ms=entry.at_ms))
 
-    async def _binding_records(
-        self, binding_ids: Sequence[str]
-    ) -> dict[str, tuple[StoredBinding, tuple[int, bool] | None]]:
+    async def _binding_records(self, binding_ids: Sequence[str]) -> dict[str, Found | None]:
         ids = list(dict.fromkeys(binding_ids))
         if not ids:
             return {}
@@ -211,9 +223,13 @@ class Renderer:
             for binding_id in ids:
                 pipe.hgetall(binding_key(binding_id))
             replies = await pipe.execute()
-        found: dict[str, tuple[StoredBinding, tuple[int, bool] | None]] = {}
+        found: dict[str, Found | None] = {}
         for binding_id, raw in zip(ids, replies, strict=True):
-            stored = decode_stored(binding_id, raw)
+            try:
+                stored = decode_stored(binding_id, raw)
+            except ValueError:  # a record no binding service wrote so: its entries are dropped as malformed
+                stored = None
+                found[binding_id] = None
             if stored is not None:
                 found[binding_id] = (stored, _created_with(raw))
         return found
