@@ -274,6 +274,7 @@ async def test_entries_no_event_can_be_made_of_are_dropped_and_counted_without_b
             {"ty": "cdr.created", "tn": TENANT, "at": "1", "src": "c1|x", "n": "", "d": b"\xff\xff\xff"},
             {"ty": "abuse.flagged", "tn": TENANT, "at": "1", "src": f"{X}|{CALLER}", "n": "", "d": "soon"},
             {"ty": "number.locked", "tn": "t{1}", "at": "1", "src": X, "n": "", "d": "r|a"},
+            {"ty": "number.locked", "tn": b"t\xff", "at": "1", "src": X, "n": "", "d": "r|a"},
             {"ty": "number.locked", "tn": TENANT, "at": "yesterday", "src": X, "n": "", "d": "r|a"},
             {"ty": "binding.updated", "tn": TENANT, "at": "1", "src": "b-torn", "n": "1", "d": ""},
         ]
@@ -292,7 +293,7 @@ async def test_entries_no_event_can_be_made_of_are_dropped_and_counted_without_b
             reason: sample(metrics, "numprotect_events_dropped_total", {"reason": reason})
             for reason in ("no_tenant", "unknown_type", "binding_gone", "malformed")
         }
-        assert dropped == {"no_tenant": 1, "unknown_type": 1, "binding_gone": 1, "malformed": 5}
+        assert dropped == {"no_tenant": 1, "unknown_type": 1, "binding_gone": 1, "malformed": 6}
 
 
 async def test_a_slot_another_router_holds_is_left_to_it_and_hinted_again(

@@ -75,11 +75,10 @@ class OutboxEntry:
     @classmethod
     def decode(cls, entry_id: str, fields: Mapping[Any, Any]) -> OutboxEntry:
         """The entry of an XRANGE reply's fields; Unrenderable when it lacks what every event needs."""
-        values = {as_text(k): v for k, v in fields.items()}
+        values = {_lenient_text(k): v for k, v in fields.items()}
 
         def text(name: str) -> str:
-            value = values.get(name, b"")
-            return as_text(value) if isinstance(value, bytes | str) else str(value)
+            return _lenient_text(values.get(name, b""))
 
         event_type = text("ty")
         if event_type not in event_keys.EVENT_TYPES:
@@ -233,6 +232,11 @@ class Renderer:
             if stored is not None:
                 found[binding_id] = (stored, _created_with(raw))
         return found
+
+
+def _lenient_text(value: Any) -> str:
+    """A field as text; bytes that are not UTF-8 (no producer writes them) become U+FFFD and fail the checks."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _created_with(raw: Mapping[Any, Any]) -> tuple[int, bool] | None:
