@@ -9,10 +9,13 @@ from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import create_redis
 from numprotect.core.server import Runtime, ServiceParts, ServiceRegistration
 from numprotect.events.v1 import events_pb2, events_pb2_grpc
+from numprotect.services.events.deliveries import Deliveries
+from numprotect.services.events.dispatcher import Dispatcher
 from numprotect.services.events.endpoints import EndpointStore
 from numprotect.services.events.expirer import Expirer
 from numprotect.services.events.log import EventLog
 from numprotect.services.events.router import Router
+from numprotect.services.events.sender import WebhookSender
 from numprotect.services.events.servicer import EventServiceServicer
 from numprotect.services.events.settings import EventsSettings
 
@@ -20,8 +23,8 @@ FULL_NAME = events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
 
 
 async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
-    """The events service; `background=False` (tests of the API alone): without the router, expirer and dispatcher,
-    whose start-up sweeps read every slot."""
+    """The events service: the API, and (unless `background=False`, for tests of the API alone) the router, the
+    expirer and the dispatcher, which every events process runs (they share the work through Redis)."""
     settings = EventsSettings.from_env(runtime.env)  # SettingsError before the server starts
     page_token_key = PageTokenKey.from_env(runtime.env)
     clock = SystemClock()
@@ -41,7 +44,7 @@ async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
         settings,
         endpoints,
         event_log,
-        None,
+        Deliveries(runtime.redis, settings, clock),
         callers=runtime.identity.callers,
         page_token_key=page_token_key,
         clock=clock,
@@ -54,11 +57,14 @@ async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
         on_shutdown=[event_log.close, watch_redis.aclose],
     )
     if background:
-        # Background work of every events process (several processes share it: leases and claims in Redis), started
-        # last; each close waits a bounded time (periodic.STOP_WAIT_SECONDS).
+        # Started last, once everything is built; each close waits a bounded time (periodic.STOP_WAIT_SECONDS, the
+        # dispatcher's drain), the dispatcher's before its HTTP client's.
         router = Router(runtime.redis, settings, endpoints, runtime.metrics, clock)
         expirer = Expirer(runtime.redis, settings, runtime.metrics, clock)
+        sender = WebhookSender(settings)
+        dispatcher = Dispatcher(runtime.redis, settings, endpoints, runtime.metrics, clock, sender)
         router.start()
         expirer.start()
-        parts.on_shutdown[:0] = [router.close, expirer.close]
+        dispatcher.start()
+        parts.on_shutdown[:0] = [router.close, expirer.close, dispatcher.close, sender.close]
     return parts

@@ -15,7 +15,7 @@ import grpc
 
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import bounded_duration_ms, seconds_text, timestamp_ms
-from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from numprotect.core.identifiers import TENANT_ID
 from numprotect.core.identity.layer import Callers
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
@@ -58,7 +58,7 @@ class EventServiceServicer(events_pb2_grpc.EventServiceServicer):
         settings: EventsSettings,
         endpoints: EndpointStore,
         log: EventSource,
-        deliveries: DeliveryRecords | None,
+        deliveries: DeliveryRecords,
         *,
         callers: Callers,
         page_token_key: PageTokenKey,
@@ -67,27 +67,20 @@ class EventServiceServicer(events_pb2_grpc.EventServiceServicer):
         self.settings = settings
         self.endpoints = endpoints
         self.log = log
-        self._deliveries = deliveries
+        self.deliveries = deliveries
         self.callers = callers
         self.clock = clock
         self.endpoint_tokens = PageTokens(page_token_key, "events.ListEndpoints")
         self.delivery_tokens = PageTokens(page_token_key, "events.ListDeliveries")
         self.dead_letter_tokens = PageTokens(page_token_key, "events.ListDeadLetters")
 
-    # Until the delivery records are wired (app.py), their methods answer UNIMPLEMENTED.
-    @property
-    def deliveries(self) -> DeliveryRecords:
-        if self._deliveries is None:
-            raise Unimplemented("delivery records are not served by this build yet")
-        return self._deliveries
-
     # --- whose endpoints ---------------------------------------------------------------------------
 
     def _tenant(self, requested: str, field: str = "tenant_id") -> str:
         return self.callers.tenant(requested, field)
 
-    async def _endpoint(self, tenant_id: str, endpoint_id: str, *, prefix: str = "") -> StoredEndpoint:
-        validation.ids(tenant_id, endpoint_id, prefix=prefix)
+    async def _endpoint(self, tenant_id: str, endpoint_id: str) -> StoredEndpoint:
+        validation.ids(tenant_id, endpoint_id)
         stored = await self.endpoints.get_stored(tenant_id, endpoint_id)
         if stored is None:
             raise _not_found(tenant_id, endpoint_id)
