@@ -294,7 +294,7 @@ async def test_ids_grace_and_ranges_are_checked(events_service: ServiceFactory) 
         ):
             error = await fails(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                tenant.ReplayEvents(pb.ReplayEventsRequest(endpoint_id=ep, **fields)),
+                tenant.ReplayEvents(pb.ReplayEventsRequest(endpoint_id=ep, **fields)),  # type: ignore[arg-type]
             )
             assert violated_fields(error) == violated, fields
         error = await fails(

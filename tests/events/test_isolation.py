@@ -69,7 +69,8 @@ ENDPOINT_CALLS: list[tuple[str, Call]] = [
 
 
 async def _endpoint_of(events: EventsClients, tenant_id: str) -> pb.Endpoint:
-    return (await events.tenant(tenant_id).CreateEndpoint(pb.CreateEndpointRequest(url=URL))).endpoint
+    endpoint: pb.Endpoint = (await events.tenant(tenant_id).CreateEndpoint(pb.CreateEndpointRequest(url=URL))).endpoint
+    return endpoint
 
 
 async def test_another_tenants_endpoint_is_not_found_and_stays_unchanged(events_service: ServiceFactory) -> None:
@@ -190,7 +191,7 @@ def _log_event(redis_sync: Any, tenant_id: str, event_type: str, at_ms: int, n: 
 
 async def _watched(stub: Any, request: pb.WatchEventsRequest, count: int) -> list[pb.WatchEventsResponse]:
     call = stub.WatchEvents(request)
-    got = []
+    got: list[pb.WatchEventsResponse] = []
     try:
         async with asyncio.timeout(10):
             while len(got) < count:
@@ -243,10 +244,12 @@ async def test_replay_queues_only_the_tenants_own_events_for_an_enabled_endpoint
         mine = await _endpoint_of(events, TENANT)
         logged = [_log_event(redis_sync, TENANT, "binding.created", now_ms - 1000, i) for i in range(3)]
         _log_event(redis_sync, OTHER_TENANT, "binding.created", now_ms - 1000, 5)
-        window = {"start_time": timestamp_from_ms(now_ms - 60_000), "end_time": timestamp_from_ms(now_ms + 1)}
-        replayed = await events.tenant(TENANT).ReplayEvents(
-            pb.ReplayEventsRequest(endpoint_id=mine.endpoint_id, **window)
+        replay = pb.ReplayEventsRequest(
+            endpoint_id=mine.endpoint_id,
+            start_time=timestamp_from_ms(now_ms - 60_000),
+            end_time=timestamp_from_ms(now_ms + 1),
         )
+        replayed = await events.tenant(TENANT).ReplayEvents(replay)
         assert replayed.events_queued == 3
         keys = TenantKeys(TENANT)
         assert sorted(m.decode() for m in redis_sync.zrange(keys.queue(mine.endpoint_id), 0, -1)) == sorted(logged)
@@ -260,6 +263,6 @@ async def test_replay_queues_only_the_tenants_own_events_for_an_enabled_endpoint
         )
         error = await fails(
             grpc.StatusCode.FAILED_PRECONDITION,
-            events.tenant(TENANT).ReplayEvents(pb.ReplayEventsRequest(endpoint_id=mine.endpoint_id, **window)),
+            events.tenant(TENANT).ReplayEvents(replay),
         )
         assert "ENDPOINT_STATE_DISABLED" in (error.details() or "")

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 from events.conftest import TENANT, ServiceFactory
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from numprotect.events.v1 import events_pb2 as pb
@@ -134,7 +134,7 @@ async def test_no_answer_but_create_and_rotate_carries_a_secret(events_service: 
             answer = await tenant.UpdateEndpoint(
                 pb.UpdateEndpointRequest(
                     endpoint=pb.Endpoint(endpoint_id=created.endpoint_id, description="x"),
-                    update_mask={"paths": ["description"]},
+                    update_mask=field_mask_pb2.FieldMask(paths=["description"]),
                 )
             )
         text = str(answer)
