@@ -14,6 +14,7 @@ from events.conftest import OTHER_TENANT, TENANT, EventsClients, ServiceFactory
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from numprotect.core import event_keys
+from numprotect.core.conversions import timestamp_from_ms
 from numprotect.events.v1 import events_pb2 as pb
 from support.event_routing import add_entry, number_entry
 from support.rpc import fails
@@ -107,3 +108,24 @@ async def test_each_tenants_events_reach_only_its_own_endpoint_and_records(
         again = await theirs_receiver.wait_for(attempts + 1)
         assert again[-1].webhook_id == letter.event_id
         assert len(mine_receiver.received) == 1
+
+        # Replay sends a tenant's own events again, with the same ids, to its own endpoint only.
+        window = pb.ReplayEventsRequest(
+            endpoint_id=mine.endpoint_id,
+            start_time=timestamp_from_ms(now_ms - 1000),
+            end_time=timestamp_from_ms(int(time.time() * 1000) + 1),
+        )
+        assert (await tenant.ReplayEvents(window)).events_queued == 1
+        replayed = await mine_receiver.wait_for(2)
+        assert [r.webhook_id for r in replayed] == [got.webhook_id, got.webhook_id]
+        assert replayed[1].body == got.body
+        await fails(
+            grpc.StatusCode.NOT_FOUND,
+            other.ReplayEvents(
+                pb.ReplayEventsRequest(
+                    endpoint_id=mine.endpoint_id, start_time=window.start_time, end_time=window.end_time
+                )
+            ),
+        )
+        await asyncio.sleep(0.3)
+        assert len(mine_receiver.received) == 2 and len(theirs_receiver.received) == attempts + 1

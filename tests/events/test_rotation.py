@@ -88,6 +88,15 @@ async def test_a_grace_that_ran_out_leaves_only_the_new_secret(events_service: S
         assert stored.signing_secrets(time.time_ns() // 1_000_000) == [rotated.secret]
         got = (await tenant.GetEndpoint(pb.GetEndpointRequest(endpoint_id=old.endpoint_id))).endpoint
         assert not got.HasField("previous_secret_expire_time")
+        # The next change of the endpoint stores the old secret no more.
+        await tenant.UpdateEndpoint(
+            pb.UpdateEndpointRequest(
+                endpoint=pb.Endpoint(endpoint_id=old.endpoint_id, description="later"),
+                update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+            )
+        )
+        after = await events.endpoints.get_stored(TENANT, old.endpoint_id)
+        assert after is not None and (after.secret, after.previous_secret) == (rotated.secret, "")
 
 
 async def test_grace_zero_stops_the_old_secret_at_once_and_the_default_is_the_setting(

@@ -133,14 +133,17 @@ class StoredEndpoint:
         previous_secret: str = "",
         previous_secret_expire_ms: int = 0,
     ) -> StoredEndpoint:
-        """A copy with `change` applied to its endpoint and update_time now (and new secrets, when given)."""
+        """A copy with `change` applied to its endpoint and update_time now, and new secrets when given (else the
+        same ones; a previous secret whose grace has ended is dropped)."""
         endpoint = events_pb2.Endpoint()
         endpoint.CopyFrom(self.endpoint)
         change(endpoint)
         endpoint.update_time.CopyFrom(timestamp_from_ms(now_ms))
-        if secret is None:
-            return StoredEndpoint(endpoint, self.secret, self.previous_secret, self.previous_secret_expire_ms)
-        return StoredEndpoint(endpoint, secret, previous_secret, previous_secret_expire_ms)
+        if secret is not None:
+            return StoredEndpoint(endpoint, secret, previous_secret, previous_secret_expire_ms)
+        if now_ms >= self.previous_secret_expire_ms:
+            return StoredEndpoint(endpoint, self.secret)
+        return StoredEndpoint(endpoint, self.secret, self.previous_secret, self.previous_secret_expire_ms)
 
 
 @dataclass(frozen=True)
