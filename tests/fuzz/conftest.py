@@ -1,4 +1,4 @@
-"""Fixtures of the fuzz tests: one platform (all four services as processes, TLS and API keys on, a Redis of its
+"""Fixtures of the fuzz tests: one platform (all five services as processes, TLS and API keys on, a Redis of its
 own) per test process, shared by the package's tests."""
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ from numprotect.binding.v1 import binding_pb2
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.core.identity.policy import POLICY
 from numprotect.core.identity.principal import Role
+from numprotect.events.v1 import events_pb2
 from numprotect.translation.v1 import translation_pb2
 from support.rpc import status_fields, violated_fields
 
-PROTO_MODULES: tuple[ModuleType, ...] = (admin_pb2, allocation_pb2, binding_pb2, translation_pb2, cdr_pb2)
+PROTO_MODULES: tuple[ModuleType, ...] = (admin_pb2, allocation_pb2, binding_pb2, translation_pb2, cdr_pb2, events_pb2)
 # Which process serves each service (AdminService lives in allocation's process).
 SERVED_BY = {
     "numprotect.admin.v1.AdminService": "allocation",
@@ -37,6 +38,7 @@ SERVED_BY = {
     "numprotect.binding.v1.BindingService": "binding",
     "numprotect.translation.v1.TranslationService": "translation",
     "numprotect.cdr.v1.CdrService": "cdr",
+    "numprotect.events.v1.EventService": "events",
 }
 FORBIDDEN = frozenset(
     {

@@ -1,6 +1,7 @@
-"""The whole platform as real processes for the fuzzer: allocation (with AdminService), binding, translation and
-cdr, each `python -m numprotect.services.<name>` with TLS and API keys on one redis-server of its own, seeded with
-a tenant's block, bindings, a reservation, a CDR and a blocklist entry so that valid requests find something.
+"""The whole platform as real processes for the fuzzer: allocation (with AdminService), binding, translation, cdr
+and events, each `python -m numprotect.services.<name>` with TLS and API keys on one redis-server of its own, seeded
+with a tenant's block, bindings, a reservation, a CDR, a blocklist entry and webhook endpoints so that valid
+requests find something.
 
 Processes, not in-process servers: a crash shows as an exited process instead of a dead test runner, and each
 process's resident memory (/proc/<pid>/status) can be read before and after.
@@ -24,6 +25,8 @@ from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect.core.identity.principal import Role
+from numprotect.core.settings import SERVICE_NAMES
+from numprotect.events.v1 import events_pb2, events_pb2_grpc
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.identity import mint
 from support.processes import ServiceProcess
@@ -39,7 +42,9 @@ PARTY_A = "13800000001"
 PARTY_B = "13900000002"
 PARTY_C = "13700000003"
 BLOCKED_CALLER = "13600000004"
-PROCESSES = ("allocation", "binding", "translation", "cdr")
+PROCESSES = SERVICE_NAMES
+# Where the seeded endpoints point: loopback's discard port, where nothing listens (every delivery fails at once).
+RECEIVER_URL = "http://127.0.0.1:9/hook"
 
 # Who the fuzzer calls as: one key per role (the SERVICE key is binding's, the only service with peers).
 PRINCIPALS: dict[Role, str] = {
@@ -56,6 +61,9 @@ PROCESS_ENV = {
     "NUMPROTECT_CREATE_BINDING_BURST": "100000",
     "NUMPROTECT_TRACE_NUMBER_RATE": "100000",
     "NUMPROTECT_TRACE_NUMBER_BURST": "100000",
+    # events: endpoints on loopback over http (RECEIVER_URL).
+    "NUMPROTECT_EVENTS_ALLOWED_NETWORKS": "127.0.0.0/8",
+    "NUMPROTECT_EVENTS_ALLOW_HTTP": "on",
 }
 
 
@@ -86,6 +94,8 @@ class Seeded:
     spare_key_id: str = ""  # RevokeApiKey's valid target (never a key the fuzzer calls with)
     spare_number: str = SPARE_BLOCK + "0042"
     call_id: str = "fuzz-call-1"
+    endpoint_id: str = ""
+    doomed_endpoint_id: str = ""  # DeleteEndpoint's valid target (the main endpoint stays)
 
 
 @dataclass
@@ -108,7 +118,7 @@ class Platform:
         try:
             processes["allocation"] = ServiceProcess("allocation", env)
             peers = {"NUMPROTECT_ALLOCATION_ADDR": processes["allocation"].address}
-            for name in ("binding", "translation", "cdr"):
+            for name in PROCESSES[1:]:  # after allocation: binding needs its address
                 processes[name] = ServiceProcess(name, {**env, **peers})
             platform = cls(redis, processes, tokens)
             platform.seed()
@@ -162,7 +172,8 @@ class Platform:
         return problems
 
     def seed(self) -> None:
-        """A tenant's two blocks (routed by CARRIER), two bindings, a reservation, a spare key, a CDR, a block entry."""
+        """A tenant's two blocks (routed by CARRIER), two webhook endpoints, two bindings, a reservation, a spare key,
+        a CDR, a block entry."""
         allocation: Any = allocation_pb2_grpc.AllocationServiceStub(self.channel("allocation", Role.OPERATOR))
         for block in (BLOCK, SPARE_BLOCK):
             allocation.ImportBlock(
@@ -177,6 +188,16 @@ class Platform:
             timeout=10,
         )
         self.seeded.spare_key_id = spare.key.key_id
+        events: Any = events_pb2_grpc.EventServiceStub(self.channel("events", Role.TENANT))
+        for use in ("main", "doomed"):
+            endpoint = events.CreateEndpoint(
+                events_pb2.CreateEndpointRequest(tenant_id=TENANT, url=RECEIVER_URL, description=f"fuzz {use}"),
+                timeout=10,
+            ).endpoint
+            if use == "main":
+                self.seeded.endpoint_id = endpoint.endpoint_id
+            else:
+                self.seeded.doomed_endpoint_id = endpoint.endpoint_id
         binding: Any = binding_pb2_grpc.BindingServiceStub(self.channel("binding", Role.TENANT))
         time.sleep(0.3)  # the processes reload the blocks' carrier every 0.1 s (NUMPROTECT_AUTH_REFRESH_SECONDS)
         main = binding.CreateBinding(self.create_binding_request("fuzz-main"), timeout=10).binding

@@ -16,6 +16,7 @@ from fuzz.platform import (
     PARTY_A,
     PARTY_B,
     PARTY_C,
+    RECEIVER_URL,
     SPARE_BLOCK,
     TENANT,
     Platform,
@@ -30,6 +31,7 @@ from numprotect.allocation.v1 import allocation_pb2
 from numprotect.binding.v1 import binding_pb2
 from numprotect.cdr.v1 import cdr_pb2
 from numprotect.common.v1 import common_pb2
+from numprotect.events.v1 import events_pb2
 from numprotect.translation.v1 import translation_pb2
 
 ValidRequest = Message | list[Message]
@@ -153,4 +155,35 @@ VALID: dict[str, Callable[[Platform], Any]] = {
     "CdrService.GetAbuseSignals": lambda p: cdr_pb2.GetAbuseSignalsRequest(
         tenant_id=TENANT, virtual_number=p.seeded.virtual_number
     ),
+    # EventService
+    "EventService.CreateEndpoint": lambda p: events_pb2.CreateEndpointRequest(
+        tenant_id=TENANT, url=RECEIVER_URL, event_types=["binding.created"], description="fuzz", batch_size=10
+    ),
+    "EventService.GetEndpoint": lambda p: events_pb2.GetEndpointRequest(
+        tenant_id=TENANT, endpoint_id=p.seeded.endpoint_id
+    ),
+    "EventService.ListEndpoints": lambda p: events_pb2.ListEndpointsRequest(tenant_id=TENANT, page_size=10),
+    "EventService.UpdateEndpoint": lambda p: events_pb2.UpdateEndpointRequest(
+        endpoint=events_pb2.Endpoint(tenant_id=TENANT, endpoint_id=p.seeded.endpoint_id, description="fuzz updated"),
+        update_mask=FieldMask(paths=["description"]),
+    ),
+    "EventService.RotateEndpointSecret": lambda p: events_pb2.RotateEndpointSecretRequest(
+        tenant_id=TENANT, endpoint_id=p.seeded.endpoint_id, grace_period=Duration(seconds=60)
+    ),
+    "EventService.DeleteEndpoint": lambda p: events_pb2.DeleteEndpointRequest(
+        tenant_id=TENANT, endpoint_id=p.seeded.doomed_endpoint_id
+    ),
+    "EventService.ListDeliveries": lambda p: events_pb2.ListDeliveriesRequest(
+        tenant_id=TENANT, endpoint_id=p.seeded.endpoint_id, page_size=10
+    ),
+    "EventService.ReplayEvents": lambda p: events_pb2.ReplayEventsRequest(
+        tenant_id=TENANT, endpoint_id=p.seeded.endpoint_id, start_time=timestamp(-3600), end_time=timestamp(0)
+    ),
+    "EventService.ListDeadLetters": lambda p: events_pb2.ListDeadLettersRequest(
+        tenant_id=TENANT, endpoint_id=p.seeded.endpoint_id, page_size=10
+    ),
+    "EventService.RedriveDeadLetters": lambda p: events_pb2.RedriveDeadLettersRequest(
+        tenant_id=TENANT, endpoint_id=p.seeded.endpoint_id
+    ),
+    "EventService.WatchEvents": lambda p: events_pb2.WatchEventsRequest(tenant_id=TENANT, cursor="0"),
 }

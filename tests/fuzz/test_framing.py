@@ -36,6 +36,7 @@ TARGETS = {
     "binding": ("BindingService.GetBinding", Role.TENANT),
     "translation": ("TranslationService.Translate", Role.CARRIER),
     "cdr": ("CdrService.GetCdrStats", Role.TENANT),
+    "events": ("EventService.GetEndpoint", Role.TENANT),
 }
 ANSWER_SECONDS = 5.0
 RPC_BY_NAME = {rpc.name: rpc for rpc in all_rpcs()}
