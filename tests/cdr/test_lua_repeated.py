@@ -74,7 +74,7 @@ async def test_ingest_repeated_records_its_events_once(redis: RedisClient, redis
             keys.append(bucket.prefix + "ing:lost")
             args.append(ANSWER_KEEP_MS)
         keys.append(event_keys.outbox_key_beside(bucket.stream))
-        args += [bucket.tenant_id, 3_600_000, "c|c1", "c|c2"]
+        args += [bucket.tenant_id, 3_600_000]
 
         async def ingest(keys: list[Any] = keys, args: list[Any] = args) -> Any:
             return await CdrStore._ingest(redis, keys, args)

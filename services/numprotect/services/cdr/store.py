@@ -272,7 +272,6 @@ class CdrStore:
             # the slot's hint for the events service in the same round trip.
             keys.append(event_keys.outbox_key_beside(bucket.stream))
             args += [bucket.tenant_id, settings.abuse_window_ms]
-            args += [f"{valid.record.carrier_id}|{valid.record.call_id}" for valid in records]
             command = Command.run(self._ingest, keys, args)
             reply = await event_outbox.run_with_hints(self.redis, command, [event_outbox.ring_hint(bucket.stream)])
         count = len(records)

@@ -9,10 +9,10 @@
 --   kept (ms): the reply is kept there, and a repeat of the call (a cluster client re-sends a script whose reply it
 --   lost) gets the same reply instead of "duplicate" for the records the first run stored.
 -- Optional, after those two (events for tenants, numprotect.core.event_keys): KEYS[4 + 6 * count] the outbox of the
---   bucket's slot; ARGV[5 + 7 * count] the tenant, ARGV[6 + 7 * count] the abuse window length (ms), then one
---   argument per record: "<carrier_id>|<call_id>". Each record stored records cdr.created there (fields ty, tn,
---   at = the stream id's ms, src = "<carrier_id>|<call_id>", n "", d = the payload as stored); each pair newly flagged
---   in its window records abuse.flagged (at = now, src = "X|caller", n "",
+--   bucket's slot; ARGV[5 + 7 * count] the tenant, ARGV[6 + 7 * count] the abuse window length (ms). Each record
+--   stored records cdr.created there (fields ty, tn, at = the stream id's ms, src = "<carrier_id>|<call_id>", read
+--   from its dedup key "<C>:id:<len(carrier_id)>:<carrier_id>:<call_id>", n "", d = the payload as stored); each
+--   pair newly flagged in its window records abuse.flagged (at = now, src = "X|caller", n "",
 --   d = "<window start ms>|<short>|<unanswered>|<total>"). A repeat records nothing again (the kept reply, the dedup
 --   key, the flagged set).
 -- Returns one entry per record: the new stream id, or 0 when the call_id was already stored (duplicate); then one more:
@@ -31,7 +31,13 @@ local answer_key = KEYS[3 + 6 * n]
 local outbox = KEYS[4 + 6 * n]
 local tenant = ARGV[5 + 7 * n]
 local window_length = tonumber(ARGV[6 + 7 * n])
-local sources = 6 + 7 * n
+
+-- "<carrier_id>|<call_id>" of a dedup key "<C>:id:<len(carrier_id)>:<carrier_id>:<call_id>" (cdr_keys.Bucket.dedup).
+local function source(dedup)
+  local length, rest = string.match(dedup, '}:id:(%d+):(.*)$')
+  length = tonumber(length)
+  return string.sub(rest, 1, length) .. '|' .. string.sub(rest, length + 2)
+end
 
 if answer_key then
   local kept = redis.call('GET', answer_key)
@@ -76,7 +82,7 @@ for i = 0, n - 1 do
     redis.call('PEXPIRE', daily, retention + 86400000)
     if outbox then
       redis.call('XADD', outbox, '*', 'ty', 'cdr.created', 'tn', tenant, 'at', string.match(id, '^%d+'),
-        'src', ARGV[sources + i + 1], 'n', '', 'd', payload)
+        'src', source(dedup), 'n', '', 'd', payload)
     end
     if has(flags, 4) then
       local counters = KEYS[k + 5]
