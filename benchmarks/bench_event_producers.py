@@ -8,8 +8,9 @@ On one redis-server, in alternated rounds (the host is shared: each round hits b
     no hints): the only step of a CreateBinding that recording the event changes;
   - cdr's ingest script call for 1 record and for 100 records of a tenant (cdr.created per record, the ring hint)
     and without events (the same call for records of no tenant, which record none).
-Per variant: this client's CPU (process_time: the binding or cdr service's side of the call) and redis-server's
-(/proc) per operation; then the median over rounds of the paired difference (with - without, same round).
+Over the clients the services use (binding: the write path's, multiplexing unless NUMPROTECT_REDIS_CLIENT=redis-py;
+cdr: redis.asyncio). Per variant: this client's CPU (process_time: the binding or cdr service's side of the call) and
+redis-server's (/proc) per operation; then the median over rounds of the paired difference (with - without, same round).
 Run: python -m benchmarks.bench_event_producers (or make bench BENCH_ARGS=event_producers). Environment:
 NUMPROTECT_BENCH_OPERATIONS (completions per round, default 3000), NUMPROTECT_BENCH_ROUNDS (default 6).
 """
@@ -49,11 +50,12 @@ Samples = list[tuple[float, float]]
 class Producers:
     """The writes measured, over one client of the benchmark's redis-server."""
 
-    def __init__(self, redis: RedisClient, now_ms: int) -> None:
-        self.redis = redis
+    def __init__(self, write_path: RedisClient, redis: RedisClient, now_ms: int) -> None:
+        """`write_path`: binding's client (the multiplexing one by default); `redis`: cdr's (redis.asyncio)."""
+        self.redis = write_path
         self.now_ms = now_ms
-        self.records = BindingRecordStore(redis)
-        self.routes = RouteTable(redis)
+        self.records = BindingRecordStore(write_path)
+        self.routes = RouteTable(write_path)
         self.cdrs = CdrStore(redis, CdrSettings.from_env(Env({})), ConcurrencyLimit(8, wait_seconds=1, name="bench"))
         self.made = 0
 
@@ -120,8 +122,10 @@ async def measured(redis_pid: int, count: int, operation: Callable[[], Awaitable
 async def bench(redis_url: str, redis_pid: int) -> None:
     operations = int(os.environ.get("NUMPROTECT_BENCH_OPERATIONS", "3000"))
     rounds = int(os.environ.get("NUMPROTECT_BENCH_ROUNDS", "6"))
-    redis = create_redis(RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": redis_url})))
-    producers = Producers(redis, int(time.time() * 1000))
+    settings = RedisSettings.from_env(Env({"NUMPROTECT_REDIS_URL": redis_url}))
+    # The clients the services use: binding's write path (create_redis(write_path=True)), cdr's runtime client.
+    write_path, redis = create_redis(settings, write_path=True), create_redis(settings)
+    producers = Producers(write_path, redis, int(time.time() * 1000))
     samples: dict[tuple[str, str], Samples] = {}
     try:
         for events in (True, False):  # warm: scripts loaded, connections open
@@ -150,6 +154,7 @@ async def bench(redis_url: str, redis_pid: int) -> None:
                     )
         report(samples, operations, rounds)
     finally:
+        await write_path.aclose()
         await redis.aclose()
 
 
