@@ -42,7 +42,7 @@ GONE = events_pb2.ENDPOINT_STATE_GONE
 
 
 def new_endpoint_id() -> str:
-    """ "ep_" + 26 lowercase base32 characters (130 random bits)."""
+    """A new endpoint id: "ep_" + 26 lowercase base32 characters (130 random bits)."""
     return "ep_" + base64.b32encode(secrets.token_bytes(20)).decode()[:26].lower()
 
 
