@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from numprotect.core import event_outbox
 from numprotect.core.clock import SystemClock
 from numprotect.core.page_tokens import PageTokenKey
 from numprotect.core.redis_client import create_redis
@@ -59,6 +60,7 @@ async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
     if background:
         # Started last, once everything is built; each close waits a bounded time (periodic.STOP_WAIT_SECONDS, the
         # dispatcher's drain), the dispatcher's before its HTTP client's.
+        event_outbox.warm()  # every slot's hash tag (router and expirer name every slot's keys), before serving
         router = Router(runtime.redis, settings, endpoints, runtime.metrics, clock)
         expirer = Expirer(runtime.redis, settings, runtime.metrics, clock)
         sender = WebhookSender(settings)
