@@ -95,13 +95,14 @@ class DeliveryRig:
             await pipe.execute()
         return Published(event, log_id, body)
 
-    def dispatcher(self, *, start: bool = True, **settings: str) -> Dispatcher:
+    def dispatcher(self, *, start: bool = True, requests_in_flight: int | None = None, **settings: str) -> Dispatcher:
         """A dispatcher (its own sender and metrics), started unless `start` is False; closed at the rig's end."""
         own = EventsSettings.from_env(Env({**self.environ, **settings})) if settings else self.settings
         sender = WebhookSender(own)
         metrics = Metrics("events")
         self.metrics.append(metrics)
-        dispatcher = Dispatcher(self.redis, own, self.endpoints, metrics, SystemClock(), sender)
+        bound = {} if requests_in_flight is None else {"requests_in_flight": requests_in_flight}
+        dispatcher = Dispatcher(self.redis, own, self.endpoints, metrics, SystemClock(), sender, **bound)
         self._running.append((dispatcher, sender))
         if start:
             dispatcher.start()

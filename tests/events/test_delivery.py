@@ -23,7 +23,7 @@ from support.webhook_receiver import Received, Reply, webhook_receiver
 
 T = TypeVar("T")
 # Scheduling slack on a loaded 2-core host: a retry may come this much later than its delay (never earlier).
-LATE_S = 0.3
+LATE_S = 0.4
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float = 10.0) -> T:
@@ -121,7 +121,7 @@ async def test_retry_after_is_honoured_and_pauses_the_endpoint(redis_env: dict[s
         assert [r.webhook_id for r in got[:1]] == [first.event_id]
         assert {r.webhook_id for r in got[1:]} == {first.event_id, second.event_id}
         for later in got[1:]:
-            assert 1.0 <= later.at - refused.at <= 1.0 + LATE_S + 0.5, later.at - refused.at
+            assert 1.0 <= later.at - refused.at <= 1.0 + LATE_S + 1.0, later.at - refused.at
         [retry, attempt] = await eventually(
             lambda: _when(attempts_of(rig, endpoint, first.event_id), lambda a: len(a) == 2)
         )
@@ -225,8 +225,9 @@ async def test_two_dispatchers_share_the_work_with_no_double_delivery(redis_env:
         receiver.script([Reply(200, delay_s=0.01)])
         endpoints = [await rig.endpoint(receiver.url.replace("/hook", f"/hook{i}")) for i in range(3)]
         published = [await rig.publish([endpoints[i % 3]]) for i in range(90)]
-        rig.dispatcher()
-        rig.dispatcher()
+        # Each may hold 3 requests of the endpoints' 12 at once: neither can take all the work.
+        rig.dispatcher(requests_in_flight=3)
+        rig.dispatcher(requests_in_flight=3)
         got = await receiver.wait_for(90, timeout_s=20)
         await asyncio.sleep(0.5)
         ids = [r.webhook_id for r in receiver.received]

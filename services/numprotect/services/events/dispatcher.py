@@ -57,6 +57,11 @@ QUEUE_DEPTH_SECONDS = 5.0
 DRAIN_SECONDS = 2.0
 # Stored per attempt: an error longer than this is cut.
 MAX_ERROR_CHARS = 300
+# Settles sent in one pipeline at most (those that end while a batch is on its way wait for the next).
+MAX_SETTLES_PER_BATCH = 256
+# A batch of settles that failed (Redis unreachable for a moment) is sent once more after this; if it fails again
+# its events stay in flight until their leases end and are sent again then (at least once).
+SETTLE_RETRY_SECONDS = 0.2
 # numprotect_webhook_delivery_seconds: 5 ms .. 2 min.
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -156,6 +161,54 @@ class _EnabledEndpoints:
         self._gone[endpoint_id] = time.monotonic() + ENDPOINT_CACHE_SECONDS
 
 
+class _SettleBatches:
+    """Settles sent together: those that come while a batch is on its way go in the next one (one pipeline), so the
+    dispatcher holds one Redis connection for them however many requests end at once, and pays one round trip per
+    batch, not per request."""
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+        self._waiting: list[tuple[Command, asyncio.Future[Any]]] = []
+        self._sending: asyncio.Task[None] | None = None
+
+    async def run(self, command: Command) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((command, future))
+        if self._sending is None:
+            self._sending = loop.create_task(self._send(), name="webhook settles")
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[:MAX_SETTLES_PER_BATCH]
+                del self._waiting[:MAX_SETTLES_PER_BATCH]
+                replies = await self._replies([command for command, _ in batch])
+                for (_, future), reply in zip(batch, replies, strict=True):
+                    if future.done():  # its delivery was cancelled
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self._sending = None
+            for _, future in self._waiting:  # cancelled (shutdown) with settles waiting: they end too
+                future.cancel()
+            self._waiting.clear()
+
+    async def _replies(self, commands: Sequence[Command]) -> list[Any]:
+        try:
+            return await send_together(self.redis, commands)
+        except Exception:
+            await asyncio.sleep(SETTLE_RETRY_SECONDS)
+        try:
+            return await send_together(self.redis, commands)
+        except Exception as exc:
+            return [exc] * len(commands)
+
+
 def budgets(free: int, tenants: int) -> list[int]:
     """Requests each of `tenants` tenants (in this round's order) may claim when `free` requests may start: shared
     as evenly as whole requests allow; the tenants beyond `free` get none this round."""
@@ -175,8 +228,12 @@ class Dispatcher:
         metrics: Metrics,
         clock: Clock,
         sender: WebhookSender,
+        *,
+        requests_in_flight: int = REQUESTS_IN_FLIGHT,
     ) -> None:
         self.redis = redis
+        # Requests this dispatcher has in flight at most (claims take no more).
+        self.requests_in_flight = requests_in_flight
         self.settings = settings
         self.endpoints = endpoints
         self.counts = DeliveryCounts(metrics)
@@ -188,6 +245,7 @@ class Dispatcher:
         self.first_backoff_ms = delays[0]
         self.max_backoff_ms = max(delays[0], min(max(delays), MAX_BACKOFF_MS))
         self._endpoints = _EnabledEndpoints(endpoints)
+        self._settles = _SettleBatches(redis)
         self._random = random.Random(secrets.randbits(64))
         self._rotation = 0
         self._in_flight: set[asyncio.Task[Settled]] = set()
@@ -221,8 +279,8 @@ class Dispatcher:
             self._wake.clear()
             wait = self.settings.poll_interval_s
             try:
-                if self.in_flight_requests < REQUESTS_IN_FLIGHT:
-                    requests, next_in = await self.claim(REQUESTS_IN_FLIGHT - self.in_flight_requests)
+                if self.in_flight_requests < self.requests_in_flight:
+                    requests, next_in = await self.claim(self.requests_in_flight - self.in_flight_requests)
                     for request in requests:
                         self._start(request)
                     if next_in is not None:
@@ -366,7 +424,7 @@ class Dispatcher:
             keys.deliveries(ep),
             keys.state(ep),
         ]
-        settled, dead, _, _ = await self._settle_script(self.redis, names, args)
+        settled, dead, _, _ = await self._settles.run(Command.run(self._settle_script, names, args))
         return Settled(int(settled), int(dead))
 
     def delay_ms(self, attempt: int) -> int:
