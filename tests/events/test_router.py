@@ -349,3 +349,20 @@ def same_slot_binding_id(slot: int, prefix: str) -> str:
     while event_keys.key_slot(binding_key(f"{prefix}-{i}")) != slot:
         i += 1
     return f"{prefix}-{i}"
+
+
+async def test_entries_of_two_slots_with_the_same_id_are_each_removed_from_their_own_outbox(
+    redis_env: dict[str, str], redis_sync: Any
+) -> None:
+    """Entry ids are unique within one stream only: two outboxes written in the same millisecond share ids."""
+    async with router_parts(redis_env) as (_, _, router, _):
+        broken = "t-broken"
+        redis_sync.set(TenantKeys(broken).log, "not a stream")  # its route fails: its entry must stay
+        redis_sync.xadd(event_keys.outbox_key(100), number_entry(TENANT, X, 1_790_000_000_000), id="5-1")
+        redis_sync.xadd(event_keys.outbox_key(200), number_entry(broken, X, 1_790_000_000_000), id="5-1")
+        redis_sync.sadd(event_keys.ring_key(100), 100)
+        redis_sync.sadd(event_keys.ring_key(200), 200)
+        assert await router.poll() == 1
+        assert len(log_entries(redis_sync, TENANT)) == 1
+        assert outbox_length(redis_sync, 100) == 0
+        assert outbox_length(redis_sync, 200) == 1  # not routed: kept for the next round

@@ -28,7 +28,7 @@ from numprotect.core.periodic import Periodic
 from numprotect.core.redis_batch import Command, send_together
 from numprotect.core.redis_client import LuaScript, RedisClient, as_text
 from numprotect.services.events.settings import EventsSettings
-from numprotect.services.events.slot_sweep import sweep_slots
+from numprotect.services.events.slot_sweep import error_text, sweep_slots
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Expirer:
             hint = []
             for slot, reply in zip(slots, await send_together(self.redis, commands), strict=True):
                 if isinstance(reply, Exception):
-                    log.warning("binding expiry failed", extra={"slot": slot, "error": repr(reply)})
+                    log.warning("binding expiry failed", extra={"slot": slot, "error": error_text(reply)})
                     next_expiry.pop(slot, None)
                     continue
                 count, earliest = int(reply[0]), int(reply[1])
@@ -129,7 +129,7 @@ class Expirer:
         ]
         for slot, reply in zip(order, await send_together(self.redis, commands), strict=True):
             if isinstance(reply, Exception):
-                log.warning("expiry ring re-arm failed", extra={"slot": slot, "error": repr(reply)})
+                log.warning("expiry ring re-arm failed", extra={"slot": slot, "error": error_text(reply)})
         await self._lower_rings(await sweep_slots(self.redis, "earliest", event_keys.expiry_key, order))
 
     async def sweep(self) -> None:

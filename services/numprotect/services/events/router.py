@@ -35,7 +35,7 @@ from numprotect.core.telemetry.attributes import mask_numbers
 from numprotect.services.events.endpoints import StoredEndpoint
 from numprotect.services.events.render import OutboxEntry, RenderedEvent, Renderer, Unrenderable
 from numprotect.services.events.settings import EventsSettings
-from numprotect.services.events.slot_sweep import sweep_slots
+from numprotect.services.events.slot_sweep import error_text, sweep_slots
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +197,12 @@ class Router:
         taken: list[_Taken] = []
         entries: list[OutboxEntry] = []
         held: list[int] = []
-        slot_of: dict[str, _Taken] = {}
+        # The slot each entry came from: entry ids are unique within a stream only (two outboxes written in the
+        # same millisecond give the same ids), so entries are told apart by their place here, never by id.
+        owners: list[_Taken] = []
         for slot, reply in zip(slots, replies, strict=True):
             if isinstance(reply, Exception):
-                log.warning("events outbox read failed", extra={"slot": slot, "error": repr(reply)})
+                log.warning("events outbox read failed", extra={"slot": slot, "error": error_text(reply)})
                 continue
             if reply is None:
                 held.append(slot)
@@ -211,50 +213,53 @@ class Router:
                 entry_id = as_text(raw_id)
                 try:
                     entries.append(OutboxEntry.decode(entry_id, _pairs(fields)))
-                    slot_of[entry_id] = took
+                    owners.append(took)
                 except Unrenderable as exc:
                     self._drop(exc, entry_id, {})
                     took.done.append(entry_id)
         routed = 0
         try:
             if entries:
-                routed = await self._route(entries, slot_of)
+                routed = await self._route(entries, owners)
         finally:
             await self._finish(taken)
         full = [t.slot for t in taken if t.count >= ENTRIES_PER_TAKE]
         return full, held, routed
 
-    async def _route(self, entries: Sequence[OutboxEntry], slot_of: dict[str, _Taken]) -> int:
+    async def _route(self, entries: Sequence[OutboxEntry], owners: Sequence[_Taken]) -> int:
+        """Routes `entries` (each taken from the slot `owners` names at its place); each one routed or dropped is
+        added to its slot's done list."""
         rendered = await self.renderer.render(entries)
-        by_tenant: dict[str, list[RenderedEvent]] = {}
-        for entry, outcome in zip(entries, rendered, strict=True):
+        by_tenant: dict[str, list[tuple[_Taken, RenderedEvent]]] = {}
+        for entry, owner, outcome in zip(entries, owners, rendered, strict=True):
             if isinstance(outcome, Unrenderable):
                 self._drop(outcome, entry.entry_id, {"type": entry.type, "source": entry.source})
-                slot_of[entry.entry_id].done.append(entry.entry_id)
+                owner.done.append(entry.entry_id)
             elif not TENANT_ID.pattern.fullmatch(outcome.tenant_id):
                 self._drop(Unrenderable("malformed", "tenant id"), entry.entry_id, {"type": entry.type})
-                slot_of[entry.entry_id].done.append(entry.entry_id)
+                owner.done.append(entry.entry_id)
             else:
-                by_tenant.setdefault(outcome.tenant_id, []).append(outcome)
+                by_tenant.setdefault(outcome.tenant_id, []).append((owner, outcome))
         if not by_tenant:
             return 0
         endpoints = await self.endpoints.of(by_tenant)
-        chunks: list[list[RenderedEvent]] = []
+        chunks: list[list[tuple[_Taken, RenderedEvent]]] = []
         commands: list[Command] = []
         for tenant_id, events in by_tenant.items():
             for start in range(0, len(events), EVENTS_PER_ROUTE):
                 chunk = events[start : start + EVENTS_PER_ROUTE]
                 chunks.append(chunk)
-                commands.append(self.route_command(tenant_id, chunk, endpoints[tenant_id]))
+                commands.append(self.route_command(tenant_id, [event for _, event in chunk], endpoints[tenant_id]))
         replies = await send_together(self.redis, commands)
         now_ms = self.clock.now_ms()
         routed = 0
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, Exception):
-                log.warning("events route failed", extra={"tenant_id": chunk[0].tenant_id, "error": repr(reply)})
+                tenant_id = chunk[0][1].tenant_id
+                log.warning("events route failed", extra={"tenant_id": tenant_id, "error": error_text(reply)})
                 continue
-            for event, logged in zip(chunk, reply, strict=True):
-                slot_of[event.entry_id].done.append(event.entry_id)
+            for (owner, event), logged in zip(chunk, reply, strict=True):
+                owner.done.append(event.entry_id)
                 if int(logged):
                     routed += 1
                     self.counts.routed[event.type].inc()
@@ -292,7 +297,7 @@ class Router:
         ]
         for took, reply in zip(taken, await send_together(self.redis, commands), strict=True):
             if isinstance(reply, Exception):  # routed again next round (no-ops), the lease runs out
-                log.warning("events outbox clean-up failed", extra={"slot": took.slot, "error": repr(reply)})
+                log.warning("events outbox clean-up failed", extra={"slot": took.slot, "error": error_text(reply)})
 
     def _drop(self, exc: Unrenderable, entry_id: str, about: dict[str, str]) -> None:
         self.counts.dropped.labels(exc.reason).inc()

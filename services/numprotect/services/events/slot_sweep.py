@@ -88,3 +88,8 @@ async def _one_by_one(
         elif reading == "earliest" and reply:
             found[slot] = int(reply[0][1])
     return found
+
+
+def error_text(error: BaseException) -> str:
+    """An error for a log line: its class and message (redis-py's repr of an error reply drops the message)."""
+    return f"{type(error).__name__}: {error}"
