@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -19,6 +20,7 @@ import redis
 from support.grpcurl import run_grpcurl, run_grpcurl_plaintext
 from support.launcher import LAUNCHER, SERVICES, launch, launcher_env
 from support.processes import ROOT
+from support.redis_server import free_port
 
 
 def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
@@ -119,16 +121,29 @@ def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     # The CLI's contexts: this launcher's ports (not the defaults --from-run-dir assumes), a config file of the test.
     ports = " ".join(f"--{name}={address}" for name, address in addresses.items())
     script = script.replace(f"--from-run-dir {run_dir}/", f"--from-run-dir {run_dir}/ {ports}")
-    result = subprocess.run(
+    # The webhook receiver the walk-through starts, and the endpoint's URL: a free port instead of the README's 8765.
+    receiver_port = free_port()
+    script = script.replace('("127.0.0.1", 8765)', f'("127.0.0.1", {receiver_port})')
+    script = script.replace("127.0.0.1:8765", f"127.0.0.1:{receiver_port}")
+    # Its own session, so that whatever it leaves running (the receiver, should the script fail before its kill)
+    # is stopped with it.
+    walk = subprocess.Popen(
         ["bash", "-e", "-o", "pipefail", "-c", script],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
+        start_new_session=True,
         env={**os.environ, "NUMPROTECT_CONFIG": str(run_dir / "cli-config.yaml")},
     )
+    try:
+        out, err = walk.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(walk.pid, signal.SIGKILL)
+        walk.wait()
+    result = subprocess.CompletedProcess(walk.args, walk.returncode, out, err)
     assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
     assert '"decision": "DECISION_CONNECT"' in out and '"target_number": "13900000002"' in out, out
     assert '"numbers_added": 10000' in out and "virtual number: 700100000" in out, out
     # The two refusals: no key, and the tenant's key on an operator RPC; then the audit trail verifies.
@@ -141,6 +156,13 @@ def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     # Pool stats for the tenant's city, and binding's /metrics counting the one create.
     assert "DAYS_LEFT" in out and "9999" in out, out
     assert 'numprotect_bindings_created_total{mode="axb"} 1.0' in out, out
+    # The tenant's webhook: binding.created of the new binding, signed with the secret the CLI printed once (the
+    # standardwebhooks library verified it), delivered and recorded as such; the secret not in any listing.
+    verified = re.search(r"^verified: binding\.created (evt_\w+) (700\d{12})$", out, re.M)
+    assert verified is not None, out
+    assert f"virtual number: {verified[2]}" in out, out
+    assert f'"webhook-id": "{verified[1]}"' in out and '"http_status": 204' in out, out
+    assert "order system" in out and "whsec_" not in out, out
 
 
 def _launcher() -> Any:

@@ -4,6 +4,7 @@ process with its output read line by line on a thread (`ready` set at its "ready
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +17,26 @@ from support.redis_server import free_port
 
 LAUNCHER = ROOT / "deploy" / "local" / "run_local.py"
 SERVICES = SERVICE_NAMES
+# Consecutive /metrics ports kept free for the launcher's processes (one per process: a service may run several).
+METRICS_PORTS = 16
+
+
+def free_port_run(count: int, *, below: int = 65000) -> int:
+    """The first of `count` consecutive loopback ports free right now: the launcher gives its processes successive
+    /metrics ports from NUMPROTECT_LOCAL_METRICS_PORT, and a single free port left the next ones to chance."""
+    while True:
+        first = free_port(below=below - count)
+        if all(_bindable(port) for port in range(first, first + count)):
+            return first
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:
@@ -25,7 +46,7 @@ def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:
     env.update(
         NUMPROTECT_RUN_DIR=str(run_dir),
         NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
-        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port(below=65000)),
+        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port_run(METRICS_PORTS)),
         **{f"NUMPROTECT_{name.upper()}_PORT": str(free_port()) for name in SERVICES},
         **extra,
     )
