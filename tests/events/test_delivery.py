@@ -297,3 +297,19 @@ async def test_close_is_bounded_with_a_request_in_flight_and_the_event_stays_cla
         in_flight = await rig.redis.zrange(TenantKeys(TENANT).in_flight(endpoint.endpoint_id), 0, -1)
         assert [m.decode() for m in in_flight] == [published.log_id]
         assert await attempts_of(rig, endpoint) == []
+
+
+async def test_every_tenants_endpoints_are_served_in_one_round(redis_env: dict[str, str]) -> None:
+    async with webhook_receiver() as receiver, delivery_rig(redis_env) as rig:
+        tenants = ["t-a", "t-b", "t-c"]
+        endpoints = [await rig.endpoint(receiver.url.replace("/hook", f"/{t}"), tenant_id=t) for t in tenants]
+        published = [await rig.publish([endpoint]) for endpoint in endpoints for _ in range(2)]
+        assert await rig.tenants() == set(tenants)
+        dispatcher = rig.dispatcher(start=False)
+        requests, _ = await dispatcher.claim(10)  # one round: every tenant's claim (a pipeline; per node on a cluster)
+        assert sorted(e.event_id for r in requests for e in r.events) == sorted(p.event_id for p in published)
+        assert {r.endpoint.tenant_id for r in requests} == set(tenants)
+        for request in requests:
+            assert (await dispatcher.deliver(request)).settled == len(request.events)
+        assert sorted(r.path for r in receiver.received) == sorted(f"/{t}" for t in tenants for _ in range(2))
+        assert await dispatcher.refresh_queue_depth() == 0
