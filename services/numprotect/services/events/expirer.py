@@ -54,6 +54,7 @@ class Expirer:
         self.metrics = metrics
         self.clock = clock
         self._next_sweep = 0.0
+        self._scripts_loaded = False
         self._periodic = Periodic("events expirer", self.round, settings.expiry_poll_s)
 
     def start(self) -> None:
@@ -79,6 +80,10 @@ class Expirer:
         due = {int(as_text(slot)): int(score) for members in replies for slot, score in members}
         if not due:
             return 0
+        if not self._scripts_loaded:  # once up front, not NOSCRIPT for every slot of the first round
+            for script in (self._expire_due, self._rearm):
+                await script.load(self.redis)
+            self._scripts_loaded = True
         expired = 0
         slots = sorted(due)
         next_expiry: dict[int, int] = {}

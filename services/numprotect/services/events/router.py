@@ -16,6 +16,7 @@ the outbox. A Redis failure leaves the entries for the next round.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -128,6 +129,7 @@ class Router:
         self.retention_ms = int(settings.retention_s * 1000)
         self._token = secrets.token_hex(8)
         self._next_sweep = 0.0
+        self._scripts_loaded = False
         self._periodic = Periodic("events router", self.round, settings.poll_interval_s)
 
     def start(self) -> None:
@@ -166,6 +168,11 @@ class Router:
         """Routes what the slots' outboxes hold; a slot another router holds, or still full after
         MAX_TAKES_PER_DRAIN reads, is hinted again for the next poll. Returns the events routed."""
         pending = sorted(set(slots))
+        if pending and not self._scripts_loaded:
+            # Loaded once up front: else the first drain's every command comes back NOSCRIPT and is sent again.
+            for script in (self._take_script, self._done_script, self._route_script):
+                await script.load(self.redis)
+            self._scripts_loaded = True
         routed = 0
         again: list[int] = []
         for _ in range(MAX_TAKES_PER_DRAIN):
@@ -235,7 +242,7 @@ class Router:
             if isinstance(outcome, Unrenderable):
                 self._drop(outcome, entry.entry_id, {"type": entry.type, "source": entry.source})
                 owner.done.append(entry.entry_id)
-            elif not TENANT_ID.pattern.fullmatch(outcome.tenant_id):
+            elif not _valid_tenant(outcome.tenant_id):
                 self._drop(Unrenderable("malformed", "tenant id"), entry.entry_id, {"type": entry.type})
                 owner.done.append(entry.entry_id)
             else:
@@ -306,6 +313,12 @@ class Router:
             extra={"reason": exc.reason, "detail": mask_numbers(str(exc)), "entry_id": entry_id}
             | {k: mask_numbers(v) for k, v in about.items()},
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_tenant(tenant_id: str) -> bool:
+    """A tenant id whose keys are the tenant's own slot (no braces, no colon): what producers write."""
+    return TENANT_ID.pattern.fullmatch(tenant_id) is not None
 
 
 def _pairs(fields: Any) -> dict[Any, Any]:
