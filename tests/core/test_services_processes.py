@@ -23,6 +23,7 @@ SERVICES = {
     "binding": "numprotect.binding.v1.BindingService",
     "translation": "numprotect.translation.v1.TranslationService",
     "cdr": "numprotect.cdr.v1.CdrService",
+    "events": "numprotect.events.v1.EventService",
 }
 
 
@@ -125,7 +126,7 @@ def test_repeated_sigterms_still_end_in_a_clean_exit(service: str, redis_url: st
     assert '"msg": "stopped"' in "\n".join(process.lines)
 
 
-@pytest.mark.parametrize("service", ["allocation", "binding", "cdr"])
+@pytest.mark.parametrize("service", ["allocation", "binding", "cdr", "events"])
 def test_sigterm_right_after_start_up_exits_promptly(service: str, redis_url: str) -> None:
     # The aio services' health probe is in its first PING then; its cancellation used to get lost there now and
     # then, and the process waited for ever (about 1 start in 10 here). Three starts per service.
