@@ -21,7 +21,7 @@ from numprotect.core.event_keys import TenantKeys
 from numprotect.core.metrics import Metrics
 from numprotect.services.events.log import EventLog
 from numprotect.services.events.render import OutboxEntry, Renderer
-from numprotect.services.events.router import ENTRIES_PER_TAKE, Router
+from numprotect.services.events.router import ENTRIES_PER_TAKE, SLOTS_PER_BATCH, Router
 from numprotect.services.events.slot_sweep import sweep_slots
 from support.event_routing import (
     add_endpoint,
@@ -234,12 +234,17 @@ async def test_two_routers_at_once_log_and_queue_every_event_once(redis_env: dic
     async with router_parts(redis_env) as (redis, store, first, _):
         endpoint = await add_endpoint(store, TENANT)
         second = Router(redis, events_settings(), store, Metrics("events"), SystemClock())
-        slots = (5, 1000, 16000)
+        slots: tuple[int, ...] = (5, 1000, 16000)
         count = 0
         for slot in slots:  # more than one read per slot
             for i in range(ENTRIES_PER_TAKE + 50):
                 add_entry(redis_sync, slot, number_entry(TENANT, f"7001{slot:04d}{i:03d}", 1_790_000_000_000 + i))
                 count += 1
+        many = range(2000, 2000 + 2 * SLOTS_PER_BATCH + 1)  # more slots than one batch reads
+        for slot in many:
+            add_entry(redis_sync, slot, number_entry(TENANT, f"7002{slot:07d}", 1_790_000_000_000))
+            count += 1
+        slots += tuple(many)
         routed = await asyncio.gather(first.poll(), second.poll(), first.sweep(), second.sweep())
 
         assert sum(routed) == count
@@ -366,3 +371,20 @@ async def test_entries_of_two_slots_with_the_same_id_are_each_removed_from_their
         assert len(log_entries(redis_sync, TENANT)) == 1
         assert outbox_length(redis_sync, 100) == 0
         assert outbox_length(redis_sync, 200) == 1  # not routed: kept for the next round
+
+
+async def test_a_tenant_whose_endpoints_cannot_be_read_waits_without_holding_up_the_others(
+    redis_env: dict[str, str], redis_sync: Any
+) -> None:
+    async with router_parts(redis_env) as (_, store, router, _):
+        await add_endpoint(store, TENANT)
+        redis_sync.hset(TenantKeys(OTHER).endpoints, "ep_torn", b"\xff\xff\xff")  # no Endpoint message
+        add_entry(redis_sync, 300, number_entry(OTHER, X, 1_790_000_000_000))
+        add_entry(redis_sync, 300, number_entry(TENANT, X, 1_790_000_000_001))
+        assert await router.poll() == 1
+        assert len(log_entries(redis_sync, TENANT)) == 1
+        assert log_entries(redis_sync, OTHER) == []
+        assert outbox_length(redis_sync, 300) == 1  # the other tenant's entry, for a later round
+        redis_sync.delete(TenantKeys(OTHER).endpoints)
+        assert await router.sweep() == 1
+        assert outbox_length(redis_sync, 300) == 0

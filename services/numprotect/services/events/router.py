@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 # Entries read from one slot's outbox at a time; a slot that gave this many is read again at once.
 ENTRIES_PER_TAKE = 200
-# Reads of full slots in one drain before the rest is left to the next poll (re-hinted).
+# Slots read together (their leases taken, their entries rendered and routed in one go).
+SLOTS_PER_BATCH = 64
+# Reads of full slots of a batch in one drain before the rest is left to the next poll (re-hinted).
 MAX_TAKES_PER_DRAIN = 10
 # How long a router holds a slot's outbox: a router that dies holding it delays the slot's events this long.
 LEASE_MS = 5000
@@ -91,16 +93,26 @@ class EndpointCache:
         self._cached: dict[str, tuple[float, list[StoredEndpoint]]] = {}
 
     async def of(self, tenant_ids: Iterable[str]) -> dict[str, list[StoredEndpoint]]:
+        """The endpoints of each tenant; a tenant whose endpoints could not be read is left out (logged): its
+        events wait in the outbox, the other tenants' are routed."""
         now = time.monotonic()
         wanted = list(dict.fromkeys(tenant_ids))
         stale = [t for t in wanted if t not in self._cached or self._cached[t][0] <= now]
         if stale:
-            fresh = await asyncio.gather(*(self.source.stored(t) for t in stale))
+            fresh = await asyncio.gather(*(self.source.stored(t) for t in stale), return_exceptions=True)
             for tenant_id, endpoints in zip(stale, fresh, strict=True):
-                self._cached[tenant_id] = (now + self.ttl, endpoints)
+                if isinstance(endpoints, BaseException):
+                    if not isinstance(endpoints, Exception):
+                        raise endpoints  # a cancellation
+                    log.warning(
+                        "events endpoints unreadable", extra={"tenant_id": tenant_id, "error": error_text(endpoints)}
+                    )
+                    self._cached.pop(tenant_id, None)
+                else:
+                    self._cached[tenant_id] = (now + self.ttl, endpoints)
         for tenant_id in [t for t, (until, _) in self._cached.items() if until <= now]:
             del self._cached[tenant_id]
-        return {t: self._cached[t][1] for t in wanted}
+        return {t: self._cached[t][1] for t in wanted if t in self._cached}
 
 
 @dataclass
@@ -165,8 +177,8 @@ class Router:
         return set(await sweep_slots(self.redis, "length", event_keys.outbox_key))
 
     async def drain(self, slots: Iterable[int]) -> int:
-        """Routes what the slots' outboxes hold; a slot another router holds, or still full after
-        MAX_TAKES_PER_DRAIN reads, is hinted again for the next poll. Returns the events routed."""
+        """Routes what the slots' outboxes hold, SLOTS_PER_BATCH slots at a time; a slot another router holds, or
+        still full after MAX_TAKES_PER_DRAIN reads, is hinted again for the next poll. Returns the events routed."""
         pending = sorted(set(slots))
         if pending and not self._scripts_loaded:
             # Loaded once up front: else the first drain's every command comes back NOSCRIPT and is sent again.
@@ -175,14 +187,18 @@ class Router:
             self._scripts_loaded = True
         routed = 0
         again: list[int] = []
-        for _ in range(MAX_TAKES_PER_DRAIN):
-            if not pending:
-                break
-            full, held, count = await self._drain_once(pending)
-            routed += count
-            again += held
-            pending = full
-        again += pending
+        # A batch of slots at a time: what one read takes (at most SLOTS_PER_BATCH * ENTRIES_PER_TAKE entries) is
+        # routed well within the lease, and a backlog in every slot is not read into memory at once.
+        for start in range(0, len(pending), SLOTS_PER_BATCH):
+            batch = pending[start : start + SLOTS_PER_BATCH]
+            for _ in range(MAX_TAKES_PER_DRAIN):
+                if not batch:
+                    break
+                full, held, count = await self._drain_once(batch)
+                routed += count
+                again += held
+                batch = full
+            again += batch
         if again:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for slot in again:
@@ -253,6 +269,8 @@ class Router:
         chunks: list[list[tuple[_Taken, RenderedEvent]]] = []
         commands: list[Command] = []
         for tenant_id, events in by_tenant.items():
+            if tenant_id not in endpoints:
+                continue  # its endpoints are unreadable now: its entries stay for a later round
             for start in range(0, len(events), EVENTS_PER_ROUTE):
                 chunk = events[start : start + EVENTS_PER_ROUTE]
                 chunks.append(chunk)
