@@ -189,7 +189,10 @@ async def test_cdr_and_abuse_events_mirror_their_messages_with_the_abuse_caller_
         (_, cdr_fields), (_, abuse_fields) = log_entries(redis_sync, TENANT)
         cdr_body = json.loads(cdr_fields["p"])
         assert cdr_body["id"] == event_keys.event_id("cdr.created", "c1|call-1", "")
-        assert cdr_body["data"] == json_format.MessageToDict(cdr)
+        with_ingest_time = cdr_pb2.CallDetailRecord()
+        with_ingest_time.CopyFrom(cdr)
+        with_ingest_time.ingest_time.CopyFrom(timestamp_from_ms(1_790_000_000_500))  # the entry's at
+        assert cdr_body["data"] == json_format.MessageToDict(with_ingest_time)
         assert cdr_body["data"]["callingNumber"] == CALLER  # the tenant's own call, as its CDR shows it
         abuse = json.loads(abuse_fields["p"])
         assert abuse["id"] == event_keys.event_id("abuse.flagged", f"{X}|{CALLER}", str(window))

@@ -4,7 +4,7 @@ Body (compact JSON, keys in this order): {"id": <event id>, "type": <type>, "tim
 "data": {...}}; `data` is a protobuf message in its JSON mapping (lowerCamelCase, defaults left out):
 - binding.*: the `Binding` as the event left it (binding_protos.record_after_event: the record's n-th event; an
   expiry: the record, as of its expiry instant), read from the binding record (its real parties: the tenant's own);
-- cdr.created: the stored `CallDetailRecord`, as the tenant's ListCdrs shows it;
+- cdr.created: the stored `CallDetailRecord`, as the tenant's ListCdrs shows it (ingest_time from the entry's `at`);
 - abuse.flagged: an `AbuseSignal` (cdr.proto), the caller masked as GetAbuseSignals masks it;
 - number.locked / number.unlocked: {"virtualNumber", "tenantId", "reason"}.
 The body is made once, when the event is routed, and kept in the tenant's log: every delivery, replay and watch
@@ -185,6 +185,9 @@ class Renderer:
                 record = cdr_pb2.CallDetailRecord.FromString(entry.data)
             except DecodeError:
                 raise Unrenderable("malformed", f"entry {entry.entry_id}: d is no CallDetailRecord") from None
+            # The stored bytes carry no ingest_time: ListCdrs takes it from the record's stream id, whose ms the
+            # entry's `at` is (cdr ingest.lua), so the event shows the record as ListCdrs does.
+            record.ingest_time.CopyFrom(timestamp_from_ms(entry.at_ms))
             return _json(record)
         if entry.type == event_keys.ABUSE_FLAGGED:
             return _json(_abuse_signal(entry))
