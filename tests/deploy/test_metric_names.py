@@ -1,20 +1,23 @@
 """Every metric the dashboard (deploy/grafana) and the Prometheus rules (deploy/prometheus/rules) read exists.
 
 Names are taken from every PromQL expression (support/promql.py). A recorded name (level:metric:op) must be
-recorded by a rule; every other name must be in a scrape of the live services: the four services run as
-processes (TLS + API keys, real Redis), a few calls make their labelled series appear, and each process's
-/metrics is read. `up` is the one name Prometheus makes itself.
+recorded by a rule; every other name must be in a scrape of the live services: the five services run as
+processes (TLS + API keys, real Redis), a few calls make their labelled series appear (a webhook to a real receiver
+on loopback that fails once, then succeeds), and each process's /metrics is read. `up` is the one name Prometheus
+makes itself.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,10 @@ from numprotect.binding.v1 import binding_pb2, binding_pb2_grpc
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.common.v1 import common_pb2
 from numprotect.core.identity.principal import Role
+from numprotect.core.settings import SERVICE_NAMES
+from numprotect.events.v1 import events_pb2, events_pb2_grpc
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
+from support.event_routing import add_entry
 from support.identity import mint_in
 from support.processes import ServiceProcess
 from support.promql import PromQLSyntaxError, label_equalities, metric_names
@@ -38,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "numprotect.json"
 RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 MADE_BY_PROMETHEUS = {"up"}
-SERVICES = ("allocation", "binding", "translation", "cdr")
+SERVICES = SERVICE_NAMES
 
 
 # --- the extractor ----------------------------------------------------------------------------------------------
@@ -254,28 +260,70 @@ def scrape(url: str) -> Scrape:
     return Scrape({s.name for s in samples}, {pair for s in samples for pair in s.labels.items()})
 
 
+class Receiver(ThreadingHTTPServer):
+    """A webhook receiver on loopback: answers the first request 500 (a failed delivery), every later one 200."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ReceiverHandler)
+        self.answered = 0
+        self.lock = threading.Lock()
+
+    def status(self) -> int:
+        with self.lock:
+            self.answered += 1
+            return 500 if self.answered == 1 else 200
+
+
+class ReceiverHandler(BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(self.server.status())
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 @dataclass
 class Suite:
     processes: dict[str, ServiceProcess]
     tokens: dict[str, str]  # the key each service is called with here
+    receiver_url: str
 
 
 @pytest.fixture
 def suite(redis_env: dict[str, str]) -> Iterator[Suite]:
-    """The four services as processes: allocation, translation and cdr started together, then binding (it needs
-    allocation's address). The pool gauges refresh every 0.2 s instead of 15. The callers' keys are minted first,
-    so each process loads them at start-up."""
+    """The five services as processes: allocation, translation, cdr and events started together, then binding (it
+    needs allocation's address). The pool gauges refresh every 0.2 s instead of 15; events delivers to loopback
+    over http with a short retry schedule. The callers' keys are minted first, so each process loads them at
+    start-up."""
     tokens = {
         "allocation": mint_in(redis_env, Role.OPERATOR),
         "binding": mint_in(redis_env, Role.TENANT, TENANT),
         "translation": mint_in(redis_env, Role.CARRIER, "cmcc"),
         "cdr": mint_in(redis_env, Role.CARRIER, "cmcc"),
+        "events": mint_in(redis_env, Role.TENANT, TENANT),
     }
     processes: dict[str, ServiceProcess] = {}
     environ = {**redis_env, "NUMPROTECT_METRICS": "on", "NUMPROTECT_METRICS_POOL_REFRESH": "0.2s"}
+    events_env = {
+        "NUMPROTECT_EVENTS_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "NUMPROTECT_EVENTS_ALLOW_HTTP": "on",
+        "NUMPROTECT_EVENTS_RETRY_SCHEDULE": "200ms",
+        "NUMPROTECT_EVENTS_RETENTION": "2h",
+        "NUMPROTECT_EVENTS_POLL_INTERVAL": "50ms",
+    }
+    receiver = Receiver()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
     try:
-        with ThreadPoolExecutor(max_workers=3) as starting:
-            started = {s: starting.submit(ServiceProcess, s, environ) for s in ("allocation", "translation", "cdr")}
+        with ThreadPoolExecutor(max_workers=4) as starting:
+            started = {
+                s: starting.submit(ServiceProcess, s, {**environ, **(events_env if s == "events" else {})})
+                for s in ("allocation", "translation", "cdr", "events")
+            }
         for service, future in started.items():
             if future.exception() is None:
                 processes[service] = future.result()
@@ -285,8 +333,10 @@ def suite(redis_env: dict[str, str]) -> Iterator[Suite]:
         processes["binding"] = ServiceProcess("binding", {**environ, **allocation})
         for process in processes.values():
             process.wait_serving()
-        yield Suite(processes, tokens)
+        yield Suite(processes, tokens, f"http://127.0.0.1:{receiver.server_address[1]}/hook")
     finally:
+        receiver.shutdown()
+        receiver.server_close()
         for process in reversed(processes.values()):
             process.stop()
             print(f"--- {process.service} log (last 30 lines) ---", *process.lines[-30:], sep="\n")
@@ -304,16 +354,20 @@ def eventually(call: Callable[[], Any], done: Callable[[Any], bool], timeout: fl
 
 
 def drive_calls(suite: Suite) -> None:
-    """A block imported, a binding made, calls translated (connect and reject), a CDR ingested, and a call
-    refused for its missing key: enough for the labelled series to appear."""
+    """A webhook endpoint, a block imported, a binding made (its binding.created webhook fails once, then is
+    delivered), calls translated (connect and reject), a CDR ingested, and a call refused for its missing key:
+    enough for the labelled series to appear."""
     processes, tokens = suite.processes, suite.tokens
     with (
+        processes["events"].channel(tokens["events"]) as to_events,
         processes["allocation"].channel(tokens["allocation"]) as to_allocation,
         processes["binding"].channel(tokens["binding"]) as to_binding,
         processes["translation"].channel(tokens["translation"]) as to_translation,
         processes["cdr"].channel(tokens["cdr"]) as to_cdr,
         processes["translation"].channel() as anonymous,
     ):
+        events: Any = events_pb2_grpc.EventServiceStub(to_events)
+        events.CreateEndpoint(events_pb2.CreateEndpointRequest(url=suite.receiver_url), timeout=10)
         allocation: Any = allocation_pb2_grpc.AllocationServiceStub(to_allocation)
         allocation.ImportBlock(
             allocation_pb2.ImportBlockRequest(
@@ -383,12 +437,14 @@ def drive_calls(suite: Suite) -> None:
 
 
 @pytest.mark.slow
-def test_every_metric_the_dashboard_and_the_rules_read_is_exposed(suite: Suite) -> None:
+def test_every_metric_the_dashboard_and_the_rules_read_is_exposed(suite: Suite, redis_sync: Any) -> None:
     urls: dict[str, str] = {}
     for service, process in suite.processes.items():
         assert process.metrics_url, f"{service} logged no metrics_url in its serving line"
         urls[service] = process.metrics_url
     drive_calls(suite)
+    # An outbox entry of a type no producer writes: the router drops it, counted with its reason.
+    add_entry(redis_sync, 42, {"ty": "binding.renamed", "tn": TENANT, "at": "1", "src": "b-1", "n": "1", "d": ""})
     found = reads()
     scraped: dict[str, Scrape] = {}
     deadline = time.monotonic() + 15
