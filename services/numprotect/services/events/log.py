@@ -27,8 +27,9 @@ from numprotect.services.events.settings import EventsSettings
 
 MAX_WATCHERS_SETTING = "NUMPROTECT_EVENTS_MAX_WATCHERS"
 MAX_WATCHERS_PER_TENANT_SETTING = "NUMPROTECT_EVENTS_MAX_WATCHERS_PER_TENANT"
+MAX_REPLAY_EVENTS_SETTING = "NUMPROTECT_EVENTS_MAX_REPLAY_EVENTS"
 CURSOR_RULE = 'must be "", "0" or a cursor a previous WatchEvents response carried'
-# Entries per blocking read of a watch, and per read of a replay.
+# Entries per blocking read of a watch, and per replay_scan.lua call of a replay.
 WATCH_COUNT = 100
 REPLAY_PAGE = 1000
 # Log entry ids per enqueue.lua call.
@@ -37,6 +38,7 @@ _ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})", re.ASCII)
 _START = "0-0"
 
 _enqueue = LuaScript.beside(__file__, "enqueue.lua")
+_replay_scan = LuaScript.beside(__file__, "replay_scan.lua")
 
 
 def check_cursor(cursor: str) -> None:
@@ -164,28 +166,27 @@ class EventLog:
 
     async def replay(self, stored: StoredEndpoint, start_ms: int, end_ms: int) -> int:
         """Queues for `stored` the logged events with time in [start_ms, end_ms) of types it subscribes to (the same
-        log entries: the same event ids); returns how many. An entry is logged when routed, never before its
-        event, so the log is read from start_ms on."""
+        log entries: the same event ids); returns how many. All or nothing: a range holding more than
+        settings.max_replay_events of them is RESOURCE_EXHAUSTED (naming the setting) with nothing queued, found
+        out as soon as the read passes the limit. The log is read in chunks of REPLAY_PAGE entries, ids only
+        (replay_scan.lua), from start_ms on: an entry is logged when routed, never before its event."""
         log_key = TenantKeys(stored.tenant_id).log
-        after = f"{start_ms}-0"
-        queued = 0
-        first = True
-        while True:
-            entries: Any = await self.redis.xrange(log_key, after if first else f"({after}", "+", count=REPLAY_PAGE)
-            first = False
-            if not entries:
-                break
-            chosen = []
-            for raw_id, fields in entries:
-                values = {as_text(k): as_text(v) for k, v in fields.items()}
-                at = int(values.get("at", "0") or 0)
-                if start_ms <= at < end_ms and stored.subscribes(values.get("ty", "")):
-                    chosen.append(as_text(raw_id))
-            queued += await self._enqueue(stored.tenant_id, stored.endpoint_id, chosen)
-            if len(entries) < REPLAY_PAGE:
-                break
-            after = as_text(entries[-1][0])
-        return queued
+        limit = self.settings.max_replay_events
+        types = list(stored.endpoint.event_types)
+        chosen: list[str] = []
+        start = f"{start_ms}-0"
+        while start:
+            reply: Any = await _replay_scan(self.redis, [log_key], [start, start_ms, end_ms, REPLAY_PAGE, *types])
+            last, *ids = (as_text(item) for item in reply)
+            chosen.extend(ids)
+            if len(chosen) > limit:
+                raise ResourceExhausted(
+                    f"the range holds more than {MAX_REPLAY_EVENTS_SETTING} ({limit}) events for this endpoint; "
+                    "nothing was queued: replay it in shorter ranges",
+                    subject=MAX_REPLAY_EVENTS_SETTING,
+                )
+            start = f"({last}" if last else ""
+        return await self._enqueue(stored.tenant_id, stored.endpoint_id, chosen)
 
     async def _enqueue(self, tenant_id: str, endpoint_id: str, log_ids: Sequence[str]) -> int:
         commands = [

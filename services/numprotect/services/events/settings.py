@@ -49,6 +49,8 @@ class EventsSettings:
     watch_block_s: float
     max_watchers: int
     max_watchers_per_tenant: int
+    # Most events one ReplayEvents call may queue (a range holding more is refused: replay shorter ranges).
+    max_replay_events: int
 
     @property
     def attempts(self) -> int:
@@ -93,6 +95,9 @@ class EventsSettings:
             max_watchers=env.integer("NUMPROTECT_EVENTS_MAX_WATCHERS", 256, minimum=1, maximum=100_000),
             max_watchers_per_tenant=env.integer(
                 "NUMPROTECT_EVENTS_MAX_WATCHERS_PER_TENANT", 8, minimum=1, maximum=100_000
+            ),
+            max_replay_events=env.integer(
+                "NUMPROTECT_EVENTS_MAX_REPLAY_EVENTS", 100_000, minimum=1, maximum=10_000_000
             ),
         )
         if settings.retention_s < sum(schedule) + 3600:
