@@ -64,8 +64,8 @@ class EndpointSource(Protocol):
 
 
 class RouterCounts:
-    """numprotect_events_routed_total{type}, numprotect_events_route_lag_seconds and
-    numprotect_events_dropped_total{reason}."""
+    """numprotect_events_routed_total{type}, numprotect_events_route_lag_seconds,
+    numprotect_events_dropped_total{reason} and numprotect_events_outbox_entries."""
 
     def __init__(self, metrics: Metrics) -> None:
         routed = metrics.counter(
@@ -81,6 +81,12 @@ class RouterCounts:
             "numprotect_events_dropped_total",
             "Outbox entries no event could be made of (dropped), by reason",
             ("reason",),
+        )
+        # Global (every process's sweep reads every slot): the rules take the max over processes. It grows when
+        # producers run and no router keeps up (or none runs).
+        self.outbox_entries = metrics.gauge(
+            "numprotect_events_outbox_entries",
+            "Entries waiting in all slots' outboxes (not yet routed) at this process's last sweep",
         )
 
 
@@ -174,7 +180,10 @@ class Router:
         return {int(as_text(slot)) for members in replies for slot in (members or ())}
 
     async def slots_with_entries(self) -> set[int]:
-        return set(await sweep_slots(self.redis, "length", event_keys.outbox_key))
+        """The slots whose outbox holds entries; the sum of their lengths is numprotect_events_outbox_entries."""
+        lengths = await sweep_slots(self.redis, "length", event_keys.outbox_key)
+        self.counts.outbox_entries.set(sum(lengths.values()))
+        return set(lengths)
 
     async def drain(self, slots: Iterable[int]) -> int:
         """Routes what the slots' outboxes hold, SLOTS_PER_BATCH slots at a time; a slot another router holds, or
