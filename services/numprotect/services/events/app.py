@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from opentelemetry import trace
+
 from numprotect.core import event_outbox
 from numprotect.core.clock import SystemClock
 from numprotect.core.page_tokens import PageTokenKey
@@ -61,10 +63,12 @@ async def build(runtime: Runtime, *, background: bool = True) -> ServiceParts:
         # Started last, once everything is built; each close waits a bounded time (periodic.STOP_WAIT_SECONDS, the
         # dispatcher's drain), the dispatcher's before its HTTP client's.
         event_outbox.warm()  # every slot's hash tag (router and expirer name every slot's keys), before serving
-        router = Router(runtime.redis, settings, endpoints, runtime.metrics, clock)
+        provider = runtime.telemetry.provider
+        tracer = provider.get_tracer("numprotect.events") if provider is not None else trace.NoOpTracer()
+        router = Router(runtime.redis, settings, endpoints, runtime.metrics, clock, tracer=tracer)
         expirer = Expirer(runtime.redis, settings, runtime.metrics, clock)
         sender = WebhookSender(settings)
-        dispatcher = Dispatcher(runtime.redis, settings, endpoints, runtime.metrics, clock, sender)
+        dispatcher = Dispatcher(runtime.redis, settings, endpoints, runtime.metrics, clock, sender, tracer=tracer)
         router.start()
         expirer.start()
         dispatcher.start()

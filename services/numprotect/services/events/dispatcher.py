@@ -32,6 +32,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from numprotect.core.clock import Clock
 from numprotect.core.event_keys import TenantKeys
@@ -39,6 +43,7 @@ from numprotect.core.metrics import Metrics
 from numprotect.core.periodic import STOP_WAIT_SECONDS, Periodic
 from numprotect.core.redis_batch import Command, send_together
 from numprotect.core.redis_client import KeyOrArg, LuaScript, RedisClient, as_text
+from numprotect.core.telemetry.attributes import mask_numbers, set_attributes
 from numprotect.services.events.endpoints import StoredEndpoint
 from numprotect.services.events.router import ENDPOINT_CACHE_SECONDS, EndpointCache
 from numprotect.services.events.sender import REQUESTS_IN_FLIGHT, SendResult, WebhookSender, retry_after_ms
@@ -230,8 +235,11 @@ class Dispatcher:
         sender: WebhookSender,
         *,
         requests_in_flight: int = REQUESTS_IN_FLIGHT,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.redis = redis
+        # A CLIENT span per request ("webhook POST"), a root span (sampled as the process's sampler says).
+        self.tracer = tracer if tracer is not None else trace.NoOpTracer()
         # Requests this dispatcher has in flight at most (claims take no more).
         self.requests_in_flight = requests_in_flight
         self.settings = settings
@@ -367,23 +375,29 @@ class Dispatcher:
     # --- deliver ----------------------------------------------------------------------------------
 
     async def deliver(self, request: ClaimedRequest) -> Settled:
-        """Sends one claimed request and settles it."""
+        """Sends one claimed request and settles it, in a "webhook POST" CLIENT span (request_span_attributes;
+        ERROR with the attempt's error when no 2xx came)."""
         endpoint = request.endpoint
-        sent_ms = self.clock.now_ms()
-        batched = endpoint.batch_size > 1
         events = request.events
-        body = batch_body([e.payload for e in events]) if batched else events[0].payload
-        webhook_id = message_id([e.event_id for e in events], batched=batched)
-        headers = signed_headers(endpoint.signing_secrets(sent_ms), webhook_id, sent_ms // 1000, body)
-        result = await self.sender.send(endpoint.url, body, headers)
-        (self.counts.succeeded if result.succeeded else self.counts.failed).inc()
-        self.counts.seconds.observe(result.latency_s)
-        settled = await self.settle(request, result, sent_ms)
-        if settled.dead:
-            self.counts.dead.inc(settled.dead)
-        if result.status == 410:
-            await self._gone(endpoint)
-        return settled
+        with self.tracer.start_as_current_span(
+            "webhook POST", kind=SpanKind.CLIENT, attributes=request_span_attributes(request)
+        ) as span:
+            sent_ms = self.clock.now_ms()
+            batched = endpoint.batch_size > 1
+            body = batch_body([e.payload for e in events]) if batched else events[0].payload
+            webhook_id = message_id([e.event_id for e in events], batched=batched)
+            headers = signed_headers(endpoint.signing_secrets(sent_ms), webhook_id, sent_ms // 1000, body)
+            result = await self.sender.send(endpoint.url, body, headers)
+            (self.counts.succeeded if result.succeeded else self.counts.failed).inc()
+            self.counts.seconds.observe(result.latency_s)
+            settled = await self.settle(request, result, sent_ms)
+            if settled.dead:
+                self.counts.dead.inc(settled.dead)
+            if result.status == 410:
+                await self._gone(endpoint)
+            if span.is_recording():
+                _record_outcome(span, result, settled)
+            return settled
 
     async def settle(self, request: ClaimedRequest, result: SendResult, sent_ms: int) -> Settled:
         endpoint = request.endpoint
@@ -465,6 +479,45 @@ class Dispatcher:
             depth = sum(int(reply) for reply in await send_together(self.redis, commands) if isinstance(reply, int))
         self.counts.queue_depth.set(depth)
         return depth
+
+
+def request_span_attributes(request: ClaimedRequest) -> dict[str, Any]:
+    """A request's span attributes: which endpoint, tenant and events, the receiver's host (never the URL's path or
+    query, which may carry a receiver's token, nor the secret; phone numbers masked by set_attributes' rule)."""
+    endpoint = request.endpoint
+    target = urlsplit(endpoint.url)
+    attributes: dict[str, Any] = {
+        "http.request.method": "POST",
+        "url.scheme": target.scheme,
+        "server.address": target.hostname or "",
+        "numprotect.tenant_id": endpoint.tenant_id,
+        "numprotect.endpoint_id": endpoint.endpoint_id,
+        "numprotect.event_count": len(request.events),
+        "numprotect.event_id": request.events[0].event_id,
+        "numprotect.event_type": request.events[0].event_type,
+        "numprotect.attempt": max(e.attempt for e in request.events),
+    }
+    if target.port is not None:
+        attributes["server.port"] = target.port
+    return {name: mask_numbers(value) if isinstance(value, str) else value for name, value in attributes.items()}
+
+
+def _record_outcome(span: trace.Span, result: SendResult, settled: Settled) -> None:
+    """success (a 2xx), gone (410: the endpoint is disabled), dead (the last attempt failed), retry (queued again)."""
+    if result.succeeded:
+        outcome = "success"
+    elif result.status == 410:
+        outcome = "gone"
+    elif settled.dead:
+        outcome = "dead"
+    else:
+        outcome = "retry"
+    attributes: dict[str, Any] = {"numprotect.outcome": outcome, "numprotect.dead": settled.dead}
+    if result.status:
+        attributes["http.response.status_code"] = result.status
+    set_attributes(span, attributes)
+    if not result.succeeded:
+        span.set_status(Status(StatusCode.ERROR, mask_numbers(result.error or f"HTTP {result.status}")))
 
 
 def _requests(by_id: dict[str, StoredEndpoint], claimed: Any) -> list[ClaimedRequest]:

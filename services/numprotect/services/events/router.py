@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from numprotect.core import event_keys
 from numprotect.core.clock import Clock
 from numprotect.core.event_keys import TenantKeys
@@ -32,7 +34,7 @@ from numprotect.core.metrics import Metrics
 from numprotect.core.periodic import Periodic
 from numprotect.core.redis_batch import Command, send_together
 from numprotect.core.redis_client import KeyOrArg, LuaScript, RedisClient, as_text
-from numprotect.core.telemetry.attributes import mask_numbers
+from numprotect.core.telemetry.attributes import mask_numbers, set_span_attributes
 from numprotect.services.events.endpoints import StoredEndpoint
 from numprotect.services.events.render import OutboxEntry, RenderedEvent, Renderer, Unrenderable
 from numprotect.services.events.settings import EventsSettings
@@ -136,9 +138,19 @@ class Router:
     _route_script = LuaScript.beside(__file__, "route.lua")
 
     def __init__(
-        self, redis: RedisClient, settings: EventsSettings, endpoints: EndpointSource, metrics: Metrics, clock: Clock
+        self,
+        redis: RedisClient,
+        settings: EventsSettings,
+        endpoints: EndpointSource,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.redis = redis
+        # An "events route" span per drain with slots to read (rounds that find nothing make none).
+        self.tracer = tracer if tracer is not None else trace.NoOpTracer()
+        self._dropped = 0  # entries dropped in the current drain
         self.settings = settings
         self.endpoints = EndpointCache(endpoints)
         self.counts = RouterCounts(metrics)
@@ -189,7 +201,19 @@ class Router:
         """Routes what the slots' outboxes hold, SLOTS_PER_BATCH slots at a time; a slot another router holds, or
         still full after MAX_TAKES_PER_DRAIN reads, is hinted again for the next poll. Returns the events routed."""
         pending = sorted(set(slots))
-        if pending and not self._scripts_loaded:
+        if not pending:
+            return 0
+        with self.tracer.start_as_current_span("events route") as span:
+            self._dropped = 0
+            routed, again = await self._drain(pending)
+            # Counts only: bounded, no tenant, number or entry id.
+            set_span_attributes(
+                span, slots=len(pending), events_routed=routed, entries_dropped=self._dropped, slots_left=len(again)
+            )
+            return routed
+
+    async def _drain(self, pending: Sequence[int]) -> tuple[int, list[int]]:
+        if not self._scripts_loaded:
             # Loaded once up front: else the first drain's every command comes back NOSCRIPT and is sent again.
             for script in (self._take_script, self._done_script, self._route_script):
                 await script.load(self.redis)
@@ -213,7 +237,7 @@ class Router:
                 for slot in again:
                     pipe.sadd(event_keys.ring_key(slot), slot)
                 await pipe.execute()
-        return routed
+        return routed, again
 
     async def _drain_once(self, slots: Sequence[int]) -> tuple[list[int], list[int], int]:
         """One read of each slot: (slots that gave a full read, slots another router holds, events routed)."""
@@ -335,6 +359,7 @@ class Router:
 
     def _drop(self, exc: Unrenderable, entry_id: str, about: dict[str, str]) -> None:
         self.counts.dropped.labels(exc.reason).inc()
+        self._dropped += 1
         log.warning(
             "events outbox entry dropped",
             extra={"reason": exc.reason, "detail": mask_numbers(str(exc)), "entry_id": entry_id}
