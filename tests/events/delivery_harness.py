@@ -19,7 +19,7 @@ from numprotect.core.settings import Env, RedisSettings
 from numprotect.services.events.deliveries import Deliveries
 from numprotect.services.events.dispatcher import Dispatcher
 from numprotect.services.events.endpoints import EndpointSpec, EndpointStore, StoredEndpoint
-from numprotect.services.events.sender import WebhookSender
+from numprotect.services.events.sender import REQUESTS_IN_FLIGHT, WebhookSender
 from numprotect.services.events.settings import EventsSettings
 
 TENANT = "t1"
@@ -101,8 +101,10 @@ class DeliveryRig:
         sender = WebhookSender(own)
         metrics = Metrics("events")
         self.metrics.append(metrics)
-        bound = {} if requests_in_flight is None else {"requests_in_flight": requests_in_flight}
-        dispatcher = Dispatcher(self.redis, own, self.endpoints, metrics, SystemClock(), sender, **bound)
+        bound = REQUESTS_IN_FLIGHT if requests_in_flight is None else requests_in_flight
+        dispatcher = Dispatcher(
+            self.redis, own, self.endpoints, metrics, SystemClock(), sender, requests_in_flight=bound
+        )
         self._running.append((dispatcher, sender))
         if start:
             dispatcher.start()
