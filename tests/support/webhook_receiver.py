@@ -4,6 +4,7 @@ request (time, headers, body) and answers from a script of responses the test se
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -76,18 +77,21 @@ class WebhookReceiver:
 
 
 @asynccontextmanager
-async def webhook_receiver(path: str = "/hook") -> AsyncIterator[WebhookReceiver]:
-    """A receiver at http://127.0.0.1:<port><path> (any path is answered and recorded)."""
+async def webhook_receiver(
+    path: str = "/hook", *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[WebhookReceiver]:
+    """A receiver at http://127.0.0.1:<port><path> (any path is answered and recorded); with `ssl_context` (its
+    certificate and key loaded), at https://127.0.0.1:<port><path>."""
     receiver = WebhookReceiver(url="")
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", receiver._handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
     sockets = site._server.sockets if site._server is not None else []  # type: ignore[attr-defined]
     port = sockets[0].getsockname()[1]
-    receiver.url = f"http://127.0.0.1:{port}{path}"
+    receiver.url = f"{'https' if ssl_context is not None else 'http'}://127.0.0.1:{port}{path}"
     try:
         yield receiver
     finally:

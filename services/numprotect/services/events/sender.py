@@ -5,12 +5,14 @@ Connections are kept and reused per receiver (aiohttp's pool is keyed by host, p
 NUMPROTECT_EVENTS_REQUEST_TIMEOUT (connect, send, the answer's headers and the part of its body read), follows no
 redirect (a 3xx is a failed attempt), reads at most NUMPROTECT_EVENTS_MAX_RESPONSE_BYTES of the answer (a longer
 one's connection is closed, not drained), keeps no cookies, and goes only to addresses the SSRF guard allows
-(ssrf.py).
+(ssrf.py). An https receiver's certificate and host name are checked against the system's CAs and those of
+NUMPROTECT_EVENTS_CA_FILE: an untrusted one is a failed attempt ("TLS certificate not trusted: ...").
 """
 
 from __future__ import annotations
 
 import email.utils
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -81,6 +83,8 @@ class WebhookSender:
         self.settings = settings
         self.policy = AddressPolicy(settings.allowed_networks)
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
+        # Made once (loading the system store costs milliseconds): every https receiver's certificate is checked.
+        self._tls = settings.receiver_tls()
         self._session: aiohttp.ClientSession | None = None
 
     def _opened(self) -> aiohttp.ClientSession:
@@ -90,6 +94,7 @@ class WebhookSender:
                 limit=REQUESTS_IN_FLIGHT,
                 limit_per_host=self.settings.max_endpoint_concurrency,
                 ttl_dns_cache=DNS_CACHE_SECONDS,
+                ssl=self._tls,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -126,6 +131,8 @@ class WebhookSender:
             return failed(f"name not resolved: {exc.host}")
         except aiohttp.InvalidUrlClientError as exc:
             return failed(f"URL refused: {exc}", refused=True)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            return failed(f"TLS certificate not trusted: {_certificate_problem(exc.certificate_error)}")
         except aiohttp.ClientConnectorError as exc:
             return failed(f"connection failed: {exc.os_error.strerror or exc.os_error}")
         except TimeoutError:
@@ -144,6 +151,13 @@ class WebhookSender:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def _certificate_problem(error: Exception) -> str:
+    """Why a receiver's certificate was refused, in OpenSSL's words ("unable to get local issuer certificate")."""
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return str(error.verify_message)
+    return str(error)
 
 
 async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:

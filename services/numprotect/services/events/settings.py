@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass
 
 from numprotect.core.settings import Env, SettingsError
@@ -51,6 +52,17 @@ class EventsSettings:
     max_watchers_per_tenant: int
     # Most events one ReplayEvents call may queue (a range holding more is refused: replay shorter ranges).
     max_replay_events: int
+    # CAs trusted for receivers' certificates besides the system store (receivers with a private PKI); "": none.
+    ca_file: str = ""
+
+    def receiver_tls(self) -> ssl.SSLContext:
+        """The TLS context of requests to receivers: the system trust store plus `ca_file`'s CAs, certificates and
+        host names always checked, TLS 1.2 or later."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ca_file:
+            context.load_verify_locations(cafile=self.ca_file)
+        return context
 
     @property
     def attempts(self) -> int:
@@ -99,7 +111,17 @@ class EventsSettings:
             max_replay_events=env.integer(
                 "NUMPROTECT_EVENTS_MAX_REPLAY_EVENTS", 100_000, minimum=1, maximum=10_000_000
             ),
+            ca_file=env.raw("NUMPROTECT_EVENTS_CA_FILE") or "",
         )
+        if settings.ca_file:
+            try:
+                settings.receiver_tls()  # a missing, unreadable or non-PEM file refuses start-up here
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+                raise SettingsError(
+                    f"NUMPROTECT_EVENTS_CA_FILE={settings.ca_file!r}: cannot load CA certificates from it ({reason}); "
+                    "it must be a readable PEM file of CA certificates"
+                ) from None
         if settings.retention_s < sum(schedule) + 3600:
             raise SettingsError(
                 "NUMPROTECT_EVENTS_RETENTION: must be at least the retry schedule's total plus 1 h "
