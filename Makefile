@@ -44,7 +44,7 @@ run: protos system-deps
 
 # The services' integration tests run a second time against a real 3-master Redis Cluster with replicas.
 CLUSTER_TESTS := tests/allocation tests/binding tests/translation tests/cdr tests/events tests/doctor \
-	tests/core/test_routes.py tests/core/test_binding_records.py
+	tests/core/test_routes.py tests/core/test_binding_records.py tests/core/test_record_scripts_repeated.py
 
 # Two pytest workers (pytest-xdist), one file per worker at a time: most tests wait on real processes and Redis.
 XDIST := -n 2 --dist loadfile
