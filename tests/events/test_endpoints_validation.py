@@ -36,8 +36,18 @@ BAD_FIELDS: list[tuple[dict[str, Any], str, str]] = [
     ({"url": "https://[fe80::1]/h"}, "url", "link-local"),
     ({"url": "https://169.254.169.254/latest"}, "url", "address not allowed"),
     ({"url": "https://[::ffff:127.0.0.1]/h"}, "url", "loopback"),
+    # Legacy numeric IPv4 forms: the resolver maps them onto addresses (aiohttp refuses some outright at send time)
+    ({"url": "https://127.1/h"}, "url", "four decimal numbers (127.0.0.1)"),
+    ({"url": "https://2130706433/h"}, "url", "four decimal numbers (127.0.0.1)"),
+    ({"url": "https://0x7f000001/h"}, "url", "four decimal numbers (127.0.0.1)"),
+    ({"url": "https://0177.0.0.1/h"}, "url", "four decimal numbers (127.0.0.1)"),
+    ({"url": "https://10.1/h"}, "url", "four decimal numbers (10.0.0.1)"),
     ({"event_types": ["binding.created", "call.started"]}, "event_types", "binding.created, binding.updated"),
     ({"description": "d" * 257}, "description", "256"),
+    # Shown to people (the operator's CLI table too): no terminal escapes, NULs or other control characters
+    ({"description": "orders\x1b[2J\x1b]0;pwned\x07"}, "description", "control characters"),
+    ({"description": "a\x00b"}, "description", "control characters"),
+    ({"description": "a\x9bb"}, "description", "control characters"),
     ({"batch_size": -1}, "batch_size", "NUMPROTECT_EVENTS_MAX_BATCH_SIZE"),
     ({"batch_size": 101}, "batch_size", "to 100"),
     ({"max_concurrency": 65}, "max_concurrency", "NUMPROTECT_EVENTS_MAX_ENDPOINT_CONCURRENCY"),
@@ -172,6 +182,11 @@ async def test_update_mask_rules(events_service: ServiceFactory) -> None:
             pb.UpdateEndpointRequest(endpoint=bad, update_mask=mask("url", "event_types", "batch_size"))
         )
         assert fields == ["endpoint.url", "endpoint.event_types", "endpoint.batch_size"]
+        hostile = pb.Endpoint(endpoint_id=ep, url="https://0x0a000001/h", description="ok\x1b[31m")
+        fields, message = await refused(
+            pb.UpdateEndpointRequest(endpoint=hostile, update_mask=mask("url", "description"))
+        )
+        assert fields == ["endpoint.url", "endpoint.description"] and "(10.0.0.1)" in message
         fields, _ = await refused(
             pb.UpdateEndpointRequest(endpoint=pb.Endpoint(endpoint_id="nope"), update_mask=mask("description"))
         )

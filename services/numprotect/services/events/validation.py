@@ -4,10 +4,13 @@ and the rule (google.rpc.BadRequest).
 Rules (docs/events.md):
 - url: at most 2048 characters, https:// (http:// only with NUMPROTECT_EVENTS_ALLOW_HTTP=on), a host, no user
   name or password, no fragment, no spaces or control characters; an IP-literal host the SSRF guard (ssrf.py)
-  refuses is refused here already (the guard checks every address again at send time).
+  refuses is refused here already (the guard checks every address again at send time); so is a host in a legacy
+  numeric IPv4 form (127.1, 2130706433, 0x7f000001, 0177.0.0.1): the resolver maps it onto an address, aiohttp
+  refuses some of them outright at send time, and a tenant should learn that now, not from its dead letters.
 - event_types: each one of event_keys.EVENT_TYPES (empty: every type); a type named twice counts once.
-- description: at most 256 characters. batch_size: 0 to NUMPROTECT_EVENTS_MAX_BATCH_SIZE. max_concurrency: 0 to
-  NUMPROTECT_EVENTS_MAX_ENDPOINT_CONCURRENCY.
+- description: at most 256 characters, no control characters (people read it, the operator's CLI table too: a
+  tenant's terminal escapes must not reach their terminal). batch_size: 0 to NUMPROTECT_EVENTS_MAX_BATCH_SIZE.
+  max_concurrency: 0 to NUMPROTECT_EVENTS_MAX_ENDPOINT_CONCURRENCY.
 - update_mask: at least one path (an empty mask is refused, as UpdateBinding's: a client that forgot it must not
   reset the endpoint); "*" names every updatable field; a path may start with "endpoint.".
 - state (UpdateEndpoint): ENDPOINT_STATE_ENABLED or ENDPOINT_STATE_DISABLED; GONE is the service's to set.
@@ -16,6 +19,8 @@ Rules (docs/events.md):
 from __future__ import annotations
 
 import re
+import socket
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -123,15 +128,32 @@ def _ip_literal(field: str, raw: str, host: str, settings: EventsSettings, v: Vi
     except UrlRefused as exc:
         v.add(field, str(exc))
         return
+    legacy = _legacy_ipv4(host)
+    if legacy is not None:
+        v.add(field, f"must write an IPv4 address as four decimal numbers ({legacy}), not {host[:64]!r}")
+        return
     address = ip_literal(host)
     refusal = None if address is None else AddressPolicy(settings.allowed_networks).refusal(address)
     if refusal is not None:
         v.add(field, refusal)
 
 
+def _legacy_ipv4(host: str) -> str | None:
+    """The dotted-decimal address a host in a legacy numeric IPv4 form stands for (inet_aton reads 127.1,
+    2130706433, 0x7f000001 and 0177.0.0.1 as 127.0.0.1); None for a standard IP literal or a name."""
+    if ip_literal(host) is not None:
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
 def description(field: str, raw: str, v: Violations) -> str:
     if len(raw) > MAX_DESCRIPTION_LENGTH:
         v.add(field, f"must be at most {MAX_DESCRIPTION_LENGTH} characters")
+    elif any(unicodedata.category(c) == "Cc" for c in raw):
+        v.add(field, "must not contain control characters (such as terminal escapes, tabs or line breaks)")
     return raw
 
 
