@@ -92,6 +92,11 @@ async def test_endpoints_create_get_list_update_rotate_delete(stack: StackFactor
         assert enabled.exit_code == 0 and "ENABLED" in enabled.stdout and "billing" in enabled.stdout
         nothing = await s.cli("endpoints", "update", endpoint_id, f"--tenant={TENANT}")
         assert nothing.exit_code == 64 and "give at least one of --url" in nothing.stderr
+        # --all-types and --event-type contradict each other: a usage error, the endpoint untouched.
+        both = await s.cli(
+            "endpoints", "update", endpoint_id, f"--tenant={TENANT}", "--all-types", "--event-type=binding.created"
+        )
+        assert both.exit_code == 64 and "--all-types or --event-type" in both.stderr, both.stderr
 
         # rotate-secret: a new secret, the previous one signing until the grace period ends.
         rotated = await s.cli(

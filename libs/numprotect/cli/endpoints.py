@@ -102,6 +102,8 @@ def update(
     output: OutputOption = OutputFormat.table,
 ) -> None:
     """Change what the options give (update_mask names exactly those); the rest stays."""
+    if event_types and all_types:
+        raise typer.BadParameter("give --all-types or --event-type, not both")
     endpoint = pb.Endpoint(tenant_id=tenant, endpoint_id=endpoint_id)
     paths: list[str] = []
     if url is not None:
