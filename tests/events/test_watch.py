@@ -128,7 +128,9 @@ async def test_watcher_limits_answer_resource_exhausted_naming_the_setting(
         assert await asyncio.wait_for(again, 2) == []
 
 
-@pytest.mark.parametrize("cursor", ["x", "1-", "-1-0", "12", "99999999999999999999999-0", "0-0 "])
+@pytest.mark.parametrize(
+    "cursor", ["x", "1-", "-1-0", "12", "99999999999999999999999-0", "0-0 ", "99999999999999-0", "4102444800000-0"]
+)
 async def test_a_cursor_of_no_form_a_watch_gives_is_invalid(redis_env: dict[str, str], cursor: str) -> None:
     async with router_parts(redis_env) as (redis, _, _, _), event_log(redis) as log:
         with pytest.raises(InvalidArgument) as refused:

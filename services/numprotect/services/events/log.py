@@ -36,6 +36,8 @@ REPLAY_PAGE = 1000
 ENQUEUE_CHUNK = 500
 _ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})", re.ASCII)
 _START = "0-0"
+# How far past this process's clock a cursor may be (Redis's clock may run ahead of it).
+FUTURE_CURSOR_SLACK_MS = 60_000
 
 _enqueue = LuaScript.beside(__file__, "enqueue.lua")
 _replay_scan = LuaScript.beside(__file__, "replay_scan.lua")
@@ -150,6 +152,8 @@ class EventLog:
         log_key = TenantKeys(tenant_id).log
         block_ms = max(1, int(self.settings.watch_block_s * 1000))
         with self.watchers.hold(tenant_id):
+            if cursor not in ("", "0"):
+                self._check_not_future(cursor)
             after = _START if cursor == "0" else cursor or await self._last_id(log_key)
             while not self._closing.is_set():
                 reply: Any = await self.watch_redis.xread({log_key: after}, count=WATCH_COUNT, block=block_ms)
@@ -159,6 +163,12 @@ class EventLog:
                         event = event_of(fields)
                         if not wanted or event.type in wanted:
                             yield event, after
+
+    def _check_not_future(self, cursor: str) -> None:
+        # Log entry ids are Redis TIME milliseconds: a cursor past now (beyond any clock skew) was issued by no watch,
+        # and resuming from it would skip, silently, every event until that time.
+        if int(cursor.split("-", 1)[0]) > self.clock.now_ms() + FUTURE_CURSOR_SLACK_MS:
+            raise InvalidArgument.field("cursor", CURSOR_RULE + " (this one is later than now)")
 
     async def _last_id(self, log_key: str) -> str:
         newest: Any = await self.redis.xrevrange(log_key, "+", "-", count=1)
