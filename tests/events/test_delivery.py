@@ -144,6 +144,22 @@ async def test_a_4xx_is_retried_without_pausing_the_endpoint(redis_env: dict[str
         assert first.event_id != second.event_id
 
 
+async def test_a_redirect_is_a_failed_attempt_that_pauses_the_endpoint_like_a_5xx(redis_env: dict[str, str]) -> None:
+    # A receiver that redirects is misconfigured or moved: it gets the backoff an overloaded one gets, not a request
+    # per due event (the review saw a redirecting receiver get 116 requests to an always-500 one's 70).
+    async with webhook_receiver() as receiver, delivery_rig(redis_env) as rig:
+        receiver.script([Reply(302, headers={"Location": "http://127.0.0.1:1/elsewhere"})])
+        endpoint = await rig.endpoint(receiver.url)
+        published = await rig.publish([endpoint])
+        rig.dispatcher()
+        [attempt] = await eventually(lambda: attempts_of(rig, endpoint))
+        assert (attempt.event_id, attempt.http_status, attempt.succeeded) == (published.event_id, 302, False)
+        state = TenantKeys(TENANT).state(endpoint.endpoint_id)
+        assert int(await rig.redis.hget(state, "fails") or 0) == 1
+        assert int(await rig.redis.hget(state, "pause") or 0) > 0
+        assert [r.path for r in receiver.received] == ["/hook"]  # the redirect was not followed
+
+
 async def test_410_gone_disables_the_endpoint_and_keeps_its_queue(redis_env: dict[str, str]) -> None:
     async with webhook_receiver() as receiver, delivery_rig(redis_env) as rig:
         receiver.script([Reply(410), Reply(200)])

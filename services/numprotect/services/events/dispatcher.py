@@ -7,7 +7,7 @@ less its requests in flight, each request up to its batch size, never while the 
 go in flight under a lease (settings.lease_s). One round is one round trip (the tenants' claims pipelined). Each
 request is signed (signing.py), POSTed (sender.py), then settled (settle.lua): a 2xx acknowledges it; any other
 answer, or none, is a failed attempt: queued again after the retry schedule's next delay with +/- the jitter (and
-not before the receiver's Retry-After), or a dead letter after the last attempt; a 429, a 5xx or no answer also
+not before the receiver's Retry-After), or a dead letter after the last attempt; a 429, a 5xx, a 3xx or no answer also
 pauses the endpoint (for Retry-After, else for a backoff that doubles per consecutive failure and resets on a
 success); a 410 disables the endpoint (EndpointStore.mark_gone; its queued work stays for when it is enabled
 again). Every attempt is recorded in the endpoint's attempts stream.
@@ -406,8 +406,10 @@ class Dispatcher:
         status = result.status
         if result.succeeded:
             outcome = "ok"
-        elif status == 429 or status >= 500 or (status == 0 and not result.refused):
-            outcome = "slow"  # the receiver is overloaded or down: the endpoint pauses
+        elif status == 429 or status >= 500 or 300 <= status < 400 or (status == 0 and not result.refused):
+            # The receiver is overloaded, down, or redirects (moved or misconfigured; never followed): the endpoint
+            # pauses, so it is not sent a request per due event.
+            outcome = "slow"
         else:
             outcome = "fail"
         retry_after = retry_after_ms(result.retry_after, self.clock.now_ms())
