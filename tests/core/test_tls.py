@@ -101,7 +101,8 @@ def test_a_plaintext_client_cannot_call_the_service_and_a_tls_client_can(service
         with pytest.raises(grpc.RpcError) as distrusted:
             _check(process.address, client_credentials(ca_file=other.ca_file))
         assert distrusted.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert '"tls": "none"' in "\n".join(process.lines)
+        serving = "\n".join(process.lines)
+        assert '"tls": "on"' in serving and '"client_certificates": "none"' in serving
     finally:
         assert process.stop() == 0
 

@@ -491,7 +491,9 @@ class _Startup:
                 "host": self.server.host,
                 "pid": os.getpid(),
                 "model": model,
-                "tls": self.tls.client_auth if self.tls.enabled else "off",  # none (TLS), require (mTLS) or off
+                # "on" or "off"; with TLS on, client certificates: "none" (TLS) or "require" (mTLS).
+                "tls": "on" if self.tls.enabled else "off",
+                "client_certificates": self.tls.client_auth if self.tls.enabled else "none",
                 "health_port": self.server.health_port,
                 # Where Prometheus scrapes this process (None: NUMPROTECT_METRICS=off).
                 "metrics_url": app.metrics_endpoint.url if app.metrics_endpoint is not None else None,
