@@ -158,6 +158,11 @@ async def test_create_api_key_names_the_field_and_rule_of_bad_input(allocation_s
             ),
             (pb.CreateApiKeyRequest(role=pb.ROLE_REGULATOR, description="x" * 257), ["description"], "256"),
             (
+                pb.CreateApiKeyRequest(role=pb.ROLE_REGULATOR, description="ops\x1b[2J\x00"),
+                ["description"],
+                "control characters",
+            ),
+            (
                 pb.CreateApiKeyRequest(role=pb.ROLE_REGULATOR, expire_time=timestamp_in(-1)),
                 ["expire_time"],
                 "future",

@@ -9,6 +9,7 @@ events. A token appears only in CreateApiKey's response: never in a log, span or
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from numprotect.admin.v1 import admin_pb2 as pb
@@ -126,6 +127,11 @@ class AdminServiceServicer(admin_pb2_grpc.AdminServiceServicer):
         principal_id = _principal_id(request, role)
         if len(request.description) > DESCRIPTION_LIMIT:
             raise InvalidArgument.field("description", f"must be at most {DESCRIPTION_LIMIT} characters")
+        if any(unicodedata.category(c) == "Cc" for c in request.description):
+            # `numprotect keys list` prints it in a terminal table: no escape sequences, NULs or line breaks.
+            raise InvalidArgument.field(
+                "description", "must not contain control characters (such as terminal escapes, tabs or line breaks)"
+            )
         expire_ms = optional_timestamp_ms(request, "expire_time")
         if expire_ms is not None and expire_ms <= self.clock.now_ms():
             raise InvalidArgument.field("expire_time", "must be in the future (or unset: the key never expires)")
