@@ -122,10 +122,14 @@ class EventsSettings:
                     f"NUMPROTECT_EVENTS_CA_FILE={settings.ca_file!r}: cannot load CA certificates from it ({reason}); "
                     "it must be a readable PEM file of CA certificates"
                 ) from None
-        if settings.retention_s < sum(schedule) + 3600:
+        # Each delay may be drawn up to the jitter longer: the last attempt comes up to (1 + jitter) x the total
+        # after the first, and its event must still be in the log then (else it is dropped, not a dead letter).
+        longest_s = sum(schedule) * (1 + settings.retry_jitter)
+        if settings.retention_s < longest_s + 3600:
             raise SettingsError(
-                "NUMPROTECT_EVENTS_RETENTION: must be at least the retry schedule's total plus 1 h "
-                f"({(sum(schedule) + 3600) / 3600:.1f} h): an event waiting for its last attempt must still be kept"
+                "NUMPROTECT_EVENTS_RETENTION: must be at least the retry schedule's total, lengthened by "
+                f"NUMPROTECT_EVENTS_RETRY_JITTER, plus 1 h ({(longest_s + 3600) / 3600:.1f} h): an event waiting for "
+                "its last attempt must still be kept"
             )
         if settings.endpoint_concurrency > settings.max_endpoint_concurrency:
             raise SettingsError(
