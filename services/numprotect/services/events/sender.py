@@ -130,13 +130,18 @@ class WebhookSender:
                 return failed(str(exc.os_error), refused=True)
             return failed(f"name not resolved: {exc.host}")
         except aiohttp.InvalidUrlClientError as exc:
-            return failed(f"URL refused: {exc}", refused=True)
+            # Not str(exc): it is the whole URL, whose path or query may carry the receiver's token (the error goes
+            # to the attempt's record and the request's span).
+            return failed(f"URL refused: {exc.description or 'not a URL aiohttp can request'}", refused=True)
         except aiohttp.ClientConnectorCertificateError as exc:
             return failed(f"TLS certificate not trusted: {_certificate_problem(exc.certificate_error)}")
         except aiohttp.ClientConnectorError as exc:
             return failed(f"connection failed: {exc.os_error.strerror or exc.os_error}")
         except TimeoutError:
             return failed(f"timeout after {self.settings.request_timeout_s:g}s")
+        except aiohttp.ClientResponseError as exc:
+            # An answer that is no valid HTTP. Not str(exc): it ends with the request's URL (path and query too).
+            return failed(f"invalid HTTP answer: {exc.message}"[:300])
         except aiohttp.ClientError as exc:
             return failed(f"request failed: {type(exc).__name__}: {exc}"[:300])
         latency = time.perf_counter() - started
