@@ -38,6 +38,10 @@ _ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})", re.ASCII)
 _START = "0-0"
 # How far past this process's clock a cursor may be (Redis's clock may run ahead of it).
 FUTURE_CURSOR_SLACK_MS = 60_000
+# How much before a replay's start the log is read: an entry's id is the routing time by the Redis node of the
+# tenant's slot, its event time comes from another clock (the binding service's host, the Redis node of a CDR
+# bucket or a sub-pool) that may run a little ahead, so an event at the range's start may be logged just before it.
+REPLAY_CLOCK_SLACK_MS = 60_000
 
 _enqueue = LuaScript.beside(__file__, "enqueue.lua")
 _replay_scan = LuaScript.beside(__file__, "replay_scan.lua")
@@ -179,12 +183,13 @@ class EventLog:
         log entries: the same event ids); returns how many. All or nothing: a range holding more than
         settings.max_replay_events of them is RESOURCE_EXHAUSTED (naming the setting) with nothing queued, found
         out as soon as the read passes the limit. The log is read in chunks of REPLAY_PAGE entries, ids only
-        (replay_scan.lua), from start_ms on: an entry is logged when routed, never before its event."""
+        (replay_scan.lua), from REPLAY_CLOCK_SLACK_MS before start_ms on: an entry is logged when routed, after
+        its event (by clocks that may differ a little)."""
         log_key = TenantKeys(stored.tenant_id).log
         limit = self.settings.max_replay_events
         types = list(stored.endpoint.event_types)
         chosen: list[str] = []
-        start = f"{start_ms}-0"
+        start = f"{max(0, start_ms - REPLAY_CLOCK_SLACK_MS)}-0"
         while start:
             reply: Any = await _replay_scan(self.redis, [log_key], [start, start_ms, end_ms, REPLAY_PAGE, *types])
             last, *ids = (as_text(item) for item in reply)
