@@ -14,7 +14,7 @@ import base64
 import re
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from numprotect.core.clock import Clock
@@ -57,8 +57,9 @@ class StoredEndpoint:
     with), the current secret, and the previous one with the end of its grace (ms; "" and 0 when none)."""
 
     endpoint: events_pb2.Endpoint
-    secret: str
-    previous_secret: str = ""
+    # Never in a repr (a log line, an error, a test's failure message): a secret signs the tenant's webhooks.
+    secret: str = field(repr=False)
+    previous_secret: str = field(default="", repr=False)
     previous_secret_expire_ms: int = 0
 
     @property
