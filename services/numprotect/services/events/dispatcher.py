@@ -80,7 +80,7 @@ class EndpointSource(Protocol):
 
     async def get_stored(self, tenant_id: str, endpoint_id: str) -> StoredEndpoint | None: ...
 
-    async def mark_gone(self, tenant_id: str, endpoint_id: str, reason: str) -> None: ...
+    async def mark_gone(self, tenant_id: str, endpoint_id: str, reason: str, *, url: str | None = None) -> None: ...
 
 
 class DeliveryCounts:
@@ -452,12 +452,17 @@ class Dispatcher:
 
     async def _gone(self, endpoint: StoredEndpoint) -> None:
         """The receiver answered 410: the endpoint is disabled (counted once, by the request that disabled it,
-        unless several answer 410 at the same moment)."""
-        self._endpoints.gone(endpoint.endpoint_id)
+        unless several answer 410 at the same moment), unless it points at another URL by now (moved to a new
+        receiver while this request was on its way to the old one)."""
         current = await self.endpoints.get_stored(endpoint.tenant_id, endpoint.endpoint_id)
+        if current is not None and current.url != endpoint.url:
+            return
+        self._endpoints.gone(endpoint.endpoint_id)
         if current is None or not current.enabled:
             return
-        await self.endpoints.mark_gone(endpoint.tenant_id, endpoint.endpoint_id, "the receiver answered 410 Gone")
+        await self.endpoints.mark_gone(
+            endpoint.tenant_id, endpoint.endpoint_id, "the receiver answered 410 Gone", url=endpoint.url
+        )
         self.counts.gone.inc()
         log.info(
             "webhook endpoint disabled: its receiver answered 410 Gone",

@@ -194,12 +194,14 @@ class EndpointStore:
         raw: Any = await self.redis.hget(TenantKeys(tenant_id).endpoints, endpoint_id)  # type: ignore[misc]
         return None if raw is None else StoredEndpoint.from_bytes(raw)
 
-    async def mark_gone(self, tenant_id: str, endpoint_id: str, reason: str) -> None:
+    async def mark_gone(self, tenant_id: str, endpoint_id: str, reason: str, *, url: str | None = None) -> None:
         """The receiver answered 410 Gone: the endpoint receives nothing until UpdateEndpoint enables it again. An
-        endpoint already disabled (or deleted) stays as it is."""
+        endpoint already disabled (or deleted) stays as it is; so does one that no longer points at `url` (the URL
+        the 410 came from, when given): a tenant that moved its endpoint to a new receiver and retired the old one
+        with 410s must not have the new one disabled by an answer to a request sent before the move."""
 
         def gone(stored: StoredEndpoint) -> tuple[StoredEndpoint, bool] | None:
-            if stored.endpoint.state != ENABLED:
+            if stored.endpoint.state != ENABLED or (url is not None and stored.url != url):
                 return None
 
             def change(endpoint: events_pb2.Endpoint) -> None:
