@@ -3,9 +3,9 @@
 binding_record_update.lua keeps, per slot, the expiries of the slot's committed, undeleted bindings
 (event_keys.expiry_key) and its caller lowers the slot's score in an expiry ring to the new expiry (ZADD LT: the
 ring holds, per slot, a time at or before the slot's earliest expiry). Every expiry poll the expirer reads the
-slots due in the rings, runs expire_due.lua in each (by Redis's clock: the outbox entries of the bindings expired,
-committed and undeleted, the zset cleaned), hints the router (the outbox ring), and re-arms the ring with the slot's
-next expiry.
+slots due in the rings by Redis's clock (expiry_due_slots.lua), runs expire_due.lua in each (also by Redis's
+clock: the outbox entries of the bindings expired, committed and undeleted, the zset cleaned), hints the router
+(the outbox ring), and re-arms the ring with the slot's next expiry.
 
 Re-arming without losing a producer's hint: expiry_rearm.lua moves the slot's score to its next expiry unless a
 producer lowered it meanwhile; a producer that added an expiry after expire_due.lua read the zset but whose ZADD LT
@@ -25,7 +25,7 @@ from numprotect.core.binding_records import binding_key
 from numprotect.core.clock import Clock
 from numprotect.core.metrics import Metrics
 from numprotect.core.periodic import Periodic
-from numprotect.core.redis_batch import Command, send_together
+from numprotect.core.redis_batch import Command, raise_first, send_together
 from numprotect.core.redis_client import LuaScript, RedisClient, as_text
 from numprotect.services.events.settings import EventsSettings
 from numprotect.services.events.slot_sweep import error_text, sweep_slots
@@ -45,6 +45,7 @@ class Expirer:
     """`metrics`: the events this records are counted where they are routed (numprotect_events_routed_total
     {type="binding.expired"}; numprotect_events_route_lag_seconds from the expiry instant)."""
 
+    _due_slots = LuaScript.beside(__file__, "expiry_due_slots.lua")
     _expire_due = LuaScript.beside(__file__, "expire_due.lua")
     _rearm = LuaScript.beside(__file__, "expiry_rearm.lua")
 
@@ -72,18 +73,21 @@ class Expirer:
         return await self.expire_due()
 
     async def expire_due(self) -> int:
-        now_ms = self.clock.now_ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for ring in event_keys.expiry_ring_keys():
-                pipe.zrangebyscore(ring, "-inf", now_ms, start=0, num=SLOTS_PER_RING, withscores=True)
-            replies = await pipe.execute()
-        due = {int(as_text(slot)): int(score) for members in replies for slot, score in members}
-        if not due:
-            return 0
         if not self._scripts_loaded:  # once up front, not NOSCRIPT for every slot of the first round
-            for script in (self._expire_due, self._rearm):
+            for script in (self._due_slots, self._expire_due, self._rearm):
                 await script.load(self.redis)
             self._scripts_loaded = True
+        # Due by Redis's clock (expiry_due_slots.lua), the one expire_due.lua expires by: this process's clock may
+        # lag it, and binding.expired would come that much later.
+        commands = [Command.run(self._due_slots, [ring], [SLOTS_PER_RING]) for ring in event_keys.expiry_ring_keys()]
+        now_ms = 0
+        due: dict[int, int] = {}
+        for reply in raise_first(await send_together(self.redis, commands)):
+            now_ms = max(now_ms, int(reply[0]))
+            for i in range(1, len(reply), 2):
+                due[int(as_text(reply[i]))] = int(float(as_text(reply[i + 1])))
+        if not due:
+            return 0
         expired = 0
         slots = sorted(due)
         next_expiry: dict[int, int] = {}
