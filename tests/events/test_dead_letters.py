@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from events.delivery_harness import TENANT, delivery_rig, metric
+from events.delivery_harness import TENANT, DeliveryRig, delivery_rig, metric
 from events.test_delivery import eventually
 
 from numprotect.core.event_keys import TenantKeys
@@ -86,3 +86,23 @@ async def test_attempts_page_newest_first(redis_env: dict[str, str]) -> None:
         [only] = (await rig.deliveries.attempts(TENANT, ep, published[2].event_id, 10, ""))[0]
         assert only.event_id == published[2].event_id
         assert (await rig.deliveries.attempts(TENANT, ep, "evt_none", 10, "")) == ([], "")
+
+
+async def test_an_event_trimmed_from_the_log_before_its_attempt_counts_as_undeliverable(
+    redis_env: dict[str, str],
+) -> None:
+    # Its log entry went with the retention (a receiver that kept answering Retry-After for days): the event cannot
+    # be sent or redriven. It is counted with the dead letters, so NumprotectWebhookDeadLettersGrowing fires.
+    async with webhook_receiver() as receiver, delivery_rig(redis_env) as rig:
+        endpoint = await rig.endpoint(receiver.url)
+        published = await rig.publish([endpoint])
+        await rig.redis.xdel(TenantKeys(TENANT).log, published.log_id)
+        rig.dispatcher()
+        await eventually(
+            lambda: _when_counted(rig, "numprotect_webhook_dead_letters_total", 1),
+        )
+        assert receiver.received == []
+
+
+async def _when_counted(rig: DeliveryRig, name: str, value: float) -> bool | None:
+    return True if rig.metrics and metric(rig.metrics[0], name) == value else None

@@ -101,7 +101,9 @@ class DeliveryCounts:
             buckets=DELIVERY_BUCKETS,
         )
         self.dead = metrics.counter(
-            "numprotect_webhook_dead_letters", "Events that became dead letters (every attempt failed)"
+            "numprotect_webhook_dead_letters",
+            "Events that will not be delivered: dead letters (every attempt failed), and queued events whose log"
+            " entry the retention removed before their next attempt",
         )
         self.queue_depth = metrics.gauge(
             "numprotect_webhook_queue_depth",
@@ -340,6 +342,9 @@ class Dispatcher:
             if dead:
                 self.counts.dead.inc(dead)
             if dropped:
+                # Undeliverable for good (their bodies are gone; nothing to redrive): counted with the dead letters,
+                # so the dead-letter alert fires.
+                self.counts.dead.inc(dropped)
                 log.warning(
                     "queued events no longer in the log (older than the retention) dropped",
                     extra={"tenant_id": tenant_id, "events": dropped},
