@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -161,7 +162,16 @@ class Renderer:
                 out.append(exc)
                 continue
             except Exception as exc:  # a bug: the same every time, so it must not hold up the outbox either
-                log.exception("events render failed", extra={"entry_id": entry.entry_id, "type": entry.type})
+                # Where it failed and what, not the exception's text: that may hold a party's number.
+                log.error(
+                    "events render failed",
+                    extra={
+                        "entry_id": entry.entry_id,
+                        "type": entry.type,
+                        "error": type(exc).__name__,
+                        "where": "".join(traceback.format_tb(exc.__traceback__)),
+                    },
+                )
                 out.append(Unrenderable("render_failed", f"entry {entry.entry_id}: {type(exc).__name__}"))
                 continue
             event_id = entry.event_id
