@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -50,6 +51,33 @@ class InvalidArgument(DomainError):
             ]
         )
         return [_pack(bad_request)]
+
+
+class FieldRule(Protocol):
+    """A rule of one field's value (numprotect.core.identifiers.IdentifierRule)."""
+
+    def violation(self, field: str, raw: str) -> FieldViolation | None: ...
+
+
+class Violations:
+    """Collects field violations; raise_if_any raises one InvalidArgument naming all of them."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def identifier(self, rule: FieldRule, field: str, raw: str) -> str:
+        """`raw`, noting a violation when it is empty or breaks the rule (numprotect.core.identifiers)."""
+        problem = rule.violation(field, raw)
+        if problem is not None:
+            self.items.append(problem)
+        return raw
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
 
 
 class FailedPrecondition(DomainError):

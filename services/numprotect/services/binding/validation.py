@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from numprotect.binding.v1 import binding_pb2 as pb
+from numprotect.core import errors
 from numprotect.core.conversions import bounded_duration_ms, timestamp_ms
-from numprotect.core.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from numprotect.core.identifiers import BINDING_ID, OUT_ORDER_ID, TENANT_ID, IdentifierRule
+from numprotect.core.errors import FailedPrecondition, InvalidArgument
+from numprotect.core.identifiers import BINDING_ID, OUT_ORDER_ID, TENANT_ID
 from numprotect.core.phone import InvalidNumber, normalize_party, validate_city_code, validate_extension
 from numprotect.core.routes import MODE_AXB, MODE_AXE, MODE_AXN, RESTRICTION_NONE
 
@@ -49,14 +50,8 @@ class UpdateSpec:
     recording_enabled: bool
 
 
-class Violations:
-    """Collects field violations; raise_if_any raises one InvalidArgument naming all of them."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
+class Violations(errors.Violations):
+    """The shared collector (numprotect.core.errors.Violations), with binding's own readers."""
 
     def party(self, field: str, raw: str) -> str:
         try:
@@ -65,13 +60,6 @@ class Violations:
             self.add(field, str(exc))
             return ""
 
-    def identifier(self, rule: IdentifierRule, field: str, raw: str) -> str:
-        """`raw`, noting a violation when it is empty or breaks the rule (numprotect.core.identifiers)."""
-        problem = rule.violation(field, raw)
-        if problem is not None:
-            self.items.append(problem)
-        return raw
-
     def milliseconds(self, read: Callable[..., int], field: str, value: _Message, *bounds: int) -> int | None:
         """`read(field, value, *bounds)` (a numprotect.core.conversions reader), or None noting its violation."""
         try:
@@ -79,10 +67,6 @@ class Violations:
         except InvalidArgument as exc:
             self.items.extend(exc.violations)
             return None
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise InvalidArgument(self.items)
 
 
 def ids(field_prefix: str, binding: str, tenant: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import grpc
 
 from numprotect.core.clock import Clock
 from numprotect.core.conversions import bounded_duration_ms, seconds_text, timestamp_ms
-from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from numprotect.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violations
 from numprotect.core.identifiers import TENANT_ID
 from numprotect.core.identity.layer import Callers
 from numprotect.core.page_tokens import PageTokenKey, PageTokens
@@ -217,7 +217,7 @@ class EventServiceServicer(events_pb2_grpc.EventServiceServicer):
         return events_pb2.ReplayEventsResponse(events_queued=queued)
 
     def _replay_range(self, request: events_pb2.ReplayEventsRequest) -> tuple[int, int]:
-        v = validation.Violations()
+        v = Violations()
         bounds: list[int] = []
         for field in ("start_time", "end_time"):
             if not request.HasField(field):
@@ -262,7 +262,7 @@ class EventServiceServicer(events_pb2_grpc.EventServiceServicer):
         # The log read is the caller's own tenant's (or the one the operator names): a cursor only moves within it.
         # The log bounds the watches (per process, per tenant) and ends them on shutdown.
         tenant_id = self._tenant(request.tenant_id)
-        v = validation.Violations()
+        v = Violations()
         v.identifier(TENANT_ID, "tenant_id", tenant_id)
         types = validation.event_types("event_types", request.event_types, v)
         v.raise_if_any()

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from numprotect.core.errors import FieldViolation, InvalidArgument
+from numprotect.core.errors import InvalidArgument, Violations
 from numprotect.core.event_keys import EVENT_TYPES
 from numprotect.core.identifiers import TENANT_ID, IdentifierRule
 from numprotect.events.v1 import events_pb2
@@ -45,26 +45,6 @@ _QUOTED_PATHS = 3
 _QUOTED_PATH_LENGTH = 40
 _UNPRINTABLE = re.compile(r"[\x00-\x20\x7f]")
 _ALLOWED_TYPES = ", ".join(EVENT_TYPES)
-
-
-class Violations:
-    """Collects field violations; raise_if_any raises one InvalidArgument naming all of them."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
-
-    def identifier(self, rule: IdentifierRule, field: str, raw: str) -> str:
-        problem = rule.violation(field, raw)
-        if problem is not None:
-            self.items.append(problem)
-        return raw
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise InvalidArgument(self.items)
 
 
 def ids(tenant_id: str, endpoint_id: str, *, prefix: str = "") -> None:
