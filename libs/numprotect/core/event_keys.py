@@ -47,11 +47,13 @@ Tenant ids hold no ':' or braces (identifiers.TENANT_ID); endpoint ids and event
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 from functools import cache
 
-CLUSTER_SLOTS = 16384
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS
+from redis.crc import key_slot as redis_key_slot
+
+CLUSTER_SLOTS = REDIS_CLUSTER_HASH_SLOTS
 NUMBER_OF_RINGS = 16
 PREFIX = "np:ev:"
 
@@ -78,12 +80,7 @@ EVENT_TYPES = (
 
 def key_slot(key: str) -> int:
     """The Redis Cluster slot of a key (its hash tag's, if it has one), as Redis computes it."""
-    start = key.find("{")
-    if start >= 0:
-        end = key.find("}", start + 1)
-        if end > start + 1:
-            key = key[start + 1 : end]
-    return binascii.crc_hqx(key.encode(), 0) % CLUSTER_SLOTS
+    return redis_key_slot(key.encode())
 
 
 @cache
@@ -94,7 +91,7 @@ def _slot_tags() -> tuple[str, ...]:
     i = 0
     while missing:
         tag = f"e{i:x}"
-        slot = binascii.crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
+        slot = redis_key_slot(tag.encode())
         if tags[slot] is None:
             tags[slot] = tag
             missing -= 1
