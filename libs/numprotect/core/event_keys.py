@@ -55,6 +55,8 @@ from redis.crc import key_slot as redis_key_slot
 
 CLUSTER_SLOTS = REDIS_CLUSTER_HASH_SLOTS
 NUMBER_OF_RINGS = 16
+# The most slots one ring can hold (a slot's ring is slot % NUMBER_OF_RINGS): what one read of a ring takes.
+SLOTS_PER_RING = CLUSTER_SLOTS // NUMBER_OF_RINGS
 PREFIX = "np:ev:"
 
 # Event types (docs/events.md).

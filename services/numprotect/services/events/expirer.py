@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 BINDINGS_PER_CALL = 500
 # Calls per slot in one round before the rest waits for the next poll.
 MAX_CALLS_PER_SLOT = 20
-# Due slots read from one ring per poll.
-SLOTS_PER_RING = event_keys.CLUSTER_SLOTS // event_keys.NUMBER_OF_RINGS
 _RECORD_PREFIX, _RECORD_SUFFIX = binding_key("\0").split("\0")
 
 
@@ -79,7 +77,9 @@ class Expirer:
             self._scripts_loaded = True
         # Due by Redis's clock (expiry_due_slots.lua), the one expire_due.lua expires by: this process's clock may
         # lag it, and binding.expired would come that much later.
-        commands = [Command.run(self._due_slots, [ring], [SLOTS_PER_RING]) for ring in event_keys.expiry_ring_keys()]
+        commands = [
+            Command.run(self._due_slots, [ring], [event_keys.SLOTS_PER_RING]) for ring in event_keys.expiry_ring_keys()
+        ]
         now_ms = 0
         due: dict[int, int] = {}
         for reply in raise_first(await send_together(self.redis, commands)):

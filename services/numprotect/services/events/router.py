@@ -52,8 +52,6 @@ MAX_TAKES_PER_DRAIN = 10
 LEASE_MS = 5000
 # Events per route.lua call (one tenant's).
 EVENTS_PER_ROUTE = 100
-# Most slots a ring gives per poll (a ring holds at most CLUSTER_SLOTS / NUMBER_OF_RINGS).
-SLOTS_PER_RING = event_keys.CLUSTER_SLOTS // event_keys.NUMBER_OF_RINGS
 # How long a tenant's endpoints are reused before they are read again: an endpoint created or changed starts
 # receiving events at most this late.
 ENDPOINT_CACHE_SECONDS = 1.0
@@ -187,7 +185,7 @@ class Router:
     async def hinted_slots(self) -> set[int]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for ring in event_keys.ring_keys():
-                pipe.spop(ring, SLOTS_PER_RING)
+                pipe.spop(ring, event_keys.SLOTS_PER_RING)
             replies = await pipe.execute()
         return {int(as_text(slot)) for members in replies for slot in (members or ())}
 
