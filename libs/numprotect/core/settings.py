@@ -23,6 +23,7 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "translation": 50053,
     "cdr": 50054,
     "events": 50055,
+    "sip": 50056,
 }
 SERVICE_NAMES = tuple(DEFAULT_PORTS)
 
