@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlparse
 
@@ -26,6 +27,9 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "sip": 50056,
 }
 SERVICE_NAMES = tuple(DEFAULT_PORTS)
+# The SIP adapter's NUMPROTECT_SIP_HOST/_PORT name its SIP listener (docs/sip.md), so its gRPC (health) server
+# reads NUMPROTECT_SIP_GRPC_HOST/_PORT/_REUSE_PORT; every other service's are NUMPROTECT_<SERVICE>_*.
+_SERVER_ENV_PREFIXES: Mapping[str, str] = MappingProxyType({"sip": "NUMPROTECT_SIP_GRPC"})
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -323,7 +327,7 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, env: Env, service: str) -> ServerSettings:
-        prefix = f"NUMPROTECT_{service.upper()}"
+        prefix = server_env_prefix(service)
         host = env.text(f"{prefix}_HOST", env.text("NUMPROTECT_HOST", "127.0.0.1"))
         metrics = env.choice("NUMPROTECT_METRICS", "on", ("on", "off")) == "on"
         return cls(
@@ -361,6 +365,11 @@ def _metrics_host(env: Env, default: str) -> str:
             f"NUMPROTECT_METRICS_HOST={raw!r}: must be a host name or address to listen on, without a port"
         )
     return raw
+
+
+def server_env_prefix(service: str) -> str:
+    """The prefix of a service's gRPC server variables: NUMPROTECT_BINDING for NUMPROTECT_BINDING_PORT, ..."""
+    return _SERVER_ENV_PREFIXES.get(service, f"NUMPROTECT_{service.upper()}")
 
 
 def service_address(env: Env, service: str) -> str:
