@@ -221,6 +221,21 @@ def test_the_translation_user_reads_routes_and_writes_nothing_of_the_others(
     assert admin.exists("np:alloc:{pool:t1:010}") == 0
 
 
+def test_the_sip_user_reads_the_identity_keys_and_nothing_else(acl_redis: AclRedis, admin: redis.Redis) -> None:
+    """The SIP adapter asks translation for every answer: Redis gives it only what its identity directory loads."""
+    number = "7001" + _unique() + "002"
+    admin.hset("np:auth:{auth}:keys", "k-sip", "record")
+    sip = acl_redis.sync("numprotect-sip")
+    try:
+        assert sip.hget("np:auth:{auth}:keys", "k-sip") == b"record"
+        assert sip.hgetall("np:carriers:{carriers}:blocks") == {}
+        for key in (f"np:rt:{{{number}}}:n", lock_key(number), "np:b:{b1}", "np:bl:{g}", "np:cdr:{t:t1}:s"):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                sip.exists(key)
+    finally:
+        sip.close()
+
+
 @pytest.mark.parametrize(
     ("user", "foreign_key"),
     [
@@ -244,6 +259,11 @@ def test_the_translation_user_reads_routes_and_writes_nothing_of_the_others(
         ("numprotect-events", "np:cdr:{t:t1}:s"),
         ("numprotect-events", "np:alloc:{pool:t1:010}"),
         ("numprotect-events", "np:auth:{auth}:keys"),
+        # sip asks translation for everything: the identity keys it reads are all it may touch.
+        ("numprotect-sip", "np:auth:{auth}:keys"),
+        ("numprotect-sip", "np:carriers:{carriers}:blocks"),
+        ("numprotect-sip", "np:rt:{700100000000001}:n"),
+        ("numprotect-sip", "np:bl:{g}"),
     ],
 )
 def test_a_service_user_cannot_write_keys_it_only_reads_or_does_not_own(

@@ -4,8 +4,9 @@ The one table of who may read and write which keys (docs/redis-schema.md, "ACL u
 allocation (core/pool_keys.py, np:lock: from core/routes.py), binding (core/binding_records.py,
 core/routes.py, services/binding/store.py), translation (core/routes.py, lua/translate.lua's rate counters,
 services/translation/blocklist.py), cdr (core/cdr_keys.py, the binding records it enriches from), events
-(core/event_keys.py: the outboxes binding, allocation and cdr write to, and the events service's own keys) and the
-identity keys every service shares (core/identity: API keys, audit log, carriers' blocks).
+(core/event_keys.py: the outboxes binding, allocation and cdr write to, and the events service's own keys), sip
+(none of its own: it only asks translation) and the identity keys every service shares (core/identity: API keys,
+audit log, carriers' blocks).
 
 Read-only patterns use Redis 7's %R~ selectors. EVAL and EVALSHA declare every key they are given as read-write,
 so a script's keys cannot be checked there against a read-only pattern: each user therefore has one selector that
@@ -162,6 +163,12 @@ ACL_USERS: tuple[AclUser, ...] = (
         "records (binding.expired, payloads), number history and CDRs",
         (*_rw("np:ev:*", _AUDIT), *_ro("np:b:*", "np:nh:*", "np:cdr:*", _AUTH, _CARRIERS)),
     ),
+    AclUser(
+        "numprotect-sip",
+        "sip: no data of its own (it asks translation); its identity directory reads API keys and carriers, and "
+        "calls its gRPC port refuses are audited",
+        (*_rw(_AUDIT), *_ro(_AUTH, _CARRIERS)),
+    ),
     AclUser(ADMIN_USER, "tooling and the launcher: every key, every command but wiping data or stopping Redis", ()),
 )
 
@@ -171,6 +178,7 @@ SERVICE_USERS: Mapping[str, str] = {
     "translation": "numprotect-translation",
     "cdr": "numprotect-cdr",
     "events": "numprotect-events",
+    "sip": "numprotect-sip",
 }
 
 

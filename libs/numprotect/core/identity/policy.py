@@ -66,7 +66,7 @@ def _p(*roles: Role, **kwargs: object) -> MethodPolicy:
 
 OPERATOR, TENANT, CARRIER, REGULATOR, SERVICE = Role.OPERATOR, Role.TENANT, Role.CARRIER, Role.REGULATOR, Role.SERVICE
 _BINDING_ONLY = frozenset({"binding"})
-_ANY_SERVICE = frozenset({"allocation", "binding", "translation", "cdr", "events"})
+_ANY_SERVICE = frozenset({"allocation", "binding", "translation", "cdr", "events", "sip"})
 _ALLOC = "/numprotect.allocation.v1.AllocationService/"
 _BIND = "/numprotect.binding.v1.BindingService/"
 _TRANS = "/numprotect.translation.v1.TranslationService/"
