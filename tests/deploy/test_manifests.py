@@ -1,9 +1,10 @@
 """The Kubernetes manifests: rendered by real kustomize (kubectl from PyPI), validated against the Kubernetes
 schemas (kubernetes-validate), and checked for what the schema cannot say: gRPC health probes on the right
 port and service, a locked-down securityContext, resources, drain time, autoscaling and disruption budgets,
-the one template the five services are made from, the page-token key and the auth key coming from Secrets,
-binding alone holding a service token, and who the NetworkPolicies let talk to whom (events alone reaching
-tenants' webhook receivers on public addresses).
+the one template the six services are made from, the page-token key and the auth key coming from Secrets,
+binding (a service key) and sip (a carrier key) alone holding a token, sip's SIP ports and session affinity, and
+who the NetworkPolicies let talk to whom (events alone reaching tenants' webhook receivers on public addresses, the
+carriers' SIP networks alone reaching sip's 5060).
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ AUTH_KEY_NAME = "auth.key"  # the Secret's key, so the mounted file's name
 LOCAL_AUTH_KEY_FILE = f"deploy/k8s/overlays/local/{AUTH_KEY_NAME}"  # git-ignored, like page-token.key
 # binding's own API token (principal service/binding), minted by numprotect-mint-key: no render carries it.
 BINDING_TOKEN_SECRET = "numprotect-binding-token"
+# The SIP adapter's carrier key (principal carrier/<id>), minted the same way (docs/deploy.md, "SIP").
+SIP_TOKEN_SECRET = "numprotect-sip-token"
+# Who holds a token of its own, of which Secret and role: the services that call a peer.
+TOKEN_HOLDERS = {"binding": (BINDING_TOKEN_SECRET, Role.SERVICE), "sip": (SIP_TOKEN_SECRET, Role.CARRIER)}
+# sip's SIP listeners, beside the template's ports: (name, port, protocol) in the Deployment and its Service.
+SIP_LISTENERS = [("sip-udp", 5060, "UDP"), ("sip-tcp", 5060, "TCP")]
+# The carriers' networks of base/sip and sip-ingress: a placeholder, TEST-NET-1 (docs/deploy.md, "SIP").
+CARRIER_NETWORKS = ("192.0.2.0/24",)
 
 
 def tool(name: str) -> str:
@@ -80,7 +89,10 @@ def render(directory: str) -> list[dict[str, Any]]:
 
 
 def full_service_name(service: str) -> str:
-    """The gRPC service name as the generated descriptors spell it (what health reports under)."""
+    """The gRPC service name as the generated descriptors spell it (what health reports under); sip serves no API of
+    its own, so its probes ask the server's overall health ("")."""
+    if service == "sip":
+        return ""
     module = importlib.import_module(f"numprotect.{service}.v1.{service}_pb2")
     (descriptor,) = module.DESCRIPTOR.services_by_name.values()
     return str(descriptor.full_name)
@@ -139,10 +151,12 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
     assert container["args"] == [f"numprotect.services.{service}"]  # the image runs `python -m <args>`
     health_port = int(rendered.config()["NUMPROTECT_HEALTH_PORT"])
     metrics_port = int(rendered.config()["NUMPROTECT_METRICS_PORT"])
-    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
-        ("grpc", port),
-        ("health", health_port),
-        ("metrics", metrics_port),
+    listeners = SIP_LISTENERS if service == "sip" else []
+    assert [(p["name"], p["containerPort"], p["protocol"]) for p in container["ports"]] == [
+        ("grpc", port, "TCP"),
+        ("health", health_port, "TCP"),
+        ("metrics", metrics_port, "TCP"),
+        *listeners,
     ]
     # Prometheus's annotation-based discovery finds the same port.
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -153,8 +167,10 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
     }
 
     svc = rendered.get("Service", service)
-    (svc_port,) = svc["spec"]["ports"]
+    svc_port, *svc_listeners = svc["spec"]["ports"]
     assert (svc_port["port"], svc_port["targetPort"], svc_port["appProtocol"]) == (port, "grpc", "grpc")
+    assert [(p["name"], p["port"], p["protocol"]) for p in svc_listeners] == listeners
+    assert all(p["targetPort"] == p["name"] for p in svc_listeners)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -167,6 +183,38 @@ def test_each_service_has_a_deployment_and_service_on_its_default_port(rendered:
     assert (settings.metrics, settings.metrics_host, settings.metrics_port) == (True, "0.0.0.0", metrics_port)
     for peer in OUR_SERVICES:
         assert config[f"NUMPROTECT_{peer.upper()}_ADDR"] == f"{peer}:{DEFAULT_PORTS[peer]}"
+
+
+def container_env(rendered: Rendered, service: str) -> dict[str, str]:
+    """What the service's process finds in its environment: the ConfigMap, then its container's literal values."""
+    (container,) = rendered.get("Deployment", service)["spec"]["template"]["spec"]["containers"]
+    return {**rendered.config(), **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
+
+
+def test_sip_listens_on_5060_on_every_pod_address_for_the_carriers_networks(rendered: Rendered) -> None:
+    """The adapter's settings as its container has them pass its own validation: SIP on 0.0.0.0:5060 (UDP and TCP),
+    its gRPC health port apart from it, the carriers' networks those of the NetworkPolicy sip-ingress."""
+    from numprotect.services.sip.settings import SipSettings  # the adapter's own module (H1)
+
+    environ = container_env(rendered, "sip")
+    settings = SipSettings.from_env(Env(environ))
+    assert (settings.host, settings.port) == ("0.0.0.0", 5060)
+    assert ServerSettings.from_env(Env(environ), "sip").port == DEFAULT_PORTS["sip"] != settings.port
+    assert environ["NUMPROTECT_SIP_ALLOWED_NETWORKS"].split(",") == list(CARRIER_NETWORKS)
+    policy = rendered.get("NetworkPolicy", "sip-ingress")
+    blocks = [p["ipBlock"]["cidr"] for rule in policy["spec"]["ingress"] for p in rule["from"] if "ipBlock" in p]
+    assert tuple(blocks) == CARRIER_NETWORKS
+
+
+def test_sips_service_keeps_a_switch_on_one_pod(rendered: Rendered) -> None:
+    """An INVITE's retransmissions, ACK and CANCEL reach the pod that holds its transaction: ClientIP affinity, for
+    longer than a transaction lives (Timer H, 64 x T1 = 32 s)."""
+    spec = rendered.get("Service", "sip")["spec"]
+    assert spec["sessionAffinity"] == "ClientIP"
+    assert spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] > 32
+    for service in OUR_SERVICES:
+        if service != "sip":
+            assert rendered.get("Service", service)["spec"].get("sessionAffinity", "None") == "None", service
 
 
 def test_events_settings_validate_and_keep_receivers_public_and_https(rendered: Rendered) -> None:
@@ -485,11 +533,12 @@ def test_the_base_carries_no_auth_key_and_the_local_overlay_generates_it() -> No
 
 
 @pytest.mark.parametrize("service", OUR_SERVICES)
-def test_only_binding_presents_a_service_token_from_its_secret(
+def test_only_binding_and_sip_present_a_token_from_their_secret(
     rendered: Rendered, service: str, tmp_path: Path
 ) -> None:
-    """binding alone calls a peer (allocation's reservation RPCs, principal service/binding): its token is the
-    `token` file of the Secret numprotect-binding-token, which no render carries (numprotect-mint-key makes it)."""
+    """binding calls a peer (allocation's reservation RPCs, principal service/binding) and sip calls translation as
+    its carrier (principal carrier/<id>): each token is the `token` file of the holder's own Secret
+    (numprotect-binding-token, numprotect-sip-token), which no render carries (numprotect-mint-key makes them)."""
     (container,) = rendered.get("Deployment", service)["spec"]["template"]["spec"]["containers"]
     entries = [e for e in container.get("env", []) if e["name"] == SERVICE_TOKEN_FILE]
     assert SERVICE_TOKEN_FILE not in rendered.config()  # not for every service
@@ -498,23 +547,25 @@ def test_only_binding_presents_a_service_token_from_its_secret(
         for v in rendered.get("Deployment", service)["spec"]["template"]["spec"]["volumes"]
         if "secret" in v
     }
-    if service != "binding":
+    if service not in TOKEN_HOLDERS:
         assert entries == []
-        assert BINDING_TOKEN_SECRET not in secrets_used
+        assert secrets_used.isdisjoint(secret for secret, _ in TOKEN_HOLDERS.values())
         return
+    secret_name, role = TOKEN_HOLDERS[service]
+    assert secrets_used.isdisjoint(secret for holder, (secret, _) in TOKEN_HOLDERS.items() if holder != service)
     (entry,) = entries
     assert set(entry) == {"name", "value"}  # a path, never the token itself
     token_file = Path(entry["value"])
     assert token_file.name == "token"
     _, volume = mounted_secret(rendered, service, str(token_file.parent))
-    assert volume["secret"]["secretName"] == BINDING_TOKEN_SECRET
+    assert volume["secret"]["secretName"] == secret_name
     assert volume["secret"]["defaultMode"] & 0o007 == 0
-    assert [d for d in rendered.of_kind("Secret") if d["metadata"]["name"].startswith(BINDING_TOKEN_SECRET)] == []
-    # A token as numprotect-mint-key writes it, where the Secret is mounted: binding's start-up accepts it.
+    assert [d for d in rendered.of_kind("Secret") if d["metadata"]["name"].startswith(secret_name)] == []
+    # A token as numprotect-mint-key writes it, where the Secret is mounted: the service's start-up accepts it.
     _, token = new_key(
         HashKey.random(),
-        Role.SERVICE,
-        "binding",
+        role,
+        "binding" if role is Role.SERVICE else "cm",
         description="test",
         created_by="test",
         now_ms=time.time_ns() // 1_000_000,
@@ -542,7 +593,7 @@ def test_no_config_map_of_any_render_carries_a_key_or_a_token() -> None:
                 assert variable not in data or data[variable].startswith("/etc/numprotect/"), variable
 
 
-# --- One template for the four services -----------------------------------------------------------------------
+# --- One template for the six services -----------------------------------------------------------------------
 
 
 def with_placeholders(node: Any, values: Mapping[Any, Any]) -> Any:
@@ -568,11 +619,11 @@ def test_each_service_directory_renders_the_template_filled_with_its_values(serv
     assert kustomization["components"] == [f"../../{TEMPLATE.removeprefix('deploy/k8s/')}"]
 
 
-def without_binding_token(deployment: dict[str, Any]) -> dict[str, Any]:
-    """binding's Deployment less what its directory's patch adds (its service token), checking that it was there."""
+def without_token(deployment: dict[str, Any], secret_name: str) -> dict[str, Any]:
+    """A token holder's Deployment less what its directory's patch adds for the token, checking that it was there."""
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    (token_volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == BINDING_TOKEN_SECRET]
+    (token_volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret_name]
     volumes = [v for v in pod["volumes"] if v is not token_volume]
     mounts = [m for m in container["volumeMounts"] if m["name"] != token_volume["name"]]
     env = [e for e in container["env"] if e["name"] != SERVICE_TOKEN_FILE]
@@ -581,9 +632,25 @@ def without_binding_token(deployment: dict[str, Any]) -> dict[str, Any]:
     return deployment
 
 
+def without_sip_listeners(deployment: dict[str, Any], service: dict[str, Any]) -> None:
+    """sip's Deployment and Service less what its directory's patch adds beyond the token: the SIP ports, the
+    NUMPROTECT_SIP_* settings and the Service's session affinity (each checked to be there)."""
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    names = [name for name, _, _ in SIP_LISTENERS]
+    assert [p["name"] for p in container["ports"]][-len(names) :] == names
+    container["ports"] = container["ports"][: -len(names)]
+    settings = [e for e in container["env"] if e["name"].startswith("NUMPROTECT_SIP_")]
+    assert {e["name"] for e in settings} >= {"NUMPROTECT_SIP_HOST", "NUMPROTECT_SIP_PORT", "NUMPROTECT_SIP_EGRESS"}
+    container["env"] = [e for e in container["env"] if e not in settings]
+    spec = service["spec"]
+    assert [p["name"] for p in spec["ports"]][-len(names) :] == names
+    spec["ports"] = spec["ports"][: -len(names)]
+    assert spec.pop("sessionAffinity") == "ClientIP" and spec.pop("sessionAffinityConfig")
+
+
 def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(rendered: Rendered) -> None:
-    """Beyond the values, translation's patch and binding's service token, nothing may tell one service's objects
-    from another's."""
+    """Beyond the values, translation's patch, the token holders' tokens and sip's listeners, nothing may tell one
+    service's objects from another's."""
     shapes: dict[str, list[Any]] = {}
     for service in OUR_SERVICES:
         values = {
@@ -594,8 +661,11 @@ def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(
             f"numprotect-{service}-tls": f"{TEMPLATE_NAME}-tls",
         }
         deployment = with_placeholders(rendered.get("Deployment", service), values)
-        if service == "binding":
-            deployment = without_binding_token(deployment)
+        svc = with_placeholders(rendered.get("Service", service), values)
+        if service in TOKEN_HOLDERS:
+            deployment = without_token(deployment, TOKEN_HOLDERS[service][0])
+        if service == "sip":
+            without_sip_listeners(deployment, svc)
         requests = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
         cpu = requests.pop("cpu")
         replicas = deployment["spec"].pop("replicas", None)
@@ -607,7 +677,7 @@ def test_the_services_differ_only_in_name_port_cpu_and_translations_autoscaling(
             assert cpu in ("250m", "100m")
         shapes[service] = [
             deployment,
-            with_placeholders(rendered.get("Service", service), values),
+            svc,
             with_placeholders(rendered.get("PodDisruptionBudget", service), values),
         ]
     first, *others = OUR_SERVICES
@@ -764,6 +834,9 @@ class Cluster:
             "receiver": outside("receiver", "203.0.113.10"),
             "receiver-v6": outside("receiver-v6", "2001:db8::10"),
         }
+        # Carriers' switches on their signalling network (the placeholder CIDR of sip-ingress, CARRIER_NETWORKS),
+        # kept out of everyone(): a public address, which events' webhook egress would reach like any other.
+        self.carrier_sbcs = {"carrier-sbc": outside("carrier-sbc", "192.0.2.10")}
         self.private_hosts = {
             "cloud-metadata": outside("cloud-metadata", "169.254.169.254"),
             "node": outside("node", "10.0.0.5"),
@@ -815,12 +888,12 @@ class Cluster:
             **self.private_hosts,
         }
 
-    def callers_of(self, service: str, port: int) -> set[str]:
+    def callers_of(self, service: str, port: int, protocol: str = "TCP") -> set[str]:
         server = self.services[service]
         return {
             name
-            for name, pod in self.everyone().items()
-            if name != service and connects(self.policies, pod, server, "TCP", port)
+            for name, pod in {**self.everyone(), **self.carrier_sbcs}.items()
+            if name != service and connects(self.policies, pod, server, protocol, port)
         }
 
     def reached_by(self, service: str, targets: list[tuple[str, int]]) -> set[tuple[str, str, int]]:
@@ -842,8 +915,12 @@ EXPECTED_CALLERS = {
     "cdr": {"carrier", "tenant", "gateway", "operator"},
     # Endpoints, deliveries, dead letters, replay and WatchEvents: tenants and operators; carriers have no events.
     "events": {"tenant", "gateway", "operator"},
+    # Health only (its SIP port: test_only_the_carriers_networks_reach_sips_sip_port).
+    "sip": {"operator"},
 }
-EXPECTED_PEERS = {"binding": {"allocation"}}  # the services' gRPC calls to each other (services/*/app.py)
+EXPECTED_CALLERS["translation"] |= {"sip"}  # the SIP adapter asks translation as its carrier
+# The services' gRPC calls to each other (services/*/app.py).
+EXPECTED_PEERS = {"binding": {"allocation"}, "sip": {"translation"}}
 # Beyond the cluster: events POSTs webhooks to tenants' receivers, HTTPS on public addresses only.
 EXPECTED_INTERNET = {"events": {("receiver", "TCP", 443), ("receiver-v6", "TCP", 443)}}
 
@@ -855,6 +932,19 @@ def test_each_service_admits_exactly_its_expected_callers(rendered: Rendered, se
     # On any other port nobody gets in (the kubelet's probes come from the node, which is always admitted).
     for port in (*(p for s, p in DEFAULT_PORTS.items() if s != service), 8080, 9464):
         assert cluster.callers_of(service, port) == set(), port
+
+
+@pytest.mark.parametrize("protocol", ["UDP", "TCP"])
+def test_only_the_carriers_networks_reach_sips_sip_port(rendered: Rendered, protocol: str) -> None:
+    """SIP from the carriers' switches, on UDP and TCP 5060, and from nowhere else: not a tenant, not an operator,
+    not a carrier's pod in the cluster (it asks translation itself), not a host outside those networks; and no
+    other service listens there."""
+    cluster = Cluster(rendered)
+    assert cluster.callers_of("sip", 5060, protocol) == set(cluster.carrier_sbcs)
+    for service in OUR_SERVICES:
+        if service != "sip":
+            assert cluster.callers_of(service, 5060, protocol) == set(), service
+    assert cluster.callers_of("sip", 5061, protocol) == set()  # SIP over TLS is not served
 
 
 @pytest.mark.parametrize("service", OUR_SERVICES)
