@@ -83,11 +83,14 @@ ShutdownHook = Callable[[], Awaitable[None] | None]
 @dataclass
 class ServiceParts:
     """What a builder returns: its gRPC services and what to close on shutdown (awaited when it returns an
-    awaitable). `max_workers` sizes the thread-pool server (concurrent calls in Python; unused on grpc.aio)."""
+    awaitable). `max_workers` sizes the thread-pool server (concurrent calls in Python; unused on grpc.aio).
+    `ready`: what readiness needs besides Redis (the SIP adapter: a translation stream up, not draining); health
+    is NOT_SERVING while it returns False. The probe thread calls it: cheap, and safe to call off the loop."""
 
     registrations: list[ServiceRegistration]
     on_shutdown: list[ShutdownHook] = field(default_factory=list)
     max_workers: int = 16
+    ready: Callable[[], bool] | None = None
 
 
 PENDING_CALLS_LIMIT = 100_000
@@ -214,10 +217,11 @@ class _ServiceApp:
         tls: TlsSettings,
         max_workers: int = 16,
         metrics: Metrics | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         """`max_workers` sizes the thread-pool server's pool (concurrent calls in Python); grpc.aio has none.
         `metrics`: the process's (runtime.metrics); without it, or with metrics off, no /metrics port and no
-        metrics concern."""
+        metrics concern. `ready`: ServiceParts.ready (readiness needs it too, besides the probe)."""
         self.settings = settings
         self.tls = tls
         self.registrations = list(registrations)
@@ -244,7 +248,7 @@ class _ServiceApp:
                 up = check()
             finally:
                 redis_up.set(1 if up else 0)
-            return up
+            return up and (ready is None or ready())
 
         self._probe = HealthProbe(probed, self._publish, settings.health_interval_seconds)
         self.call_concerns = call_concerns(telemetry, identity, grpc_metrics)
@@ -547,6 +551,7 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
             identity=identity,
             tls=startup.tls,
             metrics=startup.metrics,
+            ready=parts.ready,
         )
         await app.start()
         startup.serving(app, "aio")
@@ -595,6 +600,7 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
             tls=startup.tls,
             max_workers=parts.max_workers,
             metrics=startup.metrics,
+            ready=parts.ready,
         )
         app.start()
         startup.serving(app, "sync")
