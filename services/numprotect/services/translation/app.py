@@ -32,7 +32,12 @@ def build_sync(runtime: SyncRuntime) -> ServiceParts:
     view = BlocklistView()
     store = BlocklistStore(runtime.redis, clock, max_entries=settings.blocklist_max_entries)
     translator = Translator(
-        settings, view, clock, traced=runtime.telemetry.enabled, decisions=DecisionCounts(runtime.metrics)
+        settings,
+        view,
+        clock,
+        traced=runtime.telemetry.enabled,
+        decisions=DecisionCounts(runtime.metrics),
+        tracer=runtime.telemetry.tracer,
     )
     try:  # loaded now so the first call is one round trip; ScriptClient loads them again on NOSCRIPT
         for script in (SCRIPT, READ_ONLY_SCRIPT):

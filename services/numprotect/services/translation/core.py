@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.trace import Span, get_current_span
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, get_current_span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from numprotect.core.call_ref import encode_call_ref
 from numprotect.core.calls import domain_error
@@ -26,7 +27,7 @@ from numprotect.core.phone import mask
 from numprotect.core.redis_client import LuaScript, as_text
 from numprotect.core.routes import axe_marker_key, axn_key, caller_key, extension_key, lock_key
 from numprotect.core.settings import Env
-from numprotect.core.telemetry import set_span_attributes
+from numprotect.core.telemetry import mask_numbers, set_span_attributes
 from numprotect.services.translation.blocklist import MAX_ENTRIES_DEFAULT, BlocklistView
 from numprotect.services.translation.numbers import (
     normalize_caller,
@@ -50,6 +51,9 @@ CONNECT = translation_pb2.DECISION_CONNECT
 REJECT = translation_pb2.DECISION_REJECT
 COLLECT_EXTENSION = translation_pb2.DECISION_COLLECT_EXTENSION
 CALLER_BLOCKED = translation_pb2.REJECT_REASON_CALLER_BLOCKED
+# The span of one TranslateStream call that carries its own trace context (TranslateRequest.traceparent).
+CALL_SPAN = "translation.call"
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 _TEXT = bytes | str
 # Raises PermissionDenied when the current caller may not translate the virtual number (layer.Callers).
@@ -206,11 +210,15 @@ class Translator:
         *,
         traced: bool = False,
         decisions: DecisionCounts | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        """`traced`: tracing is on (calls' spans may record); `tracer` (with tracing on) makes the spans of
+        TranslateStream calls that carry a traceparent (`call_span`)."""
         self.settings = settings
         self.blocklist = blocklist
         self.clock = clock
         self.traced = traced
+        self.tracer = tracer if traced else None
         self.unenforced = UnenforcedLimits()
         # numprotect_translation_decisions (no-op children without metrics).
         self.decisions = decisions or DecisionCounts(Metrics("translation", enabled=False))
@@ -268,6 +276,29 @@ class Translator:
         if not self.traced:
             return None
         span = get_current_span()
+        return span if span.is_recording() else None
+
+    def call_span(self, traceparent: str, stream_span: Span | None) -> Span | None:
+        """The `translation.call` span of a TranslateStream call whose `traceparent` is valid and sampled, else None.
+
+        SERVER kind: it is the entry into translation of a trace that started in another process (the adapter's
+        SIP INVITE span is its parent), like a unary Translate's server span; the stream's own SERVER span spans
+        many calls of many traces, so the call's span links to it (when the stream is sampled) instead.
+        """
+        if self.tracer is None:
+            return None
+        parent = _PROPAGATOR.extract({"traceparent": traceparent})
+        context = get_current_span(parent).get_span_context()
+        if not context.is_valid or not context.trace_flags.sampled:
+            return None
+        span = self.tracer.start_span(
+            CALL_SPAN,
+            parent,
+            SpanKind.SERVER,
+            links=None if stream_span is None else (Link(stream_span.get_span_context()),),
+            record_exception=False,  # messages may carry data; the status says what failed
+            set_status_on_exception=False,
+        )
         return span if span.is_recording() else None
 
     def finish(
@@ -364,6 +395,10 @@ class StreamBatch:
     error is per call (`error`: "<STATUS>: <message>", the stream stays open): a number of another carrier's block
     answers "PERMISSION_DENIED: ..." for that call only. A message with more than NUMPROTECT_TRANSLATION_STREAM_MAX_
     REQUESTS calls is answered by one message whose `error` is "INVALID_ARGUMENT: requests: ..." and no `responses`.
+
+    A call whose `traceparent` is sampled gets its own span (`Translator.call_span`), made here and ended with its
+    answer: it gets the decision's attributes and its ids go into the call's call_ref. Other calls use the stream's
+    span (when sampled) as before; an empty `traceparent` costs one check.
     """
 
     def __init__(
@@ -376,7 +411,8 @@ class StreamBatch:
         self.authorize = authorize
         self.span = translator.recording_span()  # the stream's span, when it is sampled
         self.responses: list[translation_pb2.TranslateStreamResponse] = []
-        self.pending: list[tuple[translation_pb2.TranslateStreamResponse, Prepared]] = []
+        # (answer, prepared call, the call's own span or None)
+        self.pending: list[tuple[translation_pb2.TranslateStreamResponse, Prepared, Span | None]] = []
         most = translator.settings.stream_max_requests
         for message in messages:
             out = translation_pb2.TranslateStreamResponse()
@@ -391,31 +427,49 @@ class StreamBatch:
 
     def _add(self, out: translation_pb2.TranslateStreamResponse, request: translation_pb2.TranslateRequest) -> None:
         out.call_id = request.call_id
+        span = self.translator.call_span(request.traceparent, self.span) if request.traceparent else None
         try:
             prepared = self.translator.prepare(request, self.authorize)
         except DomainError as exc:
             out.error = stream_error(exc)
+            if span is not None:
+                _end_failed(span, out.error)
             return
         if isinstance(prepared, Prepared):
-            self.pending.append((out, prepared))
+            self.pending.append((out, prepared, span))
         else:
             out.response.CopyFrom(prepared)
+            if span is not None:
+                span.end()
 
     @property
     def calls(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-        return [(p.keys, p.args) for _, p in self.pending]
+        return [(p.keys, p.args) for _, p, _ in self.pending]
 
     def fail(self, error: DomainError) -> list[translation_pb2.TranslateStreamResponse]:
-        for out, _ in self.pending:
+        for out, _, span in self.pending:
             out.error = stream_error(error)
+            if span is not None:
+                _end_failed(span, out.error)
         return self.responses
 
     def complete(self, replies: Sequence[Any]) -> list[translation_pb2.TranslateStreamResponse]:
         """Fills in the scripts' replies (an exception instance answers its own call with an error)."""
-        for (out, prepared), reply in zip(self.pending, replies, strict=True):
+        for (out, prepared, span), reply in zip(self.pending, replies, strict=True):
             if isinstance(reply, BaseException):
                 error = domain_error(reply, "TranslateStream") or Unavailable("translation storage failed")
                 out.error = stream_error(error)
-            else:
+                if span is not None:
+                    _end_failed(span, out.error)
+            elif span is None:
                 out.response.CopyFrom(self.translator.finish(prepared, reply, self.span))
+            else:
+                out.response.CopyFrom(self.translator.finish(prepared, reply, span))
+                span.end()
         return self.responses
+
+
+def _end_failed(span: Span, error: str) -> None:
+    """Ends a call's span with its stream error as an ERROR status (a number in it masked)."""
+    span.set_status(Status(StatusCode.ERROR, mask_numbers(error)))
+    span.end()
