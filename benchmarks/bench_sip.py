@@ -1,0 +1,429 @@
+"""SIP adapter benchmark: `python -m benchmarks.bench_sip` (`make bench BENCH_ARGS=sip`; issue 19).
+
+The issue's target: calls/s through the SIP adapter driven by SIPp at 0 failed calls, as a ratio of unary
+Translate/s driven by h2load in the same run, >= 1.0 (a SIP call costs no more than a unary gRPC call end to end).
+
+Seeds BENCH_BINDINGS AXB bindings in a fresh redis-server (bench_translation's seeding and security: a local PKI, a
+carrier's API key, the carrier recorded for every seeded block) and starts, both pinned to the server core (CPU 0,
+taskset), one translation process as deployed (TLS, the carrier's bearer token checked on every call) and one SIP
+adapter (`python -m numprotect.services.sip`) whose credential is the same carrier's token, talking TranslateStream to
+that translation. The load side (CPU 1) holds redis-server, h2load, SIPp and this script. In BENCH_ROUNDS interleaved
+rounds (the order alternates, so a change of the machine's load hits both alike):
+  - h2load drives unary Translate at translation (https, `authorization: Bearer`), BENCH_DURATION, -c BENCH_CLIENTS
+    -m BENCH_STREAMS (one request repeated, as bench_translation does);
+  - SIPp (UDP, deploy/sip/sipp/bench_uac.xml: INVITE, 100 optional, 302, ACK) drives the adapter with at most
+    BENCH_SIP_CONCURRENCY calls open (default: h2load's concurrent calls), about BENCH_DURATION of calls. The calls
+    come from an injection file: every seeded binding in both directions, shuffled, so calls spread over every
+    binding and caller; and SIPp checks every 302 (Contact = the binding's other party, P-Asserted-Identity = the
+    dialled 700 number): a wrong or other answer fails the call.
+Translation's per-caller and per-binding rate limits are raised as in bench_translation (h2load repeats one request):
+the counters still run on every call, they never bite. A calibration run first finds the highest concurrency with 0
+failed calls (halving from BENCH_SIP_CONCURRENCY) and the rate that sets each round's number of calls.
+Reports per round and as medians: unary Translate/s with p50/p99 (h2load's request log) and translation's CPU per
+call; SIP calls/s with p50/p99 (SIPp's response times INVITE -> 302, 1 ms resolution) and the CPU per call of the
+adapter and of translation (/proc/<pid>/stat); the ratio SIP calls/s / unary Translate/s (target >= 1.0) and the
+ratio of CPU per call on the server core (unary Translate's over the SIP call's adapter + translation).
+Environment: BENCH_ROUNDS (3), BENCH_DURATION (6s), BENCH_CLIENTS (4), BENCH_STREAMS (16), BENCH_BINDINGS (100000),
+BENCH_SIP_CONCURRENCY (BENCH_CLIENTS * BENCH_STREAMS), BENCH_SIP_TRANSPORT (u1: SIPp's UDP, one socket; t1: TCP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.bench_translation import (
+    BINDINGS,
+    CLIENTS,
+    DURATION,
+    LOAD_CPU,
+    SERVER_CPU,
+    STREAMS_PER_CLIENT,
+    TRANSLATE,
+    LoadResult,
+    Security,
+    Server,
+    h2load,
+    load_side_redis,
+    party,
+    prepare_security,
+    progress,
+    seed,
+    started_servers,
+    translation_server,
+    verify_sample,
+    virtual,
+)
+from benchmarks.harness import cpu_seconds, free_port
+from numprotect.core.settings import server_env_prefix
+from numprotect.translation.v1 import translation_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "deploy" / "sip" / "sipp" / "bench_uac.xml"
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CONCURRENCY = int(os.environ.get("BENCH_SIP_CONCURRENCY", str(CLIENTS * STREAMS_PER_CLIENT)))
+TRANSPORT = os.environ.get("BENCH_SIP_TRANSPORT", "u1")
+MODEL = "translation/batch/secured"
+EGRESS = "127.0.0.1:5070"
+CALIBRATION_CALLS = 2000
+MIN_CONCURRENCY = 4
+# SIPp starts calls as fast as it can: the open-call limit (-l) is what holds the load, as h2load's -c x -m does.
+SIPP_RATE = 100_000
+# h2load's --warm-up-time: SIPp's first second is left out of the rate and the response times alike.
+WARM_UP_MS = 1000
+
+
+def duration_seconds(text: str) -> float:
+    """BENCH_DURATION as h2load reads it (6s, 500ms, 1m, or plain seconds)."""
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
+def free_sip_port() -> int:
+    """A loopback port free for both UDP and TCP (the adapter listens on both)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no loopback port free for both UDP and TCP")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        port: int = udp.getsockname()[1]
+        return port
+
+
+def injection_rows(bindings: int, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(caller, dialled 700 number, expected target) for every binding in both directions, shuffled."""
+    rows = [(party(i, side), virtual(i), party(i, 1 - side)) for i in range(bindings) for side in (0, 1)]
+    rng.shuffle(rows)
+    return rows
+
+
+def write_injection_file(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    """SIPp's -inf format: the read order, then one call's fields a line, `;`-separated."""
+    path.write_text("SEQUENTIAL\n" + "".join(f"{caller};{called};{target}\n" for caller, called, target in rows))
+
+
+@dataclass
+class SippRun:
+    """One SIPp run against the adapter, and what the server core spent on it."""
+
+    name: str
+    concurrency: int
+    ok: int
+    failed: int
+    rate: float  # successful calls per second after the warm-up second
+    response_ms: list[int]  # INVITE sent -> 302 received, per call after the warm-up second
+    adapter_cpu_us: float  # per call (successful + failed), user + system
+    translation_cpu_us: float
+    adapter_busy: float  # CPU time over the run's wall time
+    translation_busy: float
+    errors: str  # the first lines of SIPp's error log when calls failed
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.response_ms, 0.50)
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.response_ms, 0.99)
+
+    def line(self) -> str:
+        return (
+            f"  {self.name:<24} {self.rate:>6.0f} calls/s  p50 {self.p50_ms:4.0f} ms  p99 {self.p99_ms:4.0f} ms  "
+            f"CPU adapter {self.adapter_cpu_us:4.0f} + translation {self.translation_cpu_us:4.0f} = "
+            f"{self.adapter_cpu_us + self.translation_cpu_us:4.0f} us/call, busy {self.adapter_busy:4.2f} + "
+            f"{self.translation_busy:4.2f}  ({self.ok} ok, {self.failed} failed, -l {self.concurrency})"
+        )
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def read_response_times(rtt_file: Path) -> tuple[list[int], list[float]]:
+    """SIPp's -trace_rtt file (`Date_ms;response_time_ms;rtd_no`): the response times and when each call got its
+    answer (ms since SIPp started)."""
+    times: list[int] = []
+    dates: list[float] = []
+    for row in rtt_file.read_text().splitlines()[1:]:
+        fields = row.split(";")
+        if len(fields) >= 3 and fields[2] == "setup":
+            dates.append(float(fields[0]))
+            times.append(int(float(fields[1])))
+    return times, dates
+
+
+def read_call_counts(stat_file: Path) -> tuple[int, int]:
+    """(successful, failed) calls from the last line of SIPp's -trace_stat file (cumulative columns)."""
+    header, *rows = stat_file.read_text().splitlines()
+    columns = header.split(";")
+    last = rows[-1].split(";")
+    return int(last[columns.index("SuccessfulCall(C)")]), int(last[columns.index("FailedCall(C)")])
+
+
+def steady_rate(dates: Sequence[float]) -> tuple[float, list[bool]]:
+    """Calls per second over the calls answered after the warm-up second, and which calls count; a run shorter
+    than three warm-ups (the calibration) counts every call."""
+    if len(dates) < 2:
+        return 0.0, [True] * len(dates)
+    first, last = min(dates), max(dates)
+    start = first + WARM_UP_MS if last - first >= 3 * WARM_UP_MS else first
+    counted = [date >= start for date in dates]
+    return (sum(counted) - 1) / (last - start) * 1000 if last > start else 0.0, counted
+
+
+def run_sipp(
+    name: str,
+    sip_port: int,
+    injection: Path,
+    calls: int,
+    concurrency: int,
+    workdir: Path,
+    adapter: int,
+    translation: int,
+) -> SippRun:
+    """SIPp on LOAD_CPU: `calls` calls at most `concurrency` open at once; every file it writes goes to its own
+    directory. `adapter` and `translation` are the process ids whose CPU time is measured."""
+    progress(f"SIPp {name}: {calls} calls, -l {concurrency}")
+    run_dir = workdir / name.replace(" ", "_").replace("#", "")
+    run_dir.mkdir()
+    stat_file, rtt_glob = run_dir / "stat.csv", "*_rtt.csv"
+    command = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "sipp",
+        f"127.0.0.1:{sip_port}",
+        "-sf",
+        str(SCENARIO),
+        "-inf",
+        str(injection),
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(free_udp_port() if TRANSPORT.startswith("u") else free_port()),
+        "-t",
+        TRANSPORT,
+        "-r",
+        str(SIPP_RATE),
+        "-l",
+        str(concurrency),
+        "-m",
+        str(calls),
+        # A call whose answer never comes fails after 5 s instead of waiting out the UDP retransmissions.
+        "-recv_timeout",
+        "5000",
+        "-timeout",
+        f"{max(60, calls // 200)}s",
+        "-timeout_error",
+        "-nostdin",
+        "-trace_stat",
+        "-stf",
+        str(stat_file),
+        "-fd",
+        "1",
+        "-trace_rtt",
+        "-rtt_freq",
+        "1",
+        "-trace_err",
+        "-error_file",
+        str(run_dir / "errors.log"),
+    ]
+    cpu_before = cpu_seconds(adapter), cpu_seconds(translation)
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=run_dir, capture_output=True, text=True, timeout=max(60, calls // 200) + 30)
+    wall = time.monotonic() - started
+    adapter_cpu, translation_cpu = cpu_seconds(adapter) - cpu_before[0], cpu_seconds(translation) - cpu_before[1]
+    rtt_files = sorted(run_dir.glob(rtt_glob))
+    if not stat_file.exists() or not rtt_files:
+        raise RuntimeError(f"SIPp {name} wrote no statistics (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    ok, failed = read_call_counts(stat_file)
+    times, dates = read_response_times(rtt_files[0])
+    rate, counted = steady_rate(dates)
+    errors_file = run_dir / "errors.log"
+    errors = errors_file.read_text()[:600] if failed and errors_file.exists() else ""
+    total = max(1, ok + failed)
+    return SippRun(
+        name,
+        concurrency,
+        ok,
+        failed,
+        rate,
+        [t for t, keep in zip(times, counted, strict=True) if keep],
+        adapter_cpu / total * 1e6,
+        translation_cpu / total * 1e6,
+        adapter_cpu / wall,
+        translation_cpu / wall,
+        errors,
+    )
+
+
+def adapter_server(
+    security: Security, redis_url: str, translation_port: int, token_file: Path, sip_port: int
+) -> Server:
+    """The SIP adapter on the server core, a client of `translation_port` with the carrier's token."""
+    grpc_port = free_port()
+    env = {
+        **security.env(),  # TLS for its health server and the CA it checks translation's certificate with
+        "NUMPROTECT_REDIS_URL": redis_url,
+        f"{server_env_prefix('sip')}_PORT": str(grpc_port),
+        "NUMPROTECT_SIP_HOST": "127.0.0.1",
+        "NUMPROTECT_SIP_PORT": str(sip_port),
+        "NUMPROTECT_SIP_EGRESS": EGRESS,
+        "NUMPROTECT_TRANSLATION_ADDR": f"127.0.0.1:{translation_port}",
+        "NUMPROTECT_SERVICE_TOKEN_FILE": str(token_file),
+        "NUMPROTECT_CPU_SCHEDULING": MODEL.split("/")[1],
+        "NUMPROTECT_LOG_LEVEL": "WARNING",
+        "NUMPROTECT_GRACE_PERIOD": "1s",
+    }
+    return Server(["-m", "numprotect.services.sip"], env, grpc_port, security)
+
+
+def calibrate(run: Callable[[str, int, int], SippRun], lines: list[str]) -> tuple[int, float]:
+    """The highest open-call limit, halving from CONCURRENCY, at which a run has 0 failed calls; and its rate."""
+    concurrency = CONCURRENCY
+    while True:
+        result = run(f"calibration -l {concurrency}", CALIBRATION_CALLS, concurrency)
+        lines.append(
+            f"calibration: -l {concurrency}: {result.ok} ok, {result.failed} failed, {result.rate:.0f} calls/s"
+            + (f"; SIPp's errors: {result.errors.strip()[:300]!r}" if result.failed else "")
+        )
+        if not result.failed or concurrency <= MIN_CONCURRENCY:
+            return concurrency, result.rate
+        concurrency //= 2
+
+
+def main() -> int:
+    for tool, package in (("h2load", "nghttp2-client"), ("sipp", "sip-tester")):
+        if not shutil.which(tool):
+            print(f"{tool} not found: install Debian package {package} (make system-deps)")
+            return 1
+    # This process runs beside h2load, SIPp and Redis, off the server core.
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
+    duration = duration_seconds(DURATION)
+    lines: list[str] = []
+    with load_side_redis("bench-sip-") as (workdir, redis_url), started_servers() as servers:
+        progress("seeding")
+        seconds = asyncio.run(seed(redis_url))
+        injection = workdir / "calls.csv"
+        rows = injection_rows(BINDINGS, random.Random(19))
+        write_injection_file(injection, rows)
+        lines.append(
+            f"seeded {BINDINGS} AXB bindings in {seconds:.1f}s; SIPp's injection file: {len(rows)} calls (every "
+            f"binding, both directions, shuffled), read in order"
+        )
+        pki, key_file, token = prepare_security(workdir, redis_url)
+        token_file = workdir / "carrier.token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        security = Security(MODEL.split("/")[2], pki, key_file, token)
+        translation = translation_server(MODEL, redis_url, security)
+        servers.append(translation)
+        lines.append(f"translation: verified {verify_sample(translation)} sampled Translate answers: all correct")
+        sip_port = free_sip_port()
+        progress("starting the SIP adapter")
+        adapter = adapter_server(security, redis_url, translation.port, token_file, sip_port)
+        servers.append(adapter)
+        pids = adapter.process.pid, translation.process.pid
+
+        def sipp(name: str, calls: int, concurrency: int) -> SippRun:
+            return run_sipp(name, sip_port, injection, calls, concurrency, workdir, *pids)
+
+        concurrency, rate = calibrate(sipp, lines)
+        request = pb.TranslateRequest(calling_number=party(42, 0), called_number=virtual(42), call_id="bench")
+        target = translation.target(TRANSLATE, request.SerializeToString())
+        unary: list[LoadResult] = []
+        sip: list[SippRun] = []
+        for round_number in range(1, ROUNDS + 1):
+            steps = ("unary", "sip") if round_number % 2 else ("sip", "unary")
+            for step in steps:
+                if step == "unary":
+                    unary.append(h2load(f"translate #{round_number}", target, workdir))
+                else:
+                    calls = max(CALIBRATION_CALLS, round(rate * (duration + WARM_UP_MS / 1000)))
+                    sip.append(sipp(f"sip #{round_number}", calls, concurrency))
+                    rate = statistics.median(run.rate for run in sip)
+        lines.extend(report(unary, sip, concurrency, os.getloadavg()[0], pids))
+    print("\n".join(lines))
+    return 0
+
+
+def report(
+    unary: Sequence[LoadResult], sip: Sequence[SippRun], concurrency: int, load: float, pids: tuple[int, int]
+) -> list[str]:
+    adapter_pid, translation_pid = pids
+    lines = [
+        f"where: translation (pid {translation_pid}) and the SIP adapter (pid {adapter_pid}) share CPU "
+        f"{SERVER_CPU}, the server core (taskset); redis-server, h2load, SIPp and this script run on CPU {LOAD_CPU}; "
+        f"load average now {load:.1f} (a shared host: compare the ratios, not the absolute figures)",
+        f"unary: h2load -D {DURATION} -c {CLIENTS} -m {STREAMS_PER_CLIENT} ({CLIENTS * STREAMS_PER_CLIENT} calls "
+        f"open), https + the carrier's bearer token, one Translate request repeated",
+        f"SIP: SIPp -t {TRANSPORT} -l {concurrency} (calls open at most) {SCENARIO.relative_to(ROOT)} "
+        f"(INVITE, 100, 302, ACK), every 302 checked; the adapter's 2 TranslateStreams (TLS + the same token)",
+        "translation's rate limits raised (as bench_translation): the counters run on every call, never bite",
+        f"{ROUNDS} interleaved rounds (order alternating); the first second of each run is left out (warm-up)",
+        "",
+        "per round:",
+    ]
+    for translate_run, sip_run in zip(unary, sip, strict=True):
+        lines.append(translate_run.line())
+        lines.append(sip_run.line())
+    median_unary = sorted(unary, key=lambda r: r.rps)[len(unary) // 2]
+    median_sip = sorted(sip, key=lambda r: r.rate)[len(sip) // 2]
+    lines += ["", "median of the rounds:", median_unary.line(), median_sip.line(), ""]
+    ratio = median_sip.rate / median_unary.rps
+    per_round = ", ".join(f"{s.rate / u.rps:.2f}" for u, s in zip(unary, sip, strict=True))
+    failed = sum(run.failed for run in sip)
+    verdict = "PASS" if ratio >= 1.0 and not failed else "FAIL"
+    lines.append(
+        f"SIP calls/s / unary Translate/s = {median_sip.rate:.0f} / {median_unary.rps:.0f} = {ratio:.2f} (target "
+        f">= 1.0 at 0 failed calls): {verdict}; per round {per_round}"
+    )
+    sip_cpu = statistics.median(run.adapter_cpu_us + run.translation_cpu_us for run in sip)
+    unary_cpu = statistics.median(run.cpu_us_per_call for run in unary)
+    adapter_cpu = statistics.median(run.adapter_cpu_us for run in sip)
+    translation_cpu = statistics.median(run.translation_cpu_us for run in sip)
+    lines.append(
+        f"CPU per call on the server core (medians): unary Translate {unary_cpu:.0f} us (translation); SIP call "
+        f"{sip_cpu:.0f} us (adapter {adapter_cpu:.0f} + translation {translation_cpu:.0f}); unary / SIP = "
+        f"{unary_cpu / max(1e-9, sip_cpu):.2f} (>= 1.0: a SIP call costs the server core no more than a unary call)"
+    )
+    lines.append(
+        f"response times: unary p50 {median_unary.p50_ms:.1f} / p99 {median_unary.p99_ms:.1f} ms at "
+        f"{CLIENTS * STREAMS_PER_CLIENT} open; SIP p50 {median_sip.p50_ms:.0f} / p99 {median_sip.p99_ms:.0f} ms at "
+        f"{concurrency} open (SIPp measures whole milliseconds)"
+    )
+    lines.append(
+        f"failed: SIP calls {failed} (per round {', '.join(str(r.failed) for r in sip)}); h2load requests "
+        f"{sum(r.failed for r in unary)}"
+    )
+    for run in sip:
+        if run.errors:
+            lines.append(f"{run.name}: SIPp's errors: {run.errors.strip()[:400]!r}")
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
