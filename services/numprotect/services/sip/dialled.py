@@ -1,0 +1,102 @@
+"""Who is called and who calls, from an INVITE: the Request-URI's 700 number (and extension digits) and the caller
+from P-Asserted-Identity or From, with the refusals a switch gets before anything is translated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sipmessage import URI
+
+from numprotect.core import phone
+from numprotect.services.sip.message import parse_address
+
+SCHEMES = ("sip", "sips", "tel")
+VIRTUAL_DIGITS = 15
+MAX_EXTENSION_DIGITS = 4
+# RFC 3966 visual separators (and the blanks phone.normalize_calling also takes).
+_SEPARATORS = str.maketrans("", "", "-.()")
+_COUNTRY_PREFIXES = ("+86", "0086", "86")
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+@dataclass(frozen=True, slots=True)
+class Dialled:
+    """The 15-digit 700 number and the extension digits after it ("" or 1-4 digits)."""
+
+    called_number: str
+    extension: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A final response given without translating: code, reason phrase, Q.850 cause and its text."""
+
+    code: int
+    phrase: str
+    cause: int
+    text: str
+
+
+UNSUPPORTED_SCHEME = Refusal(416, "Unsupported URI Scheme", 0, "")
+BAD_REQUEST_URI = Refusal(400, "Bad Request-URI", 0, "")
+NOT_A_700_NUMBER = Refusal(404, "Not Found", 1, "not a 700 number")
+ADDRESS_INCOMPLETE = Refusal(484, "Address Incomplete", 28, "digits missing")
+ANONYMOUS_CALLER = Refusal(433, "Anonymity Disallowed", 21, "caller number required")
+
+
+def user_digits(user: str) -> str:
+    """A URI user's number: parameters (`;npdi;rn=...`) and visual separators removed."""
+    return user.partition(";")[0].translate(_SEPARATORS).strip()
+
+
+def dialled(request_uri: str) -> Dialled | Refusal:
+    """The dialled 700 number from a Request-URI (sip:, sips: or tel:), or the refusal.
+
+    Written forms 700..., +86700..., 0086700..., 86700...; fewer than 15 digits is an incomplete address (484: the
+    switch collects more digits, as for an AXE extension); 16-19 digits are the number and its extension.
+    """
+    scheme = request_uri.partition(":")[0].lower()
+    if scheme not in SCHEMES:
+        return UNSUPPORTED_SCHEME
+    try:
+        uri = URI.parse(request_uri)
+    except Exception:
+        return BAD_REQUEST_URI
+    digits = user_digits(uri.user or "")
+    for prefix in _COUNTRY_PREFIXES:
+        if digits.startswith(prefix):
+            digits = digits[len(prefix) :]
+            break
+    if not digits.startswith("700") or not _ASCII_DIGITS.issuperset(digits):
+        return NOT_A_700_NUMBER
+    if len(digits) < VIRTUAL_DIGITS:
+        return ADDRESS_INCOMPLETE
+    if len(digits) > VIRTUAL_DIGITS + MAX_EXTENSION_DIGITS:
+        return NOT_A_700_NUMBER
+    return Dialled(digits[:VIRTUAL_DIGITS], digits[VIRTUAL_DIGITS:])
+
+
+def calling(asserted: str | None, from_value: str | None) -> str | Refusal:
+    """The caller's number, normalised as Translate does (phone.normalize_calling): the first P-Asserted-Identity's
+    URI user when there is a readable one, else From's. Anonymous, withheld or not a number: 433."""
+    raw = _first_user(asserted) if asserted else None
+    if raw is None:
+        raw = _first_user(from_value) if from_value else None
+    if not raw or raw.lower() in ("anonymous", "restricted", "unavailable"):
+        return ANONYMOUS_CALLER
+    try:
+        return phone.normalize_calling(user_digits(raw))
+    except phone.InvalidNumber:
+        return ANONYMOUS_CALLER
+
+
+def _first_user(value: str) -> str | None:
+    """The URI user of the first address in a header value (P-Asserted-Identity may list a sip: and a tel: URI)."""
+    first = value
+    if "," in value:  # cut at the first comma after the first address's closing bracket (names may hold commas)
+        cut = value.find(",", max(value.find(">"), 0))
+        first = value[:cut] if cut >= 0 else value
+    address = parse_address(first.strip())
+    if address is None:
+        return None
+    return address.uri.user

@@ -1,0 +1,295 @@
+"""SIP requests from bytes: TCP framing by Content-Length, header unfolding, the fields a redirect server reads.
+
+The start line and the header lines are split here (sipmessage's `Message.parse` neither unfolds folded headers
+nor lets a Request-URI of another scheme through for a 416, and its header store is a list searched per header);
+the grammar of each value a decision rests on (URI, Via, CSeq, From/To/P-Asserted-Identity addresses) is
+sipmessage's. Every sipmessage call is wrapped: whatever it raises on bad input becomes `Malformed`, never an
+exception out of the listener.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sipmessage import Address, CSeq, Via
+from sipmessage.message import COMPACT_FORMS
+
+SIP_VERSION = "SIP/2.0"
+# RFC 3261 section 8.1.1.7: a branch starting with the magic cookie identifies the transaction on its own.
+MAGIC_COOKIE = "z9hG4bK"
+_HEAD_END = b"\r\n\r\n"
+# The method token (RFC 3261 section 25.1).
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+", re.ASCII)
+# Content-Length in a message head, before it is parsed (TCP framing).
+_CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_RPORT = re.compile(r";\s*rport(?=\s*(?:;|$))", re.IGNORECASE)
+# Lower-case long names of the compact forms (sipmessage's table).
+_COMPACT = {short: long.lower() for short, long in COMPACT_FORMS.items()}
+_REQUIRED = (("via", "Missing Via"), ("call-id", "Missing Call-ID"), ("cseq", "Missing CSeq"))
+_REQUIRED_ADDRESSES = (("from", "From"), ("to", "To"))
+
+
+class Malformed(Exception):
+    """A message that cannot be handled. `reason` names the problem (the 400's reason phrase); `request`, when
+    set, is what was read of it, enough to address a response (its top Via parsed)."""
+
+    def __init__(self, reason: str, request: Request | None = None, *, code: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request = request
+        self.code = code
+
+
+class ResponseReceived(Exception):
+    """The message is a response: a redirect server sends no requests, so it is no one's answer (dropped)."""
+
+
+@dataclass(slots=True)
+class Request:
+    """One SIP request. Header names are lower-case long forms; each value is unfolded and stripped."""
+
+    method: str
+    uri: str
+    headers: dict[str, list[str]]
+    body: bytes
+    # The top Via, parsed, and its text; the Via values after it, as received (copied into responses).
+    top_via: Via
+    top_via_text: str
+    other_vias: list[str]
+    call_id: str
+    cseq_number: int
+    cseq_method: str
+
+    def header(self, name: str) -> str | None:
+        """The first value of `name` (lower-case long form), or None."""
+        values = self.headers.get(name)
+        return values[0] if values else None
+
+    @property
+    def branch(self) -> str:
+        return self.top_via.parameters.get("branch") or ""
+
+    @property
+    def sent_by(self) -> str:
+        via = self.top_via
+        return f"{via.host}:{via.port}" if via.port is not None else via.host
+
+    def response_vias(self, source_host: str, source_port: int) -> list[str]:
+        """The Via values of a response: the top one with `received` when the packet came from another address
+        than its sent-by, or when rport was asked (RFC 3581, then `rport=<source port>` too); the others as
+        received."""
+        top = self.top_via_text
+        rport = "rport" in self.top_via.parameters and self.top_via.parameters["rport"] is None
+        if rport:
+            top = _RPORT.sub(f";rport={source_port}", top, count=1)
+        if rport or self.top_via.host.strip("[]") != source_host:
+            top += f";received={source_host}"
+        return [top, *self.other_vias]
+
+
+def unfold(head: str) -> list[str]:
+    """The head's lines with folded continuation lines (starting with a space or tab) joined to the line above
+    (RFC 3261 section 7.3.1: folding is equivalent to one space)."""
+    lines: list[str] = []
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t") and lines:
+            lines[-1] = lines[-1].rstrip() + " " + line.strip()
+        else:
+            lines.append(line)
+    return lines
+
+
+def parse_request(data: bytes, *, stream: bool = False) -> Request:
+    """The request in `data` (one UDP datagram, or one message framed from a TCP stream). Raises
+    `ResponseReceived` for a response and `Malformed` for anything else it cannot use. `stream`: the message
+    came over TCP, where Content-Length is required (RFC 3261 section 18.3)."""
+    end = data.find(_HEAD_END)
+    if end < 0:
+        raise Malformed("No end of headers")
+    try:
+        head = data[:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise Malformed("Headers are not UTF-8") from None
+    crlf = head.count("\r\n")
+    if head.count("\r") != crlf or head.count("\n") != crlf:  # a bare CR or LF (lines end with CRLF only)
+        raise Malformed("Bad line ending")
+    body = data[end + 4 :]
+    lines = unfold(head)
+    start = lines[0]
+    if start.startswith("SIP/"):
+        raise ResponseReceived
+    parts = start.split(" ")
+    headers: dict[str, list[str]] = {}
+    bad_header = ""
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        name = name.strip().lower()
+        if not colon or not name or not _TOKEN.fullmatch(name):
+            bad_header = bad_header or "Bad header line"
+            continue
+        name = _COMPACT.get(name, name)
+        value = value.strip()
+        if name == "via":
+            # Via values are comma-separated (no comma is valid inside one, quoted parameters aside).
+            headers.setdefault(name, []).extend(v.strip() for v in value.split(","))
+        else:
+            headers.setdefault(name, []).append(value)
+    request = _addressable(headers, parts)
+    problem = bad_header or _check(request, parts, headers, stream)
+    if problem:
+        raise Malformed(problem, request, code=505 if problem == "Version Not Supported" else 400)
+    length = headers.get("content-length")
+    if length is not None:
+        declared = _content_length(length)
+        if declared is None or declared > len(body):
+            raise Malformed("Bad Content-Length", request)
+        body = body[:declared]  # RFC 3261 section 18.3: bytes past Content-Length are discarded
+    request.body = body
+    return request
+
+
+def _addressable(headers: dict[str, list[str]], parts: list[str]) -> Request:
+    """A `Request` from what is needed to answer at all (a parseable top Via), else Malformed without one."""
+    vias = headers.get("via")
+    if not vias or not vias[0]:
+        raise Malformed("Missing Via")
+    try:
+        top = Via.parse(vias[0])
+    except Exception:
+        raise Malformed("Bad Via") from None
+    method = parts[0] if parts and _TOKEN.fullmatch(parts[0]) else ""
+    call_ids = headers.get("call-id")
+    number, cseq_method = -1, ""
+    cseqs = headers.get("cseq")
+    if cseqs:
+        try:
+            cseq = CSeq.parse(cseqs[0])
+            number, cseq_method = cseq.sequence, cseq.method
+        except Exception:
+            pass
+    return Request(
+        method=method,
+        uri=parts[1] if len(parts) > 1 else "",
+        headers=headers,
+        body=b"",
+        top_via=top,
+        top_via_text=vias[0],
+        other_vias=vias[1:],
+        call_id=call_ids[0] if call_ids else "",
+        cseq_number=number,
+        cseq_method=cseq_method,
+    )
+
+
+def _check(request: Request, parts: list[str], headers: dict[str, list[str]], stream: bool) -> str:
+    """What is wrong with the request (a 400's reason phrase), or ""."""
+    if len(parts) != 3 or not request.method or not request.uri:
+        return "Bad Request-Line"
+    if parts[2] != SIP_VERSION:
+        return "Version Not Supported"
+    for name, missing in _REQUIRED:
+        if not headers.get(name) or not headers[name][0]:
+            return missing
+    if request.cseq_number < 0 or request.cseq_number >= 2**31:
+        return "Bad CSeq"
+    if request.cseq_method != request.method:
+        return "CSeq Method Mismatch"
+    for name, label in _REQUIRED_ADDRESSES:
+        # Present is enough: their URIs may be of any scheme (RFC 3261 absoluteURI), and are read only when used.
+        values = headers.get(name)
+        if not values or not values[0]:
+            return f"Missing {label}"
+    if stream and "content-length" not in headers:
+        return "Missing Content-Length"
+    return ""
+
+
+def _content_length(values: list[str]) -> int | None:
+    raw = values[0]
+    if not raw.isdigit() or not raw.isascii() or len(raw) > 9:
+        return None
+    return int(raw)
+
+
+def parse_address(value: str) -> Address | None:
+    """A From/To/P-Asserted-Identity value, or None when sipmessage cannot read it."""
+    try:
+        return Address.parse(value)
+    except Exception:
+        return None
+
+
+def tag_of(value: str) -> str:
+    """The `tag` parameter of a From or To value ("" when none or unreadable)."""
+    address = parse_address(value)
+    if address is None:
+        return ""
+    return address.parameters.get("tag") or ""
+
+
+@dataclass(slots=True)
+class Framed:
+    """What the TCP framer found: whole messages, keep-alive pings to answer, or a problem ending the
+    connection (`error`: the reason; `error_code` 400 or 513; `error_head`: the message head, if one was read)."""
+
+    messages: list[bytes]
+    pings: int = 0
+    error: str = ""
+    error_code: int = 0
+    error_head: bytes = b""
+
+
+class StreamFramer:
+    """Splits a TCP byte stream into SIP messages by Content-Length (RFC 3261 section 18.3). Blank lines between
+    messages are skipped; a double CRLF where a message would start is a keep-alive ping (RFC 5626 section 4.4.1),
+    answered by the caller with one CRLF."""
+
+    __slots__ = ("_buffer", "_max")
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self._buffer = bytearray()
+        self._max = max_message_bytes
+
+    def feed(self, data: bytes) -> Framed:
+        buffer = self._buffer
+        buffer += data
+        framed = Framed([])
+        while buffer:
+            if buffer.startswith(b"\r\n\r\n"):
+                framed.pings += 1
+                del buffer[:4]
+                continue
+            if buffer.startswith(b"\r\n"):
+                if len(buffer) < 4 and b"\r\n\r\n".startswith(bytes(buffer)):
+                    break  # maybe the start of a ping: wait for the rest
+                del buffer[:2]
+                continue
+            end = buffer.find(_HEAD_END)
+            if end < 0:
+                if len(buffer) > self._max:
+                    framed.error, framed.error_code = "Message Too Large", 513
+                    framed.error_head = bytes(buffer[: self._max])
+                    buffer.clear()
+                break
+            head = bytes(buffer[: end + 4])
+            match = _CONTENT_LENGTH.search(head)
+            if match is None:
+                framed.error, framed.error_code, framed.error_head = "Missing Content-Length", 400, head
+                buffer.clear()
+                break
+            raw = match.group(1)
+            if not raw.isdigit() or len(raw) > 9:
+                framed.error, framed.error_code, framed.error_head = "Bad Content-Length", 400, head
+                buffer.clear()
+                break
+            total = end + 4 + int(raw)
+            if total > self._max:
+                framed.error, framed.error_code, framed.error_head = "Message Too Large", 513, head
+                buffer.clear()
+                break
+            if len(buffer) < total:
+                break
+            framed.messages.append(bytes(buffer[:total]))
+            del buffer[:total]
+        return framed
