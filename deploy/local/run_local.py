@@ -1,14 +1,15 @@
-"""`make run`: a local Redis (AOF on) and the five services on localhost, in the foreground.
+"""`make run`: a local Redis (AOF on) and the six services on localhost, in the foreground.
 
 Settings (environment):
   NUMPROTECT_REDIS_URL            use this Redis and start none (NUMPROTECT_REDIS_MODE=cluster for a cluster)
   NUMPROTECT_LOCAL_REDIS_PORT     port of the Redis started here (default 6379); data under .run/redis
   NUMPROTECT_LOCAL_REDIS_FSYNC    appendfsync of that Redis: everysec (default) or always (docs/cdr.md)
-  NUMPROTECT_<SERVICE>_PORT       service ports (defaults 50051..50055)
-  NUMPROTECT_<SERVICE>_PROCESSES  processes per service sharing its port via SO_REUSEPORT (default 1)
+  NUMPROTECT_<SERVICE>_PORT       gRPC ports (defaults 50051..50056; sip's is NUMPROTECT_SIP_GRPC_PORT, 50056)
+  NUMPROTECT_<SERVICE>_PROCESSES  processes per service sharing its port via SO_REUSEPORT (default 1; sip: 1 only,
+                                  its SIP transactions live in one process)
   NUMPROTECT_LOCAL_METRICS_PORT   the first /metrics port (default 9151): every process gets its own, in order
-                                  allocation, binding, translation, cdr, events (a service's processes get successive
-                                  ports); the ready message lists them. NUMPROTECT_METRICS=off: no metrics ports
+                                  allocation, binding, translation, cdr, events, sip (a service's processes get
+                                  successive ports); the ready message lists them. NUMPROTECT_METRICS=off: none
   NUMPROTECT_RUN_DIR              where Redis data and logs go (default .run, git-ignored)
   NUMPROTECT_RUN_PROMETHEUS       1 (`make run PROMETHEUS=1`): also Debian's Prometheus, scraping every process's
                                   /metrics with the rules of deploy/prometheus/rules (deploy/local/local_prometheus.py);
@@ -22,6 +23,10 @@ Settings (environment):
                                   127.0.0.0/8 and on here (the service's defaults: none, off), so webhooks reach a
                                   receiver on this host over http:// (the README's walk-through); set them to
                                   change that
+  NUMPROTECT_SIP_HOST, NUMPROTECT_SIP_PORT, NUMPROTECT_SIP_EGRESS
+                                  the SIP adapter (docs/sip.md): UDP and TCP on 127.0.0.1:5060, its 302s pointing
+                                  calls at 127.0.0.1:5070 (a local switch or SIPp), unless set; it asks translation
+                                  as carrier `cm` with the key made here (.run/dev/sip.token)
 Ctrl-C or SIGTERM stops the services (they drain), then Redis.
 
 The Redis started here has the ACL users of numprotect.core.redis_acl (the default user off): each service connects
@@ -51,10 +56,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from numprotect.core.dev_pki import ensure_dev_pki
-from numprotect.core.identity.local_keys import ensure_auth_key, ensure_dev_tokens, write_private
+from numprotect.core.identity.local_keys import LOCAL_SIP_CARRIER, ensure_auth_key, ensure_dev_tokens, write_private
 from numprotect.core.redis_acl import ACL_USERS, ADMIN_USER, SERVICE_USERS, parse_redis_version, render_acl_file
 from numprotect.core.redis_client import create_sync_redis
-from numprotect.core.settings import DEFAULT_PORTS, SERVICE_NAMES, Env, RedisSettings, SettingsError
+from numprotect.core.settings import (
+    DEFAULT_PORTS,
+    SERVICE_NAMES,
+    Env,
+    RedisSettings,
+    SettingsError,
+    server_env_prefix,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 # The first process's /metrics port; the others follow (docs/operations.md "Metrics").
@@ -62,6 +74,10 @@ DEFAULT_METRICS_PORT = 9151
 # Webhooks to a receiver on this machine, over plain http (events refuses loopback and http:// by default);
 # the operator's own values win.
 LOCAL_EVENTS_SETTINGS = {"NUMPROTECT_EVENTS_ALLOWED_NETWORKS": "127.0.0.0/8", "NUMPROTECT_EVENTS_ALLOW_HTTP": "on"}
+# The SIP adapter's listeners and the switch its 302s send calls to (docs/sip.md); the operator's own values win.
+LOCAL_SIP_HOST = "127.0.0.1"
+LOCAL_SIP_PORT = 5060
+LOCAL_SIP_EGRESS = "127.0.0.1:5070"
 
 
 class LaunchError(Exception):
@@ -75,14 +91,21 @@ class Child:
     log: Path
 
 
-def port_is_busy(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def port_is_busy(port: int, host: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as sock:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return True
     return False
+
+
+def port_variable(service: str) -> str:
+    """The variable of a service's gRPC port: NUMPROTECT_<SERVICE>_PORT (sip: NUMPROTECT_SIP_GRPC_PORT)."""
+    return f"{server_env_prefix(service)}_PORT"
 
 
 class LocalSuite:
@@ -93,13 +116,16 @@ class LocalSuite:
         self.redis_port = env.integer("NUMPROTECT_LOCAL_REDIS_PORT", 6379, minimum=1, maximum=65535)
         self.redis_fsync = env.choice("NUMPROTECT_LOCAL_REDIS_FSYNC", "everysec", ("everysec", "always"))
         self.ports = {
-            name: env.integer(f"NUMPROTECT_{name.upper()}_PORT", DEFAULT_PORTS[name], minimum=1, maximum=65535)
+            name: env.integer(port_variable(name), DEFAULT_PORTS[name], minimum=1, maximum=65535)
             for name in SERVICE_NAMES
         }
         self.processes = {
-            name: env.integer(f"NUMPROTECT_{name.upper()}_PROCESSES", 1, minimum=1, maximum=64)
+            name: env.integer(f"NUMPROTECT_{name.upper()}_PROCESSES", 1, minimum=1, maximum=1 if name == "sip" else 64)
             for name in SERVICE_NAMES
         }
+        self.sip_host = env.text("NUMPROTECT_SIP_HOST", LOCAL_SIP_HOST)
+        self.sip_port = env.integer("NUMPROTECT_SIP_PORT", LOCAL_SIP_PORT, minimum=1, maximum=65535)
+        self.sip_egress = env.text("NUMPROTECT_SIP_EGRESS", LOCAL_SIP_EGRESS)
         self.metrics = env.choice("NUMPROTECT_METRICS", "on", ("on", "off")) == "on"
         first_metrics_port = env.integer(
             "NUMPROTECT_LOCAL_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=1, maximum=65000
@@ -149,7 +175,7 @@ class LocalSuite:
             client.close()
 
     def service_token_env(self, service: str) -> dict[str, str]:
-        """binding's credential at allocation (the only service that calls another)."""
+        """The credential of a service that calls another: binding's at allocation, sip's (carrier) at translation."""
         token = self.tokens.get(service)
         return {"NUMPROTECT_SERVICE_TOKEN_FILE": str(token)} if token is not None else {}
 
@@ -184,9 +210,16 @@ class LocalSuite:
         for name, port in wanted.items():
             if port_is_busy(port):
                 var = {"redis": "NUMPROTECT_LOCAL_REDIS_PORT", "prometheus": "NUMPROTECT_LOCAL_PROMETHEUS_PORT"}.get(
-                    name, f"NUMPROTECT_{name.upper()}_PORT"
+                    name, port_variable(name)
                 )
                 raise LaunchError(f"port {port} for {name} is busy (another `make run`?): stop it or set {var}")
+        # The SIP listeners: both transports on the one port (a carrier's trunk may use either).
+        for kind, transport in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
+            if port_is_busy(self.sip_port, self.sip_host, kind):
+                raise LaunchError(
+                    f"port {self.sip_port}/{transport} on {self.sip_host} for sip is busy (another `make run`, a SIP "
+                    "server?): stop it or set NUMPROTECT_SIP_PORT"
+                )
         for child, port in self.metrics_ports.items():
             if port_is_busy(port):
                 raise LaunchError(
@@ -275,6 +308,7 @@ class LocalSuite:
             count = self.processes[name]
             env = {
                 **(LOCAL_EVENTS_SETTINGS if name == "events" else {}),
+                **(self.sip_env() if name == "sip" else {}),
                 **self.environ,
                 **peers,
                 **key,
@@ -283,10 +317,10 @@ class LocalSuite:
                 **self.service_token_env(name),
                 "NUMPROTECT_REDIS_URL": self.redis_url(),
                 **self.redis_user_env(name),
-                f"NUMPROTECT_{name.upper()}_PORT": str(self.ports[name]),
+                port_variable(name): str(self.ports[name]),
             }
             if count > 1:
-                env[f"NUMPROTECT_{name.upper()}_REUSE_PORT"] = "1"
+                env[f"{server_env_prefix(name)}_REUSE_PORT"] = "1"
             for index in range(count):
                 log = self.run_dir / "logs" / f"{name}-{index}.log"
                 metrics = self.metrics_ports.get(f"{name}-{index}")
@@ -301,6 +335,22 @@ class LocalSuite:
                         start_new_session=True,
                     )
                 self.children.append(Child(f"{name}-{index}", process, log))
+
+    def sip_env(self) -> dict[str, str]:
+        """The SIP adapter's listeners and egress as checked at start (the operator's values, else the local ones)."""
+        return {
+            "NUMPROTECT_SIP_HOST": self.sip_host,
+            "NUMPROTECT_SIP_PORT": str(self.sip_port),
+            "NUMPROTECT_SIP_EGRESS": self.sip_egress,
+        }
+
+    def sip_line(self) -> str:
+        """The ready message's SIP line: where a carrier's trunk points, and as which carrier the adapter asks."""
+        carrier = f", carrier {LOCAL_SIP_CARRIER}" if "sip" in self.tokens else ""
+        return (
+            f"  sip: udp+tcp {self.sip_host}:{self.sip_port} (a carrier trunk points here: docs/sip.md; "
+            f"302s send calls to {self.sip_egress}{carrier})\n"
+        )
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -409,7 +459,7 @@ ready. {trust}. {who}. Try (the README's walk-through goes on from here):
   {g} {how} {key}127.0.0.1:{b} list
   {g} {how} {key}-d '{{"block":"70010000001","tenant_id":"demo","city_code":"010","carrier_id":"cm"}}' \\
     127.0.0.1:{a} numprotect.allocation.v1.AllocationService/ImportBlock
-{self._cli_hint()}logs: {self.run_dir / "logs"}   stop: Ctrl-C
+{self.sip_line()}{self._cli_hint()}logs: {self.run_dir / "logs"}   stop: Ctrl-C
 """,
             flush=True,
         )

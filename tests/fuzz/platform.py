@@ -118,8 +118,9 @@ class Platform:
         try:
             processes["allocation"] = ServiceProcess("allocation", env)
             peers = {"NUMPROTECT_ALLOCATION_ADDR": processes["allocation"].address}
-            for name in PROCESSES[1:]:  # after allocation: binding needs its address
+            for name in PROCESSES[1:]:  # after allocation: binding needs its address, sip translation's
                 processes[name] = ServiceProcess(name, {**env, **peers})
+                peers[f"NUMPROTECT_{name.upper()}_ADDR"] = processes[name].address
             platform = cls(redis, processes, tokens)
             platform.seed()
         except BaseException:

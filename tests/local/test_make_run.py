@@ -1,4 +1,5 @@
-"""`make run`'s launcher: Redis with AOF + the five services SERVING, then a clean stop on SIGTERM."""
+"""`make run`'s launcher: Redis with AOF + the six services SERVING (sip answering SIP), then a clean stop on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,8 +19,9 @@ from typing import Any
 import pytest
 import redis
 
+from numprotect.cli.contexts import SERVICES as CLI_SERVICES
 from support.grpcurl import run_grpcurl, run_grpcurl_plaintext
-from support.launcher import LAUNCHER, SERVICES, launch, launcher_env
+from support.launcher import LAUNCHER, SERVICES, launch, launcher_env, port_variable
 from support.processes import ROOT
 from support.redis_server import free_port
 
@@ -49,7 +52,7 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         assert (tmp_path / "dev" / "auth.key").stat().st_mode & 0o777 == 0o600
         bearer = ("-H", f"authorization: Bearer {operator.read_text().strip()}")
         for name in SERVICES:
-            address = f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}"
+            address = f"127.0.0.1:{env[port_variable(name)]}"
             check = run_grpcurl(*bearer, "-d", '{"service":""}', address, "grpc.health.v1.Health/Check", ca_file=ca)
             assert '"status": "SERVING"' in check.stdout, check.stderr
             anonymous = run_grpcurl(address, "list", ca_file=ca)
@@ -57,6 +60,7 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
             plaintext = run_grpcurl_plaintext("-connect-timeout", "2", address, "list")
             assert plaintext.returncode != 0
         assert f"-cacert {ca}" in output and "-plaintext" not in output and "CreateApiKey" in output
+        _sip_answers_as_carrier_cm(tmp_path, env, output)
         _walk_through_works_as_written(tmp_path, env)
         # Redis with the ACL users (numprotect.core.redis_acl): the default user is off.
         with pytest.raises(redis.AuthenticationError):
@@ -89,10 +93,45 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
     assert left.stdout == b""
 
 
-@pytest.mark.parametrize("busy", ["NUMPROTECT_BINDING_PORT", "NUMPROTECT_LOCAL_REDIS_PORT"])
-def test_a_busy_port_gets_a_one_line_explanation(tmp_path: Path, busy: str) -> None:
-    import socket
+def _sip_answers_as_carrier_cm(run_dir: Path, env: dict[str, str], output: str) -> None:
+    """The ready message's SIP line, the adapter's carrier key made private in .run/dev, and the adapter itself:
+    OPTIONS (a trunk's keep-alive) over UDP answered 200 once its TranslateStreams are up."""
+    port = env["NUMPROTECT_SIP_PORT"]
+    assert f"  sip: udp+tcp 127.0.0.1:{port} (a carrier trunk points here: docs/sip.md;" in output, output
+    assert "302s send calls to 127.0.0.1:5070, carrier cm)" in output, output
+    token = run_dir / "dev" / "sip.token"
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text().startswith("npk_")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(1)
+        me = udp.getsockname()[1]
+        deadline = time.monotonic() + 20
+        answer = ""
+        while not answer.startswith("SIP/2.0 200") and time.monotonic() < deadline:
+            branch = f"z9hG4bK-make-run-{time.monotonic_ns()}"
+            options = (
+                "OPTIONS sip:127.0.0.1 SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch={branch};rport\r\n"
+                "Max-Forwards: 70\r\n"
+                f"From: <sip:probe@127.0.0.1:{me}>;tag=probe\r\n"
+                "To: <sip:127.0.0.1>\r\n"
+                f"Call-ID: {branch}@127.0.0.1\r\n"
+                "CSeq: 1 OPTIONS\r\n"
+                "Content-Length: 0\r\n\r\n"
+            )
+            udp.sendto(options.encode(), ("127.0.0.1", int(port)))
+            try:
+                answer = udp.recv(65535).decode(errors="replace")
+            except TimeoutError:
+                answer = ""
+            if not answer.startswith("SIP/2.0 200"):
+                time.sleep(0.2)  # 503 until a TranslateStream is up
+    assert answer.startswith("SIP/2.0 200"), answer
+    assert "Allow: INVITE, ACK, CANCEL, OPTIONS" in answer, answer
 
+
+@pytest.mark.parametrize("busy", ["NUMPROTECT_BINDING_PORT", "NUMPROTECT_LOCAL_REDIS_PORT", "NUMPROTECT_SIP_PORT"])
+def test_a_busy_port_gets_a_one_line_explanation(tmp_path: Path, busy: str) -> None:
     env = launcher_env(tmp_path)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", int(env[busy])))
@@ -102,7 +141,7 @@ def test_a_busy_port_gets_a_one_line_explanation(tmp_path: Path, busy: str) -> N
         )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
-    assert f"is busy (another `make run`?): stop it or set {busy}" in result.stderr
+    assert "is busy (another `make run`" in result.stderr and f"): stop it or set {busy}" in result.stderr
 
 
 def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
@@ -112,14 +151,14 @@ def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     block = readme.split("<!-- walkthrough:begin -->")[1].split("<!-- walkthrough:end -->")[0]
     script = block.split("```sh\n")[1].split("```")[0]
     script = script.replace(".run/", f"{run_dir}/")
-    addresses = {name: f"127.0.0.1:{env[f'NUMPROTECT_{name.upper()}_PORT']}" for name in SERVICES}
+    addresses = {name: f"127.0.0.1:{env[port_variable(name)]}" for name in SERVICES}
     for index, name in enumerate(SERVICES):
         script = script.replace(f"127.0.0.1:{50051 + index}", addresses[name])
     # /metrics: the processes' ports count up from NUMPROTECT_LOCAL_METRICS_PORT (the README's 9151), binding second.
     first_metrics_port = int(env["NUMPROTECT_LOCAL_METRICS_PORT"])
     script = script.replace("127.0.0.1:9152/metrics", f"127.0.0.1:{first_metrics_port + 1}/metrics")
     # The CLI's contexts: this launcher's ports (not the defaults --from-run-dir assumes), a config file of the test.
-    ports = " ".join(f"--{name}={address}" for name, address in addresses.items())
+    ports = " ".join(f"--{name}={address}" for name, address in addresses.items() if name in CLI_SERVICES)
     script = script.replace(f"--from-run-dir {run_dir}/", f"--from-run-dir {run_dir}/ {ports}")
     # The webhook receiver the walk-through starts, and the endpoint's URL: a free port instead of the README's 8765.
     receiver_port = free_port()

@@ -83,7 +83,7 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
         while True:
             targets = _get(f"{base}/api/v1/targets")["activeTargets"]
             health = {t["labels"]["process"]: t["health"] for t in targets}
-            if (len(health) == 6 and set(health.values()) == {"up"}) or time.monotonic() > deadline:
+            if (len(health) == 7 and set(health.values()) == {"up"}) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert health == {
@@ -93,6 +93,7 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
             "translation-1": "up",
             "cdr-0": "up",
             "events-0": "up",
+            "sip-0": "up",
         }, targets
         assert {t["labels"]["job"] for t in targets} == {f"numprotect-{s}" for s in SERVICES}
         built = _get(f"{base}/api/v1/query?query=numprotect_build_info")["result"]
@@ -107,7 +108,13 @@ def test_make_run_starts_prometheus_scraping_every_process(tmp_path: Path) -> No
             time.sleep(0.5)
         assert [r["metric"]["service"] for r in recorded] == ["translation"], recorded
         groups = {g["name"]: g for g in _get(f"{base}/api/v1/rules")["groups"]}
-        assert set(groups) == {"numprotect-alerts", "numprotect-grpc", "numprotect-domain", "numprotect-webhooks"}
+        assert set(groups) == {
+            "numprotect-alerts",
+            "numprotect-grpc",
+            "numprotect-domain",
+            "numprotect-webhooks",
+            "numprotect-sip",
+        }
         assert all(r["health"] != "err" for g in groups.values() for r in g["rules"])
     finally:
         process.send_signal(signal.SIGTERM)

@@ -153,8 +153,10 @@ class ChaosStack:
         if self.allocation_proxy is not None:
             allocation = self.allocation_proxy.address
         peers = {"NUMPROTECT_ALLOCATION_ADDR": allocation}
-        if "binding" in self.processes and service != "binding":
-            peers["NUMPROTECT_BINDING_ADDR"] = self.processes["binding"].address
+        # binding's address for the others; translation's for sip (its TranslateStreams).
+        for peer in ("binding", "translation"):
+            if peer in self.processes and service != peer:
+                peers[f"NUMPROTECT_{peer.upper()}_ADDR"] = self.processes[peer].address
         return {**self.env, **peers}
 
     def _import_block(self) -> None:

@@ -26,6 +26,7 @@ from numprotect.core.identity.directory import (
 from numprotect.core.identity.principal import Role
 
 __all__ = [
+    "PEER_CALLERS",
     "Role",
     "auth_env",
     "mint",
@@ -101,12 +102,18 @@ def mint_in(environ: Mapping[str, str], role: Role, principal_id: str = "") -> s
         client.close()
 
 
+# Who calls a peer, as whom: binding as its service (allocation), sip as a carrier (translation; `make run`'s
+# carrier, whose blocks tests record with record_blocks when they route calls through the adapter).
+PEER_CALLERS: Mapping[str, tuple[Role, str]] = {"binding": (Role.SERVICE, "binding"), "sip": (Role.CARRIER, "cm")}
+
+
 def service_token_env(environ: Mapping[str, str], service: str) -> dict[str, str]:
-    """NUMPROTECT_SERVICE_TOKEN_FILE for a process of `service` that calls peers (binding), minted in the Redis of
-    `environ`; nothing when auth is off, a token file is already set, or the service calls no peer."""
-    if service != "binding" or environ.get("NUMPROTECT_AUTH") == "off" or "NUMPROTECT_SERVICE_TOKEN_FILE" in environ:
+    """NUMPROTECT_SERVICE_TOKEN_FILE for a process of `service` that calls peers (PEER_CALLERS), minted in the Redis
+    of `environ`; nothing when auth is off, a token file is already set, or the service calls no peer."""
+    caller = PEER_CALLERS.get(service)
+    if caller is None or environ.get("NUMPROTECT_AUTH") == "off" or "NUMPROTECT_SERVICE_TOKEN_FILE" in environ:
         return {}
-    token = mint_in(environ, Role.SERVICE, service)
+    token = mint_in(environ, *caller)
     path = _key_file().parent / f"{service}-{time.time_ns()}.token"
     path.write_text(token)
     path.chmod(0o600)

@@ -32,6 +32,7 @@ from numprotect.core.settings import Env, RedisSettings, ServerSettings
 from numprotect.core.telemetry import Telemetry
 from numprotect.core.tls import TlsSettings
 from support.identity import mint, record_blocks, with_auth
+from support.processes import SIP_DEFAULTS, listen_env
 from support.tls import channel_for, with_tls
 
 AppT = TypeVar("AppT", AioServiceApp, SyncServiceApp)
@@ -100,8 +101,9 @@ class _Setup:
     @classmethod
     def of(cls, service: str, environ: Mapping[str, str], telemetry: Telemetry | None) -> _Setup:
         full = {
+            **(SIP_DEFAULTS if service == "sip" else {}),
             **with_auth(with_tls(environ)),
-            f"NUMPROTECT_{service.upper()}_PORT": "0",
+            **listen_env(service),
             "NUMPROTECT_METRICS_PORT": "0",  # /metrics on a port the OS chooses (app.metrics_port)
             "NUMPROTECT_GRACE_PERIOD": "0",
         }

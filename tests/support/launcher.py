@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from numprotect.core.settings import SERVICE_NAMES
+from numprotect.core.settings import SERVICE_NAMES, server_env_prefix
 from support.processes import ROOT
 from support.redis_server import free_port
 
@@ -39,15 +39,21 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def port_variable(service: str) -> str:
+    """The variable of a service's gRPC port (sip's is NUMPROTECT_SIP_GRPC_PORT: NUMPROTECT_SIP_PORT is SIP's)."""
+    return f"{server_env_prefix(service)}_PORT"
+
+
 def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:
     """This environment without any NUMPROTECT_ setting, then the run folder and free ports for Redis, every
-    service and the first of the processes' consecutive /metrics ports; `extra` last."""
+    service, the SIP listeners and the first of the processes' consecutive /metrics ports; `extra` last."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
     env.update(
         NUMPROTECT_RUN_DIR=str(run_dir),
         NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
         NUMPROTECT_LOCAL_METRICS_PORT=str(free_port_run(METRICS_PORTS)),
-        **{f"NUMPROTECT_{name.upper()}_PORT": str(free_port()) for name in SERVICES},
+        **{port_variable(name): str(free_port()) for name in SERVICES},
+        NUMPROTECT_SIP_PORT=str(free_port()),
         **extra,
     )
     return env

@@ -16,10 +16,23 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from numprotect.core.settings import server_env_prefix
 from support.identity import service_token_env, with_auth
 from support.tls import sync_channel_for, with_tls
 
 ROOT = Path(__file__).resolve().parents[2]
+# What the SIP adapter needs to start among the other services (its own tests set theirs): SIP on a port the OS
+# chooses, and an egress host for its 302s.
+SIP_DEFAULTS = {
+    "NUMPROTECT_SIP_HOST": "127.0.0.1",
+    "NUMPROTECT_SIP_PORT": "0",
+    "NUMPROTECT_SIP_EGRESS": "127.0.0.1:5070",
+}
+
+
+def listen_env(service: str, port: int = 0) -> dict[str, str]:
+    """The service's gRPC port variable (NUMPROTECT_<SERVICE>_PORT; sip's NUMPROTECT_SIP_GRPC_PORT) set to `port`."""
+    return {f"{server_env_prefix(service)}_PORT": str(port)}
 
 
 class ServiceProcess:
@@ -29,9 +42,10 @@ class ServiceProcess:
     # log "serving" (test_concurrency), and a start that is merely slow is no failure of the code under test.
     def __init__(self, service: str, env: Mapping[str, str], *, port: int = 0, timeout: float = 60.0) -> None:
         self.service = service
+        defaults = SIP_DEFAULTS if service == "sip" else {}
         full_env = {
-            **self._with_service_token(service, with_auth(with_tls({**os.environ, **env}))),
-            f"NUMPROTECT_{service.upper()}_PORT": str(port),
+            **self._with_service_token(service, with_auth(with_tls({**defaults, **os.environ, **env}))),
+            **listen_env(service, port),
         }
         self.env = full_env
         full_env.setdefault("NUMPROTECT_GRACE_PERIOD", "2s")

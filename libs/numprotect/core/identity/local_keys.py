@@ -4,6 +4,8 @@
 - `auth.key`: the key API tokens are hashed with (NUMPROTECT_AUTH_KEY_FILE of every service).
 - `operator.token`: an operator API key, to mint the others with AdminService/CreateApiKey.
 - `binding.token`: the service key binding presents to allocation (NUMPROTECT_SERVICE_TOKEN_FILE).
+- `sip.token`: the carrier key (carrier `cm`, the README's carrier) the SIP adapter presents to translation
+  (NUMPROTECT_SERVICE_TOKEN_FILE of sip).
 
 Tokens are reused across runs while Redis still holds their active keys, and minted again otherwise.
 """
@@ -60,8 +62,12 @@ def ensure_token(redis: Any, hash_key: HashKey, path: Path, role: Role, principa
     return path
 
 
+# The carrier `make run`'s SIP adapter answers for: the README imports its blocks with this carrier_id.
+LOCAL_SIP_CARRIER = "cm"
+
+
 def ensure_dev_tokens(redis: Any, dev_dir: Path) -> dict[str, Path]:
-    """The operator's and binding's tokens (see the module docstring)."""
+    """The operator's, binding's and the SIP adapter's tokens (see the module docstring)."""
     hash_key = HashKey.from_file("NUMPROTECT_AUTH_KEY_FILE", str(ensure_auth_key(dev_dir)))
     return {
         "operator": ensure_token(
@@ -69,5 +75,13 @@ def ensure_dev_tokens(redis: Any, dev_dir: Path) -> dict[str, Path]:
         ),
         "binding": ensure_token(
             redis, hash_key, dev_dir / "binding.token", Role.SERVICE, "binding", "make run: binding -> allocation"
+        ),
+        "sip": ensure_token(
+            redis,
+            hash_key,
+            dev_dir / "sip.token",
+            Role.CARRIER,
+            LOCAL_SIP_CARRIER,
+            f"make run: sip -> translation (carrier {LOCAL_SIP_CARRIER})",
         ),
     }
