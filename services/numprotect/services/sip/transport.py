@@ -8,7 +8,7 @@ import errno
 import ipaddress
 import logging
 import socket
-from typing import Any
+from typing import Any, cast
 
 from numprotect.core.settings import SettingsError
 from numprotect.services.sip.handler import SipHandler, SipMetrics
@@ -70,8 +70,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        self._transport = cast(asyncio.DatagramTransport, transport)  # (3.11's selector one is no subclass)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         if not self._allowed(addr[0]):
@@ -113,7 +112,7 @@ class TcpConnection(asyncio.Protocol):
         self.last_active = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         server = self._server
         peer = transport.get_extra_info("peername")
         if not isinstance(peer, tuple) or not server.allowed(peer[0]):

@@ -1,0 +1,182 @@
+"""The SIP listeners on real loopback sockets (UDP and TCP on one port), with the real handler, transaction table
+and sweeper; a stand-in answers for the translation client (the SIPp tests run the real one)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from numprotect.core.metrics import Metrics
+from numprotect.services.sip.app import SipAdapter
+from numprotect.services.sip.handler import SipHandler, SipMetrics
+from numprotect.services.sip.settings import SipSettings
+from numprotect.services.sip.transactions import T1, TransactionTable
+from numprotect.services.sip.transport import SipServer
+from numprotect.translation.v1 import translation_pb2
+from support.sip_requests import header, request, same_transaction, status
+
+WAIT = 5.0
+QUIET = 0.3  # how long "no answer" is waited for
+CONNECT = translation_pb2.TranslateResponse(
+    decision=translation_pb2.DECISION_CONNECT, target_number="13900000002", display_number="700100000000001"
+)
+
+
+class Translator:
+    def __init__(self, answer: Any = CONNECT) -> None:
+        self.answer = answer
+        self.calls = 0
+        self.up = True
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def translate(self, call: Any) -> Any:
+        self.calls += 1
+        return self.answer
+
+
+@asynccontextmanager
+async def adapter(translator: Translator, **environ: str) -> AsyncIterator[tuple[SipAdapter, Metrics]]:
+    settings = SipSettings.from_env(
+        {"NUMPROTECT_SIP_EGRESS": "198.51.100.7:5070", "NUMPROTECT_SIP_PORT": "0", **environ}
+    )
+    metrics = Metrics("sip")
+    sip_metrics = SipMetrics(metrics)
+    handler = SipHandler(settings, translator, lambda *f: f, sip_metrics, TransactionTable(settings.max_transactions))
+    running = SipAdapter(settings, handler, SipServer(settings, handler, sip_metrics), translator)
+    await running.start()
+    try:
+        yield running, metrics
+    finally:
+        await running.close()
+
+
+class UdpClient(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received.put_nowait(data)
+
+    async def next(self) -> bytes:
+        return await asyncio.wait_for(self.received.get(), WAIT)
+
+    async def nothing(self) -> bool:
+        try:
+            await asyncio.wait_for(self.received.get(), QUIET)
+        except TimeoutError:
+            return True
+        return False
+
+
+@asynccontextmanager
+async def udp_client(port: int) -> AsyncIterator[tuple[asyncio.DatagramTransport, UdpClient]]:
+    transport, client = await asyncio.get_running_loop().create_datagram_endpoint(
+        UdpClient, remote_addr=("127.0.0.1", port)
+    )
+    try:
+        yield transport, client
+    finally:
+        transport.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    return head
+
+
+async def test_udp_invite_gets_100_and_302_retransmission_the_same_bytes_and_options_200() -> None:
+    translator = Translator()
+    async with adapter(translator) as (running, _), udp_client(running.port) as (transport, client):
+        invite = request()
+        transport.sendto(invite)
+        assert status(await client.next()) == 100
+        final = await client.next()
+        assert status(final) == 302
+        assert header(final, "Contact") == "<sip:13900000002@198.51.100.7:5070;user=phone>"
+        transport.sendto(invite)
+        assert await client.next() == final
+        transport.sendto(same_transaction(invite, "ACK"))
+        transport.sendto(request("OPTIONS"))
+        assert status(await client.next()) == 200
+        assert translator.calls == 1
+
+
+async def test_udp_final_is_retransmitted_by_timer_g_until_the_ack() -> None:
+    translator = Translator(translation_pb2.TranslateResponse(decision=translation_pb2.DECISION_REJECT))
+    async with adapter(translator) as (running, _), udp_client(running.port) as (transport, client):
+        invite = request()
+        transport.sendto(invite)
+        assert status(await client.next()) == 100
+        final = await client.next()
+        assert status(final) == 403
+        assert await asyncio.wait_for(client.received.get(), T1 * 3) == final  # Timer G
+        transport.sendto(same_transaction(invite, "ACK"))
+        await asyncio.sleep(0.05)
+        while not client.received.empty():
+            client.received.get_nowait()
+        assert await asyncio.wait_for(client.nothing(), WAIT)
+        await asyncio.sleep(T1 * 2)
+        assert client.received.empty()
+
+
+async def test_tcp_keepalive_invite_and_a_message_without_content_length_closes() -> None:
+    async with adapter(Translator()) as (running, metrics):
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"\r\n"
+        writer.write(request(transport="TCP"))
+        assert status(await read_response(reader)) == 100
+        assert status(await read_response(reader)) == 302
+        assert metrics.registry.get_sample_value("numprotect_sip_tcp_connections", {}) == 1
+        writer.write(request("OPTIONS", transport="TCP", omit=("Content-Length",)))
+        answer = await read_response(reader)
+        assert answer.startswith(b"SIP/2.0 400 Missing Content-Length\r\n")
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed
+        writer.close()
+
+
+async def test_too_large_udp_is_dropped_and_tcp_gets_513_then_close() -> None:
+    async with adapter(Translator(), NUMPROTECT_SIP_MAX_MESSAGE_BYTES="1024") as (running, metrics):
+        big = request("OPTIONS", body=b"x" * 2000)
+        async with udp_client(running.port) as (transport, client):
+            transport.sendto(big)
+            assert await client.nothing()
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(big)
+        assert status(await read_response(reader)) == 513
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        writer.close()
+        assert metrics.registry.get_sample_value("numprotect_sip_dropped_total", {"reason": "too_large"}) == 2
+
+
+async def test_sources_outside_the_allowed_networks_get_nothing() -> None:
+    translator = Translator()
+    async with adapter(translator, NUMPROTECT_SIP_ALLOWED_NETWORKS="10.0.0.0/8") as (running, metrics):
+        async with udp_client(running.port) as (transport, client):
+            transport.sendto(request("OPTIONS"))
+            transport.sendto(request())
+            assert await client.nothing()
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(request("OPTIONS", transport="TCP"))
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        writer.close()
+        assert metrics.registry.get_sample_value("numprotect_sip_dropped_total", {"reason": "not_allowed"}) == 3
+        assert translator.calls == 0
+
+
+async def test_draining_answers_new_invites_503_with_retry_after() -> None:
+    async with adapter(Translator()) as (running, _), udp_client(running.port) as (transport, client):
+        await running.handler.drain(1.0)
+        transport.sendto(request())
+        answer = await client.next()
+        assert status(answer) == 503
+        assert header(answer, "Retry-After") == "5"
+        transport.sendto(request("OPTIONS"))
+        assert status(await client.next()) == 503
