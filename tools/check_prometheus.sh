@@ -16,5 +16,5 @@ trap 'rm -rf "$out"' EXIT
 "$python" deploy/local/local_prometheus.py --write-config "$out/prometheus.yml" \
   --target allocation=127.0.0.1:9464 --target binding=127.0.0.1:9465 \
   --target translation=127.0.0.1:9466 --target translation=127.0.0.1:9467 --target cdr=127.0.0.1:9468 \
-  --target events=127.0.0.1:9469
+  --target events=127.0.0.1:9469 --target sip=127.0.0.1:9470
 promtool check config "$out/prometheus.yml"
