@@ -1,0 +1,303 @@
+"""The adapter's TranslationClient against the real translation service (in-process, or a real process for signals
+and restarts) on real Redis: answers, batching seen at the server, deadlines, fail-fast, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from numprotect.core.identity.principal import Role
+from numprotect.core.metrics import Metrics
+from numprotect.core.redis_client import create_redis
+from numprotect.core.routes import MODE_AXB, MODE_AXE, RESTRICTION_NONE, Route, RouteTable
+from numprotect.core.settings import Env, RedisSettings
+from numprotect.services.sip.settings import SipSettings
+from numprotect.services.sip.translation_client import (
+    CallSetup,
+    TranslateFailure,
+    TranslationClient,
+    _answer,
+    _Batch,
+    failure_of,
+)
+from numprotect.services.translation.app import build_sync
+from numprotect.translation.v1 import translation_pb2 as pb
+from support.identity import mint_in, record_blocks
+from support.inprocess import running_sync_service
+from support.processes import ServiceProcess
+from support.tls import channel_for
+
+X = "700100000000001"  # AXB: A <-> B
+X_AXE = "700100000000002"  # AXE: extension 1234 -> A <-> B
+OTHER_CARRIERS = "700200000000001"  # a block carrier "ct" routes
+A = "13800000001"
+B = "13900000002"
+STRANGER = "13700000003"
+CARRIER = "cm"
+TRANSLATION_SETTINGS = {"NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "0", "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "0"}
+STREAM_METHOD = {
+    "grpc_type": "bidi_stream",
+    "grpc_service": "numprotect.translation.v1.TranslationService",
+    "grpc_method": "TranslateStream",
+}
+
+
+def _route(binding_id: str, mode: int = MODE_AXB) -> Route:
+    return Route(
+        binding_id=binding_id,
+        tenant_id="t1",
+        mode=mode,
+        party_a=A,
+        party_b=B,
+        call_restriction=RESTRICTION_NONE,
+        recording_enabled=True,
+        allow_any_caller=False,
+        expire_ms=int(time.time() * 1000) + 600_000,
+    )
+
+
+async def _seed(redis_env: dict[str, str], sync_redis: Any) -> None:
+    """X and X_AXE routed for carrier CARRIER; OTHER_CARRIERS's block is carrier "ct"'s."""
+    redis = create_redis(RedisSettings.from_env(Env(redis_env)))
+    table = RouteTable(redis)
+    await table.put(X, _route("b1"))
+    await table.put(X_AXE, _route("e1", MODE_AXE), "1234")
+    await redis.aclose()
+    record_blocks(sync_redis, CARRIER, X, X_AXE)
+    record_blocks(sync_redis, "ct", OTHER_CARRIERS)
+
+
+def _settings(**overrides: str) -> SipSettings:
+    return SipSettings.from_env(
+        Env(
+            {
+                "NUMPROTECT_SIP_EGRESS": "127.0.0.1:5070",
+                "NUMPROTECT_SIP_TRANSLATE_TIMEOUT": "200ms",
+                **{f"NUMPROTECT_SIP_{name.upper()}": value for name, value in overrides.items()},
+            }
+        )
+    )
+
+
+@asynccontextmanager
+async def _client(
+    channel_factory: Callable[[], grpc.aio.Channel], settings: SipSettings, *, wait_up: bool = True
+) -> AsyncIterator[tuple[TranslationClient, Metrics]]:
+    metrics = Metrics("sip")
+    client = TranslationClient(channel_factory, settings, metrics)
+    await client.start()
+    try:
+        if wait_up:
+            await _until(lambda: client.up, 10.0)
+        yield client, metrics
+    finally:
+        started = time.monotonic()
+        await client.close()
+        assert time.monotonic() - started < 5.0  # bounded
+
+
+async def _until(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def _call(caller: str, called: str = X, extension: str = "", call_id: str = "c1") -> CallSetup:
+    return CallSetup(calling_number=caller, called_number=called, extension=extension, call_id=call_id)
+
+
+def _streams_gauge(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("numprotect_sip_translation_streams")
+
+
+async def test_answers_connect_reject_collect_and_errors_while_the_stream_stays_up(
+    redis_env: dict[str, str],
+) -> None:
+    async with running_sync_service("translation", build_sync, {**redis_env, **TRANSLATION_SETTINGS}) as service:
+        await _seed(redis_env, service.redis)
+        service.runtime.identity.directory.reload()  # type: ignore[union-attr]
+        registry = service.runtime.metrics.registry
+        async with _client(lambda: service.channel_as(Role.CARRIER, CARRIER), _settings(streams="2")) as (
+            client,
+            metrics,
+        ):
+            assert _streams_gauge(metrics) == 2.0
+            opened = registry.get_sample_value("grpc_server_started_total", STREAM_METHOD)
+            connect = await client.translate(_call(A, call_id="call-a@10.0.0.1"))
+            assert isinstance(connect, pb.TranslateResponse)
+            assert (connect.decision, connect.target_number, connect.display_number) == (pb.DECISION_CONNECT, B, X)
+            assert connect.call_id == "call-a@10.0.0.1" and connect.call_ref
+            reject = await client.translate(_call(STRANGER))
+            assert isinstance(reject, pb.TranslateResponse)
+            assert (reject.decision, reject.reject_reason) == (pb.DECISION_REJECT, pb.REJECT_REASON_NO_BINDING)
+            collect = await client.translate(_call(B, X_AXE))
+            assert isinstance(collect, pb.TranslateResponse) and collect.decision == pb.DECISION_COLLECT_EXTENSION
+            extension = await client.translate(_call(B, X_AXE, "1234"))
+            assert isinstance(extension, pb.TranslateResponse)
+            assert (extension.decision, extension.target_number) == (pb.DECISION_CONNECT, A)
+
+            denied = await client.translate(_call(A, OTHER_CARRIERS))
+            assert isinstance(denied, TranslateFailure) and denied.status == "PERMISSION_DENIED", denied
+            invalid = await client.translate(_call(A, "700123"))
+            assert isinstance(invalid, TranslateFailure) and invalid.status == "INVALID_ARGUMENT", invalid
+            # Per-call errors: the streams stay open (no new stream at the server) and answer the next call.
+            after = await client.translate(_call(B, call_id="after"))
+            assert isinstance(after, pb.TranslateResponse) and after.target_number == A
+            assert client.up and _streams_gauge(metrics) == 2.0
+            assert registry.get_sample_value("grpc_server_started_total", STREAM_METHOD) == opened == 2.0
+
+
+async def test_calls_of_one_loop_iteration_go_out_as_one_message(redis_env: dict[str, str]) -> None:
+    async with running_sync_service("translation", build_sync, {**redis_env, **TRANSLATION_SETTINGS}) as service:
+        await _seed(redis_env, service.redis)
+        service.runtime.identity.directory.reload()  # type: ignore[union-attr]
+        registry = service.runtime.metrics.registry
+        settings = _settings(streams="1", batch_max="8")
+        async with _client(lambda: service.channel_as(Role.CARRIER, CARRIER), settings) as (client, _):
+
+            def received() -> float:
+                return registry.get_sample_value("grpc_server_msg_received_total", STREAM_METHOD) or 0.0
+
+            before = received()  # the stream's probe
+            calls = [_call(A if i % 2 else B, call_id=f"batched-{i}") for i in range(20)]
+            answers = await asyncio.gather(*(client.translate(call) for call in calls))
+            for call, answer in zip(calls, answers, strict=True):
+                assert isinstance(answer, pb.TranslateResponse), answer
+                assert answer.call_id == call.call_id
+                assert answer.target_number == (B if call.calling_number == A else A)
+            # 20 calls submitted together, at most 8 per message: 3 messages reached translation.
+            assert received() - before == 3
+            # One at a time (each awaited): a message each.
+            for i in range(3):
+                single = await client.translate(_call(A, call_id=f"single-{i}"))
+                assert isinstance(single, pb.TranslateResponse) and single.call_id == f"single-{i}"
+            assert received() - before == 6
+
+
+async def test_no_stream_fails_at_once(redis_env: dict[str, str]) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"  # closed again: nothing listens there
+    environ = {**redis_env, "NUMPROTECT_TLS": "off"}
+    async with _client(lambda: channel_for(address, environ), _settings(streams="2"), wait_up=False) as (
+        client,
+        metrics,
+    ):
+        for _ in range(3):
+            started = time.monotonic()
+            answer = await client.translate(_call(A))
+            assert isinstance(answer, TranslateFailure) and answer.status == "UNAVAILABLE"
+            assert time.monotonic() - started < 0.05
+            assert not client.up and _streams_gauge(metrics) == 0.0
+            await asyncio.sleep(0.2)  # reconnect attempts meanwhile fail too
+
+
+async def test_deadline_late_answers_stall_and_restart_of_a_real_process(
+    redis_env: dict[str, str], redis_sync: Any
+) -> None:
+    """SIGSTOP: calls fail at their deadline; a short stop leaves the stream up and its late answers are dropped; a
+    long one ends the stream (calls then fail at once) until translation answers again; a restart is followed."""
+    environ = {**redis_env, **TRANSLATION_SETTINGS}
+    await _seed(redis_env, redis_sync)
+    token = mint_in(redis_env, Role.CARRIER, CARRIER)  # before the process starts: it loads keys at start
+    process = ServiceProcess("translation", environ)
+    processes = [process]
+    try:
+        port = process.port
+        async with _client(lambda: channel_for(process.address, process.env, token), _settings(streams="1")) as (
+            client,
+            metrics,
+        ):
+            first = await client.translate(_call(A, call_id="before-stop"))
+            assert isinstance(first, pb.TranslateResponse) and first.target_number == B
+
+            # A short stop (below the stall limit, 1 s): the deadline, then the stream goes on.
+            process.signal(signal.SIGSTOP)
+            started = time.monotonic()
+            late = await client.translate(_call(A, call_id="late"))
+            waited = time.monotonic() - started
+            process.signal(signal.SIGCONT)
+            assert isinstance(late, TranslateFailure) and late.status == "DEADLINE_EXCEEDED", late
+            assert 0.19 <= waited < 0.5, waited
+            assert client.up
+            resumed = await client.translate(_call(B, call_id="after-late"))  # not "late"'s answer
+            assert isinstance(resumed, pb.TranslateResponse), resumed
+            assert (resumed.call_id, resumed.target_number) == ("after-late", A)
+
+            # A long stop: the stalled stream ends; calls fail at once until translation answers again.
+            process.signal(signal.SIGSTOP)
+            try:
+                stalled = await client.translate(_call(A, call_id="stalled"))
+                assert isinstance(stalled, TranslateFailure) and stalled.status == "DEADLINE_EXCEEDED"
+                await _until(lambda: not client.up, 5.0)
+                assert _streams_gauge(metrics) == 0.0
+                started = time.monotonic()
+                refused = await client.translate(_call(A, call_id="refused"))
+                assert isinstance(refused, TranslateFailure) and refused.status == "UNAVAILABLE"
+                assert time.monotonic() - started < 0.05
+            finally:
+                process.signal(signal.SIGCONT)
+            await _until(lambda: client.up, 10.0)
+            back = await client.translate(_call(A, call_id="back"))
+            assert isinstance(back, pb.TranslateResponse) and back.target_number == B
+
+            # A restart on the same address: the stream ends, then comes back on the new process.
+            process.stop()
+            await _until(lambda: not client.up, 5.0)
+            down = await client.translate(_call(A, call_id="down"))
+            assert isinstance(down, TranslateFailure) and down.status == "UNAVAILABLE"
+            process = ServiceProcess("translation", environ, port=port)
+            processes.append(process)
+            await _until(lambda: client.up, 15.0)
+            restarted = await client.translate(_call(A, call_id="restarted"))
+            assert isinstance(restarted, pb.TranslateResponse) and restarted.target_number == B
+            assert _streams_gauge(metrics) == 1.0
+    finally:
+        for each in processes:
+            if each.process.poll() is None:
+                each.signal(signal.SIGCONT)
+            each.stop()
+
+
+async def test_answers_are_matched_by_order_and_call_id() -> None:
+    """The matching rule on its own (translation never breaks the order, so no server can show the other side)."""
+    loop = asyncio.get_running_loop()
+
+    def batch(*call_ids: str) -> Any:
+        made = _Batch(None, pb.TranslateStreamRequest())  # type: ignore[arg-type]  # no stream needed here
+        for call_id in call_ids:
+            made.call_ids.append(call_id)
+            made.futures.append(loop.create_future())
+        return made
+
+    def answer(*items: tuple[str, str]) -> pb.TranslateStreamResponse:
+        message = pb.TranslateStreamResponse()
+        for call_id, error in items:
+            response = message.responses.add(call_id=call_id, error=error)
+            if not error:
+                response.response.call_id = call_id
+        return message
+
+    ok = batch("a", "b")
+    ok.futures[0].set_result(TranslateFailure("DEADLINE_EXCEEDED", "late"))  # its answer comes after the deadline
+    assert _answer(ok, answer(("a", ""), ("b", "PERMISSION_DENIED: not this carrier's block")))
+    assert ok.futures[0].result().status == "DEADLINE_EXCEEDED"  # the late answer is dropped
+    assert ok.futures[1].result() == TranslateFailure("PERMISSION_DENIED", "not this carrier's block")
+
+    swapped = batch("a", "b")
+    assert not _answer(swapped, answer(("b", ""), ("a", "")))  # order lost: the stream is ended
+    assert not _answer(batch("a"), answer(("a", ""), ("b", "")))
+
+    whole = batch("a", "b")
+    whole_error = pb.TranslateStreamResponse(error="INVALID_ARGUMENT: requests: at most 1 calls per message")
+    assert _answer(whole, whole_error)
+    assert [f.result().status for f in whole.futures] == ["INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+    assert failure_of("no status here") == TranslateFailure("UNKNOWN", "no status here")
