@@ -14,6 +14,7 @@ from numprotect.core.server import Runtime, ServiceParts
 from numprotect.services.sip.handler import SipHandler, SipMetrics, Translator
 from numprotect.services.sip.settings import SipSettings
 from numprotect.services.sip.transactions import T1, TransactionTable
+from numprotect.services.sip.translation_client import CallSetup, TranslationClient
 from numprotect.services.sip.transport import SipServer
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ class SipAdapter:
 
 async def build(runtime: Runtime, *, started: Callable[[SipAdapter], None] | None = None) -> ServiceParts:
     """The SIP adapter; `started` (tests) receives it once it listens (its `port`)."""
-    from numprotect.services.sip.translation_client import CallSetup, TranslationClient
-
     settings = SipSettings.from_env(runtime.env)  # SettingsError before anything listens
     metrics = SipMetrics(runtime.metrics)
     provider = runtime.telemetry.provider
