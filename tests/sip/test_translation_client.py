@@ -88,14 +88,18 @@ def _settings(**overrides: str) -> SipSettings:
 
 @asynccontextmanager
 async def _client(
-    channel_factory: Callable[[], grpc.aio.Channel], settings: SipSettings, *, wait_up: bool = True
+    channel_factory: Callable[[], grpc.aio.Channel],
+    settings: SipSettings,
+    *,
+    wait_up: bool = True,
+    up_within: float = 10.0,
 ) -> AsyncIterator[tuple[TranslationClient, Metrics]]:
     metrics = Metrics("sip")
     client = TranslationClient(channel_factory, settings, metrics)
     await client.start()
     try:
         if wait_up:
-            await _until(lambda: client.up, 10.0)
+            await _until(lambda: client.up, up_within)
         yield client, metrics
     finally:
         started = time.monotonic()
@@ -125,7 +129,9 @@ async def test_answers_connect_reject_collect_and_errors_while_the_stream_stays_
         await _seed(redis_env, service.redis)
         service.runtime.identity.directory.reload()  # type: ignore[union-attr]
         registry = service.runtime.metrics.registry
-        async with _client(lambda: service.channel_as(Role.CARRIER, CARRIER), _settings(streams="2")) as (
+        # Up as soon as translation answers the probe (milliseconds), not after the stall limit (here 10 s).
+        settings = _settings(streams="2", translate_timeout="2s")
+        async with _client(lambda: service.channel_as(Role.CARRIER, CARRIER), settings, up_within=5.0) as (
             client,
             metrics,
         ):

@@ -277,7 +277,9 @@ class TranslationClient:
         try:
             stream.outbox.append(_Batch(stream, _PROBE))
             writer = loop.create_task(self._write(stream, call))
-            done, _ = await asyncio.wait((reader, stream.proven), timeout=self._stall)
+            done, _ = await asyncio.wait(
+                (reader, stream.proven), timeout=self._stall, return_when=asyncio.FIRST_COMPLETED
+            )
             if stream.proven.done():
                 proven = True
                 stream.up = True
