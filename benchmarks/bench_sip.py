@@ -37,9 +37,12 @@ import socket
 import statistics
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_translation import (
     BINDINGS,
@@ -137,6 +140,7 @@ class SippRun:
     adapter_busy: float  # CPU time over the run's wall time
     translation_busy: float
     errors: str  # the first lines of SIPp's error log when calls failed
+    causes: dict[str, float]  # the adapter's own count of what went wrong meanwhile (its metrics)
 
     @property
     def p50_ms(self) -> float:
@@ -152,7 +156,39 @@ class SippRun:
             f"CPU adapter {self.adapter_cpu_us:4.0f} + translation {self.translation_cpu_us:4.0f} = "
             f"{self.adapter_cpu_us + self.translation_cpu_us:4.0f} us/call, busy {self.adapter_busy:4.2f} + "
             f"{self.translation_busy:4.2f}  ({self.ok} ok, {self.failed} failed, -l {self.concurrency})"
+            + (f"; the adapter counted {describe(self.causes)}" if self.causes else "")
         )
+
+
+def adapter_troubles(metrics_url: str) -> dict[str, float]:
+    """What the adapter counted going wrong so far: final responses other than 302 by code, translation failures
+    by status, messages dropped by reason, retransmitted requests by method (its metrics, docs/operations.md)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "numprotect_sip_responses_total" and labels.get("code") != "302":
+                key = f"{labels.get('method')} {labels.get('code')} sent"
+            elif sample.name == "numprotect_sip_translate_failures_total":
+                key = f"translation {labels.get('status')}"
+            elif sample.name == "numprotect_sip_dropped_total":
+                key = f"dropped ({labels.get('reason')})"
+            elif sample.name == "numprotect_sip_retransmissions_total":
+                key = f"{labels.get('method')} retransmissions"
+            else:
+                continue
+            counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+def counted_since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: value - before.get(key, 0.0) for key, value in after.items() if value > before.get(key, 0.0)}
+
+
+def describe(causes: dict[str, float]) -> str:
+    return ", ".join(f"{key}: {value:.0f}" for key, value in sorted(causes.items()))
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -203,9 +239,11 @@ def run_sipp(
     workdir: Path,
     adapter: int,
     translation: int,
+    metrics_url: str,
 ) -> SippRun:
     """SIPp on LOAD_CPU: `calls` calls at most `concurrency` open at once; every file it writes goes to its own
-    directory. `adapter` and `translation` are the process ids whose CPU time is measured."""
+    directory. `adapter` and `translation` are the process ids whose CPU time is measured, `metrics_url` the
+    adapter's metrics (what it counted going wrong)."""
     progress(f"SIPp {name}: {calls} calls, -l {concurrency}")
     run_dir = workdir / name.replace(" ", "_").replace("#", "")
     run_dir.mkdir()
@@ -251,11 +289,13 @@ def run_sipp(
         "-error_file",
         str(run_dir / "errors.log"),
     ]
+    troubles_before = adapter_troubles(metrics_url)
     cpu_before = cpu_seconds(adapter), cpu_seconds(translation)
     started = time.monotonic()
     result = subprocess.run(command, cwd=run_dir, capture_output=True, text=True, timeout=max(60, calls // 200) + 30)
     wall = time.monotonic() - started
     adapter_cpu, translation_cpu = cpu_seconds(adapter) - cpu_before[0], cpu_seconds(translation) - cpu_before[1]
+    causes = counted_since(troubles_before, adapter_troubles(metrics_url))
     rtt_files = sorted(run_dir.glob(rtt_glob))
     if not stat_file.exists() or not rtt_files:
         raise RuntimeError(f"SIPp {name} wrote no statistics (exit {result.returncode}):\n{result.stderr[-2000:]}")
@@ -277,11 +317,12 @@ def run_sipp(
         adapter_cpu / wall,
         translation_cpu / wall,
         errors,
+        causes,
     )
 
 
 def adapter_server(
-    security: Security, redis_url: str, translation_port: int, token_file: Path, sip_port: int
+    security: Security, redis_url: str, translation_port: int, token_file: Path, sip_port: int, metrics_port: int
 ) -> Server:
     """The SIP adapter on the server core, a client of `translation_port` with the carrier's token."""
     grpc_port = free_port()
@@ -295,24 +336,22 @@ def adapter_server(
         "NUMPROTECT_TRANSLATION_ADDR": f"127.0.0.1:{translation_port}",
         "NUMPROTECT_SERVICE_TOKEN_FILE": str(token_file),
         "NUMPROTECT_CPU_SCHEDULING": MODEL.split("/")[1],
+        "NUMPROTECT_METRICS": "on",
+        "NUMPROTECT_METRICS_PORT": str(metrics_port),
         "NUMPROTECT_LOG_LEVEL": "WARNING",
         "NUMPROTECT_GRACE_PERIOD": "1s",
     }
     return Server(["-m", "numprotect.services.sip"], env, grpc_port, security)
 
 
-def calibrate(run: Callable[[str, int, int], SippRun], lines: list[str]) -> tuple[int, float]:
-    """The highest open-call limit, halving from CONCURRENCY, at which a run has 0 failed calls; and its rate."""
-    concurrency = CONCURRENCY
-    while True:
-        result = run(f"calibration -l {concurrency}", CALIBRATION_CALLS, concurrency)
-        lines.append(
-            f"calibration: -l {concurrency}: {result.ok} ok, {result.failed} failed, {result.rate:.0f} calls/s"
-            + (f"; SIPp's errors: {result.errors.strip()[:300]!r}" if result.failed else "")
-        )
-        if not result.failed or concurrency <= MIN_CONCURRENCY:
-            return concurrency, result.rate
+def highest_clean(run: Callable[[str, int, int], SippRun], name: str, calls: int, concurrency: int) -> list[SippRun]:
+    """Runs SIPp with at most `concurrency` calls open, halving it after a run with failed calls (down to
+    MIN_CONCURRENCY): every attempt, the last being the one that counts (0 failed calls, or the smallest limit)."""
+    attempts = [run(name, calls, concurrency)]
+    while attempts[-1].failed and concurrency > MIN_CONCURRENCY:
         concurrency //= 2
+        attempts.append(run(f"{name} -l {concurrency}", calls, concurrency))
+    return attempts
 
 
 def main() -> int:
@@ -344,18 +383,21 @@ def main() -> int:
         lines.append(f"translation: verified {verify_sample(translation)} sampled Translate answers: all correct")
         sip_port = free_sip_port()
         progress("starting the SIP adapter")
-        adapter = adapter_server(security, redis_url, translation.port, token_file, sip_port)
+        metrics_port = free_port()
+        adapter = adapter_server(security, redis_url, translation.port, token_file, sip_port, metrics_port)
         servers.append(adapter)
         pids = adapter.process.pid, translation.process.pid
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
         def sipp(name: str, calls: int, concurrency: int) -> SippRun:
-            return run_sipp(name, sip_port, injection, calls, concurrency, workdir, *pids)
+            return run_sipp(name, sip_port, injection, calls, concurrency, workdir, *pids, metrics_url)
 
-        concurrency, rate = calibrate(sipp, lines)
+        calibration = highest_clean(sipp, "calibration", CALIBRATION_CALLS, CONCURRENCY)
+        concurrency, rate = calibration[-1].concurrency, calibration[-1].rate
         request = pb.TranslateRequest(calling_number=party(42, 0), called_number=virtual(42), call_id="bench")
         target = translation.target(TRANSLATE, request.SerializeToString())
         unary: list[LoadResult] = []
-        sip: list[SippRun] = []
+        sip: list[list[SippRun]] = []
         for round_number in range(1, ROUNDS + 1):
             steps = ("unary", "sip") if round_number % 2 else ("sip", "unary")
             for step in steps:
@@ -363,33 +405,45 @@ def main() -> int:
                     unary.append(h2load(f"translate #{round_number}", target, workdir))
                 else:
                     calls = max(CALIBRATION_CALLS, round(rate * (duration + WARM_UP_MS / 1000)))
-                    sip.append(sipp(f"sip #{round_number}", calls, concurrency))
-                    rate = statistics.median(run.rate for run in sip)
-        lines.extend(report(unary, sip, concurrency, os.getloadavg()[0], pids))
+                    sip.append(highest_clean(sipp, f"sip #{round_number}", calls, concurrency))
+                    rate = statistics.median(attempts[-1].rate for attempts in sip)
+        lines.extend(report(calibration, unary, sip, os.getloadavg()[0], pids))
     print("\n".join(lines))
     return 0
 
 
 def report(
-    unary: Sequence[LoadResult], sip: Sequence[SippRun], concurrency: int, load: float, pids: tuple[int, int]
+    calibration: Sequence[SippRun],
+    unary: Sequence[LoadResult],
+    attempts: Sequence[Sequence[SippRun]],
+    load: float,
+    pids: tuple[int, int],
 ) -> list[str]:
     adapter_pid, translation_pid = pids
+    sip = [round_attempts[-1] for round_attempts in attempts]
     lines = [
         f"where: translation (pid {translation_pid}) and the SIP adapter (pid {adapter_pid}) share CPU "
         f"{SERVER_CPU}, the server core (taskset); redis-server, h2load, SIPp and this script run on CPU {LOAD_CPU}; "
         f"load average now {load:.1f} (a shared host: compare the ratios, not the absolute figures)",
         f"unary: h2load -D {DURATION} -c {CLIENTS} -m {STREAMS_PER_CLIENT} ({CLIENTS * STREAMS_PER_CLIENT} calls "
-        f"open), https + the carrier's bearer token, one Translate request repeated",
-        f"SIP: SIPp -t {TRANSPORT} -l {concurrency} (calls open at most) {SCENARIO.relative_to(ROOT)} "
-        f"(INVITE, 100, 302, ACK), every 302 checked; the adapter's 2 TranslateStreams (TLS + the same token)",
+        "open), https + the carrier's bearer token, one Translate request repeated",
+        f"SIP: SIPp -t {TRANSPORT} -l <calls open at most> {SCENARIO.relative_to(ROOT)} (INVITE, 100, 302, ACK; "
+        f"every 302's Contact and P-Asserted-Identity checked), about {DURATION} of calls a round; a run with a "
+        f"failed call is repeated at half the -l (from {CONCURRENCY}, down to {MIN_CONCURRENCY}): the highest load "
+        "with 0 failed calls counts. The adapter talks TranslateStream to translation (TLS + the same token)",
         "translation's rate limits raised (as bench_translation): the counters run on every call, never bite",
         f"{ROUNDS} interleaved rounds (order alternating); the first second of each run is left out (warm-up)",
         "",
+        "calibration (2,000 calls; sets the -l of the rounds and the calls of the first):",
+        *(run.line() for run in calibration),
+        "",
         "per round:",
     ]
-    for translate_run, sip_run in zip(unary, sip, strict=True):
+    for translate_run, round_attempts in zip(unary, attempts, strict=True):
         lines.append(translate_run.line())
-        lines.append(sip_run.line())
+        for run in round_attempts[:-1]:
+            lines.append(f"{run.line()}  -> repeated at half the -l")
+        lines.append(round_attempts[-1].line())
     median_unary = sorted(unary, key=lambda r: r.rps)[len(unary) // 2]
     median_sip = sorted(sip, key=lambda r: r.rate)[len(sip) // 2]
     lines += ["", "median of the rounds:", median_unary.line(), median_sip.line(), ""]
@@ -411,17 +465,18 @@ def report(
         f"{unary_cpu / max(1e-9, sip_cpu):.2f} (>= 1.0: a SIP call costs the server core no more than a unary call)"
     )
     lines.append(
-        f"response times: unary p50 {median_unary.p50_ms:.1f} / p99 {median_unary.p99_ms:.1f} ms at "
+        f"response times (median round): unary p50 {median_unary.p50_ms:.1f} / p99 {median_unary.p99_ms:.1f} ms at "
         f"{CLIENTS * STREAMS_PER_CLIENT} open; SIP p50 {median_sip.p50_ms:.0f} / p99 {median_sip.p99_ms:.0f} ms at "
-        f"{concurrency} open (SIPp measures whole milliseconds)"
+        f"-l {median_sip.concurrency} (INVITE -> 302; SIPp measures whole milliseconds)"
     )
+    repeated = sum(len(round_attempts) - 1 for round_attempts in attempts)
     lines.append(
-        f"failed: SIP calls {failed} (per round {', '.join(str(r.failed) for r in sip)}); h2load requests "
-        f"{sum(r.failed for r in unary)}"
+        f"failed SIP calls in the runs that count: {failed} (per round {', '.join(str(r.failed) for r in sip)}); "
+        f"runs repeated at a lower -l: {repeated}; h2load failed requests: {sum(r.failed for r in unary)}"
     )
-    for run in sip:
+    for run in (*calibration, *(run for round_attempts in attempts for run in round_attempts)):
         if run.errors:
-            lines.append(f"{run.name}: SIPp's errors: {run.errors.strip()[:400]!r}")
+            lines.append(f"{run.name}: SIPp's first errors: {run.errors.strip()[:400]!r}")
     return lines
 
 
