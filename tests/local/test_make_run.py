@@ -24,6 +24,7 @@ from support.grpcurl import run_grpcurl, run_grpcurl_plaintext
 from support.launcher import LAUNCHER, SERVICES, launch, launcher_env, port_variable
 from support.processes import ROOT
 from support.redis_server import free_port
+from support.sip_client import SipClient
 
 
 def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
@@ -101,33 +102,16 @@ def _sip_answers_as_carrier_cm(run_dir: Path, env: dict[str, str], output: str) 
     assert "302s send calls to 127.0.0.1:5070, carrier cm)" in output, output
     token = run_dir / "dev" / "sip.token"
     assert token.stat().st_mode & 0o777 == 0o600 and token.read_text().startswith("npk_")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        udp.settimeout(1)
-        me = udp.getsockname()[1]
+    with SipClient(int(port)) as sip:
         deadline = time.monotonic() + 20
-        answer = ""
-        while not answer.startswith("SIP/2.0 200") and time.monotonic() < deadline:
+        while True:
             branch = f"z9hG4bK-make-run-{time.monotonic_ns()}"
-            options = (
-                "OPTIONS sip:127.0.0.1 SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch={branch};rport\r\n"
-                "Max-Forwards: 70\r\n"
-                f"From: <sip:probe@127.0.0.1:{me}>;tag=probe\r\n"
-                "To: <sip:127.0.0.1>\r\n"
-                f"Call-ID: {branch}@127.0.0.1\r\n"
-                "CSeq: 1 OPTIONS\r\n"
-                "Content-Length: 0\r\n\r\n"
-            )
-            udp.sendto(options.encode(), ("127.0.0.1", int(port)))
-            try:
-                answer = udp.recv(65535).decode(errors="replace")
-            except TimeoutError:
-                answer = ""
-            if not answer.startswith("SIP/2.0 200"):
-                time.sleep(0.2)  # 503 until a TranslateStream is up
-    assert answer.startswith("SIP/2.0 200"), answer
-    assert "Allow: INVITE, ACK, CANCEL, OPTIONS" in answer, answer
+            answer = sip.request("OPTIONS", "", caller="probe", call_id=f"{branch}@127.0.0.1", branch=branch)
+            if answer.status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # 503 until a TranslateStream is up
+    assert answer.status == 200, answer.text
+    assert answer.header("Allow") == "INVITE, ACK, CANCEL, OPTIONS", answer.text
 
 
 @pytest.mark.parametrize("busy", ["NUMPROTECT_BINDING_PORT", "NUMPROTECT_LOCAL_REDIS_PORT", "NUMPROTECT_SIP_PORT"])
