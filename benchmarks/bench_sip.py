@@ -17,8 +17,10 @@ rounds (the order alternates, so a change of the machine's load hits both alike)
     binding and caller; and SIPp checks every 302 (Contact = the binding's other party, P-Asserted-Identity = the
     dialled 700 number): a wrong or other answer fails the call.
 Translation's per-caller and per-binding rate limits are raised as in bench_translation (h2load repeats one request):
-the counters still run on every call, they never bite. A calibration run first finds the highest concurrency with 0
-failed calls (halving from BENCH_SIP_CONCURRENCY) and the rate that sets each round's number of calls.
+the counters still run on every call, they never bite. A SIPp run with a failed call (e.g. a 503: translation missed
+the adapter's 200 ms deadline in a stall of the shared host) is repeated at half the open-call limit, down to
+MIN_CONCURRENCY: the highest load with 0 failed calls counts. A calibration run of 2,000 calls first sets the limit of
+the rounds and the rate that sizes each round's calls (BENCH_DURATION plus the warm-up second at that rate).
 Reports per round and as medians: unary Translate/s with p50/p99 (h2load's request log) and translation's CPU per
 call; SIP calls/s with p50/p99 (SIPp's response times INVITE -> 302, 1 ms resolution) and the CPU per call of the
 adapter and of translation (/proc/<pid>/stat); the ratio SIP calls/s / unary Translate/s (target >= 1.0) and the
