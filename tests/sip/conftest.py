@@ -297,6 +297,15 @@ async def _running_adapter(
         yield adapter, started[0]
 
 
+async def _ready(adapter: SipAdapter, within: float = START_SECONDS) -> None:
+    """Waits until the adapter is ready (a translation stream open): it starts its streams without waiting."""
+    deadline = time.monotonic() + within
+    while not adapter.ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the adapter was not ready (no translation stream) within {within}s")
+        await asyncio.sleep(0.02)
+
+
 SipStackFactory = Callable[..., AbstractAsyncContextManager[SipStack]]
 
 
@@ -332,6 +341,7 @@ def sip_stack_factory(redis_env: dict[str, str], tmp_path: Path) -> SipStackFact
                 **(adapter or {}),
             }
             running, sip_adapter = await stack.enter_async_context(_running_adapter(adapter_env))
+            await _ready(sip_adapter)
             port = sip_adapter.port
             sip = SipStack(
                 translation=service,

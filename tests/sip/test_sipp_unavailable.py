@@ -1,0 +1,68 @@
+"""SIPp against the adapter when translation cannot answer: 503 + Retry-After + Reason cause 41, within the adapter's
+deadline (measured from SIPp's own timestamps: INVITE sent -> 503 received), whether translation is slow or gone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sip.conftest import A, B, SipStack, SipStackFactory, X
+
+from support.sipp import SippResult
+
+DEADLINE_S = 0.3
+CALLS = 3
+# Scheduling slack on a shared 2-core host; still far below the slow translation's 2 x 2 s.
+SLACK_S = 0.7
+
+
+def _check_503s(result: SippResult) -> list[float]:
+    """Every call got 503 + Retry-After 5 + Q.850 cause 41; returns the response times."""
+    result.check(calls=CALLS)
+    unavailable = result.received(503)
+    assert len(unavailable) == CALLS
+    for answer in unavailable:
+        assert answer.header("Retry-After") == "5"
+        assert (answer.header("Reason") or "").startswith("Q.850;cause=41")
+    times = list(result.final_response_times().values())
+    assert len(times) == CALLS
+    return times
+
+
+async def test_a_translation_slower_than_the_deadline_gets_503_at_the_deadline(
+    sip_stack_factory: SipStackFactory,
+) -> None:
+    settings = {"NUMPROTECT_SIP_TRANSLATE_TIMEOUT": f"{int(DEADLINE_S * 1000)}ms", "NUMPROTECT_SIP_RETRY_AFTER": "5s"}
+    async with sip_stack_factory(adapter=settings) as stack:
+        await stack.bind_axb(A, B)
+        stack.translation_delay(2.0)
+
+        result = await stack.sipp.run("unavailable.xml", calls=CALLS, rows=[[A, X]])
+
+        times = _check_503s(result)
+        # Waited for the deadline (not answered before asking), never for the answer that was coming 4 s later.
+        assert all(DEADLINE_S * 0.9 <= t < DEADLINE_S + SLACK_S for t in times), times
+        assert stack.adapter_metric("numprotect_sip_translate_failures_total", {"status": "DEADLINE_EXCEEDED"}) >= CALLS
+
+
+async def test_translation_down_gets_503_at_once(sip_stack_factory: SipStackFactory) -> None:
+    settings = {"NUMPROTECT_SIP_TRANSLATE_TIMEOUT": f"{int(DEADLINE_S * 1000)}ms", "NUMPROTECT_SIP_RETRY_AFTER": "5s"}
+    async with sip_stack_factory(adapter=settings) as stack:
+        await stack.bind_axb(A, B)
+        stack.translation_down()
+        await _streams_down(stack)
+
+        result = await stack.sipp.run("unavailable.xml", calls=CALLS, rows=[[A, X]])
+
+        times = _check_503s(result)
+        assert all(t < DEADLINE_S + SLACK_S for t in times), times
+        # A trunk's keep-alive fails too, so the carrier's switch fails over.
+        options = await stack.sipp.run("options_unavailable.xml")
+        options.check(calls=1)
+
+
+async def _streams_down(stack: SipStack, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while stack.adapter_metric("numprotect_sip_translation_streams") > 0:
+        assert time.monotonic() < deadline, "the adapter still counts translation streams open"
+        await asyncio.sleep(0.05)
