@@ -17,6 +17,9 @@ MAX_EXTENSION_DIGITS = 4
 _SEPARATORS = str.maketrans("", "", "-.()")
 _COUNTRY_PREFIXES = ("+86", "0086", "86")
 _ASCII_DIGITS = frozenset("0123456789")
+_NUMBER_CHARS = frozenset("0123456789+-.()")
+# What a URI user (sipmessage's grammar) may hold without escapes.
+_URI_USER_CHARS = frozenset("0123456789+-.()abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_!~*'&=$,;?/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +61,13 @@ def dialled(request_uri: str) -> Dialled | Refusal:
     scheme = request_uri.partition(":")[0].lower()
     if scheme not in SCHEMES:
         return UNSUPPORTED_SCHEME
-    try:
-        uri = URI.parse(request_uri)
-    except Exception:
-        return BAD_REQUEST_URI
-    digits = user_digits(uri.user or "")
+    user = _number_user(request_uri)
+    if user is None:
+        uri = _parse_uri(request_uri)
+        if uri is None:
+            return BAD_REQUEST_URI
+        user = uri.user or ""
+    digits = user_digits(user)
     for prefix in _COUNTRY_PREFIXES:
         if digits.startswith(prefix):
             digits = digits[len(prefix) :]
@@ -92,6 +97,15 @@ def calling(asserted: str | None, from_value: str | None) -> str | Refusal:
 
 def _first_user(value: str) -> str | None:
     """The URI user of the first address in a header value (P-Asserted-Identity may list a sip: and a tel: URI)."""
+    if value.startswith("<"):  # the common form, `<uri>;params`: only the URI needs reading (half the cost)
+        close = value.find(">")
+        if close < 0:
+            return None
+        user = _number_user(value[1:close])
+        if user is not None:
+            return user
+        uri = _parse_uri(value[1:close])
+        return uri.user if uri is not None else None
     first = value
     if "," in value:  # cut at the first comma after the first address's closing bracket (names may hold commas)
         cut = value.find(",", max(value.find(">"), 0))
@@ -100,3 +114,27 @@ def _first_user(value: str) -> str | None:
     if address is None:
         return None
     return address.uri.user
+
+
+def _parse_uri(value: str) -> URI | None:
+    try:
+        return URI.parse(value)
+    except Exception:
+        return None
+
+
+def _number_user(uri: str) -> str | None:
+    """The user of a sip:/sips:/tel: URI when it is a plain written number (digits, +, visual separators and
+    user parameters), else None. Only the user decides anything here, so for that common case the full URI
+    grammar (a quarter of an INVITE's handling cost) is not run; any other URI goes through sipmessage."""
+    scheme, _, rest = uri.partition(":")
+    if scheme == "tel":
+        user = rest.partition(";")[0]
+    elif scheme in ("sip", "sips") and "@" in rest:
+        user = rest.partition("@")[0]
+    else:
+        return None
+    number = user.partition(";")[0]
+    if not number or not _NUMBER_CHARS.issuperset(number) or not _URI_USER_CHARS.issuperset(user):
+        return None
+    return user

@@ -26,6 +26,33 @@ _CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*?)[ \
 _RPORT = re.compile(r";\s*rport(?=\s*(?:;|$))", re.IGNORECASE)
 # Lower-case long names of the compact forms (sipmessage's table).
 _COMPACT = {short: long.lower() for short, long in COMPACT_FORMS.items()}
+# The written forms of the headers switches send, to their lower-case long names (a dict look-up per header line
+# instead of normalising each name); any other name goes through `_header_name`.
+_COMMON_NAMES = {
+    written: long.lower()
+    for long in (
+        "Via",
+        "From",
+        "To",
+        "Call-ID",
+        "CSeq",
+        "Contact",
+        "Max-Forwards",
+        "Content-Length",
+        "Content-Type",
+        "P-Asserted-Identity",
+        "User-Agent",
+        "Allow",
+        "Supported",
+        "Route",
+        "Record-Route",
+        "Expires",
+        "Accept",
+    )
+    for written in (long, long.lower(), long.upper(), long.title())
+}
+_COMMON_NAMES.update({short: long for short, long in _COMPACT.items()})
+_COMMON_NAMES.update({short.upper(): long for short, long in _COMPACT.items()})
 _REQUIRED = (("via", "Missing Via"), ("call-id", "Missing Call-ID"), ("cseq", "Missing CSeq"))
 _REQUIRED_ADDRESSES = (("from", "From"), ("to", "To"))
 
@@ -91,6 +118,8 @@ class Request:
 def unfold(head: str) -> list[str]:
     """The head's lines with folded continuation lines (starting with a space or tab) joined to the line above
     (RFC 3261 section 7.3.1: folding is equivalent to one space)."""
+    if "\r\n " not in head and "\r\n\t" not in head:
+        return head.split("\r\n")
     lines: list[str] = []
     for line in head.split("\r\n"):
         if line[:1] in (" ", "\t") and lines:
@@ -123,12 +152,11 @@ def parse_request(data: bytes, *, stream: bool = False) -> Request:
     headers: dict[str, list[str]] = {}
     bad_header = ""
     for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        name = name.strip().lower()
-        if not colon or not name or not _TOKEN.fullmatch(name):
+        raw_name, colon, value = line.partition(":")
+        name = _COMMON_NAMES.get(raw_name) or _header_name(raw_name)
+        if not colon or not name:
             bad_header = bad_header or "Bad header line"
             continue
-        name = _COMPACT.get(name, name)
         value = value.strip()
         if name == "via":
             # Via values are comma-separated (no comma is valid inside one, quoted parameters aside).
@@ -147,6 +175,14 @@ def parse_request(data: bytes, *, stream: bool = False) -> Request:
         body = body[:declared]  # RFC 3261 section 18.3: bytes past Content-Length are discarded
     request.body = body
     return request
+
+
+def _header_name(raw: str) -> str:
+    """A header name's lower-case long form, or "" when it is no token."""
+    name = raw.strip().lower()
+    if not name or not _TOKEN.fullmatch(name):
+        return ""
+    return _COMPACT.get(name, name)
 
 
 def _addressable(headers: dict[str, list[str]], parts: list[str]) -> Request:
