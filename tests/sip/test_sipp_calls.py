@@ -7,7 +7,7 @@ import pytest
 from sip.conftest import A, B, SipStack, X
 
 from numprotect.core.call_ref import CallRef
-from support.sipp import SippResult, uri_user
+from support.sipp import Sipp, SippResult, uri_user
 
 
 def _redirects(result: SippResult) -> dict[str, str]:
@@ -70,3 +70,17 @@ async def test_axe_asks_for_the_extension_then_redirects_with_it(sip_stack: SipS
     assert uri_user(second_invite.request_uri) == X + "1234"
     # 484 without asking translation? The contract decides by translation (COLLECT_EXTENSION): two answers.
     assert sip_stack.translations() - before == 2
+
+
+async def test_the_adapter_process_redirects_over_udp_and_tcp(sip_stack: SipStack) -> None:
+    """`python -m numprotect.services.sip` (the console script's module), its SIP port read from its ready line."""
+    await sip_stack.bind_axb(A, B)
+    process, port = await sip_stack.start_adapter_process()
+    sipp = Sipp(("127.0.0.1", port), sip_stack.tmp_path)
+    rows = [[A, X, B, X, sip_stack.egress], [B, X, A, X, sip_stack.egress]]
+
+    for transport in ("u1", "t1"):
+        result = await sipp.run("axb.xml", calls=2, rows=rows, transport=transport)
+        result.check(calls=2)
+        assert _redirects(result) == {A: B, B: A}
+    assert process.process.poll() is None

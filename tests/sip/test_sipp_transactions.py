@@ -46,6 +46,23 @@ async def test_invite_retransmissions_cause_one_translation_per_call_and_the_sam
     assert sip_stack.adapter_metric("numprotect_sip_retransmissions_total", {"method": "INVITE"}) >= 2 * CALLS
 
 
+async def test_invites_retransmitted_by_sipps_timer_cause_one_translation_per_call(sip_stack: SipStack) -> None:
+    await sip_stack.bind_axb(A, B)
+    # 0.4 s each way: SIPp (every 100 Trying lost) retransmits at 200 and 600 ms before the 302 can come.
+    sip_stack.translation_delay(0.4)
+    before = sip_stack.translations()
+
+    result = await sip_stack.sipp.run("retransmit_timer.xml", calls=CALLS, rows=[[A, X, B]])
+
+    result.check(calls=CALLS)
+    invites = _by_call(result.sent("INVITE"))
+    assert len(invites) == CALLS
+    for sent in invites.values():
+        assert len(sent) >= 3, [m.at for m in sent]  # the first and at least two retransmissions
+        assert len({m.text for m in sent}) == 1  # the same bytes: a retransmission, one transaction
+    assert sip_stack.translations() - before == CALLS
+
+
 async def test_cancel_before_the_final_response_gets_200_then_487_and_the_late_answer_is_dropped(
     sip_stack_factory: SipStackFactory,
 ) -> None:

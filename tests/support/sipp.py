@@ -40,7 +40,8 @@ SIPP = "sipp"
 # Beyond SIPp's own -timeout: how long the runner waits before killing a SIPp that did not exit.
 KILL_MARGIN_SECONDS = 5.0
 
-_SEPARATOR = re.compile(r"^-{20,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)$")
+_SEPARATOR = re.compile(r"-{20,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\n")
+_LOST = "UDP message lost (recv)."
 _DIRECTION = re.compile(r"^(UDP|TCP|TLS|SCTP) message (sent|received)\b")
 # RFC 3261 7.3.3 compact header forms, so `header("Via")` finds `v:` too.
 _COMPACT = {
@@ -66,6 +67,7 @@ class SipMessage:
     direction: str  # "sent" | "received"
     transport: str  # "UDP" | "TCP"
     text: str
+    lost: bool = False  # received, then dropped by the scenario (emulated loss): SIPp acted as if it never came
 
     @property
     def start_line(self) -> str:
@@ -137,29 +139,23 @@ def uri_user(value: str) -> str:
 
 
 def parse_messages(text: str) -> list[SipMessage]:
-    """The messages of a SIPp -trace_msg log: blocks that start with a dashed line stamped with the local time."""
+    """The messages of a SIPp -trace_msg log: blocks after a dashed line stamped with the local time. SIPp appends
+    "UDP message lost (recv)." to a received message its scenario dropped (lost="..."), without a line break
+    before the next block: such a message is kept with `lost` set."""
     messages: list[SipMessage] = []
-    at: float | None = None
-    lines: list[str] = []
-
-    def flush() -> None:
-        if at is None or not lines:
-            return
-        head = _DIRECTION.match(lines[0])
-        if head is None:
-            return
-        body = "\n".join(lines[1:]).strip("\n")
-        messages.append(SipMessage(at, head.group(2), head.group(1), body + "\n"))
-
-    for line in text.splitlines():
-        stamp = _SEPARATOR.match(line)
-        if stamp:
-            flush()
-            at = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            lines = []
-        elif at is not None:
-            lines.append(line)
-    flush()
+    parts = _SEPARATOR.split(text)
+    # parts: [before the first block, stamp 1, block 1, stamp 2, block 2, ...]
+    for stamp, block in zip(parts[1::2], parts[2::2], strict=True):
+        head, _, body = block.lstrip("\n").partition("\n")
+        direction = _DIRECTION.match(head)
+        if direction is None:
+            continue
+        body = body.strip("\n")
+        lost = body.endswith(_LOST)
+        if lost:
+            body = body.removesuffix(_LOST).rstrip("\n")
+        at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        messages.append(SipMessage(at, direction.group(2), direction.group(1), body + "\n", lost))
     return messages
 
 
