@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sip.conftest import CARRIER, STRANGER, A, B, SipStack, SipStackFactory, X
+from sip.conftest import CARRIER, STRANGER, X2, A, B, SipStack, SipStackFactory, X
 
 from numprotect.cdr.v1 import cdr_pb2, cdr_pb2_grpc
 from numprotect.core.identity.principal import Role
@@ -265,27 +265,49 @@ def _ms(seconds: str) -> int:
     return round(float(seconds) * 1000)
 
 
-async def test_the_adapters_rejects_reach_the_caller_through_kamailio_with_their_reason(
+async def test_the_adapters_refusals_reach_the_caller_through_kamailio_with_their_reason(
     sip_stack: SipStack, tmp_path: Path
 ) -> None:
     await _adapter_ready(sip_stack)
+    sip_stack.route_blocks(X, X2)
     async with running_kamailio(sip_stack.sip_port, tmp_path) as kamailio:
         sipp = Sipp(("127.0.0.1", kamailio.port), tmp_path)
-        # No binding on a number of the carrier's block: 404 + Reason Q.850 cause 1 (stranger.xml checks both),
-        # relayed as the adapter sent it.
-        sip_stack.route_blocks(X)
-        stranger = await sipp.run("stranger.xml", rows=[[STRANGER, X]], time_limit=CALL_SECONDS)
-        stranger.check(calls=1)
-        # A locked number: 480 + cause 20.
+
+        async def refused(caller: str, dialled: str) -> SipMessage:
+            result = await sipp.run("kamailio_a_refused.xml", rows=[[caller, dialled]], time_limit=CALL_SECONDS)
+            result.check(calls=1)
+            [final] = [m for m in result.received() if (m.status or 0) >= 200]
+            return final
+
+        stranger = await refused(STRANGER, X)  # no binding on the carrier's number
         await sip_stack.bind_axb(A, B)
         await sip_stack.lock(X)
-        locked = await sipp.run("locked.xml", rows=[[A, X]], time_limit=CALL_SECONDS)
-        locked.check(calls=1)
+        locked = await refused(A, X)
+        await sip_stack.bind_axe(A, B, "1234", number=X2)
+        incomplete = await refused(A, X2)  # the extension is missing: the switch collects it
+        sip_stack.translation_down()
+        unavailable = await refused(A, X2)
         rejects = [line for line in kamailio.cdr_lines() if line["event"] == "reject"]
 
-    for result, status in ((stranger, 404), (locked, 480)):
-        [final] = [m for m in result.received() if (m.status or 0) >= 200]
-        assert final.status == status
-        assert final.header("Server") == "numprotect-sip"  # the adapter's own answer, not one Kamailio made
+    finals = [stranger, locked, incomplete, unavailable]
+    assert [(m.status, _cause(m)) for m in finals] == [(404, "1"), (480, "20"), (484, "28"), (500, "41")]
+    for final in finals[:3]:
+        assert final.header("Server") == "numprotect-sip"  # the adapter's own answer, relayed
+    for final in finals:
         assert final.header("Contact") is None
-    assert [(line["code"], line["cause"], line["called"]) for line in rejects] == [("404", "1", X), ("480", "20", X)]
+    # The adapter's 503 reaches A as the proxy's 500 (RFC 3261 16.7: a 503 would say the proxy itself is down),
+    # with the adapter's Reason and Retry-After.
+    assert unavailable.header("Server") == "numprotect-carrier-proxy"
+    assert (unavailable.header("Retry-After") or "").isdigit()
+    assert [(line["code"], line["cause"], line["called"]) for line in rejects] == [
+        ("404", "1", X),
+        ("480", "20", X),
+        ("484", "28", X2),
+        ("503", "41", X2),
+    ]
+
+
+def _cause(message: SipMessage) -> str:
+    """The Q.850 cause of a response's Reason header ("" without one)."""
+    match = re.search(r"Q\.850;cause=(\d+)", message.header("Reason") or "")
+    return match.group(1) if match else ""
