@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from numprotect.core.metrics import Metrics
 from numprotect.services.sip.handler import SipHandler, SipMetrics
@@ -339,3 +343,33 @@ async def test_metrics_count_new_requests_final_responses_and_retransmissions() 
     assert value("numprotect_sip_responses_total", {"method": "INVITE", "code": "302"}) == 1
     assert value("numprotect_sip_retransmissions_total", {"method": "INVITE"}) == 1
     assert value("numprotect_sip_invite_seconds_count", {}) == 1
+
+
+async def test_the_invite_span_is_the_translations_parent_with_masked_numbers() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    translator = Translator()
+    handler = SipHandler(
+        settings(),
+        translator,
+        lambda *fields: fields,
+        SipMetrics(Metrics("sip", enabled=False)),
+        TransactionTable(10),
+        tracer=provider.get_tracer("test"),
+    )
+    handler.handle(request(call_id="13800000001-call@10.0.0.1"), Sink(), SOURCE, "udp")
+    await settle(handler)
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "SIP INVITE"
+    assert span.kind is SpanKind.SERVER
+    attributes = dict(span.attributes or {})
+    assert attributes["sip.response.status_code"] == 302
+    assert attributes["numprotect.decision"] == "CONNECT"
+    assert attributes["numprotect.called_number"] == "700********0001"
+    assert attributes["numprotect.calling_number"] == "138****0001"
+    assert attributes["network.transport"] == "udp"
+    assert "13800000001" not in repr(attributes)
+    traceparent = translator.calls[0][4]
+    assert traceparent.startswith(f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-")
+    assert int(traceparent[-2:], 16) & 1  # sampled

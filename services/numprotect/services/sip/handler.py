@@ -346,7 +346,8 @@ class SipHandler:
         data = render(request, outcome.code, outcome.phrase, outcome.headers, address, self._tag())
         sink.send(data, address)
         self._metrics.response(method_label(request.method), outcome.code)
-        if not self._table.full:
+        # Kept only while the table is at most half full: a flood of OPTIONS must not leave INVITEs no room.
+        if len(self._table) < self._table.limit // 2:
             now = self._now()
             self._table.complete(self._table.open(key, False, sink, address, request, now), data, now)
 
