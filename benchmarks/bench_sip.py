@@ -26,7 +26,9 @@ call; SIP calls/s with p50/p99 (SIPp's response times INVITE -> 302, 1 ms resolu
 adapter and of translation (/proc/<pid>/stat); the ratio SIP calls/s / unary Translate/s (target >= 1.0) and the
 ratio of CPU per call on the server core (unary Translate's over the SIP call's adapter + translation).
 Environment: BENCH_ROUNDS (3), BENCH_DURATION (6s), BENCH_CLIENTS (4), BENCH_STREAMS (16), BENCH_BINDINGS (100000),
-BENCH_SIP_CONCURRENCY (BENCH_CLIENTS * BENCH_STREAMS), BENCH_SIP_TRANSPORT (u1: SIPp's UDP, one socket; t1: TCP).
+BENCH_SIP_CONCURRENCY (BENCH_CLIENTS * BENCH_STREAMS), BENCH_SIP_TRANSPORT (u1: SIPp's UDP, one socket; t1: TCP),
+BENCH_SIP_TRANSLATE_TIMEOUT (200ms, the adapter's default: on a starved host a longer one keeps stalls from failing
+calls, as bench_translation's generous Redis timeout does; h2load's calls have no deadline).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ SCENARIO = ROOT / "deploy" / "sip" / "sipp" / "bench_uac.xml"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONCURRENCY = int(os.environ.get("BENCH_SIP_CONCURRENCY", str(CLIENTS * STREAMS_PER_CLIENT)))
 TRANSPORT = os.environ.get("BENCH_SIP_TRANSPORT", "u1")
+# The adapter's deadline for one translation (past it: 503, a failed call); the deployed default unless set.
+TRANSLATE_TIMEOUT = os.environ.get("BENCH_SIP_TRANSLATE_TIMEOUT", "200ms")
 MODEL = "translation/batch/secured"
 EGRESS = "127.0.0.1:5070"
 CALIBRATION_CALLS = 2000
@@ -335,6 +339,7 @@ def adapter_server(
         "NUMPROTECT_SIP_HOST": "127.0.0.1",
         "NUMPROTECT_SIP_PORT": str(sip_port),
         "NUMPROTECT_SIP_EGRESS": EGRESS,
+        "NUMPROTECT_SIP_TRANSLATE_TIMEOUT": TRANSLATE_TIMEOUT,
         "NUMPROTECT_TRANSLATION_ADDR": f"127.0.0.1:{translation_port}",
         "NUMPROTECT_SERVICE_TOKEN_FILE": str(token_file),
         "NUMPROTECT_CPU_SCHEDULING": MODEL.split("/")[1],
@@ -432,7 +437,8 @@ def report(
         f"SIP: SIPp -t {TRANSPORT} -l <calls open at most> {SCENARIO.relative_to(ROOT)} (INVITE, 100, 302, ACK; "
         f"every 302's Contact and P-Asserted-Identity checked), about {DURATION} of calls a round; a run with a "
         f"failed call is repeated at half the -l (from {CONCURRENCY}, down to {MIN_CONCURRENCY}): the highest load "
-        "with 0 failed calls counts. The adapter talks TranslateStream to translation (TLS + the same token)",
+        f"with 0 failed calls counts. The adapter talks TranslateStream to translation (TLS + the same token) with a "
+        f"deadline of {TRANSLATE_TIMEOUT} per call (BENCH_SIP_TRANSLATE_TIMEOUT; 200ms as deployed)",
         "translation's rate limits raised (as bench_translation): the counters run on every call, never bite",
         f"{ROUNDS} interleaved rounds (order alternating); the first second of each run is left out (warm-up)",
         "",
