@@ -180,3 +180,19 @@ async def test_draining_answers_new_invites_503_with_retry_after() -> None:
         assert header(answer, "Retry-After") == "5"
         transport.sendto(request("OPTIONS"))
         assert status(await client.next()) == 503
+
+
+async def test_tcp_connections_beyond_the_limit_and_idle_ones_are_closed() -> None:
+    environ = {"NUMPROTECT_SIP_MAX_CONNECTIONS": "1", "NUMPROTECT_SIP_TCP_IDLE_TIMEOUT": "1s"}
+    async with adapter(Translator(), **environ) as (running, metrics):
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"\r\n"
+        second_reader, second_writer = await asyncio.open_connection("127.0.0.1", running.port)
+        assert await asyncio.wait_for(second_reader.read(), WAIT) == b""  # over the limit: closed at once
+        second_writer.close()
+        assert metrics.registry.get_sample_value("numprotect_sip_dropped_total", {"reason": "overload"}) == 1
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""  # idle past 1 s: closed by the sweeper
+        writer.close()
+        await asyncio.sleep(0.05)
+        assert metrics.registry.get_sample_value("numprotect_sip_tcp_connections", {}) == 0
