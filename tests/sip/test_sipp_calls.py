@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from sip.conftest import A, B, SipStack, X
+from sip.conftest import A, B, SipStack, SipStackFactory, X
 
 from numprotect.core.call_ref import CallRef
 from support.sipp import Sipp, SippResult, uri_user
@@ -50,6 +50,18 @@ async def test_carrier_forms_of_the_dialled_number_reach_the_same_binding(sip_st
 
     result.check(calls=len(rows))
     assert [uri_user(m.header("Contact") or "") for m in result.received(302)] == [B] * len(rows)
+
+
+async def test_e164_number_format_puts_plus_86_numbers_in_contact_and_pai(sip_stack_factory: SipStackFactory) -> None:
+    async with sip_stack_factory(adapter={"NUMPROTECT_SIP_NUMBER_FORMAT": "e164"}) as stack:
+        await stack.bind_axb(A, B)
+
+        result = await stack.sipp.run("axb.xml", rows=[[A, X, "+86" + B, "+86" + X, stack.egress]])
+
+        result.check(calls=1)
+        [redirect] = result.received(302)
+        assert redirect.header("Contact") == f"<sip:+86{B}@{stack.egress};user=phone>"
+        assert redirect.header("P-Asserted-Identity") == f"<sip:+86{X}@{stack.egress};user=phone>"
 
 
 async def test_axe_asks_for_the_extension_then_redirects_with_it(sip_stack: SipStack) -> None:

@@ -56,3 +56,18 @@ async def test_a_blocked_caller_gets_603_with_q850_cause_21(sip_stack: SipStack)
     # B, not blocked, still reaches A.
     other_way = await sip_stack.sipp.run("axb.xml", rows=[[B, X, A, X, sip_stack.egress]])
     other_way.check(calls=1)
+
+
+async def test_the_adapter_refuses_bad_dialled_numbers_and_anonymous_callers_without_translating(
+    sip_stack: SipStack,
+) -> None:
+    await sip_stack.bind_axb(A, B)
+    before = sip_stack.translations()
+    row = [A, "7001000", X + "12345", B, X]  # short; 15 + 5 digits; not a 700 number; X (anonymous, mailto:)
+
+    result = await sip_stack.sipp.run("refusals.xml", rows=[row])
+
+    result.check(calls=1)
+    finals = [(m.status, m.header("CSeq")) for m in result.received() if (m.status or 0) >= 200]
+    assert finals == [(484, "1 INVITE"), (404, "2 INVITE"), (404, "3 INVITE"), (433, "4 INVITE"), (416, "5 INVITE")]
+    assert sip_stack.translations() == before

@@ -4,6 +4,7 @@ gets 200, other methods 405."""
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 from sip.conftest import A, B, SipStack, SipStackFactory, X
@@ -101,3 +102,28 @@ async def test_other_methods_get_405_with_allow(sip_stack: SipStack) -> None:
     result.check(calls=1)
     assert [(m.status, m.method) for m in result.received()] == [(405, "REGISTER"), (405, "MESSAGE")]
     assert sip_stack.translations() == before
+
+
+async def test_the_final_response_is_retransmitted_over_udp_until_the_ack_and_not_after(sip_stack: SipStack) -> None:
+    await sip_stack.bind_axb(A, B)
+
+    result = await sip_stack.sipp.run("final_retransmitted.xml", rows=[[A, X, "1800", "1500"]])
+
+    result.check(calls=1)
+    [ack] = result.sent("ACK")
+    redirects = [m.at for m in result.received(302)]
+    before_ack = [at for at in redirects if at < ack.at]
+    # Timer G: sent at 0, +0.5 s, +1.5 s (doubling) within the 1.8 s without ACK.
+    assert len(before_ack) == 3, redirects
+    gaps = [round(later - earlier, 1) for earlier, later in itertools.pairwise(before_ack)]
+    assert 0.4 <= gaps[0] <= 0.8 and 0.9 <= gaps[1] <= 1.3, gaps
+    assert [at for at in redirects if at > ack.at] == []  # the ACK stopped it (1.5 s more: one more was due)
+
+
+async def test_the_final_response_is_not_retransmitted_over_tcp(sip_stack: SipStack) -> None:
+    await sip_stack.bind_axb(A, B)
+
+    result = await sip_stack.sipp.run("final_retransmitted.xml", rows=[[A, X, "1200", "100"]], transport="t1")
+
+    result.check(calls=1)
+    assert len(result.received(302)) == 1
