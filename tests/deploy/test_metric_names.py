@@ -1,9 +1,10 @@
 """Every metric the dashboard (deploy/grafana) and the Prometheus rules (deploy/prometheus/rules) read exists.
 
 Names are taken from every PromQL expression (support/promql.py). A recorded name (level:metric:op) must be
-recorded by a rule; every other name must be in a scrape of the live services: the five services run as
+recorded by a rule; every other name must be in a scrape of the live services: the six services run as
 processes (TLS + API keys, real Redis), a few calls make their labelled series appear (a webhook to a real receiver
-on loopback that fails once, then succeeds), and each process's /metrics is read. `up` is the one name Prometheus
+on loopback that fails once, then succeeds; SIP calls through the adapter, and through a second adapter whose
+translation is unreachable, answered 503), and each process's /metrics is read. `up` is the one name Prometheus
 makes itself.
 """
 
@@ -39,6 +40,8 @@ from support.event_routing import add_entry
 from support.identity import mint_in
 from support.processes import ServiceProcess
 from support.promql import PromQLSyntaxError, label_equalities, metric_names
+from support.redis_server import free_port
+from support.sip_client import SipClient
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "numprotect.json"
@@ -292,12 +295,14 @@ class Suite:
     processes: dict[str, ServiceProcess]
     tokens: dict[str, str]  # the key each service is called with here
     receiver_url: str
+    sip_ports: dict[str, int]  # the SIP port of "sip" (asks translation) and "sip-down" (its translation is gone)
 
 
 @pytest.fixture
-def suite(redis_env: dict[str, str]) -> Iterator[Suite]:
-    """The five services as processes: allocation, translation, cdr and events started together, then binding (it
-    needs allocation's address). The pool gauges refresh every 0.2 s instead of 15; events delivers to loopback
+def suite(redis_env: dict[str, str], tmp_path: Path) -> Iterator[Suite]:
+    """The six services as processes: allocation, translation, cdr and events started together, then binding (it
+    needs allocation's address) and two SIP adapters as carrier cmcc, one asking translation, one pointed at a
+    closed port (every INVITE 503). The pool gauges refresh every 0.2 s instead of 15; events delivers to loopback
     over http with a short retry schedule. The callers' keys are minted first, so each process loads them at
     start-up."""
     tokens = {
@@ -333,7 +338,22 @@ def suite(redis_env: dict[str, str]) -> Iterator[Suite]:
         processes["binding"] = ServiceProcess("binding", {**environ, **allocation})
         for process in processes.values():
             process.wait_serving()
-        yield Suite(processes, tokens, f"http://127.0.0.1:{receiver.server_address[1]}/hook")
+        carrier_token = tmp_path / "sip.token"
+        carrier_token.write_text(mint_in(redis_env, Role.CARRIER, "cmcc"))
+        carrier_token.chmod(0o600)
+        sip_ports = {"sip": free_port(), "sip-down": free_port()}
+        translation_addresses = {"sip": processes["translation"].address, "sip-down": f"127.0.0.1:{free_port()}"}
+        for name, port in sip_ports.items():
+            processes[name] = ServiceProcess(
+                "sip",
+                {
+                    **environ,
+                    "NUMPROTECT_TRANSLATION_ADDR": translation_addresses[name],
+                    "NUMPROTECT_SERVICE_TOKEN_FILE": str(carrier_token),
+                    "NUMPROTECT_SIP_PORT": str(port),
+                },
+            )
+        yield Suite(processes, tokens, f"http://127.0.0.1:{receiver.server_address[1]}/hook", sip_ports)
     finally:
         receiver.shutdown()
         receiver.server_close()
@@ -434,6 +454,30 @@ def drive_calls(suite: Suite) -> None:
             lambda: cdr.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[record]), timeout=10),
             lambda reply: reply.accepted == 1,
         )
+    drive_sip_calls(suite, created.virtual_number)
+
+
+def drive_sip_calls(suite: Suite, virtual_number: str) -> None:
+    """A call through the adapter (302 once its TranslateStreams are up), and one through the adapter without
+    translation (503, a translation failure), retransmitted once."""
+    with SipClient(suite.sip_ports["sip"]) as sip:
+        calls = iter(range(1000))
+
+        def invite() -> int:
+            n = next(calls)
+            branch = f"z9hG4bK-metrics-{n}"
+            return sip.request(
+                "INVITE", virtual_number, caller=PARTY_A, call_id=f"sip-metrics-{n}", branch=branch
+            ).status
+
+        eventually(invite, lambda status: status == 302)
+    with SipClient(suite.sip_ports["sip-down"]) as down:
+        branch = "z9hG4bK-metrics-down"
+        for ack in (False, True):  # the same INVITE twice: the second is a retransmission, answered the same
+            answer = down.request(
+                "INVITE", virtual_number, caller=PARTY_A, call_id="sip-metrics-down", branch=branch, ack=ack
+            )
+            assert answer.status == 503, answer.text
 
 
 @pytest.mark.slow

@@ -39,10 +39,13 @@ class SipClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, user: str, *, caller: str, call_id: str, branch: str) -> SipResponse:
+    def request(
+        self, method: str, user: str, *, caller: str, call_id: str, branch: str, ack: bool = True
+    ) -> SipResponse:
         """Sends `method` to sip:`user`@127.0.0.1 (sip:127.0.0.1 for no user) from `caller` and returns its final
         response (100 Trying and other provisional responses skipped); the request is sent again every 0.5 s (Timer
-        A) until one arrives. A non-2xx final response to an INVITE is acknowledged."""
+        A) until one arrives. A non-2xx final response to an INVITE is acknowledged unless `ack` is False (the same
+        request again is then a retransmission of it)."""
         uri = f"sip:{user}@127.0.0.1" if user else "sip:127.0.0.1"
         to = f"<{uri}>"
         head = (
@@ -71,10 +74,10 @@ class SipClient:
             status = int(data.split(" ", 2)[1]) if data.startswith("SIP/2.0 ") else 0
             if status >= 200 and f"branch={branch}" in data:
                 final = SipResponse(status, data)
-        if method == "INVITE" and final.status >= 300:
-            ack = (
+        if method == "INVITE" and final.status >= 300 and ack:
+            acknowledgement = (
                 f"ACK {uri} SIP/2.0\r\n{head}To: {final.header('To')}\r\nCall-ID: {call_id}\r\n"
                 "CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
             )
-            self.sock.sendto(ack.encode(), ("127.0.0.1", self.port))
+            self.sock.sendto(acknowledgement.encode(), ("127.0.0.1", self.port))
         return final
