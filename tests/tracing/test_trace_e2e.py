@@ -1,4 +1,4 @@
-"""One trace across the suite: the five services as processes export over real OTLP/gRPC to a receiver here.
+"""One trace across the suite: the six services as processes export over real OTLP/gRPC to a receiver here.
 
 - CreateBinding: binding SERVER -> binding INTERNAL allocation.batch -> binding CLIENT (a batch call to
   allocation) -> allocation SERVER -> Redis CLIENT spans.
@@ -6,6 +6,9 @@
   the call_ref carried.
 - events serves its API traced (CreateEndpoint) while its router renders the binding's event, which carries the
   parties' numbers: neither shows them in a span.
+- A SIP INVITE through the adapter: its `SIP INVITE` span is the parent of translation's span of that call (the
+  traceparent rides in the TranslateStream request), the 302's call_ref names that span, and the CDR ingested with
+  that call_ref links to it.
 - No span attribute (nor event, link attribute or status text) carries an unmasked phone number.
 """
 
@@ -16,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,6 +40,8 @@ from numprotect.events.v1 import events_pb2, events_pb2_grpc
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 from support.identity import mint_in
 from support.processes import ServiceProcess
+from support.redis_server import free_port
+from support.sip_client import SipClient
 
 PARTY_A = "13812345678"
 PARTY_B = "13987654321"
@@ -156,11 +162,13 @@ def receiver() -> Iterator[TraceReceiver]:
 class Suite:
     processes: dict[str, ServiceProcess]
     channels: dict[str, grpc.Channel]  # each service's, as the principal that calls it here
+    sip_port: int  # the adapter's SIP port (UDP and TCP)
 
 
 @pytest.fixture
-def suite(receiver: TraceReceiver, redis_env: dict[str, str]) -> Iterator[Suite]:
-    """allocation, binding, translation, cdr and events as processes, tracing everything to the receiver."""
+def suite(receiver: TraceReceiver, redis_env: dict[str, str], tmp_path: Path) -> Iterator[Suite]:
+    """allocation, binding, translation, cdr, events and sip (as carrier cmcc) as processes, tracing everything to
+    the receiver."""
     environ = {
         **redis_env,
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
@@ -176,15 +184,21 @@ def suite(receiver: TraceReceiver, redis_env: dict[str, str]) -> Iterator[Suite]
         "translation": mint_in(redis_env, Role.CARRIER, "cmcc"),
         "cdr": mint_in(redis_env, Role.CARRIER, "cmcc"),
         "events": mint_in(redis_env, Role.TENANT, TENANT),
+        "sip": mint_in(redis_env, Role.OPERATOR),  # its gRPC port serves health only
     }
+    sip_token = tmp_path / "sip.token"
+    sip_token.write_text(mint_in(redis_env, Role.CARRIER, "cmcc"))
+    sip_token.chmod(0o600)
+    sip_port = free_port()
+    sip_env = {"NUMPROTECT_SIP_PORT": str(sip_port), "NUMPROTECT_SERVICE_TOKEN_FILE": str(sip_token)}
     try:
         for service in SERVICE_NAMES:
             peers = {f"NUMPROTECT_{name.upper()}_ADDR": p.address for name, p in processes.items()}
-            processes[service] = ServiceProcess(service, {**environ, **peers})
+            processes[service] = ServiceProcess(service, {**environ, **peers, **(sip_env if service == "sip" else {})})
         for service, process in processes.items():
             process.wait_serving()
             channels[service] = process.channel(callers[service])
-        yield Suite(processes, channels)
+        yield Suite(processes, channels, sip_port)
     finally:
         for channel in channels.values():
             channel.close()
@@ -387,6 +401,40 @@ def test_create_binding_translate_and_cdr_form_linked_traces(suite: Suite, recei
     for span in linked:
         assert span.trace_id != translate.trace_id  # linked, not the same trace
         assert span is ingest_server or ingest_server in _ancestors(span, by_id)
+
+    # --- SIP INVITE -> translation's span of that call -> the CDR of that call_ref ---------------------------------
+    with SipClient(suite.sip_port) as sip:
+        deadline = time.monotonic() + 15
+        for attempt in range(1000):
+            branch = f"z9hG4bK-trace-{attempt}"
+            answer = sip.request("INVITE", virtual, caller=PARTY_A, call_id=f"sip-trace-{attempt}", branch=branch)
+            if answer.status == 302 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)  # 503 until the adapter's TranslateStreams are up
+    assert answer.status == 302, answer.text
+    assert f"sip:{PARTY_B}@" in answer.header("Contact"), answer.text
+    sip_ref = CallRef.decode(answer.header("X-Numprotect-Call-Ref"))
+    sip_translation_ids = (format(sip_ref.trace_id, "032x"), format(sip_ref.span_id, "016x"))
+    sip_record = cdr_pb2.CallDetailRecord()
+    sip_record.CopyFrom(record)
+    sip_record.call_id = f"sip-trace-{attempt}"
+    sip_record.call_ref = answer.header("X-Numprotect-Call-Ref")
+    assert cdr.IngestCdrs(cdr_pb2.IngestCdrsRequest(records=[sip_record]), timeout=10).accepted == 1
+
+    def sip_call_traced(spans: list[Received]) -> bool:
+        ids = {(s.trace_id, s.span_id) for s in spans}
+        links = {(t, p) for s in spans if s.service == "numprotect-cdr" for t, p, _ in s.links}
+        return sip_translation_ids in ids and sip_translation_ids in links
+
+    receiver.wait_for("SIP INVITE -> translation -> cdr", sip_call_traced)
+    spans = receiver.snapshot()
+    by_id = {s.span_id: s for s in spans}
+    (call_span,) = [s for s in spans if (s.trace_id, s.span_id) == sip_translation_ids]
+    assert call_span.service == "numprotect-translation"
+    invite = by_id[call_span.parent_span_id]  # the call's own span hangs under the INVITE's
+    assert (invite.service, invite.name, invite.kind) == ("numprotect-sip", "SIP INVITE", SERVER)
+    assert invite.trace_id == call_span.trace_id and invite.parent_span_id == ""
+    assert invite.attributes["sip.response.status_code"] == 302
 
     # --- resources, health, masking -----------------------------------------------------------------------------------
     for service in SERVICE_NAMES:
