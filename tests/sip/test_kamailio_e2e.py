@@ -181,8 +181,9 @@ def _text(messages: list[SipMessage]) -> str:
     return "\n".join(message.text for message in messages)
 
 
+@pytest.mark.parametrize("hangup", ["A", "B"])
 async def test_a_call_through_kamailio_shows_b_only_the_700_number_and_its_cdr_matches_the_binding(
-    sip_stack_factory: SipStackFactory, redis_env: dict[str, str], tmp_path: Path
+    sip_stack_factory: SipStackFactory, redis_env: dict[str, str], tmp_path: Path, hangup: str
 ) -> None:
     b_port = free_port()
     # The adapter's 302 sends the call to party B's SIPp (NUMPROTECT_SIP_EGRESS: the carrier's egress).
@@ -192,16 +193,26 @@ async def test_a_call_through_kamailio_shows_b_only_the_700_number_and_its_cdr_m
         async with running_kamailio(stack.sip_port, tmp_path) as kamailio:
             sipp = Sipp(("127.0.0.1", kamailio.port), tmp_path)
             party_b = asyncio.create_task(
-                sipp.run("kamailio_b.xml", local_port=b_port, variables={"virtual": X}, time_limit=CALL_SECONDS)
+                sipp.run(
+                    "kamailio_b.xml",
+                    local_port=b_port,
+                    variables={"virtual": X, "hangup": hangup},
+                    time_limit=CALL_SECONDS,
+                )
             )
-            await asyncio.sleep(0.3)  # B's socket bound (were it not, Kamailio's retransmission would cover it)
-            caller = await sipp.run(
-                "kamailio_a.xml",
-                service=X,
-                time_limit=CALL_SECONDS,
-                # A's real number also in the Call-ID, as switches write it.
-                extra=["-key", "caller", A, "-cid_str", f"%u-{A}-%p@%s"],
-            )
+            try:
+                await asyncio.sleep(0.3)  # B's socket bound (were it not, Kamailio's retransmission would cover it)
+                caller = await sipp.run(
+                    "kamailio_a.xml",
+                    service=X,
+                    time_limit=CALL_SECONDS,
+                    variables={"hangup": hangup},
+                    # A's real number also in the Call-ID, as switches write it.
+                    extra=["-key", "caller", A, "-cid_str", f"%u-{A}-%p@%s"],
+                )
+            except BaseException:
+                party_b.cancel()  # the runner kills B's SIPp
+                raise
             called = await party_b
             caller.check(calls=1)
             called.check(calls=1)
@@ -212,7 +223,13 @@ async def test_a_call_through_kamailio_shows_b_only_the_700_number_and_its_cdr_m
             assert invite.header_values("P-Asserted-Identity") == [f"<sip:{X}@127.0.0.1:{b_port};user=phone>"]
             for absent in ("Remote-Party-ID", "P-Preferred-Identity", "Privacy", "User-Agent", "X-Original-Caller"):
                 assert invite.header(absent) is None, absent
-            assert [m.method for m in called.received_requests()] == ["INVITE", "ACK", "BYE"]
+            # Who hung up: A's BYE reached B, or B's BYE reached A (with A's own number back in To).
+            if hangup == "A":
+                assert [m.method for m in called.received_requests()] == ["INVITE", "ACK", "BYE"]
+            else:
+                assert [m.method for m in called.received_requests()] == ["INVITE", "ACK"]
+                [bye] = caller.received_requests("BYE")
+                assert uri_user(bye.header("To") or "") == A
             # A's real number nowhere in what B received: headers, Call-ID, Contact, Via, SDP.
             assert A not in _text([m for m in called.messages if m.direction == "received"])
             # Nor B's in what A received (B's own Contact is masked on the way back).
@@ -234,7 +251,7 @@ async def test_a_call_through_kamailio_shows_b_only_the_700_number_and_its_cdr_m
             called_number=redirect["virtual"],
             target_number=redirect["target"],
             call_type=cdr_pb2.CALL_TYPE_A_TO_PEER,
-            release_direction=cdr_pb2.RELEASE_DIRECTION_CALLER,
+            release_direction=(cdr_pb2.RELEASE_DIRECTION_CALLER if hangup == "A" else cdr_pb2.RELEASE_DIRECTION_CALLEE),
             release_cause=16,
             unconnected_cause=cdr_pb2.UNCONNECTED_CAUSE_NONE,
             carrier_id=CARRIER,
