@@ -258,7 +258,8 @@ class SipStack:
 
     async def start_adapter_process(self, settings: Mapping[str, str] | None = None) -> tuple[ServiceProcess, int]:
         """Starts `python -m numprotect.services.sip` on the same translation (through the proxy), stopped with the
-        stack; returns it and its SIP port (read from its ready line). Off the event loop: the in-process services
+        stack, once ready (its health SERVING: a translation stream up); returns it and its SIP port (read from its
+        ready line). Off the event loop: the in-process services
         keep serving meanwhile."""
         return await asyncio.to_thread(self._start_adapter_process, settings or {})
 
@@ -270,6 +271,7 @@ class SipStack:
         while time.monotonic() < deadline:
             port = _sip_port_in(process.lines)
             if port:
+                process.wait_serving(START_SECONDS)  # readiness: a translation stream is up
                 return process, port
             time.sleep(0.05)
         raise RuntimeError("the adapter process logged no SIP port:\n" + "\n".join(process.lines[-30:]))

@@ -84,6 +84,18 @@ async def test_cancel_before_the_final_response_gets_200_then_487_and_the_late_a
         assert stack.translations() - before == 1
 
 
+async def test_a_cancel_after_the_final_response_changes_nothing_and_an_unknown_one_gets_481(
+    sip_stack: SipStack,
+) -> None:
+    await sip_stack.bind_axb(A, B)
+
+    result = await sip_stack.sipp.run("cancel_late.xml", rows=[[A, X]])
+
+    result.check(calls=1)
+    finals = [(m.status, m.header("CSeq")) for m in result.received() if (m.status or 0) >= 200]
+    assert finals == [(302, "1 INVITE"), (200, "1 CANCEL"), (481, "2 CANCEL")], result.explain()
+
+
 async def test_options_keepalive_gets_200(sip_stack: SipStack) -> None:
     result = await sip_stack.sipp.run("options.xml", calls=3)
 

@@ -66,3 +66,19 @@ async def _streams_down(stack: SipStack, within: float = 10.0) -> None:
     while stack.adapter_metric("numprotect_sip_translation_streams") > 0:
         assert time.monotonic() < deadline, "the adapter still counts translation streams open"
         await asyncio.sleep(0.05)
+
+
+async def test_invites_beyond_the_transaction_limit_get_503_at_once(sip_stack_factory: SipStackFactory) -> None:
+    async with sip_stack_factory(adapter={"NUMPROTECT_SIP_MAX_TRANSACTIONS": "3"}) as stack:
+        await stack.bind_axb(A, B)
+        stack.translation_delay(0.5)  # the first three are still translating when the others come
+        before = stack.translations()
+
+        result = await stack.sipp.run("redirect_or_unavailable.xml", calls=6, rows=[[A, X]])
+
+        result.check(calls=6)
+        assert (len(result.received(302)), len(result.received(503))) == (3, 3), result.explain()
+        refused = {m.call_id for m in result.received(503)}
+        times = result.final_response_times()
+        assert all(times[call_id] < 0.5 for call_id in refused), times  # not after the translation's 1 s
+        assert stack.translations() - before == 3
