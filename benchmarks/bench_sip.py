@@ -13,14 +13,15 @@ rounds (the order alternates, so a change of the machine's load hits both alike)
     -m BENCH_STREAMS (one request repeated, as bench_translation does);
   - SIPp (UDP, deploy/sip/sipp/bench_uac.xml: INVITE, 100 optional, 302, ACK) drives the adapter with at most
     BENCH_SIP_CONCURRENCY calls open (default: h2load's concurrent calls), about BENCH_DURATION of calls. The calls
-    come from an injection file: every seeded binding in both directions, shuffled, so calls spread over every
-    binding and caller; and SIPp checks every 302 (Contact = the binding's other party, P-Asserted-Identity = the
-    dialled 700 number): a wrong or other answer fails the call.
+    come from injection files: every seeded binding in both directions, shuffled, each run taking the next calls,
+    so calls spread over every binding and caller; and SIPp checks every 302 (Contact = the binding's other party,
+    P-Asserted-Identity = the dialled 700 number): a wrong or other answer fails the call.
 Translation's per-caller and per-binding rate limits are raised as in bench_translation (h2load repeats one request):
 the counters still run on every call, they never bite. A SIPp run with a failed call (e.g. a 503: translation missed
 the adapter's 200 ms deadline in a stall of the shared host) is repeated at half the open-call limit, down to
-MIN_CONCURRENCY: the highest load with 0 failed calls counts. A calibration run of 2,000 calls first sets the limit of
-the rounds and the rate that sizes each round's calls (BENCH_DURATION plus the warm-up second at that rate).
+MIN_CONCURRENCY: the highest load with 0 failed calls counts. After a warm-up run (1,000 calls, not counted), a
+calibration run of 2,000 calls sets the limit of the rounds and the rate that sizes each round's calls (BENCH_DURATION
+plus the warm-up second at that rate).
 Reports per round and as medians: unary Translate/s with p50/p99 (h2load's request log) and translation's CPU per
 call; SIP calls/s with p50/p99 (SIPp's response times INVITE -> 302, 1 ms resolution) and the CPU per call of the
 adapter and of translation (/proc/<pid>/stat); the ratio SIP calls/s / unary Translate/s (target >= 1.0) and the
@@ -84,7 +85,12 @@ TRANSLATE_TIMEOUT = os.environ.get("BENCH_SIP_TRANSLATE_TIMEOUT", "200ms")
 MODEL = "translation/batch/secured"
 EGRESS = "127.0.0.1:5070"
 CALIBRATION_CALLS = 2000
-MIN_CONCURRENCY = 4
+# A fresh adapter and translation first answer a burst of calls slowly (streams, code paths, allocator): a warm-up
+# run that nothing is read from keeps that from halving the open-call limit of the whole benchmark.
+WARM_UP_CALLS = 1000
+WARM_UP_CONCURRENCY = 8
+# At most two halvings: below that the failures are the host's stalls, not the load (see SippRun.stalls).
+MIN_CONCURRENCY = 16
 # SIPp starts calls as fast as it can: the open-call limit (-l) is what holds the load, as h2load's -c x -m does.
 SIPP_RATE = 100_000
 # h2load's --warm-up-time: SIPp's first second is left out of the rate and the response times alike.
@@ -126,9 +132,24 @@ def injection_rows(bindings: int, rng: random.Random) -> list[tuple[str, str, st
     return rows
 
 
-def write_injection_file(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
-    """SIPp's -inf format: the read order, then one call's fields a line, `;`-separated."""
-    path.write_text("SEQUENTIAL\n" + "".join(f"{caller};{called};{target}\n" for caller, called, target in rows))
+class Calls:
+    """The calls SIPp places, in turn: each run takes the next ones (wrapping round), so the runs spread over every
+    binding and caller instead of repeating the first rows."""
+
+    def __init__(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        self._rows = rows
+        self._next = 0
+
+    def write(self, path: Path, count: int) -> Path:
+        """SIPp's -inf file of the next `count` calls: the read order, then one call's fields a line."""
+        rows = self._rows
+        lines = ["SEQUENTIAL\n"]
+        for n in range(self._next, self._next + count):
+            caller, called, target = rows[n % len(rows)]
+            lines.append(f"{caller};{called};{target}\n")
+        self._next = (self._next + count) % len(rows)
+        path.write_text("".join(lines))
+        return path
 
 
 @dataclass
@@ -147,6 +168,7 @@ class SippRun:
     translation_busy: float
     errors: str  # the first lines of SIPp's error log when calls failed
     causes: dict[str, float]  # the adapter's own count of what went wrong meanwhile (its metrics)
+    stalls: int  # SIPp's own event loop late by >= 500 ms (its watchdog): the host starved the load side
 
     @property
     def p50_ms(self) -> float:
@@ -163,6 +185,7 @@ class SippRun:
             f"{self.adapter_cpu_us + self.translation_cpu_us:4.0f} us/call, busy {self.adapter_busy:4.2f} + "
             f"{self.translation_busy:4.2f}  ({self.ok} ok, {self.failed} failed, -l {self.concurrency})"
             + (f"; the adapter counted {describe(self.causes)}" if self.causes else "")
+            + (f"; SIPp itself stalled >= 500 ms {self.stalls} times" if self.stalls else "")
         )
 
 
@@ -309,7 +332,8 @@ def run_sipp(
     times, dates = read_response_times(rtt_files[0])
     rate, counted = steady_rate(dates)
     errors_file = run_dir / "errors.log"
-    errors = errors_file.read_text()[:600] if failed and errors_file.exists() else ""
+    error_log = errors_file.read_text() if errors_file.exists() else ""
+    errors = error_log[:600] if failed else ""
     total = max(1, ok + failed)
     return SippRun(
         name,
@@ -324,6 +348,7 @@ def run_sipp(
         translation_cpu / wall,
         errors,
         causes,
+        error_log.count("minor watchdog timer"),
     )
 
 
@@ -373,12 +398,11 @@ def main() -> int:
     with load_side_redis("bench-sip-") as (workdir, redis_url), started_servers() as servers:
         progress("seeding")
         seconds = asyncio.run(seed(redis_url))
-        injection = workdir / "calls.csv"
         rows = injection_rows(BINDINGS, random.Random(19))
-        write_injection_file(injection, rows)
+        call_source = Calls(rows)
         lines.append(
-            f"seeded {BINDINGS} AXB bindings in {seconds:.1f}s; SIPp's injection file: {len(rows)} calls (every "
-            f"binding, both directions, shuffled), read in order"
+            f"seeded {BINDINGS} AXB bindings in {seconds:.1f}s; SIPp's calls: {len(rows)} (every binding, both "
+            f"directions, shuffled), each run taking the next ones"
         )
         pki, key_file, token = prepare_security(workdir, redis_url)
         token_file = workdir / "carrier.token"
@@ -396,9 +420,11 @@ def main() -> int:
         pids = adapter.process.pid, translation.process.pid
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
-        def sipp(name: str, calls: int, concurrency: int) -> SippRun:
-            return run_sipp(name, sip_port, injection, calls, concurrency, workdir, *pids, metrics_url)
+        def sipp(name: str, count: int, concurrency: int) -> SippRun:
+            injection = call_source.write(workdir / f"calls-{name.replace(' ', '_').replace('#', '')}.csv", count)
+            return run_sipp(name, sip_port, injection, count, concurrency, workdir, *pids, metrics_url)
 
+        warm_up = sipp("warm-up", WARM_UP_CALLS, WARM_UP_CONCURRENCY)
         calibration = highest_clean(sipp, "calibration", CALIBRATION_CALLS, CONCURRENCY)
         concurrency, rate = calibration[-1].concurrency, calibration[-1].rate
         request = pb.TranslateRequest(calling_number=party(42, 0), called_number=virtual(42), call_id="bench")
@@ -414,13 +440,13 @@ def main() -> int:
                     calls = max(CALIBRATION_CALLS, round(rate * (duration + WARM_UP_MS / 1000)))
                     sip.append(highest_clean(sipp, f"sip #{round_number}", calls, concurrency))
                     rate = statistics.median(attempts[-1].rate for attempts in sip)
-        lines.extend(report(calibration, unary, sip, os.getloadavg()[0], pids))
+        lines.extend(report([warm_up, *calibration], unary, sip, os.getloadavg()[0], pids))
     print("\n".join(lines))
     return 0
 
 
 def report(
-    calibration: Sequence[SippRun],
+    preliminaries: Sequence[SippRun],
     unary: Sequence[LoadResult],
     attempts: Sequence[Sequence[SippRun]],
     load: float,
@@ -442,8 +468,9 @@ def report(
         "translation's rate limits raised (as bench_translation): the counters run on every call, never bite",
         f"{ROUNDS} interleaved rounds (order alternating); the first second of each run is left out (warm-up)",
         "",
-        "calibration (2,000 calls; sets the -l of the rounds and the calls of the first):",
-        *(run.line() for run in calibration),
+        f"warm-up ({WARM_UP_CALLS} calls, not counted) and calibration ({CALIBRATION_CALLS} calls; sets the -l of the "
+        "rounds and the calls of the first):",
+        *(run.line() for run in preliminaries),
         "",
         "per round:",
     ]
@@ -482,7 +509,13 @@ def report(
         f"failed SIP calls in the runs that count: {failed} (per round {', '.join(str(r.failed) for r in sip)}); "
         f"runs repeated at a lower -l: {repeated}; h2load failed requests: {sum(r.failed for r in unary)}"
     )
-    for run in (*calibration, *(run for round_attempts in attempts for run in round_attempts)):
+    if failed:
+        lines.append(
+            "calls failed at every -l tried: with 503s for translation DEADLINE_EXCEEDED and SIPp's own stalls, the "
+            "host starved the processes (compare the unary p99); repeat on a quieter host, or with "
+            "BENCH_SIP_TRANSLATE_TIMEOUT=1s to ride out stalls as h2load's deadline-free calls do"
+        )
+    for run in (*preliminaries, *(run for round_attempts in attempts for run in round_attempts)):
         if run.errors:
             lines.append(f"{run.name}: SIPp's first errors: {run.errors.strip()[:400]!r}")
     return lines
