@@ -373,3 +373,14 @@ async def test_the_invite_span_is_the_translations_parent_with_masked_numbers() 
     traceparent = translator.calls[0][4]
     assert traceparent.startswith(f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-")
     assert int(traceparent[-2:], 16) & 1  # sampled
+
+
+async def test_a_required_extension_gets_420_naming_it() -> None:
+    translator = Translator()
+    handler = handler_with(translator)
+    sink = Sink()
+    handler.handle(request(extra="Require: 100rel, precondition\r\n"), sink, SOURCE, "udp")
+    handler.handle(request("OPTIONS", extra="Require: foo\r\n"), sink, SOURCE, "udp")
+    assert [status(m) for m in sink.sent] == [420, 420]
+    assert header(sink.sent[0], "Unsupported") == "100rel, precondition"
+    assert translator.calls == []

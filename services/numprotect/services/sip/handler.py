@@ -237,6 +237,10 @@ class SipHandler:
         if span.is_recording():
             span.set_attribute("sip.method", "INVITE")
             span.set_attribute("network.transport", transport)
+        required = _unsupported(request)
+        if required is not None:
+            self._finish(transaction, required, now)
+            return
         target = dialled(request.uri)
         if isinstance(target, Refusal):
             self._finish(transaction, _refused(target, "INVALID_NUMBER"), now)
@@ -332,7 +336,10 @@ class SipHandler:
             transaction.resend()
             return
         self._metrics.request(method, transport)
-        if request.method == "OPTIONS":
+        required = _unsupported(request)
+        if required is not None:
+            outcome = required
+        elif request.method == "OPTIONS":
             if self.ready:
                 outcome = Outcome(200, "OK", _OPTIONS_HEADERS, "")
             else:  # the carrier's trunk monitoring sees this adapter down and fails over
@@ -367,6 +374,15 @@ class SipHandler:
         """The one periodic timer round: Timers G, H, I and J of every transaction."""
         self._table.sweep(self._now())
         self._metrics.transactions.set(len(self._table))
+
+
+def _unsupported(request: Request) -> Outcome | None:
+    """420 Bad Extension when the request requires an extension (RFC 3261 section 8.2.2.3): we support none."""
+    required = request.headers.get("require")
+    if not required:
+        return None
+    names = ", ".join(name.strip() for value in required for name in value.split(",") if name.strip())
+    return Outcome(420, "Bad Extension", f"Unsupported: {names}\r\n" if names else "", "UNSUPPORTED_EXTENSION")
 
 
 def _refused(refusal_: Refusal, decision: str) -> Outcome:
