@@ -25,6 +25,7 @@ TCP_MAX_PENDING_WRITE_BYTES = 1024 * 1024
 # How often idle TCP connections are looked for (seconds).
 IDLE_CHECK_SECONDS = 1.0
 _SOURCE_CACHE_SIZE = 4096
+_CR_LF = (13, 10)
 _BIND_ATTEMPTS = 8
 
 
@@ -79,7 +80,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if len(data) > self._max_bytes:
             self._metrics.drop("too_large")
             return
-        if not data.strip(b"\r\n"):
+        if not data or (data[0] in _CR_LF and not data.strip(b"\r\n")):
             return  # a keep-alive (CRLF) datagram
         self._handler.handle(data, self, addr, "udp")
 
