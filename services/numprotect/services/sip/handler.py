@@ -25,7 +25,14 @@ from numprotect.services.sip.dialled import Dialled, Refusal, calling, dialled
 from numprotect.services.sip.message import Malformed, Request, ResponseReceived, parse_request
 from numprotect.services.sip.responses import ALLOW, Failure, Outcome, Renderer, reason, refusal, render, unavailable
 from numprotect.services.sip.settings import SipSettings
-from numprotect.services.sip.transactions import Address, Sink, State, TransactionTable, transaction_key
+from numprotect.services.sip.transactions import (
+    Address,
+    ServerTransaction,
+    Sink,
+    State,
+    TransactionTable,
+    transaction_key,
+)
 from numprotect.translation.v1 import translation_pb2
 
 log = logging.getLogger(__name__)
@@ -259,7 +266,7 @@ class SipHandler:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _translate(self, key: Hashable, transaction: Any, target: Dialled, caller: str) -> None:
+    async def _translate(self, key: Hashable, transaction: ServerTransaction, target: Dialled, caller: str) -> None:
         span = transaction.span
         traceparent = ""
         if span.get_span_context().trace_flags.sampled:
@@ -281,7 +288,7 @@ class SipHandler:
             return  # cancelled (487 sent) or dropped meanwhile: the answer comes too late
         self._finish(transaction, outcome, self._now())
 
-    def _finish(self, transaction: Any, outcome: Outcome, now: float) -> None:
+    def _finish(self, transaction: ServerTransaction, outcome: Outcome, now: float) -> None:
         """Sends an INVITE's final response, keeps it for retransmissions and ends the INVITE's span."""
         request = transaction.request
         data = render(request, outcome.code, outcome.phrase, outcome.headers, transaction.address, self._tag())
