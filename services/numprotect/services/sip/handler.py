@@ -273,10 +273,10 @@ class SipHandler:
             carrier: dict[str, str] = {}
             self._propagator.inject(carrier, context=trace.set_span_in_context(span))
             traceparent = carrier.get("traceparent", "")
-        request = transaction.request
+        call_id = transaction.request.call_id if transaction.request is not None else ""
         try:
             result = await self._translator.translate(
-                self._call_setup(caller, target.called_number, target.extension, request.call_id, traceparent)
+                self._call_setup(caller, target.called_number, target.extension, call_id, traceparent)
             )
             if not isinstance(result, translation_pb2.TranslateResponse):
                 self._metrics.translate_failure(result.status)
@@ -291,6 +291,8 @@ class SipHandler:
     def _finish(self, transaction: ServerTransaction, outcome: Outcome, now: float) -> None:
         """Sends an INVITE's final response, keeps it for retransmissions and ends the INVITE's span."""
         request = transaction.request
+        if request is None:  # already answered
+            return
         data = render(request, outcome.code, outcome.phrase, outcome.headers, transaction.address, self._tag())
         transaction.sink.send(data, transaction.address)
         self._table.complete(transaction, data, now)

@@ -81,7 +81,9 @@ class ServerTransaction:
 
     def __init__(self, key: Hashable, invite: bool, sink: Sink, address: Address, request: Request) -> None:
         self.key = key
-        self.request = request  # what the final response is rendered from (a CANCEL's 487 too)
+        # What the final response is rendered from (a CANCEL's 487 too); let go once it is sent, as are the 100's
+        # bytes: a completed transaction holds its key and response only.
+        self.request: Request | None = request
         self.started = 0.0  # loop time the request came
         self.span: Any = None  # the INVITE's span until its final response
         self.invite = invite
@@ -138,6 +140,8 @@ class TransactionTable:
         """The final response was sent: keep it for retransmissions, and start G and H (INVITE) or J."""
         transaction.state = State.COMPLETED
         transaction.response = response
+        transaction.request = None
+        transaction.trying = b""
         reliable = transaction.sink.reliable
         if transaction.invite:
             transaction.expires = now + TIMER_H
