@@ -25,6 +25,24 @@ def test_defaults() -> None:
     assert service_address(env, "allocation") == "127.0.0.1:50051"
 
 
+def test_the_sip_adapters_grpc_server_leaves_its_sip_variables_to_the_sip_listener() -> None:
+    """NUMPROTECT_SIP_HOST/_PORT are the SIP listener's (docs/sip.md); sip's gRPC (health) server reads
+    NUMPROTECT_SIP_GRPC_*, every other service NUMPROTECT_<SERVICE>_*."""
+    sip_listener = {"NUMPROTECT_SIP_HOST": "0.0.0.0", "NUMPROTECT_SIP_PORT": "5060", "NUMPROTECT_SIP_REUSE_PORT": "on"}
+    server = ServerSettings.from_env(Env(sip_listener), "sip")
+    assert (server.host, server.port, server.reuse_port) == ("127.0.0.1", 50056, False)
+    grpc = {
+        "NUMPROTECT_SIP_GRPC_HOST": "0.0.0.0",
+        "NUMPROTECT_SIP_GRPC_PORT": "0",
+        "NUMPROTECT_SIP_GRPC_REUSE_PORT": "on",
+    }
+    server = ServerSettings.from_env(Env({**sip_listener, **grpc}), "sip")
+    assert (server.host, server.port, server.reuse_port) == ("0.0.0.0", 0, True)
+    assert ServerSettings.from_env(Env({"NUMPROTECT_CDR_PORT": "5060"}), "cdr").port == 5060
+    with pytest.raises(SettingsError, match="NUMPROTECT_SIP_GRPC_PORT"):
+        ServerSettings.from_env(Env({"NUMPROTECT_SIP_GRPC_PORT": "70000"}), "sip")
+
+
 def test_durations() -> None:
     env = Env({"A": "500ms", "B": "5m", "C": "180d", "D": "30"})
     assert env.seconds("A", 0) == 0.5
