@@ -12,8 +12,8 @@ from support.sipp import SippResult
 
 DEADLINE_S = 0.3
 CALLS = 3
-# Scheduling slack on a shared 2-core host; still far below the slow translation's 2 x 2 s.
-SLACK_S = 0.7
+# Scheduling slack on a shared 2-core host; still far below the slow translation's answer (2 x 2 s).
+SLACK_S = 1.5
 
 
 def _check_503s(result: SippResult) -> list[float]:
@@ -80,5 +80,5 @@ async def test_invites_beyond_the_transaction_limit_get_503_at_once(sip_stack_fa
         assert (len(result.received(302)), len(result.received(503))) == (3, 3), result.explain()
         refused = {m.call_id for m in result.received(503)}
         times = result.final_response_times()
-        assert all(times[call_id] < 0.5 for call_id in refused), times  # not after the translation's 1 s
+        assert all(times[call_id] < 0.9 for call_id in refused), times  # before any translation's answer (1 s)
         assert stack.translations() - before == 3
