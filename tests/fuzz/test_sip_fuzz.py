@@ -60,6 +60,7 @@ BOUNDARY_VALUES = (
     "\uff17\uff10\uff10",
     "\x00",
     "a" * 3000,
+    "<tel:+" + "1-" * 1500 + "x>",  # sipmessage's tel: grammar backtracks quadratically on this
     ";;;",
     "<<>>",
     ",,,",
@@ -75,6 +76,7 @@ URIS = (
     "*",
     "sip:[::1]",
     "sip:700100000000001@h;" + "p;" * 500,
+    "tel:+" + "1-" * 1500 + "x",
 )
 
 

@@ -75,3 +75,12 @@ def test_caller_from_asserted_identity_else_from(
     asserted: str | None, from_value: str | None, expected: str | Refusal
 ) -> None:
     assert calling(asserted, from_value) == expected
+
+
+def test_long_uris_are_refused_before_the_grammar_that_backtracks_on_them() -> None:
+    """sipmessage's tel: pattern takes time quadratic in the length (a 16-KB tel: URI took 6 s): a URI or address
+    too long for a number is refused without it."""
+    long_tel = "tel:+" + "1-" * 8000 + "x"
+    assert dialled(long_tel) == BAD_REQUEST_URI
+    assert calling(f"<{long_tel}>", f"<{long_tel}>;tag=a") == ANONYMOUS_CALLER
+    assert calling(f"<{long_tel}>", "<sip:13800000001@h>;tag=a") == "13800000001"

@@ -140,3 +140,8 @@ def test_framer_splits_by_content_length_across_chunks_and_answers_pings() -> No
 def test_framer_refuses_what_it_cannot_frame(data: bytes, error: str, code: int) -> None:
     framed = StreamFramer(2048).feed(data)
     assert (framed.error, framed.error_code, framed.messages) == (error, code, [])
+
+
+def test_an_overlong_top_via_is_refused_before_the_grammar() -> None:
+    with pytest.raises(Malformed, match="Bad Via"):
+        parse_request(request(via="SIP/2.0/UDP h;" + "a=b;" * 4000))

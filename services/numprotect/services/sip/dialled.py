@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from sipmessage import URI
 
 from numprotect.core import phone
-from numprotect.services.sip.message import parse_address
+from numprotect.services.sip.message import MAX_GRAMMAR_CHARS, parse_address
 
 SCHEMES = ("sip", "sips", "tel")
 VIRTUAL_DIGITS = 15
+
 MAX_EXTENSION_DIGITS = 4
 # RFC 3966 visual separators (and the blanks phone.normalize_calling also takes).
 _SEPARATORS = str.maketrans("", "", "-.()")
@@ -117,6 +118,8 @@ def _first_user(value: str) -> str | None:
 
 
 def _parse_uri(value: str) -> URI | None:
+    if len(value) > MAX_GRAMMAR_CHARS:
+        return None
     try:
         return URI.parse(value)
     except Exception:
