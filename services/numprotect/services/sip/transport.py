@@ -4,6 +4,7 @@ on the same port, with the source-network allowlist and the size and connection 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -24,6 +25,7 @@ UDP_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 TCP_MAX_PENDING_WRITE_BYTES = 1024 * 1024
 # How often idle TCP connections are looked for (seconds).
 IDLE_CHECK_SECONDS = 1.0
+CLOSE_WAIT_SECONDS = 2.0
 _SOURCE_CACHE_SIZE = 4096
 _CR_LF = (13, 10)
 _BIND_ATTEMPTS = 8
@@ -248,7 +250,8 @@ class SipServer:
             self._tcp.close()
             for connection in list(self.connections):
                 connection.close()
-            await asyncio.wait_for(self._tcp.wait_closed(), timeout=2.0)
+            with contextlib.suppress(TimeoutError):  # bounded: a peer that never lets go does not hold shutdown
+                await asyncio.wait_for(self._tcp.wait_closed(), timeout=CLOSE_WAIT_SECONDS)
             self._tcp = None
 
 
