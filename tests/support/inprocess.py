@@ -158,6 +158,7 @@ async def running_service(
             identity=setup.identity,
             tls=setup.tls,
             metrics=runtime.metrics,
+            ready=parts.ready,  # as `serve` does: readiness beyond Redis (the SIP adapter's streams)
         )
         port = await app.start()
         running = RunningService(app, runtime, port, setup.channel(port), setup.environ, setup.probe_client, [])
