@@ -3,8 +3,8 @@ adapter, and bindings written the way the binding service writes them.
 
     async def test_x(sip_stack: SipStack) -> None:                 # default settings
         binding = await sip_stack.bind_axb(A, B)                    # on X, carrier CARRIER routes its block
-        result = await sip_stack.sipp.run("axb.xml", service=X, rows=[[A, X, B]])
-        result.check(calls=1)
+        result = await sip_stack.sipp.run("axb.xml", rows=[[A, X, B, X, sip_stack.egress]])  # its CSV columns
+        result.check(calls=1)                                       # SIPp exited 0, 1 call succeeded
 
     async def test_y(sip_stack_factory: SipStackFactory) -> None:   # own settings
         async with sip_stack_factory(adapter={"NUMPROTECT_SIP_TRANSLATE_TIMEOUT": "5s"}) as stack: ...
@@ -16,10 +16,10 @@ What runs, all on loopback with the test PKI's TLS and API keys (tests/support/i
   drops it for good (503 at once);
 - the adapter in-process through its own build function (`numprotect.services.sip.app.build`, the bootstrap's
   `running_service`; `sip_adapter` is the started SipAdapter), SIP on UDP and TCP 127.0.0.1:<port the OS chose>
-  (`sip_port`), its credential a token of
-  carrier CARRIER in NUMPROTECT_SERVICE_TOKEN_FILE, NUMPROTECT_SIP_EGRESS = `egress`
-  (`SipStack.start_adapter_process()` runs another adapter as a real process on the same translation, for tests
-  that need a process: signals, its log);
+  (`sip_port`), its credential a token of carrier CARRIER in NUMPROTECT_SERVICE_TOKEN_FILE, NUMPROTECT_SIP_EGRESS
+  = `egress`; the stack is yielded once the adapter is ready (a translation stream up). `start_adapter_process()`
+  runs another adapter as a real process on the same translation, for tests that need a process (signals, its
+  log), returned once its health says SERVING;
 - bindings: `bind_axb` / `bind_axe` write the binding record (committed), the number's history and its routes
   through numprotect.core's shared writers (BindingRecordStore, RouteTable), as the binding service does, so
   translation connects the call and a CDR carrying the 302's call_ref matches the binding; CARRIER routes the
