@@ -53,7 +53,14 @@ from numprotect.core.redis_client import (
     sync_redis_is_up,
 )
 from numprotect.core.scheduling import apply_cpu_scheduling
-from numprotect.core.settings import Env, RedisSettings, ServerSettings, SettingsError, service_address
+from numprotect.core.settings import (
+    Env,
+    RedisSettings,
+    ServerSettings,
+    SettingsError,
+    server_env_prefix,
+    service_address,
+)
 from numprotect.core.telemetry import Telemetry
 from numprotect.core.tls import TlsSettings, channel_credentials, peer_spiffe_id, server_credentials
 
@@ -165,7 +172,7 @@ def _listen(
         )
     except RuntimeError as exc:
         raise SettingsError(
-            f"NUMPROTECT_{settings.service.upper()}_PORT: cannot listen on {address} (port busy?)"
+            f"{server_env_prefix(settings.service)}_PORT: cannot listen on {address} (port busy?)"
         ) from exc
     if not tls.enabled:  # an explicit opt-out: anyone on the network reads and sends calls on this port
         log.warning("TLS is off (NUMPROTECT_TLS=off): the port serves plaintext", extra={"port": port})
@@ -398,11 +405,12 @@ class Runtime:
         if metrics.enabled:
             observe_round_trips(redis, metrics.redis_round_trip("redis-py"))
 
-    def channel(self, service: str) -> grpc.aio.Channel:
-        """A channel to another numprotect service (NUMPROTECT_<SERVICE>_ADDR), traced when tracing is on."""
-        return self.channel_to(service_address(self.env, service))
+    def channel(self, service: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """A channel to another numprotect service (NUMPROTECT_<SERVICE>_ADDR), traced when tracing is on; `options`
+        are grpc channel arguments added to PEER_CHANNEL_OPTIONS."""
+        return self.channel_to(service_address(self.env, service), options)
 
-    def channel_to(self, address: str) -> grpc.aio.Channel:
+    def channel_to(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
         """TLS unless NUMPROTECT_TLS=off (in mTLS mode presenting the workload certificate); the certificate files are
         read here, so a channel made after a renewal uses the new ones. Every call carries the service token when
         one is set (call credentials over TLS; an interceptor on plaintext, where grpc refuses call credentials),
@@ -412,10 +420,12 @@ class Runtime:
             credentials = channel_credentials(self.tls)
             if token is not None:
                 credentials = grpc.composite_channel_credentials(credentials, token.call_credentials())
-            channel = grpc.aio.secure_channel(address, credentials, options=PEER_CHANNEL_OPTIONS)
+            channel = grpc.aio.secure_channel(address, credentials, options=[*PEER_CHANNEL_OPTIONS, *options])
         else:
             interceptors: list[Any] | None = [token.interceptor()] if token is not None else None
-            channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS, interceptors=interceptors)
+            channel = grpc.aio.insecure_channel(
+                address, options=[*PEER_CHANNEL_OPTIONS, *options], interceptors=interceptors
+            )
         traced = self.telemetry.traced_channel(channel)
         self._channels.append(traced)
         return traced

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 SWEEP_SECONDS = T1 / 5
 # Draining waits at most this long past the translation deadline for the INVITEs in flight.
 DRAIN_MARGIN_SECONDS = 1.0
+# Each TranslateStream on its own HTTP/2 connection: grpc shares one connection (subchannel) between channels of
+# equal target and options, so without a per-channel pool NUMPROTECT_SIP_STREAMS streams would ride one connection
+# (behind an L4 Service: one translation replica per adapter).
+STREAM_CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
 
 
 class ManagedTranslator(Translator, Protocol):
@@ -76,7 +80,9 @@ async def build(runtime: Runtime, *, started: Callable[[SipAdapter], None] | Non
     metrics = SipMetrics(runtime.metrics)
     provider = runtime.telemetry.provider
     tracer = provider.get_tracer("numprotect.sip") if provider is not None else trace.NoOpTracer()
-    translator = TranslationClient(lambda: runtime.channel("translation"), settings, runtime.metrics)
+    translator = TranslationClient(
+        lambda: runtime.channel("translation", STREAM_CHANNEL_OPTIONS), settings, runtime.metrics
+    )
     table = TransactionTable(settings.max_transactions)
     handler = SipHandler(settings, translator, CallSetup, metrics, table, tracer=tracer)
     adapter = SipAdapter(settings, handler, SipServer(settings, handler, metrics), translator)
