@@ -12,6 +12,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import pytest
+from sip.conftest import A as SIP_A
+from sip.conftest import B as SIP_B
+from sip.conftest import SipStack, SipStackFactory
+from sip.conftest import X as SIP_X
 
 from numprotect.core.identity.principal import Role
 from numprotect.core.metrics import Metrics
@@ -32,6 +37,7 @@ from numprotect.translation.v1 import translation_pb2 as pb
 from support.identity import mint_in, record_blocks
 from support.inprocess import running_sync_service
 from support.processes import ServiceProcess
+from support.sip_requests import header, request, status
 from support.tls import channel_for
 
 X = "700100000000001"  # AXB: A <-> B
@@ -135,7 +141,7 @@ async def test_answers_connect_reject_collect_and_errors_while_the_stream_stays_
             client,
             metrics,
         ):
-            assert _streams_gauge(metrics) == 2.0
+            await _until(lambda: _streams_gauge(metrics) == 2.0, 5.0)  # the second one may come a moment later
             opened = registry.get_sample_value("grpc_server_started_total", STREAM_METHOD)
             connect = await client.translate(_call(A, call_id="call-a@10.0.0.1"))
             assert isinstance(connect, pb.TranslateResponse)
@@ -209,8 +215,9 @@ async def test_no_stream_fails_at_once(redis_env: dict[str, str]) -> None:
 async def test_deadline_late_answers_stall_and_restart_of_a_real_process(
     redis_env: dict[str, str], redis_sync: Any
 ) -> None:
-    """SIGSTOP: calls fail at their deadline; a short stop leaves the stream up and its late answers are dropped; a
-    long one ends the stream (calls then fail at once) until translation answers again; a restart is followed."""
+    """SIGSTOP: calls fail at their deadline; a short stop (or a stall of the adapter's loop) leaves the stream up
+    and its late answers are dropped; a long one ends the stream (calls then fail at once) until translation answers
+    again; a restart is followed."""
     environ = {**redis_env, **TRANSLATION_SETTINGS}
     await _seed(redis_env, redis_sync)
     token = mint_in(redis_env, Role.CARRIER, CARRIER)  # before the process starts: it loads keys at start
@@ -225,25 +232,44 @@ async def test_deadline_late_answers_stall_and_restart_of_a_real_process(
             first = await client.translate(_call(A, call_id="before-stop"))
             assert isinstance(first, pb.TranslateResponse) and first.target_number == B
 
-            # A short stop (below the stall limit, 1 s): the deadline, then the stream goes on.
+            stream_call = client._streams[0].call  # the open TranslateStream: a reconnect replaces it
+
+            # A host stall of translation's side (stopped 1.5 s, below the stall limit, 3 s) with a call outstanding:
+            # the deadline, then the same stream goes on.
             process.signal(signal.SIGSTOP)
             started = time.monotonic()
             late = await client.translate(_call(A, call_id="late"))
             waited = time.monotonic() - started
+            while time.monotonic() - started < 1.5:
+                assert client.up
+                await asyncio.sleep(0.05)
             process.signal(signal.SIGCONT)
             assert isinstance(late, TranslateFailure) and late.status == "DEADLINE_EXCEEDED", late
             assert 0.19 <= waited < 0.5, waited
-            assert client.up
             resumed = await client.translate(_call(B, call_id="after-late"))  # not "late"'s answer
             assert isinstance(resumed, pb.TranslateResponse), resumed
             assert (resumed.call_id, resumed.target_number) == ("after-late", A)
+
+            # A stall of the adapter's own host (its loop not run for 1.5 s) with a call outstanding: its deadline
+            # or its answer, never UNAVAILABLE, and the same stream goes on.
+            process.signal(signal.SIGSTOP)  # so the call is still outstanding when the loop stops
+            pending = asyncio.ensure_future(client.translate(_call(A, call_id="adapter-stall")))
+            await asyncio.sleep(0.05)
+            assert client._streams[0].inflight  # sent, unanswered
+            time.sleep(1.5)  # noqa: ASYNC251  # the adapter's loop stalls, on purpose
+            process.signal(signal.SIGCONT)
+            stalled_call = await pending
+            assert isinstance(stalled_call, TranslateFailure) and stalled_call.status == "DEADLINE_EXCEEDED"
+            after_stall = await client.translate(_call(B, call_id="after-adapter-stall"))
+            assert isinstance(after_stall, pb.TranslateResponse) and after_stall.call_id == "after-adapter-stall"
+            assert client.up and client._streams[0].call is stream_call  # never reconnected
 
             # A long stop: the stalled stream ends; calls fail at once until translation answers again.
             process.signal(signal.SIGSTOP)
             try:
                 stalled = await client.translate(_call(A, call_id="stalled"))
                 assert isinstance(stalled, TranslateFailure) and stalled.status == "DEADLINE_EXCEEDED"
-                await _until(lambda: not client.up, 5.0)
+                await _until(lambda: not client.up, 8.0)  # the stall limit, 3 s, after the last answer
                 assert _streams_gauge(metrics) == 0.0
                 started = time.monotonic()
                 refused = await client.translate(_call(A, call_id="refused"))
@@ -307,3 +333,48 @@ async def test_answers_are_matched_by_order_and_call_id() -> None:
     assert _answer(whole, whole_error)
     assert [f.result().status for f in whole.futures] == ["INVALID_ARGUMENT", "INVALID_ARGUMENT"]
     assert failure_of("no status here") == TranslateFailure("UNKNOWN", "no status here")
+
+
+def _established_to(port: int) -> int:
+    """TCP connections in state ESTABLISHED whose remote port is `port` (/proc/net/tcp and tcp6)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+@pytest.mark.parametrize("tls", ["on", "off"])
+async def test_each_stream_rides_its_own_connection(sip_stack_factory: SipStackFactory, tls: str) -> None:
+    """NUMPROTECT_SIP_STREAMS=3 through the adapter's own build: three HTTP/2 connections reach translation, so an
+    L4 balancer spreads the streams. (grpc shares one connection between channels of equal target, options and
+    credentials: with TLS each channel's credentials object differs anyway; on plaintext only the adapter's channel
+    option keeps them apart: without it, 1 connection.)"""
+    tls_env = {"NUMPROTECT_TLS": tls, "NUMPROTECT_AUTH": "on" if tls == "on" else "off"}
+    async with sip_stack_factory(adapter={"NUMPROTECT_SIP_STREAMS": "3", **tls_env}, translation=tls_env) as stack:
+        await _until(lambda: stack.adapter_metric("numprotect_sip_translation_streams") == 3.0, 10.0)
+        assert _established_to(stack.proxy.port) == 3  # the adapter's side
+        assert _established_to(stack.translation.port) == 3  # translation's side (the proxy's upstreams)
+
+
+async def test_a_call_id_beyond_translations_rule_still_connects(sip_stack: SipStack) -> None:
+    """A legal SIP Call-ID of 200 characters (translation takes at most 128): the call is translated without it and
+    gets its 302, the Call-ID echoed in full."""
+    await sip_stack.bind_axb(SIP_A, SIP_B)
+    call_id = "c" * 190 + "@10.0.0.1"
+    invite = request(uri=f"sip:{SIP_X}@127.0.0.1", caller=SIP_A, call_id=call_id)
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        await loop.sock_sendto(sock, invite, sip_stack.sip_address)
+        async with asyncio.timeout(10):
+            while status(response := await loop.sock_recv(sock, 65535)) < 200:
+                pass
+    assert status(response) == 302, response
+    assert header(response, "Contact") == f"<sip:{SIP_B}@{sip_stack.egress};user=phone>"
+    assert header(response, "Call-ID") == call_id

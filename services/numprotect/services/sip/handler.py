@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from numprotect.core import phone
+from numprotect.core.identifiers import CALL_ID
 from numprotect.core.metrics import LATENCY_BUCKETS, Metrics
 from numprotect.services.sip.dialled import Dialled, Refusal, calling, dialled
 from numprotect.services.sip.message import Malformed, Request, ResponseReceived, parse_request
@@ -274,6 +275,10 @@ class SipHandler:
             self._propagator.inject(carrier, context=trace.set_span_in_context(span))
             traceparent = carrier.get("traceparent", "")
         call_id = transaction.request.call_id if transaction.request is not None else ""
+        if not CALL_ID.matches(call_id):
+            # A legal SIP Call-ID beyond translation's rule (1-128 visible ASCII) must not refuse the call: it goes
+            # without one (the call_ref in the 302 is what ties the call to its CDR).
+            call_id = ""
         try:
             result = await self._translator.translate(
                 self._call_setup(caller, target.called_number, target.extension, call_id, traceparent)

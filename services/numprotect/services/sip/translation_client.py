@@ -10,8 +10,8 @@ once too.
 
 A stream is "up" once translation has answered a probe on it (an empty call, answered INVALID_ARGUMENT): that proves
 the TLS connection, the credential and the stream limit before any call rides on it. An idle stream is probed every
-IDLE_PROBE_SECONDS; a stream whose oldest unanswered message is older than the stall limit (a stopped or wedged
-translation process) is ended. An ended stream fails its calls at once (UNAVAILABLE) and reopens after a jittered
+IDLE_PROBE_SECONDS; a stream with messages outstanding that received nothing for the stall limit (a stopped or
+wedged translation process) is ended. An ended stream fails its calls at once (UNAVAILABLE) and reopens after a jittered
 backoff from 50 ms doubling to 2 s.
 
 Per call the hot path makes one request sub-message, one future and one await; a message (batch) adds the message,
@@ -45,10 +45,12 @@ BACKOFF_MAX_SECONDS = 2.0
 IDLE_PROBE_SECONDS = 5.0
 # How often each open stream checks for a stall and idleness.
 WATCH_SECONDS = 0.25
-# An unanswered message older than this ends its stream (a stopped translation process): the translation timeout
-# times this, at least STALL_MIN_SECONDS (a slow moment must not cost a reconnect).
+# A stream with messages outstanding and nothing at all received on it for this long is ended (a stopped or wedged
+# translation process): the translation timeout times this, at least STALL_MIN_SECONDS, so that a host stall of a
+# second or two (either side's process not scheduled) costs deadlines, never a reconnect that fails every call in
+# flight at once.
 STALL_FACTOR = 5.0
-STALL_MIN_SECONDS = 1.0
+STALL_MIN_SECONDS = 3.0
 # close(): the longest wait for the streams to end.
 CLOSE_SECONDS = 2.0
 
@@ -317,8 +319,10 @@ class TranslationClient:
                 return "translation stream ended"
             now = loop.time()
             inflight = stream.inflight
-            if inflight and inflight[0].sent and now - inflight[0].sent > self._stall:
-                return f"translation stream stalled (no answer for {self._stall:g} s)"
+            # Silence counted from the last answer, or from the oldest outstanding message when it was sent later
+            # (a stream idle before it): answers arriving at all, however late, keep the stream.
+            if inflight and inflight[0].sent and now - max(stream.answered, inflight[0].sent) > self._stall:
+                return f"translation stream stalled (nothing received for {self._stall:g} s)"
             if not inflight and not stream.outbox and now - stream.answered > IDLE_PROBE_SECONDS:
                 stream.answered = now  # one probe per idle period
                 stream.outbox.append(_Batch(stream, _PROBE))
