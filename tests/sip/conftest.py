@@ -39,6 +39,7 @@ import contextlib
 import functools
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -127,7 +128,6 @@ class SipStack:
     adapter_environ: dict[str, str]
     tmp_path: Path
     sipp: Sipp
-    _bindings: int = 0
     _processes: list[ServiceProcess] = field(default_factory=list)
 
     @property
@@ -177,10 +177,9 @@ class SipStack:
     ) -> Binding:
         """Writes the committed record, the number's history entry and the routes, as the binding service's create
         does (numprotect.core's writers), then has CARRIER route the number's block."""
-        self._bindings += 1
         now = time.time_ns() // 1_000_000
         route = Route(
-            binding_id=binding_id or f"sip-b{self._bindings}",
+            binding_id=binding_id or f"sip-{uuid.uuid4().hex[:12]}",  # unique in the test's Redis
             tenant_id=tenant_id,
             mode=mode,
             party_a=party_a,
