@@ -193,6 +193,17 @@ async def test_calls_of_one_loop_iteration_go_out_as_one_message(redis_env: dict
                 assert isinstance(single, pb.TranslateResponse) and single.call_id == f"single-{i}"
             assert received() - before == 6
 
+            # Calls of successive loop iterations while the stream is busy (2 messages unanswered): they join the
+            # open message instead of each making its own.
+            busy_before = received()
+            pending = []
+            for i in range(12):
+                pending.append(asyncio.ensure_future(client.translate(_call(A, call_id=f"busy-{i}"))))
+                await asyncio.sleep(0)  # the next loop iteration
+            for i, answer in enumerate(await asyncio.gather(*pending)):
+                assert isinstance(answer, pb.TranslateResponse) and answer.call_id == f"busy-{i}", answer
+            assert received() - busy_before < 12
+
 
 async def test_no_stream_fails_at_once(redis_env: dict[str, str]) -> None:
     with socket.socket() as unused:

@@ -1,18 +1,21 @@
 """The adapter's client of translation: a few long-lived TranslateStreams carrying the calls batched.
 
 Calls submitted in one event-loop iteration go out as ONE `TranslateStreamRequest.requests` message (at most
-NUMPROTECT_SIP_BATCH_MAX calls), on the streams in turn; translation answers such a message with one message whose
-`responses` follow its order, so each stream matches answers to its messages first in, first out, and checks every
-call_id (a mismatch ends the stream: its calls fail, it reconnects). A call never waits past its deadline
-(NUMPROTECT_SIP_TRANSLATE_TIMEOUT): one timer per message fails the calls still waiting (DEADLINE_EXCEEDED), and
-their late answers are dropped. With no stream up a call fails at once (UNAVAILABLE), so the switch gets its 503 at
-once too.
+NUMPROTECT_SIP_BATCH_MAX calls), on the streams in turn. While the chosen stream is busy (writing, or
+MESSAGES_IN_FLIGHT messages unanswered), the message stays open and later iterations' calls join it until the stream
+is free: batches grow with the load (fewer, larger messages: far less work per call on both sides), never by a
+timer (an idle adapter sends each call at the end of its loop iteration). Translation answers such a
+message with one message whose `responses` follow its order, so each stream matches answers to its messages first
+in, first out, and checks every call_id (a mismatch ends the stream: its calls fail, it reconnects). A call never
+waits past its deadline (NUMPROTECT_SIP_TRANSLATE_TIMEOUT): one timer per message fails the calls still waiting
+(DEADLINE_EXCEEDED), and their late answers are dropped. With no stream up a call fails at once (UNAVAILABLE), so
+the switch gets its 503 at once too.
 
 A stream is "up" once translation has answered a probe on it (an empty call, answered INVALID_ARGUMENT): that proves
 the TLS connection, the credential and the stream limit before any call rides on it. An idle stream is probed every
 IDLE_PROBE_SECONDS; a stream with messages outstanding that received nothing for the stall limit (a stopped or
-wedged translation process) is ended. An ended stream fails its calls at once (UNAVAILABLE) and reopens after a jittered
-backoff from 50 ms doubling to 2 s.
+wedged translation process) is ended. An ended stream fails its calls at once (UNAVAILABLE) and reopens after a
+jittered backoff from 50 ms doubling to 2 s.
 
 Per call the hot path makes one request sub-message, one future and one await; a message (batch) adds the message,
 its timer and one callback that hands it to the stream's writer.
@@ -51,6 +54,8 @@ WATCH_SECONDS = 0.25
 # flight at once.
 STALL_FACTOR = 5.0
 STALL_MIN_SECONDS = 3.0
+# Messages a stream has unanswered before the next one waits (joined by later calls) for an answer.
+MESSAGES_IN_FLIGHT = 2
 # close(): the longest wait for the streams to end.
 CLOSE_SECONDS = 2.0
 
@@ -89,7 +94,7 @@ def failure_of(error: str) -> TranslateFailure:
 class _Batch:
     """One message: its calls' ids and futures in message order, its deadline timer, when it was sent."""
 
-    __slots__ = ("call_ids", "futures", "message", "sent", "stream", "timer")
+    __slots__ = ("call_ids", "futures", "message", "queued", "sent", "stream", "timer")
 
     def __init__(self, stream: _Stream, message: translation_pb2.TranslateStreamRequest) -> None:
         self.stream = stream
@@ -98,6 +103,7 @@ class _Batch:
         self.futures: list[asyncio.Future[Answer | TranslateFailure]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.sent = 0.0
+        self.queued = False  # handed to the stream's writer (no call joins it any more)
 
     def fail(self, failure: TranslateFailure) -> None:
         if self.timer is not None:
@@ -119,8 +125,14 @@ class _Stream:
         self.outbox: deque[_Batch] = deque()
         self.inflight: deque[_Batch] = deque()
         self.writer_idle: asyncio.Future[None] | None = None  # set while the writer waits for a message
+        self.writing = False  # a write is in flight
         self.answered = 0.0  # loop time of the last answer
         self.proven: asyncio.Future[None] | None = None  # the first answer of this call
+
+    @property
+    def busy(self) -> bool:
+        """Writing, or as many messages unanswered as may be: a new message waits (and grows)."""
+        return self.writing or len(self.inflight) >= MESSAGES_IN_FLIGHT
 
     def wake_writer(self) -> None:
         idle, self.writer_idle = self.writer_idle, None
@@ -212,15 +224,29 @@ class TranslationClient:
     # --- batching ----------------------------------------------------------------------------------------------
 
     def _new_batch(self) -> _Batch | None:
-        """A new message on the next stream that is up (round robin), sealed at the end of this loop iteration."""
+        """A new message on the next stream that is up and not busy (round robin; else the next one up), sealed
+        at the end of this loop iteration."""
         streams = self._streams
+        chosen: _Stream | None = None
         for _ in range(len(streams)):
             self._turn = (self._turn + 1) % len(streams)
-            stream = streams[self._turn]
-            if stream.up:
-                break
-        else:
+            candidate = streams[self._turn]
+            if candidate.up:
+                if not candidate.busy and not candidate.outbox:
+                    chosen = candidate
+                    break
+                chosen = chosen or candidate
+        if chosen is None:
             return None
+        stream = chosen
+        full = self._filling
+        if full is not None and not full.queued:  # kept open while its stream wrote, now full: queue it
+            full.queued = True
+            if full.stream.up:
+                full.stream.outbox.append(full)
+                full.stream.wake_writer()
+            else:
+                full.fail(TranslateFailure("UNAVAILABLE", "translation stream ended"))
         loop: Any = self._loop
         batch = _Batch(stream, translation_pb2.TranslateStreamRequest())
         batch.timer = loop.call_later(self._timeout, self._expire, batch)
@@ -229,15 +255,32 @@ class TranslationClient:
         return batch
 
     def _seal(self, batch: _Batch) -> None:
-        """The loop iteration that filled `batch` is over: hand it to its stream's writer."""
-        if self._filling is batch:
-            self._filling = None
+        """The loop iteration that filled `batch` is over: hand it to its stream's writer, unless that stream is
+        busy (then later calls join it and the writer takes it when the stream is free)."""
+        if batch.queued:
+            return  # the writer took it already
         stream = batch.stream
         if not stream.up:
+            if self._filling is batch:
+                self._filling = None
             batch.fail(TranslateFailure("UNAVAILABLE", "translation stream ended"))
             return
+        if self._filling is batch:
+            if stream.busy:
+                return
+            self._filling = None
+        batch.queued = True
         stream.outbox.append(batch)
         stream.wake_writer()
+
+    def _take_filling(self, stream: _Stream) -> _Batch | None:
+        """The open message of `stream`, if any, closed for the writer (the stream is free)."""
+        batch = self._filling
+        if batch is None or batch.stream is not stream or not batch.futures:
+            return None
+        self._filling = None
+        batch.queued = True
+        return batch
 
     def _expire(self, batch: _Batch) -> None:
         """The deadline of `batch`'s calls: those still waiting fail; their answers, if any come, are dropped."""
@@ -300,6 +343,11 @@ class TranslationClient:
             for task in (reader, writer):
                 if task is not None:
                     task.cancel()
+            filling = self._filling
+            if filling is not None and filling.stream is stream:
+                self._filling = None
+                filling.queued = True
+                filling.fail(TranslateFailure("UNAVAILABLE", ended))
             stream.fail_all(TranslateFailure("UNAVAILABLE", ended))
             stream.call = None
         code = await _code_of(call)
@@ -333,14 +381,19 @@ class TranslationClient:
         loop = asyncio.get_running_loop()
         outbox = stream.outbox
         while True:
-            while outbox:
-                batch = outbox.popleft()
+            while not stream.busy:
+                batch = outbox.popleft() if outbox else self._take_filling(stream)
+                if batch is None:
+                    break
                 batch.sent = loop.time()
                 stream.inflight.append(batch)  # before the write: its answer may come before write() returns
+                stream.writing = True
                 try:
                     await call.write(batch.message)
                 except Exception:  # the call ended (the reader sees it and ends the session)
                     return
+                finally:
+                    stream.writing = False
             idle: asyncio.Future[None] = loop.create_future()
             stream.writer_idle = idle
             await idle
@@ -357,6 +410,7 @@ class TranslationClient:
             if message is grpc.aio.EOF or not inflight:  # type: ignore[attr-defined]  # grpc's stubs lack it
                 return  # ended, or an answer to nothing: the order is lost
             batch = inflight.popleft()
+            stream.wake_writer()  # a message may be waiting for this answer
             stream.answered = loop.time()
             proven = stream.proven
             if proven is not None and not proven.done():
