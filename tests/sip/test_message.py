@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from numprotect.services.sip.message import Malformed, ResponseReceived, StreamFramer, parse_request, unfold
+from numprotect.services.sip.message import (
+    Malformed,
+    ResponseReceived,
+    StreamFramer,
+    TopVia,
+    fast_cseq,
+    fast_via,
+    parse_request,
+    read_cseq,
+    read_via,
+    unfold,
+)
 from numprotect.services.sip.responses import render
 from support.sip_requests import header, request
 
@@ -145,3 +156,21 @@ def test_framer_refuses_what_it_cannot_frame(data: bytes, error: str, code: int)
 def test_an_overlong_top_via_is_refused_before_the_grammar() -> None:
     with pytest.raises(Malformed, match="Bad Via"):
         parse_request(request(via="SIP/2.0/UDP h;" + "a=b;" * 4000))
+
+
+def test_common_via_and_cseq_forms_are_read_without_the_grammar() -> None:
+    """SIPp's and the switches' usual forms take the direct reading (tests/fuzz checks it agrees with sipmessage);
+    other forms go through sipmessage's grammar, with the same result type."""
+    sipp = "SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-1234-1-0;rport"
+    assert fast_via(sipp) == TopVia("127.0.0.1", 5061, {"branch": "z9hG4bK-1234-1-0", "rport": None}) == read_via(sipp)
+    assert fast_via("SIP/2.0/TCP pbx.example;branch=z9hG4bKa;received=10.0.0.1") == TopVia(
+        "pbx.example", None, {"branch": "z9hG4bKa", "received": "10.0.0.1"}
+    )
+    ipv6 = "SIP/2.0/TCP [::1]:5060;branch=z9hG4bKb"
+    assert fast_via(ipv6) is None and read_via(ipv6) == TopVia("[::1]", 5060, {"branch": "z9hG4bKb"})
+    spaced = "SIP/2.0/UDP h ; branch = x"
+    assert fast_via(spaced) is None and read_via(spaced) == TopVia("h", None, {"branch": "x"})
+    assert read_via("SIP/2.0/UDP h_1;branch=x") is None  # not a host: 400 Bad Via
+    assert fast_cseq("7 INVITE") == (7, "INVITE") == read_cseq("7 INVITE")
+    assert fast_cseq("7  INVITE") is None and read_cseq("7  INVITE") == (7, "INVITE")
+    assert read_cseq("x INVITE") == (-1, "")
