@@ -193,7 +193,7 @@ async def test_calls_of_one_loop_iteration_go_out_as_one_message(redis_env: dict
                 assert isinstance(single, pb.TranslateResponse) and single.call_id == f"single-{i}"
             assert received() - before == 6
 
-            # Calls of successive loop iterations while the stream is busy (2 messages unanswered): they join the
+            # Calls of successive loop iterations while the stream is busy (a message unanswered): they join the
             # open message instead of each making its own.
             busy_before = received()
             pending = []

@@ -1,15 +1,15 @@
 """The adapter's client of translation: a few long-lived TranslateStreams carrying the calls batched.
 
 Calls submitted in one event-loop iteration go out as ONE `TranslateStreamRequest.requests` message (at most
-NUMPROTECT_SIP_BATCH_MAX calls), on the streams in turn. While the chosen stream is busy (writing, or
-MESSAGES_IN_FLIGHT messages unanswered), the message stays open and later iterations' calls join it until the stream
-is free: batches grow with the load (fewer, larger messages: far less work per call on both sides), never by a
-timer (an idle adapter sends each call at the end of its loop iteration). Translation answers such a
-message with one message whose `responses` follow its order, so each stream matches answers to its messages first
-in, first out, and checks every call_id (a mismatch ends the stream: its calls fail, it reconnects). A call never
-waits past its deadline (NUMPROTECT_SIP_TRANSLATE_TIMEOUT): one timer per message fails the calls still waiting
-(DEADLINE_EXCEEDED), and their late answers are dropped. With no stream up a call fails at once (UNAVAILABLE), so
-the switch gets its 503 at once too.
+NUMPROTECT_SIP_BATCH_MAX calls), on the streams in turn. While the chosen stream is busy (writing, or its last
+message unanswered), the message stays open and later iterations' calls join it until the stream is free: batches
+grow with the load (fewer, larger messages: less work per call on both sides), never by a timer (an idle adapter
+sends each call at the end of its loop iteration). Translation answers such a message with one message whose
+`responses` follow its order, so each stream matches answers to its messages first in, first out, and checks every
+call_id (a mismatch ends the stream: its calls fail, it reconnects). A call never waits past its deadline
+(NUMPROTECT_SIP_TRANSLATE_TIMEOUT): one timer per message fails the calls still waiting (DEADLINE_EXCEEDED), and
+their late answers are dropped. With no stream up a call fails at once (UNAVAILABLE), so the switch gets its 503 at
+once too.
 
 A stream is "up" once translation has answered a probe on it (an empty call, answered INVALID_ARGUMENT): that proves
 the TLS connection, the credential and the stream limit before any call rides on it. An idle stream is probed every
@@ -54,8 +54,10 @@ WATCH_SECONDS = 0.25
 # flight at once.
 STALL_FACTOR = 5.0
 STALL_MIN_SECONDS = 3.0
-# Messages a stream has unanswered before the next one waits (joined by later calls) for an answer.
-MESSAGES_IN_FLIGHT = 2
+# Messages a stream has unanswered before the next one waits (joined by later calls) for an answer: 1 measured
+# better than 2 (make bench BENCH_ARGS=sip: adapter 350-405 against 396-412 us per call, translation 99-113 against
+# 118-127), at most a translation round trip (~1 ms) more for a call that comes while one is out.
+MESSAGES_IN_FLIGHT = 1
 # close(): the longest wait for the streams to end.
 CLOSE_SECONDS = 2.0
 
