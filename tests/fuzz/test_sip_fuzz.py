@@ -17,7 +17,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -167,6 +167,9 @@ class _Translator:
 
     async def translate(self, call: Any) -> translation_pb2.TranslateResponse:
         return translation_pb2.TranslateResponse(decision=translation_pb2.DECISION_REJECT)
+
+    def submit(self, call: Any, done: Callable[[Any], None]) -> None:
+        asyncio.ensure_future(self.translate(call)).add_done_callback(lambda answered: done(answered.result()))
 
 
 def _handler(settings: SipSettings) -> SipHandler:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,9 @@ class Translator:
         self.calls.append(call)
         await self.release.wait()
         return self.answer
+
+    def submit(self, call: Any, done: Callable[[Any], None]) -> None:
+        asyncio.ensure_future(self.translate(call)).add_done_callback(lambda answered: done(answered.result()))
 
 
 def settings(**overrides: str) -> SipSettings:

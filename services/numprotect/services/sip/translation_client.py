@@ -190,11 +190,25 @@ class TranslationClient:
     async def translate(self, call: CallSetup) -> Answer | TranslateFailure:
         """The decision for `call`, or why there is none; at most the translation timeout, at once when no stream
         is up."""
+        future = self._enqueue(call)
+        return _NO_STREAM if future is None else await future
+
+    def submit(self, call: CallSetup, done: Callable[[Answer | TranslateFailure], None]) -> None:
+        """`translate` without a coroutine (the SIP handler's path: no task per call): `done` receives the answer
+        from a loop callback, at the latest at the deadline, soon when no stream is up."""
+        future = self._enqueue(call)
+        if future is None:
+            self._loop.call_soon(done, _NO_STREAM)  # type: ignore[union-attr]
+        else:
+            future.add_done_callback(lambda answered: done(answered.result()))
+
+    def _enqueue(self, call: CallSetup) -> asyncio.Future[Answer | TranslateFailure] | None:
+        """`call` added to the open message (a new one when none is open or it is full); None when no stream is up."""
         batch = self._filling
         if batch is None or len(batch.futures) >= self._batch_max or not batch.stream.up:
             batch = self._new_batch()
             if batch is None:
-                return _NO_STREAM
+                return None
         batch.message.requests.add(
             calling_number=call.calling_number,
             called_number=call.called_number,
@@ -205,7 +219,7 @@ class TranslationClient:
         future: asyncio.Future[Answer | TranslateFailure] = self._loop.create_future()  # type: ignore[union-attr]
         batch.call_ids.append(call.call_id)
         batch.futures.append(future)
-        return await future
+        return future
 
     async def close(self) -> None:
         """Ends the streams (their calls fail UNAVAILABLE) and closes the channels; bounded by CLOSE_SECONDS."""
