@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from sipmessage import Address, CSeq, Via, grammar
 from sipmessage.message import COMPACT_FORMS
@@ -110,6 +111,8 @@ class Request:
     call_id: str
     cseq_number: int
     cseq_method: str
+    # responses.render's copy of the headers every response repeats, with the source address it was made for.
+    copied: tuple[Any, ...] | None = None
 
     def header(self, name: str) -> str | None:
         """The first value of `name` (lower-case long form), or None."""

@@ -130,23 +130,36 @@ def render(
     to_tag: str = "",
 ) -> bytes:
     """A response to `request`: its Via values (the top one with received/rport), From, To (with `to_tag` when
-    the request's To has none), Call-ID and CSeq copied; then `headers`, Server and an empty body."""
-    lines = ["SIP/2.0 ", str(code), " ", phrase, "\r\n"]
+    the request's To has none), Call-ID and CSeq copied; then `headers`, Server and an empty body. The copied part
+    is built once per request and source (an INVITE's 100 and final response share it)."""
+    copied = request.copied
+    if copied is None or copied[0] != source:
+        copied = request.copied = (source, *_copied(request, source))
+    _, before_to, to_value, taggable, after_to = copied
+    if to_value is None:
+        to_line = ""
+    elif to_tag and taggable:
+        to_line = f"To: {to_value};tag={to_tag}\r\n"
+    else:
+        to_line = f"To: {to_value}\r\n"
+    return f"SIP/2.0 {code} {phrase}\r\n{before_to}{to_line}{after_to}{headers}{_TAIL}".encode()
+
+
+def _copied(request: Request, source: tuple[Any, ...]) -> tuple[str, str | None, bool, str]:
+    """What a response copies from `request`: the Via and From lines, To's value (None when absent) and whether it
+    lacks a tag, the Call-ID and CSeq lines."""
+    lines: list[str] = []
     for via in request.response_vias(source[0], source[1]):
         lines += ("Via: ", via, "\r\n")
     from_value = request.header("from")
     if from_value is not None:
         lines += ("From: ", from_value, "\r\n")
     to_value = request.header("to")
-    if to_value is not None:
-        lines += ("To: ", to_value)
-        if to_tag and ";tag=" not in to_value.replace(" ", "").lower():
-            lines += (";tag=", to_tag)
-        lines.append("\r\n")
+    taggable = to_value is not None and ";tag=" not in to_value.replace(" ", "").lower()
+    after: list[str] = []
     if request.call_id:
-        lines += ("Call-ID: ", request.call_id, "\r\n")
+        after += ("Call-ID: ", request.call_id, "\r\n")
     cseq = request.header("cseq")
     if cseq is not None:
-        lines += ("CSeq: ", cseq, "\r\n")
-    lines += (headers, _TAIL)
-    return "".join(lines).encode()
+        after += ("CSeq: ", cseq, "\r\n")
+    return "".join(lines), to_value, taggable, "".join(after)
