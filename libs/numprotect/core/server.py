@@ -92,12 +92,15 @@ class ServiceParts:
     """What a builder returns: its gRPC services and what to close on shutdown (awaited when it returns an
     awaitable). `max_workers` sizes the thread-pool server (concurrent calls in Python; unused on grpc.aio).
     `ready`: what readiness needs besides Redis (the SIP adapter: a translation stream up, not draining); health
-    is NOT_SERVING while it returns False. The probe thread calls it: cheap, and safe to call off the loop."""
+    is NOT_SERVING while it returns False. The probe thread calls it: cheap, and safe to call off the loop.
+    `on_drain`: called when the stop signal comes, before the gRPC server's grace period (the SIP adapter then
+    refuses new INVITEs at once instead of for the whole grace)."""
 
     registrations: list[ServiceRegistration]
     on_shutdown: list[ShutdownHook] = field(default_factory=list)
     max_workers: int = 16
     ready: Callable[[], bool] | None = None
+    on_drain: list[Callable[[], None]] = field(default_factory=list)
 
 
 PENDING_CALLS_LIMIT = 100_000
@@ -567,6 +570,8 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
         startup.serving(app, "aio")
         await stop.wait()
         log.info("draining", extra={"grace_seconds": startup.server.grace_seconds})
+        for drain in parts.on_drain:
+            drain()
         await app.stop()
     finally:
         for hook in parts.on_shutdown if parts is not None else []:
@@ -617,6 +622,8 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
         while not stop.wait(1.0):
             pass
         log.info("draining", extra={"grace_seconds": startup.server.grace_seconds})
+        for drain in parts.on_drain:
+            drain()
         app.stop()
     finally:
         for hook in parts.on_shutdown if parts is not None else []:

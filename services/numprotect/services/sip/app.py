@@ -98,4 +98,7 @@ async def build(runtime: Runtime, *, started: Callable[[SipAdapter], None] | Non
     )
     if started is not None:
         started(adapter)
-    return ServiceParts(registrations=[], on_shutdown=[adapter.close], ready=adapter.ready)
+    # Draining starts with the stop signal (new INVITEs: 503 at once), not after the gRPC server's grace period.
+    return ServiceParts(
+        registrations=[], on_shutdown=[adapter.close], ready=adapter.ready, on_drain=[handler.start_draining]
+    )

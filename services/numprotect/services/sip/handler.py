@@ -392,6 +392,10 @@ class SipHandler:
 
     # Shutdown
 
+    def start_draining(self) -> None:
+        """New INVITEs get 503 (and readiness turns false) from now on."""
+        self.draining = True
+
     async def drain(self, wait_seconds: float) -> None:
         """New INVITEs get 503 from now on; waits (at most `wait_seconds`) for the translations in flight."""
         self.draining = True
