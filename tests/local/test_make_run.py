@@ -138,6 +138,8 @@ def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     addresses = {name: f"127.0.0.1:{env[port_variable(name)]}" for name in SERVICES}
     for index, name in enumerate(SERVICES):
         script = script.replace(f"127.0.0.1:{50051 + index}", addresses[name])
+    # The SIP adapter's port (the README's 5060).
+    script = script.replace("127.0.0.1:5060", f"127.0.0.1:{env['NUMPROTECT_SIP_PORT']}")
     # /metrics: the processes' ports count up from NUMPROTECT_LOCAL_METRICS_PORT (the README's 9151), binding second.
     first_metrics_port = int(env["NUMPROTECT_LOCAL_METRICS_PORT"])
     script = script.replace("127.0.0.1:9152/metrics", f"127.0.0.1:{first_metrics_port + 1}/metrics")
@@ -184,6 +186,12 @@ def _check_first_walk_through(result: subprocess.CompletedProcess[str]) -> None:
     out = result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"decision": "DECISION_CONNECT"' in out and '"target_number": "13900000002"' in out, out
+    # The same call over SIP (SIPp as the switch): a 302 to the real number, the 700 number as the identity to show,
+    # the call_ref for the CDR.
+    assert "SIP/2.0 302 " in out, out
+    assert re.search(r"Contact: <sip:\+?(86)?1\d{10}@127\.0\.0\.1:5070;user=phone>", out), out
+    assert re.search(r"P-Asserted-Identity: <sip:\+?(86)?700\d{12}@", out), out
+    assert re.search(r"X-Numprotect-Call-Ref: \S+", out), out
     assert '"numbers_added": 10000' in out and "virtual number: 700100000" in out, out
     # The two refusals: no key, and the tenant's key on an operator RPC; then the audit trail verifies.
     assert "Unauthenticated" in result.stderr, result.stderr
