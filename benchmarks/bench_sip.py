@@ -41,11 +41,14 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.sipp
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,8 +75,11 @@ from benchmarks.bench_translation import (
     virtual,
 )
 from benchmarks.harness import cpu_seconds, free_port
+from benchmarks.load import percentile
 from numprotect.core.settings import server_env_prefix
 from numprotect.translation.v1 import translation_pb2 as pb
+from support.sipp import free_port as free_sip_port
+from support.sipp import parse_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "deploy" / "sip" / "sipp" / "bench_uac.xml"
@@ -103,19 +109,6 @@ def duration_seconds(text: str) -> float:
         if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
             return float(text[: -len(suffix)]) * scale
     return float(text)
-
-
-def free_sip_port() -> int:
-    """A loopback port free for both UDP and TCP (the adapter listens on both)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no loopback port free for both UDP and TCP")
 
 
 def free_udp_port() -> int:
@@ -220,13 +213,6 @@ def describe(causes: dict[str, float]) -> str:
     return ", ".join(f"{key}: {value:.0f}" for key, value in sorted(causes.items()))
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
 def read_response_times(rtt_file: Path) -> tuple[list[int], list[float]]:
     """SIPp's -trace_rtt file (`Date_ms;response_time_ms;rtd_no`): the response times and when each call got its
     answer (ms since SIPp started)."""
@@ -242,10 +228,8 @@ def read_response_times(rtt_file: Path) -> tuple[list[int], list[float]]:
 
 def read_call_counts(stat_file: Path) -> tuple[int, int]:
     """(successful, failed) calls from the last line of SIPp's -trace_stat file (cumulative columns)."""
-    header, *rows = stat_file.read_text().splitlines()
-    columns = header.split(";")
-    last = rows[-1].split(";")
-    return int(last[columns.index("SuccessfulCall(C)")]), int(last[columns.index("FailedCall(C)")])
+    stats = parse_stats(stat_file.read_text())
+    return int(stats["SuccessfulCall(C)"]), int(stats["FailedCall(C)"])
 
 
 def steady_rate(dates: Sequence[float]) -> tuple[float, list[bool]]:
