@@ -3,10 +3,11 @@ tests/sip): one request, its final response, and the ACK a non-2xx final respons
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from dataclasses import dataclass
+
+from support.sip_requests import header, request, same_transaction, status
 
 
 @dataclass(frozen=True)
@@ -16,8 +17,7 @@ class SipResponse:
 
     def header(self, name: str) -> str:
         """The first value of header `name` ("" when absent)."""
-        match = re.search(rf"^{re.escape(name)}:[ \t]*(.*?)\r?$", self.text, re.M | re.I)
-        return match[1] if match else ""
+        return header(self.text.encode(), name) or ""
 
 
 class SipClient:
@@ -46,16 +46,13 @@ class SipClient:
         response (100 Trying and other provisional responses skipped); the request is sent again every 0.5 s (Timer
         A) until one arrives. A non-2xx final response to an INVITE is acknowledged unless `ack` is False (the same
         request again is then a retransmission of it)."""
-        uri = f"sip:{user}@127.0.0.1" if user else "sip:127.0.0.1"
-        to = f"<{uri}>"
-        head = (
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.local_port};branch={branch};rport\r\n"
-            "Max-Forwards: 70\r\n"
-            f"From: <sip:{caller}@127.0.0.1>;tag=test-{branch[-8:]}\r\n"
-        )
-        message = (
-            f"{method} {uri} SIP/2.0\r\n{head}To: {to}\r\nCall-ID: {call_id}\r\n"
-            f"CSeq: 1 {method}\r\nContact: <sip:{caller}@127.0.0.1:{self.local_port}>\r\nContent-Length: 0\r\n\r\n"
+        message = request(
+            method,
+            f"sip:{user}@127.0.0.1" if user else "sip:127.0.0.1",
+            via=f"SIP/2.0/UDP 127.0.0.1:{self.local_port};branch={branch};rport",
+            caller=caller,
+            call_id=call_id,
+            extra=f"Contact: <sip:{caller}@127.0.0.1:{self.local_port}>\r\n",
         )
         deadline = time.monotonic() + self.timeout
         final: SipResponse | None = None
@@ -64,20 +61,18 @@ class SipClient:
             now = time.monotonic()
             assert now < deadline, f"no final response to {method} {call_id} in {self.timeout}s"
             if now >= next_send:
-                self.sock.sendto(message.encode(), ("127.0.0.1", self.port))
+                self.sock.sendto(message, ("127.0.0.1", self.port))
                 next_send = now + 0.5
             self.sock.settimeout(max(0.01, min(next_send, deadline) - now))
             try:
-                data = self.sock.recv(65535).decode(errors="replace")
+                data = self.sock.recv(65535)
             except TimeoutError:
                 continue
-            status = int(data.split(" ", 2)[1]) if data.startswith("SIP/2.0 ") else 0
-            if status >= 200 and f"branch={branch}" in data:
-                final = SipResponse(status, data)
+            code = status(data) if data.startswith(b"SIP/2.0 ") else 0
+            if code >= 200 and f"branch={branch}".encode() in data:
+                final = SipResponse(code, data.decode(errors="replace"))
         if method == "INVITE" and final.status >= 300 and ack:
-            acknowledgement = (
-                f"ACK {uri} SIP/2.0\r\n{head}To: {final.header('To')}\r\nCall-ID: {call_id}\r\n"
-                "CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
-            )
-            self.sock.sendto(acknowledgement.encode(), ("127.0.0.1", self.port))
+            # RFC 3261 17.1.1.3: the ACK's To is the response's (with the tag the adapter added).
+            acknowledgement = same_transaction(message, "ACK", to=final.header("To"))
+            self.sock.sendto(acknowledgement, ("127.0.0.1", self.port))
         return final

@@ -46,8 +46,9 @@ def request(
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode() + body
 
 
-def same_transaction(invite: bytes, method: str) -> bytes:
-    """The ACK or CANCEL of an INVITE: its Via (branch), From, To, Call-ID and CSeq number, `method` in CSeq."""
+def same_transaction(invite: bytes, method: str, *, to: str | None = None) -> bytes:
+    """The ACK or CANCEL of an INVITE: its Via (branch), From, To (or `to`: an ACK carries the final response's
+    To, tag included), Call-ID and CSeq number, `method` in CSeq."""
     head = invite.split(b"\r\n\r\n", 1)[0].decode()
     lines = head.split("\r\n")
     start = lines[0].split(" ")
@@ -58,6 +59,8 @@ def same_transaction(invite: bytes, method: str) -> bytes:
             value = f"{value.split(' ')[0]} {method}"
         if name == "Content-Length":
             value = "0"
+        if name == "To" and to is not None:
+            value = to
         out.append(f"{name}: {value}")
     return ("\r\n".join(out) + "\r\n\r\n").encode()
 
