@@ -199,3 +199,21 @@ async def test_tcp_connections_beyond_the_limit_and_idle_ones_are_closed() -> No
         writer.close()
         await asyncio.sleep(0.05)
         assert metrics.registry.get_sample_value("numprotect_sip_tcp_connections", {}) == 0
+
+
+async def test_a_top_via_with_a_received_ipv6_address_is_answered_with_one_received() -> None:
+    # RFC 3261 via-received is an unbracketed IPv6address (or IPv4); the response's top Via names the packet's
+    # source once, replacing a received the request already carried.
+    translator = Translator()
+    async with adapter(translator) as (running, _), udp_client(running.port) as (transport, client):
+        for via in (
+            "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bK-v6;received=2001:db8::9",
+            "SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bK-v4;received=192.0.2.1;rport",
+        ):
+            transport.sendto(request(via=via))
+            trying = await client.next()
+            assert status(trying) == 100
+            assert (header(trying, "Via") or "").count("received=") == 1
+            assert "received=127.0.0.1" in (header(trying, "Via") or "")
+            assert status(await client.next()) == 302
+        assert translator.calls == 2

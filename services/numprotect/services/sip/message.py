@@ -29,6 +29,11 @@ _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+", re.ASCII)
 # Content-Length in a message head, before it is parsed (TCP framing).
 _CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _RPORT = re.compile(r";\s*rport(?=\s*(?:;|$))", re.IGNORECASE)
+# A received parameter already in a Via (a response names the packet's source once, RFC 3261 section 18.2.1).
+_RECEIVED = re.compile(r";\s*received\s*=[^;]*", re.IGNORECASE)
+# RFC 3261's via-received is an unbracketed IPv6address, which sipmessage's generic-param grammar cannot read:
+# bracketed before it reads the Via (the Via's text, copied into responses, stays as received).
+_BARE_IPV6_RECEIVED = re.compile(r"(;\s*received\s*=\s*)([0-9A-Fa-f]*:[0-9A-Fa-f:.]*)(?=\s*(?:;|$))", re.IGNORECASE)
 # The common written forms of a top Via and a CSeq, read without sipmessage's general grammar (a third of a
 # request's parsing): sipmessage's own host, port and token patterns, no whitespace but the one space, parameters
 # plain tokens without escapes. A value of any other form goes through sipmessage; both readings agree wherever
@@ -130,13 +135,15 @@ class Request:
 
     def response_vias(self, source_host: str, source_port: int) -> list[str]:
         """The Via values of a response: the top one with `received` when the packet came from another address
-        than its sent-by, or when rport was asked (RFC 3581, then `rport=<source port>` too); the others as
-        received."""
+        than its sent-by, or when rport was asked (RFC 3581, then `rport=<source port>` too), in place of any
+        received the request carried; the others as received."""
         top = self.top_via_text
         rport = "rport" in self.top_via.parameters and self.top_via.parameters["rport"] is None
         if rport:
             top = _RPORT.sub(f";rport={source_port}", top, count=1)
         if rport or self.top_via.host.strip("[]") != source_host:
+            if "received" in top.lower():
+                top = _RECEIVED.sub("", top)
             top += f";received={source_host}"
         return [top, *self.other_vias]
 
@@ -266,7 +273,7 @@ def fast_via(value: str) -> TopVia | None:
 def grammar_via(value: str) -> TopVia | None:
     """A Via value read by sipmessage's grammar, or None when it is not one."""
     try:
-        via = Via.parse(value)
+        via = Via.parse(_BARE_IPV6_RECEIVED.sub(r"\1[\2]", value))
     except Exception:
         return None
     return TopVia(via.host, via.port, dict(via.parameters))
