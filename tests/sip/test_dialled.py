@@ -61,6 +61,10 @@ def test_refusal_codes_and_causes() -> None:
         ("<sip:+8613800000001@10.0.0.1;user=phone>", "<sip:anonymous@anonymous.invalid>;tag=a", "13800000001"),
         ('"Zhang, San" <sip:+86-138-0000-0001@h>, <tel:+8613900000002>', "<sip:x@h>;tag=a", "13800000001"),
         ("<tel:+86-10-1234-5678>", "<sip:x@h>;tag=a", "01012345678"),
+        # RFC 3325: an IMS caller asserted by name (sip:) and number (tel:), in one header or in two
+        ('"Li, Si" <sip:alice@ims.example>, <tel:+8613800000001>', "<sip:anonymous@h>;tag=a", "13800000001"),
+        (["<sip:alice@ims.example>", "<tel:+8613800000001>"], "<sip:anonymous@h>;tag=a", "13800000001"),
+        (["<sip:anonymous@anonymous.invalid>", "<sip:bob@h>"], "<sip:13800000001@h>;tag=a", ANONYMOUS_CALLER),
         ("<sip:13800000001;cpc=ordinary@h>", "<sip:x@h>;tag=a", "13800000001"),
         ("not an address", "sip:013800000001@h;tag=a", "13800000001"),
         (None, "<sip:+4420794600000@h>;tag=a", "+4420794600000"),
@@ -72,7 +76,7 @@ def test_refusal_codes_and_causes() -> None:
     ],
 )
 def test_caller_from_asserted_identity_else_from(
-    asserted: str | None, from_value: str | None, expected: str | Refusal
+    asserted: str | list[str] | None, from_value: str | None, expected: str | Refusal
 ) -> None:
     assert calling(asserted, from_value) == expected
 

@@ -44,6 +44,16 @@ class Translator:
         asyncio.ensure_future(self.translate(call)).add_done_callback(lambda answered: done(answered.result()))
 
 
+class RecordingTranslator(Translator):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[Any] = []
+
+    async def translate(self, call: Any) -> Any:
+        self.asked.append(call)
+        return await super().translate(call)
+
+
 @asynccontextmanager
 async def adapter(translator: Translator, **environ: str) -> AsyncIterator[tuple[SipAdapter, Metrics]]:
     settings = SipSettings.from_env(
@@ -217,3 +227,13 @@ async def test_a_top_via_with_a_received_ipv6_address_is_answered_with_one_recei
             assert "received=127.0.0.1" in (header(trying, "Via") or "")
             assert status(await client.next()) == 302
         assert translator.calls == 2
+
+
+async def test_an_ims_caller_asserted_by_name_and_number_in_two_headers_is_the_number() -> None:
+    translator = RecordingTranslator()
+    async with adapter(translator) as (running, _), udp_client(running.port) as (transport, client):
+        asserted = "P-Asserted-Identity: <sip:alice@ims.example>\r\nP-Asserted-Identity: <tel:+86-138-0000-0009>\r\n"
+        transport.sendto(request(caller="anonymous", extra=asserted + "Privacy: id\r\n"))
+        assert status(await client.next()) == 100
+        assert status(await client.next()) == 302
+        assert [call[0] for call in translator.asked] == ["13800000009"]  # the caller CallSetup carried

@@ -3,6 +3,7 @@ from P-Asserted-Identity or From, with the refusals a switch gets before anythin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sipmessage import URI
@@ -82,22 +83,67 @@ def dialled(request_uri: str) -> Dialled | Refusal:
     return Dialled(digits[:VIRTUAL_DIGITS], digits[VIRTUAL_DIGITS:])
 
 
-def calling(asserted: str | None, from_value: str | None) -> str | Refusal:
-    """The caller's number, normalised as Translate does (phone.normalize_calling): the first P-Asserted-Identity's
-    URI user when there is a readable one, else From's. Anonymous, withheld or not a number: 433."""
-    raw = _first_user(asserted) if asserted else None
-    if raw is None:
-        raw = _first_user(from_value) if from_value else None
-    if not raw or raw.lower() in ("anonymous", "restricted", "unavailable"):
+def calling(asserted: str | Sequence[str] | None, from_value: str | None) -> str | Refusal:
+    """The caller's number, normalised as Translate does (phone.normalize_calling), from P-Asserted-Identity when
+    it holds a readable address, else from From. P-Asserted-Identity may carry two identities (RFC 3325: a sip: and
+    a tel: URI, in one header or two): the first that is a number counts, so an IMS caller asserted as
+    `<sip:alice@domain>, <tel:+86...>` is the tel: number. Anonymous, withheld or no number at all: 433."""
+    values = (asserted,) if isinstance(asserted, str) else (asserted or ())
+    readable = False
+    for value in values:
+        for address in _addresses(value):
+            raw = _first_user(address)
+            if raw is None:
+                continue
+            readable = True
+            number = _number(raw)
+            if number is not None:
+                return number
+    if readable:
         return ANONYMOUS_CALLER
+    raw = _first_user(from_value) if from_value else None
+    number = _number(raw) if raw else None
+    return ANONYMOUS_CALLER if number is None else number
+
+
+def _number(raw: str) -> str | None:
+    if raw.lower() in ("anonymous", "restricted", "unavailable"):
+        return None
     try:
         return phone.normalize_calling(user_digits(raw))
     except phone.InvalidNumber:
-        return ANONYMOUS_CALLER
+        return None
+
+
+def _addresses(value: str) -> list[str]:
+    """The addresses of a header value that may list several (commas outside quotes and angle brackets)."""
+    if "," not in value:
+        return [value]
+    addresses: list[str] = []
+    start, quoted, bracketed, escaped = 0, False, False, False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+        elif char == "<":
+            bracketed = True
+        elif char == ">":
+            bracketed = False
+        elif char == "," and not bracketed:
+            addresses.append(value[start:index].strip())
+            start = index + 1
+    addresses.append(value[start:].strip())
+    return [address for address in addresses if address]
 
 
 def _first_user(value: str) -> str | None:
-    """The URI user of the first address in a header value (P-Asserted-Identity may list a sip: and a tel: URI)."""
+    """The URI user of an address (`<uri>;params`, `"name" <uri>` or a bare URI), or None when unreadable."""
     if value.startswith("<"):  # the common form, `<uri>;params`: only the URI needs reading (half the cost)
         close = value.find(">")
         if close < 0:
@@ -107,11 +153,7 @@ def _first_user(value: str) -> str | None:
             return user
         uri = _parse_uri(value[1:close])
         return uri.user if uri is not None else None
-    first = value
-    if "," in value:  # cut at the first comma after the first address's closing bracket (names may hold commas)
-        cut = value.find(",", max(value.find(">"), 0))
-        first = value[:cut] if cut >= 0 else value
-    address = parse_address(first.strip())
+    address = parse_address(value.strip())
     if address is None:
         return None
     return address.uri.user

@@ -257,7 +257,7 @@ class SipHandler:
         if isinstance(target, Refusal):
             self._finish(transaction, _refused(target, "INVALID_NUMBER"), now)
             return
-        caller = calling(request.header("p-asserted-identity"), request.header("from"))
+        caller = calling(request.headers.get("p-asserted-identity"), request.header("from"))
         if span.is_recording():
             span.set_attribute("numprotect.called_number", phone.mask(target.called_number))
             if not isinstance(caller, Refusal):
