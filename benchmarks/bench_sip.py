@@ -76,7 +76,7 @@ from benchmarks.bench_translation import (
 )
 from benchmarks.harness import cpu_seconds, free_port
 from benchmarks.load import percentile
-from numprotect.core.settings import server_env_prefix
+from numprotect.core.settings import server_port_variable
 from numprotect.translation.v1 import translation_pb2 as pb
 from support.sipp import free_port as free_sip_port
 from support.sipp import parse_stats
@@ -344,7 +344,7 @@ def adapter_server(
     env = {
         **security.env(),  # TLS for its health server and the CA it checks translation's certificate with
         "NUMPROTECT_REDIS_URL": redis_url,
-        f"{server_env_prefix('sip')}_PORT": str(grpc_port),
+        server_port_variable("sip"): str(grpc_port),
         "NUMPROTECT_SIP_HOST": "127.0.0.1",
         "NUMPROTECT_SIP_PORT": str(sip_port),
         "NUMPROTECT_SIP_EGRESS": EGRESS,

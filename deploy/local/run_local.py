@@ -66,6 +66,7 @@ from numprotect.core.settings import (
     RedisSettings,
     SettingsError,
     server_env_prefix,
+    server_port_variable,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,11 +104,6 @@ def port_is_busy(port: int, host: str = "127.0.0.1", kind: socket.SocketKind = s
     return False
 
 
-def port_variable(service: str) -> str:
-    """The variable of a service's gRPC port: NUMPROTECT_<SERVICE>_PORT (sip: NUMPROTECT_SIP_GRPC_PORT)."""
-    return f"{server_env_prefix(service)}_PORT"
-
-
 class LocalSuite:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = dict(environ)
@@ -116,7 +112,7 @@ class LocalSuite:
         self.redis_port = env.integer("NUMPROTECT_LOCAL_REDIS_PORT", 6379, minimum=1, maximum=65535)
         self.redis_fsync = env.choice("NUMPROTECT_LOCAL_REDIS_FSYNC", "everysec", ("everysec", "always"))
         self.ports = {
-            name: env.integer(port_variable(name), DEFAULT_PORTS[name], minimum=1, maximum=65535)
+            name: env.integer(server_port_variable(name), DEFAULT_PORTS[name], minimum=1, maximum=65535)
             for name in SERVICE_NAMES
         }
         self.processes = {
@@ -210,7 +206,7 @@ class LocalSuite:
         for name, port in wanted.items():
             if port_is_busy(port):
                 var = {"redis": "NUMPROTECT_LOCAL_REDIS_PORT", "prometheus": "NUMPROTECT_LOCAL_PROMETHEUS_PORT"}.get(
-                    name, port_variable(name)
+                    name, server_port_variable(name)
                 )
                 raise LaunchError(f"port {port} for {name} is busy (another `make run`?): stop it or set {var}")
         # The SIP listeners: both transports on the one port (a carrier's trunk may use either).
@@ -317,7 +313,7 @@ class LocalSuite:
                 **self.service_token_env(name),
                 "NUMPROTECT_REDIS_URL": self.redis_url(),
                 **self.redis_user_env(name),
-                port_variable(name): str(self.ports[name]),
+                server_port_variable(name): str(self.ports[name]),
             }
             if count > 1:
                 env[f"{server_env_prefix(name)}_REUSE_PORT"] = "1"

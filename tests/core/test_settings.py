@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from numprotect.core.settings import Env, RedisSettings, ServerSettings, SettingsError, service_address
+from numprotect.core.settings import (
+    Env,
+    RedisSettings,
+    ServerSettings,
+    SettingsError,
+    server_port_variable,
+    service_address,
+)
 from support.processes import ROOT
 
 
@@ -41,6 +48,8 @@ def test_the_sip_adapters_grpc_server_leaves_its_sip_variables_to_the_sip_listen
     assert ServerSettings.from_env(Env({"NUMPROTECT_CDR_PORT": "5060"}), "cdr").port == 5060
     with pytest.raises(SettingsError, match="NUMPROTECT_SIP_GRPC_PORT"):
         ServerSettings.from_env(Env({"NUMPROTECT_SIP_GRPC_PORT": "70000"}), "sip")
+    assert server_port_variable("sip") == "NUMPROTECT_SIP_GRPC_PORT"
+    assert server_port_variable("cdr") == "NUMPROTECT_CDR_PORT"
 
 
 def test_durations() -> None:

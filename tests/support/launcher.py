@@ -11,7 +11,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from numprotect.core.settings import SERVICE_NAMES, server_env_prefix
+from numprotect.core.settings import SERVICE_NAMES
+from numprotect.core.settings import server_port_variable as port_variable
 from support.processes import ROOT
 from support.redis_server import free_port
 
@@ -37,11 +38,6 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def port_variable(service: str) -> str:
-    """The variable of a service's gRPC port (sip's is NUMPROTECT_SIP_GRPC_PORT: NUMPROTECT_SIP_PORT is SIP's)."""
-    return f"{server_env_prefix(service)}_PORT"
 
 
 def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:

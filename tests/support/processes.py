@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from numprotect.core.settings import server_env_prefix
+from numprotect.core.settings import server_port_variable
 from support.identity import service_token_env, with_auth
 from support.tls import sync_channel_for, with_tls
 
@@ -32,7 +32,7 @@ SIP_DEFAULTS = {
 
 def listen_env(service: str, port: int = 0) -> dict[str, str]:
     """The service's gRPC port variable (NUMPROTECT_<SERVICE>_PORT; sip's NUMPROTECT_SIP_GRPC_PORT) set to `port`."""
-    return {f"{server_env_prefix(service)}_PORT": str(port)}
+    return {server_port_variable(service): str(port)}
 
 
 class ServiceProcess:

@@ -58,7 +58,7 @@ from numprotect.core.settings import (
     RedisSettings,
     ServerSettings,
     SettingsError,
-    server_env_prefix,
+    server_port_variable,
     service_address,
 )
 from numprotect.core.telemetry import Telemetry
@@ -175,7 +175,7 @@ def _listen(
         )
     except RuntimeError as exc:
         raise SettingsError(
-            f"{server_env_prefix(settings.service)}_PORT: cannot listen on {address} (port busy?)"
+            f"{server_port_variable(settings.service)}: cannot listen on {address} (port busy?)"
         ) from exc
     if not tls.enabled:  # an explicit opt-out: anyone on the network reads and sends calls on this port
         log.warning("TLS is off (NUMPROTECT_TLS=off): the port serves plaintext", extra={"port": port})

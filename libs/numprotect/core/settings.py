@@ -372,6 +372,11 @@ def server_env_prefix(service: str) -> str:
     return _SERVER_ENV_PREFIXES.get(service, f"NUMPROTECT_{service.upper()}")
 
 
+def server_port_variable(service: str) -> str:
+    """The variable of a service's gRPC port: NUMPROTECT_<SERVICE>_PORT (sip: NUMPROTECT_SIP_GRPC_PORT)."""
+    return f"{server_env_prefix(service)}_PORT"
+
+
 def service_address(env: Env, service: str) -> str:
     """Where this process finds another service: NUMPROTECT_<SERVICE>_ADDR, default localhost and its port."""
     return env.address(f"NUMPROTECT_{service.upper()}_ADDR", f"127.0.0.1:{DEFAULT_PORTS[service]}")
