@@ -237,3 +237,14 @@ async def test_an_ims_caller_asserted_by_name_and_number_in_two_headers_is_the_n
         assert status(await client.next()) == 100
         assert status(await client.next()) == 302
         assert [call[0] for call in translator.asked] == ["13800000009"]  # the caller CallSetup carried
+
+
+async def test_an_invite_inside_a_dialog_gets_481_without_a_translation() -> None:
+    translator = Translator()
+    async with adapter(translator) as (running, _), udp_client(running.port) as (transport, client):
+        uri = "sip:700100000000001@127.0.0.1"
+        transport.sendto(request(uri=uri, extra=""))
+        transport.sendto(request(uri=uri).replace(f"To: <{uri}>".encode(), f"To: <{uri}>;tag=b-1".encode()))
+        answers = [status(await client.next()) for _ in range(3)]
+        assert sorted(answers) == [100, 302, 481]
+        assert translator.calls == 1

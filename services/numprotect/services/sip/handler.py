@@ -24,7 +24,7 @@ from numprotect.core import phone
 from numprotect.core.identifiers import CALL_ID
 from numprotect.core.metrics import LATENCY_BUCKETS, Metrics
 from numprotect.services.sip.dialled import Refusal, calling, dialled
-from numprotect.services.sip.message import Malformed, Request, ResponseReceived, parse_request
+from numprotect.services.sip.message import Malformed, Request, ResponseReceived, parse_request, tag_of
 from numprotect.services.sip.responses import ALLOW, Failure, Outcome, Renderer, reason, refusal, render, unavailable
 from numprotect.services.sip.settings import SipSettings
 from numprotect.services.sip.transactions import (
@@ -60,6 +60,9 @@ KNOWN_METHODS = frozenset(
 )
 _OPTIONS_HEADERS = ALLOW + "Accept: application/sdp\r\n"
 _NO_TRANSACTION = refusal(481, "Call/Transaction Does Not Exist", 0, "", "")
+# An INVITE inside a dialog (To has a tag: a re-INVITE): a redirect server makes no dialogs, so none is recreated
+# and no second translation is made for a call already redirected (RFC 3261 section 12.2.2).
+_NO_DIALOG = refusal(481, "Call/Transaction Does Not Exist", 0, "", "NO_DIALOG")
 _TERMINATED = refusal(487, "Request Terminated", 16, "cancelled", "CANCELLED")
 _OK = refusal(200, "OK", 0, "", "")
 _NOT_ALLOWED = Outcome(405, "Method Not Allowed", ALLOW, "")
@@ -253,6 +256,9 @@ class SipHandler:
         if required is not None:
             self._finish(transaction, required, now)
             return
+        if _in_dialog(request):
+            self._finish(transaction, _NO_DIALOG, now)
+            return
         target = dialled(request.uri)
         if isinstance(target, Refusal):
             self._finish(transaction, _refused(target, "INVALID_NUMBER"), now)
@@ -416,6 +422,14 @@ def _unsupported(request: Request) -> Outcome | None:
         return None
     names = ", ".join(name.strip() for value in required for name in value.split(",") if name.strip())
     return Outcome(420, "Bad Extension", f"Unsupported: {names}\r\n" if names else "", "UNSUPPORTED_EXTENSION")
+
+
+def _in_dialog(request: Request) -> bool:
+    """Whether the request's To carries a tag (looked for after the URI, which may hold a `tag` of its own)."""
+    to = request.header("to") or ""
+    if "tag" not in to.lower().rpartition(">")[2]:
+        return False
+    return bool(tag_of(to))
 
 
 def _refused(refusal_: Refusal, decision: str) -> Outcome:
