@@ -258,7 +258,7 @@ class SippResult:
 
 def free_port() -> int:
     """A loopback port free for both UDP and TCP right now (SIPp listens on both with -t t1)."""
-    while True:
+    for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind(("127.0.0.1", 0))
             port: int = udp.getsockname()[1]
@@ -268,6 +268,7 @@ def free_port() -> int:
                 except OSError:
                     continue
         return port
+    raise RuntimeError("no loopback port free for both UDP and TCP in 100 tries")
 
 
 class SippOptions(TypedDict, total=False):
