@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -129,3 +130,35 @@ def test_concurrent_combined_calls_share_pipelined_writes(tmp_path: Any) -> None
         admin.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("method", ["evalsha", "evalsha_combined"])
+def test_a_budget_spent_before_the_send_is_unavailable_and_sends_nothing(
+    redis_env: dict[str, str], redis_sync: Any, echo: LuaScript, method: str
+) -> None:
+    # The chaos run's INTERNAL: on a loaded host the thread reached the pooled socket after its deadline, and
+    # settimeout(<negative>) raised ValueError. A budget of 1 ns is spent before the send, every time.
+    client = ScriptClient(RedisSettings.from_env(Env(redis_env)), echo)
+    call = getattr(client, method)
+    key = "np:test:{spent}"
+    assert call([key], ["a"], 2.0)[2] == 1  # the pooled connection has answered: the next call takes the hot path
+    with pytest.raises(Unavailable, match="no time left for the translation storage") as info:
+        call([key], ["b"], 1e-9)
+    assert info.value.reason == "REDIS_UNREACHABLE"
+    assert redis_sync.get(key) == b"1"  # nothing was sent
+    assert call([key], ["c"], 2.0)[2] == 2  # and the socket is still in step
+    client.close()
+
+
+def test_a_budget_of_zero_never_makes_the_socket_non_blocking(redis_env: dict[str, str], echo: LuaScript) -> None:
+    client = ScriptClient(RedisSettings.from_env(Env(redis_env)), echo)
+    key = "np:test:{zero}"
+    assert client.evalsha([key], ["a"], 2.0)[2] == 1
+    conn = client._conns()[client._node_for(key, time.monotonic() + 2.0)]
+    blocking = conn.sock.gettimeout()
+    assert blocking is not None and blocking > 0
+    with pytest.raises(Unavailable, match="no time left"):
+        conn.send(client._command([key], ["b"]), 0.0)
+    assert conn.sock.gettimeout() == blocking  # settimeout(0.0) would have made it non-blocking
+    assert client.evalsha([key], ["c"], 2.0)[2] == 2
+    client.close()

@@ -97,6 +97,11 @@ def unavailable(message: str, kind: str = "") -> Unavailable:
     return Unavailable(message, retry_after=DEFAULT_RETRY_AFTER_SECONDS, reason=_REASONS.get(kind, _UNREACHABLE))
 
 
+def _no_time_left() -> Unavailable:
+    """The call's budget was spent before its command went out (its deadline passed)."""
+    return unavailable("no time left for the translation storage")
+
+
 class _Unreachable(Unavailable):
     """The node refused or dropped the connection (not a timeout): in a cluster, the slot may have a new owner."""
 
@@ -121,6 +126,14 @@ class _Conn:
         self.used = False  # True once a reply came back: a later failure may be a connection closed while idle
 
     def send(self, data: bytes, timeout: float) -> None:
+        """Sends `data` with `timeout` seconds for it and each read until the next send.
+
+        A budget already spent (the call's deadline passed while the thread waited for the CPU or the lead) is
+        the caller's UNAVAILABLE, as everywhere else: settimeout would raise ValueError for a negative value
+        (INTERNAL) and switch the socket to non-blocking mode for 0.0. Nothing is sent, so the socket stays in step.
+        """
+        if timeout <= 0:
+            raise _no_time_left()
         if timeout != self.timeout:
             self.sock.settimeout(timeout)
             self.timeout = timeout
@@ -309,7 +322,7 @@ class ScriptClient:
         for resend in (False, True):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise unavailable("no time left for the translation storage")
+                raise _no_time_left()
             conn = self._conn(node, left)
             reused = conn.used
             try:
@@ -396,7 +409,7 @@ class ScriptClient:
     def evalsha(self, keys: Sequence[str], args: Sequence[str], timeout: float) -> Any:
         """The script's reply; Unavailable when Redis does not answer within `timeout` seconds."""
         if timeout <= 0:
-            raise unavailable("no time left for the translation storage")
+            raise _no_time_left()
         return self._evalsha_command(keys[0], self._command(keys, args), time.monotonic() + timeout)
 
     def _evalsha_command(self, key: str, command: bytes, deadline: float, *, pausing: bool = True) -> Any:
@@ -442,7 +455,7 @@ class ScriptClient:
         this turns N concurrent round trips into one.
         """
         if timeout <= 0:
-            raise unavailable("no time left for the translation storage")
+            raise _no_time_left()
         deadline = time.monotonic() + timeout
         command = self._command(keys, args)
         with self._queue_lock:
@@ -509,6 +522,8 @@ class ScriptClient:
 
         A reply is the script's result or an exception instance (the others still count).
         """
+        if timeout <= 0:
+            raise _no_time_left()
         return self._pipeline(
             [(keys[0], self._command(keys, args)) for keys, args in calls], time.monotonic() + timeout
         )
