@@ -8,7 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvloop
+
 from numprotect.core.metrics import Metrics
+from numprotect.core.settings import SettingsError
 from numprotect.services.sip.app import SipAdapter
 from numprotect.services.sip.handler import SipHandler, SipMetrics
 from numprotect.services.sip.settings import SipSettings
@@ -248,3 +251,19 @@ async def test_an_invite_inside_a_dialog_gets_481_without_a_translation() -> Non
         answers = [status(await client.next()) for _ in range(3)]
         assert sorted(answers) == [100, 302, 481]
         assert translator.calls == 1
+
+
+def test_a_busy_port_is_one_settings_line_with_the_system_reason_under_uvloop() -> None:
+    # The process runs uvloop, whose UDP bind error carries the system's reason only as its cause.
+    async def bind_twice() -> str:
+        async with adapter(Translator(), NUMPROTECT_SIP_TRANSPORTS="udp") as (running, _):
+            try:
+                async with adapter(Translator(), NUMPROTECT_SIP_PORT=str(running.port)):
+                    pass
+            except SettingsError as error:
+                return str(error)
+        return ""
+
+    message = uvloop.run(bind_twice())
+    assert message.startswith("NUMPROTECT_SIP_PORT: cannot listen on 127.0.0.1:")
+    assert message.endswith("(Address already in use)")

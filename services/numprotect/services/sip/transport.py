@@ -194,9 +194,11 @@ class SipServer:
                 return self.port
             except OSError as exc:
                 await self.close()
-                if settings.port != 0 or exc.errno != errno.EADDRINUSE:
+                cause = _os_error(exc)
+                if settings.port != 0 or cause.errno != errno.EADDRINUSE:
                     raise SettingsError(
-                        f"NUMPROTECT_SIP_PORT: cannot listen on {settings.host}:{settings.port} ({exc.strerror})"
+                        f"NUMPROTECT_SIP_PORT: cannot listen on {settings.host}:{settings.port} "
+                        f"({cause.strerror or cause})"
                     ) from exc
         raise SettingsError(f"NUMPROTECT_SIP_PORT=0: no port free for both UDP and TCP on {settings.host}")
 
@@ -253,6 +255,12 @@ class SipServer:
             with contextlib.suppress(TimeoutError):  # bounded: a peer that never lets go does not hold shutdown
                 await asyncio.wait_for(self._tcp.wait_closed(), timeout=CLOSE_WAIT_SECONDS)
             self._tcp = None
+
+
+def _os_error(exc: OSError) -> OSError:
+    """The OSError naming the system's reason: uvloop's UDP bind error has none of its own, only as its cause."""
+    cause = exc.__cause__
+    return cause if exc.errno is None and isinstance(cause, OSError) else exc
 
 
 def _grow_receive_buffer(transport: Any) -> None:
