@@ -128,6 +128,7 @@ class ChaosStack:
         redis_port = self.redis_proxy.port if self.redis_proxy else self.redis.port
         self.env = {**SERVICE_ENV, "NUMPROTECT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", **(env or {})}
         self.processes: dict[str, ServiceProcess] = {}
+        self.kills: dict[str, list[float]] = {}  # service -> time.monotonic() of each kill -9, for the load client
         self.tokens: dict[str, str] = {}
         try:
             direct = {**self.env, "NUMPROTECT_REDIS_URL": self.redis.url}
@@ -198,8 +199,13 @@ class ChaosStack:
 
     def kill_service(self, service: str) -> None:
         process = self.processes[service]
+        self.kills.setdefault(service, []).append(time.monotonic())
         process.process.kill()
         process.process.wait()
+
+    def killed_between(self, service: str, start: float, end: float) -> bool:
+        """Whether `service` was killed (kill -9) between the time.monotonic() instants `start` and `end`."""
+        return any(start <= killed <= end for killed in self.kills.get(service, []))
 
     def start_service(self, service: str) -> ServiceProcess:
         """Starts `service` again on its old port (its peers and the clients keep their addresses)."""
