@@ -131,7 +131,8 @@ async def test_the_final_response_is_retransmitted_over_udp_until_the_ack_and_no
     # Timer G: sent at 0, +0.5 s, +1.5 s (doubling; the next due at +3.5 s) within the 2.2 s without ACK.
     assert len(before_ack) == 3, redirects
     gaps = [round(later - earlier, 1) for earlier, later in itertools.pairwise(before_ack)]
-    assert 0.4 <= gaps[0] <= 0.9 and 0.9 <= gaps[1] <= 1.5, gaps
+    # Lower bounds only (not retransmitted early; doubling): a stalled SIPp or adapter may only delay them.
+    assert gaps[0] >= 0.4 and gaps[1] >= 0.9 and gaps[1] > gaps[0], gaps
     assert [at for at in redirects if at > ack.at] == []  # the ACK stopped it (1.5 s more: one more was due)
 
 

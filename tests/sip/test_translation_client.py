@@ -215,10 +215,9 @@ async def test_no_stream_fails_at_once(redis_env: dict[str, str]) -> None:
         metrics,
     ):
         for _ in range(3):
-            started = time.monotonic()
             answer = await client.translate(_call(A))
+            # UNAVAILABLE, not DEADLINE_EXCEEDED: refused without waiting for the deadline (no timed bound here).
             assert isinstance(answer, TranslateFailure) and answer.status == "UNAVAILABLE"
-            assert time.monotonic() - started < 0.05
             assert not client.up and _streams_gauge(metrics) == 0.0
             await asyncio.sleep(0.2)  # reconnect attempts meanwhile fail too
 
@@ -256,7 +255,8 @@ async def test_deadline_late_answers_stall_and_restart_of_a_real_process(
                 await asyncio.sleep(0.05)
             process.signal(signal.SIGCONT)
             assert isinstance(late, TranslateFailure) and late.status == "DEADLINE_EXCEEDED", late
-            assert 0.19 <= waited < 0.5, waited
+            # At its deadline (200 ms), well before SIGCONT (1.5 s): loose upper bound for a loaded host.
+            assert 0.19 <= waited < 1.5, waited
             resumed = await client.translate(_call(B, call_id="after-late"))  # not "late"'s answer
             assert isinstance(resumed, pb.TranslateResponse), resumed
             assert (resumed.call_id, resumed.target_number) == ("after-late", A)
@@ -282,10 +282,9 @@ async def test_deadline_late_answers_stall_and_restart_of_a_real_process(
                 assert isinstance(stalled, TranslateFailure) and stalled.status == "DEADLINE_EXCEEDED"
                 await _until(lambda: not client.up, 8.0)  # the stall limit, 3 s, after the last answer
                 assert _streams_gauge(metrics) == 0.0
-                started = time.monotonic()
                 refused = await client.translate(_call(A, call_id="refused"))
+                # UNAVAILABLE (no stream), not DEADLINE_EXCEEDED: refused at once, not after the deadline.
                 assert isinstance(refused, TranslateFailure) and refused.status == "UNAVAILABLE"
-                assert time.monotonic() - started < 0.05
             finally:
                 process.signal(signal.SIGCONT)
             await _until(lambda: client.up, 10.0)
