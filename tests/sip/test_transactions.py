@@ -388,3 +388,23 @@ async def test_a_required_extension_gets_420_naming_it() -> None:
     assert [status(m) for m in sink.sent] == [420, 420]
     assert header(sink.sent[0], "Unsupported") == "100rel, precondition"
     assert translator.calls == []
+
+
+class BrokenTranslator(Translator):
+    """A bug in the path: its exception text carries the dialled number, as a header value's parse error would."""
+
+    def submit(self, call: Any, done: Callable[[Any], None]) -> None:
+        raise ValueError(f"bad number {call[1]}")
+
+
+async def test_an_unexpected_error_is_logged_by_type_and_place_never_with_its_text(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    handler = handler_with(BrokenTranslator())
+    sink = Sink()
+    with caplog.at_level("ERROR", logger="numprotect.services.sip.handler"):
+        assert handler.handle(request(), sink, SOURCE, "udp") is False
+    [record] = [r for r in caplog.records if r.message == "sip message handling failed"]
+    assert record.exc_info is None and record.error == "ValueError"  # type: ignore[attr-defined]
+    assert "submit" in record.at  # type: ignore[attr-defined]
+    assert X not in caplog.text and "bad number" not in caplog.text

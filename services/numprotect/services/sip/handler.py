@@ -24,6 +24,7 @@ from numprotect.core import phone
 from numprotect.core.identifiers import CALL_ID
 from numprotect.core.metrics import LATENCY_BUCKETS, Metrics
 from numprotect.services.sip.dialled import Refusal, calling, dialled
+from numprotect.services.sip.errors import failure_summary
 from numprotect.services.sip.message import Malformed, Request, ResponseReceived, parse_request, tag_of
 from numprotect.services.sip.responses import ALLOW, Failure, Outcome, Renderer, reason, refusal, render, unavailable
 from numprotect.services.sip.settings import SipSettings
@@ -110,8 +111,8 @@ class SipMetrics:
         self.transactions = metrics.gauge("numprotect_sip_transactions", "SIP server transactions held.")
         self.tcp_connections = metrics.gauge("numprotect_sip_tcp_connections", "Open SIP TCP connections.")
         self._cache: dict[tuple[str, ...], Any] = {}
-        for dropped in ("malformed", "too_large", "not_allowed", "response", "overload"):
-            self.dropped(dropped)
+        for drop_reason in ("malformed", "too_large", "not_allowed", "response", "overload"):
+            self._child(self._dropped, drop_reason).inc(0)  # every reason's series exists from the start, at 0
 
     def _child(self, family: Any, *labels: str) -> Any:
         key = (str(id(family)), *labels)
@@ -129,9 +130,6 @@ class SipMetrics:
     def retransmission(self, method: str) -> None:
         self._child(self._retransmissions, method).inc()
 
-    def dropped(self, reason: str) -> None:
-        self._child(self._dropped, reason).inc(0)
-
     def drop(self, reason: str) -> None:
         self._child(self._dropped, reason).inc()
 
@@ -144,7 +142,8 @@ def method_label(method: str) -> str:
 
 
 class SipHandler:
-    """Handles each request from a listener (`handle`); the translations in flight are tasks on the loop."""
+    """Handles each request from a listener (`handle`); the translations in flight are callbacks of
+    TranslationClient.submit (no task per INVITE)."""
 
     def __init__(
         self,
@@ -194,8 +193,8 @@ class SipHandler:
         """Handles one message; False when it was malformed (a TCP listener then closes the connection)."""
         try:
             return self._handle(data, sink, address, transport)
-        except Exception:  # a bug must cost this one message, never the listener
-            log.exception("sip message handling failed")
+        except Exception as exc:  # a bug must cost this one message, never the listener
+            log.error("sip message handling failed", extra=failure_summary(exc))
             self._metrics.drop("malformed")
             return False
 
@@ -299,8 +298,8 @@ class SipHandler:
             if not isinstance(result, translation_pb2.TranslateResponse):
                 self._metrics.translate_failure(result.status)
             outcome = self._renderer.outcome(result, called_number)
-        except Exception:  # a bug still answers the switch
-            log.exception("sip translation failed")
+        except Exception as exc:  # a bug still answers the switch
+            log.error("sip translation failed", extra=failure_summary(exc))
             outcome = unavailable(self._settings, "INTERNAL")
         finally:
             self._pending -= 1
@@ -310,8 +309,8 @@ class SipHandler:
             return  # cancelled (487 sent) or dropped meanwhile: the answer comes too late
         try:
             self._finish(transaction, outcome, self._now())
-        except Exception:  # a loop callback: nothing above to catch it
-            log.exception("sip final response failed")
+        except Exception as exc:  # a loop callback: nothing above to catch it
+            log.error("sip final response failed", extra=failure_summary(exc))
 
     def _finish(self, transaction: ServerTransaction, outcome: Outcome, now: float) -> None:
         """Sends an INVITE's final response, keeps it for retransmissions and ends the INVITE's span."""

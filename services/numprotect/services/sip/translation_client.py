@@ -17,8 +17,9 @@ IDLE_PROBE_SECONDS; a stream with messages outstanding that received nothing for
 wedged translation process) is ended. An ended stream fails its calls at once (UNAVAILABLE) and reopens after a
 jittered backoff from 50 ms doubling to 2 s.
 
-Per call the hot path makes one request sub-message, one future and one await; a message (batch) adds the message,
-its timer and one callback that hands it to the stream's writer.
+Per call the hot path makes one request sub-message and one future (and one await via `translate`, or one done
+callback via `submit`, the handler's path); a message (batch) adds the message, its timer and one callback that
+hands it to the stream's writer.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import grpc
 
 from numprotect.core.metrics import Metrics
+from numprotect.services.sip.errors import failure_summary
 from numprotect.services.sip.settings import SipSettings
 from numprotect.translation.v1 import translation_pb2, translation_pb2_grpc
 
@@ -165,14 +167,14 @@ class TranslationClient:
         self._turn = -1
         self._up = 0
         self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started_on: asyncio.AbstractEventLoop | None = None  # start()'s loop: see `_loop`
         self._streams_gauge = metrics.gauge(
             "numprotect_sip_translation_streams", "TranslateStreams open to translation (answered their probe)."
         )
 
     async def start(self) -> None:
         """Opens the streams in the background (returns at once; `up` turns true when one is proven)."""
-        self._loop = asyncio.get_running_loop()
+        self._started_on = asyncio.get_running_loop()
         for index in range(self._count):
             stream = _Stream(index, self._channel_factory())
             self._streams.append(stream)
@@ -181,6 +183,14 @@ class TranslationClient:
                 self._keep_open(stream), name=f"translation-stream-{index}", context=contextvars.Context()
             )
             self._tasks.append(task)
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the streams run on; calls before start() are a bug, named as such."""
+        loop = self._started_on
+        if loop is None:
+            raise RuntimeError("TranslationClient: start() first")
+        return loop
 
     @property
     def up(self) -> bool:
@@ -198,7 +208,7 @@ class TranslationClient:
         from a loop callback, at the latest at the deadline, soon when no stream is up."""
         future = self._enqueue(call)
         if future is None:
-            self._loop.call_soon(done, _NO_STREAM)  # type: ignore[union-attr]
+            self._loop.call_soon(done, _NO_STREAM)
         else:
             future.add_done_callback(lambda answered: done(answered.result()))
 
@@ -216,7 +226,7 @@ class TranslationClient:
             call_id=call.call_id,
             traceparent=call.traceparent,
         )
-        future: asyncio.Future[Answer | TranslateFailure] = self._loop.create_future()  # type: ignore[union-attr]
+        future: asyncio.Future[Answer | TranslateFailure] = self._loop.create_future()
         batch.call_ids.append(call.call_id)
         batch.futures.append(future)
         return future
@@ -263,7 +273,7 @@ class TranslationClient:
                 full.stream.wake_writer()
             else:
                 full.fail(TranslateFailure("UNAVAILABLE", "translation stream ended"))
-        loop: Any = self._loop
+        loop = self._loop
         batch = _Batch(stream, translation_pb2.TranslateStreamRequest())
         batch.timer = loop.call_later(self._timeout, self._expire, batch)
         loop.call_soon(self._seal, batch)
@@ -317,7 +327,7 @@ class TranslationClient:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug must not end the reconnect loop
-                log.exception("translation stream failed", extra={"stream": stream.index, "error": repr(exc)})
+                log.error("translation stream failed", extra={"stream": stream.index, **failure_summary(exc)})
                 proven = False
             if self._closing:
                 return
