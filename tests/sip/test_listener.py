@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import uvloop
 
 from numprotect.core.metrics import Metrics
 from numprotect.core.settings import SettingsError
+from numprotect.services.sip import transport as sip_transport
 from numprotect.services.sip.app import SipAdapter
 from numprotect.services.sip.handler import SipHandler, SipMetrics
 from numprotect.services.sip.settings import SipSettings
@@ -212,6 +214,29 @@ async def test_tcp_connections_beyond_the_limit_and_idle_ones_are_closed() -> No
         writer.close()
         await asyncio.sleep(0.05)
         assert metrics.registry.get_sample_value("numprotect_sip_tcp_connections", {}) == 0
+
+
+async def test_a_tcp_message_sent_one_byte_at_a_time_is_cut_off_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slowloris: each byte restarts the idle clock (300 s here), but a begun message must be whole in
+    MESSAGE_COMPLETE_SECONDS (1 s here instead of 10): the connection is closed and counted, whole messages are not."""
+    monkeypatch.setattr(sip_transport, "MESSAGE_COMPLETE_SECONDS", 1.0)
+    async with adapter(Translator()) as (running, metrics):
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(request("OPTIONS", transport="TCP"))  # a whole message: answered, no deadline running
+        assert status(await read_response(reader)) == 200
+        started = asyncio.get_running_loop().time()
+        closed = asyncio.ensure_future(reader.read())
+        for byte in request("OPTIONS", transport="TCP"):
+            if closed.done():
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(closed, WAIT) == b""  # closed before the message was whole
+        assert asyncio.get_running_loop().time() - started >= 1.0  # not before its deadline
+        writer.close()
+        assert metrics.registry.get_sample_value("numprotect_sip_dropped_total", {"reason": "incomplete"}) == 1
 
 
 async def test_a_top_via_with_a_received_ipv6_address_is_answered_with_one_received() -> None:

@@ -99,7 +99,7 @@ class SipMetrics:
         )
         self._dropped = metrics.counter(
             "numprotect_sip_dropped",
-            "SIP messages not handled: malformed, too_large, not_allowed, response, overload.",
+            "SIP messages not handled: malformed, too_large, not_allowed, response, overload, incomplete.",
             ("reason",),
         )
         self.invite_seconds = metrics.histogram(
@@ -111,7 +111,7 @@ class SipMetrics:
         self.transactions = metrics.gauge("numprotect_sip_transactions", "SIP server transactions held.")
         self.tcp_connections = metrics.gauge("numprotect_sip_tcp_connections", "Open SIP TCP connections.")
         self._cache: dict[tuple[str, ...], Any] = {}
-        for drop_reason in ("malformed", "too_large", "not_allowed", "response", "overload"):
+        for drop_reason in ("malformed", "too_large", "not_allowed", "response", "overload", "incomplete"):
             self._child(self._dropped, drop_reason).inc(0)  # every reason's series exists from the start, at 0
 
     def _child(self, family: Any, *labels: str) -> Any:

@@ -370,6 +370,11 @@ class StreamFramer:
         self._buffer = bytearray()
         self._max = max_message_bytes
 
+    @property
+    def pending(self) -> bool:
+        """Part of a message (or of a keep-alive) has arrived and waits for the rest."""
+        return bool(self._buffer)
+
     def feed(self, data: bytes) -> Framed:
         buffer = self._buffer
         buffer += data

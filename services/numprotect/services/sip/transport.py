@@ -25,6 +25,12 @@ UDP_RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 TCP_MAX_PENDING_WRITE_BYTES = 1024 * 1024
 # How often idle TCP connections are looked for (seconds).
 IDLE_CHECK_SECONDS = 1.0
+# A message whose first bytes arrived must be whole within this (else the connection is closed, counted as
+# dropped{reason="incomplete"}): the idle clock restarts on every byte, so without it a peer sending one byte at a
+# time would hold a connection (of NUMPROTECT_SIP_MAX_CONNECTIONS) for ever. A switch writes a message at once.
+MESSAGE_COMPLETE_SECONDS = 10.0
+# How long close() waits for the TCP connections to finish flushing: bounded so a peer that never reads cannot hold
+# shutdown; 2 s is ample for the last answers on a live link and well inside NUMPROTECT_GRACE_PERIOD.
 CLOSE_WAIT_SECONDS = 2.0
 _SOURCE_CACHE_SIZE = 4096
 _CR_LF = (13, 10)
@@ -113,6 +119,7 @@ class TcpConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer: Address = ("", 0)
         self.last_active = 0.0
+        self.message_started: float | None = None  # when the partial message buffered began to arrive
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -147,6 +154,11 @@ class TcpConnection(asyncio.Protocol):
         if framed.error:
             server.refuse_framing(framed, self, self._peer)
             self.close()
+            return
+        if not self._framer.pending:
+            self.message_started = None
+        elif self.message_started is None:
+            self.message_started = self.last_active
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
@@ -235,13 +247,20 @@ class SipServer:
             self.handler.refuse_malformed(Malformed(framed.error, request, code=framed.error_code), connection, peer)
 
     def sweep(self, now: float) -> None:
-        """Closes TCP connections idle past NUMPROTECT_SIP_TCP_IDLE_TIMEOUT (checked once a second)."""
+        """Closes TCP connections idle past NUMPROTECT_SIP_TCP_IDLE_TIMEOUT, or with a message begun more than
+        MESSAGE_COMPLETE_SECONDS ago and still not whole (checked once a second)."""
         if now < self._next_idle_check:
             return
         self._next_idle_check = now + IDLE_CHECK_SECONDS
         oldest = now - self.settings.tcp_idle_timeout
-        for connection in [c for c in self.connections if c.last_active < oldest]:
-            connection.close()
+        started_before = now - MESSAGE_COMPLETE_SECONDS
+        for connection in list(self.connections):
+            started = connection.message_started
+            if started is not None and started < started_before:
+                self.metrics.drop("incomplete")
+                connection.close()
+            elif connection.last_active < oldest:
+                connection.close()
 
     async def close(self) -> None:
         """Stops listening and closes every connection (their pending answers are flushed first)."""
