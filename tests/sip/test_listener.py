@@ -4,6 +4,7 @@ and sweeper; a stand-in answers for the translation client (the SIPp tests run t
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -276,6 +277,24 @@ async def test_an_invite_inside_a_dialog_gets_481_without_a_translation() -> Non
         answers = [status(await client.next()) for _ in range(3)]
         assert sorted(answers) == [100, 302, 481]
         assert translator.calls == 1
+
+
+class FailingTranslator(Translator):
+    async def start(self) -> None:
+        raise RuntimeError("no channel")
+
+
+async def test_a_translator_that_fails_to_start_leaves_the_sip_port_free() -> None:
+    settings = SipSettings.from_env({"NUMPROTECT_SIP_EGRESS": "198.51.100.7:5070", "NUMPROTECT_SIP_PORT": "0"})
+    translator = FailingTranslator()
+    sip_metrics = SipMetrics(Metrics("sip"))
+    handler = SipHandler(settings, translator, lambda *f: f, sip_metrics, TransactionTable(10))
+    server = SipServer(settings, handler, sip_metrics)
+    with pytest.raises(RuntimeError, match="no channel"):
+        await SipAdapter(settings, handler, server, translator).start()
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):  # both listeners closed: the port binds again
+        with socket.socket(socket.AF_INET, kind) as again:
+            again.bind(("127.0.0.1", server.port))
 
 
 def test_a_busy_port_is_one_settings_line_with_the_system_reason_under_uvloop() -> None:

@@ -61,8 +61,13 @@ class SipAdapter:
         return self.handler.ready
 
     async def start(self) -> None:
+        """Listens, opens the translation streams and starts the sweeper; a failure leaves nothing bound."""
         await self.server.start()
-        await self.translator.start()
+        try:
+            await self.translator.start()
+        except BaseException:
+            await self.server.close()
+            raise
         self._sweeper.start()
 
     async def close(self) -> None:
