@@ -167,14 +167,6 @@ def test_the_shipped_configuration_passes_kamailios_check() -> None:
     assert "config file ok" in checked.stderr
 
 
-async def _adapter_ready(stack: SipStack) -> None:
-    """Waits (bounded) until the adapter has a translation stream: before that it answers 503 by design."""
-    deadline = time.monotonic() + START_SECONDS * 3
-    while not stack.sip_adapter.ready():
-        assert time.monotonic() < deadline, "the adapter has no translation stream"
-        await asyncio.sleep(0.05)
-
-
 def _text(messages: list[SipMessage]) -> str:
     return "\n".join(message.text for message in messages)
 
@@ -187,7 +179,6 @@ async def test_a_call_through_kamailio_shows_b_only_the_700_number_and_its_cdr_m
     # The adapter's 302 sends the call to party B's SIPp (NUMPROTECT_SIP_EGRESS: the carrier's egress).
     async with sip_stack_factory(egress=f"127.0.0.1:{b_port}") as stack:
         binding = await stack.bind_axb(A, B)
-        await _adapter_ready(stack)
         async with running_kamailio(stack.sip_port, tmp_path) as kamailio:
             sipp = Sipp(("127.0.0.1", kamailio.port), tmp_path)
             party_b = asyncio.create_task(
@@ -283,7 +274,6 @@ def _ms(seconds: str) -> int:
 async def test_the_adapters_refusals_reach_the_caller_through_kamailio_with_their_reason(
     sip_stack: SipStack, tmp_path: Path
 ) -> None:
-    await _adapter_ready(sip_stack)
     sip_stack.route_blocks(X, X2)
     async with running_kamailio(sip_stack.sip_port, tmp_path) as kamailio:
         sipp = Sipp(("127.0.0.1", kamailio.port), tmp_path)
