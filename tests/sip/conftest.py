@@ -307,6 +307,43 @@ async def _ready(adapter: SipAdapter, within: float = START_SECONDS) -> None:
         await asyncio.sleep(0.02)
 
 
+class FakeTranslator:
+    """Stands in for TranslationClient in the handler and listener tests (the SIPp tests run the real one):
+    answers `answer` to each call (recorded in `calls`) once `release` is set (at once by default); `up` is
+    what readiness and OPTIONS see."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.calls: list[Any] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.up = True
+        self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks weakly: keep each until it is done
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def translate(self, call: Any) -> Any:
+        self.calls.append(call)
+        await self.release.wait()
+        return self.answer
+
+    def submit(self, call: Any, done: Callable[[Any], None]) -> None:
+        task = asyncio.ensure_future(self.translate(call))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda answered: done(answered.result()))
+
+
+@pytest.fixture
+def fake_translator() -> type[FakeTranslator]:
+    """The FakeTranslator class (test modules cannot import conftest): `fake_translator(answer)`."""
+    return FakeTranslator
+
+
 SipStackFactory = Callable[..., AbstractAsyncContextManager[SipStack]]
 
 

@@ -55,30 +55,11 @@ class Failure:
     message: str = ""
 
 
-class Translator:
-    """Stands in for TranslationClient: answers `answer` once `release` is set (at once by default)."""
-
-    def __init__(self, answer: Any = CONNECT) -> None:
-        self.answer = answer
-        self.calls: list[tuple[str, ...]] = []
-        self.release = asyncio.Event()
-        self.release.set()
-        self.up = True
-
-    async def translate(self, call: Any) -> Any:
-        self.calls.append(call)
-        await self.release.wait()
-        return self.answer
-
-    def submit(self, call: Any, done: Callable[[Any], None]) -> None:
-        asyncio.ensure_future(self.translate(call)).add_done_callback(lambda answered: done(answered.result()))
-
-
 def settings(**overrides: str) -> SipSettings:
     return SipSettings.from_env({"NUMPROTECT_SIP_EGRESS": "198.51.100.7:5070", **overrides})
 
 
-def handler_with(translator: Translator, *, limit: int = 1000, metrics: Metrics | None = None) -> SipHandler:
+def handler_with(translator: Any, *, limit: int = 1000, metrics: Metrics | None = None) -> SipHandler:
     return SipHandler(
         settings(),
         translator,
@@ -165,8 +146,10 @@ def test_rfc2543_requests_are_matched_without_a_magic_cookie_branch() -> None:
 # --- the handler's transactions ------------------------------------------------------------------------------
 
 
-async def test_invite_gets_100_at_once_then_302_and_a_retransmission_the_same_bytes_without_translating() -> None:
-    translator = Translator()
+async def test_invite_gets_100_at_once_then_302_and_a_retransmission_the_same_bytes_without_translating(
+    fake_translator: Any,
+) -> None:
+    translator = fake_translator(CONNECT)
     translator.release.clear()
     handler = handler_with(translator)
     sink = Sink()
@@ -190,8 +173,8 @@ async def test_invite_gets_100_at_once_then_302_and_a_retransmission_the_same_by
     assert translator.calls[0][:4] == ("13800000001", X, "", translator.calls[0][3])
 
 
-async def test_ack_is_absorbed_and_stops_timer_g() -> None:
-    handler = handler_with(Translator(rejected(translation_pb2.REJECT_REASON_UNSPECIFIED)))
+async def test_ack_is_absorbed_and_stops_timer_g(fake_translator: Any) -> None:
+    handler = handler_with(fake_translator(rejected(translation_pb2.REJECT_REASON_UNSPECIFIED)))
     sink = Sink()
     invite = request()
     handler.handle(invite, sink, SOURCE, "udp")
@@ -205,8 +188,10 @@ async def test_ack_is_absorbed_and_stops_timer_g() -> None:
     assert len(sink.sent) == sent  # no response to the ACK, no retransmission after it
 
 
-async def test_cancel_while_translating_gets_200_then_487_and_the_late_answer_is_discarded() -> None:
-    translator = Translator()
+async def test_cancel_while_translating_gets_200_then_487_and_the_late_answer_is_discarded(
+    fake_translator: Any,
+) -> None:
+    translator = fake_translator(CONNECT)
     translator.release.clear()
     handler = handler_with(translator)
     sink = Sink()
@@ -224,8 +209,8 @@ async def test_cancel_while_translating_gets_200_then_487_and_the_late_answer_is
     assert sink.sent[-1] == sink.sent[1]
 
 
-async def test_cancel_after_the_final_response_is_200_without_effect_and_unknown_is_481() -> None:
-    handler = handler_with(Translator())
+async def test_cancel_after_the_final_response_is_200_without_effect_and_unknown_is_481(fake_translator: Any) -> None:
+    handler = handler_with(fake_translator(CONNECT))
     sink = Sink()
     invite = request()
     handler.handle(invite, sink, SOURCE, "udp")
@@ -236,8 +221,8 @@ async def test_cancel_after_the_final_response_is_200_without_effect_and_unknown
     assert status(sink.sent[-1]) == 481
 
 
-async def test_options_200_or_503_when_translation_is_down_other_methods_405() -> None:
-    translator = Translator()
+async def test_options_200_or_503_when_translation_is_down_other_methods_405(fake_translator: Any) -> None:
+    translator = fake_translator(CONNECT)
     handler = handler_with(translator)
     sink = Sink()
     handler.handle(request("OPTIONS"), sink, SOURCE, "udp")
@@ -252,8 +237,8 @@ async def test_options_200_or_503_when_translation_is_down_other_methods_405() -
     assert header(sink.sent[-1], "Allow") == "INVITE, ACK, CANCEL, OPTIONS"
 
 
-async def test_refusals_before_translation_never_translate() -> None:
-    translator = Translator()
+async def test_refusals_before_translation_never_translate(fake_translator: Any) -> None:
+    translator = fake_translator(CONNECT)
     handler = handler_with(translator)
     sink = Sink()
     cases = [
@@ -287,8 +272,10 @@ async def test_refusals_before_translation_never_translate() -> None:
         (Failure("UNAUTHENTICATED"), 503, 41),
     ],
 )
-async def test_translation_outcomes_map_to_the_response_table(answer: Any, code: int, cause: int) -> None:
-    handler = handler_with(Translator(answer))
+async def test_translation_outcomes_map_to_the_response_table(
+    answer: Any, code: int, cause: int, fake_translator: Any
+) -> None:
+    handler = handler_with(fake_translator(answer))
     sink = Sink()
     handler.handle(request(), sink, SOURCE, "udp")
     await settle(handler)
@@ -298,9 +285,9 @@ async def test_translation_outcomes_map_to_the_response_table(answer: Any, code:
     assert (header(final, "Retry-After") is not None) == (code == 503)
 
 
-async def test_overload_and_draining_answer_503_without_translating() -> None:
+async def test_overload_and_draining_answer_503_without_translating(fake_translator: Any) -> None:
     metrics = Metrics("sip")
-    translator = Translator()
+    translator = fake_translator(CONNECT)
     translator.release.clear()
     handler = handler_with(translator, limit=1, metrics=metrics)
     sink = Sink()
@@ -318,9 +305,9 @@ async def test_overload_and_draining_answer_503_without_translating() -> None:
     assert len(translator.calls) == 1
 
 
-async def test_malformed_requests_get_400_naming_the_problem_or_are_dropped() -> None:
+async def test_malformed_requests_get_400_naming_the_problem_or_are_dropped(fake_translator: Any) -> None:
     metrics = Metrics("sip")
-    handler = handler_with(Translator(), metrics=metrics)
+    handler = handler_with(fake_translator(CONNECT), metrics=metrics)
     sink = Sink()
     assert not handler.handle(request(omit=("CSeq",)), sink, SOURCE, "udp")
     assert sink.sent[-1].startswith(b"SIP/2.0 400 Missing CSeq\r\n")
@@ -334,9 +321,9 @@ async def test_malformed_requests_get_400_naming_the_problem_or_are_dropped() ->
     assert metrics.registry.get_sample_value("numprotect_sip_dropped_total", {"reason": "response"}) == 1
 
 
-async def test_metrics_count_new_requests_final_responses_and_retransmissions() -> None:
+async def test_metrics_count_new_requests_final_responses_and_retransmissions(fake_translator: Any) -> None:
     metrics = Metrics("sip")
-    handler = handler_with(Translator(), metrics=metrics)
+    handler = handler_with(fake_translator(CONNECT), metrics=metrics)
     sink = Sink()
     invite = request()
     handler.handle(invite, sink, SOURCE, "udp")
@@ -349,11 +336,11 @@ async def test_metrics_count_new_requests_final_responses_and_retransmissions() 
     assert value("numprotect_sip_invite_seconds_count", {}) == 1
 
 
-async def test_the_invite_span_is_the_translations_parent_with_masked_numbers() -> None:
+async def test_the_invite_span_is_the_translations_parent_with_masked_numbers(fake_translator: Any) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    translator = Translator()
+    translator = fake_translator(CONNECT)
     handler = SipHandler(
         settings(),
         translator,
@@ -379,8 +366,8 @@ async def test_the_invite_span_is_the_translations_parent_with_masked_numbers() 
     assert int(traceparent[-2:], 16) & 1  # sampled
 
 
-async def test_a_required_extension_gets_420_naming_it() -> None:
-    translator = Translator()
+async def test_a_required_extension_gets_420_naming_it(fake_translator: Any) -> None:
+    translator = fake_translator(CONNECT)
     handler = handler_with(translator)
     sink = Sink()
     handler.handle(request(extra="Require: 100rel, precondition\r\n"), sink, SOURCE, "udp")
@@ -390,17 +377,17 @@ async def test_a_required_extension_gets_420_naming_it() -> None:
     assert translator.calls == []
 
 
-class BrokenTranslator(Translator):
-    """A bug in the path: its exception text carries the dialled number, as a header value's parse error would."""
+async def test_an_unexpected_error_is_logged_by_type_and_place_never_with_its_text(
+    caplog: pytest.LogCaptureFixture, fake_translator: Any
+) -> None:
+    translator = fake_translator(CONNECT)
 
-    def submit(self, call: Any, done: Callable[[Any], None]) -> None:
+    def broken_submit(call: Any, done: Callable[[Any], None]) -> None:
+        # A bug in the path: its exception text carries the dialled number, as a header value's error would.
         raise ValueError(f"bad number {call[1]}")
 
-
-async def test_an_unexpected_error_is_logged_by_type_and_place_never_with_its_text(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    handler = handler_with(BrokenTranslator())
+    translator.submit = broken_submit
+    handler = handler_with(translator)
     sink = Sink()
     with caplog.at_level("ERROR", logger="numprotect.services.sip.handler"):
         assert handler.handle(request(), sink, SOURCE, "udp") is False
