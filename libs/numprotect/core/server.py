@@ -93,6 +93,7 @@ class ServiceParts:
     awaitable). `max_workers` sizes the thread-pool server (concurrent calls in Python; unused on grpc.aio).
     `ready`: what readiness needs besides Redis (the SIP adapter: a translation stream up, not draining); health
     is NOT_SERVING while it returns False. The probe thread calls it: cheap, and safe to call off the loop.
+    `ready_means`: what `ready` checks, for the health log ("not ready: NOT_SERVING, <service> needs <ready_means>").
     `on_drain`: called when the stop signal comes, before the gRPC server's grace period (the SIP adapter then
     refuses new INVITEs at once instead of for the whole grace)."""
 
@@ -100,6 +101,7 @@ class ServiceParts:
     on_shutdown: list[ShutdownHook] = field(default_factory=list)
     max_workers: int = 16
     ready: Callable[[], bool] | None = None
+    ready_means: str = ""
     on_drain: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -228,10 +230,11 @@ class _ServiceApp:
         max_workers: int = 16,
         metrics: Metrics | None = None,
         ready: Callable[[], bool] | None = None,
+        ready_means: str = "",
     ) -> None:
         """`max_workers` sizes the thread-pool server's pool (concurrent calls in Python); grpc.aio has none.
         `metrics`: the process's (runtime.metrics); without it, or with metrics off, no /metrics port and no
-        metrics concern. `ready`: ServiceParts.ready (readiness needs it too, besides the probe)."""
+        metrics concern. `ready`, `ready_means`: ServiceParts' (readiness needs it too, besides the probe)."""
         self.settings = settings
         self.tls = tls
         self.registrations = list(registrations)
@@ -252,13 +255,19 @@ class _ServiceApp:
         redis_up = self.metrics.gauge("numprotect_redis_up", "1 while Redis answers the health probe's PING, else 0.")
         check = probe or (lambda: True)
 
-        def probed() -> bool:
+        def probed() -> bool | str:
+            """True, or what is not ready: the health probe logs it."""
             up = False
             try:
                 up = check()
             finally:
                 redis_up.set(1 if up else 0)
-            return up and (ready is None or ready())
+            if not up:
+                return "redis unreachable"
+            if ready is not None and not ready():
+                service = settings.service
+                return f"{service} needs {ready_means}" if ready_means else f"{service}'s own readiness check failed"
+            return True
 
         self._probe = HealthProbe(probed, self._publish, settings.health_interval_seconds)
         self.call_concerns = call_concerns(telemetry, identity, grpc_metrics)
@@ -565,6 +574,7 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
             tls=startup.tls,
             metrics=startup.metrics,
             ready=parts.ready,
+            ready_means=parts.ready_means,
         )
         await app.start()
         startup.serving(app, "aio")
@@ -616,6 +626,7 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
             max_workers=parts.max_workers,
             metrics=startup.metrics,
             ready=parts.ready,
+            ready_means=parts.ready_means,
         )
         app.start()
         startup.serving(app, "sync")

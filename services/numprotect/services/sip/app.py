@@ -105,5 +105,9 @@ async def build(runtime: Runtime, *, started: Callable[[SipAdapter], None] | Non
         started(adapter)
     # Draining starts with the stop signal (new INVITEs: 503 at once), not after the gRPC server's grace period.
     return ServiceParts(
-        registrations=[], on_shutdown=[adapter.close], ready=adapter.ready, on_drain=[handler.start_draining]
+        registrations=[],
+        on_shutdown=[adapter.close],
+        ready=adapter.ready,
+        ready_means="a translation stream up, not draining",
+        on_drain=[handler.start_draining],
     )
