@@ -167,6 +167,27 @@ async def test_answers_connect_reject_collect_and_errors_while_the_stream_stays_
             assert registry.get_sample_value("grpc_server_started_total", STREAM_METHOD) == opened == 2.0
 
 
+async def test_streams_ended_by_a_key_translation_refuses_are_counted_as_unauthenticated(
+    redis_env: dict[str, str],
+) -> None:
+    """The calls then fail UNAVAILABLE (no stream up); the stream-end counter tells the operator why."""
+
+    def ended(metrics: Metrics, status: str) -> float:
+        value = metrics.registry.get_sample_value("numprotect_sip_translation_stream_ends_total", {"status": status})
+        return value or 0.0
+
+    environ = {**redis_env, **TRANSLATION_SETTINGS}
+    settings = _settings(streams="2")
+    async with (
+        running_sync_service("translation", build_sync, environ) as service,
+        _client(lambda: service.channel_with("np_not-a-key"), settings, wait_up=False) as (client, metrics),
+    ):
+        await _until(lambda: ended(metrics, "UNAUTHENTICATED") >= 2, 10.0)
+        failed = await client.translate(_call(A))
+        assert isinstance(failed, TranslateFailure) and failed.status == "UNAVAILABLE"
+        assert not client.up and ended(metrics, "UNAVAILABLE") == 0
+
+
 async def test_calls_of_one_loop_iteration_go_out_as_one_message(redis_env: dict[str, str]) -> None:
     async with running_sync_service("translation", build_sync, {**redis_env, **TRANSLATION_SETTINGS}) as service:
         await _seed(redis_env, service.redis)

@@ -171,6 +171,12 @@ class TranslationClient:
         self._streams_gauge = metrics.gauge(
             "numprotect_sip_translation_streams", "TranslateStreams open to translation (answered their probe)."
         )
+        # Why streams end (a revoked key: UNAUTHENTICATED), where the calls that then find no stream count UNAVAILABLE.
+        self._stream_ends = metrics.counter(
+            "numprotect_sip_translation_stream_ends",
+            "TranslateStreams ended (or refused when opened), by the gRPC status they ended with.",
+            ("status",),
+        )
 
     async def start(self) -> None:
         """Opens the streams in the background (returns at once; `up` turns true when one is proven)."""
@@ -377,6 +383,8 @@ class TranslationClient:
             stream.fail_all(TranslateFailure("UNAVAILABLE", ended))
             stream.call = None
         code = await _code_of(call)
+        if not self._closing:
+            self._stream_ends.labels(code).inc()
         if proven or not quiet:
             log.warning(
                 "translation stream down",
