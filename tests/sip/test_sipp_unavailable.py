@@ -82,3 +82,19 @@ async def test_invites_beyond_the_transaction_limit_get_503_at_once(sip_stack_fa
         times = result.final_response_times()
         assert all(times[call_id] < 0.9 for call_id in refused), times  # before any translation's answer (1 s)
         assert stack.translations() - before == 3
+
+
+async def test_calls_behind_a_slow_answer_are_not_held_to_their_deadline(sip_stack_factory: SipStackFactory) -> None:
+    """One stream, translation 1 s away (0.5 s each way), a 2 s deadline: the first call's message is out, so the
+    next calls' message is held behind it, but only for a tenth of the deadline (HOLD_SHARE), not for the whole
+    answer (1 s more, which would put them at the deadline). All three connect."""
+    settings = {"NUMPROTECT_SIP_STREAMS": "1", "NUMPROTECT_SIP_TRANSLATE_TIMEOUT": "2s"}
+    async with sip_stack_factory(adapter=settings) as stack:
+        await stack.bind_axb(A, B)
+        stack.translation_delay(0.5)
+
+        result = await stack.sipp.run("redirect_or_unavailable.xml", calls=3, rows=[[A, X]])
+
+        result.check(calls=3)
+        assert (len(result.received(302)), len(result.received(503))) == (3, 0), result.explain()
+        assert stack.adapter_metric("numprotect_sip_translate_failures_total", {"status": "DEADLINE_EXCEEDED"}) == 0

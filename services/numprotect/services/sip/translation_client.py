@@ -4,12 +4,13 @@ Calls submitted in one event-loop iteration go out as ONE `TranslateStreamReques
 NUMPROTECT_SIP_BATCH_MAX calls), on the streams in turn. While the chosen stream is busy (writing, or its last
 message unanswered), the message stays open and later iterations' calls join it until the stream is free: batches
 grow with the load (fewer, larger messages: less work per call on both sides), never by a timer (an idle adapter
-sends each call at the end of its loop iteration). Translation answers such a message with one message whose
-`responses` follow its order, so each stream matches answers to its messages first in, first out, and checks every
-call_id (a mismatch ends the stream: its calls fail, it reconnects). A call never waits past its deadline
-(NUMPROTECT_SIP_TRANSLATE_TIMEOUT): one timer per message fails the calls still waiting (DEADLINE_EXCEEDED), and
-their late answers are dropped. With no stream up a call fails at once (UNAVAILABLE), so the switch gets its 503 at
-once too.
+sends each call at the end of its loop iteration). A message held so waits at most HOLD_SHARE of the timeout: a slow
+translation must not make a call wait a whole answer for the message before it. Translation answers such a message
+with one message whose `responses` follow its order, so each stream matches answers to its messages first in, first
+out, and checks every call_id (a mismatch ends the stream: its calls fail, it reconnects). A call never waits past
+its deadline (NUMPROTECT_SIP_TRANSLATE_TIMEOUT): one timer per message fails the calls still waiting
+(DEADLINE_EXCEEDED), and their late answers are dropped. With no stream up a call fails at once (UNAVAILABLE), so
+the switch gets its 503 at once too.
 
 A stream is "up" once translation has answered a probe on it (an empty call, answered INVALID_ARGUMENT): that proves
 the TLS connection, the credential and the stream limit before any call rides on it. An idle stream is probed every
@@ -60,6 +61,11 @@ STALL_MIN_SECONDS = 3.0
 # better than 2 (make bench BENCH_ARGS=sip: adapter 350-405 against 396-412 us per call, translation 99-113 against
 # 118-127), at most a translation round trip (~1 ms) more for a call that comes while one is out.
 MESSAGES_IN_FLIGHT = 1
+# A message held back behind a busy stream goes out anyway after this share of the translation timeout: when
+# translation answers slowly (100 ms and more), a call must not wait a whole answer for the message before it, which
+# costs its deadline (at the 200 ms default: held at most 20 ms). A fast translation answers long before, so the
+# batches under load are unchanged.
+HOLD_SHARE = 0.1
 # close(): the longest wait for the streams to end.
 CLOSE_SECONDS = 2.0
 
@@ -98,11 +104,12 @@ def failure_of(error: str) -> TranslateFailure:
 class _Batch:
     """One message: its calls' ids and futures in message order, its deadline timer, when it was sent."""
 
-    __slots__ = ("call_ids", "futures", "message", "queued", "sent", "stream", "timer")
+    __slots__ = ("call_ids", "due", "futures", "message", "queued", "sent", "stream", "timer")
 
-    def __init__(self, stream: _Stream, message: translation_pb2.TranslateStreamRequest) -> None:
+    def __init__(self, stream: _Stream, message: translation_pb2.TranslateStreamRequest, due: float = 0.0) -> None:
         self.stream = stream
         self.message = message
+        self.due = due  # loop time from which it is sent even while its stream's window is full (HOLD_SHARE)
         self.call_ids: list[str] = []
         self.futures: list[asyncio.Future[Answer | TranslateFailure]] = []
         self.timer: asyncio.TimerHandle | None = None
@@ -161,6 +168,7 @@ class TranslationClient:
         self._timeout = settings.translate_timeout
         self._batch_max = settings.batch_max
         self._stall = max(STALL_MIN_SECONDS, STALL_FACTOR * settings.translate_timeout)
+        self._hold = HOLD_SHARE * settings.translate_timeout
         self._streams: list[_Stream] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._filling: _Batch | None = None  # the message this loop iteration's calls go into
@@ -277,10 +285,11 @@ class TranslationClient:
             if full.stream.up:
                 full.stream.outbox.append(full)
                 full.stream.wake_writer()
+                self._loop.call_at(full.due, full.stream.wake_writer)  # sent by then, whatever is in flight
             else:
                 full.fail(TranslateFailure("UNAVAILABLE", "translation stream ended"))
         loop = self._loop
-        batch = _Batch(stream, translation_pb2.TranslateStreamRequest())
+        batch = _Batch(stream, translation_pb2.TranslateStreamRequest(), loop.time() + self._hold)
         batch.timer = loop.call_later(self._timeout, self._expire, batch)
         loop.call_soon(self._seal, batch)
         self._filling = batch
@@ -299,8 +308,23 @@ class TranslationClient:
             return
         if self._filling is batch:
             if stream.busy:
+                self._loop.call_at(batch.due, self._release, batch)
                 return
             self._filling = None
+        batch.queued = True
+        stream.outbox.append(batch)
+        stream.wake_writer()
+
+    def _release(self, batch: _Batch) -> None:
+        """A message held back behind its busy stream until its `due` time: queued now, and the writer sends it as
+        soon as no write is in progress, whatever the stream has in flight."""
+        if batch.queued or self._filling is not batch:
+            return
+        self._filling = None
+        stream = batch.stream
+        if not stream.up:
+            batch.fail(TranslateFailure("UNAVAILABLE", "translation stream ended"))
+            return
         batch.queued = True
         stream.outbox.append(batch)
         stream.wake_writer()
@@ -414,10 +438,20 @@ class TranslationClient:
         """Sends the stream's messages in order (one write at a time, as grpc requires)."""
         loop = asyncio.get_running_loop()
         outbox = stream.outbox
+        inflight = stream.inflight
         while True:
-            while not stream.busy:
-                batch = outbox.popleft() if outbox else self._take_filling(stream)
-                if batch is None:
+            while not stream.writing:
+                if outbox:
+                    # Within the window, or held long enough (`due`): a slow translation must not cost deadlines.
+                    if len(inflight) >= MESSAGES_IN_FLIGHT and loop.time() < outbox[0].due:
+                        break
+                    batch = outbox.popleft()
+                elif len(inflight) < MESSAGES_IN_FLIGHT:
+                    taken = self._take_filling(stream)
+                    if taken is None:
+                        break
+                    batch = taken
+                else:
                     break
                 batch.sent = loop.time()
                 stream.inflight.append(batch)  # before the write: its answer may come before write() returns
