@@ -20,8 +20,9 @@ import pytest
 import redis
 
 from numprotect.cli.contexts import SERVICES as CLI_SERVICES
+from numprotect.core.settings import server_port_variable
 from support.grpcurl import run_grpcurl, run_grpcurl_plaintext
-from support.launcher import LAUNCHER, SERVICES, launch, launcher_env, port_variable
+from support.launcher import LAUNCHER, SERVICES, launch, launcher_env
 from support.processes import ROOT
 from support.redis_server import free_port
 from support.sip_client import SipClient
@@ -53,7 +54,7 @@ def test_run_brings_everything_up_and_stops_cleanly(tmp_path: Path) -> None:
         assert (tmp_path / "dev" / "auth.key").stat().st_mode & 0o777 == 0o600
         bearer = ("-H", f"authorization: Bearer {operator.read_text().strip()}")
         for name in SERVICES:
-            address = f"127.0.0.1:{env[port_variable(name)]}"
+            address = f"127.0.0.1:{env[server_port_variable(name)]}"
             check = run_grpcurl(*bearer, "-d", '{"service":""}', address, "grpc.health.v1.Health/Check", ca_file=ca)
             assert '"status": "SERVING"' in check.stdout, check.stderr
             anonymous = run_grpcurl(address, "list", ca_file=ca)
@@ -135,7 +136,7 @@ def _walk_through_works_as_written(run_dir: Path, env: dict[str, str]) -> None:
     block = readme.split("<!-- walkthrough:begin -->")[1].split("<!-- walkthrough:end -->")[0]
     script = block.split("```sh\n")[1].split("```")[0]
     script = script.replace(".run/", f"{run_dir}/")
-    addresses = {name: f"127.0.0.1:{env[port_variable(name)]}" for name in SERVICES}
+    addresses = {name: f"127.0.0.1:{env[server_port_variable(name)]}" for name in SERVICES}
     for index, name in enumerate(SERVICES):
         script = script.replace(f"127.0.0.1:{50051 + index}", addresses[name])
     # The SIP adapter's port (the README's 5060).
