@@ -123,6 +123,7 @@ class Platform:
                 peers[f"NUMPROTECT_{name.upper()}_ADDR"] = processes[name].address
             platform = cls(redis, processes, tokens)
             platform.seed()
+            platform.wait_healthy()
         except BaseException:
             for process in processes.values():
                 process.stop()
@@ -152,6 +153,15 @@ class Platform:
     def rss_growth(self) -> dict[str, int]:
         now = self.rss()
         return {name: now[name] - self.baseline_rss[name] for name in now}
+
+    def wait_healthy(self, within: float = 30.0) -> None:
+        """Until every process answers SERVING: health re-checks once per NUMPROTECT_HEALTH_INTERVAL (1 s), so the
+        SIP adapter turns SERVING up to a second after its first translation stream is up, and a test that asked at
+        once would take the platform's start for a fault."""
+        deadline = time.monotonic() + within
+        while problems := self.unhealthy():
+            assert time.monotonic() < deadline, f"the platform did not become healthy in {within:g} s: {problems}"
+            time.sleep(0.1)
 
     def unhealthy(self) -> list[str]:
         """Processes that exited or do not answer SERVING (empty when all is well)."""
