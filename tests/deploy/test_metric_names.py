@@ -373,6 +373,16 @@ def eventually(call: Callable[[], Any], done: Callable[[Any], bool], timeout: fl
         time.sleep(0.1)
 
 
+def _translate_once_the_block_is_known(translation: Any, request: translation_pb2.TranslateRequest) -> Any:
+    """The answer to `request`, or None while translation does not know yet that the block is the carrier's."""
+    try:
+        return translation.Translate(request, timeout=10)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.PERMISSION_DENIED:  # type: ignore[attr-defined]
+            raise
+        return None
+
+
 def drive_calls(suite: Suite) -> None:
     """A webhook endpoint, a block imported, a binding made (its binding.created webhook fails once, then is
     delivered), calls translated (connect and reject), a CDR ingested, and a call refused for its missing key:
@@ -413,10 +423,11 @@ def drive_calls(suite: Suite) -> None:
         request = translation_pb2.TranslateRequest(
             calling_number=PARTY_A, called_number=created.virtual_number, call_id="call-metrics-1"
         )
-        # translation and cdr learn the new block's carrier on their next reload of the carriers' table.
+        # translation and cdr learn the new block's carrier on their next reload of the carriers' table: until then
+        # the carrier's call is PERMISSION_DENIED (OTHER_CARRIER), which the loop waits out like a non-CONNECT answer.
         connected = eventually(
-            lambda: translation.Translate(request, timeout=10),
-            lambda reply: reply.decision == translation_pb2.DECISION_CONNECT,
+            lambda: _translate_once_the_block_is_known(translation, request),
+            lambda reply: reply is not None and reply.decision == translation_pb2.DECISION_CONNECT,
         )
         translation.Translate(
             translation_pb2.TranslateRequest(
