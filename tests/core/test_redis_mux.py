@@ -23,7 +23,7 @@ from redis.exceptions import NoPermissionError, NoScriptError
 
 from numprotect.core.redis_acl import ACL_USERS, ADMIN_USER, render_acl_file
 from numprotect.core.redis_client import LuaScript, RedisClient, create_redis, redis_is_up, storage_unavailable
-from numprotect.core.redis_mux import MuxRedis, NotMultiplexed, _Connection, _Lost
+from numprotect.core.redis_mux import MuxRedis, NotMultiplexed, _Batch, _Connection, _Lost
 from numprotect.core.replica_wait import ReplicaWait
 from numprotect.core.settings import Env, RedisSettings, SettingsError
 from support.redis_cluster import RedisClusterServers
@@ -361,6 +361,35 @@ def test_a_write_the_closed_transport_refuses_leaves_its_commands_unsent() -> No
         lost = future.exception()
         assert isinstance(lost, _Lost) and lost.sent is False and conn.closed
         assert isinstance(lost.error, redis.ConnectionError)
+    finally:
+        loop.close()
+
+
+def test_a_command_sent_on_a_connection_dropped_before_its_turn_fails_unsent() -> None:
+    """The waiters of a connection being opened resume a loop pass after it opened: a peer gone in between has
+    closed it. What they then queue on it was never sent, and fails at once as such (the caller tries a new
+    connection) rather than waiting for a flush and a timer that a closed connection never runs."""
+
+    class OpenTransport(asyncio.Transport):
+        def write(self, data: Any) -> None:
+            raise AssertionError("nothing is written to a closed connection")
+
+        def abort(self) -> None:
+            pass
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Connection(loop, "127.0.0.1:1", 1.0, None)
+        conn.connection_made(OpenTransport())
+        conn.connection_lost(None)
+        single, batched = loop.create_future(), loop.create_future()
+        conn.send(b"*1\r\n$4\r\nPING\r\n", single)
+        conn.send(b"*1\r\n$4\r\nPING\r\n", _Batch(batched, 1))
+        for future in (single, batched):
+            lost = future.exception()
+            assert isinstance(lost, _Lost) and lost.sent is False, lost
+            assert isinstance(lost.error, redis.ConnectionError)
+        assert not conn.pending and not conn.buffer and conn.timer is None
     finally:
         loop.close()
 

@@ -313,6 +313,12 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes, entry: Any) -> None:
         """Queues a command's bytes and its entry; the bytes go out with everything queued in this loop pass."""
+        if self.closed:
+            # Dropped after its opener handed it out (a peer gone between the connect and the waiters' turn):
+            # nothing would send these bytes or fail the entry, so it fails now, as never sent.
+            future = entry.future if entry.__class__ is _Batch else entry
+            future.set_exception(_Lost(False, RedisConnectionError(f"Connection to {self.where} closed")))
+            return
         pending = self.pending
         now = self.loop.time()
         if not pending:
