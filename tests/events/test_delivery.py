@@ -115,7 +115,10 @@ async def test_retry_after_is_honoured_and_pauses_the_endpoint(redis_env: dict[s
         first = await rig.publish([endpoint])
         rig.dispatcher()
         [refused] = await receiver.wait_for(1)
-        # A second event, due at once, waits for the pause too.
+        # A second event, due at once, waits for the pause too. It is published once the 429 is settled: before
+        # that (the receiver records a request before it answers) the pause is not known yet and a claim may take it.
+        state = TenantKeys(TENANT).state(endpoint.endpoint_id)
+        await eventually(lambda: rig.redis.hget(state, "pause"))
         second = await rig.publish([endpoint])
         got = await receiver.wait_for(3)
         assert [r.webhook_id for r in got[:1]] == [first.event_id]
