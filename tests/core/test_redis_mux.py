@@ -428,26 +428,33 @@ async def test_waiting_for_a_replica_holds_up_no_other_command(primary_and_repli
     settings = _settings(
         {"NUMPROTECT_REDIS_URL": primary.url},
         NUMPROTECT_REDIS_WAIT_REPLICAS="1",
-        NUMPROTECT_REDIS_WAIT_TIMEOUT="400ms",
-        NUMPROTECT_REDIS_TIMEOUT="2s",
+        NUMPROTECT_REDIS_WAIT_TIMEOUT="2s",
+        NUMPROTECT_REDIS_TIMEOUT="5s",
     )
     mux = MuxRedis(settings)
     replicas = ReplicaWait.of(mux, settings)
+    # A running replica acknowledges; on a loaded host its answer may take a while, so this wait is a patient one.
+    acknowledged = ReplicaWait(mux, 1, 10.0)
+    admin = primary.client()
     await mux.set("np:test:{w}:a", "1")
-    await replicas.after(["np:test:{w}:a"])  # acknowledged by the replica
+    await acknowledged.after(["np:test:{w}:a"])
     replica.process.send_signal(19)  # SIGSTOP: the replica stops acknowledging
     try:
         waiting = asyncio.ensure_future(replicas.after(["np:test:{w}:a"]))
-        await asyncio.sleep(0.05)
-        started = time.monotonic()
+        deadline = time.monotonic() + 5
+        while admin.info("clients")["blocked_clients"] == 0:
+            assert time.monotonic() < deadline and not waiting.done(), "WAIT never blocked"
+            await asyncio.sleep(0.01)
         for i in range(20):
             await mux.set(f"np:test:{{w}}:{i}", "v")
-        assert time.monotonic() - started < 0.2
+        # Answered while WAIT still blocks its own connection (behind it they would come after its 2 s timeout).
+        assert not waiting.done()
         with pytest.raises(Exception, match="0 of 1 replica"):
             await waiting
     finally:
         replica.process.send_signal(18)  # SIGCONT
-    await replicas.after(["np:test:{w}:a"])
+        admin.close()
+    await acknowledged.after(["np:test:{w}:a"])
     await mux.aclose()
 
 
