@@ -171,8 +171,13 @@ async def test_calls_that_time_out_are_sent_again_and_progress_lines_off_a_termi
             proxy.delay = 0.4  # each way: every call outlasts the 0.3 s deadline ...
             args = ("--context", "slow", "--timeout", "0.3", "blocks", "import", str(source), "--concurrency", "2")
             running = asyncio.ensure_future(a.cli(*args, "--progress-every", "0.01"))
-            await asyncio.sleep(1.0)
-            proxy.delay = 0.0  # ... until the network recovers
+            # ... until two calls reached the service: each came 0.4 s after it was sent, when its client had given
+            # up, so each is sent again (a fixed second was not enough on a loaded host: the CLI had sent none).
+            deadline = time.monotonic() + 60
+            while sum(map(len, (await a.import_calls()).values())) < 2 and not running.done():
+                assert time.monotonic() < deadline, "no call reached the service through the slow proxy"
+                await asyncio.sleep(0.05)
+            proxy.delay = 0.0  # ... then the network recovers
             result = await running
         finally:
             proxy.close()
