@@ -126,6 +126,40 @@ def test_repeated_sigterms_still_end_in_a_clean_exit(service: str, redis_url: st
     assert '"msg": "stopped"' in "\n".join(process.lines)
 
 
+# A child process: SIGTERM is handled again at every line its handler runs (Python runs a handler between any two
+# bytecodes, also inside another handler: os.kill of itself runs it there at once), then the wait must return.
+_NESTED_SIGTERMS = """
+import os, signal, sys
+from numprotect.core.server import StopRequest
+
+stop = StopRequest()
+nested = 0
+
+def tracer(frame, event, arg):
+    global nested
+    if event == "line":
+        nested += 1
+        os.kill(os.getpid(), signal.SIGTERM)
+    return tracer
+
+sys.settrace(tracer)
+os.kill(os.getpid(), signal.SIGTERM)
+stop.wait()
+sys.settrace(None)
+print("stopped after", nested, "nested SIGTERMs")
+"""
+
+
+def test_a_sigterm_inside_the_stop_handler_still_stops_the_thread_pool_model() -> None:
+    """The thread-pool model's handler takes no lock: with threading.Event.set a SIGTERM arriving inside it waited
+    for the Event's lock the outer handler held (the process hung; repeated SIGTERMs nested until RecursionError)."""
+    child = subprocess.run(
+        [sys.executable, "-c", _NESTED_SIGTERMS], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.startswith("stopped after") and int(child.stdout.split()[2]) > 0, child.stdout
+
+
 @pytest.mark.parametrize("service", ["allocation", "binding", "cdr", "events"])
 def test_sigterm_right_after_start_up_exits_promptly(service: str, redis_url: str) -> None:
     # The aio services' health probe is in its first PING then; its cancellation used to get lost there now and

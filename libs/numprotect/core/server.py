@@ -17,12 +17,12 @@ traced channels to peers) or a `SyncRuntime` (blocking redis-py client) and retu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -595,6 +595,29 @@ async def serve(service: str, builder: Builder, environ: Mapping[str, str]) -> N
     log.info("stopped")
 
 
+class StopRequest:
+    """SIGTERM and SIGINT for the thread-pool model: the handler writes a byte to a pipe that wait() reads.
+
+    Python runs a handler in the main thread between two bytecodes, also while that thread holds a lock, and again
+    inside a handler still running. A handler taking a lock (threading.Event.set) there waited for itself: the
+    process hung, or under repeated SIGTERMs nested handler in handler until RecursionError. os.write takes none.
+    The pipe stays open for the process's life: a late signal must never write to a reused descriptor."""
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame: object) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe holds a request already
+            os.write(self._write_fd, b"\0")
+
+    def wait(self) -> None:
+        """Returns once a stop was requested (a read interrupted by the signal resumes after its handler)."""
+        os.read(self._read_fd, 1)
+
+
 def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -> None:
     """grpcio's thread-pool server: builds the service, serves it until SIGTERM or SIGINT, then drains and closes."""
     startup = _Startup.from_env(service, environ)
@@ -609,9 +632,7 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
         startup.metrics,
     )
     probe_client = _probe_client(startup)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = StopRequest()
     parts: ServiceParts | None = None
     try:
         identity.start()
@@ -630,8 +651,7 @@ def serve_sync(service: str, builder: SyncBuilder, environ: Mapping[str, str]) -
         )
         app.start()
         startup.serving(app, "sync")
-        while not stop.wait(1.0):
-            pass
+        stop.wait()
         log.info("draining", extra={"grace_seconds": startup.server.grace_seconds})
         for drain in parts.on_drain:
             drain()
