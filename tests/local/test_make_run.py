@@ -236,3 +236,13 @@ def test_the_ready_message_shows_the_admin_cli_only_where_its_make_run_context_f
     plaintext = launcher.LocalSuite({"NUMPROTECT_RUN_DIR": str(tmp_path), "NUMPROTECT_TLS": "off"})
     plaintext.tokens = suite.tokens
     assert plaintext._cli_hint() == ""
+
+
+def test_the_cli_starts_without_the_doctors_imports() -> None:
+    """The walk-through runs the CLI 14 times a paste: a command other than `doctor` must not load the checker
+    (redis.asyncio and every key schema, ~0.4 s of CPU a call), which made a paste outlast its 120 s on a loaded
+    host. `doctor` itself still runs it (tests/cli/test_commands.py)."""
+    heavy = ("numprotect.core.doctor", "redis.asyncio")
+    probe = f"import sys, numprotect.cli.main; print(sorted(m for m in sys.modules if m.startswith({heavy!r})))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
