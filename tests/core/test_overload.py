@@ -41,6 +41,15 @@ def _settings(**env: str) -> ServerSettings:
 class Server:
     channel: grpc.aio.Channel
     model: str
+    slow_started: list[None]  # one entry per Slow call a worker (or the loop) began
+
+
+async def _until_slow_calls_run(server: Server, count: int) -> None:
+    """Waits until `count` Slow calls hold their places (a fixed pause was sometimes too short on a loaded host)."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while len(server.slow_started) < count:
+        assert time.monotonic() < deadline, f"{len(server.slow_started)} of {count} Slow calls started"
+        await asyncio.sleep(0.01)
 
 
 def _handlers(slow: Any, fast: Any) -> grpc.GenericRpcHandler:
@@ -60,9 +69,11 @@ async def serve() -> AsyncIterator[Any]:
     stops: list[Any] = []
 
     async def start(model: str, settings: ServerSettings, work_seconds: float) -> Server:
+        slow_started: list[None] = []
         if model == "aio":
 
             async def aio_slow(request: bytes, context: Any) -> bytes:
+                slow_started.append(None)
                 await asyncio.sleep(work_seconds)
                 return b"served"
 
@@ -79,6 +90,7 @@ async def serve() -> AsyncIterator[Any]:
         else:
 
             def sync_slow(request: bytes, context: Any) -> bytes:
+                slow_started.append(None)
                 time.sleep(work_seconds)
                 return b"served"
 
@@ -100,7 +112,7 @@ async def serve() -> AsyncIterator[Any]:
             stops.append(stop_sync)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         stops.append(lambda: channel.close(None))
-        return Server(channel, model)
+        return Server(channel, model, slow_started)
 
     yield start
     for stop in reversed(stops):
@@ -157,7 +169,7 @@ async def test_a_queued_call_whose_deadline_cannot_be_met_is_refused_before_it(s
     settings = _settings(max_inflight_calls="1", max_queued_calls="100", max_queue_wait="30s")
     server = await serve("aio", settings, 2.0)
     holder = asyncio.ensure_future(_answer(server.channel, "Slow", DEADLINE_SECONDS))
-    await asyncio.sleep(0.3)  # the holder runs
+    await _until_slow_calls_run(server, 1)
     start = time.monotonic()
     code, _ = await _answer(server.channel, "Fast", 1.0)
     took = time.monotonic() - start
@@ -171,7 +183,7 @@ async def test_a_call_that_waited_too_long_for_a_worker_is_refused_when_picked_u
     settings = _settings(max_queued_calls="100", max_queue_wait="100ms")
     server = await serve("sync", settings, 1.0)
     holders = [asyncio.ensure_future(_answer(server.channel, "Slow", DEADLINE_SECONDS)) for _ in range(WORKERS)]
-    await asyncio.sleep(0.3)
+    await _until_slow_calls_run(server, WORKERS)
     code, error = await _answer(server.channel, "Fast", 3.0)
     assert code == "RESOURCE_EXHAUSTED" and error is not None
     assert "NUMPROTECT_MAX_QUEUE_WAIT" in (error.details() or "")
@@ -185,7 +197,8 @@ async def test_a_full_queue_refuses_at_once(serve: Any, model: str) -> None:
     server = await serve(model, settings, 2.0)
     holding = 1 if model == "aio" else WORKERS + 1
     holders = [asyncio.ensure_future(_answer(server.channel, "Slow", DEADLINE_SECONDS)) for _ in range(holding)]
-    await asyncio.sleep(0.3)
+    await _until_slow_calls_run(server, min(holding, WORKERS))
+    await asyncio.sleep(0.3)  # the sync model's last holder reaches the queue (nothing shows it there)
     start = time.monotonic()
     code, error = await _answer(server.channel, "Fast", DEADLINE_SECONDS)
     assert code == "RESOURCE_EXHAUSTED" and time.monotonic() - start < 1.5, code
