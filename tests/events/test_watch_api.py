@@ -66,7 +66,12 @@ async def test_the_watcher_limit_and_a_bad_cursor_are_precise_errors(events_serv
         stub = events.tenant(TENANT)
         holding = stub.WatchEvents(events_pb2.WatchEventsRequest())
         waiting = asyncio.create_task(take(holding, 1))
-        await asyncio.sleep(0.3)
+        # Until the service holds that watch's place (a fixed 0.3 s was too short on a loaded host: the second watch
+        # was let in and waited for events that never came, until pytest-timeout).
+        watchers = events.servicer.log.watchers
+        async with asyncio.timeout(10):
+            while watchers.held(TENANT) < 1:  # noqa: ASYNC110 (a count the service keeps: no event to wait on)
+                await asyncio.sleep(0.02)
         refused = stub.WatchEvents(events_pb2.WatchEventsRequest())
         error = await _error_of(refused)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -84,11 +89,15 @@ async def test_the_watcher_limit_and_a_bad_cursor_are_precise_errors(events_serv
 
 
 async def _error_of(call: Any) -> grpc.aio.AioRpcError:
+    """The error a watch ends with (within 10 s: a watch let in would wait for events for ever)."""
     try:
-        async for _ in call:
-            pass
+        async with asyncio.timeout(10):
+            async for _ in call:
+                pass
     except grpc.aio.AioRpcError as exc:
         return exc
+    finally:
+        call.cancel()
     raise AssertionError("the watch ended without an error")
 
 
