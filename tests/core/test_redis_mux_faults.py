@@ -75,7 +75,11 @@ async def test_a_restart_under_load_fails_calls_briefly_then_every_call_succeeds
                 await asyncio.sleep(0.01)
 
     writers = [asyncio.ensure_future(writer(worker)) for worker in range(16)]
-    await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 10  # load first: 16 calls answered (a loaded host may take more than 0.3 s)
+    while sum(not isinstance(o[1], BaseException) for o in outcomes) < 16:
+        assert time.monotonic() < deadline, outcomes[:3]
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
     await asyncio.to_thread(durable_redis.kill)
     killed_at = time.monotonic()
     await asyncio.sleep(0.2)
@@ -89,7 +93,8 @@ async def test_a_restart_under_load_fails_calls_briefly_then_every_call_succeeds
     failed = [o for o in outcomes if isinstance(o[1], BaseException)]
     assert failed, "the kill failed no call"
     assert all(_unavailable(o[1]) for o in failed), {type(o[1]).__name__ for o in failed}
-    assert max(took for *_, took in outcomes) < 1.5  # none waited past its timeout (1 s) by much
+    # None waited past its timeout (1 s) by much: a second wait of it would be 2 s; the rest is a loaded host's lag.
+    assert max(took for *_, took in outcomes) < 2.0
     ok_before = [o for o in outcomes if o[2] + o[3] < killed_at and not isinstance(o[1], BaseException)]
     assert len(ok_before) >= 16
     # Once Redis answered again, every call started after that succeeded (no stale connection failed one).
@@ -143,13 +148,14 @@ async def test_a_link_slower_than_the_timeout_fails_every_command_within_it(redi
 
 
 async def test_a_command_queued_past_its_timeout_fails_while_the_peer_still_answers(redis_url: str) -> None:
-    """Two scripts of 0.3 s, written 20 ms apart: Redis answers the first at 0.3 s; the second, behind it, would be
-    answered at 0.6 s, past its 0.4 s timeout: it fails then with TimeoutError, as with a socket timeout of its own,
-    while the connection (which answered 0.1 s before) stays, in step for what follows (on a busy host the second
-    script may run long enough for the connection to fall silent and be replaced later: not asserted)."""
+    """Two scripts of 1 s, written 20 ms apart: Redis answers the first at 1 s; the second, behind it, would be
+    answered at 2 s, past its 1.5 s timeout: it fails then with TimeoutError, as with a socket timeout of its own,
+    while the connection (which answered 0.5 s before) stays, in step for what follows (on a busy host the second
+    script may run long enough for the connection to fall silent and be replaced later: not asserted). Half a second
+    on each side: a loaded host's lag is not mistaken for either outcome."""
     slow = "local t = redis.call('TIME') while true do local n = redis.call('TIME') "
-    slow += "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 300000 then return ARGV[1] end end"
-    mux = _mux(redis_url, "400ms")
+    slow += "if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 1000000 then return ARGV[1] end end"
+    mux = _mux(redis_url, "1500ms")
     assert await mux.set("np:test:{queued}", "warm") is True
     conn = mux._seed.conns[0]  # the writes' connection (EVAL is a write)
 
@@ -158,10 +164,10 @@ async def test_a_command_queued_past_its_timeout_fails_while_the_peer_still_answ
         return await _timed(lambda: mux.eval(slow, 1, "np:test:{queued}", index))
 
     (first, first_took), (second, second_took) = await asyncio.gather(later(0), later(1))
-    assert first == b"0" and first_took < 0.4
-    assert isinstance(second, redis.TimeoutError) and 0.35 < second_took < 0.5, (second, second_took)
+    assert first == b"0" and first_took < 1.5, (first, first_took)
+    assert isinstance(second, redis.TimeoutError) and 1.45 < second_took < 1.95, (second, second_took)
     assert mux._seed.conns[0] is conn and conn is not None and not conn.closed
-    await asyncio.sleep(0.3)  # the second reply arrives and goes to nobody
+    await asyncio.sleep(0.6)  # the second reply arrives and goes to nobody
     assert await mux.eval("return ARGV[1]", 1, "np:test:{queued}", "after") == b"after"
     await mux.aclose()
 
