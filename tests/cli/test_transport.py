@@ -7,6 +7,8 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +28,40 @@ async def _line(stream: asyncio.StreamReader) -> str:
     return (await asyncio.wait_for(stream.readline(), 20)).decode()
 
 
-def _interruptible() -> None:
-    """In the child: SIGINT as a terminal's foreground command has it. A suite started in the background (`make test
-    &` from a script) ignores SIGINT, the child inherits that, and Python then installs no KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextmanager
+def _interruptible_children() -> Iterator[None]:
+    """Children started inside get SIGINT as a terminal's foreground command has it. A suite started in the
+    background (`make test &` from a script) ignores SIGINT; a child inherits an ignored signal (exec resets only
+    handled ones) and Python then installs no KeyboardInterrupt. Set here, in the parent, not in the child by a
+    preexec_fn: Python code between fork and exec in this process full of gRPC threads ran gRPC's fork handlers,
+    whose poller thread in the child then found its epoll fd closed by close_fds and aborted the child (exit -6,
+    'epoll_wait error: Bad file descriptor'); without a preexec_fn the child is spawned (vfork) with no handlers."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 async def test_watch_prints_records_as_they_arrive_and_stops_on_ctrl_c(stack: StackFactory) -> None:
     async with stack() as s:
         binding = await s.create_binding("order-watch")
-        process = await asyncio.create_subprocess_exec(
-            str(CONSOLE_SCRIPT),
-            "--config",
-            str(s.config),
-            "cdrs",
-            "watch",
-            f"--tenant={TENANT}",
-            "-o",
-            "json",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_interruptible,
-        )
+        with _interruptible_children():
+            process = await asyncio.create_subprocess_exec(
+                str(CONSOLE_SCRIPT),
+                "--config",
+                str(s.config),
+                "cdrs",
+                "watch",
+                f"--tenant={TENANT}",
+                "-o",
+                "json",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
         assert process.stdout is not None and process.stderr is not None
         try:
 
@@ -61,7 +75,13 @@ async def test_watch_prints_records_as_they_arrive_and_stops_on_ctrl_c(stack: St
                 await ingest(f"early-{attempt}")
                 if (await asyncio.wait({first_line}, timeout=1))[0]:
                     break
-            arrived = [json.loads(first_line.result())]
+            first = first_line.result() if first_line.done() else b""
+            if not first:  # the watch ended (or printed nothing in 30 s): why is on its stderr
+                if process.returncode is None:
+                    process.kill()
+                stderr = (await process.stderr.read()).decode()
+                raise AssertionError(f"no record printed (exit status {await process.wait()}); stderr: {stderr!r}")
+            arrived = [json.loads(first)]
             # ... then one more, printed as it arrives.
             await ingest("live")
             while arrived[-1]["record"]["call_id"] != "live":
