@@ -376,10 +376,11 @@ async def test_strict_city_versus_fallback(allocation_service: Service) -> None:
 async def test_unconfirmed_lease_lapses_by_itself(allocation_service: Service, redis_sync: Any) -> None:
     async with allocation_service() as stub:
         await import_block(stub)
-        reply = await allocate(stub, party(1), party(2), lease_s=0.3)
-        assert abs(reply.lease_expire_time.ToMilliseconds() - (time.time() * 1000 + 300)) < 1_000
+        # A 1 s lease: still live when read back even after a loaded host's stall; lapsed after a 1.2 s sleep.
+        reply = await allocate(stub, party(1), party(2), lease_s=1.0)
+        assert abs(reply.lease_expire_time.ToMilliseconds() - (time.time() * 1000 + 1_000)) < 1_000
         assert (await number(stub, reply.virtual_number)).active_bindings == 1
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.2)
         info = await number(stub, reply.virtual_number)
         assert (info.state, info.active_bindings) == (pb.NUMBER_STATE_AVAILABLE, 0)
         pool = await stats(stub)
@@ -413,7 +414,8 @@ async def test_confirm_extends_cancel_frees_and_replace_swaps_a_party(
 ) -> None:
     async with allocation_service(NUMPROTECT_ALLOCATION_TARGET_BINDINGS_PER_NUMBER="5", **ONE_SUBPOOL) as stub:
         await import_block(stub)
-        first = await allocate(stub, party(1), party(2), lease_s=0.3)
+        # Leases and ends of 1 s, not 0.3: confirmed and read back in time even after a loaded host's stall.
+        first = await allocate(stub, party(1), party(2), lease_s=1.0)
         second = await allocate(stub, party(3), party(4))
         assert second.virtual_number == first.virtual_number  # reuse below the target
         x = first.virtual_number
@@ -422,7 +424,7 @@ async def test_confirm_extends_cancel_frees_and_replace_swaps_a_party(
                 reservation_id=first.reservation_id, binding_id=B1, expire_time=timestamp_in(30)
             )
         )
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.2)
         assert (await number(stub, x)).active_bindings == 2  # confirmed past its lease
         # A confirmed reservation belongs to its binding.
         await fails(
@@ -456,13 +458,13 @@ async def test_confirm_extends_cancel_frees_and_replace_swaps_a_party(
         again = await allocate(stub, party(2), party(6))
         assert again.virtual_number == x
 
-        # Shorten: the binding now ends in 0.3 s and the reservation lapses with it.
+        # Shorten: the binding now ends in 1 s and the reservation lapses with it.
         await stub.ConfirmReservation(
             pb.ConfirmReservationRequest(
-                reservation_id=replaced.reservation_id, binding_id=B1, expire_time=timestamp_in(0.3)
+                reservation_id=replaced.reservation_id, binding_id=B1, expire_time=timestamp_in(1.0)
             )
         )
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.2)
         assert (await number(stub, x)).active_bindings == 2
 
         cancel = pb.CancelReservationRequest(reservation_id=second.reservation_id, reason="binding deleted")
