@@ -168,8 +168,9 @@ def test_sigterm_right_after_start_up_exits_promptly(service: str, redis_url: st
         process = ServiceProcess(service, {"NUMPROTECT_REDIS_URL": redis_url})
         began = time.monotonic()
         process.signal(signal.SIGTERM)
-        assert process.process.wait(timeout=8) == 0
-        assert time.monotonic() - began < 5
+        assert process.process.wait(timeout=20) == 0
+        # Under the 10 s grace (a stop waiting it out shows), with a loaded host's margin (6.7 s seen at load 40).
+        assert time.monotonic() - began < 9
         process.stop()
 
 
