@@ -87,7 +87,8 @@ def _record(call_id: str, binding: Any) -> cdr_pb2.CallDetailRecord:
 @asynccontextmanager
 async def made_state(redis_env: dict[str, str], redis_sync: Any, tmp_path: Path) -> AsyncIterator[MadeState]:
     """Blocks imported, bindings of every mode created, updated and deleted, CDRs ingested (one sent twice), all
-    through the services; yields once every create is past its lease (so the checker judges everything)."""
+    through the services; yields once every create is past its lease (so the checker judges everything) and the
+    services have stopped (nothing else writes while a test plants and restores)."""
     settings = {
         "NUMPROTECT_BINDING_MIN_TTL": "1s",
         "NUMPROTECT_BINDING_CREATE_LEASE": f"{LEASE_SECONDS}s",
@@ -168,4 +169,7 @@ async def made_state(redis_env: dict[str, str], redis_sync: Any, tmp_path: Path)
             assert (accepted.accepted, again.duplicates) == (3, 1)
             # Past every create's deadline, 1 s and a recovery round, and the short binding's end (grace included).
             await asyncio.sleep(LEASE_SECONDS + 1 + RECOVERY_SECONDS + 0.5)
-            yield MadeState(made, call_ids)
+            state = MadeState(made, call_ids)
+    # Yielded with the services stopped: their background work (allocation's pool-metrics refresh sweeps lapsed
+    # reservations back to :avail) must not write between a test's snapshot of a key and its restore.
+    yield state
