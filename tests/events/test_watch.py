@@ -5,7 +5,7 @@ the watcher limits answer RESOURCE_EXHAUSTED naming their setting; a bad cursor 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -109,7 +109,7 @@ async def test_watcher_limits_answer_resource_exhausted_naming_the_setting(
     async with router_parts(redis_env) as (redis, _, _, _), event_log(redis, **limits) as log:
         first = asyncio.create_task(take(log.watch(TENANT, (), ""), 1))
         other = asyncio.create_task(take(log.watch("t2", (), ""), 1))
-        await asyncio.sleep(0.2)
+        await _until(lambda: log.watchers.open == 2)  # both watches started (not a fixed 0.2 s: a loaded host)
         assert (log.watchers.open, log.watchers.held(TENANT)) == (2, 1)
         with pytest.raises(ResourceExhausted) as per_tenant:
             await take(log.watch(TENANT, (), ""), 1)
@@ -122,10 +122,16 @@ async def test_watcher_limits_answer_resource_exhausted_naming_the_setting(
         await asyncio.gather(first, other, return_exceptions=True)
         assert log.watchers.open == 0  # the places are given back when the watches end
         again = asyncio.create_task(take(log.watch(TENANT, (), ""), 1))
-        await asyncio.sleep(0.2)
-        assert log.watchers.held(TENANT) == 1
+        await _until(lambda: log.watchers.held(TENANT) == 1)
         await log.close()  # shutdown: the watch ends at its next read (bounded by the block time)
         assert await asyncio.wait_for(again, 2) == []
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Until `condition()` holds (a count the event log keeps: no event to wait on); fails the test after 10 s."""
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize(
