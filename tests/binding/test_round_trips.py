@@ -9,7 +9,6 @@ round trips", states the figures asserted here and why each round trip is needed
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -105,13 +104,14 @@ async def measure(
     """The cost of each of `calls` (asserted equal for all of them) and how many tenant index trims they made."""
     primaries = _primaries(redis_sync)
     monitors = [Monitor(host, port) for host, port in primaries]
-    await asyncio.sleep(0.2)
+    for monitor in monitors:
+        await monitor.started()
     trips.per_call.clear()
     for call in calls:
         await trips.of(call())
-    await asyncio.sleep(0.3)
     # Commands clients sent (those scripts ran show as "[0 lua]").
-    sent = [_words(line) for monitor in monitors for line in monitor.stop() if " lua]" not in line]
+    lines = [line for monitor in monitors for line in await monitor.stop_after_all_so_far()]
+    sent = [_words(line) for line in lines if " lua]" not in line]
     by_binding = [w for w in sent if _first_key(w).startswith(BINDING_KEYS) or w[0].upper() == "SCRIPT"]
     names = Counter(w[0].upper() for w in by_binding)
     hints = Counter(w[0].upper() for w in sent if _first_key(w).startswith(EVENT_KEYS))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -27,6 +30,7 @@ class Monitor:
     """MONITOR on one node over a raw socket: every command the node runs, one line each, on a thread."""
 
     def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
         self.sock = socket.create_connection((host, port))
         self.sock.sendall(b"MONITOR\r\n")
         self.lines: list[str] = []
@@ -48,11 +52,33 @@ class Monitor:
             *complete, self._buffer = self._buffer.split(b"\r\n")
             self.lines.extend(line.decode(errors="replace") for line in complete if line.startswith(b"+"))
 
+    async def started(self, within: float = 10.0) -> None:
+        """Until MONITOR answered +OK: every command the node runs from then on shows (a fixed sleep missed some
+        on a loaded host)."""
+        await _until(lambda: "+OK" in self.lines, within, f"MONITOR on {self.host}:{self.port} not answered")
+
+    async def stop_after_all_so_far(self, within: float = 10.0) -> list[str]:
+        """Every command the node ran until now, then stopped: a marker ECHO sent now shows after all of them (a
+        node feeds MONITOR in the order it runs commands), so nothing still on its way is cut off."""
+        marker = f"monitor-end-{uuid.uuid4().hex}"
+        with socket.create_connection((self.host, self.port)) as sock:  # raw: a client library adds HELLO
+            sock.sendall(f"ECHO {marker}\r\n".encode())
+            sock.recv(1 << 10)
+        await _until(lambda: any(marker in line for line in self.lines), within, "the marker ECHO not monitored")
+        return [line for line in self.stop() if marker not in line]
+
     def stop(self) -> list[str]:
         self._stop.set()
         self._thread.join()
         self.sock.close()
         return [line for line in self.lines if line != "+OK"]
+
+
+async def _until(check: Callable[[], bool], within: float, failure: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, failure
+        await asyncio.sleep(0.01)
 
 
 def _primaries(redis_sync: Any) -> list[tuple[str, int]]:
@@ -95,15 +121,15 @@ async def test_a_thousand_translations_are_a_thousand_evalsha_and_nothing_else(
         with redis.Redis(host=host, port=port) as node:
             node.config_resetstat()
     monitors = [Monitor(host, port) for host, port in primaries]
-    await asyncio.sleep(0.2)
+    for monitor in monitors:
+        await monitor.started()
 
     decisions: dict[int, int] = {}
     for i in range(1000):
         caller, called, extension = calls[i % len(calls)]
         reply = await tr.translate(caller, called, extension, call_id=f"c{i}")
         decisions[reply.decision] = decisions.get(reply.decision, 0) + 1
-    await asyncio.sleep(0.3)
-    lines = [line for monitor in monitors for line in monitor.stop()]
+    lines = [line for monitor in monitors for line in await monitor.stop_after_all_so_far()]
 
     assert set(decisions) == {pb.DECISION_CONNECT, pb.DECISION_REJECT, pb.DECISION_COLLECT_EXTENSION}
     identity_polls = {f'"GET" "{VERSION_KEY}"', f'"GET" "{CARRIER_VERSION_KEY}"'}
