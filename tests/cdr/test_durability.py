@@ -4,7 +4,6 @@ Redis killed and restarted from its append-only file: nothing acknowledged is lo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -67,16 +66,23 @@ def test_service_killed_in_the_middle_of_a_batch_then_the_batch_is_resent(
             stub = cdr_pb2_grpc.CdrServiceStub(channel)
             future = stub.IngestCdrs.future(cdr_pb2.IngestCdrsRequest(records=records), timeout=30)
             deadline = time.monotonic() + 20
-            while redis_sync.xlen(bucket_of(redis_sync, "").stream) == 0 and time.monotonic() < deadline:
+            while (
+                redis_sync.xlen(bucket_of(redis_sync, "").stream) == 0
+                and not future.done()
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.001)
             first.process.kill()  # as soon as part of the batch is stored
-            with contextlib.suppress(grpc.RpcError):
-                future.result()  # whatever the carrier saw, it retries the whole batch
+            outcome: object = "no answer"
+            try:
+                outcome = future.result()  # whatever the carrier saw, it retries the whole batch
+            except grpc.RpcError as error:
+                outcome = error
     finally:
         first.stop()
     stored_before = redis_sync.xlen(bucket_of(redis_sync, "").stream)
     print("stored before the resend:", stored_before)
-    assert stored_before > 0
+    assert stored_before > 0, f"nothing stored before the kill; the call ended with: {outcome!r}"
     second = ServiceProcess("cdr", redis_env, timeout=60)
     try:
         again = _ingest(second.address, carrier_token, records)
