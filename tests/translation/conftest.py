@@ -34,6 +34,9 @@ TEST_SETTINGS = {
     "NUMPROTECT_TRANSLATION_RATE_PER_CALLER": "1000",
     "NUMPROTECT_TRANSLATION_RATE_PER_BINDING": "1000",
     "NUMPROTECT_TRANSLATION_BLOCKLIST_REFRESH": "100ms",
+    # A call waits up to 5 s for a worker (0.5 s by default): a loaded host's stall made a call with no deadline
+    # shed RESOURCE_EXHAUSTED; shedding has its own tests (tests/core/test_overload.py).
+    "NUMPROTECT_MAX_QUEUE_WAIT": "5s",
 }
 
 
