@@ -40,7 +40,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from numprotect.core.clock import Clock
 from numprotect.core.event_keys import TenantKeys
 from numprotect.core.metrics import Metrics
-from numprotect.core.periodic import STOP_WAIT_SECONDS, Periodic
+from numprotect.core.periodic import Periodic, cancel_and_wait
 from numprotect.core.redis_batch import Command, send_together
 from numprotect.core.redis_client import KeyOrArg, LuaScript, RedisClient, as_text
 from numprotect.core.telemetry.attributes import mask_numbers, set_attributes
@@ -274,15 +274,12 @@ class Dispatcher:
         bounded: a cancellation swallowed inside a client, gh-86296, must not hold shutdown up)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.wait({task}, timeout=STOP_WAIT_SECONDS)
+            await cancel_and_wait({task}, "webhook dispatcher")
         await self._depth.stop()
         if self._in_flight:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=DRAIN_SECONDS)
-            for request in pending:
-                request.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=STOP_WAIT_SECONDS)
+                await cancel_and_wait(pending, "webhook delivery")
 
     async def _run(self) -> None:
         while True:
