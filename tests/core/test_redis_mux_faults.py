@@ -109,7 +109,7 @@ async def test_a_restart_under_load_fails_calls_briefly_then_every_call_succeeds
 
 
 async def test_a_silent_peer_fails_the_command_within_the_timeout(durable_redis: RedisServer) -> None:
-    mux = _mux(durable_redis.url, "300ms")
+    mux = _mux(durable_redis.url, "1s")
     assert await mux.set("np:test:{silent}", "1") is True
     os.kill(durable_redis.process.pid, signal.SIGSTOP)
     try:
@@ -118,7 +118,8 @@ async def test_a_silent_peer_fails_the_command_within_the_timeout(durable_redis:
         os.kill(durable_redis.process.pid, signal.SIGCONT)
     for outcome, took in outcomes:
         assert isinstance(outcome, redis.TimeoutError) and _unavailable(outcome), outcome
-        assert 0.25 < took < 0.8, took
+        # Its timeout, and a loaded host's lag (a 0.5 s stall was seen at load ~20), below a second timeout's 2 s.
+        assert 0.95 < took < 1.8, took
     assert await mux.get("np:test:{silent}") == b"1"  # a new connection, in step
     await mux.aclose()
 
