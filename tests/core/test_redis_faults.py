@@ -37,7 +37,7 @@ from numprotect.core.redis_client import (
     sync_redis_is_up,
 )
 from numprotect.core.settings import Env, RedisSettings
-from support.redis_server import RedisServer, fail_a_save, free_port, saving_redis
+from support.redis_server import RedisServer, cluster_ports, fail_a_save, free_port, saving_redis
 
 METHOD = "/test.Faults/Call"
 WRITE = LuaScript.from_source("fault_write", "return redis.call('SET', KEYS[1], ARGV[1])")
@@ -318,8 +318,8 @@ def _wait(condition: Callable[[], Any], timeout: float = 10.0) -> None:
 def cluster_pair() -> Iterator[tuple[RedisServer, RedisServer]]:
     """Two cluster-enabled nodes that know each other; no slot assigned yet."""
     nodes = tuple(
-        RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", port=free_port(below=55536))
-        for _ in range(2)
+        RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", port=port)
+        for port in cluster_ports(2)
     )
     try:
         nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", str(nodes[1].port))

@@ -14,7 +14,7 @@ from pathlib import Path
 from numprotect.core.settings import SERVICE_NAMES
 from numprotect.core.settings import server_port_variable as port_variable
 from support.processes import ROOT
-from support.redis_server import free_port
+from support.redis_server import bindable, free_port, free_ports
 
 LAUNCHER = ROOT / "deploy" / "local" / "run_local.py"
 SERVICES = SERVICE_NAMES
@@ -27,32 +27,39 @@ def free_port_run(count: int, *, below: int = 65000) -> int:
     /metrics ports from NUMPROTECT_LOCAL_METRICS_PORT, and a single free port left the next ones to chance."""
     while True:
         first = free_port(below=below - count)
-        if all(_bindable(port) for port in range(first, first + count)):
+        if all(bindable(port) for port in range(first, first + count)):
             return first
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
+def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment without any NUMPROTECT_ setting, then the run folder and free ports for Redis, every
+    service, the SIP listeners and the first of the processes' consecutive /metrics ports; `extra` last. The ports
+    are all different, and none is one `extra` names (a port in `extra` is a test's own, chosen before)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
+    metrics = free_port_run(METRICS_PORTS)
+    avoid = {*range(metrics, metrics + METRICS_PORTS), *(int(v) for v in extra.values() if v.isdigit())}
+    while True:
+        redis_port, sip_port, *service_ports = free_ports(2 + len(SERVICES), below=55536, avoid=avoid)
+        if _udp_bindable(sip_port):  # the SIP adapter listens on UDP and TCP
+            break
+    env.update(
+        NUMPROTECT_RUN_DIR=str(run_dir),
+        NUMPROTECT_LOCAL_REDIS_PORT=str(redis_port),
+        NUMPROTECT_LOCAL_METRICS_PORT=str(metrics),
+        **{port_variable(name): str(port) for name, port in zip(SERVICES, service_ports, strict=True)},
+        NUMPROTECT_SIP_PORT=str(sip_port),
+        **extra,
+    )
+    return env
+
+
+def _udp_bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
             return False
     return True
-
-
-def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:
-    """This environment without any NUMPROTECT_ setting, then the run folder and free ports for Redis, every
-    service, the SIP listeners and the first of the processes' consecutive /metrics ports; `extra` last."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMPROTECT_")}
-    env.update(
-        NUMPROTECT_RUN_DIR=str(run_dir),
-        NUMPROTECT_LOCAL_REDIS_PORT=str(free_port(below=55536)),
-        NUMPROTECT_LOCAL_METRICS_PORT=str(free_port_run(METRICS_PORTS)),
-        **{port_variable(name): str(free_port()) for name in SERVICES},
-        NUMPROTECT_SIP_PORT=str(free_port()),
-        **extra,
-    )
-    return env
 
 
 @dataclass

@@ -9,7 +9,7 @@ import time
 import redis
 from redis.cluster import RedisCluster
 
-from support.redis_server import RedisServer, free_port
+from support.redis_server import RedisServer, cluster_ports
 
 
 class RedisClusterServers:
@@ -21,8 +21,7 @@ class RedisClusterServers:
             raise RuntimeError("redis-cli not found: run `make system-deps` (Debian package redis-tools)")
         count = masters * (1 + replicas)
         self.nodes: list[RedisServer] = []
-        for _ in range(count):
-            port = free_port(below=55536)
+        for port in cluster_ports(count):
             self.nodes.append(
                 RedisServer(
                     "--cluster-enabled",

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,49 @@ import redis
 
 
 def free_port(*, below: int = 65536) -> int:
-    """A loopback port free right now (below `below`: cluster nodes need port + 10000 free too)."""
-    while True:
-        with socket.socket() as sock:
+    """A loopback port free right now (below `below`)."""
+    return free_ports(1, below=below)[0]
+
+
+def free_ports(count: int, *, below: int = 65536, avoid: Collection[int] = ()) -> list[int]:
+    """`count` different loopback ports free right now, none in `avoid`. They are held bound together while chosen:
+    one at a time, the kernel may hand out a port it just gave (a launcher once got one port for Redis and SIP)."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            sock = socket.socket()
+            held.append(sock)
             sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port < below:
-            return port
+            port = sock.getsockname()[1]
+            if port >= below or port in avoid:
+                held.pop().close()
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def bindable(port: int) -> bool:
+    """Whether a loopback TCP port is free right now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_ports(count: int) -> list[int]:
+    """`count` different free ports P for cluster nodes whose bus port P + 10000 is free too (a bus port taken by
+    another process's connection failed a node's start: "Failed listening on port ... (cluster)")."""
+    chosen: list[int] = []
+    while len(chosen) < count:
+        taken = [*chosen, *(port + 10000 for port in chosen)]
+        for port in free_ports(count - len(chosen), below=55536, avoid=taken):
+            if port + 10000 not in taken and bindable(port + 10000):
+                chosen.append(port)
+                taken += [port, port + 10000]
+    return chosen
 
 
 @dataclass(frozen=True)
