@@ -33,12 +33,18 @@ class SwallowingWork:
             raise
 
 
+async def _running(name: str, work: SwallowingWork) -> Periodic:
+    """`work` as a Periodic, started and inside its first round."""
+    periodic = Periodic(name, work, interval_seconds=0.01)
+    periodic.start()
+    await work.started.wait()
+    return periodic
+
+
 async def test_a_round_that_swallows_its_cancellation_is_stopped_by_the_next(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="numprotect.core.periodic")
     work = SwallowingWork(swallow=1)
-    periodic = Periodic("swallowing round", work, interval_seconds=0.01)
-    periodic.start()
-    await work.started.wait()
+    periodic = await _running("swallowing round", work)
     task = periodic._task
     assert task is not None
     started = asyncio.get_running_loop().time()
@@ -55,9 +61,7 @@ async def test_a_round_that_swallows_its_cancellation_is_stopped_by_the_next(cap
 async def test_a_task_that_ends_on_its_first_cancellation_is_cancelled_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="numprotect.core.periodic")
     work = SwallowingWork(swallow=0)
-    periodic = Periodic("plain round", work, interval_seconds=0.01)
-    periodic.start()
-    await work.started.wait()
+    periodic = await _running("plain round", work)
     await periodic.stop()
     assert work.rounds == 1
     assert not caplog.records

@@ -40,7 +40,7 @@ def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:
     avoid = {*range(metrics, metrics + METRICS_PORTS), *(int(v) for v in extra.values() if v.isdigit())}
     while True:
         redis_port, sip_port, *service_ports = free_ports(2 + len(SERVICES), below=55536, avoid=avoid)
-        if _udp_bindable(sip_port):  # the SIP adapter listens on UDP and TCP
+        if bindable(sip_port, socket.SOCK_DGRAM):  # the SIP adapter listens on UDP and TCP
             break
     env.update(
         NUMPROTECT_RUN_DIR=str(run_dir),
@@ -51,15 +51,6 @@ def launcher_env(run_dir: Path, **extra: str) -> dict[str, str]:
         **extra,
     )
     return env
-
-
-def _udp_bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass

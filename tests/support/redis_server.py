@@ -38,9 +38,9 @@ def free_ports(count: int, *, below: int = 65536, avoid: Collection[int] = ()) -
             sock.close()
 
 
-def bindable(port: int) -> bool:
-    """Whether a loopback TCP port is free right now."""
-    with socket.socket() as sock:
+def bindable(port: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> bool:
+    """Whether a loopback port is free right now (TCP, or UDP with `kind` SOCK_DGRAM)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
